@@ -1,0 +1,5 @@
+import sys
+
+from fournil.cli import main
+
+sys.exit(main())

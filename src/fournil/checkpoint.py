@@ -1,0 +1,105 @@
+"""Checkpoints in safe formats only (safetensors and JSON), each written atomically.
+
+A file is written beside its final name and renamed over it, so a run killed at any moment leaves either the
+old checkpoint or the new one, never half of one. The training state (model, optimizer, random generators,
+step) is one safetensors file whose metadata holds the non-tensor parts as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fournil.errors import FournilError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, flush it to disk, then rename it to ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"))
+
+
+def save_weights(model, path: Path) -> None:
+    """Weights as safetensors, tied tensors stored once under their first name (as Hugging Face does)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _unique_state(model).items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+
+
+def load_weights(model, path: Path) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if set(missing) - tied or unexpected:
+        raise FournilError(f"{path} does not match the model in config.json (missing {missing}, unexpected {unexpected})")
+
+
+def save_state(path: Path, model, optimizer, data_rng: torch.Generator, info: dict) -> None:
+    """Everything needed to continue training exactly where it stopped."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in _unique_state(model).items()}
+    opt = optimizer.state_dict()
+    for pid, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = data_rng.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {
+        "info": info,
+        "param_groups": opt["param_groups"],
+        "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"fournil": json.dumps(meta)}))
+
+
+def load_state(path: Path, model, optimizer, data_rng: torch.Generator) -> dict:
+    """Restore what ``save_state`` wrote; returns its ``info``."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["fournil"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    device = model.device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    data_rng.set_state(tensors["rng.data"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    py = meta["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = meta["numpy_rng"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return meta["info"]
+
+
+def _unique_state(model) -> dict:
+    """The state dict without the second name of tied weights."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen and v.numel():
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out

@@ -1,0 +1,195 @@
+"""``fournil <command>``: parse, call the Python API, print. Errors are one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import typing
+
+from fournil.config import DataConfig, RunConfig, TrainConfig, coerce
+from fournil.data.sources import BUNDLED
+from fournil.errors import FournilError
+from fournil.models import FAMILIES, config_class
+
+AUTOMATIC = {"vocab_size", "boundary_id"}  # model settings taken from the data, not from flags
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '2m', '1h30m' -> seconds."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 90s, 2m or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    return 3600 * h + 60 * m + s
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three fractions, e.g. 0.9,0.05,0.05")
+    return parts
+
+
+def model_settings() -> dict[str, type]:
+    """Every model setting of every family, for flags like --n-layer."""
+    found = {}
+    for _, cfg in FAMILIES.values():
+        for f in dataclasses.fields(cfg):
+            if f.name not in AUTOMATIC:
+                kinds = [k for k in typing.get_args(typing.get_type_hints(cfg)[f.name]) if k is not type(None)]
+                found.setdefault(f.name, (kinds or [typing.get_type_hints(cfg)[f.name]])[0])
+    return found
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (defaults: gpt on prenoms)",
+                       description="Train a language model. With no flags: the gpt model on the bundled French first names.")
+    p.add_argument("--data", default="prenoms", help=f"a bundled dataset ({', '.join(BUNDLED)}) or a UTF-8 text file")
+    p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
+    p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
+                   help="lines: one document per line; text: running text (default: inferred)")
+    p.add_argument("--split", type=parse_split, default=(0.9, 0.05, 0.05), help="train,val,test fractions")
+    p.add_argument("--split-seed", type=int, default=1337, help="seed of the split's document shuffle")
+    p.add_argument("--train", dest="train_file", help="explicit training file (with --val and --test)")
+    p.add_argument("--val", dest="val_file")
+    p.add_argument("--test", dest="test_file")
+    p.add_argument("--steps", type=int, help="stop after this many steps")
+    p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = p.add_argument_group("model settings (each applies to the families that have it)")
+    for name, kind in model_settings().items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str)
+
+
+def add_run_commands(sub) -> None:
+    p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test")
+    p.add_argument("run", help="a run directory, e.g. runs/prenoms-gpt")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sample", help="sample text from a trained run")
+    p.add_argument("run")
+    p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
+    p.add_argument("--prompt", default="", help="text every sample starts with")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = always the most likely token")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help="the probability of each character of a word, and its NLL")
+    p.add_argument("run")
+    p.add_argument("text")
+    p.add_argument("--device", default="auto")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fournil", allow_abbrev=False,
+                                description="Build, train, measure and sample language models, from a bigram up.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train(sub)
+    add_run_commands(sub)
+    return p
+
+
+def run_train(args) -> None:
+    from fournil.train import train
+
+    budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
+    if args.resume:
+        train(resume=args.resume, budget=budget, progress=not args.quiet)
+        return
+    cfg_cls = config_class(args.model)
+    own = {f.name for f in dataclasses.fields(cfg_cls)}
+    model = {"family": args.model}
+    for name in model_settings():
+        value = getattr(args, f"model_{name}")
+        if value is None:
+            continue
+        if name not in own:
+            settable = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(own - AUTOMATIC))
+            raise FournilError(f"--{name.replace('_', '-')} does not apply to the {args.model} model; it takes {settable}")
+        model[name] = coerce(cfg_cls, name, value)
+    config = RunConfig(
+        model=model,
+        data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file),
+        train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
+                          eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype),
+    )
+    run = train(config, out=args.out, progress=not args.quiet)
+    best = min(m for m in run_metrics(run) if m is not None)
+    print(f"best val NLL {best:.4f} nats/token; saved to {run.path}")
+    print(f"next: fournil eval {run.path}   |   fournil sample {run.path}")
+
+
+def run_metrics(run):
+    import json
+
+    return [json.loads(line).get("val_loss") for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_eval(args) -> None:
+    from fournil.runs import Run
+
+    run = Run.load(args.run, args.device)
+    results = run.evaluate()
+    print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters")
+    print(f"{'split':<6} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}")
+    for name, r in results.items():
+        print(f"{name:<6} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} {r['bpb']:>10.4f}")
+
+
+def run_sample(args) -> None:
+    from fournil.runs import Run
+
+    run = Run.load(args.run, args.device)
+    samples = run.sample(args.num, args.prompt, args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    for s in samples:
+        print(s)
+    if run.mode == "lines":
+        seen = set(run.splits().train)
+        known = sum(s in seen for s in samples)
+        print(f"{known} of {len(samples)} samples are in the training set", file=sys.stderr)
+
+
+def run_explain(args) -> None:
+    from fournil.runs import Run
+
+    run = Run.load(args.run, args.device)
+    result = run.explain(args.text)
+    for row in result["transitions"]:
+        print(f"{row['context']}{row['next']} {row['prob']:.4f}")
+    n = len(result["transitions"])
+    print(f"NLL {result['nll']:.4f} nats over {n} transitions; average {result['avg_nll']:.4f}")
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "sample": run_sample, "explain": run_explain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except FournilError as e:
+        print(f"fournil: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fournil: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Configuration as dataclasses, saved to and read from a run's ``config.json``.
+
+Model configs live beside their models (``fournil.models.*``); data and training configs live here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from fournil.errors import FournilError
+
+
+@dataclass
+class DataConfig:
+    data: str = "prenoms"  # a bundled dataset name or a path to a UTF-8 text file
+    mode: str = "auto"  # auto, lines or text
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    seed: int = 1337  # seeds the document shuffle of the split
+    train: str | None = None  # explicit split files instead of splitting `data`
+    val: str | None = None
+    test: str | None = None
+
+    def __post_init__(self):
+        self.split = tuple(self.split)  # JSON gives a list back
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # stop after this many optimizer steps...
+    time: float | None = None  # ...or after this many seconds, whichever comes first
+    batch_size: int | None = None  # sequences per step; None picks one for the model
+    lr: float | None = None  # peak learning rate; None picks one for the model
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # applied to matrices only, not to biases, norms or embeddings' positions
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_every: int = 250  # validate (and checkpoint) every this many steps
+    eval_tokens: int = 250_000  # cap on validation tokens during training; `fournil eval` scores everything
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    samples: int = 20  # written to samples.txt at the end
+
+
+@dataclass
+class RunConfig:
+    model: dict
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls, values: dict, what: str):
+    """Build dataclass ``cls`` from ``values``, with a clear error on unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise FournilError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def coerce(cls, key: str, text: str):
+    """Parse ``text`` as the type of field ``key`` of dataclass ``cls`` (for ``--set key=value``)."""
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        raise FournilError(f"{cls.__name__} has no setting {key!r}; known: {', '.join(sorted(hints))}")
+    kind = hints[key]
+    base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+    target = base[0]
+    try:
+        if target is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return target(text)
+    except ValueError:
+        raise FournilError(f"{key}={text!r}: expected a {target.__name__}") from None

@@ -1,0 +1,109 @@
+"""Token ids in batches: random batches for training, every token once for evaluation.
+
+Targets are the inputs shifted by one; padded positions carry the target ``IGNORE`` and add no loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from fournil.errors import FournilError
+
+IGNORE = -1
+
+
+class LineData:
+    """Documents framed by the boundary token, ``[b, c1, ..., cn, b]``, padded to the longest in each batch."""
+
+    def __init__(self, docs: list[str], tokenizer, split: str):
+        b = tokenizer.boundary_id
+        self.split = split
+        self.seqs = [torch.tensor([b, *tokenizer.encode(d, strict=False), b]) for d in docs]
+        self.pad = b
+        self.num_targets = sum(len(s) - 1 for s in self.seqs)
+
+    @property
+    def longest(self) -> int:
+        """The longest input, in tokens: the context length a model needs for this split."""
+        return max(len(s) for s in self.seqs) - 1
+
+    def check_fits(self, block_size: int) -> None:
+        if self.longest > block_size:
+            raise FournilError(
+                f"the {self.split} split has a document of {self.longest - 1} characters, longer than the model's "
+                f"context of {block_size} tokens; raise --block-size to at least {self.longest}"
+            )
+
+    def _collate(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs) - 1
+        x = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        y = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            x[row, : len(s) - 1] = s[:-1]
+            y[row, : len(s) - 1] = s[1:]
+        return x, y
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        picks = torch.randint(len(self.seqs), (batch_size,), generator=generator)
+        return self._collate([self.seqs[i] for i in picks.tolist()])
+
+    def batches(self, batch_size: int, max_tokens: int | None = None):
+        """Every document once (grouped by length so little is padded), up to about ``max_tokens`` targets."""
+        order = sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i]))
+        if max_tokens is not None and max_tokens < self.num_targets:
+            keep = set(order[:: max(1, round(self.num_targets / max_tokens))])  # an even subsample, lengths kept
+            order = [i for i in order if i in keep]
+        for start in range(0, len(order), batch_size):
+            yield self._collate([self.seqs[i] for i in order[start : start + batch_size]])
+
+
+class TextData:
+    """Running text as one stream of ids, read in windows of ``block_size`` tokens."""
+
+    def __init__(self, text: str, tokenizer, split: str, block_size: int):
+        self.split = split
+        self.stream = torch.tensor(tokenizer.encode(text, strict=False), dtype=torch.long)
+        self.block_size = block_size
+        self.num_targets = len(self.stream) - 1
+        if len(self.stream) < 2:
+            raise FournilError(f"the {split} split is too short to score ({len(self.stream)} characters); add text")
+
+    def check_fits(self, block_size: int) -> None:
+        if self.split == "train" and len(self.stream) <= block_size:
+            raise FournilError(
+                f"the train split has {len(self.stream)} characters, not more than the context length {block_size}: "
+                f"use a smaller --block-size or more text"
+            )
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        t = self.block_size
+        starts = torch.randint(len(self.stream) - t, (batch_size,), generator=generator)
+        x = torch.stack([self.stream[s : s + t] for s in starts.tolist()])
+        y = torch.stack([self.stream[s + 1 : s + 1 + t] for s in starts.tolist()])
+        return x, y
+
+    def batches(self, batch_size: int, max_tokens: int | None = None):
+        """Consecutive non-overlapping windows covering the split (the last one may be shorter)."""
+        t, n = self.block_size, self.num_targets
+        if max_tokens is not None:
+            n = min(n, max_tokens)
+        starts = list(range(0, n, t))
+        for i in range(0, len(starts), batch_size):
+            group = starts[i : i + batch_size]
+            width = min(t, n - group[0])
+            x = torch.full((len(group), width), 0, dtype=torch.long)
+            y = torch.full((len(group), width), IGNORE, dtype=torch.long)
+            for row, s in enumerate(group):
+                w = min(t, n - s)
+                x[row, :w] = self.stream[s : s + w]
+                y[row, :w] = self.stream[s + 1 : s + 1 + w]
+            yield x, y
+
+
+def make_data(splits, tokenizer, block_size: int) -> dict:
+    """Token data for each split, checked against the model's context length."""
+    data = {}
+    for name, part in splits.items():
+        d = LineData(part, tokenizer, name) if splits.mode == "lines" else TextData(part, tokenizer, name, block_size)
+        d.check_fits(block_size)
+        data[name] = d
+    return data

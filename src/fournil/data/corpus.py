@@ -1,0 +1,89 @@
+"""Corpora and their train/val/test splits.
+
+Two modes: ``lines`` (each non-empty line is a document, like a list of names) and ``text`` (running text,
+later cut into blocks of the context length).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from fournil.config import DataConfig
+from fournil.data.sources import fingerprint, read_text
+from fournil.errors import FournilError
+
+MODES = ("auto", "lines", "text")
+
+
+def infer_mode(text: str) -> str:
+    """``lines`` when the file reads like a list (short lines, almost no blank lines), else ``text``."""
+    lines = text.strip("\n").split("\n")
+    blank = sum(1 for line in lines if not line.strip())
+    lengths = sorted(len(line) for line in lines)
+    p99 = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+    return "lines" if blank <= 0.01 * len(lines) and p99 <= 64 else "text"
+
+
+@dataclass
+class Splits:
+    """The three splits: lists of documents in ``lines`` mode, strings in ``text`` mode."""
+
+    mode: str
+    train: list[str] | str
+    val: list[str] | str
+    test: list[str] | str
+
+    def items(self):
+        return (("train", self.train), ("val", self.val), ("test", self.test))
+
+
+def _documents(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
+    """Read and split the data as ``cfg`` says. Also returns fingerprints of the files read."""
+    if cfg.mode not in MODES:
+        raise FournilError(f"unknown data mode {cfg.mode!r}: use one of {', '.join(MODES)}")
+    explicit = [cfg.train, cfg.val, cfg.test]
+    if any(explicit):
+        if not all(explicit):
+            missing = [f"--{n}" for n, v in zip(("train", "val", "test"), explicit) if not v]
+            raise FournilError(f"explicit split files need all three of --train, --val, --test; missing {', '.join(missing)}")
+        texts = {name: read_text(path) for name, path in zip(("train", "val", "test"), explicit)}
+        mode = cfg.mode if cfg.mode != "auto" else infer_mode(texts["train"])
+        parts = {k: (_documents(t) if mode == "lines" else t) for k, t in texts.items()}
+        for name, part in parts.items():
+            if not part:
+                raise FournilError(f"the --{name} file has no {'documents' if mode == 'lines' else 'text'}")
+        return Splits(mode, parts["train"], parts["val"], parts["test"]), {k: fingerprint(t) for k, t in texts.items()}
+
+    text = read_text(cfg.data)
+    mode = cfg.mode if cfg.mode != "auto" else infer_mode(text)
+    fractions = cfg.split
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise FournilError(f"--split must be three positive fractions that add up to 1, e.g. 0.9,0.05,0.05 (got {fractions})")
+    if mode == "lines":
+        docs = _documents(text)
+        order = list(range(len(docs)))
+        random.Random(cfg.seed).shuffle(order)
+        n_train, n_val = int(fractions[0] * len(docs)), int(fractions[1] * len(docs))
+        if n_val == 0 or len(docs) - n_train - n_val == 0 or n_train == 0:
+            need = int(1 / min(fractions)) + 1
+            raise FournilError(
+                f"{cfg.data} has {len(docs)} documents (lines), too few for a {_pct(fractions)} split: "
+                f"give at least {need}, or pass --train/--val/--test files"
+            )
+        pick = lambda idx: [docs[i] for i in idx]  # noqa: E731
+        splits = Splits(
+            mode, pick(order[:n_train]), pick(order[n_train : n_train + n_val]), pick(order[n_train + n_val :])
+        )
+    else:
+        a = int(fractions[0] * len(text))
+        b = a + int(fractions[1] * len(text))
+        splits = Splits(mode, text[:a], text[a:b], text[b:])
+    return splits, {"data": fingerprint(text)}
+
+
+def _pct(fractions) -> str:
+    return "/".join(f"{100 * f:g}" for f in fractions)

@@ -1,0 +1,52 @@
+"""Where text comes from: a bundled corpus by name, or any UTF-8 text file by path."""
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+from fournil.errors import FournilError
+
+BUNDLED = {
+    "names": "names.txt",
+    "prenoms": "prenoms.txt",
+    "villes": "villes.txt",
+    "shakespeare": "shakespeare.txt",
+}
+
+
+def resolve(spec: str) -> Path:
+    """The file behind a dataset name or path."""
+    if spec in BUNDLED:
+        return Path(str(resources.files("fournil.data") / "files" / BUNDLED[spec]))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise FournilError(f"{spec} is a folder: give a UTF-8 text file (or a bundled dataset: {', '.join(BUNDLED)})")
+    if not path.exists():
+        raise FournilError(
+            f"no dataset or file named {spec!r}: use a bundled dataset ({', '.join(BUNDLED)}) or the path to a UTF-8 text file"
+        )
+    return path
+
+
+def read_text(spec: str) -> str:
+    """The whole text of a dataset, checked: not binary, valid UTF-8, not empty; newlines normalised to \\n."""
+    path = resolve(spec)
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise FournilError(f"{path} looks like a binary file (it contains NUL bytes): give a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FournilError(
+            f"{path} is not valid UTF-8 (bad byte at offset {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        raise FournilError(f"{path} is empty: give a file with some text in it")
+    return text
+
+
+def fingerprint(text: str) -> str:
+    """A short hash that tells, at evaluation time, whether the data changed since training."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

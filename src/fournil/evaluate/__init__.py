@@ -1,0 +1,5 @@
+"""Measuring a model: likelihood metrics and per-token explanations."""
+from fournil.evaluate.explain import explain_text
+from fournil.evaluate.metrics import evaluate_nll
+
+__all__ = ["evaluate_nll", "explain_text"]

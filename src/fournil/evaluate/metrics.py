@@ -1,0 +1,43 @@
+"""Average negative log-likelihood per token, perplexity, bits per character and per byte."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fournil.data.batches import IGNORE
+from fournil.device import autocast
+
+
+@torch.no_grad()
+def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 64, max_tokens: int | None = None) -> dict:
+    """Score every target token of ``data`` (or about ``max_tokens`` of them).
+
+    ``nll`` is in nats per token; ``bpc`` and ``bpb`` divide the same total, in bits, by the characters and the
+    UTF-8 bytes the scored tokens stand for (a document's end counts as one newline).
+    """
+    was_training = model.training
+    model.eval()
+    device = model.device
+    chars = torch.tensor([len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size)])
+    nbytes = torch.tensor([len(tokenizer.token_text(i).encode("utf-8")) for i in range(tokenizer.vocab_size)])
+    total, tokens, n_chars, n_bytes = 0.0, 0, 0, 0
+    for x, y in data.batches(batch_size, max_tokens):
+        with autocast(device, dtype):
+            logits = model(x.to(device))
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE, reduction="sum").item()
+        targets = y[y != IGNORE]
+        tokens += len(targets)
+        n_chars += int(chars[targets].sum())
+        n_bytes += int(nbytes[targets].sum())
+    model.train(was_training)
+    nll = total / tokens
+    return {
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "bpc": total / math.log(2) / n_chars,
+        "bpb": total / math.log(2) / n_bytes,
+        "tokens": tokens,
+    }

@@ -1,0 +1,56 @@
+"""The model zoo, from counts to Transformers, behind one interface and one registry."""
+from __future__ import annotations
+
+import dataclasses
+
+from fournil.errors import FournilError
+from fournil.models.base import LanguageModel
+from fournil.models.gpt import GPT, GPTConfig
+from fournil.models.mlp import MLP, MLPConfig
+from fournil.models.ngram import NGram, NGramConfig
+from fournil.models.rnn import RNN, RNNConfig
+
+FAMILIES = {"ngram": (NGram, NGramConfig), "mlp": (MLP, MLPConfig), "rnn": (RNN, RNNConfig), "gpt": (GPT, GPTConfig)}
+
+# Sizes that train well in minutes on a laptop CPU, per data mode: (model settings, batch size, lr, steps).
+DEFAULTS = {
+    ("ngram", "lines"): ({}, 0, 0.0, 0),
+    ("ngram", "text"): ({}, 0, 0.0, 0),
+    ("mlp", "lines"): ({"context": 5, "n_embd": 24, "n_hidden": 512}, 64, 3e-3, 6000),
+    ("mlp", "text"): ({"context": 8, "n_embd": 24, "n_hidden": 512}, 32, 3e-3, 6000),
+    ("rnn", "lines"): ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, 64, 3e-3, 3000),
+    ("rnn", "text"): ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, 32, 3e-3, 2000),
+    ("gpt", "lines"): ({"n_layer": 4, "n_head": 4, "n_embd": 128}, 64, 2e-3, 4000),
+    ("gpt", "text"): ({"n_layer": 4, "n_head": 4, "n_embd": 128}, 32, 1e-3, 2000),
+}
+TEXT_BLOCK_SIZE = 128  # default context for running text; in lines mode it is the longest document
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise FournilError(f"unknown model {family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def config_class(family: str):
+    check_family(family)
+    return FAMILIES[family][1]
+
+
+def build_model(config: dict) -> LanguageModel:
+    """A model from its saved config dict (``{"family": ..., settings...}``)."""
+    settings = dict(config)
+    family = settings.pop("family")
+    check_family(family)
+    model_cls, cfg_cls = FAMILIES[family]
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise FournilError(f"model {family} has no setting(s) {', '.join(unknown)}; it has {', '.join(sorted(names))}")
+    return model_cls(cfg_cls(**settings))
+
+
+__all__ = ["DEFAULTS", "FAMILIES", "LanguageModel", "TEXT_BLOCK_SIZE", "build_model", "check_family", "config_class"]

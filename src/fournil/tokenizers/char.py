@@ -1,0 +1,74 @@
+"""A character-level tokenizer: one token per character seen in the training split."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fournil.errors import FournilError
+
+BOUNDARY = "<|endoftext|>"  # marks where a document starts and ends, like makemore's '.'
+UNKNOWN = "<|unk|>"  # stands for characters of the val/test splits that training never saw
+
+
+class CharTokenizer:
+    """Special tokens take the first ids, then the characters in sorted order."""
+
+    def __init__(self, chars: list[str], specials: list[str] | None = None):
+        self.specials = list(specials or [])
+        self.chars = list(chars)
+        self.itos = self.specials + self.chars
+        self.stoi = {c: i for i, c in enumerate(self.chars, start=len(self.specials))}
+
+    @classmethod
+    def train(cls, texts, boundary: bool, unknown: bool = False) -> "CharTokenizer":
+        """Build the vocabulary from the training texts; ``boundary`` adds the document boundary token,
+        ``unknown`` a token for characters outside the vocabulary."""
+        chars = set()
+        for text in texts:
+            chars.update(text)
+        return cls(sorted(chars), [BOUNDARY] * boundary + [UNKNOWN] * unknown)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    @property
+    def boundary_id(self) -> int | None:
+        return self.itos.index(BOUNDARY) if BOUNDARY in self.specials else None
+
+    def encode(self, text: str, strict: bool = True) -> list[int]:
+        """Token ids; an unknown character is an error, or the unknown token when not ``strict`` and there is one."""
+        if not strict and UNKNOWN in self.specials:
+            unk = self.itos.index(UNKNOWN)
+            return [self.stoi.get(c, unk) for c in text]
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self.stoi})
+            shown = ", ".join(repr(c) for c in unknown)
+            raise FournilError(
+                f"{shown} {'is' if len(unknown) == 1 else 'are'} not in the model's vocabulary "
+                f"(it knows {len(self.chars)} characters seen in training); remove or replace them"
+            ) from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in ids if self.itos[i] not in self.specials)
+
+    def token_text(self, i: int) -> str:
+        """What one token stands for in the text; the boundary stands for the end of a line."""
+        return {BOUNDARY: "\n", UNKNOWN: "?"}.get(self.itos[i], self.itos[i])
+
+    def save(self, path: Path) -> None:
+        data = {"type": "char", "specials": self.specials, "chars": self.chars}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CharTokenizer":
+        return cls(data["chars"], data["specials"])
+
+
+def load_tokenizer(path: Path):
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("type") != "char":
+        raise FournilError(f"{path}: unsupported tokenizer type {data.get('type')!r}")
+    return CharTokenizer.from_dict(data)

@@ -1,0 +1,244 @@
+"""The training loop: one loop for every model, with the objective plugged in.
+
+AdamW with weight decay on matrices only, linear warmup then cosine decay over the budget (steps or seconds),
+gradient clipping, periodic validation that keeps the best weights, and an atomic training state for
+``--resume``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from fournil.config import RunConfig, to_dict
+from fournil.data import load_splits, make_data
+from fournil.data.sources import BUNDLED
+from fournil.device import autocast, pick_device, pick_dtype
+from fournil.errors import FournilError
+from fournil.evaluate import evaluate_nll
+from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
+from fournil.plots import plot_loss
+from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
+from fournil.tokenizers import CharTokenizer, load_tokenizer
+from fournil.checkpoint import load_state, save_state, save_weights, write_json
+from fournil.train.objectives import NextTokenPrediction
+from fournil.train.progress import Progress
+
+LOG_EVERY = 10
+
+
+def new_run_dir(config: RunConfig, out: str | None) -> Path:
+    """``out``, or ``runs/DATA-MODEL`` with a number added if that name is taken."""
+    if out:
+        path = Path(out)
+        if (path / CONFIG).exists():
+            raise FournilError(f"{path} already holds a run: continue it with --resume {path}, or choose another --out")
+        return path
+    data = config.data.data if config.data.data in BUNDLED else Path(config.data.train or config.data.data).stem
+    base = RUNS / f"{data}-{config.model['family']}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def complete_config(config: RunConfig, splits, tokenizer) -> RunConfig:
+    """Fill what the user left open: sizes for this model and data, vocabulary, context length, budget."""
+    family = config.model["family"]
+    check_family(family)
+    model_defaults, batch_size, lr, steps = DEFAULTS[(family, splits.mode)]
+    settings = {**model_defaults, **config.model, "vocab_size": tokenizer.vocab_size}
+    fields = {f.name for f in dataclasses.fields(config_class(family))}
+    if "boundary_id" in fields:
+        settings["boundary_id"] = tokenizer.boundary_id
+    if settings.get("block_size") is None:
+        if splits.mode == "lines":  # room for the longest document of any split
+            settings["block_size"] = max(len(d) for _, part in splits.items() for d in part) + 1
+        else:
+            settings["block_size"] = TEXT_BLOCK_SIZE
+    t = config.train
+    train = dataclasses.replace(
+        t,
+        batch_size=t.batch_size or batch_size,
+        lr=t.lr or lr,
+        steps=t.steps if (t.steps or t.time) else steps,
+    )
+    return dataclasses.replace(config, model=settings, train=train)
+
+
+def lr_at(step: int, progress: float, t) -> float:
+    warm = min(1.0, (step + 1) / t.warmup) if t.warmup else 1.0
+    decay = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return t.lr * warm * decay
+
+
+def make_optimizer(model, t) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (biases, norms) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), fused=True)  # one kernel for all parameters
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool):
+        self.dir, self.config, self.tokenizer = run_dir, config, tokenizer
+        t = config.train
+        self.device = pick_device(t.device)
+        self.dtype = pick_dtype(self.device, t.dtype)
+        self.data = make_data(splits, tokenizer, config.model["block_size"])
+        torch.manual_seed(t.seed)
+        self.model = build_model(config.model).to(self.device)
+        self.show_progress = progress
+
+    def log(self, record: dict) -> None:
+        with open(self.dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate(self) -> float:
+        t = self.config.train
+        return evaluate_nll(self.model, self.data["val"], self.tokenizer, self.dtype, max_tokens=t.eval_tokens)["nll"]
+
+    def count(self) -> None:
+        """Count-based models learn in one pass over the training split."""
+        self.model.fit(self.data["train"].batches(256))
+        save_weights(self.model, self.dir / WEIGHTS)
+        self.log({"step": 0, "val_loss": self.validate()})
+
+    def fit(self, resume: bool) -> None:
+        t = self.config.train
+        model, device = self.model, self.device
+        optimizer = make_optimizer(model, t)
+        data_rng = torch.Generator().manual_seed(t.seed)
+        objective = NextTokenPrediction()
+        step, elapsed, best = 0, 0.0, float("inf")
+        if resume and (self.dir / STATE).exists():
+            info = load_state(self.dir / STATE, model, optimizer, data_rng)
+            step, elapsed, best = info["step"], info["elapsed"], info["best_val"]
+            self._truncate_metrics(step)
+
+        def progress_at(step, elapsed):
+            return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
+
+        bar = Progress(self.show_progress, progress_at(step, elapsed))
+        start, start_elapsed = time.perf_counter(), elapsed
+        window_loss, window_tokens, window_start, val = 0.0, 0, start, None
+        model.train()
+        try:
+            while progress_at(step, elapsed) < 1.0:
+                lr = lr_at(step, progress_at(step, elapsed), t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = self.data["train"].sample(t.batch_size, data_rng)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, self.dtype):
+                    loss, metrics = objective.loss(model, (x, y))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                step += 1
+                window_loss += loss.item()
+                window_tokens += metrics["tokens"]
+                now = time.perf_counter()
+                elapsed = start_elapsed + now - start
+                if step % LOG_EVERY == 0:
+                    record = {"step": step, "train_loss": window_loss / LOG_EVERY, "lr": lr,
+                              "tokens_per_s": window_tokens / (now - window_start), "time": round(elapsed, 2)}
+                    window_loss, window_tokens, window_start = 0.0, 0, now
+                    finishing = progress_at(step, elapsed) >= 1.0
+                    if step % t.eval_every == 0 or finishing:
+                        val = record["val_loss"] = self.validate()
+                        if val < best:
+                            best = val
+                            save_weights(model, self.dir / WEIGHTS)
+                        self.log(record)
+                        save_state(self.dir / STATE, model, optimizer, data_rng,
+                                   {"step": step, "elapsed": elapsed, "best_val": best})
+                    else:
+                        self.log(record)
+                    bar.update(progress_at(step, elapsed), step=step, loss=f"{record['train_loss']:.4f}",
+                               val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{record['tokens_per_s']:,.0f}"})
+            if not (self.dir / WEIGHTS).exists() or step % LOG_EVERY:  # the budget ended between two logs
+                val = self.validate()
+                self.log({"step": step, "val_loss": val, "time": round(elapsed, 2)})
+                if val < best:
+                    best = val
+                    save_weights(model, self.dir / WEIGHTS)
+                save_state(self.dir / STATE, model, optimizer, data_rng, {"step": step, "elapsed": elapsed, "best_val": best})
+        finally:
+            bar.close()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Forget what a killed run logged after its last checkpoint: those steps run again."""
+        path = self.dir / METRICS
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def finish(self) -> Run:
+        metrics = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+        name = f"{self.config.model['family']} on {self.config.data.data}"
+        plot_loss(metrics, self.dir / "loss.png", name)
+        run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
+        samples = run.sample(self.config.train.samples, seed=self.config.train.seed) if self.config.train.samples else []
+        (self.dir / "samples.txt").write_text("".join(s + "\n" for s in samples), encoding="utf-8")
+        return run
+
+
+def build_tokenizer(splits) -> CharTokenizer:
+    """Characters of the training split; an unknown token too if val or test hold characters it lacks."""
+    as_texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
+    seen = set().union(*map(set, as_texts(splits.train)))
+    unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
+    return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode == "lines", unknown=unseen)
+
+
+def train(config: RunConfig | None = None, out: str | None = None, resume: str | None = None,
+          budget: dict | None = None, progress: bool = True, announce=print) -> Run:
+    """Train a model as ``config`` says (or continue the run ``resume``) and return the trained :class:`Run`.
+
+    ``budget`` (``{"steps": N}`` or ``{"time": seconds}``) overrides a resumed run's stopping point.
+    """
+    if resume:
+        run_dir = find_run(resume)
+        config = read_config(run_dir)
+        if budget:
+            config.train = dataclasses.replace(config.train, **budget)
+        splits, fingerprints = load_splits(config.data)
+        if config.fingerprints and fingerprints != config.fingerprints:
+            raise FournilError(f"the data of {run_dir} changed since it started; start a new run instead")
+        tokenizer = load_tokenizer(run_dir / TOKENIZER)
+    else:
+        config = config or RunConfig(model={"family": "gpt"})
+        splits, fingerprints = load_splits(config.data)
+        tokenizer = build_tokenizer(splits)
+        config = complete_config(config, splits, tokenizer)
+        config.fingerprints = fingerprints
+        run_dir = new_run_dir(config, out)
+    trainer = Trainer(run_dir, config, splits, tokenizer, progress)
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / METRICS).unlink(missing_ok=True)
+        write_json(run_dir / CONFIG, to_dict(config))
+        tokenizer.save(run_dir / TOKENIZER)
+    model, t = trainer.model, config.train
+    budget_text = " and ".join(x for x in (t.steps and f"{t.steps:,} steps", t.time and f"{t.time:g} s") if x)
+    announce(f"{model.family}: {model.num_params():,} parameters; {splits.mode} data {config.data.data}; "
+             f"vocabulary {tokenizer.vocab_size}, context {config.model['block_size']}; "
+             f"{trainer.device.type} {str(trainer.dtype).removeprefix('torch.')}; "
+             + ("counting" if hasattr(model, "fit") else f"{budget_text}, batch {t.batch_size}, lr {t.lr:g}")
+             + f" -> {run_dir}")
+    if hasattr(model, "fit"):
+        trainer.count()
+    else:
+        trainer.fit(resume=bool(resume))
+    return trainer.finish()

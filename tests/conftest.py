@@ -1,0 +1,49 @@
+"""Tests run the real command line in a temporary directory, on real files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+class CLI:
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+
+    def __call__(self, *args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"fournil {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def popen(self, *args) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def cli(tmp_path) -> CLI:
+    return CLI(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Small runs of every model on the bundled English names, trained once for the whole session."""
+    root = tmp_path_factory.mktemp("trained")
+    cli = CLI(root)
+    runs = {}
+    for model, extra in {
+        "ngram": [],
+        "mlp": ["--steps", "60"],
+        "rnn": ["--steps", "30", "--n-hidden", "64"],
+        "gpt": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"],
+    }.items():
+        out = root / f"names-{model}"
+        cli("train", "--data", "names", "--model", model, "--out", out, "--quiet", "--eval-every", "20", *extra)
+        runs[model] = out
+    return runs

@@ -1,0 +1,131 @@
+"""The command line end to end, on the bundled data and on tiny budgets."""
+import json
+import math
+import re
+import subprocess
+
+import pytest
+from safetensors import safe_open
+
+
+def test_every_model_trains_into_a_complete_run_directory(trained):
+    for model, run in trained.items():
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "samples.txt"):
+            assert (run / name).exists(), f"{model}: {name} missing"
+        config = json.loads((run / "config.json").read_text())
+        assert config["model"]["family"] == model and config["data"]["data"] == "names"
+        samples = (run / "samples.txt").read_text().splitlines()
+        assert len(samples) == 20
+        assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert "val_loss" in metrics[-1]
+        if model != "ngram":
+            losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+            assert losses[-1] < losses[0] < 3.5  # learning, from about log(27) = 3.3
+
+
+def test_eval_prints_nll_perplexity_and_bits(cli, trained):
+    out = cli("eval", trained["ngram"]).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == {"val", "test"}
+    tokens, nll, ppl, bpc = int(rows["test"][1].replace(",", "")), *map(float, rows["test"][2:5])
+    assert 1500 * 7 < tokens < 1700 * 8  # 5% of 32,033 names, about 7 tokens each
+    assert 2.4 < nll < 2.6
+    assert ppl == pytest.approx(2.718281828 ** nll, rel=1e-3)
+    assert bpc == pytest.approx(nll / 0.693147, rel=1e-3)
+    assert re.search(r"ngram, [\d,]+ parameters", out)
+
+
+def test_sample_counts_what_it_memorised(cli, trained):
+    result = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8")
+    samples = result.stdout.splitlines()
+    assert len(samples) == 7 and all(s.startswith("ma") for s in samples)
+    assert re.search(r"^\d of 7 samples are in the training set$", result.stderr.strip(), re.M)
+    again = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8")
+    assert again.stdout == result.stdout  # a seed makes it reproducible
+    greedy = cli("sample", trained["ngram"], "-n", "3", "--temperature", "0").stdout.splitlines()
+    assert len(set(greedy)) == 1
+
+
+def test_explain_prints_each_transition(cli, trained):
+    out = cli("explain", trained["ngram"], "marley").stdout.splitlines()
+    pairs = [line.split()[0] for line in out[:-1]]
+    assert pairs == [".m", "ma", "ar", "rl", "le", "ey", "y."]
+    probs = [float(line.split()[1]) for line in out[:-1]]
+    assert all(0 < p < 1 for p in probs)
+    total = float(re.search(r"NLL ([\d.]+) nats over 7 transitions", out[-1]).group(1))
+    assert total == pytest.approx(-sum(math.log(p) for p in probs), abs=1e-2)
+
+
+def test_text_mode_on_running_text(cli, tmp_path):
+    cli("train", "--data", "shakespeare", "--model", "gpt", "--steps", "20", "--n-embd", "32", "--n-layer", "1",
+        "--block-size", "32", "--quiet", "--out", "shk")
+    config = json.loads((tmp_path / "shk" / "config.json").read_text())
+    assert config["model"]["block_size"] == 32
+    with safe_open(str(tmp_path / "shk" / "model.safetensors"), "pt") as f:
+        assert "transformer.wte.weight" in f.keys() and "transformer.h.0.attn.c_attn.weight" in f.keys()
+    out = cli("sample", "shk", "-n", "1", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--seed", "1").stdout
+    assert out.startswith("ROMEO:") and len(out) >= 50
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fournil: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+class InProcess:
+    """``fournil.cli.main`` called directly: the same code path as the console script, without the start-up."""
+
+    def __init__(self, capsys, monkeypatch, cwd):
+        self.capsys = capsys
+        monkeypatch.chdir(cwd)
+
+    def __call__(self, *args, check=False):
+        from fournil.cli import main
+
+        try:
+            code = main(list(map(str, args)))
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monkeypatch):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("élise\nzoé\n".encode("latin-1") * 50)
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "tiny.txt").write_text("anna\nbob\n")
+    (tmp_path / "short.txt").write_text("to be or not to be, " * 3)
+    # One real process, to see that nothing but the one line reaches the terminal...
+    one_line_error(cli("train", "--data", "missing.txt", check=False), "no dataset or file named 'missing.txt'")
+    # ...and the rest through the same entry point in this process.
+    run = InProcess(capsys, monkeypatch, tmp_path)
+    train = lambda *a: run("train", "--quiet", "--steps", "1", *a)  # noqa: E731
+    one_line_error(train("--data", "empty.txt"), "is empty")
+    one_line_error(train("--data", "latin1.txt"), "not valid UTF-8")
+    one_line_error(train("--data", "blob.bin"), "binary")
+    one_line_error(train("--data", "tiny.txt"), "2 documents", "too few")
+    one_line_error(train("--data", "short.txt", "--mode", "text"), "context length")
+    one_line_error(train("--model", "transformer"), "unknown model 'transformer'", "ngram, mlp, rnn, gpt")
+    one_line_error(train("--data", "nombres"), "no dataset or file named 'nombres'", "prenoms")
+    one_line_error(train("--model", "rnn", "--n-head", "4"), "--n-head does not apply to the rnn model")
+    one_line_error(train("--model", "gpt", "--n-layer", "two"), "n_layer='two': expected a int")
+    one_line_error(run("sample", "runs/nothing-here"), "no run directory")
+    one_line_error(run("eval", tmp_path), "not a fournil run")
+    one_line_error(run("sample", trained["gpt"], "--prompt", "z3!"), "'!', '3' are not in the model's vocabulary")
+    one_line_error(run("explain", trained["gpt"], "x", "--device", "cuda"), "no CUDA GPU")
+    one_line_error(run("sample", trained["gpt"], "--top-p", "2"), "--top-p")
+    usage = run("train", "--time", "soon")
+    assert usage.returncode == 2 and "is not a duration" in usage.stderr
+
+
+def test_incomplete_run_says_how_to_continue(cli, tmp_path, trained):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((trained["gpt"] / "config.json").read_text())
+    (broken / "tokenizer.json").write_text((trained["gpt"] / "tokenizer.json").read_text())
+    one_line_error(cli("eval", broken, check=False), "incomplete", "model.safetensors", "--resume")

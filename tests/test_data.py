@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from fournil.config import DataConfig
+from fournil.data import infer_mode, load_splits, read_text
+from fournil.errors import FournilError
+
+
+def test_bundled_datasets_and_modes():
+    assert infer_mode(read_text("names")) == "lines"
+    assert infer_mode(read_text("prenoms")) == "lines"
+    assert infer_mode(read_text("villes")) == "lines"
+    assert infer_mode(read_text("shakespeare")) == "text"
+    assert "andré" in read_text("prenoms").split("\n")  # accents kept
+
+
+def test_lines_split_is_deterministic_disjoint_and_90_5_5():
+    splits, fp = load_splits(DataConfig("names"))
+    again, fp2 = load_splits(DataConfig("names"))
+    assert splits.train == again.train and fp == fp2
+    n = len(splits.train) + len(splits.val) + len(splits.test)
+    assert n == 32033
+    assert len(splits.train) == int(0.9 * n) and len(splits.val) == int(0.05 * n)
+    other, _ = load_splits(DataConfig("names", seed=7))
+    assert other.train != splits.train  # the seed changes the shuffle
+
+
+def test_text_split_is_contiguous():
+    text = read_text("shakespeare")
+    splits, _ = load_splits(DataConfig("shakespeare"))
+    assert splits.mode == "text"
+    assert splits.train + splits.val + splits.test == text
+    assert len(splits.train) == int(0.9 * len(text))
+
+
+def test_forced_mode_and_explicit_files(tmp_path: Path):
+    for name, words in {"a": "anna\nbob\ncarl\n", "b": "dora\n", "c": "emil\n"}.items():
+        (tmp_path / f"{name}.txt").write_text(words)
+    splits, _ = load_splits(DataConfig(train=str(tmp_path / "a.txt"), val=str(tmp_path / "b.txt"), test=str(tmp_path / "c.txt")))
+    assert (splits.mode, splits.train, splits.val, splits.test) == ("lines", ["anna", "bob", "carl"], ["dora"], ["emil"])
+    text, _ = load_splits(DataConfig(str(tmp_path / "a.txt"), mode="text", split=(0.5, 0.25, 0.25)))
+    assert text.mode == "text" and text.train == "anna\nbo"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no dataset or file named"),
+    (b"", "is empty"),
+    (b"  \n\n", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary"),
+    ("café\n".encode("latin-1"), "not valid UTF-8"),
+])
+def test_bad_files_give_clear_errors(tmp_path: Path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(FournilError, match=message):
+        read_text(str(path))
+
+
+def test_too_few_documents_for_the_split(tmp_path: Path):
+    (tmp_path / "few.txt").write_text("anna\nbob\ncarl\n")
+    with pytest.raises(FournilError, match="3 documents .* too few for a 90/5/5 split"):
+        load_splits(DataConfig(str(tmp_path / "few.txt")))

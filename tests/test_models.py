@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from fournil.errors import FournilError
+from fournil.models import FAMILIES, build_model
+
+V, T = 11, 9
+
+
+def make(family, **kw):
+    model = build_model({"family": family, "vocab_size": V, "block_size": T, **kw})
+    if family == "ngram":
+        x = torch.randint(V, (8, T))
+        model.fit([(x, torch.roll(x, -1, 1))])
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_model_answers_the_same_call(family):
+    model = make(family)
+    logits = model(torch.randint(V, (3, T)))
+    assert logits.shape == (3, T, V)
+    assert torch.isfinite(logits).all()
+    assert model.num_params() > 0
+
+
+@pytest.mark.parametrize("family", ["ngram", "mlp", "rnn", "gpt"])
+def test_models_are_causal(family):
+    """A prediction at position t never depends on tokens after t."""
+    model = make(family).eval()
+    x = torch.randint(V, (1, T))
+    y = x.clone()
+    y[0, 5:] = (y[0, 5:] + 1) % V
+    assert torch.allclose(model(x)[0, :5], model(y)[0, :5], atol=1e-6)
+    assert not torch.allclose(model(x)[0, 5:], model(y)[0, 5:])
+
+
+def test_parameter_counts_are_the_textbook_ones():
+    mlp = make("mlp", context=3, n_embd=10, n_hidden=200, n_layer=1)
+    assert mlp.num_params() == (V + 1) * 10 + (30 * 200 + 200) + (200 * V + V)
+    gpt = make("gpt", n_layer=1, n_head=2, n_embd=8)
+    per_block = 2 * 2 * 8 + (8 * 24 + 24) + (8 * 8 + 8) + (8 * 32 + 32) + (32 * 8 + 8)
+    assert gpt.num_params() == V * 8 + T * 8 + per_block + 2 * 8  # tied output layer counted once
+    untied = make("gpt", n_layer=1, n_head=2, n_embd=8, tie_embeddings=False)
+    assert untied.num_params() == gpt.num_params() + V * 8
+
+
+def test_lstm_option_and_bad_settings():
+    assert isinstance(make("rnn", cell="lstm").rnn, torch.nn.LSTM)
+    with pytest.raises(FournilError, match="unknown cell"):
+        make("rnn", cell="transformer")
+    with pytest.raises(FournilError, match="multiple of n_head"):
+        make("gpt", n_embd=10, n_head=4)
+    with pytest.raises(FournilError, match="has no setting"):
+        build_model({"family": "mlp", "vocab_size": V, "block_size": T, "n_head": 2})
+    with pytest.raises(FournilError, match="unknown model 'lstm'"):
+        build_model({"family": "lstm"})

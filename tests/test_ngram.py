@@ -1,0 +1,42 @@
+"""The count model's likelihood is exact: check it against counts taken by hand."""
+import math
+from collections import Counter
+
+import pytest
+
+import fournil
+from fournil.config import DataConfig, RunConfig, TrainConfig
+from fournil.data import load_splits
+
+
+def nll_from_counts(train_docs, test_docs, n: int, k: float) -> float:
+    """Average NLL per token of an add-k n-gram model, straight from the counts (``.`` = boundary)."""
+    pairs, contexts = Counter(), Counter()
+    frame = lambda w: ["."] * (n - 1) + list(w) + ["."]  # noqa: E731
+    for w in train_docs:
+        s = frame(w)
+        for i in range(n - 1, len(s)):
+            pairs[tuple(s[i - n + 1 : i + 1])] += 1
+            contexts[tuple(s[i - n + 1 : i])] += 1
+    vocab = len(set("".join(train_docs))) + 1
+    total, count = 0.0, 0
+    for w in test_docs:
+        s = frame(w)
+        for i in range(n - 1, len(s)):
+            p = (pairs[tuple(s[i - n + 1 : i + 1])] + k) / (contexts[tuple(s[i - n + 1 : i])] + k * vocab)
+            total -= math.log(p)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("n, k", [(2, 1.0), (3, 0.1)])
+def test_ngram_test_nll_on_prenoms_equals_the_counts(tmp_path, n, k):
+    config = RunConfig(model={"family": "ngram", "n": n, "smoothing": k}, data=DataConfig("prenoms"),
+                       train=TrainConfig(samples=0))
+    run = fournil.train(config, out=str(tmp_path / "run"), progress=False, announce=lambda *_: None)
+    splits, _ = load_splits(DataConfig("prenoms"))
+    expected = nll_from_counts(splits.train, splits.test, n, k)
+    assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)
+    if n == 2:  # the bigram table: a row per token as context (the boundary too), a column per next token
+        assert run.model.num_params() == run.tokenizer.vocab_size ** 2
+        assert 2.4 < expected < 2.6  # the course's bigram on English names: 2.47
