@@ -58,8 +58,11 @@ def test_explain_prints_each_transition(cli, trained):
 
 
 def test_text_mode_on_running_text(cli, tmp_path):
-    cli("train", "--data", "shakespeare", "--model", "gpt", "--steps", "20", "--n-embd", "32", "--n-layer", "1",
-        "--block-size", "32", "--quiet", "--out", "shk")
+    result = cli("train", "--data", "shakespeare", "--model", "gpt", "--steps", "20", "--n-embd", "32", "--n-layer",
+                 "1", "--block-size", "32", "--eval-every", "10", "--out", "shk")
+    # Not a terminal: one progress line per validation instead of a live bar.
+    assert re.findall(r"^ *(\d+\.\d)% step (\d+), loss [\d.]+, val [\d.]+", result.stderr, re.M) == [("50.0", "10"), ("100.0", "20")]
+    assert "text data shakespeare" in result.stdout and "best val NLL" in result.stdout
     config = json.loads((tmp_path / "shk" / "config.json").read_text())
     assert config["model"]["block_size"] == 32
     with safe_open(str(tmp_path / "shk" / "model.safetensors"), "pt") as f:

@@ -49,3 +49,17 @@ def test_resume_with_a_new_budget_continues(cli, tmp_path):
     cli("train", "--resume", "short", "--steps", "40", "--quiet")
     steps = sorted(train_losses(tmp_path / "short"))
     assert steps[-1] == 40 and steps.count(20) == 1
+
+
+def test_ctrl_c_saves_the_steps_done_and_says_how_to_continue(cli, tmp_path):
+    proc = cli.popen(*ARGS, "--steps", "100000", "--eval-every", "1000", "--out", "stopped")
+    run = tmp_path / "stopped"
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"continue with: fournil train --resume {run.name}" in err
+    assert checkpoint_step(run) >= 10  # no validation had come yet: the interrupt itself saved the state

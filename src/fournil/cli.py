@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import re
 import sys
 import typing
@@ -109,7 +111,7 @@ def run_train(args) -> None:
 
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
     if args.resume:
-        train(resume=args.resume, budget=budget, progress=not args.quiet)
+        report(train(resume=args.resume, budget=budget, progress=not args.quiet))
         return
     cfg_cls = config_class(args.model)
     own = {f.name for f in dataclasses.fields(cfg_cls)}
@@ -129,15 +131,18 @@ def run_train(args) -> None:
                           eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype),
     )
     run = train(config, out=args.out, progress=not args.quiet)
-    best = min(m for m in run_metrics(run) if m is not None)
-    print(f"best val NLL {best:.4f} nats/token; saved to {run.path}")
-    print(f"next: fournil eval {run.path}   |   fournil sample {run.path}")
+    report(run)
 
 
-def run_metrics(run):
-    import json
-
-    return [json.loads(line).get("val_loss") for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+def report(run) -> None:
+    """What a finished training run shows: its best val score, a few samples, what to do next."""
+    records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    best = min(r["val_loss"] for r in records if "val_loss" in r)
+    samples = (run.path / "samples.txt").read_text(encoding="utf-8").splitlines()
+    print(f"best val NLL {best:.4f} nats/token ({best / math.log(2):.3f} bits); saved to {run.path}")
+    if samples:
+        print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
+    print(f"next: fournil eval {run.path}  |  fournil sample {run.path}  |  fournil explain {run.path} TEXT")
 
 
 def run_eval(args) -> None:

@@ -10,6 +10,7 @@ class LanguageModel(nn.Module):
     """Base class: subclasses set ``family`` and implement ``forward``."""
 
     family = ""
+    counts_only = False  # True for models that learn by counting in one pass (``fit``), not by gradient descent
 
     def num_params(self) -> int:
         """Parameters a learner would count: each weight once, tied weights once, counts of an n-gram table."""

@@ -25,6 +25,7 @@ class NGramConfig:
 
 class NGram(LanguageModel):
     family = "ngram"
+    counts_only = True
 
     def __init__(self, config: NGramConfig):
         super().__init__()

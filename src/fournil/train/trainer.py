@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -122,14 +123,17 @@ class Trainer:
         if resume and (self.dir / STATE).exists():
             info = load_state(self.dir / STATE, model, optimizer, data_rng)
             step, elapsed, best = info["step"], info["elapsed"], info["best_val"]
-            self._truncate_metrics(step)
+        self._truncate_metrics(step)
 
         def progress_at(step, elapsed):
             return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
 
+        def checkpoint():
+            save_state(self.dir / STATE, model, optimizer, data_rng, {"step": step, "elapsed": elapsed, "best_val": best})
+
         bar = Progress(self.show_progress, progress_at(step, elapsed))
         start, start_elapsed = time.perf_counter(), elapsed
-        window_loss, window_tokens, window_start, val = 0.0, 0, start, None
+        window_loss, window_tokens, window_steps, window_start, val = 0.0, 0, 0, start, None
         model.train()
         try:
             while progress_at(step, elapsed) < 1.0:
@@ -146,34 +150,28 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
                 step += 1
-                window_loss += loss.item()
-                window_tokens += metrics["tokens"]
+                window_loss, window_tokens, window_steps = window_loss + loss.item(), window_tokens + metrics["tokens"], window_steps + 1
                 now = time.perf_counter()
                 elapsed = start_elapsed + now - start
-                if step % LOG_EVERY == 0:
-                    record = {"step": step, "train_loss": window_loss / LOG_EVERY, "lr": lr,
-                              "tokens_per_s": window_tokens / (now - window_start), "time": round(elapsed, 2)}
-                    window_loss, window_tokens, window_start = 0.0, 0, now
-                    finishing = progress_at(step, elapsed) >= 1.0
-                    if step % t.eval_every == 0 or finishing:
-                        val = record["val_loss"] = self.validate()
-                        if val < best:
-                            best = val
-                            save_weights(model, self.dir / WEIGHTS)
-                        self.log(record)
-                        save_state(self.dir / STATE, model, optimizer, data_rng,
-                                   {"step": step, "elapsed": elapsed, "best_val": best})
-                    else:
-                        self.log(record)
-                    bar.update(progress_at(step, elapsed), step=step, loss=f"{record['train_loss']:.4f}",
-                               val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{record['tokens_per_s']:,.0f}"})
-            if not (self.dir / WEIGHTS).exists() or step % LOG_EVERY:  # the budget ended between two logs
-                val = self.validate()
-                self.log({"step": step, "val_loss": val, "time": round(elapsed, 2)})
-                if val < best:
-                    best = val
-                    save_weights(model, self.dir / WEIGHTS)
-                save_state(self.dir / STATE, model, optimizer, data_rng, {"step": step, "elapsed": elapsed, "best_val": best})
+                finishing = progress_at(step, elapsed) >= 1.0
+                if step % LOG_EVERY and not finishing:
+                    continue
+                record = {"step": step, "train_loss": window_loss / window_steps, "lr": lr,
+                          "tokens_per_s": window_tokens / (now - window_start), "time": round(elapsed, 2)}
+                if step % t.eval_every == 0 or finishing:
+                    val = record["val_loss"] = self.validate()
+                    if val < best:
+                        best = val
+                        save_weights(model, self.dir / WEIGHTS)
+                    checkpoint()
+                self.log(record)
+                bar.update(progress_at(step, elapsed), "val_loss" in record, step=step, loss=f"{record['train_loss']:.4f}",
+                           val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{record['tokens_per_s']:,.0f}"})
+                window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        except KeyboardInterrupt:
+            checkpoint()  # keep every finished step
+            print(f"\ninterrupted at step {step}; continue with: fournil train --resume {self.dir}", file=sys.stderr)
+            raise
         finally:
             bar.close()
 
@@ -189,7 +187,8 @@ class Trainer:
         name = f"{self.config.model['family']} on {self.config.data.data}"
         plot_loss(metrics, self.dir / "loss.png", name)
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
-        samples = run.sample(self.config.train.samples, seed=self.config.train.seed) if self.config.train.samples else []
+        n = self.config.train.samples if run.mode == "lines" else min(1, self.config.train.samples)  # text: a passage
+        samples = run.sample(n, seed=self.config.train.seed) if n else []
         (self.dir / "samples.txt").write_text("".join(s + "\n" for s in samples), encoding="utf-8")
         return run
 
@@ -227,18 +226,16 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
     trainer = Trainer(run_dir, config, splits, tokenizer, progress)
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS).unlink(missing_ok=True)
         write_json(run_dir / CONFIG, to_dict(config))
         tokenizer.save(run_dir / TOKENIZER)
     model, t = trainer.model, config.train
-    budget_text = " and ".join(x for x in (t.steps and f"{t.steps:,} steps", t.time and f"{t.time:g} s") if x)
-    announce(f"{model.family}: {model.num_params():,} parameters; {splits.mode} data {config.data.data}; "
-             f"vocabulary {tokenizer.vocab_size}, context {config.model['block_size']}; "
-             f"{trainer.device.type} {str(trainer.dtype).removeprefix('torch.')}; "
-             + ("counting" if hasattr(model, "fit") else f"{budget_text}, batch {t.batch_size}, lr {t.lr:g}")
-             + f" -> {run_dir}")
-    if hasattr(model, "fit"):
+    what = f"{model.family}; {splits.mode} data {config.data.data}; vocabulary {tokenizer.vocab_size}, " \
+           f"context {config.model['block_size']}; {trainer.device.type} {str(trainer.dtype).removeprefix('torch.')}"
+    if model.counts_only:
         trainer.count()
+        announce(f"{what}; counted {model.num_params():,} parameters -> {run_dir}")
     else:
+        budget_text = " and ".join(x for x in (t.steps and f"{t.steps:,} steps", t.time and f"{t.time:g} s") if x)
+        announce(f"{what}; {model.num_params():,} parameters; {budget_text}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
     return trainer.finish()
