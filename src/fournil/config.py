@@ -32,7 +32,7 @@ class TrainConfig:
     batch_size: int | None = None  # sequences per step; None picks one for the model
     lr: float | None = None  # peak learning rate; None picks one for the model
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio (decaying to zero measured best)
-    warmup: int = 100  # linear warmup steps
+    warmup: int = 200  # linear warmup steps
     weight_decay: float = 0.1  # applied to matrices only, not to biases, norms or embeddings' positions
     beta2: float = 0.99
     grad_clip: float = 1.0

@@ -20,7 +20,7 @@ DEFAULTS = {
     ("mlp", "text"): ({"context": 8, "n_embd": 24, "n_hidden": 512}, 32, 3e-3, 6000),
     ("rnn", "lines"): ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, 64, 3e-3, 3000),
     ("rnn", "text"): ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, 32, 3e-3, 2000),
-    ("gpt", "lines"): ({"n_layer": 4, "n_head": 4, "n_embd": 64}, 64, 5e-3, 3000),
+    ("gpt", "lines"): ({"n_layer": 4, "n_head": 4, "n_embd": 64}, 64, 8e-3, 3000),
     ("gpt", "text"): ({"n_layer": 4, "n_head": 4, "n_embd": 128}, 32, 1e-3, 2000),
 }
 TEXT_BLOCK_SIZE = 128  # default context for running text; in lines mode it is the longest document
