@@ -33,7 +33,7 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate; None picks one for the model
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio (decaying to zero measured best)
     warmup: int = 200  # linear warmup steps
-    weight_decay: float = 0.1  # applied to matrices only, not to biases, norms or embeddings' positions
+    weight_decay: float = 0.1  # applied to weight matrices and embeddings, not to biases or norms
     beta2: float = 0.99
     grad_clip: float = 1.0
     eval_every: int = 250  # validate (and checkpoint) every this many steps

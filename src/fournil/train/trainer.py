@@ -150,13 +150,14 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
                 step += 1
-                window_loss, window_tokens, window_steps = window_loss + loss.item(), window_tokens + metrics["tokens"], window_steps + 1
+                # summed on the device: reading the loss every step would wait for the GPU each time
+                window_loss, window_tokens, window_steps = window_loss + loss.detach(), window_tokens + metrics["tokens"], window_steps + 1
                 now = time.perf_counter()
                 elapsed = start_elapsed + now - start
                 finishing = progress_at(step, elapsed) >= 1.0
                 if step % LOG_EVERY and not finishing:
                     continue
-                record = {"step": step, "train_loss": window_loss / window_steps, "lr": lr,
+                record = {"step": step, "train_loss": window_loss.item() / window_steps, "lr": lr,
                           "tokens_per_s": window_tokens / (now - window_start), "time": round(elapsed, 2)}
                 if step % t.eval_every == 0 or finishing:
                     val = record["val_loss"] = self.validate()
