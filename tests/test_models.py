@@ -24,7 +24,7 @@ def test_every_model_answers_the_same_call(family):
     assert model.num_params() > 0
 
 
-@pytest.mark.parametrize("family", ["ngram", "mlp", "rnn", "gpt"])
+@pytest.mark.parametrize("family", ["ngram", "mlp", "rnn", "gpt", "llama"])
 def test_models_are_causal(family):
     """A prediction at position t never depends on tokens after t."""
     model = make(family).eval()
@@ -55,3 +55,31 @@ def test_lstm_option_and_bad_settings():
         build_model({"family": "mlp", "vocab_size": V, "block_size": T, "n_head": 2})
     with pytest.raises(FournilError, match="unknown model 'lstm'"):
         build_model({"family": "lstm"})
+
+
+def test_llama_grouped_query_attention_and_sliding_window():
+    full = make("llama", n_layer=1, n_head=4, n_kv_head=4, n_embd=16)
+    grouped = make("llama", n_layer=1, n_head=4, n_kv_head=1, n_embd=16)
+    assert full.num_params() - grouped.num_params() == 2 * 16 * (16 - 4)  # k and v shrink to one head
+    windowed = make("llama", n_layer=1, sliding_window=3).eval()
+    x = torch.randint(V, (1, T))
+    y = x.clone()
+    y[0, 0] = (y[0, 0] + 1) % V
+    # position 2 still sees token 0; position 3 and later do not (one layer, a window of 3)
+    assert not torch.allclose(windowed(x)[0, 2], windowed(y)[0, 2])
+    assert torch.allclose(windowed(x)[0, 3:], windowed(y)[0, 3:], atol=1e-6)
+    with pytest.raises(FournilError, match="multiple of n_kv_head"):
+        make("llama", n_head=4, n_kv_head=3)
+
+
+def test_llama3_rope_scaling_slows_only_the_long_wavelengths():
+    from fournil.models.llama import LlamaConfig, rope_frequencies
+
+    plain = rope_frequencies(LlamaConfig(head_dim=64, rope_theta=500000.0))
+    scaled = rope_frequencies(LlamaConfig(head_dim=64, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}))
+    assert torch.equal(scaled[:5], plain[:5])  # fast rotations untouched
+    assert torch.allclose(scaled[-5:], plain[-5:] / 8)  # slow ones divided by the factor
+    with pytest.raises(FournilError, match="not supported"):
+        rope_frequencies(LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0}))

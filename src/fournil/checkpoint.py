@@ -35,22 +35,35 @@ def write_json(path: Path, data) -> None:
 
 def save_weights(model, path: Path) -> None:
     """Weights as safetensors, tied tensors stored once under their first name (as Hugging Face does)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in _unique_state(model).items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    save_tensors(unique_state(model), path)
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
 def load_weights(model, path: Path) -> None:
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    load_tensors(model, tensors, str(path))
+
+
+def load_tensors(model, tensors: dict, source: str) -> None:
+    """Copy ``tensors`` into ``model``; every weight must be there with its shape (a tied one under either name)."""
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes that differ from the config's
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise FournilError(f"{source} does not match its config: {detail}") from None
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if set(missing) - tied or unexpected:
-        raise FournilError(f"{path} does not match the model in config.json (missing {missing}, unexpected {unexpected})")
+        raise FournilError(f"{source} does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def save_state(path: Path, model, optimizer, data_rng: torch.Generator, info: dict) -> None:
     """Everything needed to continue training exactly where it stopped."""
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in _unique_state(model).items()}
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in unique_state(model).items()}
     opt = optimizer.state_dict()
     for pid, state in opt["state"].items():
         for key, value in state.items():
@@ -94,7 +107,7 @@ def load_state(path: Path, model, optimizer, data_rng: torch.Generator) -> dict:
     return meta["info"]
 
 
-def _unique_state(model) -> dict:
+def unique_state(model) -> dict:
     """The state dict without the second name of tied weights."""
     seen, out = set(), {}
     for k, v in model.state_dict().items():

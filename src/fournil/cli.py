@@ -43,7 +43,9 @@ def model_settings() -> dict[str, type]:
         for f in dataclasses.fields(cfg):
             if f.name not in AUTOMATIC:
                 kinds = [k for k in typing.get_args(typing.get_type_hints(cfg)[f.name]) if k is not type(None)]
-                found.setdefault(f.name, (kinds or [typing.get_type_hints(cfg)[f.name]])[0])
+                kind = (kinds or [typing.get_type_hints(cfg)[f.name]])[0]
+                if kind in (int, float, str, bool):  # structured settings (rope_scaling) come from imported configs
+                    found.setdefault(f.name, kind)
     return found
 
 
@@ -97,12 +99,44 @@ def add_run_commands(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def add_model_commands(sub) -> None:
+    model_help = "a run directory, a .gguf file, a Hugging Face folder, or a known model (smollm2)"
+
+    def sampling(p, temperature: float) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=temperature, help="0 = always the most likely token")
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
+    p.add_argument("model", help=model_help)
+    p.add_argument("prompt", nargs="?", default="")
+    sampling(p, 0.8)
+
+    p = sub.add_parser("chat", help="chat in the terminal (/reset, /system TEXT, /exit)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--system", help="a system message to start with")
+    sampling(p, 0.7)
+
+    p = sub.add_parser("convert", help="convert between GGUF, Hugging Face folder and run directory")
+    p.add_argument("model", help=model_help)
+    p.add_argument("out", help="OUT.gguf, or a folder")
+    p.add_argument("--to", choices=["hf", "gguf", "run"], help="output format (default: gguf for *.gguf, else hf)")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
+
+    p = sub.add_parser("info", help="architecture, parameters, dtype, context length, size on disk")
+    p.add_argument("model", help=model_help)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fournil", allow_abbrev=False,
                                 description="Build, train, measure and sample language models, from a bigram up.")
     sub = p.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_run_commands(sub)
+    add_model_commands(sub)
     return p
 
 
@@ -180,7 +214,86 @@ def run_explain(args) -> None:
     print(f"NLL {result['nll']:.4f} nats over {n} transitions; average {result['avg_nll']:.4f}")
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "sample": run_sample, "explain": run_explain}
+def run_generate(args) -> None:
+    from fournil.generate import stream_ids, stream_text
+    from fournil.runs import Run
+
+    run = Run.load(args.model, args.device)
+    tok = run.tokenizer
+    ids = stream_ids(run.model, tok.prompt_ids(args.prompt), args.max_new_tokens, args.temperature, args.top_k,
+                     args.top_p, tok.stop_ids, args.seed)
+    print(args.prompt, end="", flush=True)
+    for piece in stream_text(tok, ids):
+        print(piece, end="", flush=True)
+    print()
+
+
+def run_chat(args) -> None:
+    from fournil.generate import stream_ids, stream_text
+    from fournil.runs import Run
+
+    run = Run.load(args.model, args.device)
+    tok = run.tokenizer
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    tok.chat_ids(messages + [{"role": "user", "content": ""}])  # a model without a chat template fails now, not later
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model} ({run.model.num_params():,} parameters); /reset, /system TEXT, /exit")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            print("(new conversation)")
+            continue
+        if line.startswith("/system"):
+            start = [{"role": "system", "content": line[len("/system"):].strip()}]
+            messages = start + [m for m in messages if m["role"] != "system"]
+            print("(system message set)")
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.chat_ids(messages)
+        if len(prompt) >= run.model.config.block_size:
+            raise FournilError(f"the conversation ({len(prompt)} tokens) fills the model's context; /reset to start over")
+        ids = stream_ids(run.model, prompt, min(args.max_new_tokens, run.model.config.block_size - len(prompt)),
+                         args.temperature, args.top_k, args.top_p, tok.stop_ids, args.seed)
+        answer = ""
+        for piece in stream_text(tok, ids):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": answer})
+
+
+def run_convert(args) -> None:
+    from pathlib import Path
+
+    from fournil.formats import export
+    from fournil.runs import Run
+
+    kind = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
+    run = Run.load(args.model, "cpu")
+    export(run, Path(args.out), kind, args.type)
+    print(f"wrote {args.out} ({kind})")
+
+
+def run_info(args) -> None:
+    from fournil.runs import Run
+
+    run = Run.load(args.model, "cpu")
+    for key, value in run.info().items():
+        print(f"{key + ':':<16}{value}")
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
+            "chat": run_chat, "convert": run_convert, "info": run_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,8 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     model: dict
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
+    train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
 
 

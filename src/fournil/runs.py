@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from fournil.config import DataConfig, RunConfig, TrainConfig, from_dict
+from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
+from fournil.config import DataConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
 from fournil.device import pick_device, pick_dtype
 from fournil.errors import FournilError
@@ -14,7 +15,6 @@ from fournil.evaluate import evaluate_nll, explain_text
 from fournil.generate import sample_ids
 from fournil.models import build_model
 from fournil.tokenizers import load_tokenizer
-from fournil.checkpoint import load_weights
 
 RUNS = Path("runs")
 CONFIG, WEIGHTS, TOKENIZER, METRICS, STATE = "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "train_state.safetensors"
@@ -36,20 +36,32 @@ def read_config(path: Path) -> RunConfig:
         raise FournilError(f"{path} is not a fournil run: it has no {CONFIG}")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-        return RunConfig(model=raw["model"], data=from_dict(DataConfig, raw["data"], "data"),
-                         train=from_dict(TrainConfig, raw["train"], "train"), fingerprints=raw.get("fingerprints", {}))
+        data, train = raw.get("data"), raw.get("train")  # None for a model imported from elsewhere
+        return RunConfig(model=raw["model"], data=data and from_dict(DataConfig, data, "data"),
+                         train=train and from_dict(TrainConfig, train, "train"), fingerprints=raw.get("fingerprints", {}))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise FournilError(f"{file} is damaged ({e}); train the run again") from None
 
 
 class Run:
-    """A trained model with its tokenizer and the data it was trained on."""
+    """A model with its tokenizer: trained here (with the data it was trained on) or imported from a file."""
 
-    def __init__(self, path: Path, config: RunConfig, model, tokenizer, dtype: torch.dtype):
+    def __init__(self, path: Path, config: RunConfig, model, tokenizer, dtype: torch.dtype, source: dict):
         self.path, self.config, self.model, self.tokenizer, self.dtype = path, config, model, tokenizer, dtype
+        self.source = source  # format, architecture and stored dtype, for `fournil info`
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> "Run":
+        """A run directory, a GGUF file, a Hugging Face folder or a known model's name (``smollm2``)."""
+        from fournil.formats import read_model, source_kind
+
+        kind, path = source_kind(spec)
+        dev = pick_device(device)
+        if kind != "run":
+            settings, tensors, tokenizer, source = read_model(kind, path)
+            model = build_model(settings)
+            load_tensors(model, tensors, str(path))
+            return cls(path, RunConfig(model=settings, data=None, train=None), model.to(dev), tokenizer, pick_dtype(dev, dtype), source)
         path = find_run(spec)
         config = read_config(path)
         for name in (TOKENIZER, WEIGHTS):
@@ -58,10 +70,20 @@ class Run:
                     f"{path} is incomplete: it has no {name} (training stopped before its first checkpoint); "
                     f"continue it with `fournil train --resume {path}`"
                 )
-        dev = pick_device(device)
         model = build_model(config.model)
         load_weights(model, path / WEIGHTS)
-        return cls(path, config, model.to(dev), load_tokenizer(path / TOKENIZER), pick_dtype(dev, dtype))
+        source = {"format": "fournil run directory", "architecture": config.model["family"], "dtype": "float32"}
+        return cls(path, config, model.to(dev), load_tokenizer(path / TOKENIZER), pick_dtype(dev, dtype), source)
+
+    def save(self, out: Path) -> None:
+        """Write the model as a run directory (how an imported model becomes one)."""
+        out = Path(out)
+        if (out / CONFIG).exists():
+            raise FournilError(f"{out} already holds a model; choose another output")
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(out / TOKENIZER)
+        save_weights(self.model, out / WEIGHTS)
+        write_json(out / CONFIG, to_dict(self.config))
 
     @property
     def mode(self) -> str:
@@ -69,6 +91,8 @@ class Run:
 
     def splits(self):
         """The run's train/val/test splits, rebuilt from its data (which must not have changed since)."""
+        if self.config.data is None:
+            raise FournilError(f"{self.path} was imported, not trained here: it has no train/val/test data of its own")
         splits, fingerprints = load_splits(self.config.data)
         if self.config.fingerprints and self.config.fingerprints != fingerprints:
             raise FournilError(f"the data of {self.path} changed since training ({self.config.data.data}); scores would not be comparable")
@@ -86,15 +110,27 @@ class Run:
         if n < 1:
             raise FournilError(f"-n must be at least 1 (got {n})")
         tok = self.tokenizer
-        ids = tok.encode(prompt)
-        if self.mode == "lines":
-            ids = [tok.boundary_id, *ids]
-            limit = max_new_tokens or 2 * self.model.config.block_size
-        else:
-            ids = ids or tok.encode("\n" if "\n" in tok.stoi else tok.chars[0])
-            limit = max_new_tokens or 500
-        new = sample_ids(self.model, ids, n, limit, temperature, top_k, top_p, stop_id=tok.boundary_id, seed=seed)
+        ids = tok.prompt_ids(prompt)
+        limit = max_new_tokens or (2 * self.model.config.block_size if self.mode == "lines" else 500)
+        new = sample_ids(self.model, ids, n, limit, temperature, top_k, top_p, stop_ids=tok.stop_ids, seed=seed)
         return [prompt + tok.decode(row) for row in new]
+
+    def info(self) -> dict:
+        """What `fournil info` shows."""
+        c = self.model.config
+        files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.is_file() and p.name != STATE]
+        size = sum(p.stat().st_size for p in files)
+        shape = {k: getattr(c, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd") if hasattr(c, k)}
+        return {
+            "model": f"{self.model.family} ({self.source['architecture']}, from a {self.source['format']})",
+            "parameters": f"{self.model.num_params():,}",
+            "shape": ", ".join(f"{k} {v}" for k, v in shape.items()),
+            "vocabulary": f"{self.tokenizer.vocab_size:,} tokens",
+            "context": f"{c.block_size:,} tokens",
+            "stored dtype": self.source["dtype"],
+            "size on disk": f"{size / 2**20:.1f} MiB",
+            "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",
+        }
 
     def explain(self, text: str) -> dict:
         return explain_text(self.model, self.tokenizer, text)

@@ -6,11 +6,13 @@ import dataclasses
 from fournil.errors import FournilError
 from fournil.models.base import LanguageModel
 from fournil.models.gpt import GPT, GPTConfig
+from fournil.models.llama import Llama, LlamaConfig
 from fournil.models.mlp import MLP, MLPConfig
 from fournil.models.ngram import NGram, NGramConfig
 from fournil.models.rnn import RNN, RNNConfig
 
-FAMILIES = {"ngram": (NGram, NGramConfig), "mlp": (MLP, MLPConfig), "rnn": (RNN, RNNConfig), "gpt": (GPT, GPTConfig)}
+FAMILIES = {"ngram": (NGram, NGramConfig), "mlp": (MLP, MLPConfig), "rnn": (RNN, RNNConfig), "gpt": (GPT, GPTConfig),
+            "llama": (Llama, LlamaConfig)}
 
 # Sizes that train well in minutes on a laptop CPU, per data mode: (model settings, batch size, lr, steps).
 DEFAULTS = {
@@ -22,6 +24,8 @@ DEFAULTS = {
     ("rnn", "text"): ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, 32, 3e-3, 2000),
     ("gpt", "lines"): ({"n_layer": 4, "n_head": 4, "n_embd": 64}, 64, 8e-3, 3000),
     ("gpt", "text"): ({"n_layer": 4, "n_head": 4, "n_embd": 128}, 32, 1e-3, 2000),
+    ("llama", "lines"): ({"n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 64}, 64, 8e-3, 3000),
+    ("llama", "text"): ({"n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 128}, 32, 1e-3, 2000),
 }
 TEXT_BLOCK_SIZE = 128  # default context for running text; in lines mode it is the longest document
 

@@ -26,6 +26,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and LayerNorms, as in GPT-2
     tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
+    activation: str = "gelu"  # exact GELU; "gelu_new" is GPT-2's tanh approximation (Hugging Face's names)
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,15 +45,19 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.approximate = ACTIVATIONS[config.activation]
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -75,6 +80,8 @@ class GPT(LanguageModel):
         super().__init__()
         if config.n_embd % config.n_head:
             raise FournilError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
+        if config.activation not in ACTIVATIONS:
+            raise FournilError(f"activation {config.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

@@ -51,6 +51,17 @@ class CharTokenizer:
                 f"(it knows {len(self.chars)} characters seen in training); remove or replace them"
             ) from None
 
+    @property
+    def stop_ids(self) -> set[int]:
+        return {self.boundary_id} - {None}
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """What generation starts from: the boundary then the text (``lines``), or the text or a newline (``text``)."""
+        ids = self.encode(text)
+        if self.boundary_id is not None:
+            return [self.boundary_id, *ids]
+        return ids or self.encode("\n" if "\n" in self.stoi else self.chars[0])
+
     def decode(self, ids) -> str:
         return "".join(self.itos[i] for i in ids if self.itos[i] not in self.specials)
 
@@ -68,7 +79,15 @@ class CharTokenizer:
 
 
 def load_tokenizer(path: Path):
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("type") != "char":
-        raise FournilError(f"{path}: unsupported tokenizer type {data.get('type')!r}")
-    return CharTokenizer.from_dict(data)
+    """A character tokenizer (fournil's format) or a Hugging Face one (its ``tokenizer.json``)."""
+    from fournil.tokenizers.hf import HFTokenizer
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FournilError(f"cannot read the tokenizer {path}: {e}") from None
+    if data.get("type") == "char":
+        return CharTokenizer.from_dict(data)
+    if "model" in data:
+        return HFTokenizer.from_files(path)
+    raise FournilError(f"{path} is neither a fournil character tokenizer nor a Hugging Face tokenizer.json")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fournil.checkpoint import load_state, save_state, save_weights, write_json
 from fournil.config import RunConfig, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.sources import BUNDLED
@@ -25,7 +26,6 @@ from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family,
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
-from fournil.checkpoint import load_state, save_state, save_weights, write_json
 from fournil.train.objectives import NextTokenPrediction
 from fournil.train.progress import Progress
 

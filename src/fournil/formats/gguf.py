@@ -1,0 +1,313 @@
+"""GGUF files (llama.cpp's format), read with the ``gguf`` package and written with its writer.
+
+Reading: hyper-parameters from the metadata, tensors dequantized to float32, the tokenizer rebuilt from its
+vocabulary (byte-level BPE with merges, or SentencePiece-style pieces and scores) as a Hugging Face ``tokenizers``
+object, and the chat template. llama.cpp stores the q and k rows of Llama models in Meta's interleaved rotary
+order; they are put back in Hugging Face's order here, and the other way on writing.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fournil.errors import FournilError
+from fournil.tokenizers import CharTokenizer, HFTokenizer
+from fournil.tokenizers.char import UNKNOWN
+
+LLAMA_ARCHS = ("llama", "mistral", "qwen2")
+PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp's converter interleaves q/k rows for these, not for qwen2
+LLAMA_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+GPT2_NAMES = {
+    "token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+    "output": "lm_head", "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+# How text is split before BPE merges, by llama.cpp's pre-tokenizer name (GPT-2's own regex otherwise).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
+          "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
+QTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
+
+
+def open_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader fails in many ways on a damaged file; all mean the same to a user
+        raise FournilError(f"{path} is not a valid GGUF file (truncated or corrupted?): {type(e).__name__}: {e}") from None
+
+
+def metadata(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # noqa: BLE001  a field the reader cannot decode is one fournil does not need
+            continue
+    return out
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's interleaved rotary rows back to Hugging Face's halves."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def model_settings(meta: dict, names: set[str]) -> dict:
+    arch = meta.get("general.architecture")
+    get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    if arch == "gpt2":
+        return {"family": "gpt", "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+                "block_size": get("context_length"), "n_layer": get("block_count"), "n_head": get("attention.head_count"),
+                "n_embd": get("embedding_length"), "bias": True, "tie_embeddings": "output.weight" not in names,
+                "activation": meta.get("fournil.activation", "gelu_new")}
+    if arch not in LLAMA_ARCHS:
+        raise FournilError(f"GGUF architecture {arch!r} is not supported; fournil reads {', '.join(LLAMA_ARCHS)}, gpt2")
+    if "rope_freqs.weight" in names or get("rope.scaling.type", "none") not in ("none", None):
+        raise FournilError("this GGUF uses rope scaling (rope_freqs or rope.scaling.type), which fournil does not read "
+                           "from GGUF yet; load the model's Hugging Face folder instead")
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    return {
+        "family": "llama", "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        "block_size": get("context_length"), "n_layer": get("block_count"), "n_head": n_head,
+        "n_kv_head": get("attention.head_count_kv") or n_head, "n_embd": n_embd,
+        "head_dim": get("attention.key_length") or n_embd // n_head, "intermediate_size": get("feed_forward_length"),
+        "rope_theta": float(get("rope.freq_base", 10000.0)), "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "tie_embeddings": "output.weight" not in names, "qkv_bias": "blk.0.attn_q.bias" in names,
+        "o_bias": "blk.0.attn_output.bias" in names, "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "sliding_window": get("attention.sliding_window"),
+    }
+
+
+def fournil_name(name: str, table: dict) -> str:
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    base, rest = (match.group(2), match.group(3)) if match else name.rsplit(".", 1)
+    if base not in table:
+        raise FournilError(f"unexpected tensor {name!r} in the GGUF file; fournil does not know where it belongs")
+    if not match:
+        return f"{table[base]}.{rest}"
+    prefix = "model.layers" if table is LLAMA_NAMES else "transformer.h"
+    return f"{prefix}.{match.group(1)}.{table[base]}.{rest}"
+
+
+def dequantize(t) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as dq
+
+    try:
+        values = dq(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise FournilError(f"tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot dequantize; "
+                           f"fournil reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants") from None
+    shape = tuple(reversed([int(d) for d in t.shape]))
+    if t.tensor_type == GGMLQuantizationType.F32 and values.dtype != np.float32:
+        values = values.astype(np.float32)
+    return torch.from_numpy(np.array(values.reshape(shape), dtype=np.float32))  # a copy: the file is mapped read-only
+
+
+def read_gguf(path: Path):
+    """(model settings, tensors with fournil's names, tokenizer, description) of a GGUF file."""
+    reader = open_reader(path)
+    meta = metadata(reader)
+    names = {t.name for t in reader.tensors}
+    settings = model_settings(meta, names)
+    table = GPT2_NAMES if settings["family"] == "gpt" else LLAMA_NAMES
+    permuted = meta["general.architecture"] in PERMUTED_ARCHS
+    tensors, kinds = {}, {}
+    for t in reader.tensors:
+        value = dequantize(t)
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+        name = fournil_name(t.name, table)
+        if permuted and re.search(r"\.(attn_q|attn_k)\.", t.name):
+            value = unpermute(value, settings["n_head"] if ".attn_q." in t.name else settings["n_kv_head"])
+        tensors[name] = value
+    tokenizer = gguf_tokenizer(meta)
+    dtype = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return settings, tensors, tokenizer, {"format": "GGUF file", "architecture": meta["general.architecture"], "dtype": dtype}
+
+
+def gguf_tokenizer(meta: dict) -> HFTokenizer:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise FournilError("the GGUF file has no tokenizer (tokenizer.ggml.tokens); fournil needs one to run the model")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", kind == "llama"))
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
+        if split:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":  # SentencePiece pieces with scores: merges follow the score of the merged piece
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = next((t for t, k in zip(tokens, types) if k == 2), None)
+        byte_fallback = 6 in types
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, vocab), unk_token=unk,
+                                   fuse_unk=True, byte_fallback=byte_fallback))
+        steps = [normalizers.Prepend("\u2581")] * space_prefix + [normalizers.Replace(" ", "\u2581")]
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), *[decoders.ByteFallback()] * byte_fallback,
+                                         decoders.Fuse(), *[decoders.Strip(" ", 1, 0)] * space_prefix])
+    else:
+        raise FournilError(f"GGUF tokenizer model {kind!r} is not supported; "
+                           f"fournil reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (2, 3)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    token = lambda key: tokens[meta[key]] if meta.get(key) is not None and meta[key] < len(tokens) else None  # noqa: E731
+    return HFTokenizer(tok, bos=token("tokenizer.ggml.bos_token_id"), eos=token("tokenizer.ggml.eos_token_id"),
+                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+                       chat_template=meta.get("tokenizer.chat_template"))
+
+
+def spm_merges(tokens: list[str], scores: list[float], vocab: dict) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a piece into two known pieces, best score first."""
+    found = []
+    for piece, score in zip(tokens, scores):
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                found.append((-score, vocab[left], vocab[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
+    """A GGUF file of ``model`` with weights in F32, F16 or Q8_0 (vectors stay F32, as llama.cpp keeps them)."""
+    import gguf
+
+    if qtype not in QTYPES:
+        raise FournilError(f"GGUF type {qtype!r} is not one fournil writes; choose {', '.join(QTYPES)}")
+    c = model.config
+    path = Path(path)
+    if model.family == "gpt":
+        arch, table = "gpt2", GPT2_NAMES
+    else:
+        arch, table = ("qwen2" if c.qkv_bias and not c.o_bias else "llama"), LLAMA_NAMES
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(path.stem)
+    w.add_block_count(c.n_layer)
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_head_count(c.n_head)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    if model.family == "gpt":
+        w.add_feed_forward_length(4 * c.n_embd)
+        w.add_layer_norm_eps(1e-5)
+        w.add_string("fournil.activation", c.activation)
+    else:
+        if c.rope_scaling:
+            raise FournilError("fournil does not write rope scaling to GGUF yet; export this model as a Hugging Face folder")
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count_kv(c.n_kv_head)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if c.sliding_window:
+            w.add_sliding_window(c.sliding_window)
+    add_tokenizer(w, tokenizer)
+    reverse = {v: k for k, v in table.items()}
+    from fournil.checkpoint import unique_state
+
+    for name, value in unique_state(model).items():
+        match = re.fullmatch(r"(?:model\.layers|transformer\.h)\.(\d+)\.(.+)\.(weight|bias)", name)
+        if match:
+            gname = f"blk.{match.group(1)}.{reverse[match.group(2)]}.{match.group(3)}"
+        else:
+            base, rest = name.rsplit(".", 1)
+            gname = f"{reverse[base]}.{rest}"
+        value = value.detach().float().cpu()
+        if arch in PERMUTED_ARCHS and re.search(r"\.(attn_q|attn_k)\.", gname):
+            value = permute(value, c.n_head if ".attn_q." in gname else c.n_kv_head)
+        array = value.numpy()
+        kind = QTYPES[qtype] if array.ndim == 2 else "F32"
+        if kind == "Q8_0" and array.shape[-1] % 32:
+            kind = "F16"  # Q8_0 packs rows in blocks of 32
+        if kind == "F32":
+            w.add_tensor(gname, array)
+        elif kind == "F16":
+            w.add_tensor(gname, array.astype(np.float16))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+
+
+def add_tokenizer(w, tokenizer) -> None:
+    """The vocabulary as llama.cpp reads it: byte-level BPE (``gpt2``) or SentencePiece-style pieces (``llama``)."""
+    import json
+
+    if isinstance(tokenizer, CharTokenizer):  # one piece per character, spaces spelled as SentencePiece spells them
+        tokens = [t.replace(" ", "\u2581") for t in tokenizer.itos]
+        types = [3 if t in tokenizer.specials else 1 for t in tokenizer.itos]
+        types = [2 if t == UNKNOWN else k for t, k in zip(tokenizer.itos, types)]
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_token_types(types)
+        w.add_add_space_prefix(False)
+        if tokenizer.boundary_id is not None:
+            w.add_bos_token_id(tokenizer.boundary_id)
+            w.add_eos_token_id(tokenizer.boundary_id)
+        w.add_add_bos_token(tokenizer.boundary_id is not None)
+        return
+    spec = json.loads(tokenizer.tok.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise FournilError(f"a {model.get('type')} tokenizer cannot be written to GGUF; fournil writes BPE tokenizers")
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    types = [3 if t in added and added[t]["special"] else 4 if t in added else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if model.get("byte_fallback"):  # SentencePiece-style: merge order becomes the score order
+        rank = {("".join(m.split(" ", 1))): -i for i, m in enumerate(merges)}
+        types = [6 if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else k for t, k in zip(tokens, types)]
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([float(rank.get(t, -len(merges) - 1)) for t in tokens])
+        w.add_add_space_prefix(any(n.get("type") == "Prepend" for n in (spec.get("normalizer") or {}).get("normalizers", [])))
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe" if "Split" in json.dumps(spec.get("pre_tokenizer")) else "gpt-2")
+        w.add_token_merges(merges)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    for add, token_id in ((w.add_bos_token_id, tokenizer.bos_id), (w.add_eos_token_id, tokenizer.eos_id)):
+        if token_id is not None:
+            add(token_id)
+    w.add_add_bos_token(tokenizer.add_bos)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)

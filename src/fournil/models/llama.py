@@ -1,0 +1,176 @@
+"""A Llama-family decoder: rotary positions, RMSNorm, a SwiGLU MLP and grouped-query attention.
+
+The same file runs Llama 2 and 3, Mistral (sliding-window attention), Qwen2 (biases on q, k, v) and SmolLM2, and
+trains from scratch like ``gpt``. Weight names follow Hugging Face's ``LlamaForCausalLM``
+(``model.layers.0.self_attn.q_proj.weight``...), so importing and exporting is a table of names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fournil.errors import FournilError
+from fournil.models.base import LanguageModel
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 0
+    block_size: int = 0  # the longest context, in tokens (Hugging Face: max_position_embeddings)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # key/value heads; fewer than n_head is grouped-query attention, 1 is multi-query
+    n_embd: int = 64
+    head_dim: int = 0  # 0: n_embd // n_head
+    intermediate_size: int = 0  # width of the SwiGLU MLP; 0: about 8/3 of n_embd, a multiple of 32
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3 style: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    o_bias: bool = False  # a bias on the attention output projection (Llama's attention_bias sets both)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # each token sees at most this many tokens, itself included (Mistral)
+
+    def __post_init__(self):
+        if self.n_head < 1 or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise FournilError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if not self.head_dim:
+            if self.n_embd % self.n_head:
+                raise FournilError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        if self.head_dim % 2:
+            raise FournilError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if not self.intermediate_size:
+            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """The rotation speed of each pair of channels, with Llama 3's rescaling of the slow ones if asked."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind != "llama3":
+        raise FournilError(f"rope scaling {kind!r} is not supported; fournil knows 'default' and 'llama3'")
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    slow = inv_freq / factor
+    smooth = (old_context / wavelen - low) / (high - low)
+    mixed = (1 - smooth) * slow + smooth * inv_freq
+    out = torch.where(wavelen > old_context / low, slow, inv_freq)
+    middle = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+    return torch.where(middle, mixed, out).float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, halves convention (Hugging Face): channel i pairs with channel i + head_dim/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    """Scale by the inverse root mean square, computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.sliding_window
+        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        gqa = self.n_kv_head != self.n_head
+        if self.window is not None and T > self.window:
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(LanguageModel):
+    family = "llama"
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList([DecoderLayer(config) for _ in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:  # residual projections scaled by depth, as in GPT-2
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise FournilError(f"input of {T} tokens is longer than the model's context of {self.config.block_size}")
+        angles = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        x = self.model.embed_tokens(idx)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,172 @@
+"""Import and export against transformers itself: tiny random models built with its own config classes."""
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fournil.errors import FournilError  # noqa: E402
+from fournil.formats import export  # noqa: E402
+from fournil.runs import Run  # noqa: E402
+
+V = 96
+COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=48, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=5),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            bos_token_id=V - 1, eos_token_id=V - 1),
+}
+
+
+def save_tokenizer(folder):
+    """A byte-level BPE tokenizer trained on a few sentences, saved by transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:V - 20])
+    tok.train_from_iterator(["the cat sat on the mat", "hello world", "the end"] * 10, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """Each architecture saved by transformers, with the logits it gives on fixed ids."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, 20))
+    out = {}
+    for name, config in CONFIGS.items():
+        model = transformers.AutoModelForCausalLM.from_config(config()).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)  # biases and norms too, so a misplaced one shows
+            logits = model(ids).logits
+        model.save_pretrained(root / name)
+        save_tokenizer(root / name)
+        out[name] = (root / name, logits)
+    return ids, out
+
+
+def transformers_logits(folder, ids):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_import_matches_transformers_and_export_goes_back(arch, hf_models, tmp_path):
+    ids, models = hf_models
+    folder, expected = models[arch]
+    run = Run.load(folder, "cpu")
+    with torch.no_grad():
+        ours = run.model(ids)
+    assert (ours - expected).abs().max() < 1e-4
+    export(run, tmp_path / "out", "hf")
+    assert (transformers_logits(tmp_path / "out", ids) - expected).abs().max() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("the cat sat")["input_ids"] == run.tokenizer.encode("the cat sat")
+
+
+@pytest.mark.parametrize("arch,qtype,tol", [("llama", "f32", 1e-5), ("qwen2", "f16", 0.05), ("gpt2", "f32", 1e-5),
+                                            ("mistral", "q8_0", 0.15)])
+def test_gguf_export_reads_back(arch, qtype, tol, hf_models, tmp_path):
+    ids, models = hf_models
+    folder, expected = models[arch]
+    if arch == "llama":  # GGUF keeps no rope scaling from fournil yet: use the plain rotary version
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("rope_scaling", None), config.pop("rope_parameters", None)
+        folder = shutil.copytree(folder, tmp_path / "plain")
+        (folder / "config.json").write_text(json.dumps(config))
+        expected = transformers_logits(folder, ids)
+    export(Run.load(folder, "cpu"), tmp_path / "m.gguf", "gguf", qtype)
+    back = Run.load(tmp_path / "m.gguf", "cpu")
+    with torch.no_grad():
+        assert (back.model(ids) - expected).abs().max() < tol
+    assert back.tokenizer.encode("hello world") == Run.load(folder, "cpu").tokenizer.encode("hello world")
+
+
+def test_a_trained_char_model_goes_to_transformers_and_gguf(trained, tmp_path):
+    """fournil's own gpt (character tokenizer, exact GELU) exported: transformers and the GGUF reader agree with it."""
+    run = Run.load(trained["gpt"], "cpu")
+    ids = torch.tensor([run.tokenizer.prompt_ids("emma")])
+    with torch.no_grad():
+        ours = run.model(ids)
+    export(run, tmp_path / "hf", "hf")
+    assert (transformers_logits(tmp_path / "hf", ids) - ours).abs().max() < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok("emma", add_special_tokens=False)["input_ids"] == run.tokenizer.encode("emma")
+    assert hf_tok.decode(ids[0], skip_special_tokens=True) == "emma"
+    export(run, tmp_path / "m.gguf", "gguf")
+    back = Run.load(tmp_path / "m.gguf", "cpu")
+    with torch.no_grad():
+        assert (back.model(ids) - ours).abs().max() < 1e-5
+    assert back.tokenizer.prompt_ids("emma") == run.tokenizer.prompt_ids("emma")
+
+
+def test_a_character_vocabulary_with_spaces_survives_gguf(tmp_path):
+    """Characters travel as SentencePiece pieces (a space is spelled \u2581): same ids, same text back."""
+    from fournil.config import RunConfig
+    from fournil.models import build_model
+    from fournil.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train(["le moustoir", "hémonstoir\n"], boundary=True, unknown=True)
+    model = build_model({"family": "llama", "vocab_size": tok.vocab_size, "block_size": 32, "n_layer": 1})
+    run = Run(tmp_path, RunConfig(model={}), model, tok, torch.float32, {})
+    export(run, tmp_path / "c.gguf", "gguf")
+    back = Run.load(tmp_path / "c.gguf", "cpu").tokenizer
+    text = "le hémonstoir\nmoustoir"
+    assert back.prompt_ids(text) == tok.prompt_ids(text)
+    assert back.decode(tok.encode(text)) == text
+
+
+def test_chat_template_renders_as_transformers_does(hf_models):
+    folder, _ = hf_models[1]["llama"]
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    from fournil.tokenizers.chat import render_chat
+
+    expected = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert render_chat(template, messages, eos_token=tok.eos_token) == expected
+
+
+def test_bad_files_give_clear_errors(hf_models, tmp_path):
+    folder, _ = hf_models[1]["qwen2"]
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FournilError, match="not a valid safetensors file"):
+        Run.load(broken)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(FournilError, match="pickle files are never loaded"):
+        Run.load(pickled)
+
+    other = shutil.copytree(folder, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
+    with pytest.raises(FournilError, match="'falcon' is not supported; fournil reads llama, mistral, qwen2, gpt2"):
+        Run.load(other)
+
+    export(Run.load(folder), tmp_path / "m.gguf", "gguf")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FournilError, match="not a valid GGUF file"):
+        Run.load(tmp_path / "cut.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(FournilError, match="not a valid GGUF file"):
+        Run.load(tmp_path / "junk.gguf")
