@@ -170,3 +170,61 @@ def test_bad_files_give_clear_errors(hf_models, tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(FournilError, match="not a valid GGUF file"):
         Run.load(tmp_path / "junk.gguf")
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2 style tokenizer: pieces with \u2581 for spaces, merges, and <0xXX> byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from fournil.tokenizers import HFTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # pieces never span a space
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    texts = ["the quick brown fox jumps over the lazy dog", "le renard brun saute par-dessus le chien"] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=V + 300, special_tokens=specials))
+    return HFTokenizer(tok, bos="<s>", eos="</s>", add_bos=True)
+
+
+def test_a_sentencepiece_vocabulary_survives_gguf(tmp_path):
+    from fournil.config import RunConfig
+    from fournil.models import build_model
+
+    tok = sentencepiece_style_tokenizer()
+    model = build_model({"family": "llama", "vocab_size": tok.vocab_size, "block_size": 32, "n_layer": 1})
+    export(Run(tmp_path, RunConfig(model={}), model, tok, torch.float32, {}), tmp_path / "spm.gguf", "gguf", "q8_0")
+    back = Run.load(tmp_path / "spm.gguf", "cpu").tokenizer
+    for text in ["the lazy fox", "le chien saute", "  two spaces, unseen € bytes"]:
+        assert back.prompt_ids(text) == tok.prompt_ids(text), text
+        assert back.decode(back.encode(text)) == text  # unseen characters come back through their bytes
+
+
+def test_an_unsupported_quantization_is_named(tmp_path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    for add, value in [(w.add_embedding_length, 32), (w.add_head_count, 4), (w.add_block_count, 1),
+                       (w.add_context_length, 64), (w.add_feed_forward_length, 64)]:
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c", "d"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 40), dtype=np.uint8),  # one 40-byte block of 32 values per row
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FournilError, match="stored as Q8_1, which the gguf package cannot dequantize; fournil reads F32"):
+        Run.load(tmp_path / "q.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    w.add_embedding_length(32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FournilError, match="lacks llama.attention.head_count: the file is not a complete model"):
+        Run.load(tmp_path / "bare.gguf")

@@ -70,27 +70,30 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def model_settings(meta: dict, names: set[str]) -> dict:
     arch = meta.get("general.architecture")
-    get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
-    if arch == "gpt2":
-        return {"family": "gpt", "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-                "block_size": get("context_length"), "n_layer": get("block_count"), "n_head": get("attention.head_count"),
-                "n_embd": get("embedding_length"), "bias": True, "tie_embeddings": "output.weight" not in names,
-                "activation": meta.get("fournil.activation", "gelu_new")}
-    if arch not in LLAMA_ARCHS:
+    if arch != "gpt2" and arch not in LLAMA_ARCHS:
         raise FournilError(f"GGUF architecture {arch!r} is not supported; fournil reads {', '.join(LLAMA_ARCHS)}, gpt2")
-    if "rope_freqs.weight" in names or get("rope.scaling.type", "none") not in ("none", None):
+
+    def get(key, default=None, required=True):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None and required:
+            raise FournilError(f"the GGUF metadata lacks {arch}.{key}: the file is not a complete model")
+        return value
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    common = {"vocab_size": get("vocab_size", len(meta.get("tokenizer.ggml.tokens") or [])),
+              "block_size": get("context_length"), "n_layer": get("block_count"), "n_head": n_head, "n_embd": n_embd,
+              "tie_embeddings": "output.weight" not in names}
+    if arch == "gpt2":
+        return {"family": "gpt", **common, "bias": True, "activation": meta.get("fournil.activation", "gelu_new")}
+    if "rope_freqs.weight" in names or get("rope.scaling.type", "none") != "none":
         raise FournilError("this GGUF uses rope scaling (rope_freqs or rope.scaling.type), which fournil does not read "
                            "from GGUF yet; load the model's Hugging Face folder instead")
-    n_embd, n_head = get("embedding_length"), get("attention.head_count")
     return {
-        "family": "llama", "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-        "block_size": get("context_length"), "n_layer": get("block_count"), "n_head": n_head,
-        "n_kv_head": get("attention.head_count_kv") or n_head, "n_embd": n_embd,
-        "head_dim": get("attention.key_length") or n_embd // n_head, "intermediate_size": get("feed_forward_length"),
+        "family": "llama", **common, "n_kv_head": get("attention.head_count_kv", n_head),
+        "head_dim": get("attention.key_length", n_embd // n_head), "intermediate_size": get("feed_forward_length"),
         "rope_theta": float(get("rope.freq_base", 10000.0)), "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "tie_embeddings": "output.weight" not in names, "qkv_bias": "blk.0.attn_q.bias" in names,
-        "o_bias": "blk.0.attn_output.bias" in names, "mlp_bias": "blk.0.ffn_up.bias" in names,
-        "sliding_window": get("attention.sliding_window"),
+        "qkv_bias": "blk.0.attn_q.bias" in names, "o_bias": "blk.0.attn_output.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names, "sliding_window": get("attention.sliding_window", required=False),
     }
 
 
@@ -126,6 +129,7 @@ def read_gguf(path: Path):
     meta = metadata(reader)
     names = {t.name for t in reader.tensors}
     settings = model_settings(meta, names)
+    tokenizer = gguf_tokenizer(meta)
     table = GPT2_NAMES if settings["family"] == "gpt" else LLAMA_NAMES
     permuted = meta["general.architecture"] in PERMUTED_ARCHS
     tensors, kinds = {}, {}
@@ -136,7 +140,6 @@ def read_gguf(path: Path):
         if permuted and re.search(r"\.(attn_q|attn_k)\.", t.name):
             value = unpermute(value, settings["n_head"] if ".attn_q." in t.name else settings["n_kv_head"])
         tensors[name] = value
-    tokenizer = gguf_tokenizer(meta)
     dtype = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
     return settings, tensors, tokenizer, {"format": "GGUF file", "architecture": meta["general.architecture"], "dtype": dtype}
 
