@@ -228,3 +228,20 @@ def test_an_unsupported_quantization_is_named(tmp_path):
     w.close()
     with pytest.raises(FournilError, match="lacks llama.attention.head_count: the file is not a complete model"):
         Run.load(tmp_path / "bare.gguf")
+
+
+def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
+    """Hugging Face folder -> run directory -> GGUF, each readable by `fournil info` and `fournil generate`."""
+    folder, _ = hf_models[1]["qwen2"]
+    cli("convert", folder, tmp_path / "as-run", "--to", "run")
+    assert (tmp_path / "as-run" / "config.json").exists() and (tmp_path / "as-run" / "tokenizer_config.json").exists()
+    cli("convert", tmp_path / "as-run", tmp_path / "back.gguf", "--type", "f16")
+    for model, origin in [(tmp_path / "as-run", "fournil run directory"), (tmp_path / "back.gguf", "GGUF file")]:
+        info = cli("info", model).stdout
+        assert "parameters:     18,720" in info and "context:        64 tokens" in info and origin in info
+        out = cli("generate", model, "the cat", "--max-new-tokens", "5", "--temperature", "0").stdout
+        assert out.startswith("the cat")
+    result = cli("chat", tmp_path / "back.gguf", check=False, input="hi\n")
+    assert result.returncode == 2 and "has no chat template" in result.stderr
+    result = cli("info", tmp_path / "nothing", check=False)
+    assert result.returncode == 2 and "no run directory" in result.stderr

@@ -26,14 +26,16 @@ def find_run(spec: str | Path) -> Path:
     if not path.exists() and (RUNS / path).exists():
         path = RUNS / path
     if not path.is_dir():
-        raise FournilError(f"no run directory {str(spec)!r}: give a path like runs/prenoms-gpt (see `ls runs/`)")
+        raise FournilError(f"no run directory or model {str(spec)!r}: give a run (e.g. runs/prenoms-gpt, see `ls runs/`), "
+                           f"a .gguf file, a Hugging Face folder or a known model (smollm2)")
     return path
 
 
 def read_config(path: Path) -> RunConfig:
     file = path / CONFIG
     if not file.exists():
-        raise FournilError(f"{path} is not a fournil run: it has no {CONFIG}")
+        raise FournilError(f"{path} has no {CONFIG}: fournil reads run directories, Hugging Face folders "
+                           f"(config.json, *.safetensors, tokenizer.json) and .gguf files")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
         data, train = raw.get("data"), raw.get("train")  # None for a model imported from elsewhere
@@ -137,5 +139,5 @@ class Run:
 
 
 def load(spec: str | Path, device: str = "auto") -> Run:
-    """Load a trained run (a path, or a name under ``runs/``)."""
+    """Load a model: a run (a path, or a name under ``runs/``), a GGUF file, a Hugging Face folder or a known name."""
     return Run.load(spec, device)
