@@ -202,6 +202,13 @@ def test_a_sentencepiece_vocabulary_survives_gguf(tmp_path):
         assert back.decode(back.encode(text)) == text  # unseen characters come back through their bytes
 
 
+def write(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def test_an_unsupported_quantization_is_named(tmp_path):
     import gguf
     import numpy as np
@@ -214,18 +221,12 @@ def test_an_unsupported_quantization_is_named(tmp_path):
     w.add_token_list(["a", "b", "c", "d"])
     w.add_tensor("token_embd.weight", np.zeros((4, 40), dtype=np.uint8),  # one 40-byte block of 32 values per row
                  raw_dtype=gguf.GGMLQuantizationType.Q8_1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write(w)
     with pytest.raises(FournilError, match="stored as Q8_1, which the gguf package cannot dequantize; fournil reads F32"):
         Run.load(tmp_path / "q.gguf")
     w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
     w.add_embedding_length(32)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write(w)
     with pytest.raises(FournilError, match="lacks llama.attention.head_count: the file is not a complete model"):
         Run.load(tmp_path / "bare.gguf")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
 from fournil.tokenizers import CharTokenizer, HFTokenizer
 from fournil.tokenizers.char import UNKNOWN
@@ -204,6 +205,8 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
     if qtype not in QTYPES:
         raise FournilError(f"GGUF type {qtype!r} is not one fournil writes; choose {', '.join(QTYPES)}")
     c = model.config
+    if model.family == "llama" and c.rope_scaling:
+        raise FournilError("fournil does not write rope scaling to GGUF yet; export this model as a Hugging Face folder")
     path = Path(path)
     if model.family == "gpt":
         arch, table = "gpt2", GPT2_NAMES
@@ -224,8 +227,6 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
         w.add_layer_norm_eps(1e-5)
         w.add_string("fournil.activation", c.activation)
     else:
-        if c.rope_scaling:
-            raise FournilError("fournil does not write rope scaling to GGUF yet; export this model as a Hugging Face folder")
         w.add_feed_forward_length(c.intermediate_size)
         w.add_head_count_kv(c.n_kv_head)
         w.add_key_length(c.head_dim)
@@ -237,8 +238,6 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
             w.add_sliding_window(c.sliding_window)
     add_tokenizer(w, tokenizer)
     reverse = {v: k for k, v in table.items()}
-    from fournil.checkpoint import unique_state
-
     for name, value in unique_state(model).items():
         match = re.fullmatch(r"(?:model\.layers|transformer\.h)\.(\d+)\.(.+)\.(weight|bias)", name)
         if match:
@@ -264,7 +263,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # written beside its name, then renamed: never half a file under the real name
 
 
 def add_tokenizer(w, tokenizer) -> None:
