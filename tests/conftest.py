@@ -42,6 +42,7 @@ def trained(tmp_path_factory):
         "mlp": ["--steps", "60"],
         "rnn": ["--steps", "30", "--n-hidden", "64"],
         "gpt": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"],
+        "llama": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"],
     }.items():
         out = root / f"names-{model}"
         cli("train", "--data", "names", "--model", model, "--out", out, "--quiet", "--eval-every", "20", *extra)

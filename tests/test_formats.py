@@ -52,7 +52,7 @@ def hf_models(tmp_path_factory):
             for p in model.parameters():
                 p.normal_(0, 0.2)  # biases and norms too, so a misplaced one shows
             logits = model(ids).logits
-        model.save_pretrained(root / name)
+        model.save_pretrained(root / name, max_shard_size="20KB" if name == "llama" else "1GB")  # llama: sharded
         save_tokenizer(root / name)
         out[name] = (root / name, logits)
     return ids, out
@@ -68,6 +68,8 @@ def transformers_logits(folder, ids):
 def test_import_matches_transformers_and_export_goes_back(arch, hf_models, tmp_path):
     ids, models = hf_models
     folder, expected = models[arch]
+    if arch == "llama":
+        assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("*.safetensors"))) > 1
     run = Run.load(folder, "cpu")
     with torch.no_grad():
         ours = run.model(ids)
@@ -96,9 +98,11 @@ def test_gguf_export_reads_back(arch, qtype, tol, hf_models, tmp_path):
     assert back.tokenizer.encode("hello world") == Run.load(folder, "cpu").tokenizer.encode("hello world")
 
 
-def test_a_trained_char_model_goes_to_transformers_and_gguf(trained, tmp_path):
-    """fournil's own gpt (character tokenizer, exact GELU) exported: transformers and the GGUF reader agree with it."""
-    run = Run.load(trained["gpt"], "cpu")
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_trained_char_model_goes_to_transformers_and_gguf(family, trained, tmp_path):
+    """fournil's own models (character tokenizer; gpt with exact GELU) exported: transformers and the GGUF reader
+    agree with them."""
+    run = Run.load(trained[family], "cpu")
     ids = torch.tensor([run.tokenizer.prompt_ids("emma")])
     with torch.no_grad():
         ours = run.model(ids)
@@ -246,3 +250,37 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
     assert result.returncode == 2 and "has no chat template" in result.stderr
     result = cli("info", tmp_path / "nothing", check=False)
     assert result.returncode == 2 and "no run directory" in result.stderr
+
+
+def test_gguf_tensor_types_dequantize_to_the_right_shape(tmp_path):
+    """Every listed storage type comes back as float32 (out, in) matrices: close to the original for the types
+    the gguf package can write, equal to its own dequantizer for the K-quants (built block by block here)."""
+    import gguf
+    import numpy as np
+
+    from fournil.formats.gguf import dequantize, open_reader
+
+    Q = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    tolerance = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.02, "Q5_0": 0.2, "Q4_0": 0.4, "Q4_1": 0.3}
+    w = gguf.GGUFWriter(str(tmp_path / "types.gguf"), "llama")
+    for name in tolerance:
+        data = x if name == "F32" else gguf.quants.quantize(x, Q[name])
+        w.add_tensor(name, data, raw_dtype=None if name == "F32" else Q[name])
+    k_blocks = {}
+    for name, size, scale_at in [("Q4_K", 144, (0, 2)), ("Q6_K", 210, (208,))]:
+        block = rng.integers(0, 256, (3, size), dtype=np.uint8)
+        for at in scale_at:  # the per-block scales (fp16) must be finite numbers
+            block[:, at:at + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+        k_blocks[name] = block
+        w.add_tensor(name, block, raw_dtype=Q[name])
+    write(w)
+    for t in open_reader(tmp_path / "types.gguf").tensors:
+        value = dequantize(t)
+        assert value.dtype == torch.float32 and value.shape == (3, 256), t.name
+        if t.name in tolerance:
+            assert (value - torch.from_numpy(x)).abs().max() <= tolerance[t.name], t.name
+        else:
+            expected = gguf.quants.dequantize(k_blocks[t.name], Q[t.name]).reshape(3, 256)
+            assert torch.equal(value, torch.from_numpy(expected)), t.name

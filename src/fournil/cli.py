@@ -258,10 +258,12 @@ def run_chat(args) -> None:
             messages = start + [m for m in messages if m["role"] != "system"]
             print("(system message set)")
             continue
-        messages.append({"role": "user", "content": line})
-        prompt = tok.chat_ids(messages)
+        prompt = tok.chat_ids(messages + [{"role": "user", "content": line}])
         if len(prompt) >= run.model.config.block_size:
-            raise FournilError(f"the conversation ({len(prompt)} tokens) fills the model's context; /reset to start over")
+            print(f"(the conversation, {len(prompt)} tokens, would fill the model's context of "
+                  f"{run.model.config.block_size}: /reset to start over)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
         ids = stream_ids(run.model, prompt, min(args.max_new_tokens, run.model.config.block_size - len(prompt)),
                          args.temperature, args.top_k, args.top_p, tok.stop_ids, args.seed)
         answer = ""
