@@ -110,7 +110,6 @@ def fournil_name(name: str, table: dict) -> str:
 
 
 def dequantize(t) -> torch.Tensor:
-    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as dq
 
     try:
@@ -119,8 +118,6 @@ def dequantize(t) -> torch.Tensor:
         raise FournilError(f"tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot dequantize; "
                            f"fournil reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants") from None
     shape = tuple(reversed([int(d) for d in t.shape]))
-    if t.tensor_type == GGMLQuantizationType.F32 and values.dtype != np.float32:
-        values = values.astype(np.float32)
     return torch.from_numpy(np.array(values.reshape(shape), dtype=np.float32))  # a copy: the file is mapped read-only
 
 
