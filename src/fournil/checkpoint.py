@@ -83,6 +83,12 @@ def save_state(path: Path, model, optimizer, data_rng: torch.Generator, info: di
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"fournil": json.dumps(meta)}))
 
 
+def read_state_info(path: Path) -> dict:
+    """The ``info`` of a training state, without loading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["fournil"])["info"]
+
+
 def load_state(path: Path, model, optimizer, data_rng: torch.Generator) -> dict:
     """Restore what ``save_state`` wrote; returns its ``info``."""
     with safe_open(str(path), framework="pt") as f:

@@ -63,12 +63,15 @@ def add_train(sub) -> None:
     p.add_argument("--test", dest="test_file")
     p.add_argument("--steps", type=int, help="stop after this many steps")
     p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (per process)")
+    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step: accumulates gradients to reach it")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard")
     p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
     p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,8 +164,9 @@ def run_train(args) -> None:
     config = RunConfig(
         model=model,
         data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file),
-        train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
-                          eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype),
+        train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                          lr=args.lr, eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
+                          compile=args.compile, tensorboard=args.tensorboard),
     )
     run = train(config, out=args.out, progress=not args.quiet)
     report(run)
@@ -170,6 +174,8 @@ def run_train(args) -> None:
 
 def report(run) -> None:
     """What a finished training run shows: its best val score, a few samples, what to do next."""
+    if run is None:  # a process other than rank 0 of a multi-process run
+        return
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     best = min(r["val_loss"] for r in records if "val_loss" in r)
     samples = (run.path / "samples.txt").read_text(encoding="utf-8").splitlines()

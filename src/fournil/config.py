@@ -29,7 +29,9 @@ class DataConfig:
 class TrainConfig:
     steps: int | None = None  # stop after this many optimizer steps...
     time: float | None = None  # ...or after this many seconds, whichever comes first
-    batch_size: int | None = None  # sequences per step; None picks one for the model
+    batch_size: int | None = None  # sequences per forward pass and process; None picks one for the model
+    batch_tokens: int | None = None  # target tokens per optimizer step, reached by accumulating gradients
+    grad_accum: int = 1  # forward passes per optimizer step (set from batch_tokens when that is given)
     lr: float | None = None  # peak learning rate; None picks one for the model
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio (decaying to zero measured best)
     warmup: int = 200  # linear warmup steps
@@ -41,6 +43,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False  # torch.compile the model (pays on GPUs; costs compile time first)
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     samples: int = 20  # written to samples.txt at the end
 
 

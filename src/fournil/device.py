@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 
 import torch
 
@@ -29,17 +31,45 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """The compute precision: bf16 on GPUs that have it, else fp16 on older GPUs, fp32 on CPU.
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 256, repeat: int = 20) -> float:
+    """Measured dense matrix-product speed in FLOP/s: the peak that MFU is reported against."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeat / (time.perf_counter() - start)
 
-    CPUs without native bf16 matrix units run bf16 autocast slower than fp32, so CPU stays fp32 by default.
+
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """Whether this CPU multiplies bf16 matrices clearly faster than fp32 (AMX or AVX512-BF16 units).
+
+    Measured rather than guessed: without those units bf16 is emulated and can be 40 times slower.
     """
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    cpu = torch.device("cpu")
+    return matmul_rate(cpu, torch.bfloat16) > 1.5 * matmul_rate(cpu, torch.float32)
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """The compute precision: bf16 where the hardware runs it fast (recent GPUs, CPUs with bf16 matrix units),
+    fp16 on older GPUs (training then scales the loss), fp32 otherwise."""
     if name != "auto":
         if name not in DTYPES:
             raise FournilError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
         return DTYPES[name]
     if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and later: fp32 products in TF32 where fp32 remains
+        torch.backends.cudnn.allow_tf32 = True
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16_pays():
+        return torch.bfloat16
     return torch.float32
 
 

@@ -17,6 +17,15 @@ class LanguageModel(nn.Module):
         seen = {p.data_ptr(): p.numel() for p in self.parameters()}
         return sum(seen.values())
 
+    def flops_per_token(self, context: int) -> float:
+        """Training FLOPs per token (forward and backward), as the PaLM paper counts them for MFU: 6 per weight of
+        the matrix products, plus attention's 12 * layers * width * context for Transformers."""
+        positions = {id(m.weight) for name, m in self.named_modules() if name.endswith("wpe")}
+        n = sum(p.numel() for p in self.parameters() if id(p) not in positions)
+        cfg = getattr(self, "config", None)
+        attention = 12 * cfg.n_layer * cfg.n_embd * context if hasattr(cfg, "n_head") else 0
+        return 6 * n + attention
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.state_dict().values())).device

@@ -6,26 +6,29 @@ gradient clipping, periodic validation that keeps the best weights, and an atomi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fournil.checkpoint import load_state, save_state, save_weights, write_json
+from fournil.checkpoint import load_state, read_state_info, save_state, save_weights, write_json
 from fournil.config import RunConfig, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.sources import BUNDLED
-from fournil.device import autocast, pick_device, pick_dtype
+from fournil.device import autocast, matmul_rate, pick_device, pick_dtype
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
-from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
+from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
+from fournil.train.distributed import World, join, leave
+from fournil.train.metrics import MetricsLog
 from fournil.train.objectives import NextTokenPrediction
 from fournil.train.progress import Progress
 
@@ -48,8 +51,9 @@ def new_run_dir(config: RunConfig, out: str | None) -> Path:
     return path
 
 
-def complete_config(config: RunConfig, splits, tokenizer) -> RunConfig:
-    """Fill what the user left open: sizes for this model and data, vocabulary, context length, budget."""
+def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunConfig:
+    """Fill what the user left open: sizes for this model and data, vocabulary, context length, budget, and the
+    gradient accumulation that makes ``batch_tokens`` tokens per optimizer step over all processes."""
     family = config.model["family"]
     check_family(family)
     model_defaults, batch_size, lr, steps = DEFAULTS[(family, splits.mode)]
@@ -63,9 +67,16 @@ def complete_config(config: RunConfig, splits, tokenizer) -> RunConfig:
         else:
             settings["block_size"] = TEXT_BLOCK_SIZE
     t = config.train
+    batch_size = t.batch_size or batch_size
+    grad_accum = t.grad_accum
+    if t.batch_tokens:
+        train_docs = splits.train if splits.mode == "lines" else None
+        per_sequence = sum(map(len, train_docs)) / len(train_docs) + 1 if train_docs else settings["block_size"]
+        grad_accum = max(1, round(t.batch_tokens / (batch_size * per_sequence * world.size)))
     train = dataclasses.replace(
         t,
-        batch_size=t.batch_size or batch_size,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
         lr=t.lr or lr,
         steps=t.steps if (t.steps or t.time) else steps,
     )
@@ -78,58 +89,85 @@ def lr_at(step: int, progress: float, t) -> float:
     return t.lr * warm * decay
 
 
-def make_optimizer(model, t) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (biases, norms) do not."""
+def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (biases, norms) do not. One fused kernel on GPUs; on CPUs the
+    multi-tensor (foreach) version measured faster than the fused one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), fused=True)  # one kernel for all parameters
+    speed = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), **speed)
+
+
+class Diverged(FournilError):
+    pass
 
 
 class Trainer:
-    def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool):
-        self.dir, self.config, self.tokenizer = run_dir, config, tokenizer
+    def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool, world: World):
+        self.dir, self.config, self.tokenizer, self.world = run_dir, config, tokenizer, world
         t = config.train
-        self.device = pick_device(t.device)
+        self.device = world.device(pick_device(t.device))
         self.dtype = pick_dtype(self.device, t.dtype)
         self.data = make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
         self.model = build_model(config.model).to(self.device)
-        self.show_progress = progress
-
-    def log(self, record: dict) -> None:
-        with open(self.dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.show_progress = progress and world.main
+        self.metrics = MetricsLog(run_dir, t.tensorboard and world.main)
 
     def validate(self) -> float:
+        """Rank 0 scores the val split; every rank gets the score, so all take the same decisions."""
         t = self.config.train
-        return evaluate_nll(self.model, self.data["val"], self.tokenizer, self.dtype, max_tokens=t.eval_tokens)["nll"]
+        val = float("nan")
+        if self.world.main:
+            val = evaluate_nll(self.model, self.data["val"], self.tokenizer, self.dtype, max_tokens=t.eval_tokens)["nll"]
+        return self.world.broadcast(val)
 
     def count(self) -> None:
         """Count-based models learn in one pass over the training split."""
         self.model.fit(self.data["train"].batches(256))
-        save_weights(self.model, self.dir / WEIGHTS)
-        self.log({"step": 0, "val_loss": self.validate()})
+        val = self.validate()
+        if self.world.main:
+            save_weights(self.model, self.dir / WEIGHTS)
+            self.metrics.log({"step": 0, "val_loss": val})
 
     def fit(self, resume: bool) -> None:
-        t = self.config.train
+        t, world = self.config.train, self.world
         model, device = self.model, self.device
-        optimizer = make_optimizer(model, t)
+        optimizer = make_optimizer(model, t, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)  # fp16 needs loss scaling
         data_rng = torch.Generator().manual_seed(t.seed)
         objective = NextTokenPrediction()
         step, elapsed, best = 0, 0.0, float("inf")
         if resume and (self.dir / STATE).exists():
             info = load_state(self.dir / STATE, model, optimizer, data_rng)
             step, elapsed, best = info["step"], info["elapsed"], info["best_val"]
-        self._truncate_metrics(step)
+            scaler.load_state_dict(info.get("scaler", {}))
+        if world.main:
+            self.metrics.truncate(step)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+        if t.compile:
+            net = torch.compile(net)
+        per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
+        flops = model.flops_per_token(self.config.model["block_size"])
+        peak = matmul_rate(device, self.dtype, 4096 if device.type == "cuda" else 256) * world.size
+        explode = 3 * math.log(self.tokenizer.vocab_size)  # three times the loss of a uniform guess
 
         def progress_at(step, elapsed):
             return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
 
         def checkpoint():
-            save_state(self.dir / STATE, model, optimizer, data_rng, {"step": step, "elapsed": elapsed, "best_val": best})
+            if world.main:
+                save_state(self.dir / STATE, model, optimizer, data_rng,
+                           {"step": step, "elapsed": elapsed, "best_val": best, "scaler": scaler.state_dict()})
+
+        def diverged(what: str, value: float):
+            kept = f"the last good checkpoint is kept (step {self._saved_step()})" if (self.dir / STATE).exists() \
+                else "no checkpoint had been written yet"
+            raise Diverged(f"training diverged at step {step}: {what} is {value:.4g}; {kept}. Lower --lr (now {t.lr:g}) "
+                           f"or use --dtype float32, then start again or --resume {self.dir}")
 
         bar = Progress(self.show_progress, progress_at(step, elapsed))
         start, start_elapsed = time.perf_counter(), elapsed
@@ -140,51 +178,71 @@ class Trainer:
                 lr = lr_at(step, progress_at(step, elapsed), t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = self.data["train"].sample(t.batch_size, data_rng)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, self.dtype):
-                    loss, metrics = objective.loss(model, (x, y))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # every process draws the same batch and takes its share: the result does not depend on the
+                # number of processes, and the data position is one generator's state
+                x, y = self.data["train"].sample(per_step, data_rng)
+                for micro in range(t.grad_accum):
+                    lo = (micro * world.size + world.rank) * t.batch_size
+                    xb = x[lo : lo + t.batch_size].to(device, non_blocking=True)
+                    yb = y[lo : lo + t.batch_size].to(device, non_blocking=True)
+                    last = micro == t.grad_accum - 1
+                    with net.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                        with autocast(device, self.dtype):
+                            loss, metrics = objective.loss(net, (xb, yb))
+                        scaler.scale(loss / t.grad_accum).backward()
+                    # summed on the device: reading the loss every step would wait for the GPU each time
+                    window_loss = window_loss + loss.detach() / t.grad_accum
+                    window_tokens += metrics["tokens"] * world.size
                 if t.grad_clip:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
                 step += 1
-                # summed on the device: reading the loss every step would wait for the GPU each time
-                window_loss, window_tokens, window_steps = window_loss + loss.detach(), window_tokens + metrics["tokens"], window_steps + 1
+                window_steps += 1
                 now = time.perf_counter()
                 elapsed = start_elapsed + now - start
+                if t.time and world.distributed:
+                    elapsed = world.broadcast(elapsed)  # one clock, or the processes would disagree on when to stop
                 finishing = progress_at(step, elapsed) >= 1.0
                 if step % LOG_EVERY and not finishing:
                     continue
-                record = {"step": step, "train_loss": window_loss.item() / window_steps, "lr": lr,
-                          "tokens_per_s": window_tokens / (now - window_start), "time": round(elapsed, 2)}
+                train_loss = world.mean(window_loss).item() / window_steps
+                if not math.isfinite(train_loss) or train_loss > explode:
+                    diverged("the training loss", train_loss)
+                speed = window_tokens / (now - window_start)
+                record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": speed,
+                          "mfu": speed * flops / peak, "time": round(elapsed, 2)}
                 if step % t.eval_every == 0 or finishing:
                     val = record["val_loss"] = self.validate()
+                    if not math.isfinite(val):
+                        diverged("the validation loss", val)
                     if val < best:
                         best = val
-                        save_weights(model, self.dir / WEIGHTS)
+                        if world.main:
+                            save_weights(model, self.dir / WEIGHTS)
                     checkpoint()
-                self.log(record)
-                bar.update(progress_at(step, elapsed), "val_loss" in record, step=step, loss=f"{record['train_loss']:.4f}",
-                           val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{record['tokens_per_s']:,.0f}"})
+                if world.main:
+                    self.metrics.log(record)
+                bar.update(progress_at(step, elapsed), "val_loss" in record, step=step, loss=f"{train_loss:.4f}",
+                           val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{speed:,.0f}"},
+                           mfu=f"{100 * record['mfu']:.0f}%")
                 window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         except KeyboardInterrupt:
             checkpoint()  # keep every finished step
-            print(f"\ninterrupted at step {step}; continue with: fournil train --resume {self.dir}", file=sys.stderr)
+            if world.main:
+                print(f"\ninterrupted at step {step}; continue with: fournil train --resume {self.dir}", file=sys.stderr)
             raise
         finally:
             bar.close()
+            self.metrics.close()
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Forget what a killed run logged after its last checkpoint: those steps run again."""
-        path = self.dir / METRICS
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+    def _saved_step(self) -> int:
+        return read_state_info(self.dir / STATE)["step"]
 
     def finish(self) -> Run:
-        metrics = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+        metrics = self.metrics.read()
         name = f"{self.config.model['family']} on {self.config.data.data}"
         plot_loss(metrics, self.dir / "loss.png", name)
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
@@ -203,11 +261,20 @@ def build_tokenizer(splits) -> CharTokenizer:
 
 
 def train(config: RunConfig | None = None, out: str | None = None, resume: str | None = None,
-          budget: dict | None = None, progress: bool = True, announce=print) -> Run:
+          budget: dict | None = None, progress: bool = True, announce=print) -> Run | None:
     """Train a model as ``config`` says (or continue the run ``resume``) and return the trained :class:`Run`.
 
-    ``budget`` (``{"steps": N}`` or ``{"time": seconds}``) overrides a resumed run's stopping point.
+    ``budget`` (``{"steps": N}`` or ``{"time": seconds}``) overrides a resumed run's stopping point. Under torchrun
+    every process calls this; rank 0 returns the run, the others ``None``.
     """
+    world = join()
+    try:
+        return _train(world, config, out, resume, budget, progress, announce if world.main else lambda *_: None)
+    finally:
+        leave(world)
+
+
+def _train(world: World, config, out, resume, budget, progress, announce) -> Run | None:
     if resume:
         run_dir = find_run(resume)
         config = read_config(run_dir)
@@ -221,22 +288,27 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
         config = config or RunConfig(model={"family": "gpt"})
         splits, fingerprints = load_splits(config.data)
         tokenizer = build_tokenizer(splits)
-        config = complete_config(config, splits, tokenizer)
+        config = complete_config(config, splits, tokenizer, world)
         config.fingerprints = fingerprints
         run_dir = new_run_dir(config, out)
-    trainer = Trainer(run_dir, config, splits, tokenizer, progress)
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG, to_dict(config))
-        tokenizer.save(run_dir / TOKENIZER)
+        world.barrier()  # every process has its name for the run before rank 0 creates it
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / CONFIG, to_dict(config))
+            tokenizer.save(run_dir / TOKENIZER)
+    trainer = Trainer(run_dir, config, splits, tokenizer, progress, world)
     model, t = trainer.model, config.train
     what = f"{model.family}; {splits.mode} data {config.data.data}; vocabulary {tokenizer.vocab_size}, " \
            f"context {config.model['block_size']}; {trainer.device.type} {str(trainer.dtype).removeprefix('torch.')}"
+    if world.distributed:
+        what += f" in {world.size} processes"
     if model.counts_only:
         trainer.count()
         announce(f"{what}; counted {model.num_params():,} parameters -> {run_dir}")
     else:
         budget_text = " and ".join(x for x in (t.steps and f"{t.steps:,} steps", t.time and f"{t.time:g} s") if x)
-        announce(f"{what}; {model.num_params():,} parameters; {budget_text}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
+        batch = f"batch {t.batch_size}" + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else "") + \
+            (f" x {world.size} processes" if world.distributed else "")
+        announce(f"{what}; {model.num_params():,} parameters; {budget_text}, {batch}, lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
-    return trainer.finish()
+    return trainer.finish() if world.main else None
