@@ -39,7 +39,7 @@ RECIPES = {
                  "dtype": "float32"}),
     # 4 x 128 x 344 x 3 SwiGLU weights = 4 x 128 x 512 x 2 GELU-MLP weights, to within 0.2 %
     "fournil": ({"family": "llama", **SIZE, "n_kv_head": 4, "intermediate_size": 344},
-                {"steps": 700, "batch_size": 12, "lr": 3e-3, "warmup": 50, "min_lr_ratio": 0.0, "beta2": 0.99,
+                {"steps": 800, "batch_size": 12, "lr": 3e-3, "warmup": 50, "min_lr_ratio": 0.0, "beta2": 0.99,
                  "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 250, "eval_tokens": 20 * 12 * 64}),
 }
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fournil.errors import FournilError
@@ -43,9 +43,17 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """The tensors and metadata of a safetensors file, or a clear error if it is damaged."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise FournilError(f"{path} is damaged or not a safetensors file ({e}); restore it, or train again") from None
+
+
 def load_weights(model, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, _ = read_safetensors(path)
     load_tensors(model, tensors, str(path))
 
 
@@ -89,11 +97,17 @@ def read_state_info(path: Path) -> dict:
         return json.loads(f.metadata()["fournil"])["info"]
 
 
+def _state_meta(path: Path, metadata: dict) -> dict:
+    try:
+        return json.loads(metadata["fournil"])
+    except (KeyError, json.JSONDecodeError):
+        raise FournilError(f"{path} is not a fournil training state; start a new run instead of --resume") from None
+
+
 def load_state(path: Path, model, optimizer, data_rng: torch.Generator) -> dict:
     """Restore what ``save_state`` wrote; returns its ``info``."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["fournil"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_safetensors(path)
+    meta = _state_meta(path, metadata)
     device = model.device
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
     state = {}

@@ -56,6 +56,8 @@ def add_train(sub) -> None:
     p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
     p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
                    help="lines: one document per line; text: running text (default: inferred)")
+    p.add_argument("--tokenizer", default="char",
+                   help="char (default), bpe:N (a byte-level BPE of N tokens trained on the train split), or a tokenizer.json")
     p.add_argument("--split", type=parse_split, default=(0.9, 0.05, 0.05), help="train,val,test fractions")
     p.add_argument("--split-seed", type=int, default=1337, help="seed of the split's document shuffle")
     p.add_argument("--train", dest="train_file", help="explicit training file (with --val and --test)")
@@ -133,6 +135,26 @@ def add_model_commands(sub) -> None:
     p.add_argument("model", help=model_help)
 
 
+def add_tokenizer_commands(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="learn a byte-level BPE vocabulary (GPT-4 style) from the train split")
+    t.add_argument("--data", default="shakespeare", help=f"a bundled dataset ({', '.join(BUNDLED)}) or a UTF-8 text file")
+    t.add_argument("--mode", default="auto", choices=["auto", "lines", "text"])
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--out", help="folder for tokenizer.json (default: tokenizers/DATA-bpeN)")
+
+    p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards")
+    p.add_argument("--data", required=True, help="a UTF-8 text file, or a folder of .txt files (read recursively)")
+    p.add_argument("--tokenizer", default="bpe:4096", help="bpe:N (learned from the corpus first), char, or a tokenizer.json")
+    p.add_argument("--out", required=True, help="folder for the shards; train on it with `fournil train --data OUT`")
+
+    p = sub.add_parser("tokenize", help="show where a tokenizer cuts a text, and how much it compresses it")
+    p.add_argument("text")
+    p.add_argument("--tokenizer", help="a tokenizer.json, or a folder with one (a run, a Hugging Face model, "
+                   "`fournil tokenizer train` output); default: a 1,024-token BPE trained on shakespeare now")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fournil", allow_abbrev=False,
                                 description="Build, train, measure and sample language models, from a bigram up.")
@@ -140,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_run_commands(sub)
     add_model_commands(sub)
+    add_tokenizer_commands(sub)
     return p
 
 
@@ -163,7 +186,8 @@ def run_train(args) -> None:
         model[name] = coerce(cfg_cls, name, value)
     config = RunConfig(
         model=model,
-        data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file),
+        data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
+                        tokenizer=args.tokenizer),
         train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                           lr=args.lr, eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
                           compile=args.compile, tensorboard=args.tensorboard),
@@ -300,8 +324,85 @@ def run_info(args) -> None:
         print(f"{key + ':':<16}{value}")
 
 
+def run_tokenizer(args) -> None:
+    from pathlib import Path
+
+    from fournil.data import load_splits
+    from fournil.tokenizers.bpe import train_bpe
+    from fournil.tokenizers.compression import compression
+
+    splits, _ = load_splits(DataConfig(args.data, args.mode))
+    texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
+    tokenizer = train_bpe(texts(splits.train), args.vocab_size, progress=sys.stderr.isatty())
+    name = args.data if args.data in BUNDLED else Path(args.data).stem
+    out = Path(args.out or f"tokenizers/{name}-bpe{args.vocab_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    val = compression(tokenizer, texts(splits.val))
+    print(f"{tokenizer.vocab_size:,} tokens -> {out}/tokenizer.json")
+    print(f"val split: {val['bytes']:,} bytes, {val['chars']:,} characters, {val['tokens']:,} tokens: "
+          f"{val['bytes_per_token']:.2f} bytes per token, {val['chars'] / val['tokens']:.2f} characters per token")
+    print(f"next: fournil tokenize TEXT --tokenizer {out}  |  fournil train --data {args.data} --tokenizer {out}")
+
+
+def run_prepare(args) -> None:
+    from pathlib import Path
+
+    from fournil.data.shards import META, TOKENIZER, prepare, source_texts
+    from fournil.tokenizers import CharTokenizer, load_tokenizer
+    from fournil.tokenizers.bpe import train_bpe
+    from fournil.tokenizers.char import BOUNDARY
+
+    out, spec = Path(args.out), args.tokenizer
+    if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
+        tokenizer = load_tokenizer(out / TOKENIZER)
+    elif spec.startswith("bpe:"):
+        size = spec.removeprefix("bpe:")
+        if not size.isdigit():
+            raise FournilError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096")
+        print(f"learning a {int(size):,}-token byte-level BPE from {args.data}", file=sys.stderr)
+        tokenizer = train_bpe(source_texts(args.data), int(size), progress=sys.stderr.isatty())
+    elif spec == "char":
+        chars = set().union(*map(set, source_texts(args.data)))
+        tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])
+    else:
+        path = Path(spec)
+        tokenizer = load_tokenizer(path / TOKENIZER if path.is_dir() else path)
+    meta = prepare(args.data, tokenizer, out, progress=sys.stderr.isatty())
+    counts = {name: sum(s["tokens"] for s in shards) for name, shards in meta["shards"].items()}
+    print(f"{out}: " + ", ".join(f"{name} {n:,} tokens" for name, n in counts.items())
+          + f" ({meta['dtype']}, vocabulary {tokenizer.vocab_size:,})")
+    print(f"next: fournil train --data {out}")
+
+
+def run_tokenize(args) -> None:
+    from pathlib import Path
+
+    from fournil.data.sources import read_text
+    from fournil.tokenizers import load_tokenizer
+    from fournil.tokenizers.bpe import train_bpe
+    from fournil.tokenizers.compression import compression, pieces
+
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+        tokenizer = load_tokenizer(path / "tokenizer.json" if path.is_dir() else path)
+    else:
+        print("(a 1,024-token byte-level BPE trained on shakespeare; --tokenizer to use another)", file=sys.stderr)
+        tokenizer = train_bpe([read_text("shakespeare")], 1024)
+    cut = pieces(tokenizer, args.text)
+    if sys.stdout.isatty():  # alternate background colours, as tokenizer pages show tokens
+        colours = ["\x1b[30;46m", "\x1b[30;43m", "\x1b[30;42m", "\x1b[30;45m"]
+        print("".join(f"{colours[n % 4]}{text}\x1b[0m" for n, (_, text) in enumerate(cut)))
+    else:
+        print("|".join(text for _, text in cut))
+    print("ids:", " ".join(str(i) for i, _ in cut))
+    c = compression(tokenizer, [args.text])
+    print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes per token")
+
+
 COMMANDS = {"train": run_train, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
-            "chat": run_chat, "convert": run_convert, "info": run_info}
+            "chat": run_chat, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
+            "tokenize": run_tokenize, "prepare": run_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

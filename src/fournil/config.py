@@ -14,12 +14,13 @@ from fournil.errors import FournilError
 @dataclass
 class DataConfig:
     data: str = "prenoms"  # a bundled dataset name or a path to a UTF-8 text file
-    mode: str = "auto"  # auto, lines or text
+    mode: str = "auto"  # auto, lines or text (a run's config holds the mode the data was read in)
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
     seed: int = 1337  # seeds the document shuffle of the split
     train: str | None = None  # explicit split files instead of splitting `data`
     val: str | None = None
     test: str | None = None
+    tokenizer: str = "char"  # char, bpe:N (byte-level BPE of N tokens trained on the train split), or a tokenizer.json
 
     def __post_init__(self):
         self.split = tuple(self.split)  # JSON gives a list back

@@ -89,6 +89,8 @@ class Run:
 
     @property
     def mode(self) -> str:
+        if self.config.data is not None and self.config.data.mode != "auto":
+            return self.config.data.mode
         return "lines" if self.tokenizer.boundary_id is not None else "text"
 
     def splits(self):

@@ -11,14 +11,22 @@ from fournil.errors import FournilError
 IGNORE = -1
 
 
+def frame_ids(tokenizer) -> tuple[int, int]:
+    """The tokens a document starts and ends with: BOS and EOS (both the boundary in a character vocabulary)."""
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise FournilError("lines data needs a tokenizer with BOS and EOS tokens to mark where each document starts "
+                           "and ends; this one lacks them: use --mode text, or another tokenizer")
+    return tokenizer.bos_id, tokenizer.eos_id
+
+
 class LineData:
     """Documents framed by the boundary token, ``[b, c1, ..., cn, b]``, padded to the longest in each batch."""
 
     def __init__(self, docs: list[str], tokenizer, split: str):
-        b = tokenizer.boundary_id
+        start, end = frame_ids(tokenizer)
         self.split = split
-        self.seqs = [torch.tensor([b, *tokenizer.encode(d, strict=False), b]) for d in docs]
-        self.pad = b
+        self.seqs = [torch.tensor([start, *tokenizer.encode(d, strict=False), end]) for d in docs]
+        self.pad = end
         self.num_targets = sum(len(s) - 1 for s in self.seqs)
 
     @property
@@ -61,7 +69,8 @@ class TextData:
 
     def __init__(self, text: str, tokenizer, split: str, block_size: int):
         self.split = split
-        self.stream = torch.tensor(tokenizer.encode(text, strict=False), dtype=torch.long)
+        bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []  # a model that expects BOS first gets it
+        self.stream = torch.tensor(bos + tokenizer.encode(text, strict=False), dtype=torch.long)
         self.block_size = block_size
         self.num_targets = len(self.stream) - 1
         if len(self.stream) < 2:
@@ -99,11 +108,45 @@ class TextData:
             yield x, y
 
 
+class ShardData(TextData):
+    """Token ids already on disk (``fournil prepare``): the same windows as running text, read from memory maps."""
+
+    def __init__(self, shards, split: str, block_size: int):
+        self.split, self.shards, self.block_size = split, shards, block_size
+        self.stream = shards  # only its length is read in check_fits
+        self.num_targets = len(shards) - 1
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        t = self.block_size
+        starts = torch.randint(len(self.shards) - t, (batch_size,), generator=generator).tolist()
+        rows = torch.stack([self.shards.window(s, t + 1) for s in starts])
+        return rows[:, :-1], rows[:, 1:]
+
+    def batches(self, batch_size: int, max_tokens: int | None = None):
+        t, n = self.block_size, min(self.num_targets, max_tokens or self.num_targets)
+        starts = list(range(0, n, t))
+        for i in range(0, len(starts), batch_size):
+            rows = [self.shards.window(s, min(t, n - s) + 1) for s in starts[i : i + batch_size]]
+            width = max(len(r) for r in rows) - 1
+            x = torch.zeros((len(rows), width), dtype=torch.long)
+            y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+            for row, r in enumerate(rows):
+                x[row, : len(r) - 1], y[row, : len(r) - 1] = r[:-1], r[1:]
+            yield x, y
+
+
 def make_data(splits, tokenizer, block_size: int) -> dict:
     """Token data for each split, checked against the model's context length."""
+    from fournil.data.shards import Shards
+
     data = {}
     for name, part in splits.items():
-        d = LineData(part, tokenizer, name) if splits.mode == "lines" else TextData(part, tokenizer, name, block_size)
+        if isinstance(part, Shards):
+            d = ShardData(part, name, block_size)
+        elif splits.mode == "lines":
+            d = LineData(part, tokenizer, name)
+        else:
+            d = TextData(part, tokenizer, name, block_size)
         d.check_fits(block_size)
         data[name] = d
     return data

@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 
 from fournil.config import DataConfig
+from fournil.data.shards import is_prepared, open_shards
 from fournil.data.sources import fingerprint, read_text
 from fournil.errors import FournilError
 
@@ -26,7 +27,7 @@ def infer_mode(text: str) -> str:
 
 @dataclass
 class Splits:
-    """The three splits: lists of documents in ``lines`` mode, strings in ``text`` mode."""
+    """The three splits: lists of documents in ``lines`` mode, strings (or token shards) in ``text`` mode."""
 
     mode: str
     train: list[str] | str
@@ -58,6 +59,9 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
                 raise FournilError(f"the --{name} file has no {'documents' if mode == 'lines' else 'text'}")
         return Splits(mode, parts["train"], parts["val"], parts["test"]), {k: fingerprint(t) for k, t in texts.items()}
 
+    if is_prepared(cfg.data):  # token shards from `fournil prepare`: running text, already split and tokenized
+        parts, fp = open_shards(cfg.data)
+        return Splits("text", parts["train"], parts["val"], parts["test"]), {"data": fp}
     text = read_text(cfg.data)
     mode = cfg.mode if cfg.mode != "auto" else infer_mode(text)
     fractions = cfg.split

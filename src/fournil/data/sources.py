@@ -21,7 +21,8 @@ def resolve(spec: str) -> Path:
         return Path(str(resources.files("fournil.data") / "files" / BUNDLED[spec]))
     path = Path(spec).expanduser()
     if path.is_dir():
-        raise FournilError(f"{spec} is a folder: give a UTF-8 text file (or a bundled dataset: {', '.join(BUNDLED)})")
+        raise FournilError(f"{spec} is a folder: give a UTF-8 text file (or a bundled dataset: {', '.join(BUNDLED)}), "
+                           f"or tokenize the folder first with `fournil prepare --data {spec}`")
     if not path.exists():
         raise FournilError(
             f"no dataset or file named {spec!r}: use a bundled dataset ({', '.join(BUNDLED)}) or the path to a UTF-8 text file"

@@ -15,13 +15,15 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     """Score every target token of ``data`` (or about ``max_tokens`` of them).
 
     ``nll`` is in nats per token; ``bpc`` and ``bpb`` divide the same total, in bits, by the characters and the
-    UTF-8 bytes the scored tokens stand for (a document's end counts as one newline).
+    UTF-8 bytes the scored tokens stand for (a document's end counts as one newline). A byte-level token may hold
+    part of a character: characters are counted where they start.
     """
     was_training = model.training
     model.eval()
     device = model.device
-    chars = torch.tensor([len(tokenizer.token_text(i)) for i in range(tokenizer.vocab_size)])
-    nbytes = torch.tensor([len(tokenizer.token_text(i).encode("utf-8")) for i in range(tokenizer.vocab_size)])
+    pieces = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+    nbytes = torch.tensor([len(b) for b in pieces])
+    chars = torch.tensor([sum((c & 0xC0) != 0x80 for c in b) for b in pieces])  # UTF-8 bytes that start a character
     total, tokens, n_chars, n_bytes = 0.0, 0, 0, 0
     for x, y in data.batches(batch_size, max_tokens):
         with autocast(device, dtype):

@@ -36,6 +36,14 @@ class CharTokenizer:
     def boundary_id(self) -> int | None:
         return self.itos.index(BOUNDARY) if BOUNDARY in self.specials else None
 
+    @property
+    def bos_id(self) -> int | None:
+        return self.boundary_id  # a document starts and ends with the boundary
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.boundary_id
+
     def encode(self, text: str, strict: bool = True) -> list[int]:
         """Token ids; an unknown character is an error, or the unknown token when not ``strict`` and there is one."""
         if not strict and UNKNOWN in self.specials:
@@ -50,6 +58,9 @@ class CharTokenizer:
                 f"{shown} {'is' if len(unknown) == 1 else 'are'} not in the model's vocabulary "
                 f"(it knows {len(self.chars)} characters seen in training); remove or replace them"
             ) from None
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     @property
     def stop_ids(self) -> set[int]:
@@ -68,6 +79,9 @@ class CharTokenizer:
     def token_text(self, i: int) -> str:
         """What one token stands for in the text; the boundary stands for the end of a line."""
         return {BOUNDARY: "\n", UNKNOWN: "?"}.get(self.itos[i], self.itos[i])
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.token_text(i).encode("utf-8")
 
     def save(self, path: Path) -> None:
         data = {"type": "char", "specials": self.specials, "chars": self.chars}

@@ -14,6 +14,16 @@ from fournil.tokenizers.chat import render_chat
 CONFIG_NAME = "tokenizer_config.json"
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's map from the printable characters a byte-level vocabulary is written in back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(shifted)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
 class HFTokenizer:
     def __init__(self, tokenizer, bos: str | None = None, eos: str | None = None, add_bos: bool = False,
                  chat_template: str | None = None):
@@ -23,6 +33,7 @@ class HFTokenizer:
             if name is not None and tokenizer.token_to_id(name) is None:
                 raise FournilError(f"special token {name!r} is not in the tokenizer's vocabulary")
         self.specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        self.byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"  # GPT-2 style: tokens written as bytes
 
     @property
     def vocab_size(self) -> int:
@@ -56,11 +67,25 @@ class HFTokenizer:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once, in parallel on every core."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def token_text(self, i: int) -> str:
         return self.tok.decode([i], skip_special_tokens=False)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes a token stands for, to count bytes and characters: exact for byte-level vocabularies, whose
+        tokens may be parts of a character."""
+        piece = self.tok.id_to_token(i)
+        if piece in self.specials:  # the end of a document stands for a line end, as with characters
+            return b"\n" if piece == self.eos else b""
+        if self.byte_level and piece is not None and set(piece) <= _BYTE_LEVEL.keys():
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        return self.token_text(i).encode("utf-8")
 
     def prompt_ids(self, text: str) -> list[int]:
         """What generation starts from: BOS if the model expects it, then the text (EOS alone if both are empty)."""

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fournil.checkpoint import load_state, read_state_info, save_state, save_weights, write_json
 from fournil.config import RunConfig, to_dict
 from fournil.data import load_splits, make_data
+from fournil.data.shards import Shards, tokenizer_fingerprint
 from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, pick_device, pick_dtype
 from fournil.errors import FournilError
@@ -27,6 +28,7 @@ from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family,
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
+from fournil.tokenizers.bpe import train_bpe
 from fournil.train.distributed import World, join, leave
 from fournil.train.metrics import MetricsLog
 from fournil.train.objectives import NextTokenPrediction
@@ -80,7 +82,8 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         lr=t.lr or lr,
         steps=t.steps if (t.steps or t.time) else steps,
     )
-    return dataclasses.replace(config, model=settings, train=train)
+    data = dataclasses.replace(config.data, mode=splits.mode)
+    return dataclasses.replace(config, model=settings, data=data, train=train)
 
 
 def lr_at(step: int, progress: float, t) -> float:
@@ -152,7 +155,7 @@ class Trainer:
             net = torch.compile(net)
         per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
         flops = model.flops_per_token(self.config.model["block_size"])
-        peak = matmul_rate(device, self.dtype, 4096 if device.type == "cuda" else 256) * world.size
+        peak = matmul_rate(device, self.dtype, 4096 if device.type == "cuda" else 512) * world.size
         explode = 3 * math.log(self.tokenizer.vocab_size)  # three times the loss of a uniform guess
 
         def progress_at(step, elapsed):
@@ -166,8 +169,8 @@ class Trainer:
         def diverged(what: str, value: float):
             kept = f"the last good checkpoint is kept (step {self._saved_step()})" if (self.dir / STATE).exists() \
                 else "no checkpoint had been written yet"
-            raise Diverged(f"training diverged at step {step}: {what} is {value:.4g}; {kept}. Lower --lr (now {t.lr:g}) "
-                           f"or use --dtype float32, then start again or --resume {self.dir}")
+            raise Diverged(f"training diverged at step {step}: {what} is {value:.4g}; {kept}. Train again with a lower "
+                           f"--lr (this run used {t.lr:g}){', or --dtype float32' if self.dtype != torch.float32 else ''}")
 
         bar = Progress(self.show_progress, progress_at(step, elapsed))
         start, start_elapsed = time.perf_counter(), elapsed
@@ -252,12 +255,32 @@ class Trainer:
         return run
 
 
-def build_tokenizer(splits) -> CharTokenizer:
-    """Characters of the training split; an unknown token too if val or test hold characters it lacks."""
+def build_tokenizer(splits, spec: str = "char", progress: bool = True):
+    """The run's tokenizer: characters of the training split (with an unknown token if val or test hold characters
+    it lacks), a byte-level BPE trained on the training split (``bpe:N``), or a saved one (a path)."""
     as_texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
-    seen = set().union(*map(set, as_texts(splits.train)))
-    unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
-    return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode == "lines", unknown=unseen)
+    if isinstance(splits.train, Shards):  # prepared shards carry the tokenizer that made them
+        made_with = splits.train.folder / TOKENIZER
+        given = Path(spec) / TOKENIZER if Path(spec).is_dir() else Path(spec)
+        if spec != "char" and not (given.is_file() and tokenizer_fingerprint(given) == tokenizer_fingerprint(made_with)):
+            raise FournilError(f"the shards in {splits.train.folder} were made with another tokenizer than {spec}: "
+                               f"leave out --tokenizer to use theirs, or prepare the corpus again with this one")
+        return load_tokenizer(made_with)
+    if spec == "char":
+        seen = set().union(*map(set, as_texts(splits.train)))
+        unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
+        return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode == "lines", unknown=unseen)
+    if spec.startswith("bpe:"):
+        try:
+            size = int(spec[4:])
+        except ValueError:
+            raise FournilError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:1024") from None
+        return train_bpe(as_texts(splits.train), size, progress)
+    path = Path(spec)
+    path = path / TOKENIZER if path.is_dir() else path
+    if not path.is_file():
+        raise FournilError(f"--tokenizer {spec}: no such file; give char, bpe:N or a tokenizer.json (or its folder)")
+    return load_tokenizer(path)
 
 
 def train(config: RunConfig | None = None, out: str | None = None, resume: str | None = None,
@@ -287,7 +310,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
     else:
         config = config or RunConfig(model={"family": "gpt"})
         splits, fingerprints = load_splits(config.data)
-        tokenizer = build_tokenizer(splits)
+        tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         config = complete_config(config, splits, tokenizer, world)
         config.fingerprints = fingerprints
         run_dir = new_run_dir(config, out)

@@ -1,0 +1,200 @@
+"""Corpora larger than memory: text tokenized once into binary shards of token ids, then read through np.memmap.
+
+``fournil prepare --data FOLDER_OR_FILE --tokenizer T --out DIR`` reads the text in chunks of up to a megabyte (cut at
+line ends), sends chunk 18 of every 20 to val and chunk 19 to test (a 90/5/5 split), tokenizes batches of chunks in
+parallel (the Rust tokenizer uses every core), and appends the ids to ``DIR/{split}_NNNNN.bin`` (uint16 when the
+vocabulary fits, else uint32). ``DIR/meta.json`` records the shards and how far the input has been read, rewritten
+atomically after each batch: an interrupted ``prepare`` continues where it stopped, and training reads the shards
+without tokenizing anything again. A training run on ``--data DIR`` checks that its tokenizer is the shards' one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fournil.checkpoint import write_json
+from fournil.errors import FournilError
+
+META, TOKENIZER = "meta.json", "tokenizer.json"
+CHUNK_BYTES = 1 << 20  # at most; smaller for small corpora, so that val and test get some 200 chunks' worth
+BATCH_CHUNKS = 16  # chunks tokenized together, then written, then recorded
+SHARD_TOKENS = 50_000_000
+SPLIT_OF_CHUNK = ("val", "test")  # chunk i goes to val if i % 20 == 18, test if 19, else train
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path).expanduser() / META).is_file()
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def input_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".text"))
+    if not files:
+        raise FournilError(f"{source} holds no .txt files to prepare")
+    return files
+
+
+def chunk_size(total_bytes: int) -> int:
+    return max(4096, min(CHUNK_BYTES, total_bytes // 200))
+
+
+def file_pieces(path: Path, size: int):
+    """The bytes of one file in pieces of about ``size``, each cut after a line end where there is one."""
+    with open(path, "rb") as f:
+        pending = b""
+        while block := f.read(size):
+            data = pending + block
+            cut = data.rfind(b"\n") + 1 or len(data)  # no line end in a whole piece: cut anyway
+            piece, pending = data[:cut], data[cut:]
+            if piece:
+                yield piece
+        if pending:
+            yield pending
+
+
+def chunks(files: list[Path], start: int, size: int):
+    """(index, text, bytes, last of its file) for every chunk of the input from chunk ``start`` on."""
+    index = 0
+    for path in files:
+        pieces = file_pieces(path, size)
+        piece = next(pieces, None)
+        while piece is not None:
+            following = next(pieces, None)
+            if index >= start:
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise FournilError(f"{path} is not valid UTF-8 (bad byte near offset {e.start} of a chunk): "
+                                       f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+                yield index, text, len(piece), following is None
+            index += 1
+            piece = following
+
+
+def split_of(index: int) -> str:
+    return {18: "val", 19: "test"}.get(index % 20, "train")
+
+
+def source_texts(source: str):
+    """Every chunk of text of ``source``, for learning a vocabulary before tokenizing."""
+    files = input_files(Path(source).expanduser())
+    return (text for _, text, _, _ in chunks(files, 0, chunk_size(sum(p.stat().st_size for p in files))))
+
+
+def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
+    """Tokenize ``source`` (a file or a folder of .txt files) into shards under ``out``; continue if interrupted."""
+    source_path = Path(source).expanduser()
+    if not source_path.exists():
+        raise FournilError(f"no file or folder {source}")
+    files = input_files(source_path)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / META).exists():
+        meta = json.loads((out / META).read_text())
+        if meta["done"]:
+            return meta
+    else:
+        tokenizer.save(out / TOKENIZER)
+        fp = tokenizer_fingerprint(out / TOKENIZER)
+        meta = {"tokenizer": fp, "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32", "chunks_done": 0,
+                "chunk_bytes": chunk_size(sum(p.stat().st_size for p in files)),
+                "bytes_done": 0, "done": False, "sources": [str(p) for p in files],
+                "shards": {"train": [], "val": [], "test": []}}
+    dtype = np.dtype(meta["dtype"])
+    boundary = tokenizer.eos_id  # ends each file: documents do not run into each other
+    total = sum(p.stat().st_size for p in files)
+    bar = tqdm(total=total, initial=meta["bytes_done"], unit="B", unit_scale=True, disable=not progress, desc="tokenizing")
+    batch = []
+
+    def flush():
+        texts = [text for _, text, _, _ in batch]
+        ids = tokenizer.encode_many(texts)
+        for (index, _, size, file_end), toks in zip(batch, ids):
+            toks = toks + [boundary] * (file_end and boundary is not None)
+            append(meta, out, split_of(index), np.asarray(toks, dtype=dtype))
+            meta["chunks_done"], meta["bytes_done"] = index + 1, meta["bytes_done"] + size
+            bar.update(size)
+        write_json(out / META, meta)  # the shards hold everything up to here
+        batch.clear()
+
+    for item in chunks(files, meta["chunks_done"], meta["chunk_bytes"]):
+        batch.append(item)
+        if len(batch) == BATCH_CHUNKS:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    if not meta["shards"]["val"] or not meta["shards"]["test"]:
+        raise FournilError(f"{source} is too small to shard: val and test each take one chunk in 20; "
+                           f"train on it directly with --data FILE")
+    meta["done"] = True
+    write_json(out / META, meta)
+    return meta
+
+
+def append(meta: dict, out: Path, split: str, ids: np.ndarray) -> None:
+    """Add ``ids`` to the split's last shard, or start a new one when it is full. Bytes past what meta.json records
+    (from a run killed mid-write) are cut off first."""
+    shards = meta["shards"][split]
+    if not shards or shards[-1]["tokens"] >= SHARD_TOKENS:
+        shards.append({"file": f"{split}_{len(shards):05d}.bin", "tokens": 0})
+    shard = shards[-1]
+    path = out / shard["file"]
+    with open(path, "ab") as f:
+        f.truncate(shard["tokens"] * ids.itemsize)
+        f.write(ids.tobytes())
+    shard["tokens"] += len(ids)
+
+
+@dataclass
+class Shards:
+    """The shards of one split, as one long stream of token ids read lazily."""
+
+    folder: Path
+    files: list[str]
+    lengths: list[int]
+    dtype: str
+
+    def __post_init__(self):
+        self.maps = [np.memmap(self.folder / f, dtype=self.dtype, mode="r", shape=(n,)) for f, n in zip(self.files, self.lengths)]
+        self.ends = np.cumsum(self.lengths)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def window(self, start: int, length: int) -> torch.Tensor:
+        """``length`` ids from position ``start`` of the stream, across shard ends if need be."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        while filled < length:
+            s = int(np.searchsorted(self.ends, start, side="right"))
+            offset = start - (int(self.ends[s - 1]) if s else 0)
+            take = min(length - filled, self.lengths[s] - offset)
+            out[filled : filled + take] = self.maps[s][offset : offset + take]
+            filled, start = filled + take, start + take
+        return torch.from_numpy(out)
+
+
+def open_shards(folder: str | Path) -> tuple[dict, str]:
+    """The three splits of a prepared folder, and its fingerprint (which changes if the shards do)."""
+    folder = Path(folder).expanduser()
+    meta = json.loads((folder / META).read_text())
+    if not meta.get("done"):
+        raise FournilError(f"{folder} is only partly prepared: run `fournil prepare` again to finish it")
+    splits = {name: Shards(folder, [s["file"] for s in shards], [s["tokens"] for s in shards], meta["dtype"])
+              for name, shards in meta["shards"].items()}
+    for name, shards in splits.items():
+        for f, n in zip(shards.files, shards.lengths):
+            if (folder / f).stat().st_size < n * np.dtype(meta["dtype"]).itemsize:
+                raise FournilError(f"{folder / f} is shorter than meta.json says: the shards are damaged; prepare again")
+    return splits, meta["tokenizer"] + f"-{sum(len(s) for s in splits.values())}"

@@ -1,0 +1,25 @@
+"""How much a tokenizer compresses text, and where it cuts it: what a tokenizer page shows."""
+from __future__ import annotations
+
+
+def compression(tokenizer, texts) -> dict:
+    """Characters, UTF-8 bytes and tokens of ``texts``, and bytes per token (higher: fewer, longer tokens)."""
+    chars = nbytes = tokens = 0
+    for text in texts:
+        chars += len(text)
+        nbytes += len(text.encode("utf-8"))
+        tokens += len(tokenizer.encode(text, strict=False))
+    return {"chars": chars, "bytes": nbytes, "tokens": tokens, "bytes_per_token": nbytes / max(tokens, 1)}
+
+
+def pieces(tokenizer, text: str) -> list[tuple[int, str]]:
+    """Each token of ``text`` with what it stands for; a token holding part of a character shows its bytes."""
+    out = []
+    for i in tokenizer.encode(text):
+        raw = tokenizer.token_bytes(i)
+        try:
+            shown = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            shown = "".join(f"<{b:02X}>" for b in raw)
+        out.append((i, shown or tokenizer.token_text(i)))
+    return out

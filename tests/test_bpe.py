@@ -1,0 +1,63 @@
+"""Byte-level BPE: trained on a corpus, loaded by transformers as it is, used to train and score a model."""
+import json
+import math
+
+import pytest
+
+from fournil.runs import Run
+
+FRENCH = "Élise et Zoé mangent des crêpes à Noël 🙂, 1234567 fois !"
+
+
+def test_tokenizer_train_reports_compression_and_transformers_agrees(cli, tmp_path):
+    out = cli("tokenizer", "train", "--data", "prenoms", "--vocab-size", "400", "--out", "tok").stdout
+    assert "400 tokens -> tok/tokenizer.json" in out
+    bytes_per_token = float(out.split("tokens: ")[1].split(" bytes per token")[0])
+    assert 1.5 < bytes_per_token < 8  # merges made tokens longer than one byte
+
+    from fournil.tokenizers import load_tokenizer
+    ours = load_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    assert ours.decode(ours.encode(FRENCH)) == FRENCH  # every byte is in the vocabulary: no unknown token
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert theirs(FRENCH)["input_ids"] == ours.prompt_ids(FRENCH)  # <|endoftext|> first, then the same tokens
+    assert theirs.decode(ours.encode(FRENCH)) == FRENCH
+    chat = [{"role": "user", "content": "Bonjour"}]
+    rendered = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert theirs(rendered, add_special_tokens=False)["input_ids"] == ours.chat_ids(chat)
+
+
+def test_tokenize_shows_the_cuts_and_counts(cli, tmp_path):
+    cli("tokenizer", "train", "--data", "shakespeare", "--vocab-size", "300", "--out", "tok")
+    out = cli("tokenize", "the king🙂", "--tokenizer", "tok").stdout.splitlines()
+    cuts = out[0].split("|")
+    assert "".join(cuts).replace("<F0><9F><99><82>", "🙂") == "the king🙂"
+    assert any(c.startswith("<") for c in cuts)  # the emoji is cut into bytes no merge covers
+    ids = out[1].removeprefix("ids: ").split()
+    assert len(ids) == len(cuts)
+    assert out[2] == f"9 characters, 12 bytes, {len(ids)} tokens: {12 / len(ids):.2f} bytes per token"
+
+
+def test_bad_vocabulary_sizes_are_explained(cli):
+    too_big = cli("tokenizer", "train", "--data", "names", "--vocab-size", "100000", check=False)
+    assert too_big.returncode == 2 and "supports at most" in too_big.stderr and "Traceback" not in too_big.stderr
+    too_small = cli("tokenizer", "train", "--data", "names", "--vocab-size", "100", check=False)
+    assert too_small.returncode == 2 and "at least 259" in too_small.stderr
+
+
+def test_a_model_trained_on_bpe_tokens_scores_the_same_bytes(cli, tmp_path):
+    common = ["train", "--data", "prenoms", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--steps", "20",
+              "--eval-every", "10", "--quiet"]
+    cli(*common, "--out", "chars")
+    cli(*common, "--tokenizer", "bpe:300", "--out", "bpe")
+    config = json.loads((tmp_path / "bpe" / "config.json").read_text())
+    assert config["data"]["mode"] == "lines" and config["model"]["vocab_size"] == 300
+    chars, bpe = Run.load(tmp_path / "chars"), Run.load(tmp_path / "bpe")
+    assert bpe.mode == "lines"
+    a, b = chars.evaluate(["val"])["val"], bpe.evaluate(["val"])["val"]
+    assert b["tokens"] < a["tokens"]  # fewer, longer tokens
+    scored_bytes = lambda r: r["nll"] * r["tokens"] / math.log(2) / r["bpb"]  # noqa: E731
+    assert scored_bytes(a) == pytest.approx(scored_bytes(b), rel=1e-9)  # the same text, counted in bytes alike
+    names = bpe.sample(5, seed=1)
+    assert len(names) == 5 and all("<|endoftext|>" not in n for n in names)  # stops at the end of a document
+    cli("eval", "bpe")

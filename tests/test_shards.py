@@ -1,0 +1,74 @@
+"""Corpora larger than memory: tokenized once into shards, continued after a kill, streamed into training."""
+import json
+import signal
+import time
+
+import numpy as np
+
+from fournil.data import read_text
+
+
+def write_corpus(folder, copies: int) -> str:
+    text = read_text("shakespeare")
+    folder.mkdir()
+    for i in range(copies):
+        (folder / f"part{i}.txt").write_text(text)
+    return text
+
+
+def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
+    text = write_corpus(tmp_path / "corpus", 2)
+    out = cli("prepare", "--data", "corpus", "--tokenizer", "char", "--out", "shards").stdout
+    assert "next: fournil train --data shards" in out
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    counts = {split: sum(s["tokens"] for s in shards) for split, shards in meta["shards"].items()}
+    assert meta["done"] and meta["dtype"] == "uint16"
+    assert sum(counts.values()) == 2 * len(text) + 2  # every character, and a boundary after each file
+    assert 0.04 < counts["val"] / sum(counts.values()) < 0.06 and 0.04 < counts["test"] / sum(counts.values()) < 0.06
+    ids = np.fromfile(tmp_path / "shards" / meta["shards"]["train"][0]["file"], dtype=np.uint16)
+    assert len(ids) == meta["shards"]["train"][0]["tokens"]
+
+
+def test_a_killed_prepare_continues_to_the_same_shards(cli, tmp_path):
+    write_corpus(tmp_path / "corpus", 8)
+    cli("tokenizer", "train", "--data", "shakespeare", "--vocab-size", "300", "--out", "tok")
+    cli("prepare", "--data", "corpus", "--tokenizer", "tok", "--out", "whole")
+
+    proc = cli.popen("prepare", "--data", "corpus", "--tokenizer", "tok", "--out", "killed")
+    meta_path = tmp_path / "killed" / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if meta_path.exists() and json.loads(meta_path.read_text())["chunks_done"] > 0:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    meta = json.loads(meta_path.read_text())
+    assert not meta["done"] and meta["chunks_done"] > 0, "the prepare should be killed mid-way"
+    cli("prepare", "--data", "corpus", "--tokenizer", "tok", "--out", "killed")
+    whole, killed = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("whole", "killed"))
+    assert whole["shards"] == killed["shards"]
+    for shards in whole["shards"].values():
+        for s in shards:
+            assert (tmp_path / "whole" / s["file"]).read_bytes() == (tmp_path / "killed" / s["file"]).read_bytes()
+
+
+def test_training_streams_shards_and_checks_their_tokenizer(cli, tmp_path):
+    write_corpus(tmp_path / "corpus", 1)
+    cli("tokenizer", "train", "--data", "shakespeare", "--vocab-size", "300", "--out", "tok")
+    cli("tokenizer", "train", "--data", "names", "--vocab-size", "300", "--out", "other")
+    cli("prepare", "--data", "corpus", "--tokenizer", "tok", "--out", "shards")
+    common = ["train", "--data", "shards", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--block-size", "32",
+              "--steps", "20", "--eval-every", "10", "--quiet"]
+    cli(*common, "--out", "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < records[0]["train_loss"] and "val_loss" in records[-1]
+    assert "val" in cli("eval", "run").stdout
+    assert cli("sample", "run", "-n", "1", "--max-new-tokens", "20", "--seed", "1").stdout.strip()
+
+    wrong = cli(*common, "--tokenizer", "other", "--out", "run2", check=False)
+    assert wrong.returncode == 2 and "made with another tokenizer" in wrong.stderr
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    (tmp_path / "shards" / "meta.json").write_text(json.dumps({**meta, "done": False}))
+    partial = cli(*common, "--out", "run3", check=False)
+    assert partial.returncode == 2 and "only partly prepared" in partial.stderr

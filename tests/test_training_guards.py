@@ -1,0 +1,28 @@
+"""Training that goes wrong stops with a clear message and loses nothing that was good."""
+import json
+import math
+
+ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--quiet"]
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(cli, tmp_path):
+    # the warmup raises the learning rate by 0.1 a step: sane for 10 steps, then the loss explodes
+    result = cli(*ARGS, "--lr", "20", "--steps", "100", "--eval-every", "10", "--out", "boom", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "training diverged at step" in result.stderr and "Traceback" not in result.stderr
+    assert "the last good checkpoint is kept (step 10)" in result.stderr and "lower --lr" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "boom" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10]  # nothing diverged was logged...
+    assert records[0]["train_loss"] < 3 * math.log(27)
+    cli("eval", "boom")  # ...and the weights kept are good ones
+
+
+def test_a_damaged_checkpoint_is_reported_not_unpickled(cli, tmp_path):
+    cli(*ARGS, "--steps", "20", "--eval-every", "10", "--out", "run")
+    state = tmp_path / "run" / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])
+    result = cli("train", "--resume", "run", "--steps", "40", "--quiet", check=False)
+    assert result.returncode == 2 and "is damaged" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = cli("eval", "run", check=False)
+    assert result.returncode == 2 and "model.safetensors is damaged" in result.stderr
