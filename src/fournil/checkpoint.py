@@ -69,10 +69,11 @@ def load_tensors(model, tensors: dict, source: str) -> None:
         raise FournilError(f"{source} does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def save_state(path: Path, model, optimizer, data_rng: torch.Generator, info: dict) -> None:
-    """Everything needed to continue training exactly where it stopped."""
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in unique_state(model).items()}
-    opt = optimizer.state_dict()
+def save_state(path: Path, model_state: dict, optimizer_state: dict, data_rng: torch.Generator, info: dict) -> None:
+    """Everything needed to continue training exactly where it stopped: the weights and the optimizer's state (as
+    their state dicts; optimizer state keyed by parameter number or name), random generators, ``info``."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model_state.items()}
+    opt = optimizer_state
     for pid, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"optim.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -104,18 +105,17 @@ def _state_meta(path: Path, metadata: dict) -> dict:
         raise FournilError(f"{path} is not a fournil training state; start a new run instead of --resume") from None
 
 
-def load_state(path: Path, model, optimizer, data_rng: torch.Generator) -> dict:
-    """Restore what ``save_state`` wrote; returns its ``info``."""
+def load_state(path: Path, data_rng: torch.Generator) -> tuple[dict, dict, dict]:
+    """Read what ``save_state`` wrote and restore the random generators; returns the model's and the optimizer's
+    state dicts (on the CPU) and ``info``."""
     tensors, metadata = read_safetensors(path)
     meta = _state_meta(path, metadata)
-    device = model.device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     state = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            pid, name = key[6:].rsplit(".", 1)  # a parameter's number, or its name (which has dots)
+            state.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = value
     torch.set_rng_state(tensors["rng.torch"])
     data_rng.set_state(tensors["rng.data"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
@@ -124,7 +124,7 @@ def load_state(path: Path, model, optimizer, data_rng: torch.Generator) -> dict:
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_state = meta["numpy_rng"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    return meta["info"]
+    return model_state, {"state": state, "param_groups": meta["param_groups"]}, meta["info"]
 
 
 def unique_state(model) -> dict:

@@ -73,6 +73,7 @@ def add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across processes (FSDP)")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard")
     p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
     p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
@@ -190,7 +191,7 @@ def run_train(args) -> None:
                         tokenizer=args.tokenizer),
         train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                           lr=args.lr, eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
-                          compile=args.compile, tensorboard=args.tensorboard),
+                          compile=args.compile, fsdp=args.fsdp, tensorboard=args.tensorboard),
     )
     run = train(config, out=args.out, progress=not args.quiet)
     report(run)

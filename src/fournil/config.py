@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False  # torch.compile the model (pays on GPUs; costs compile time first)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state across processes (FSDP)
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     samples: int = 20  # written to samples.txt at the end
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from fournil.checkpoint import unique_state
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,53 @@ class World:
             dist.all_reduce(value)
             value /= self.size
         return value
+
+
+def shard(model: nn.Module) -> None:
+    """FSDP: each block's weights, gradients and optimizer state are split across the processes and gathered only
+    while that block computes, so a model too big for one device trains on several."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList))  # the repeated layers
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Second names of shared weights (an output layer tied to the embeddings): saved once, under the first."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
+def full_state(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """The whole model's and optimizer's state dicts. With FSDP every process must call this: the shards are
+    gathered (to the CPU) from all of them."""
+    if not sharded:
+        return unique_state(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    tied = tied_names(model)
+    weights = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in tied}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: nn.Module, optimizer, weights: dict, optim: dict, sharded: bool) -> None:
+    """Put back what ``full_state`` returned (read from a checkpoint): every process keeps its own shard."""
+    if not sharded:
+        model.load_state_dict(weights, strict=False)  # a tied weight comes under one of its names
+        device = model.device
+        optim["state"] = {pid: {k: v if k == "step" else v.to(device) for k, v in st.items()}
+                          for pid, st in optim["state"].items()}
+        optimizer.load_state_dict(optim)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
 
 
 def join() -> World:

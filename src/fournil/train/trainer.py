@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fournil.checkpoint import load_state, read_state_info, save_state, save_weights, write_json
+from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
 from fournil.config import RunConfig, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.shards import Shards, tokenizer_fingerprint
@@ -29,7 +29,7 @@ from fournil.plots import plot_loss
 from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
 from fournil.tokenizers.bpe import train_bpe
-from fournil.train.distributed import World, join, leave
+from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
 from fournil.train.objectives import NextTokenPrediction
 from fournil.train.progress import Progress
@@ -118,13 +118,15 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(config.model).to(self.device)
         self.show_progress = progress and world.main
+        self.sharded = world.distributed and t.fsdp
         self.metrics = MetricsLog(run_dir, t.tensorboard and world.main)
 
     def validate(self) -> float:
-        """Rank 0 scores the val split; every rank gets the score, so all take the same decisions."""
+        """Rank 0 scores the val split; every rank gets the score, so all take the same decisions. (A sharded model
+        computes with all processes together: each scores the split.)"""
         t = self.config.train
         val = float("nan")
-        if self.world.main:
+        if self.world.main or self.sharded:
             val = evaluate_nll(self.model, self.data["val"], self.tokenizer, self.dtype, max_tokens=t.eval_tokens)["nll"]
         return self.world.broadcast(val)
 
@@ -139,18 +141,24 @@ class Trainer:
     def fit(self, resume: bool) -> None:
         t, world = self.config.train, self.world
         model, device = self.model, self.device
+        sharded = self.sharded
+        if sharded:
+            shard(model)
         optimizer = make_optimizer(model, t, device)
         scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)  # fp16 needs loss scaling
         data_rng = torch.Generator().manual_seed(t.seed)
         objective = NextTokenPrediction()
         step, elapsed, best = 0, 0.0, float("inf")
         if resume and (self.dir / STATE).exists():
-            info = load_state(self.dir / STATE, model, optimizer, data_rng)
+            weights, optim, info = load_state(self.dir / STATE, data_rng)
+            load_full_state(model, optimizer, weights, optim, sharded)
             step, elapsed, best = info["step"], info["elapsed"], info["best_val"]
             scaler.load_state_dict(info.get("scaler", {}))
         if world.main:
             self.metrics.truncate(step)
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+        net = model
+        if world.distributed and not sharded:
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if t.compile:
             net = torch.compile(net)
         per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
@@ -161,9 +169,12 @@ class Trainer:
         def progress_at(step, elapsed):
             return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
 
-        def checkpoint():
+        def checkpoint(improved: bool = False):
+            weights, optim = full_state(model, optimizer, sharded)  # under FSDP every process takes part
             if world.main:
-                save_state(self.dir / STATE, model, optimizer, data_rng,
+                if improved:
+                    save_tensors(weights, self.dir / WEIGHTS)
+                save_state(self.dir / STATE, weights, optim, data_rng,
                            {"step": step, "elapsed": elapsed, "best_val": best, "scaler": scaler.state_dict()})
 
         def diverged(what: str, value: float):
@@ -189,7 +200,9 @@ class Trainer:
                     xb = x[lo : lo + t.batch_size].to(device, non_blocking=True)
                     yb = y[lo : lo + t.batch_size].to(device, non_blocking=True)
                     last = micro == t.grad_accum - 1
-                    with net.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                    if sharded:
+                        model.set_requires_gradient_sync(last)
+                    with net.no_sync() if world.distributed and not last and not sharded else contextlib.nullcontext():
                         with autocast(device, self.dtype):
                             loss, metrics = objective.loss(net, (xb, yb))
                         scaler.scale(loss / t.grad_accum).backward()
@@ -221,11 +234,9 @@ class Trainer:
                     val = record["val_loss"] = self.validate()
                     if not math.isfinite(val):
                         diverged("the validation loss", val)
-                    if val < best:
-                        best = val
-                        if world.main:
-                            save_weights(model, self.dir / WEIGHTS)
-                    checkpoint()
+                    improved = val < best
+                    best = min(best, val)
+                    checkpoint(improved)
                 if world.main:
                     self.metrics.log(record)
                 bar.update(progress_at(step, elapsed), "val_loss" in record, step=step, loss=f"{train_loss:.4f}",
