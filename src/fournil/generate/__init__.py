@@ -1,4 +1,5 @@
-"""Producing text from a model."""
-from fournil.generate.sampling import sample_ids, stream_ids, stream_text
+"""Producing text from a model: one engine, one set of sampling controls."""
+from fournil.generate.engine import Completion, Piece, complete, generate_steps, score, stream
+from fournil.generate.sampling import SamplingParams
 
-__all__ = ["sample_ids", "stream_ids", "stream_text"]
+__all__ = ["Completion", "Piece", "SamplingParams", "complete", "generate_steps", "score", "stream"]

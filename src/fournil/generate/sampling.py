@@ -1,101 +1,80 @@
-"""The one sampling function: extend a batch of prompts token by token."""
+"""Sampling controls: how the next token is chosen from the model's logits."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from fournil.errors import FournilError
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Logits reshaped by temperature, then cut to the top-k tokens and to the smallest set holding top-p mass."""
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 picks the most likely token (greedy)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens holding this much probability
+    min_p: float | None = None  # keep tokens at least this fraction as likely as the most likely one
+    repetition_penalty: float = 1.0  # > 1 makes tokens of the prompt and the answer less likely (CTRL's rule)
+    frequency_penalty: float = 0.0  # subtracted from a logit once per time the token was generated (OpenAI's rule)
+    presence_penalty: float = 0.0  # subtracted once if the token was generated at all
+    seed: int | None = None  # the same seed, prompt and settings give the same text
+    stop: tuple[str, ...] = ()  # the text ends before the first of these strings
+    logprobs: int | None = None  # also report the log-probabilities of this many most likely alternatives
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise FournilError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise FournilError(f"--temperature must be 0 (greedy) or more (got {self.temperature})")
+        if self.top_k is not None and self.top_k < 1:
+            raise FournilError(f"--top-k must be at least 1 (got {self.top_k})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise FournilError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise FournilError(f"--min-p must be in [0, 1] (got {self.min_p})")
+        if self.repetition_penalty <= 0:
+            raise FournilError(f"--repetition-penalty must be positive, 1 for none (got {self.repetition_penalty})")
+        if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
+            raise FournilError("frequency and presence penalties must be between -2 and 2, as in the OpenAI API")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise FournilError(f"logprobs must be 0 or more (got {self.logprobs})")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None) -> torch.Tensor:
+    """Logits reshaped by temperature, then cut to the top-k tokens, to the smallest set holding top-p mass, and
+    to tokens at least min-p times as likely as the best."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p is not None:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
-def check_controls(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise FournilError(f"--temperature must be 0 (greedy) or more (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise FournilError(f"--top-k must be at least 1 (got {top_k})")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise FournilError(f"--top-p must be in (0, 1] (got {top_p})")
+def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Repetition penalty over tokens ``seen`` in prompt or answer; frequency and presence penalties over the
+    ``counts`` of tokens generated so far."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0:
+        scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    if p.frequency_penalty or p.presence_penalty:
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    return logits
 
 
-@torch.no_grad()
-def generate_steps(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
-    """The one sampling loop: yields the next token of every prompt (a tensor of shape (B,)) at each step.
-
-    Prompts must be of equal length. ``temperature=0`` picks the most likely token each time. The context is cropped
-    to the model's block size. The caller decides when to stop (it stops iterating).
-    """
-    check_controls(temperature, top_k, top_p)
-    was_training = model.training
-    model.eval()
-    device = model.device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    block = model.config.block_size
-    x = torch.tensor(prompts, dtype=torch.long, device=device)
-    try:
-        for _ in range(max_new_tokens):
-            logits = model(x[:, -block:])[:, -1, :]
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            yield nxt
-            x = torch.cat([x, nxt[:, None]], dim=1)
-    finally:
-        model.train(was_training)
-
-
-def sample_ids(model, prompt: list[int], num_samples: int, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, stop_ids: set[int] = frozenset(),
-               seed: int | None = None) -> list[list[int]]:
-    """``num_samples`` continuations of ``prompt`` (new tokens only), each ending before a stop token if one comes."""
-    rows = [[] for _ in range(num_samples)]
-    done = [False] * num_samples
-    for nxt in generate_steps(model, [prompt] * num_samples, max_new_tokens, temperature, top_k, top_p, seed):
-        for i, t in enumerate(nxt.tolist()):
-            done[i] = done[i] or t in stop_ids
-            if not done[i]:
-                rows[i].append(t)
-        if all(done):
-            break
-    return rows
-
-
-def stream_ids(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, stop_ids: set[int] = frozenset(), seed: int | None = None) -> Iterator[int]:
-    """One continuation of ``prompt``, token by token, ending before a stop token."""
-    for nxt in generate_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed):
-        token = int(nxt[0])
-        if token in stop_ids:
-            return
-        yield token
-
-
-def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces as tokens come; a character split across tokens waits for its last byte."""
-    done, text = [], ""
-    for token in ids:
-        done.append(token)
-        new = tokenizer.decode(done)
-        if not new.endswith("\ufffd") and len(new) > len(text):
-            yield new[len(text):]
-            text = new
+def choose(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """The next token of every row: the most likely at temperature 0, else drawn from the filtered distribution."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

