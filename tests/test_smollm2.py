@@ -93,3 +93,32 @@ def test_greedy_generation_matches_transformers_generate(ours, reference):
         assert c.finish_reason == ("stop" if stopped else "length")
     batched = complete(ours.model, ours.tokenizer, prompts, params)  # three lengths in one batch
     assert [c.tokens for c in batched] == [c.tokens for c in mine]
+
+
+def test_int8_weights_keep_perplexity_within_2_percent(ours):
+    import math
+
+    from fournil.data import read_text
+    from fournil.generate import score
+    from fournil.generate.quantize import weight_bytes
+
+    ids = ours.tokenizer.encode(read_text("shakespeare")[-20_000:])[:256]
+    ppl = lambda run: math.exp(-sum(score(run.model, ids, 1, run.dtype)) / (len(ids) - 1))  # noqa: E731
+    reference = ppl(ours)
+    int8 = Run.load("smollm2", "cpu").quantize("int8")
+    assert weight_bytes(int8.model) < 0.5 * weight_bytes(ours.model)
+    assert ppl(int8) / reference < 1.02
+    del int8
+    bf16 = Run.load("smollm2", "cpu").quantize("bfloat16")
+    assert ppl(bf16) / reference < 1.02
+
+
+def test_generate_on_the_command_line_with_int8_and_a_stop_string(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fournil", "generate", "smollm2", "One, two, three, four,",
+                          "--temperature", "0", "--max-new-tokens", "12", "--dtype", "int8", "--stop", " six"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("One, two, three, four, five") and "six" not in out.stdout
