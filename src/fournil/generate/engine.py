@@ -200,7 +200,7 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
 @dataclass
 class Piece:
     text: str  # the text this token adds (may be empty while a character or a possible stop string is pending)
-    token: int
+    token: int  # -1 for the held-back text released when the answer ends by length
     logprob: float
     top: dict[int, float] | None = None
 
