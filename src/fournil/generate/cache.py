@@ -8,6 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from fournil.errors import FournilError
+
+
+def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int):
+    """What a Transformer's forward needs to place ``idx``: each token's position, and the attention mask (``None``
+    for plain causal attention). Without a cache ``idx`` is a whole sequence; with one, it continues the cache."""
+    T = idx.shape[1]
+    end = T + (cache.length if cache else 0)
+    if end > block_size:
+        raise FournilError(f"input of {end} tokens is longer than the model's context of {block_size}")
+    if cache is None:
+        return torch.arange(T, device=idx.device)[None], None
+    return cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
+
 
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, size: int, head_dim: int, device, dtype,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.generate.cache import KVCache
+from fournil.generate.cache import KVCache, positions_and_mask
 from fournil.models.base import LanguageModel
 
 
@@ -117,18 +117,10 @@ class GPT(LanguageModel):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx``; with a ``cache``, ``idx`` continues what the cache holds (``valid`` marks padding)."""
-        T = idx.shape[1]
-        end = T + (cache.length if cache else 0)
-        if end > self.config.block_size:
-            raise FournilError(f"input of {end} tokens is longer than the model's context of {self.config.block_size}")
-        mask = None
-        if cache is None:
-            pos = torch.arange(T, device=idx.device)
-        else:
-            pos, mask = cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
+        pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.shape[1])
         return self.lm_head(self.transformer.ln_f(x))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.generate.cache import KVCache
+from fournil.generate.cache import KVCache, positions_and_mask
 from fournil.models.base import LanguageModel
 
 
@@ -175,15 +175,7 @@ class Llama(LanguageModel):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx``; with a ``cache``, ``idx`` continues what the cache holds (``valid`` marks padding)."""
-        T = idx.shape[1]
-        end = T + (cache.length if cache else 0)
-        if end > self.config.block_size:
-            raise FournilError(f"input of {end} tokens is longer than the model's context of {self.config.block_size}")
-        mask = None
-        if cache is None:
-            positions = torch.arange(T, device=idx.device)[None]
-        else:
-            positions, mask = cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
+        positions, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         angles = positions[..., None].float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1 for every head, T, head_dim)
         x = self.model.embed_tokens(idx)
@@ -191,5 +183,5 @@ class Llama(LanguageModel):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.shape[1])
         return self.lm_head(self.model.norm(x))
