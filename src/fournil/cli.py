@@ -369,24 +369,20 @@ def run_prepare(args) -> None:
 
     from fournil.data.shards import META, TOKENIZER, prepare, source_texts
     from fournil.tokenizers import CharTokenizer, load_tokenizer
-    from fournil.tokenizers.bpe import train_bpe
+    from fournil.tokenizers.bpe import bpe_size, train_bpe
     from fournil.tokenizers.char import BOUNDARY
 
     out, spec = Path(args.out), args.tokenizer
     if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
         tokenizer = load_tokenizer(out / TOKENIZER)
-    elif spec.startswith("bpe:"):
-        size = spec.removeprefix("bpe:")
-        if not size.isdigit():
-            raise FournilError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096")
-        print(f"learning a {int(size):,}-token byte-level BPE from {args.data}", file=sys.stderr)
-        tokenizer = train_bpe(source_texts(args.data), int(size), progress=sys.stderr.isatty())
+    elif size := bpe_size(spec):
+        print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
+        tokenizer = train_bpe(source_texts(args.data), size, progress=sys.stderr.isatty())
     elif spec == "char":
         chars = set().union(*map(set, source_texts(args.data)))
         tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])
     else:
-        path = Path(spec)
-        tokenizer = load_tokenizer(path / TOKENIZER if path.is_dir() else path)
+        tokenizer = load_tokenizer(spec)
     meta = prepare(args.data, tokenizer, out, progress=sys.stderr.isatty())
     counts = {name: sum(s["tokens"] for s in shards) for name, shards in meta["shards"].items()}
     print(f"{out}: " + ", ".join(f"{name} {n:,} tokens" for name, n in counts.items())
@@ -395,16 +391,13 @@ def run_prepare(args) -> None:
 
 
 def run_tokenize(args) -> None:
-    from pathlib import Path
-
     from fournil.data.sources import read_text
     from fournil.tokenizers import load_tokenizer
     from fournil.tokenizers.bpe import train_bpe
     from fournil.tokenizers.compression import compression, pieces
 
     if args.tokenizer:
-        path = Path(args.tokenizer)
-        tokenizer = load_tokenizer(path / "tokenizer.json" if path.is_dir() else path)
+        tokenizer = load_tokenizer(args.tokenizer)
     else:
         print("(a 1,024-token byte-level BPE trained on shakespeare; --tokenizer to use another)", file=sys.stderr)
         tokenizer = train_bpe([read_text("shakespeare")], 1024)

@@ -19,6 +19,15 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 SMALLEST = 256 + len(SPECIALS)  # every byte, and the special tokens
 
 
+def bpe_size(spec: str) -> int | None:
+    """N for a tokenizer spec ``bpe:N``; None for any other spec."""
+    if not spec.startswith("bpe:"):
+        return None
+    if not spec[4:].isdigit():
+        raise FournilError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:1024")
+    return int(spec[4:])
+
+
 def train_bpe(texts, vocab_size: int, progress: bool = False) -> HFTokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens learned from ``texts`` (an iterable of strings)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -93,9 +93,12 @@ class CharTokenizer:
 
 
 def load_tokenizer(path: Path):
-    """A character tokenizer (fournil's format) or a Hugging Face one (its ``tokenizer.json``)."""
+    """A character tokenizer (fournil's format) or a Hugging Face one (its ``tokenizer.json``, or a folder holding it)."""
     from fournil.tokenizers.hf import HFTokenizer
 
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -28,7 +28,7 @@ from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family,
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
-from fournil.tokenizers.bpe import train_bpe
+from fournil.tokenizers.bpe import bpe_size, train_bpe
 from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
 from fournil.train.objectives import NextTokenPrediction
@@ -281,17 +281,11 @@ def build_tokenizer(splits, spec: str = "char", progress: bool = True):
         seen = set().union(*map(set, as_texts(splits.train)))
         unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
         return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode == "lines", unknown=unseen)
-    if spec.startswith("bpe:"):
-        try:
-            size = int(spec[4:])
-        except ValueError:
-            raise FournilError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:1024") from None
+    if size := bpe_size(spec):
         return train_bpe(as_texts(splits.train), size, progress)
-    path = Path(spec)
-    path = path / TOKENIZER if path.is_dir() else path
-    if not path.is_file():
+    if not Path(spec).exists():
         raise FournilError(f"--tokenizer {spec}: no such file; give char, bpe:N or a tokenizer.json (or its folder)")
-    return load_tokenizer(path)
+    return load_tokenizer(spec)
 
 
 def train(config: RunConfig | None = None, out: str | None = None, resume: str | None = None,
