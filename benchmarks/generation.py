@@ -18,7 +18,7 @@ import torch
 
 from fournil.data import read_text
 from fournil.formats import known_path
-from fournil.generate import SamplingParams, generate_steps, score
+from fournil.generate import SamplingParams, Scheduler, score
 from fournil.generate.quantize import weight_bytes
 from fournil.runs import Run
 
@@ -27,13 +27,15 @@ PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "Explain in a few sentences why the sky is blue, for a ten-year-old."}]
 
 
-def timed_generation(model, prompts, dtype) -> tuple[float, float]:
-    """Seconds to the first token (prefill) and for the NEW - 1 tokens after it."""
-    steps = generate_steps(model, prompts, SamplingParams(max_new_tokens=NEW, temperature=0), dtype)
+def timed_generation(model, tokenizer, prompts, dtype) -> tuple[float, float]:
+    """Seconds to the first token (prefill) and for the NEW - 1 tokens after it, all prompts in one batch."""
+    scheduler = Scheduler(model, tokenizer, dtype, max_batch=len(prompts))
+    for p in prompts:
+        scheduler.submit(p, SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
     start = time.perf_counter()
-    next(steps)
+    scheduler.step()
     first = time.perf_counter()
-    for _ in steps:
+    while scheduler.step():
         pass
     return first - start, time.perf_counter() - first
 
@@ -50,11 +52,11 @@ def main() -> None:
     for precision in ("float32", "bfloat16", "int8"):
         run = Run.load("smollm2", "cpu").quantize(precision)
         prompt = run.tokenizer.chat_ids(PROMPT)
-        timed_generation(run.model, [prompt], run.dtype)  # warm up
-        prefill, decode = timed_generation(run.model, [prompt], run.dtype)
+        timed_generation(run.model, run.tokenizer, [prompt], run.dtype)  # warm up
+        prefill, decode = timed_generation(run.model, run.tokenizer, [prompt], run.dtype)
         batch = [run.tokenizer.chat_ids([{"role": "user", "content": f"Write a short poem about the number {i}."}])
                  for i in range(8)]
-        _, batched = timed_generation(run.model, batch, run.dtype)
+        _, batched = timed_generation(run.model, run.tokenizer, batch, run.dtype)
         ids = run.tokenizer.encode(heldout)[:1024]
         ppl[precision] = perplexity(run.model, ids, run.dtype)
         rows.append((f"fournil {precision}", weight_bytes(run.model) / 2**20, len(prompt) / prefill, (NEW - 1) / decode,

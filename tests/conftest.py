@@ -48,3 +48,12 @@ def trained(tmp_path_factory):
         cli("train", "--data", "names", "--model", model, "--out", out, "--quiet", "--eval-every", "20", *extra)
         runs[model] = out
     return runs
+
+
+@pytest.fixture(scope="session")
+def running_text(tmp_path_factory) -> Path:
+    """A tiny gpt of Shakespeare with a context of 16 characters: text without an end, longer than its context."""
+    root = tmp_path_factory.mktemp("running-text")
+    CLI(root)("train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--block-size",
+              "16", "--steps", "10", "--eval-every", "10", "--quiet", "--out", "tiny")
+    return root / "tiny"

@@ -1,9 +1,11 @@
 """The generation engine: a key/value cache that changes nothing, batches that change nothing, and every control."""
+import threading
+
 import pytest
 import torch
 
-from fournil.generate import SamplingParams, complete, score, stream
-from fournil.generate.engine import TextStream, generate_steps
+from fournil.generate import Busy, SamplingParams, Scheduler, complete, score, stream
+from fournil.generate.text import TextStream
 from fournil.models import build_model
 from fournil.runs import Run
 from fournil.tokenizers import CharTokenizer
@@ -71,12 +73,75 @@ def test_stop_strings_across_token_boundaries():
     assert "".join(shown) + free.finish() == "banana" and not free.done
 
 
-def test_stream_and_long_text_beyond_the_context(cli, tmp_path):
-    cli("train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--block-size", "16",
-        "--steps", "10", "--eval-every", "10", "--quiet", "--out", "tiny")
-    run = Run.load(tmp_path / "tiny", "cpu")
+def test_stream_and_long_text_beyond_the_context(running_text):
+    run = Run.load(running_text, "cpu")
     params = SamplingParams(max_new_tokens=60, temperature=0.8, seed=3)
     pieces = list(stream(run.model, run.tokenizer, run.tokenizer.prompt_ids("KING"), params))
     assert len(pieces) == 60  # 4 + 60 tokens in a context of 16: the cache was refilled from the last half
-    steps = list(generate_steps(run.model, [run.tokenizer.prompt_ids("KING")], params))
-    assert [p.token for p in pieces] == [int(s.tokens[0]) for s in steps]
+    whole = complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING")], params)[0]
+    assert [p.token for p in pieces] == whole.tokens and "".join(p.text for p in pieces) == whole.text
+
+
+def greedy_alone(model, tokenizer, prompt: list[int], n: int) -> tuple[list[int], str]:
+    """The reference: the whole context read again for every token, no cache, no batch."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if token in tokenizer.stop_ids:
+                return ids[len(prompt):], "stop"
+            ids.append(token)
+    return ids[len(prompt):], "length"
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_sequences_join_and_leave_the_batch_between_steps(trained, family):
+    run = Run.load(trained[family], "cpu")
+    tok, block = run.tokenizer, run.model.config.block_size
+    words = ["ma", "christ", "j", "ann", "el", "xavier"]
+    budgets = [9, 3, 7, 5, 2, 6]  # sequences leave at different steps, and waiting ones take their rows
+    prompts = [tok.prompt_ids(w) for w in words]
+    assert max(len(p) + n for p, n in zip(prompts, budgets)) <= block
+    scheduler = Scheduler(run.model, tok, max_batch=3, first_columns=4)  # a narrow cache: it must grow and realign
+    requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
+    batch_sizes = []
+    while scheduler.step():
+        batch_sizes.append(len(scheduler.active))
+    assert max(batch_sizes) == 3 and len(batch_sizes) < sum(budgets)  # rows were shared, never more than three
+    for r, p, n in zip(requests, prompts, budgets):
+        assert ([piece.token for piece in r if piece.token >= 0], r.finish_reason) == greedy_alone(run.model, tok, p, n)
+
+
+def test_scheduler_thread_serves_concurrent_requests_and_cancellation(running_text):
+    run = Run.load(running_text, "cpu")
+    tok = run.tokenizer
+    scheduler = Scheduler(run.model, tok, max_batch=2, max_waiting=2).start()
+    try:
+        slow = scheduler.submit(tok.prompt_ids("KING"), SamplingParams(max_new_tokens=10**9, seed=1))  # endless
+        first = next(iter(slow))
+        assert first.text or first.token >= 0
+        slow.cancel()  # a reader that goes away frees its row: the others still finish
+        results = {}
+
+        def ask(i):
+            r = scheduler.submit(tok.prompt_ids("To be"), SamplingParams(max_new_tokens=30, temperature=0))
+            results[i] = [p.token for p in r if p.token >= 0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        alone = complete(run.model, tok, [tok.prompt_ids("To be")], SamplingParams(30, temperature=0))[0]
+        assert results[0] == results[1] == alone.tokens
+        assert slow.finish_reason is None and slow.done
+    finally:
+        scheduler.close()
+
+
+def test_a_full_queue_says_busy(trained):
+    run = Run.load(trained["gpt"], "cpu")
+    scheduler = Scheduler(run.model, run.tokenizer, max_batch=1, max_waiting=1)
+    scheduler.submit(run.tokenizer.prompt_ids("a"), SamplingParams(max_new_tokens=2))
+    with pytest.raises(Busy, match="already waiting"):
+        scheduler.submit(run.tokenizer.prompt_ids("b"), SamplingParams(max_new_tokens=2))

@@ -83,6 +83,37 @@ def add_train(sub) -> None:
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str)
 
 
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: smollm2)",
+                       description="Supervised fine-tuning on instruction/response examples: loss on the answers only.")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--data", default="rasbt_instructions",
+                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL/JSON file of Alpaca "
+                        "(instruction, input, output) or chat (messages) examples")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--targets", default="", help="comma-separated layer names to adapt (default: every linear layer)")
+    p.add_argument("--max-length", type=int,
+                   help="examples longer than this many tokens are skipped (default 512, or the model's context)")
+    p.add_argument("--steps", type=int, help="stop after this many steps (default 200)")
+    p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 8)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 with LoRA, 5e-5 without)")
+    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--out", help="run directory (default: runs/DATA-FAMILY)")
+    p.add_argument("--resume", metavar="RUN", help="continue a fine-tuning run that stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model, as a run directory")
+    p.add_argument("base", help="the base model: a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("adapter", help="a folder with adapter_config.json and adapter_model.safetensors (fournil's or PEFT's)")
+    p.add_argument("out", help="the run directory to write")
+
+
 def add_run_commands(sub) -> None:
     p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test")
     p.add_argument("run", help="a run directory, e.g. runs/prenoms-gpt")
@@ -168,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
                                 description="Build, train, measure and sample language models, from a bigram up.")
     sub = p.add_subparsers(dest="command", required=True)
     add_train(sub)
+    add_finetune(sub)
     add_run_commands(sub)
     add_model_commands(sub)
     add_tokenizer_commands(sub)
@@ -204,6 +236,41 @@ def run_train(args) -> None:
     report(run)
 
 
+def run_finetune(args) -> None:
+    from fournil.config import LoraConfig
+    from fournil.train.finetune import finetune
+
+    budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
+    if args.resume:
+        report(finetune(resume=args.resume, budget=budget, progress=not args.quiet))
+        return
+    lora = None
+    if args.lora:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
+    train = TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
+                        eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype)
+    report(finetune(args.model, args.data, lora, train, args.max_length, args.out, progress=not args.quiet))
+
+
+def run_merge(args) -> None:
+    from pathlib import Path
+
+    from fournil.formats.peft import load_adapter
+    from fournil.models.lora import merge_lora
+    from fournil.runs import TOKENIZER, Run
+    from fournil.tokenizers import load_tokenizer
+
+    run = Run.load(args.base, "cpu")
+    config = load_adapter(run.model, Path(args.adapter))
+    merge_lora(run.model)
+    if (Path(args.adapter) / TOKENIZER).exists():  # a fournil run: its tokenizer holds the template it was tuned with
+        run.tokenizer = load_tokenizer(Path(args.adapter) / TOKENIZER)
+    run.config = RunConfig(model=run.config.model, data=None, train=None)
+    run.save(Path(args.out))
+    print(f"merged a rank-{config.rank} adapter on {len(config.targets)} kinds of layers into {args.base} -> {args.out}")
+
+
 def report(run) -> None:
     """What a finished training run shows: its best val score, a few samples, what to do next."""
     if run is None:  # a process other than rank 0 of a multi-process run
@@ -214,6 +281,9 @@ def report(run) -> None:
     print(f"best val NLL {best:.4f} nats/token ({best / math.log(2):.3f} bits); saved to {run.path}")
     if samples:
         print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
+    if run.config.finetune:
+        print(f"next: fournil chat {run.path}  |  fournil eval {run.path}")
+        return
     print(f"next: fournil eval {run.path}  |  fournil sample {run.path}  |  fournil explain {run.path} TEXT")
 
 
@@ -412,7 +482,7 @@ def run_tokenize(args) -> None:
     print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes per token")
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
+COMMANDS = {"train": run_train, "finetune": run_finetune, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
             "chat": run_chat, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 

@@ -51,11 +51,38 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ()  # names of the linear layers to adapt (q_proj, ...); empty: all but the output layer
+    rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank (rank-stabilized LoRA)
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise FournilError(f"--rank must be at least 1 (got {self.rank})")
+        if not 0 <= self.dropout < 1:
+            raise FournilError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+@dataclass
+class FinetuneConfig:
+    base: str  # the model tuned: a run directory, a .gguf file, a Hugging Face folder or a known name (smollm2)
+    lora: LoraConfig | None = None  # None: every weight trains
+    max_length: int | None = None  # longer examples are skipped; None: 512, or the model's context if shorter
+
+
+@dataclass
 class RunConfig:
     model: dict
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
     train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
+    finetune: FinetuneConfig | None = None  # for a fine-tuned model: its base and how it was tuned
 
 
 def to_dict(obj) -> dict:

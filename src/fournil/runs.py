@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
-from fournil.config import DataConfig, RunConfig, TrainConfig, from_dict, to_dict
+from fournil.config import DataConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
 from fournil.device import pick_device, pick_dtype
 from fournil.errors import FournilError
@@ -38,9 +38,13 @@ def read_config(path: Path) -> RunConfig:
                            f"(config.json, *.safetensors, tokenizer.json) and .gguf files")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-        data, train = raw.get("data"), raw.get("train")  # None for a model imported from elsewhere
+        data, train, tuned = raw.get("data"), raw.get("train"), raw.get("finetune")  # None for imported models
+        if tuned:
+            lora = tuned.get("lora") and from_dict(LoraConfig, {**tuned["lora"], "targets": tuple(tuned["lora"]["targets"])}, "lora")
+            tuned = from_dict(FinetuneConfig, {**tuned, "lora": lora}, "finetune")
         return RunConfig(model=raw["model"], data=data and from_dict(DataConfig, data, "data"),
-                         train=train and from_dict(TrainConfig, train, "train"), fingerprints=raw.get("fingerprints", {}))
+                         train=train and from_dict(TrainConfig, train, "train"), fingerprints=raw.get("fingerprints", {}),
+                         finetune=tuned)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise FournilError(f"{file} is damaged ({e}); train the run again") from None
 
@@ -66,6 +70,17 @@ class Run:
             return cls(path, RunConfig(model=settings, data=None, train=None), model.to(dev), tokenizer, pick_dtype(dev, dtype), source)
         path = find_run(spec)
         config = read_config(path)
+        if config.finetune and config.finetune.lora:  # an adapter on its base model, folded in
+            from fournil.formats.peft import ADAPTER_WEIGHTS, load_adapter
+            from fournil.models.lora import merge_lora
+
+            if not (path / ADAPTER_WEIGHTS).exists():
+                raise FournilError(f"{path} is incomplete: it has no {ADAPTER_WEIGHTS} (fine-tuning stopped before its "
+                                   f"first checkpoint); continue it with `fournil finetune --resume {path}`")
+            base = cls.load(config.finetune.base, device)
+            load_adapter(base.model, path)
+            source = {**base.source, "format": f"LoRA adapter on {config.finetune.base}"}
+            return cls(path, config, merge_lora(base.model), load_tokenizer(path / TOKENIZER), pick_dtype(dev, dtype), source)
         for name in (TOKENIZER, WEIGHTS):
             if not (path / name).exists():
                 raise FournilError(
@@ -92,7 +107,7 @@ class Run:
         from fournil.generate.quantize import quantize
 
         quantize(self.model, precision)
-        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self.dtype = torch.float32 if precision == "float32" else torch.bfloat16
         return self
 
     @property
@@ -110,10 +125,26 @@ class Run:
             raise FournilError(f"the data of {self.path} changed since training ({self.config.data.data}); scores would not be comparable")
         return splits
 
+    def data(self) -> dict:
+        """The run's train/val/test sets, ready to score: tokenized text, or rendered instruction examples."""
+        if self.config.finetune:
+            from fournil.data.instructions import load_instructions
+
+            d = self.config.data
+            return load_instructions(d.data, self.tokenizer, self.config.finetune.max_length, d.split, d.seed,
+                                     announce=lambda _: None)
+        return make_data(self.splits(), self.tokenizer, self.model.config.block_size)
+
+    def answer_val_prompts(self, n: int, max_new_tokens: int = 96) -> list[tuple[str, str]]:
+        """Greedy answers to the first ``n`` held-out prompts of a fine-tuning run."""
+        prompts = self.data()["val"].prompts(n)
+        done = complete(self.model, self.tokenizer, prompts, SamplingParams(max_new_tokens, temperature=0), self.dtype)
+        return [(self.tokenizer.decode(p), c.text) for p, c in zip(prompts, done)]
+
     def evaluate(self, names=("val", "test"), max_tokens: int | None = None) -> dict:
-        """Average NLL per token (nats), perplexity, bits per character and per byte, for each split named."""
-        splits = self.splits()
-        data = make_data(splits, self.tokenizer, self.model.config.block_size)
+        """Average NLL per token (nats), perplexity, bits per character and per byte, for each split named (answer
+        tokens only, for a fine-tuning run)."""
+        data = self.data()
         return {n: evaluate_nll(self.model, data[n], self.tokenizer, self.dtype, max_tokens=max_tokens) for n in names}
 
     def sample(self, n: int = 20, prompt: str = "", temperature: float = 1.0, top_k: int | None = None,

@@ -1,8 +1,9 @@
 """The key/value cache: what attention has already computed for earlier tokens, kept so each new token costs one step.
 
-Preallocated for the whole generation (``batch`` rows of ``size`` slots per layer). Rows of a batch can hold prompts
-of different lengths: they are padded on the left, padding slots are marked invalid and never attended to, and each
-row's positions (for rotary or learned position embeddings) count only its real tokens.
+Preallocated (``batch`` rows of ``size`` slots per layer, grown when needed). Rows can hold sequences of different
+lengths: each row's tokens end at the same column, the slots before them are marked invalid and never attended to,
+and each row's positions (for rotary or learned position embeddings) count only its real tokens. A view of some rows
+shares the memory, so one forward pass can read into or extend a subset of the rows.
 """
 from __future__ import annotations
 
@@ -67,3 +68,44 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+
+    def rows(self, start: int, stop: int, length: int | None = None) -> KVCache:
+        """Rows ``start:stop`` as a cache of their own that shares this one's memory, filled up to ``length``."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[start:stop] for t in self.k], [t[start:stop] for t in self.v]
+        view.valid, view.size, view.window = self.valid[start:stop], self.size, self.window
+        view.length = self.length if length is None else length
+        return view
+
+    def resize(self, batch: int, size: int) -> None:
+        """Room for ``batch`` rows of ``size`` slots, keeping what the cache holds."""
+        b, s = min(batch, self.valid.shape[0]), min(size, self.size, self.length)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                store[i] = t.new_zeros(batch, t.shape[1], size, t.shape[3])
+                store[i][:b, :, :s] = t[:b, :, :s]
+        valid = self.valid.new_zeros(batch, size)
+        valid[:b, :s] = self.valid[:b, :s]
+        self.valid, self.size = valid, size
+
+    def move(self, src: int, dst: int) -> None:
+        """Row ``src``'s tokens into row ``dst``."""
+        for t in self.k + self.v:
+            t[dst] = t[src]
+        self.valid[dst] = self.valid[src]
+
+    def align(self, end: int, rows: int) -> None:
+        """Move each of the first ``rows`` rows' tokens, in order, to end at column ``end``: reclaims the columns no row
+        needs (or makes room before them) without changing any token's position or neighbours."""
+        if end > self.size:
+            self.resize(self.valid.shape[0], end)
+        for r in range(rows):
+            cols = self.valid[r, : self.length].nonzero()[:, 0]
+            n = len(cols)
+            if n > end:
+                raise ValueError(f"row {r} holds {n} tokens, more than {end} columns")
+            for t in self.k + self.v:
+                t[r, :, end - n : end] = t[r, :, cols]
+            self.valid[r] = False
+            self.valid[r, end - n : end] = True
+        self.length = end

@@ -21,6 +21,7 @@ class SamplingParams:
     seed: int | None = None  # the same seed, prompt and settings give the same text
     stop: tuple[str, ...] = ()  # the text ends before the first of these strings
     logprobs: int | None = None  # also report the log-probabilities of this many most likely alternatives
+    ignore_eos: bool = False  # go on past the end-of-text token, to max_new_tokens (for benchmarks)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:

@@ -115,12 +115,16 @@ class GPT(LanguageModel):
         c = self.config
         return KVCache(c.n_layer, batch, c.n_head, size, c.n_embd // c.n_head, self.device, dtype)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``idx``; with a ``cache``, ``idx`` continues what the cache holds (``valid`` marks padding)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                logits_to_keep: int | None = None) -> torch.Tensor:
+        """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
+        continues what the cache holds (``valid`` marks padding)."""
         pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
         if cache is not None:
             cache.advance(idx.shape[1])
+        if logits_to_keep is not None:
+            x = x[:, x.shape[1] - logits_to_keep :]
         return self.lm_head(self.transformer.ln_f(x))

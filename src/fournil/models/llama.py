@@ -173,8 +173,10 @@ class Llama(LanguageModel):
         c = self.config
         return KVCache(c.n_layer, batch, c.n_kv_head, size, c.head_dim, self.device, dtype, c.sliding_window)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``idx``; with a ``cache``, ``idx`` continues what the cache holds (``valid`` marks padding)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                logits_to_keep: int | None = None) -> torch.Tensor:
+        """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
+        continues what the cache holds (``valid`` marks padding)."""
         positions, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         angles = positions[..., None].float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1 for every head, T, head_dim)
@@ -184,4 +186,6 @@ class Llama(LanguageModel):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(idx.shape[1])
+        if logits_to_keep is not None:
+            x = x[:, x.shape[1] - logits_to_keep :]
         return self.lm_head(self.model.norm(x))

@@ -92,12 +92,15 @@ class HFTokenizer:
         ids = [self.bos_id] * bool(self.add_bos and self.bos) + self.encode(text)
         return ids or [self.eos_id if self.eos else 0]
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The conversation rendered by the chat template, ready for the assistant's answer."""
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the chat template (ready for the assistant's answer, by default)."""
         if not self.chat_template:
             raise FournilError("this model has no chat template (it is not a chat model); use `fournil generate` instead")
-        text = render_chat(self.chat_template, messages, bos_token=self.bos or "", eos_token=self.eos or "")
-        return self.encode(text)
+        return render_chat(self.chat_template, messages, add_generation_prompt, bos_token=self.bos or "",
+                           eos_token=self.eos or "")
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.chat_text(messages))
 
     def save(self, path: Path) -> None:
         path = Path(path)

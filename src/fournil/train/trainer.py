@@ -109,14 +109,22 @@ class Diverged(FournilError):
 
 
 class Trainer:
-    def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool, world: World):
+    """Trains ``config.model`` from scratch on ``splits``; or, for fine-tuning, a ``model`` given with its ``data`` (the
+    weights that do not train are neither checkpointed nor given to the optimizer, and ``keep_best`` writes the best
+    weights in the form the run keeps them)."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool, world: World,
+                 model=None, data: dict | None = None, keep_best=None):
         self.dir, self.config, self.tokenizer, self.world = run_dir, config, tokenizer, world
         t = config.train
         self.device = world.device(pick_device(t.device))
         self.dtype = pick_dtype(self.device, t.dtype)
-        self.data = make_data(splits, tokenizer, config.model["block_size"])
+        self.data = data if data is not None else make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
-        self.model = build_model(config.model).to(self.device)
+        self.model = (model if model is not None else build_model(config.model)).to(self.device)
+        self.keep_best = keep_best or (lambda weights: save_tensors(weights, self.dir / WEIGHTS))
+        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        self.saved = None if not frozen else {n for n, p in self.model.named_parameters() if p.requires_grad}
         self.show_progress = progress and world.main
         self.sharded = world.distributed and t.fsdp
         self.metrics = MetricsLog(run_dir, t.tensorboard and world.main)
@@ -171,9 +179,11 @@ class Trainer:
 
         def checkpoint(improved: bool = False):
             weights, optim = full_state(model, optimizer, sharded)  # under FSDP every process takes part
+            if self.saved is not None:
+                weights = {k: v for k, v in weights.items() if k in self.saved}
             if world.main:
                 if improved:
-                    save_tensors(weights, self.dir / WEIGHTS)
+                    self.keep_best(weights)
                 save_state(self.dir / STATE, weights, optim, data_rng,
                            {"step": step, "elapsed": elapsed, "best_val": best, "scaler": scaler.state_dict()})
 
@@ -257,11 +267,16 @@ class Trainer:
 
     def finish(self) -> Run:
         metrics = self.metrics.read()
-        name = f"{self.config.model['family']} on {self.config.data.data}"
+        tuned = "fine-tuned " if self.config.finetune else ""
+        name = f"{tuned}{self.config.model['family']} on {self.config.data.data}"
         plot_loss(metrics, self.dir / "loss.png", name)
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
-        n = self.config.train.samples if run.mode == "lines" else min(1, self.config.train.samples)  # text: a passage
-        samples = run.sample(n, seed=self.config.train.seed) if n else []
+        n = self.config.train.samples
+        if self.config.finetune:  # answers to a few held-out prompts
+            samples = [f"{q!r} -> {a!r}" for q, a in run.answer_val_prompts(min(n, 5))]
+        else:
+            n = n if run.mode == "lines" else min(1, n)  # text: a passage
+            samples = run.sample(n, seed=self.config.train.seed) if n else []
         (self.dir / "samples.txt").write_text("".join(s + "\n" for s in samples), encoding="utf-8")
         return run
 

@@ -1,0 +1,174 @@
+"""Instruction data for supervised fine-tuning: examples rendered through the model's chat template, loss on answers.
+
+Two forms are read, as JSONL or a JSON array: Alpaca (``instruction``, optional ``input``, ``output``) and chat
+(``messages``, each with a ``role`` and a ``content``). Each conversation becomes the tokens the model will see at
+generation time: the prompt parts exactly as ``chat`` renders them (no loss) and each assistant answer up to and
+including the token that ends its turn (loss), so that a tuned model learns to stop.
+"""
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from fournil.data.batches import IGNORE, LineData
+from fournil.errors import FournilError
+
+BUNDLED_INSTRUCTIONS = {
+    "rasbt_instructions": "rasbt_instructions.jsonl",  # English, Alpaca form (LLMs-from-scratch, chapter 7)
+    "fr_oasst1": "fr_oasst1.jsonl",  # French, Alpaca form (OpenAssistant oasst1)
+    "fr_oasst1_chat": "fr_oasst1_chat.jsonl",  # French conversations (OpenAssistant oasst1)
+}
+
+# For models whose tokenizer has no chat template: Alpaca's headings, each answer closed by the end-of-text token.
+DEFAULT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+    "{% else %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+
+def instruction_path(spec: str) -> Path:
+    if spec in BUNDLED_INSTRUCTIONS:
+        return Path(str(resources.files("fournil.data") / "files" / BUNDLED_INSTRUCTIONS[spec]))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FournilError(f"no instruction set or file named {spec!r}: use a bundled one "
+                           f"({', '.join(BUNDLED_INSTRUCTIONS)}) or a .jsonl/.json file of Alpaca or chat examples")
+    return path
+
+
+def read_conversations(spec: str) -> list[list[dict]]:
+    """Every example of an instruction file as a list of chat messages; malformed lines are named."""
+    path = instruction_path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FournilError(f"{path} is not UTF-8 text: give a JSONL file of instruction examples") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise FournilError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        where = "item"
+    else:
+        rows, where = [], "line"
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not rows:
+        raise FournilError(f"{path} holds no examples")
+    return [to_messages(row, f"{path}, {where} {n}") for n, row in rows]
+
+
+def to_messages(row, where: str) -> list[dict]:
+    if not isinstance(row, dict):
+        raise FournilError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages)
+        if not ok:
+            raise FournilError(f"{where}: 'messages' must be a list of {{'role': system|user|assistant, 'content': text}}")
+        if messages[-1]["role"] != "assistant":
+            raise FournilError(f"{where}: the conversation must end with an assistant message (the answer to learn)")
+        return messages
+    missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+    if missing:
+        raise FournilError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (an example has 'instruction', "
+                           f"optional 'input' and 'output', or 'messages')")
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def render_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, for each, whether it is learned: each assistant answer and the token that
+    ends its turn. Prompt parts are tokenized exactly as generation tokenizes a prompt."""
+    ids, learned, done = [], [], ""
+    stops = tokenizer.stop_ids
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.chat_text(messages[:i], add_generation_prompt=True)
+        full = tokenizer.chat_text(messages[: i + 1], add_generation_prompt=False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise FournilError("the chat template does not render a conversation as its prompt followed by the answer; "
+                               "fine-tuning needs a template that does")
+        prompt_ids = tokenizer.encode(prefix[len(done):])
+        answer = tokenizer.encode(full[len(prefix):])
+        end = next((k for k, t in enumerate(answer) if t in stops), None)
+        if end is None:
+            raise FournilError("the chat template does not end an answer with an end-of-turn token, so a tuned model "
+                               "would never learn to stop")
+        ids += prompt_ids + answer
+        learned += [False] * len(prompt_ids) + [True] * (end + 1) + [False] * (len(answer) - end - 1)
+        done = full
+    return ids, learned
+
+
+class InstructionData(LineData):
+    """Rendered conversations; the targets of prompt tokens are ``IGNORE``, so only answers carry loss."""
+
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], pad: int, split: str):
+        self.split, self.pad = split, pad
+        self.seqs = [torch.tensor(ids) for ids, _ in examples]
+        self.learned = [torch.tensor(mask) for _, mask in examples]
+        self.num_targets = sum(int(m[1:].sum()) for m in self.learned)
+
+    def _collate(self, picks) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(self.seqs[i]) for i in picks) - 1
+        x = torch.full((len(picks), width), self.pad, dtype=torch.long)
+        y = torch.full((len(picks), width), IGNORE, dtype=torch.long)
+        for row, i in enumerate(picks):
+            s, m = self.seqs[i], self.learned[i]
+            x[row, : len(s) - 1] = s[:-1]
+            y[row, : len(s) - 1] = torch.where(m[1:], s[1:], IGNORE)
+        return x, y
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        return self._collate(torch.randint(len(self.seqs), (batch_size,), generator=generator).tolist())
+
+    def batches(self, batch_size: int, max_tokens: int | None = None, width: int = 8192):
+        """Every example once, grouped by length, at most ``batch_size`` examples and ``width`` tokens a batch (a
+        large vocabulary's logits are big)."""
+        group: list[int] = []
+        for i in sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i])):
+            if group and (len(group) == batch_size or (len(group) + 1) * len(self.seqs[i]) > width):
+                yield self._collate(group)
+                group = []
+            group.append(i)
+        yield self._collate(group)
+
+    def prompts(self, n: int) -> list[list[int]]:
+        """The first ``n`` examples up to their first answer: prompts the model has not been tuned on."""
+        return [s[: int(m.int().argmax())].tolist() for s, m in zip(self.seqs[:n], self.learned[:n])]
+
+
+def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
+                      announce=print) -> dict[str, InstructionData]:
+    """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted)."""
+    conversations = read_conversations(spec)
+    rendered = [render_example(tokenizer, c) for c in conversations]
+    kept = [r for r in rendered if len(r[0]) <= max_length]
+    if len(kept) < len(rendered):
+        announce(f"skipped {len(rendered) - len(kept)} of {len(rendered)} examples longer than {max_length} tokens "
+                 f"(raise --max-length to keep them)")
+    if len(kept) < 3:
+        raise FournilError(f"{spec} has {len(kept)} usable examples; fine-tuning needs at least 3 (train, val, test)")
+    random.Random(seed).shuffle(kept)
+    n_val = max(1, round(split[1] * len(kept)))
+    n_test = max(1, round(split[2] * len(kept)))
+    parts = {"train": kept[: len(kept) - n_val - n_test], "val": kept[len(kept) - n_val - n_test : len(kept) - n_test],
+             "test": kept[len(kept) - n_test :]}
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    return {name: InstructionData(part, pad, name) for name, part in parts.items()}

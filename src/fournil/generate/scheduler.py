@@ -1,0 +1,271 @@
+"""Continuous batching: sequences join the running batch and leave it between steps, each with its own settings.
+
+Every active sequence holds one row of a shared key/value cache, rows 0 to n-1, so that one forward pass extends them
+all. A sequence joins by reading its prompt into a free row (prefill), its tokens ending at the column where the
+others' end; it leaves by handing its row to the last active sequence. When the cache's columns run out, every row is
+moved to end at the longest row's length (what left-over padding wasted is reclaimed), or the cache grows, up to the
+model's context; a sequence whose own context is full goes on from the last half of it. Models without a cache
+(n-gram, MLP, RNN) read each sequence's whole context at each step.
+
+:class:`Scheduler` runs steps when asked (``step``), or in a thread of its own (``start``) for a server, where requests
+arrive from other threads through ``submit`` and are read as iterators of :class:`Piece`.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from fournil.device import autocast
+from fournil.errors import FournilError
+from fournil.generate.sampling import SamplingParams, choose, penalize
+from fournil.generate.text import TextStream
+
+
+class Busy(FournilError):
+    """Too many requests are waiting."""
+
+
+@dataclass
+class Piece:
+    text: str  # what this token adds to the answer (maybe empty while a character or a possible stop string is pending)
+    token: int  # -1 for text held back until the answer ended, which no new token carries
+    logprob: float
+    top: dict[int, float] | None = None  # the most likely alternatives, when logprobs were asked for
+
+
+@dataclass
+class Request:
+    """One sequence being generated; iterate over it for its pieces (in any thread), ``cancel`` to free its row."""
+
+    prompt: list[int]
+    params: SamplingParams
+    text: TextStream
+    generator: torch.Generator
+    seen: torch.Tensor  # tokens of the prompt and the answer (for the repetition penalty)
+    counts: torch.Tensor  # times each token was generated (frequency and presence penalties)
+    context: list[int] = field(default_factory=list)  # prompt and answer so far
+    cached: int = 0  # how many tokens before the last one of ``context`` its cache row holds
+    generated: int = 0
+    finish_reason: str | None = None  # "stop" (a stop token or string) or "length" (max_new_tokens); None while running
+    cancelled: bool = False
+    pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def __iter__(self):
+        while (piece := self.pieces.get()) is not None:
+            yield piece
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
+                 max_waiting: int = 64, truncate: bool = False, first_columns: int = 256):
+        """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
+        ``first_columns`` wide and doubles when needed."""
+        self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
+        self.first_columns = first_columns
+        self.max_batch, self.max_waiting, self.truncate = max_batch, max_waiting, truncate
+        self.block = model.config.block_size
+        self.cache = None
+        self.active: list[Request] = []  # active[i] holds row i of the cache
+        self.waiting: deque[Request] = deque()
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ---- requests (any thread)
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a prompt; it joins the batch at the next step with a free row. Raises :class:`Busy` when the queue
+        is full, and a :class:`FournilError` for a prompt or settings that cannot be generated."""
+        params.check()
+        if not prompt:
+            raise FournilError("every prompt needs at least one token")
+        if len(prompt) >= self.block:
+            if not self.truncate:
+                raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: "
+                                   f"shorten it (or let fournil keep its last {self.block - 1} tokens)")
+            prompt = prompt[-(self.block - 1):]
+        if self.error is not None:
+            raise FournilError(f"the generation engine stopped: {self.error}")
+        device, vocab = self.model.device, self.model.config.vocab_size
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt, device=device)] = True
+        text = TextStream(self.tokenizer, params.stop, () if params.ignore_eos else None)
+        request = Request(list(prompt), params, text, generator, seen,
+                          torch.zeros(vocab, device=device), context=list(prompt))
+        with self.wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise Busy(f"{len(self.waiting)} requests are already waiting; try again in a moment")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # ---- the loop (one thread)
+    def step(self) -> bool:
+        """Admit waiting requests into free rows, then generate one token for every active sequence. Returns whether
+        there is anything left to do."""
+        with self.wake:
+            while self.waiting and len(self.active) < self.max_batch:
+                r = self.waiting.popleft()
+                if r.cancelled:
+                    r.pieces.put(None)
+                else:
+                    self.active.append(r)
+        self._drop_finished()
+        if not self.active:
+            return bool(self.waiting)
+        with torch.no_grad(), autocast(self.model.device, self.dtype):
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                if self.cache is None and hasattr(self.model, "new_cache"):
+                    self.cache = self.model.new_cache(self.max_batch, min(self.first_columns, self.block), self.dtype)
+                    self.rows = 0  # rows of the cache in use
+                if self.cache is not None:
+                    self._prefill_new()
+                    self._drop_finished()
+                    if self.active:
+                        self._decode()
+                else:
+                    for r in self.active:
+                        x = torch.tensor([r.context[-self.block:]], device=self.model.device)
+                        self._sample(r, self.model(x)[0, -1])
+            finally:
+                self.model.train(was_training)
+        self._drop_finished()
+        return bool(self.active or self.waiting)
+
+    def start(self) -> Scheduler:
+        """Run steps in a thread of its own until ``close``; requests are then read from other threads."""
+        self.closing = False
+        self.thread = threading.Thread(target=self._serve, name="fournil-scheduler", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        if self.thread is not None:
+            with self.wake:
+                self.closing = True
+                self.wake.notify()
+            self.thread.join()
+            self.thread = None
+
+    def _serve(self) -> None:
+        try:
+            while not self.closing:
+                if not self.step():
+                    with self.wake:
+                        self.wake.wait_for(lambda: self.waiting or self.closing)
+        except BaseException as e:  # noqa: BLE001 - every waiting reader must learn that generation stopped
+            self.error = e
+            for r in self.active + list(self.waiting):
+                r.finish_reason = "error"
+                r.pieces.put(None)
+            raise
+
+    # ---- rows of the cache
+    def _drop_finished(self) -> None:
+        i = 0
+        while i < len(self.active):
+            r = self.active[i]
+            if not r.done:
+                i += 1
+                continue
+            if r.finish_reason is None:  # cancelled: its reader may be gone, but end its iterator anyway
+                r.pieces.put(None)
+            last = len(self.active) - 1
+            if self.cache is not None and i < self.rows:
+                if i != last and last < self.rows:
+                    self.cache.move(last, i)
+                self.rows -= 1
+            self.active[i] = self.active[last]
+            self.active.pop()
+
+    def _prefill_new(self) -> None:
+        """Read each new request's prompt (all but its last token) into the next free row."""
+        for r in self.active[self.rows:]:
+            self._read_into(self.rows, r.context[:-1])
+            self.rows += 1
+
+    def _read_into(self, row: int, tokens: list[int]) -> None:
+        """Put ``tokens`` in ``row``, ending at the cache's current column (all rows are first moved to end later,
+        if the row needs more room)."""
+        cache = self.cache
+        cache.valid[row] = False
+        self.active[row].cached = len(tokens)
+        if not tokens:
+            return
+        if len(tokens) > cache.length:
+            cache.align(self._columns(len(tokens)), self.rows)
+        view = cache.rows(row, row + 1, cache.length - len(tokens))
+        self.model(torch.tensor([tokens], device=self.model.device), view, logits_to_keep=0)
+
+    def _columns(self, end: int) -> int:
+        """A column count of at least ``end``, growing the cache (by doubling) if it is narrower."""
+        if end > self.cache.size:
+            self.cache.resize(self.cache.valid.shape[0], min(self.block, max(end, 2 * self.cache.size)))
+        return end
+
+    def _decode(self) -> None:
+        """Feed every active sequence's last token in one pass and choose the next."""
+        cache = self.cache
+        for i, r in enumerate(self.active):
+            if r.cached == self.block:  # its context is full: go on from the last half
+                self._read_into(i, r.context[-(self.block // 2):-1])
+        if cache.length == cache.size:  # no free column: widen the cache, or reclaim the columns of padding
+            longest = max(r.cached for r in self.active)
+            if cache.size < self.block and longest > cache.size * 3 // 4:
+                self._columns(cache.size + 1)
+            else:
+                cache.align(longest, self.rows)
+        tokens = torch.tensor([[r.context[-1]] for r in self.active], device=self.model.device)
+        logits = self.model(tokens, cache.rows(0, self.rows))[:, -1]
+        cache.length += 1
+        for r, row in zip(self.active, logits):
+            r.cached += 1
+            self._sample(r, row)
+
+    # ---- sampling
+    def _sample(self, r: Request, logits: torch.Tensor) -> None:
+        p = r.params
+        logprobs = logits.float().log_softmax(-1)
+        token = int(choose(penalize(logits[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
+        r.seen[token] = True
+        r.counts[token] += 1
+        r.generated += 1
+        r.context.append(token)
+        text = r.text.feed(token)
+        if r.text.at_stop_token:
+            self._finish(r, "stop", text)
+            return
+        top = None
+        if p.logprobs:
+            values, ids = logprobs.topk(min(p.logprobs, logprobs.shape[-1]))
+            top = dict(zip(ids.tolist(), values.tolist()))
+        r.pieces.put(Piece(text, token, float(logprobs[token]), top))
+        if r.text.done:
+            self._finish(r, "stop")
+        elif r.generated == p.max_new_tokens:
+            self._finish(r, "length", r.text.finish())
+
+    @staticmethod
+    def _finish(r: Request, reason: str, rest: str = "") -> None:
+        if rest:
+            r.pieces.put(Piece(rest, -1, 0.0))
+        r.finish_reason = reason
+        r.pieces.put(None)

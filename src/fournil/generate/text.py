@@ -1,0 +1,43 @@
+"""Tokens to text as they come: what of an answer is safe to show, and where it ends."""
+from __future__ import annotations
+
+
+class TextStream:
+    """Tokens to text for one row: waits for the last byte of a split character, holds back text that could be the
+    start of a stop string, and ends at a stop token or before a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], stop_ids=None):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already given out
+        self.text = ""
+        self.done = False
+        self.at_stop_token = False  # the answer ended with a stop token, which is not part of it
+
+    def feed(self, token: int) -> str:
+        """The new text this token makes safe to show (maybe none); sets ``done`` when the answer ends."""
+        if token in self.stop_ids:
+            self.done = self.at_stop_token = True
+            return self._release(len(self.text))
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for its last byte
+            return ""
+        self.text = text
+        cuts = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        if cuts:
+            self.done = True
+            self.text = text[: min(cuts)]
+            return self._release(len(self.text))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._release(len(text) - hold)
+
+    def finish(self) -> str:
+        """What was held back, when the answer ends by length."""
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.sent : upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece

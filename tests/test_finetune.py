@@ -1,0 +1,136 @@
+"""Supervised fine-tuning: loss on answers only, tuned models that stop, LoRA adapters PEFT reads, clear errors."""
+import json
+import random
+
+import pytest
+import torch
+from conftest import CLI
+
+from fournil.config import LoraConfig
+from fournil.data.batches import IGNORE
+from fournil.data.instructions import (
+    InstructionData,
+    read_conversations,
+    render_example,
+)
+from fournil.errors import FournilError
+from fournil.formats.peft import load_adapter, save_adapter
+from fournil.generate import SamplingParams, complete
+from fournil.models.lora import add_lora, merge_lora
+from fournil.runs import Run
+
+
+@pytest.fixture(scope="module")
+def bpe_base(tmp_path_factory):
+    """A tiny llama pretrained on Shakespeare with a byte-level BPE (ChatML template, <|im_end|> ends a turn)."""
+    root = tmp_path_factory.mktemp("sft")
+    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:400", "--n-embd", "48",
+              "--n-layer", "2", "--block-size", "128", "--steps", "20", "--eval-every", "20", "--quiet", "--out", "base")
+    return root, root / "base"
+
+
+def test_prompt_tokens_carry_no_loss_and_the_end_of_turn_does(bpe_base):
+    tok = Run.load(bpe_base[1], "cpu").tokenizer
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Good day"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Good night"}]
+    ids, learned = render_example(tok, chat)
+    assert ids[: len(tok.chat_ids(chat[:1]))] == tok.chat_ids(chat[:1])  # the prompt as generation renders it
+    x, y = InstructionData([(ids, learned)], 0, "train").sample(1, torch.Generator().manual_seed(0))
+    targets = [t for t in y[0].tolist() if t != IGNORE]
+    im_end = tok.encode("<|im_end|>")
+    assert targets == tok.encode("Good day") + im_end + tok.encode("Good night") + im_end
+    assert tok.decode(x[0][y[0] == IGNORE].tolist()).count("Hi there") == 1  # prompts are inputs, never targets
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):
+    root, base = bpe_base
+    words = ["king", "queen", "lord", "night", "blood", "crown", "sword", "heart", "death", "love", "grace", "honour"]
+    rng = random.Random(0)
+    rows = [{"instruction": f"Say {w}", "output": w} for w in (rng.choice(words) for _ in range(300))]
+    data = write_jsonl(tmp_path / "say.jsonl", rows)
+    CLI(root)("finetune", base, "--data", data, "--steps", "120", "--lr", "3e-3", "--batch-size", "16", "--quiet",
+              "--out", "said")
+    run = Run.load(root / "said", "cpu")
+    prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Say {w}"}]) for w in ("love", "crown", "king")]
+    answers = complete(run.model, run.tokenizer, prompts, SamplingParams(max_new_tokens=30, temperature=0))
+    assert all(a.finish_reason == "stop" for a in answers)  # it learned to end its turn
+    assert [a.text for a in answers] == ["love", "crown", "king"]
+    base_answers = complete(Run.load(base, "cpu").model, run.tokenizer, prompts, SamplingParams(30, temperature=0))
+    assert all(a.finish_reason == "length" for a in base_answers)  # the base model never stopped
+
+
+def random_lora(model, seed=0):
+    """A LoRA adapter with random (non-zero) updates, as if trained."""
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_peft_loads_a_fournil_adapter_and_fournil_loads_peft_s(bpe_base, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root, base = bpe_base
+    CLI(root)("convert", base, tmp_path / "hf")
+    run = Run.load(base, "cpu")
+    model = random_lora(run.model)
+    save_adapter(model, LoraConfig(rank=4, alpha=8), tmp_path / "adapter", str(base))
+    x = torch.randint(run.tokenizer.vocab_size, (2, 20))
+    with torch.no_grad():
+        ours = model(x)
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), tmp_path / "adapter").eval()
+        assert torch.allclose(hf(x).logits, ours, atol=1e-4)
+        assert not torch.allclose(Run.load(base, "cpu").model(x), ours, atol=1e-3)  # the adapter does change the model
+        assert torch.allclose(merge_lora(model)(x), ours, atol=1e-4)
+
+        # the other way: an adapter PEFT made
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                                    PeftLoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"]))
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, 0, 0.05)
+        peft_model.save_pretrained(tmp_path / "made-by-peft")
+        theirs = Run.load(base, "cpu").model
+        load_adapter(theirs, tmp_path / "made-by-peft")
+        assert torch.allclose(theirs.eval()(x), peft_model.eval()(x).logits, atol=1e-4)
+
+    CLI(root)("merge", base, tmp_path / "made-by-peft", tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(Run.load(tmp_path / "merged", "cpu").model(x), theirs(x), atol=1e-4)
+
+
+def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path, trained):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', encoding="utf-8")
+    with pytest.raises(FournilError, match="line 2: not valid JSON"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    with pytest.raises(FournilError, match="line 2: missing 'output'"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(FournilError, match="must end with an assistant message"):
+        read_conversations(str(bad))
+    root, base = bpe_base
+    long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "Say it", "output": "word " * n} for n in (1, 2, 3, 400, 500)])
+    result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "500", "--quiet", check=False)
+    assert result.returncode == 2 and "--max-length 500 is longer than the model's context of 128" in result.stderr
+    result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "100", "--quiet", "--out", "long")
+    assert "skipped 2 of 5 examples longer than 100 tokens" in result.stdout
+    result = CLI(root)("finetune", trained["gpt"], "--steps", "2", "--quiet", check=False)
+    assert result.returncode == 2 and "character tokenizer" in result.stderr
+
+    other = Run.load(base, "cpu")
+    save_adapter(random_lora(other.model), LoraConfig(rank=4, alpha=8), tmp_path / "adapter", "base")
+    gpt = Run.load(trained["gpt"], "cpu").model
+    with pytest.raises(FournilError, match="made for another model"):
+        load_adapter(gpt, tmp_path / "adapter")
