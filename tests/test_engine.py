@@ -145,3 +145,19 @@ def test_a_full_queue_says_busy(trained):
     scheduler.submit(run.tokenizer.prompt_ids("a"), SamplingParams(max_new_tokens=2))
     with pytest.raises(Busy, match="already waiting"):
         scheduler.submit(run.tokenizer.prompt_ids("b"), SamplingParams(max_new_tokens=2))
+
+
+def test_a_cancelled_sequence_hands_its_row_to_a_waiting_one(running_text):
+    run = Run.load(running_text, "cpu")
+    tok, params = run.tokenizer, SamplingParams(max_new_tokens=8, temperature=0)
+    scheduler = Scheduler(run.model, tok, max_batch=2)
+    a, b = (scheduler.submit(tok.prompt_ids(p), params) for p in ("KING", "To be"))
+    scheduler.step()
+    scheduler.step()
+    c = scheduler.submit(tok.prompt_ids("ROMEO"), params)
+    a.cancel()  # leaves at the next step, which admits c into a's row
+    while scheduler.step():
+        pass
+    assert len(list(a)) == 2 and a.finish_reason is None  # two tokens, then its iterator ended
+    for r, p in ((b, "To be"), (c, "ROMEO")):
+        assert ([x.token for x in r if x.token >= 0], r.finish_reason) == greedy_alone(run.model, tok, tok.prompt_ids(p), 8)

@@ -8,11 +8,7 @@ from conftest import CLI
 
 from fournil.config import LoraConfig
 from fournil.data.batches import IGNORE
-from fournil.data.instructions import (
-    InstructionData,
-    read_conversations,
-    render_example,
-)
+from fournil.data.instructions import InstructionData, pack, read_conversations, render_example
 from fournil.errors import FournilError
 from fournil.formats.peft import load_adapter, save_adapter
 from fournil.generate import SamplingParams, complete
@@ -134,3 +130,22 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     gpt = Run.load(trained["gpt"], "cpu").model
     with pytest.raises(FournilError, match="made for another model"):
         load_adapter(gpt, tmp_path / "adapter")
+
+
+def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
+    root, base = bpe_base
+    tok = Run.load(base, "cpu").tokenizer
+    examples = [render_example(tok, [{"role": "user", "content": f"Count to {n}"},
+                                     {"role": "assistant", "content": " ".join(map(str, range(n)))}]) for n in range(1, 9)]
+    rows = pack(examples, 60)
+    assert len(rows) < len(examples) and all(len(ids) <= 60 for ids, _ in rows)
+    assert [t for ids, _ in rows for t in ids] == [t for ids, _ in examples for t in ids]
+    assert [m for _, ms in rows for m in ms] == [m for _, ms in examples for m in ms]
+
+    cli = CLI(root)
+    cli("finetune", base, "--lora", "--rank", "2", "--pack", "--steps", "4", "--eval-every", "2", "--quiet", "--out", "tuned")
+    cli("finetune", "--resume", root / "tuned", "--steps", "8", "--quiet")
+    steps = [json.loads(line)["step"] for line in (root / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8]  # went on from the checkpoint of step 4
+    shown = cli("eval", root / "tuned").stdout
+    assert "val" in shown and "test" in shown

@@ -49,6 +49,21 @@ def model_settings() -> dict[str, type]:
     return found
 
 
+def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
+    """The training loop's flags, which pretraining and fine-tuning share."""
+    p.add_argument("--steps", type=int, help=f"stop after this many steps{steps}")
+    p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
+    p.add_argument("--batch-size", type=int, help=batch)
+    p.add_argument("--lr", type=float, help=f"peak learning rate{lr}")
+    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
+    p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (defaults: gpt on prenoms)",
                        description="Train a language model. With no flags: the gpt model on the bundled French first names.")
@@ -63,21 +78,11 @@ def add_train(sub) -> None:
     p.add_argument("--train", dest="train_file", help="explicit training file (with --val and --test)")
     p.add_argument("--val", dest="val_file")
     p.add_argument("--test", dest="test_file")
-    p.add_argument("--steps", type=int, help="stop after this many steps")
-    p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
-    p.add_argument("--batch-size", type=int, help="sequences per forward pass (per process)")
+    add_loop_args(p, steps="", batch="sequences per forward pass (per process)", lr="")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step: accumulates gradients to reach it")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across processes (FSDP)")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard")
-    p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
-    p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     group = p.add_argument_group("model settings (each applies to the families that have it)")
     for name, kind in model_settings().items():
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str)
@@ -97,17 +102,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--targets", default="", help="comma-separated layer names to adapt (default: every linear layer)")
     p.add_argument("--max-length", type=int,
                    help="examples longer than this many tokens are skipped (default 512, or the model's context)")
-    p.add_argument("--steps", type=int, help="stop after this many steps (default 200)")
-    p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
-    p.add_argument("--batch-size", type=int, help="examples per step (default 8)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 with LoRA, 5e-5 without)")
-    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--out", help="run directory (default: runs/DATA-FAMILY)")
-    p.add_argument("--resume", metavar="RUN", help="continue a fine-tuning run that stopped")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--pack", action="store_true", help="join short training examples into rows of --max-length tokens")
+    add_loop_args(p, steps=" (default 200)", batch="examples per step (default 8)",
+                  lr=" (default 1e-3 with LoRA, 5e-5 without)")
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model, as a run directory")
     p.add_argument("base", help="the base model: a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("adapter", help="a folder with adapter_config.json and adapter_model.safetensors (fournil's or PEFT's)")
@@ -250,7 +247,7 @@ def run_finetune(args) -> None:
         lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
     train = TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
                         eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype)
-    report(finetune(args.model, args.data, lora, train, args.max_length, args.out, progress=not args.quiet))
+    report(finetune(args.model, args.data, lora, train, args.max_length, args.pack, args.out, progress=not args.quiet))
 
 
 def run_merge(args) -> None:

@@ -74,6 +74,7 @@ class FinetuneConfig:
     base: str  # the model tuned: a run directory, a .gguf file, a Hugging Face folder or a known name (smollm2)
     lora: LoraConfig | None = None  # None: every weight trains
     max_length: int | None = None  # longer examples are skipped; None: 512, or the model's context if shorter
+    pack: bool = False  # join short training examples into rows of max_length tokens
 
 
 @dataclass

@@ -188,13 +188,15 @@ class Scheduler:
                 continue
             if r.finish_reason is None:  # cancelled: its reader may be gone, but end its iterator anyway
                 r.pieces.put(None)
-            last = len(self.active) - 1
-            if self.cache is not None and i < self.rows:
-                if i != last and last < self.rows:
+            if self.cache is not None and i < self.rows:  # the last row in the cache takes its place
+                last = self.rows - 1
+                if i != last:
                     self.cache.move(last, i)
+                    self.active[i], self.active[last] = self.active[last], r
                 self.rows -= 1
-            self.active[i] = self.active[last]
-            self.active.pop()
+                del self.active[last]
+            else:
+                del self.active[i]
 
     def _prefill_new(self) -> None:
         """Read each new request's prompt (all but its last token) into the next free row."""

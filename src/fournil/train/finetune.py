@@ -46,7 +46,7 @@ def chat_tokenizer(tokenizer):
 
 
 def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: LoraConfig | None = None,
-             train: TrainConfig | None = None, max_length: int | None = None, out: str | None = None,
+             train: TrainConfig | None = None, max_length: int | None = None, pack: bool = False, out: str | None = None,
              resume: str | None = None, budget: dict | None = None, progress: bool = True, announce=print) -> Run:
     """Tune ``base`` (a run, a .gguf file, a Hugging Face folder or ``smollm2``) on the instruction set ``data``, or
     continue the fine-tuning run ``resume``; returns the tuned :class:`Run`."""
@@ -63,7 +63,7 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             tokenizer = load_tokenizer(run_dir / TOKENIZER)
             base_run = Run.load(ft.base, config.train.device)
         else:
-            ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length)
+            ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length, pack=pack)
             base_run = Run.load(ft.base, (train or TrainConfig()).device)
             tokenizer = chat_tokenizer(base_run.tokenizer)
             config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="instructions", tokenizer="base"),
@@ -74,7 +74,8 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             ft.max_length = min(DEFAULT_MAX_LENGTH, block)
         elif ft.max_length > block:
             raise FournilError(f"--max-length {ft.max_length} is longer than the model's context of {block}")
-        splits = load_instructions(config.data.data, tokenizer, ft.max_length, config.data.split, config.data.seed, announce)
+        splits = load_instructions(config.data.data, tokenizer, ft.max_length, config.data.split, config.data.seed,
+                                   announce, ft.pack)
         model = base_run.model
         torch.manual_seed(config.train.seed)
         total = model.num_params()
@@ -88,7 +89,8 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         t = config.train
         how = f"LoRA rank {ft.lora.rank}" if ft.lora else "every weight"
         announce(f"fine-tuning {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
-                 f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train'].seqs):,} examples; "
+                 f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train'].seqs):,} "
+                 f"{'rows of packed examples' if ft.pack else 'examples'}; "
                  f"{t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
         return trainer.finish() if world.main else None
