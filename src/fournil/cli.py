@@ -161,6 +161,18 @@ def add_model_commands(sub) -> None:
     p.add_argument("--system", help="a system message to start with")
     sampling(p, 0.7)
 
+    p = sub.add_parser("serve", help="an HTTP server: the OpenAI API, /predict and a chat page (default: smollm2)")
+    p.add_argument("model", nargs="?", default="smollm2", help=model_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health and the page")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences generated together")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more are answered 503")
+    p.add_argument("--name", help="the model's name in the API (default: the model's file or folder name)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                   help="weights in memory: int8 and bfloat16 take less and decode faster on a CPU")
+
     p = sub.add_parser("convert", help="convert between GGUF, Hugging Face folder and run directory")
     p.add_argument("model", help=model_help)
     p.add_argument("out", help="OUT.gguf, or a folder")
@@ -335,6 +347,21 @@ def load_for_generation(args):
     return run.quantize(args.dtype) if args.dtype != "auto" else run
 
 
+def run_serve(args) -> None:
+    from pathlib import Path
+
+    import uvicorn
+
+    from fournil.serve.app import create_app
+
+    run = load_for_generation(args)
+    name = args.name or Path(str(args.model)).stem
+    app = create_app(run, name, args.api_key, args.max_batch, args.max_waiting)
+    print(f"serving {name} ({run.model.num_params():,} parameters) on http://{args.host}:{args.port}: chat page at /, "
+          f"OpenAI API at /v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def run_generate(args) -> None:
     from fournil.generate import stream
 
@@ -480,7 +507,7 @@ def run_tokenize(args) -> None:
 
 
 COMMANDS = {"train": run_train, "finetune": run_finetune, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
-            "chat": run_chat, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
+            "chat": run_chat, "serve": run_serve, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 
 

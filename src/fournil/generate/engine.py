@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.sampling import SamplingParams
 from fournil.generate.scheduler import Piece, Scheduler
@@ -67,8 +68,9 @@ def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: t
             yield piece
 
 @torch.no_grad()
-def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.float32) -> list[float]:
-    """The log-probability of each token ``ids[start:]`` given the tokens before it: the likelihood of a text."""
+def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.float32, top: int = 0) -> list:
+    """The log-probability of each token ``ids[start:]`` given the tokens before it: the likelihood of a text. With
+    ``top``, each comes as a pair with the ``top`` most likely tokens at its place, ``{token: log-probability}``."""
     if len(ids) > model.config.block_size:
         raise FournilError(f"{len(ids)} tokens do not fit the model's context of {model.config.block_size}")
     if not 1 <= start <= len(ids):
@@ -77,8 +79,12 @@ def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.floa
     model.eval()
     try:
         x = torch.tensor([ids], device=model.device)
-        logprobs = model(x)[0, :-1].float().log_softmax(-1)
-        picked = logprobs.gather(-1, x[0, 1:, None])[:, 0]
-        return picked[start - 1 :].tolist()
+        with autocast(model.device, dtype):
+            logprobs = model(x)[0, start - 1 : -1].float().log_softmax(-1)
+        picked = logprobs.gather(-1, x[0, start:, None])[:, 0].tolist()
+        if not top:
+            return picked
+        values, alternatives = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        return [(p, dict(zip(i.tolist(), v.tolist()))) for p, v, i in zip(picked, values, alternatives)]
     finally:
         model.train(was_training)

@@ -52,7 +52,7 @@ class Request:
     generated: int = 0
     finish_reason: str | None = None  # "stop" (a stop token or string) or "length" (max_new_tokens); None while running
     cancelled: bool = False
-    pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # or any object with put()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -83,9 +83,10 @@ class Scheduler:
         self.error: BaseException | None = None
 
     # ---- requests (any thread)
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
-        """Queue a prompt; it joins the batch at the next step with a free row. Raises :class:`Busy` when the queue
-        is full, and a :class:`FournilError` for a prompt or settings that cannot be generated."""
+    def submit(self, prompt: list[int], params: SamplingParams, sink=None) -> Request:
+        """Queue a prompt; it joins the batch at the next step with a free row. Its pieces, then ``None``, go to
+        ``sink.put`` (a queue of the request's own by default). Raises :class:`Busy` when the queue is full, and a
+        :class:`FournilError` for a prompt or settings that cannot be generated."""
         params.check()
         if not prompt:
             raise FournilError("every prompt needs at least one token")
@@ -104,6 +105,8 @@ class Scheduler:
         text = TextStream(self.tokenizer, params.stop, () if params.ignore_eos else None)
         request = Request(list(prompt), params, text, generator, seen,
                           torch.zeros(vocab, device=device), context=list(prompt))
+        if sink is not None:
+            request.pieces = sink
         with self.wake:
             if len(self.waiting) >= self.max_waiting:
                 raise Busy(f"{len(self.waiting)} requests are already waiting; try again in a moment")

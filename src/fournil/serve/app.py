@@ -1,0 +1,302 @@
+"""fournil's HTTP server: the OpenAI API (completions, chat completions, models), ``/predict``, health, metrics and a
+chat page, over one continuous-batching scheduler: concurrent requests share the model's forward passes.
+
+The scheduler runs in a thread of its own; each HTTP request submits its sequences (``n`` of them for ``n`` choices)
+and reads their pieces from an asyncio queue, so a slow reader never holds the model, and a client that goes away
+frees its rows at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from fournil.errors import FournilError
+from fournil.generate import Busy, SamplingParams, Scheduler, score
+from fournil.generate.engine import row_params
+from fournil.serve.metrics import Metrics
+from fournil.serve.schemas import ChatRequest, CompletionRequest, PredictRequest, Sampling
+
+OPEN = ("/", "/health")  # what answers without the API key
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Sink:
+    """Where the scheduler's thread puts a sequence's pieces: an asyncio queue shared by the ``n`` sequences of one
+    HTTP request, each piece tagged with its choice's index."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+        self.loop, self.queue, self.index = loop, queue, index
+
+    def put(self, piece) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece))
+
+
+def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64) -> FastAPI:
+    tok, model = run.tokenizer, run.model
+    block = model.config.block_size
+    scheduler = Scheduler(model, tok, run.dtype, max_batch=max_batch, max_waiting=max_waiting)
+    metrics = Metrics(scheduler)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="fournil", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: HTTPRequest, call_next):
+        start = time.perf_counter()
+        if api_key and request.url.path not in OPEN and request.headers.get("authorization") != f"Bearer {api_key}":
+            response = error_response(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
+                                      "invalid_api_key")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as e:  # noqa: BLE001 - the server answers 500 and lives on
+                response = error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return error_response(e.status, e.message, e.kind, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], "invalid_request_error", where or None)
+
+    def sampling(body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        room = block - prompt_len
+        if room < 1:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's context is {block} tokens: shorten it",
+                           param="prompt")
+        new = max_tokens or room
+        if new > room:
+            raise ApiError(400, f"max_tokens is {new}, but the prompt ({prompt_len} tokens) leaves room for {room} in "
+                           f"this model's context of {block} tokens: lower max_tokens or shorten the prompt",
+                           param="max_tokens")
+        try:
+            stop = body.stops()
+        except ValueError as e:
+            raise ApiError(400, str(e), param="stop") from None
+        return SamplingParams(max_new_tokens=new, temperature=body.temperature,
+                              top_p=body.top_p if body.top_p < 1 else None, seed=body.seed, stop=stop,
+                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                              logprobs=logprobs)
+
+    def submit(prompts: list[list[int]], params: list[SamplingParams]):
+        """Submit every sequence (all or none); returns the requests and the queue their pieces arrive on."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        requests = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                requests.append(scheduler.submit(p, sp, Sink(loop, queue, i)))
+        except Busy as e:
+            for r in requests:
+                r.cancel()
+            raise ApiError(503, f"the server is busy: {e}", "server_busy", headers={"Retry-After": "1"}) from None
+        except FournilError as e:
+            for r in requests:
+                r.cancel()
+            raise ApiError(400, str(e)) from None
+        return requests, queue
+
+    async def pieces(requests, queue):
+        """(index, piece) as they come, until every sequence has ended; an abandoned reader cancels them all."""
+        left = len(requests)
+        try:
+            while left:
+                index, piece = await queue.get()
+                if piece is None:
+                    left -= 1
+                    continue
+                yield index, piece
+        finally:
+            for r in requests:
+                r.cancel()
+
+    async def gather(requests, queue) -> list[list]:
+        out = [[] for _ in requests]
+        async for index, piece in pieces(requests, queue):
+            out[index].append(piece)
+        return out
+
+    def usage(requests) -> dict:
+        prompt = sum(len(r.prompt) for r in requests)
+        completion = sum(r.generated for r in requests)
+        metrics.tokens(prompt, completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def token_text(i: int) -> str:
+        return tok.token_text(i)
+
+    # ---- the OpenAI API
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "fournil"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        prompts = [tok.prompt_ids(t) for t in texts]
+        params = [sampling(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
+        rows = [(i, c) for i in range(len(prompts)) for c in range(body.n)]  # choice index = prompt * n + c
+        requests, queue = submit([prompts[i] for i, _ in rows], [row_params(params[i], c) for i, c in rows])
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name}
+
+        def logprobs_of(pieces_, offset: int) -> dict:
+            toks = [p for p in pieces_ if p.token >= 0]
+            text_offset, at = [], offset
+            for p in toks:
+                text_offset.append(at)
+                at += len(token_text(p.token))
+            return {"tokens": [token_text(p.token) for p in toks], "token_logprobs": [p.logprob for p in toks],
+                    "top_logprobs": [{token_text(i): v for i, v in (p.top or {}).items()} for p in toks],
+                    "text_offset": text_offset}
+
+        if body.stream:
+            async def events():
+                async for index, piece in pieces(requests, queue):
+                    choice = {"text": piece.text, "index": index, "logprobs": None, "finish_reason": None}
+                    if body.logprobs is not None and piece.token >= 0:
+                        choice["logprobs"] = logprobs_of([piece], 0)
+                    yield sse({**head, "choices": [choice]})
+                for index, r in enumerate(requests):
+                    yield sse({**head, "choices": [{"text": "", "index": index, "logprobs": None,
+                                                    "finish_reason": r.finish_reason}]})
+                usage(requests)
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        results = await gather(requests, queue)
+        choices = []
+        for index, ((i, _), r, got) in enumerate(zip(rows, requests, results)):
+            text = "".join(p.text for p in got)
+            lp = None
+            if body.echo:
+                text = texts[i] + text
+            if body.logprobs is not None:
+                lp = logprobs_of(got, len(texts[i]) if body.echo else 0)
+                if body.echo:
+                    lp = merge(await prompt_logprobs(prompts[i], body.logprobs), lp)
+            choices.append({"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason})
+        return {**head, "choices": choices, "usage": usage(requests)}
+
+    async def prompt_logprobs(ids: list[int], top: int) -> dict:
+        """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``."""
+        values = await asyncio.to_thread(score, model, ids, 1, run.dtype, max(top, 1))
+        text_offset, at = [], 0
+        for i in ids:
+            text_offset.append(at)
+            at += len(token_text(i))
+        return {"tokens": [token_text(i) for i in ids], "token_logprobs": [None] + [v for v, _ in values],
+                "top_logprobs": [None] + [{token_text(i): lp for i, lp in list(alts.items())[:top]} for _, alts in values],
+                "text_offset": text_offset}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            prompt = tok.chat_ids(messages)
+        except (FournilError, AttributeError) as e:
+            raise ApiError(400, f"this model cannot chat: {e}; use /v1/completions", param="messages") from None
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
+        requests, queue = submit([prompt] * body.n, [row_params(params, c) for c in range(body.n)])
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": cid, "created": int(time.time()), "model": name}
+
+        def logprobs_of(pieces_) -> dict:
+            def entry(i, lp):
+                text = token_text(i)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**entry(p.token, p.logprob),
+                                 "top_logprobs": [entry(i, v) for i, v in (p.top or {}).items()]}
+                                for p in pieces_ if p.token >= 0]}
+
+        if body.stream:
+            async def events():
+                chunk = {**head, "object": "chat.completion.chunk"}
+                for index in range(body.n):
+                    yield sse({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}]})
+                async for index, piece in pieces(requests, queue):
+                    if not piece.text and piece.token < 0:
+                        continue
+                    lp = logprobs_of([piece]) if body.logprobs else None
+                    yield sse({**chunk, "choices": [{"index": index, "delta": {"content": piece.text}, "logprobs": lp,
+                                                     "finish_reason": None}]})
+                for index, r in enumerate(requests):
+                    yield sse({**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                                     "finish_reason": r.finish_reason}]})
+                yield sse({**chunk, "choices": [], "usage": usage(requests)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        results = await gather(requests, queue)
+        choices = [{"index": index, "message": {"role": "assistant", "content": "".join(p.text for p in got)},
+                    "logprobs": logprobs_of(got) if body.logprobs else None, "finish_reason": r.finish_reason}
+                   for index, (r, got) in enumerate(zip(requests, results))]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(requests)}
+
+    # ---- the classic endpoint, health, metrics, the page
+    @app.post("/predict")
+    async def predict(body: PredictRequest):
+        chat_model = getattr(tok, "chat_template", None)
+        prompt = tok.chat_ids([{"role": "user", "content": body.text}]) if chat_model else tok.prompt_ids(body.text)
+        params = sampling(Sampling(temperature=0), len(prompt), body.max_tokens or min(256, block - len(prompt)), None)
+        requests, queue = submit([prompt], [params])
+        got = (await gather(requests, queue))[0]
+        usage(requests)
+        return {"text": "".join(p.text for p in got)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def page():
+        html = (resources.files("fournil.serve") / "page.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", json.dumps(name)))
+
+    return app
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def merge(prompt: dict, answer: dict) -> dict:
+    return {k: prompt[k] + answer[k] for k in prompt}

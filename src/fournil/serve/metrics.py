@@ -1,0 +1,46 @@
+"""Counters for ``GET /metrics``, in Prometheus' text format."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+
+class Metrics:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.lock = threading.Lock()
+        self.requests: Counter = Counter()  # (path, status) -> count
+        self.latency_sum: Counter = Counter()  # path -> seconds
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[path, status] += 1
+            self.latency_sum[path] += seconds
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        with self.lock:
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+
+    def render(self) -> str:
+        with self.lock:
+            lines = ["# HELP fournil_requests_total HTTP requests answered, by path and status.",
+                     "# TYPE fournil_requests_total counter"]
+            lines += [f'fournil_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+            lines += ["# HELP fournil_request_seconds Time to answer HTTP requests, by path (a stream: until its end).",
+                      "# TYPE fournil_request_seconds summary"]
+            for p in sorted(self.latency_sum):
+                count = sum(n for (q, _), n in self.requests.items() if q == p)
+                lines += [f'fournil_request_seconds_sum{{path="{p}"}} {self.latency_sum[p]:.6f}',
+                          f'fournil_request_seconds_count{{path="{p}"}} {count}']
+            lines += ["# HELP fournil_prompt_tokens_total Prompt tokens read.", "# TYPE fournil_prompt_tokens_total counter",
+                      f"fournil_prompt_tokens_total {self.prompt_tokens}",
+                      "# HELP fournil_completion_tokens_total Tokens generated.",
+                      "# TYPE fournil_completion_tokens_total counter",
+                      f"fournil_completion_tokens_total {self.completion_tokens}"]
+        lines += ["# HELP fournil_queue_depth Requests waiting for a row of the batch.", "# TYPE fournil_queue_depth gauge",
+                  f"fournil_queue_depth {self.scheduler.queued}",
+                  "# HELP fournil_active_sequences Sequences being generated.", "# TYPE fournil_active_sequences gauge",
+                  f"fournil_active_sequences {len(self.scheduler.active)}"]
+        return "\n".join(lines) + "\n"

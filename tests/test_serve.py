@@ -1,0 +1,206 @@
+"""The HTTP server, tested as users meet it: a real server process on 127.0.0.1, the official openai client."""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from conftest import CLI
+
+from fournil.generate import SamplingParams, complete, score
+from fournil.runs import Run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "fournil", "serve", str(model), "--port", str(self.port),
+                                         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited:\n{self.process.stdout.read()}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("the server did not start")
+
+    def get(self, path: str, headers: dict | None = None):
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+
+    def post(self, path: str, body: dict, headers: dict | None = None):
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny llama with a byte-level BPE and the ChatML template."""
+    root = tmp_path_factory.mktemp("serve")
+    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:300", "--n-embd", "32",
+              "--n-layer", "2", "--block-size", "1024", "--steps", "20", "--eval-every", "20", "--batch-size", "4", "--quiet",
+              "--out", "chat")
+    return root / "chat"
+
+
+@pytest.fixture(scope="module")
+def server(chat_run):
+    s = Server(chat_run)
+    yield s
+    s.stop()
+
+
+def test_completions_through_the_openai_client(server, chat_run):
+    run = Run.load(chat_run, "cpu")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    assert [m.id for m in client.models.list()] == ["chat"]
+    out = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0)
+    ours = complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING")], SamplingParams(12, temperature=0))[0]
+    assert out.choices[0].text == ours.text and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len(run.tokenizer.prompt_ids("KING"))
+
+    # a stop string ends the text before it
+    stop = ours.text[4:7]
+    cut = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == ours.text[: ours.text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    # echo with logprobs: the prompt's own tokens and their log-probabilities, as evaluations need
+    scored = client.completions.create(model="chat", prompt="To be or not", max_tokens=1, temperature=0, echo=True,
+                                       logprobs=2)
+    lp = scored.choices[0].logprobs
+    ids = run.tokenizer.prompt_ids("To be or not")
+    assert scored.choices[0].text.startswith("To be or not")
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(score(run.model, ids), abs=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+
+    # n > 1 and a list of prompts
+    many = client.completions.create(model="chat", prompt=["KING", "QUEEN"], max_tokens=5, n=3, seed=4)
+    assert sorted(c.index for c in many.choices) == list(range(6))
+    assert len({c.text for c in many.choices[:3]}) > 1  # three different samples of one prompt
+
+
+def test_chat_streaming_and_errors(server, chat_run):
+    run = Run.load(chat_run, "cpu")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "Speak, good sir."}]
+    whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0)
+    assert whole.usage.prompt_tokens == len(run.tokenizer.chat_ids(messages))
+    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    probs = client.chat.completions.create(model="chat", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+    content = probs.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "word " * 2000}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="chat", messages=messages, max_tokens=10_000)
+    status, body = server.post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert status == 400 and "role" in body["error"]["message"]
+
+    status, body = server.post("/predict", {"text": "Speak, good sir."})
+    assert status == 200 and isinstance(body["text"], str)
+    assert server.get("/health")[0] == 200
+    metrics = server.get("/metrics")[1]
+    assert 'fournil_requests_total{path="/v1/chat/completions",status="200"}' in metrics
+    assert "fournil_queue_depth 0" in metrics
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    stream = client.completions.create(model="chat", prompt="KING", max_tokens=80, stream=True, temperature=1)
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 10
+    while "fournil_active_sequences 0" not in server.get("/metrics")[1]:
+        assert time.time() < deadline, "the abandoned sequence kept its row"
+        time.sleep(0.1)
+
+
+def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run):
+    server = Server(chat_run, "--api-key", "sesame", "--max-batch", "1", "--max-waiting", "1")
+    key = {"Authorization": "Bearer sesame"}
+    try:
+        long = {"prompt": "KING", "max_tokens": 900, "stream": True}
+        running = urllib.request.urlopen(urllib.request.Request(
+            server.url + "/v1/completions", json.dumps(long).encode(), {"Content-Type": "application/json", **key}))
+        running.readline()  # its first piece came: it holds the only row
+        waiting = urllib.request.urlopen(urllib.request.Request(
+            server.url + "/v1/completions", json.dumps(long).encode(), {"Content-Type": "application/json", **key}))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(server.url + "/v1/completions", json.dumps(
+                {"prompt": "KING", "max_tokens": 5}).encode(), {"Content-Type": "application/json", **key}))
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "busy" in json.loads(refused.value.read())["error"]["message"]
+        running.close()
+        waiting.close()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong").models.list()
+        assert [m.id for m in openai.OpenAI(base_url=server.url + "/v1", api_key="sesame").models.list()] == ["chat"]
+        assert server.get("/health")[0] == 200  # open: for load balancers
+        status, body = server.post("/predict", {"text": "hi"})
+        assert status == 401 and "API key" in body["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_the_chat_page_streams_an_answer_and_stops_it(server):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser test needs Debian's chromium: apt-get install chromium (.ci/run does)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium)
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.fill("#max-tokens", "900")
+        page.fill("#question", "Speak, <b>good</b> sir.")
+        page.press("#question", "Enter")
+        answer = page.locator(".msg.assistant").last
+        page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 20")
+        assert answer.get_attribute("data-done") is None  # still streaming, shown as it comes
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('.msg.assistant').dataset.done === 'true'")
+        shown = answer.text_content()
+        assert page.is_disabled("#stop") and page.is_enabled("#send")
+        page.wait_for_timeout(500)
+        assert answer.text_content() == shown  # nothing more arrives after stop
+        assert 20 < len(shown) and "<b>" in page.locator(".msg.user").text_content()  # text, never HTML
+        page.click("#new-chat")
+        assert page.locator(".msg").count() == 0
+        browser.close()
+    deadline = time.time() + 10
+    while "fournil_active_sequences 0" not in server.get("/metrics")[1]:  # the stopped answer freed its row
+        assert time.time() < deadline
+        time.sleep(0.1)
