@@ -57,3 +57,14 @@ def running_text(tmp_path_factory) -> Path:
     CLI(root)("train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--block-size",
               "16", "--steps", "10", "--eval-every", "10", "--quiet", "--out", "tiny")
     return root / "tiny"
+
+
+@pytest.fixture(scope="session")
+def bpe_llama(tmp_path_factory) -> Path:
+    """A tiny llama of Shakespeare with a byte-level BPE (ChatML template, <|im_end|> ends a turn) and a context of
+    1,024 tokens: a base to fine-tune, and a chat model to serve."""
+    root = tmp_path_factory.mktemp("bpe-llama")
+    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:400", "--n-embd", "48",
+              "--n-layer", "2", "--block-size", "1024", "--batch-size", "4", "--steps", "20", "--eval-every", "20",
+              "--quiet", "--out", "chat")
+    return root / "chat"

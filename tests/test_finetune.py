@@ -17,12 +17,8 @@ from fournil.runs import Run
 
 
 @pytest.fixture(scope="module")
-def bpe_base(tmp_path_factory):
-    """A tiny llama pretrained on Shakespeare with a byte-level BPE (ChatML template, <|im_end|> ends a turn)."""
-    root = tmp_path_factory.mktemp("sft")
-    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:400", "--n-embd", "48",
-              "--n-layer", "2", "--block-size", "128", "--steps", "20", "--eval-every", "20", "--quiet", "--out", "base")
-    return root, root / "base"
+def bpe_base(bpe_llama, tmp_path_factory):
+    return tmp_path_factory.mktemp("sft"), bpe_llama
 
 
 def test_prompt_tokens_carry_no_loss_and_the_end_of_turn_does(bpe_base):
@@ -118,8 +114,8 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
         read_conversations(str(bad))
     root, base = bpe_base
     long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "Say it", "output": "word " * n} for n in (1, 2, 3, 400, 500)])
-    result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "500", "--quiet", check=False)
-    assert result.returncode == 2 and "--max-length 500 is longer than the model's context of 128" in result.stderr
+    result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "2000", "--quiet", check=False)
+    assert result.returncode == 2 and "--max-length 2000 is longer than the model's context of 1024" in result.stderr
     result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "100", "--quiet", "--out", "long")
     assert "skipped 2 of 5 examples longer than 100 tokens" in result.stdout
     result = CLI(root)("finetune", trained["gpt"], "--steps", "2", "--quiet", check=False)

@@ -10,7 +10,6 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import CLI
 
 from fournil.generate import SamplingParams, complete, score
 from fournil.runs import Run
@@ -59,13 +58,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
-    """A tiny llama with a byte-level BPE and the ChatML template."""
-    root = tmp_path_factory.mktemp("serve")
-    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:300", "--n-embd", "32",
-              "--n-layer", "2", "--block-size", "1024", "--steps", "20", "--eval-every", "20", "--batch-size", "4", "--quiet",
-              "--out", "chat")
-    return root / "chat"
+def chat_run(bpe_llama):
+    return bpe_llama
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ class InstructionData(LineData):
     def sample(self, batch_size: int, generator: torch.Generator):
         return self._collate(torch.randint(len(self.seqs), (batch_size,), generator=generator).tolist())
 
-    def batches(self, batch_size: int, max_tokens: int | None = None, width: int = 8192):
+    def batches(self, batch_size: int, max_tokens: int | None = None, width: int = 2048):
         """Every example once, grouped by length, at most ``batch_size`` examples and ``width`` tokens a batch (a
         large vocabulary's logits are big)."""
         group: list[int] = []
