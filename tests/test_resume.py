@@ -1,6 +1,7 @@
 """A run killed with SIGKILL leaves a readable checkpoint, and --resume carries on from it exactly."""
 import json
 import signal
+import subprocess
 import time
 
 from safetensors import safe_open
@@ -59,7 +60,11 @@ def test_ctrl_c_saves_the_steps_done_and_says_how_to_continue(cli, tmp_path):
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where it hung
+        proc.kill()
+        raise AssertionError(f"no exit 120 s after Ctrl-C; stderr:\n{proc.communicate()[1]}") from None
     assert proc.returncode == 130
     assert f"continue with: fournil train --resume {run.name}" in err
     assert checkpoint_step(run) >= 10  # no validation had come yet: the interrupt itself saved the state

@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -146,19 +147,26 @@ def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run)
     server = Server(chat_run, "--api-key", "sesame", "--max-batch", "1", "--max-waiting", "1")
     key = {"Authorization": "Bearer sesame"}
     try:
-        long = {"prompt": "KING", "max_tokens": 900, "stream": True}
-        running = urllib.request.urlopen(urllib.request.Request(
-            server.url + "/v1/completions", json.dumps(long).encode(), {"Content-Type": "application/json", **key}))
-        running.readline()  # its first piece came: it holds the only row
-        waiting = urllib.request.urlopen(urllib.request.Request(
-            server.url + "/v1/completions", json.dumps(long).encode(), {"Content-Type": "application/json", **key}))
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(server.url + "/v1/completions", json.dumps(
-                {"prompt": "KING", "max_tokens": 5}).encode(), {"Content-Type": "application/json", **key}))
-        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
-        assert "busy" in json.loads(refused.value.read())["error"]["message"]
-        running.close()
-        waiting.close()
+        # ten requests at once for one row and one place in the queue: most are turned away, to come back later
+        answers = {}
+
+        def ask(i):
+            request = urllib.request.Request(server.url + "/v1/completions", json.dumps(
+                {"prompt": "KING", "max_tokens": 1000}).encode(), {"Content-Type": "application/json", **key})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as r:
+                    answers[i] = (r.status, None)
+            except urllib.error.HTTPError as e:
+                answers[i] = (e.code, e.headers["Retry-After"], json.loads(e.read())["error"]["message"])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        refused = [a for a in answers.values() if a[0] == 503]
+        assert len(answers) == 10 and refused and {a[0] for a in answers.values()} == {200, 503}
+        assert all(retry == "1" and "busy" in message for _, retry, message in refused)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="wrong").models.list()
         assert [m.id for m in openai.OpenAI(base_url=server.url + "/v1", api_key="sesame").models.list()] == ["chat"]
