@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ class CLI:
         return result
 
     def popen(self, *args) -> subprocess.Popen:
+        # Ctrl-C reaches the child even when the tests themselves run in the background (where the shell ignores it)
         return subprocess.Popen([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.fixture
