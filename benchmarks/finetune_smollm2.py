@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from fournil.config import LoraConfig, TrainConfig
-from fournil.data.instructions import instruction_path, load_instructions
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, load_instructions
 from fournil.generate import SamplingParams, complete
 from fournil.runs import Run
 from fournil.train.finetune import finetune
@@ -34,7 +34,7 @@ MAX_LENGTH, HELD_OUT, ANSWER_TOKENS = 256, 40, 160
 def json_answers(folder: Path) -> Path:
     """rasbt_instructions with every output wrapped as {"answer": output}."""
     out = folder / "json_answers.jsonl"
-    rows = [json.loads(line) for line in instruction_path("rasbt_instructions").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS, "instruction").read_text(encoding="utf-8").splitlines()]
     out.write_text("".join(json.dumps({**r, "output": json.dumps({"answer": r["output"]}, ensure_ascii=False)},
                                       ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return out

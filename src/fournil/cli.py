@@ -88,13 +88,8 @@ def add_train(sub) -> None:
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str)
 
 
-def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: smollm2)",
-                       description="Supervised fine-tuning on instruction/response examples: loss on the answers only.")
-    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
-    p.add_argument("--data", default="rasbt_instructions",
-                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL/JSON file of Alpaca "
-                        "(instruction, input, output) or chat (messages) examples")
+def add_tuning_args(p) -> None:
+    """The flags that fine-tuning and learning from preferences share: LoRA, and the longest example."""
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / rank)")
@@ -102,6 +97,70 @@ def add_finetune(sub) -> None:
     p.add_argument("--targets", default="", help="comma-separated layer names to adapt (default: every linear layer)")
     p.add_argument("--max-length", type=int,
                    help="examples longer than this many tokens are skipped (default 512, or the model's context)")
+
+
+PREFERENCE_DATA = ("rasbt_preferences (default), hh_rlhf_harmless, or a JSONL/JSON file of records with 'prompt', "
+                   "'chosen' and 'rejected'")
+
+
+def add_align(sub) -> None:
+    p = sub.add_parser("align", help="learn from preferences: DPO, or GRPO against a reward (default: DPO on smollm2)",
+                       description="Align a chat model with human preferences: DPO on chosen/rejected pairs, or GRPO "
+                                   "(sampled answers scored by a reward model or a function, with a KL penalty).")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--data", default="rasbt_preferences", help=PREFERENCE_DATA + " (grpo: its prompts; an instruction "
+                                                                                   "set's prompts work too)")
+    p.add_argument("--method", default="dpo", choices=["dpo", "grpo"])
+    p.add_argument("--beta", type=float, help="dpo: preference strength (default 0.1); grpo: KL penalty (default 0.04)")
+    p.add_argument("--reference", default="model", choices=["model", "precomputed"],
+                   help="dpo: keep the reference model (with LoRA: the model without its adapter, free), or compute its "
+                        "log-probabilities of every answer once (no second model in memory)")
+    p.add_argument("--reward", help="grpo: a reward model's run (fournil reward train), a built-in reward (brevity), "
+                                    "or FILE.py:FUNCTION")
+    p.add_argument("--group", type=int, default=4, help="grpo: answers sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="grpo: length limit of sampled answers")
+    p.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature")
+    add_tuning_args(p)
+    add_loop_args(p, steps=" (default 200)", batch="pairs per step (dpo, default 8); answers per step (grpo, "
+                                                   "default 2 x --group)", lr=" (default: set by the method)")
+    p = sub.add_parser("reward", help="train a reward model on preference pairs, or score answers with one")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="a scalar head on a model, trained so that chosen answers score higher")
+    t.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    t.add_argument("--data", default="rasbt_preferences", help=PREFERENCE_DATA)
+    add_tuning_args(t)
+    add_loop_args(t, steps=" (default 200)", batch="pairs per step (default 8)", lr=" (default 1e-3 with LoRA, "
+                                                                                    "1e-5 without)")
+    s = actions.add_parser("score", help="rewards of answers, or the accuracy on preference pairs")
+    s.add_argument("run", help="a reward model's run directory")
+    s.add_argument("--prompt", help="a user message; give --answer once or more")
+    s.add_argument("--answer", action="append", default=[], help="an answer to score (repeatable)")
+    s.add_argument("--data", help="preference pairs to score (default: the run's own val and test pairs)")
+    s.add_argument("--device", default="auto")
+
+
+def lora_config(args):
+    from fournil.config import LoraConfig
+
+    if not args.lora:
+        return None
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    return LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
+
+
+def loop_config(args) -> TrainConfig:
+    return TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
+                       eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype)
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: smollm2)",
+                       description="Supervised fine-tuning on instruction/response examples: loss on the answers only.")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--data", default="rasbt_instructions",
+                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL/JSON file of Alpaca "
+                        "(instruction, input, output) or chat (messages) examples")
+    add_tuning_args(p)
     p.add_argument("--pack", action="store_true", help="join short training examples into rows of --max-length tokens")
     add_loop_args(p, steps=" (default 200)", batch="examples per step (default 8)",
                   lr=" (default 1e-3 with LoRA, 5e-5 without)")
@@ -209,6 +268,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_finetune(sub)
+    add_align(sub)
     add_run_commands(sub)
     add_model_commands(sub)
     add_tokenizer_commands(sub)
@@ -245,21 +305,53 @@ def run_train(args) -> None:
     report(run)
 
 
-def run_finetune(args) -> None:
-    from fournil.config import LoraConfig
+def run_finetune(args, align=None) -> None:
     from fournil.train.finetune import finetune
 
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
     if args.resume:
         report(finetune(resume=args.resume, budget=budget, progress=not args.quiet))
         return
-    lora = None
-    if args.lora:
-        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-        lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
-    train = TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
-                        eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype)
-    report(finetune(args.model, args.data, lora, train, args.max_length, args.pack, args.out, progress=not args.quiet))
+    report(finetune(args.model, args.data, lora_config(args), loop_config(args), args.max_length,
+                    getattr(args, "pack", False), args.out, progress=not args.quiet, align=align))
+
+
+def run_align(args) -> None:
+    from fournil.config import AlignConfig
+
+    run_finetune(args, AlignConfig(method=args.method, beta=args.beta, reference=args.reference, reward=args.reward,
+                                   group=args.group, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+
+
+def run_reward(args) -> None:
+    from fournil.config import AlignConfig
+
+    if args.action == "train":
+        run_finetune(args, AlignConfig(method="reward"))
+        return
+    from fournil.data.instructions import pad_id
+    from fournil.data.preferences import PreferenceData, render_pairs
+    from fournil.train.objectives import PairwiseReward
+    from fournil.train.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(args.run, args.device)
+    if args.prompt is not None or args.answer:
+        if args.prompt is None or not args.answer:
+            raise FournilError("give --prompt and at least one --answer to score")
+        for answer, reward in zip(args.answer, scorer([[{"role": "user", "content": args.prompt}]] * len(args.answer),
+                                                      args.answer)):
+            print(f"{reward:+.4f}  {answer}")
+        return
+    run, objective = scorer.run, PairwiseReward()
+    if args.data:
+        pairs = render_pairs(args.data, run.tokenizer, run.config.finetune.max_length)
+        splits = {args.data: PreferenceData(pairs, pad_id(run.tokenizer), "scored")}
+    else:
+        splits = {name: part for name, part in run.data().items() if name != "train"}
+    for name, part in splits.items():
+        scores = objective.validate(scorer.model, part, run.tokenizer, run.dtype, None)
+        print(f"{name}: {len(part):,} pairs, chosen scored higher in {100 * scores['accuracy']:.1f} %, "
+              f"mean margin {scores['margin']:+.3f}, loss {scores['loss']:.4f}")
 
 
 def run_merge(args) -> None:
@@ -285,9 +377,14 @@ def report(run) -> None:
     if run is None:  # a process other than rank 0 of a multi-process run
         return
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    best = min(r["val_loss"] for r in records if "val_loss" in r)
+    best = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
     samples = (run.path / "samples.txt").read_text(encoding="utf-8").splitlines()
-    print(f"best val NLL {best:.4f} nats/token ({best / math.log(2):.3f} bits); saved to {run.path}")
+    if run.config.align:
+        scores = ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in best.items() if k.startswith("val_"))
+        print(f"best val (step {best['step']}): {scores}; saved to {run.path}")
+    else:
+        nll = best["val_loss"]
+        print(f"best val NLL {nll:.4f} nats/token ({nll / math.log(2):.3f} bits); saved to {run.path}")
     if samples:
         print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
     if run.config.finetune:
@@ -302,6 +399,10 @@ def run_eval(args) -> None:
     run = Run.load(args.run, args.device)
     results = run.evaluate()
     print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters")
+    if run.config.align:
+        for name, r in results.items():
+            print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
+        return
     print(f"{'split':<6} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}")
     for name, r in results.items():
         print(f"{name:<6} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} {r['bpb']:>10.4f}")
@@ -506,7 +607,7 @@ def run_tokenize(args) -> None:
     print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes per token")
 
 
-COMMANDS = {"train": run_train, "finetune": run_finetune, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
+COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
             "chat": run_chat, "serve": run_serve, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 

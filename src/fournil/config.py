@@ -78,12 +78,38 @@ class FinetuneConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Learning from preferences, on top of fine-tuning's settings."""
+
+    method: str = "dpo"  # dpo; reward (train a reward model); grpo (policy gradient on sampled answers' rewards)
+    beta: float | None = None  # dpo: how far the policy may move for a preference (0.1); grpo: KL penalty weight (0.04)
+    reference: str = "model"  # dpo: "model" (the base model, frozen) or "precomputed" (its log-probabilities, once)
+    reward: str | None = None  # grpo: a reward model's run directory, or a built-in reward's name
+    group: int = 4  # grpo: answers sampled for each prompt, compared with each other
+    max_new_tokens: int = 64  # grpo: length limit of a sampled answer
+    temperature: float = 1.0  # grpo: sampling temperature
+
+    def check(self) -> None:
+        if self.method not in ("dpo", "reward", "grpo"):
+            raise FournilError(f"unknown alignment method {self.method!r}: choose dpo or grpo (or train a reward model "
+                               f"with `fournil reward train`)")
+        if self.reference not in ("model", "precomputed"):
+            raise FournilError(f"--reference {self.reference}: choose model or precomputed")
+        if self.beta is not None and self.beta < 0:
+            raise FournilError(f"--beta must not be negative (got {self.beta})")
+        if self.method == "grpo" and (self.group < 2 or self.max_new_tokens < 1 or self.temperature <= 0):
+            raise FournilError("grpo compares answers to the same prompt: --group must be at least 2, "
+                               "--max-new-tokens at least 1 and --temperature above 0")
+
+
+@dataclass
 class RunConfig:
     model: dict
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
     train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
     finetune: FinetuneConfig | None = None  # for a fine-tuned model: its base and how it was tuned
+    align: AlignConfig | None = None  # for a model tuned on preferences (or a reward model): how
 
 
 def to_dict(obj) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
-from fournil.config import DataConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
+from fournil.config import AlignConfig, DataConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
 from fournil.device import pick_device, pick_dtype
 from fournil.errors import FournilError
@@ -38,13 +38,13 @@ def read_config(path: Path) -> RunConfig:
                            f"(config.json, *.safetensors, tokenizer.json) and .gguf files")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-        data, train, tuned = raw.get("data"), raw.get("train"), raw.get("finetune")  # None for imported models
+        data, train, tuned, align = raw.get("data"), raw.get("train"), raw.get("finetune"), raw.get("align")
         if tuned:
             lora = tuned.get("lora") and from_dict(LoraConfig, {**tuned["lora"], "targets": tuple(tuned["lora"]["targets"])}, "lora")
             tuned = from_dict(FinetuneConfig, {**tuned, "lora": lora}, "finetune")
         return RunConfig(model=raw["model"], data=data and from_dict(DataConfig, data, "data"),
                          train=train and from_dict(TrainConfig, train, "train"), fingerprints=raw.get("fingerprints", {}),
-                         finetune=tuned)
+                         finetune=tuned, align=align and from_dict(AlignConfig, align, "align"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise FournilError(f"{file} is damaged ({e}); train the run again") from None
 
@@ -127,6 +127,10 @@ class Run:
 
     def data(self) -> dict:
         """The run's train/val/test sets, ready to score: tokenized text, or rendered instruction examples."""
+        if self.config.align:
+            from fournil.train.align import load_alignment_data
+
+            return load_alignment_data(self.config, self.tokenizer, announce=lambda _: None)
         if self.config.finetune:
             from fournil.data.instructions import load_instructions
 
@@ -143,7 +147,11 @@ class Run:
 
     def evaluate(self, names=("val", "test"), max_tokens: int | None = None) -> dict:
         """Average NLL per token (nats), perplexity, bits per character and per byte, for each split named (answer
-        tokens only, for a fine-tuning run)."""
+        tokens only, for a fine-tuning run); for a run tuned on preferences, the scores of its method."""
+        if self.config.align:
+            from fournil.train.align import evaluate_alignment
+
+            return evaluate_alignment(self, names)
         data = self.data()
         return {n: evaluate_nll(self.model, data[n], self.tokenizer, self.dtype, max_tokens=max_tokens) for n in names}
 

@@ -33,41 +33,44 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def instruction_path(spec: str) -> Path:
-    if spec in BUNDLED_INSTRUCTIONS:
-        return Path(str(resources.files("fournil.data") / "files" / BUNDLED_INSTRUCTIONS[spec]))
+def data_path(spec: str, bundled: dict[str, str], what: str) -> Path:
+    """A bundled JSONL file by name, or the file at ``spec``."""
+    if spec in bundled:
+        return Path(str(resources.files("fournil.data") / "files" / bundled[spec]))
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise FournilError(f"no instruction set or file named {spec!r}: use a bundled one "
-                           f"({', '.join(BUNDLED_INSTRUCTIONS)}) or a .jsonl/.json file of Alpaca or chat examples")
+        raise FournilError(f"no {what} set or file named {spec!r}: use a bundled one ({', '.join(bundled)}) "
+                           f"or a .jsonl/.json file of {what} examples")
     return path
+
+
+def read_rows(path: Path) -> list[tuple[str, object]]:
+    """The records of a JSONL file or a JSON array, each with where it is (``file, line N``) for error messages."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FournilError(f"{path} is not UTF-8 text: give a JSONL file, one JSON object per line") from None
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"{path}, item {n}", row) for n, row in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise FournilError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}, line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not rows:
+        raise FournilError(f"{path} holds no examples")
+    return rows
 
 
 def read_conversations(spec: str) -> list[list[dict]]:
     """Every example of an instruction file as a list of chat messages; malformed lines are named."""
-    path = instruction_path(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FournilError(f"{path} is not UTF-8 text: give a JSONL file of instruction examples") from None
-    if text.lstrip().startswith("["):
-        try:
-            rows = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise FournilError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-        where = "item"
-    else:
-        rows, where = [], "line"
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-    if not rows:
-        raise FournilError(f"{path} holds no examples")
-    return [to_messages(row, f"{path}, {where} {n}") for n, row in rows]
+    return [to_messages(row, where) for where, row in read_rows(data_path(spec, BUNDLED_INSTRUCTIONS, "instruction"))]
 
 
 def to_messages(row, where: str) -> list[dict]:
@@ -125,6 +128,9 @@ class InstructionData(LineData):
         self.learned = [torch.tensor(mask) for _, mask in examples]
         self.num_targets = sum(int(m[1:].sum()) for m in self.learned)
 
+    def __len__(self) -> int:
+        return len(self.seqs)
+
     def _collate(self, picks) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(self.seqs[i]) for i in picks) - 1
         x = torch.full((len(picks), width), self.pad, dtype=torch.long)
@@ -166,24 +172,36 @@ def pack(examples: list[tuple[list[int], list[bool]]], max_length: int) -> list[
     return rows + [(ids, learned)] * bool(ids)
 
 
-def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
-                      announce=print, packed: bool = False) -> dict[str, InstructionData]:
-    """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted).
-    With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
-    conversations = read_conversations(spec)
-    rendered = [render_example(tokenizer, c) for c in conversations]
-    kept = [r for r in rendered if len(r[0]) <= max_length]
+def split_examples(kept: list, split, seed: int) -> dict[str, list]:
+    """A seeded shuffle cut into train/val/test, each split at least one example."""
+    random.Random(seed).shuffle(kept)
+    n_val = max(1, round(split[1] * len(kept)))
+    n_test = max(1, round(split[2] * len(kept)))
+    return {"train": kept[: len(kept) - n_val - n_test], "val": kept[len(kept) - n_val - n_test : len(kept) - n_test],
+            "test": kept[len(kept) - n_test :]}
+
+
+def keep_short(rendered: list, length, max_length: int, spec: str, announce) -> list:
+    """The examples of at most ``max_length`` tokens (``length`` measures one); at least three must remain."""
+    kept = [r for r in rendered if length(r) <= max_length]
     if len(kept) < len(rendered):
         announce(f"skipped {len(rendered) - len(kept)} of {len(rendered)} examples longer than {max_length} tokens "
                  f"(raise --max-length to keep them)")
     if len(kept) < 3:
-        raise FournilError(f"{spec} has {len(kept)} usable examples; fine-tuning needs at least 3 (train, val, test)")
-    random.Random(seed).shuffle(kept)
-    n_val = max(1, round(split[1] * len(kept)))
-    n_test = max(1, round(split[2] * len(kept)))
-    parts = {"train": kept[: len(kept) - n_val - n_test], "val": kept[len(kept) - n_val - n_test : len(kept) - n_test],
-             "test": kept[len(kept) - n_test :]}
+        raise FournilError(f"{spec} has {len(kept)} usable examples; training needs at least 3 (train, val, test)")
+    return kept
+
+
+def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
+                      announce=print, packed: bool = False) -> dict[str, InstructionData]:
+    """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted).
+    With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
+    rendered = [render_example(tokenizer, c) for c in read_conversations(spec)]
+    parts = split_examples(keep_short(rendered, lambda r: len(r[0]), max_length, spec, announce), split, seed)
     if packed:
         parts["train"] = pack(parts["train"], max_length)
-    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    return {name: InstructionData(part, pad, name) for name, part in parts.items()}
+    return {name: InstructionData(part, pad_id(tokenizer), name) for name, part in parts.items()}
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0

@@ -24,6 +24,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     top: list[dict[int, float]] = field(default_factory=list)  # per token, when logprobs were asked for
     finish_reason: str = "length"  # "stop": a stop token or string ended it; "length": max_new_tokens did
+    stop_token: int | None = None  # the stop token that ended it (not part of ``tokens``), if one did
 
 
 def row_params(params: SamplingParams, row: int) -> SamplingParams:
@@ -42,7 +43,7 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
         pass
     out = []
     for r in requests:
-        c = Completion(finish_reason=r.finish_reason)
+        c = Completion(finish_reason=r.finish_reason, stop_token=r.context[-1] if r.text.at_stop_token else None)
         for piece in r:
             c.text += piece.text
             if piece.token >= 0:

@@ -119,12 +119,15 @@ class GPT(LanguageModel):
                 logits_to_keep: int | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
         continues what the cache holds (``valid`` marks padding)."""
+        x = self.hidden(idx, cache, valid)
+        return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's normalized states (B, T, n_embd): what the output layer reads, and a reward head too."""
         pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
         if cache is not None:
             cache.advance(idx.shape[1])
-        if logits_to_keep is not None:
-            x = x[:, x.shape[1] - logits_to_keep :]
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)

@@ -177,6 +177,11 @@ class Llama(LanguageModel):
                 logits_to_keep: int | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
         continues what the cache holds (``valid`` marks padding)."""
+        x = self.hidden(idx, cache, valid)
+        return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's normalized states (B, T, n_embd): what the output layer reads, and a reward head too."""
         positions, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         angles = positions[..., None].float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1 for every head, T, head_dim)
@@ -186,6 +191,4 @@ class Llama(LanguageModel):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(idx.shape[1])
-        if logits_to_keep is not None:
-            x = x[:, x.shape[1] - logits_to_keep :]
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)

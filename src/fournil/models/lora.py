@@ -6,6 +6,7 @@ the names PEFT gives them, so adapters go to and from PEFT by a prefix.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,9 +29,11 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)  # the adapted model starts as the base model
         self.lora_dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
+        self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        out = F.linear(x, self.weight, self.bias)
+        return out if self.disabled else out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def merged(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -41,6 +44,19 @@ class LoRALinear(nn.Linear):
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """The base model's computation, every LoRA update left out: a reference model that costs no memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 
 from fournil.checkpoint import write_json
 from fournil.config import (
+    AlignConfig,
     DataConfig,
     FinetuneConfig,
     LoraConfig,
@@ -26,6 +27,8 @@ from fournil.formats.peft import save_adapter
 from fournil.models.lora import add_lora
 from fournil.runs import CONFIG, TOKENIZER, Run, find_run, read_config
 from fournil.tokenizers import load_tokenizer
+from fournil.train.align import DEFAULT_LR as ALIGN_LR
+from fournil.train.align import alignment, check, load_alignment_data, reference
 from fournil.train.distributed import join, leave
 from fournil.train.trainer import Trainer, new_run_dir
 
@@ -47,9 +50,11 @@ def chat_tokenizer(tokenizer):
 
 def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: LoraConfig | None = None,
              train: TrainConfig | None = None, max_length: int | None = None, pack: bool = False, out: str | None = None,
-             resume: str | None = None, budget: dict | None = None, progress: bool = True, announce=print) -> Run:
-    """Tune ``base`` (a run, a .gguf file, a Hugging Face folder or ``smollm2``) on the instruction set ``data``, or
-    continue the fine-tuning run ``resume``; returns the tuned :class:`Run`."""
+             resume: str | None = None, budget: dict | None = None, progress: bool = True, announce=print,
+             align: AlignConfig | None = None) -> Run:
+    """Tune ``base`` (a run, a .gguf file, a Hugging Face folder or ``smollm2``) on the instruction set ``data``, or,
+    with ``align``, learn from the preference set ``data`` (DPO, a reward model, GRPO); or continue the run
+    ``resume``. Returns the tuned :class:`Run`."""
     world = join()
     try:
         if resume:
@@ -66,31 +71,43 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length, pack=pack)
             base_run = Run.load(ft.base, (train or TrainConfig()).device)
             tokenizer = chat_tokenizer(base_run.tokenizer)
-            config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="instructions", tokenizer="base"),
-                               train=fill_train(train or TrainConfig(), lora is not None), finetune=ft)
+            config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="preferences" if align else
+                                                                            "instructions", tokenizer="base"),
+                               train=fill_train(train or TrainConfig(), lora is not None, align), finetune=ft,
+                               align=align and check(align))
             run_dir = new_run_dir(config, out)
         block = base_run.model.config.block_size
         if ft.max_length is None:
             ft.max_length = min(DEFAULT_MAX_LENGTH, block)
         elif ft.max_length > block:
             raise FournilError(f"--max-length {ft.max_length} is longer than the model's context of {block}")
-        splits = load_instructions(config.data.data, tokenizer, ft.max_length, config.data.split, config.data.seed,
-                                   announce, ft.pack)
+        d = config.data
+        splits = load_alignment_data(config, tokenizer, announce) if config.align else \
+            load_instructions(d.data, tokenizer, ft.max_length, d.split, d.seed, announce, ft.pack)
         model = base_run.model
         torch.manual_seed(config.train.seed)
         total = model.num_params()
+        ref = config.align and config.align.method != "reward" and \
+            reference(model, copy_model=not ft.lora and config.align.reference == "model")
         trainable = add_lora(model, ft.lora) if ft.lora else total
         if not resume and world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / CONFIG, to_dict(config))
             tokenizer.save(run_dir / TOKENIZER)
-        keep = (lambda _: save_adapter(model, ft.lora, run_dir, ft.base)) if ft.lora else None
-        trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, keep_best=keep)
+        if config.align:
+            model, objective, splits, keep = alignment(config, model, tokenizer, splits, run_dir, ref, announce)
+        else:
+            objective = None
+            keep = (lambda _: save_adapter(model, ft.lora, run_dir, ft.base)) if ft.lora else None
+        trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, keep_best=keep,
+                          objective=objective)
         t = config.train
         how = f"LoRA rank {ft.lora.rank}" if ft.lora else "every weight"
-        announce(f"fine-tuning {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
-                 f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train'].seqs):,} "
-                 f"{'rows of packed examples' if ft.pack else 'examples'}; "
+        what = {None: "fine-tuning", "dpo": "DPO on", "reward": "a reward model from", "grpo": "GRPO on"}[
+            config.align and config.align.method]
+        announce(f"{what} {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
+                 f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train']):,} "
+                 f"{'rows of packed examples' if ft.pack else UNITS[config.align and config.align.method]}; "
                  f"{t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
         return trainer.finish() if world.main else None
@@ -98,9 +115,13 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         leave(world)
 
 
-def fill_train(t: TrainConfig, lora: bool) -> TrainConfig:
+UNITS = {None: "examples", "dpo": "pairs", "reward": "pairs", "grpo": "prompts"}
+
+
+def fill_train(t: TrainConfig, lora: bool, align: AlignConfig | None = None) -> TrainConfig:
     steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
-    return dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH,
-                               lr=t.lr or DEFAULT_LR["lora" if lora else "full"],
+    lr = DEFAULT_LR["lora" if lora else "full"] if align is None else ALIGN_LR[align.method][0 if lora else 1]
+    batch = DEFAULT_BATCH if align is None or align.method != "grpo" else 2 * align.group
+    return dataclasses.replace(t, steps=steps, batch_size=t.batch_size or batch, lr=t.lr or lr,
                                warmup=min(t.warmup, max(1, (steps or 1000) // 10)),
                                eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))

@@ -1,16 +1,113 @@
-"""Objectives: what a training step minimises. ``loss(model, batch) -> (loss, metrics)``."""
+"""Objectives: what a training step minimises, and how a validation set is scored.
+
+``loss(model, batch) -> (loss, metrics)``: ``metrics`` holds ``tokens`` (for the speed shown) and any other figure
+worth logging, as tensors averaged over the steps between two log lines. ``validate(model, data, dtype, max_tokens)``
+returns ``{"loss": ...}`` (what the best checkpoint is chosen by) and the figures of the whole set.
+"""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import torch.nn.functional as F
 
 from fournil.data.batches import IGNORE
+from fournil.device import autocast
+from fournil.evaluate import evaluate_nll
+
+
+def token_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each target (B, T), 0 where the target is ``IGNORE`` (prompt, padding)."""
+    logits = model(x)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="none")
+    return -nll.view(y.shape)
+
+
+def answer_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(answer | prompt) for each row: its targets' log-probabilities, summed."""
+    return token_logprobs(model, x, y).sum(-1)
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """No dropout and no gradients, then back to how the model was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def mean_over_batches(objective, model, data, dtype, max_tokens) -> dict:
+    """An objective's loss and metrics averaged over a set, weighted by the rows of each batch."""
+    totals, rows = {}, 0
+    with evaluating(model):
+        for batch in data.batches(16, max_tokens):
+            batch = tuple(b.to(model.device) for b in batch)
+            with autocast(model.device, dtype):
+                loss, metrics = objective.loss(model, batch)
+            n = len(batch[0])
+            for k, v in {"loss": loss, **metrics}.items():
+                if k != "tokens":
+                    totals[k] = totals.get(k, 0.0) + float(v) * n
+            rows += n
+    return {k: v / rows for k, v in totals.items()}
 
 
 class NextTokenPrediction:
-    """Pretraining: the average negative log-likelihood of each next token (padding excluded)."""
+    """Pretraining and fine-tuning: the average negative log-likelihood of each next token (padding and prompts
+    excluded)."""
 
     def loss(self, model, batch):
         x, y = batch
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
         return loss, {"tokens": int((y != IGNORE).sum())}
+
+    def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
+        return {"loss": evaluate_nll(model, data, tokenizer, dtype, max_tokens=max_tokens)["nll"]}
+
+
+class DPO:
+    """Direct Preference Optimization (Rafailov et al. 2023): raise the chosen answer's log-probability relative to
+    the reference model more than the rejected one's, ``-log sigmoid(beta * (chosen - rejected))`` of those
+    log-ratios. ``beta * log-ratio`` is the answer's implicit reward; reward accuracy is the share of pairs whose
+    chosen answer gets the higher one.
+
+    ``reference(x, y)`` gives the reference model's log-probability of each target, unless batches carry the
+    answers' (computed once beforehand)."""
+
+    def __init__(self, beta: float, reference=None):
+        self.beta, self.reference = beta, reference
+
+    def loss(self, model, batch):
+        x, y = batch[0].flatten(0, 1), batch[1].flatten(0, 1)
+        policy = answer_logprobs(model, x, y).view(-1, 2)
+        ref = batch[2] if len(batch) > 2 else self.reference(x, y).sum(-1).view(-1, 2)
+        rewards = self.beta * (policy - ref.float())
+        margin = rewards[:, 0] - rewards[:, 1]
+        loss = -F.logsigmoid(margin).mean()
+        return loss, {"tokens": int((y != IGNORE).sum()), "reward_accuracy": (margin > 0).float().mean().detach(),
+                      "margin": margin.mean().detach(), "chosen_reward": rewards[:, 0].mean().detach(),
+                      "rejected_reward": rewards[:, 1].mean().detach()}
+
+    def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
+        return mean_over_batches(self, model, data, dtype, max_tokens)
+
+
+class PairwiseReward:
+    """A reward model's objective (Bradley-Terry): ``-log sigmoid(r(chosen) - r(rejected))``, so that
+    ``sigmoid(r(a) - r(b))`` is the probability that people prefer ``a``."""
+
+    def loss(self, model, batch):
+        x, y = batch[0].flatten(0, 1), batch[1].flatten(0, 1)
+        rewards = model(x, y).float().view(-1, 2)
+        margin = rewards[:, 0] - rewards[:, 1]
+        loss = -F.logsigmoid(margin).mean()
+        return loss, {"tokens": int((y != IGNORE).sum()), "accuracy": (margin > 0).float().mean().detach(),
+                      "margin": margin.mean().detach()}
+
+    def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
+        return mean_over_batches(self, model, data, dtype, max_tokens)

@@ -23,7 +23,6 @@ from fournil.data.shards import Shards, tokenizer_fingerprint
 from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, pick_device, pick_dtype
 from fournil.errors import FournilError
-from fournil.evaluate import evaluate_nll
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
@@ -109,13 +108,14 @@ class Diverged(FournilError):
 
 
 class Trainer:
-    """Trains ``config.model`` from scratch on ``splits``; or, for fine-tuning, a ``model`` given with its ``data`` (the
-    weights that do not train are neither checkpointed nor given to the optimizer, and ``keep_best`` writes the best
-    weights in the form the run keeps them)."""
+    """Trains ``config.model`` from scratch on ``splits``; or, for fine-tuning and alignment, a ``model`` given with its
+    ``data`` and ``objective`` (the weights that do not train are neither checkpointed nor given to the optimizer, and
+    ``keep_best`` writes the best weights in the form the run keeps them)."""
 
     def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool, world: World,
-                 model=None, data: dict | None = None, keep_best=None):
+                 model=None, data: dict | None = None, keep_best=None, objective=None):
         self.dir, self.config, self.tokenizer, self.world = run_dir, config, tokenizer, world
+        self.objective = objective or NextTokenPrediction()
         t = config.train
         self.device = world.device(pick_device(t.device))
         self.dtype = pick_dtype(self.device, t.dtype)
@@ -129,19 +129,19 @@ class Trainer:
         self.sharded = world.distributed and t.fsdp
         self.metrics = MetricsLog(run_dir, t.tensorboard and world.main)
 
-    def validate(self) -> float:
-        """Rank 0 scores the val split; every rank gets the score, so all take the same decisions. (A sharded model
+    def validate(self) -> dict:
+        """Rank 0 scores the val split; every rank gets the loss, so all take the same decisions. (A sharded model
         computes with all processes together: each scores the split.)"""
         t = self.config.train
-        val = float("nan")
+        scores = {"loss": float("nan")}
         if self.world.main or self.sharded:
-            val = evaluate_nll(self.model, self.data["val"], self.tokenizer, self.dtype, max_tokens=t.eval_tokens)["nll"]
-        return self.world.broadcast(val)
+            scores = self.objective.validate(self.model, self.data["val"], self.tokenizer, self.dtype, t.eval_tokens)
+        return {**scores, "loss": self.world.broadcast(scores["loss"])}
 
     def count(self) -> None:
         """Count-based models learn in one pass over the training split."""
         self.model.fit(self.data["train"].batches(256))
-        val = self.validate()
+        val = self.validate()["loss"]
         if self.world.main:
             save_weights(self.model, self.dir / WEIGHTS)
             self.metrics.log({"step": 0, "val_loss": val})
@@ -155,7 +155,6 @@ class Trainer:
         optimizer = make_optimizer(model, t, device)
         scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)  # fp16 needs loss scaling
         data_rng = torch.Generator().manual_seed(t.seed)
-        objective = NextTokenPrediction()
         step, elapsed, best = 0, 0.0, float("inf")
         if resume and (self.dir / STATE).exists():
             weights, optim, info = load_state(self.dir / STATE, data_rng)
@@ -197,6 +196,7 @@ class Trainer:
         bar = Progress(self.show_progress, progress_at(step, elapsed))
         start, start_elapsed = time.perf_counter(), elapsed
         window_loss, window_tokens, window_steps, window_start, val = 0.0, 0, 0, start, None
+        window_metrics = {}
         model.train()
         try:
             while progress_at(step, elapsed) < 1.0:
@@ -205,21 +205,22 @@ class Trainer:
                     group["lr"] = lr
                 # every process draws the same batch and takes its share: the result does not depend on the
                 # number of processes, and the data position is one generator's state
-                x, y = self.data["train"].sample(per_step, data_rng)
+                batch = self.data["train"].sample(per_step, data_rng)
                 for micro in range(t.grad_accum):
                     lo = (micro * world.size + world.rank) * t.batch_size
-                    xb = x[lo : lo + t.batch_size].to(device, non_blocking=True)
-                    yb = y[lo : lo + t.batch_size].to(device, non_blocking=True)
+                    part = tuple(b[lo : lo + t.batch_size].to(device, non_blocking=True) for b in batch)
                     last = micro == t.grad_accum - 1
                     if sharded:
                         model.set_requires_gradient_sync(last)
                     with net.no_sync() if world.distributed and not last and not sharded else contextlib.nullcontext():
                         with autocast(device, self.dtype):
-                            loss, metrics = objective.loss(net, (xb, yb))
+                            loss, metrics = self.objective.loss(net, part)
                         scaler.scale(loss / t.grad_accum).backward()
                     # summed on the device: reading the loss every step would wait for the GPU each time
                     window_loss = window_loss + loss.detach() / t.grad_accum
-                    window_tokens += metrics["tokens"] * world.size
+                    window_tokens += metrics.pop("tokens") * world.size
+                    for k, v in metrics.items():
+                        window_metrics[k] = window_metrics.get(k, 0.0) + v / t.grad_accum
                 if t.grad_clip:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -240,9 +241,12 @@ class Trainer:
                     diverged("the training loss", train_loss)
                 speed = window_tokens / (now - window_start)
                 record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": speed,
-                          "mfu": speed * flops / peak, "time": round(elapsed, 2)}
+                          "mfu": speed * flops / peak, "time": round(elapsed, 2),
+                          **{f"train_{k}": world.mean(v).item() / window_steps for k, v in window_metrics.items()}}
                 if step % t.eval_every == 0 or finishing:
-                    val = record["val_loss"] = self.validate()
+                    scores = self.validate()
+                    val = record["val_loss"] = scores.pop("loss")
+                    record.update({f"val_{k}": v for k, v in scores.items()})
                     if not math.isfinite(val):
                         diverged("the validation loss", val)
                     improved = val < best
@@ -254,6 +258,7 @@ class Trainer:
                            val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{speed:,.0f}"},
                            mfu=f"{100 * record['mfu']:.0f}%")
                 window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+                window_metrics = {}
         except KeyboardInterrupt:
             checkpoint()  # keep every finished step
             if world.main:
@@ -273,7 +278,9 @@ class Trainer:
         plot_loss(metrics, self.dir / "loss.png", name)
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
         n = self.config.train.samples
-        if self.config.finetune:  # answers to a few held-out prompts
+        if self.config.align and self.config.align.method == "reward":
+            samples = []  # a reward model does not write
+        elif self.config.finetune:  # answers to a few held-out prompts
             samples = [f"{q!r} -> {a!r}" for q, a in run.answer_val_prompts(min(n, 5))]
         else:
             n = n if run.mode == "lines" else min(1, n)  # text: a passage

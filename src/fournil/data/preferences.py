@@ -1,0 +1,160 @@
+"""Preference data for alignment: a prompt with a chosen and a rejected answer, both rendered by the chat template.
+
+Each record has ``prompt``, ``chosen`` and ``rejected``. The prompt is a user message, a list of chat messages, or a
+transcript in Anthropic's layout (``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:``), which is read
+as the conversation it records. Answers are rendered as fine-tuning renders them (loss on the answer and its
+end-of-turn token), so a pair is two instruction examples that share their prompt.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from fournil.data.instructions import (
+    BUNDLED_INSTRUCTIONS,
+    InstructionData,
+    data_path,
+    keep_short,
+    pad_id,
+    read_conversations,
+    read_rows,
+    render_example,
+    split_examples,
+)
+from fournil.errors import FournilError
+
+BUNDLED_PREFERENCES = {
+    "rasbt_preferences": "rasbt_preferences.jsonl",  # polite answers chosen over impolite ones (LLMs-from-scratch)
+    "hh_rlhf_harmless": "hh_rlhf_harmless.jsonl",  # Anthropic's harmlessness pairs (red-teaming conversations)
+}
+TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def prompt_messages(prompt, where: str) -> list[dict]:
+    if isinstance(prompt, list):
+        if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                   and isinstance(m.get("content"), str) for m in prompt) or not prompt:
+            raise FournilError(f"{where}: a 'prompt' list must hold {{'role': system|user|assistant, 'content': text}}")
+        return prompt
+    if not isinstance(prompt, str):
+        raise FournilError(f"{where}: 'prompt' must be text or a list of chat messages")
+    if not prompt.startswith("Human:"):
+        return [{"role": "user", "content": prompt}]
+    parts = TURN.split(prompt)[1:]  # speaker, text, speaker, text...
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[::2], parts[1::2])]
+    if messages and messages[-1] == {"role": "assistant", "content": ""}:
+        messages.pop()  # the transcript ends where the answer starts
+    if not messages or messages[-1]["role"] != "user":
+        raise FournilError(f"{where}: the transcript must end with a Human turn (then 'Assistant:')")
+    return messages
+
+
+def read_pairs(spec: str) -> list[tuple[list[dict], list[dict]]]:
+    """Every record as two conversations, the prompt followed by the chosen answer and by the rejected one."""
+    pairs = []
+    for where, row in read_rows(data_path(spec, BUNDLED_PREFERENCES, "preference")):
+        if not isinstance(row, dict):
+            raise FournilError(f"{where}: expected a JSON object with 'prompt', 'chosen' and 'rejected'")
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing or not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
+            raise FournilError(f"{where}: a preference record needs 'prompt', and 'chosen' and 'rejected' answers as "
+                               f"text{' (missing ' + ', '.join(missing) + ')' if missing else ''}")
+        prompt = prompt_messages(row["prompt"], where)
+        pairs.append(tuple(prompt + [{"role": "assistant", "content": row[k]}] for k in ("chosen", "rejected")))
+    return pairs
+
+
+class PreferenceData:
+    """Rendered pairs. A batch is ``(x, y)`` of shape (pairs, 2, T), chosen then rejected, targets ``IGNORE`` outside
+    the answers; with reference log-probabilities computed beforehand (``ref``, one pair per row), they come third."""
+
+    def __init__(self, pairs: list[tuple], pad: int, split: str):
+        self.split = split
+        self.answers = InstructionData([example for pair in pairs for example in pair], pad, split)
+        self.ref: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.answers.seqs) // 2
+
+    def _collate(self, picks: list[int]) -> tuple:
+        x, y = self.answers._collate([i for p in picks for i in (2 * p, 2 * p + 1)])
+        batch = (x.view(len(picks), 2, -1), y.view(len(picks), 2, -1))
+        return batch + (self.ref[picks],) if self.ref is not None else batch
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple:
+        return self._collate(torch.randint(len(self), (batch_size,), generator=generator).tolist())
+
+    def batches(self, batch_size: int, max_tokens: int | None = None, width: int = 2048):
+        """Every pair once, in order (so that per-pair results line up), at most ``width`` tokens a batch."""
+        picks, longest, seen = [], 0, 0
+        for p in range(len(self)):
+            size = max(len(self.answers.seqs[2 * p]), len(self.answers.seqs[2 * p + 1]))
+            if picks and (len(picks) == batch_size or 2 * (len(picks) + 1) * max(longest, size) > width):
+                yield self._collate(picks)
+                picks, longest = [], 0
+            picks.append(p)
+            longest = max(longest, size)
+            seen += len(self.answers.seqs[2 * p]) + len(self.answers.seqs[2 * p + 1])
+            if max_tokens and seen >= max_tokens:
+                break
+        yield self._collate(picks)
+
+    def prompts(self, n: int | None = None) -> list[list[int]]:
+        """The prompts (up to the answer) of the first ``n`` pairs."""
+        return [s[: int(m.int().argmax())].tolist()
+                for s, m in zip(self.answers.seqs[0 : 2 * (n or len(self)) : 2], self.answers.learned[::2])]
+
+
+def final_answer(ids: list[int], learned: list[bool]) -> tuple[list[int], list[bool]]:
+    """Only the last answer learned: earlier turns of a transcript are part of the prompt."""
+    start = len(learned) - learned[::-1].index(True)
+    while start > 0 and learned[start - 1]:
+        start -= 1
+    return ids, [False] * start + learned[start:]
+
+
+def load_preferences(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
+                     announce=print) -> dict[str, PreferenceData]:
+    """Train/val/test sets of rendered pairs; pairs with an answer longer than ``max_length`` tokens are skipped."""
+    parts = split_examples(render_pairs(spec, tokenizer, max_length, announce), split, seed)
+    return {name: PreferenceData(part, pad_id(tokenizer), name) for name, part in parts.items()}
+
+
+def render_pairs(spec: str, tokenizer, max_length: int, announce=print) -> list[tuple]:
+    """Every pair of ``spec`` rendered, but those longer than ``max_length`` tokens."""
+    rendered = [tuple(final_answer(*render_example(tokenizer, c)) for c in pair) for pair in read_pairs(spec)]
+    return keep_short(rendered, lambda pair: max(len(pair[0][0]), len(pair[1][0])), max_length, spec, announce)
+
+
+def read_prompts(spec: str) -> list[list[dict]]:
+    """The prompts of a preference set, or of an instruction set (each conversation up to its last answer)."""
+    if spec in BUNDLED_PREFERENCES:
+        return [chosen[:-1] for chosen, _ in read_pairs(spec)]
+    if spec not in BUNDLED_INSTRUCTIONS:
+        rows = read_rows(data_path(spec, {**BUNDLED_PREFERENCES, **BUNDLED_INSTRUCTIONS}, "prompt"))
+        if isinstance(rows[0][1], dict) and "prompt" in rows[0][1]:
+            return [prompt_messages(row.get("prompt") if isinstance(row, dict) else None, where) for where, row in rows]
+    return [c[:-1] for c in read_conversations(spec)]
+
+
+class Prompts:
+    """Prompts to answer (reinforcement learning's data): the conversations, and their tokens as generation reads them."""
+
+    def __init__(self, conversations: list[list[dict]], ids: list[list[int]], split: str):
+        self.conversations, self.ids, self.split = conversations, ids, split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def prompts(self, n: int | None = None) -> list[list[int]]:
+        return self.ids[:n]
+
+
+def load_prompts(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
+                 announce=print) -> dict[str, Prompts]:
+    """Train/val/test prompts; those longer than ``max_length`` tokens are skipped."""
+    rendered = [(c, tokenizer.chat_ids(c)) for c in read_prompts(spec)]
+    parts = split_examples(keep_short(rendered, lambda r: len(r[1]), max_length, spec, announce), split, seed)
+    return {name: Prompts([c for c, _ in part], [i for _, i in part], name) for name, part in parts.items()}

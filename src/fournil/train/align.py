@@ -1,0 +1,114 @@
+"""Learning from preferences: DPO, a reward model, and GRPO against a reward. Each is fine-tuning with another
+objective and other data; this module builds those parts for :func:`fournil.train.finetune.finetune`."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from fournil.checkpoint import save_tensors
+from fournil.config import AlignConfig, RunConfig
+from fournil.data.preferences import load_preferences, load_prompts
+from fournil.device import autocast, pick_device, pick_dtype
+from fournil.errors import FournilError
+from fournil.formats.peft import save_adapter
+from fournil.models.lora import lora_disabled
+from fournil.models.reward import HEAD, RewardModel
+from fournil.runs import WEIGHTS
+from fournil.train.grpo import GRPO, Rollouts
+from fournil.train.objectives import DPO, PairwiseReward, evaluating, token_logprobs
+from fournil.train.rewards import load_reward, reward_model
+
+DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}
+DEFAULT_LR = {"dpo": (5e-4, 5e-6), "reward": (1e-3, 1e-5), "grpo": (2e-4, 2e-6)}  # (LoRA, every weight)
+
+
+def load_alignment_data(config: RunConfig, tokenizer, announce=print) -> dict:
+    """Preference pairs (dpo, reward) or prompts (grpo), split as the run splits them."""
+    d, align, max_length = config.data, config.align, config.finetune.max_length
+    if align.method == "grpo":
+        return load_prompts(d.data, tokenizer, max_length - align.max_new_tokens, d.split, d.seed, announce)
+    return load_preferences(d.data, tokenizer, max_length, d.split, d.seed, announce)
+
+
+def reference(model, copy_model: bool):
+    """The reference model's per-token log-probabilities: a frozen copy of the base, taken now (before training); or
+    the model itself with any LoRA adapter left out (no memory), which is the base while the adapter trains, and
+    before training starts when the reference is precomputed."""
+    frozen = copy.deepcopy(model).requires_grad_(False) if copy_model else None
+
+    def logprobs(x, y):
+        ref = model if frozen is None else frozen
+        with evaluating(ref), lora_disabled(model) if frozen is None else contextlib.nullcontext():
+            return token_logprobs(ref, x, y)
+
+    return logprobs
+
+
+@torch.no_grad()
+def precompute_reference(logprobs, splits: dict, device, dtype) -> None:
+    """Each pair's reference log-probabilities, computed once and carried by the batches."""
+    for part in splits.values():
+        rows = []
+        for x, y in part.batches(16):
+            with autocast(device, dtype):
+                rows.append(logprobs(x.flatten(0, 1).to(device), y.flatten(0, 1).to(device)).sum(-1).view(-1, 2).cpu())
+        part.ref = torch.cat(rows)
+
+
+def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, announce=print):
+    """The model to train, its objective, its data and how its best weights are kept, for ``config.align``."""
+    align, lora, base = config.align, config.finetune.lora, config.finetune.base
+    device, dtype = model.device, pick_dtype(pick_device(config.train.device), config.train.dtype)
+    beta = align.beta if align.beta is not None else DEFAULT_BETA.get(align.method)
+    if align.method == "reward":
+        reward_model = RewardModel(model)
+
+        def keep(weights):
+            if lora:
+                save_adapter(model, lora, run_dir, base)
+            else:
+                save_tensors({k.removeprefix("lm."): v for k, v in weights.items() if k.startswith("lm.")}, run_dir / WEIGHTS)
+            save_tensors({"score.weight": reward_model.score.weight}, run_dir / HEAD)
+
+        return reward_model, PairwiseReward(), splits, keep
+    keep = (lambda _: save_adapter(model, lora, run_dir, base)) if lora else None
+    if align.method == "dpo":
+        if align.reference == "precomputed":
+            announce("computing the reference model's log-probabilities of every answer, once")
+            precompute_reference(ref, splits, device, dtype)
+            ref = None
+        return model, DPO(beta, ref), splits, keep
+    reward = load_reward(align.reward, config.train.device)
+    rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype) for name, part in splits.items()}
+    if config.train.batch_size % align.group:
+        raise FournilError(f"--batch-size {config.train.batch_size} must be a multiple of --group {align.group} "
+                           f"(each prompt's answers are compared with each other)")
+    return model, GRPO(beta, ref), rollouts, keep
+
+
+def check(align: AlignConfig) -> AlignConfig:
+    align.check()
+    if align.method == "grpo" and not align.reward:
+        load_reward(None)  # the error that says what to give
+    return align
+
+
+def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
+    """A run's scores on held-out data, by its method: DPO's reward accuracy and margins against its base model, a
+    reward model's accuracy on pairs, GRPO's mean reward and KL divergence from its base."""
+    from fournil.runs import Run
+
+    config, data, tokenizer = run.config, run.data(), run.tokenizer
+    align, model = config.align, run.model
+    beta = align.beta if align.beta is not None else DEFAULT_BETA.get(align.method)
+    if align.method == "reward":
+        model, objective = reward_model(run), PairwiseReward()
+    else:
+        ref = reference(Run.load(config.finetune.base, config.train.device).model, copy_model=False)
+        objective = DPO(beta, ref) if align.method == "dpo" else GRPO(beta, ref)
+        if align.method == "grpo":
+            reward = load_reward(align.reward, config.train.device)
+            data = {n: Rollouts(data[n], model, tokenizer, reward, align, run.dtype) for n in names}
+    return {n: objective.validate(model, data[n], tokenizer, run.dtype, None) for n in names}

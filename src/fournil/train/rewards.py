@@ -1,0 +1,84 @@
+"""Rewards for reinforcement learning: a reward model trained by fournil, or a function of the answers' text.
+
+A reward is called with the prompts (each a list of chat messages) and the answers (text) and returns one number per
+answer. ``--reward`` names a reward-model run, a built-in reward, or ``FILE.py:FUNCTION`` (your own function).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from fournil.checkpoint import read_safetensors
+from fournil.data.instructions import InstructionData, pad_id, render_example
+from fournil.data.preferences import final_answer
+from fournil.device import autocast
+from fournil.errors import FournilError
+from fournil.models.reward import HEAD, RewardModel
+from fournil.runs import Run
+from fournil.train.objectives import evaluating
+
+
+def brevity(prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    """Fewer words score higher: -words / 50."""
+    return [-len(a.split()) / 50 for a in answers]
+
+
+BUILT_IN = {"brevity": brevity}
+
+
+def load_reward_model(spec, device: str = "auto") -> tuple[RewardModel, Run]:
+    """A reward-model run: the reward model, and the run (its tokenizer, precision, configuration)."""
+    run = Run.load(spec, device)
+    return reward_model(run), run
+
+
+def reward_model(run: Run) -> RewardModel:
+    """The reward model of a loaded reward-model run: its language model with the trained head."""
+    if not (run.config.align and run.config.align.method == "reward"):
+        raise FournilError(f"{run.path} is not a reward model: train one with `fournil reward train`")
+    head, _ = read_safetensors(run.path / HEAD)
+    model = RewardModel(run.model)
+    with torch.no_grad():
+        model.score.weight.copy_(head["score.weight"])
+    return model
+
+
+class RewardModelScorer:
+    """A reward model's score of each (prompt, answer), rendered with its chat template as in its training."""
+
+    def __init__(self, spec: str, device: str = "auto", batch_size: int = 8):
+        (self.model, self.run), self.batch_size = load_reward_model(spec, device), batch_size
+
+    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        tokenizer, model = self.run.tokenizer, self.model
+        rendered = [final_answer(*render_example(tokenizer, p + [{"role": "assistant", "content": a}]))
+                    for p, a in zip(prompts, answers)]
+        data, scores = InstructionData(rendered, pad_id(tokenizer), "scored"), []
+        with evaluating(model):
+            for lo in range(0, len(rendered), self.batch_size):
+                x, y = data._collate(list(range(lo, min(lo + self.batch_size, len(rendered)))))
+                with autocast(model.device, self.run.dtype):
+                    scores += model(x.to(model.device), y.to(model.device)).float().tolist()
+        return scores
+
+
+def load_reward(spec: str | None, device: str = "auto"):
+    """The reward ``spec`` names: a built-in one, ``FILE.py:FUNCTION``, or a reward model's run directory."""
+    if not spec:
+        raise FournilError(f"grpo needs a reward: --reward RUN (a reward model, see `fournil reward train`), a built-in "
+                           f"one ({', '.join(BUILT_IN)}), or FILE.py:FUNCTION")
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]
+    file, _, name = spec.rpartition(":")
+    if file.endswith(".py"):
+        if not Path(file).is_file():
+            raise FournilError(f"--reward {spec}: no file {file}")
+        module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not callable(getattr(module, name, None)):
+            raise FournilError(f"--reward {spec}: {file} defines no function {name!r}")
+        return getattr(module, name)
+    return RewardModelScorer(spec, device)
