@@ -1,6 +1,7 @@
 """Tests run the real command line in a temporary directory, on real files."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,11 @@ class CLI:
         return subprocess.Popen([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture

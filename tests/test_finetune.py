@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import CLI
+from conftest import CLI, write_jsonl
 
 from fournil.config import LoraConfig
 from fournil.data.batches import IGNORE
@@ -32,11 +32,6 @@ def test_prompt_tokens_carry_no_loss_and_the_end_of_turn_does(bpe_base):
     im_end = tok.encode("<|im_end|>")
     assert targets == tok.encode("Good day") + im_end + tok.encode("Good night") + im_end
     assert tok.decode(x[0][y[0] == IGNORE].tolist()).count("Hi there") == 1  # prompts are inputs, never targets
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):

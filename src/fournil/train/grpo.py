@@ -54,8 +54,9 @@ class Rollouts:
         return x, y, advantages.flatten(), rewards
 
     def batches(self, batch_size: int, max_tokens: int | None = None):
-        """One answer to each of the first held-out prompts, drawn with the same seed at every validation."""
-        count = min(len(self), VAL_PROMPTS)
+        """One answer to each of the first held-out prompts (as many as ``max_tokens`` of answers allow, at most
+        ``VAL_PROMPTS``), drawn with the same seed at every validation."""
+        count = min(len(self), VAL_PROMPTS, max(1, max_tokens // self.params["max_new_tokens"]) if max_tokens else VAL_PROMPTS)
         for lo in range(0, count, batch_size):
             x, y, rewards = self.rollout(list(range(lo, min(lo + batch_size, count))), 1, seed=lo)
             yield x, y, torch.zeros_like(rewards), rewards

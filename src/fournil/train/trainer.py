@@ -281,7 +281,7 @@ class Trainer:
         if self.config.align and self.config.align.method == "reward":
             samples = []  # a reward model does not write
         elif self.config.finetune:  # answers to a few held-out prompts
-            samples = [f"{q!r} -> {a!r}" for q, a in run.answer_val_prompts(min(n, 5))]
+            samples = [f"{q!r} -> {a!r}" for q, a in run.answer_val_prompts(min(n, 5))] if n else []
         else:
             n = n if run.mode == "lines" else min(1, n)  # text: a passage
             samples = run.sample(n, seed=self.config.train.seed) if n else []

@@ -1,0 +1,166 @@
+"""Learning from preferences: the DPO loss by hand, DPO and a reward model learning a synthetic preference, GRPO
+raising a reward with its KL held by the penalty, and clear errors."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import CLI, write_jsonl
+from torch import nn
+
+from fournil.config import AlignConfig
+from fournil.data.batches import IGNORE
+from fournil.data.preferences import load_prompts, prompt_messages, read_pairs
+from fournil.errors import FournilError
+from fournil.runs import Run
+from fournil.train.align import reference
+from fournil.train.grpo import GRPO, Rollouts
+from fournil.train.objectives import DPO, token_logprobs
+from fournil.train.rewards import load_reward
+
+
+class FixedNext(nn.Module):
+    """A model whose next token, after any token, is 0, 1 or 2 with probabilities 0.5, 0.3, 0.2 (or those given)."""
+
+    def __init__(self, probs=(0.5, 0.3, 0.2)):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(probs).log())
+
+    def forward(self, x):
+        return self.logits.expand(*x.shape, len(self.logits))
+
+
+def test_dpo_loss_is_the_hand_computed_value():
+    # one pair: after token 0, chosen answer "1" (policy 0.3, reference 0.25), rejected "2" (policy 0.2, reference 0.25)
+    x, y = torch.tensor([[[0], [0]]]), torch.tensor([[[1], [2]]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.25)]])
+    policy = FixedNext()
+    # -log sigmoid(0.1 * (log(0.3 / 0.25) - log(0.2 / 0.25))) = log(1 + exp(-0.1 * log 1.5))
+    loss, metrics = DPO(0.1).loss(policy, (x, y, ref))
+    assert loss.item() == pytest.approx(0.6730794, abs=1e-6)
+    assert metrics["reward_accuracy"] == 1.0 and metrics["margin"].item() == pytest.approx(0.1 * math.log(1.5), abs=1e-6)
+    # the same with the reference computed by a reference model instead of carried by the batch
+    reference_model = FixedNext((0.5, 0.25, 0.25))
+    on_the_fly, _ = DPO(0.1, lambda x, y: token_logprobs(reference_model, x, y)).loss(policy, (x, y))
+    assert on_the_fly.item() == pytest.approx(0.6730794, abs=1e-6)
+    loss.backward()  # a step raises the chosen answer's probability and lowers the rejected one's
+    assert policy.logits.grad[1] < 0 < policy.logits.grad[2]
+
+
+@pytest.fixture(scope="module")
+def preferences(bpe_llama, tmp_path_factory):
+    """A synthetic preference: whatever the question, "blue sky" is chosen over "red fire"."""
+    root = tmp_path_factory.mktemp("align")
+    rows = [{"prompt": f"Question {i}: which colour?", "chosen": "blue sky", "rejected": "red fire"} for i in range(40)]
+    return root, bpe_llama, write_jsonl(root / "colours.jsonl", rows)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same(preferences):
+    root, base, data = preferences
+    CLI(root)("align", base, "--data", data, "--lora", "--steps", "30", "--eval-every", "10", "--lr", "1e-2", "--quiet",
+              "--out", "dpo")
+    vals = [r for r in records(root / "dpo") if "val_loss" in r]
+    assert vals[0]["val_margin"] < vals[-1]["val_margin"] and vals[-1]["val_reward_accuracy"] == 1.0
+    assert vals[-1]["val_chosen_reward"] > 0 > vals[-1]["val_rejected_reward"]
+    # the tuned model itself prefers the chosen answer far more than its base did
+    tuned, before = Run.load(root / "dpo", "cpu"), Run.load(base, "cpu")
+    pair = tuned.data()["test"]
+    x, y = (t.flatten(0, 1) for t in next(pair.batches(4)))
+    gap = {name: token_logprobs(run.model, x, y).sum(-1).view(-1, 2).diff(dim=1).neg().mean().item()
+           for name, run in (("tuned", tuned), ("base", before))}
+    assert gap["tuned"] > gap["base"] + 5
+    result = CLI(root)("eval", root / "dpo")
+    assert "test: loss" in result.stdout and "reward accuracy 1.0000" in result.stdout
+    # every weight trains, against a frozen copy of the base or against its log-probabilities computed once
+    for how in ("model", "precomputed"):
+        CLI(root)("align", base, "--data", data, "--reference", how, "--steps", "4", "--eval-every", "2", "--quiet",
+                  "--out", f"full-{how}")
+    kept, precomputed = records(root / "full-model"), records(root / "full-precomputed")
+    assert [r["train_loss"] for r in kept] == pytest.approx([r["train_loss"] for r in precomputed], abs=1e-5)
+    assert kept[-1]["val_margin"] == pytest.approx(precomputed[-1]["val_margin"], abs=1e-5)
+
+
+def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
+    root, base, data = preferences
+    CLI(root)("reward", "train", base, "--data", data, "--steps", "20", "--eval-every", "10", "--lr", "3e-3", "--quiet",
+              "--out", "rm")
+    assert {p.name for p in (root / "rm").iterdir()} >= {"model.safetensors", "reward_head.safetensors", "config.json"}
+    result = CLI(root)("reward", "score", root / "rm")
+    assert "test: 2 pairs, chosen scored higher in 100.0 %" in result.stdout
+    result = CLI(root)("reward", "score", root / "rm", "--prompt", "Question 99: which colour?",
+                       "--answer", "blue sky", "--answer", "red fire")
+    (blue, _), (red, _) = (line.split(maxsplit=1) for line in result.stdout.splitlines())
+    assert float(blue) > float(red)
+    # the reward as GRPO calls it: the same scores
+    scores = load_reward(str(root / "rm"), "cpu")([[{"role": "user", "content": "Question 99: which colour?"}]] * 2,
+                                                  ["blue sky", "red fire"])
+    assert scores == pytest.approx([float(blue), float(red)], abs=1e-3)
+
+
+REWARD = '''
+def vowels(prompts, answers):
+    """The share of an answer's characters that are vowels."""
+    return [sum(c in "aeiou" for c in a) / max(1, len(a)) for a in answers]
+'''
+
+
+def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_base(preferences):
+    root, base, data = preferences
+    (root / "rewards.py").write_text(REWARD, encoding="utf-8")
+    shakespeare_prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Speak of thing {i}"} for i in range(200)])
+    before = Run.load(base, "cpu")
+    prompts = load_prompts(str(shakespeare_prompts), before.tokenizer, 400, announce=lambda _: None)
+    align = AlignConfig(method="grpo", max_new_tokens=16)
+    reward = load_reward(f"{root / 'rewards.py'}:vowels")
+    rollouts = Rollouts(prompts["train"], before.model, before.tokenizer, reward, align, torch.float32)
+    x, y, advantages, rewards = rollouts.sample(8, torch.Generator().manual_seed(0))
+    groups, r = advantages.view(2, 4), rewards.view(2, 4)
+    assert groups.mean(1).abs().max() < 1e-5 and torch.allclose(groups, (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4))
+    answers = [before.tokenizer.decode([t for t in row.tolist() if t != IGNORE]) for row in y]
+    assert rewards.tolist() == pytest.approx(reward(None, [a.removesuffix("<|im_end|>").rstrip("\ufffd") for a in answers]), abs=1e-6)
+    score = GRPO(0.04, reference(before.model, copy_model=False))
+    start = score.validate(before.model, Rollouts(prompts["val"], before.model, before.tokenizer, reward, align,
+                                                  torch.float32), before.tokenizer, torch.float32, None)
+    assert start["kl"] == pytest.approx(0.0, abs=1e-6)  # the base is its own reference
+    finals = {}
+    for beta in ("0.04", "1.0"):
+        CLI(root)("align", base, "--method", "grpo", "--data", shakespeare_prompts, "--reward",
+                  f"{root / 'rewards.py'}:vowels", "--max-new-tokens", "16", "--beta", beta, "--steps", "30",
+                  "--eval-every", "30", "--lr", "5e-3", "--quiet", "--out", f"grpo-{beta}")
+        finals[beta] = records(root / f"grpo-{beta}")[-1]
+    assert finals["0.04"]["val_reward"] > start["reward"] + 0.05
+    assert 0 < finals["1.0"]["val_kl"] < finals["0.04"]["val_kl"] < 1.0
+
+
+def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, tmp_path):
+    root, base, _ = preferences
+    assert prompt_messages("Human: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:", "x") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you?"}]
+    chosen, rejected = read_pairs("hh_rlhf_harmless")[0]
+    assert chosen[:-1] == rejected[:-1] and chosen[-2]["role"] == "user" and chosen[-1]["role"] == "assistant"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', encoding="utf-8")
+    with pytest.raises(FournilError, match="line 2: not valid JSON"):
+        read_pairs(str(bad))
+    write_jsonl(bad, [{"prompt": "a", "chosen": "b"}])
+    with pytest.raises(FournilError, match=r"line 1: a preference record needs .*missing rejected"):
+        read_pairs(str(bad))
+    write_jsonl(bad, [{"prompt": "Human: hi\n\nAssistant: hello", "chosen": "b", "rejected": "c"}])
+    with pytest.raises(FournilError, match="must end with a Human turn"):
+        read_pairs(str(bad))
+    cli = CLI(root)
+    failures = {
+        ("align", base, "--method", "grpo"): "grpo needs a reward",
+        ("align", base, "--method", "grpo", "--reward", "brevity", "--batch-size", "6"): "must be a multiple of --group 4",
+        ("align", base, "--method", "grpo", "--reward", "nowhere.py:f"): "no file nowhere.py",
+        ("align", base, "--data", "nothing.jsonl"): "no preference set or file named 'nothing.jsonl'",
+        ("reward", "score", base): "is not a reward model",
+    }
+    for args, message in failures.items():
+        result = cli(*args, "--steps", "1", check=False) if args[0] == "align" else cli(*args, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
