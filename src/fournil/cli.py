@@ -139,6 +139,31 @@ def add_align(sub) -> None:
     s.add_argument("--device", default="auto")
 
 
+def add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="train a smaller student to imitate a teacher, and compare them (default: "
+                                       "smollm2 into 4 of its layers)",
+                       description="Distillation: a student learns a teacher's next-token distributions (or its "
+                                   "answers, --sequences); the same student is trained without the teacher, and a "
+                                   "report compares parameters, size, decoding speed and val NLL.")
+    p.add_argument("--teacher", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--student", default="layers:4",
+                   help="layers:N (N of the teacher's layers and its embeddings), a model config .json (from scratch, "
+                        "the teacher's vocabulary), or a run with the teacher's tokenizer")
+    p.add_argument("--data", default="shakespeare",
+                   help="running text (a bundled corpus or a text file) or an instruction set (rasbt_instructions, a "
+                        ".jsonl)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softens both distributions")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation loss (the next-token loss gets "
+                                                            "1 - alpha)")
+    p.add_argument("--reverse", action="store_true", help="KL(student || teacher) instead of KL(teacher || student)")
+    p.add_argument("--context", type=int, default=256, help="tokens per row of running text; longest example otherwise")
+    p.add_argument("--sequences", type=int, default=0,
+                   help="sequence-level: the teacher answers this many training prompts of an instruction set and the "
+                        "student learns its answers")
+    p.add_argument("--no-baseline", action="store_true", help="do not train the same student without the teacher")
+    add_loop_args(p, steps=" (default 100)", batch="rows per step (default 8)", lr=" (default 1e-3)")
+
+
 def lora_config(args):
     from fournil.config import LoraConfig
 
@@ -269,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_finetune(sub)
     add_align(sub)
+    add_distill(sub)
     add_run_commands(sub)
     add_model_commands(sub)
     add_tokenizer_commands(sub)
@@ -352,6 +378,18 @@ def run_reward(args) -> None:
         scores = objective.validate(scorer.model, part, run.tokenizer, run.dtype, None)
         print(f"{name}: {len(part):,} pairs, chosen scored higher in {100 * scores['accuracy']:.1f} %, "
               f"mean margin {scores['margin']:+.3f}, loss {scores['loss']:.4f}")
+
+
+def run_distill(args) -> None:
+    from fournil.config import DistillConfig
+    from fournil.train.distill import distill
+
+    budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
+    settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.temperature, alpha=args.alpha,
+                             reverse=args.reverse, context=args.context, sequences=args.sequences)
+    run = distill(data=args.data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
+                  budget=budget, baseline=not args.no_baseline, progress=not args.quiet)
+    print(f"saved to {run.path}; next: fournil generate {run.path} TEXT  |  fournil eval {run.path}")
 
 
 def run_merge(args) -> None:
@@ -607,7 +645,7 @@ def run_tokenize(args) -> None:
     print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes per token")
 
 
-COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
+COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "distill": run_distill, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
             "chat": run_chat, "serve": run_serve, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 

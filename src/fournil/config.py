@@ -103,6 +103,25 @@ class AlignConfig:
 
 
 @dataclass
+class DistillConfig:
+    """A student trained to imitate a teacher."""
+
+    teacher: str  # a run, a .gguf file, a Hugging Face folder or a known name (smollm2)
+    student: str = "layers:4"  # layers:N (N of the teacher's layers, evenly spaced, and its embeddings), a model
+    # config in JSON (trained from scratch; the teacher's vocabulary), or a run sharing the teacher's tokenizer
+    temperature: float = 2.0  # both distributions are softened by it; the distillation loss is scaled by its square
+    alpha: float = 0.5  # weight of the distillation loss; the next-token loss gets 1 - alpha (0: no teacher)
+    reverse: bool = False  # KL(student || teacher), mode-seeking, instead of KL(teacher || student)
+    context: int = 256  # tokens per training row of running text
+    sequences: int = 0  # sequence-level: the teacher answers this many prompts of an instruction set; the student learns those answers
+
+    def check(self) -> None:
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1 or self.context < 2 or self.sequences < 0:
+            raise FournilError("--temperature must be above 0, --alpha in [0, 1], --context at least 2 and "
+                               "--sequences not negative")
+
+
+@dataclass
 class RunConfig:
     model: dict
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
@@ -110,6 +129,7 @@ class RunConfig:
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
     finetune: FinetuneConfig | None = None  # for a fine-tuned model: its base and how it was tuned
     align: AlignConfig | None = None  # for a model tuned on preferences (or a reward model): how
+    distill: DistillConfig | None = None  # for a student distilled from a teacher: which, and how
 
 
 def to_dict(obj) -> dict:

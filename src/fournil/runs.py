@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
-from fournil.config import AlignConfig, DataConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
+from fournil.config import AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
 from fournil.device import pick_device, pick_dtype
 from fournil.errors import FournilError
@@ -39,12 +39,14 @@ def read_config(path: Path) -> RunConfig:
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
         data, train, tuned, align = raw.get("data"), raw.get("train"), raw.get("finetune"), raw.get("align")
+        taught = raw.get("distill")
         if tuned:
             lora = tuned.get("lora") and from_dict(LoraConfig, {**tuned["lora"], "targets": tuple(tuned["lora"]["targets"])}, "lora")
             tuned = from_dict(FinetuneConfig, {**tuned, "lora": lora}, "finetune")
         return RunConfig(model=raw["model"], data=data and from_dict(DataConfig, data, "data"),
                          train=train and from_dict(TrainConfig, train, "train"), fingerprints=raw.get("fingerprints", {}),
-                         finetune=tuned, align=align and from_dict(AlignConfig, align, "align"))
+                         finetune=tuned, align=align and from_dict(AlignConfig, align, "align"),
+                         distill=taught and from_dict(DistillConfig, taught, "distill"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise FournilError(f"{file} is damaged ({e}); train the run again") from None
 
@@ -127,6 +129,10 @@ class Run:
 
     def data(self) -> dict:
         """The run's train/val/test sets, ready to score: tokenized text, or rendered instruction examples."""
+        if self.config.distill:
+            from fournil.train.distill import distill_data
+
+            return distill_data(self.config, self.tokenizer, announce=lambda _: None)
         if self.config.align:
             from fournil.train.align import load_alignment_data
 

@@ -111,3 +111,37 @@ class PairwiseReward:
 
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
         return mean_over_batches(self, model, data, dtype, max_tokens)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool = False) -> torch.Tensor:
+    """The KL divergence between the teacher's and the student's distributions, both softened by ``temperature``,
+    averaged over positions and scaled by the temperature's square (which keeps its gradients the size of the
+    next-token loss's, Hinton et al. 2015). Forward, KL(teacher || student), covers all the teacher's likely
+    tokens; reverse, KL(student || teacher), settles on its main ones."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (s.exp() * (s - t)).sum(-1) if reverse else (t.exp() * (t - s)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+class Distillation:
+    """A student imitating a teacher: ``alpha`` x the distillation loss + (1 - alpha) x the next-token loss, on the
+    positions that carry a target. The teacher only reads (no gradients, inference mode, the run's precision)."""
+
+    def __init__(self, teacher, temperature: float, alpha: float, reverse: bool = False):
+        self.teacher, self.temperature, self.alpha, self.reverse = teacher, temperature, alpha, reverse
+        teacher.eval().requires_grad_(False)
+
+    def loss(self, model, batch):
+        x, y = batch
+        keep = y != IGNORE
+        logits = model(x)[keep].float()
+        nll = F.cross_entropy(logits, y[keep])
+        with torch.no_grad():
+            taught = self.teacher(x)[keep]
+        kd = distillation_loss(logits, taught, self.temperature, self.reverse)
+        return self.alpha * kd + (1 - self.alpha) * nll, {"tokens": int(keep.sum()), "kd": kd.detach(), "nll": nll.detach()}
+
+    def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
+        """The student's own NLL: what distillation is for."""
+        return {"loss": evaluate_nll(model, data, tokenizer, dtype, max_tokens=max_tokens)["nll"]}

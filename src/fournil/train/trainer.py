@@ -170,7 +170,8 @@ class Trainer:
             net = torch.compile(net)
         per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
         tuned = self.config.finetune
-        flops = model.flops_per_token(tuned.max_length if tuned else self.config.model["block_size"])
+        taught = self.config.distill
+        flops = model.flops_per_token(tuned.max_length if tuned else taught.context if taught else self.config.model["block_size"])
         peak = matmul_rate(device, self.dtype, 4096 if device.type == "cuda" else 512) * world.size
         explode = 3 * math.log(self.tokenizer.vocab_size)  # three times the loss of a uniform guess
 

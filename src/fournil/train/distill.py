@@ -1,0 +1,226 @@
+"""Distillation: a smaller student trained to imitate a teacher, and a report of what the trade costs and buys.
+
+Logit distillation (Hinton et al. 2015) matches the teacher's softened next-token distributions at every position;
+sequence-level distillation (Kim and Rush 2016) has the teacher answer prompts through the generation engine and the
+student learn those answers. The student is the teacher's embeddings with a subset of its layers (``layers:N``), a
+model config trained from scratch, or a run of yours; it must share the teacher's tokenizer. The same student is
+trained for the same steps without the teacher, so that the report shows what the teacher added.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from fournil.checkpoint import write_json
+from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, to_dict
+from fournil.data import load_splits, make_data
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id
+from fournil.errors import FournilError
+from fournil.evaluate import evaluate_nll
+from fournil.generate import SamplingParams, complete
+from fournil.models import build_model
+from fournil.runs import CONFIG, TOKENIZER, Run, find_run, read_config
+from fournil.train.distributed import join, leave
+from fournil.train.objectives import Distillation, NextTokenPrediction
+from fournil.train.trainer import Trainer, new_run_dir
+
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, MAX_ANSWER = 100, 8, 1e-3, 256
+REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
+
+
+def teacher_layers(teacher, n: int) -> tuple[dict, dict]:
+    """A student of ``n`` of the teacher's layers, evenly spaced from the first to the last, with its embeddings and
+    final norm: its settings and its weights."""
+    settings = {**teacher.config.__dict__, "family": teacher.family}
+    total = settings["n_layer"]
+    if not 1 <= n < total:
+        raise FournilError(f"layers:{n}: a student keeps from 1 to {total - 1} of the teacher's {total} layers")
+    keep = [round(i * (total - 1) / (n - 1)) for i in range(n)] if n > 1 else [total - 1]
+    renumber = {old: new for new, old in enumerate(keep)}
+    weights = {}
+    for name, value in teacher.state_dict().items():
+        found = re.search(r"\.(layers|h)\.(\d+)\.", name)
+        if not found:
+            weights[name] = value.clone()
+        elif int(found.group(2)) in renumber:
+            weights[name[: found.start(2)] + str(renumber[int(found.group(2))]) + name[found.end(2) :]] = value.clone()
+    return {**settings, "n_layer": n}, weights
+
+
+def build_student(spec: str, teacher_run: Run):
+    """The student model ``spec`` names (``layers:N``, a JSON model config, or a run), and its settings."""
+    teacher, vocab = teacher_run.model, teacher_run.tokenizer.vocab_size
+    if found := re.fullmatch(r"layers:(\d+)", spec):
+        settings, weights = teacher_layers(teacher, int(found.group(1)))
+        student = build_model(settings)
+        student.load_state_dict(weights)
+        return student, settings
+    if spec.endswith(".json"):
+        if not Path(spec).is_file():
+            raise FournilError(f"--student {spec}: no such file")
+        settings = json.loads(Path(spec).read_text(encoding="utf-8"))
+        if settings.get("vocab_size", vocab) != vocab:
+            raise FournilError(f"--student {spec} has a vocabulary of {settings['vocab_size']:,} tokens and the teacher "
+                               f"{vocab:,}: a student must share the teacher's tokenizer")
+        settings = {"block_size": teacher.config.block_size, **settings, "vocab_size": vocab}
+        settings.setdefault("family", teacher.family)
+        return build_model(settings), settings
+    student_run = Run.load(spec, "cpu")
+    if not same_tokenizer(student_run.tokenizer, teacher_run.tokenizer):
+        raise FournilError(f"--student {spec} has another tokenizer than the teacher ({student_run.tokenizer.vocab_size:,} "
+                           f"and {vocab:,} tokens): the distributions must be over the same tokens; build the student "
+                           f"with layers:N or a model config instead")
+    return student_run.model, student_run.config.model
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.vocab_size == b.vocab_size and all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.vocab_size))
+
+
+def is_instructions(spec: str) -> bool:
+    return spec in BUNDLED_INSTRUCTIONS or spec.endswith((".jsonl", ".json"))
+
+
+def distill_data(config: RunConfig, tokenizer, announce=print) -> dict:
+    """Running text cut into rows of ``context`` tokens, or instruction examples (the loss on their answers)."""
+    d, taught = config.data, config.distill
+    if is_instructions(d.data):
+        from fournil.train.finetune import chat_tokenizer
+
+        return load_instructions(d.data, chat_tokenizer(tokenizer), taught.context, d.split, d.seed, announce)
+    return make_data(load_splits(d)[0], tokenizer, taught.context)
+
+
+def teacher_answers(teacher_run: Run, data: dict, n: int, run_dir: Path, announce=print) -> InstructionData:
+    """Sequence-level distillation's training set: the teacher's greedy answers to ``n`` training prompts (also
+    written to ``RUN/teacher_answers.jsonl``, to read, and to resume from)."""
+    prompts = data["train"].prompts(n)
+    announce(f"the teacher answers {len(prompts):,} training prompts")
+    done = complete(teacher_run.model, teacher_run.tokenizer, prompts, SamplingParams(MAX_ANSWER, temperature=0),
+                    teacher_run.dtype)
+    tok, examples = teacher_run.tokenizer, []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / ANSWERS).open("w", encoding="utf-8") as f:
+        for p, c in zip(prompts, done):
+            answer = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
+            examples.append((p + answer, [False] * len(p) + [True] * len(answer)))
+            f.write(json.dumps({"prompt": tok.decode(p), "answer": c.text}, ensure_ascii=False) + "\n")
+    return InstructionData(examples, pad_id(tok), "train")
+
+
+def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "shakespeare",
+            settings: DistillConfig | None = None, train: TrainConfig | None = None, out: str | None = None,
+            resume: str | None = None, budget: dict | None = None, baseline: bool = True, progress: bool = True,
+            announce=print) -> Run:
+    """Distil ``teacher`` into ``student`` on ``data`` (running text or an instruction set); with ``baseline``, also
+    train the same student without the teacher (in ``RUN/baseline``). Returns the run; its report, printed, is
+    ``RUN/report.md``."""
+    world = join()
+    try:
+        if resume:
+            run_dir = find_run(resume)
+            config = read_config(run_dir)
+            if config.distill is None:
+                raise FournilError(f"{run_dir} is not a distillation run")
+            if budget:
+                config.train = dataclasses.replace(config.train, **budget)
+        else:
+            settings = settings or DistillConfig(teacher=teacher, student=student)
+            settings.check()
+            t = train or TrainConfig()
+            steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
+            t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR,
+                                    warmup=min(t.warmup, max(1, (steps or 1000) // 10)),
+                                    eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))
+            config = RunConfig(model={"family": "student"}, data=DataConfig(data=data, mode="text", tokenizer="teacher"),
+                               train=t, distill=settings)
+            run_dir = new_run_dir(config, out)
+        teacher_run = Run.load(config.distill.teacher, config.train.device)
+        run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce)
+        if not world.main:
+            return None
+        runs = {"teacher": teacher_run, "distilled student": run}
+        taught = config.distill
+        if baseline and (taught.alpha or taught.sequences):
+            announce("the same student, the same steps, without the teacher:")
+            alone = dataclasses.replace(config, distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
+            base_dir = run_dir / BASELINE
+            runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
+                                                            world, progress, announce)[0]
+        text = report(runs, splits["val"], config.train.eval_tokens)
+        (run_dir / REPORT).write_text(text, encoding="utf-8")
+        announce(text)
+        return run
+    finally:
+        leave(world)
+
+
+def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bool, world, progress: bool, announce):
+    """Train the student ``config`` describes (or continue it): the trained run and the data."""
+    taught, tokenizer = config.distill, teacher_run.tokenizer
+    if taught.context > teacher_run.model.config.block_size:
+        raise FournilError(f"--context {taught.context} is longer than the teacher's context of "
+                           f"{teacher_run.model.config.block_size}")
+    splits = distill_data(config, tokenizer, announce)
+    if taught.sequences:
+        if not is_instructions(config.data.data):
+            raise FournilError("--sequences needs an instruction set to take prompts from (rasbt_instructions, ...)")
+        splits["train"] = load_answers(run_dir / ANSWERS, tokenizer) if resume else \
+            teacher_answers(teacher_run, splits, taught.sequences, run_dir, announce)
+    torch.manual_seed(config.train.seed)
+    model, config.model = build_student(taught.student, teacher_run)
+    if not resume and world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / CONFIG, to_dict(config))
+        tokenizer.save(run_dir / TOKENIZER)
+    objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse) if taught.alpha \
+        else NextTokenPrediction()
+    trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, objective=objective)
+    t = config.train
+    how = f"temperature {taught.temperature:g}, alpha {taught.alpha:g}{', reverse KL' if taught.reverse else ''}" \
+        if taught.alpha else "no teacher"
+    announce(f"a student of {model.num_params():,} parameters ({taught.student} of {taught.teacher}, "
+             f"{teacher_run.model.num_params():,}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
+             f", {how}; {t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
+    trainer.fit(resume=resume)
+    return (trainer.finish() if world.main else None), splits
+
+
+def load_answers(path: Path, tokenizer) -> InstructionData:
+    """The teacher's answers written by a run that is being resumed."""
+    examples = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        p, a = tokenizer.encode(row["prompt"]), tokenizer.encode(row["answer"])
+        examples.append((p + a, [False] * len(p) + [True] * len(a)))
+    return InstructionData(examples, pad_id(tokenizer), "train")
+
+
+def decode_speed(run: Run, new_tokens: int = 64) -> float:
+    """Greedy decoding tokens per second of one sequence (after a short warm-up)."""
+    prompt = run.tokenizer.encode("Once upon a time")
+    complete(run.model, run.tokenizer, [prompt], SamplingParams(4, temperature=0, ignore_eos=True), run.dtype)
+    start = time.perf_counter()
+    complete(run.model, run.tokenizer, [prompt], SamplingParams(new_tokens, temperature=0, ignore_eos=True), run.dtype)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def report(runs: dict[str, Run], val, max_tokens: int) -> str:
+    """Parameters, size on disk, decode speed and val NLL of each model, as a Markdown table."""
+    rows = []
+    for name, run in runs.items():
+        files = [run.path] if run.path.is_file() else [p for p in run.path.glob("*.safetensors") if p.name != "train_state.safetensors"] + list(run.path.glob("*.gguf"))
+        size = sum(p.stat().st_size for p in files) / 2**20
+        nll = evaluate_nll(run.model, val, run.tokenizer, run.dtype, max_tokens=max_tokens)["nll"]
+        rows.append((name, run.model.num_params(), size, run.source["dtype"], decode_speed(run), nll))
+    teacher = rows[0]
+    lines = ["| model | parameters | size on disk | decode tokens/s | val NLL |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, params, size, dtype, speed, nll in rows:
+        lines.append(f"| {name} | {params:,} ({params / teacher[1]:.2f}x) | {size:.1f} MiB ({dtype}) | {speed:.1f} "
+                     f"({speed / teacher[4]:.2f}x) | {nll:.4f} |")
+    return "\n".join(lines) + "\n"

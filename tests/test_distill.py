@@ -1,0 +1,69 @@
+"""Distillation: the KD loss by hand, a student learning a teacher made here, sequence-level answers, the report."""
+import json
+
+import pytest
+import torch
+from conftest import CLI
+
+from fournil.generate import SamplingParams, complete
+from fournil.runs import Run
+from fournil.train.distill import ANSWERS, teacher_layers
+from fournil.train.objectives import distillation_loss
+
+
+def test_distillation_loss_is_the_hand_computed_value_at_a_temperature():
+    student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    # at T = 2 the teacher is softmax(1, 0) = (e, 1) / (e + 1) and the student uniform:
+    # T^2 * sum t log(t / s) = 4 * 0.110944 and, reverse, T^2 * sum s log(s / t) = 4 * 0.120115
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(0.4437763, abs=1e-6)
+    assert distillation_loss(student, teacher, 2.0, reverse=True).item() == pytest.approx(0.4804580, abs=1e-6)
+    assert distillation_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_student_learns_from_a_teacher_and_the_report_compares_them(bpe_llama, tmp_path):
+    teacher = Run.load(bpe_llama, "cpu").model
+    settings, weights = teacher_layers(teacher, 1)  # layers:1 keeps the last layer, and the embeddings
+    assert settings["n_layer"] == 1 and torch.equal(weights["model.layers.0.mlp.up_proj.weight"],
+                                                     teacher.state_dict()["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(weights["model.embed_tokens.weight"], teacher.state_dict()["model.embed_tokens.weight"])
+    small = {"family": "llama", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}
+    (tmp_path / "small.json").write_text(json.dumps(small), encoding="utf-8")
+    CLI(tmp_path)("distill", "--teacher", bpe_llama, "--student", tmp_path / "small.json", "--context", "64", "--steps",
+                  "30", "--eval-every", "10", "--lr", "1e-2", "--alpha", "1", "--quiet", "--out", "student")
+    logged = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["train_kd"] < 0.5 * logged[0]["train_kd"]  # imitation alone (alpha 1) brings it closer
+    assert logged[-1]["val_loss"] < logged[0]["val_loss"]
+    report = (tmp_path / "student" / "report.md").read_text(encoding="utf-8").splitlines()
+    rows = {line.split("|")[1].strip(): line for line in report[2:]}
+    assert set(rows) == {"teacher", "distilled student", "student without teacher"}
+    assert "(1.00x)" in rows["teacher"] and "float32" in rows["distilled student"]
+    baseline = [json.loads(line) for line in (tmp_path / "student" / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert "train_kd" not in baseline[-1] and baseline[-1]["step"] == 30  # same steps, no teacher
+    student = Run.load(tmp_path / "student", "cpu")
+    assert student.model.config.n_embd == 32 and student.model.num_params() < teacher.num_params()
+
+
+def test_sequence_level_distillation_learns_the_teachers_own_answers(bpe_llama, tmp_path):
+    CLI(tmp_path)("distill", "--teacher", bpe_llama, "--data", "rasbt_instructions", "--sequences", "4", "--context",
+                  "400", "--student", "layers:1", "--steps", "4", "--no-baseline", "--quiet", "--out", "seq")
+    rows = [json.loads(line) for line in (tmp_path / "seq" / ANSWERS).read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 4
+    teacher = Run.load(bpe_llama, "cpu")
+    done = complete(teacher.model, teacher.tokenizer, [teacher.tokenizer.encode(rows[0]["prompt"])],
+                    SamplingParams(256, temperature=0), teacher.dtype)
+    assert done[0].text == rows[0]["answer"]  # the teacher's greedy answer, through the engine
+
+
+def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trained, tmp_path):
+    cli = CLI(tmp_path)
+    (tmp_path / "wide.json").write_text(json.dumps({"family": "llama", "vocab_size": 999, "n_layer": 1}), encoding="utf-8")
+    failures = {
+        ("--student", trained["gpt"]): "another tokenizer than the teacher",
+        ("--student", str(tmp_path / "wide.json")): "a vocabulary of 999 tokens and the teacher 400",
+        ("--student", "layers:9"): "a student keeps from 1 to 1 of the teacher's 2 layers",
+        ("--alpha", "2"): "--alpha in [0, 1]",
+        ("--sequences", "3"): "--sequences needs an instruction set",
+    }
+    for args, message in failures.items():
+        result = cli("distill", "--teacher", bpe_llama, *args, "--steps", "1", "--context", "32", check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
