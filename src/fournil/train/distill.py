@@ -181,6 +181,8 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse) if taught.alpha \
         else NextTokenPrediction()
     trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, objective=objective)
+    if taught.alpha and trainer.dtype != torch.float32:  # the teacher only reads: its weights in the fast precision
+        teacher_run.model.to(trainer.dtype)
     t = config.train
     how = f"temperature {taught.temperature:g}, alpha {taught.alpha:g}{', reverse KL' if taught.reverse else ''}" \
         if taught.alpha else "no teacher"
