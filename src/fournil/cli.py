@@ -257,6 +257,14 @@ def add_model_commands(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                    help="weights in memory: int8 and bfloat16 take less and decode faster on a CPU")
 
+    p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("text", nargs="?", default=ANIMAL)
+    p.add_argument("--layer", type=int, default=-1, help="which layer (default: the last; negative counts from the end)")
+    p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
+    p.add_argument("--token", default="it", help="show the row of the first token that reads as this (default: it)")
+    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("convert", help="convert between GGUF, Hugging Face folder and run directory")
     p.add_argument("model", help=model_help)
     p.add_argument("out", help="OUT.gguf, or a folder")
@@ -556,6 +564,35 @@ def run_chat(args) -> None:
         messages.append({"role": "assistant", "content": answer})
 
 
+ANIMAL = "The animal didn't cross the street because it was too tired"
+
+
+def run_attention(args) -> None:
+    from pathlib import Path
+
+    from fournil.evaluate.attention import attention_maps
+    from fournil.plots.attention import plot_attention, token_labels
+    from fournil.runs import Run
+
+    run = Run.load(args.model, args.device)
+    tokens, weights = attention_maps(run.model, run.tokenizer, args.text)
+    n_layer, n_head = weights.shape[:2]
+    if not -n_layer <= args.layer < n_layer:
+        raise FournilError(f"--layer {args.layer}: the model has {n_layer} layers (0 to {n_layer - 1}, or -1 for the last)")
+    if args.head is not None and not 0 <= args.head < n_head:
+        raise FournilError(f"--head {args.head}: the model has {n_head} heads per layer (0 to {n_head - 1})")
+    layer = args.layer % n_layer
+    focus = next((i for i, t in enumerate(tokens) if t.strip() == args.token.strip()), None)
+    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, f"{run.path.name}: {args.text[:60]}")
+    print(f"{len(tokens)} tokens, {n_layer} layers x {n_head} heads; layer {layer} -> {args.out}")
+    if focus is not None:
+        row = (weights[layer].mean(0) if args.head is None else weights[layer, args.head])[focus]
+        top = row.topk(min(5, focus + 1))
+        labels = token_labels(tokens)
+        print(f"{labels[focus]!r} attends most to: " +
+              ", ".join(f"{labels[i]!r} {w:.3f}" for w, i in zip(top.values.tolist(), top.indices.tolist())))
+
+
 def run_convert(args) -> None:
     from pathlib import Path
 
@@ -646,7 +683,7 @@ def run_tokenize(args) -> None:
 
 
 COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "distill": run_distill, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
-            "chat": run_chat, "serve": run_serve, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
+            "chat": run_chat, "serve": run_serve, "attention": run_attention, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 
 

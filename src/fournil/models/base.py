@@ -1,6 +1,8 @@
 """What every model shares: ``forward(idx) -> logits`` of shape (B, T, vocab), a config, a parameter count."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,3 +40,24 @@ def windows(idx: torch.Tensor, width: int, pad: int) -> torch.Tensor:
     """
     padded = F.pad(idx, (width - 1, 0), value=pad)
     return padded.unfold(1, width, 1)
+
+
+def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention (keys and values may have fewer heads: grouped-query attention). While
+    ``module.recorded`` is a list, the weights are computed explicitly, used, and appended to it, so that a picture
+    of attention shows the computation the model really made."""
+    gqa = k.shape[1] != q.shape[1]
+    if getattr(module, "recorded", None) is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.float().softmax(-1).to(q.dtype)
+    module.recorded.append(weights.detach())
+    return weights @ v

@@ -14,7 +14,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import LanguageModel
+from fournil.models.base import LanguageModel, attend
 
 
 @dataclass
@@ -31,6 +31,8 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    recorded = None  # a list while attention weights are recorded (fournil.evaluate.attention)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
@@ -45,8 +47,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.store(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(self, q, k, v, mask, causal=mask is None and T > 1, dropout=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import LanguageModel
+from fournil.models.base import LanguageModel, attend
 
 
 @dataclass
@@ -92,6 +92,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    recorded = None  # a list while attention weights are recorded (fournil.evaluate.attention)
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -109,16 +111,15 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        gqa = self.n_kv_head != self.n_head
         if cache is not None:
             k, v = cache.store(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
+            y = attend(self, q, k, v, mask, causal=mask is None and T > 1)
         elif self.window is not None and T > self.window:
             i = torch.arange(T, device=x.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attend(self, q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attend(self, q, k, v, causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

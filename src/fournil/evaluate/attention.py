@@ -1,0 +1,44 @@
+"""Attention weights of a real forward pass: which earlier tokens each token reads, in every layer and head."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fournil.errors import FournilError
+
+
+@contextlib.contextmanager
+def recording_attention(model):
+    """While inside, every attention layer of ``model`` computes its weights explicitly and keeps them (see
+    :func:`fournil.models.base.attend`); yields the layers, in order."""
+    layers = [m for m in model.modules() if hasattr(m, "recorded")]
+    if not layers:
+        raise FournilError(f"a {model.family} model has no attention to show: use a gpt or llama model")
+    for m in layers:
+        m.recorded = []
+    try:
+        yield layers
+    finally:
+        for m in layers:
+            m.recorded = None
+
+
+@torch.no_grad()
+def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
+    """The tokens of ``text`` and the attention weights of one forward pass over them: (layers, heads, T, T), each
+    row a distribution over the tokens up to its own."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise FournilError("give a text with at least one token")
+    if len(ids) > model.config.block_size:
+        raise FournilError(f"the text has {len(ids)} tokens; the model's context is {model.config.block_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        with recording_attention(model) as layers:
+            model(torch.tensor([ids], device=model.device))
+            weights = torch.stack([m.recorded[0][0].float().cpu() for m in layers])
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode([i]) for i in ids], weights
