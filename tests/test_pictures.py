@@ -5,6 +5,7 @@ from conftest import CLI
 from matplotlib.image import imread
 
 from fournil.evaluate.attention import attention_maps, recording_attention
+from fournil.plots.embeddings import principal_components, token_embeddings
 from fournil.runs import Run
 
 
@@ -41,3 +42,18 @@ def test_attention_command_draws_a_png_and_names_what_a_token_reads(bpe_llama, t
         assert result.returncode == 2 and message in result.stderr
     result = cli("attention", trained["ngram"], "emma", check=False)
     assert result.returncode == 2 and "has no attention to show" in result.stderr
+
+
+def test_embeddings_command_draws_the_principal_components_of_the_model_embeddings(trained, tmp_path):
+    run = Run.load(trained["mlp"], "cpu")
+    weights = token_embeddings(run.model)
+    assert torch.equal(weights, run.model.wte.weight.detach()[: run.tokenizer.vocab_size])
+    points, shares = principal_components(weights)
+    total = (weights - weights.mean(0)).pow(2).sum()
+    assert points.pow(2).sum(0) / total == pytest.approx(shares.tolist(), abs=1e-5)  # the variance each explains
+    assert shares[0] >= shares[1]
+    result = CLI(tmp_path)("embeddings", trained["mlp"], "--out", "e.png")
+    assert f"{100 * shares.sum():.1f} % of their variance -> e.png" in result.stdout
+    assert imread(tmp_path / "e.png").shape[:2] == (800, 800)
+    result = CLI(tmp_path)("embeddings", trained["ngram"], check=False)
+    assert result.returncode == 2 and "has no token embeddings" in result.stderr

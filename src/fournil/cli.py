@@ -265,6 +265,10 @@ def add_model_commands(sub) -> None:
     p.add_argument("--token", default="it", help="show the row of the first token that reads as this (default: it)")
     p.add_argument("--out", default="attention.png", help="the PNG to write")
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
+    p.add_argument("model", help="a run (mlp, rnn, gpt, llama), .gguf file or Hugging Face folder")
+    p.add_argument("--limit", type=int, default=300, help="show the first N tokens of the vocabulary (default 300)")
+    p.add_argument("--out", default="embeddings.png", help="the PNG to write")
     p = sub.add_parser("convert", help="convert between GGUF, Hugging Face folder and run directory")
     p.add_argument("model", help=model_help)
     p.add_argument("out", help="OUT.gguf, or a folder")
@@ -593,6 +597,23 @@ def run_attention(args) -> None:
               ", ".join(f"{labels[i]!r} {w:.3f}" for w, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
+def run_embeddings(args) -> None:
+    from pathlib import Path
+
+    from fournil.plots.embeddings import plot_embeddings, principal_components, token_embeddings
+    from fournil.runs import Run
+
+    run = Run.load(args.model, "cpu")
+    if args.limit < 3:
+        raise FournilError(f"--limit {args.limit}: show at least 3 tokens")
+    weights = token_embeddings(run.model)[: args.limit]
+    points, shares = principal_components(weights)
+    labels = [run.tokenizer.decode([i]) for i in range(len(weights))]
+    plot_embeddings(points, labels, shares, Path(args.out), f"{run.path.name}: {len(weights)} token embeddings")
+    print(f"{len(weights)} of {run.tokenizer.vocab_size} token embeddings of width {weights.shape[1]}; the two first "
+          f"principal components explain {100 * shares.sum():.1f} % of their variance -> {args.out}")
+
+
 def run_convert(args) -> None:
     from pathlib import Path
 
@@ -683,7 +704,7 @@ def run_tokenize(args) -> None:
 
 
 COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "distill": run_distill, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
-            "chat": run_chat, "serve": run_serve, "attention": run_attention, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
+            "chat": run_chat, "serve": run_serve, "attention": run_attention, "embeddings": run_embeddings, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 
 
