@@ -24,10 +24,10 @@ from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
 from fournil.generate import SamplingParams, complete
 from fournil.models import build_model
-from fournil.runs import CONFIG, TOKENIZER, Run, find_run, read_config
+from fournil.runs import CONFIG, TOKENIZER, Run
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, NextTokenPrediction
-from fournil.train.trainer import Trainer, new_run_dir
+from fournil.train.trainer import Trainer, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, MAX_ANSWER = 100, 8, 1e-3, 256
 REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
@@ -123,12 +123,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
     world = join()
     try:
         if resume:
-            run_dir = find_run(resume)
-            config = read_config(run_dir)
-            if config.distill is None:
-                raise FournilError(f"{run_dir} is not a distillation run")
-            if budget:
-                config.train = dataclasses.replace(config.train, **budget)
+            run_dir, config = resumed(resume, budget, "distill")
         else:
             settings = settings or DistillConfig(teacher=teacher, student=student)
             settings.check()

@@ -25,12 +25,12 @@ from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
 from fournil.models.lora import add_lora
-from fournil.runs import CONFIG, TOKENIZER, Run, find_run, read_config
+from fournil.runs import CONFIG, TOKENIZER, Run
 from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, check, load_alignment_data, reference
 from fournil.train.distributed import join, leave
-from fournil.train.trainer import Trainer, new_run_dir
+from fournil.train.trainer import Trainer, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_MAX_LENGTH = 200, 8, 512
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
@@ -58,12 +58,7 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
     world = join()
     try:
         if resume:
-            run_dir = find_run(resume)
-            config = read_config(run_dir)
-            if config.finetune is None:
-                raise FournilError(f"{run_dir} is not a fine-tuning run: continue it with `fournil train --resume`")
-            if budget:
-                config.train = dataclasses.replace(config.train, **budget)
+            run_dir, config = resumed(resume, budget, "finetune")
             ft = config.finetune
             tokenizer = load_tokenizer(run_dir / TOKENIZER)
             base_run = Run.load(ft.base, config.train.device)

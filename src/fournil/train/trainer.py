@@ -103,6 +103,18 @@ def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), **speed)
 
 
+def resumed(resume: str, budget: dict | None, stage: str | None = None) -> tuple[Path, RunConfig]:
+    """The directory and configuration of a run to continue, with the new ``budget`` (steps or seconds) if given.
+    ``stage`` (finetune, distill) is the section its configuration must have: a run continues with its own command."""
+    run_dir = find_run(resume)
+    config = read_config(run_dir)
+    if stage is not None and getattr(config, stage) is None:
+        raise FournilError(f"{run_dir} is not a {stage} run: continue it with the command that started it")
+    if budget:
+        config.train = dataclasses.replace(config.train, **budget)
+    return run_dir, config
+
+
 class Diverged(FournilError):
     pass
 
@@ -328,10 +340,7 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
 
 def _train(world: World, config, out, resume, budget, progress, announce) -> Run | None:
     if resume:
-        run_dir = find_run(resume)
-        config = read_config(run_dir)
-        if budget:
-            config.train = dataclasses.replace(config.train, **budget)
+        run_dir, config = resumed(resume, budget)
         splits, fingerprints = load_splits(config.data)
         if config.fingerprints and fingerprints != config.fingerprints:
             raise FournilError(f"the data of {run_dir} changed since it started; start a new run instead")
