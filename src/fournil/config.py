@@ -82,7 +82,8 @@ class AlignConfig:
     """Learning from preferences, on top of fine-tuning's settings."""
 
     method: str = "dpo"  # dpo; reward (train a reward model); grpo (policy gradient on sampled answers' rewards)
-    beta: float | None = None  # dpo: how far the policy may move for a preference (0.1); grpo: KL penalty weight (0.04)
+    beta: float | None = None  # dpo: how far the policy may move for a preference (0.1); grpo: KL penalty weight
+    # (0.04); None: the method's default, filled in by check()
     reference: str = "model"  # dpo: "model" (the base model, frozen) or "precomputed" (its log-probabilities, once)
     reward: str | None = None  # grpo: a reward model's run directory, or a built-in reward's name
     group: int = 4  # grpo: answers sampled for each prompt, compared with each other
@@ -97,6 +98,11 @@ class AlignConfig:
             raise FournilError(f"--reference {self.reference}: choose model or precomputed")
         if self.beta is not None and self.beta < 0:
             raise FournilError(f"--beta must not be negative (got {self.beta})")
+        if self.beta is None:  # recorded in the run's configuration, as used
+            self.beta = {"dpo": 0.1, "grpo": 0.04}.get(self.method)
+        if self.method == "grpo" and not self.reward:
+            raise FournilError("grpo needs a reward: --reward RUN (a reward model, see `fournil reward train`), a "
+                               "built-in one (brevity), or FILE.py:FUNCTION")
         if self.method == "grpo" and (self.group < 2 or self.max_new_tokens < 1 or self.temperature <= 0):
             raise FournilError("grpo compares answers to the same prompt: --group must be at least 2, "
                                "--max-new-tokens at least 1 and --temperature above 0")

@@ -8,7 +8,7 @@ import copy
 import torch
 
 from fournil.checkpoint import save_tensors
-from fournil.config import AlignConfig, RunConfig
+from fournil.config import RunConfig
 from fournil.data.preferences import load_preferences, load_prompts
 from fournil.device import autocast, pick_device, pick_dtype
 from fournil.errors import FournilError
@@ -20,7 +20,6 @@ from fournil.train.grpo import GRPO, Rollouts
 from fournil.train.objectives import DPO, PairwiseReward, evaluating, token_logprobs
 from fournil.train.rewards import load_reward, reward_model
 
-DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}
 DEFAULT_LR = {"dpo": (5e-4, 5e-6), "reward": (1e-3, 1e-5), "grpo": (2e-4, 2e-6)}  # (LoRA, every weight)
 
 
@@ -61,7 +60,7 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
     """The model to train, its objective, its data and how its best weights are kept, for ``config.align``."""
     align, lora, base = config.align, config.finetune.lora, config.finetune.base
     device, dtype = model.device, pick_dtype(pick_device(config.train.device), config.train.dtype)
-    beta = align.beta if align.beta is not None else DEFAULT_BETA.get(align.method)
+    beta = align.beta
     if align.method == "reward":
         reward_model = RewardModel(model)
 
@@ -88,13 +87,6 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
     return model, GRPO(beta, ref), rollouts, keep
 
 
-def check(align: AlignConfig) -> AlignConfig:
-    align.check()
-    if align.method == "grpo" and not align.reward:
-        load_reward(None)  # the error that says what to give
-    return align
-
-
 def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     """A run's scores on held-out data, by its method: DPO's reward accuracy and margins against its base model, a
     reward model's accuracy on pairs, GRPO's mean reward and KL divergence from its base."""
@@ -102,7 +94,7 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
 
     config, data, tokenizer = run.config, run.data(), run.tokenizer
     align, model = config.align, run.model
-    beta = align.beta if align.beta is not None else DEFAULT_BETA.get(align.method)
+    beta = align.beta
     if align.method == "reward":
         model, objective = reward_model(run), PairwiseReward()
     else:

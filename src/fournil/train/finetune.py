@@ -28,7 +28,7 @@ from fournil.models.lora import add_lora
 from fournil.runs import CONFIG, TOKENIZER, Run
 from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
-from fournil.train.align import alignment, check, load_alignment_data, reference
+from fournil.train.align import alignment, load_alignment_data, reference
 from fournil.train.distributed import join, leave
 from fournil.train.trainer import Trainer, new_run_dir, resumed
 
@@ -64,12 +64,14 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             base_run = Run.load(ft.base, config.train.device)
         else:
             ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length, pack=pack)
+            if align:
+                align.check()
             base_run = Run.load(ft.base, (train or TrainConfig()).device)
             tokenizer = chat_tokenizer(base_run.tokenizer)
             config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="preferences" if align else
                                                                             "instructions", tokenizer="base"),
                                train=fill_train(train or TrainConfig(), lora is not None, align), finetune=ft,
-                               align=align and check(align))
+                               align=align)
             run_dir = new_run_dir(config, out)
         block = base_run.model.config.block_size
         if ft.max_length is None:

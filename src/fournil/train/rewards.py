@@ -64,11 +64,8 @@ class RewardModelScorer:
         return scores
 
 
-def load_reward(spec: str | None, device: str = "auto"):
+def load_reward(spec: str, device: str = "auto"):
     """The reward ``spec`` names: a built-in one, ``FILE.py:FUNCTION``, or a reward model's run directory."""
-    if not spec:
-        raise FournilError(f"grpo needs a reward: --reward RUN (a reward model, see `fournil reward train`), a built-in "
-                           f"one ({', '.join(BUILT_IN)}), or FILE.py:FUNCTION")
     if spec in BUILT_IN:
         return BUILT_IN[spec]
     file, _, name = spec.rpartition(":")
