@@ -5,7 +5,10 @@ from conftest import CLI
 from matplotlib.image import imread
 
 from fournil.evaluate.attention import attention_maps, recording_attention
+from fournil.evaluate.explain import framed
 from fournil.plots.embeddings import principal_components, token_embeddings
+from fournil.plots.explain import figure_size
+from fournil.plots.tokens import CELL, COLUMNS, ROW, layout
 from fournil.runs import Run
 
 
@@ -57,3 +60,53 @@ def test_embeddings_command_draws_the_principal_components_of_the_model_embeddin
     assert imread(tmp_path / "e.png").shape[:2] == (800, 800)
     result = CLI(tmp_path)("embeddings", trained["ngram"], check=False)
     assert result.returncode == 2 and "has no token embeddings" in result.stderr
+
+
+def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass(bpe_llama, tmp_path):
+    run = Run.load(bpe_llama, "cpu")
+    text = "The king is dead, long live the king"
+    result = run.explain(text, top=3)
+    ids = run.tokenizer.encode(text)
+    assert framed(run.tokenizer, text) == [run.tokenizer.bos_id, *ids]  # the model reads documents after a BOS
+    ids = [run.tokenizer.bos_id, *ids]
+    with torch.no_grad():
+        logprobs = run.model(torch.tensor([ids]))[0].log_softmax(-1)
+    rows = result["rows"]
+    assert len(rows) == len(ids) - 1 and rows[0]["label"] == "The"
+    for t, row in enumerate(rows, start=1):
+        assert row["logprob"] == pytest.approx(logprobs[t - 1, ids[t]].item(), abs=1e-5)
+        best = logprobs[t - 1].topk(3)
+        assert [p for _, p in row["top"]] == pytest.approx(best.values.exp().tolist(), abs=1e-6)
+        assert row["rank"] == min(1 + (logprobs[t - 1] > logprobs[t - 1, ids[t]]).sum().item(), 4)
+    assert result["nll"] == pytest.approx(-sum(r["logprob"] for r in rows))
+
+    out = CLI(tmp_path)("explain", bpe_llama, text, "--top", "2", "--out", "p.png").stdout.splitlines()
+    assert len(out) == len(rows) + 1 and out[-1].startswith(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions")
+    label, prob, _, rank, *_ = out[0].split()
+    assert label == rows[0]["label"] and float(prob) == pytest.approx(rows[0]["prob"], abs=1e-4)
+    width, height = figure_size(len(rows))
+    assert imread(tmp_path / "p.png").shape[:2] == (int(height * 100), int(width * 100))
+
+
+def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):
+    run = Run.load(trained["ngram"], "cpu")
+    model = run.model
+
+    def counted(previous: int, following: int) -> float:  # log P(following | previous) from the smoothed counts
+        smoothed = model.counts[(model.contexts == previous).nonzero().item()] + model.config.smoothing
+        return (smoothed[following] / smoothed.sum()).log().item()
+
+    result = run.explain("emma")
+    b, e, m, a = run.tokenizer.boundary_id, *run.tokenizer.encode("ema")
+    assert [r["label"] for r in result["rows"]] == [".e", "em", "mm", "ma", "a."]
+    expected = [counted(b, e), counted(e, m), counted(m, m), counted(m, a), counted(a, b)]
+    assert [r["logprob"] for r in result["rows"]] == pytest.approx(expected, abs=1e-6)
+
+
+def test_tokenize_draws_each_tokenizers_cuts_with_their_counts(bpe_llama, tmp_path):
+    assert layout(["ab", "cde", "\n", "fg"], columns=4) == [[(0, "ab")], [(0, "cde"), (3, "\u21b5")], [(0, "fg")]]
+    result = CLI(tmp_path)("tokenize", "To be, or not to be", "--tokenizer", "char", "--tokenizer", bpe_llama)
+    assert result.stdout.splitlines()[0] == "== characters"
+    assert "19 characters, 19 bytes, 19 tokens: 1.00 bytes per token" in result.stdout
+    rows = 2 * (1 + 1.6)  # two panels of one line each
+    assert imread(tmp_path / "tokens.png").shape[:2] == (int((rows * ROW + 0.2) * 100), int((COLUMNS * CELL + 0.4) * 100))

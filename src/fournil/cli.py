@@ -195,6 +195,11 @@ def add_finetune(sub) -> None:
     p.add_argument("out", help="the run directory to write")
 
 
+ANIMAL = "The animal didn't cross the street because it was too tired"
+SENTENCE = "Tokenizers cut text into pieces: \"unbelievable\" may be one token, or three. Ça coûte 3 € !"
+CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
+
+
 def add_run_commands(sub) -> None:
     p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test")
     p.add_argument("run", help="a run directory, e.g. runs/prenoms-gpt")
@@ -211,9 +216,12 @@ def add_run_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("explain", help="the probability of each character of a word, and its NLL")
-    p.add_argument("run")
-    p.add_argument("text")
+    p = sub.add_parser("explain", help="the probability of each token of a text given the ones before, what the model "
+                       "expected instead, and the NLL; as a table and a PNG bar chart (default: smollm2)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("text", nargs="?", default=CAPITAL)
+    p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
+    p.add_argument("--out", default="explain.png", help="the PNG to write")
     p.add_argument("--device", default="auto")
 
 
@@ -293,10 +301,13 @@ def add_tokenizer_commands(sub) -> None:
     p.add_argument("--tokenizer", default="bpe:4096", help="bpe:N (learned from the corpus first), char, or a tokenizer.json")
     p.add_argument("--out", required=True, help="folder for the shards; train on it with `fournil train --data OUT`")
 
-    p = sub.add_parser("tokenize", help="show where a tokenizer cuts a text, and how much it compresses it")
-    p.add_argument("text")
-    p.add_argument("--tokenizer", help="a tokenizer.json, or a folder with one (a run, a Hugging Face model, "
-                   "`fournil tokenizer train` output); default: a 1,024-token BPE trained on shakespeare now")
+    p = sub.add_parser("tokenize", help="show where tokenizers cut a text and how much they compress it, in the terminal "
+                       "and as a picture")
+    p.add_argument("text", nargs="?", default=SENTENCE)
+    p.add_argument("--tokenizer", action="append", help="a tokenizer.json, a folder with one (a run, a Hugging Face model, "
+                   "`fournil tokenizer train` output), a model (smollm2) or char (the text's own characters); repeat to "
+                   "compare; default: a 1,024-token BPE trained on shakespeare now")
+    p.add_argument("--out", default="tokens.png", help="the PNG to write")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -472,14 +483,27 @@ def run_sample(args) -> None:
 
 
 def run_explain(args) -> None:
+    from pathlib import Path
+
+    from fournil.plots.explain import coloured_text, legend, plot_token_probs
     from fournil.runs import Run
 
-    run = Run.load(args.run, args.device)
-    result = run.explain(args.text)
-    for row in result["transitions"]:
-        print(f"{row['context']}{row['next']} {row['prob']:.4f}")
-    n = len(result["transitions"])
-    print(f"NLL {result['nll']:.4f} nats over {n} transitions; average {result['avg_nll']:.4f}")
+    if args.top < 1:
+        raise FournilError(f"--top {args.top}: show at least 1 alternative")
+    run = Run.load(args.model, args.device)
+    result = run.explain(args.text, args.top)
+    rows = result["rows"]
+    if sys.stdout.isatty():
+        print(coloured_text(result))
+        print(legend())
+    width = max(len(r["label"]) for r in rows)
+    for r in rows:
+        others = "  ".join(f"{token} {p:.3f}" for token, p in r["top"])
+        rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
+        print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
+    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}")
+    plot_token_probs(result, Path(args.out), f"{run.path.name}: {args.text[:60]}")
+    print(f"-> {args.out}", file=sys.stderr)
 
 
 def sampling_params(args, max_new_tokens: int):
@@ -568,7 +592,6 @@ def run_chat(args) -> None:
         messages.append({"role": "assistant", "content": answer})
 
 
-ANIMAL = "The animal didn't cross the street because it was too tired"
 
 
 def run_attention(args) -> None:
@@ -681,26 +704,44 @@ def run_prepare(args) -> None:
     print(f"next: fournil train --data {out}")
 
 
-def run_tokenize(args) -> None:
+def tokenizer_for(spec: str | None, text: str):
+    """What `fournil tokenize` cuts with: a tokenizer file or folder, a model's, or the text's own characters."""
     from fournil.data.sources import read_text
-    from fournil.tokenizers import load_tokenizer
+    from fournil.formats import read_tokenizer
+    from fournil.tokenizers import CharTokenizer
     from fournil.tokenizers.bpe import train_bpe
+
+    if spec is None:
+        print("(a 1,024-token byte-level BPE trained on shakespeare; --tokenizer to use another)", file=sys.stderr)
+        return "shakespeare BPE 1,024", train_bpe([read_text("shakespeare")], 1024)
+    if spec == "char":
+        return "characters", CharTokenizer.train([text], boundary=False)
+    return spec, read_tokenizer(spec)
+
+
+def run_tokenize(args) -> None:
+    from pathlib import Path
+
+    from fournil.plots.tokens import plot_tokens
     from fournil.tokenizers.compression import compression, pieces
 
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        print("(a 1,024-token byte-level BPE trained on shakespeare; --tokenizer to use another)", file=sys.stderr)
-        tokenizer = train_bpe([read_text("shakespeare")], 1024)
-    cut = pieces(tokenizer, args.text)
-    if sys.stdout.isatty():  # alternate background colours, as tokenizer pages show tokens
-        colours = ["\x1b[30;46m", "\x1b[30;43m", "\x1b[30;42m", "\x1b[30;45m"]
-        print("".join(f"{colours[n % 4]}{text}\x1b[0m" for n, (_, text) in enumerate(cut)))
-    else:
-        print("|".join(text for _, text in cut))
-    print("ids:", " ".join(str(i) for i, _ in cut))
-    c = compression(tokenizer, [args.text])
-    print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes per token")
+    panels = []
+    for spec in args.tokenizer or [None]:
+        name, tokenizer = tokenizer_for(spec, args.text)
+        cut = pieces(tokenizer, args.text)
+        c = compression(tokenizer, [args.text])
+        if len(args.tokenizer or []) > 1:
+            print(f"== {name}")
+        if sys.stdout.isatty():  # alternate background colours, as tokenizer pages show tokens
+            colours = ["\x1b[30;46m", "\x1b[30;43m", "\x1b[30;42m", "\x1b[30;45m"]
+            print("".join(f"{colours[n % 4]}{text}\x1b[0m" for n, (_, text) in enumerate(cut)))
+        else:
+            print("|".join(text for _, text in cut))
+        print("ids:", " ".join(str(i) for i, _ in cut))
+        print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes per token")
+        panels.append((name, [text for _, text in cut], c))
+    plot_tokens(panels, Path(args.out))
+    print(f"-> {args.out}", file=sys.stderr)
 
 
 COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "distill": run_distill, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,

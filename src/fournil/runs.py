@@ -189,8 +189,9 @@ class Run:
             "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",
         }
 
-    def explain(self, text: str) -> dict:
-        return explain_text(self.model, self.tokenizer, text)
+    def explain(self, text: str, top: int = 5) -> dict:
+        """Each token's probability given the ones before, and the ``top`` the model expected there."""
+        return explain_text(self.model, self.tokenizer, text, self.dtype, top)
 
 
 def load(spec: str | Path, device: str = "auto") -> Run:

@@ -1,4 +1,5 @@
-"""The probability a model gives to each next character of a word: the table a course shows for a bigram."""
+"""The probability a model gives each token of a text given the ones before, and what it expected instead: the table
+a course shows for a bigram (``.m 0.123``, ``ma 0.454``, ...), for any model and tokenizer."""
 from __future__ import annotations
 
 import math
@@ -6,28 +7,51 @@ import math
 import torch
 
 from fournil.errors import FournilError
+from fournil.generate.engine import score
+from fournil.tokenizers import CharTokenizer
 
 BOUNDARY_MARK = "."
 
 
-@torch.no_grad()
-def explain_text(model, tokenizer, text: str) -> dict:
-    """Each transition (previous token, next token, probability), and the total and average NLL.
-
-    With a document boundary token (``lines`` data) the word is framed by it, shown as ``.``: ``.m``, ..., ``y.``.
-    """
+def framed(tokenizer, text: str) -> list[int]:
+    """The ids to score: a word framed by the document boundary (``lines`` data), after BOS when the model expects
+    one; otherwise the text alone, whose first token is then context only."""
     ids = tokenizer.encode(text)
-    b = tokenizer.boundary_id
-    seq = [b, *ids, b] if b is not None else ids
+    if tokenizer.boundary_id is not None:
+        return [tokenizer.boundary_id, *ids, tokenizer.boundary_id]
+    if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None:
+        return [tokenizer.bos_id, *ids]
+    return ids
+
+
+def shown(tokenizer, i: int) -> str:
+    """A token as a table shows it: the boundary as ``.``, a space as ``␣``, a line end as ``↵``."""
+    if i == tokenizer.boundary_id:
+        return BOUNDARY_MARK
+    text = tokenizer.token_text(i)
+    return text.replace(" ", "\u2423").replace("\n", "\u21b5") or "\u2205"
+
+
+@torch.no_grad()
+def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32, top: int = 5) -> dict:
+    """Each token after the first with its probability given the ones before it and the ``top`` tokens the model found
+    most likely there; the total and average NLL.
+
+    A row's ``label`` is the transition for a character model (``ma``: ``a`` after ``m``), else the token itself.
+    """
+    seq = framed(tokenizer, text)
     if len(seq) < 2:
-        raise FournilError("give at least two characters: a transition needs a previous and a next one")
-    model.eval()
-    logits = model(torch.tensor([seq[:-1]], device=model.device))[0]
-    logprobs = logits.double().log_softmax(-1)
-    show = lambda i: BOUNDARY_MARK if i == b else tokenizer.itos[i]  # noqa: E731
+        raise FournilError("give a longer text: explaining needs a token to predict after at least one of context")
+    scored = score(model, seq, 1, dtype, top=max(top, 1))
+    pairs = isinstance(tokenizer, CharTokenizer)
     rows = []
-    for t, nxt in enumerate(seq[1:]):
-        lp = logprobs[t, nxt].item()
-        rows.append({"context": show(seq[t]), "next": show(nxt), "prob": math.exp(lp), "logprob": lp})
+    for t, (logprob, alternatives) in enumerate(scored, start=1):
+        token = shown(tokenizer, seq[t])
+        rows.append({
+            "label": shown(tokenizer, seq[t - 1]) + token if pairs else token,
+            "token": token, "prob": math.exp(logprob), "logprob": logprob,
+            "rank": 1 + sum(lp > logprob for lp in alternatives.values()),  # capped at top + 1: "not among them"
+            "top": [(shown(tokenizer, i), math.exp(lp)) for i, lp in list(alternatives.items())[:top]],
+        })
     total = -sum(r["logprob"] for r in rows)
-    return {"transitions": rows, "nll": total, "avg_nll": total / len(rows)}
+    return {"context": shown(tokenizer, seq[0]), "rows": rows, "nll": total, "avg_nll": total / len(rows)}

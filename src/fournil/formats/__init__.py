@@ -35,6 +35,18 @@ def source_kind(spec: str | Path) -> tuple[str, Path]:
     return "run", path
 
 
+def read_tokenizer(spec: str | Path):
+    """The tokenizer of a model (a GGUF file, a known model), or of a folder or file holding a tokenizer.json."""
+    from fournil.tokenizers import load_tokenizer
+
+    kind, path = source_kind(spec)
+    if kind == "gguf":
+        from fournil.formats.gguf import gguf_tokenizer, metadata, open_reader
+
+        return gguf_tokenizer(metadata(open_reader(path)))
+    return load_tokenizer(path)
+
+
 def read_model(kind: str, path: Path):
     """(model settings, tensors, tokenizer, description) of a GGUF file or a Hugging Face folder."""
     if kind == "gguf":
