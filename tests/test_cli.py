@@ -114,7 +114,7 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(train("--data", "tiny.txt"), "2 documents", "too few")
     one_line_error(train("--data", "short.txt", "--mode", "text"), "context length")
     one_line_error(train("--model", "transformer"), "unknown model 'transformer'", "ngram, mlp, rnn, gpt")
-    one_line_error(train("--data", "nombres"), "no dataset or file named 'nombres'", "prenoms")
+    one_line_error(train("--data", "nombrés"), "no dataset or file named 'nombrés'", "prenoms", "nombres")
     one_line_error(train("--model", "rnn", "--n-head", "4"), "--n-head does not apply to the rnn model")
     one_line_error(train("--model", "gpt", "--n-layer", "two"), "n_layer='two': expected a int")
     one_line_error(run("sample", "runs/nothing-here"), "no run directory")

@@ -18,7 +18,8 @@ def make(family, **kw):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_model_answers_the_same_call(family):
     model = make(family)
-    logits = model(torch.randint(V, (3, T)))
+    source = (torch.randint(1, V, (3, 5)),) if family == "seq2seq" else ()  # and an encoder-decoder reads a source
+    logits = model(*source, torch.randint(V, (3, T)))
     assert logits.shape == (3, T, V)
     assert torch.isfinite(logits).all()
     assert model.num_params() > 0

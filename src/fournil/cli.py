@@ -14,7 +14,7 @@ from fournil.data.sources import BUNDLED
 from fournil.errors import FournilError
 from fournil.models import FAMILIES, config_class
 
-AUTOMATIC = {"vocab_size", "boundary_id"}  # model settings taken from the data, not from flags
+AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings taken from the data, not from flags
 
 
 def parse_duration(text: str) -> float:
@@ -67,7 +67,9 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (defaults: gpt on prenoms)",
                        description="Train a language model. With no flags: the gpt model on the bundled French first names.")
-    p.add_argument("--data", default="prenoms", help=f"a bundled dataset ({', '.join(BUNDLED)}) or a UTF-8 text file")
+    p.add_argument("--data", default="prenoms", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, or "
+                   "(source, target) pairs for seq2seq: nombres (digits to French words, made by code), a .jsonl "
+                   "(source, target fields) or .tsv file")
     p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
     p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
                    help="lines: one document per line; text: running text (default: inferred)")
@@ -201,19 +203,22 @@ CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
 
 
 def add_run_commands(sub) -> None:
-    p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test")
+    p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test (seq2seq: and the exact-"
+                                    "match accuracy and character error rate of its outputs)")
     p.add_argument("run", help="a run directory, e.g. runs/prenoms-gpt")
+    p.add_argument("--beam", type=int, default=1, help="seq2seq: decode with a beam search of this width (default: greedy)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("sample", help="sample text from a trained run")
     p.add_argument("run")
     p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
     p.add_argument("--prompt", default="", help="text every sample starts with")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = always the most likely token")
+    p.add_argument("--temperature", type=float, help="0 = always the most likely token (default 1; seq2seq: 0)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--beam", type=int, default=1, help="seq2seq: the best output of a beam search of this width")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("explain", help="the probability of each token of a text given the ones before, what the model "
@@ -448,6 +453,10 @@ def report(run) -> None:
         print(f"best val NLL {nll:.4f} nats/token ({nll / math.log(2):.3f} bits); saved to {run.path}")
     if samples:
         print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
+    if run.mode == "pairs":
+        val = run.evaluate(("val",))["val"]
+        print(f"val: {100 * val['exact']:.2f} % of {val['outputs']:,} held-out outputs exactly right (greedy), character "
+              f"error rate {100 * val['cer']:.2f} %")
     if run.config.finetune:
         print(f"next: fournil chat {run.path}  |  fournil eval {run.path}")
         return
@@ -458,28 +467,53 @@ def run_eval(args) -> None:
     from fournil.runs import Run
 
     run = Run.load(args.run, args.device)
-    results = run.evaluate()
+    results = run.evaluate(beam=args.beam)
     print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters")
     if run.config.align:
         for name, r in results.items():
             print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
         return
-    print(f"{'split':<6} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}")
+    pairs = run.mode == "pairs"
+    print(f"{'split':<6} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"
+          + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
     for name, r in results.items():
-        print(f"{name:<6} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} {r['bpb']:>10.4f}")
+        print(f"{name:<6} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} {r['bpb']:>10.4f}"
+              + (f" {100 * r['exact']:>7.2f}% {100 * r['cer']:>7.2f}%" if pairs else ""))
+    if pairs:
+        how = f"a beam search of width {args.beam}" if args.beam > 1 else "greedy decoding"
+        print(f"exact: outputs equal to their target ({how}); CER: character edits per target character")
 
 
 def run_sample(args) -> None:
     from fournil.runs import Run
 
     run = Run.load(args.run, args.device)
-    samples = run.sample(args.num, args.prompt, args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    if run.mode == "pairs":
+        return sample_pairs(run, args)
+    temperature = 1.0 if args.temperature is None else args.temperature
+    samples = run.sample(args.num, args.prompt, temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     for s in samples:
         print(s)
     if run.mode == "lines":
         seen = set(run.splits().train)
         known = sum(s in seen for s in samples)
         print(f"{known} of {len(samples)} samples are in the training set", file=sys.stderr)
+
+
+def sample_pairs(run, args) -> None:
+    """A seq2seq run's outputs: for ``--prompt``, or for the first held-out sources, each marked right or wrong."""
+    from fournil.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or run.model.config.block_size,
+                            temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.prompt:
+        print(run.translate([args.prompt], args.beam, params)[0])
+        return
+    pairs = run.splits().val[: args.num]
+    outputs = run.translate([s for s, _ in pairs], args.beam, params)
+    for (source, target), output in zip(pairs, outputs):
+        print(f"{source} -> {output}" + ("" if output == target else f"   (expected: {target})"))
+    print(f"{sum(o == t for o, (_, t) in zip(outputs, pairs))} of {len(pairs)} held-out sources right", file=sys.stderr)
 
 
 def run_explain(args) -> None:

@@ -11,7 +11,7 @@ from fournil.config import AlignConfig, DataConfig, DistillConfig, FinetuneConfi
 from fournil.data import load_splits, make_data
 from fournil.device import pick_device, pick_dtype
 from fournil.errors import FournilError
-from fournil.evaluate import evaluate_nll, explain_text
+from fournil.evaluate import evaluate_nll, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
 from fournil.models import build_model
 from fournil.tokenizers import load_tokenizer
@@ -151,15 +151,32 @@ class Run:
         done = complete(self.model, self.tokenizer, prompts, SamplingParams(max_new_tokens, temperature=0), self.dtype)
         return [(self.tokenizer.decode(p), c.text) for p, c in zip(prompts, done)]
 
-    def evaluate(self, names=("val", "test"), max_tokens: int | None = None) -> dict:
+    def evaluate(self, names=("val", "test"), max_tokens: int | None = None, beam: int = 1) -> dict:
         """Average NLL per token (nats), perplexity, bits per character and per byte, for each split named (answer
-        tokens only, for a fine-tuning run); for a run tuned on preferences, the scores of its method."""
+        tokens only, for a fine-tuning run; target tokens for a seq2seq run, which also gets the exact-match accuracy
+        and character error rate of its outputs, greedy or by a ``beam`` search); for a run tuned on preferences, the
+        scores of its method."""
         if self.config.align:
             from fournil.train.align import evaluate_alignment
 
             return evaluate_alignment(self, names)
         data = self.data()
-        return {n: evaluate_nll(self.model, data[n], self.tokenizer, self.dtype, max_tokens=max_tokens) for n in names}
+        scores = {n: evaluate_nll(self.model, data[n], self.tokenizer, self.dtype, max_tokens=max_tokens) for n in names}
+        if self.mode == "pairs":
+            for n in names:
+                sources, targets = zip(*data[n].pairs)
+                scores[n].update(output_scores(self.translate(list(sources), beam=beam), list(targets)))
+        return scores
+
+    def translate(self, sources: list[str], beam: int = 1, params: SamplingParams | None = None) -> list[str]:
+        """A seq2seq model's output for each source: greedy, sampled with ``params``, or by a ``beam`` search."""
+        from fournil.generate.seq2seq import generate_targets
+
+        if self.model.family != "seq2seq":
+            raise FournilError(f"{self.path} is a {self.model.family} model; translating a source needs a seq2seq model")
+        if beam < 1:
+            raise FournilError(f"--beam {beam}: give a width of 1 (greedy) or more")
+        return generate_targets(self.model, self.tokenizer, sources, params, beam, self.dtype)
 
     def sample(self, n: int = 20, prompt: str = "", temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:

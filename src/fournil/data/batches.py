@@ -19,6 +19,13 @@ def frame_ids(tokenizer) -> tuple[int, int]:
     return tokenizer.bos_id, tokenizer.eos_id
 
 
+def thinned(order: list[int], total: int, max_tokens: int | None) -> list[int]:
+    """Examples in ``order`` (holding ``total`` targets), evenly subsampled to about ``max_tokens`` targets."""
+    if max_tokens is None or max_tokens >= total:
+        return order
+    return order[:: max(1, round(total / max_tokens))]
+
+
 class LineData:
     """Documents framed by the boundary token, ``[b, c1, ..., cn, b]``, padded to the longest in each batch."""
 
@@ -56,10 +63,7 @@ class LineData:
 
     def batches(self, batch_size: int, max_tokens: int | None = None):
         """Every document once (grouped by length so little is padded), up to about ``max_tokens`` targets."""
-        order = sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i]))
-        if max_tokens is not None and max_tokens < self.num_targets:
-            keep = set(order[:: max(1, round(self.num_targets / max_tokens))])  # an even subsample, lengths kept
-            order = [i for i in order if i in keep]
+        order = thinned(sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i])), self.num_targets, max_tokens)
         for start in range(0, len(order), batch_size):
             yield self._collate([self.seqs[i] for i in order[start : start + batch_size]])
 
@@ -137,12 +141,15 @@ class ShardData(TextData):
 
 def make_data(splits, tokenizer, block_size: int) -> dict:
     """Token data for each split, checked against the model's context length."""
+    from fournil.data.pairs import PairData
     from fournil.data.shards import Shards
 
     data = {}
     for name, part in splits.items():
         if isinstance(part, Shards):
             d = ShardData(part, name, block_size)
+        elif splits.mode == "pairs":
+            d = PairData(part, tokenizer, name)
         elif splits.mode == "lines":
             d = LineData(part, tokenizer, name)
         else:

@@ -1,7 +1,7 @@
 """Corpora and their train/val/test splits.
 
-Two modes: ``lines`` (each non-empty line is a document, like a list of names) and ``text`` (running text,
-later cut into blocks of the context length).
+Three modes: ``lines`` (each non-empty line is a document, like a list of names), ``text`` (running text, later
+cut into blocks of the context length) and ``pairs`` ((source, target) examples for sequence-to-sequence models).
 """
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import random
 from dataclasses import dataclass
 
 from fournil.config import DataConfig
+from fournil.data.pairs import is_pairs, pair_splits
 from fournil.data.shards import is_prepared, open_shards
 from fournil.data.sources import fingerprint, read_text
 from fournil.errors import FournilError
 
-MODES = ("auto", "lines", "text")
+MODES = ("auto", "lines", "text", "pairs")
 
 
 def infer_mode(text: str) -> str:
@@ -27,7 +28,8 @@ def infer_mode(text: str) -> str:
 
 @dataclass
 class Splits:
-    """The three splits: lists of documents in ``lines`` mode, strings (or token shards) in ``text`` mode."""
+    """The three splits: lists of documents in ``lines`` mode, strings (or token shards) in ``text`` mode, lists of
+    (source, target) in ``pairs`` mode."""
 
     mode: str
     train: list[str] | str
@@ -47,10 +49,16 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
     if cfg.mode not in MODES:
         raise FournilError(f"unknown data mode {cfg.mode!r}: use one of {', '.join(MODES)}")
     explicit = [cfg.train, cfg.val, cfg.test]
+    if any(explicit) and not all(explicit):
+        missing = [f"--{n}" for n, v in zip(("train", "val", "test"), explicit) if not v]
+        raise FournilError(f"explicit split files need all three of --train, --val, --test; missing {', '.join(missing)}")
+    if is_pairs(cfg.train or cfg.data):
+        parts, fingerprints = pair_splits(cfg)
+        return Splits("pairs", parts["train"], parts["val"], parts["test"]), fingerprints
+    if cfg.mode == "pairs":
+        raise FournilError(f"pairs data is a .jsonl or .tsv file of (source, target) examples, or nombres; "
+                           f"{cfg.train or cfg.data} is neither")
     if any(explicit):
-        if not all(explicit):
-            missing = [f"--{n}" for n, v in zip(("train", "val", "test"), explicit) if not v]
-            raise FournilError(f"explicit split files need all three of --train, --val, --test; missing {', '.join(missing)}")
         texts = {name: read_text(path) for name, path in zip(("train", "val", "test"), explicit)}
         mode = cfg.mode if cfg.mode != "auto" else infer_mode(texts["train"])
         parts = {k: (_documents(t) if mode == "lines" else t) for k, t in texts.items()}

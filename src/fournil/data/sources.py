@@ -12,6 +12,7 @@ BUNDLED = {
     "prenoms": "prenoms.txt",
     "villes": "villes.txt",
     "shakespeare": "shakespeare.txt",
+    "miserables": "miserables.txt",
 }
 
 
@@ -25,7 +26,8 @@ def resolve(spec: str) -> Path:
                            f"or tokenize the folder first with `fournil prepare --data {spec}`")
     if not path.exists():
         raise FournilError(
-            f"no dataset or file named {spec!r}: use a bundled dataset ({', '.join(BUNDLED)}) or the path to a UTF-8 text file"
+            f"no dataset or file named {spec!r}: use a bundled dataset ({', '.join(BUNDLED)}), nombres (pairs for a "
+            f"seq2seq model), or the path to a UTF-8 text file"
         )
     return path
 

@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from fournil.errors import FournilError
+from fournil.models.base import decoder_only
 
 
 @contextlib.contextmanager
@@ -28,6 +29,7 @@ def recording_attention(model):
 def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
     """The tokens of ``text`` and the attention weights of one forward pass over them: (layers, heads, T, T), each
     row a distribution over the tokens up to its own."""
+    decoder_only(model, "an attention map of a text")
     ids = tokenizer.encode(text)
     if not ids:
         raise FournilError("give a text with at least one token")

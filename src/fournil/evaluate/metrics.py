@@ -1,4 +1,5 @@
-"""Average negative log-likelihood per token, perplexity, bits per character and per byte."""
+"""Average negative log-likelihood per token, perplexity, bits per character and per byte; and for generated
+outputs, exact match and character error rate."""
 from __future__ import annotations
 
 import math
@@ -25,9 +26,9 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     nbytes = torch.tensor([len(b) for b in pieces])
     chars = torch.tensor([sum((c & 0xC0) != 0x80 for c in b) for b in pieces])  # UTF-8 bytes that start a character
     total, tokens, n_chars, n_bytes = 0.0, 0, 0, 0
-    for x, y in data.batches(batch_size, max_tokens):
+    for *inputs, y in data.batches(batch_size, max_tokens):
         with autocast(device, dtype):
-            logits = model(x.to(device))
+            logits = model(*(x.to(device) for x in inputs))
         logits = logits if logits.dtype == torch.float64 else logits.float()
         total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE, reduction="sum").item()
         targets = y[y != IGNORE]
@@ -43,3 +44,23 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
         "bpb": total / math.log(2) / n_bytes,
         "tokens": tokens,
     }
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions of characters that turn a into b."""
+    if a == b:
+        return 0
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def output_scores(outputs: list[str], targets: list[str]) -> dict:
+    """``exact``: the share of outputs equal to their target; ``cer``: character edits per target character."""
+    edits = sum(edit_distance(o, t) for o, t in zip(outputs, targets))
+    return {"exact": sum(o == t for o, t in zip(outputs, targets)) / len(targets),
+            "cer": edits / max(1, sum(map(len, targets))), "outputs": len(targets)}

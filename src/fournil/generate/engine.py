@@ -15,6 +15,7 @@ from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.sampling import SamplingParams
 from fournil.generate.scheduler import Piece, Scheduler
+from fournil.models.base import decoder_only
 
 
 @dataclass
@@ -72,6 +73,7 @@ def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: t
 def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.float32, top: int = 0) -> list:
     """The log-probability of each token ``ids[start:]`` given the tokens before it: the likelihood of a text. With
     ``top``, each comes as a pair with the ``top`` most likely tokens at its place, ``{token: log-probability}``."""
+    decoder_only(model, "scoring a text")
     if len(ids) > model.config.block_size:
         raise FournilError(f"{len(ids)} tokens do not fit the model's context of {model.config.block_size}")
     if not 1 <= start <= len(ids):

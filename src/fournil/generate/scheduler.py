@@ -23,6 +23,7 @@ from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.sampling import SamplingParams, choose, penalize
 from fournil.generate.text import TextStream
+from fournil.models.base import decoder_only
 
 
 class Busy(FournilError):
@@ -71,6 +72,7 @@ class Scheduler:
                  max_waiting: int = 64, truncate: bool = False, first_columns: int = 256):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
         ``first_columns`` wide and doubles when needed."""
+        decoder_only(model, "generating a continuation")
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.first_columns = first_columns
         self.max_batch, self.max_waiting, self.truncate = max_batch, max_waiting, truncate

@@ -10,9 +10,10 @@ from fournil.models.llama import Llama, LlamaConfig
 from fournil.models.mlp import MLP, MLPConfig
 from fournil.models.ngram import NGram, NGramConfig
 from fournil.models.rnn import RNN, RNNConfig
+from fournil.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 FAMILIES = {"ngram": (NGram, NGramConfig), "mlp": (MLP, MLPConfig), "rnn": (RNN, RNNConfig), "gpt": (GPT, GPTConfig),
-            "llama": (Llama, LlamaConfig)}
+            "llama": (Llama, LlamaConfig), "seq2seq": (Seq2Seq, Seq2SeqConfig)}
 
 # Sizes that train well in minutes on a laptop CPU, per data mode: (model settings, batch size, lr, steps).
 DEFAULTS = {
@@ -26,6 +27,7 @@ DEFAULTS = {
     ("gpt", "text"): ({"n_layer": 4, "n_head": 4, "n_embd": 128}, 32, 1e-3, 2000),
     ("llama", "lines"): ({"n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 64}, 64, 8e-3, 3000),
     ("llama", "text"): ({"n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 128}, 32, 1e-3, 2000),
+    ("seq2seq", "pairs"): ({"n_layer": 3, "n_head": 4, "n_embd": 128}, 64, 2e-3, 500),
 }
 TEXT_BLOCK_SIZE = 128  # default context for running text; in lines mode it is the longest document
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fournil.errors import FournilError
+
 
 class LanguageModel(nn.Module):
     """Base class: subclasses set ``family`` and implement ``forward``."""
@@ -31,6 +33,13 @@ class LanguageModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(iter(self.state_dict().values())).device
+
+
+def decoder_only(model, what: str) -> None:
+    """Refuse, with the way out, what only a decoder-only language model can do."""
+    if model.family == "seq2seq":
+        raise FournilError(f"{what} needs a decoder-only language model; a seq2seq model writes a target for a source: "
+                           f"`fournil sample RUN --prompt SOURCE` (--beam N for a beam search)")
 
 
 def windows(idx: torch.Tensor, width: int, pad: int) -> torch.Tensor:

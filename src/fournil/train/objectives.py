@@ -58,11 +58,12 @@ def mean_over_batches(objective, model, data, dtype, max_tokens) -> dict:
 
 class NextTokenPrediction:
     """Pretraining and fine-tuning: the average negative log-likelihood of each next token (padding and prompts
-    excluded)."""
+    excluded). A batch is the model's inputs then the targets: ``(x, y)``, or ``(source, target input, y)`` for a
+    sequence-to-sequence model, whose objective is the same, conditioned on the source."""
 
     def loss(self, model, batch):
-        x, y = batch
-        logits = model(x)
+        *inputs, y = batch
+        logits = model(*inputs)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
         return loss, {"tokens": int((y != IGNORE).sum())}
 

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
 from fournil.config import RunConfig, to_dict
 from fournil.data import load_splits, make_data
+from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, tokenizer_fingerprint
 from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, pick_device, pick_dtype
@@ -57,14 +58,22 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
     gradient accumulation that makes ``batch_tokens`` tokens per optimizer step over all processes."""
     family = config.model["family"]
     check_family(family)
+    if (family == "seq2seq") != (splits.mode == "pairs"):
+        raise FournilError(f"{config.data.data} holds (source, target) pairs: train a seq2seq model on it (--model seq2seq)"
+                           if splits.mode == "pairs" else f"a seq2seq model learns from (source, target) pairs: give "
+                           f"--data nombres, or a .jsonl/.tsv file of pairs ({config.data.data} is {splits.mode} data)")
     model_defaults, batch_size, lr, steps = DEFAULTS[(family, splits.mode)]
     settings = {**model_defaults, **config.model, "vocab_size": tokenizer.vocab_size}
     fields = {f.name for f in dataclasses.fields(config_class(family))}
     if "boundary_id" in fields:
         settings["boundary_id"] = tokenizer.boundary_id
+    if family == "seq2seq":
+        settings["bos_id"], settings["eos_id"] = frame_ids(tokenizer)
     if settings.get("block_size") is None:
         if splits.mode == "lines":  # room for the longest document of any split
             settings["block_size"] = max(len(d) for _, part in splits.items() for d in part) + 1
+        elif splits.mode == "pairs":  # the longest source, or target after its start token
+            settings["block_size"] = max(max(len(s), len(t) + 1) for _, part in splits.items() for s, t in part)
         else:
             settings["block_size"] = TEXT_BLOCK_SIZE
     t = config.train
@@ -295,6 +304,9 @@ class Trainer:
             samples = []  # a reward model does not write
         elif self.config.finetune:  # answers to a few held-out prompts
             samples = [f"{q!r} -> {a!r}" for q, a in run.answer_val_prompts(min(n, 5))] if n else []
+        elif run.mode == "pairs":  # outputs for the first held-out sources
+            sources = [source for source, _ in run.splits().val[:n]]
+            samples = [f"{s} -> {o}" for s, o in zip(sources, run.translate(sources))]
         else:
             n = n if run.mode == "lines" else min(1, n)  # text: a passage
             samples = run.sample(n, seed=self.config.train.seed) if n else []
@@ -305,7 +317,10 @@ class Trainer:
 def build_tokenizer(splits, spec: str = "char", progress: bool = True):
     """The run's tokenizer: characters of the training split (with an unknown token if val or test hold characters
     it lacks), a byte-level BPE trained on the training split (``bpe:N``), or a saved one (a path)."""
-    as_texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
+    def as_texts(part) -> list[str]:
+        if splits.mode == "pairs":
+            return [text for pair in part for text in pair]
+        return [part] if splits.mode == "text" else part
     if isinstance(splits.train, Shards):  # prepared shards carry the tokenizer that made them
         made_with = splits.train.folder / TOKENIZER
         given = Path(spec) / TOKENIZER if Path(spec).is_dir() else Path(spec)
@@ -316,7 +331,7 @@ def build_tokenizer(splits, spec: str = "char", progress: bool = True):
     if spec == "char":
         seen = set().union(*map(set, as_texts(splits.train)))
         unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
-        return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode == "lines", unknown=unseen)
+        return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode != "text", unknown=unseen)
     if size := bpe_size(spec):
         return train_bpe(as_texts(splits.train), size, progress)
     if not Path(spec).exists():

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Step 2 - Why longer contexts explode with counts.
+# Remembering more characters should help: a trigram looks at the last two, a 5-gram at the last four.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil train --data names --model ngram --n 3 --out runs/names-trigram
+fournil train --data names --model ngram --n 5 --out runs/names-5gram
+fournil eval runs/names-trigram
+fournil eval runs/names-5gram
+# Look at: the trigram beats the bigram on val and test, and the 5-gram is worse than the trigram: most contexts of
+# four characters in unseen names were never seen in training, so their counts say nothing. Its samples (printed by train) end in random letters.
+
+python - <<'PY'
+import fournil
+
+run = fournil.load("runs/names-bigram")
+names, V = run.splits().train, run.tokenizer.vocab_size
+print(f"{'n':>2} {'possible contexts V^n':>26} {'seen in training':>17}")
+for n in range(1, 11):
+    seen = {("." * n + name + ".")[i:i + n] for name in names for i in range(len(name) + 1)}
+    print(f"{n:>2} {V ** n:>26,} {len(seen):>17,}")
+PY
+# Look at: the possible contexts grow as V^n (with 40 symbols: 40, 1,600, 64,000 ... 10^16 for ten characters),
+# while the contexts the data shows level off near 55,000. A table of counts cannot generalize from one
+# context to a similar one; the next step learns representations that can.

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Step 4 - The Transformer and attention.
+# In a GPT every position looks back at all the earlier ones and decides how much each matters: attention.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil train --data names --model gpt $TRAIN --out runs/names-gpt
+fournil eval runs/names-gpt
+# Look at: the best NLL of the ladder (below 2.0 on val; 1.94 after five minutes).
+
+fournil attention runs/names-gpt emmanuel --token u --out attention-names.png
+# Look at: attention-names.png, one map per head: row i shows how much character i reads each earlier character.
+# Heads specialize: some read the previous character, some the start of the name.
+
+fournil attention $CHAT_MODEL "The animal didn't cross the street because it was too tired" --token it --out attention-it.png
+# Look at: in a real model (SmolLM2), what "it" attends to. Much weight goes to the first token (an "attention
+# sink", where heads put weight they do not need); the rest lands on the words that give "it" its meaning.
+
+fournil explain $CHAT_MODEL "The capital of France is Paris, and the capital of Italy is Rome." --out capital.png
+# Look at: which tokens the model expected (Paris, Rome: high probability) and which surprised it.

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Step 5 - Tokens and byte-pair encoding (BPE).
+# Characters make long sequences. BPE starts from the 256 bytes and merges the most frequent pairs, again and again,
+# into a vocabulary of common pieces of words.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil tokenizer train --data shakespeare --vocab-size 512 --out tokenizers/shakespeare-bpe512
+# Look at: the compression on held-out text, in bytes per token (a character tokenizer gives 1).
+
+fournil tokenize "To be, or not to be, that is the question. Ça coûte 3 € !" --tokenizer char \
+  --tokenizer tokenizers/shakespeare-bpe512 --tokenizer $CHAT_MODEL --out tokens.png
+# Look at: tokens.png, where each tokenizer cuts the text. Shakespeare's BPE knows " the" and " question" as whole
+# pieces but cuts the French words (and the euro sign) into bytes it never merged; a large vocabulary cuts less.

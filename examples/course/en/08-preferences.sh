@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Step 8 - Learning from preferences: DPO.
+# Each example is a prompt with a chosen and a rejected answer. DPO raises the chosen answer's likelihood relative to
+# a frozen reference, and lowers the rejected one's, without a separate reward model.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/course-dpo
+# Look at: val_reward_accuracy, the share of held-out pairs where the model now prefers the chosen answer (50 % at
+# the start, since the model is its own reference), and the margin between the two.
+
+fournil eval runs/course-dpo

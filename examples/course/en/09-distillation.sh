@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Step 9 - Distillation: a small student learns from a big teacher's probabilities.
+# The student keeps a few of the teacher's layers (STUDENT in budget.sh: 4 of SmolLM2's 30) and learns to match the
+# teacher's whole next-token distribution (softened by a temperature), not only the one right token. The same student
+# is also trained without the teacher.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil distill --teacher $CHAT_MODEL --student $STUDENT --data shakespeare $TUNE --out runs/course-student
+# Look at: report.md (printed at the end): parameters, size on disk, decoding speed and val NLL of the teacher, the
+# distilled student and the student trained alone; the distilled one should beat the one trained alone.

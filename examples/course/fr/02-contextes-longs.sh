@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Étape 2 - Pourquoi les contextes longs explosent quand on compte.
+# Se souvenir de plus de caractères devrait aider : un trigramme regarde les deux derniers, un 5-gramme les quatre.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil train --data prenoms --model ngram --n 3 --out runs/prenoms-trigramme
+fournil train --data prenoms --model ngram --n 5 --out runs/prenoms-5gramme
+fournil eval runs/prenoms-trigramme
+fournil eval runs/prenoms-5gramme
+# À regarder : le trigramme bat le bigramme, et le 5-gramme fait moins bien que le trigramme : la plupart des
+# contextes de quatre caractères des prénoms inconnus n'ont jamais été vus à l'entraînement, leurs comptes ne disent
+# rien. Ses prénoms tirés au sort (« samples ») finissent en suites de lettres au hasard.
+
+python - <<'PY'
+import fournil
+
+run = fournil.load("runs/prenoms-bigramme")
+prenoms, V = run.splits().train, run.tokenizer.vocab_size
+print(f"{'n':>2} {'contextes possibles V^n':>28} {'vus à l entraînement':>21}")
+for n in range(1, 11):
+    vus = {("." * n + p + ".")[i:i + n] for p in prenoms for i in range(len(p) + 1)}
+    print(f"{n:>2} {V ** n:>28,} {len(vus):>21,}")
+PY
+# À regarder : les contextes possibles croissent comme V^n (avec 40 symboles : 40, 1 600, 64 000 ... 10^16 pour dix
+# caractères), alors que ceux que montrent les données plafonnent vers quelques dizaines de milliers. Une table de
+# comptes ne peut rien généraliser d'un contexte à un contexte voisin ; l'étape suivante apprend des représentations
+# qui le peuvent.

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Étape 3 - Le MLP (Bengio et al. 2003) et les plongements (embeddings).
+# Chaque caractère devient un vecteur appris (son plongement) ; les vecteurs des 5 derniers caractères traversent une
+# couche cachée qui prédit le suivant. Des caractères semblables reçoivent des vecteurs proches : ce qui est appris
+# sur un contexte sert aux contextes voisins.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil train --data prenoms --model mlp $TRAIN --out runs/prenoms-mlp
+# À regarder : les pertes d'entraînement et de validation qui baissent ensemble, et runs/prenoms-mlp/loss.png.
+
+fournil eval runs/prenoms-mlp
+# À regarder : une NLL de validation bien sous les 2,5 du bigramme (environ 2,0), avec cinq caractères de contexte.
+
+fournil embeddings runs/prenoms-mlp --out plongements.png
+# À regarder : plongements.png, les deux composantes principales des plongements : les voyelles se regroupent, les
+# voyelles accentuées (é, è, ë) près de leur voyelle, et « . » à part. Personne n'a dit au modèle ce qu'est une voyelle.
+
+fournil sample runs/prenoms-mlp -n 10 --seed 1

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Étape 4 - Le Transformer et l'attention.
+# Dans un GPT, chaque position regarde toutes les précédentes et décide combien chacune compte : c'est l'attention.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil train --data prenoms --model gpt $TRAIN --out runs/prenoms-gpt
+fournil eval runs/prenoms-gpt
+# À regarder : la meilleure NLL de l'échelle (sous 2,0 en validation ; 1,94 après cinq minutes).
+
+fournil attention runs/prenoms-gpt marie-claire --token c --out attention-prenoms.png
+# À regarder : attention-prenoms.png, une carte par tête : la ligne i montre combien le caractère i lit chacun des
+# précédents. Les têtes se spécialisent : certaines lisent le caractère d'avant, d'autres le début du prénom.
+
+fournil attention $CHAT_MODEL "The animal didn't cross the street because it was too tired" --token it --out attention-it.png
+# À regarder : dans un vrai modèle (SmolLM2, qui a surtout lu de l'anglais), ce que lit « it ». Beaucoup de poids va
+# au premier token (un « puits d'attention » où les têtes posent le poids dont elles n'ont pas besoin) ; le reste va
+# aux mots qui donnent son sens à « it ».
+
+fournil explain $CHAT_MODEL "La capitale de la France est Paris, et celle de l'Italie est Rome." --out capitale.png
+# À regarder : les tokens que le modèle attendait (Paris, Rome : forte probabilité) et ceux qui l'ont surpris.

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Étape 8 - Apprendre des préférences : DPO.
+# Chaque exemple est une consigne avec une réponse choisie et une réponse rejetée (ici en anglais : une polie, une
+# impolie). DPO rend la réponse choisie plus probable par rapport à un modèle de référence figé, et la rejetée moins,
+# sans modèle de récompense à part.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/cours-dpo
+# À regarder : val_reward_accuracy, la part des paires mises de côté où le modèle préfère maintenant la réponse
+# choisie (50 % au départ, puisque le modèle est sa propre référence), et la marge entre les deux.
+
+fournil eval runs/cours-dpo

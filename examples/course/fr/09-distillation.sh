@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Étape 9 - La distillation : un petit élève apprend les probabilités d'un grand maître.
+# L'élève garde quelques couches du maître (STUDENT dans budget.sh : 4 des 30 de SmolLM2) et apprend toute sa
+# distribution du token suivant (adoucie par une température), pas seulement le bon token. Le même élève est aussi
+# entraîné sans le maître, pour comparer.
+set -euo pipefail
+. "$(dirname "$0")/../budget.sh"
+
+fournil distill --teacher $CHAT_MODEL --student $STUDENT --data miserables $TUNE --out runs/cours-eleve
+# À regarder : report.md (affiché à la fin) : paramètres, taille sur disque, vitesse de décodage et NLL de validation
+# du maître, de l'élève distillé et de l'élève seul ; le distillé doit battre celui qui a appris seul.

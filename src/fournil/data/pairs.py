@@ -1,0 +1,105 @@
+"""Paired data for sequence-to-sequence models: (source, target) examples from JSONL or TSV files, or made by code
+(``nombres``), split by examples, and their batches of (source, target input, target output) token ids."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from fournil.data.batches import IGNORE, frame_ids, thinned
+from fournil.data.nombres import nombres
+from fournil.data.sources import fingerprint, read_text
+from fournil.errors import FournilError
+
+GENERATED = {"nombres": nombres}  # tasks made by code: no file, no download
+SUFFIXES = (".jsonl", ".tsv")
+
+
+def is_pairs(spec: str | None) -> bool:
+    return spec is not None and (spec in GENERATED or Path(spec).suffix in SUFFIXES)
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    """JSONL records with ``source`` and ``target``, or TSV lines ``source<TAB>target``; a bad line is named."""
+    text, pairs = read_text(path), []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("source", "target")):
+                raise FournilError(f"{path}, line {n}: each record needs text fields 'source' and 'target'")
+            pair = record["source"], record["target"]
+        else:
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise FournilError(f"{path}, line {n}: a TSV line is a source, one tab, then a target "
+                                   f"({len(fields)} fields here)")
+            pair = fields[0], fields[1]
+        if not pair[0].strip() or not pair[1].strip():
+            raise FournilError(f"{path}, line {n}: the source and the target must not be empty")
+        pairs.append(pair)
+    return pairs
+
+
+def pair_splits(cfg) -> tuple[dict, dict]:
+    """The train/val/test pairs of ``cfg`` (a :class:`DataConfig`) and fingerprints of what was read."""
+    explicit = [cfg.train, cfg.val, cfg.test]
+    if any(explicit):
+        parts = {name: read_pairs(path) for name, path in zip(("train", "val", "test"), explicit)}
+        return parts, {name: fingerprint(json.dumps(p)) for name, p in parts.items()}
+    pairs = GENERATED[cfg.data](seed=cfg.seed) if cfg.data in GENERATED else read_pairs(cfg.data)
+    if cfg.data not in GENERATED:
+        random.Random(cfg.seed).shuffle(pairs)
+    n_train, n_val = int(cfg.split[0] * len(pairs)), int(cfg.split[1] * len(pairs))
+    if min(n_train, n_val, len(pairs) - n_train - n_val) == 0:
+        raise FournilError(f"{cfg.data} has {len(pairs)} pairs, too few to split {cfg.split}: add pairs, or give "
+                           f"--train/--val/--test files")
+    parts = {"train": pairs[:n_train], "val": pairs[n_train : n_train + n_val], "test": pairs[n_train + n_val :]}
+    return parts, {"data": fingerprint(json.dumps(pairs))}
+
+
+class PairData:
+    """Sources as they are; targets framed by BOS and EOS (``[b, t1, ..., tn, b]`` with characters), read by the
+    decoder one token behind what it predicts. Padded to the longest of each batch."""
+
+    def __init__(self, pairs: list[tuple[str, str]], tokenizer, split: str):
+        start, end = frame_ids(tokenizer)
+        self.split, self.pairs, self.pad = split, pairs, end
+        self.sources = [torch.tensor(tokenizer.encode(s, strict=False)) for s, _ in pairs]
+        self.targets = [torch.tensor([start, *tokenizer.encode(t, strict=False), end]) for _, t in pairs]
+        self.num_targets = sum(len(t) - 1 for t in self.targets)
+
+    @property
+    def longest(self) -> int:
+        return max(max(len(s) for s in self.sources), max(len(t) - 1 for t in self.targets))
+
+    def check_fits(self, block_size: int) -> None:
+        if self.longest > block_size:
+            raise FournilError(f"the {self.split} split has a source or target of {self.longest} tokens, longer than "
+                               f"the model's {block_size}; raise --block-size to at least {self.longest}")
+
+    def _collate(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        src = torch.full((len(rows), max(len(self.sources[i]) for i in rows)), self.pad, dtype=torch.long)
+        width = max(len(self.targets[i]) for i in rows) - 1
+        x = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for row, i in enumerate(rows):
+            s, t = self.sources[i], self.targets[i]
+            src[row, : len(s)] = s
+            x[row, : len(t) - 1], y[row, : len(t) - 1] = t[:-1], t[1:]
+        return src, x, y
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        return self._collate(torch.randint(len(self.pairs), (batch_size,), generator=generator).tolist())
+
+    def batches(self, batch_size: int, max_tokens: int | None = None):
+        """Every pair once (grouped by target length), up to about ``max_tokens`` targets."""
+        order = thinned(sorted(range(len(self.pairs)), key=lambda i: len(self.targets[i])), self.num_targets, max_tokens)
+        for start in range(0, len(order), batch_size):
+            yield self._collate(order[start : start + batch_size])

@@ -1,0 +1,132 @@
+"""The encoder-decoder Transformer: the nombres task, the model's attention, decoding, and training end to end."""
+import itertools
+import random
+import re
+
+import pytest
+import torch
+from conftest import CLI
+
+from fournil.config import DataConfig
+from fournil.data import load_splits
+from fournil.data.nombres import in_digits, in_words
+from fournil.evaluate.metrics import edit_distance, output_scores
+from fournil.generate.seq2seq import beam_search, sample_targets
+from fournil.generate.sampling import SamplingParams
+from fournil.models import build_model
+
+CHECKED = {  # written out by hand from the rules (Grevisse; "et" in 21-71, the s of vingts and cents)
+    0: "zéro", 1: "un", 16: "seize", 17: "dix-sept", 21: "vingt et un", 22: "vingt-deux", 31: "trente et un",
+    70: "soixante-dix", 71: "soixante et onze", 72: "soixante-douze", 79: "soixante-dix-neuf", 80: "quatre-vingts",
+    81: "quatre-vingt-un", 88: "quatre-vingt-huit", 90: "quatre-vingt-dix", 91: "quatre-vingt-onze",
+    99: "quatre-vingt-dix-neuf", 100: "cent", 101: "cent un", 180: "cent quatre-vingts", 200: "deux cents",
+    201: "deux cent un", 280: "deux cent quatre-vingts", 1000: "mille", 1001: "mille un", 1080: "mille quatre-vingts",
+    1234: "mille deux cent trente-quatre", 2000: "deux mille", 21000: "vingt et un mille", 80000: "quatre-vingt mille",
+    80080: "quatre-vingt mille quatre-vingts", 71071: "soixante et onze mille soixante et onze",
+    101101: "cent un mille cent un", 200000: "deux cent mille", 300200: "trois cent mille deux cents",
+    999999: "neuf cent quatre-vingt-dix-neuf mille neuf cent quatre-vingt-dix-neuf",
+}
+
+
+def test_numbers_in_french_words_follow_the_rules():
+    assert {n: in_words(n) for n in CHECKED} == CHECKED
+    assert in_digits(1234) == "1 234" and in_digits(999999) == "999 999" and in_digits(7) == "7"
+    with pytest.raises(ValueError):
+        in_words(1_000_000)
+
+
+def test_nombres_splits_hold_disjoint_numbers():
+    splits, _ = load_splits(DataConfig("nombres"))
+    assert splits.mode == "pairs" and (len(splits.train), len(splits.val), len(splits.test)) == (36_000, 2_000, 2_000)
+    sources = [{s for s, _ in part} for _, part in splits.items()]
+    assert len(sources[0] | sources[1] | sources[2]) == 40_000  # no number in two splits
+    source, target = splits.test[0]
+    assert in_words(int(source.replace(" ", ""))) == target
+
+
+def tiny(**settings):
+    torch.manual_seed(0)
+    return build_model({"family": "seq2seq", "vocab_size": 5, "block_size": 5, "n_layer": 2, "n_head": 2, "n_embd": 16,
+                        "bos_id": 0, "eos_id": 0, **settings}).eval()
+
+
+def test_the_decoder_reads_only_earlier_targets_and_the_real_source_tokens():
+    model = tiny()
+    src, tgt = torch.tensor([[3, 4, 2]]), torch.tensor([[0, 1, 2, 3]])
+    logits = model(src, tgt)
+    changed = model(src, torch.tensor([[0, 1, 2, 4]]))
+    assert torch.allclose(logits[:, :3], changed[:, :3], atol=1e-6) and not torch.allclose(logits[:, 3], changed[:, 3])
+    padded = model(torch.tensor([[3, 4, 2, 0, 0]]), tgt)  # padding (the end token) is masked out of attention
+    assert torch.allclose(logits, padded, atol=1e-5)
+    assert not torch.allclose(logits, model(torch.tensor([[3, 4, 1]]), tgt))  # the source matters: cross-attention
+    memory, mask = model.encode(src)
+    cache = model.new_cache()
+    stepwise = torch.cat([model.decode(tgt[:, t : t + 1], memory, mask, cache) for t in range(4)], 1)
+    assert torch.allclose(stepwise, logits, atol=1e-5)  # decoding from the key/value cache is the same computation
+    separate = tiny(shared_embeddings=False, tie_embeddings=False)
+    assert separate.model.encoder.embed_tokens is not separate.model.decoder.embed_tokens
+    assert separate.num_params() == model.num_params() + 2 * 5 * 16
+
+
+def test_beam_search_finds_the_best_target_when_it_can_keep_every_hypothesis():
+    model = tiny()
+    sources = [[3, 4, 2], [1, 2]]
+    limit = model.config.block_size - 1
+
+    def best(source):  # every target: tokens 1-4 ended by 0, or cut at the limit; the best log-probability per token
+        scored = []
+        for n in range(limit + 1):
+            for body in itertools.product(range(1, 5), repeat=n):
+                ended = n < limit
+                target = torch.tensor([[0, *body]])
+                logprobs = model(torch.tensor([source]), target).log_softmax(-1)[0]
+                total = sum(logprobs[t, tok] for t, tok in enumerate(body)) + (logprobs[n, 0] if ended else 0)
+                scored.append((float(total) / (n + 1), list(body)))
+        return max(scored)[1]
+
+    with torch.no_grad():
+        exhaustive = [best(s) for s in sources]
+        assert beam_search(model, sources, width=4**limit) == exhaustive
+        greedy = sample_targets(model, sources, SamplingParams(temperature=0))
+        assert beam_search(model, sources, width=1) == greedy
+
+
+def test_exact_match_and_character_error_rate():
+    assert edit_distance("vingt et un", "vingt-et-un") == 2 and edit_distance("", "abc") == 3
+    scores = output_scores(["cent", "deux cents", "mile"], ["cent", "deux cent", "mille"])
+    assert scores["exact"] == pytest.approx(1 / 3) and scores["cer"] == pytest.approx(2 / 18)
+
+
+def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choice("abcde") for _ in range(rng.randint(2, 5))) for _ in range(3000)})
+    rng.shuffle(words)
+    for name, part in {"train": words[:-100], "val": words[-100:-50], "test": words[-50:]}.items():
+        (tmp_path / f"{name}.tsv").write_text("".join(f"{w}\t{w[::-1]}\n" for w in part), encoding="utf-8")
+    cli = CLI(tmp_path)
+    cli("train", "--model", "seq2seq", "--train", "train.tsv", "--val", "val.tsv", "--test", "test.tsv", "--n-layer", "2",
+        "--n-embd", "64", "--steps", "300", "--lr", "3e-3", "--eval-every", "150", "--quiet", "--out", "rev")
+    out = cli("eval", "rev").stdout
+    test = re.search(r"^test +\d+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +([\d.]+)% +([\d.]+)%$", out, re.M)
+    assert float(test.group(1)) >= 90  # words never seen in training, reversed letter for letter
+    assert float(test.group(2)) < 5
+    assert cli("sample", "rev", "--prompt", "abcde", "--beam", "3").stdout.strip() == "edcba"
+    shown = cli("sample", "rev", "-n", "5")
+    assert len(shown.stdout.splitlines()) == 5 and re.search(r"^\d of 5 held-out sources right$", shown.stderr, re.M)
+    for command in (["explain", "rev", "abc"], ["generate", "rev", "abc"], ["attention", "rev", "abc"]):
+        refused = cli(*command, check=False)
+        assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
+
+
+def test_seq2seq_refusals_are_one_line(tmp_path):
+    cli = CLI(tmp_path)
+    (tmp_path / "bad.tsv").write_text("a\tb\nno tab here\n", encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n', encoding="utf-8")
+    for args, message in {
+        ("train", "--model", "gpt", "--data", "nombres"): "train a seq2seq model on it (--model seq2seq)",
+        ("train", "--model", "seq2seq", "--data", "names"): "a seq2seq model learns from (source, target) pairs",
+        ("train", "--model", "seq2seq", "--data", "bad.tsv"): "bad.tsv, line 2: a TSV line is a source, one tab",
+        ("train", "--model", "seq2seq", "--data", "bad.jsonl"): "bad.jsonl, line 2: each record needs text fields",
+    }.items():
+        result = cli(*args, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
