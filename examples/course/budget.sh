@@ -1,8 +1,8 @@
 # The course's budgets, in one place: each step takes a few minutes on a laptop CPU.
 # The test suite runs every step with tiny budgets (COURSE_TEST=1), so that the course never rots.
 if [ -n "${COURSE_TEST:-}" ]; then
-  TRAIN="--steps 12 --eval-every 6 --quiet"
-  TUNE="--steps 2 --eval-every 2 --batch-size 2 --quiet"
+  TRAIN="--steps 8 --eval-every 8 --quiet"
+  TUNE="--steps 1 --eval-every 1 --batch-size 2 --quiet"
   STUDENT=layers:1
 else
   TRAIN="--time 2m"        # pretraining: two minutes of wall-clock time per model

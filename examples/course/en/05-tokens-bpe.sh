@@ -10,5 +10,6 @@ fournil tokenizer train --data shakespeare --vocab-size 512 --out tokenizers/sha
 
 fournil tokenize "To be, or not to be, that is the question. Ça coûte 3 € !" --tokenizer char \
   --tokenizer tokenizers/shakespeare-bpe512 --tokenizer $CHAT_MODEL --out tokens.png
-# Look at: tokens.png, where each tokenizer cuts the text. Shakespeare's BPE knows " the" and " question" as whole
-# pieces but cuts the French words (and the euro sign) into bytes it never merged; a large vocabulary cuts less.
+# Look at: tokens.png, where each tokenizer cuts the text. Shakespeare's BPE keeps " that", " not" and " the" whole
+# but cuts "question" into q|u|est|ion, and the French words (and the euro sign) into bytes it never merged;
+# SmolLM2's 49,152 tokens keep " question" whole: a large vocabulary cuts less.

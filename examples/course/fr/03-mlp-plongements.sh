@@ -13,7 +13,8 @@ fournil eval runs/prenoms-mlp
 # À regarder : une NLL de validation bien sous les 2,5 du bigramme (environ 2,0), avec cinq caractères de contexte.
 
 fournil embeddings runs/prenoms-mlp --out plongements.png
-# À regarder : plongements.png, les deux composantes principales des plongements : les voyelles se regroupent, les
-# voyelles accentuées (é, è, ë) près de leur voyelle, et « . » à part. Personne n'a dit au modèle ce qu'est une voyelle.
+# À regarder : plongements.png, les deux composantes principales des plongements : les voyelles tendent à se
+# regrouper, les voyelles accentuées (é, è, ë) près de la leur, et « . » à part. Personne n'a dit au modèle ce qu'est
+# une voyelle.
 
 fournil sample runs/prenoms-mlp -n 10 --seed 1

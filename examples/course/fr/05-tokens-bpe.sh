@@ -10,5 +10,6 @@ fournil tokenizer train --data miserables --vocab-size 512 --out tokenizers/mise
 
 fournil tokenize "Ça coûte 3 € ! Jean Valjean entra dans la maison. To be, or not to be." --tokenizer char \
   --tokenizer tokenizers/miserables-bpe512 --tokenizer $CHAT_MODEL --out tokens.png
-# À regarder : tokens.png, où chaque tokenizer coupe le texte. Le BPE des Misérables garde « Valjean » et « maison »
-# presque entiers mais coupe l'anglais en petits morceaux ; SmolLM2, appris surtout sur de l'anglais, fait l'inverse.
+# À regarder : tokens.png, où chaque tokenizer coupe le texte. Le BPE des Misérables garde « dans » et « la » entiers
+# mais coupe l'anglais (« To be, or not ») en petits morceaux ; SmolLM2, appris surtout sur de l'anglais, garde
+# l'anglais entier mais coupe « maison » et « Valjean ».
