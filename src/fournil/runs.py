@@ -127,8 +127,9 @@ class Run:
             raise FournilError(f"the data of {self.path} changed since training ({self.config.data.data}); scores would not be comparable")
         return splits
 
-    def data(self) -> dict:
-        """The run's train/val/test sets, ready to score: tokenized text, or rendered instruction examples."""
+    def data(self, names=("train", "val", "test")) -> dict:
+        """The run's train/val/test sets, ready to score: tokenized text (the splits ``names`` holds), or rendered
+        instruction examples."""
         if self.config.distill:
             from fournil.train.distill import distill_data
 
@@ -143,7 +144,7 @@ class Run:
             d = self.config.data
             return load_instructions(d.data, self.tokenizer, self.config.finetune.max_length, d.split, d.seed,
                                      announce=lambda _: None)
-        return make_data(self.splits(), self.tokenizer, self.model.config.block_size)
+        return make_data(self.splits(), self.tokenizer, self.model.config.block_size, names)
 
     def answer_val_prompts(self, n: int, max_new_tokens: int = 96) -> list[tuple[str, str]]:
         """Greedy answers to the first ``n`` held-out prompts of a fine-tuning run."""
@@ -160,7 +161,7 @@ class Run:
             from fournil.train.align import evaluate_alignment
 
             return evaluate_alignment(self, names)
-        data = self.data()
+        data = self.data(names)
         scores = {n: evaluate_nll(self.model, data[n], self.tokenizer, self.dtype, max_tokens=max_tokens) for n in names}
         if self.mode == "pairs":
             for n in names:

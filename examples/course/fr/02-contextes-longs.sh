@@ -17,7 +17,8 @@ import fournil
 
 run = fournil.load("runs/prenoms-bigramme")
 prenoms, V = run.splits().train, run.tokenizer.vocab_size
-print(f"{'n':>2} {'contextes possibles V^n':>28} {'vus à l entraînement':>21}")
+possibles, vus = "contextes possibles V^n", "vus à l'entraînement"
+print(f"{'n':>2} {possibles:>28} {vus:>21}")
 for n in range(1, 11):
     vus = {("." * n + p + ".")[i:i + n] for p in prenoms for i in range(len(p) + 1)}
     print(f"{n:>2} {V ** n:>28,} {len(vus):>21,}")

@@ -139,13 +139,15 @@ class ShardData(TextData):
             yield x, y
 
 
-def make_data(splits, tokenizer, block_size: int) -> dict:
-    """Token data for each split, checked against the model's context length."""
+def make_data(splits, tokenizer, block_size: int, names=("train", "val", "test")) -> dict:
+    """Token data for each split ``names`` holds, checked against the model's context length."""
     from fournil.data.pairs import PairData
     from fournil.data.shards import Shards
 
     data = {}
     for name, part in splits.items():
+        if name not in names:
+            continue
         if isinstance(part, Shards):
             d = ShardData(part, name, block_size)
         elif splits.mode == "pairs":

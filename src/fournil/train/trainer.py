@@ -348,7 +348,9 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
     """
     world = join()
     try:
-        return _train(world, config, out, resume, budget, progress, announce if world.main else lambda *_: None)
+        run = _train(world, config, out, resume, budget, progress, announce if world.main else lambda *_: None)
+        world.barrier()  # the others wait for rank 0's report: a group torn down early can abort a process (gloo)
+        return run
     finally:
         leave(world)
 
