@@ -626,8 +626,6 @@ def run_chat(args) -> None:
         messages.append({"role": "assistant", "content": answer})
 
 
-
-
 def run_attention(args) -> None:
     from pathlib import Path
 
