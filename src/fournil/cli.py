@@ -655,6 +655,7 @@ def run_attention(args) -> None:
 def run_embeddings(args) -> None:
     from pathlib import Path
 
+    from fournil.evaluate.explain import shown
     from fournil.plots.embeddings import plot_embeddings, principal_components, token_embeddings
     from fournil.runs import Run
 
@@ -663,7 +664,7 @@ def run_embeddings(args) -> None:
         raise FournilError(f"--limit {args.limit}: show at least 3 tokens")
     weights = token_embeddings(run.model)[: args.limit]
     points, shares = principal_components(weights)
-    labels = [run.tokenizer.decode([i]) for i in range(len(weights))]
+    labels = [shown(run.tokenizer, i) for i in range(len(weights))]
     plot_embeddings(points, labels, shares, Path(args.out), f"{run.path.name}: {len(weights)} token embeddings")
     print(f"{len(weights)} of {run.tokenizer.vocab_size} token embeddings of width {weights.shape[1]}; the two first "
           f"principal components explain {100 * shares.sum():.1f} % of their variance -> {args.out}")

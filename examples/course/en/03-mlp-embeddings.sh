@@ -13,7 +13,7 @@ fournil eval runs/names-mlp
 # Look at: a val NLL well below the bigram's 2.45 (about 2.0), with five characters of context.
 
 fournil embeddings runs/names-mlp --out embeddings.png
-# Look at: embeddings.png, the embeddings' two principal components: the vowels (a, e, i, o, u, y) tend to group
-# together, and '.' stands apart. Nobody told the model what a vowel is.
+# Look at: embeddings.png, the embeddings' two principal components: the vowels (a, e, i, o, u) tend to group
+# together, apart from the consonants ('.' is the start and end of a name). Nobody told the model what a vowel is.
 
 fournil sample runs/names-mlp -n 10 --seed 1

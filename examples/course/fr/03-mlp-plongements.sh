@@ -14,7 +14,7 @@ fournil eval runs/prenoms-mlp
 
 fournil embeddings runs/prenoms-mlp --out plongements.png
 # À regarder : plongements.png, les deux composantes principales des plongements : les voyelles tendent à se
-# regrouper, les voyelles accentuées (é, è, ë) près de la leur, et « . » à part. Personne n'a dit au modèle ce qu'est
-# une voyelle.
+# regrouper, à l'écart des consonnes (« . » marque le début et la fin d'un prénom ; et où vont é, è, ë ?). Personne
+# n'a dit au modèle ce qu'est une voyelle.
 
 fournil sample runs/prenoms-mlp -n 10 --seed 1

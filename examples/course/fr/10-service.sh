@@ -11,5 +11,5 @@ fournil serve $CHAT_MODEL --port $PORT &
 SERVEUR=$!
 trap 'kill $SERVEUR' EXIT
 python "$(dirname "$0")/../ask.py" "$PORT" "Quelle est la capitale de la France ?"
-# À regarder : le même modèle qui répond par HTTP (ask.py tient en une douzaine de lignes de Python). Tout client OpenAI fonctionne avec http://127.0.0.1:8765/v1, et la
-# page de conversation est à http://127.0.0.1:8765/ tant que le serveur tourne.
+# À regarder : le même modèle qui répond par HTTP (ask.py : un court client en Python). Tout client OpenAI fonctionne
+# avec http://127.0.0.1:8765/v1, et la page de conversation est à http://127.0.0.1:8765/ tant que le serveur tourne.
