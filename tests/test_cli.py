@@ -121,6 +121,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("eval", tmp_path), "has no config.json: fournil reads run directories, Hugging Face folders")
     one_line_error(run("sample", trained["gpt"], "--prompt", "z3!"), "'!', '3' are not in the model's vocabulary")
     one_line_error(run("explain", trained["gpt"], "x", "--device", "cuda"), "no CUDA GPU")
+    one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
+    one_line_error(run("explain", trained["llama"].parent / "none", "emma"), "no run directory")
     one_line_error(run("sample", trained["gpt"], "--top-p", "2"), "--top-p")
     usage = run("train", "--time", "soon")
     assert usage.returncode == 2 and "is not a duration" in usage.stderr

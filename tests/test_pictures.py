@@ -84,6 +84,8 @@ def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass
     assert len(out) == len(rows) + 1 and out[-1].startswith(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions")
     label, prob, _, rank, *_ = out[0].split()
     assert label == rows[0]["label"] and float(prob) == pytest.approx(rows[0]["prob"], abs=1e-4)
+    refused = CLI(tmp_path)("explain", bpe_llama, "", check=False)  # BOS alone: nothing to predict
+    assert refused.returncode == 2 and "give a longer text" in refused.stderr and "Traceback" not in refused.stderr
     width, height = figure_size(len(rows))
     assert imread(tmp_path / "p.png").shape[:2] == (int(height * 100), int(width * 100))
 

@@ -113,6 +113,8 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert cli("sample", "rev", "--prompt", "abcde", "--beam", "3").stdout.strip() == "edcba"
     shown = cli("sample", "rev", "-n", "5")
     assert len(shown.stdout.splitlines()) == 5 and re.search(r"^\d of 5 held-out sources right$", shown.stderr, re.M)
+    refused = cli("sample", "rev", "--prompt", "abc", "--beam", "0", check=False)
+    assert refused.returncode == 2 and "--beam 0: give a width of 1 (greedy) or more" in refused.stderr
     for command in (["explain", "rev", "abc"], ["generate", "rev", "abc"], ["attention", "rev", "abc"]):
         refused = cli(*command, check=False)
         assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
