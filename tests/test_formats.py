@@ -258,7 +258,7 @@ def test_gguf_tensor_types_dequantize_to_the_right_shape(tmp_path):
     import gguf
     import numpy as np
 
-    from fournil.formats.gguf import dequantize, open_reader
+    from fournil.formats.gguf import dequantize, read_gguf_file
 
     Q = gguf.GGMLQuantizationType
     rng = np.random.default_rng(0)
@@ -276,7 +276,7 @@ def test_gguf_tensor_types_dequantize_to_the_right_shape(tmp_path):
         k_blocks[name] = block
         w.add_tensor(name, block, raw_dtype=Q[name])
     write(w)
-    for t in open_reader(tmp_path / "types.gguf").tensors:
+    for t in read_gguf_file(tmp_path / "types.gguf")[1]:
         value = dequantize(t)
         assert value.dtype == torch.float32 and value.shape == (3, 256), t.name
         if t.name in tolerance:

@@ -41,9 +41,9 @@ def read_tokenizer(spec: str | Path):
 
     kind, path = source_kind(spec)
     if kind == "gguf":
-        from fournil.formats.gguf import gguf_tokenizer, metadata, open_reader
+        from fournil.formats.gguf import gguf_tokenizer, read_gguf_file
 
-        return gguf_tokenizer(metadata(open_reader(path)))
+        return gguf_tokenizer(read_gguf_file(path)[0])
     return load_tokenizer(path)
 
 

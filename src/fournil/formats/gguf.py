@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format), read with the ``gguf`` package and written with its writer.
+"""GGUF files (llama.cpp's format), read by ``gguf_reader`` and written with the ``gguf`` package's writer.
 
 Reading: hyper-parameters from the metadata, tensors dequantized to float32, the tokenizer rebuilt from its
 vocabulary (byte-level BPE with merges, or SentencePiece-style pieces and scores) as a Hugging Face ``tokenizers``
@@ -16,6 +16,7 @@ import torch
 
 from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
+from fournil.formats.gguf_reader import read_gguf_file
 from fournil.tokenizers import CharTokenizer, HFTokenizer
 from fournil.tokenizers.char import UNKNOWN
 
@@ -39,25 +40,6 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
           "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
 QTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
-
-
-def open_reader(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader fails in many ways on a damaged file; all mean the same to a user
-        raise FournilError(f"{path} is not a valid GGUF file (truncated or corrupted?): {type(e).__name__}: {e}") from None
-
-
-def metadata(reader) -> dict:
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # noqa: BLE001  a field the reader cannot decode is one fournil does not need
-            continue
-    return out
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -117,21 +99,19 @@ def dequantize(t) -> torch.Tensor:
     except NotImplementedError:
         raise FournilError(f"tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot dequantize; "
                            f"fournil reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants") from None
-    shape = tuple(reversed([int(d) for d in t.shape]))
-    return torch.from_numpy(np.array(values.reshape(shape), dtype=np.float32))  # a copy: the file is mapped read-only
+    return torch.from_numpy(np.array(values.reshape(t.shape), dtype=np.float32))  # a copy: the file is mapped read-only
 
 
 def read_gguf(path: Path):
     """(model settings, tensors with fournil's names, tokenizer, description) of a GGUF file."""
-    reader = open_reader(path)
-    meta = metadata(reader)
-    names = {t.name for t in reader.tensors}
+    meta, stored = read_gguf_file(path)
+    names = {t.name for t in stored}
     settings = model_settings(meta, names)
     tokenizer = gguf_tokenizer(meta)
     table = GPT2_NAMES if settings["family"] == "gpt" else LLAMA_NAMES
     permuted = meta["general.architecture"] in PERMUTED_ARCHS
     tensors, kinds = {}, {}
-    for t in reader.tensors:
+    for t in stored:
         value = dequantize(t)
         kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
         name = fournil_name(t.name, table)
