@@ -82,6 +82,8 @@ def add_train(sub) -> None:
     p.add_argument("--test", dest="test_file")
     add_loop_args(p, steps="", batch="sequences per forward pass (per process)", lr="")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step: accumulates gradients to reach it")
+    p.add_argument("--optimizer", choices=["adamw", "muon"],
+                   help="adamw, or muon for the hidden weight matrices (default: muon for gpt on lines, else adamw)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across processes (FSDP)")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard")
@@ -353,7 +355,7 @@ def run_train(args) -> None:
                         tokenizer=args.tokenizer),
         train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                           lr=args.lr, eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
-                          compile=args.compile, fsdp=args.fsdp, tensorboard=args.tensorboard),
+                          optimizer=args.optimizer, compile=args.compile, fsdp=args.fsdp, tensorboard=args.tensorboard),
     )
     run = train(config, out=args.out, progress=not args.quiet)
     report(run)

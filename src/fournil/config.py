@@ -34,9 +34,10 @@ class TrainConfig:
     batch_tokens: int | None = None  # target tokens per optimizer step, reached by accumulating gradients
     grad_accum: int = 1  # forward passes per optimizer step (set from batch_tokens when that is given)
     lr: float | None = None  # peak learning rate; None picks one for the model
+    optimizer: str | None = None  # adamw, or muon (hidden matrices; AdamW for the rest); None picks one for the model
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio (decaying to zero measured best)
     warmup: int = 200  # linear warmup steps
-    weight_decay: float = 0.1  # applied to weight matrices and embeddings, not to biases or norms
+    weight_decay: float | None = None  # on weight matrices and embeddings, not biases or norms; None: the model's, or 0.1
     beta2: float = 0.99
     grad_clip: float = 1.0
     eval_every: int = 250  # validate (and checkpoint) every this many steps
@@ -48,6 +49,10 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state across processes (FSDP)
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     samples: int = 20  # written to samples.txt at the end
+
+    @property
+    def decay(self) -> float:
+        return 0.1 if self.weight_decay is None else self.weight_decay
 
 
 @dataclass

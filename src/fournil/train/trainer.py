@@ -1,8 +1,8 @@
 """The training loop: one loop for every model, with the objective plugged in.
 
-AdamW with weight decay on matrices only, linear warmup then cosine decay over the budget (steps or seconds),
-gradient clipping, periodic validation that keeps the best weights, and an atomic training state for
-``--resume``.
+AdamW (or Muon for the hidden matrices) with weight decay on matrices only, linear warmup then cosine decay over
+the budget (steps or seconds), gradient clipping, periodic validation that keeps the best weights, and an atomic
+training state for ``--resume``.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from fournil.tokenizers import CharTokenizer, load_tokenizer
 from fournil.tokenizers.bpe import bpe_size, train_bpe
 from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
+from fournil.train.muon import Muon, hidden_matrices
 from fournil.train.objectives import NextTokenPrediction
 from fournil.train.progress import Progress
 
@@ -62,7 +63,7 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         raise FournilError(f"{config.data.data} holds (source, target) pairs: train a seq2seq model on it (--model seq2seq)"
                            if splits.mode == "pairs" else f"a seq2seq model learns from (source, target) pairs: give "
                            f"--data nombres, or a .jsonl/.tsv file of pairs ({config.data.data} is {splits.mode} data)")
-    model_defaults, batch_size, lr, steps = DEFAULTS[(family, splits.mode)]
+    model_defaults, train_defaults = DEFAULTS[(family, splits.mode)]
     settings = {**model_defaults, **config.model, "vocab_size": tokenizer.vocab_size}
     fields = {f.name for f in dataclasses.fields(config_class(family))}
     if "boundary_id" in fields:
@@ -77,7 +78,12 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         else:
             settings["block_size"] = TEXT_BLOCK_SIZE
     t = config.train
-    batch_size = t.batch_size or batch_size
+    if t.optimizer not in (None, "adamw", "muon"):
+        raise FournilError(f"optimizer {t.optimizer!r} is not one fournil has: choose adamw or muon")
+    if t.optimizer == "muon" and t.fsdp:
+        raise FournilError("Muon orthogonalizes whole matrices, which FSDP splits across processes: "
+                           "train with --optimizer adamw under --fsdp")
+    batch_size = t.batch_size or train_defaults["batch_size"]
     grad_accum = t.grad_accum
     if t.batch_tokens:
         train_docs = splits.train if splits.mode == "lines" else None
@@ -87,8 +93,10 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         t,
         batch_size=batch_size,
         grad_accum=grad_accum,
-        lr=t.lr or lr,
-        steps=t.steps if (t.steps or t.time) else steps,
+        lr=t.lr or train_defaults["lr"],
+        steps=t.steps if (t.steps or t.time) else train_defaults["steps"],
+        optimizer=t.optimizer or ("adamw" if t.fsdp else train_defaults.get("optimizer", "adamw")),
+        weight_decay=t.decay if t.weight_decay is not None else train_defaults.get("weight_decay", t.decay),
     )
     data = dataclasses.replace(config.data, mode=splits.mode)
     return dataclasses.replace(config, model=settings, data=data, train=train)
@@ -101,13 +109,18 @@ def lr_at(step: int, progress: float, t) -> float:
 
 
 def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (biases, norms) do not. One fused kernel on GPUs; on CPUs the
-    multi-tensor (foreach) version measured faster than the fused one."""
+    """AdamW, or Muon for the hidden matrices; matrices decay, vectors (biases, norms) do not. AdamW runs as one
+    fused kernel on GPUs; on CPUs the multi-tensor (foreach) version measured faster than the fused one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if t.optimizer == "muon":
+        hidden = hidden_matrices(model)
+        groups = [{"params": [p for p in params if id(p) in hidden], "weight_decay": t.decay, "muon": True},
+                  *({**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups)]
+        return Muon([g for g in groups if g["params"]], lr=t.lr, betas=(0.9, t.beta2))
     speed = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), **speed)
 
@@ -387,6 +400,6 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         budget_text = " and ".join(x for x in (t.steps and f"{t.steps:,} steps", t.time and f"{t.time:g} s") if x)
         batch = f"batch {t.batch_size}" + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else "") + \
             (f" x {world.size} processes" if world.distributed else "")
-        announce(f"{what}; {model.num_params():,} parameters; {budget_text}, {batch}, lr {t.lr:g} -> {run_dir}")
+        announce(f"{what}; {model.num_params():,} parameters; {budget_text}, {batch}, {t.optimizer or 'adamw'} lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
     return trainer.finish() if world.main else None
