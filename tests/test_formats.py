@@ -252,6 +252,38 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
     assert result.returncode == 2 and "no run directory" in result.stderr
 
 
+def test_the_gguf_reader_reads_what_the_gguf_package_reads(tmp_path):
+    """Every kind of metadata value (numbers of each width, bools, strings, arrays of strings and of numbers) and the
+    tensor table, against the gguf package's own reader."""
+    import gguf
+    import numpy as np
+
+    from fournil.formats.gguf_reader import read_gguf_file
+
+    w = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int16("t.i16", -300)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int64("t.i64", -(2**40))
+    w.add_float32("t.f32", 0.25)
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "Déjà vu ▁<0x0A>")
+    w.add_array("t.strings", ["a", "", "élan", "<|im_end|>"])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.5])
+    w.add_tensor("a", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("b", np.ones((2, 5), dtype=np.float16))
+    write(w)
+    meta, tensors = read_gguf_file(tmp_path / "meta.gguf")
+    reference = gguf.GGUFReader(str(tmp_path / "meta.gguf"))
+    assert meta == {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert meta["t.strings"] == ["a", "", "élan", "<|im_end|>"] and meta["t.i64"] == -(2**40)
+    for ours, theirs in zip(tensors, reference.tensors):
+        assert ours.name == theirs.name and ours.shape == tuple(reversed(theirs.shape.tolist()))
+        assert bytes(ours.data) == bytes(theirs.data)
+
+
 def test_gguf_tensor_types_dequantize_to_the_right_shape(tmp_path):
     """Every listed storage type comes back as float32 (out, in) matrices: close to the original for the types
     the gguf package can write, equal to its own dequantizer for the K-quants (built block by block here)."""

@@ -41,7 +41,8 @@ def read_tokenizer(spec: str | Path):
 
     kind, path = source_kind(spec)
     if kind == "gguf":
-        from fournil.formats.gguf import gguf_tokenizer, read_gguf_file
+        from fournil.formats.gguf import gguf_tokenizer
+        from fournil.formats.gguf_reader import read_gguf_file
 
         return gguf_tokenizer(read_gguf_file(path)[0])
     return load_tokenizer(path)
