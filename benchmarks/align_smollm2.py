@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fournil.config import AlignConfig, LoraConfig, TrainConfig
+from fournil.data.batches import IGNORE
 from fournil.data.preferences import load_preferences, load_prompts
 from fournil.runs import Run
 from fournil.train.align import reference
@@ -37,7 +38,7 @@ def likelihood_preference(model, pairs) -> float:
     with evaluating(model):
         for x, y in pairs.batches(8):
             x, y = x.flatten(0, 1), y.flatten(0, 1)
-            per_token = token_logprobs(model, x, y).sum(-1) / (y != -100).sum(-1)
+            per_token = token_logprobs(model, x, y).sum(-1) / (y != IGNORE).sum(-1)
             wins += int((per_token.view(-1, 2).diff(dim=1) < 0).sum())
             total += len(x) // 2
     return wins / total

@@ -4,7 +4,8 @@
 
 For each weight precision fournil offers (fp32, bf16, int8) it prints the weights' size in memory, prefill tokens/s
 (the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
-decode tokens/s of 8 prompts generated as one batch; then transformers' ``generate`` (fp32, the same weights
+decode tokens/s of 8 prompts generated as one batch, and of the same 8 with ``batch_invariant`` (each sequence as if
+alone, as ``fournil serve --batch-invariant`` computes them); then transformers' ``generate`` (fp32, the same weights
 dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
 GGUF file itself when that package is installed. Greedy decoding, no early stop. Last, the perplexity of each
 precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
@@ -27,9 +28,9 @@ PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "Explain in a few sentences why the sky is blue, for a ten-year-old."}]
 
 
-def timed_generation(model, tokenizer, prompts, dtype) -> tuple[float, float]:
+def timed_generation(model, tokenizer, prompts, dtype, batch_invariant: bool = False) -> tuple[float, float]:
     """Seconds to the first token (prefill) and for the NEW - 1 tokens after it, all prompts in one batch."""
-    scheduler = Scheduler(model, tokenizer, dtype, max_batch=len(prompts))
+    scheduler = Scheduler(model, tokenizer, dtype, max_batch=len(prompts), batch_invariant=batch_invariant)
     for p in prompts:
         scheduler.submit(p, SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
     start = time.perf_counter()
@@ -57,22 +58,25 @@ def main() -> None:
         batch = [run.tokenizer.chat_ids([{"role": "user", "content": f"Write a short poem about the number {i}."}])
                  for i in range(8)]
         _, batched = timed_generation(run.model, run.tokenizer, batch, run.dtype)
+        _, invariant = timed_generation(run.model, run.tokenizer, batch, run.dtype, batch_invariant=True)
         ids = run.tokenizer.encode(heldout)[:1024]
-        ppl[precision] = perplexity(run.model, ids, run.dtype)
+        ppl[precision] = perplexity(run.model, ids, run.measure_dtype)
         rows.append((f"fournil {precision}", weight_bytes(run.model) / 2**20, len(prompt) / prefill, (NEW - 1) / decode,
-                     8 * (NEW - 1) / batched))
+                     8 * (NEW - 1) / batched, 8 * (NEW - 1) / invariant))
         print(rows[-1], flush=True)
     rows.append(reference_transformers(prompt))
     rows.append(reference_llama_cpp(prompt))
     print(f"\nSmolLM2-135M-Instruct, 2 threads, prompt of {len(prompt)} tokens, {NEW} new tokens, greedy")
-    print(f"{'engine':<26} {'weights MiB':>11} {'prefill tok/s':>13} {'decode tok/s':>12} {'8-batch tok/s':>13} {'vs transformers':>15}")
+    print(f"{'engine':<26} {'weights MiB':>11} {'prefill tok/s':>13} {'decode tok/s':>12} {'8-batch tok/s':>13} "
+          f"{'batch-invariant':>15} {'vs transformers':>15}")
     reference = next(r[3] for r in rows if r and r[0].startswith("transformers"))
     for r in rows:
         if r is None:
             continue
-        name, mib, pre, dec, batch = r
+        name, mib, pre, dec, batch, invariant = r
         cells = [f"{mib:>11.0f}" if mib else f"{'-':>11}", f"{pre:>13.0f}", f"{dec:>12.1f}",
-                 f"{batch:>13.1f}" if batch else f"{'-':>13}", f"{dec / reference:>14.2f}x"]
+                 f"{batch:>13.1f}" if batch else f"{'-':>13}", f"{invariant:>15.1f}" if invariant else f"{'-':>15}",
+                 f"{dec / reference:>14.2f}x"]
         print(f"{name:<26} " + " ".join(cells))
     print("\nperplexity on 1,024 held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
           + f"; int8 / fp32 = {ppl['int8'] / ppl['float32']:.4f}, bf16 / fp32 = {ppl['bfloat16'] / ppl['float32']:.4f}")
@@ -92,7 +96,7 @@ def reference_transformers(prompt):
         start = time.perf_counter()
         model.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
         total = time.perf_counter() - start
-    return ("transformers fp32", None, len(prompt) / prefill, (NEW - 1) / (total - prefill), None)
+    return ("transformers fp32", None, len(prompt) / prefill, (NEW - 1) / (total - prefill), None, None)
 
 
 def reference_llama_cpp(prompt):
@@ -111,7 +115,7 @@ def reference_llama_cpp(prompt):
     for _ in range(NEW - 1):
         token = llm.sample(temp=0.0)
         llm.eval([token])
-    return ("llama.cpp Q4_1 (GGUF)", None, len(prompt) / prefill, (NEW - 1) / (time.perf_counter() - start), None)
+    return ("llama.cpp Q4_1 (GGUF)", None, len(prompt) / prefill, (NEW - 1) / (time.perf_counter() - start), None, None)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,12 +21,58 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: each t
     torch.set_num_threads(THREADS)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``fournil serve MODEL`` in a process of its own on 127.0.0.1 (``env``: variables to add to its environment)."""
+
+    def __init__(self, model, *extra, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "fournil", "serve", str(model), "--port", str(self.port),
+                                         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited:\n{self.process.stdout.read()}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("the server did not start")
+
+    def get(self, path: str, headers: dict | None = None):
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+
+    def post(self, path: str, body: dict, headers: dict | None = None):
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 class CLI:
     def __init__(self, cwd: Path):
         self.cwd = cwd
 
-    def __call__(self, *args, check: bool = True, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __call__(self, *args, check: bool = True, timeout: float = 300, input: str | None = None,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd, env=env,
                                 capture_output=True, text=True, timeout=timeout, input=input)
         if check and result.returncode != 0:

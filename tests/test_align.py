@@ -12,6 +12,7 @@ from fournil.config import AlignConfig
 from fournil.data.batches import IGNORE
 from fournil.data.preferences import load_prompts, prompt_messages, read_pairs
 from fournil.errors import FournilError
+from fournil.models.base import target_logprobs
 from fournil.runs import Run
 from fournil.train.align import reference
 from fournil.train.grpo import GRPO, Rollouts
@@ -26,8 +27,9 @@ class FixedNext(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.tensor(probs).log())
 
-    def forward(self, x):
-        return self.logits.expand(*x.shape, len(self.logits))
+    def forward(self, x, targets=None):
+        logits = self.logits.expand(*x.shape, len(self.logits))
+        return logits if targets is None else target_logprobs(nn.Identity(), logits, targets)
 
 
 def test_dpo_loss_is_the_hand_computed_value():

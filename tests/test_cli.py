@@ -128,6 +128,25 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     assert usage.returncode == 2 and "is not a duration" in usage.stderr
 
 
+def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsys, monkeypatch):
+    run = InProcess(capsys, monkeypatch, tmp_path)
+    one_line_error(run("train", "--steps", "-5"), "--steps must be at least 1 (got -5)")
+    one_line_error(run("train", "--time", "0s"), "--time must be longer than 0 s")
+    one_line_error(run("train", "--lr", "-1"), "--lr must be a positive learning rate")
+    one_line_error(run("train", "--resume", trained["gpt"], "--steps", "0"), "--steps must be at least 1 (got 0)")
+    one_line_error(run("finetune", trained["gpt"], "--eval-every", "0"), "--eval-every must be at least 1")
+    one_line_error(run("serve", trained["gpt"], "--max-batch", "0"), "--max-batch must be at least 1")
+    one_line_error(run("convert", trained["gpt"], "/nonexistent/dir/x.gguf"),
+                   "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist")
+    assert not (tmp_path / "runs").exists()  # nothing was trained
+    generated = cli("generate", trained["gpt"], "hi", "--temperature", "-1", check=False)
+    one_line_error(generated, "--temperature must be 0 (greedy) or more")
+    assert generated.stdout == ""  # the prompt is not echoed before the error
+    too_long = cli("generate", trained["gpt"], "e" * 100, check=False)
+    one_line_error(too_long, "the prompt has")
+    assert too_long.stdout == ""
+
+
 def test_incomplete_run_says_how_to_continue(cli, tmp_path, trained):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -161,3 +161,56 @@ def test_a_cancelled_sequence_hands_its_row_to_a_waiting_one(running_text):
     assert len(list(a)) == 2 and a.finish_reason is None  # two tokens, then its iterator ended
     for r, p in ((b, "To be"), (c, "ROMEO")):
         assert ([x.token for x in r if x.token >= 0], r.finish_reason) == greedy_alone(run.model, tok, tok.prompt_ids(p), 8)
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_an_answer_does_not_depend_on_what_was_generated_before_or_beside_it(bpe_llama, precision):
+    """To the last bit, in every precision: a request to an idle scheduler is computed as the first one was (greedy
+    and seeded alike), and with ``batch_invariant`` a request among others as if it were alone, its neighbours
+    joining at other steps, one of them with a prompt that widens the cache. Without it, only close."""
+    run = Run.load(bpe_llama, "cpu", "float32" if precision == "int8" else precision)
+    if precision == "int8":
+        run.quantize("int8")
+    tok = run.tokenizer
+    prompt = tok.prompt_ids("KING HENRY:")
+    asked = [SamplingParams(40, temperature=0), SamplingParams(40, temperature=0.9, seed=3)]
+
+    def answer(request):
+        pieces = [p for p in request if p.token >= 0]
+        return [p.token for p in pieces], [p.logprob for p in pieces]
+
+    def alone(params):
+        c = complete(run.model, tok, [prompt], params, run.dtype)[0]
+        return c.tokens, c.logprobs
+
+    first = [alone(p) for p in asked]
+    scheduler = Scheduler(run.model, tok, run.dtype, max_batch=4)
+    for k in range(3):
+        scheduler.submit(tok.prompt_ids("ROMEO " * (k + 1)), SamplingParams(10 + 7 * k, temperature=0.8, seed=k))
+        while scheduler.step():
+            pass
+        for params, expected in zip(asked, first):
+            request = scheduler.submit(prompt, params)
+            while scheduler.step():
+                pass
+            assert answer(request) == expected
+
+    def among_others(batch_invariant: bool, params):
+        s = Scheduler(run.model, tok, run.dtype, max_batch=4, batch_invariant=batch_invariant)
+        s.submit(tok.prompt_ids("To be or not to be"), SamplingParams(30, temperature=0))
+        s.step()
+        s.step()
+        request = s.submit(prompt, params)
+        s.step()
+        s.submit(tok.prompt_ids("To be or not to be, " * 60), SamplingParams(50, temperature=0))  # > 256 columns
+        s.step()
+        s.submit(tok.prompt_ids("ROMEO"), SamplingParams(80, temperature=0.8, seed=1))
+        while s.step():
+            pass
+        return answer(request)
+
+    for params, expected in zip(asked, first):
+        assert among_others(True, params) == expected
+        tokens, logprobs = among_others(False, params)
+        assert logprobs[:5] == pytest.approx(expected[1][:5], abs=0.05)

@@ -140,3 +140,26 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     assert steps == [4, 8]  # went on from the checkpoint of step 4
     shown = cli("eval", root / "tuned").stdout
     assert "val" in shown and "test" in shown
+
+
+@pytest.mark.parametrize("command", ["finetune", "align"])
+def test_low_memory_trains_exactly_as_whole_batches(bpe_base, command):
+    """Layers recomputed in the backward pass and each batch of 8 read in passes (2 examples, or 1 pair of 2 answers,
+    weighted by their share of the targets or pairs): the losses and the adapter of whole batches, to fp32 rounding."""
+    from safetensors.torch import load_file
+
+    root, base = bpe_base
+    runs, said = {}, {}
+    for how in ("on", "off"):
+        said[how] = CLI(root)(command, base, "--lora", "--lora-dropout", "0", "--steps", "3", "--eval-every", "3",
+                              "--low-memory", how, "--dtype", "float32", "--quiet", "--out", f"{command}-{how}").stdout
+        runs[how] = root / f"{command}-{how}"
+    assert f"low memory (layers recomputed, passes of {2 if command == 'finetune' else 1} rows)" in said["on"]
+    assert "low memory" not in said["off"]
+    logged = {how: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for how, run in runs.items()}
+    assert [r["train_loss"] for r in logged["on"]] == pytest.approx([r["train_loss"] for r in logged["off"]], abs=1e-5)
+    assert logged["on"][-1]["val_loss"] == pytest.approx(logged["off"][-1]["val_loss"], abs=1e-5)
+    adapters = {how: load_file(run / "adapter_model.safetensors") for how, run in runs.items()}
+    for name, weight in adapters["on"].items():
+        assert torch.allclose(weight, adapters["off"][name], atol=1e-5), name

@@ -126,7 +126,7 @@ def test_a_character_vocabulary_with_spaces_survives_gguf(tmp_path):
 
     tok = CharTokenizer.train(["le moustoir", "hémonstoir\n"], boundary=True, unknown=True)
     model = build_model({"family": "llama", "vocab_size": tok.vocab_size, "block_size": 32, "n_layer": 1})
-    run = Run(tmp_path, RunConfig(model={}), model, tok, torch.float32, {})
+    run = Run(tmp_path, RunConfig(model={}), model, tok, {}, "float32")
     export(run, tmp_path / "c.gguf", "gguf")
     back = Run.load(tmp_path / "c.gguf", "cpu").tokenizer
     text = "le hémonstoir\nmoustoir"
@@ -199,7 +199,7 @@ def test_a_sentencepiece_vocabulary_survives_gguf(tmp_path):
 
     tok = sentencepiece_style_tokenizer()
     model = build_model({"family": "llama", "vocab_size": tok.vocab_size, "block_size": 32, "n_layer": 1})
-    export(Run(tmp_path, RunConfig(model={}), model, tok, torch.float32, {}), tmp_path / "spm.gguf", "gguf", "q8_0")
+    export(Run(tmp_path, RunConfig(model={}), model, tok, {}, "float32"), tmp_path / "spm.gguf", "gguf", "q8_0")
     back = Run.load(tmp_path / "spm.gguf", "cpu").tokenizer
     for text in ["the lazy fox", "le chien saute", "  two spaces, unseen € bytes"]:
         assert back.prompt_ids(text) == tok.prompt_ids(text), text

@@ -84,3 +84,42 @@ def test_llama3_rope_scaling_slows_only_the_long_wavelengths():
     assert torch.allclose(scaled[-5:], plain[-5:] / 8)  # slow ones divided by the factor
     with pytest.raises(FournilError, match="not supported"):
         rope_frequencies(LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+
+
+@pytest.mark.parametrize("family", ["mlp", "rnn", "gpt", "llama", "seq2seq"])
+def test_losses_from_chunks_of_positions_equal_those_of_whole_logits(family, monkeypatch):
+    """The log-probabilities of targets (next-token, SFT, DPO) and distillation's KL, computed a few positions at a
+    time with recomputation in the backward pass, against the same computed from every position's logits: values
+    and gradients, in fp32."""
+    import torch.nn.functional as F
+
+    from fournil.data.batches import IGNORE
+    from fournil.models import base
+    from fournil.train.objectives import distillation_loss
+
+    torch.manual_seed(0)
+    model = make(family)
+    source = (torch.randint(1, V, (4, 5)),) if family == "seq2seq" else ()
+    x, y = torch.randint(V, (4, T)), torch.randint(V, (4, T))
+    y[0, :4] = y[2, 6:] = IGNORE  # a prompt, padding: no target there
+    teacher = torch.randn(4, T, V)
+
+    def losses():
+        model.zero_grad()
+        logp = model(*source, x, targets=y)
+        kd = distillation_loss(model(*source, x)[y >= 0], teacher[y >= 0], 2.0)
+        (logp.sum() + kd).backward()
+        return logp.detach(), kd.detach(), [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setattr(base, "LOGITS_BUDGET", 5 * V)  # five positions a chunk; 29 with a target: six chunks
+    logp, kd, grads = losses()
+    model.zero_grad()
+    logits = model(*source, x)
+    whole = -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none").view(y.shape)
+    s, t = (F.log_softmax(v[y >= 0] / 2.0, -1) for v in (logits, teacher))
+    whole_kd = (t.exp() * (t - s)).sum(-1).mean() * 4
+    (whole.sum() + whole_kd).backward()
+    assert torch.allclose(logp, whole, atol=1e-5) and (logp[y == IGNORE] == 0).all()
+    assert kd.item() == pytest.approx(whole_kd.item(), abs=1e-5)
+    for chunked, reference in zip(grads, (p.grad for p in model.parameters())):
+        assert torch.allclose(chunked, reference, atol=1e-5)

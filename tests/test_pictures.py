@@ -62,6 +62,7 @@ def test_embeddings_command_draws_the_principal_components_of_the_model_embeddin
     assert result.returncode == 2 and "has no token embeddings" in result.stderr
 
 
+@pytest.mark.precision
 def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass(bpe_llama, tmp_path):
     run = Run.load(bpe_llama, "cpu")
     text = "The king is dead, long live the king"

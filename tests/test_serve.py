@@ -1,9 +1,6 @@
 """The HTTP server, tested as users meet it: a real server process on 127.0.0.1, the official openai client."""
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -11,51 +8,13 @@ import urllib.request
 
 import openai
 import pytest
+import torch
+from conftest import Server
 
 from fournil.generate import SamplingParams, complete, score
 from fournil.runs import Run
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model, *extra):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "fournil", "serve", str(model), "--port", str(self.port),
-                                         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited:\n{self.process.stdout.read()}")
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("the server did not start")
-
-    def get(self, path: str, headers: dict | None = None):
-        request = urllib.request.Request(self.url + path, headers=headers or {})
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, r.read().decode()
-
-    def post(self, path: str, body: dict, headers: dict | None = None):
-        request = urllib.request.Request(self.url + path, json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=30)
+pytestmark = pytest.mark.precision  # also run with FOURNIL_CPU_BF16=1: the server computes in bf16 there
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +34,9 @@ def test_completions_through_the_openai_client(server, chat_run):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     assert [m.id for m in client.models.list()] == ["chat"]
     out = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0)
-    ours = complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING")], SamplingParams(12, temperature=0))[0]
+    # the server loads the model as Run.load does: generation in the same precision (bf16 where the CPU has its units)
+    ours = complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING")], SamplingParams(12, temperature=0),
+                    run.dtype)[0]
     assert out.choices[0].text == ours.text and out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len(run.tokenizer.prompt_ids("KING"))
 
@@ -91,7 +52,9 @@ def test_completions_through_the_openai_client(server, chat_run):
     ids = run.tokenizer.prompt_ids("To be or not")
     assert scored.choices[0].text.startswith("To be or not")
     assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
-    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(score(run.model, ids), abs=1e-4)
+    # a measurement: fp32 on every CPU, the same computation as fournil's own scoring
+    assert run.measure_dtype == torch.float32
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(score(run.model, ids, 1, run.measure_dtype), abs=1e-5)
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
 
     # n > 1 and a list of prompts

@@ -95,7 +95,11 @@ def test_greedy_generation_matches_transformers_generate(ours, reference):
     assert [c.tokens for c in batched] == [c.tokens for c in mine]
 
 
+@pytest.mark.precision
 def test_int8_weights_keep_perplexity_within_2_percent(ours):
+    """int8 and bf16 weights against fp32 ones, each scored as fournil scores it: fp32 weights in fp32 on every CPU
+    (a measurement), the others in bf16. Over 1,024 held-out tokens (256 gave 1.7 % on an AVX2 CPU and 2.0 % on an
+    AVX512-BF16 one, whose bf16 products round differently); 0.3 % to 0.6 % measured on both."""
     import copy
     import math
 
@@ -103,8 +107,9 @@ def test_int8_weights_keep_perplexity_within_2_percent(ours):
     from fournil.generate import score
     from fournil.generate.quantize import weight_bytes
 
-    ids = ours.tokenizer.encode(read_text("shakespeare")[-20_000:])[:256]
-    ppl = lambda run: math.exp(-sum(score(run.model, ids, 1, run.dtype)) / (len(ids) - 1))  # noqa: E731
+    ids = ours.tokenizer.encode(read_text("shakespeare")[-100_000:])[:1024]
+    ppl = lambda run: math.exp(-sum(score(run.model, ids, 1, run.measure_dtype)) / (len(ids) - 1))  # noqa: E731
+    assert ours.measure_dtype == torch.float32
     reference = ppl(ours)
     for precision, size in [("int8", 0.5), ("bfloat16", 0.5)]:
         other = copy.copy(ours)

@@ -11,10 +11,14 @@ import typing
 
 from fournil.config import DataConfig, RunConfig, TrainConfig, coerce
 from fournil.data.sources import BUNDLED
+from fournil.device import dtype_name
 from fournil.errors import FournilError
 from fournil.models import FAMILIES, config_class
 
 AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings taken from the data, not from flags
+LOW_MEMORY = {"auto": None, "on": True, "off": False}
+SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
+               "help": "precision of the scores (default: float32, the same figures on every machine)"}
 
 
 def parse_duration(text: str) -> float:
@@ -59,6 +63,9 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
+    p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
+                   help="recompute each Transformer layer in the backward pass and read a step in passes of at most "
+                        "1,024 tokens (auto: when the layers' activations would take more than a GiB)")
     p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
     p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -141,6 +148,7 @@ def add_align(sub) -> None:
     s.add_argument("--answer", action="append", default=[], help="an answer to score (repeatable)")
     s.add_argument("--data", help="preference pairs to score (default: the run's own val and test pairs)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", **SCORE_DTYPE)
 
 
 def add_distill(sub) -> None:
@@ -179,7 +187,8 @@ def lora_config(args):
 
 def loop_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
-                       eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype)
+                       eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
+                       low_memory=LOW_MEMORY[args.low_memory])
 
 
 def add_finetune(sub) -> None:
@@ -210,6 +219,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("run", help="a run directory, e.g. runs/prenoms-gpt")
     p.add_argument("--beam", type=int, default=1, help="seq2seq: decode with a beam search of this width (default: greedy)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **SCORE_DTYPE)
 
     p = sub.add_parser("sample", help="sample text from a trained run")
     p.add_argument("run")
@@ -230,6 +240,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
     p.add_argument("--out", default="explain.png", help="the PNG to write")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **SCORE_DTYPE)
 
 
 def add_model_commands(sub) -> None:
@@ -267,6 +278,9 @@ def add_model_commands(sub) -> None:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health and the page")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more are answered 503")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="each answer computed as if it were alone, whatever else is generated (identical requests get "
+                        "identical answers under load too); costs the batch's throughput")
     p.add_argument("--name", help="the model's name in the API (default: the model's file or folder name)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
@@ -355,7 +369,8 @@ def run_train(args) -> None:
                         tokenizer=args.tokenizer),
         train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                           lr=args.lr, eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
-                          optimizer=args.optimizer, compile=args.compile, fsdp=args.fsdp, tensorboard=args.tensorboard),
+                          optimizer=args.optimizer, compile=args.compile, fsdp=args.fsdp, tensorboard=args.tensorboard,
+                          low_memory=LOW_MEMORY[args.low_memory]),
     )
     run = train(config, out=args.out, progress=not args.quiet)
     report(run)
@@ -390,7 +405,7 @@ def run_reward(args) -> None:
     from fournil.train.objectives import PairwiseReward
     from fournil.train.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(args.run, args.device)
+    scorer = RewardModelScorer(args.run, args.device, args.dtype)
     if args.prompt is not None or args.answer:
         if args.prompt is None or not args.answer:
             raise FournilError("give --prompt and at least one --answer to score")
@@ -399,13 +414,14 @@ def run_reward(args) -> None:
             print(f"{reward:+.4f}  {answer}")
         return
     run, objective = scorer.run, PairwiseReward()
+    print(f"{run.path}: {scored(run)}")
     if args.data:
         pairs = render_pairs(args.data, run.tokenizer, run.config.finetune.max_length)
         splits = {args.data: PreferenceData(pairs, pad_id(run.tokenizer), "scored")}
     else:
         splits = {name: part for name, part in run.data().items() if name != "train"}
     for name, part in splits.items():
-        scores = objective.validate(scorer.model, part, run.tokenizer, run.dtype, None)
+        scores = objective.validate(scorer.model, part, run.tokenizer, run.measure_dtype, None)
         print(f"{name}: {len(part):,} pairs, chosen scored higher in {100 * scores['accuracy']:.1f} %, "
               f"mean margin {scores['margin']:+.3f}, loss {scores['loss']:.4f}")
 
@@ -465,12 +481,16 @@ def report(run) -> None:
     print(f"next: fournil eval {run.path}  |  fournil sample {run.path}  |  fournil explain {run.path} TEXT")
 
 
+def scored(run) -> str:
+    return f"scored in {dtype_name(run.measure_dtype)} on {run.model.device.type}"
+
+
 def run_eval(args) -> None:
     from fournil.runs import Run
 
-    run = Run.load(args.run, args.device)
+    run = Run.load(args.run, args.device, args.dtype)
     results = run.evaluate(beam=args.beam)
-    print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters")
+    print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters; {scored(run)}")
     if run.config.align:
         for name, r in results.items():
             print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
@@ -526,7 +546,7 @@ def run_explain(args) -> None:
 
     if args.top < 1:
         raise FournilError(f"--top {args.top}: show at least 1 alternative")
-    run = Run.load(args.model, args.device)
+    run = Run.load(args.model, args.device, args.dtype)
     result = run.explain(args.text, args.top)
     rows = result["rows"]
     if sys.stdout.isatty():
@@ -537,7 +557,7 @@ def run_explain(args) -> None:
         others = "  ".join(f"{token} {p:.3f}" for token, p in r["top"])
         rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
         print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
-    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}")
+    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}; {scored(run)}")
     plot_token_probs(result, Path(args.out), f"{run.path.name}: {args.text[:60]}")
     print(f"-> {args.out}", file=sys.stderr)
 
@@ -563,23 +583,28 @@ def run_serve(args) -> None:
 
     import uvicorn
 
+    from fournil.generate.scheduler import check_capacity
     from fournil.serve.app import create_app
 
+    check_capacity(args.max_batch, args.max_waiting)  # before the model loads
     run = load_for_generation(args)
     name = args.name or Path(str(args.model)).stem
-    app = create_app(run, name, args.api_key, args.max_batch, args.max_waiting)
-    print(f"serving {name} ({run.model.num_params():,} parameters) on http://{args.host}:{args.port}: chat page at /, "
-          f"OpenAI API at /v1", flush=True)
+    app = create_app(run, name, args.api_key, args.max_batch, args.max_waiting, args.batch_invariant)
+    print(f"serving {name} ({run.model.num_params():,} parameters; {run.precision}) on http://{args.host}:{args.port}: "
+          f"chat page at /, OpenAI API at /v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def run_generate(args) -> None:
     from fournil.generate import stream
 
+    params = sampling_params(args, args.max_new_tokens)
+    params.check()  # before the model loads
     run = load_for_generation(args)
     tok = run.tokenizer
+    pieces = stream(run.model, tok, tok.prompt_ids(args.prompt), params, run.dtype)  # the prompt is checked here
     print(args.prompt, end="", flush=True)
-    for piece in stream(run.model, tok, tok.prompt_ids(args.prompt), sampling_params(args, args.max_new_tokens), run.dtype):
+    for piece in pieces:
         print(piece.text, end="", flush=True)
     print()
 
@@ -675,10 +700,11 @@ def run_embeddings(args) -> None:
 def run_convert(args) -> None:
     from pathlib import Path
 
-    from fournil.formats import export
+    from fournil.formats import check_output, export
     from fournil.runs import Run
 
     kind = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
+    check_output(Path(args.out))  # before the model loads
     run = Run.load(args.model, "cpu")
     export(run, Path(args.out), kind, args.type)
     print(f"wrote {args.out} ({kind})")
@@ -788,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except FournilError as e:
+    except (FournilError, OSError) as e:  # OSError: a file that cannot be read or written, with the system's reason
         print(f"fournil: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ Model configs live beside their models (``fournil.models.*``); data and training
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False  # torch.compile the model (pays on GPUs; costs compile time first)
+    low_memory: bool | None = None  # recompute each Transformer layer in the backward pass, and read each batch in
+    # passes of at most 1,024 tokens; None: when the layers' activations would take more than a GiB (a pretrained model)
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state across processes (FSDP)
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     samples: int = 20  # written to samples.txt at the end
@@ -53,6 +56,19 @@ class TrainConfig:
     @property
     def decay(self) -> float:
         return 0.1 if self.weight_decay is None else self.weight_decay
+
+    def check(self) -> None:
+        """Refuse what no run can use, before defaults fill what the user left open."""
+        for name in ("steps", "batch_size", "batch_tokens", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FournilError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        if self.time is not None and not self.time > 0:
+            raise FournilError(f"--time must be longer than 0 s (got {self.time:g} s): give e.g. 90s, 5m or 1h")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise FournilError(f"--lr must be a positive learning rate, e.g. 1e-3 (got {self.lr:g})")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise FournilError(f"the weight decay must not be negative (got {self.weight_decay:g})")
 
 
 @dataclass

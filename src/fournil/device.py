@@ -1,8 +1,16 @@
-"""Device and precision are chosen here and nowhere else."""
+"""Device and precision are chosen here and nowhere else.
+
+The precision policy: what *computes* (training steps, generation) runs in bf16 where the hardware multiplies it fast
+(recent GPUs; CPUs with AMX or AVX512-BF16 units), fp16 on older GPUs, fp32 otherwise. What *measures* (NLL and
+perplexity in ``eval`` and validation, ``explain``, ``score``, the server's prompt log-probabilities, reward scores)
+runs in fp32, so that a model gets the same figure, to fp32 rounding, on every CPU. ``--dtype`` overrides both.
+``FOURNIL_CPU_BF16=1`` makes a CPU compute as if it had bf16 units (to test that path anywhere), ``=0`` as if not.
+"""
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 import torch
@@ -10,6 +18,7 @@ import torch
 from fournil.errors import FournilError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_BF16 = "FOURNIL_CPU_BF16"  # 1: compute in bf16 on this CPU; 0: never; unset: where a measurement says it pays
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,21 +60,30 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 512, repeat: 
 def cpu_bf16_pays() -> bool:
     """Whether this CPU multiplies bf16 matrices clearly faster than fp32 (AMX or AVX512-BF16 units).
 
-    Measured rather than guessed: without those units bf16 is emulated and can be 40 times slower.
+    Measured rather than guessed: without those units bf16 is emulated and can be 40 times slower. The environment
+    variable ``FOURNIL_CPU_BF16`` (1 or 0) decides instead.
     """
+    forced = os.environ.get(CPU_BF16, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise FournilError(f"{CPU_BF16}={forced!r}: set it to 1 (compute in bf16 on this CPU), 0 (never), or unset it")
+        return forced == "1"
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
     cpu = torch.device("cpu")
     return matmul_rate(cpu, torch.bfloat16, 256) > 1.5 * matmul_rate(cpu, torch.float32, 256)
 
 
-def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """The compute precision: bf16 where the hardware runs it fast (recent GPUs, CPUs with bf16 matrix units),
-    fp16 on older GPUs (training then scales the loss), fp32 otherwise."""
+def pick_dtype(device: torch.device, name: str = "auto", measure: bool = False) -> torch.dtype:
+    """The precision ``name`` asks for; for ``auto``, fp32 for a measurement, else bf16 where the hardware runs it
+    fast (recent GPUs, CPUs with bf16 matrix units), fp16 on older GPUs (training then scales the loss), fp32
+    otherwise."""
     if name != "auto":
         if name not in DTYPES:
             raise FournilError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
         return DTYPES[name]
+    if measure:
+        return torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and later: fp32 products in TF32 where fp32 remains
         torch.backends.cudnn.allow_tf32 = True
@@ -80,3 +98,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_text(device: torch.device, compute: torch.dtype, measure: torch.dtype) -> str:
+    """``cpu bfloat16, scores float32``: where and in what precision a command computes and measures, as it says."""
+    scores = "" if measure == compute else f", scores {dtype_name(measure)}"
+    return f"{device.type} {dtype_name(compute)}{scores}"

@@ -9,7 +9,7 @@ import torch
 from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
 from fournil.config import AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
-from fournil.device import pick_device, pick_dtype
+from fournil.device import pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
@@ -54,9 +54,15 @@ def read_config(path: Path) -> RunConfig:
 class Run:
     """A model with its tokenizer: trained here (with the data it was trained on) or imported from a file."""
 
-    def __init__(self, path: Path, config: RunConfig, model, tokenizer, dtype: torch.dtype, source: dict):
-        self.path, self.config, self.model, self.tokenizer, self.dtype = path, config, model, tokenizer, dtype
+    def __init__(self, path: Path, config: RunConfig, model, tokenizer, source: dict, dtype: str = "auto"):
+        self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
         self.source = source  # format, architecture and stored dtype, for `fournil info`
+        self.dtype = pick_dtype(model.device, dtype)  # what generation computes in
+        self.measure_dtype = pick_dtype(model.device, dtype, measure=True)  # what scores are computed in
+
+    @property
+    def precision(self) -> str:
+        return precision_text(self.model.device, self.dtype, self.measure_dtype)
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> "Run":
@@ -69,7 +75,7 @@ class Run:
             settings, tensors, tokenizer, source = read_model(kind, path)
             model = build_model(settings)
             load_tensors(model, tensors, str(path))
-            return cls(path, RunConfig(model=settings, data=None, train=None), model.to(dev), tokenizer, pick_dtype(dev, dtype), source)
+            return cls(path, RunConfig(model=settings, data=None, train=None), model.to(dev), tokenizer, source, dtype)
         path = find_run(spec)
         config = read_config(path)
         if config.finetune and config.finetune.lora:  # an adapter on its base model, folded in
@@ -82,7 +88,7 @@ class Run:
             base = cls.load(config.finetune.base, device)
             load_adapter(base.model, path)
             source = {**base.source, "format": f"LoRA adapter on {config.finetune.base}"}
-            return cls(path, config, merge_lora(base.model), load_tokenizer(path / TOKENIZER), pick_dtype(dev, dtype), source)
+            return cls(path, config, merge_lora(base.model), load_tokenizer(path / TOKENIZER), source, dtype)
         for name in (TOKENIZER, WEIGHTS):
             if not (path / name).exists():
                 raise FournilError(
@@ -92,7 +98,7 @@ class Run:
         model = build_model(config.model)
         load_weights(model, path / WEIGHTS)
         source = {"format": "fournil run directory", "architecture": config.model["family"], "dtype": "float32"}
-        return cls(path, config, model.to(dev), load_tokenizer(path / TOKENIZER), pick_dtype(dev, dtype), source)
+        return cls(path, config, model.to(dev), load_tokenizer(path / TOKENIZER), source, dtype)
 
     def save(self, out: Path) -> None:
         """Write the model as a run directory (how an imported model becomes one)."""
@@ -109,7 +115,7 @@ class Run:
         from fournil.generate.quantize import quantize
 
         quantize(self.model, precision)
-        self.dtype = torch.float32 if precision == "float32" else torch.bfloat16
+        self.dtype = self.measure_dtype = torch.float32 if precision == "float32" else torch.bfloat16
         return self
 
     @property
@@ -162,14 +168,17 @@ class Run:
 
             return evaluate_alignment(self, names)
         data = self.data(names)
-        scores = {n: evaluate_nll(self.model, data[n], self.tokenizer, self.dtype, max_tokens=max_tokens) for n in names}
+        scores = {n: evaluate_nll(self.model, data[n], self.tokenizer, self.measure_dtype, max_tokens=max_tokens)
+                  for n in names}
         if self.mode == "pairs":
             for n in names:
                 sources, targets = zip(*data[n].pairs)
-                scores[n].update(output_scores(self.translate(list(sources), beam=beam), list(targets)))
+                outputs = self.translate(list(sources), beam=beam, dtype=self.measure_dtype)
+                scores[n].update(output_scores(outputs, list(targets)))
         return scores
 
-    def translate(self, sources: list[str], beam: int = 1, params: SamplingParams | None = None) -> list[str]:
+    def translate(self, sources: list[str], beam: int = 1, params: SamplingParams | None = None,
+                  dtype: torch.dtype | None = None) -> list[str]:
         """A seq2seq model's output for each source: greedy, sampled with ``params``, or by a ``beam`` search."""
         from fournil.generate.seq2seq import generate_targets
 
@@ -177,7 +186,7 @@ class Run:
             raise FournilError(f"{self.path} is a {self.model.family} model; translating a source needs a seq2seq model")
         if beam < 1:
             raise FournilError(f"--beam {beam}: give a width of 1 (greedy) or more")
-        return generate_targets(self.model, self.tokenizer, sources, params, beam, self.dtype)
+        return generate_targets(self.model, self.tokenizer, sources, params, beam, dtype or self.dtype)
 
     def sample(self, n: int = 20, prompt: str = "", temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
@@ -209,9 +218,9 @@ class Run:
 
     def explain(self, text: str, top: int = 5) -> dict:
         """Each token's probability given the ones before, and the ``top`` the model expected there."""
-        return explain_text(self.model, self.tokenizer, text, self.dtype, top)
+        return explain_text(self.model, self.tokenizer, text, self.measure_dtype, top)
 
 
-def load(spec: str | Path, device: str = "auto") -> Run:
+def load(spec: str | Path, device: str = "auto", dtype: str = "auto") -> Run:
     """Load a model: a run (a path, or a name under ``runs/``), a GGUF file, a Hugging Face folder or a known name."""
-    return Run.load(spec, device)
+    return Run.load(spec, device, dtype)

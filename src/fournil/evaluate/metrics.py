@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from fournil.data.batches import IGNORE
 from fournil.device import autocast
@@ -28,9 +27,7 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     total, tokens, n_chars, n_bytes = 0.0, 0, 0, 0
     for *inputs, y in data.batches(batch_size, max_tokens):
         with autocast(device, dtype):
-            logits = model(*(x.to(device) for x in inputs))
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE, reduction="sum").item()
+            total -= model(*(x.to(device) for x in inputs), targets=y.to(device)).sum().item()
         targets = y[y != IGNORE]
         tokens += len(targets)
         n_chars += int(chars[targets].sum())

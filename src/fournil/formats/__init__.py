@@ -59,8 +59,16 @@ def read_model(kind: str, path: Path):
     return read_folder(path)
 
 
+def check_output(out: Path) -> None:
+    """The folder an export is written into must exist (a typo should not create a tree of folders)."""
+    if not out.parent.is_dir():
+        raise FournilError(f"cannot write {out}: the folder {out.parent} does not exist; create it first or choose "
+                           f"another path")
+
+
 def export(run, out: Path, kind: str, qtype: str = "f32") -> None:
     """Write ``run``'s model and tokenizer as a Hugging Face folder (``hf``), a GGUF file or a run directory."""
+    check_output(out)
     if run.model.family not in ("gpt", "llama"):
         raise FournilError(f"only transformers (gpt, llama) can be exported; this model is {run.model.family}")
     if kind == "gguf":

@@ -58,16 +58,21 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
 
 def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
            truncate: bool = False) -> Iterator[Piece]:
-    """One answer, a piece at a time, as it is generated."""
+    """One answer, a piece at a time, as it is generated; the prompt and settings are checked now, before any piece."""
     scheduler = Scheduler(model, tokenizer, dtype, max_batch=1, max_waiting=1, truncate=truncate)
     request = scheduler.submit(prompt, params)
-    while True:
-        scheduler.step()
-        while not request.pieces.empty():
-            piece = request.pieces.get()
-            if piece is None:
-                return
-            yield piece
+
+    def pieces():
+        while True:
+            scheduler.step()
+            while not request.pieces.empty():
+                piece = request.pieces.get()
+                if piece is None:
+                    return
+                yield piece
+
+    return pieces()
+
 
 @torch.no_grad()
 def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.float32, top: int = 0) -> list:

@@ -7,6 +7,12 @@ moved to end at the longest row's length (what left-over padding wasted is recla
 model's context; a sequence whose own context is full goes on from the last half of it. Models without a cache
 (n-gram, MLP, RNN) read each sequence's whole context at each step.
 
+What a sequence computes then depends a little on its neighbours: the padding before it and the batch's size change
+the order of floating-point sums, and in bf16 that can change a greedy choice. So the cache is emptied whenever no
+sequence is left (a request to an idle scheduler is computed as if it were the first), and ``batch_invariant`` keeps
+each row as if it were alone (its tokens from column 0, its own forward pass each step): a sequence's tokens then do
+not depend on what else runs, at the cost of one forward pass per sequence.
+
 :class:`Scheduler` runs steps when asked (``step``), or in a thread of its own (``start``) for a server, where requests
 arrive from other threads through ``submit`` and are read as iterators of :class:`Piece`.
 """
@@ -28,6 +34,12 @@ from fournil.models.base import decoder_only
 
 class Busy(FournilError):
     """Too many requests are waiting."""
+
+
+def check_capacity(max_batch: int, max_waiting: int) -> None:
+    if max_batch < 1 or max_waiting < 0:
+        raise FournilError(f"--max-batch must be at least 1 and --max-waiting at least 0 (got {max_batch} and "
+                           f"{max_waiting}): a server with no row to generate in could never answer")
 
 
 @dataclass
@@ -69,12 +81,13 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
-                 max_waiting: int = 64, truncate: bool = False, first_columns: int = 256):
+                 max_waiting: int = 64, truncate: bool = False, first_columns: int = 256, batch_invariant: bool = False):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
         ``first_columns`` wide and doubles when needed."""
         decoder_only(model, "generating a continuation")
+        check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
-        self.first_columns = first_columns
+        self.first_columns, self.batch_invariant = first_columns, batch_invariant
         self.max_batch, self.max_waiting, self.truncate = max_batch, max_waiting, truncate
         self.block = model.config.block_size
         self.cache = None
@@ -153,6 +166,8 @@ class Scheduler:
             finally:
                 self.model.train(was_training)
         self._drop_finished()
+        if not self.active:
+            self.cache = None  # idle: the next sequence starts on an empty cache, as the first one did
         return bool(self.active or self.waiting)
 
     def start(self) -> Scheduler:
@@ -211,16 +226,21 @@ class Scheduler:
 
     def _read_into(self, row: int, tokens: list[int]) -> None:
         """Put ``tokens`` in ``row``, ending at the cache's current column (all rows are first moved to end later,
-        if the row needs more room)."""
+        if the row needs more room); batch-invariant, from column 0."""
         cache = self.cache
         cache.valid[row] = False
         self.active[row].cached = len(tokens)
         if not tokens:
             return
-        if len(tokens) > cache.length:
-            cache.align(self._columns(len(tokens)), self.rows)
-        view = cache.rows(row, row + 1, cache.length - len(tokens))
-        self.model(torch.tensor([tokens], device=self.model.device), view, logits_to_keep=0)
+        if self.batch_invariant:
+            self._columns(len(tokens))
+            start = 0
+        else:
+            if len(tokens) > cache.length:
+                cache.align(self._columns(len(tokens)), self.rows)
+            start = cache.length - len(tokens)
+        self.model(torch.tensor([tokens], device=self.model.device), cache.rows(row, row + 1, start), logits_to_keep=0)
+        cache.length = max(cache.length, start + len(tokens))
 
     def _columns(self, end: int) -> int:
         """A column count of at least ``end``, growing the cache (by doubling) if it is narrower."""
@@ -229,11 +249,19 @@ class Scheduler:
         return end
 
     def _decode(self) -> None:
-        """Feed every active sequence's last token in one pass and choose the next."""
+        """Feed every active sequence's last token in one pass and choose the next (batch-invariant: a pass each)."""
         cache = self.cache
         for i, r in enumerate(self.active):
             if r.cached == self.block:  # its context is full: go on from the last half
                 self._read_into(i, r.context[-(self.block // 2):-1])
+        if self.batch_invariant:
+            for i, r in enumerate(self.active):
+                self._columns(r.cached + 1)
+                logits = self.model(torch.tensor([[r.context[-1]]], device=self.model.device), cache.rows(i, i + 1, r.cached))
+                r.cached += 1
+                cache.length = max(cache.length, r.cached)
+                self._sample(r, logits[0, -1])
+            return
         if cache.length == cache.size:  # no free column: widen the cache, or reclaim the columns of padding
             longest = max(r.cached for r in self.active)
             if cache.size < self.block and longest > cache.size * 3 // 4:

@@ -1,4 +1,5 @@
-"""What every model shares: ``forward(idx) -> logits`` of shape (B, T, vocab), a config, a parameter count."""
+"""What every model shares: ``forward(idx) -> logits`` of shape (B, T, vocab), or with ``targets`` (B, T) the
+log-probability of each target; a config, a parameter count."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,17 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from fournil.data.batches import IGNORE
 from fournil.errors import FournilError
+
+LOGITS_BUDGET = 2**24  # logits (positions x vocabulary) that exist at once while a loss is computed: 64 MB in fp32
+
+
+def chunk_positions(vocab: int) -> int:
+    """How many positions' logits fit ``LOGITS_BUDGET``: 341 for SmolLM2's 49,152 tokens, all of them for characters."""
+    return max(1, LOGITS_BUDGET // vocab)
 
 
 class LanguageModel(nn.Module):
@@ -15,6 +25,14 @@ class LanguageModel(nn.Module):
 
     family = ""
     counts_only = False  # True for models that learn by counting in one pass (``fit``), not by gradient descent
+    checkpointing: bool | None = None  # Transformers: recompute each layer in the backward pass (None: no layers to)
+
+    def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+        """``layer(*args)``; while training with ``checkpointing``, its activations are not kept but computed again
+        in the backward pass (activation checkpointing: a third more computation for far less memory)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
     def num_params(self) -> int:
         """Parameters a learner would count: each weight once, tied weights once, counts of an n-gram table."""
@@ -33,6 +51,34 @@ class LanguageModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(iter(self.state_dict().values())).device
+
+
+def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each target (B, T), 0 where there is none (``IGNORE``: a prompt, padding), from the
+    states (B, T, width) the output layer ``head`` reads.
+
+    When every position's logits would not fit ``LOGITS_BUDGET``, only positions with a target are computed, a chunk
+    at a time, each chunk's logits computed again in the backward pass instead of kept: the (B, T, vocab) logits
+    never exist whole. (For 8 x 512 tokens of SmolLM2's 49,152-token vocabulary they would be 0.8 GB in fp32, and
+    several times that with their softmax and gradient.)
+    """
+    size = chunk_positions(getattr(head, "out_features", hidden.shape[-1]))
+    if targets.numel() <= size:
+        return chunk_logprobs(head, hidden, targets)
+    keep = targets != IGNORE
+    states, wanted = hidden[keep], targets[keep]
+    found = torch.cat([checkpoint(chunk_logprobs, head, states[i : i + size], wanted[i : i + size], use_reentrant=False)
+                       if torch.is_grad_enabled() else chunk_logprobs(head, states[i : i + size], wanted[i : i + size])
+                       for i in range(0, len(wanted), size)])
+    return torch.zeros(targets.shape, dtype=found.dtype, device=hidden.device).masked_scatter(keep, found)
+
+
+def chunk_logprobs(head: nn.Module, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each ``wanted`` token (any shape), 0 where it is ``IGNORE``."""
+    logits = head(states)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    nll = F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE, reduction="none")
+    return -nll.view(wanted.shape)
 
 
 def decoder_only(model, what: str) -> None:

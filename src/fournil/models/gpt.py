@@ -14,7 +14,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import LanguageModel, attend
+from fournil.models.base import LanguageModel, attend, target_logprobs
 
 
 @dataclass
@@ -82,6 +82,7 @@ class Block(nn.Module):
 
 class GPT(LanguageModel):
     family = "gpt"
+    checkpointing = False
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -117,10 +118,13 @@ class GPT(LanguageModel):
         return KVCache(c.n_layer, batch, c.n_head, size, c.n_embd // c.n_head, self.device, dtype)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                logits_to_keep: int | None = None) -> torch.Tensor:
+                logits_to_keep: int | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
-        continues what the cache holds (``valid`` marks padding)."""
+        continues what the cache holds (``valid`` marks padding). With ``targets``, the log-probability of each
+        instead, without ever holding every position's logits (:func:`target_logprobs`)."""
         x = self.hidden(idx, cache, valid)
+        if targets is not None:
+            return target_logprobs(self.lm_head, x, targets)
         return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,7 +132,7 @@ class GPT(LanguageModel):
         pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask)
+            x = self.run_layer(block, x, cache, i, mask)
         if cache is not None:
             cache.advance(idx.shape[1])
         return self.transformer.ln_f(x)

@@ -15,7 +15,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import LanguageModel, attend
+from fournil.models.base import LanguageModel, attend, target_logprobs
 
 
 @dataclass
@@ -150,6 +150,7 @@ class DecoderLayer(nn.Module):
 
 class Llama(LanguageModel):
     family = "llama"
+    checkpointing = False
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -175,10 +176,13 @@ class Llama(LanguageModel):
         return KVCache(c.n_layer, batch, c.n_kv_head, size, c.head_dim, self.device, dtype, c.sliding_window)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                logits_to_keep: int | None = None) -> torch.Tensor:
+                logits_to_keep: int | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
-        continues what the cache holds (``valid`` marks padding)."""
+        continues what the cache holds (``valid`` marks padding). With ``targets``, the log-probability of each
+        instead, without ever holding every position's logits (:func:`target_logprobs`)."""
         x = self.hidden(idx, cache, valid)
+        if targets is not None:
+            return target_logprobs(self.lm_head, x, targets)
         return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +193,7 @@ class Llama(LanguageModel):
         x = self.model.embed_tokens(idx)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, mask)
+            x = self.run_layer(layer, x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(idx.shape[1])
         return self.model.norm(x)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fournil.models.base import LanguageModel, windows
+from fournil.models.base import LanguageModel, target_logprobs, windows
 
 
 @dataclass
@@ -43,7 +43,8 @@ class MLP(LanguageModel):
             self.lm_head.weight.mul_(0.1)
             self.lm_head.bias.zero_()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or with ``targets`` the log-probability of each."""
         ctx = windows(idx, self.config.context, self.pad)  # (B, T, context)
-        x = self.wte(ctx).flatten(2)  # (B, T, context * n_embd)
-        return self.lm_head(self.hidden(x))
+        x = self.hidden(self.wte(ctx).flatten(2))  # (B, T, context * n_embd) -> (B, T, n_hidden)
+        return self.lm_head(x) if targets is None else target_logprobs(self.lm_head, x, targets)

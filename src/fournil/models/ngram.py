@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fournil.data.batches import IGNORE
 from fournil.errors import FournilError
-from fournil.models.base import LanguageModel, windows
+from fournil.models.base import LanguageModel, target_logprobs, windows
 
 
 @dataclass
@@ -66,7 +67,8 @@ class NGram(LanguageModel):
         counts.index_put_((row, torch.cat(targets)), torch.ones(len(row), dtype=torch.float64), accumulate=True)
         self.contexts, self.counts = contexts, counts
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities (B, T, vocab), valid logits; or with ``targets`` the log-probability of each."""
         if not len(self.contexts):
             raise FournilError("this n-gram model has no counts yet: train it first")
         keys = self._keys(idx)
@@ -75,7 +77,8 @@ class NGram(LanguageModel):
         counts = self.counts[row] * seen[..., None] + self.config.smoothing
         total = counts.sum(-1, keepdim=True)
         probs = torch.where(total > 0, counts / total, 1.0 / self.config.vocab_size)
-        return probs.log()  # log-probabilities are valid logits
+        logprobs = probs.log()
+        return logprobs if targets is None else target_logprobs(nn.Identity(), logprobs, targets)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # The table's size is known only once counted, so take the saved tensors as they are.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.models.base import LanguageModel
+from fournil.models.base import LanguageModel, target_logprobs
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -38,6 +38,7 @@ class RNN(LanguageModel):
         )
         self.lm_head = nn.Linear(config.n_hidden, config.vocab_size)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or with ``targets`` the log-probability of each."""
         out, _ = self.rnn(self.wte(idx))
-        return self.lm_head(out)
+        return self.lm_head(out) if targets is None else target_logprobs(self.lm_head, out, targets)

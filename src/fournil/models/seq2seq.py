@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.models.base import LanguageModel, attend
+from fournil.models.base import LanguageModel, attend, target_logprobs
 
 
 @dataclass
@@ -146,19 +146,20 @@ class Seq2Seq(LanguageModel):
         return encoder.layer_norm(x), mask
 
     def decode(self, target: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
-               cache: list[list] | None = None) -> torch.Tensor:
-        """Logits of the token after each of ``target``; with a ``cache`` (one list per layer, empty at first),
-        ``target`` continues the tokens it holds."""
+               cache: list[list] | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the token after each of ``target`` (with ``targets``, the log-probability of each); with a
+        ``cache`` (one list per layer, empty at first), ``target`` continues the tokens it holds."""
         decoder = self.model.decoder
         start = cache[0][0].shape[2] if cache and cache[0] else 0
         self.check_length(target, start)
         x = decoder.embed(target, start)
         for i, layer in enumerate(decoder.layers):
             x = layer(x, memory, mask, None if cache is None else cache[i])
-        return self.lm_head(decoder.layer_norm(x))
+        x = decoder.layer_norm(x)
+        return self.lm_head(x) if targets is None else target_logprobs(self.lm_head, x, targets)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.decode(target, *self.encode(source))
+    def forward(self, source: torch.Tensor, target: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(target, *self.encode(source), targets=targets)
 
     def new_cache(self) -> list[list]:
         return [[] for _ in range(self.config.n_layer)]

@@ -51,10 +51,12 @@ class Sink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece))
 
 
-def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64) -> FastAPI:
+def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
+               batch_invariant: bool = False) -> FastAPI:
     tok, model = run.tokenizer, run.model
     block = model.config.block_size
-    scheduler = Scheduler(model, tok, run.dtype, max_batch=max_batch, max_waiting=max_waiting)
+    scheduler = Scheduler(model, tok, run.dtype, max_batch=max_batch, max_waiting=max_waiting,
+                          batch_invariant=batch_invariant)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
@@ -212,7 +214,7 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
 
     async def prompt_logprobs(ids: list[int], top: int) -> dict:
         """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``."""
-        values = await asyncio.to_thread(score, model, ids, 1, run.dtype, max(top, 1))
+        values = await asyncio.to_thread(score, model, ids, 1, run.measure_dtype, max(top, 1))
         text_offset, at = [], 0
         for i in ids:
             text_offset.append(at)

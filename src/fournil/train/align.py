@@ -10,7 +10,7 @@ import torch
 from fournil.checkpoint import save_tensors
 from fournil.config import RunConfig
 from fournil.data.preferences import load_preferences, load_prompts
-from fournil.device import autocast, pick_device, pick_dtype
+from fournil.device import autocast, pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
 from fournil.models.lora import lora_disabled
@@ -59,7 +59,8 @@ def precompute_reference(logprobs, splits: dict, device, dtype) -> None:
 def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, announce=print):
     """The model to train, its objective, its data and how its best weights are kept, for ``config.align``."""
     align, lora, base = config.align, config.finetune.lora, config.finetune.base
-    device, dtype = model.device, pick_dtype(pick_device(config.train.device), config.train.dtype)
+    device = model.device
+    dtype, measure = pick_dtype(device, config.train.dtype), pick_dtype(device, config.train.dtype, measure=True)
     beta = align.beta
     if align.method == "reward":
         reward_model = RewardModel(model)
@@ -80,7 +81,8 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
             ref = None
         return model, DPO(beta, ref), splits, keep
     reward = load_reward(align.reward, config.train.device)
-    rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype) for name, part in splits.items()}
+    rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype if name == "train" else measure)
+                for name, part in splits.items()}
     if config.train.batch_size % align.group:
         raise FournilError(f"--batch-size {config.train.batch_size} must be a multiple of --group {align.group} "
                            f"(each prompt's answers are compared with each other)")
@@ -102,5 +104,5 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
         objective = DPO(beta, ref) if align.method == "dpo" else GRPO(beta, ref)
         if align.method == "grpo":
             reward = load_reward(align.reward, config.train.device)
-            data = {n: Rollouts(data[n], model, tokenizer, reward, align, run.dtype) for n in names}
-    return {n: objective.validate(model, data[n], tokenizer, run.dtype, None) for n in names}
+            data = {n: Rollouts(data[n], model, tokenizer, reward, align, run.measure_dtype) for n in names}
+    return {n: objective.validate(model, data[n], tokenizer, run.measure_dtype, None) for n in names}

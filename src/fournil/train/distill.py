@@ -128,6 +128,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
             settings = settings or DistillConfig(teacher=teacher, student=student)
             settings.check()
             t = train or TrainConfig()
+            t.check()
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
             t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR,
                                     warmup=min(t.warmup, max(1, (steps or 1000) // 10)),
@@ -139,8 +140,10 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
         run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce)
         if not world.main:
             return None
-        runs = {"teacher": teacher_run, "distilled student": run}
         taught = config.distill
+        if next(teacher_run.model.parameters()).dtype != torch.float32:  # rounded for training: reload its own weights
+            teacher_run = Run.load(taught.teacher, config.train.device)
+        runs = {"teacher": teacher_run, "distilled student": run}
         if baseline and (taught.alpha or taught.sequences):
             announce("the same student, the same steps, without the teacher:")
             alone = dataclasses.replace(config, distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
@@ -183,7 +186,8 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
         if taught.alpha else "no teacher"
     announce(f"a student of {model.num_params():,} parameters ({taught.student} of {taught.teacher}, "
              f"{teacher_run.model.num_params():,}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
-             f", {how}; {t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
+             f", {how}; {t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g}; "
+             f"{trainer.precision} -> {run_dir}")
     trainer.fit(resume=resume)
     return (trainer.finish() if world.main else None), splits
 
@@ -213,7 +217,7 @@ def report(runs: dict[str, Run], val, max_tokens: int) -> str:
     for name, run in runs.items():
         files = [run.path] if run.path.is_file() else [p for p in run.path.glob("*.safetensors") if p.name != "train_state.safetensors"] + list(run.path.glob("*.gguf"))
         size = sum(p.stat().st_size for p in files) / 2**20
-        nll = evaluate_nll(run.model, val, run.tokenizer, run.dtype, max_tokens=max_tokens)["nll"]
+        nll = evaluate_nll(run.model, val, run.tokenizer, run.measure_dtype, max_tokens=max_tokens)["nll"]
         rows.append((name, run.model.num_params(), size, run.source["dtype"], decode_speed(run), nll))
     teacher = rows[0]
     lines = ["| model | parameters | size on disk | decode tokens/s | val NLL |", "| --- | ---: | ---: | ---: | ---: |"]

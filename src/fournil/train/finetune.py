@@ -64,13 +64,15 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             base_run = Run.load(ft.base, config.train.device)
         else:
             ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length, pack=pack)
+            train = train or TrainConfig()
+            train.check()
             if align:
                 align.check()
-            base_run = Run.load(ft.base, (train or TrainConfig()).device)
+            base_run = Run.load(ft.base, train.device)
             tokenizer = chat_tokenizer(base_run.tokenizer)
             config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="preferences" if align else
                                                                             "instructions", tokenizer="base"),
-                               train=fill_train(train or TrainConfig(), lora is not None, align), finetune=ft,
+                               train=fill_train(train, lora is not None, align), finetune=ft,
                                align=align)
             run_dir = new_run_dir(config, out)
         block = base_run.model.config.block_size
@@ -105,7 +107,8 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         announce(f"{what} {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
                  f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train']):,} "
                  f"{'rows of packed examples' if ft.pack else UNITS[config.align and config.align.method]}; "
-                 f"{t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g} -> {run_dir}")
+                 f"{t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g}; "
+                 f"{trainer.precision} -> {run_dir}")
         trainer.fit(resume=bool(resume))
         return trainer.finish() if world.main else None
     finally:

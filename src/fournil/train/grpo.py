@@ -65,6 +65,8 @@ class Rollouts:
 class GRPO:
     """The loss of a batch of rollouts; ``reference(x, y)`` gives the reference model's per-token log-probabilities."""
 
+    averages_rows = True  # each answer's mean over its tokens, averaged over answers
+
     def __init__(self, beta: float, reference):
         self.beta, self.reference = beta, reference
 

@@ -10,22 +10,30 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fournil.data.batches import IGNORE
 from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
+from fournil.models.base import chunk_positions, target_logprobs
 
 
 def token_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The log-probability of each target (B, T), 0 where the target is ``IGNORE`` (prompt, padding)."""
-    logits = model(x)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="none")
-    return -nll.view(y.shape)
+    return model(x, targets=y)
 
 
 def answer_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log p(answer | prompt) for each row: its targets' log-probabilities, summed."""
     return token_logprobs(model, x, y).sum(-1)
+
+
+def weight(objective, batch: tuple) -> int:
+    """What ``batch`` weighs in the loss of a step it is part of: its target tokens for a loss averaged over tokens,
+    its rows (pairs, answers) for one averaged over rows. The parts of a step read in several passes are weighted by
+    it, so that the step's gradient is that of the whole batch."""
+    return len(batch[0]) if getattr(objective, "averages_rows", False) else int((batch[-1] != IGNORE).sum())
 
 
 @contextlib.contextmanager
@@ -63,9 +71,8 @@ class NextTokenPrediction:
 
     def loss(self, model, batch):
         *inputs, y = batch
-        logits = model(*inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
-        return loss, {"tokens": int((y != IGNORE).sum())}
+        tokens = int((y != IGNORE).sum())
+        return -model(*inputs, targets=y).sum() / tokens, {"tokens": tokens}
 
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
         return {"loss": evaluate_nll(model, data, tokenizer, dtype, max_tokens=max_tokens)["nll"]}
@@ -79,6 +86,9 @@ class DPO:
 
     ``reference(x, y)`` gives the reference model's log-probability of each target, unless batches carry the
     answers' (computed once beforehand)."""
+
+    rows_per_example = 2  # a batch of pairs: a chosen and a rejected answer each
+    averages_rows = True
 
     def __init__(self, beta: float, reference=None):
         self.beta, self.reference = beta, reference
@@ -102,6 +112,9 @@ class PairwiseReward:
     """A reward model's objective (Bradley-Terry): ``-log sigmoid(r(chosen) - r(rejected))``, so that
     ``sigmoid(r(a) - r(b))`` is the probability that people prefer ``a``."""
 
+    rows_per_example = 2
+    averages_rows = True
+
     def loss(self, model, batch):
         x, y = batch[0].flatten(0, 1), batch[1].flatten(0, 1)
         rewards = model(x, y).float().view(-1, 2)
@@ -115,19 +128,29 @@ class PairwiseReward:
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool = False) -> torch.Tensor:
-    """The KL divergence between the teacher's and the student's distributions, both softened by ``temperature``,
-    averaged over positions and scaled by the temperature's square (which keeps its gradients the size of the
-    next-token loss's, Hinton et al. 2015). Forward, KL(teacher || student), covers all the teacher's likely
-    tokens; reverse, KL(student || teacher), settles on its main ones."""
+    """The KL divergence between the teacher's and the student's distributions (logits, one row per position), both
+    softened by ``temperature``, averaged over positions and scaled by the temperature's square (which keeps its
+    gradients the size of the next-token loss's, Hinton et al. 2015). Forward, KL(teacher || student), covers all
+    the teacher's likely tokens; reverse, KL(student || teacher), settles on its main ones.
+
+    Computed a chunk of positions at a time (as many as ``LOGITS_BUDGET`` holds), each chunk's softmaxes computed
+    again in the backward pass: of their (positions, vocab) intermediates, one chunk's exist at once."""
+    size = chunk_positions(student.shape[-1])
+    kl = [checkpoint(chunk_kl, student[i : i + size], teacher[i : i + size], temperature, reverse, use_reentrant=False)
+          for i in range(0, len(student), size)]
+    return torch.stack(kl).sum() / len(student) * temperature**2
+
+
+def chunk_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool) -> torch.Tensor:
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    kl = (s.exp() * (s - t)).sum(-1) if reverse else (t.exp() * (t - s)).sum(-1)
-    return kl.mean() * temperature**2
+    return ((s.exp() * (s - t)).sum() if reverse else (t.exp() * (t - s)).sum())
 
 
 class Distillation:
     """A student imitating a teacher: ``alpha`` x the distillation loss + (1 - alpha) x the next-token loss, on the
-    positions that carry a target. The teacher only reads (no gradients, inference mode, the run's precision)."""
+    positions that carry a target. The teacher only reads (no gradients, inference mode, the run's precision). Both
+    models' logits at those positions are held, but none of their softmaxes whole."""
 
     def __init__(self, teacher, temperature: float, alpha: float, reverse: bool = False):
         self.teacher, self.temperature, self.alpha, self.reverse = teacher, temperature, alpha, reverse
@@ -136,8 +159,8 @@ class Distillation:
     def loss(self, model, batch):
         x, y = batch
         keep = y != IGNORE
-        logits = model(x)[keep].float()
-        nll = F.cross_entropy(logits, y[keep])
+        logits = model(x)[keep]
+        nll = -target_logprobs(nn.Identity(), logits, y[keep]).mean()
         with torch.no_grad():
             taught = self.teacher(x)[keep]
         kd = distillation_loss(logits, taught, self.temperature, self.reverse)

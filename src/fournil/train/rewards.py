@@ -28,9 +28,9 @@ def brevity(prompts: list[list[dict]], answers: list[str]) -> list[float]:
 BUILT_IN = {"brevity": brevity}
 
 
-def load_reward_model(spec, device: str = "auto") -> tuple[RewardModel, Run]:
+def load_reward_model(spec, device: str = "auto", dtype: str = "auto") -> tuple[RewardModel, Run]:
     """A reward-model run: the reward model, and the run (its tokenizer, precision, configuration)."""
-    run = Run.load(spec, device)
+    run = Run.load(spec, device, dtype)
     return reward_model(run), run
 
 
@@ -46,10 +46,11 @@ def reward_model(run: Run) -> RewardModel:
 
 
 class RewardModelScorer:
-    """A reward model's score of each (prompt, answer), rendered with its chat template as in its training."""
+    """A reward model's score of each (prompt, answer), rendered with its chat template as in its training, in the
+    precision of measurements (fp32 unless ``dtype`` says otherwise)."""
 
-    def __init__(self, spec: str, device: str = "auto", batch_size: int = 8):
-        (self.model, self.run), self.batch_size = load_reward_model(spec, device), batch_size
+    def __init__(self, spec: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8):
+        (self.model, self.run), self.batch_size = load_reward_model(spec, device, dtype), batch_size
 
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         tokenizer, model = self.run.tokenizer, self.model
@@ -59,7 +60,7 @@ class RewardModelScorer:
         with evaluating(model):
             for lo in range(0, len(rendered), self.batch_size):
                 x, y = data._collate(list(range(lo, min(lo + self.batch_size, len(rendered)))))
-                with autocast(model.device, self.run.dtype):
+                with autocast(model.device, self.run.measure_dtype):
                     scores += model(x.to(model.device), y.to(model.device)).float().tolist()
         return scores
 

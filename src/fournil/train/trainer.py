@@ -17,12 +17,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
-from fournil.config import RunConfig, to_dict
+from fournil.config import RunConfig, TrainConfig, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, tokenizer_fingerprint
 from fournil.data.sources import BUNDLED
-from fournil.device import autocast, matmul_rate, pick_device, pick_dtype
+from fournil.device import autocast, matmul_rate, pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
@@ -32,10 +32,19 @@ from fournil.tokenizers.bpe import bpe_size, train_bpe
 from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
 from fournil.train.muon import Muon, hidden_matrices
-from fournil.train.objectives import NextTokenPrediction
+from fournil.train.objectives import NextTokenPrediction, weight
 from fournil.train.progress import Progress
 
 LOG_EVERY = 10
+ACTIVATION_BUDGET = 2**30  # bytes of layer activations per forward pass above which a run saves memory (low_memory)
+PASS_TOKENS = 1024  # tokens per forward pass when saving memory: smaller transient tensors, a smaller heap
+
+
+def activation_bytes(model, tokens: int, dtype: torch.dtype) -> float:
+    """About what a Transformer keeps for the backward pass of ``tokens`` tokens: 34 bytes per token, layer and unit
+    of width in 16-bit precision (Korthikanti et al. 2022, with fused attention), twice that in fp32."""
+    c = model.config
+    return 34 * tokens * c.n_layer * c.n_embd * (2 if dtype == torch.float32 else 1)
 
 
 def new_run_dir(config: RunConfig, out: str | None) -> Path:
@@ -128,6 +137,7 @@ def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
 def resumed(resume: str, budget: dict | None, stage: str | None = None) -> tuple[Path, RunConfig]:
     """The directory and configuration of a run to continue, with the new ``budget`` (steps or seconds) if given.
     ``stage`` (finetune, distill) is the section its configuration must have: a run continues with its own command."""
+    TrainConfig(**(budget or {})).check()
     run_dir = find_run(resume)
     config = read_config(run_dir)
     if stage is not None and getattr(config, stage) is None:
@@ -152,16 +162,36 @@ class Trainer:
         self.objective = objective or NextTokenPrediction()
         t = config.train
         self.device = world.device(pick_device(t.device))
-        self.dtype = pick_dtype(self.device, t.dtype)
+        self.dtype = pick_dtype(self.device, t.dtype)  # training steps
+        self.measure_dtype = pick_dtype(self.device, t.dtype, measure=True)  # validation: the figure `eval` gives
         self.data = data if data is not None else make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
         self.keep_best = keep_best or (lambda weights: save_tensors(weights, self.dir / WEIGHTS))
         frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
         self.saved = None if not frozen else {n for n, p in self.model.named_parameters() if p.requires_grad}
+        tuned, taught = config.finetune, config.distill
+        self.context = tuned.max_length if tuned else taught.context if taught else config.model["block_size"]
+        rows = getattr(self.objective, "rows_per_example", 1)
+        layered = [m for m in self.model.modules() if getattr(m, "checkpointing", None) is not None]
+        tokens = t.batch_size * rows * self.context
+        self.low_memory = t.low_memory if t.low_memory is not None else \
+            any(activation_bytes(lm, tokens, self.dtype) > ACTIVATION_BUDGET for lm in layered)
+        for lm in layered:
+            lm.checkpointing = self.low_memory
+        # rows of a batch read in one forward pass: a batch of 8 examples of 512 tokens is read 2 at a time (the
+        # losses weighted so that the step's gradient is the whole batch's)
+        self.pass_rows = max(1, min(t.batch_size, PASS_TOKENS // (rows * self.context))) if self.low_memory \
+            else t.batch_size
         self.show_progress = progress and world.main
         self.sharded = world.distributed and t.fsdp
         self.metrics = MetricsLog(run_dir, t.tensorboard and world.main)
+
+    @property
+    def precision(self) -> str:
+        """What the announcement says of how the run computes: ``cpu bfloat16, scores float32, ...``."""
+        saving = f", low memory (layers recomputed, passes of {self.pass_rows} rows)" if self.low_memory else ""
+        return precision_text(self.device, self.dtype, self.measure_dtype) + saving
 
     def validate(self) -> dict:
         """Rank 0 scores the val split; every rank gets the loss, so all take the same decisions. (A sharded model
@@ -169,7 +199,8 @@ class Trainer:
         t = self.config.train
         scores = {"loss": float("nan")}
         if self.world.main or self.sharded:
-            scores = self.objective.validate(self.model, self.data["val"], self.tokenizer, self.dtype, t.eval_tokens)
+            scores = self.objective.validate(self.model, self.data["val"], self.tokenizer, self.measure_dtype,
+                                             t.eval_tokens)
         return {**scores, "loss": self.world.broadcast(scores["loss"])}
 
     def count(self) -> None:
@@ -203,9 +234,7 @@ class Trainer:
         if t.compile:
             net = torch.compile(net)
         per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
-        tuned = self.config.finetune
-        taught = self.config.distill
-        flops = model.flops_per_token(tuned.max_length if tuned else taught.context if taught else self.config.model["block_size"])
+        flops = model.flops_per_token(self.context)
         peak = matmul_rate(device, self.dtype, 4096 if device.type == "cuda" else 512) * world.size
         explode = 3 * math.log(self.tokenizer.vocab_size)  # three times the loss of a uniform guess
 
@@ -241,21 +270,27 @@ class Trainer:
                 # every process draws the same batch and takes its share: the result does not depend on the
                 # number of processes, and the data position is one generator's state
                 batch = self.data["train"].sample(per_step, data_rng)
-                for micro in range(t.grad_accum):
-                    lo = (micro * world.size + world.rank) * t.batch_size
-                    part = tuple(b[lo : lo + t.batch_size].to(device, non_blocking=True) for b in batch)
-                    last = micro == t.grad_accum - 1
+                # this process's share: a micro-batch of batch_size rows per accumulation, each read in passes of
+                # pass_rows rows, whose losses are weighted by their share of the step's targets (or rows)
+                total = max(1, weight(self.objective, batch))
+                starts = [(micro * world.size + world.rank) * t.batch_size for micro in range(t.grad_accum)]
+                spans = [(lo, min(lo + self.pass_rows, start + t.batch_size))
+                         for start in starts for lo in range(start, start + t.batch_size, self.pass_rows)]
+                for n, (lo, hi) in enumerate(spans):
+                    share = weight(self.objective, tuple(b[lo:hi] for b in batch)) * world.size / total
+                    part = tuple(b[lo:hi].to(device, non_blocking=True) for b in batch)
+                    last = n == len(spans) - 1
                     if sharded:
                         model.set_requires_gradient_sync(last)
                     with net.no_sync() if world.distributed and not last and not sharded else contextlib.nullcontext():
                         with autocast(device, self.dtype):
                             loss, metrics = self.objective.loss(net, part)
-                        scaler.scale(loss / t.grad_accum).backward()
+                        scaler.scale(loss * share).backward()
                     # summed on the device: reading the loss every step would wait for the GPU each time
-                    window_loss = window_loss + loss.detach() / t.grad_accum
+                    window_loss = window_loss + loss.detach() * share
                     window_tokens += metrics.pop("tokens") * world.size
                     for k, v in metrics.items():
-                        window_metrics[k] = window_metrics.get(k, 0.0) + v / t.grad_accum
+                        window_metrics[k] = window_metrics.get(k, 0.0) + v * share
                 if t.grad_clip:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -377,6 +412,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         tokenizer = load_tokenizer(run_dir / TOKENIZER)
     else:
         config = config or RunConfig(model={"family": "gpt"})
+        config.train.check()
         splits, fingerprints = load_splits(config.data)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         config = complete_config(config, splits, tokenizer, world)
@@ -390,7 +426,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
     trainer = Trainer(run_dir, config, splits, tokenizer, progress, world)
     model, t = trainer.model, config.train
     what = f"{model.family}; {splits.mode} data {config.data.data}; vocabulary {tokenizer.vocab_size}, " \
-           f"context {config.model['block_size']}; {trainer.device.type} {str(trainer.dtype).removeprefix('torch.')}"
+           f"context {config.model['block_size']}; {trainer.precision}"
     if world.distributed:
         what += f" in {world.size} processes"
     if model.counts_only:
