@@ -29,7 +29,7 @@ def test_a_student_learns_from_a_teacher_and_the_report_compares_them(bpe_llama,
     small = {"family": "llama", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}
     (tmp_path / "small.json").write_text(json.dumps(small), encoding="utf-8")
     CLI(tmp_path)("distill", "--teacher", bpe_llama, "--student", tmp_path / "small.json", "--context", "64", "--steps",
-                  "30", "--eval-every", "10", "--lr", "1e-2", "--alpha", "1", "--quiet", "--out", "student")
+                  "30", "--eval-every", "10", "--lr", "1e-2", "--kd-weight", "1", "--quiet", "--out", "student")
     logged = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["train_kd"] < 0.5 * logged[0]["train_kd"]  # imitation alone (alpha 1) brings it closer
     assert logged[-1]["val_loss"] < logged[0]["val_loss"]
@@ -61,7 +61,7 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trai
         ("--student", trained["gpt"]): "another tokenizer than the teacher",
         ("--student", str(tmp_path / "wide.json")): "a vocabulary of 999 tokens and the teacher 400",
         ("--student", "layers:9"): "a student keeps from 1 to 1 of the teacher's 2 layers",
-        ("--alpha", "2"): "--alpha in [0, 1]",
+        ("--kd-weight", "2"): "--kd-weight in [0, 1]",
         ("--sequences", "3"): "--sequences needs an instruction set",
     }
     for args, message in failures.items():

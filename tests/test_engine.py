@@ -214,3 +214,26 @@ def test_an_answer_does_not_depend_on_what_was_generated_before_or_beside_it(bpe
         assert among_others(True, params) == expected
         tokens, logprobs = among_others(False, params)
         assert logprobs[:5] == pytest.approx(expected[1][:5], abs=0.05)
+
+
+def test_a_failing_step_ends_its_sequences_and_the_engine_goes_on(trained, monkeypatch):
+    """A fault inside the model (injected: its next forward pass fails, once) ends the sequences of that step with an
+    error; the scheduler's thread lives on and serves the next request."""
+    run = Run.load(trained["llama"], "cpu")
+    tok, model = run.tokenizer, run.model
+    forward, armed = model.forward, [True]
+
+    def failing(*args, **kwargs):
+        if armed.pop() if armed else False:
+            raise RuntimeError("a fault inside the model")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    scheduler = Scheduler(model, tok, max_batch=2).start()
+    try:
+        doomed = scheduler.submit(tok.prompt_ids("qu"), SamplingParams(max_new_tokens=5, temperature=0))
+        assert list(doomed) == [] and doomed.finish_reason == "error"
+        fine = scheduler.submit(tok.prompt_ids("an"), SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+        assert len([p for p in fine if p.token >= 0]) == 3 and fine.finish_reason == "length"
+    finally:
+        scheduler.close()

@@ -134,7 +134,7 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     assert [m for _, ms in rows for m in ms] == [m for _, ms in examples for m in ms]
 
     cli = CLI(root)
-    cli("finetune", base, "--lora", "--rank", "2", "--pack", "--steps", "4", "--eval-every", "2", "--quiet", "--out", "tuned")
+    cli("finetune", base, "--lora", "--lora-rank", "2", "--pack", "--steps", "4", "--eval-every", "2", "--quiet", "--out", "tuned")
     cli("finetune", "--resume", root / "tuned", "--steps", "8", "--quiet")
     steps = [json.loads(line)["step"] for line in (root / "tuned" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8]  # went on from the checkpoint of step 4

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate.sampling import SamplingParams, filter_logits, penalize
+from fournil.generate.sampling import SamplingParams, choose, filter_logits, penalize
 
 
 def test_top_k_keeps_the_k_best():
@@ -18,6 +18,16 @@ def test_top_p_keeps_the_smallest_set_with_that_mass():
     assert kept(0.6) == [[True, True, False, False]]
     assert kept(0.81) == [[True, True, True, False]]
     assert kept(1.0) == [[True, True, True, True]]
+    assert kept(5e-324) == [[True, False, False, False]]  # 0 in float32: the best token is still kept
+
+
+def test_extreme_settings_still_choose_a_token():
+    """Found by the server's fuzzer: a temperature of 1e-300 divided logits into inf (then NaN), a top_p of 5e-324
+    dropped every token; both must give the most likely token, not a crash."""
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    generator = torch.Generator().manual_seed(0)
+    for p in (SamplingParams(temperature=1e-300), SamplingParams(top_p=5e-324), SamplingParams(min_p=1.0)):
+        assert choose(logits, p, generator).tolist() == [1]
 
 
 def test_temperature_sharpens():

@@ -1,5 +1,6 @@
 """The HTTP server, tested as users meet it: a real server process on 127.0.0.1, the official openai client."""
 import json
+import re
 import shutil
 import threading
 import time
@@ -96,6 +97,10 @@ def test_chat_streaming_and_errors(server, chat_run):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    def generated() -> int:
+        return int(re.search(r"^fournil_completion_tokens_total (\d+)$", server.get("/metrics")[1], re.M).group(1))
+
+    before = generated()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     stream = client.completions.create(model="chat", prompt="KING", max_tokens=80, stream=True, temperature=1)
     next(iter(stream))
@@ -104,6 +109,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     while "fournil_active_sequences 0" not in server.get("/metrics")[1]:
         assert time.time() < deadline, "the abandoned sequence kept its row"
         time.sleep(0.1)
+    assert generated() - before >= 1  # what it had generated is counted, though its answer never ended
 
 
 def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import re
 import sys
@@ -99,13 +100,32 @@ def add_train(sub) -> None:
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str)
 
 
+class Renamed(argparse.Action):
+    """A flag's old spelling: refused, with the new one (each flag name means one thing in every command)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
+
+
+def renamed(p, old: str, new: str) -> None:
+    p.add_argument(old, action=Renamed, new=new, dest=f"renamed_{old}")
+
+
 def add_tuning_args(p) -> None:
     """The flags that fine-tuning and learning from preferences share: LoRA, and the longest example."""
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA alpha (the update is scaled by alpha / rank)")
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--targets", default="", help="comma-separated layer names to adapt (default: every linear layer)")
+    p.add_argument("--lora-targets", default="",
+                   help="comma-separated layer names to adapt (default: every linear layer)")
+    for old in ("rank", "alpha", "targets"):
+        renamed(p, f"--{old}", f"--lora-{old}")
     p.add_argument("--max-length", type=int,
                    help="examples longer than this many tokens are skipped (default 512, or the model's context)")
 
@@ -164,9 +184,11 @@ def add_distill(sub) -> None:
     p.add_argument("--data", default="shakespeare",
                    help="running text (a bundled corpus or a text file) or an instruction set (rasbt_instructions, a "
                         ".jsonl)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softens both distributions")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation loss (the next-token loss gets "
-                                                            "1 - alpha)")
+    p.add_argument("--kd-temperature", type=float, default=2.0, help="softens both distributions")
+    p.add_argument("--kd-weight", type=float, default=0.5,
+                   help="weight of the distillation loss (the next-token loss gets 1 - this)")
+    renamed(p, "--alpha", "--kd-weight")
+    renamed(p, "--temperature", "--kd-temperature")
     p.add_argument("--reverse", action="store_true", help="KL(student || teacher) instead of KL(teacher || student)")
     p.add_argument("--context", type=int, default=256, help="tokens per row of running text; longest example otherwise")
     p.add_argument("--sequences", type=int, default=0,
@@ -181,8 +203,8 @@ def lora_config(args):
 
     if not args.lora:
         return None
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
 
 
 def loop_config(args) -> TrainConfig:
@@ -281,6 +303,13 @@ def add_model_commands(sub) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="each answer computed as if it were alone, whatever else is generated (identical requests get "
                         "identical answers under load too); costs the batch's throughput")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                   help="larger request bodies are refused (413) before they are read (default 4 MiB)")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated Host names to answer besides localhost, 127.0.0.1 and [::1] (a server bound "
+                        "to a loopback address refuses others: a web page could reach it through DNS rebinding)")
+    p.add_argument("--cors-origins", default="",
+                   help="comma-separated origins of web pages allowed to call the API from a browser (default: none)")
     p.add_argument("--name", help="the model's name in the API (default: the model's file or folder name)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
@@ -431,8 +460,8 @@ def run_distill(args) -> None:
     from fournil.train.distill import distill
 
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
-    settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.temperature, alpha=args.alpha,
-                             reverse=args.reverse, context=args.context, sequences=args.sequences)
+    settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.kd_temperature,
+                             alpha=args.kd_weight, reverse=args.reverse, context=args.context, sequences=args.sequences)
     run = distill(data=args.data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
                   budget=budget, baseline=not args.no_baseline, progress=not args.quiet)
     print(f"saved to {run.path}; next: fournil generate {run.path} TEXT  |  fournil eval {run.path}")
@@ -584,15 +613,42 @@ def run_serve(args) -> None:
     import uvicorn
 
     from fournil.generate.scheduler import check_capacity
-    from fournil.serve.app import create_app
+    from fournil.serve.app import ServeSettings, create_app
+    from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_capacity(args.max_batch, args.max_waiting)  # before the model loads
+    if args.max_request_bytes < 1:
+        raise FournilError(f"--max-request-bytes must be at least 1 (got {args.max_request_bytes})")
+    logging.basicConfig(format="fournil: %(levelname)s: %(message)s")  # a server fault's traceback, on stderr
+    extra = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    local = is_loopback(args.host)
+    warning = None if local or args.api_key else (
+        f"this server listens on {args.host} without an API key: anyone who can reach this machine can use it "
+        f"(start it with --api-key KEY)")
+    settings = ServeSettings(args.name or Path(str(args.model)).stem, args.api_key, args.max_batch, args.max_waiting,
+                             args.batch_invariant, args.max_request_bytes,
+                             (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
+                             tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning)
     run = load_for_generation(args)
-    name = args.name or Path(str(args.model)).stem
-    app = create_app(run, name, args.api_key, args.max_batch, args.max_waiting, args.batch_invariant)
-    print(f"serving {name} ({run.model.num_params():,} parameters; {run.precision}) on http://{args.host}:{args.port}: "
-          f"chat page at /, OpenAI API at /v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(run, settings)
+    print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
+          f"http://{args.host}:{args.port}: chat page at /, OpenAI API at /v1", flush=True)
+    if warning:
+        logging.getLogger("fournil.serve").warning(warning)
+    # on Ctrl-C, answers in progress get 5 seconds to end, then are cut
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (what the server binds to) is reachable from this machine only."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def run_generate(args) -> None:

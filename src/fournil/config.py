@@ -81,7 +81,7 @@ class LoraConfig:
 
     def check(self) -> None:
         if self.rank < 1:
-            raise FournilError(f"--rank must be at least 1 (got {self.rank})")
+            raise FournilError(f"--lora-rank must be at least 1 (got {self.rank})")
         if not 0 <= self.dropout < 1:
             raise FournilError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
 
@@ -144,7 +144,7 @@ class DistillConfig:
 
     def check(self) -> None:
         if self.temperature <= 0 or not 0 <= self.alpha <= 1 or self.context < 2 or self.sequences < 0:
-            raise FournilError("--temperature must be above 0, --alpha in [0, 1], --context at least 2 and "
+            raise FournilError("--kd-temperature must be above 0, --kd-weight in [0, 1], --context at least 2 and "
                                "--sequences not negative")
 
 

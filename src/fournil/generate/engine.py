@@ -32,7 +32,7 @@ def row_params(params: SamplingParams, row: int) -> SamplingParams:
     """The settings of one of several answers to the same request: a seed of its own, so that they differ."""
     if params.seed is None or row == 0:
         return params
-    return SamplingParams(**{**vars(params), "seed": params.seed * 1_000_003 + row})
+    return SamplingParams(**{**vars(params), "seed": (params.seed * 1_000_003 + row) % 2**63})
 
 
 def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams, dtype: torch.dtype = torch.float32,

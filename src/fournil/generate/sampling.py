@@ -11,7 +11,7 @@ from fournil.errors import FournilError
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 picks the most likely token (greedy)
+    temperature: float = 1.0  # 0 (or below 1e-5) picks the most likely token (greedy)
     top_k: int | None = None  # keep the k most likely tokens
     top_p: float | None = None  # keep the smallest set of tokens holding this much probability
     min_p: float | None = None  # keep tokens at least this fraction as likely as the most likely one
@@ -38,6 +38,8 @@ class SamplingParams:
             raise FournilError(f"--repetition-penalty must be positive, 1 for none (got {self.repetition_penalty})")
         if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
             raise FournilError("frequency and presence penalties must be between -2 and 2, as in the OpenAI API")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise FournilError(f"--seed must fit in 64 bits (got {self.seed})")
         if self.logprobs is not None and self.logprobs < 0:
             raise FournilError(f"logprobs must be 0 or more (got {self.logprobs})")
 
@@ -54,6 +56,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches top_p
+        drop[..., 0] = False  # and always the most likely one (a top_p below float32's smallest number is 0)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if min_p is not None:
         probs = logits.softmax(-1)
@@ -73,9 +76,12 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: 
     return logits
 
 
+GREEDY_BELOW = 1e-5  # a temperature this close to 0 is greedy (dividing by it would overflow to inf, then NaN)
+
+
 def choose(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """The next token of every row: the most likely at temperature 0, else drawn from the filtered distribution."""
-    if p.temperature == 0:
+    if p.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

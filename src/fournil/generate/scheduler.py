@@ -18,6 +18,7 @@ arrive from other threads through ``submit`` and are read as iterators of :class
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -30,6 +31,8 @@ from fournil.errors import FournilError
 from fournil.generate.sampling import SamplingParams, choose, penalize
 from fournil.generate.text import TextStream
 from fournil.models.base import decoder_only
+
+log = logging.getLogger("fournil.generate")
 
 
 class Busy(FournilError):
@@ -63,7 +66,8 @@ class Request:
     context: list[int] = field(default_factory=list)  # prompt and answer so far
     cached: int = 0  # how many tokens before the last one of ``context`` its cache row holds
     generated: int = 0
-    finish_reason: str | None = None  # "stop" (a stop token or string) or "length" (max_new_tokens); None while running
+    finish_reason: str | None = None  # "stop" (a stop token or string), "length" (max_new_tokens), "error" (a step
+    # failed: the server's fault); None while running
     cancelled: bool = False
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # or any object with put()
 
@@ -95,7 +99,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
 
     # ---- requests (any thread)
     def submit(self, prompt: list[int], params: SamplingParams, sink=None) -> Request:
@@ -110,8 +113,6 @@ class Scheduler:
                 raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: "
                                    f"shorten it (or let fournil keep its last {self.block - 1} tokens)")
             prompt = prompt[-(self.block - 1):]
-        if self.error is not None:
-            raise FournilError(f"the generation engine stopped: {self.error}")
         device, vocab = self.model.device, self.model.config.vocab_size
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
@@ -186,17 +187,19 @@ class Scheduler:
             self.thread = None
 
     def _serve(self) -> None:
-        try:
-            while not self.closing:
-                if not self.step():
-                    with self.wake:
-                        self.wake.wait_for(lambda: self.waiting or self.closing)
-        except BaseException as e:  # noqa: BLE001 - every waiting reader must learn that generation stopped
-            self.error = e
-            for r in self.active + list(self.waiting):
-                r.finish_reason = "error"
-                r.pieces.put(None)
-            raise
+        while not self.closing:
+            try:
+                busy = self.step()
+            except Exception:  # noqa: BLE001 - a step's fault ends its sequences, not the engine
+                log.exception("a generation step failed: its %d sequences end with an error", len(self.active))
+                for r in self.active:
+                    r.finish_reason = "error"
+                    r.pieces.put(None)
+                self.active, self.cache = [], None
+                continue
+            if not busy:
+                with self.wake:
+                    self.wake.wait_for(lambda: self.waiting or self.closing)
 
     # ---- rows of the cache
     def _drop_finished(self) -> None:

@@ -3,7 +3,8 @@ chat page, over one continuous-batching scheduler: concurrent requests share the
 
 The scheduler runs in a thread of its own; each HTTP request submits its sequences (``n`` of them for ``n`` choices)
 and reads their pieces from an asyncio queue, so a slow reader never holds the model, and a client that goes away
-frees its rows at the next step.
+frees its rows at the next step. Every request first passes :class:`fournil.serve.guard.Guard` (host, key, size).
+A request's mistake is answered 4xx with what to change; a 500 is the server's own fault, logged, never detailed.
 """
 from __future__ import annotations
 
@@ -12,20 +13,36 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI
-from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from fournil.errors import FournilError
 from fournil.generate import Busy, SamplingParams, Scheduler, score
 from fournil.generate.engine import row_params
+from fournil.serve.guard import Guard
 from fournil.serve.metrics import Metrics
 from fournil.serve.schemas import ChatRequest, CompletionRequest, PredictRequest, Sampling
 
 OPEN = ("/", "/health")  # what answers without the API key
+
+
+@dataclass
+class ServeSettings:
+    name: str  # the model's name in the API
+    api_key: str | None = None
+    max_batch: int = 8
+    max_waiting: int = 64
+    batch_invariant: bool = False
+    max_request_bytes: int = 4 * 2**20
+    hosts: tuple[str, ...] | None = None  # the Host names answered; None: any
+    cors_origins: tuple[str, ...] = ()  # web pages of other origins allowed to call the API
+    warning: str | None = None  # shown on the chat page (a server open to the network without a key)
 
 
 class ApiError(Exception):
@@ -51,12 +68,12 @@ class Sink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece))
 
 
-def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
-               batch_invariant: bool = False) -> FastAPI:
-    tok, model = run.tokenizer, run.model
+def create_app(run, settings: ServeSettings):
+    """The server's ASGI application for ``run``."""
+    tok, model, name = run.tokenizer, run.model, settings.name
     block = model.config.block_size
-    scheduler = Scheduler(model, tok, run.dtype, max_batch=max_batch, max_waiting=max_waiting,
-                          batch_invariant=batch_invariant)
+    scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                          batch_invariant=settings.batch_invariant)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
@@ -68,23 +85,21 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
 
     app = FastAPI(title="fournil", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        start = time.perf_counter()
-        if api_key and request.url.path not in OPEN and request.headers.get("authorization") != f"Bearer {api_key}":
-            response = error_response(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
-                                      "invalid_api_key")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # noqa: BLE001 - the server answers 500 and lives on
-                response = error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
-        return response
-
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         return error_response(e.status, e.message, e.kind, e.param, e.headers)
+
+    @app.exception_handler(FournilError)
+    async def mistake(_, e: FournilError):  # what fournil refuses is the request's to change
+        return error_response(400, str(e), "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):  # an unknown path or method, a body too large
+        return error_response(e.status_code, str(e.detail), "invalid_request_error", headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def fault(_, e: Exception):  # logged with its traceback by the guard, which sees it next
+        return error_response(500, "internal server error (the server's log has the details)", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -113,23 +128,26 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
 
     def submit(prompts: list[list[int]], params: list[SamplingParams]):
         """Submit every sequence (all or none); returns the requests and the queue their pieces arrive on."""
+        room = settings.max_batch + settings.max_waiting
+        if len(prompts) > room:
+            raise ApiError(400, f"this request asks for {len(prompts)} sequences (prompts x n); this server generates "
+                           f"at most {room} at once: ask for fewer", param="n")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):
                 requests.append(scheduler.submit(p, sp, Sink(loop, queue, i)))
-        except Busy as e:
-            for r in requests:
-                r.cancel()
-            raise ApiError(503, f"the server is busy: {e}", "server_busy", headers={"Retry-After": "1"}) from None
         except FournilError as e:
             for r in requests:
                 r.cancel()
+            if isinstance(e, Busy):
+                raise ApiError(503, f"the server is busy: {e}", "server_busy", headers={"Retry-After": "1"}) from None
             raise ApiError(400, str(e)) from None
         return requests, queue
 
     async def pieces(requests, queue):
-        """(index, piece) as they come, until every sequence has ended; an abandoned reader cancels them all."""
+        """(index, piece) as they come, until every sequence has ended; an abandoned reader cancels them all. The
+        tokens are counted in the metrics either way (a client that hangs up had them generated too)."""
         left = len(requests)
         try:
             while left:
@@ -141,17 +159,19 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
         finally:
             for r in requests:
                 r.cancel()
+            metrics.tokens(sum(len(r.prompt) for r in requests), sum(r.generated for r in requests))
 
     async def gather(requests, queue) -> list[list]:
         out = [[] for _ in requests]
         async for index, piece in pieces(requests, queue):
             out[index].append(piece)
+        if any(r.finish_reason == "error" for r in requests):  # the engine's fault, which it logged
+            raise ApiError(500, "generation failed (the server's log has the details)", "server_error")
         return out
 
     def usage(requests) -> dict:
         prompt = sum(len(r.prompt) for r in requests)
         completion = sum(r.generated for r in requests)
-        metrics.tokens(prompt, completion)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def token_text(i: int) -> str:
@@ -194,7 +214,6 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
                 for index, r in enumerate(requests):
                     yield sse({**head, "choices": [{"text": "", "index": index, "logprobs": None,
                                                     "finish_reason": r.finish_reason}]})
-                usage(requests)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -277,7 +296,6 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
         params = sampling(Sampling(temperature=0), len(prompt), body.max_tokens or min(256, block - len(prompt)), None)
         requests, queue = submit([prompt], [params])
         got = (await gather(requests, queue))[0]
-        usage(requests)
         return {"text": "".join(p.text for p in got)}
 
     @app.get("/health")
@@ -291,9 +309,14 @@ def create_app(run, name: str, api_key: str | None = None, max_batch: int = 8, m
     @app.get("/")
     async def page():
         html = (resources.files("fournil.serve") / "page.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", json.dumps(name)))
+        return HTMLResponse(html.replace("{{MODEL}}", json.dumps(name)).replace("{{WARNING}}",
+                                                                                json.dumps(settings.warning)))
 
-    return app
+    inner = app if not settings.cors_origins else CORSMiddleware(
+        app, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"])
+    routes = {route.path for route in app.routes}
+    return Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, routes)
 
 
 def sse(payload: dict) -> str:
