@@ -164,5 +164,7 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         ("reward", "score", base): "is not a reward model",
     }
     for args, message in failures.items():
-        result = cli(*args, "--steps", "1", check=False) if args[0] == "align" else cli(*args, check=False)
+        result = cli(*args, "--steps", "1", "--out", tmp_path / "never", check=False) if args[0] == "align" else \
+            cli(*args, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "never").exists()  # a refused run leaves no folder that would block the next try

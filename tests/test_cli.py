@@ -126,6 +126,14 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("sample", trained["gpt"], "--top-p", "2"), "--top-p")
     usage = run("train", "--time", "soon")
     assert usage.returncode == 2 and "is not a duration" in usage.stderr
+    one_line_error(train("--n-embd", "30", "--n-head", "4", "--out", "odd"), "n_embd (30) must be a multiple of n_head")
+    assert not (tmp_path / "odd").exists()  # a refused run leaves no folder that would block the next try
+    one_line_error(train("--model", "ngram", "--out", trained["ngram"]), f"{trained['ngram']} already holds a run",
+                   f"--resume {trained['ngram']}", "another with --out")  # never overwritten, never renamed
+    for command, old, new in (("finetune", "--alpha", "--lora-alpha"), ("distill", "--alpha", "--kd-weight"),
+                              ("distill", "--temperature", "--kd-temperature")):
+        renamed = run(command, old, "1")
+        assert renamed.returncode == 2 and f"{old} is now {new}" in renamed.stderr
 
 
 def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsys, monkeypatch):

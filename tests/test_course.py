@@ -38,9 +38,10 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
     with ThreadPoolExecutor(2) as pool:  # the two languages side by side: most of a step is starting Python
         en, fr = pool.map(lambda lang: follow(lang, tmp_path / lang, bpe_llama), ["en", "fr"])
 
-    for lang, out, bigram, word, symbols in [("en", en, "names-bigram", "emma", 27), ("fr", fr, "prenoms-bigramme", "marie", 46)]:
+    for lang, out, folder, bigram, word, symbols in [("en", en, "course", "names-bigram", "emma", 27),
+                                                     ("fr", fr, "cours", "prenoms-bigramme", "marie", 46)]:
         steps = list(out.values())
-        assert f"counted {symbols * symbols:,} parameters -> runs/{bigram}" in steps[0]
+        assert f"counted {symbols * symbols:,} parameters -> runs/{folder}/{bigram}" in steps[0]
         assert re.search(rf"^\.{word[0]} 0\.\d+ ", steps[0], re.M)  # the first transition of the word, explained
         table = re.findall(r"^ ?(\d+) +([\d,]+) +([\d,]+)$", steps[1], re.M)
         assert [int(n) for n, _, _ in table] == list(range(1, 11))

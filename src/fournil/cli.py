@@ -281,7 +281,8 @@ def add_model_commands(sub) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                       help="weights for generation: int8 takes a quarter of float32's memory (CPU)")
+                       help="weights for generation: bfloat16 takes half of float32's memory, int8 about a third "
+                            "(the embeddings stay in bfloat16)")
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
     p.add_argument("model", help=model_help)

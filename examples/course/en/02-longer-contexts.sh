@@ -4,17 +4,17 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil train --data names --model ngram --n 3 --out runs/names-trigram
-fournil train --data names --model ngram --n 5 --out runs/names-5gram
-fournil eval runs/names-trigram
-fournil eval runs/names-5gram
+fournil train --data names --model ngram --n 3 --out runs/course/names-trigram
+fournil train --data names --model ngram --n 5 --out runs/course/names-5gram
+fournil eval runs/course/names-trigram
+fournil eval runs/course/names-5gram
 # Look at: the trigram beats the bigram on val and test, and the 5-gram is worse than the trigram: most contexts of
 # four characters in unseen names were never seen in training, so their counts say nothing. Its samples (printed by train) end in random letters.
 
 python - <<'PY'
 import fournil
 
-run = fournil.load("runs/names-bigram")
+run = fournil.load("runs/course/names-bigram")
 names, V = run.splits().train, run.tokenizer.vocab_size
 print(f"{'n':>2} {'possible contexts V^n':>26} {'seen in training':>17}")
 for n in range(1, 11):

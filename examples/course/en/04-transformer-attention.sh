@@ -4,11 +4,11 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil train --data names --model gpt $TRAIN --out runs/names-gpt
-fournil eval runs/names-gpt
+fournil train --data names --model gpt $TRAIN --out runs/course/names-gpt
+fournil eval runs/course/names-gpt
 # Look at: the best NLL of the ladder after five minutes (--time 5m: about 1.92 on val, 1.95 on test).
 
-fournil attention runs/names-gpt emmanuel --token u --out attention-names.png
+fournil attention runs/course/names-gpt emmanuel --token u --out attention-names.png
 # Look at: attention-names.png, one map per head: row i shows how much character i reads each earlier character.
 # Heads specialize: some read the previous character, some the start of the name.
 

@@ -5,9 +5,9 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil finetune $CHAT_MODEL --data rasbt_instructions --lora $TUNE --out runs/course-sft
+fournil finetune $CHAT_MODEL --data rasbt_instructions --lora $TUNE --out runs/course/sft
 # Look at: the trainable parameters (LoRA: about 1 % of the model), the val loss on held-out answers, and the
 # answers to held-out instructions printed at the end, before and after.
 
-fournil eval runs/course-sft
+fournil eval runs/course/sft
 # Look at: the NLL of the held-out answers, against the base model's.

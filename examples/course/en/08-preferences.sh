@@ -5,8 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/course-dpo
+fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/course/dpo
 # Look at: val_reward_accuracy, the share of held-out pairs where the model now prefers the chosen answer (50 % at
 # the start, since the model is its own reference), and the margin between the two.
 
-fournil eval runs/course-dpo
+fournil eval runs/course/dpo

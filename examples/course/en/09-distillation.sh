@@ -6,6 +6,6 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil distill --teacher $CHAT_MODEL --student $STUDENT --data shakespeare $TUNE --out runs/course-student
+fournil distill --teacher $CHAT_MODEL --student $STUDENT --data shakespeare $TUNE --out runs/course/student
 # Look at: report.md (printed at the end): parameters, size on disk, decoding speed and val NLL of the teacher, the
 # distilled student and the student trained alone; the distilled one should beat the one trained alone.

@@ -4,10 +4,10 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil train --data prenoms --model ngram --n 3 --out runs/prenoms-trigramme
-fournil train --data prenoms --model ngram --n 5 --out runs/prenoms-5gramme
-fournil eval runs/prenoms-trigramme
-fournil eval runs/prenoms-5gramme
+fournil train --data prenoms --model ngram --n 3 --out runs/cours/prenoms-trigramme
+fournil train --data prenoms --model ngram --n 5 --out runs/cours/prenoms-5gramme
+fournil eval runs/cours/prenoms-trigramme
+fournil eval runs/cours/prenoms-5gramme
 # À regarder : le trigramme bat le bigramme, et le 5-gramme fait moins bien que le trigramme : la plupart des
 # contextes de quatre caractères des prénoms inconnus n'ont jamais été vus à l'entraînement, leurs comptes ne disent
 # rien. Ses prénoms tirés au sort (« samples ») finissent en suites de lettres au hasard.
@@ -15,7 +15,7 @@ fournil eval runs/prenoms-5gramme
 python - <<'PY'
 import fournil
 
-run = fournil.load("runs/prenoms-bigramme")
+run = fournil.load("runs/cours/prenoms-bigramme")
 prenoms, V = run.splits().train, run.tokenizer.vocab_size
 possibles, vus = "contextes possibles V^n", "vus à l'entraînement"
 print(f"{'n':>2} {possibles:>28} {vus:>21}")

@@ -6,15 +6,15 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil train --data prenoms --model mlp $TRAIN --out runs/prenoms-mlp
-# À regarder : les pertes d'entraînement et de validation qui baissent ensemble, et runs/prenoms-mlp/loss.png.
+fournil train --data prenoms --model mlp $TRAIN --out runs/cours/prenoms-mlp
+# À regarder : les pertes d'entraînement et de validation qui baissent ensemble, et runs/cours/prenoms-mlp/loss.png.
 
-fournil eval runs/prenoms-mlp
+fournil eval runs/cours/prenoms-mlp
 # À regarder : une NLL de validation bien sous les 2,5 du bigramme (environ 2,0), avec cinq caractères de contexte.
 
-fournil embeddings runs/prenoms-mlp --out plongements.png
+fournil embeddings runs/cours/prenoms-mlp --out plongements.png
 # À regarder : plongements.png, les deux composantes principales des plongements : les voyelles tendent à se
 # regrouper, à l'écart des consonnes (« . » marque le début et la fin d'un prénom ; et où vont é, è, ë ?). Personne
 # n'a dit au modèle ce qu'est une voyelle.
 
-fournil sample runs/prenoms-mlp -n 10 --seed 1
+fournil sample runs/cours/prenoms-mlp -n 10 --seed 1

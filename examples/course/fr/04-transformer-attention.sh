@@ -4,11 +4,11 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil train --data prenoms --model gpt $TRAIN --out runs/prenoms-gpt
-fournil eval runs/prenoms-gpt
+fournil train --data prenoms --model gpt $TRAIN --out runs/cours/prenoms-gpt
+fournil eval runs/cours/prenoms-gpt
 # À regarder : la meilleure NLL de l'échelle après cinq minutes (--time 5m : environ 1,90 en validation, 1,91 en test).
 
-fournil attention runs/prenoms-gpt marie-claire --token c --out attention-prenoms.png
+fournil attention runs/cours/prenoms-gpt marie-claire --token c --out attention-prenoms.png
 # À regarder : attention-prenoms.png, une carte par tête : la ligne i montre combien le caractère i lit chacun des
 # précédents. Les têtes se spécialisent : certaines lisent le caractère d'avant, d'autres le début du prénom.
 

@@ -3,12 +3,12 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil train --data miserables --model llama --tokenizer tokenizers/miserables-bpe512 $TRAIN --out runs/cours-llama
+fournil train --data miserables --model llama --tokenizer tokenizers/miserables-bpe512 $TRAIN --out runs/cours/llama
 # À regarder : les tokens par seconde et la perte de validation ; RoPE, RMSNorm et SwiGLU sont dans
 # src/fournil/models/llama.py, un seul fichier lisible.
 
-fournil eval runs/cours-llama
+fournil eval runs/cours/llama
 # À regarder : les bits par octet, qui comparent un modèle BPE et un modèle de caractères sur le même texte (la NLL
 # par token, non : un token contient plusieurs caractères).
 
-fournil sample runs/cours-llama -n 1 --prompt "Jean Valjean" --max-new-tokens 80 --seed 1
+fournil sample runs/cours/llama -n 1 --prompt "Jean Valjean" --max-new-tokens 80 --seed 1

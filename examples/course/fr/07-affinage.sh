@@ -5,9 +5,9 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil finetune $CHAT_MODEL --data fr_oasst1 --lora $TUNE --out runs/cours-sft
+fournil finetune $CHAT_MODEL --data fr_oasst1 --lora $TUNE --out runs/cours/sft
 # À regarder : les paramètres entraînables (LoRA : environ 1 % du modèle), la perte de validation sur des réponses
 # mises de côté, et les réponses à des instructions mises de côté, affichées à la fin.
 
-fournil eval runs/cours-sft
+fournil eval runs/cours/sft
 # À regarder : la NLL des réponses mises de côté, face à celle du modèle de départ.

@@ -6,8 +6,8 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/cours-dpo
+fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/cours/dpo
 # À regarder : val_reward_accuracy, la part des paires mises de côté où le modèle préfère maintenant la réponse
 # choisie (50 % au départ, puisque le modèle est sa propre référence), et la marge entre les deux.
 
-fournil eval runs/cours-dpo
+fournil eval runs/cours/dpo

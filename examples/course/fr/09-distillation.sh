@@ -6,6 +6,6 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-fournil distill --teacher $CHAT_MODEL --student $STUDENT --data miserables $TUNE --out runs/cours-eleve
+fournil distill --teacher $CHAT_MODEL --student $STUDENT --data miserables $TUNE --out runs/cours/eleve
 # À regarder : report.md (affiché à la fin) : paramètres, taille sur disque, vitesse de décodage et NLL de validation
 # du maître, de l'élève distillé et de l'élève seul ; le distillé doit battre celui qui a appris seul.

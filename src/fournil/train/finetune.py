@@ -89,15 +89,15 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         ref = config.align and config.align.method != "reward" and \
             reference(model, copy_model=not ft.lora and config.align.reference == "model")
         trainable = add_lora(model, ft.lora) if ft.lora else total
-        if not resume and world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / CONFIG, to_dict(config))
-            tokenizer.save(run_dir / TOKENIZER)
         if config.align:
             model, objective, splits, keep = alignment(config, model, tokenizer, splits, run_dir, ref, announce)
         else:
             objective = None
             keep = (lambda _: save_adapter(model, ft.lora, run_dir, ft.base)) if ft.lora else None
+        if not resume and world.main:  # once every setting has been checked: a refused run leaves no folder behind
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / CONFIG, to_dict(config))
+            tokenizer.save(run_dir / TOKENIZER)
         trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, keep_best=keep,
                           objective=objective)
         t = config.train

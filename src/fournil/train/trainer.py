@@ -48,18 +48,16 @@ def activation_bytes(model, tokens: int, dtype: torch.dtype) -> float:
 
 
 def new_run_dir(config: RunConfig, out: str | None) -> Path:
-    """``out``, or ``runs/DATA-MODEL`` with a number added if that name is taken."""
+    """``out``, or ``runs/DATA-MODEL``; never a folder that holds a run already (a run is never silently renamed
+    nor overwritten)."""
     if out:
         path = Path(out)
-        if (path / CONFIG).exists():
-            raise FournilError(f"{path} already holds a run: continue it with --resume {path}, or choose another --out")
-        return path
-    data = config.data.data if config.data.data in BUNDLED else Path(config.data.train or config.data.data).stem
-    base = RUNS / f"{data}-{config.model['family']}"
-    path, i = base, 1
-    while path.exists():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
+    else:
+        data = config.data.data if config.data.data in BUNDLED else Path(config.data.train or config.data.data).stem
+        path = RUNS / f"{data}-{config.model['family']}"
+    if (path / CONFIG).exists():
+        raise FournilError(f"{path} already holds a run: continue it with --resume {path}, or start another with "
+                           f"--out {path.parent / (path.name + '-2')} (or delete {path})")
     return path
 
 
@@ -419,11 +417,11 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config.fingerprints = fingerprints
         run_dir = new_run_dir(config, out)
         world.barrier()  # every process has its name for the run before rank 0 creates it
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / CONFIG, to_dict(config))
-            tokenizer.save(run_dir / TOKENIZER)
     trainer = Trainer(run_dir, config, splits, tokenizer, progress, world)
+    if not resume and world.main:  # once the model is built from it: a refused run leaves no folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / CONFIG, to_dict(config))
+        tokenizer.save(run_dir / TOKENIZER)
     model, t = trainer.model, config.train
     what = f"{model.family}; {splits.mode} data {config.data.data}; vocabulary {tokenizer.vocab_size}, " \
            f"context {config.model['block_size']}; {trainer.precision}"
