@@ -12,7 +12,7 @@ from fournil.cli import Renamed, parser
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "course" / "README.md"]
-OTHER_TOOLS = {"--no-deps", "--index-url", "--nproc_per_node", "--upgrade"}  # pip's and torchrun's
+OTHER_TOOLS = {"--no-deps", "--index-url", "--nproc_per_node", "--model_args", "--include_path"}  # pip, torchrun, lm_eval
 
 
 def blocks(text: str) -> list[str]:
@@ -23,16 +23,17 @@ def blocks(text: str) -> list[str]:
 
 def fournil_commands(line: str) -> list[list[str]]:
     """The arguments of each `fournil` (or `python -m fournil`) call on a shell line."""
-    words = shlex.split(line, comments=True)
-    commands, current = [], None
-    for word in words:
+    commands, current, starting = [], None, True
+    for word in shlex.split(line, comments=True):
         if word in ("&&", "||", ";", "|"):
-            current = None
+            current, starting = None, True
         elif current is not None:
             current.append(word)
-        elif word == "fournil" and (not commands or current is None):
+        elif word == "fournil" and starting:
             current = []
             commands.append(current)
+        else:
+            starting = word in ("-m", "$")  # `python -m fournil`, a prompt's `$ fournil`
     return commands
 
 
@@ -50,7 +51,7 @@ def options(p: argparse.ArgumentParser) -> set[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_of_the_page_parses(page):
-    lines = [line for line in blocks(page.read_text(encoding="utf-8")) if re.search(r"(^|\s|-m )fournil\s", line)]
+    lines = [line for line in blocks(page.read_text(encoding="utf-8")) if fournil_commands(line)]
     if page == ROOT / "README.md":
         assert len(lines) >= 5  # the blocks were found
     for line in lines:

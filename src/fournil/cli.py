@@ -9,6 +9,7 @@ import math
 import re
 import sys
 import typing
+from pathlib import Path
 
 from fournil.config import DataConfig, RunConfig, TrainConfig, coerce
 from fournil.data.sources import BUNDLED
@@ -243,6 +244,19 @@ def add_run_commands(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", **SCORE_DTYPE)
 
+    p = sub.add_parser("bench", help="standard benchmarks through lm-evaluation-harness on bundled data: HellaSwag, "
+                                     "GSM8K, bits per byte (default: smollm2 on HellaSwag)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--tasks", default="hellaswag",
+                   help="comma-separated: hellaswag, gsm8k, gsm8k_chat, bpb, or tasks of --include-path")
+    p.add_argument("--limit", type=int, help="only the first N rows of each task")
+    p.add_argument("--shots", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--include-path", help="a folder of lm-eval YAML tasks over local files")
+    p.add_argument("--out", help="folder for results.json and report.md (default: bench/MODEL)")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens scored per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **SCORE_DTYPE)
+
     p = sub.add_parser("sample", help="sample text from a trained run")
     p.add_argument("run")
     p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
@@ -469,7 +483,6 @@ def run_distill(args) -> None:
 
 
 def run_merge(args) -> None:
-    from pathlib import Path
 
     from fournil.formats.peft import load_adapter
     from fournil.models.lora import merge_lora
@@ -536,6 +549,19 @@ def run_eval(args) -> None:
         print(f"exact: outputs equal to their target ({how}); CER: character edits per target character")
 
 
+def run_bench(args) -> None:
+    try:
+        from fournil.evaluate.bench import bench, table
+    except ImportError:
+        raise FournilError("fournil bench needs lm-evaluation-harness: pip install 'fournil[bench]'") from None
+
+    out = Path(args.out) if args.out else Path("bench") / Path(str(args.model)).stem
+    results = bench(args.model, args.tasks, args.limit, args.shots, args.include_path, args.device, args.dtype,
+                    args.batch_tokens, out)
+    print(table(results))
+    print(f"results in {out}/results.json and {out}/report.md")
+
+
 def run_sample(args) -> None:
     from fournil.runs import Run
 
@@ -569,7 +595,6 @@ def sample_pairs(run, args) -> None:
 
 
 def run_explain(args) -> None:
-    from pathlib import Path
 
     from fournil.plots.explain import coloured_text, legend, plot_token_probs
     from fournil.runs import Run
@@ -609,7 +634,6 @@ def load_for_generation(args):
 
 
 def run_serve(args) -> None:
-    from pathlib import Path
 
     import uvicorn
 
@@ -711,7 +735,6 @@ def run_chat(args) -> None:
 
 
 def run_attention(args) -> None:
-    from pathlib import Path
 
     from fournil.evaluate.attention import attention_maps
     from fournil.plots.attention import plot_attention, token_labels
@@ -737,10 +760,13 @@ def run_attention(args) -> None:
 
 
 def run_embeddings(args) -> None:
-    from pathlib import Path
 
     from fournil.evaluate.explain import shown
-    from fournil.plots.embeddings import plot_embeddings, principal_components, token_embeddings
+    from fournil.plots.embeddings import (
+        plot_embeddings,
+        principal_components,
+        token_embeddings,
+    )
     from fournil.runs import Run
 
     run = Run.load(args.model, "cpu")
@@ -755,7 +781,6 @@ def run_embeddings(args) -> None:
 
 
 def run_convert(args) -> None:
-    from pathlib import Path
 
     from fournil.formats import check_output, export
     from fournil.runs import Run
@@ -776,7 +801,6 @@ def run_info(args) -> None:
 
 
 def run_tokenizer(args) -> None:
-    from pathlib import Path
 
     from fournil.data import load_splits
     from fournil.tokenizers.bpe import train_bpe
@@ -797,7 +821,6 @@ def run_tokenizer(args) -> None:
 
 
 def run_prepare(args) -> None:
-    from pathlib import Path
 
     from fournil.data.shards import META, TOKENIZER, prepare, source_texts
     from fournil.tokenizers import CharTokenizer, load_tokenizer
@@ -838,7 +861,6 @@ def tokenizer_for(spec: str | None, text: str):
 
 
 def run_tokenize(args) -> None:
-    from pathlib import Path
 
     from fournil.plots.tokens import plot_tokens
     from fournil.tokenizers.compression import compression, pieces
@@ -862,7 +884,7 @@ def run_tokenize(args) -> None:
     print(f"-> {args.out}", file=sys.stderr)
 
 
-COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "distill": run_distill, "merge": run_merge, "eval": run_eval, "sample": run_sample, "explain": run_explain, "generate": run_generate,
+COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward, "distill": run_distill, "merge": run_merge, "eval": run_eval, "bench": run_bench, "sample": run_sample, "explain": run_explain, "generate": run_generate,
             "chat": run_chat, "serve": run_serve, "attention": run_attention, "embeddings": run_embeddings, "convert": run_convert, "info": run_info, "tokenizer": run_tokenizer,
             "tokenize": run_tokenize, "prepare": run_prepare}
 

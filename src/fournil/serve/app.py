@@ -27,7 +27,8 @@ from fournil.generate import Busy, SamplingParams, Scheduler, score
 from fournil.generate.engine import row_params
 from fournil.serve.guard import Guard
 from fournil.serve.metrics import Metrics
-from fournil.serve.schemas import ChatRequest, CompletionRequest, PredictRequest, Sampling
+from fournil.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, Sampling,
+                                   TokenizeRequest)
 
 OPEN = ("/", "/health")  # what answers without the API key
 
@@ -184,13 +185,16 @@ def create_app(run, settings: ServeSettings):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not texts:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        prompts = [tok.prompt_ids(t) for t in texts]
-        params = [sampling(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
+        prompts, texts = prompt_list(body.prompt)
+        if body.max_tokens == 0 and body.stream:
+            raise ApiError(400, "max_tokens 0 generates nothing to stream: ask without stream", param="max_tokens")
+        params = [sampling(body, len(p), body.max_tokens or 1, body.logprobs) for p in prompts]
         rows = [(i, c) for i in range(len(prompts)) for c in range(body.n)]  # choice index = prompt * n + c
-        requests, queue = submit([prompts[i] for i, _ in rows], [row_params(params[i], c) for i, c in rows])
+        if body.max_tokens == 0:  # the prompt scored (with echo), nothing generated
+            requests, queue = [Scored(prompts[i]) for i, _ in rows], None
+            metrics.tokens(sum(len(r.prompt) for r in requests), 0)
+        else:
+            requests, queue = submit([prompts[i] for i, _ in rows], [row_params(params[i], c) for i, c in rows])
         cid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name}
 
@@ -217,7 +221,7 @@ def create_app(run, settings: ServeSettings):
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        results = await gather(requests, queue)
+        results = await gather(requests, queue) if queue else [[] for _ in requests]
         choices = []
         for index, ((i, _), r, got) in enumerate(zip(rows, requests, results)):
             text = "".join(p.text for p in got)
@@ -230,6 +234,23 @@ def create_app(run, settings: ServeSettings):
                     lp = merge(await prompt_logprobs(prompts[i], body.logprobs), lp)
             choices.append({"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason})
         return {**head, "choices": choices, "usage": usage(requests)}
+
+    def prompt_list(prompt) -> tuple[list[list[int]], list[str]]:
+        """The token ids and the text of each prompt of a request: a text, texts, token ids or lists of them."""
+        if not prompt:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            prompt = [prompt]
+        if any(isinstance(p, str) for p in prompt):
+            return [tok.prompt_ids(p) for p in prompt], prompt
+        vocab = tok.vocab_size
+        for ids in prompt:
+            if not ids:
+                raise ApiError(400, "a prompt of token ids is empty", param="prompt")
+            if bad := [i for i in ids if not 0 <= i < vocab]:
+                raise ApiError(400, f"prompt token {bad[0]} is outside this model's vocabulary (ids 0 to {vocab - 1})",
+                               param="prompt")
+        return prompt, ["".join(token_text(i) for i in ids) for ids in prompt]
 
     async def prompt_logprobs(ids: list[int], top: int) -> dict:
         """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``."""
@@ -288,6 +309,22 @@ def create_app(run, settings: ServeSettings):
                    for index, (r, got) in enumerate(zip(requests, results))]
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(requests)}
 
+    # ---- the tokenizer, as vLLM serves it: evaluation harnesses (lm-eval's local-completions) tokenize through it
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size, "max_model_len": block,
+                "eos_token": getattr(tok, "eos", None), "bos_token": getattr(tok, "bos", None), "pad_token": None,
+                "chat_template": getattr(tok, "chat_template", None)}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        ids = tok.prompt_ids(body.prompt) if body.add_special_tokens else tok.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": block}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return {"prompt": tok.decode(prompt_list(body.tokens)[0][0]) if body.tokens else ""}
+
     # ---- the classic endpoint, health, metrics, the page
     @app.post("/predict")
     async def predict(body: PredictRequest):
@@ -317,6 +354,14 @@ def create_app(run, settings: ServeSettings):
         allow_headers=["Authorization", "Content-Type"])
     routes = {route.path for route in app.routes}
     return Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, routes)
+
+
+@dataclass
+class Scored:
+    """A prompt only scored (``max_tokens: 0``), where the answer of a generated one would be."""
+    prompt: list[int]
+    generated: int = 0
+    finish_reason: str = "length"
 
 
 def sse(payload: dict) -> str:

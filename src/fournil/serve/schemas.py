@@ -26,10 +26,11 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    # text, texts, token ids, or lists of token ids (what evaluation harnesses send)
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
+    max_tokens: int | None = Field(16, ge=0)  # the OpenAI default for completions; 0 with echo: score the prompt only
 
 
 class Message(BaseModel):
@@ -47,3 +48,12 @@ class ChatRequest(Sampling):
 class PredictRequest(BaseModel):
     text: str
     max_tokens: int | None = Field(None, ge=1)
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]

@@ -1,0 +1,149 @@
+"""``fournil bench``: standard evaluations through lm-evaluation-harness, on bundled data, offline.
+
+lm-eval runs the tasks (its prompts, few-shot sampling, filters and metrics); fournil's engine answers
+(:mod:`fournil.evaluate.harness`). The bundled tasks live in ``evaluate/tasks`` as lm-eval YAML files whose data paths
+say ``FOURNIL_DATA``; they are written out, with that path filled in, to a folder lm-eval reads (``include_path``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from fournil.errors import FournilError
+
+TASKS = {  # short name -> lm-eval task; what each measures
+    "hellaswag": ("fournil_hellaswag", "HellaSwag validation, 10,042 rows, 0-shot: acc, acc_norm"),
+    "gsm8k": ("fournil_gsm8k", "GSM8K test, 1,319 problems, 5-shot from train: exact match on the number"),
+    "gsm8k_chat": ("fournil_gsm8k_chat", "GSM8K test, 0-shot in the model's chat template: exact match"),
+    "bpb": ("fournil_bpb_shakespeare", "bits per byte on held-out Shakespeare (the last 5 %)"),
+}
+DATA_FILES = ("hellaswag_val.jsonl", "gsm8k_train.jsonl", "gsm8k_test.jsonl")
+
+
+def write_tasks(folder: Path) -> Path:
+    """The bundled tasks, ready for lm-eval, in ``folder``: YAML with data paths filled in, their data beside."""
+    from fournil.config import DataConfig
+    from fournil.data.corpus import load_splits
+
+    source = resources.files("fournil.evaluate") / "tasks"
+    data = resources.files("fournil.data") / "files"
+    for name in DATA_FILES:
+        (folder / name).symlink_to(Path(str(data / name)))
+    test = load_splits(DataConfig("shakespeare"))[0].test
+    with open(folder / "shakespeare_test.jsonl", "w", encoding="utf-8") as f:
+        for paragraph in filter(str.strip, test.split("\n\n")):
+            f.write(json.dumps({"text": paragraph.strip()}) + "\n")
+    for item in source.iterdir():
+        if item.name.endswith((".yaml", ".py")):
+            (folder / item.name).write_text(item.read_text(encoding="utf-8").replace("FOURNIL_DATA", str(folder)),
+                                            encoding="utf-8")
+    return folder
+
+
+def check_yaml(folder: Path) -> None:
+    """Every YAML file of ``folder`` parses (lm-eval would skip one that does not, and then not know its task)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, tag, node: None)  # lm-eval's !function
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        except yaml.YAMLError as e:
+            raise FournilError(f"{path} does not parse as YAML: {' '.join(str(e).split())}") from None
+
+
+def task_names(spec: str, known: set[str]) -> list[str]:
+    """lm-eval task names for ``--tasks`` (bundled short names, or any task lm-eval knows from an include path)."""
+    names = []
+    for name in (n.strip() for n in spec.split(",") if n.strip()):
+        task = TASKS[name][0] if name in TASKS else name
+        if task not in known:
+            raise FournilError(f"unknown task {name!r}: bundled ones are {', '.join(TASKS)}; a YAML task of your own "
+                               f"works with --include-path FOLDER")
+        names.append(task)
+    if not names:
+        raise FournilError(f"--tasks is empty: give one or more of {', '.join(TASKS)}")
+    return names
+
+
+def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots: int | None = None,
+          include_path: str | None = None, device: str = "auto", dtype: str = "auto", batch_tokens: int = 1024,
+          out: Path | None = None, progress: bool = True) -> dict:
+    """Run ``tasks`` on ``model`` through lm-eval; returns lm-eval's results (and writes them, with a report, in
+    ``out``)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from fournil.evaluate.harness import FournilLM
+
+    if limit is not None and limit < 1:
+        raise FournilError(f"--limit must be at least 1 (got {limit}); leave it out for every row")
+    if shots is not None and shots < 0:
+        raise FournilError(f"--shots must be 0 or more (got {shots})")
+    folder = Path(tempfile.mkdtemp(prefix="fournil-tasks-"))
+    try:
+        paths = [str(write_tasks(folder))]
+        if include_path:
+            if not Path(include_path).is_dir():
+                raise FournilError(f"--include-path {include_path}: no such folder of lm-eval YAML tasks")
+            check_yaml(Path(include_path))
+            paths.append(include_path)
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        names = task_names(tasks, set(manager.all_tasks))
+        try:
+            get_task_dict(names, manager)
+        except Exception as e:  # noqa: BLE001 - lm-eval's own complaint about a task, in one line
+            raise FournilError(f"a task of {', '.join(names)} is not valid: {e}") from None
+        lm = FournilLM(model=model, device=device, dtype=dtype, batch_tokens=batch_tokens)
+        chat = any(n.endswith("_chat") for n in names)
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                                          apply_chat_template=chat, log_samples=False, verbosity="ERROR",
+                                          bootstrap_iters=0)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        (out / "report.md").write_text(report(model, results, lm.run), encoding="utf-8")
+    return results
+
+
+def rows(results: dict) -> list[tuple[str, str, str, float]]:
+    """(task, filter, metric, value) for every figure lm-eval reports."""
+    out = []
+    for task, figures in results["results"].items():
+        for key, value in figures.items():
+            metric, _, kind = key.partition(",")
+            if isinstance(value, float) and not metric.endswith("_stderr") and metric != "alias":
+                out.append((task, kind, metric, value))
+    return out
+
+
+def table(results: dict) -> str:
+    lines = ["| task | filter | metric | value |", "| --- | --- | --- | ---: |"]
+    lines += [f"| {t} | {k} | {m} | {v:.4f} |" for t, k, m, v in rows(results)]
+    return "\n".join(lines)
+
+
+def report(model: str, results: dict, run) -> str:
+    """A report card: the benchmark's figures and, for a run trained here, its own (its stage, val and test NLL)."""
+    text = f"# {model}\n\n{table(results)}\n"
+    config = getattr(run, "config", None)
+    if config is None or not (Path(str(run.path)) / "metrics.jsonl").exists():
+        return text  # imported: no data of its own
+    stage = "aligned on preferences" if config.align else "fine-tuned" if config.finetune else "pretrained here"
+    text += f"\n## The run\n\n{run.path}: {stage}; {run.model.family}, {run.model.num_params():,} parameters\n"
+    try:
+        scores = run.evaluate()
+    except FournilError as e:
+        return text + f"\n(its own data could not be scored: {e})\n"
+    for split, figures in scores.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
+        text += f"- {split}: {shown}\n"
+    return text

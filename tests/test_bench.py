@@ -1,0 +1,111 @@
+"""`fournil bench`: lm-evaluation-harness with fournil's engine, against lm-eval's own `hf` backend on the same weights,
+and lm-eval's `local-completions` client, with its default settings, against `fournil serve`."""
+import json
+import math
+import re
+
+import pytest
+from conftest import CLI, Server
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from fournil.evaluate.bench import write_tasks  # noqa: E402
+from fournil.evaluate.harness import FournilLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return TaskManager(include_path=str(write_tasks(tmp_path_factory.mktemp("tasks"))), include_defaults=False)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(bpe_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "chat-hf"
+    CLI(out.parent)("convert", bpe_llama, out)
+    return out
+
+
+def responses(results: dict, task: str) -> list:
+    """Each document's raw answers (per choice for multiple choice), in document order."""
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def evaluate(model, tasks, names, **kwargs):
+    return lm_eval.simple_evaluate(model=model, tasks=names, task_manager=tasks, log_samples=True, bootstrap_iters=0,
+                                   **kwargs)
+
+
+def test_the_same_scores_and_answers_as_lm_evals_own_backend(bpe_llama, hf_folder, tasks):
+    from lm_eval.models.huggingface import HFLM
+
+    ours = FournilLM(model=str(bpe_llama), dtype="float32", batch_tokens=2048)
+    theirs = HFLM(pretrained=str(hf_folder), dtype="float32", device="cpu", batch_size=1)
+    a = evaluate(ours, tasks, ["fournil_hellaswag"], limit=200)
+    b = evaluate(theirs, tasks, ["fournil_hellaswag"], limit=200)
+    mine, reference = responses(a, "fournil_hellaswag"), responses(b, "fournil_hellaswag")
+    assert len(mine) == len(reference) == 200
+    gaps = [abs(float(x[0][0]) - float(y[0][0])) for m, r in zip(mine, reference) for x, y in zip(m, r)]
+    assert len(gaps) == 800 and max(gaps) < 1e-3, max(gaps)  # 200 rows x 4 endings, each within 1e-3 nats
+    for metric in ("acc,none", "acc_norm,none"):
+        assert a["results"]["fournil_hellaswag"][metric] == b["results"]["fournil_hellaswag"][metric]
+
+    kwargs = {"limit": 20, "num_fewshot": 0, "gen_kwargs": "max_gen_toks=24"}
+    a, b = evaluate(ours, tasks, ["fournil_gsm8k"], **kwargs), evaluate(theirs, tasks, ["fournil_gsm8k"], **kwargs)
+    assert responses(a, "fournil_gsm8k") == responses(b, "fournil_gsm8k")  # the same greedy answers, to the letter
+
+
+def test_lm_evals_completions_client_with_its_defaults_against_the_server(bpe_llama, tasks):
+    """lm-eval's default sends token ids (from the server's /tokenize, without a BOS token: lm-eval's API clients
+    never add one) and asks for echoed log-probabilities: the same tokens get the same scores as in fournil bench."""
+    server = Server(bpe_llama)
+    try:
+        client = evaluate("local-completions", tasks, ["fournil_hellaswag"], limit=5,
+                          model_args=f"base_url={server.url}/v1/completions,model=chat,num_concurrent=1")
+        status, ids = server.post("/tokenize", {"prompt": "To be, or not"})
+        assert status == 200 and server.post("/detokenize", {"tokens": ids["tokens"]})[1]["prompt"] == "To be, or not"
+        status, scored = server.post("/v1/completions", {"prompt": [ids["tokens"]], "max_tokens": 0, "echo": True,
+                                                         "logprobs": 2})
+        lp = scored["choices"][0]["logprobs"]
+        assert status == 200 and scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == "To be, or not"
+        assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids["tokens"])
+        assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+        status, refused = server.post("/v1/completions", {"prompt": [5, 99999]})
+        assert status == 400 and "prompt token 99999 is outside this model's vocabulary" in refused["error"]["message"]
+    finally:
+        server.stop()
+    direct = evaluate(FournilLM(model=str(bpe_llama), dtype="float32", add_bos_token=False), tasks,
+                      ["fournil_hellaswag"], limit=5)
+    for m, r in zip(responses(client, "fournil_hellaswag"), responses(direct, "fournil_hellaswag")):
+        assert [round(float(x[0][0]), 3) for x in m] == [round(float(y[0][0]), 3) for y in r]
+
+
+def test_bench_prints_the_table_and_writes_a_report_card(cli, bpe_llama, tmp_path):
+    result = cli("bench", bpe_llama, "--tasks", "hellaswag,bpb", "--limit", "8", "--dtype", "float32", "--out",
+                 tmp_path / "card")
+    assert "| fournil_hellaswag | none | acc |" in result.stdout
+    bpb = float(next(line for line in result.stdout.splitlines() if "bits_per_byte" in line).split("|")[4])
+    assert 0 < bpb < 8  # better than uniform over bytes
+    results = json.loads((tmp_path / "card" / "results.json").read_text())
+    assert math.isclose(results["results"]["fournil_bpb_shakespeare"]["bits_per_byte,none"], bpb, abs_tol=1e-4)
+    card = (tmp_path / "card" / "report.md").read_text()
+    assert "fournil_hellaswag" in card and "pretrained here; llama" in card and re.search(r"- test: nll \d\.\d{4}", card)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--tasks", "mmlu"), "unknown task 'mmlu': bundled ones are hellaswag, gsm8k, gsm8k_chat, bpb"),
+    (("--limit", "0"), "--limit must be at least 1"),
+    (("--include-path", "nowhere"), "--include-path nowhere: no such folder"),
+])
+def test_bench_refuses_in_one_line(cli, bpe_llama, args, message):
+    result = cli("bench", bpe_llama, *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_task_file_of_ones_own_that_is_wrong_says_where(cli, bpe_llama, tmp_path):
+    (tmp_path / "mine.yaml").write_text("task: mine\ndataset_path: json\n  bad: [indent\n")
+    result = cli("bench", bpe_llama, "--include-path", tmp_path, "--tasks", "mine", check=False)
+    assert result.returncode == 2 and f"{tmp_path / 'mine.yaml'} does not parse as YAML" in result.stderr
+    (tmp_path / "mine.yaml").write_text("task: mine\ndataset_path: json\noutput_type: guess\n")
+    result = cli("bench", bpe_llama, "--include-path", tmp_path, "--tasks", "mine", check=False)
+    assert result.returncode == 2 and "a task of mine is not valid: Got invalid output_type 'guess'" in result.stderr
