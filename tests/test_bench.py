@@ -55,6 +55,17 @@ def test_the_same_scores_and_answers_as_lm_evals_own_backend(bpe_llama, hf_folde
     assert responses(a, "fournil_gsm8k") == responses(b, "fournil_gsm8k")  # the same greedy answers, to the letter
 
 
+def test_gsm8k_for_chat_models_asks_in_the_chat_template(bpe_llama, tasks):
+    results = evaluate(FournilLM(model=str(bpe_llama), dtype="float32"), tasks, ["fournil_gsm8k_chat"], limit=2,
+                       apply_chat_template=True, gen_kwargs="max_gen_toks=4")
+    for sample in results["samples"]["fournil_gsm8k_chat"]:
+        prompt = sample["arguments"][0][0]
+        assert prompt.startswith("<|im_start|>user\nSolve this problem step by step") and \
+            prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert isinstance(sample["resps"][0][0], str)
+    assert "exact_match,flexible-extract" in results["results"]["fournil_gsm8k_chat"]
+
+
 def test_lm_evals_completions_client_with_its_defaults_against_the_server(bpe_llama, tasks):
     """lm-eval's default sends token ids (from the server's /tokenize, without a BOS token: lm-eval's API clients
     never add one) and asks for echoed log-probabilities: the same tokens get the same scores as in fournil bench."""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, Scheduler
-from fournil.models.base import decoder_only
+from fournil.models.base import chunk_positions, decoder_only
 
 
 @register_model("fournil")
@@ -139,13 +139,21 @@ class FournilLM(TemplateLM):
                     cache.valid[:, :start] = shared.valid[pick]
                     cache.length = start
                 states = net.hidden(x, cache)
-                out = []
-                for b, (inp, cont) in enumerate(rows):
-                    at = torch.arange(len(inp) - len(cont), len(inp), device=device)
-                    logprobs = net.lm_head(states[b, at]).float().log_softmax(-1)
-                    wanted = torch.tensor(cont, device=device)
-                    out.append((float(logprobs.gather(-1, wanted[:, None]).sum()),
-                                bool((logprobs.argmax(-1) == wanted).all())))
+                rows_of = torch.tensor([b for b, (_, cont) in enumerate(rows) for _ in cont], device=device)
+                cols = torch.tensor([c for inp, cont in rows for c in range(len(inp) - len(cont), len(inp))],
+                                    device=device)
+                wanted = torch.tensor([t for _, cont in rows for t in cont], device=device)
+                picked, greedy = [], []
+                step = chunk_positions(net.config.vocab_size)  # the output layer a bounded number of positions at once
+                for i in range(0, len(wanted), step):
+                    logprobs = net.lm_head(states[rows_of[i:i + step], cols[i:i + step]]).float().log_softmax(-1)
+                    picked.append(logprobs.gather(-1, wanted[i:i + step, None])[:, 0])
+                    greedy.append(logprobs.argmax(-1) == wanted[i:i + step])
+                picked, greedy = torch.cat(picked).tolist(), torch.cat(greedy).tolist()
+                out, at = [], 0
+                for _, cont in rows:
+                    out.append((sum(picked[at:at + len(cont)]), all(greedy[at:at + len(cont)])))
+                    at += len(cont)
                 return out
         finally:
             net.train(was_training)
