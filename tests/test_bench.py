@@ -8,10 +8,10 @@ import pytest
 from conftest import CLI, Server
 
 lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.tasks import TaskManager
 
-from fournil.evaluate.bench import write_tasks  # noqa: E402
-from fournil.evaluate.harness import FournilLM  # noqa: E402
+from fournil.evaluate.bench import write_tasks
+from fournil.evaluate.harness import FournilLM
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,7 @@ def write_tasks(folder: Path) -> Path:
         (folder / name).symlink_to(Path(str(data / name)))
     test = load_splits(DataConfig("shakespeare"))[0].test
     with open(folder / "shakespeare_test.jsonl", "w", encoding="utf-8") as f:
-        for paragraph in filter(str.strip, test.split("\n\n")):
-            f.write(json.dumps({"text": paragraph.strip()}) + "\n")
+        f.writelines(json.dumps({"text": p.strip()}) + "\n" for p in test.split("\n\n") if p.strip())
     for item in source.iterdir():
         if item.name.endswith((".yaml", ".py")):
             (folder / item.name).write_text(item.read_text(encoding="utf-8").replace("FOURNIL_DATA", str(folder)),
