@@ -31,9 +31,12 @@ from fournil.models.base import chunk_positions, decoder_only
 @register_model("fournil")
 class FournilLM(TemplateLM):
     def __init__(self, model: str = "smollm2", device: str = "auto", dtype: str = "auto", batch_tokens: int = 1024,
-                 max_gen_toks: int = 256, max_batch: int = 16, add_bos_token: bool | None = None, **_):
+                 max_gen_toks: int = 256, max_batch: int = 16, add_bos_token: bool | None = None, **unknown):
         from fournil.runs import Run
 
+        if unknown:
+            raise FournilError(f"the fournil model takes no {', '.join(sorted(unknown))}: its model_args are model, "
+                               f"device, dtype, batch_tokens, max_gen_toks, max_batch, add_bos_token")
         super().__init__()
         self.run = Run.load(model, device, dtype)
         decoder_only(self.run.model, "benchmarking")
