@@ -10,8 +10,8 @@ context, trailing spaces moved to the continuation), so that both score the same
   from), in batches of about ``batch_tokens`` tokens, longest first; continuations are padded on the right (a
   causal model's earlier positions never see the padding), and only their positions go through the output layer;
 - ``loglikelihood_rolling``: lm-eval's disjoint windows of the model's context, scored the same way;
-- ``generate_until``: every request through the scheduler at once (continuous batching), greedy unless asked,
-  ending at the stop strings or the end-of-text token.
+- ``generate_until``: every request through the engine (:func:`complete`: continuous batching, ``max_batch``
+  sequences at a time), greedy unless asked, ending at the stop strings or the end-of-text token.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fournil.device import autocast
 from fournil.errors import FournilError
-from fournil.generate import SamplingParams, Scheduler
+from fournil.generate import SamplingParams, complete
 from fournil.models.base import chunk_positions, decoder_only
 
 
@@ -177,9 +177,7 @@ class FournilLM(TemplateLM):
 
     # ---- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        scheduler = Scheduler(self.net, self.tok, self.run.dtype, max_batch=self.max_batch,
-                              max_waiting=max(len(requests), 1))
-        submitted = []
+        prompts, params = [], []
         for r in requests:
             context, kwargs = r.args
             kwargs = dict(kwargs)
@@ -187,18 +185,12 @@ class FournilLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            ids = self.tok_encode(context)[-(self.max_length - new):] or [self._eot]
-            params = SamplingParams(max_new_tokens=new, temperature=temperature, stop=tuple(until), seed=1234)
-            submitted.append(scheduler.submit(ids, params))
-        bar = tqdm(total=len(submitted), desc="generating", disable=disable_tqdm)
-        done = 0
-        while scheduler.step():
-            finished = sum(r.done for r in submitted)
-            bar.update(finished - done)
-            done = finished
-        bar.update(len(submitted) - done)
-        bar.close()
-        return ["".join(p.text for p in iter(r.pieces.get, None)) for r in submitted]
+            prompts.append(self.tok_encode(context)[-(self.max_length - new):] or [self._eot])
+            params.append(SamplingParams(max_new_tokens=new, temperature=temperature, stop=tuple(until), seed=1234))
+        with tqdm(total=len(prompts), desc="generating", disable=disable_tqdm) as bar:
+            done = complete(self.net, self.tok, prompts, params, self.run.dtype, max_batch=self.max_batch,
+                            progress=lambda n: bar.update(n - bar.n))
+        return [c.text for c in done]
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with `--model fournil` known

@@ -35,13 +35,19 @@ def row_params(params: SamplingParams, row: int) -> SamplingParams:
     return SamplingParams(**{**vars(params), "seed": (params.seed * 1_000_003 + row) % 2**63})
 
 
-def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams, dtype: torch.dtype = torch.float32,
-             truncate: bool = False) -> list[Completion]:
-    """Whole answers for several prompts, generated together."""
-    scheduler = Scheduler(model, tokenizer, dtype, max_batch=len(prompts), max_waiting=len(prompts), truncate=truncate)
-    requests = [scheduler.submit(p, row_params(params, i)) for i, p in enumerate(prompts)]
+def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             dtype: torch.dtype = torch.float32, truncate: bool = False, max_batch: int | None = None,
+             progress=None) -> list[Completion]:
+    """Whole answers for several prompts, generated together (``max_batch`` at a time, all by default); ``params``
+    for all (each answer then gets a seed of its own) or one per prompt. ``progress(n)``: after each step, with the
+    number of answers finished so far."""
+    scheduler = Scheduler(model, tokenizer, dtype, max_batch=max_batch or len(prompts), max_waiting=len(prompts),
+                          truncate=truncate)
+    each = params if isinstance(params, list) else [row_params(params, i) for i in range(len(prompts))]
+    requests = [scheduler.submit(p, sp) for p, sp in zip(prompts, each)]
     while scheduler.step():
-        pass
+        if progress:
+            progress(sum(r.done for r in requests))
     out = []
     for r in requests:
         c = Completion(finish_reason=r.finish_reason, stop_token=r.context[-1] if r.text.at_stop_token else None)
