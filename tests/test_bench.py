@@ -120,3 +120,31 @@ def test_a_task_file_of_ones_own_that_is_wrong_says_where(cli, bpe_llama, tmp_pa
     (tmp_path / "mine.yaml").write_text("task: mine\ndataset_path: json\noutput_type: guess\n")
     result = cli("bench", bpe_llama, "--include-path", tmp_path, "--tasks", "mine", check=False)
     assert result.returncode == 2 and "a task of mine is not valid: Got invalid output_type 'guess'" in result.stderr
+
+
+def test_choices_packed_after_their_shared_context_score_as_if_each_were_read_alone(running_text):
+    """A context of 7 characters and 4 continuations of 3 to 6 (more than the model's 16 characters in all, so the
+    choices go in more than one row), and one context too long for the model, cut as lm-eval cuts it."""
+    import torch
+
+    lm = FournilLM(model=str(running_text), dtype="float32", batch_tokens=40)
+    enc = lm.tok_encode
+    requests = [(("", ""), enc("To be, "), enc(c)) for c in ("or not", "and", "or bee", "to do")]
+    requests.append((("", ""), enc("Now is the winter of our"), enc(" discontent")))
+    scores = lm._loglikelihood_tokens(requests)
+    for (_, context, continuation), (logprob, greedy) in zip(requests, scores):
+        inp = (context + continuation)[-17:]
+        with torch.no_grad():
+            alone = lm.net(torch.tensor([inp[:-1]])).log_softmax(-1)[0, -len(continuation):]
+        picked = alone.gather(-1, torch.tensor(continuation)[:, None])[:, 0]
+        assert abs(picked.sum().item() - logprob) < 1e-4
+        assert greedy == bool((alone.argmax(-1) == torch.tensor(continuation)).all())
+
+
+@pytest.mark.parametrize("model, message", [
+    ("rnn", "benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); "),
+    ("gpt", "cannot read this task's text: "),
+])
+def test_a_model_that_cannot_be_benchmarked_is_refused_in_one_line(cli, trained, model, message):
+    result = cli("bench", trained[model], "--tasks", "hellaswag", "--limit", "2", check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, complete
+from fournil.generate.cache import Packed
 from fournil.models.base import chunk_positions, decoder_only
 
 
@@ -40,12 +41,12 @@ class FournilLM(TemplateLM):
         super().__init__()
         self.run = Run.load(model, device, dtype)
         decoder_only(self.run.model, "benchmarking")
+        if not hasattr(self.run.model, "new_cache"):
+            raise FournilError(f"benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); {model} is "
+                               f"a {self.run.model.family} model: measure it on text with `fournil eval {model}`")
         self.tok, self.net = self.run.tokenizer, self.run.model
         self.batch_tokens, self.max_gen_toks, self.max_batch = int(batch_tokens), int(max_gen_toks), int(max_batch)
-        end = self.tok.eos_id if self.tok.eos_id is not None else self.tok.bos_id
-        if end is None:
-            raise FournilError(f"{model} has no end-of-text token to put before an empty context; lm-eval needs one")
-        self._eot = end
+        self._eot = self.tok.eos_id if self.tok.eos_id is not None else self.tok.bos_id
         # as hf's add_bos_token: None, what the tokenizer does by default; lm-eval's API clients send no BOS
         self.add_bos = getattr(self.tok, "add_bos", False) if add_bos_token is None else \
             str(add_bos_token).lower() in ("true", "1")
@@ -65,6 +66,9 @@ class FournilLM(TemplateLM):
     # ---- what TemplateLM asks
     @property
     def eot_token_id(self) -> int:
+        if self._eot is None:  # asked for only where a text is scored from its very start
+            raise FournilError(f"{self.run.path} has no end-of-text token to put before a text it scores from the "
+                               f"start; such tasks need a model trained with one (--tokenizer bpe, or a pretrained one)")
         return self._eot
 
     @property
@@ -77,7 +81,11 @@ class FournilLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """As the model's Hugging Face tokenizer encodes by default: BOS first if the model expects it."""
-        ids = self.tok.encode(string)
+        try:
+            ids = self.tok.encode(string)
+        except FournilError as e:
+            raise FournilError(f"{self.run.path} cannot read this task's text: {e}. Benchmarks need a tokenizer that "
+                               f"reads any text: train with --tokenizer bpe, or bench a pretrained model") from None
         bos = self.tok.bos_id
         add = self.add_bos if add_special_tokens is None else add_special_tokens
         return [bos, *ids] if add and bos is not None and ids[:1] != [bos] else ids
@@ -92,76 +100,73 @@ class FournilLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(log-probability of the continuation, whether greedy decoding would write it) for each request.
 
-        Requests whose tokens before the first scored one are the same (a multiple-choice question's choices) share
-        that prefix: it is read once into a key/value cache, and they go on from it. Batches of about
-        ``batch_tokens`` tokens, longest first."""
-        groups: dict[tuple[int, ...], list[int]] = {}
+        Requests whose tokens before the first scored one are the same (a multiple-choice question's choices) are
+        packed in one row after that prefix, which is read once (:class:`Packed`); rows longest first, in batches of
+        about ``batch_tokens`` tokens."""
+        groups: dict[tuple[int, ...], list[list[int]]] = {}
         rows = []
         for i, (_, context, continuation) in enumerate(requests):
             inp = (context + continuation)[-(self.max_length + 1):][:-1]
             cut = len(inp) - len(continuation) if len(inp) > len(continuation) else 0
             rows.append((inp[cut:], continuation))
-            groups.setdefault(tuple(inp[:cut]), []).append(i)
-        # longest continuations first, then longest prefixes: the least padding (measured: 10-15 % faster on
-        # HellaSwag than ordering by whole length)
-        order = sorted(groups, key=lambda p: (-max(len(rows[i][0]) for i in groups[p]), -len(p)))
+            packs = groups.setdefault(tuple(inp[:cut]), [[]])
+            if packs[-1] and len(inp) + sum(len(rows[j][0]) for j in packs[-1]) > self.max_length:
+                packs.append([])  # what does not fit in the model's context goes in another row
+            packs[-1].append(i)
+        packs = sorted(((prefix, pack) for prefix, ps in groups.items() for pack in ps),
+                       key=lambda p: -len(p[0]) - sum(len(rows[i][0]) for i in p[1]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         bar = tqdm(total=len(rows), desc="scoring", disable=disable_tqdm)
-        while order:
-            batch, tokens = [], 0
-            while order and (not batch or tokens < self.batch_tokens):
-                prefix = order.pop(0)
-                batch.append(prefix)
-                tokens += len(prefix) + sum(len(rows[i][0]) for i in groups[prefix])
-            members = [i for prefix in batch for i in groups[prefix]]
-            owners = [b for b, prefix in enumerate(batch) for _ in groups[prefix]]
-            for i, result in zip(members, self._score([list(p) for p in batch], owners, [rows[i] for i in members])):
-                results[i] = result
-            bar.update(len(members))
+        while packs:
+            width = len(packs[0][0]) + sum(len(rows[i][0]) for i in packs[0][1])
+            batch = packs[:max(1, self.batch_tokens // width)]
+            del packs[:len(batch)]
+            for pack, scored in zip(batch, self._score([(list(p), [rows[i] for i in members]) for p, members in batch])):
+                for i, result in zip(pack[1], scored):
+                    results[i] = result
+                bar.update(len(pack[1]))
         bar.close()
         return results
 
     @torch.no_grad()
-    def _score(self, prefixes: list[list[int]], owners: list[int], rows: list[tuple[list[int], list[int]]]):
-        """Score each row's continuation (its last tokens) after its prefix (``prefixes[owners[row]]``, each read
-        once, aligned to end at the same column) and the row's own tokens (padded on the right)."""
+    def _score(self, packs: list[tuple[list[int], list[tuple[list[int], list[int]]]]]):
+        """For each pack (a prefix, then rows that each go on from it), each row's (log-probability of its
+        continuation, its last tokens; whether greedy decoding writes it)."""
         net, device = self.net, self.net.device
-        width, start = max(len(inp) for inp, _ in rows), max(len(p) for p in prefixes)
-        x = torch.tensor([inp + [0] * (width - len(inp)) for inp, _ in rows], device=device)
+        layout = Packed([(len(prefix), [len(inp) for inp, _ in rows]) for prefix, rows in packs],
+                        getattr(net.config, "sliding_window", None), device)
+        ids = [prefix + [t for inp, _ in rows for t in inp] for prefix, rows in packs]
+        width = max(map(len, ids))
+        at_row, at_col, wanted = [], [], []
+        for r, (prefix, rows) in enumerate(packs):
+            end = len(prefix)
+            for inp, cont in rows:
+                end += len(inp)
+                at_row += [r] * len(cont)
+                at_col += range(end - len(cont), end)
+                wanted += cont
+        at_row, at_col, wanted = (torch.tensor(t, device=device) for t in (at_row, at_col, wanted))
         was_training = net.training
         net.eval()
         try:
             with autocast(device, self.run.measure_dtype):
-                cache = net.new_cache(len(rows), start + width, torch.float32)
-                if start:
-                    shared = net.new_cache(len(prefixes), start, torch.float32)
-                    net.hidden(torch.tensor([[0] * (start - len(p)) + p for p in prefixes], device=device), shared,
-                               torch.tensor([[False] * (start - len(p)) + [True] * len(p) for p in prefixes],
-                                            device=device))
-                    pick = torch.tensor(owners, device=device)
-                    for mine, theirs in zip(cache.k + cache.v, shared.k + shared.v):
-                        mine[:, :, :start] = theirs[pick]
-                    cache.valid[:, :start] = shared.valid[pick]
-                    cache.length = start
-                states = net.hidden(x, cache)
-                rows_of = torch.tensor([b for b, (_, cont) in enumerate(rows) for _ in cont], device=device)
-                cols = torch.tensor([c for inp, cont in rows for c in range(len(inp) - len(cont), len(inp))],
-                                    device=device)
-                wanted = torch.tensor([t for _, cont in rows for t in cont], device=device)
+                states = net.hidden(torch.tensor([row + [0] * (width - len(row)) for row in ids], device=device), layout)
                 picked, greedy = [], []
                 step = chunk_positions(net.config.vocab_size)  # the output layer a bounded number of positions at once
                 for i in range(0, len(wanted), step):
-                    logprobs = net.lm_head(states[rows_of[i:i + step], cols[i:i + step]]).float().log_softmax(-1)
+                    logprobs = net.lm_head(states[at_row[i:i + step], at_col[i:i + step]]).float().log_softmax(-1)
                     picked.append(logprobs.gather(-1, wanted[i:i + step, None])[:, 0])
                     greedy.append(logprobs.argmax(-1) == wanted[i:i + step])
-                picked, greedy = torch.cat(picked).tolist(), torch.cat(greedy).tolist()
-                out, at = [], 0
-                for _, cont in rows:
-                    out.append((sum(picked[at:at + len(cont)]), all(greedy[at:at + len(cont)])))
-                    at += len(cont)
-                return out
         finally:
             net.train(was_training)
+        picked, greedy = torch.cat(picked).tolist(), torch.cat(greedy).tolist()
+        out, at = [], 0
+        for _, rows in packs:
+            out.append([])
+            for _, cont in rows:
+                out[-1].append((sum(picked[at:at + len(cont)]), all(greedy[at:at + len(cont)])))
+                at += len(cont)
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
@@ -185,7 +190,7 @@ class FournilLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            prompts.append(self.tok_encode(context)[-(self.max_length - new):] or [self._eot])
+            prompts.append(self.tok_encode(context)[-(self.max_length - new):] or [self.eot_token_id])
             params.append(SamplingParams(max_new_tokens=new, temperature=temperature, stop=tuple(until), seed=1234))
         with tqdm(total=len(prompts), desc="generating", disable=disable_tqdm) as bar:
             done = complete(self.net, self.tok, prompts, params, self.run.dtype, max_batch=self.max_batch,

@@ -109,3 +109,41 @@ class KVCache:
             self.valid[r] = False
             self.valid[r, end - n : end] = True
         self.length = end
+
+
+class Packed:
+    """Several sequences that share a prefix, packed one after the other in each row: ``prefix, a, b, ...``, where
+    ``a`` and ``b`` each go on from the prefix and never see each other. Stands where a :class:`KVCache` does in a
+    forward pass (it keeps nothing), so that the prefix is read once for all its continuations, in the same pass.
+
+    ``rows``: for each row, the length of its prefix and of each sequence after it; rows are padded on the right to
+    the longest."""
+
+    length = 0
+
+    def __init__(self, rows: list[tuple[int, list[int]]], window: int | None, device):
+        width = max(prefix + sum(parts) for prefix, parts in rows)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        branch = torch.full((len(rows), width), -2)  # -1: the prefix, every branch sees it; -2: padding
+        for r, (prefix, parts) in enumerate(rows):
+            positions[r, :prefix], branch[r, :prefix] = torch.arange(prefix), -1
+            at = prefix
+            for b, n in enumerate(parts):
+                positions[r, at:at + n], branch[r, at:at + n] = torch.arange(prefix, prefix + n), b
+                at += n
+        col = torch.arange(width)
+        mine, theirs = branch[:, :, None], branch[:, None, :]
+        mask = (col[None, :] <= col[:, None]) & ((theirs == -1) | (theirs == mine)) & (mine != -2)
+        if window is not None:
+            mask &= positions[:, :, None] - positions[:, None, :] < window
+        mask |= col[None, :] == col[:, None]  # padding sees itself: no empty row of attention
+        self.positions, self.mask = positions.to(device), mask[:, None].to(device)
+
+    def begin(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positions, self.mask
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+    def advance(self, T: int) -> None:
+        pass
