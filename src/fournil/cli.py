@@ -281,6 +281,7 @@ def add_run_commands(sub) -> None:
 
 def add_model_commands(sub) -> None:
     model_help = "a run directory, a .gguf file, a Hugging Face folder, or a known model (smollm2)"
+    answerer_help = model_help + ", or openai:NAME@BASE_URL (a model of an OpenAI-compatible endpoint)"
 
     def sampling(p, temperature: float) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -297,14 +298,16 @@ def add_model_commands(sub) -> None:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                        help="weights for generation: bfloat16 takes half of float32's memory, int8 about a third "
                             "(the embeddings stay in bfloat16)")
+        p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                       help="the environment variable holding the key of an openai:NAME@URL model")
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
-    p.add_argument("model", help=model_help)
+    p.add_argument("model", help=answerer_help)
     p.add_argument("prompt", nargs="?", default="")
     sampling(p, 0.8)
 
     p = sub.add_parser("chat", help="chat in the terminal (/reset, /system TEXT, /exit)")
-    p.add_argument("model", help=model_help)
+    p.add_argument("model", help=answerer_help)
     p.add_argument("--system", help="a system message to start with")
     sampling(p, 0.7)
 
@@ -677,30 +680,32 @@ def is_loopback(host: str) -> bool:
 
 
 def run_generate(args) -> None:
-    from fournil.generate import stream
+    from fournil.generate.answerers import answerer
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()  # before the model loads
-    run = load_for_generation(args)
-    tok = run.tokenizer
-    pieces = stream(run.model, tok, tok.prompt_ids(args.prompt), params, run.dtype)  # the prompt is checked here
+    model = answerer(args.model, args.device, args.dtype, args.api_key_env)
+    pieces = model.generate(args.prompt, params)  # the prompt is checked here
     print(args.prompt, end="", flush=True)
     for piece in pieces:
-        print(piece.text, end="", flush=True)
+        print(piece, end="", flush=True)
     print()
 
 
 def run_chat(args) -> None:
-    from fournil.generate import stream
+    from fournil.generate.answerers import Local, answerer
 
-    run = load_for_generation(args)
-    tok = run.tokenizer
+    params = sampling_params(args, args.max_new_tokens)
+    params.check()
+    model = answerer(args.model, args.device, args.dtype, args.api_key_env)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    tok.chat_ids(messages + [{"role": "user", "content": ""}])  # a model without a chat template fails now, not later
+    if isinstance(model, Local):  # a model without a chat template fails now, not later
+        model.run.tokenizer.chat_ids(messages + [{"role": "user", "content": ""}])
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.model} ({run.model.num_params():,} parameters); /reset, /system TEXT, /exit")
+        about = f"{model.run.model.num_params():,} parameters" if isinstance(model, Local) else model.url
+        print(f"chatting with {model} ({about}); /reset, /system TEXT, /exit")
     while True:
         try:
             line = input("> " if interactive else "")
@@ -719,17 +724,16 @@ def run_chat(args) -> None:
             messages = start + [m for m in messages if m["role"] != "system"]
             print("(system message set)")
             continue
-        prompt = tok.chat_ids(messages + [{"role": "user", "content": line}])
-        if len(prompt) >= run.model.config.block_size:
-            print(f"(the conversation, {len(prompt)} tokens, would fill the model's context of "
-                  f"{run.model.config.block_size}: /reset to start over)", file=sys.stderr)
+        try:
+            pieces = model.chat(messages + [{"role": "user", "content": line}], params)
+        except FournilError as e:
+            print(f"({e}: /reset to start over)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        params = sampling_params(args, min(args.max_new_tokens, run.model.config.block_size - len(prompt)))
         answer = ""
-        for piece in stream(run.model, tok, prompt, params, run.dtype):
-            answer += piece.text
-            print(piece.text, end="", flush=True)
+        for piece in pieces:
+            answer += piece
+            print(piece, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": answer})
 

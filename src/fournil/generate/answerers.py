@@ -1,0 +1,133 @@
+"""What answers a prompt, here or elsewhere, with one interface: ``chat(messages, params)`` and ``generate(prompt,
+params)``, each a stream of text pieces.
+
+:class:`Local` is a model fournil loads. ``openai:NAME@BASE_URL`` (:class:`Remote`) names model NAME of an
+OpenAI-compatible endpoint (OpenAI itself without ``@BASE_URL``; Mistral's API, a vLLM server, another
+``fournil serve``), asked through the official ``openai`` client; its key comes from an environment variable, never
+from the command line. Both serve wherever a model answers: ``fournil chat`` and ``generate``, the arena's
+contestants and judges, the teacher of ``distill --sequences``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fournil.errors import FournilError
+from fournil.generate.sampling import SamplingParams
+
+PREFIX = "openai:"
+
+
+def is_remote(spec) -> bool:
+    return str(spec).startswith(PREFIX)
+
+
+def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY"):
+    """The model ``spec`` names, ready to answer: remote (``openai:...``) or loaded here."""
+    if is_remote(spec):
+        return Remote(spec, api_key_env)
+    from fournil.runs import Run
+
+    run = Run.load(spec, device)
+    return Local(run.quantize(dtype) if dtype != "auto" else run, Path(str(spec)).stem)
+
+
+class Local:
+    """A model loaded here (a :class:`fournil.runs.Run`), answering through the generation engine."""
+
+    def __init__(self, run, name: str | None = None):
+        self.run, self.name = run, name or run.path.stem
+
+    def __str__(self) -> str:
+        return self.name
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
+        """The answer, at most as many tokens as the model's context leaves after the conversation."""
+        ids, block = self.run.tokenizer.chat_ids(messages), self.run.model.config.block_size
+        if len(ids) >= block:
+            raise FournilError(f"the conversation, {len(ids)} tokens, fills the model's context of {block}")
+        return self._stream(ids, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, block - len(ids))))
+
+    def generate(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        return self._stream(self.run.tokenizer.prompt_ids(prompt), params)
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        from fournil.generate.engine import stream
+
+        return (piece.text for piece in stream(self.run.model, self.run.tokenizer, ids, params, self.run.dtype))
+
+
+class Remote:
+    """Model NAME of the endpoint BASE_URL, checked on creation (reachable, the key accepted, NAME served). Requests
+    time out after ``timeout`` seconds and are retried ``retries`` times, with exponential backoff, when the endpoint
+    is unreachable, overloaded (429) or failing (5xx)."""
+
+    def __init__(self, spec: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 3):
+        import openai
+
+        name, _, url = spec[len(PREFIX):].partition("@")
+        if not name:
+            raise FournilError(f"{spec}: name the model, as openai:NAME or openai:NAME@BASE_URL "
+                               f"(e.g. openai:gpt-4o-mini, openai:smollm2@http://127.0.0.1:8000/v1)")
+        self.name, self.url, self.key_env = name, url or "https://api.openai.com/v1", api_key_env
+        key = os.environ.get(api_key_env) or None
+        if key is None and not url:
+            raise FournilError(f"{spec}: set {api_key_env} to your API key (or choose the variable: --api-key-env VAR)")
+        self.client = openai.OpenAI(base_url=self.url, api_key=key or "none", timeout=timeout, max_retries=retries)
+        served = [m.id for m in self._call(self.client.models.list)]
+        if name not in served:
+            raise FournilError(f"{self.url} has no model {name!r}; it serves {', '.join(served[:20]) or 'none'}")
+
+    def __str__(self) -> str:
+        return self.name
+
+    def _call(self, fn, *args, **kwargs):
+        """``fn`` with the endpoint's refusals made into one-line errors."""
+        import openai
+
+        try:
+            return fn(*args, **kwargs)
+        except openai.AuthenticationError:
+            raise FournilError(f"{self.url} refused the API key in {self.key_env} (401): set it to a valid key") from None
+        except openai.PermissionDeniedError as e:
+            raise FournilError(f"{self.url} refused the request (403): {e.message}") from None
+        except openai.APITimeoutError:
+            raise FournilError(f"{self.url} did not answer in time (after retries)") from None
+        except openai.APIConnectionError as e:
+            raise FournilError(f"cannot reach {self.url} ({e.__cause__ or e}): check the URL in openai:NAME@URL") from None
+        except openai.APIStatusError as e:
+            raise FournilError(f"{self.url} answered {e.status_code}: {e.message}") from None
+
+    def _settings(self, params: SamplingParams) -> dict:
+        unsupported = [flag for flag, value in (("--top-k", params.top_k), ("--min-p", params.min_p),
+                                                ("--repetition-penalty", params.repetition_penalty != 1.0 or None))
+                       if value is not None]
+        if unsupported:
+            raise FournilError(f"the OpenAI API has no {', '.join(unsupported)}: leave them out for {PREFIX} models")
+        settings = {"model": self.name, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                    "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty}
+        for key, value in (("top_p", params.top_p), ("seed", params.seed), ("stop", list(params.stop) or None)):
+            if value is not None:
+                settings[key] = value
+        return settings
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
+        """The assistant's answer to ``messages``, a piece at a time."""
+        chunks = self._call(self.client.chat.completions.create, messages=messages, stream=True,
+                            **self._settings(params))
+        return self._pieces(chunks, lambda c: c.choices[0].delta.content if c.choices else None)
+
+    def generate(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """A continuation of ``prompt``, a piece at a time."""
+        chunks = self._call(self.client.completions.create, prompt=prompt, stream=True, **self._settings(params))
+        return self._pieces(chunks, lambda c: c.choices[0].text if c.choices else None)
+
+    def _pieces(self, chunks, text_of) -> Iterator[str]:
+        def pieces():
+            stream = iter(chunks)
+            while (chunk := self._call(next, stream, None)) is not None:
+                if text := text_of(chunk):
+                    yield text
+        return pieces()

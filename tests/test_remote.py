@@ -1,0 +1,41 @@
+"""Models that answer from another server (``openai:NAME@URL``, through the official openai client): a second
+`fournil serve` on 127.0.0.1 stands for OpenAI, Mistral's API or vLLM."""
+import pytest
+from conftest import Server, free_port
+
+pytest.importorskip("openai")
+KEY = {"REMOTE_KEY": "s3cret"}
+
+
+@pytest.fixture(scope="module")
+def remote(bpe_llama):
+    server = Server(bpe_llama, "--api-key", "s3cret", "--name", "bard")
+    yield f"openai:bard@{server.url}/v1"
+    server.stop()
+
+
+def test_generate_and_chat_answer_through_the_remote_as_they_do_here(cli, bpe_llama, remote):
+    args = ("To be, or not", "--max-new-tokens", "12", "--temperature", "0")
+    here = cli("generate", bpe_llama, *args).stdout
+    there = cli("generate", remote, *args, "--api-key-env", "REMOTE_KEY", env=KEY).stdout
+    assert there == here and len(here) > len("To be, or not\n")
+    args = ("--max-new-tokens", "12", "--temperature", "0")
+    here = cli("chat", bpe_llama, *args, input="Hello\nWho are you?\n").stdout
+    there = cli("chat", remote, *args, "--api-key-env", "REMOTE_KEY", input="Hello\nWho are you?\n", env=KEY).stdout
+    assert there == here and here.count("\n") >= 2  # an answer (of newlines, from so small a model) to each line
+
+
+@pytest.mark.parametrize("spec, env, message", [
+    ("{remote}", {"REMOTE_KEY": "wrong"}, "refused the API key in REMOTE_KEY (401): set it to a valid key"),
+    ("{remote}", {}, "refused the API key in REMOTE_KEY (401)"),
+    ("openai:nope@{url}", KEY, "has no model 'nope'; it serves bard"),
+    ("openai:bard@http://127.0.0.1:{port}/v1", KEY, "cannot reach http://127.0.0.1:{port}/v1"),
+    ("openai:", KEY, "openai:: name the model, as openai:NAME or openai:NAME@BASE_URL"),
+    ("openai:gpt-4o", {}, "openai:gpt-4o: set REMOTE_KEY to your API key"),
+])
+def test_a_remote_that_refuses_is_one_line(cli, remote, spec, env, message):
+    port = free_port()
+    url = remote.partition("@")[2]
+    spec, message = (s.format(remote=remote, url=url, port=port) for s in (spec, message))
+    result = cli("generate", spec, "Hi", "--api-key-env", "REMOTE_KEY", check=False, env=env)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
