@@ -28,14 +28,15 @@ def free_port() -> int:
 
 
 class Server:
-    """``fournil serve MODEL`` in a process of its own on 127.0.0.1 (``env``: variables to add to its environment)."""
+    """``fournil serve MODEL`` (or another ``command``: ``arena``) in a process of its own on 127.0.0.1 (``env``:
+    variables to add to its environment)."""
 
-    def __init__(self, model, *extra, env: dict | None = None):
+    def __init__(self, model, *extra, env: dict | None = None, command: str = "serve"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "fournil", "serve", str(model), "--port", str(self.port),
-                                         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})})
+        self.process = subprocess.Popen([sys.executable, "-m", "fournil", command, str(model), *map(str, extra),
+                                         "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env={**os.environ, **(env or {})})
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:

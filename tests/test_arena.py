@@ -82,3 +82,213 @@ def test_a_voter_changing_their_mind_replaces_their_vote_and_bad_input_is_refuse
     (tmp_path / "junk.sqlite").write_text("not a database, but a text file that is long enough " * 40)
     with pytest.raises(FournilError, match="is not an arena database"):
         Store(tmp_path / "junk.sqlite")
+
+
+# ---- end to end: the server, a browser, judges, export
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import urllib.request  # noqa: E402
+
+from conftest import CLI, Server, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def poet(tmp_path_factory):
+    """A second contestant: a small chat model like the first, trained less, from another seed."""
+    root = tmp_path_factory.mktemp("poet")
+    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:400", "--n-embd", "32",
+              "--n-layer", "1", "--block-size", "1024", "--batch-size", "4", "--steps", "10", "--eval-every", "10",
+              "--seed", "7", "--quiet", "--out", "poet")
+    return root / "poet"
+
+
+@pytest.fixture(scope="module")
+def position_judge(bpe_llama, tmp_path_factory):
+    """A judge taught to answer "[[A]]" whatever the answers: it prefers the first position, not an answer."""
+    from fournil.arena.judge import judge_messages
+
+    root = tmp_path_factory.mktemp("judge")
+    words = ["rain", "bread", "tides", "kings", "ships", "roses", "crowns", "fools"]
+    rows = [{"messages": judge_messages(f"Tell me of {w}.", f"Of {w} I know {v}.", f"No {v} at all.") +
+             [{"role": "assistant", "content": "[[A]]"}]} for w in words for v in words[:4]]
+    write_jsonl(root / "verdicts.jsonl", rows)
+    CLI(root)("finetune", bpe_llama, "--data", root / "verdicts.jsonl", "--steps", "60", "--lr", "1e-2",
+              "--batch-size", "4", "--eval-every", "30", "--quiet", "--out", "judge")
+    return root / "judge"
+
+
+def post(url: str, body: dict) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def battle(url: str, **body) -> tuple[str, dict]:
+    """A battle fought through the API: its id and both answers, from the event stream."""
+    status, raw = post(url + "/arena/battles", {"prompt": "Speak of the sea.", "max_tokens": 8, **body})
+    assert status == 200, raw
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+    answers = {s: "".join(e["text"] for e in events if e.get("side") == s) for s in "ab"}
+    return events[-1]["battle"], answers
+
+
+def test_a_battle_in_the_browser_streams_both_answers_takes_a_vote_and_names_the_models(bpe_llama, poet, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser test needs Debian's chromium: apt-get install chromium (.ci/run does)"
+    server = Server(bpe_llama, poet, "--db", tmp_path / "arena.sqlite", command="arena")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium)
+            page = browser.new_page()
+            page.goto(server.url + "/arena")
+            page.fill("#prompt", "Speak, <b>good</b> sir.")
+            page.fill("#temperature", "1")
+            page.fill("#max-tokens", "300")
+            page.click("#go")
+            # both answers arrive while the battle is still on: no vote can be cast yet
+            expect(page.locator("#answer-a")).not_to_be_empty(timeout=60_000)
+            expect(page.locator("#answer-b")).not_to_be_empty(timeout=60_000)
+            assert page.locator(".vote").first.is_disabled()
+            expect(page.locator("#status")).to_have_text("which answer is better?", timeout=120_000)
+            assert page.locator("#answer-a b").count() == 0  # the prompt and answers are text, never HTML
+            assert page.locator("#name-a").inner_text() == "Model A"  # anonymous until the vote
+            page.click("text=A is better")
+            expect(page.locator("#status")).to_have_text("vote recorded")
+            names = {page.locator("#name-a").inner_text()[3:], page.locator("#name-b").inner_text()[3:]}
+            assert names == {"chat", "poet"}
+            winner = page.locator("#name-a").inner_text()[3:]
+            page.click("text=leaderboard")
+            first = page.locator("#leaderboard tbody tr").first.locator("td")
+            assert first.nth(1).inner_text() == winner and first.nth(4).inner_text() == "1"
+            browser.close()
+    finally:
+        server.stop()
+    votes = Store(tmp_path / "arena.sqlite").votes()
+    assert len(votes) == 1 and votes[0].voter_kind == "person" and votes[0].battle.prompt == "Speak, <b>good</b> sir."
+    assert votes[0].battle.settings == {"temperature": 1.0, "max_tokens": 300}
+
+
+def test_a_battle_replays_from_its_seed_and_bad_requests_say_why(bpe_llama, poet, tmp_path):
+    server = Server(bpe_llama, poet, "--db", tmp_path / "arena.sqlite", command="arena")
+    try:
+        first, answers = battle(server.url, temperature=1.0)
+        stored = Store(tmp_path / "arena.sqlite").battle(first)
+        assert (stored.answer_a, stored.answer_b) == (answers["a"], answers["b"])
+        again = battle(server.url, temperature=1.0, seed=stored.seed, models=[stored.model_a, stored.model_b])[1]
+        assert again == answers
+        status, body = post(server.url + "/arena/votes", {"battle": first, "verdict": "c"})
+        assert status == 400 and json.loads(body)["error"]["message"] == "verdict 'c': one of a, b, tie, bad"
+        status, body = post(server.url + "/arena/votes", {"battle": "nope", "verdict": "a"})
+        assert status == 400 and "no battle 'nope'" in json.loads(body)["error"]["message"]
+        status, body = post(server.url + "/arena/battles", {"prompt": "hi", "models": ["chat", "gpt-5"]})
+        assert status == 400 and "no contestant 'gpt-5' here: chat, poet" in json.loads(body)["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_a_server_killed_while_votes_arrive_keeps_every_acknowledged_one(bpe_llama, poet, tmp_path):
+    """Votes from 8 threads; the server is SIGKILLed after 40 were acknowledged, others in flight: the database opens,
+    passes SQLite's integrity check, and holds every acknowledged vote."""
+    db = tmp_path / "arena.sqlite"
+    server = Server(bpe_llama, poet, "--db", db, command="arena")
+    ids = [battle(server.url)[0] for _ in range(3)]
+    acknowledged, lock = [], threading.Lock()
+
+    def voter(n: int) -> None:
+        for i in range(1000):
+            try:
+                status, _ = post(server.url + "/arena/votes", {"battle": ids[i % 3], "verdict": "ab"[n % 2],
+                                                              "voter": f"{n}-{i}"})
+            except OSError:
+                return
+            if status == 200:
+                with lock:
+                    acknowledged.append(f"{n}-{i}")
+
+    threads = [threading.Thread(target=voter, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 40:
+        pass
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    for t in threads:
+        t.join()
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    kept = {v.voter for v in Store(db).votes()}
+    assert len(acknowledged) >= 40 and set(acknowledged) <= kept
+
+
+def test_a_judge_that_follows_the_position_gives_ties_and_votes_become_preference_pairs(cli, bpe_llama, poet,
+                                                                                       position_judge, tmp_path):
+    from fournil.arena.judge import Judge
+    from fournil.generate.answerers import answerer
+
+    judge = Judge(answerer(str(position_judge)))
+    assert judge.prefers("Which sea?", "The grey one.", "The blue one.") == "a"
+    assert judge.prefers("Which sea?", "The blue one.", "The grey one.") == "a"  # whatever is shown first
+    prompts = ["Speak of the sea.", "Name a king.", "What is bread?", "Sing of roses.", "Who is the fool?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    db = tmp_path / "arena.sqlite"
+    result = cli("arena", "judge", bpe_llama, poet, "--judge", position_judge, "--prompts", tmp_path / "prompts.txt",
+                 "--n", "5", "--max-tokens", "8", "--db", db)
+    assert "judge gave 5 verdicts" in result.stdout
+    votes = Store(db).votes("judges")
+    assert len(votes) == 5 and {v.verdict for v in votes} == {"tie"} and {v.voter for v in votes} == {"judge"}
+    assert sorted(v.battle.prompt for v in votes) == sorted(prompts)
+
+    # people vote on the same battles; the leaderboard shows each kind of voter, and how often they agree
+    store = Store(db)
+    for v, verdict in zip(votes, ("tie", "a", "b", "b", "a")):
+        store.vote(v.battle.id, verdict, "person", "me")
+    board = cli("arena", "leaderboard", "--db", db, "--voters", "people", "--out", tmp_path / "board").stdout
+    assert "| 1 |" in board and "| 2 |" in board and "agree on 20% of the 5 battles" in board
+    assert (tmp_path / "board" / "win_rates.png").stat().st_size > 5_000
+
+    result = cli("arena", "export", "--db", db, "--voters", "people", "--out", tmp_path / "prefs.jsonl")
+    pairs = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    decided = [v for v in store.votes("people") if v.verdict in "ab" and v.battle.answer_a != v.battle.answer_b]
+    assert len(pairs) == len(decided) >= 3 and f"{len(pairs)} preference pairs" in result.stdout
+    for pair, v in zip(pairs, decided):
+        assert pair["chosen"] == (v.battle.answer_a if v.verdict == "a" else v.battle.answer_b)
+    cli("align", bpe_llama, "--data", tmp_path / "prefs.jsonl", "--steps", "2", "--eval-every", "2", "--quiet",
+            "--out", tmp_path / "aligned")
+
+
+def test_a_remote_judge_writes_its_verdict_on_the_battles_people_voted_on(cli, bpe_llama, poet, position_judge,
+                                                                       tmp_path):
+    """The position-following judge behind `fournil serve`, asked through openai:judge@URL: it writes "[[A]]" in both
+    orders, which is recorded as a tie."""
+    db = tmp_path / "arena.sqlite"
+    store = Store(db)
+    for n, prompt in enumerate(("Speak of the sea.", "Name a king.")):
+        b = store.add_battle(prompt, ("chat", "poet"), (f"The sea is grey {n}.", "Blue."), {}, n)
+        store.vote(b.id, "a", "person", "me")
+    server = Server(position_judge, "--name", "judge")
+    try:
+        result = cli("arena", "judge", "--judge", f"openai:judge@{server.url}/v1", "--db", db)
+    finally:
+        server.stop()
+    assert "judge gave 2 verdicts" in result.stdout
+    assert [v.verdict for v in Store(db).votes("judges")] == ["tie", "tie"]
+    again = cli("arena", "judge", "--judge", "openai:judge@http://127.0.0.1:9/v1", "--db", db, check=False)
+    assert again.returncode == 2 and "has no battle people voted on that judge has not judged yet" in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("arena", "only-one"), "the arena needs two models or more"),
+    (("arena", "leaderboard", "--db", "missing.sqlite"), "--db missing.sqlite: no such database"),
+    (("arena", "judge", "smollm2", "--judge", "smollm2"), "give two models or more to judge new battles"),
+    (("arena", "export", "--db", "missing.sqlite"), "no such database"),
+])
+def test_arena_commands_refuse_in_one_line(cli, args, message):
+    result = cli(*args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -39,3 +39,28 @@ def test_a_remote_that_refuses_is_one_line(cli, remote, spec, env, message):
     spec, message = (s.format(remote=remote, url=url, port=port) for s in (spec, message))
     result = cli("generate", spec, "Hi", "--api-key-env", "REMOTE_KEY", check=False, env=env)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_remote_contestant_battles_one_held_here(bpe_llama, remote, tmp_path):
+    """The same weights here and behind the remote, greedy: both sides of the battle write the same answer."""
+    import json
+
+    from fournil.arena.store import Store
+
+    arena = Server(bpe_llama, remote, "--db", tmp_path / "arena.sqlite", "--api-key-env", "REMOTE_KEY", env=KEY,
+                   command="arena")
+    try:
+        status, health = arena.get("/health")
+        assert json.loads(health)["models"] == ["bard", "chat"]
+        import urllib.request
+
+        request = urllib.request.Request(arena.url + "/arena/battles", json.dumps(
+            {"prompt": "Speak of the sea.", "temperature": 0, "max_tokens": 12, "models": ["chat", "bard"]}).encode(),
+            {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            events = [json.loads(line[6:]) for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    finally:
+        arena.stop()
+    battle = Store(tmp_path / "arena.sqlite").battle(events[-1]["battle"])
+    assert (battle.model_a, battle.model_b) == ("chat", "bard")
+    assert battle.answer_a == battle.answer_b and battle.answer_a

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 ELO_SCALE, ELO_MEAN = 400 / math.log(10), 1000.0  # natural log-odds -> Elo points; the average model's score
@@ -99,8 +97,18 @@ def table(standings: list[Standing]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_win_rates(votes, standings: list[Standing], path: Path, title: str = "share of points, row against column"):
-    """The pairwise win-rate matrix as a PNG, models in leaderboard order."""
+def agreement(votes) -> tuple[float, int]:
+    """How often a person and a judge gave the same verdict on the same battle, and on how many battles both voted."""
+    verdicts: dict[str, dict[str, list[str]]] = {}
+    for v in votes:
+        verdicts.setdefault(v.battle.id, {"person": [], "judge": []})[v.voter_kind].append(v.verdict)
+    pairs = [(p, j) for kinds in verdicts.values() for p in kinds["person"] for j in kinds["judge"]]
+    both = sum(1 for kinds in verdicts.values() if kinds["person"] and kinds["judge"])
+    return (sum(p == j for p, j in pairs) / len(pairs) if pairs else 0.0), both
+
+
+def plot_win_rates(votes, standings: list[Standing], path, title: str = "share of points, row against column"):
+    """The pairwise win-rate matrix as a PNG (``path``: a file name or a binary file), in leaderboard order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,5 +129,5 @@ def plot_win_rates(votes, standings: list[Standing], path: Path, title: str = "s
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)

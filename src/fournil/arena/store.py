@@ -57,9 +57,12 @@ class Vote:
 class Store:
     """The database at ``url``: a file path (SQLite) or ``postgresql://...``. Safe to share between threads."""
 
-    def __init__(self, url: str | Path):
+    def __init__(self, url: str | Path, create: bool = True):
         self.url = str(url)
         self.postgres = self.url.startswith(("postgresql://", "postgres://"))
+        if not create and not self.postgres and not Path(self.url).is_file():
+            raise FournilError(f"--db {self.url}: no such database (an arena writes one: fournil arena MODEL MODEL "
+                               f"--db {self.url})")
         self._local = threading.local()
         with self._write() as db:
             for statement in filter(str.strip, SCHEMA.split(";")):
@@ -177,3 +180,16 @@ class _Postgres:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def preference_pairs(votes: list[Vote]) -> list[dict]:
+    """``prompt``/``chosen``/``rejected`` records (what ``fournil align --data`` reads) from the votes that name a
+    better answer; ties, "both bad", and answers that are the same text are left out."""
+    pairs = []
+    for v in votes:
+        b = v.battle
+        if v.verdict in ("a", "b") and b.answer_a.strip() != b.answer_b.strip():
+            chosen, rejected = (b.answer_a, b.answer_b) if v.verdict == "a" else (b.answer_b, b.answer_a)
+            pairs.append({"prompt": b.prompt, "chosen": chosen, "rejected": rejected, "battle": b.id,
+                          "voter": f"{v.voter_kind}:{v.voter}"})
+    return pairs

@@ -24,6 +24,12 @@ def is_remote(spec) -> bool:
     return str(spec).startswith(PREFIX)
 
 
+def name_of(spec) -> str:
+    """What a model is called (in the arena, for one): a remote model's NAME, or its file or folder name."""
+    spec = str(spec)
+    return spec[len(PREFIX):].partition("@")[0] if is_remote(spec) else Path(spec).stem
+
+
 def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY"):
     """The model ``spec`` names, ready to answer: remote (``openai:...``) or loaded here."""
     if is_remote(spec):
@@ -31,7 +37,7 @@ def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: 
     from fournil.runs import Run
 
     run = Run.load(spec, device)
-    return Local(run.quantize(dtype) if dtype != "auto" else run, Path(str(spec)).stem)
+    return Local(run.quantize(dtype) if dtype != "auto" else run, name_of(spec))
 
 
 class Local:

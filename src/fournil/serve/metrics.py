@@ -6,8 +6,8 @@ from collections import Counter
 
 
 class Metrics:
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, *schedulers):
+        self.schedulers = schedulers  # every model's (the arena has several)
         self.lock = threading.Lock()
         self.requests: Counter = Counter()  # (path, status) -> count
         self.latency_sum: Counter = Counter()  # path -> seconds
@@ -40,7 +40,7 @@ class Metrics:
                       "# TYPE fournil_completion_tokens_total counter",
                       f"fournil_completion_tokens_total {self.completion_tokens}"]
         lines += ["# HELP fournil_queue_depth Requests waiting for a row of the batch.", "# TYPE fournil_queue_depth gauge",
-                  f"fournil_queue_depth {self.scheduler.queued}",
+                  f"fournil_queue_depth {sum(s.queued for s in self.schedulers)}",
                   "# HELP fournil_active_sequences Sequences being generated.", "# TYPE fournil_active_sequences gauge",
-                  f"fournil_active_sequences {len(self.scheduler.active)}"]
+                  f"fournil_active_sequences {sum(len(s.active) for s in self.schedulers)}"]
         return "\n".join(lines) + "\n"

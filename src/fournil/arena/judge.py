@@ -1,0 +1,131 @@
+"""Judge models: a model reads a question and two answers and names the better one (pairwise "LLM-as-a-judge", as
+in MT-Bench: the verdict is "[[A]]", "[[B]]" or "[[C]]" for a tie).
+
+A judge favours a position as much as an answer, so each pair is judged in both orders; a verdict that follows the
+position rather than the answer is recorded as a tie. A judge loaded here gives the verdict it finds most likely (the
+log-likelihood of each of the three, as the start of its answer: no text to parse, and small models can judge); a
+remote one writes its answer, and the last verdict in it counts ("[A]" too; none: no vote).
+"""
+from __future__ import annotations
+
+import re
+
+from fournil.arena.store import Battle, Store
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, read_rows
+from fournil.errors import FournilError
+from fournil.generate import SamplingParams, complete, score
+from fournil.generate.answerers import Local
+
+INSTRUCTIONS = (
+    "You judge two AI assistants' answers to the user's question below, impartially. Consider which answer follows "
+    "the question and is more helpful, relevant, accurate and detailed; do not let the order of the answers, their "
+    "length or the assistants' names sway you. Answer with your verdict only: [[A]] if assistant A's answer is "
+    "better, [[B]] if assistant B's is, [[C]] if they are equally good.")
+VERDICTS = {"[[A]]": "a", "[[B]]": "b", "[[C]]": "tie"}
+SWAPPED = {"a": "b", "b": "a", "tie": "tie"}
+
+
+def judge_messages(question: str, first: str, second: str) -> list[dict]:
+    return [{"role": "system", "content": INSTRUCTIONS},
+            {"role": "user", "content": f"[Question]\n{question}\n\n[Assistant A's answer]\n{first}\n[End of assistant "
+                                        f"A's answer]\n\n[Assistant B's answer]\n{second}\n[End of assistant B's answer]"}]
+
+
+class Judge:
+    """``model`` (a :class:`Local` or a remote model) as a judge."""
+
+    def __init__(self, model):
+        self.model, self.name = model, str(model)
+
+    def prefers(self, question: str, first: str, second: str) -> str | None:
+        """Which of the answers shown as A (``first``) and B is better: "a", "b", "tie", or None (no verdict)."""
+        messages = judge_messages(question, first, second)
+        if isinstance(self.model, Local):
+            run = self.model.run
+            prompt = run.tokenizer.chat_ids(messages)
+            try:
+                likelihoods = {v: sum(lp for lp in score(run.model, prompt + run.tokenizer.encode(text), len(prompt),
+                                                        run.measure_dtype))
+                               for text, v in VERDICTS.items()}
+            except FournilError:  # the question and answers do not fit the judge's context
+                return None
+            return max(likelihoods, key=likelihoods.get)
+        answer = "".join(self.model.chat(messages, SamplingParams(max_new_tokens=512, temperature=0)))
+        found = re.findall(r"\[\[?([ABC])\]\]?", answer)  # a small judge may write [A] for [[A]]
+        return VERDICTS[f"[[{found[-1]}]]"] if found else None
+
+    def verdict(self, battle: Battle) -> str | None:
+        """The verdict on ``battle``, asked in both orders: a preference that flips with the order is a tie."""
+        shown = self.prefers(battle.prompt, battle.answer_a, battle.answer_b)
+        swapped = self.prefers(battle.prompt, battle.answer_b, battle.answer_a)
+        if shown is None or swapped is None:
+            return None
+        return shown if shown == SWAPPED[swapped] else "tie"
+
+
+def read_prompts(spec: str, n: int) -> list[str]:
+    """The last ``n`` prompts of an instruction set (bundled, or a JSONL file of ``prompt``, ``instruction`` (+
+    ``input``) or ``messages`` rows), or of a text file, one prompt per line."""
+    if spec.endswith(".txt"):
+        try:
+            prompts = [line.strip() for line in open(spec, encoding="utf-8") if line.strip()]
+        except FileNotFoundError:
+            raise FournilError(f"--prompts {spec}: no such file") from None
+    else:
+        prompts = []
+        for where, row in read_rows(data_path(spec, BUNDLED_INSTRUCTIONS, "instruction")):
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                prompts.append(row["prompt"])
+            elif isinstance(row, dict) and isinstance(row.get("instruction"), str):
+                prompts.append(row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else ""))
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list) and \
+                    (users := [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]):
+                prompts.append(str(users[0]))
+            else:
+                raise FournilError(f"{where}: a prompt is a row with 'prompt', 'instruction' or 'messages'")
+    if not prompts:
+        raise FournilError(f"--prompts {spec} holds no prompts")
+    return prompts[-n:]
+
+
+def answers(model, prompts: list[str], params: SamplingParams, max_batch: int = 8) -> list[str]:
+    """``model``'s answer to each prompt: a local model's generated together (continuous batching)."""
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    if not isinstance(model, Local):
+        return ["".join(model.chat(m, params)) for m in messages]
+    run = model.run
+    ids = [run.tokenizer.chat_ids(m) for m in messages]
+    block = run.model.config.block_size
+    if too_long := [p for p, i in zip(prompts, ids) if len(i) >= block]:
+        raise FournilError(f"a prompt is too long for {model} (context {block}): {too_long[0][:60]!r}")
+    each = [SamplingParams(max_new_tokens=min(params.max_new_tokens, block - len(i)), temperature=params.temperature,
+                           seed=params.seed) for i in ids]
+    return [c.text for c in complete(run.model, run.tokenizer, ids, each, run.dtype, max_batch=max_batch)]
+
+
+def tournament(contestants: dict, judge: Judge, prompts: list[str], store: Store, params: SamplingParams,
+               announce=print) -> int:
+    """Every pair of contestants on every prompt, each battle stored and judged; returns the votes recorded."""
+    names = sorted(contestants)
+    said = {}
+    for name in names:
+        announce(f"{name} answers {len(prompts)} prompts")
+        said[name] = answers(contestants[name], prompts, params)
+    recorded = 0
+    settings = {"temperature": params.temperature, "max_tokens": params.max_new_tokens}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    for n, prompt in enumerate(prompts):
+        for a, b in pairs:
+            battle = store.add_battle(prompt, (a, b), (said[a][n], said[b][n]), settings, params.seed or 0)
+            recorded += judge_battle(judge, battle, store)
+        announce(f"judged {n + 1}/{len(prompts)} prompts ({recorded} votes)")
+    return recorded
+
+
+def judge_battle(judge: Judge, battle: Battle, store: Store) -> int:
+    """Judge ``battle`` and store the verdict; 1 if there was one."""
+    verdict = judge.verdict(battle)
+    if verdict is None:
+        return 0
+    store.vote(battle.id, verdict, "judge", judge.name)
+    return 1
