@@ -64,3 +64,24 @@ def test_a_remote_contestant_battles_one_held_here(bpe_llama, remote, tmp_path):
     battle = Store(tmp_path / "arena.sqlite").battle(events[-1]["battle"])
     assert (battle.model_a, battle.model_b) == ("chat", "bard")
     assert battle.answer_a == battle.answer_b and battle.answer_a
+
+
+def test_a_remote_teacher_answers_for_sequence_level_distillation(cli, bpe_llama, remote, tmp_path):
+    """The teacher behind the remote is the student's own weights: its answers, asked in the chat template through
+    the API, are those the same teacher writes here."""
+    import json
+
+    common = ("--data", "rasbt_instructions", "--sequences", "3", "--kd-weight", "0", "--context", "400", "--steps", "2",
+              "--no-baseline", "--quiet")
+    cli("distill", "--teacher", remote, "--student", bpe_llama, *common, "--out", tmp_path / "there",
+        "--api-key-env", "REMOTE_KEY", env=KEY)
+    cli("distill", "--teacher", bpe_llama, "--student", bpe_llama, *common, "--out", tmp_path / "here")
+    there, here = ([json.loads(line) for line in (tmp_path / side / "teacher_answers.jsonl").read_text().splitlines()]
+                   for side in ("there", "here"))
+    assert len(there) == 3 and there == here
+    for args, message in (((), "gives answers, not next-token distributions: distil it with --sequences N --kd-weight 0"),
+                          (("--sequences", "3", "--kd-weight", "0", "--student", "layers:1"),
+                           "--student layers:1 is built from a teacher's weights or tokenizer")):
+        result = cli("distill", "--teacher", remote, "--data", "rasbt_instructions", *args, "--api-key-env",
+                     "REMOTE_KEY", check=False, env=KEY)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

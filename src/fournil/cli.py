@@ -178,7 +178,11 @@ def add_distill(sub) -> None:
                        description="Distillation: a student learns a teacher's next-token distributions (or its "
                                    "answers, --sequences); the same student is trained without the teacher, and a "
                                    "report compares parameters, size, decoding speed and val NLL.")
-    p.add_argument("--teacher", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--teacher", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2; or "
+                                                        "openai:NAME@BASE_URL, whose answers teach (--sequences N "
+                                                        "--kd-weight 0; the student a model of its own)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="the environment variable holding the key of an openai:NAME@URL teacher")
     p.add_argument("--student", default="layers:4",
                    help="layers:N (N of the teacher's layers and its embeddings), a model config .json (from scratch, "
                         "the teacher's vocabulary), or a run with the teacher's tokenizer")
@@ -543,7 +547,7 @@ def run_distill(args) -> None:
     settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.kd_temperature,
                              alpha=args.kd_weight, reverse=args.reverse, context=args.context, sequences=args.sequences)
     run = distill(data=args.data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
-                  budget=budget, baseline=not args.no_baseline, progress=not args.quiet)
+                  budget=budget, baseline=not args.no_baseline, progress=not args.quiet, api_key_env=args.api_key_env)
     print(f"saved to {run.path}; next: fournil generate {run.path} TEXT  |  fournil eval {run.path}")
 
 

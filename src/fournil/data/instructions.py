@@ -122,10 +122,12 @@ def render_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[boo
 class InstructionData(LineData):
     """Rendered conversations; the targets of prompt tokens are ``IGNORE``, so only answers carry loss."""
 
-    def __init__(self, examples: list[tuple[list[int], list[bool]]], pad: int, split: str):
+    def __init__(self, examples: list[tuple], pad: int, split: str):
+        """``examples``: (token ids, which are learned) and, unless packed, the conversation they render."""
         self.split, self.pad = split, pad
-        self.seqs = [torch.tensor(ids) for ids, _ in examples]
-        self.learned = [torch.tensor(mask) for _, mask in examples]
+        self.seqs = [torch.tensor(e[0]) for e in examples]
+        self.learned = [torch.tensor(e[1]) for e in examples]
+        self.conversations = [e[2] if len(e) > 2 else None for e in examples]
         self.num_targets = sum(int(m[1:].sum()) for m in self.learned)
 
     def __len__(self) -> int:
@@ -159,12 +161,16 @@ class InstructionData(LineData):
         """The first ``n`` examples up to their first answer: prompts the model has not been tuned on."""
         return [s[: int(m.int().argmax())].tolist() for s, m in zip(self.seqs[:n], self.learned[:n])]
 
+    def prompt_messages(self, n: int) -> list[list[dict]]:
+        """The same prompts as chat messages (for a model with a chat template of its own)."""
+        return [c[: next(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in self.conversations[:n]]
 
-def pack(examples: list[tuple[list[int], list[bool]]], max_length: int) -> list[tuple[list[int], list[bool]]]:
+
+def pack(examples: list[tuple], max_length: int) -> list[tuple[list[int], list[bool]]]:
     """Examples joined end to end into rows of at most ``max_length`` tokens: fewer, fuller rows, less padding. Each
     answer keeps its loss; an example may attend to the one before it in its row (as simple packing does)."""
     rows, ids, learned = [], [], []
-    for e_ids, e_learned in examples:
+    for e_ids, e_learned, *_ in examples:
         if ids and len(ids) + len(e_ids) > max_length:
             rows.append((ids, learned))
             ids, learned = [], []
@@ -196,7 +202,7 @@ def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0
                       announce=print, packed: bool = False) -> dict[str, InstructionData]:
     """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted).
     With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
-    rendered = [render_example(tokenizer, c) for c in read_conversations(spec)]
+    rendered = [(*render_example(tokenizer, c), c) for c in read_conversations(spec)]
     parts = split_examples(keep_short(rendered, lambda r: len(r[0]), max_length, spec, announce), split, seed)
     if packed:
         parts["train"] = pack(parts["train"], max_length)

@@ -19,10 +19,11 @@ import torch
 from fournil.checkpoint import write_json
 from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, to_dict
 from fournil.data import load_splits, make_data
-from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id, render_example
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
 from fournil.generate import SamplingParams, complete
+from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
 from fournil.runs import CONFIG, TOKENIZER, Run
 from fournil.train.distributed import join, leave
@@ -96,30 +97,42 @@ def distill_data(config: RunConfig, tokenizer, announce=print) -> dict:
     return make_data(load_splits(d)[0], tokenizer, taught.context)
 
 
-def teacher_answers(teacher_run: Run, data: dict, n: int, run_dir: Path, announce=print) -> InstructionData:
-    """Sequence-level distillation's training set: the teacher's greedy answers to ``n`` training prompts (also
-    written to ``RUN/teacher_answers.jsonl``, to read, and to resume from)."""
-    prompts = data["train"].prompts(n)
-    announce(f"the teacher answers {len(prompts):,} training prompts")
-    done = complete(teacher_run.model, teacher_run.tokenizer, prompts, SamplingParams(MAX_ANSWER, temperature=0),
-                    teacher_run.dtype)
-    tok, examples = teacher_run.tokenizer, []
+def teacher_answers(teacher, tokenizer, data: dict, n: int, run_dir: Path, announce=print) -> InstructionData:
+    """Sequence-level distillation's training set: the teacher's greedy answers to ``n`` training prompts, in the
+    student's tokens (also written to ``RUN/teacher_answers.jsonl``, to read, and to resume from). A teacher loaded
+    here answers through the engine, all prompts batched; a remote one (``openai:...``) in its own chat template."""
+    params = SamplingParams(MAX_ANSWER, temperature=0)
+    if isinstance(teacher, Run):
+        prompts = data["train"].prompts(n)
+        announce(f"the teacher answers {len(prompts):,} training prompts")
+        done = complete(teacher.model, tokenizer, prompts, params, teacher.dtype)
+        pairs = [(tokenizer.decode(p), p, c.tokens + ([c.stop_token] if c.stop_token is not None else []), c.text)
+                 for p, c in zip(prompts, done)]
+    else:
+        pairs = []
+        conversations = data["train"].prompt_messages(n)
+        announce(f"{teacher} answers {len(conversations):,} training prompts")
+        for messages in conversations:
+            text = "".join(teacher.chat(messages, params))
+            ids, learned = render_example(tokenizer, [*messages, {"role": "assistant", "content": text}])
+            cut = learned.index(True)
+            pairs.append((tokenizer.decode(ids[:cut]), ids[:cut], ids[cut:], text))
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / ANSWERS).open("w", encoding="utf-8") as f:
-        for p, c in zip(prompts, done):
-            answer = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
-            examples.append((p + answer, [False] * len(p) + [True] * len(answer)))
-            f.write(json.dumps({"prompt": tok.decode(p), "answer": c.text}, ensure_ascii=False) + "\n")
-    return InstructionData(examples, pad_id(tok), "train")
+        for prompt, _, _, text in pairs:
+            f.write(json.dumps({"prompt": prompt, "answer": text}, ensure_ascii=False) + "\n")
+    return InstructionData([(p + a, [False] * len(p) + [True] * len(a)) for _, p, a, _ in pairs], pad_id(tokenizer),
+                           "train")
 
 
 def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "shakespeare",
             settings: DistillConfig | None = None, train: TrainConfig | None = None, out: str | None = None,
             resume: str | None = None, budget: dict | None = None, baseline: bool = True, progress: bool = True,
-            announce=print) -> Run:
+            announce=print, api_key_env: str = "OPENAI_API_KEY") -> Run:
     """Distil ``teacher`` into ``student`` on ``data`` (running text or an instruction set); with ``baseline``, also
     train the same student without the teacher (in ``RUN/baseline``). Returns the run; its report, printed, is
-    ``RUN/report.md``."""
+    ``RUN/report.md``. A remote teacher (``openai:NAME@URL``, its key in ``api_key_env``) answers prompts for
+    sequence-level distillation; its tokenizer is then the student's."""
     world = join()
     try:
         if resume:
@@ -136,20 +149,27 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
             config = RunConfig(model={"family": "student"}, data=DataConfig(data=data, mode="text", tokenizer="teacher"),
                                train=t, distill=settings)
             run_dir = new_run_dir(config, out)
-        teacher_run = Run.load(config.distill.teacher, config.train.device)
-        run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce)
+        taught = config.distill
+        if is_remote(taught.teacher):
+            remote = remote_teacher(taught, api_key_env, bool(resume))
+            teacher_run = Run.load(taught.student, config.train.device)  # the tokenizer, the context, the start
+        else:
+            teacher_run = remote = Run.load(taught.teacher, config.train.device)
+        run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, remote)
         if not world.main:
             return None
-        taught = config.distill
-        if next(teacher_run.model.parameters()).dtype != torch.float32:  # rounded for training: reload its own weights
-            teacher_run = Run.load(taught.teacher, config.train.device)
-        runs = {"teacher": teacher_run, "distilled student": run}
+        if remote is not teacher_run:
+            runs = {"student before": Run.load(taught.student, config.train.device), "distilled student": run}
+        else:
+            if next(teacher_run.model.parameters()).dtype != torch.float32:  # rounded for training: reload its weights
+                teacher_run = Run.load(taught.teacher, config.train.device)
+            runs = {"teacher": teacher_run, "distilled student": run}
         if baseline and (taught.alpha or taught.sequences):
             announce("the same student, the same steps, without the teacher:")
             alone = dataclasses.replace(config, distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
             base_dir = run_dir / BASELINE
             runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
-                                                            world, progress, announce)[0]
+                                                            world, progress, announce, remote)[0]
         text = report(runs, splits["val"], config.train.eval_tokens)
         (run_dir / REPORT).write_text(text, encoding="utf-8")
         announce(text)
@@ -158,8 +178,23 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
         leave(world)
 
 
-def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bool, world, progress: bool, announce):
-    """Train the student ``config`` describes (or continue it): the trained run and the data."""
+def remote_teacher(taught: DistillConfig, api_key_env: str, resume: bool):
+    """The remote teacher, after checking what it can teach: answers (not distributions), to a student of its own."""
+    if not taught.sequences or taught.alpha:
+        raise FournilError(f"{taught.teacher} gives answers, not next-token distributions: distil it with "
+                           f"--sequences N --kd-weight 0")
+    if taught.student.startswith("layers:") or taught.student.endswith(".json"):
+        raise FournilError(f"--student {taught.student} is built from a teacher's weights or tokenizer, which "
+                           f"{taught.teacher} does not share: give a model to train (a run, .gguf file, Hugging Face "
+                           f"folder or smollm2)")
+    return None if resume else Remote(taught.teacher, api_key_env)  # resumed: its answers are on disk
+
+
+def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bool, world, progress: bool, announce,
+                  teacher=None):
+    """Train the student ``config`` describes (or continue it): the trained run and the data. ``teacher_run`` gives
+    the tokenizer and the context; the answers of sequence-level distillation come from ``teacher`` (``teacher_run``
+    unless the teacher is remote)."""
     taught, tokenizer = config.distill, teacher_run.tokenizer
     if taught.context > teacher_run.model.config.block_size:
         raise FournilError(f"--context {taught.context} is longer than the teacher's context of "
@@ -169,7 +204,7 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
         if not is_instructions(config.data.data):
             raise FournilError("--sequences needs an instruction set to take prompts from (rasbt_instructions, ...)")
         splits["train"] = load_answers(run_dir / ANSWERS, tokenizer) if resume else \
-            teacher_answers(teacher_run, splits, taught.sequences, run_dir, announce)
+            teacher_answers(teacher or teacher_run, tokenizer, splits, taught.sequences, run_dir, announce)
     torch.manual_seed(config.train.seed)
     model, config.model = build_student(taught.student, teacher_run)
     if not resume and world.main:
@@ -184,8 +219,9 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     t = config.train
     how = f"temperature {taught.temperature:g}, alpha {taught.alpha:g}{', reverse KL' if taught.reverse else ''}" \
         if taught.alpha else "no teacher"
-    announce(f"a student of {model.num_params():,} parameters ({taught.student} of {taught.teacher}, "
-             f"{teacher_run.model.num_params():,}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
+    about = f"{taught.student}, taught by {taught.teacher}" if is_remote(taught.teacher) else \
+        f"{taught.student} of {taught.teacher}, {teacher_run.model.num_params():,}"
+    announce(f"a student of {model.num_params():,} parameters ({about}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
              f", {how}; {t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g}; "
              f"{trainer.precision} -> {run_dir}")
     trainer.fit(resume=resume)
