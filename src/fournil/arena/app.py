@@ -167,18 +167,19 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
         return {"recorded": True, "model_a": battle.model_a, "model_b": battle.model_b}
 
     def standings(voters: str):
+        """The votes of ``voters``, the leaderboard they make, and how often people and judges agree."""
         votes = store.votes(voters)
-        return votes, leaderboard(votes, settings.bootstrap)
+        return votes, leaderboard(votes, settings.bootstrap), agreement(store.votes("all"))
 
     @app.get("/leaderboard.json")
     async def leaderboard_json(voters: str = "all"):
-        votes, board = await asyncio.to_thread(standings, voters)
-        return {"voters": voters, "votes": len(votes), "agreement": agreement(store.votes("all")),
+        votes, board, (rate, both) = await asyncio.to_thread(standings, voters)
+        return {"voters": voters, "votes": len(votes), "agreement": {"rate": rate, "battles": both},
                 "models": [s.__dict__ for s in board]}
 
     @app.get("/leaderboard.png")
     async def leaderboard_png(voters: str = "all"):
-        votes, board = await asyncio.to_thread(standings, voters)
+        votes, board, _ = await asyncio.to_thread(standings, voters)
         if not board:
             raise FournilError("no votes yet")
         picture = io.BytesIO()
@@ -187,11 +188,10 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
 
     @app.get("/leaderboard")
     async def leaderboard_page(voters: str = "all"):
-        votes, board = await asyncio.to_thread(standings, voters)
+        votes, board, together = await asyncio.to_thread(standings, voters)
         rows = "".join(f"<tr><td>{r}</td><td>{escape(s.model)}</td><td>{s.score:.0f}</td><td>{s.low:.0f} to "
                        f"{s.high:.0f}</td><td>{s.battles}</td><td>{s.win_rate:.1%}</td></tr>"
                        for r, s in enumerate(board, 1))
-        together = agreement(store.votes("all"))
         agree = f"people and judges agree on {together[0]:.0%} of the {together[1]} battles both voted on" \
             if together[1] else "no battle has both a person's and a judge's vote yet"
         html = (resources.files("fournil.arena") / "leaderboard.html").read_text(encoding="utf-8")
@@ -202,7 +202,7 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
 
     @app.get("/leaderboard.md")
     async def leaderboard_markdown(voters: str = "all"):
-        return PlainTextResponse(table((await asyncio.to_thread(standings, voters))[1]))
+        return PlainTextResponse(table((await asyncio.to_thread(standings, voters))[1]))  # the command's table
 
     @app.get("/arena")
     async def page():

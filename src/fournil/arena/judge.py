@@ -13,7 +13,8 @@ import re
 from fournil.arena.store import Battle, Store
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, read_rows
 from fournil.errors import FournilError
-from fournil.generate import SamplingParams, complete, score
+from fournil.generate import SamplingParams, complete
+from fournil.generate.engine import score_choices
 from fournil.generate.answerers import Local
 
 INSTRUCTIONS = (
@@ -42,14 +43,13 @@ class Judge:
         messages = judge_messages(question, first, second)
         if isinstance(self.model, Local):
             run = self.model.run
-            prompt = run.tokenizer.chat_ids(messages)
-            try:
-                likelihoods = {v: sum(lp for lp in score(run.model, prompt + run.tokenizer.encode(text), len(prompt),
-                                                        run.measure_dtype))
-                               for text, v in VERDICTS.items()}
-            except FournilError:  # the question and answers do not fit the judge's context
-                return None
-            return max(likelihoods, key=likelihoods.get)
+            prompt, options = run.tokenizer.chat_ids(messages), [run.tokenizer.encode(text) for text in VERDICTS]
+            if len(prompt) + sum(map(len, options)) > run.model.config.block_size:
+                return None  # the question and answers do not fit the judge's context
+            # the three verdicts after the prompt, read once: rows of the prompt's last token and a verdict's
+            rows = [([prompt[-1], *option[:-1]], option) for option in options]
+            scores = [logprob for logprob, _ in score_choices(run.model, [(prompt[:-1], rows)], run.measure_dtype)[0]]
+            return list(VERDICTS.values())[scores.index(max(scores))]
         answer = "".join(self.model.chat(messages, SamplingParams(max_new_tokens=512, temperature=0)))
         found = re.findall(r"\[\[?([ABC])\]\]?", answer)  # a small judge may write [A] for [[A]]
         return VERDICTS[f"[[{found[-1]}]]"] if found else None

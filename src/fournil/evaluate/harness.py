@@ -16,17 +16,15 @@ context, trailing spaces moved to the continuation), so that both score the same
 from __future__ import annotations
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: it loads them only into an empty registry
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, complete
-from fournil.generate.cache import Packed
-from fournil.models.base import chunk_positions, decoder_only
+from fournil.generate.engine import score_choices
+from fournil.models.base import decoder_only
 
 
 @register_model("fournil")
@@ -101,8 +99,8 @@ class FournilLM(TemplateLM):
         """(log-probability of the continuation, whether greedy decoding would write it) for each request.
 
         Requests whose tokens before the first scored one are the same (a multiple-choice question's choices) are
-        packed in one row after that prefix, which is read once (:class:`Packed`); rows longest first, in batches of
-        about ``batch_tokens`` tokens."""
+        packed in one row after that prefix, which is read once (:func:`score_choices`); rows longest first, in
+        batches of about ``batch_tokens`` tokens."""
         groups: dict[tuple[int, ...], list[list[int]]] = {}
         rows = []
         for i, (_, context, continuation) in enumerate(requests):
@@ -121,52 +119,14 @@ class FournilLM(TemplateLM):
             width = len(packs[0][0]) + sum(len(rows[i][0]) for i in packs[0][1])
             batch = packs[:max(1, self.batch_tokens // width)]
             del packs[:len(batch)]
-            for pack, scored in zip(batch, self._score([(list(p), [rows[i] for i in members]) for p, members in batch])):
+            scores = score_choices(self.net, [(list(p), [rows[i] for i in members]) for p, members in batch],
+                                   self.run.measure_dtype)
+            for pack, scored in zip(batch, scores):
                 for i, result in zip(pack[1], scored):
                     results[i] = result
                 bar.update(len(pack[1]))
         bar.close()
         return results
-
-    @torch.no_grad()
-    def _score(self, packs: list[tuple[list[int], list[tuple[list[int], list[int]]]]]):
-        """For each pack (a prefix, then rows that each go on from it), each row's (log-probability of its
-        continuation, its last tokens; whether greedy decoding writes it)."""
-        net, device = self.net, self.net.device
-        layout = Packed([(len(prefix), [len(inp) for inp, _ in rows]) for prefix, rows in packs],
-                        getattr(net.config, "sliding_window", None), device)
-        ids = [prefix + [t for inp, _ in rows for t in inp] for prefix, rows in packs]
-        width = max(map(len, ids))
-        at_row, at_col, wanted = [], [], []
-        for r, (prefix, rows) in enumerate(packs):
-            end = len(prefix)
-            for inp, cont in rows:
-                end += len(inp)
-                at_row += [r] * len(cont)
-                at_col += range(end - len(cont), end)
-                wanted += cont
-        at_row, at_col, wanted = (torch.tensor(t, device=device) for t in (at_row, at_col, wanted))
-        was_training = net.training
-        net.eval()
-        try:
-            with autocast(device, self.run.measure_dtype):
-                states = net.hidden(torch.tensor([row + [0] * (width - len(row)) for row in ids], device=device), layout)
-                picked, greedy = [], []
-                step = chunk_positions(net.config.vocab_size)  # the output layer a bounded number of positions at once
-                for i in range(0, len(wanted), step):
-                    logprobs = net.lm_head(states[at_row[i:i + step], at_col[i:i + step]]).float().log_softmax(-1)
-                    picked.append(logprobs.gather(-1, wanted[i:i + step, None])[:, 0])
-                    greedy.append(logprobs.argmax(-1) == wanted[i:i + step])
-        finally:
-            net.train(was_training)
-        picked, greedy = torch.cat(picked).tolist(), torch.cat(greedy).tolist()
-        out, at = [], 0
-        for _, rows in packs:
-            out.append([])
-            for _, cont in rows:
-                out[-1].append((sum(picked[at:at + len(cont)]), all(greedy[at:at + len(cont)])))
-                at += len(cont)
-        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []

@@ -30,21 +30,36 @@ def name_of(spec) -> str:
     return spec[len(PREFIX):].partition("@")[0] if is_remote(spec) else Path(spec).stem
 
 
-def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY"):
-    """The model ``spec`` names, ready to answer: remote (``openai:...``) or loaded here."""
+def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY",
+             draft: str | None = None, draft_tokens: int = 4):
+    """The model ``spec`` names, ready to answer: remote (``openai:...``) or loaded here (with ``draft``, a smaller
+    model of the same tokenizer proposing ``draft_tokens`` tokens per pass: speculative decoding)."""
     if is_remote(spec):
+        if draft:
+            raise FournilError(f"--draft speeds up a model loaded here; {spec} answers from elsewhere")
         return Remote(spec, api_key_env)
     from fournil.runs import Run
 
-    run = Run.load(spec, device)
-    return Local(run.quantize(dtype) if dtype != "auto" else run, name_of(spec))
+    def load(what):
+        run = Run.load(what, device)
+        return run.quantize(dtype) if dtype != "auto" else run
+
+    run = load(spec)
+    helper = None
+    if draft:
+        from fournil.generate.speculative import check_draft
+
+        helper = load(draft)
+        check_draft(run, helper)
+    return Local(run, name_of(spec), helper, draft_tokens)
 
 
 class Local:
     """A model loaded here (a :class:`fournil.runs.Run`), answering through the generation engine."""
 
-    def __init__(self, run, name: str | None = None):
-        self.run, self.name = run, name or run.path.stem
+    def __init__(self, run, name: str | None = None, draft=None, draft_tokens: int = 4):
+        self.run, self.name, self.draft, self.draft_tokens = run, name or run.path.stem, draft, draft_tokens
+        self.speculation = None  # with a draft: target passes and tokens, over every answer
 
     def __str__(self) -> str:
         return self.name
@@ -60,9 +75,17 @@ class Local:
         return self._stream(self.run.tokenizer.prompt_ids(prompt), params)
 
     def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        from fournil.generate.engine import stream
+        if self.draft is not None:
+            from fournil.generate.speculative import Speculation, speculate
 
-        return (piece.text for piece in stream(self.run.model, self.run.tokenizer, ids, params, self.run.dtype))
+            self.speculation = self.speculation or Speculation()
+            pieces = speculate(self.run.model, self.draft.model, self.run.tokenizer, ids, params, self.run.dtype,
+                               self.draft_tokens, self.speculation)
+        else:
+            from fournil.generate.engine import stream
+
+            pieces = stream(self.run.model, self.run.tokenizer, ids, params, self.run.dtype)
+        return (piece.text for piece in pieces)
 
 
 class Remote:

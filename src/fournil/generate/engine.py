@@ -1,7 +1,7 @@
 """The generation engine: every command that produces text (sample, generate, chat, the server) goes through here.
 
-Whole answers for several prompts (:func:`complete`), one answer a piece at a time (:func:`stream`) and the
-likelihood of a given text (:func:`score`). Generation itself is the scheduler's: prompts of any lengths read in one
+Whole answers for several prompts (:func:`complete`), one answer a piece at a time (:func:`stream`), the
+likelihood of a given text (:func:`score`) and of several continuations of one prefix (:func:`score_choices`). Generation itself is the scheduler's: prompts of any lengths read in one
 pass into a key/value cache, then extended one token per step for all of them at once.
 """
 from __future__ import annotations
@@ -102,3 +102,50 @@ def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.floa
         return [(p, dict(zip(i.tolist(), v.tolist()))) for p, v, i in zip(picked, values, alternatives)]
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def score_choices(model, packs: list[tuple[list[int], list[tuple[list[int], list[int]]]]],
+                  dtype: torch.dtype = torch.float32) -> list[list[tuple[float, bool]]]:
+    """Several continuations of a shared prefix scored in one pass, the prefix read once: each pack is a prefix and
+    rows that go on from it (a row's tokens, whose last ones are the continuation scored), packed in one sequence
+    where each row sees the prefix and itself only (:class:`Packed`). For each pack, each row's (log-probability of
+    its continuation, whether greedy decoding writes it). Multiple-choice benchmarks and judges choose this way."""
+    from fournil.generate.cache import Packed
+    from fournil.models.base import chunk_positions
+
+    device = model.device
+    layout = Packed([(len(prefix), [len(inp) for inp, _ in rows]) for prefix, rows in packs],
+                    getattr(model.config, "sliding_window", None), device)
+    ids = [prefix + [t for inp, _ in rows for t in inp] for prefix, rows in packs]
+    width = max(map(len, ids))
+    at_row, at_col, wanted = [], [], []
+    for r, (prefix, rows) in enumerate(packs):
+        end = len(prefix)
+        for inp, cont in rows:
+            end += len(inp)
+            at_row += [r] * len(cont)
+            at_col += range(end - len(cont), end)
+            wanted += cont
+    at_row, at_col, wanted = (torch.tensor(t, device=device) for t in (at_row, at_col, wanted))
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, dtype):
+            states = model.hidden(torch.tensor([row + [0] * (width - len(row)) for row in ids], device=device), layout)
+            picked, greedy = [], []
+            step = chunk_positions(model.config.vocab_size)  # the output layer a bounded number of positions at once
+            for i in range(0, len(wanted), step):
+                logprobs = model.lm_head(states[at_row[i:i + step], at_col[i:i + step]]).float().log_softmax(-1)
+                picked.append(logprobs.gather(-1, wanted[i:i + step, None])[:, 0])
+                greedy.append(logprobs.argmax(-1) == wanted[i:i + step])
+    finally:
+        model.train(was_training)
+    picked, greedy = torch.cat(picked).tolist(), torch.cat(greedy).tolist()
+    out, at = [], 0
+    for _, rows in packs:
+        out.append([])
+        for _, cont in rows:
+            out[-1].append((sum(picked[at:at + len(cont)]), all(greedy[at:at + len(cont)])))
+            at += len(cont)
+    return out

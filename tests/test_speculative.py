@@ -1,0 +1,102 @@
+"""Speculative decoding: a draft proposes, the target checks; the text is the target's own."""
+import copy
+import math
+
+import pytest
+import torch
+
+from fournil.generate import SamplingParams, complete
+from fournil.generate.speculative import Speculation, speculate
+from fournil.models import build_model
+from fournil.runs import Run
+from fournil.tokenizers import CharTokenizer
+from fournil.train.distill import teacher_layers
+
+
+@pytest.fixture(scope="module")
+def target_and_draft(bpe_llama):
+    """The small chat model in fp32, and a draft of its first... and last layer (the layers:1 student)."""
+    run = Run.load(bpe_llama, "cpu", "float32")
+    settings, weights = teacher_layers(run.model, 1)
+    draft = build_model(settings)
+    draft.load_state_dict(weights)
+    return run, draft.eval()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_tokens_are_the_targets_own(target_and_draft, k):
+    run, draft = target_and_draft
+    tok = run.tokenizer
+    params = SamplingParams(max_new_tokens=48, temperature=0, ignore_eos=True)
+    for text in ("To be, or not", "ROMEO:\nWhat light", "The king"):
+        prompt = tok.encode(text)
+        alone = complete(run.model, tok, [prompt], params, torch.float32)[0].tokens
+        stats = Speculation()
+        drafted = [p.token for p in speculate(run.model, draft, tok, prompt, params, torch.float32, k, stats)]
+        assert drafted == alone and stats.tokens == 48 and stats.passes < 48
+
+
+def test_a_draft_that_is_the_target_has_every_token_kept(target_and_draft):
+    run, _ = target_and_draft
+    stats = Speculation()
+    params = SamplingParams(max_new_tokens=41, temperature=0.9, seed=3, ignore_eos=True)
+    list(speculate(run.model, copy.deepcopy(run.model), run.tokenizer, run.tokenizer.encode("To be"), params,
+                   torch.float32, 4, stats))
+    assert (stats.passes, stats.tokens) == (9, 41)  # 8 passes of 4 drafted + 1, then the last token alone
+
+
+def constant(logits: list[float], block: int = 256):
+    """A llama whose next-token distribution is softmax(``logits``), whatever the context: every layer's output
+    projections are zero (the residual stream stays the embedding), every token's embedding is the same vector, and
+    the output layer maps it to ``logits``."""
+    model = build_model({"family": "llama", "vocab_size": len(logits), "block_size": block, "n_layer": 1, "n_head": 2,
+                         "n_kv_head": 1, "n_embd": 4, "tie_embeddings": False})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight[:] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # RMS-normed: (2, 0, 0, 0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, 0] = torch.tensor(logits) / 2
+    return model.eval()
+
+
+def test_sampled_tokens_follow_the_targets_distribution_and_the_acceptance_rule():
+    """Target p and draft q known: every token drawn through the accept/reject rule follows p, and a target pass
+    yields the expected (1 - a^(k+1)) / (1 - a) tokens, where a = sum(min(p, q)) is the chance a draft token is kept."""
+    p_logits, q_logits = [2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 1.5, 1.0, 0.0, -2.0]
+    target, draft = constant(p_logits), constant(q_logits)
+    p, q = torch.tensor(p_logits).softmax(-1), torch.tensor(q_logits).softmax(-1)
+    tok = CharTokenizer(list("abcde"))
+    k, counts, stats = 3, torch.zeros(5), Speculation()
+    for seed in range(60):
+        params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=seed, ignore_eos=True)
+        for piece in speculate(target, draft, tok, [0], params, torch.float32, k, stats):
+            counts[piece.token] += 1
+    n = counts.sum()
+    assert n == 12_000
+    assert (counts / n - p).abs().max() < 4 * math.sqrt(0.25 / n)  # 4 standard errors at most
+    a = float(torch.minimum(p, q).sum())
+    assert abs(stats.tokens_per_pass - (1 - a ** (k + 1)) / (1 - a)) < 0.05
+    assert (counts / n - q).abs().max() > 0.1  # the draft's own distribution is far from what came out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--draft-tokens", "0"), "--draft-tokens must be at least 1"),
+    (("--repetition-penalty", "1.2"), "penalties change the distribution as the answer grows: not with a draft"),
+])
+def test_draft_settings_refused_in_one_line(cli, bpe_llama, args, message):
+    result = cli("generate", bpe_llama, "Hi", "--draft", bpe_llama, *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_draft_of_another_tokenizer_is_refused(cli, bpe_llama, trained):
+    result = cli("generate", bpe_llama, "Hi", "--draft", trained["llama"], check=False)
+    assert result.returncode == 2 and "the draft's tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_with_a_draft_writes_the_models_own_greedy_text(cli, bpe_llama):
+    args = ("To be, or not", "--max-new-tokens", "24", "--temperature", "0", "--dtype", "float32")
+    alone = cli("generate", bpe_llama, *args).stdout
+    drafted = cli("generate", bpe_llama, *args, "--draft", bpe_llama, "--draft-tokens", "3")
+    assert drafted.stdout == alone and "tokens per pass of the model" in drafted.stderr
