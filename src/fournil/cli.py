@@ -424,8 +424,9 @@ def add_arena(sub) -> None:
     sub._parser_class = default
     actions = p.add_subparsers(dest="action", required=True, parser_class=argparse.ArgumentParser)
 
-    def common(q, db_help: str = "the votes' database: a SQLite file, or postgresql://... (needs psycopg)") -> None:
-        q.add_argument("--db", default="arena.sqlite", help=db_help)
+    def common(q) -> None:
+        q.add_argument("--db", default="arena.sqlite",
+                       help="the votes' database: a SQLite file, or postgresql://... (needs psycopg)")
 
     def answering(q) -> None:
         q.add_argument("--temperature", type=float, default=0.7, help="the same for both answers of a battle")
