@@ -237,3 +237,9 @@ def test_a_failing_step_ends_its_sequences_and_the_engine_goes_on(trained, monke
         assert len([p for p in fine if p.token >= 0]) == 3 and fine.finish_reason == "length"
     finally:
         scheduler.close()
+
+
+def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama):
+    run = Run.load(bpe_llama, "cpu", "float32")
+    before = run.model.num_params()
+    assert run.quantize("int8").model.num_params() == before

