@@ -710,10 +710,8 @@ def load_for_generation(args):
 
 def run_serve(args) -> None:
 
-    import uvicorn
-
     from fournil.generate.scheduler import check_capacity
-    from fournil.serve.app import ServeSettings, create_app
+    from fournil.serve.app import ServeSettings, create_app, run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_capacity(args.max_batch, args.max_waiting)  # before the model loads
@@ -730,13 +728,12 @@ def run_serve(args) -> None:
                              (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
                              tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning)
     run = load_for_generation(args)
-    app = create_app(run, settings)
+    app, schedulers = create_app(run, settings)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
           f"http://{args.host}:{args.port}: chat page at /, OpenAI API at /v1", flush=True)
     if warning:
         logging.getLogger("fournil.serve").warning(warning)
-    # on Ctrl-C, answers in progress get 5 seconds to end, then are cut
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    run_server(app, schedulers, args.host, args.port)  # on Ctrl-C, answers in progress get 5 seconds to end
 
 
 def is_loopback(host: str) -> bool:
@@ -852,10 +849,9 @@ def arena_contestants(args) -> dict:
 
 
 def arena_serve(args, store) -> None:
-    import uvicorn
-
     from fournil.arena.app import ArenaSettings, create_arena_app
     from fournil.generate.scheduler import check_capacity
+    from fournil.serve.app import run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     if len(args.models) < 2:
@@ -864,10 +860,10 @@ def arena_serve(args, store) -> None:
     extra = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
     settings = ArenaSettings(args.temperature, args.max_tokens, args.max_batch,
                              hosts=(*LOOPBACK_HOSTS, *extra) if is_loopback(args.host) else (extra or None))
-    app = create_arena_app(arena_contestants(args), store, settings)
+    app, schedulers = create_arena_app(arena_contestants(args), store, settings)
     print(f"the arena of {', '.join(args.models)} on http://{args.host}:{args.port}/arena (votes in {args.db}); "
           f"leaderboard at /leaderboard", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    run_server(app, schedulers, args.host, args.port)
 
 
 def arena_leaderboard(args, store) -> None:

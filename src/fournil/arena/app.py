@@ -61,21 +61,16 @@ class VoteRequest(BaseModel):
 
 
 def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
-    """``contestants``: name -> a :class:`Local` or :class:`fournil.generate.answerers.Remote` model."""
+    """``contestants``: name -> a :class:`Local` or :class:`fournil.generate.answerers.Remote` model. Returns the ASGI
+    application and the schedulers of the local ones, to drive (:func:`fournil.serve.app.run_server`)."""
     if len(contestants) < 2:
         raise FournilError("the arena needs two models or more")
-    schedulers = {name: Scheduler(m.run.model, m.run.tokenizer, m.run.dtype, settings.max_batch, settings.max_waiting)
+    wake = threading.Condition()  # one for all: they are driven in turn by one thread (run_server)
+    schedulers = {name: Scheduler(m.run.model, m.run.tokenizer, m.run.dtype, settings.max_batch, settings.max_waiting,
+                                  wake=wake)
                   for name, m in contestants.items() if isinstance(m, Local)}
     metrics = Metrics(*schedulers.values())
-
-    async def lifespan(app):
-        for s in schedulers.values():
-            s.start()
-        yield
-        for s in schedulers.values():
-            s.close()
-
-    app = FastAPI(title="fournil arena", lifespan=lifespan)
+    app = FastAPI(title="fournil arena")
 
     @app.exception_handler(FournilError)
     async def mistake(_, e: FournilError):
@@ -223,7 +218,7 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     routes = {route.path for route in app.routes}
-    return Guard(app, metrics, None, settings.max_request_bytes, settings.hosts, (), routes)
+    return Guard(app, metrics, None, settings.max_request_bytes, settings.hosts, (), routes), list(schedulers.values())
 
 
 class Pieces:

@@ -13,8 +13,14 @@ sequence is left (a request to an idle scheduler is computed as if it were the f
 each row as if it were alone (its tokens from column 0, its own forward pass each step): a sequence's tokens then do
 not depend on what else runs, at the cost of one forward pass per sequence.
 
-:class:`Scheduler` runs steps when asked (``step``), or in a thread of its own (``start``) for a server, where requests
-arrive from other threads through ``submit`` and are read as iterators of :class:`Piece`.
+:class:`Scheduler` runs steps when asked (``step``), in a thread of its own (``start``), or, for a server, in the thread
+that loaded the model (:func:`drive`, several schedulers in turn), where requests arrive from other threads through
+``submit`` and are read as iterators of :class:`Piece`, and other work on the model comes through ``call``.
+
+Why the loading thread: PyTorch's CPU kernels parallelize with OpenMP, and once two threads have each run parallel
+work, GNU OpenMP manages more threads than there are cores and stops its workers from waiting actively; each
+parallel region then pays to wake them. Measured on 2 cores: int8 and bf16 matrix-vector products 2.5-3 times as
+slow, decoding at 0.6 times its speed. Every forward pass of a process in one thread avoids it.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +68,9 @@ class Request:
     params: SamplingParams
     text: TextStream
     generator: torch.Generator
-    seen: torch.Tensor  # tokens of the prompt and the answer (for the repetition penalty)
-    counts: torch.Tensor  # times each token was generated (frequency and presence penalties)
+    seen: torch.Tensor | None = None  # tokens of the prompt and the answer (for the repetition penalty); made when
+    # the request joins the batch, in the thread that runs the steps (tensor work in a client's thread costs: see top)
+    counts: torch.Tensor | None = None  # times each token was generated (frequency and presence penalties)
     context: list[int] = field(default_factory=list)  # prompt and answer so far
     cached: int = 0  # how many tokens before the last one of ``context`` its cache row holds
     generated: int = 0
@@ -85,9 +93,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
-                 max_waiting: int = 64, truncate: bool = False, first_columns: int = 256, batch_invariant: bool = False):
+                 max_waiting: int = 64, truncate: bool = False, first_columns: int = 256, batch_invariant: bool = False,
+                 wake: threading.Condition | None = None):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
-        ``first_columns`` wide and doubles when needed."""
+        ``first_columns`` wide and doubles when needed. Schedulers driven together share ``wake``."""
         decoder_only(model, "generating a continuation")
         check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
@@ -97,8 +106,10 @@ class Scheduler:
         self.cache = None
         self.active: list[Request] = []  # active[i] holds row i of the cache
         self.waiting: deque[Request] = deque()
-        self.wake = threading.Condition()
+        self.calls: deque[tuple] = deque()  # (function, arguments, future) to run between steps
+        self.wake = wake or threading.Condition()
         self.thread: threading.Thread | None = None
+        self.closing = False
 
     # ---- requests (any thread)
     def submit(self, prompt: list[int], params: SamplingParams, sink=None) -> Request:
@@ -113,26 +124,35 @@ class Scheduler:
                 raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: "
                                    f"shorten it (or let fournil keep its last {self.block - 1} tokens)")
             prompt = prompt[-(self.block - 1):]
-        device, vocab = self.model.device, self.model.config.vocab_size
-        generator = torch.Generator(device=device)
+        generator = torch.Generator(device=self.model.device)
         generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        seen[torch.tensor(prompt, device=device)] = True
         text = TextStream(self.tokenizer, params.stop, () if params.ignore_eos else None)
-        request = Request(list(prompt), params, text, generator, seen,
-                          torch.zeros(vocab, device=device), context=list(prompt))
+        request = Request(list(prompt), params, text, generator, context=list(prompt))
         if sink is not None:
             request.pieces = sink
         with self.wake:
             if len(self.waiting) >= self.max_waiting:
                 raise Busy(f"{len(self.waiting)} requests are already waiting; try again in a moment")
             self.waiting.append(request)
-            self.wake.notify()
+            self.wake.notify_all()
         return request
+
+    def call(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` where the steps run, between two of them (other work on the model: scoring a prompt)."""
+        future = Future()
+        with self.wake:
+            self.calls.append((fn, args, future))
+            self.wake.notify_all()
+        return future
 
     @property
     def queued(self) -> int:
         return len(self.waiting)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a request or a call waits (what wakes an idle driver)."""
+        return bool(self.waiting or self.calls or self.closing)
 
     # ---- the loop (one thread)
     def step(self) -> bool:
@@ -144,6 +164,10 @@ class Scheduler:
                 if r.cancelled:
                     r.pieces.put(None)
                 else:
+                    device, vocab = self.model.device, self.model.config.vocab_size
+                    r.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+                    r.seen[torch.tensor(r.prompt, device=device)] = True
+                    r.counts = torch.zeros(vocab, device=device)
                     self.active.append(r)
         self._drop_finished()
         if not self.active:
@@ -173,33 +197,36 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         """Run steps in a thread of its own until ``close``; requests are then read from other threads."""
-        self.closing = False
-        self.thread = threading.Thread(target=self._serve, name="fournil-scheduler", daemon=True)
+        self.thread = threading.Thread(target=drive, args=([self],), name="fournil-scheduler", daemon=True)
         self.thread.start()
         return self
 
     def close(self) -> None:
+        with self.wake:
+            self.closing = True
+            self.wake.notify_all()
         if self.thread is not None:
-            with self.wake:
-                self.closing = True
-                self.wake.notify()
             self.thread.join()
             self.thread = None
 
-    def _serve(self) -> None:
-        while not self.closing:
-            try:
-                busy = self.step()
-            except Exception:  # noqa: BLE001 - a step's fault ends its sequences, not the engine
-                log.exception("a generation step failed: its %d sequences end with an error", len(self.active))
-                for r in self.active:
-                    r.finish_reason = "error"
-                    r.pieces.put(None)
-                self.active, self.cache = [], None
-                continue
-            if not busy:
-                with self.wake:
-                    self.wake.wait_for(lambda: self.waiting or self.closing)
+    def safe_step(self) -> bool:
+        """Pending calls, then a step; a step's fault ends its sequences (logged), not the engine."""
+        while self.calls:
+            fn, args, future = self.calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except Exception as e:  # noqa: BLE001 - the caller's to handle
+                    future.set_exception(e)
+        try:
+            return self.step()
+        except Exception:  # noqa: BLE001 - a step's fault ends its sequences, not the engine
+            log.exception("a generation step failed: its %d sequences end with an error", len(self.active))
+            for r in self.active:
+                r.finish_reason = "error"
+                r.pieces.put(None)
+            self.active, self.cache = [], None
+            return bool(self.waiting)
 
     # ---- rows of the cache
     def _drop_finished(self) -> None:
@@ -307,3 +334,17 @@ class Scheduler:
             r.pieces.put(Piece(rest, -1, 0.0))
         r.finish_reason = reason
         r.pieces.put(None)
+
+
+def drive(schedulers: list[Scheduler], running=lambda: True) -> None:
+    """Steps of every scheduler in turn, in the calling thread, until one is closed or ``running()`` is false (checked
+    at least every half second); idle, it sleeps until a request or a call arrives. The schedulers share one
+    ``wake`` condition."""
+    wake = schedulers[0].wake
+    while running() and not any(s.closing for s in schedulers):
+        busy = False
+        for s in schedulers:
+            busy |= s.safe_step()
+        if not busy:
+            with wake:
+                wake.wait_for(lambda: any(s.pending for s in schedulers), timeout=0.5)

@@ -1,18 +1,20 @@
 """fournil's HTTP server: the OpenAI API (completions, chat completions, models), ``/predict``, health, metrics and a
 chat page, over one continuous-batching scheduler: concurrent requests share the model's forward passes.
 
-The scheduler runs in a thread of its own; each HTTP request submits its sequences (``n`` of them for ``n`` choices)
-and reads their pieces from an asyncio queue, so a slow reader never holds the model, and a client that goes away
-frees its rows at the next step. Every request first passes :class:`fournil.serve.guard.Guard` (host, key, size).
+The scheduler runs in the thread that loaded the model, the HTTP server in another (:func:`run_server`); each HTTP
+request submits its sequences (``n`` of them for ``n`` choices) and reads their pieces from an asyncio queue, so a
+slow reader never holds the model, and a client that goes away frees its rows at the next step. Other work on the
+model (scoring an echoed prompt) goes through the scheduler too: every forward pass in one thread. Every request first passes :class:`fournil.serve.guard.Guard` (host, key, size).
 A request's mistake is answered 4xx with what to change; a 500 is the server's own fault, logged, never detailed.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException
 from fournil.errors import FournilError
 from fournil.generate import Busy, SamplingParams, Scheduler, score
 from fournil.generate.engine import row_params
+from fournil.generate.scheduler import drive
 from fournil.serve.guard import Guard
 from fournil.serve.metrics import Metrics
 from fournil.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, Sampling,
@@ -70,7 +73,7 @@ class Sink:
 
 
 def create_app(run, settings: ServeSettings):
-    """The server's ASGI application for ``run``."""
+    """The server's ASGI application for ``run``, and the scheduler to drive (:func:`run_server`)."""
     tok, model, name = run.tokenizer, run.model, settings.name
     block = model.config.block_size
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
@@ -78,13 +81,7 @@ def create_app(run, settings: ServeSettings):
     metrics = Metrics(scheduler)
     created = int(time.time())
 
-    @asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
-        yield
-        scheduler.close()
-
-    app = FastAPI(title="fournil", lifespan=lifespan)
+    app = FastAPI(title="fournil")
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -254,7 +251,7 @@ def create_app(run, settings: ServeSettings):
 
     async def prompt_logprobs(ids: list[int], top: int) -> dict:
         """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``."""
-        values = await asyncio.to_thread(score, model, ids, 1, run.measure_dtype, max(top, 1))
+        values = await asyncio.wrap_future(scheduler.call(score, model, ids, 1, run.measure_dtype, max(top, 1)))
         text_offset, at = [], 0
         for i in ids:
             text_offset.append(at)
@@ -353,7 +350,29 @@ def create_app(run, settings: ServeSettings):
         app, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
         allow_headers=["Authorization", "Content-Type"])
     routes = {route.path for route in app.routes}
-    return Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, routes)
+    return Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, routes), [scheduler]
+
+
+def run_server(app, schedulers: list[Scheduler], host: str, port: int) -> None:
+    """Serve ``app`` with uvicorn in a thread of its own while this thread, the one that loaded the models, drives
+    their schedulers (see :mod:`fournil.generate.scheduler` for why). Ctrl-C or SIGTERM stops it: answers in
+    progress get 5 seconds to end."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+
+    def stop(*_):
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http = threading.Thread(target=server.run, name="fournil-http", daemon=True)
+    http.start()
+    drive(schedulers, http.is_alive)
+    http.join()
+    if not server.started:
+        raise FournilError(f"could not listen on {host}:{port} (the reason is above): is another server on that port? "
+                           f"choose another with --port")
 
 
 @dataclass
