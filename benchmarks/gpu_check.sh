@@ -17,11 +17,12 @@ trap 'rm -rf "$OUT"' EXIT
 ROWS=()
 FAILED=0
 
-step() {  # step NAME COMMAND...: run it, time it, keep its last line
+step() {  # step NAME COMMAND...: run it, time it, keep what it says of its speed (or its last line)
   local name=$1; shift
   local start=$SECONDS
+  touch "$OUT/started"
   if "$@" > "$OUT/log" 2>&1; then
-    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(tail -n 1 "$OUT/log" | cut -c1-110) |")
+    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-110) |")
   else
     FAILED=1
     ROWS+=("| $name | **failed** | $(( SECONDS - start )) | $(grep -v '^\s*$' "$OUT/log" | tail -n 1 | cut -c1-110) |")
@@ -30,6 +31,20 @@ step() {  # step NAME COMMAND...: run it, time it, keep its last line
 }
 
 fournil() { python -m fournil "$@"; }
+
+summary() {  # a training run's precision and tokens/s (its metrics.jsonl, written by this step), else the last line
+  python - "$OUT" <<'PY'
+import json, pathlib, re, sys
+out = pathlib.Path(sys.argv[1])
+said = (out / "log").read_text(errors="replace").strip().splitlines() or [""]
+since = (out / "started").stat().st_mtime
+runs = [p for p in out.glob("*/metrics.jsonl") if p.stat().st_mtime >= since]
+rows = [json.loads(line) for p in runs for line in p.read_text().splitlines() if "tokens_per_s" in line]
+found = (re.search(r"(cpu|cuda|mps)\S* (float32|bfloat16|float16)", line) for line in said)
+precision = next((m.group(0) for m in found if m), "")
+print(f"{precision}; {rows[-1]['tokens_per_s']:,.0f} tokens/s" if rows else said[-1])
+PY
+}
 
 step "device" python -c "
 import torch
@@ -52,20 +67,20 @@ step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SM
   --quiet --out "$OUT/dpo"
 step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --no-baseline --quiet --out "$OUT/student"
-step "generation, one stream" fournil generate smollm2 "Once upon a time" --device "$DEVICE" --temperature 0 \
-  --max-new-tokens 128
-step "generation, 8 at once" python - "$DEVICE" <<'EOF'
+for batch in 1 8; do
+  step "generation, $batch at once" python - "$DEVICE" "$batch" <<'EOF'
 import sys, time
 from fournil.generate import SamplingParams, complete
 from fournil.runs import Run
-run = Run.load("smollm2", sys.argv[1])
-prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(8)]
+run, n = Run.load("smollm2", sys.argv[1]), int(sys.argv[2])
+prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(n)]
 params = SamplingParams(128, temperature=0, ignore_eos=True)
 complete(run.model, run.tokenizer, prompts[:1], SamplingParams(4, temperature=0), run.dtype)
 start = time.perf_counter()
 complete(run.model, run.tokenizer, prompts, params, run.dtype)
-print(f"{8 * 128 / (time.perf_counter() - start):.1f} tokens/s over 8 sequences ({run.precision})")
+print(f"{n * 128 / (time.perf_counter() - start):.1f} tokens/s over {n} sequences ({run.precision})")
 EOF
+done
 step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
 
 echo

@@ -197,6 +197,7 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         """Run steps in a thread of its own until ``close``; requests are then read from other threads."""
+        self.closing = False
         self.thread = threading.Thread(target=drive, args=([self],), name="fournil-scheduler", daemon=True)
         self.thread.start()
         return self
