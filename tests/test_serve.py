@@ -176,3 +176,20 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
     while "fournil_active_sequences 0" not in server.get("/metrics")[1]:  # the stopped answer freed its row
         assert time.time() < deadline
         time.sleep(0.1)
+
+
+def test_a_port_in_use_is_one_line_and_ctrl_c_stops_the_server(cli, bpe_llama):
+    """The HTTP server runs in a thread beside the one that drives the model: a port it cannot take still ends the
+    command with a clear error, and SIGINT still stops it cleanly."""
+    import signal
+
+    server = Server(bpe_llama)
+    try:
+        taken = cli("serve", bpe_llama, "--port", server.port, check=False, timeout=120)
+        assert taken.returncode == 2 and f"could not listen on 127.0.0.1:{server.port}" in taken.stderr
+        assert "Traceback" not in taken.stderr
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        if server.process.poll() is None:
+            server.stop()
