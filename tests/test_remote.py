@@ -4,23 +4,24 @@ import pytest
 from conftest import Server, free_port
 
 pytest.importorskip("openai")
-KEY = {"REMOTE_KEY": "s3cret"}
+FP32 = {"FOURNIL_CPU_BF16": "0"}  # both sides of a comparison in fp32, on every CPU: the same greedy tokens
+KEY = {"REMOTE_KEY": "s3cret", **FP32}
 
 
 @pytest.fixture(scope="module")
 def remote(bpe_llama):
-    server = Server(bpe_llama, "--api-key", "s3cret", "--name", "bard")
+    server = Server(bpe_llama, "--api-key", "s3cret", "--name", "bard", env=FP32)
     yield f"openai:bard@{server.url}/v1"
     server.stop()
 
 
 def test_generate_and_chat_answer_through_the_remote_as_they_do_here(cli, bpe_llama, remote):
     args = ("To be, or not", "--max-new-tokens", "12", "--temperature", "0")
-    here = cli("generate", bpe_llama, *args).stdout
+    here = cli("generate", bpe_llama, *args, env=FP32).stdout
     there = cli("generate", remote, *args, "--api-key-env", "REMOTE_KEY", env=KEY).stdout
     assert there == here and len(here) > len("To be, or not\n")
     args = ("--max-new-tokens", "12", "--temperature", "0")
-    here = cli("chat", bpe_llama, *args, input="Hello\nWho are you?\n").stdout
+    here = cli("chat", bpe_llama, *args, input="Hello\nWho are you?\n", env=FP32).stdout
     there = cli("chat", remote, *args, "--api-key-env", "REMOTE_KEY", input="Hello\nWho are you?\n", env=KEY).stdout
     assert there == here and here.count("\n") >= 2  # an answer (of newlines, from so small a model) to each line
 
@@ -75,7 +76,7 @@ def test_a_remote_teacher_answers_for_sequence_level_distillation(cli, bpe_llama
               "--no-baseline", "--quiet")
     cli("distill", "--teacher", remote, "--student", bpe_llama, *common, "--out", tmp_path / "there",
         "--api-key-env", "REMOTE_KEY", env=KEY)
-    cli("distill", "--teacher", bpe_llama, "--student", bpe_llama, *common, "--out", tmp_path / "here")
+    cli("distill", "--teacher", bpe_llama, "--student", bpe_llama, *common, "--out", tmp_path / "here", env=FP32)
     there, here = ([json.loads(line) for line in (tmp_path / side / "teacher_answers.jsonl").read_text().splitlines()]
                    for side in ("there", "here"))
     assert len(there) == 3 and there == here

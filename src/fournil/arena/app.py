@@ -9,7 +9,6 @@ committed to the database before the page hears it is recorded.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import json
 import random
@@ -90,11 +89,7 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
         """Start contestant ``name`` answering; its pieces of text, then None, go to ``put``. Returns a canceller."""
         model, messages = contestants[name], [{"role": "user", "content": prompt}]
         if isinstance(model, Local):
-            ids, block = model.run.tokenizer.chat_ids(messages), model.run.model.config.block_size
-            if len(ids) >= block:
-                raise FournilError(f"the prompt is too long for one of the models ({len(ids)} tokens, its context "
-                                   f"{block}): shorten it")
-            room = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, block - len(ids)))
+            ids, room = model.chat_prompt(messages, params)
             request = schedulers[name].submit(ids, room, Pieces(put))
             return request.cancel
 

@@ -94,13 +94,8 @@ def answers(model, prompts: list[str], params: SamplingParams, max_batch: int = 
     if not isinstance(model, Local):
         return ["".join(model.chat(m, params)) for m in messages]
     run = model.run
-    ids = [run.tokenizer.chat_ids(m) for m in messages]
-    block = run.model.config.block_size
-    if too_long := [p for p, i in zip(prompts, ids) if len(i) >= block]:
-        raise FournilError(f"a prompt is too long for {model} (context {block}): {too_long[0][:60]!r}")
-    each = [SamplingParams(max_new_tokens=min(params.max_new_tokens, block - len(i)), temperature=params.temperature,
-                           seed=params.seed) for i in ids]
-    return [c.text for c in complete(run.model, run.tokenizer, ids, each, run.dtype, max_batch=max_batch)]
+    ids, each = zip(*(model.chat_prompt(m, params) for m in messages))
+    return [c.text for c in complete(run.model, run.tokenizer, list(ids), list(each), run.dtype, max_batch=max_batch)]
 
 
 def tournament(contestants: dict, judge: Judge, prompts: list[str], store: Store, params: SamplingParams,

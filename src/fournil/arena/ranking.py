@@ -68,13 +68,13 @@ def leaderboard(votes, rounds: int = 1000, seed: int = 0) -> list[Standing]:
     models = sorted({m for g in games for m in g[:2]})
     if not games:
         return []
-    scores = fit(points_matrix(models, games))
+    points = points_matrix(models, games)
+    scores = fit(points)
     rng = np.random.default_rng(seed)
     draws = np.array([fit(points_matrix(models, games, np.bincount(rng.integers(0, len(games), len(games)),
                                                                     minlength=len(games))))
                       for _ in range(rounds)])
     low, high = np.percentile(draws, [2.5, 97.5], axis=0) if rounds else (scores, scores)
-    points = points_matrix(models, games)
     played = (points + points.T).sum(1)
     standings = [Standing(m, float(scores[i]), float(low[i]), float(high[i]), int(played[i]),
                           float(points[i].sum() / played[i])) for i, m in enumerate(models)]

@@ -64,12 +64,16 @@ class Local:
     def __str__(self) -> str:
         return self.name
 
-    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
-        """The answer, at most as many tokens as the model's context leaves after the conversation."""
+    def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The conversation's token ids, and ``params`` allowing at most what the model's context leaves after it."""
         ids, block = self.run.tokenizer.chat_ids(messages), self.run.model.config.block_size
         if len(ids) >= block:
             raise FournilError(f"the conversation, {len(ids)} tokens, fills the model's context of {block}")
-        return self._stream(ids, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, block - len(ids))))
+        return ids, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, block - len(ids)))
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
+        """The answer, at most as many tokens as the model's context leaves after the conversation."""
+        return self._stream(*self.chat_prompt(messages, params))
 
     def generate(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         return self._stream(self.run.tokenizer.prompt_ids(prompt), params)

@@ -150,15 +150,16 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
                                train=t, distill=settings)
             run_dir = new_run_dir(config, out)
         taught = config.distill
-        if is_remote(taught.teacher):
-            remote = remote_teacher(taught, api_key_env, bool(resume))
-            teacher_run = Run.load(taught.student, config.train.device)  # the tokenizer, the context, the start
+        remote = is_remote(taught.teacher)
+        if remote:  # the student's own run gives the tokenizer and the context; the remote gives answers
+            teacher = remote_teacher(taught, api_key_env, bool(resume))
+            teacher_run = Run.load(taught.student, config.train.device)
         else:
-            teacher_run = remote = Run.load(taught.teacher, config.train.device)
-        run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, remote)
+            teacher = teacher_run = Run.load(taught.teacher, config.train.device)
+        run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, teacher)
         if not world.main:
             return None
-        if remote is not teacher_run:
+        if remote:
             runs = {"student before": Run.load(taught.student, config.train.device), "distilled student": run}
         else:
             if next(teacher_run.model.parameters()).dtype != torch.float32:  # rounded for training: reload its weights
@@ -169,7 +170,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
             alone = dataclasses.replace(config, distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
             base_dir = run_dir / BASELINE
             runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
-                                                            world, progress, announce, remote)[0]
+                                                            world, progress, announce, teacher)[0]
         text = report(runs, splits["val"], config.train.eval_tokens)
         (run_dir / REPORT).write_text(text, encoding="utf-8")
         announce(text)
