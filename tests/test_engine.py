@@ -164,14 +164,14 @@ def test_a_cancelled_sequence_hands_its_row_to_a_waiting_one(running_text):
 
 
 @pytest.mark.precision
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4"])
 def test_an_answer_does_not_depend_on_what_was_generated_before_or_beside_it(bpe_llama, precision):
     """To the last bit, in every precision: a request to an idle scheduler is computed as the first one was (greedy
     and seeded alike), and with ``batch_invariant`` a request among others as if it were alone, its neighbours
     joining at other steps, one of them with a prompt that widens the cache. Without it, only close."""
-    run = Run.load(bpe_llama, "cpu", "float32" if precision == "int8" else precision)
-    if precision == "int8":
-        run.quantize("int8")
+    run = Run.load(bpe_llama, "cpu", "float32" if precision.startswith("int") else precision)
+    if precision.startswith("int"):
+        run.quantize(precision)
     tok = run.tokenizer
     prompt = tok.prompt_ids("KING HENRY:")
     asked = [SamplingParams(40, temperature=0), SamplingParams(40, temperature=0.9, seed=3)]
@@ -239,7 +239,8 @@ def test_a_failing_step_ends_its_sequences_and_the_engine_goes_on(trained, monke
         scheduler.close()
 
 
-def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
     run = Run.load(bpe_llama, "cpu", "float32")
     before = run.model.num_params()
-    assert run.quantize("int8").model.num_params() == before
+    assert run.quantize(precision).model.num_params() == before

@@ -15,10 +15,12 @@ from fournil.config import DataConfig, RunConfig, TrainConfig, coerce
 from fournil.data.sources import BUNDLED
 from fournil.device import dtype_name
 from fournil.errors import FournilError
+from fournil.generate.quantize import PRECISIONS
 from fournil.models import FAMILIES, config_class
 
 AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings taken from the data, not from flags
 LOW_MEMORY = {"auto": None, "on": True, "off": False}
+WEIGHT_PRECISIONS = ["auto", *PRECISIONS]  # --dtype of the commands that generate
 SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
                "help": "precision of the scores (default: float32, the same figures on every machine)"}
 
@@ -299,9 +301,9 @@ def add_model_commands(sub) -> None:
         p.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable)")
         p.add_argument("--seed", type=int)
         p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                       help="weights for generation: bfloat16 takes half of float32's memory, int8 about a third "
-                            "(the embeddings stay in bfloat16)")
+        p.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
+                       help="weights for generation: bfloat16 takes half of float32's memory, int8 about a third, "
+                            "int4 a quarter (CPU only; the embeddings stay in bfloat16)")
         p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of an openai:NAME@URL model")
         p.add_argument("--draft", metavar="MODEL",
@@ -339,8 +341,8 @@ def add_model_commands(sub) -> None:
                    help="comma-separated origins of web pages allowed to call the API from a browser (default: none)")
     p.add_argument("--name", help="the model's name in the API (default: the model's file or folder name)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                   help="weights in memory: int8 and bfloat16 take less and decode faster on a CPU")
+    p.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
+                   help="weights in memory: bfloat16, int8 and int4 (CPU only) take less and decode faster on a CPU")
 
     p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
@@ -432,7 +434,7 @@ def add_arena(sub) -> None:
         q.add_argument("--temperature", type=float, default=0.7, help="the same for both answers of a battle")
         q.add_argument("--max-tokens", type=int, default=256, help="the longest answer, in tokens")
         q.add_argument("--device", default="auto")
-        q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"])
+        q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS)
         q.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of openai:NAME@URL models")
 

@@ -55,7 +55,8 @@ class Run:
     """A model with its tokenizer: trained here (with the data it was trained on) or imported from a file."""
 
     def __init__(self, path: Path, config: RunConfig, model, tokenizer, source: dict, dtype: str = "auto"):
-        self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
+        self.path, self.config, self.tokenizer = path, config, tokenizer
+        self.model = model.eval()  # for use (no dropout); training switches it back
         self.source = source  # format, architecture and stored dtype, for `fournil info`
         self.dtype = pick_dtype(model.device, dtype)  # what generation computes in
         self.measure_dtype = pick_dtype(model.device, dtype, measure=True)  # what scores are computed in
@@ -111,7 +112,7 @@ class Run:
         write_json(out / CONFIG, to_dict(self.config))
 
     def quantize(self, precision: str) -> Run:
-        """Weights in ``precision`` (float32, bfloat16, int8) for generation; returns the run itself."""
+        """Weights in ``precision`` (float32, bfloat16, int8, int4) for generation; returns the run itself."""
         from fournil.generate.quantize import quantize
 
         quantize(self.model, precision)

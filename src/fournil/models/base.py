@@ -2,6 +2,7 @@
 log-probability of each target; a config, a parameter count."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -36,10 +37,12 @@ class LanguageModel(nn.Module):
 
     def num_params(self) -> int:
         """Parameters a learner would count: each weight once, tied weights once, counts of an n-gram table, and the
-        int8 weights that quantization keeps as buffers (not their scales, nor the int8 copy of tied embeddings)."""
+        weights that quantization keeps as buffers (not their scales, nor the quantized copy of tied embeddings)."""
+        from fournil.generate.quantize import QuantizedLinear
+
         seen = {p.data_ptr(): p.numel() for p in self.parameters()}
-        seen |= {m.weight.data_ptr(): m.weight.numel() for m in self.modules()
-                 if getattr(m, "weight", None) is not None and m.weight.dtype == torch.int8 and not m.tied}
+        seen |= {m.weight.data_ptr(): m.in_features * m.out_features for m in self.modules()
+                 if isinstance(m, QuantizedLinear) and not m.tied}
         return sum(seen.values())
 
     def flops_per_token(self, context: int) -> float:
@@ -53,7 +56,8 @@ class LanguageModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.state_dict().values())).device
+        """Where the weights are (asked at every generation step: cheap, unlike walking the state dict)."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
 
 
 def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
