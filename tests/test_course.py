@@ -1,8 +1,11 @@
-"""The course in examples/course runs, step after step, in English and in French, with tiny budgets."""
+"""The course runs, step after step, in English and in French, with tiny budgets: the scripts of examples/course
+and the notebooks of examples/notebooks."""
+import json
 import os
 import re
 import socket
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,10 +46,11 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         steps = list(out.values())
         assert f"counted {symbols * symbols:,} parameters -> runs/{folder}/{bigram}" in steps[0]
         assert re.search(rf"^\.{word[0]} 0\.\d+ ", steps[0], re.M)  # the first transition of the word, explained
-        table = re.findall(r"^ ?(\d+) +([\d,]+) +([\d,]+)$", steps[1], re.M)
+        table = re.findall(r"^ ?(\d+) +([\d,\u202f]+) +([\d,\u202f]+)$", steps[1], re.M)  # 1,600 or 1 600
+        number = lambda text: int(re.sub("[,\u202f]", "", text))  # noqa: E731
         assert [int(n) for n, _, _ in table] == list(range(1, 11))
-        assert [int(possible.replace(",", "")) for _, possible, _ in table] == [symbols**n for n in range(1, 11)]
-        seen = [int(s.replace(",", "")) for _, _, s in table]
+        assert [number(possible) for _, possible, _ in table] == [symbols**n for n in range(1, 11)]
+        seen = [number(s) for _, _, s in table]
         assert seen == sorted(seen) and seen[-1] < 10**6  # the data's contexts level off while V^n explodes
         assert "principal components explain" in steps[2] and "attends most to" in steps[3]
         assert "bytes per token" in steps[4] and "bits/byte" in steps[5]
@@ -58,3 +62,55 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
                     "fr": ["marie.png", "plongements.png", "attention-prenoms.png", "attention-it.png", "capitale.png",
                            "tokens.png"]}[lang]:
             assert imread(tmp_path / lang / png).ndim == 3, png
+
+
+NOTEBOOKS = COURSE.parent / "notebooks"
+STARTING = threading.Lock()
+# what each notebook checks of its own hand-written code against fournil's (it fails on a cell error if not)
+CHECKS = {"01": "< 1e-6", "03": "atol=1e-5", "04": "atol=1e-5", "05": "< 1e-9", "06": "< 0.02", "08": "< 1e-5",
+          "09": "< 1e-5", "10": "assert"}
+
+
+def execute(notebook: Path, cwd: Path) -> dict:
+    """Run ``notebook`` top to bottom in ``cwd`` (a kernel of its own) and return it with its outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(notebook, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    with STARTING:  # a kernel picks free ports, then binds them: another started meanwhile may pick the same
+        client.km = client.create_kernel_manager()
+        client.start_new_kernel()
+        client.start_new_kernel_client()  # (returns once the kernel answers)
+    return client.execute()
+
+
+def test_every_notebook_runs_in_both_languages(tmp_path, bpe_llama, monkeypatch):
+    """Every notebook of examples/notebooks, in English and in French, executed with the course's tiny budgets; the
+    figures each notebook asserts (its hand-written model against fournil's) are checked by running it."""
+    import shutil
+
+    english, french = (sorted((NOTEBOOKS / lang).glob("*.ipynb")) for lang in ("en", "fr"))
+    assert [p.name[:3] for p in english] == [p.name[:3] for p in french] == [f"{i:02d}-" for i in range(1, 11)]
+    for lang, notebooks in (("en", english), ("fr", french)):
+        for path in notebooks:  # stored without outputs: a learner sees them by running
+            assert all(not c.get("outputs") and not c.get("execution_count") for c in json.loads(path.read_text())["cells"]
+                       if c["cell_type"] == "code"), path.name
+    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks", ignore=shutil.ignore_patterns("runs", "*.png"))
+    for name, value in {"COURSE_TEST": "1", "CHAT_MODEL": str(bpe_llama), "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+
+    def follow(lang: str) -> list:
+        folder = tmp_path / "notebooks" / lang
+        return [execute(folder / path.name, folder) for path in sorted(folder.glob("*.ipynb"))]
+
+    with ThreadPoolExecutor(2) as pool:  # the two languages side by side, one core each
+        done = dict(zip(("en", "fr"), pool.map(follow, ["en", "fr"])))
+    for lang, notebooks in done.items():
+        for number, nb in enumerate(notebooks, 1):
+            code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+            assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), (lang, number)
+            assert CHECKS.get(f"{number:02d}", "") in code, (lang, number)
+        images = [o for nb in notebooks for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if "image/png" in o.get("data", {})]
+        assert len(images) >= 6, lang  # the pictures, inline

@@ -21,6 +21,7 @@ for n in range(1, 11):
     seen = {("." * n + name + ".")[i:i + n] for name in names for i in range(len(name) + 1)}
     print(f"{n:>2} {V ** n:>26,} {len(seen):>17,}")
 PY
-# Look at: the possible contexts grow as V^n (with 40 symbols: 40, 1,600, 64,000 ... 10^16 for ten characters),
+# Look at: the possible contexts grow as V^n (here V = 27: 27, 729, 19,683 ... 2 x 10^14 for ten characters; the
+# course material counts with 40 symbols: 40, 1,600, 64,000 ... about 1.05 x 10^16),
 # while the contexts the data shows level off near 55,000. A table of counts cannot generalize from one
 # context to a similar one; the next step learns representations that can.

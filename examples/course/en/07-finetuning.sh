@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step 7 - Fine-tuning: teaching a pretrained model to follow instructions.
 # Supervised fine-tuning shows (instruction, answer) pairs and puts the loss on the answer only. LoRA trains two
-# small matrices beside each weight instead of the weight itself.
+# small matrices beside each targeted weight matrix, which stays frozen.
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 

@@ -6,7 +6,7 @@ set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
 fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/course/dpo
-# Look at: val_reward_accuracy, the share of held-out pairs where the model now prefers the chosen answer (50 % at
-# the start, since the model is its own reference), and the margin between the two.
+# Look at: val_reward_accuracy, the share of held-out pairs where the model now prefers the chosen answer, and the
+# margin between the two (at the start the model is its own reference: every margin is 0, no preference yet).
 
 fournil eval runs/course/dpo

@@ -6,7 +6,7 @@ set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
 fournil train --data prenoms --model ngram --n 2 --out runs/cours/prenoms-bigramme
-# À regarder : « 2,116 parameters », soit 46 x 46 comptes (45 caractères, accents compris, et « . » qui marque le
+# À regarder : « 2,116 parameters », soit 46 × 46 = 2 116 comptes (45 caractères, accents compris, et « . » qui marque le
 # début et la fin d'un prénom) : c'est tout ce que le modèle sait.
 
 fournil explain runs/cours/prenoms-bigramme marie --out marie.png

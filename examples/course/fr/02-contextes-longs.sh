@@ -21,9 +21,9 @@ possibles, vus = "contextes possibles V^n", "vus à l'entraînement"
 print(f"{'n':>2} {possibles:>28} {vus:>21}")
 for n in range(1, 11):
     vus = {("." * n + p + ".")[i:i + n] for p in prenoms for i in range(len(p) + 1)}
-    print(f"{n:>2} {V ** n:>28,} {len(vus):>21,}")
+    print(f"{n:>2} {V ** n:>28,} {len(vus):>21,}".replace(",", "\u202f"))  # 2 116 : les milliers à la française
 PY
-# À regarder : les contextes possibles croissent comme V^n (avec 40 symboles : 40, 1 600, 64 000 ... 10^16 pour dix
-# caractères), alors que ceux que montrent les données plafonnent vers quelques dizaines de milliers. Une table de
+# À regarder : les contextes possibles croissent comme V^n (ici V = 46 : 46, 2 116, 97 336 ... 4,2 × 10^16 pour dix
+# caractères ; le cours compte avec 40 symboles : 40, 1 600, 64 000 ... environ 1,05 × 10^16), alors que ceux que montrent les données plafonnent vers quelques dizaines de milliers. Une table de
 # comptes ne peut rien généraliser d'un contexte à un contexte voisin ; l'étape suivante apprend des représentations
 # qui le peuvent.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Étape 7 - L'affinage (fine-tuning) : apprendre à un modèle pré-entraîné à suivre des instructions.
 # L'affinage supervisé montre des paires (instruction, réponse) et ne compte la perte que sur la réponse. LoRA
-# entraîne deux petites matrices à côté de chaque poids au lieu du poids lui-même.
+# entraîne deux petites matrices à côté de chaque matrice de poids ciblée, qui reste gelée.
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 

@@ -8,6 +8,7 @@ set -euo pipefail
 
 fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/cours/dpo
 # À regarder : val_reward_accuracy, la part des paires mises de côté où le modèle préfère maintenant la réponse
-# choisie (50 % au départ, puisque le modèle est sa propre référence), et la marge entre les deux.
+# choisie, et la marge entre les deux (au départ le modèle est sa propre référence : chaque marge vaut 0, aucune
+# préférence encore).
 
 fournil eval runs/cours/dpo
