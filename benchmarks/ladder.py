@@ -19,16 +19,18 @@ import time
 from pathlib import Path
 
 import fournil
-from fournil.config import DataConfig, RunConfig, TrainConfig
+from fournil.config import DataConfig, RunConfig, TrainConfig, read_recipe
 
 BUDGETS = {"mlp": 60.0, "rnn": 120.0, "gpt": 300.0}  # seconds of training per model
-MAKEMORE = {"model": {"family": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 64, "dropout": 0.0, "tie_embeddings": False},
-            "train": {"batch_size": 32, "lr": 5e-4, "weight_decay": 0.01, "warmup": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0,
-                      "optimizer": "adamw"}}
+MAKEMORE = Path(__file__).parent.parent / "recipes" / "names-makemore.toml"  # makemore's model and recipe
 
 
 def run_one(out: Path, data: str, model: dict, train: dict) -> dict:
-    config = RunConfig(model=model, data=DataConfig(data), train=TrainConfig(samples=0, **train))
+    return run_config(out, RunConfig(model=model, data=DataConfig(data), train=TrainConfig(samples=0, **train)))
+
+
+def run_config(out: Path, config: RunConfig) -> dict:
+    data, model = config.data.data, config.model
     start = time.perf_counter()
     run = fournil.train(config, out=str(out), progress=False, announce=lambda *_: None)
     seconds = time.perf_counter() - start
@@ -54,7 +56,9 @@ def main() -> None:
             if data == "names" and "gpt" in args.models:  # the same model with AdamW, and with makemore's recipe
                 adamw = run_one(Path(tmp) / "adamw", data, {"family": "gpt"},
                                 {"optimizer": "adamw", "weight_decay": 0.1, "time": gpt_time})  # the defaults before Muon
-                ref = run_one(Path(tmp) / "makemore", data, MAKEMORE["model"], {**MAKEMORE["train"], "time": gpt_time})
+                makemore = read_recipe(MAKEMORE)
+                makemore.train.time = gpt_time
+                ref = run_config(Path(tmp) / "makemore", makemore)
                 adamw["model"], ref["model"] = "gpt, AdamW", "gpt, makemore recipe"
                 rows += [adamw, ref]
                 print(json.dumps(adamw), json.dumps(ref), sep="\n", flush=True)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import fournil
-from fournil.config import DataConfig, RunConfig, TrainConfig
+from fournil.config import read_recipe
 from fournil.evaluate import output_scores
 
 GOAL, BUDGET = 0.95, 600.0
@@ -27,8 +27,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="60 steps")
     p.add_argument("--beam", type=int, default=4)
     args = p.parse_args()
-    config = RunConfig(model={"family": "seq2seq"}, data=DataConfig("nombres"),
-                       train=TrainConfig(steps=60 if args.quick else None, samples=0))
+    config = read_recipe(Path(__file__).parent.parent / "recipes" / "nombres-seq2seq.yaml")
+    config.train.steps = 60 if args.quick else None
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         run = fournil.train(config, out=str(Path(tmp) / "nombres"), progress=False, announce=print)

@@ -28,29 +28,18 @@ from pathlib import Path
 import numpy as np
 
 import fournil
-from fournil.config import DataConfig, RunConfig, TrainConfig
+from fournil.config import read_recipe
 from fournil.data.sources import read_text
 
-SIZE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
-RECIPES = {
-    "nanogpt": ({"family": "gpt", **SIZE, "bias": False, "dropout": 0.0},
-                {"steps": 2000, "batch_size": 12, "lr": 1e-3, "warmup": 100, "min_lr_ratio": 0.1, "beta2": 0.99,
-                 "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 250, "eval_tokens": 20 * 12 * 64,
-                 "dtype": "float32"}),
-    # 4 x 128 x 344 x 3 SwiGLU weights = 4 x 128 x 512 x 2 GELU-MLP weights, to within 0.2 %
-    "fournil": ({"family": "llama", **SIZE, "n_kv_head": 4, "intermediate_size": 344},
-                {"steps": 800, "batch_size": 12, "lr": 3e-3, "warmup": 50, "min_lr_ratio": 0.0, "beta2": 0.99,
-                 "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 250, "eval_tokens": 20 * 12 * 64}),
-}
+RECIPES = {"fournil": "shakespeare-speedrun.toml", "nanogpt": "shakespeare-nanogpt.toml"}  # in recipes/
+RECIPE_DIR = Path(__file__).parent.parent / "recipes"
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
                 "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
 def run_fournil(recipe: str, out: Path) -> dict:
-    model, train = RECIPES[recipe]
-    config = RunConfig(model=model, data=DataConfig("shakespeare", split=(0.9, 0.05, 0.05)),
-                       train=TrainConfig(samples=0, **train))
+    config = read_recipe(RECIPE_DIR / RECIPES[recipe])
     start = time.perf_counter()
     run = fournil.train(config, out=str(out), progress=True)
     scores = run.evaluate()

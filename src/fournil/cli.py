@@ -11,7 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
-from fournil.config import DataConfig, RunConfig, TrainConfig, coerce
+from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, read_recipe
 from fournil.data.sources import BUNDLED
 from fournil.device import dtype_name
 from fournil.errors import FournilError
@@ -75,9 +75,48 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+LOOP_FLAGS = ("steps", "time", "batch_size", "batch_tokens", "lr", "eval_every", "seed", "device", "dtype", "optimizer",
+              "compile", "fsdp", "tensorboard")  # TrainConfig's fields that `fournil train` has a flag for
+
+
+class TrainParser(argparse.ArgumentParser):
+    """``fournil train --config FILE``: the file's settings become the flags' defaults, so that flags given beside it
+    override it, and its settings without a flag (warmup, weight decay...) are kept as they are."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        files = [a.removeprefix("--config=") for a in args or [] if a.startswith("--config=")]
+        files += [args[i + 1] for i, a in enumerate(args or []) if a == "--config" and i + 1 < len(args)]
+        if files and Path(files[-1]).is_file():  # (a missing file is said when the command runs)
+            try:
+                self.set_defaults(**recipe_defaults(read_recipe(files[-1])))
+            except FournilError as e:
+                self.error(str(e))
+        return super().parse_known_args(args, namespace)
+
+
+def recipe_defaults(config: RunConfig) -> dict:
+    """The flag values (argparse destinations) that say what ``config`` says."""
+    d, t, settings = config.data, config.train, model_settings()
+    values = {"model": config.model["family"], "data": d.data, "mode": d.mode, "split": tuple(d.split),
+              "split_seed": d.seed, "train_file": d.train, "val_file": d.val, "test_file": d.test, "tokenizer": d.tokenizer,
+              "low_memory": next(k for k, v in LOW_MEMORY.items() if v == t.low_memory),
+              **{name: getattr(t, name) for name in LOOP_FLAGS}}
+    values["recipe_train"] = {k: v for k, v in dataclasses.asdict(t).items() if k not in LOOP_FLAGS and k != "low_memory"}
+    values |= {f"model_{k}": str(v) for k, v in config.model.items() if k in settings and v is not None}
+    values["recipe_model"] = {k: v for k, v in config.model.items()
+                              if k not in settings and k not in AUTOMATIC and k != "family"}
+    return values
+
+
 def add_train(sub) -> None:
+    sub._parser_class, default = TrainParser, sub._parser_class  # only `train` reads a recipe this way
     p = sub.add_parser("train", help="train a model (defaults: gpt on prenoms)",
                        description="Train a language model. With no flags: the gpt model on the bundled French first names.")
+    sub._parser_class = default
+    p.add_argument("--config", metavar="FILE",
+                   help="a recipe: a .toml or .yaml file (sections model, data, train; see recipes/) or a run's "
+                        "config.json, to train it again; flags given beside it override it")
+    p.set_defaults(recipe_train={}, recipe_model={})
     p.add_argument("--data", default="prenoms", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, or "
                    "(source, target) pairs for seq2seq: nombres (digits to French words, made by code), a .jsonl "
                    "(source, target fields) or .tsv file")
@@ -473,9 +512,11 @@ def run_train(args) -> None:
     if args.resume:
         report(train(resume=args.resume, budget=budget, progress=not args.quiet))
         return
+    if args.config:
+        read_recipe(args.config)  # what the parser could not read: a missing file
     cfg_cls = config_class(args.model)
     own = {f.name for f in dataclasses.fields(cfg_cls)}
-    model = {"family": args.model}
+    model = {"family": args.model, **args.recipe_model}
     for name in model_settings():
         value = getattr(args, f"model_{name}")
         if value is None:
@@ -488,9 +529,7 @@ def run_train(args) -> None:
         model=model,
         data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
                         tokenizer=args.tokenizer),
-        train=TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
-                          lr=args.lr, eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
-                          optimizer=args.optimizer, compile=args.compile, fsdp=args.fsdp, tensorboard=args.tensorboard,
+        train=TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in LOOP_FLAGS},
                           low_memory=LOW_MEMORY[args.low_memory]),
     )
     run = train(config, out=args.out, progress=not args.quiet)

@@ -5,9 +5,11 @@ Model configs live beside their models (``fournil.models.*``); data and training
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fournil.errors import FournilError
 
@@ -188,3 +190,47 @@ def coerce(cls, key: str, text: str):
         return target(text)
     except ValueError:
         raise FournilError(f"{key}={text!r}: expected a {target.__name__}") from None
+
+
+def read_recipe(path: str | Path) -> RunConfig:
+    """A pretraining run's settings from a file: a recipe in TOML or YAML, or the ``config.json`` a run wrote, each
+    with the sections ``model`` (its ``family`` and settings), ``data`` and ``train``, as :class:`RunConfig` has them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FournilError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise FournilError(f"--config {path}: a recipe is a .toml, .yaml or .json file")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            try:
+                raw = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(e) from None
+    except ValueError as e:  # what TOML's, JSON's (and here YAML's) parse errors are
+        raise FournilError(f"--config {path} does not parse: {e}") from None
+    if not isinstance(raw, dict):
+        raise FournilError(f"--config {path}: expected the sections model, data and train")
+    tuned = [k for k in ("finetune", "align", "distill") if raw.get(k)]
+    if tuned:
+        raise FournilError(f"--config {path} is the config of a {tuned[0]} run; fournil train --config takes a "
+                           f"pretraining run's (its model, data and train sections)")
+    unknown = sorted(set(raw) - {"model", "data", "train", "fingerprints", "finetune", "align", "distill"})
+    if unknown:
+        raise FournilError(f"--config {path}: unknown section(s) {', '.join(unknown)}; a recipe has model, data, train")
+    for name in ("model", "data", "train"):
+        if not isinstance(raw.get(name) or {}, dict):
+            raise FournilError(f"--config {path}: {name} must be a table of settings (name = value)")
+    model = dict(raw.get("model") or {"family": "gpt"})
+    if "family" not in model:
+        raise FournilError(f"--config {path}: the model section needs a family (gpt, llama, mlp, ...)")
+    return RunConfig(model=model, data=from_dict(DataConfig, raw.get("data") or {}, "data"),
+                     train=from_dict(TrainConfig, raw.get("train") or {}, "train"))

@@ -1,0 +1,60 @@
+"""Runs as recipes: `fournil train --config FILE` (TOML, YAML, or the config.json a run wrote), flags overriding it."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI
+from fournil.config import read_recipe
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+TINY = ["--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--quiet"]
+
+
+def losses(run: Path) -> list:
+    """Each logged step's training loss and each validation's NLL, as metrics.jsonl has them."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
+
+
+def test_a_run_started_from_another_runs_config_gives_the_same_losses(tmp_path):
+    cli = CLI(tmp_path)
+    cli("train", *TINY, "--steps", "20", "--eval-every", "10", "--lr", "4e-3", "--out", "first")
+    cli("train", "--config", "first/config.json", "--out", "again")
+    first, again = losses(tmp_path / "first"), losses(tmp_path / "again")
+    assert len(first) == 2 and all(loss and val for _, loss, val in first) and again == first
+    settings = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert settings["model"]["n_embd"] == 32 and settings["train"]["lr"] == 4e-3
+
+    cli("train", "--config", "first/config.json", "--steps", "4", "--n-embd", "48", "--out", "changed")  # flags win
+    settings = json.loads((tmp_path / "changed" / "config.json").read_text())
+    assert (settings["train"]["steps"], settings["model"]["n_embd"], settings["model"]["n_layer"]) == (4, 48, 1)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.iterdir()))
+def test_every_recipe_starts(tmp_path, recipe):
+    CLI(tmp_path)("train", "--config", RECIPES / recipe, "--steps", "2", "--eval-every", "2", "--quiet", "--out", "run",
+                  timeout=600)
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())
+    wanted = read_recipe(RECIPES / recipe)
+    assert settings["train"]["steps"] == 2 and settings["model"]["family"] == wanted.model["family"]
+    assert settings["data"]["data"] == wanted.data.data
+
+
+def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path):
+    cli = CLI(tmp_path)
+    cases = {
+        "typo.toml": ('[model]\nfamily = "gpt"\n[trian]\nsteps = 3\n', "unknown section(s) trian"),
+        "key.toml": ('[train]\nstep = 3\n', "unknown train setting(s) step"),
+        "broken.toml": ('[train\nsteps = 3\n', "does not parse"),
+        "broken.yaml": ("train: [steps\n", "does not parse"),
+        "nofamily.yaml": ("model:\n  n_layer: 2\n", "needs a family"),
+        "recipe.ini": ("[train]\n", "a .toml, .yaml or .json file"),
+        "tuned.json": (json.dumps({"model": {"family": "llama"}, "finetune": {"base": "smollm2"}}), "finetune run"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        out = cli("train", "--config", name, check=False)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (name, out.stderr)
+    out = cli("train", "--config", "missing.toml", check=False)
+    assert out.returncode == 2 and "no such file" in out.stderr
