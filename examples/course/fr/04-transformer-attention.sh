@@ -15,8 +15,8 @@ fournil attention runs/cours/prenoms-gpt marie-claire --token c --out attention-
 
 fournil attention $CHAT_MODEL "The animal didn't cross the street because it was too tired" --token it --out attention-it.png
 # À regarder : dans un vrai modèle (SmolLM2, qui a surtout lu de l'anglais), ce que lit « it ». Beaucoup de poids va
-# au premier token (un « puits d'attention » où les têtes posent le poids dont elles n'ont pas besoin) ; le reste va
+# au premier jeton (un « puits d'attention » où les têtes posent le poids dont elles n'ont pas besoin) ; le reste va
 # aux mots qui donnent son sens à « it ».
 
 fournil explain $CHAT_MODEL "La capitale de la France est Paris, et celle de l'Italie est Rome." --out capitale.png
-# À regarder : les tokens que le modèle attendait (Paris, Rome : forte probabilité) et ceux qui l'ont surpris.
+# À regarder : les jetons que le modèle attendait (Paris, Rome : forte probabilité) et ceux qui l'ont surpris.

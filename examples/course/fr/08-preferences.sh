@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Étape 8 - Apprendre des préférences : DPO.
+# Étape 8 - L'alignement sur les préférences humaines : DPO.
 # Chaque exemple est une consigne avec une réponse choisie et une réponse rejetée (ici en anglais : une polie, une
 # impolie). DPO rend la réponse choisie plus probable par rapport à un modèle de référence figé, et la rejetée moins,
 # sans modèle de récompense à part.

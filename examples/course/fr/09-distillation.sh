@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Étape 9 - La distillation : un petit élève apprend les probabilités d'un grand maître.
 # L'élève garde quelques couches du maître (STUDENT dans budget.sh : 4 des 30 de SmolLM2) et apprend toute sa
-# distribution du token suivant (adoucie par une température), pas seulement le bon token. Le même élève est aussi
+# distribution du jeton suivant (adoucie par une température), pas seulement le bon jeton. Le même élève est aussi
 # entraîné sans le maître, pour comparer.
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
