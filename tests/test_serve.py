@@ -155,6 +155,12 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
         browser = p.chromium.launch(executable_path=chromium)
         page = browser.new_page()
         page.goto(server.url + "/")
+        # the tiny model writes 900 tokens in about a second: the browser receives them at 4 KB/s, so that the answer
+        # is still arriving when it is stopped, however fast the machine
+        network = page.context.new_cdp_session(page)
+        network.send("Network.enable")
+        network.send("Network.emulateNetworkConditions",
+                     {"offline": False, "latency": 0, "downloadThroughput": 4000, "uploadThroughput": -1})
         page.fill("#max-tokens", "900")
         page.fill("#temperature", "0")  # greedy: this model's answer then runs to the limit (sampled, it may end at once)
         page.fill("#question", "Speak, <b>good</b> sir.")

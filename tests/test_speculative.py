@@ -100,3 +100,58 @@ def test_generate_with_a_draft_writes_the_models_own_greedy_text(cli, bpe_llama)
     alone = cli("generate", bpe_llama, *args).stdout
     drafted = cli("generate", bpe_llama, *args, "--draft", bpe_llama, "--draft-tokens", "3")
     assert drafted.stdout == alone and "tokens per pass of the model" in drafted.stderr
+
+
+def test_the_scheduler_drafts_for_a_sequence_alone_and_batches_the_others(target_and_draft):
+    """With a draft, a sequence alone takes several tokens per pass of the model, and sequences together one token per
+    pass each; greedy tokens are the model's own either way, also when a sequence is alone, then joined, then alone."""
+    from fournil.generate import Scheduler
+
+    run, draft = target_and_draft
+    tok, model = run.tokenizer, run.model
+    prompts = [tok.encode(t) for t in ("To be, or not", "ROMEO:\nWhat light", "The king")]
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    alone = [complete(model, tok, [p], params, torch.float32)[0].tokens for p in prompts]
+    passes, forward = [0], model.forward
+
+    def counted(*args, **kwargs):
+        passes[0] += 1
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    try:
+        s = Scheduler(model, tok, torch.float32, max_batch=4, draft=draft, draft_tokens=3)
+        first = s.submit(prompts[0], params)
+        while s.step():
+            pass
+        assert [p.token for p in first] == alone[0] and passes[0] < 40 / 2  # a prefill, then passes of up to 4 tokens
+
+        requests = [s.submit(prompts[0], params)]
+        for _ in range(5):  # alone for five steps, then two more join, and leave before it does
+            s.step()
+        requests += [s.submit(p, SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)) for p in prompts[1:]]
+        while s.step():
+            pass
+        assert [p.token for p in requests[0]] == alone[0]
+        assert [[p.token for p in r] for r in requests[1:]] == [a[:10] for a in alone[1:]]
+    finally:
+        model.forward = forward
+
+
+def test_serve_with_a_draft_answers_with_the_models_own_greedy_text(bpe_llama):
+    import openai
+    from conftest import Server
+
+    server = Server(bpe_llama, "--dtype", "float32")
+    drafted = Server(bpe_llama, "--dtype", "float32", "--draft", bpe_llama, "--draft-tokens", "3")
+    try:
+        answers = []
+        for s in (server, drafted):
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+            out = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "To be, or not"}],
+                                                 max_tokens=30, temperature=0)
+            answers.append(out.choices[0].message.content)
+        assert answers[0] == answers[1] and answers[0]
+    finally:
+        server.stop()
+        drafted.stop()

@@ -108,6 +108,14 @@ def recipe_defaults(config: RunConfig) -> dict:
     return values
 
 
+def add_draft_args(p) -> None:
+    p.add_argument("--draft", metavar="MODEL",
+                   help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the model "
+                        "checks several at a time (e.g. the layers:N student of fournil distill); the text is the "
+                        "model's own")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
+
+
 def add_train(sub) -> None:
     sub._parser_class, default = TrainParser, sub._parser_class  # only `train` reads a recipe this way
     p = sub.add_parser("train", help="train a model (defaults: gpt on prenoms)",
@@ -345,11 +353,7 @@ def add_model_commands(sub) -> None:
                             "int4 a quarter (CPU only; the embeddings stay in bfloat16)")
         p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of an openai:NAME@URL model")
-        p.add_argument("--draft", metavar="MODEL",
-                       help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the "
-                            "model checks several at a time (e.g. the layers:N student of fournil distill); the text "
-                            "is the model's own")
-        p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
+        add_draft_args(p)
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
     p.add_argument("model", help=answerer_help)
@@ -382,6 +386,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
                    help="weights in memory: bfloat16, int8 and int4 (CPU only) take less and decode faster on a CPU")
+    add_draft_args(p)  # (a request decodes with it while it is the only one)
 
     p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
@@ -742,10 +747,10 @@ def sampling_params(args, max_new_tokens: int):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def load_for_generation(args):
+def load_for_generation(spec: str, args):
     from fournil.runs import Run
 
-    run = Run.load(args.model, args.device)
+    run = Run.load(spec, args.device)
     return run.quantize(args.dtype) if args.dtype != "auto" else run
 
 
@@ -756,6 +761,8 @@ def run_serve(args) -> None:
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_capacity(args.max_batch, args.max_waiting)  # before the model loads
+    if args.draft_tokens < 1:
+        raise FournilError(f"--draft-tokens must be at least 1 (got {args.draft_tokens})")
     if args.max_request_bytes < 1:
         raise FournilError(f"--max-request-bytes must be at least 1 (got {args.max_request_bytes})")
     logging.basicConfig(format="fournil: %(levelname)s: %(message)s")  # a server fault's traceback, on stderr
@@ -768,8 +775,14 @@ def run_serve(args) -> None:
                              args.batch_invariant, args.max_request_bytes,
                              (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
                              tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning)
-    run = load_for_generation(args)
-    app, schedulers = create_app(run, settings)
+    run = load_for_generation(args.model, args)
+    draft = None
+    if args.draft:
+        from fournil.generate.speculative import check_draft
+
+        draft = load_for_generation(args.draft, args)
+        check_draft(run, draft)
+    app, schedulers = create_app(run, settings, draft, args.draft_tokens)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
           f"http://{args.host}:{args.port}: chat page at /, OpenAI API at /v1", flush=True)
     if warning:

@@ -77,6 +77,8 @@ class Request:
     finish_reason: str | None = None  # "stop" (a stop token or string), "length" (max_new_tokens), "error" (a step
     # failed: the server's fault); None while running
     cancelled: bool = False
+    draft_cache: object = None  # with a draft model, while alone: the draft's key/value cache of ``context``
+    draft_read: int = 0  # how many tokens of ``context`` it holds
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # or any object with put()
 
     def cancel(self) -> None:
@@ -94,13 +96,16 @@ class Request:
 class Scheduler:
     def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
                  max_waiting: int = 64, truncate: bool = False, first_columns: int = 256, batch_invariant: bool = False,
-                 wake: threading.Condition | None = None):
+                 wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
-        ``first_columns`` wide and doubles when needed. Schedulers driven together share ``wake``."""
+        ``first_columns`` wide and doubles when needed. Schedulers driven together share ``wake``. With a ``draft``
+        model (of the same tokenizer), a sequence alone is decoded speculatively, ``draft_tokens`` proposed per pass
+        (:mod:`fournil.generate.speculative`); sequences together, or with penalties, one token per pass."""
         decoder_only(model, "generating a continuation")
         check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.first_columns, self.batch_invariant = first_columns, batch_invariant
+        self.draft, self.draft_tokens = draft, draft_tokens
         self.max_batch, self.max_waiting, self.truncate = max_batch, max_waiting, truncate
         self.block = model.config.block_size
         self.cache = None
@@ -184,7 +189,7 @@ class Scheduler:
                     self._prefill_new()
                     self._drop_finished()
                     if self.active:
-                        self._decode()
+                        self._speculate() if self._speculating() else self._decode()
                 else:
                     for r in self.active:
                         x = torch.tensor([r.context[-self.block:]], device=self.model.device)
@@ -308,11 +313,55 @@ class Scheduler:
             r.cached += 1
             self._sample(r, row)
 
+    def _speculating(self) -> bool:
+        """Whether this step decodes speculatively: a draft, one sequence, no penalties, room for its proposals."""
+        if self.draft is None or len(self.active) != 1 or self.batch_invariant:
+            return False
+        from fournil.generate.speculative import penalized
+
+        r = self.active[0]
+        room = min(self.block, self.draft.config.block_size)
+        return not penalized(r.params) and len(r.context) + self.draft_tokens + 1 < room and \
+            self.cache.length + self.draft_tokens + 1 <= self.block
+
+    def _speculate(self) -> None:
+        """The lone sequence's next tokens: the draft proposes, the model checks them all in one pass (its cache then
+        forgets the refused ones, and so does the draft's)."""
+        from fournil.generate.speculative import propose, verify
+
+        r, cache, device = self.active[0], self.cache, self.model.device
+        if r.draft_cache is None:
+            size = min(self.draft.config.block_size, len(r.context) + r.params.max_new_tokens + self.draft_tokens + 1)
+            r.draft_cache, r.draft_read = self.draft.new_cache(1, size, self.dtype), 0
+
+        def feed(tokens: list[int]) -> torch.Tensor:
+            r.draft_read += len(tokens)
+            return self.draft(torch.tensor([tokens], device=device), r.draft_cache)[0, -1].float()
+
+        ahead = min(self.draft_tokens, r.params.max_new_tokens - r.generated - 1)
+        proposed, q = propose(feed(r.context[r.draft_read:]), lambda token: feed([token]), r.params, r.generator,
+                              ahead) if ahead > 0 else ([], [])
+        start = cache.length
+        self._columns(start + len(proposed) + 1)
+        logits = self.model(torch.tensor([[r.context[-1], *proposed]], device=device), cache.rows(0, 1))[0].float()
+        kept = verify(proposed, q, logits, r.params, r.generator)
+        cache.length = start + len(kept)  # the last kept token is not read yet
+        r.cached += len(kept)
+        for token, row in zip(kept, logits):
+            self._accept(r, token, row.log_softmax(-1))
+            if r.done:
+                break
+        r.draft_read = r.draft_cache.length = min(r.draft_read, len(r.context) - 1)
+
     # ---- sampling
     def _sample(self, r: Request, logits: torch.Tensor) -> None:
         p = r.params
-        logprobs = logits.float().log_softmax(-1)
         token = int(choose(penalize(logits[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
+        self._accept(r, token, logits.float().log_softmax(-1))
+
+    def _accept(self, r: Request, token: int, logprobs: torch.Tensor) -> None:
+        """``token`` joins the sequence: its piece of text goes out, and the sequence ends if it should."""
+        p = r.params
         r.seen[token] = True
         r.counts[token] += 1
         r.generated += 1

@@ -10,8 +10,8 @@ each target pass yields several tokens. The text is the target's own (Leviathan 
   target's; the first one refused is replaced by a draw from the normalized max(0, p - q). Every token then follows
   p exactly, whatever the draft (temperature, top-k, top-p and min-p shape p and q alike).
 
-One sequence at a time (``fournil generate``, ``fournil chat``): both models keep a key/value cache of the
-sequence, and after each check both caches forget the refused tokens.
+One sequence at a time (``fournil generate``, ``fournil chat``; the server's scheduler while a request is alone): both
+models keep a key/value cache of the sequence, and after each check both caches forget the refused tokens.
 """
 from __future__ import annotations
 
@@ -58,12 +58,49 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
 
 
+def verify(proposed: list[int], q: list[torch.Tensor], logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator) -> list[int]:
+    """The tokens the target keeps of a draft's ``proposed`` ones (drawn from the distributions ``q``), given its
+    ``logits`` after the last kept token and after each proposal: the proposals up to the first refused one, then the
+    target's own choice in its place (or after all of them)."""
+    kept = []
+    for i, token in enumerate(proposed):
+        p = distribution(logits[i], params)
+        if float(torch.rand(1, generator=generator, device=logits.device)) * q[i][token] < p[token]:
+            kept.append(token)  # with probability min(1, p/q) (greedy: when both choose it)
+            continue
+        rest = (p - q[i]).clamp(min=0)
+        kept.append(int(torch.multinomial(rest / rest.sum(), 1, generator=generator)) if rest.sum() > 0
+                    else int(p.argmax()))
+        return kept
+    kept.append(int(torch.multinomial(distribution(logits[len(proposed)], params), 1, generator=generator)))
+    return kept
+
+
+def propose(draft_logits, feed, params: SamplingParams, generator: torch.Generator, ahead: int):
+    """``ahead`` tokens drawn from the draft, and the distribution each was drawn from: ``draft_logits`` after what
+    it has read, ``feed(token)`` its logits after one more token."""
+    proposed, q = [], []
+    logits = draft_logits
+    for i in range(ahead):
+        q.append(distribution(logits, params))
+        proposed.append(int(torch.multinomial(q[-1], 1, generator=generator)))
+        if i + 1 < ahead:
+            logits = feed(proposed[-1])
+    return proposed, q
+
+
+def penalized(params: SamplingParams) -> bool:
+    """Whether penalties change the distribution as the answer grows: a draft cannot propose from that."""
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+
+
 def speculate(target, draft, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
               k: int = 4, stats: Speculation | None = None) -> Iterator[Piece]:
     """The target's answer to ``prompt``, a piece at a time, with ``draft`` proposing ``k`` tokens per target pass
     (counted in ``stats``). The prompt and settings are checked now, before any piece."""
     params.check()
-    if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+    if penalized(params):
         raise FournilError("penalties change the distribution as the answer grows: not with a draft model")
     if k < 1:
         raise FournilError(f"--draft-tokens must be at least 1 (got {k})")
@@ -107,27 +144,12 @@ def _pieces(target, draft, tokenizer, prompt, params, dtype, k, block, stats) ->
             ahead = min(k, params.max_new_tokens - generated - 1, block - len(context) - 1)
             proposed, q = [], []
             if ahead > 0:  # the draft reads what it has not seen, then proposes ``ahead`` tokens
-                logits = feed("draft", context[read["draft"]:])[-1]
-                for i in range(ahead):
-                    q.append(distribution(logits, params))
-                    proposed.append(int(torch.multinomial(q[-1], 1, generator=generator)))
-                    if i + 1 < ahead:
-                        logits = feed("draft", proposed[-1:])[-1]
+                proposed, q = propose(feed("draft", context[read["draft"]:])[-1],
+                                      lambda token: feed("draft", [token])[-1], params, generator, ahead)
             logits = feed("target", context[read["target"]:] + proposed)  # the last len(proposed) + 1 positions matter
             logits = logits[len(logits) - len(proposed) - 1:]
             stats.passes += 1
-            kept = []
-            for i, token in enumerate(proposed):
-                p = distribution(logits[i], params)
-                if float(torch.rand(1, generator=generator, device=device)) * q[i][token] < p[token]:
-                    kept.append(token)  # with probability min(1, p/q) (greedy: when both choose it)
-                    continue
-                rest = (p - q[i]).clamp(min=0)
-                kept.append(int(torch.multinomial(rest / rest.sum(), 1, generator=generator)) if rest.sum() > 0
-                            else int(p.argmax()))
-                break
-            else:
-                kept.append(int(torch.multinomial(distribution(logits[len(proposed)], params), 1, generator=generator)))
+            kept = verify(proposed, q, logits, params, generator)
             # both caches forget what was not kept (the target holds all but the last token of the context)
             forget("target", len(context) + len(kept) - 1)
             forget("draft", min(read["draft"], len(context) + len(kept) - 1))

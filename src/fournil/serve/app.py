@@ -72,12 +72,14 @@ class Sink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece))
 
 
-def create_app(run, settings: ServeSettings):
-    """The server's ASGI application for ``run``, and the scheduler to drive (:func:`run_server`)."""
+def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
+    """The server's ASGI application for ``run``, and the scheduler to drive (:func:`run_server`); with a ``draft``
+    run, a request alone is decoded speculatively."""
     tok, model, name = run.tokenizer, run.model, settings.name
     block = model.config.block_size
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                          batch_invariant=settings.batch_invariant)
+                          batch_invariant=settings.batch_invariant, draft=draft and draft.model,
+                          draft_tokens=draft_tokens)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
