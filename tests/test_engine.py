@@ -240,6 +240,13 @@ def test_a_failing_step_ends_its_sequences_and_the_engine_goes_on(trained, monke
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_weights_are_for_transformers_only(cli, trained, precision):
+    result = cli("generate", trained["ngram"], "an", "--dtype", precision, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{precision} weights are for Transformers (gpt, llama); the ngram model is small enough" in result.stderr
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
     run = Run.load(bpe_llama, "cpu", "float32")
     before = run.model.num_params()

@@ -761,8 +761,10 @@ def run_serve(args) -> None:
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_capacity(args.max_batch, args.max_waiting)  # before the model loads
-    if args.draft_tokens < 1:
-        raise FournilError(f"--draft-tokens must be at least 1 (got {args.draft_tokens})")
+    if args.draft:
+        from fournil.generate.speculative import check_draft_tokens
+
+        check_draft_tokens(args.draft_tokens)
     if args.max_request_bytes < 1:
         raise FournilError(f"--max-request-bytes must be at least 1 (got {args.max_request_bytes})")
     logging.basicConfig(format="fournil: %(levelname)s: %(message)s")  # a server fault's traceback, on stderr

@@ -90,6 +90,11 @@ def propose(draft_logits, feed, params: SamplingParams, generator: torch.Generat
     return proposed, q
 
 
+def check_draft_tokens(k: int) -> None:
+    if k < 1:
+        raise FournilError(f"--draft-tokens must be at least 1 (got {k})")
+
+
 def penalized(params: SamplingParams) -> bool:
     """Whether penalties change the distribution as the answer grows: a draft cannot propose from that."""
     return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
@@ -102,8 +107,7 @@ def speculate(target, draft, tokenizer, prompt: list[int], params: SamplingParam
     params.check()
     if penalized(params):
         raise FournilError("penalties change the distribution as the answer grows: not with a draft model")
-    if k < 1:
-        raise FournilError(f"--draft-tokens must be at least 1 (got {k})")
+    check_draft_tokens(k)
     block = min(target.config.block_size, draft.config.block_size)
     if not prompt or len(prompt) >= block:
         raise FournilError(f"the prompt has {len(prompt)} tokens; it needs at least one, and fewer than the context "

@@ -4,7 +4,8 @@ chat page, over one continuous-batching scheduler: concurrent requests share the
 The scheduler runs in the thread that loaded the model, the HTTP server in another (:func:`run_server`); each HTTP
 request submits its sequences (``n`` of them for ``n`` choices) and reads their pieces from an asyncio queue, so a
 slow reader never holds the model, and a client that goes away frees its rows at the next step. Other work on the
-model (scoring an echoed prompt) goes through the scheduler too: every forward pass in one thread. Every request first passes :class:`fournil.serve.guard.Guard` (host, key, size).
+model (scoring an echoed prompt) goes through the scheduler too: every forward pass in one thread. Every request
+first passes :class:`fournil.serve.guard.Guard` (host, key, size).
 A request's mistake is answered 4xx with what to change; a 500 is the server's own fault, logged, never detailed.
 """
 from __future__ import annotations
