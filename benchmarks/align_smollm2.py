@@ -12,13 +12,14 @@ from the base per token. Prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from fournil.config import AlignConfig, LoraConfig, TrainConfig
+from fournil.config import AlignConfig, read_recipe
 from fournil.data.batches import IGNORE
 from fournil.data.preferences import load_preferences, load_prompts
 from fournil.runs import Run
@@ -28,8 +29,9 @@ from fournil.train.grpo import GRPO, Rollouts
 from fournil.train.objectives import evaluating, token_logprobs
 from fournil.train.rewards import load_reward
 
-MAX_LENGTH, ANSWER_TOKENS = 256, 32
-LORA = LoraConfig(rank=8, alpha=16)
+DPO = read_recipe(Path(__file__).parent.parent / "recipes" / "smollm2-dpo.toml", "align")
+MAX_LENGTH, ANSWER_TOKENS = DPO.finetune.max_length, 32
+LORA = DPO.finetune.lora
 
 
 def likelihood_preference(model, pairs) -> float:
@@ -46,7 +48,7 @@ def likelihood_preference(model, pairs) -> float:
 
 def tune(base: str, out: Path, steps: int, batch: int, lr: float | None, align: AlignConfig):
     start = time.perf_counter()
-    train = TrainConfig(steps=steps, batch_size=batch, lr=lr, eval_every=10**6, eval_tokens=1000, samples=0)
+    train = dataclasses.replace(DPO.train, steps=steps, batch_size=batch, lr=lr)  # the recipe's loop, for every part
     run = finetune(base, "rasbt_preferences", LORA, train, MAX_LENGTH, out=str(out), align=align)
     return run, time.perf_counter() - start
 
@@ -55,7 +57,7 @@ def dpo(tmp: Path, steps: int) -> list[tuple]:
     base = Run.load("smollm2", "cpu")
     test = load_preferences("rasbt_preferences", base.tokenizer, MAX_LENGTH, announce=lambda _: None)["test"]
     before = likelihood_preference(base.model, test)
-    run, seconds = tune("smollm2", tmp / "dpo", steps, 4, 2e-3, AlignConfig(method="dpo", beta=0.1))
+    run, seconds = tune(DPO.finetune.base, tmp / "dpo", steps, DPO.train.batch_size, DPO.train.lr, DPO.align)
     after = run.evaluate(("test",))["test"]
     return [("DPO: held-out pairs", f"{len(test)}", ""),
             ("chosen gets the higher implicit reward", "0 % (policy = reference)", f"{100 * after['reward_accuracy']:.0f} %"),
@@ -89,7 +91,7 @@ def rlhf(tmp: Path, reward_steps: int, grpo_steps: int) -> list[tuple]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["dpo", "rlhf", "all"], default="all")
-    p.add_argument("--dpo-steps", type=int, default=20)
+    p.add_argument("--dpo-steps", type=int, default=DPO.train.steps)
     p.add_argument("--reward-steps", type=int, default=12)
     p.add_argument("--grpo-steps", type=int, default=8)
     args = p.parse_args()

@@ -11,6 +11,7 @@ a process of its own, resident memory sampled while the steps run). Prints a tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -22,13 +23,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fournil.config import LoraConfig, TrainConfig
+from fournil.config import LoraConfig, TrainConfig, read_recipe
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, load_instructions
 from fournil.generate import SamplingParams, complete
 from fournil.runs import Run
 from fournil.train.finetune import finetune
 
-MAX_LENGTH, HELD_OUT, ANSWER_TOKENS = 256, 40, 160
+RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2-lora-json.toml"  # the LoRA run's settings
+MAX_LENGTH, HELD_OUT, ANSWER_TOKENS = read_recipe(RECIPE, "finetune").finetune.max_length, 40, 160
 
 
 def json_answers(folder: Path) -> Path:
@@ -104,7 +106,7 @@ def measure_memory(kind: str, data: str, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=read_recipe(RECIPE, "finetune").train.steps)
     p.add_argument("--memory", choices=["lora", "full"], help=argparse.SUPPRESS)  # one measurement, in its own process
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -118,9 +120,10 @@ def main() -> None:
         prompts = load_instructions(str(data), base.tokenizer, MAX_LENGTH, announce=lambda _: None)["test"].prompts(HELD_OUT)
         before, before_texts = shape_share(base, prompts)
         start = time.perf_counter()
-        tuned = finetune("smollm2", str(data), LoraConfig(rank=8, alpha=16),
-                         TrainConfig(steps=args.steps, batch_size=4, eval_every=args.steps, samples=0),
-                         max_length=MAX_LENGTH, out=f"{tmp}/run", progress=False)
+        recipe = read_recipe(RECIPE, "finetune")
+        train = dataclasses.replace(recipe.train, steps=args.steps, eval_every=args.steps)
+        tuned = finetune(recipe.finetune.base, str(data), recipe.finetune.lora, train,
+                         max_length=recipe.finetune.max_length, out=f"{tmp}/run", progress=False)
         seconds = time.perf_counter() - start
         after, after_texts = shape_share(tuned, prompts)
         trainable = sum(t.numel() for t in load_file(Path(tmp) / "run" / "adapter_model.safetensors").values())

@@ -1,5 +1,6 @@
 """Runs as recipes: `fournil train --config FILE` (TOML, YAML, or the config.json a run wrote), flags overriding it."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,14 +32,39 @@ def test_a_run_started_from_another_runs_config_gives_the_same_losses(tmp_path):
     assert (settings["train"]["steps"], settings["model"]["n_embd"], settings["model"]["n_layer"]) == (4, 48, 1)
 
 
+def stage(recipe: Path) -> str:
+    """The command that reads a recipe: the one whose section it has (align before finetune, whose section it shares)."""
+    text = recipe.read_text()
+    return next((s for s in ("align", "distill", "finetune") if re.search(rf"^\[?{s}\]?:?\s*$", text, re.M)), "train")
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.iterdir()))
 def test_every_recipe_starts(tmp_path, recipe):
-    CLI(tmp_path)("train", "--config", RECIPES / recipe, "--steps", "2", "--eval-every", "2", "--quiet", "--out", "run",
-                  timeout=600)
+    command = stage(RECIPES / recipe)
+    brief = ["--no-baseline"] if command == "distill" else []
+    CLI(tmp_path)(command, "--config", RECIPES / recipe, "--steps", "2", "--eval-every", "2", "--quiet", "--out", "run",
+                  *brief, timeout=600)
     settings = json.loads((tmp_path / "run" / "config.json").read_text())
-    wanted = read_recipe(RECIPES / recipe)
-    assert settings["train"]["steps"] == 2 and settings["model"]["family"] == wanted.model["family"]
-    assert settings["data"]["data"] == wanted.data.data
+    wanted = read_recipe(RECIPES / recipe, command)
+    assert settings["train"]["steps"] == 2 and settings["data"]["data"] == wanted.data.data
+    if command == "train":
+        assert settings["model"]["family"] == wanted.model["family"]
+    for section in ("finetune", "align", "distill"):
+        assert (settings[section] is None) == (getattr(wanted, section) is None)
+    if wanted.finetune:
+        assert settings["finetune"]["lora"]["rank"] == wanted.finetune.lora.rank
+        assert settings["train"]["batch_size"] == wanted.train.batch_size
+
+
+def test_a_fine_tuning_run_started_from_its_config_gives_the_same_losses(tmp_path):
+    cli = CLI(tmp_path)
+    cli("finetune", "--config", RECIPES / "smollm2-lora-json.toml", "--steps", "3", "--eval-every", "3", "--quiet",
+        "--out", "first", timeout=600)
+    cli("finetune", "--config", "first/config.json", "--out", "again", timeout=600)
+    first, again = losses(tmp_path / "first"), losses(tmp_path / "again")
+    assert first and first[-1][2] and again == first
+    out = cli("align", "--config", "first/config.json", check=False)  # each stage reads its own runs' configs
+    assert out.returncode == 2 and "config of a finetune run; give it to fournil finetune --config" in out.stderr
 
 
 def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path):
@@ -56,5 +82,8 @@ def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path):
         (tmp_path / name).write_text(text)
         out = cli("train", "--config", name, check=False)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (name, out.stderr)
+    (tmp_path / "nobase.toml").write_text("[finetune]\nmax_length = 64\n")
+    out = cli("finetune", "--config", "nobase.toml", check=False)
+    assert out.returncode == 2 and "the finetune settings need base" in out.stderr
     out = cli("train", "--config", "missing.toml", check=False)
     assert out.returncode == 2 and "no such file" in out.stderr

@@ -11,7 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
-from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, read_recipe
+from fournil.config import STAGES, DataConfig, RunConfig, TrainConfig, coerce, read_recipe
 from fournil.data.sources import BUNDLED
 from fournil.device import dtype_name
 from fournil.errors import FournilError
@@ -75,36 +75,71 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-LOOP_FLAGS = ("steps", "time", "batch_size", "batch_tokens", "lr", "eval_every", "seed", "device", "dtype", "optimizer",
-              "compile", "fsdp", "tensorboard")  # TrainConfig's fields that `fournil train` has a flag for
+LOOP_FLAGS = ("steps", "time", "batch_size", "lr", "eval_every", "seed", "device", "dtype")  # every training command's
+TRAIN_FLAGS = (*LOOP_FLAGS, "batch_tokens", "optimizer", "compile", "fsdp", "tensorboard")  # and `fournil train`'s own
 
 
-class TrainParser(argparse.ArgumentParser):
-    """``fournil train --config FILE``: the file's settings become the flags' defaults, so that flags given beside it
-    override it, and its settings without a flag (warmup, weight decay...) are kept as they are."""
+class RecipeParser(argparse.ArgumentParser):
+    """``fournil train|finetune|align|distill --config FILE``: the file's settings become the flags' defaults, so that
+    flags given beside it override it, and its settings without a flag (warmup, weight decay...) are kept as they
+    are. ``stage`` is the command."""
+
+    stage = "train"
 
     def parse_known_args(self, args=None, namespace=None):
         files = [a.removeprefix("--config=") for a in args or [] if a.startswith("--config=")]
         files += [args[i + 1] for i, a in enumerate(args or []) if a == "--config" and i + 1 < len(args)]
         if files and Path(files[-1]).is_file():  # (a missing file is said when the command runs)
             try:
-                self.set_defaults(**recipe_defaults(read_recipe(files[-1])))
+                self.set_defaults(**recipe_defaults(read_recipe(files[-1], self.stage), self.stage))
             except FournilError as e:
                 self.error(str(e))
         return super().parse_known_args(args, namespace)
 
 
-def recipe_defaults(config: RunConfig) -> dict:
+def add_recipe_parser(sub, stage: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of a training command, which reads ``--config FILE``."""
+    sub._parser_class, default = RecipeParser, sub._parser_class
+    p = sub.add_parser(stage, **kwargs)
+    sub._parser_class = default
+    p.stage = stage
+    what = "sections model, data, train" if stage == "train" else \
+        f"sections {', '.join(('data', 'train') + STAGES[stage])}"
+    p.add_argument("--config", metavar="FILE",
+                   help=f"a recipe: a .toml or .yaml file ({what}; see recipes/) or a run's config.json, to train it "
+                        f"again; flags given beside it override it")
+    p.set_defaults(recipe_train={}, recipe_model={})
+    return p
+
+
+def recipe_defaults(config: RunConfig, stage: str) -> dict:
     """The flag values (argparse destinations) that say what ``config`` says."""
-    d, t, settings = config.data, config.train, model_settings()
-    values = {"model": config.model["family"], "data": d.data, "mode": d.mode, "split": tuple(d.split),
-              "split_seed": d.seed, "train_file": d.train, "val_file": d.val, "test_file": d.test, "tokenizer": d.tokenizer,
-              "low_memory": next(k for k, v in LOW_MEMORY.items() if v == t.low_memory),
-              **{name: getattr(t, name) for name in LOOP_FLAGS}}
-    values["recipe_train"] = {k: v for k, v in dataclasses.asdict(t).items() if k not in LOOP_FLAGS and k != "low_memory"}
-    values |= {f"model_{k}": str(v) for k, v in config.model.items() if k in settings and v is not None}
-    values["recipe_model"] = {k: v for k, v in config.model.items()
-                              if k not in settings and k not in AUTOMATIC and k != "family"}
+    d, t = config.data, config.train
+    flags = TRAIN_FLAGS if stage == "train" else LOOP_FLAGS
+    values = {"data": d.data, "low_memory": next(k for k, v in LOW_MEMORY.items() if v == t.low_memory),
+              **{name: getattr(t, name) for name in flags}}
+    values["recipe_train"] = {k: v for k, v in dataclasses.asdict(t).items() if k not in flags and k != "low_memory"}
+    if stage == "train":
+        settings = model_settings()
+        values |= {"model": config.model["family"], "mode": d.mode, "split": tuple(d.split), "split_seed": d.seed,
+                   "train_file": d.train, "val_file": d.val, "test_file": d.test, "tokenizer": d.tokenizer}
+        values |= {f"model_{k}": str(v) for k, v in config.model.items() if k in settings and v is not None}
+        values["recipe_model"] = {k: v for k, v in config.model.items()
+                                  if k not in settings and k not in AUTOMATIC and k != "family"}
+    if config.finetune:
+        ft, lora = config.finetune, config.finetune.lora
+        values |= {"model": ft.base, "max_length": ft.max_length, "pack": ft.pack, "lora": lora is not None}
+        if lora:
+            values |= {"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                       "lora_targets": ",".join(lora.targets)}
+    if config.align:
+        a = config.align
+        values |= {"method": a.method, "beta": a.beta, "reference": a.reference, "reward": a.reward, "group": a.group,
+                   "max_new_tokens": a.max_new_tokens, "temperature": a.temperature}
+    if config.distill:
+        k = config.distill
+        values |= {"teacher": k.teacher, "student": k.student, "kd_temperature": k.temperature, "kd_weight": k.alpha,
+                   "reverse": k.reverse, "context": k.context, "sequences": k.sequences}
     return values
 
 
@@ -117,14 +152,9 @@ def add_draft_args(p) -> None:
 
 
 def add_train(sub) -> None:
-    sub._parser_class, default = TrainParser, sub._parser_class  # only `train` reads a recipe this way
-    p = sub.add_parser("train", help="train a model (defaults: gpt on prenoms)",
-                       description="Train a language model. With no flags: the gpt model on the bundled French first names.")
-    sub._parser_class = default
-    p.add_argument("--config", metavar="FILE",
-                   help="a recipe: a .toml or .yaml file (sections model, data, train; see recipes/) or a run's "
-                        "config.json, to train it again; flags given beside it override it")
-    p.set_defaults(recipe_train={}, recipe_model={})
+    p = add_recipe_parser(sub, "train", help="train a model (defaults: gpt on prenoms)",
+                          description="Train a language model. With no flags: the gpt model on the bundled French "
+                                      "first names.")
     p.add_argument("--data", default="prenoms", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, or "
                    "(source, target) pairs for seq2seq: nombres (digits to French words, made by code), a .jsonl "
                    "(source, target fields) or .tsv file")
@@ -185,7 +215,7 @@ PREFERENCE_DATA = ("rasbt_preferences (default), hh_rlhf_harmless, or a JSONL/JS
 
 
 def add_align(sub) -> None:
-    p = sub.add_parser("align", help="learn from preferences: DPO, or GRPO against a reward (default: DPO on smollm2)",
+    p = add_recipe_parser(sub, "align", help="learn from preferences: DPO, or GRPO against a reward (default: DPO on smollm2)",
                        description="Align a chat model with human preferences: DPO on chosen/rejected pairs, or GRPO "
                                    "(sampled answers scored by a reward model or a function, with a KL penalty).")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
@@ -207,6 +237,7 @@ def add_align(sub) -> None:
     p = sub.add_parser("reward", help="train a reward model on preference pairs, or score answers with one")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="a scalar head on a model, trained so that chosen answers score higher")
+    t.set_defaults(recipe_train={})
     t.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     t.add_argument("--data", default="rasbt_preferences", help=PREFERENCE_DATA)
     add_tuning_args(t)
@@ -222,7 +253,7 @@ def add_align(sub) -> None:
 
 
 def add_distill(sub) -> None:
-    p = sub.add_parser("distill", help="train a smaller student to imitate a teacher, and compare them (default: "
+    p = add_recipe_parser(sub, "distill", help="train a smaller student to imitate a teacher, and compare them (default: "
                                        "smollm2 into 4 of its layers)",
                        description="Distillation: a student learns a teacher's next-token distributions (or its "
                                    "answers, --sequences); the same student is trained without the teacher, and a "
@@ -262,13 +293,12 @@ def lora_config(args):
 
 
 def loop_config(args) -> TrainConfig:
-    return TrainConfig(steps=args.steps, time=args.time, batch_size=args.batch_size, lr=args.lr,
-                       eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
+    return TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in LOOP_FLAGS},
                        low_memory=LOW_MEMORY[args.low_memory])
 
 
 def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: smollm2)",
+    p = add_recipe_parser(sub, "finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: smollm2)",
                        description="Supervised fine-tuning on instruction/response examples: loss on the answers only.")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_instructions",
@@ -518,7 +548,7 @@ def run_train(args) -> None:
         report(train(resume=args.resume, budget=budget, progress=not args.quiet))
         return
     if args.config:
-        read_recipe(args.config)  # what the parser could not read: a missing file
+        read_recipe(args.config, "train")  # what the parser could not read: a missing file
     cfg_cls = config_class(args.model)
     own = {f.name for f in dataclasses.fields(cfg_cls)}
     model = {"family": args.model, **args.recipe_model}
@@ -534,7 +564,7 @@ def run_train(args) -> None:
         model=model,
         data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
                         tokenizer=args.tokenizer),
-        train=TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in LOOP_FLAGS},
+        train=TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in TRAIN_FLAGS},
                           low_memory=LOW_MEMORY[args.low_memory]),
     )
     run = train(config, out=args.out, progress=not args.quiet)
@@ -545,6 +575,8 @@ def run_finetune(args, align=None) -> None:
     from fournil.train.finetune import finetune
 
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
+    if getattr(args, "config", None):
+        read_recipe(args.config, args.command)  # what the parser could not read: a missing file
     if args.resume:
         report(finetune(resume=args.resume, budget=budget, progress=not args.quiet))
         return
@@ -596,6 +628,8 @@ def run_distill(args) -> None:
     from fournil.train.distill import distill
 
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
+    if args.config:
+        read_recipe(args.config, "distill")  # what the parser could not read: a missing file
     settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.kd_temperature,
                              alpha=args.kd_weight, reverse=args.reverse, context=args.context, sequences=args.sequences)
     run = distill(data=args.data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,

@@ -156,6 +156,7 @@ class RunConfig:
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
     train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
+    budget: dict = field(default_factory=dict)  # how the budget-aware default sized the model (fournil.train.budget)
     finetune: FinetuneConfig | None = None  # for a fine-tuned model: its base and how it was tuned
     align: AlignConfig | None = None  # for a model tuned on preferences (or a reward model): how
     distill: DistillConfig | None = None  # for a student distilled from a teacher: which, and how
@@ -171,6 +172,10 @@ def from_dict(cls, values: dict, what: str):
     unknown = sorted(set(values) - names)
     if unknown:
         raise FournilError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise FournilError(f"the {what} settings need {', '.join(missing)}")
     return cls(**values)
 
 
@@ -192,9 +197,13 @@ def coerce(cls, key: str, text: str):
         raise FournilError(f"{key}={text!r}: expected a {target.__name__}") from None
 
 
-def read_recipe(path: str | Path) -> RunConfig:
-    """A pretraining run's settings from a file: a recipe in TOML or YAML, or the ``config.json`` a run wrote, each
-    with the sections ``model`` (its ``family`` and settings), ``data`` and ``train``, as :class:`RunConfig` has them."""
+STAGES = {"train": (), "finetune": ("finetune",), "align": ("finetune", "align"), "distill": ("distill",)}
+
+
+def read_recipe(path: str | Path, stage: str = "train") -> RunConfig:
+    """A run's settings from a file: a recipe in TOML or YAML, or the ``config.json`` a run wrote, with the sections
+    :class:`RunConfig` has. ``stage`` is the command that reads it: ``train`` (sections model, with its ``family``,
+    data and train), ``finetune`` (and a finetune section), ``align`` (finetune and align) or ``distill``."""
     path = Path(path)
     if not path.is_file():
         raise FournilError(f"--config {path}: no such file")
@@ -217,20 +226,34 @@ def read_recipe(path: str | Path) -> RunConfig:
                 raise ValueError(e) from None
     except ValueError as e:  # what TOML's, JSON's (and here YAML's) parse errors are
         raise FournilError(f"--config {path} does not parse: {e}") from None
+    wanted = STAGES[stage]
     if not isinstance(raw, dict):
-        raise FournilError(f"--config {path}: expected the sections model, data and train")
-    tuned = [k for k in ("finetune", "align", "distill") if raw.get(k)]
-    if tuned:
-        raise FournilError(f"--config {path} is the config of a {tuned[0]} run; fournil train --config takes a "
-                           f"pretraining run's (its model, data and train sections)")
-    unknown = sorted(set(raw) - {"model", "data", "train", "fingerprints", "finetune", "align", "distill"})
+        raise FournilError(f"--config {path}: expected the sections {', '.join(('model', 'data', 'train') + wanted)}")
+    unknown = sorted(set(raw) - {"model", "data", "train", "fingerprints", "budget", "finetune", "align", "distill"})
     if unknown:
-        raise FournilError(f"--config {path}: unknown section(s) {', '.join(unknown)}; a recipe has model, data, train")
-    for name in ("model", "data", "train"):
+        raise FournilError(f"--config {path}: unknown section(s) {', '.join(unknown)}; a recipe has "
+                           f"{', '.join(('model', 'data', 'train') + wanted)}")
+    for name in ("model", "data", "train", "finetune", "align", "distill"):
         if not isinstance(raw.get(name) or {}, dict):
             raise FournilError(f"--config {path}: {name} must be a table of settings (name = value)")
-    model = dict(raw.get("model") or {"family": "gpt"})
-    if "family" not in model:
-        raise FournilError(f"--config {path}: the model section needs a family (gpt, llama, mlp, ...)")
-    return RunConfig(model=model, data=from_dict(DataConfig, raw.get("data") or {}, "data"),
-                     train=from_dict(TrainConfig, raw.get("train") or {}, "train"))
+    made_by = next((s for s, sections in reversed(STAGES.items()) if sections and all(raw.get(k) for k in sections)),
+                   "train")
+    if made_by != stage:
+        raise FournilError(f"--config {path} is the config of a {made_by} run; give it to fournil {made_by} --config")
+    config = RunConfig(model=dict(raw.get("model") or {}), data=from_dict(DataConfig, raw.get("data") or {}, "data"),
+                       train=from_dict(TrainConfig, raw.get("train") or {}, "train"))
+    if stage == "train":
+        config.model = config.model or {"family": "gpt"}
+        if "family" not in config.model:
+            raise FournilError(f"--config {path}: the model section needs a family (gpt, llama, mlp, ...)")
+    if raw.get("finetune"):
+        tuned = dict(raw["finetune"])
+        if tuned.get("lora"):
+            tuned["lora"] = from_dict(LoraConfig, {**tuned["lora"], "targets": tuple(tuned["lora"].get("targets", ()))},
+                                      "lora")
+        config.finetune = from_dict(FinetuneConfig, tuned, "finetune")
+    if raw.get("align"):
+        config.align = from_dict(AlignConfig, raw["align"], "align")
+    if raw.get("distill"):
+        config.distill = from_dict(DistillConfig, raw["distill"], "distill")
+    return config

@@ -45,7 +45,7 @@ def read_config(path: Path) -> RunConfig:
             tuned = from_dict(FinetuneConfig, {**tuned, "lora": lora}, "finetune")
         return RunConfig(model=raw["model"], data=data and from_dict(DataConfig, data, "data"),
                          train=train and from_dict(TrainConfig, train, "train"), fingerprints=raw.get("fingerprints", {}),
-                         finetune=tuned, align=align and from_dict(AlignConfig, align, "align"),
+                         budget=raw.get("budget", {}), finetune=tuned, align=align and from_dict(AlignConfig, align, "align"),
                          distill=taught and from_dict(DistillConfig, taught, "distill"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise FournilError(f"{file} is damaged ({e}); train the run again") from None

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from fournil.plots import plot_loss
 from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
 from fournil.tokenizers.bpe import bpe_size, train_bpe
+from fournil.train import sizing
 from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
 from fournil.train.muon import Muon, hidden_matrices
@@ -107,6 +109,21 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
     )
     data = dataclasses.replace(config.data, mode=splits.mode)
     return dataclasses.replace(config, model=settings, data=data, train=train)
+
+
+def steps_per_second(config: RunConfig, splits, tokenizer, world: World) -> float:
+    """How fast this machine trains ``config``: the run's own loop timed in a scratch folder for a few dozen steps,
+    after the first ones (which allocate, and prepare kernels for each new shape)."""
+    probe = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, steps=sizing.PROBE_STEPS, time=sizing.PROBE_SECONDS, eval_every=10**9, eval_tokens=1))
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(Path(scratch), probe, splits, tokenizer, progress=False, world=world)
+        trainer.fit(resume=False)
+        records = trainer.metrics.read()
+    first, last = records[min(1, len(records) - 1)], records[-1]
+    if last["step"] == first["step"]:  # a machine too slow to pass the first steps in time
+        first = {"step": 0, "time": 0.0}
+    return (last["step"] - first["step"]) / (last["time"] - first["time"])
 
 
 def lr_at(step: int, progress: float, t) -> float:
@@ -413,7 +430,12 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config.train.check()
         splits, fingerprints = load_splits(config.data)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
+        open_to_sizing = sizing.sizable(config, splits.mode, world.size)
         config = complete_config(config, splits, tokenizer, world)
+        if open_to_sizing:
+            config = sizing.size_to_budget(config, len(splits.train),
+                                                lambda: steps_per_second(config, splits, tokenizer, world))
+            announce(sizing.describe(config.budget))
         config.fingerprints = fingerprints
         run_dir = new_run_dir(config, out)
         world.barrier()  # every process has its name for the run before rank 0 creates it
