@@ -5,9 +5,9 @@
     python benchmarks/scaling_names.py --quick                  # 10 and 20 s on names, to check the script
 
 For each budget it trains `fournil train --data D --time T` (the default: sized by the budget) and the same with the
-default model's size given (4 layers, width 64, no dropout: the model the defaults had before), prints a table of
-parameters, steps, tokens, compute (tokens x parameters), val and test NLL, and draws test NLL against compute in
-docs/images/scaling_names.png (or --plot).
+default model's size given (4 layers, width 64, no dropout: the model the defaults had before; the same run where
+the budget chose that size), prints a table of parameters, steps, tokens, compute (tokens x parameters), val and
+test NLL, and draws test NLL against compute in docs/images/scaling_names.png (or --plot).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def train_once(out: Path, data: str, seconds: float, model: dict) -> dict:
     tokens = steps * run.config.train.batch_size * (sum(map(len, train_names)) / len(train_names) + 1)
     params = run.model.num_params()
     return {"data": data, "budget_s": seconds, "model": "fixed" if model else "default", "params": params,
-            "width": run.config.model["n_embd"], "dropout": run.config.model["dropout"], "steps": steps,
+            "width": run.model.config.n_embd, "dropout": run.model.config.dropout, "steps": steps,
             "tokens": round(tokens), "compute": tokens * params, "val": scores["val"]["nll"],
             "test": scores["test"]["nll"]}
 
@@ -80,10 +80,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
             for seconds in args.budgets:
-                for model in ({}, FIXED) if args.fixed else ({},):
-                    out = Path(tmp) / f"{data}-{seconds:g}-{'fixed' if model else 'default'}"
-                    rows.append(train_once(out, data, seconds, model))
-                    print(json.dumps(rows[-1]), flush=True)
+                rows.append(train_once(Path(tmp) / f"{data}-{seconds:g}", data, seconds, {}))
+                if args.fixed:  # the fixed-size model, unless the budget chose that size itself
+                    same = (rows[-1]["width"], rows[-1]["dropout"]) == (FIXED["n_embd"], FIXED["dropout"])
+                    rows.append({**rows[-1], "model": "fixed"} if same else
+                                train_once(Path(tmp) / f"{data}-{seconds:g}-fixed", data, seconds, FIXED))
+                print(*map(json.dumps, rows[-1 - args.fixed:]), sep="\n", flush=True)
     print("\n| data | budget | model | parameters | width, dropout | steps | tokens | compute | val NLL | test NLL |")
     print("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

@@ -5,17 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI
+from conftest import CLI, losses
 from fournil.config import read_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 TINY = ["--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--quiet"]
-
-
-def losses(run: Path) -> list:
-    """Each logged step's training loss and each validation's NLL, as metrics.jsonl has them."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
 
 
 def test_a_run_started_from_another_runs_config_gives_the_same_losses(tmp_path):

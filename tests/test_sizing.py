@@ -3,16 +3,11 @@ import json
 import math
 from pathlib import Path
 
-from conftest import CLI
+from conftest import CLI, losses
 from fournil.models import build_model
 from fournil.train.sizing import RULE
 
 NAMES = Path(__file__).parent.parent / "src" / "fournil" / "data" / "files" / "names.txt"
-
-
-def losses(run: Path) -> list:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
 
 
 def settings(run: Path) -> dict:

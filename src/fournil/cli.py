@@ -215,9 +215,10 @@ PREFERENCE_DATA = ("rasbt_preferences (default), hh_rlhf_harmless, or a JSONL/JS
 
 
 def add_align(sub) -> None:
-    p = add_recipe_parser(sub, "align", help="learn from preferences: DPO, or GRPO against a reward (default: DPO on smollm2)",
-                       description="Align a chat model with human preferences: DPO on chosen/rejected pairs, or GRPO "
-                                   "(sampled answers scored by a reward model or a function, with a KL penalty).")
+    p = add_recipe_parser(sub, "align", help="learn from preferences: DPO, or GRPO against a reward (default: DPO on "
+                                             "smollm2)",
+                          description="Align a chat model with human preferences: DPO on chosen/rejected pairs, or GRPO "
+                                      "(sampled answers scored by a reward model or a function, with a KL penalty).")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_preferences", help=PREFERENCE_DATA + " (grpo: its prompts; an instruction "
                                                                                    "set's prompts work too)")
@@ -253,11 +254,11 @@ def add_align(sub) -> None:
 
 
 def add_distill(sub) -> None:
-    p = add_recipe_parser(sub, "distill", help="train a smaller student to imitate a teacher, and compare them (default: "
-                                       "smollm2 into 4 of its layers)",
-                       description="Distillation: a student learns a teacher's next-token distributions (or its "
-                                   "answers, --sequences); the same student is trained without the teacher, and a "
-                                   "report compares parameters, size, decoding speed and val NLL.")
+    p = add_recipe_parser(sub, "distill", help="train a smaller student to imitate a teacher, and compare them "
+                                               "(default: smollm2 into 4 of its layers)",
+                          description="Distillation: a student learns a teacher's next-token distributions (or its "
+                                      "answers, --sequences); the same student is trained without the teacher, and a "
+                                      "report compares parameters, size, decoding speed and val NLL.")
     p.add_argument("--teacher", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2; or "
                                                         "openai:NAME@BASE_URL, whose answers teach (--sequences N "
                                                         "--kd-weight 0; the student a model of its own)")
@@ -298,8 +299,10 @@ def loop_config(args) -> TrainConfig:
 
 
 def add_finetune(sub) -> None:
-    p = add_recipe_parser(sub, "finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: smollm2)",
-                       description="Supervised fine-tuning on instruction/response examples: loss on the answers only.")
+    p = add_recipe_parser(sub, "finetune", help="instruction-tune a model, every weight or a LoRA adapter (default: "
+                                                "smollm2)",
+                          description="Supervised fine-tuning on instruction/response examples: loss on the answers "
+                                      "only.")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_instructions",
                    help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL/JSON file of Alpaca "
