@@ -156,7 +156,7 @@ class RunConfig:
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
     train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
-    budget: dict = field(default_factory=dict)  # how the budget-aware default sized the model (fournil.train.budget)
+    budget: dict = field(default_factory=dict)  # how the budget-aware default sized the model (fournil.train.sizing)
     finetune: FinetuneConfig | None = None  # for a fine-tuned model: its base and how it was tuned
     align: AlignConfig | None = None  # for a model tuned on preferences (or a reward model): how
     distill: DistillConfig | None = None  # for a student distilled from a teacher: which, and how
