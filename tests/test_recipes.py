@@ -79,5 +79,6 @@ def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     (tmp_path / "nobase.toml").write_text("[finetune]\nmax_length = 64\n")
     out = cli("finetune", "--config", "nobase.toml", check=False)
     assert out.returncode == 2 and "the finetune settings need base" in out.stderr
-    out = cli("train", "--config", "missing.toml", check=False)
-    assert out.returncode == 2 and "no such file" in out.stderr
+    for command in ("train", "finetune", "distill"):
+        out = cli(command, "--config", "missing.toml", check=False)
+        assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr, command

@@ -44,7 +44,7 @@ def sizable(config: RunConfig, mode: str, processes: int) -> bool:
             and all(v is None for v in (t.batch_size, t.batch_tokens, t.lr, t.optimizer, t.weight_decay)))
 
 
-def size_to_budget(config: RunConfig, train_docs: int, steps_per_second=None) -> RunConfig:
+def size_to_budget(config: RunConfig, train_docs: int, steps_per_second) -> RunConfig:
     """``config`` (completed with the default model) with the rule's settings for its budget, and the choice and
     its grounds recorded in ``config.budget``. ``steps_per_second()`` measures the default model (for --time)."""
     t = config.train
