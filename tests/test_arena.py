@@ -151,10 +151,10 @@ def test_a_battle_in_the_browser_streams_both_answers_takes_a_vote_and_names_the
             page.fill("#temperature", "1")
             page.fill("#max-tokens", "300")
             page.click("#go")
-            # both answers arrive while the battle is still on: no vote can be cast yet
+            # no vote can be cast while the battle is on (checked at once: sampled answers may end within a second)
+            assert page.locator(".vote").first.is_disabled()
             expect(page.locator("#answer-a")).not_to_be_empty(timeout=60_000)
             expect(page.locator("#answer-b")).not_to_be_empty(timeout=60_000)
-            assert page.locator(".vote").first.is_disabled()
             expect(page.locator("#status")).to_have_text("which answer is better?", timeout=120_000)
             assert page.locator("#answer-a b").count() == 0  # the prompt and answers are text, never HTML
             assert page.locator("#name-a").inner_text() == "Model A"  # anonymous until the vote
