@@ -6,8 +6,9 @@
 For each weight precision fournil offers (fp32, bf16, int8, int4) it prints the weights' size in memory, prefill tokens/s
 (the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
 decode tokens/s of 8 prompts generated as one batch, and of the same 8 with ``batch_invariant`` (each sequence as if
-alone, as ``fournil serve --batch-invariant`` computes them); then transformers' ``generate`` (fp32, the same weights
-dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
+alone, as ``fournil serve --batch-invariant`` computes them); the same with the decoding step compiled (``--compile``
+of generate, chat and serve; its compilation time is printed); then transformers' ``generate`` (fp32, bf16, and bf16
+with its static cache compiled; the same weights dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
 GGUF file itself when that package is installed. Greedy decoding, no early stop. With ``--draft MODEL`` (a model of
 SmolLM2's tokenizer, e.g. the ``layers:4`` student of ``fournil distill``), each precision also decodes with that
 draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), with the tokens each pass yielded. Last,
@@ -24,6 +25,7 @@ import torch
 from fournil.data import read_text
 from fournil.formats import known_path
 from fournil.generate import SamplingParams, Scheduler, score
+from fournil.generate.compiled import compile_decoding
 from fournil.generate.quantize import PRECISIONS, weight_bytes
 from fournil.generate.speculative import Speculation, check_draft, speculate
 from fournil.runs import Run
@@ -66,9 +68,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--draft", help="a draft model for speculative decoding rows")
     parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--compile", nargs="*", default=list(PRECISIONS), choices=PRECISIONS, metavar="PRECISION",
+                        help="precisions that also get a compiled row (default: all; none: --compile)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rows, drafted = [], []
+    rows, drafted, compiling = [], [], {}
     heldout = read_text("shakespeare")[-100_000:]
     ppl = {}
     for precision in PRECISIONS:
@@ -85,6 +89,14 @@ def main() -> None:
         rows.append((f"fournil {precision}", weight_bytes(run.model) / 2**20, len(prompt) / prefill, (NEW - 1) / decode,
                      8 * (NEW - 1) / batched, 8 * (NEW - 1) / invariant))
         print(rows[-1], flush=True)
+        if precision in args.compile:
+            compiling[precision] = compile_decoding(run.model, run.dtype, max_batch=8)
+            timed_generation(run.model, run.tokenizer, [prompt], run.dtype)  # warm up
+            prefill, decode = timed_generation(run.model, run.tokenizer, [prompt], run.dtype)
+            _, batched = timed_generation(run.model, run.tokenizer, batch, run.dtype)
+            rows.append((f"fournil {precision} compiled", weight_bytes(run.model) / 2**20, len(prompt) / prefill,
+                         (NEW - 1) / decode, 8 * (NEW - 1) / batched, None))
+            print(rows[-1], flush=True)
         if args.draft:
             draft = Run.load(args.draft, "cpu").quantize(precision)
             check_draft(run, draft)
@@ -92,44 +104,69 @@ def main() -> None:
             speed, per_pass = drafted_decode(run, draft, prompt, args.draft_tokens)
             drafted.append((precision, speed, per_pass, speed / ((NEW - 1) / decode)))
             print(drafted[-1], flush=True)
-    rows.append(reference_transformers(prompt))
+    rows.append(reference_transformers(prompt, torch.float32))
+    rows.append(reference_transformers(prompt, torch.bfloat16))
+    rows.append(reference_transformers(prompt, torch.bfloat16, compiled=True))
     rows.append(reference_llama_cpp(prompt))
     print(f"\nSmolLM2-135M-Instruct, 2 threads, prompt of {len(prompt)} tokens, {NEW} new tokens, greedy")
     print(f"{'engine':<26} {'weights MiB':>11} {'prefill tok/s':>13} {'decode tok/s':>12} {'8-batch tok/s':>13} "
-          f"{'batch-invariant':>15} {'vs transformers':>15}")
-    reference = next(r[3] for r in rows if r and r[0].startswith("transformers"))
+          f"{'batch-invariant':>15} {'vs transformers':>15} {'vs llama.cpp':>12}")
+    reference = next(r[3] for r in rows if r and r[0] == "transformers fp32")
+    llama_cpp = next((r[3] for r in rows if r and r[0].startswith("llama.cpp")), None)
     for r in rows:
         if r is None:
             continue
         name, mib, pre, dec, batch, invariant = r
         cells = [f"{mib:>11.0f}" if mib else f"{'-':>11}", f"{pre:>13.0f}", f"{dec:>12.1f}",
                  f"{batch:>13.1f}" if batch else f"{'-':>13}", f"{invariant:>15.1f}" if invariant else f"{'-':>15}",
-                 f"{dec / reference:>14.2f}x"]
+                 f"{dec / reference:>14.2f}x", f"{dec / llama_cpp:>11.2f}x" if llama_cpp else f"{'-':>12}"]
         print(f"{name:<26} " + " ".join(cells))
+    if llama_cpp:
+        print(f"(the 8-batch rates are {', '.join(f'{r[4] / llama_cpp:.2f}x' for r in rows if r and r[4])} "
+              f"llama.cpp's single stream)")
     if drafted:
         print(f"\nspeculative decoding, draft {args.draft} proposing {args.draft_tokens} tokens per pass:")
         print(f"{'precision':<10} {'decode tok/s':>12} {'tokens per pass':>15} {'vs no draft':>11}")
         for precision, speed, per_pass, ratio in drafted:
             print(f"{precision:<10} {speed:>12.1f} {per_pass:>15.2f} {ratio:>10.2f}x")
+    if compiling:
+        print("\nseconds to compile the decoding step (for one row and for several; less when Inductor's on-disk "
+              "cache has it): " + ", ".join(f"{k} {v:.0f}" for k, v in compiling.items()))
     print("\nperplexity on 1,024 held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) + "; "
           + ", ".join(f"{k} / float32 = {v / ppl['float32']:.4f}" for k, v in ppl.items() if k != "float32"))
 
 
-def reference_transformers(prompt):
+class Clock:
+    """A ``generate`` streamer that notes when the prompt went in and when each new token came out."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def reference_transformers(prompt, dtype: torch.dtype, compiled: bool = False):
+    """transformers' ``generate`` on the same GGUF file's weights; compiled: its static cache and ``torch.compile``
+    (the same call twice: the first compiles for its cache's size)."""
     import transformers
 
     path = known_path("smollm2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    x = torch.tensor([prompt])
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    extra = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False}
+    if compiled:
+        extra["cache_implementation"] = "static"
+        model.forward = torch.compile(model.forward)
     with torch.no_grad():
-        model.generate(x, max_new_tokens=8, do_sample=False)  # warm up
-        start = time.perf_counter()
-        model.generate(x, max_new_tokens=1, do_sample=False)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-        total = time.perf_counter() - start
-    return ("transformers fp32", None, len(prompt) / prefill, (NEW - 1) / (total - prefill), None, None)
+        for _ in range(2):  # a warm-up, then the measure
+            clock = Clock()
+            model.generate(torch.tensor([prompt]), streamer=clock, **extra)
+    prompt_in, first, last = clock.times[0], clock.times[1], clock.times[-1]
+    name = f"transformers {'fp32' if dtype == torch.float32 else 'bf16'}{' compiled' if compiled else ''}"
+    return (name, None, len(prompt) / (first - prompt_in), (NEW - 1) / (last - first), None, None)
 
 
 def reference_llama_cpp(prompt):

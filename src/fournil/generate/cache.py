@@ -111,6 +111,40 @@ class KVCache:
         self.length = end
 
 
+class Fixed:
+    """Rows ``0:rows`` of a :class:`KVCache` reading one new token each, into the cache's next column, attending to
+    every slot under a mask. Stands where the cache does in a forward pass, with the same shapes whatever the column,
+    so that a compiled decoding step (:mod:`fournil.generate.compiled`) runs the same code at every step."""
+
+    length = 0  # (what the context check counts: the scheduler keeps each row within the model's context)
+
+    def __init__(self, cache: KVCache, rows: int):
+        column, end = cache.length, cache.length + 1
+        if end > cache.size:
+            raise ValueError(f"the cache holds {cache.size} tokens; {end} were asked for")
+        cache.valid[:rows, column] = True
+        filled = cache.valid[:rows, :end]
+        # (detached: the step then sees tensors of their own, not views of the cache's, whose shape it would depend on)
+        self.rows, self.k, self.v = rows, [t[:rows].detach() for t in cache.k], [t[:rows].detach() for t in cache.v]
+        self.positions = filled.sum(-1, keepdim=True) - 1
+        self.mask = torch.zeros(rows, 1, 1, cache.size, dtype=torch.bool, device=filled.device)
+        self.mask[:, 0, 0, :end] = filled
+        if cache.window is not None:
+            self.mask[..., : max(0, end - cache.window)] = False
+        self.column = torch.tensor([column], device=filled.device)
+
+    def begin(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positions, self.mask
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.column, k)
+        self.v[layer].index_copy_(2, self.column, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T: int) -> None:
+        pass
+
+
 class Packed:
     """Several sequences that share a prefix, packed one after the other in each row: ``prefix, a, b, ...``, where
     ``a`` and ``b`` each go on from the prefix and never see each other. Stands where a :class:`KVCache` does in a

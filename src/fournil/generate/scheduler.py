@@ -35,6 +35,8 @@ import torch
 
 from fournil.device import autocast
 from fournil.errors import FournilError
+from fournil.generate.cache import Fixed
+from fournil.generate.compiled import decoding_step
 from fournil.generate.sampling import SamplingParams, choose, penalize
 from fournil.generate.text import TextStream
 from fournil.models.base import decoder_only
@@ -307,7 +309,11 @@ class Scheduler:
             else:
                 cache.align(longest, self.rows)
         tokens = torch.tensor([[r.context[-1]] for r in self.active], device=self.model.device)
-        logits = self.model(tokens, cache.rows(0, self.rows))[:, -1]
+        step = decoding_step(self.model)
+        if step is not None:
+            logits = step(tokens, Fixed(cache, self.rows))
+        else:
+            logits = self.model(tokens, cache.rows(0, self.rows))[:, -1]
         cache.length += 1
         for r, row in zip(self.active, logits):
             r.cached += 1

@@ -106,20 +106,28 @@ def windows(idx: torch.Tensor, width: int, pad: int) -> torch.Tensor:
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention (keys and values may have fewer heads: grouped-query attention). While
-    ``module.recorded`` is a list, the weights are computed explicitly, used, and appended to it, so that a picture
-    of attention shows the computation the model really made."""
-    gqa = k.shape[1] != q.shape[1]
-    if getattr(module, "recorded", None) is None:
+    """Scaled dot-product attention (keys and values may have fewer heads: grouped-query attention).
+
+    Written out as products for one new token under a mask (a decoding step over a whole fixed-size cache, where
+    PyTorch's CPU kernel costs several times the arithmetic), and while ``module.recorded`` is a list: the weights
+    are then appended to it, so that a picture of attention shows the computation the model really made."""
+    recording = getattr(module, "recorded", None) is not None
+    if not recording and (mask is None or q.shape[2] > 1):
+        gqa = k.shape[1] != q.shape[1]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
-    if gqa:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = scores.float().softmax(-1).to(q.dtype)
-    module.recorded.append(weights.detach())
-    return weights @ v
+    B, H, T, D = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    # in fp32 on a CPU: its small bf16 products cost twice as much (and without bf16 units, far more)
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    grouped = q.reshape(B, kv_heads, H // kv_heads * T, D)  # the query heads that share a key/value head, together
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (grouped.to(compute) @ k.to(compute).transpose(-2, -1) * (1 / math.sqrt(D))).view(B, H, T, S)
+        if causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = scores.float().softmax(-1).to(compute)
+        if recording:
+            module.recorded.append(weights.detach())
+        y = weights.view(B, kv_heads, H // kv_heads * T, S) @ v.to(compute)
+    return y.view(B, H, T, D).to(q.dtype)

@@ -103,13 +103,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.o_bias)
+        self.qkv = None  # q, k and v in one product, once fused for generation (:meth:`fuse`)
+
+    def fuse(self) -> None:
+        """Compute q, k and v in one product instead of three: for decoding, where a small layer's product costs
+        mostly its call (SmolLM2's three int4 products: 65 us a token, fused 30 us). The three layers' names go."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.sizes = [p.out_features for p in parts]
+        qkv = nn.Linear(parts[0].in_features, sum(self.sizes), bias=parts[0].bias is not None)
+        qkv.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]))
+        if qkv.bias is not None:
+            qkv.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv = qkv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else \
+            self.qkv(x).split(self.sizes, -1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.store(layer, k, v)

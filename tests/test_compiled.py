@@ -1,0 +1,104 @@
+"""The compiled decoding step: the same tokens as eager decoding, compiled once for every step that follows."""
+import threading
+
+import openai
+import pytest
+import torch
+from conftest import Server
+
+from fournil.generate import SamplingParams, Scheduler, complete
+from fournil.generate.compiled import compile_decoding, decoding_step
+from fournil.runs import Run
+from tests.test_engine import greedy_alone
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_grows(trained, family):
+    run = Run.load(trained[family], "cpu")
+    tok = run.tokenizer
+    assert decoding_step(run.model) is None
+    compile_decoding(run.model, torch.float32, max_batch=3)
+    words = ["ma", "christ", "j", "ann", "el", "xavier"]
+    budgets = [9, 3, 7, 5, 2, 6]
+    prompts = [tok.prompt_ids(w) for w in words]
+    scheduler = Scheduler(run.model, tok, max_batch=3, first_columns=4)  # a narrow cache: it must grow and realign
+    requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
+    sizes = set()
+    with torch.compiler.set_stance("fail_on_recompile"):  # compiled once for any number of rows and cache size
+        while scheduler.step():
+            sizes.add(len(scheduler.active))
+    assert sizes >= {1, 2, 3}
+    for r, p, n in zip(requests, prompts, budgets):
+        assert ([piece.token for piece in r if piece.token >= 0], r.finish_reason) == greedy_alone(run.model, tok, p, n)
+
+
+def test_compiled_smollm2_writes_eager_greedy_tokens_on_the_parity_prompts():
+    from tests.test_smollm2 import PROMPTS
+
+    run = Run.load("smollm2", "cpu")
+    prompts = [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    eager = [complete(run.model, run.tokenizer, [p], params)[0].tokens for p in prompts]
+    compile_decoding(run.model, torch.float32)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = [complete(run.model, run.tokenizer, [p], params)[0].tokens for p in prompts]
+    assert compiled == eager
+
+
+def test_a_compiled_server_answers_concurrent_requests_with_the_engine_s_greedy_tokens(bpe_llama):
+    run = Run.load(bpe_llama, "cpu")
+    prompts = ["KING", "QUEEN", "To be or not", "ROMEO:"]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    alone = [complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids(p)], params, torch.float32)[0].text
+             for p in prompts]
+    server = Server(bpe_llama, "--compile", "--dtype", "float32")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        answers = {}
+
+        def ask(prompt):
+            out = client.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0)
+            answers[prompt] = out.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ask(prompts[0])  # and alone
+        assert [answers[p] for p in prompts] == alone
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "openai:m@http://127.0.0.1:9/v1", "--compile"], "--compile speeds up a model loaded here"),
+    (["chat", "RUN", "--compile", "--draft", "RUN"], "--compile and --draft do not go together here"),
+])
+def test_compile_refuses_what_it_cannot_speed_up_before_loading(cli, bpe_llama, args, message):
+    result = cli(*[str(bpe_llama) if a == "RUN" else a for a in args], check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own():
+    """Without guards on the modules, one model's compiled step could run for another whose tensors have the same
+    shapes: here the two differ only in a number the compiled code holds (the norms' epsilon)."""
+    from fournil.models import build_model
+    from fournil.tokenizers import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefghij"))
+    sizes = {"family": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 16, "block_size": 32,
+             "vocab_size": tok.vocab_size}
+    torch.manual_seed(0)
+    first = build_model(sizes).eval()
+    for p in first.parameters():
+        torch.nn.init.normal_(p)  # (a model of varied answers: the tiny initial weights answer one token throughout)
+    second = build_model({**sizes, "rms_norm_eps": 10.0}).eval()
+    second.load_state_dict(first.state_dict())
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    prompt = tok.encode("abc")
+    eager = [complete(m, tok, [prompt], params)[0].tokens for m in (first, second)]
+    assert eager[0] != eager[1]
+    for m in (first, second):
+        compile_decoding(m, torch.float32)
+    assert [complete(m, tok, [prompt], params)[0].tokens for m in (first, second)] == eager
