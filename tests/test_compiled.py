@@ -102,3 +102,9 @@ def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own():
     for m in (first, second):
         compile_decoding(m, torch.float32)
     assert [complete(m, tok, [prompt], params)[0].tokens for m in (first, second)] == eager
+
+
+def test_compile_refuses_a_model_without_a_decoding_step(cli, trained):
+    result = cli("generate", trained["ngram"], "--compile", check=False)
+    assert result.returncode == 2 and "--compile compiles a Transformer's decoding step; the ngram model has none" \
+        in result.stderr and "Traceback" not in result.stderr

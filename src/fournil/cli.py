@@ -859,26 +859,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_compile(args) -> None:
-    """``--compile`` for ``generate`` and ``chat`` (before the model loads): a model loaded here, without a draft."""
-    from fournil.generate.answerers import is_remote
+def load_answerer(args):
+    """The model of ``generate`` and ``chat``, with its decoding step compiled for one answer at a time if asked
+    (``--compile`` is refused before loading for what it cannot speed up: a remote model, a draft's passes)."""
+    from fournil.generate.answerers import answerer, is_remote
 
     if args.compile and is_remote(args.model):
         raise FournilError(f"--compile speeds up a model loaded here; {args.model} answers from elsewhere")
     if args.compile and args.draft:
         raise FournilError("--compile and --draft do not go together here: a draft's passes are not compiled; "
                            "choose one (fournil serve takes both: the draft while a request is alone)")
-
-
-def run_generate(args) -> None:
-    from fournil.generate.answerers import answerer
-
-    params = sampling_params(args, args.max_new_tokens)
-    params.check()  # before the model loads
-    check_compile(args)
     model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
     if args.compile:
         compile_decoding_step(model.run, 1)
+    return model
+
+
+def run_generate(args) -> None:
+    params = sampling_params(args, args.max_new_tokens)
+    params.check()  # before the model loads
+    model = load_answerer(args)
     pieces = model.generate(args.prompt, params)  # the prompt is checked here
     print(args.prompt, end="", flush=True)
     for piece in pieces:
@@ -890,14 +890,11 @@ def run_generate(args) -> None:
 
 
 def run_chat(args) -> None:
-    from fournil.generate.answerers import Local, answerer
+    from fournil.generate.answerers import Local
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()
-    check_compile(args)
-    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
-    if args.compile:
-        compile_decoding_step(model.run, 1)
+    model = load_answerer(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     if isinstance(model, Local):  # a model without a chat template fails now, not later

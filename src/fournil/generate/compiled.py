@@ -58,8 +58,10 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
     # (below) it would take another model's compiled step for this one's whenever their tensors had the same shapes
     step.__code__ = step.__code__.replace()
 
-    # Inductor's cache outlives a reboot (its default is under /tmp)
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / "inductor"
+    # Inductor's cache outlives a reboot (its default is under /tmp); one per PyTorch and CPU kind, since a home
+    # folder may be shared by machines whose CPUs differ (code compiled for one can crash another)
+    kind = f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / "inductor" / kind
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
     _steps[model] = torch.compile(step, fullgraph=True, options={
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
