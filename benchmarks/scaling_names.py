@@ -5,8 +5,8 @@
     python benchmarks/scaling_names.py --quick                  # 10 and 20 s on names, to check the script
 
 For each budget it trains `fournil train --data D --time T` (the default: sized by the budget) and the same with the
-default model's size given (4 layers, width 64, no dropout: the model the defaults had before; the same run where
-the budget chose that size), prints a table of parameters, steps, tokens, compute (tokens x parameters), val and
+default model's size given (4 layers, width 64, no dropout, batch 64: the model the defaults had before; the same
+run where the budget chose all of that), prints a table of parameters, steps, tokens, compute (tokens x parameters), val and
 test NLL, and draws test NLL against compute in docs/images/scaling_names.png (or --plot).
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ def train_once(out: Path, data: str, seconds: float, model: dict) -> dict:
     tokens = steps * run.config.train.batch_size * (sum(map(len, train_names)) / len(train_names) + 1)
     params = run.model.num_params()
     return {"data": data, "budget_s": seconds, "model": "fixed" if model else "default", "params": params,
-            "width": run.model.config.n_embd, "dropout": run.model.config.dropout, "steps": steps,
+            "width": run.model.config.n_embd, "dropout": run.model.config.dropout,
+            "batch": run.config.train.batch_size, "steps": steps,
             "tokens": round(tokens), "compute": tokens * params, "val": scores["val"]["nll"],
             "test": scores["test"]["nll"]}
 
@@ -82,14 +83,16 @@ def main() -> None:
             for seconds in args.budgets:
                 rows.append(train_once(Path(tmp) / f"{data}-{seconds:g}", data, seconds, {}))
                 if args.fixed:  # the fixed-size model, unless the budget chose that size itself
-                    same = (rows[-1]["width"], rows[-1]["dropout"]) == (FIXED["n_embd"], FIXED["dropout"])
+                    same = (rows[-1]["width"], rows[-1]["dropout"], rows[-1]["batch"]) == (
+                        FIXED["n_embd"], FIXED["dropout"], 64)
                     rows.append({**rows[-1], "model": "fixed"} if same else
                                 train_once(Path(tmp) / f"{data}-{seconds:g}-fixed", data, seconds, FIXED))
                 print(*map(json.dumps, rows[-1 - args.fixed:]), sep="\n", flush=True)
-    print("\n| data | budget | model | parameters | width, dropout | steps | tokens | compute | val NLL | test NLL |")
+    print("\n| data | budget | model | parameters | width, dropout, batch | steps | tokens | compute | val NLL | test NLL |")
     print("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['data']} | {r['budget_s']:g} s | {r['model']} | {r['params']:,} | {r['width']}, {r['dropout']:g} | "
+        print(f"| {r['data']} | {r['budget_s']:g} s | {r['model']} | {r['params']:,} | "
+              f"{r['width']}, {r['dropout']:g}, {r['batch']} | "
               f"{r['steps']:,} | {r['tokens']:,} | {r['compute']:.2e} | {r['val']:.4f} | {r['test']:.4f} |")
     plot(rows, args.plot)
     print(f"\npicture: {args.plot}")

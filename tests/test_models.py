@@ -123,3 +123,39 @@ def test_losses_from_chunks_of_positions_equal_those_of_whole_logits(family, mon
     assert kd.item() == pytest.approx(whole_kd.item(), abs=1e-5)
     for chunked, reference in zip(grads, (p.grad for p in model.parameters())):
         assert torch.allclose(chunked, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, settings", [("gpt", {}), ("llama", {"n_kv_head": 2}),
+                                              ("llama", {"n_kv_head": 2, "sliding_window": 4})])
+def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
+    """Names packed several to a row, each attending only within itself with positions from its own start, score
+    every target exactly as one name per padded row does: the training loss and its gradients are the same."""
+    from fournil.config import DataConfig
+    from fournil.data.batches import LineData, pack
+    from fournil.data.corpus import load_splits
+    from fournil.tokenizers import CharTokenizer
+    from fournil.train.objectives import NextTokenPrediction
+
+    names = load_splits(DataConfig("names"))[0].train
+    tokenizer = CharTokenizer.train(names, boundary=True)
+    x, y = LineData(names, tokenizer, "train").sample(64, torch.Generator().manual_seed(0))
+    width = max(map(len, names)) + 1
+    px, documents, py = pack(x, y, width)
+    assert px.shape[1] == width and len(px) < len(x) / 1.5  # names of about 6 letters: two or more to a row
+    assert sorted(py[py != -1].tolist()) == sorted(y[y != -1].tolist())  # every target once, none added
+    rows = torch.arange(len(px))[:, None].expand_as(px)
+    assert len({(r, d) for r, d in zip(rows[py != -1].tolist(), documents[py != -1].tolist())}) == 64  # each its own
+    torch.manual_seed(0)
+    model = build_model({"family": family, "vocab_size": tokenizer.vocab_size, "block_size": width, "n_layer": 2,
+                         "n_head": 4, "n_embd": 32, **settings})
+    results = []
+    for pack_to in (None, width):
+        model.zero_grad()
+        loss, metrics = NextTokenPrediction(pack_to).loss(model, (x, y))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], metrics["tokens"]))
+    (padded, padded_grads, n), (packed, packed_grads, m) = results
+    assert n == m == int((y != -1).sum())
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

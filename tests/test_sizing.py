@@ -5,7 +5,7 @@ from pathlib import Path
 
 from conftest import CLI, losses
 from fournil.models import build_model
-from fournil.train.sizing import RULE
+from fournil.train.sizing import RULE, SPENDING
 
 NAMES = Path(__file__).parent.parent / "src" / "fournil" / "data" / "files" / "names.txt"
 
@@ -15,8 +15,8 @@ def settings(run: Path) -> dict:
 
 
 def test_more_passes_choose_a_larger_model_that_drops_out_more():
-    sizes = [build_model({"family": "gpt", "vocab_size": 27, "block_size": 16, **chosen}).num_params()
-             for _, chosen in RULE]
+    models = [{k: v for k, v in chosen.items() if k not in SPENDING} for _, chosen in RULE]
+    sizes = [build_model({"family": "gpt", "vocab_size": 27, "block_size": 16, **m}).num_params() for m in models]
     drops = [chosen.get("dropout", 0.0) for _, chosen in RULE]
     starts = [start for start, _ in RULE]
     assert starts[0] == 0 and starts == sorted(set(starts))
@@ -43,6 +43,9 @@ def test_the_budget_sizes_the_default_and_flags_reproduce_the_choice(tmp_path):
     cli("train", "--data", "few.txt", "--steps", str(steps), "--dropout", "0", "--out", "mine")
     assert settings(tmp_path / "mine")["model"]["n_embd"] == 64 and settings(tmp_path / "mine")["budget"] == {}
 
+    out = cli("train", "--data", "few.txt", "--steps", "10", "--out", "short")  # a --steps budget keeps its batch
+    assert "the default size suits it" in out.stdout and settings(tmp_path / "short")["train"]["batch_size"] == 64
+
 
 def test_a_time_budget_is_counted_in_steps_measured_on_this_machine(tmp_path):
     out = CLI(tmp_path)("train", "--data", "names", "--time", "4s", "--out", "timed")
@@ -50,4 +53,7 @@ def test_a_time_budget_is_counted_in_steps_measured_on_this_machine(tmp_path):
     assert record["steps_per_second"] > 0 and "steps/s measured" in out.stdout
     assert abs(record["default_model_steps"] - 4 * record["steps_per_second"]) <= 1
     assert abs(record["passes"] - record["default_model_steps"] * 64 / 28829) < 0.06  # 28,829 training names
-    assert settings(tmp_path / "timed")["model"]["n_embd"] == 64  # seconds buy a fraction of a pass
+    spent = {k: v for k, v in RULE[0][1].items() if k in SPENDING}  # seconds buy a fraction of a pass: the first row
+    assert record["chosen"] == RULE[0][1] and settings(tmp_path / "timed")["model"]["n_embd"] == 64
+    assert {k: settings(tmp_path / "timed")["train"][k] for k in spent} == spent
+    assert "sized for it: --batch-size 128 --lr 0.011" in out.stdout

@@ -12,13 +12,19 @@ import torch
 from fournil.errors import FournilError
 
 
-def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int):
+def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int,
+                       documents: torch.Tensor | None = None):
     """What a Transformer's forward needs to place ``idx``: each token's position, and the attention mask (``None``
-    for plain causal attention). Without a cache ``idx`` is a whole sequence; with one, it continues the cache."""
+    for plain causal attention). Without a cache ``idx`` is a whole sequence; with one, it continues the cache.
+    ``documents`` numbers the document of each token of packed rows (:func:`fournil.data.batches.pack`): a token
+    then attends to the earlier tokens of its own document only, and its position counts from that document's start."""
     T = idx.shape[1]
     end = T + (cache.length if cache else 0)
     if end > block_size:
         raise FournilError(f"input of {end} tokens is longer than the model's context of {block_size}")
+    if documents is not None:
+        within = (documents[:, :, None] == documents[:, None, :]).tril()  # (B, T, T): same document, not later
+        return within.sum(-1) - 1, within[:, None]
     if cache is None:
         return torch.arange(T, device=idx.device)[None], None
     return cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))

@@ -27,6 +27,7 @@ class LanguageModel(nn.Module):
     family = ""
     counts_only = False  # True for models that learn by counting in one pass (``fit``), not by gradient descent
     checkpointing: bool | None = None  # Transformers: recompute each layer in the backward pass (None: no layers to)
+    packs = False  # forward takes ``documents=``: rows packed with several documents each (fournil.data.batches.pack)
 
     def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
         """``layer(*args)``; while training with ``checkpointing``, its activations are not kept but computed again

@@ -83,6 +83,7 @@ class Block(nn.Module):
 class GPT(LanguageModel):
     family = "gpt"
     checkpointing = False
+    packs = True
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -118,18 +119,21 @@ class GPT(LanguageModel):
         return KVCache(c.n_layer, batch, c.n_head, size, c.n_embd // c.n_head, self.device, dtype)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                logits_to_keep: int | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                logits_to_keep: int | None = None, targets: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
         continues what the cache holds (``valid`` marks padding). With ``targets``, the log-probability of each
-        instead, without ever holding every position's logits (:func:`target_logprobs`)."""
-        x = self.hidden(idx, cache, valid)
+        instead, without ever holding every position's logits (:func:`target_logprobs`). ``documents``: ``idx`` holds
+        packed rows of several documents each, which do not see each other (:func:`positions_and_mask`)."""
+        x = self.hidden(idx, cache, valid, documents)
         if targets is not None:
             return target_logprobs(self.lm_head, x, targets)
         return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+               documents: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's normalized states (B, T, n_embd): what the output layer reads, and a reward head too."""
-        pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
+        pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size, documents)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = self.run_layer(block, x, cache, i, mask)

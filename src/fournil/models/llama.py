@@ -126,15 +126,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is not None:
+        if cache is not None:  # the cache's mask keeps the window
             k, v = cache.store(layer, k, v)
-            y = attend(self, q, k, v, mask, causal=mask is None and T > 1)
         elif self.window is not None and T > self.window:
             i = torch.arange(T, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
-            y = attend(self, q, k, v, mask)
-        else:
-            y = attend(self, q, k, v, causal=True)
+            window = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+            mask = window if mask is None else mask & window
+        y = attend(self, q, k, v, mask, causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -166,6 +164,7 @@ class DecoderLayer(nn.Module):
 class Llama(LanguageModel):
     family = "llama"
     checkpointing = False
+    packs = True
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -191,18 +190,21 @@ class Llama(LanguageModel):
         return KVCache(c.n_layer, batch, c.n_kv_head, size, c.head_dim, self.device, dtype, c.sliding_window)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                logits_to_keep: int | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                logits_to_keep: int | None = None, targets: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
         continues what the cache holds (``valid`` marks padding). With ``targets``, the log-probability of each
-        instead, without ever holding every position's logits (:func:`target_logprobs`)."""
-        x = self.hidden(idx, cache, valid)
+        instead, without ever holding every position's logits (:func:`target_logprobs`). ``documents``: ``idx`` holds
+        packed rows of several documents each, which do not see each other (:func:`positions_and_mask`)."""
+        x = self.hidden(idx, cache, valid, documents)
         if targets is not None:
             return target_logprobs(self.lm_head, x, targets)
         return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+               documents: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's normalized states (B, T, n_embd): what the output layer reads, and a reward head too."""
-        positions, mask = positions_and_mask(idx, cache, valid, self.config.block_size)
+        positions, mask = positions_and_mask(idx, cache, valid, self.config.block_size, documents)
         angles = positions[..., None].float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (batch, 1 for every head, T, head_dim)
         x = self.model.embed_tokens(idx)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fournil.data.batches import IGNORE
+from fournil.data.batches import IGNORE, pack
 from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
 from fournil.models.base import chunk_positions, target_logprobs
@@ -67,11 +67,19 @@ def mean_over_batches(objective, model, data, dtype, max_tokens) -> dict:
 class NextTokenPrediction:
     """Pretraining and fine-tuning: the average negative log-likelihood of each next token (padding and prompts
     excluded). A batch is the model's inputs then the targets: ``(x, y)``, or ``(source, target input, y)`` for a
-    sequence-to-sequence model, whose objective is the same, conditioned on the source."""
+    sequence-to-sequence model, whose objective is the same, conditioned on the source. With ``pack_to``, rows of one
+    document each are first packed into fewer rows of that many tokens (:func:`pack`): the same loss, from fewer
+    positions."""
+
+    def __init__(self, pack_to: int | None = None):
+        self.pack_to = pack_to
 
     def loss(self, model, batch):
         *inputs, y = batch
         tokens = int((y != IGNORE).sum())
+        if self.pack_to:
+            x, documents, y = pack(*inputs, y, self.pack_to)
+            return -model(x, targets=y, documents=documents).sum() / tokens, {"tokens": tokens}
         return -model(*inputs, targets=y).sum() / tokens, {"tokens": tokens}
 
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:

@@ -174,7 +174,6 @@ class Trainer:
     def __init__(self, run_dir: Path, config: RunConfig, splits, tokenizer, progress: bool, world: World,
                  model=None, data: dict | None = None, keep_best=None, objective=None):
         self.dir, self.config, self.tokenizer, self.world = run_dir, config, tokenizer, world
-        self.objective = objective or NextTokenPrediction()
         t = config.train
         self.device = world.device(pick_device(t.device))
         self.dtype = pick_dtype(self.device, t.dtype)  # training steps
@@ -182,6 +181,10 @@ class Trainer:
         self.data = data if data is not None else make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
+        # documents of lines data, pretrained, are packed several to a row of the context's length when the model can
+        # keep them apart
+        packs = data is None and config.data.mode == "lines" and self.model.packs
+        self.objective = objective or NextTokenPrediction(config.model["block_size"] if packs else None)
         self.keep_best = keep_best or (lambda weights: save_tensors(weights, self.dir / WEIGHTS))
         frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
         self.saved = None if not frozen else {n for n, p in self.model.named_parameters() if p.requires_grad}
