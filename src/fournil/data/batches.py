@@ -31,8 +31,9 @@ def pack(x: torch.Tensor, y: torch.Tensor, width: int) -> tuple[torch.Tensor, to
     finds (longest first): ``(x, documents, y)``, where ``documents`` numbers each token's document in its row.
 
     A Transformer given ``documents`` attends within each document and counts positions from its start, so every
-    target gets exactly the log-probability it has in the padded rows: the same loss and gradients, from about half
-    the positions for names (most are much shorter than the longest in a batch of 64)."""
+    target gets exactly the log-probability it has in the padded rows: the same loss and gradients, from fewer
+    positions (most names are much shorter than the longest in their batch: 0.69 times the positions and half the
+    rows for names in batches of 64, 0.55 times for prénoms)."""
     B, W = y.shape
     lengths = torch.where(y != IGNORE, torch.arange(1, W + 1, device=y.device), 0).amax(-1)  # to the last target
     sizes = lengths.tolist()

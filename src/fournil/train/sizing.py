@@ -4,7 +4,8 @@ Trained longer, the default 200k-parameter model only overfits names: its test N
 names (14 passes over the training split) and 1.946 after 10,000 (22 passes), while its training loss falls from
 1.74 to 1.66; after 10 minutes here (48 passes) it is 1.970. So the budget is counted in passes over the training
 split that the default model would make in it (the steps given, or for ``--time`` its steps per second measured on
-this machine in a short probe), and past 17 passes the model is wider and drops out.
+this machine in a short probe), past 17 passes the model is wider and drops out, and below 14 a time budget is
+spent in larger batches.
 
 RULE was fitted on ``names`` runs at equal compute: each budget as steps of the default model, and a wider model
 given the steps it makes in the same time on the same CPU (2-core AMD EPYC, AVX512-BF16). Test NLL (docs/
