@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fournil
 from fournil.config import DataConfig, RunConfig, TrainConfig
+from fournil.models import DEFAULTS
 
 FIXED = {"n_layer": 4, "n_head": 4, "n_embd": 64, "dropout": 0.0}  # the default model's size, given explicitly
 PICTURE = Path(__file__).parent.parent / "docs" / "images" / "scaling_names.png"
@@ -84,7 +85,7 @@ def main() -> None:
                 rows.append(train_once(Path(tmp) / f"{data}-{seconds:g}", data, seconds, {}))
                 if args.fixed:  # the fixed-size model, unless the budget chose that size itself
                     same = (rows[-1]["width"], rows[-1]["dropout"], rows[-1]["batch"]) == (
-                        FIXED["n_embd"], FIXED["dropout"], 64)
+                        FIXED["n_embd"], FIXED["dropout"], DEFAULTS[("gpt", "lines")][1]["batch_size"])
                     rows.append({**rows[-1], "model": "fixed"} if same else
                                 train_once(Path(tmp) / f"{data}-{seconds:g}-fixed", data, seconds, FIXED))
                 print(*map(json.dumps, rows[-1 - args.fixed:]), sep="\n", flush=True)

@@ -77,10 +77,11 @@ class NextTokenPrediction:
     def loss(self, model, batch):
         *inputs, y = batch
         tokens = int((y != IGNORE).sum())
+        packed = {}
         if self.pack_to:
-            x, documents, y = pack(*inputs, y, self.pack_to)
-            return -model(x, targets=y, documents=documents).sum() / tokens, {"tokens": tokens}
-        return -model(*inputs, targets=y).sum() / tokens, {"tokens": tokens}
+            x, packed["documents"], y = pack(*inputs, y, self.pack_to)
+            inputs = [x]
+        return -model(*inputs, targets=y, **packed).sum() / tokens, {"tokens": tokens}
 
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
         return {"loss": evaluate_nll(model, data, tokenizer, dtype, max_tokens=max_tokens)["nll"]}
