@@ -251,3 +251,28 @@ def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
     run = Run.load(bpe_llama, "cpu", "float32")
     before = run.model.num_params()
     assert run.quantize(precision).model.num_params() == before
+
+
+def test_an_int8_layer_multiplies_each_row_on_its_own_within_the_two_part_activations_rounding():
+    """The int8 product of several rows quantizes each row's activations in two int8 parts (its values, then what
+    their rounding lost): a row's result is the same whatever the other rows, bit for bit (the sums are integers), a
+    row of zeros gives the bias, and every output is within the bound that the second part's rounding allows of the
+    exact product with the int8 weights."""
+    from fournil.generate.quantize import Int8Linear, exact_integer_products
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 300)
+    layer = Int8Linear(linear)
+    if not exact_integer_products():
+        pytest.skip("this CPU's int8 products saturate (no VNNI): its int8 layers multiply in bf16 and fp32")
+    x = torch.randn(8, 576) * torch.logspace(-2, 1, 576)  # channels of very different sizes, as in a model
+    x[3] = 0
+    together = layer(x)
+    assert torch.equal(together, torch.cat([layer(x[i:i + 2]) for i in range(0, 8, 2)]))
+    assert torch.equal(together, layer(x.flip(0)).flip(0))
+    assert torch.equal(together[3], linear.bias.detach())
+    weights = layer.weight.float() * layer.scale[:, None]
+    exact = x.double() @ weights.double().T + linear.bias.detach().double()
+    # each activation is off by at most half a step of the second part, |x|max / 127 / 2 / 127 / 2 (in fp32, to 1e-6)
+    bound = (x.abs().amax(1, keepdim=True) / (4 * 127 * 127)) @ weights.abs().sum(1, keepdim=True).T + 1e-4
+    assert ((together.double() - exact).abs() <= bound.double()).all()
