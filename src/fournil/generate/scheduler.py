@@ -260,10 +260,27 @@ class Scheduler:
                 del self.active[i]
 
     def _prefill_new(self) -> None:
-        """Read each new request's prompt (all but its last token) into the next free row."""
-        for r in self.active[self.rows:]:
-            self._read_into(self.rows, r.context[:-1])
-            self.rows += 1
+        """Read the new requests' prompts (all but each one's last token) into the next free rows, in one pass: the
+        shorter ones padded on the left, so that every row ends at the cache's current column (batch-invariant: each
+        alone, from column 0)."""
+        new = self.active[self.rows:]
+        if self.batch_invariant or len(new) <= 1:
+            for r in new:
+                self._read_into(self.rows, r.context[:-1])
+                self.rows += 1
+            return
+        cache, first, reads = self.cache, self.rows, [r.context[:-1] for r in new]
+        longest = max(map(len, reads))
+        if longest > cache.length:
+            cache.align(self._columns(longest), first)
+        for row, (r, tokens) in enumerate(zip(new, reads), first):
+            cache.valid[row] = False
+            r.cached = len(tokens)
+        self.rows += len(new)
+        if longest:
+            ids = torch.tensor([[0] * (longest - len(t)) + t for t in reads], device=self.model.device)
+            valid = torch.tensor([[False] * (longest - len(t)) + [True] * len(t) for t in reads], device=ids.device)
+            self.model(ids, cache.rows(first, self.rows, cache.length - longest), valid=valid, logits_to_keep=0)
 
     def _read_into(self, row: int, tokens: list[int]) -> None:
         """Put ``tokens`` in ``row``, ending at the cache's current column (all rows are first moved to end later,
