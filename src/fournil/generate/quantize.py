@@ -59,7 +59,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.integers = linear.weight.device.type == "cpu" and exact_integer_products()
+        self.integers = exact_integer_products()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features

@@ -260,45 +260,35 @@ class Scheduler:
                 del self.active[i]
 
     def _prefill_new(self) -> None:
-        """Read the new requests' prompts (all but each one's last token) into the next free rows, in one pass: the
-        shorter ones padded on the left, so that every row ends at the cache's current column (batch-invariant: each
-        alone, from column 0)."""
+        """Read the new requests' prompts (all but each one's last token) into the next free rows, in one pass
+        (batch-invariant: a pass each)."""
         new = self.active[self.rows:]
-        if self.batch_invariant or len(new) <= 1:
-            for r in new:
-                self._read_into(self.rows, r.context[:-1])
-                self.rows += 1
-            return
-        cache, first, reads = self.cache, self.rows, [r.context[:-1] for r in new]
-        longest = max(map(len, reads))
-        if longest > cache.length:
-            cache.align(self._columns(longest), first)
-        for row, (r, tokens) in enumerate(zip(new, reads), first):
-            cache.valid[row] = False
-            r.cached = len(tokens)
-        self.rows += len(new)
-        if longest:
-            ids = torch.tensor([[0] * (longest - len(t)) + t for t in reads], device=self.model.device)
-            valid = torch.tensor([[False] * (longest - len(t)) + [True] * len(t) for t in reads], device=ids.device)
-            self.model(ids, cache.rows(first, self.rows, cache.length - longest), valid=valid, logits_to_keep=0)
+        for group in [[r] for r in new] if self.batch_invariant else [new] if new else []:
+            self._read_into(self.rows, [r.context[:-1] for r in group])
+            self.rows += len(group)
 
-    def _read_into(self, row: int, tokens: list[int]) -> None:
-        """Put ``tokens`` in ``row``, ending at the cache's current column (all rows are first moved to end later,
-        if the row needs more room); batch-invariant, from column 0."""
+    def _read_into(self, first: int, reads: list[list[int]]) -> None:
+        """Put each of ``reads`` in a row from ``first`` on, in one pass, each ending at the cache's current column
+        (the shorter ones padded on the left; the rows in use first moved to end later if one needs more room);
+        batch-invariant, a single row from column 0."""
         cache = self.cache
-        cache.valid[row] = False
-        self.active[row].cached = len(tokens)
-        if not tokens:
+        for row, tokens in enumerate(reads, first):
+            cache.valid[row] = False
+            self.active[row].cached = len(tokens)
+        longest = max(map(len, reads))
+        if not longest:
             return
         if self.batch_invariant:
-            self._columns(len(tokens))
+            self._columns(longest)
             start = 0
         else:
-            if len(tokens) > cache.length:
-                cache.align(self._columns(len(tokens)), self.rows)
-            start = cache.length - len(tokens)
-        self.model(torch.tensor([tokens], device=self.model.device), cache.rows(row, row + 1, start), logits_to_keep=0)
-        cache.length = max(cache.length, start + len(tokens))
+            if longest > cache.length:
+                cache.align(self._columns(longest), self.rows)
+            start = cache.length - longest
+        ids = torch.tensor([[0] * (longest - len(t)) + t for t in reads], device=self.model.device)
+        valid = torch.tensor([[False] * (longest - len(t)) + [True] * len(t) for t in reads], device=ids.device)
+        self.model(ids, cache.rows(first, first + len(reads), start), valid=valid, logits_to_keep=0)
+        cache.length = max(cache.length, start + longest)
 
     def _columns(self, end: int) -> int:
         """A column count of at least ``end``, growing the cache (by doubling) if it is narrower."""
@@ -311,7 +301,7 @@ class Scheduler:
         cache = self.cache
         for i, r in enumerate(self.active):
             if r.cached == self.block:  # its context is full: go on from the last half
-                self._read_into(i, r.context[-(self.block // 2):-1])
+                self._read_into(i, [r.context[-(self.block // 2):-1]])
         if self.batch_invariant:
             for i, r in enumerate(self.active):
                 self._columns(r.cached + 1)
