@@ -12,16 +12,17 @@ from fournil.runs import Run
 from tests.test_engine import greedy_alone
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_grows(trained, family):
-    run = Run.load(trained[family], "cpu")
+@pytest.mark.parametrize("family,precision", [("gpt", "float32"), ("llama", "float32"), ("llama", "int4")])
+def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_grows(trained, family, precision):
+    """int4: on a CPU with VNNI, its layers call fournil's own kernel, which the compiled step calls as it is."""
+    run = Run.load(trained[family], "cpu").quantize(precision)
     tok = run.tokenizer
     assert decoding_step(run.model) is None
-    compile_decoding(run.model, torch.float32, max_batch=3)
+    compile_decoding(run.model, run.dtype, max_batch=3)
     words = ["ma", "christ", "j", "ann", "el", "xavier"]
     budgets = [9, 3, 7, 5, 2, 6]
     prompts = [tok.prompt_ids(w) for w in words]
-    scheduler = Scheduler(run.model, tok, max_batch=3, first_columns=4)  # a narrow cache: it must grow and realign
+    scheduler = Scheduler(run.model, tok, run.dtype, max_batch=3, first_columns=4)  # a narrow cache: it must grow and realign
     requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
     sizes = set()
     with torch.compiler.set_stance("fail_on_recompile"):  # compiled once for any number of rows and cache size

@@ -3,6 +3,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fournil.generate import Busy, SamplingParams, Scheduler, complete, score, stream
 from fournil.generate.text import TextStream
@@ -253,26 +254,36 @@ def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
     assert run.quantize(precision).model.num_params() == before
 
 
-def test_an_int8_layer_multiplies_each_row_on_its_own_within_the_two_part_activations_rounding():
-    """The int8 product of several rows quantizes each row's activations in two int8 parts (its values, then what
-    their rounding lost): a row's result is the same whatever the other rows, bit for bit (the sums are integers), a
-    row of zeros gives the bias, and every output is within the bound that the second part's rounding allows of the
-    exact product with the int8 weights."""
-    from fournil.generate.quantize import Int8Linear, exact_integer_products
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_its_activations_rounding(bits):
+    """On a CPU with AVX512-VNNI, int8 and int4 layers multiply in integers (``vnni.cpp``), each row's activations
+    quantized to int8 in groups of 32: a row's result is the same bit for bit whatever the other rows, a row of zeros
+    gives the bias, the weights the layer multiplies by (read back with one-hot rows) are the layer's within half a
+    step of their quantization, and every output is within what rounding each activation to half a step (its
+    group's largest / 127 / 2) allows of the exact product with those weights."""
+    from fournil.generate import vnni
+    from fournil.generate.quantize import GROUP, Int4Linear, Int8Linear
 
+    if not vnni.available():
+        pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernel: the layers use PyTorch's kernels")
     torch.manual_seed(0)
-    linear = torch.nn.Linear(576, 300)
-    layer = Int8Linear(linear)
-    if not exact_integer_products():
-        pytest.skip("this CPU's int8 products saturate (no VNNI): its int8 layers multiply in bf16 and fp32")
-    x = torch.randn(8, 576) * torch.logspace(-2, 1, 576)  # channels of very different sizes, as in a model
+    linear = torch.nn.Linear(100, 40)  # padded to 128 inputs (4 groups) and 48 outputs (3 blocks of 16)
+    layer = (Int8Linear if bits == 8 else Int4Linear)(linear)
+    bias, original = linear.bias.detach(), linear.weight.detach().double()
+    x = torch.randn(11, 100) * torch.logspace(-2, 1, 100)  # 11 rows: a pass of 8, then 3
     x[3] = 0
     together = layer(x)
-    assert torch.equal(together, torch.cat([layer(x[i:i + 2]) for i in range(0, 8, 2)]))
+    assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(11)]))
     assert torch.equal(together, layer(x.flip(0)).flip(0))
-    assert torch.equal(together[3], linear.bias.detach())
-    weights = layer.weight.float() * layer.scale[:, None]
-    exact = x.double() @ weights.double().T + linear.bias.detach().double()
-    # each activation is off by at most half a step of the second part, |x|max / 127 / 2 / 127 / 2 (in fp32, to 1e-6)
-    bound = (x.abs().amax(1, keepdim=True) / (4 * 127 * 127)) @ weights.abs().sum(1, keepdim=True).T + 1e-4
-    assert ((together.double() - exact).abs() <= bound.double()).all()
+    assert torch.equal(together[3], bias)
+    weights = (layer(torch.eye(100)) - bias).T.double()  # one-hot rows: their only code is 127, one step of 1/127
+    if bits == 8:  # a step per row: its largest |w| / 127
+        half_step = original.abs().amax(1, keepdim=True) / 127 / 2
+    else:  # a step per group of 32: its range / 15
+        groups = F.pad(original, (0, 28)).view(40, -1, GROUP)
+        half_step = ((groups.amax(-1) - groups.amin(-1)) / 15 / 2).repeat_interleave(GROUP, 1)[:, :100]
+    assert ((weights - original).abs() <= 1.2 * half_step).all()  # 1.2: scales are rounded to bf16, codes clamped
+    exact = x.double() @ weights.T + bias.double()
+    steps = F.pad(x, (0, 28)).view(11, -1, GROUP).abs().amax(-1) / 127 / 2  # half a step, per row and group
+    bound = steps.double() @ F.pad(weights.abs(), (0, 28)).view(40, -1, GROUP).sum(-1).T
+    assert ((together.double() - exact).abs() <= bound + 1e-5 * (x.abs().double() @ weights.abs().T)).all()

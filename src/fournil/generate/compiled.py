@@ -26,6 +26,11 @@ from fournil.generate.cache import Fixed
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def cache_folder(name: str) -> Path:
+    """Where fournil keeps code it compiled (``~/.cache/fournil/NAME``): it outlives a reboot, unlike /tmp."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / name
+
+
 def decoding_step(model):
     """The compiled step of ``model`` (``step(tokens, fixed_view) -> logits`` of the last token), or None."""
     return _steps.get(model)
@@ -61,8 +66,7 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
     # Inductor's cache outlives a reboot (its default is under /tmp); one per PyTorch and CPU kind, since a home
     # folder may be shared by machines whose CPUs differ (code compiled for one can crash another)
     kind = f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / "inductor" / kind
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_folder("inductor") / kind))
     _steps[model] = torch.compile(step, fullgraph=True, options={
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,

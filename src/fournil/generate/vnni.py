@@ -1,0 +1,81 @@
+"""Quantized weights by int8 activations in integers (``vnni.cpp``), on CPUs with AVX512-VNNI.
+
+PyTorch's int4 and int8 CPU kernels multiply in fp32 or bf16; with the 8 rows of a batch decoding, that arithmetic,
+not reading the weights, sets their speed. The kernel here quantizes each row's activations to int8 in groups of 32
+inputs and multiplies in integers, four products per fp32 one (llama.cpp multiplies its blocks the same way). Its
+results do not depend on the other rows: each row is quantized on its own, its sums taken in the same order.
+
+It is C++, built by PyTorch's extension builder with the machine's compiler the first time it is needed (about ten
+seconds), and kept on disk for the next launches. Where it cannot be built, or the CPU has no VNNI (AVX2, AVX512
+before VNNI, ARM), :func:`available` is False and the layers use PyTorch's kernels.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from fournil.generate.compiled import cache_folder
+
+SOURCE = Path(__file__).with_name("vnni.cpp")
+LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
+GROUP = 32  # inputs per activation scale, and per weight scale and zero
+OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero
+
+
+@functools.cache
+def available() -> bool:
+    """Whether ``torch.ops.fournil.vnni_linear`` runs here (built, or loaded from the disk cache, on first call)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # none, or ATEN_CPU_CAPABILITY=avx2 emulating an older CPU
+        return False
+    import ninja  # the build tool PyTorch's builder runs, from PyPI: on PATH even where the venv is not activated
+    from torch.utils import cpp_extension
+
+    if not shutil.which("ninja"):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    folder = cache_folder("kernels") / f"torch-{torch.__version__}"  # for any x86 CPU: the kernel checks for VNNI
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load("fournil_vnni", [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder),
+                           is_python_module=False)
+    except Exception as error:  # no C++ compiler: PyTorch's kernels do the work, slower with several rows
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"quantized layers use PyTorch's kernels: fournil's VNNI kernel could not be built ({first}); "
+                      "install a C++ compiler (g++) to build it")
+        return False
+    torch.library.register_fake("fournil::vnni_linear")(
+        lambda x, weights: x.new_empty(x.shape[0], weights.shape[0] * LANES))
+    return torch.ops.fournil.vnni_available()
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The kernel's layout of ``codes`` (out x in, unsigned ``bits``-bit integers; out a multiple of 16, in of 32),
+    ``scale`` and ``zero`` (out x in/32, bf16 values; a weight is (code - OFFSET) * scale + zero): out/16 blocks of
+    in/32 groups; a group holds, for each 4 inputs, each row's 4 codes (4-bit: inputs 0-3 of each 8 in low nibbles,
+    4-7 in high ones), then the 16 rows' scales and zeros in bf16."""
+    out, inputs = codes.shape
+    blocks, groups = out // LANES, inputs // GROUP
+    if bits == 4:
+        eights = codes.to(torch.uint8).view(blocks, LANES, groups, GROUP // 8, 2, 4)
+        fours = eights[..., 0, :] | (eights[..., 1, :] << 4)  # blocks x 16 x groups x 4 x 4
+    else:
+        fours = codes.to(torch.uint8).view(blocks, LANES, groups, GROUP // 4, 4)
+    packed = fours.permute(0, 2, 3, 1, 4).reshape(blocks, groups, -1)
+
+    def side_by_side(t):  # the 16 rows' bf16 values of each group, as bytes
+        return t.to(torch.bfloat16).view(blocks, LANES, groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([packed, side_by_side(scale), side_by_side(zero)], -1)
+
+
+def linear(x: torch.Tensor, weights: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x`` (..., in, padded to the weights' inputs) by ``weights`` of :func:`pack`: (..., out_features) in fp32."""
+    flat = x.reshape(-1, x.shape[-1])
+    inputs = weights.shape[1] * GROUP
+    flat = torch.nn.functional.pad(flat, (0, inputs - flat.shape[1])) if flat.shape[1] < inputs else flat
+    y = torch.ops.fournil.vnni_linear(flat.float().contiguous(), weights)[:, :out_features]
+    return y.reshape(*x.shape[:-1], out_features)
