@@ -7,6 +7,8 @@ import torch
 
 from fournil.errors import FournilError
 
+GREEDY_BELOW = 1e-5  # a temperature this close to 0 is greedy (dividing by it would overflow to inf, then NaN)
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +24,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the text ends before the first of these strings
     logprobs: int | None = None  # also report the log-probabilities of this many most likely alternatives
     ignore_eos: bool = False  # go on past the end-of-text token, to max_new_tokens (for benchmarks)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The most likely token, as the model scores it (no penalty changes the scores)."""
+        return (self.temperature < GREEDY_BELOW and self.repetition_penalty == 1.0 and not self.frequency_penalty
+                and not self.presence_penalty)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -74,9 +82,6 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: 
     if p.frequency_penalty or p.presence_penalty:
         logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
     return logits
-
-
-GREEDY_BELOW = 1e-5  # a temperature this close to 0 is greedy (dividing by it would overflow to inf, then NaN)
 
 
 def choose(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:

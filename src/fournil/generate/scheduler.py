@@ -369,12 +369,14 @@ class Scheduler:
 
     # ---- sampling
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """The next token of each request, from its row of ``logits`` (the rows' log-probabilities in one call)."""
+        """The next token of each request, from its row of ``logits`` (the rows' log-probabilities, and their most
+        likely tokens for the greedy requests without penalties, each in one call for all rows)."""
         logits = logits.float()
-        for r, row, logprobs in zip(requests, logits, logits.log_softmax(-1)):
+        for r, row, logprobs, best in zip(requests, logits, logits.log_softmax(-1), logits.argmax(-1).tolist()):
             p = r.params
-            token = int(choose(penalize(row[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
-            self._accept(r, token, logprobs)
+            if not p.plain_greedy:
+                best = int(choose(penalize(row[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
+            self._accept(r, best, logprobs)
 
     def _accept(self, r: Request, token: int, logprobs: torch.Tensor) -> None:
         """``token`` joins the sequence: its piece of text goes out, and the sequence ends if it should."""
