@@ -287,3 +287,28 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     steps = F.pad(x, (0, 28)).view(11, -1, GROUP).abs().amax(-1) / 127 / 2  # half a step, per row and group
     bound = steps.double() @ F.pad(weights.abs(), (0, 28)).view(40, -1, GROUP).sum(-1).T
     assert ((together.double() - exact).abs() <= bound + 1e-5 * (x.abs().double() @ weights.abs().T)).all()
+
+
+def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kernels(tmp_path):
+    """A CPU with VNNI but no C++ compiler to build fournil's kernel: one warning that says what to install, then
+    PyTorch's kernels, which give the layer's answer all the same."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch; warnings.simplefilter('always')\n"
+            "from fournil.generate import vnni; from fournil.generate.quantize import Int4Linear\n"
+            "torch.manual_seed(0); linear = torch.nn.Linear(64, 32); layer = Int4Linear(linear)\n"
+            "x = torch.randn(3, 64); w = linear.weight.detach(); g = w.view(32, 2, 32)\n"
+            # half a quantization step per weight, and bf16's rounding of the kernel's inputs, weights and output
+            "half = ((g.amax(-1) - g.amin(-1)) / 30).repeat_interleave(32, 1)\n"
+            "bound = x.abs() @ (1.2 * half).T + 2 ** -7 * (x.abs() @ w.abs().T)\n"
+            "print(vnni.available(), layer.vnni, bool(((layer(x) - linear(x)).abs() <= bound).all()))")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere there is nothing to build
+        assert out.stderr.count("UserWarning: int8 and int4 layers use PyTorch's kernels") == 1, out.stderr
+        assert f"could not be built with {env['CXX']!r}; install a C++ compiler (g++)" in out.stderr
+        assert "Traceback" not in out.stderr

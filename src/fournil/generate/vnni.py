@@ -42,10 +42,10 @@ def available() -> bool:
     try:
         cpp_extension.load("fournil_vnni", [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder),
                            is_python_module=False)
-    except Exception as error:  # no C++ compiler: PyTorch's kernels do the work, slower with several rows
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"quantized layers use PyTorch's kernels: fournil's VNNI kernel could not be built ({first}); "
-                      "install a C++ compiler (g++) to build it")
+    except Exception:  # no C++ compiler: PyTorch's kernels do the work, slower with several rows
+        compiler = os.environ.get("CXX", "c++")
+        warnings.warn(f"int8 and int4 layers use PyTorch's kernels, slower for batches: fournil's VNNI kernel could "
+                      f"not be built with {compiler!r}; install a C++ compiler (g++) to build it", stacklevel=2)
         return False
     torch.library.register_fake("fournil::vnni_linear")(
         lambda x, weights: x.new_empty(x.shape[0], weights.shape[0] * LANES))
