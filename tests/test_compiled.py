@@ -22,7 +22,8 @@ def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_
     words = ["ma", "christ", "j", "ann", "el", "xavier"]
     budgets = [9, 3, 7, 5, 2, 6]
     prompts = [tok.prompt_ids(w) for w in words]
-    scheduler = Scheduler(run.model, tok, run.dtype, max_batch=3, first_columns=4)  # a narrow cache: it must grow and realign
+    # a narrow cache: it must grow and realign
+    scheduler = Scheduler(run.model, tok, run.dtype, max_batch=3, first_columns=4)
     requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
     sizes = set()
     with torch.compiler.set_stance("fail_on_recompile"):  # compiled once for any number of rows and cache size

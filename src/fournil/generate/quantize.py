@@ -45,7 +45,8 @@ class Int8Linear(QuantizedLinear):
         self.vnni = w.device.type == "cpu" and vnni.available()
         if self.vnni:
             padded = F.pad(codes + vnni.OFFSET[8], (0, -self.in_features % GROUP, 0, -self.out_features % vnni.LANES))
-            scales = F.pad(scale, (0, padded.shape[0] - self.out_features))[:, None].expand(-1, padded.shape[1] // GROUP)
+            scales = F.pad(scale, (0, padded.shape[0] - self.out_features))[:, None]
+            scales = scales.expand(-1, padded.shape[1] // GROUP)  # the row's scale for each group
             self.register_buffer("weight", vnni.pack(padded, scales, torch.zeros_like(scales), 8))
         else:
             self.register_buffer("weight", codes.to(torch.int8))
@@ -81,7 +82,7 @@ class Int4Linear(QuantizedLinear):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
-        # the kernels want inputs in whole groups and outputs in sixteens: a narrow model's weights are padded with zeros
+        # the kernels want inputs in whole groups and outputs in sixteens: a narrow model's weights are padded, zeros
         self.pad = -self.in_features % GROUP
         w = F.pad(linear.weight.detach().float(), (0, self.pad, 0, -self.out_features % 16))
         groups = w.view(w.shape[0], -1, GROUP)
@@ -96,7 +97,8 @@ class Int4Linear(QuantizedLinear):
             self.register_buffer("weight", vnni.pack(codes, scale, zero, 4))
         else:
             self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(codes, 8))
-            self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+            scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self.register_buffer("scale_zero", scale_zero)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,9 +114,9 @@ class Int4Linear(QuantizedLinear):
 
 
 def quantize(model: nn.Module, precision: str) -> nn.Module:
-    """``model`` with its weights in ``precision`` (in place; int8 and int4 compute in bf16, with the products that
-    read the same input fused where a model can); tied output weights are untied first, so the embeddings keep
-    their precision and the output layer gets the new one."""
+    """``model`` with its weights in ``precision`` (in place; int8 and int4 keep the activations in bf16, the
+    products that read the same input fused where a model can); tied output weights are untied first, so the
+    embeddings keep their precision and the output layer gets the new one."""
     if precision not in PRECISIONS:
         raise FournilError(f"unknown weight precision {precision!r}: use {', '.join(PRECISIONS)}")
     if precision == "float32":
