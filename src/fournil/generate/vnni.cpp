@@ -31,7 +31,7 @@ constexpr int group_bytes() {  // a group of a block: 16 x 32 codes, then 16 sca
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-VNNI inline __m512 widen(const at::BFloat16* p) {  // 16 bf16 to fp32: the same bits, 16 more of them
+VNNI inline __m512 widen(const at::BFloat16* p) {  // 16 bf16 to fp32: the same bits, then 16 zero bits
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
