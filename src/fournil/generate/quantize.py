@@ -15,7 +15,7 @@ from fournil.errors import FournilError
 from fournil.generate import vnni
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
-GROUP = 32  # int4: weights per scale and zero (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
+GROUP = vnni.GROUP  # int4: weights per scale and zero, the kernel's groups (llama.cpp's Q4 blocks are 32 too)
 DECODE_ROWS = 32  # without VNNI: up to this many rows, PyTorch's int8 weight-only kernel beats fp32
 
 

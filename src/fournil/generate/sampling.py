@@ -26,10 +26,9 @@ class SamplingParams:
     ignore_eos: bool = False  # go on past the end-of-text token, to max_new_tokens (for benchmarks)
 
     @property
-    def plain_greedy(self) -> bool:
-        """The most likely token, as the model scores it (no penalty changes the scores)."""
-        return (self.temperature < GREEDY_BELOW and self.repetition_penalty == 1.0 and not self.frequency_penalty
-                and not self.presence_penalty)
+    def penalized(self) -> bool:
+        """Whether penalties change the model's scores, and so the distribution as the answer grows."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:

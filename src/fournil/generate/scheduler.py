@@ -37,7 +37,7 @@ from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
 from fournil.generate.compiled import decoding_step
-from fournil.generate.sampling import SamplingParams, choose, penalize
+from fournil.generate.sampling import GREEDY_BELOW, SamplingParams, choose, penalize
 from fournil.generate.text import TextStream
 from fournil.models.base import decoder_only
 
@@ -331,11 +331,9 @@ class Scheduler:
         """Whether this step decodes speculatively: a draft, one sequence, no penalties, room for its proposals."""
         if self.draft is None or len(self.active) != 1 or self.batch_invariant:
             return False
-        from fournil.generate.speculative import penalized
-
         r = self.active[0]
         room = min(self.block, self.draft.config.block_size)
-        return not penalized(r.params) and len(r.context) + self.draft_tokens + 1 < room and \
+        return not r.params.penalized and len(r.context) + self.draft_tokens + 1 < room and \
             self.cache.length + self.draft_tokens + 1 <= self.block
 
     def _speculate(self) -> None:
@@ -374,7 +372,7 @@ class Scheduler:
         logits = logits.float()
         for r, row, logprobs, best in zip(requests, logits, logits.log_softmax(-1), logits.argmax(-1).tolist()):
             p = r.params
-            if not p.plain_greedy:
+            if p.temperature >= GREEDY_BELOW or p.penalized:
                 best = int(choose(penalize(row[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
             self._accept(r, best, logprobs)
 

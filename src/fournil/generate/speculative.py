@@ -95,17 +95,12 @@ def check_draft_tokens(k: int) -> None:
         raise FournilError(f"--draft-tokens must be at least 1 (got {k})")
 
 
-def penalized(params: SamplingParams) -> bool:
-    """Whether penalties change the distribution as the answer grows: a draft cannot propose from that."""
-    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
-
-
 def speculate(target, draft, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
               k: int = 4, stats: Speculation | None = None) -> Iterator[Piece]:
     """The target's answer to ``prompt``, a piece at a time, with ``draft`` proposing ``k`` tokens per target pass
     (counted in ``stats``). The prompt and settings are checked now, before any piece."""
     params.check()
-    if penalized(params):
+    if params.penalized:  # a draft cannot propose from a distribution that changes as the answer grows
         raise FournilError("penalties change the distribution as the answer grows: not with a draft model")
     check_draft_tokens(k)
     block = min(target.config.block_size, draft.config.block_size)
