@@ -204,9 +204,9 @@ class Trainer:
         self.context = tuned.max_length if tuned else taught.context if taught else config.model["block_size"]
         rows = getattr(self.objective, "rows_per_example", 1)
         layered = [m for m in self.model.modules() if getattr(m, "checkpointing", None) is not None]
-        tokens = t.batch_size * rows * self.context
+        tokens, budget = t.batch_size * rows * self.context, activation_budget(self.device)
         self.low_memory = t.low_memory if t.low_memory is not None else \
-            any(activation_bytes(lm, tokens, self.dtype) > activation_budget(self.device) for lm in layered)
+            any(activation_bytes(lm, tokens, self.dtype) > budget for lm in layered)
         for lm in layered:
             lm.checkpointing = self.low_memory
         # rows of a batch read in one forward pass: a batch of 8 examples of 512 tokens is read 2 at a time (the
