@@ -372,9 +372,11 @@ class Scheduler:
         """The next token of each request, from its row of ``logits`` (the rows' log-probabilities, and their most
         likely tokens for the greedy requests without penalties, each in one call for all rows)."""
         logits = logits.float()
-        for r, row, logprobs, best in zip(requests, logits, logits.log_softmax(-1), logits.argmax(-1).tolist()):
+        plain = [r.params.temperature < GREEDY_BELOW and not r.params.penalized for r in requests]
+        most_likely = logits.argmax(-1).tolist() if any(plain) else plain  # (no argmax when every row samples)
+        for r, row, logprobs, greedy, best in zip(requests, logits, logits.log_softmax(-1), plain, most_likely):
             p = r.params
-            if p.temperature >= GREEDY_BELOW or p.penalized:
+            if not greedy:
                 best = int(choose(penalize(row[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
             self._accept(r, best, logprobs)
 
