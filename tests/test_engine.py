@@ -257,7 +257,8 @@ def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_its_activations_rounding(bits):
     """On a CPU with AVX512-VNNI, int8 and int4 layers multiply in integers (``vnni.cpp``), each row's activations
-    quantized to int8 in groups of 32: a row's result is the same bit for bit whatever the other rows, a row of zeros
+    quantized to int8 in groups of 32: a row's result is the same bit for bit whatever the other rows and however
+    many threads share the work, a row of zeros
     gives the bias, the weights the layer multiplies by (read back with one-hot rows) are the layer's within half a
     step of their quantization, and every output is within what rounding each activation to half a step (its
     group's largest / 127 / 2) allows of the exact product with those weights."""
@@ -275,6 +276,12 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     together = layer(x)
     assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(11)]))
     assert torch.equal(together, layer(x.flip(0)).flip(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 3 blocks of outputs on one core, not shared between threads
+    try:
+        assert torch.equal(together, layer(x))
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(together[3], bias)
     weights = (layer(torch.eye(100)) - bias).T.double()  # one-hot rows: their only code is 127, one step of 1/127
     if bits == 8:  # a step per row: its largest |w| / 127

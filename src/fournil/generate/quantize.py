@@ -30,10 +30,9 @@ class Int8Linear(QuantizedLinear):
     """A linear layer whose weight is int8 with a scale per output row (the row's largest |w| / 127, in bf16).
 
     On a CPU with VNNI it multiplies in integers (:mod:`fournil.generate.vnni`), each row's activations quantized to
-    int8 in groups of 32: 8 rows of SmolLM2's output layer took 2.0 ms there, against 3.2 with the activations in two
-    int8 parts per row (the way before) and 5.8 with PyTorch's int8 weight-only kernel. Elsewhere up to
-    ``DECODE_ROWS`` rows go through that kernel, which multiplies in bf16, and more (a prompt) in fp32, which CPUs
-    without bf16 units do several times faster.
+    int8 in groups of 32: 8 rows of SmolLM2's output layer took 1.0-1.2 ms there on 2 cores, against 5.6 with
+    PyTorch's int8 weight-only kernel. Elsewhere up to ``DECODE_ROWS`` rows go through that kernel, which multiplies
+    in bf16, and more (a prompt) in fp32, which CPUs without bf16 units do several times faster.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -74,9 +73,9 @@ class Int4Linear(QuantizedLinear):
     (the group's minimum is code 0, its maximum code 15, as llama.cpp's Q4_1).
 
     Half the bytes of int8, and decoding reads every weight once. On a CPU with VNNI it multiplies in integers
-    (:mod:`fournil.generate.vnni`): 8 rows of SmolLM2's 30 layers took 6.7 ms there, against 10.9 with PyTorch's int4
-    kernel (the one torchao's int4 CPU layout calls), which the layer uses elsewhere: it reads the packed codes
-    directly and computes in fp32.
+    (:mod:`fournil.generate.vnni`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms there on 2 cores, against 12.4
+    with PyTorch's int4 kernel (the one torchao's int4 CPU layout calls), which the layer uses elsewhere: it reads
+    the packed codes directly and computes in fp32.
     """
 
     def __init__(self, linear: nn.Linear):
