@@ -258,10 +258,9 @@ def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
 def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_its_activations_rounding(bits):
     """On a CPU with AVX512-VNNI, int8 and int4 layers multiply in integers (``vnni.cpp``), each row's activations
     quantized to int8 in groups of 32: a row's result is the same bit for bit whatever the other rows and however
-    many threads share the work, a row of zeros
-    gives the bias, the weights the layer multiplies by (read back with one-hot rows) are the layer's within half a
-    step of their quantization, and every output is within what rounding each activation to half a step (its
-    group's largest / 127 / 2) allows of the exact product with those weights."""
+    many threads share the work, a row of zeros gives the bias, the weights the layer multiplies by (read back with
+    one-hot rows) are the layer's within half a step of their quantization, and every output is within what rounding
+    each activation to half a step (its group's largest / 127 / 2) allows of the exact product with those weights."""
     from fournil.generate import vnni
     from fournil.generate.quantize import GROUP, Int4Linear, Int8Linear
 

@@ -39,16 +39,16 @@ def available() -> bool:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     folder = cache_folder("kernels") / f"torch-{torch.__version__}"  # for any x86 CPU: the kernel checks for VNNI
     folder.mkdir(parents=True, exist_ok=True)
-    # with OpenMP, or ``at::parallel_for`` runs on one core: SmolLM2 in int4, compiled, decoded 88-116 tokens/s on
-    # 2 cores that way against 169-191 on both (the library is PyTorch's own: the same threads); a compiler
-    # without OpenMP still builds the kernel for one core
-    for openmp in (["-fopenmp"], []):
+    # built with OpenMP, or ``at::parallel_for`` runs on one core: SmolLM2 in int4, compiled, decoded 88-116 tokens/s
+    # on 2 cores that way against 169-191 on both. The OpenMP library is the one PyTorch loaded, so its threads are
+    # PyTorch's. A compiler without OpenMP still builds the kernel, for one core.
+    for flags in (["-fopenmp"], []):
         try:
-            cpp_extension.load("fournil_vnni", [str(SOURCE)], extra_cflags=["-O3", *openmp], extra_ldflags=openmp,
+            cpp_extension.load("fournil_vnni", [str(SOURCE)], extra_cflags=["-O3", *flags], extra_ldflags=flags,
                                build_directory=str(folder), is_python_module=False)
             break
-        except Exception:  # noqa: BLE001 - no C++ compiler: PyTorch's kernels do the work, slower with several rows
-            if openmp:
+        except Exception:  # noqa: BLE001 - no compiler (or none with OpenMP): without OpenMP, then PyTorch's kernels
+            if flags:
                 continue
             compiler = os.environ.get("CXX", "c++")
             warnings.warn(f"int8 and int4 layers use PyTorch's kernels, slower for batches: fournil's VNNI kernel "
