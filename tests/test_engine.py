@@ -275,12 +275,15 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     together = layer(x)
     assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(11)]))
     assert torch.equal(together, layer(x.flip(0)).flip(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 3 blocks of outputs on one core, not shared between threads
+    threads = torch.get_num_threads()  # (1 in a test worker of 2 on 2 cores: set both ways here)
     try:
-        assert torch.equal(together, layer(x))
+        by_count = {}
+        for n in (1, 2):  # the 3 blocks of outputs on one thread, then shared between two
+            torch.set_num_threads(n)
+            by_count[n] = layer(x)
     finally:
         torch.set_num_threads(threads)
+    assert torch.equal(by_count[1], together) and torch.equal(by_count[2], together)
     assert torch.equal(together[3], bias)
     weights = (layer(torch.eye(100)) - bias).T.double()  # one-hot rows: their only code is 127, one step of 1/127
     if bits == 8:  # a step per row: its largest |w| / 127
