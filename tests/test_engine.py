@@ -261,10 +261,10 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     many threads share the work, a row of zeros gives the bias, the weights the layer multiplies by (read back with
     one-hot rows) are the layer's within half a step of their quantization, and every output is within what rounding
     each activation to half a step (its group's largest / 127 / 2) allows of the exact product with those weights."""
-    from fournil.generate import vnni
+    from fournil.generate import kernels
     from fournil.generate.quantize import GROUP, Int4Linear, Int8Linear
 
-    if not vnni.available():
+    if not kernels.available():
         pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernel: the layers use PyTorch's kernels")
     torch.manual_seed(0)
     linear = torch.nn.Linear(100, 40)  # padded to 128 inputs (4 groups) and 48 outputs (3 blocks of 16)
@@ -298,26 +298,77 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     assert ((together.double() - exact).abs() <= bound + 1e-5 * (x.abs().double() @ weights.abs().T)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rounding_each_row_on_its_own(dtype):
+    """One new token's attention in ``attention.cpp`` (a CPU with AVX512-VNNI), over a cache of bf16 or fp32 read as
+    a view with more columns than it fills: within fp32's rounding of the exact softmax(q k / sqrt(d)) v, masked
+    slots ignored even when they hold huge values, any number of keys (a block of 16 or not) and of query heads per
+    key/value head (1, 3, 7, 12), head sizes 16 to 128; a row's result the same bit for bit alone, among others, and
+    on one thread or two; a row with no key to attend to gets zeros. A model's step gives the logits it gives without
+    the kernel."""
+    from fournil.generate import kernels
+
+    if not kernels.available():
+        pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernels: attention is PyTorch's")
+    torch.manual_seed(0)
+    for B, H, KV, S, D in [(3, 9, 3, 37, 64), (2, 4, 4, 16, 32), (1, 7, 1, 5, 128), (4, 24, 2, 50, 16)]:
+        q = torch.randn(B, H, D)
+        k, v = (torch.randn(B, KV, S + 9, D).to(dtype) for _ in range(2))  # (9 columns the view leaves out)
+        k, v = k[:, :, :S], v[:, :, :S]
+        kk, vv = (t.double().repeat_interleave(H // KV, 1) for t in (k, v))
+        scores = q.double()[:, :, None] @ kk.transpose(-1, -2) / D ** 0.5
+        everything = torch.ops.fournil.decode_attention(q, k, v, None)
+        assert (everything.double() - (scores.softmax(-1) @ vv)[:, :, 0]).abs().max() <= 1e-5 * vv.abs().amax()
+        mask = torch.rand(B, S) < 0.7
+        mask[:, -1] = True
+        k[~mask[:, None].expand(B, KV, S)] = 1e30  # what a masked slot holds must not matter
+        y = torch.ops.fournil.decode_attention(q, k, v, mask)
+        exact = (scores.masked_fill(~mask[:, None, None], -torch.inf).softmax(-1) @ vv)[:, :, 0]
+        assert (y.double() - exact).abs().max() <= 1e-5 * vv.abs().amax()
+        rows = [(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[b:b + 1]) for b in range(B)]
+        assert torch.equal(torch.cat([torch.ops.fournil.decode_attention(*row) for row in rows]), y)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(3 - threads)  # 1 in a test worker of 2 on 2 cores: the other count too
+            assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask), y)
+        finally:
+            torch.set_num_threads(threads)
+    mask[0] = False
+    assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask)[0], torch.zeros(H, D))
+
+    model = build_model({"family": "llama", **SIZES, "n_embd": 64, "n_kv_head": 2}).eval().to(dtype)  # heads of 16
+    x = torch.randint(50, (2, 12))
+    with torch.no_grad():
+        logits = {}
+        for kernel in (True, False):
+            cache = model.new_cache(2, 40, dtype)
+            assert cache.kernel
+            cache.kernel = kernel
+            model(x[:, :-1], cache)
+            logits[kernel] = model(x[:, -1:], cache).float()
+    assert torch.allclose(logits[True], logits[False], atol=1e-5 if dtype == torch.float32 else 0.05)
+
+
 def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kernels(tmp_path):
-    """A CPU with VNNI but no C++ compiler to build fournil's kernel: one warning that says what to install, then
+    """A CPU with VNNI but no C++ compiler to build fournil's kernels: one warning that says what to install, then
     PyTorch's kernels, which give the layer's answer all the same."""
     import os
     import subprocess
     import sys
 
     code = ("import warnings, torch; warnings.simplefilter('always')\n"
-            "from fournil.generate import vnni; from fournil.generate.quantize import Int4Linear\n"
+            "from fournil.generate import kernels; from fournil.generate.quantize import Int4Linear\n"
             "torch.manual_seed(0); linear = torch.nn.Linear(64, 32); layer = Int4Linear(linear)\n"
             "x = torch.randn(3, 64); w = linear.weight.detach(); g = w.view(32, 2, 32)\n"
             # half a quantization step per weight, and bf16's rounding of the kernel's inputs, weights and output
             "half = ((g.amax(-1) - g.amin(-1)) / 30).repeat_interleave(32, 1)\n"
             "bound = x.abs() @ (1.2 * half).T + 2 ** -7 * (x.abs() @ w.abs().T)\n"
-            "print(vnni.available(), layer.vnni, bool(((layer(x) - linear(x)).abs() <= bound).all()))")
+            "print(kernels.available(), layer.vnni, bool(((layer(x) - linear(x)).abs() <= bound).all()))")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "True"]
     if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere there is nothing to build
-        assert out.stderr.count("UserWarning: int8 and int4 layers use PyTorch's kernels") == 1, out.stderr
+        assert out.stderr.count("UserWarning: int8 and int4 layers and decoding's attention use PyTorch's") == 1
         assert f"could not be built with {env['CXX']!r}; install a C++ compiler (g++)" in out.stderr
         assert "Traceback" not in out.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fournil.errors import FournilError
+from fournil.generate import kernels
 
 
 def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int,
@@ -39,6 +40,9 @@ class KVCache:
         self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
         self.size, self.window = size, window
         self.length = 0  # slots filled so far, the same for every row
+        # whether one new token's attention over this cache runs in fournil's CPU kernel (decided here, once, and not
+        # in the forward pass, which may be being compiled)
+        self.kernel = kernels.attends(self.valid.device, dtype, head_dim)
 
     def begin(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Make room for the next ``valid.shape[1]`` tokens (``valid``: which of them are real, not padding).
@@ -79,7 +83,7 @@ class KVCache:
         """Rows ``start:stop`` as a cache of their own that shares this one's memory, filled up to ``length``."""
         view = KVCache.__new__(KVCache)
         view.k, view.v = [t[start:stop] for t in self.k], [t[start:stop] for t in self.v]
-        view.valid, view.size, view.window = self.valid[start:stop], self.size, self.window
+        view.valid, view.size, view.window, view.kernel = self.valid[start:stop], self.size, self.window, self.kernel
         view.length = self.length if length is None else length
         return view
 
@@ -132,6 +136,7 @@ class Fixed:
         filled = cache.valid[:rows, :end]
         # (detached: the step then sees tensors of their own, not views of the cache's, whose shape it would depend on)
         self.rows, self.k, self.v = rows, [t[:rows].detach() for t in cache.k], [t[:rows].detach() for t in cache.v]
+        self.kernel = cache.kernel
         self.positions = filled.sum(-1, keepdim=True) - 1
         self.mask = torch.zeros(rows, 1, 1, cache.size, dtype=torch.bool, device=filled.device)
         self.mask[:, 0, 0, :end] = filled
@@ -159,7 +164,7 @@ class Packed:
     ``rows``: for each row, the length of its prefix and of each sequence after it; rows are padded on the right to
     the longest."""
 
-    length = 0
+    length, kernel = 0, False
 
     def __init__(self, rows: list[tuple[int, list[int]]], window: int | None, device):
         width = max(prefix + sum(parts) for prefix, parts in rows)

@@ -15,20 +15,15 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from pathlib import Path
 
 import torch
 
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
+from fournil.generate.kernels import cache_folder
 
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def cache_folder(name: str) -> Path:
-    """Where fournil keeps code it compiled (``~/.cache/fournil/NAME``): it outlives a reboot, unlike /tmp."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / name
 
 
 def decoding_step(model):

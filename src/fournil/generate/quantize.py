@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth: 4 bytes per weight in
 fp32, 2 in bf16, 1 in int8, a little over half a byte in int4. Several rows at once (a batch) are bound by
-arithmetic instead: on a CPU with VNNI the int8 and int4 layers multiply in integers (:mod:`fournil.generate.vnni`),
+arithmetic instead: on a CPU with VNNI the int8 and int4 layers multiply in integers (:mod:`fournil.generate.kernels`),
 elsewhere with PyTorch's kernels.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.generate import vnni
+from fournil.generate import kernels
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
-GROUP = vnni.GROUP  # int4: weights per scale and zero, the kernel's groups (llama.cpp's Q4 blocks are 32 too)
+GROUP = kernels.GROUP  # int4: weights per scale and zero, the kernel's groups (llama.cpp's Q4 blocks are 32 too)
 DECODE_ROWS = 32  # without VNNI: up to this many rows, PyTorch's int8 weight-only kernel beats fp32
 
 
@@ -29,7 +29,7 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """A linear layer whose weight is int8 with a scale per output row (the row's largest |w| / 127, in bf16).
 
-    On a CPU with VNNI it multiplies in integers (:mod:`fournil.generate.vnni`), each row's activations quantized to
+    On a CPU with VNNI it multiplies in integers (:mod:`fournil.generate.kernels`), each row's activations quantized to
     int8 in groups of 32: 8 rows of SmolLM2's output layer took 1.0-1.2 ms there on 2 cores, against 5.6 with
     PyTorch's int8 weight-only kernel. Elsewhere up to ``DECODE_ROWS`` rows go through that kernel, which multiplies
     in bf16, and more (a prompt) in fp32, which CPUs without bf16 units do several times faster.
@@ -41,12 +41,13 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         scale = (w.abs().amax(1).clamp(min=1e-8) / 127).to(torch.bfloat16).float()
         codes = (w / scale[:, None]).round().clamp(-127, 127)  # (the bf16 scale may be a little below |w|max / 127)
-        self.vnni = w.device.type == "cpu" and vnni.available()
+        self.vnni = w.device.type == "cpu" and kernels.available()
         if self.vnni:
-            padded = F.pad(codes + vnni.OFFSET[8], (0, -self.in_features % GROUP, 0, -self.out_features % vnni.LANES))
+            padded = F.pad(codes + kernels.OFFSET[8],
+                           (0, -self.in_features % GROUP, 0, -self.out_features % kernels.LANES))
             scales = F.pad(scale, (0, padded.shape[0] - self.out_features))[:, None]
             scales = scales.expand(-1, padded.shape[1] // GROUP)  # the row's scale for each group
-            self.register_buffer("weight", vnni.pack(padded, scales, torch.zeros_like(scales), 8))
+            self.register_buffer("weight", kernels.pack(padded, scales, torch.zeros_like(scales), 8))
         else:
             self.register_buffer("weight", codes.to(torch.int8))
             self.register_buffer("scale", scale)
@@ -55,7 +56,7 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.vnni:
-            y = vnni.linear(x, self.weight, self.out_features).to(x.dtype)
+            y = kernels.linear(x, self.weight, self.out_features).to(x.dtype)
         elif x.device.type == "cpu" and rows <= DECODE_ROWS:
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(torch.bfloat16))
@@ -73,7 +74,7 @@ class Int4Linear(QuantizedLinear):
     (the group's minimum is code 0, its maximum code 15, as llama.cpp's Q4_1).
 
     Half the bytes of int8, and decoding reads every weight once. On a CPU with VNNI it multiplies in integers
-    (:mod:`fournil.generate.vnni`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms there on 2 cores, against 12.4
+    (:mod:`fournil.generate.kernels`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms there on 2 cores, against 12.4
     with PyTorch's int4 kernel (the one torchao's int4 CPU layout calls), which the layer uses elsewhere: it reads
     the packed codes directly and computes in fp32.
     """
@@ -91,9 +92,9 @@ class Int4Linear(QuantizedLinear):
         scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()
         zero = (low + 8 * scale).to(torch.bfloat16).float()
         codes = ((groups - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).view(w.shape)
-        self.vnni = vnni.available()
+        self.vnni = kernels.available()
         if self.vnni:
-            self.register_buffer("weight", vnni.pack(codes, scale, zero, 4))
+            self.register_buffer("weight", kernels.pack(codes, scale, zero, 4))
         else:
             self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(codes, 8))
             scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -102,7 +103,7 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.vnni:
-            y = vnni.linear(x, self.weight, self.out_features)
+            y = kernels.linear(x, self.weight, self.out_features)
         else:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             flat = F.pad(flat, (0, self.pad)) if self.pad else flat

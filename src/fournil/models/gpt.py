@@ -47,7 +47,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.store(layer, k, v)
-        y = attend(self, q, k, v, mask, causal=mask is None and T > 1, dropout=self.dropout if self.training else 0.0)
+        y = attend(self, q, k, v, mask, causal=mask is None and T > 1, dropout=self.dropout if self.training else 0.0,
+                   kernel=cache is not None and cache.kernel)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -1,13 +1,17 @@
-"""Quantized weights by int8 activations in integers (``vnni.cpp``), on CPUs with AVX512-VNNI.
+"""fournil's C++ kernels for CPUs with AVX512-VNNI, for decoding: quantized products, and one new token's attention.
 
-PyTorch's int4 and int8 CPU kernels multiply in fp32 or bf16; with the 8 rows of a batch decoding, that arithmetic,
-not reading the weights, sets their speed. The kernel here quantizes each row's activations to int8 in groups of 32
-inputs and multiplies in integers, four products per fp32 one (llama.cpp multiplies its blocks the same way). Its
-results do not depend on the other rows: each row is quantized on its own, its sums taken in the same order.
+``vnni.cpp``: quantized weights by int8 activations in integers. PyTorch's int4 and int8 CPU kernels multiply in
+fp32 or bf16; with the 8 rows of a batch decoding, that arithmetic, not reading the weights, sets their speed. The
+kernel quantizes each row's activations to int8 in groups of 32 inputs and multiplies in integers, four products per
+fp32 one (llama.cpp multiplies its blocks the same way). Its results do not depend on the other rows: each row is
+quantized on its own, its sums taken in the same order.
 
-It is C++, built by PyTorch's extension builder with the machine's compiler the first time it is needed (about ten
-seconds), and kept on disk for the next launches. Where it cannot be built, or the CPU has no VNNI (AVX2, AVX512
-before VNNI, ARM), :func:`available` is False and the layers use PyTorch's kernels.
+``attention.cpp``: a decoding step's attention (one new token per row) over a bf16 or fp32 key/value cache, read
+once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when a cache's is).
+
+They are built by PyTorch's extension builder with the machine's compiler the first time they are needed (about
+twenty seconds), and kept on disk for the next launches. Where they cannot be built, or the CPU has no VNNI (AVX2,
+AVX512 before VNNI, ARM), :func:`available` is False and PyTorch's operations stand in.
 """
 from __future__ import annotations
 
@@ -19,17 +23,21 @@ from pathlib import Path
 
 import torch
 
-from fournil.generate.compiled import cache_folder
-
-SOURCE = Path(__file__).with_name("vnni.cpp")
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per weight scale and zero
 OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero
 
 
+def cache_folder(name: str) -> Path:
+    """Where fournil keeps code it compiled (``~/.cache/fournil/NAME``): it outlives a reboot, unlike /tmp."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / name
+
+
 @functools.cache
 def available() -> bool:
-    """Whether ``torch.ops.fournil.vnni_linear`` runs here (built, or loaded from the disk cache, on first call)."""
+    """Whether ``torch.ops.fournil.vnni_linear`` and ``decode_attention`` run here (built, or loaded from the disk
+    cache, on first call)."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":  # none, or ATEN_CPU_CAPABILITY=avx2 emulating an older CPU
         return False
     import ninja  # the build tool PyTorch's builder runs, from PyPI: on PATH even where the venv is not activated
@@ -41,23 +49,30 @@ def available() -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     # built with OpenMP, or ``at::parallel_for`` runs on one core: SmolLM2 in int4, compiled, decoded 88-116 tokens/s
     # on 2 cores that way against 169-191 on both. The OpenMP library is the one PyTorch loaded, so its threads are
-    # PyTorch's. A compiler without OpenMP still builds the kernel, for one core.
+    # PyTorch's. A compiler without OpenMP still builds the kernels, for one core.
     for flags in (["-fopenmp"], []):
         try:
-            cpp_extension.load("fournil_vnni", [str(SOURCE)], extra_cflags=["-O3", *flags], extra_ldflags=flags,
+            cpp_extension.load("fournil_kernels", SOURCES, extra_cflags=["-O3", *flags], extra_ldflags=flags,
                                build_directory=str(folder), is_python_module=False)
             break
         except Exception:  # noqa: BLE001 - no compiler (or none with OpenMP): without OpenMP, then PyTorch's kernels
             if flags:
                 continue
             compiler = os.environ.get("CXX", "c++")
-            warnings.warn(f"int8 and int4 layers use PyTorch's kernels, slower for batches: fournil's VNNI kernel "
-                          f"could not be built with {compiler!r}; install a C++ compiler (g++) to build it",
-                          stacklevel=2)
+            warnings.warn(f"int8 and int4 layers and decoding's attention use PyTorch's kernels, slower for batches: "
+                          f"fournil's kernels could not be built with {compiler!r}; install a C++ compiler (g++) to "
+                          f"build them", stacklevel=2)
             return False
     torch.library.register_fake("fournil::vnni_linear")(
         lambda x, weights: x.new_empty(x.shape[0], weights.shape[0] * LANES))
+    torch.library.register_fake("fournil::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     return torch.ops.fournil.vnni_available()
+
+
+def attends(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``decode_attention`` reads a key/value cache on ``device`` of ``dtype`` and ``head_dim``."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and head_dim % 16 == 0 and \
+        head_dim <= 128 and available()
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
