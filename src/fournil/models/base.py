@@ -119,8 +119,8 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     recording = getattr(module, "recorded", None) is not None
     if kernel and q.shape[2] == 1 and not recording and not dropout and (mask is None or mask.dtype == torch.bool):
         B, H, _, D = q.shape
-        y = torch.ops.fournil.decode_attention(q.reshape(B, H, D).float(), k, v,
-                                               None if mask is None else mask.reshape(B, -1))
+        y = torch.ops.fournil.decode_attention(q.reshape(B, H, D).float().contiguous(), k, v,
+                                               None if mask is None else mask.reshape(B, -1).contiguous())
         return y.view(B, H, 1, D).to(q.dtype)
     written_out = recording or q.shape[2] == 1 and not dropout and (mask is not None or q.device.type == "cpu")
     if not written_out:
