@@ -304,8 +304,8 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
     a view with more columns than it fills: within fp32's rounding of the exact softmax(q k / sqrt(d)) v, masked
     slots ignored even when they hold huge values, any number of keys (a block of 16 or not) and of query heads per
     key/value head (1, 3, 7, 12), head sizes 16 to 128; a row's result the same bit for bit alone, among others, and
-    on one thread or two; a row with no key to attend to gets zeros. A model's step gives the logits it gives without
-    the kernel."""
+    on one thread or two; a row with no key to attend to gets zeros; heads it cannot read, an error that says why. A
+    model's step gives the logits it gives without the kernel."""
     from fournil.generate import kernels
 
     if not kernels.available():
@@ -335,6 +335,8 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
             torch.set_num_threads(threads)
     mask[0] = False
     assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask)[0], torch.zeros(H, D))
+    with pytest.raises(RuntimeError, match=r"D a multiple of 16 up to 128"):  # what the op cannot read, it says
+        torch.ops.fournil.decode_attention(q[..., :8].contiguous(), k[..., :8], v[..., :8], mask)
 
     model = build_model({"family": "llama", **SIZES, "n_embd": 64, "n_kv_head": 2}).eval().to(dtype)  # heads of 16
     x = torch.randint(50, (2, 12))
