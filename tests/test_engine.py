@@ -74,6 +74,51 @@ def test_stop_strings_across_token_boundaries():
     assert "".join(shown) + free.finish() == "banana" and not free.done
 
 
+class Counting:
+    """A tokenizer that records how many tokens each decoding reads."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.stop_ids, self.read = tokenizer, tokenizer.stop_ids, []
+
+    def decode(self, ids):
+        self.read.append(len(ids))
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_streamed_text_is_the_whole_answer_decoded_and_costs_the_same_at_any_length(kind, tmp_path):
+    """Each token's text comes from decoding its last few tokens only, and what is shown is, at every token that ends
+    on a whole character, the whole answer decoded at once: characters split across tokens (é, €, 🍞 in bytes) wait
+    for their last byte, and the space a SentencePiece decoder drops at the start of a text is kept inside one."""
+    from fournil.config import RunConfig
+    from fournil.formats import export
+    from fournil.tokenizers.bpe import train_bpe
+    from tests.test_formats import sentencepiece_style_tokenizer
+
+    line = "Le boulanger cuit du pain 🍞 à 5 €, déjà prêt ; the baker bakes bread. "
+    if kind == "byte-level":
+        tok = train_bpe([line], 300)
+    else:  # as fournil reads a Llama-2 style GGUF: pieces, and bytes for what they miss
+        spm = sentencepiece_style_tokenizer()
+        model = build_model({"family": "llama", "vocab_size": spm.vocab_size, "block_size": 32, "n_layer": 1})
+        export(Run(tmp_path, RunConfig(model={}), model, spm, {}, "float32"), tmp_path / "spm.gguf", "gguf")
+        tok = Run.load(tmp_path / "spm.gguf", "cpu").tokenizer
+    text = line * 40
+    ids = tok.encode(text)
+    counting = Counting(tok)
+    stream, shown, split = TextStream(counting, stop=()), "", 0
+    for n, token in enumerate(ids, 1):
+        shown += stream.feed(token)
+        whole = tok.decode(ids[:n])
+        if whole.endswith("\ufffd"):
+            split += 1
+        else:
+            assert shown == whole, n
+    assert len(ids) > 1000 and split > 40  # long, and characters were split
+    assert shown + stream.finish() == text
+    assert max(counting.read) <= 8  # never the whole answer: the same work at token 10 and at token 1000
+
+
 def test_stream_and_long_text_beyond_the_context(running_text):
     run = Run.load(running_text, "cpu")
     params = SamplingParams(max_new_tokens=60, temperature=0.8, seed=3)

@@ -2,13 +2,26 @@ import pytest
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate.sampling import SamplingParams, choose, filter_logits, penalize
+from fournil.generate.sampling import SamplingParams, choose, filter_logits, most_likely_tokens, penalize
 
 
 def test_top_k_keeps_the_k_best():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
     kept = filter_logits(logits, 1.0, top_k=2, top_p=None).isfinite()
     assert kept.tolist() == [[False, True, True, False]]
+
+
+def test_most_likely_tokens_are_pytorch_s_argmax_first_of_equals_first():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 49152)
+    logits[1, [7, 300, 40000]] = 50.0  # a tie: the first
+    logits[2] = 1.0  # all equal
+    logits[3, :100] = float("-inf")
+    logits[4, [9, 11]] = float("inf")
+    logits[5, 123] = float("nan")  # (a broken model's scores: NaN counts as the largest, in both)
+    assert most_likely_tokens(logits) == logits.argmax(-1).tolist()
+    assert most_likely_tokens(logits)[1:3] == [7, 0]
+    assert most_likely_tokens(logits.bfloat16()) == logits.bfloat16().argmax(-1).tolist()
 
 
 def test_top_p_keeps_the_smallest_set_with_that_mass():

@@ -37,7 +37,7 @@ from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
 from fournil.generate.compiled import decoding_step
-from fournil.generate.sampling import GREEDY_BELOW, SamplingParams, choose, penalize
+from fournil.generate.sampling import GREEDY_BELOW, SamplingParams, choose, most_likely_tokens, penalize
 from fournil.generate.text import TextStream
 from fournil.models.base import decoder_only
 
@@ -70,8 +70,9 @@ class Request:
     params: SamplingParams
     text: TextStream
     generator: torch.Generator
-    seen: torch.Tensor | None = None  # tokens of the prompt and the answer (for the repetition penalty); made when
-    # the request joins the batch, in the thread that runs the steps (tensor work in a client's thread costs: see top)
+    seen: torch.Tensor | None = None  # tokens of the prompt and the answer (for the repetition penalty), with
+    # penalties only; made when the request joins the batch, in the thread that runs the steps (tensor work in a
+    # client's thread costs: see top)
     counts: torch.Tensor | None = None  # times each token was generated (frequency and presence penalties)
     context: list[int] = field(default_factory=list)  # prompt and answer so far
     cached: int = 0  # how many tokens before the last one of ``context`` its cache row holds
@@ -173,10 +174,11 @@ class Scheduler:
                 if r.cancelled:
                     r.pieces.put(None)
                 else:
-                    device, vocab = self.model.device, self.model.config.vocab_size
-                    r.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-                    r.seen[torch.tensor(r.prompt, device=device)] = True
-                    r.counts = torch.zeros(vocab, device=device)
+                    if r.params.penalized:
+                        device, vocab = self.model.device, self.model.config.vocab_size
+                        r.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+                        r.seen[torch.tensor(r.prompt, device=device)] = True
+                        r.counts = torch.zeros(vocab, device=device)
                     self.active.append(r)
         self._drop_finished()
         if not self.active:
@@ -373,18 +375,20 @@ class Scheduler:
         likely tokens for the greedy requests without penalties, each in one call for all rows)."""
         logits = logits.float()
         plain = [r.params.temperature < GREEDY_BELOW and not r.params.penalized for r in requests]
-        most_likely = logits.argmax(-1).tolist() if any(plain) else plain  # (no argmax when every row samples)
+        most_likely = most_likely_tokens(logits) if any(plain) else plain  # (no argmax when every row samples)
         for r, row, logprobs, greedy, best in zip(requests, logits, logits.log_softmax(-1), plain, most_likely):
             p = r.params
             if not greedy:
-                best = int(choose(penalize(row[None], r.seen[None], r.counts[None], p), p, r.generator)[0])
+                row = penalize(row[None], r.seen[None], r.counts[None], p) if p.penalized else row[None]
+                best = int(choose(row, p, r.generator)[0])
             self._accept(r, best, logprobs)
 
     def _accept(self, r: Request, token: int, logprobs: torch.Tensor) -> None:
         """``token`` joins the sequence: its piece of text goes out, and the sequence ends if it should."""
         p = r.params
-        r.seen[token] = True
-        r.counts[token] += 1
+        if r.seen is not None:
+            r.seen[token] = True
+            r.counts[token] += 1
         r.generated += 1
         r.context.append(token)
         text = r.text.feed(token)

