@@ -9,10 +9,14 @@ Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per 
 - the engine alone (`fournil.generate.stream`, in this process), one answer at a time;
 - `fournil serve` (a process of its own on 127.0.0.1) with eight chat requests one after another, through the official
   `openai` client, streamed and not;
-- the same eight at once (eight threads), three times: the median; once through the `openai` client, once through a
-  plain HTTP client that reads the stream's lines and parses only the last (what load generators such as vLLM's
-  do). Both run in this process, on the cores the server computes on: the CPU seconds the client took per round are
-  in the table (the `openai` client's parsing of every chunk took 0.18-0.19 s of a 1.3 s round on 2 cores).
+- the same eight at once (eight threads), in three rounds; each round asks them through the `openai` client and
+  through a plain HTTP client that reads the stream's lines and parses only the last (as load generators such as
+  vLLM's do). Both clients run in this process, on the cores the server computes on: the CPU seconds they took per
+  round are in the table (the `openai` client's parsing of every chunk: 0.2-0.3 s of a 1.3 s round on 2 cores).
+
+A shared machine's speed drifts by a fifth within a minute, so each ratio compares figures taken next to each other:
+the server's answers one after another against the engine's before and after them, and each round of eight at once
+against the engine's two answers just before it (the median of the three rounds' ratios).
 
 Every answer is greedy and runs to ``--tokens`` (``ignore_eos`` in-process; ``min_tokens`` is not in the OpenAI API,
 so the prompts ask for long answers and the rate counts the tokens the usage reports). Prints a table with each rate
@@ -41,7 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_alone(dtype: str, tokens: int, compiled: bool) -> float:
+def engine_alone(dtype: str, tokens: int, compiled: bool):
+    """The engine of this process: a function of prompts that answers them one after another, giving tokens/s."""
     from fournil.generate import SamplingParams, stream
     from fournil.generate.compiled import compile_decoding
     from fournil.runs import Run
@@ -50,13 +55,17 @@ def engine_alone(dtype: str, tokens: int, compiled: bool) -> float:
     if compiled:
         compile_decoding(run.model, run.dtype)
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
-    prompts = [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
-    list(stream(run.model, run.tokenizer, prompts[0], params, run.dtype))  # warm up
-    start = time.perf_counter()
-    for p in prompts:
-        for _ in stream(run.model, run.tokenizer, p, params, run.dtype):
-            pass
-    return len(prompts) * tokens / (time.perf_counter() - start)
+
+    def rate(prompts: list[str]) -> float:
+        ids = [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+        start = time.perf_counter()
+        for p in ids:
+            for _ in stream(run.model, run.tokenizer, p, params, run.dtype):
+                pass
+        return len(ids) * tokens / (time.perf_counter() - start)
+
+    rate(PROMPTS[:1])  # warm up
+    return rate
 
 
 def plain_stream(port: int, settings: dict) -> int:
@@ -73,19 +82,15 @@ def plain_stream(port: int, settings: dict) -> int:
 
 
 def at_once(ask) -> tuple[float, float]:
-    """Eight answers asked together by ``ask(prompt)``, three times: the median tokens/s, and the client's CPU seconds
-    in that round."""
-    rounds = []
-    for _ in range(3):  # (a round takes 1-2 s: the median of three)
-        counts = []
-        threads = [threading.Thread(target=lambda p=p: counts.append(ask(p))) for p in PROMPTS]
-        start, cpu = time.perf_counter(), time.process_time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rounds.append((sum(counts) / (time.perf_counter() - start), time.process_time() - cpu))
-    return sorted(rounds)[1]
+    """Eight answers asked together by ``ask(prompt)``: tokens/s, and the client's CPU seconds."""
+    counts = []
+    threads = [threading.Thread(target=lambda p=p: counts.append(ask(p))) for p in PROMPTS]
+    start, cpu = time.perf_counter(), time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start), time.process_time() - cpu
 
 
 def main() -> None:
@@ -96,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     import openai
 
-    alone = engine_alone(args.dtype, args.tokens, args.compile)
+    engine = engine_alone(args.dtype, args.tokens, args.compile)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--dtype", args.dtype, "--port",
                                str(port), *(["--compile"] if args.compile else [])], stdout=subprocess.DEVNULL,
@@ -122,23 +127,35 @@ def main() -> None:
             return [c for c in chunks][-1].usage.completion_tokens
 
         ask(PROMPTS[0], False)  # warm up
-        rows = [("engine alone, one after another", alone, None)]
+        before = engine(PROMPTS)
+        sequential = []
         for stream in (False, True):
             start = time.perf_counter()
             done = sum(ask(p, stream) for p in PROMPTS)
-            rows.append((f"server, one after another{', streamed' if stream else ''}",
-                         done / (time.perf_counter() - start), None))
-        rows.append(("server, eight at once, streamed, openai client (median of 3)", *at_once(lambda p: ask(p, True))))
-        rows.append(("server, eight at once, streamed, plain HTTP client (median of 3)",
-                     *at_once(lambda p: plain_stream(port, settings_of(p)))))
+            sequential.append(done / (time.perf_counter() - start))
+        alone = (before + engine(PROMPTS)) / 2
+        rows = [("engine alone, one after another (before and after the server's)", alone, 1.0, None),
+                ("server, one after another", sequential[0], sequential[0] / alone, None),
+                ("server, one after another, streamed", sequential[1], sequential[1] / alone, None)]
+        askers = {"openai client": lambda p: ask(p, True),
+                  "plain HTTP client": lambda p: plain_stream(port, settings_of(p))}
+        rounds = {name: [] for name in askers}
+        for _ in range(3):
+            near = engine(PROMPTS[:2])
+            for name, asker in askers.items():
+                rate, cpu = at_once(asker)
+                rounds[name].append((rate / near, rate, cpu))
+        for name, got in rounds.items():
+            ratio, rate, cpu = sorted(got)[1]  # the round of the median ratio
+            rows.append((f"server, eight at once, streamed, {name} (median of 3 rounds)", rate, ratio, cpu))
     finally:
         server.terminate()
         server.wait()
     print(f"\nSmolLM2-135M-Instruct, {args.dtype}{', compiled' if args.compile else ''}, {len(PROMPTS)} chat answers "
           f"of up to {args.tokens} tokens, greedy")
     print("| how | tokens/s | vs the engine alone | client CPU s per round |\n| --- | ---: | ---: | ---: |")
-    for name, rate, cpu in rows:
-        print(f"| {name} | {rate:.1f} | {rate / alone:.2f}x | {'-' if cpu is None else f'{cpu:.2f}'} |")
+    for name, rate, ratio, cpu in rows:
+        print(f"| {name} | {rate:.1f} | {ratio:.2f}x | {'-' if cpu is None else f'{cpu:.2f}'} |")
 
 
 if __name__ == "__main__":
