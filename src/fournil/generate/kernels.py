@@ -64,7 +64,7 @@ def available() -> bool:
                           f"build them", stacklevel=2)
             return False
     torch.library.register_fake("fournil::vnni_linear")(
-        lambda x, weights: x.new_empty(x.shape[0], weights.shape[0] * LANES))
+        lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
     torch.library.register_fake("fournil::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     return torch.ops.fournil.vnni_available()
 
@@ -75,11 +75,12 @@ def attends(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         head_dim <= 128 and available()
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """The kernel's layout of ``codes`` (out x in, unsigned ``bits``-bit integers; out a multiple of 16, in of 32),
-    ``scale`` and ``zero`` (out x in/32, bf16 values; a weight is (code - OFFSET) * scale + zero): out/16 blocks of
-    in/32 groups; a group holds, for each 4 inputs, each row's 4 codes (4-bit: inputs 0-3 of each 8 in low nibbles,
-    4-7 in high ones), then the 16 rows' scales and zeros in bf16."""
+def pack(codes: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
+         zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's layout of ``codes`` (out x in, unsigned ``bits``-bit integers; out a multiple of 16, in of 32):
+    out/16 blocks of in/32 groups; a group holds, for each 4 inputs, each row's 4 codes (4-bit: inputs 0-3 of each 8
+    in low nibbles, 4-7 in high ones); a 4-bit group then its 16 rows' ``scale`` and ``zero`` (out x in/32, bf16
+    values: a weight is (code - OFFSET) * scale + zero). 8-bit weights have a scale per row, given to :func:`linear`."""
     out, inputs = codes.shape
     blocks, groups = out // LANES, inputs // GROUP
     if bits == 4:
@@ -88,6 +89,8 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     else:
         fours = codes.to(torch.uint8).view(blocks, LANES, groups, GROUP // 4, 4)
     packed = fours.permute(0, 2, 3, 1, 4).reshape(blocks, groups, -1)
+    if bits == 8:
+        return packed.contiguous()
 
     def side_by_side(t):  # the 16 rows' bf16 values of each group, as bytes
         return t.to(torch.bfloat16).view(blocks, LANES, groups).transpose(1, 2).contiguous().view(torch.uint8)
@@ -95,10 +98,12 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return torch.cat([packed, side_by_side(scale), side_by_side(zero)], -1)
 
 
-def linear(x: torch.Tensor, weights: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x`` (..., in, padded to the weights' inputs) by ``weights`` of :func:`pack`: (..., out_features) in fp32."""
+def linear(x: torch.Tensor, weights: torch.Tensor, out_features: int,
+           scales: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., in, padded to the weights' inputs) by ``weights`` of :func:`pack` (8-bit: and ``scales``, one bf16
+    per padded output row): (..., out_features) in fp32."""
     flat = x.reshape(-1, x.shape[-1])
     inputs = weights.shape[1] * GROUP
     flat = torch.nn.functional.pad(flat, (0, inputs - flat.shape[1])) if flat.shape[1] < inputs else flat
-    y = torch.ops.fournil.vnni_linear(flat.float().contiguous(), weights)[:, :out_features]
+    y = torch.ops.fournil.vnni_linear(flat.float().contiguous(), weights, scales)[:, :out_features]
     return y.reshape(*x.shape[:-1], out_features)

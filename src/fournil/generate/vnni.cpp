@@ -6,11 +6,13 @@
 // int8 in groups of 32 inputs (one scale each, the weights' groups), and one VNNI instruction multiplies 64 weight
 // codes by 64 activations and adds them into 16 int32 sums: four times the products of an fp32 instruction, exact.
 //
-// Layout (made by fournil.generate.vnni.pack): the output rows in blocks of 16, one zmm lane each, and a block's
+// Layout (made by fournil.generate.kernels.pack): the output rows in blocks of 16, one zmm lane each, and a block's
 // groups of 32 inputs one after the other. A group holds, for every 4 inputs, lane i's 4 bytes of row i's codes
-// (4-bit: inputs 0-3 of every 8 in the low nibbles, 4-7 in the high ones), then the 16 rows' scales and their 16
-// zeros in bf16. A weight is (code - OFFSET) * scale + zero, OFFSET = 8 for 4 bits (PyTorch's int4 convention), 128
-// for 8 bits (the codes unsigned, as VNNI wants them).
+// (4-bit: inputs 0-3 of every 8 in the low nibbles, 4-7 in the high ones); a 4-bit group then the 16 rows' scales
+// and their 16 zeros in bf16. A weight is (code - OFFSET) * scale + zero, OFFSET = 8 for 4 bits (PyTorch's int4
+// convention), 128 for 8 bits (the codes unsigned, as VNNI wants them); 8-bit weights have one scale per output row
+// (bf16, given beside) and no zero, so their groups are codes only, and a group's sums need one conversion and one
+// product, not four operations.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +20,8 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <optional>
+#include <vector>
 
 namespace {
 
@@ -25,8 +29,8 @@ constexpr int GROUP = 32;
 constexpr int ROWS = 8;  // activation rows per pass over a block of weights: 16 zmm accumulators of 32
 
 template <int BITS>
-constexpr int group_bytes() {  // a group of a block: 16 x 32 codes, then 16 scales and 16 zeros
-  return 16 * GROUP * BITS / 8 + 2 * 16 * 2;
+constexpr int group_bytes() {  // a group of a block: 16 x 32 codes, then (4-bit) 16 scales and 16 zeros
+  return 16 * GROUP * BITS / 8 + (BITS == 4 ? 2 * 16 * 2 : 0);
 }
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -45,10 +49,12 @@ VNNI inline void multiply(__m512i* dot, __m512i codes, const int8_t* q, int64_t 
 }
 
 // rows[r] . weights of a block of 16 output rows, for up to ROWS rows (R known at compile time, so the sums stay in
-// registers); the block's groups follow each other in memory, read once, asked for ahead of time (DRAM answers late)
+// registers); the block's groups follow each other in memory, read once, asked for ahead of time (DRAM answers late).
+// 4-bit: sum[r * groups + g], step times the sum of row r's codes in group g, for the zeros; 8-bit: sum[r], those of
+// all its groups, for the offset, and the block's 16 scales.
 template <int BITS, int R>
-VNNI void block(const uint8_t* weights, const int8_t* q, const float* step, const float* sum, int64_t in, float* out,
-                int64_t out_stride) {
+VNNI void block(const uint8_t* weights, const int8_t* q, const float* step, const float* sum,
+                const at::BFloat16* scales, int64_t in, float* out, int64_t out_stride) {
   constexpr int BYTES = group_bytes<BITS>(), AHEAD = 8 * 320, CODES = 16 * GROUP * BITS / 8;
   const int64_t groups = in / GROUP;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -70,16 +76,26 @@ VNNI void block(const uint8_t* weights, const int8_t* q, const float* step, cons
         multiply<R>(dot, v, x + p * 4, in);
       }
     }
-    const auto* scale_zero = reinterpret_cast<const at::BFloat16*>(w + CODES);
-    const __m512 s = widen(scale_zero), l = _mm512_fnmadd_ps(offset, s, widen(scale_zero + 16));
-    for (int r = 0; r < R; ++r) {
-      // with low = zero - OFFSET s: sum of (code s + low) (q step) = s step sum(code q) + low step sum(q)
-      const __m512 d = _mm512_cvtepi32_ps(dot[r]);
-      acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(step[r * groups + g])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(l, _mm512_set1_ps(sum[r * groups + g]), acc[r]);
+    if constexpr (BITS == 4) {
+      const auto* scale_zero = reinterpret_cast<const at::BFloat16*>(w + CODES);
+      const __m512 s = widen(scale_zero), l = _mm512_fnmadd_ps(offset, s, widen(scale_zero + 16));
+      for (int r = 0; r < R; ++r) {
+        // with low = zero - OFFSET s: sum of (code s + low) (q step) = s step sum(code q) + low step sum(q)
+        const __m512 d = _mm512_cvtepi32_ps(dot[r]);
+        acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(step[r * groups + g])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(l, _mm512_set1_ps(sum[r * groups + g]), acc[r]);
+      }
+    } else {
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(step[r * groups + g]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+  for (int r = 0; r < R; ++r) {
+    // 8-bit: sum of (code - OFFSET) scale (q step) = scale (sum of step sum(code q) - OFFSET sum of step sum(q))
+    if constexpr (BITS == 8)
+      acc[r] = _mm512_mul_ps(widen(scales), _mm512_fnmadd_ps(offset, _mm512_set1_ps(sum[r]), acc[r]));
+    _mm512_storeu_ps(out + r * out_stride, acc[r]);
+  }
 }
 
 // each group of 32 activations in 127 steps of its largest |x| (x / step rounded to the nearest, ties to even, as
@@ -98,34 +114,48 @@ VNNI void quantize(const float* x, int64_t groups, int8_t* q, float* step, float
   }
 }
 
-using Block = void (*)(const uint8_t*, const int8_t*, const float*, const float*, int64_t, float*, int64_t);
+using Block = void (*)(const uint8_t*, const int8_t*, const float*, const float*, const at::BFloat16*, int64_t,
+                       float*, int64_t);
 template <int BITS>
 constexpr Block BLOCKS[ROWS] = {block<BITS, 1>, block<BITS, 2>, block<BITS, 3>, block<BITS, 4>,
                                 block<BITS, 5>, block<BITS, 6>, block<BITS, 7>, block<BITS, 8>};
 
-// x (rows x in, fp32), weights (out/16 x in/32 x the bytes of a group, 4- or 8-bit) -> rows x out
-at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weights) {
+// x (rows x in, fp32), weights (out/16 x in/32 x the bytes of a group, 4- or 8-bit), 8-bit: scales (out, bf16)
+// -> rows x out
+at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weights, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous rows x in, fp32");
   const int64_t rows = x.size(0), in = x.size(1), blocks = weights.size(0), groups = in / GROUP;
   const int64_t bytes = weights.size(2);
+  const bool four = bytes == group_bytes<4>();
   TORCH_CHECK(in % GROUP == 0 && weights.size(1) == groups && weights.scalar_type() == at::kByte &&
-                  weights.is_contiguous() && (bytes == group_bytes<4>() || bytes == group_bytes<8>()),
+                  weights.is_contiguous() && (four || bytes == group_bytes<8>()),
               "weights: out/16 x in/32 x ", group_bytes<4>(), " (4-bit) or ", group_bytes<8>(), " (8-bit) bytes");
+  TORCH_CHECK(four != scales.has_value(), "8-bit weights need their rows' scales, 4-bit ones have theirs inside");
+  const at::BFloat16* row_scales = nullptr;
+  if (scales) {
+    TORCH_CHECK(scales->scalar_type() == at::kBFloat16 && scales->is_contiguous() && scales->numel() == blocks * 16,
+                "scales: one bf16 per output row (out)");
+    row_scales = scales->data_ptr<at::BFloat16>();
+  }
   auto q = at::empty({rows, in}, x.options().dtype(at::kChar));
   auto step = at::empty({rows, groups}, x.options()), sum = at::empty({rows, groups}, x.options());
   quantize(x.data_ptr<float>(), rows * groups, q.data_ptr<int8_t>(), step.data_ptr<float>(), sum.data_ptr<float>());
   const int8_t* qs = q.data_ptr<int8_t>();
   const float *steps = step.data_ptr<float>(), *sums = sum.data_ptr<float>();
+  std::vector<float> totals(four ? 0 : rows);  // 8-bit: each row's sums over all its groups
+  for (int64_t r = 0; r < (int64_t)totals.size(); ++r)
+    for (int64_t g = 0; g < groups; ++g) totals[r] += sums[r * groups + g];
   auto y = at::empty({rows, blocks * 16}, x.options());
   const uint8_t* ws = weights.data_ptr<uint8_t>();
   float* ys = y.data_ptr<float>();
-  const Block* kinds = bytes == group_bytes<4>() ? BLOCKS<4> : BLOCKS<8>;
+  const Block* kinds = four ? BLOCKS<4> : BLOCKS<8>;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t r = 0; r < rows; r += ROWS) {
         const int64_t n = std::min<int64_t>(ROWS, rows - r);
-        kinds[n - 1](ws + b * groups * bytes, qs + r * in, steps + r * groups, sums + r * groups, in,
-                     ys + r * blocks * 16 + b * 16, blocks * 16);
+        const float* sum = four ? sums + r * groups : totals.data() + r;
+        kinds[n - 1](ws + b * groups * bytes, qs + r * in, steps + r * groups, sum,
+                     row_scales ? row_scales + b * 16 : nullptr, in, ys + r * blocks * 16 + b * 16, blocks * 16);
       }
   });
   return y;
@@ -139,7 +169,7 @@ bool vnni_available() {
 }  // namespace
 
 TORCH_LIBRARY(fournil, m) {
-  m.def("vnni_linear(Tensor x, Tensor weights) -> Tensor");
+  m.def("vnni_linear(Tensor x, Tensor weights, Tensor? scales) -> Tensor");
   m.def("vnni_available() -> bool", &vnni_available);
 }
 
