@@ -341,6 +341,8 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     steps = F.pad(x, (0, 28)).view(11, -1, GROUP).abs().amax(-1) / 127 / 2  # half a step, per row and group
     bound = steps.double() @ F.pad(weights.abs(), (0, 28)).view(40, -1, GROUP).sum(-1).T
     assert ((together.double() - exact).abs() <= bound + 1e-5 * (x.abs().double() @ weights.abs().T)).all()
+    with pytest.raises(RuntimeError, match="8-bit weights need their rows' scales, 4-bit ones have theirs inside"):
+        torch.ops.fournil.vnni_linear(F.pad(x, (0, 28)), layer.weight, None if bits == 8 else layer.weight[0, 0, :16])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -25,8 +25,8 @@ import torch
 
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
-GROUP = 32  # inputs per activation scale, and per weight scale and zero
-OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero
+GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
+OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero (int8: the row's scale, no zero)
 
 
 def cache_folder(name: str) -> Path:
