@@ -1,4 +1,5 @@
 """The generation engine: a key/value cache that changes nothing, batches that change nothing, and every control."""
+import os
 import threading
 
 import pytest
@@ -207,6 +208,39 @@ def test_a_cancelled_sequence_hands_its_row_to_a_waiting_one(running_text):
     assert len(list(a)) == 2 and a.finish_reason is None  # two tokens, then its iterator ended
     for r, p in ((b, "To be"), (c, "ROMEO")):
         assert ([x.token for x in r if x.token >= 0], r.finish_reason) == greedy_alone(run.model, tok, tok.prompt_ids(p), 8)
+
+
+def test_a_joining_prompt_copies_the_prefix_it_shares_with_a_running_row_and_answers_as_if_it_read_it(bpe_llama):
+    """A system prompt, or the earlier turns of a conversation, is read once: a request that joins the batch takes the
+    longest prefix it shares with a row in the cache, reads only the rest (in the pass that reads the others'), and
+    gets the answer of a whole reading."""
+    run = Run.load(bpe_llama, "cpu")
+    tok = run.tokenizer
+    system = {"role": "system", "content": "You are the king of Navarre, and you answer in verse."}
+    first = tok.chat_ids([system, {"role": "user", "content": "Who art thou?"}])
+    scheduler = Scheduler(run.model, tok, max_batch=4, first_columns=8)  # narrow: joining must widen and realign it
+    a = scheduler.submit(first, SamplingParams(30, temperature=0, ignore_eos=True))
+    for _ in range(4):
+        scheduler.step()
+    assert a.generated == 4 and a.shared == 0
+    prompts = {"same system prompt": tok.chat_ids([system, {"role": "user", "content": "What of the queen?"}]),
+               "a's conversation so far, and more": a.context[:len(first) + 3] + tok.encode(" And thou?"),
+               "the very same prompt": first,
+               "nothing in common, longer": tok.encode("ROMEO: But soft, what light through yonder window? " * 2)}
+    joining = {name: scheduler.submit(p, SamplingParams(12, temperature=0, ignore_eos=True, logprobs=1))
+               for name, p in prompts.items()}
+    while scheduler.step():
+        pass
+    system_prefix = len(os.path.commonprefix([first, prompts["same system prompt"]]))
+    assert system_prefix > len(tok.encode(system["content"]))
+    assert {name: r.shared for name, r in joining.items()} == {
+        "same system prompt": system_prefix, "a's conversation so far, and more": len(first) + 3,
+        "the very same prompt": len(first) - 1, "nothing in common, longer": 0}
+    for name, r in joining.items():
+        pieces = [p for p in r if p.token >= 0]
+        whole = complete(run.model, tok, [prompts[name]], SamplingParams(12, temperature=0, ignore_eos=True))[0]
+        assert [p.token for p in pieces] == whole.tokens, name
+        assert [p.logprob for p in pieces] == pytest.approx(whole.logprobs, abs=1e-4), name
 
 
 @pytest.mark.precision

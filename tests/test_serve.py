@@ -1,5 +1,6 @@
 """The HTTP server, tested as users meet it: a real server process on 127.0.0.1, the official openai client."""
 import json
+import os
 import re
 import shutil
 import threading
@@ -94,6 +95,25 @@ def test_chat_streaming_and_errors(server, chat_run):
     metrics = server.get("/metrics")[1]
     assert 'fournil_requests_total{path="/v1/chat/completions",status="200"}' in metrics
     assert "fournil_queue_depth 0" in metrics
+
+
+def test_usage_counts_the_prompt_tokens_a_request_took_from_one_running_beside_it(server, chat_run):
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens``: the system prompt a request shares with a running one is
+    copied, not read again; a request to an idle server reads all of its prompt."""
+    tok = Run.load(chat_run, "cpu").tokenizer
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    system = {"role": "system", "content": "You are the king of Navarre, and you answer in verse."}
+    questions = [[system, {"role": "user", "content": q}] for q in ("Who art thou?", "What of the queen?")]
+    alone = client.chat.completions.create(model="chat", messages=questions[1], max_tokens=3)
+    assert alone.usage.prompt_tokens_details.cached_tokens == 0
+    running = client.chat.completions.create(model="chat", messages=questions[0], max_tokens=400, stream=True)
+    next(iter(running))  # its prompt is in the cache
+    joining = client.chat.completions.create(model="chat", messages=questions[1], max_tokens=3)
+    running.close()
+    shared = len(os.path.commonprefix([tok.chat_ids(q) for q in questions]))
+    assert shared > len(tok.encode(system["content"]))
+    assert joining.usage.prompt_tokens_details.cached_tokens == shared
+    assert joining.usage.prompt_tokens == alone.usage.prompt_tokens == len(tok.chat_ids(questions[1]))
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):

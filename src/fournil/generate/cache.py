@@ -104,6 +104,14 @@ class KVCache:
             t[dst] = t[src]
         self.valid[dst] = self.valid[src]
 
+    def copy(self, source: int, n: int, row: int, end: int) -> None:
+        """Row ``source``'s first ``n`` tokens into row ``row``, ending at column ``end`` (positions count real tokens
+        only, so the keys of a shared prefix are the same in any row and at any column)."""
+        cols = self.valid[source, : self.length].nonzero()[:n, 0]
+        for t in self.k + self.v:
+            t[row, :, end - n : end] = t[source, :, cols]
+        self.valid[row, end - n : end] = True
+
     def align(self, end: int, rows: int) -> None:
         """Move each of the first ``rows`` rows' tokens, in order, to end at column ``end``: reclaims the columns no row
         needs (or makes room before them) without changing any token's position or neighbours."""

@@ -2,10 +2,11 @@
 
 Every active sequence holds one row of a shared key/value cache, rows 0 to n-1, so that one forward pass extends them
 all. A sequence joins by reading its prompt into a free row (prefill), its tokens ending at the column where the
-others' end; it leaves by handing its row to the last active sequence. When the cache's columns run out, every row is
-moved to end at the longest row's length (what left-over padding wasted is reclaimed), or the cache grows, up to the
-model's context; a sequence whose own context is full goes on from the last half of it. Models without a cache
-(n-gram, MLP, RNN) read each sequence's whole context at each step.
+others' end, after a copy of the longest prefix its prompt shares with a row already there (a system prompt, a
+conversation's earlier turns: read once); it leaves by handing its row to the last active sequence. When the cache's
+columns run out, every row is moved to end at the longest row's length (what left-over padding wasted is reclaimed),
+or the cache grows, up to the model's context; a sequence whose own context is full goes on from the last half of it.
+Models without a cache (n-gram, MLP, RNN) read each sequence's whole context at each step.
 
 What a sequence computes then depends a little on its neighbours: the padding before it and the batch's size change
 the order of floating-point sums, and in bf16 that can change a greedy choice. So the cache is emptied whenever no
@@ -76,6 +77,7 @@ class Request:
     counts: torch.Tensor | None = None  # times each token was generated (frequency and presence penalties)
     context: list[int] = field(default_factory=list)  # prompt and answer so far
     cached: int = 0  # how many tokens before the last one of ``context`` its cache row holds
+    shared: int = 0  # how many of them it took from another row (a prefix of their prompts) instead of reading them
     generated: int = 0
     finish_reason: str | None = None  # "stop" (a stop token or string), "length" (max_new_tokens), "error" (a step
     # failed: the server's fault); None while running
@@ -263,31 +265,59 @@ class Scheduler:
                 del self.active[i]
 
     def _prefill_new(self) -> None:
-        """Read the new requests' prompts (all but each one's last token) into the next free rows, in one pass
-        (batch-invariant: a pass each)."""
+        """Read the new requests' prompts (all but each one's last token) into the next free rows, in one pass, each
+        first taking the longest prefix it shares with a row already in the cache (batch-invariant: a pass each, from
+        nothing)."""
         new = self.active[self.rows:]
-        for group in [[r] for r in new] if self.batch_invariant else [new] if new else []:
-            self._read_into(self.rows, [r.context[:-1] for r in group])
-            self.rows += len(group)
+        if self.batch_invariant:
+            for r in new:
+                self._read_into(self.rows, [r.context[:-1]])
+                self.rows += 1
+        elif new:
+            shared = [self._longest_shared(r) for r in new]
+            for r, (_, n) in zip(new, shared):
+                r.shared = n
+            self._read_into(self.rows, [r.context[:-1] for r in new], shared)
+            self.rows += len(new)
 
-    def _read_into(self, first: int, reads: list[list[int]]) -> None:
+    def _longest_shared(self, new: Request) -> tuple[int, int]:
+        """The row in the cache whose tokens begin with the longest prefix of ``new``'s prompt (a system prompt, the
+        earlier turns of a conversation), and that prefix's length. None with a sliding window, whose mask counts
+        columns: a copied prefix may stand further from what follows it than its tokens are."""
+        row, longest = 0, 0
+        if self.cache.window is not None:
+            return row, longest
+        for i, r in enumerate(self.active[:self.rows]):
+            if r.cached == len(r.context) - 1:  # (not a row that went on from the last half of its context)
+                n = common_prefix(new.context[:-1], r.context[:r.cached])
+                row, longest = (i, n) if n > longest else (row, longest)
+        return row, longest
+
+    def _read_into(self, first: int, reads: list[list[int]], shared: list[tuple[int, int]] | None = None) -> None:
         """Put each of ``reads`` in a row from ``first`` on, in one pass, each ending at the cache's current column
         (the shorter ones padded on the left; the rows in use first moved to end later if one needs more room);
-        batch-invariant, a single row from column 0."""
+        batch-invariant, a single row from column 0. ``shared``, for each read: a row in the cache and how many of the
+        read's first tokens it holds, copied instead of read (they go before the pass's columns)."""
         cache = self.cache
+        shared = shared or [(0, 0)] * len(reads)
         for row, tokens in enumerate(reads, first):
             cache.valid[row] = False
             self.active[row].cached = len(tokens)
-        longest = max(map(len, reads))
-        if not longest:
-            return
+        longest = max(len(t) - n for t, (_, n) in zip(reads, shared))
+        before = max(n for _, n in shared)
         if self.batch_invariant:
             self._columns(longest)
             start = 0
         else:
-            if longest > cache.length:
-                cache.align(self._columns(longest), self.rows)
+            if longest + before > cache.length:
+                cache.align(self._columns(longest + before), self.rows)
             start = cache.length - longest
+            for row, (source, n) in zip(range(first, first + len(reads)), shared):
+                if n:
+                    cache.copy(source, n, row, start)
+        if not longest:
+            return
+        reads = [t[n:] for t, (_, n) in zip(reads, shared)]
         ids = torch.tensor([[0] * (longest - len(t)) + t for t in reads], device=self.model.device)
         valid = torch.tensor([[False] * (longest - len(t)) + [True] * len(t) for t in reads], device=ids.device)
         self.model(ids, cache.rows(first, first + len(reads), start), valid=valid, logits_to_keep=0)
@@ -411,6 +441,15 @@ class Scheduler:
             r.pieces.put(Piece(rest, -1, 0.0))
         r.finish_reason = reason
         r.pieces.put(None)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens ``a`` and ``b`` have in common (by halving: a few comparisons of slices, at C speed)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if a[:middle] == b[:middle] else (low, middle - 1)
+    return low
 
 
 def drive(schedulers: list[Scheduler], running=lambda: True) -> None:

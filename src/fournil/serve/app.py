@@ -173,7 +173,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     def usage(requests) -> dict:
         prompt = sum(len(r.prompt) for r in requests)
         completion = sum(r.generated for r in requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(r.shared for r in requests)}}  # (copied, not read)
 
     def token_text(i: int) -> str:
         return tok.token_text(i)
