@@ -243,6 +243,28 @@ def test_a_joining_prompt_copies_the_prefix_it_shares_with_a_running_row_and_ans
         assert [p.logprob for p in pieces] == pytest.approx(whole.logprobs, abs=1e-4), name
 
 
+def test_prompts_that_arrive_together_read_the_prefix_they_share_once(bpe_llama):
+    """Few-shot benchmark prompts, a system prompt, ``n`` answers to one prompt: the first is read, then the others in
+    a second pass that takes their shared prefix from its row; each answer is the one it gets alone."""
+    run = Run.load(bpe_llama, "cpu")
+    tok = run.tokenizer
+    system = {"role": "system", "content": "You are the king of Navarre, and you answer in verse."}
+    asked = [tok.chat_ids([system, {"role": "user", "content": q}]) for q in ("Who art thou?", "What of the queen?")]
+    prompts = [asked[0], tok.encode("ROMEO: But soft!"), asked[1], asked[0], tok.encode("ROMEO: But soft, what")]
+    scheduler = Scheduler(run.model, tok, max_batch=5)
+    params = SamplingParams(10, temperature=0, ignore_eos=True)
+    requests = [scheduler.submit(p, params) for p in prompts]
+    while scheduler.step():
+        pass
+    system_prefix = len(os.path.commonprefix(asked))
+    assert system_prefix > len(tok.encode(system["content"]))
+    romeo = len(os.path.commonprefix(prompts[1::3]))
+    assert romeo < 16  # too short to be worth a pass of its own: read with the first ones
+    assert [r.shared for r in requests] == [0, 0, system_prefix, len(asked[0]) - 1, 0]
+    for r, p in zip(requests, prompts):
+        assert [x.token for x in r if x.token >= 0] == complete(run.model, tok, [p], params)[0].tokens
+
+
 @pytest.mark.precision
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4"])
 def test_an_answer_does_not_depend_on_what_was_generated_before_or_beside_it(bpe_llama, precision):

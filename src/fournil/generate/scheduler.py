@@ -3,10 +3,11 @@
 Every active sequence holds one row of a shared key/value cache, rows 0 to n-1, so that one forward pass extends them
 all. A sequence joins by reading its prompt into a free row (prefill), its tokens ending at the column where the
 others' end, after a copy of the longest prefix its prompt shares with a row already there (a system prompt, a
-conversation's earlier turns: read once); it leaves by handing its row to the last active sequence. When the cache's
-columns run out, every row is moved to end at the longest row's length (what left-over padding wasted is reclaimed),
-or the cache grows, up to the model's context; a sequence whose own context is full goes on from the last half of it.
-Models without a cache (n-gram, MLP, RNN) read each sequence's whole context at each step.
+conversation's earlier turns, few-shot examples: read once; of prompts that arrive together, the first is read before
+the others for this); it leaves by handing its row to the last active sequence. When the cache's columns run out,
+every row is moved to end at the longest row's length (what left-over padding wasted is reclaimed), or the cache
+grows, up to the model's context; a sequence whose own context is full goes on from the last half of it. Models
+without a cache (n-gram, MLP, RNN) read each sequence's whole context at each step.
 
 What a sequence computes then depends a little on its neighbours: the padding before it and the batch's size change
 the order of floating-point sums, and in bf16 that can change a greedy choice. So the cache is emptied whenever no
@@ -43,6 +44,8 @@ from fournil.generate.text import TextStream
 from fournil.models.base import decoder_only
 
 log = logging.getLogger("fournil.generate")
+
+WORTH_A_PASS = 16  # prompt tokens that new requests share, for the later ones to be read in a pass after the first
 
 
 class Busy(FournilError):
@@ -265,20 +268,28 @@ class Scheduler:
                 del self.active[i]
 
     def _prefill_new(self) -> None:
-        """Read the new requests' prompts (all but each one's last token) into the next free rows, in one pass, each
-        first taking the longest prefix it shares with a row already in the cache (batch-invariant: a pass each, from
-        nothing)."""
+        """Read the new requests' prompts (all but each one's last token) into the next free rows, each first taking
+        the longest prefix it shares with a row already in the cache: in one pass, or two when some share a prefix
+        with another new one, read first (batch-invariant: a pass each, from nothing)."""
         new = self.active[self.rows:]
         if self.batch_invariant:
             for r in new:
                 self._read_into(self.rows, [r.context[:-1]])
                 self.rows += 1
-        elif new:
-            shared = [self._longest_shared(r) for r in new]
-            for r, (_, n) in zip(new, shared):
-                r.shared = n
-            self._read_into(self.rows, [r.context[:-1] for r in new], shared)
-            self.rows += len(new)
+            return
+        first, after = [], []
+        for r in new:
+            ahead = max((common_prefix(r.context[:-1], f.context[:-1]) for f in first), default=0)
+            worth = self.cache.window is None and ahead >= self._longest_shared(r)[1] + WORTH_A_PASS
+            (after if worth else first).append(r)
+        self.active[self.rows:] = first + after
+        for group in (first, after):
+            if group:
+                shared = [self._longest_shared(r) for r in group]
+                for r, (_, n) in zip(group, shared):
+                    r.shared = n
+                self._read_into(self.rows, [r.context[:-1] for r in group], shared)
+                self.rows += len(group)
 
     def _longest_shared(self, new: Request) -> tuple[int, int]:
         """The row in the cache whose tokens begin with the longest prefix of ``new``'s prompt (a system prompt, the

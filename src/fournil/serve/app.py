@@ -384,6 +384,7 @@ class Scored:
     """A prompt only scored (``max_tokens: 0``), where the answer of a generated one would be."""
     prompt: list[int]
     generated: int = 0
+    shared: int = 0
     finish_reason: str = "length"
 
 
