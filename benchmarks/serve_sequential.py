@@ -11,7 +11,8 @@ Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per 
   `openai` client, streamed and not;
 - the same eight at once (eight threads), in three rounds; each round asks them through the `openai` client and
   through a plain HTTP client that reads the stream's lines and parses only the last (as load generators such as
-  vLLM's do). Both clients run in this process, on the cores the server computes on: the CPU seconds they took per
+  vLLM's do), and the engine alone answers them at once too (the server's ceiling: how much faster eight rows are
+  than one on this machine). Both clients run in this process, on the cores the server computes on: the CPU seconds they took per
   round are in the table (the `openai` client's parsing of every chunk: 0.2-0.3 s of a 1.3 s round on 2 cores).
 
 A shared machine's speed drifts by a fifth within a minute, so each ratio compares figures taken next to each other:
@@ -46,26 +47,39 @@ def free_port() -> int:
 
 
 def engine_alone(dtype: str, tokens: int, compiled: bool):
-    """The engine of this process: a function of prompts that answers them one after another, giving tokens/s."""
-    from fournil.generate import SamplingParams, stream
+    """The engine of this process: functions of prompts that answer them one after another, and all at once (one
+    scheduler, as the server's), giving tokens/s."""
+    from fournil.generate import Scheduler, SamplingParams, stream
     from fournil.generate.compiled import compile_decoding
     from fournil.runs import Run
 
     run = Run.load("smollm2", "cpu").quantize(dtype)
     if compiled:
-        compile_decoding(run.model, run.dtype)
+        compile_decoding(run.model, run.dtype, max_batch=len(PROMPTS))
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
 
+    def chat(prompts: list[str]) -> list[list[int]]:
+        return [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+
     def rate(prompts: list[str]) -> float:
-        ids = [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in prompts]
-        start = time.perf_counter()
+        ids, start = chat(prompts), time.perf_counter()
         for p in ids:
             for _ in stream(run.model, run.tokenizer, p, params, run.dtype):
                 pass
         return len(ids) * tokens / (time.perf_counter() - start)
 
+    def together(prompts: list[str]) -> float:
+        ids, start = chat(prompts), time.perf_counter()
+        scheduler = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=len(ids))
+        for p in ids:
+            scheduler.submit(p, params)
+        while scheduler.step():
+            pass
+        return len(ids) * tokens / (time.perf_counter() - start)
+
     rate(PROMPTS[:1])  # warm up
-    return rate
+    together(PROMPTS)
+    return rate, together
 
 
 def plain_stream(port: int, settings: dict) -> int:
@@ -101,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     import openai
 
-    engine = engine_alone(args.dtype, args.tokens, args.compile)
+    engine, engine_together = engine_alone(args.dtype, args.tokens, args.compile)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--dtype", args.dtype, "--port",
                                str(port), *(["--compile"] if args.compile else [])], stdout=subprocess.DEVNULL,
@@ -139,15 +153,18 @@ def main() -> None:
                 ("server, one after another, streamed", sequential[1], sequential[1] / alone, None)]
         askers = {"openai client": lambda p: ask(p, True),
                   "plain HTTP client": lambda p: plain_stream(port, settings_of(p))}
-        rounds = {name: [] for name in askers}
+        rounds = {"engine alone": [], **{name: [] for name in askers}}
         for _ in range(3):
             near = engine(PROMPTS[:2])
+            rate = engine_together(PROMPTS)
+            rounds["engine alone"].append((rate / near, rate, None))
             for name, asker in askers.items():
                 rate, cpu = at_once(asker)
                 rounds[name].append((rate / near, rate, cpu))
         for name, got in rounds.items():
-            ratio, rate, cpu = sorted(got)[1]  # the round of the median ratio
-            rows.append((f"server, eight at once, streamed, {name} (median of 3 rounds)", rate, ratio, cpu))
+            ratio, rate, cpu = sorted(got, key=lambda x: x[0])[1]  # the round of the median ratio
+            how = "engine alone" if name == "engine alone" else f"server, streamed, {name}"
+            rows.append((f"{how}, eight at once (median of 3 rounds)", rate, ratio, cpu))
     finally:
         server.terminate()
         server.wait()
