@@ -12,8 +12,9 @@ Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per 
 - the same eight at once (eight threads), in three rounds; each round asks them through the `openai` client and
   through a plain HTTP client that reads the stream's lines and parses only the last (as load generators such as
   vLLM's do), and the engine alone answers them at once too (the server's ceiling: how much faster eight rows are
-  than one on this machine). Both clients run in this process, on the cores the server computes on: the CPU seconds they took per
-  round are in the table (the `openai` client's parsing of every chunk: 0.2-0.3 s of a 1.3 s round on 2 cores).
+  than one on this machine). Both clients run in this process, on the cores the server computes on: the CPU seconds
+  they took per round are in the table (the `openai` client's parsing of every chunk: 0.2-0.3 s of a 1.3 s round on
+  2 cores).
 
 A shared machine's speed drifts by a fifth within a minute, so each ratio compares figures taken next to each other:
 the server's answers one after another against the engine's before and after them, and each round of eight at once

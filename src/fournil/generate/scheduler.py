@@ -45,7 +45,8 @@ from fournil.models.base import decoder_only
 
 log = logging.getLogger("fournil.generate")
 
-WORTH_A_PASS = 16  # prompt tokens that new requests share, for the later ones to be read in a pass after the first
+WORTH_A_PASS = 16  # prompt tokens a new request must share with another new one, beyond what it can copy from the
+# rows in the cache, to wait for a second pass and copy them from that one's row
 
 
 class Busy(FournilError):
