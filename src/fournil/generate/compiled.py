@@ -27,7 +27,8 @@ _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoding_step(model):
-    """The compiled step of ``model`` (``step(tokens, fixed_view) -> logits`` of the last token), or None."""
+    """The compiled step of ``model`` (``step(tokens, fixed_view) -> (scores, norms)``: the last token's scores in
+    fp32 and each row's log-sum-exp of them, computed in the step's own parallel loops), or None."""
     return _steps.get(model)
 
 
@@ -51,8 +52,9 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
     if not hasattr(model, "new_cache"):
         raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
 
-    def step(tokens: torch.Tensor, view: Fixed) -> torch.Tensor:
-        return model(tokens, view)[:, -1]
+    def step(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = model(tokens, view)[:, -1].float()
+        return scores, scores.logsumexp(-1)
 
     # a code object of its own: Dynamo keeps compiled code per code object, and without guards on the modules
     # (below) it would take another model's compiled step for this one's whenever their tensors had the same shapes

@@ -365,13 +365,13 @@ class Scheduler:
         tokens = torch.tensor([[r.context[-1]] for r in self.active], device=self.model.device)
         step = decoding_step(self.model)
         if step is not None:
-            logits = step(tokens, Fixed(cache, self.rows))
+            logits, norms = step(tokens, Fixed(cache, self.rows))
         else:
-            logits = self.model(tokens, cache.rows(0, self.rows))[:, -1]
+            logits, norms = self.model(tokens, cache.rows(0, self.rows))[:, -1], None
         cache.length += 1
         for r in self.active:
             r.cached += 1
-        self._sample(self.active, logits)
+        self._sample(self.active, logits, norms)
 
     def _speculating(self) -> bool:
         """Whether this step decodes speculatively: a draft, one sequence, no penalties, room for its proposals."""
@@ -406,27 +406,30 @@ class Scheduler:
         cache.length = start + len(kept)  # the last kept token is not read yet
         r.cached += len(kept)
         for token, row in zip(kept, logits):
-            self._accept(r, token, row.log_softmax(-1))
+            self._accept(r, token, row, float(row.logsumexp(-1)))
             if r.done:
                 break
         r.draft_read = r.draft_cache.length = min(r.draft_read, len(r.context) - 1)
 
     # ---- sampling
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """The next token of each request, from its row of ``logits`` (the rows' log-probabilities, and their most
-        likely tokens for the greedy requests without penalties, each in one call for all rows)."""
+    def _sample(self, requests: list[Request], logits: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """The next token of each request, from its row of ``logits`` (the rows' most likely tokens for the greedy
+        requests without penalties in one call for all rows). ``norms``: each row's log of the sum of its exponentiated
+        scores (a log-probability is a score minus it), when the compiled step computed them beside the scores."""
         logits = logits.float()
+        norms = (logits.logsumexp(-1) if norms is None else norms).tolist()
         plain = [r.params.temperature < GREEDY_BELOW and not r.params.penalized for r in requests]
         most_likely = most_likely_tokens(logits) if any(plain) else plain  # (no argmax when every row samples)
-        for r, row, logprobs, greedy, best in zip(requests, logits, logits.log_softmax(-1), plain, most_likely):
+        for r, row, norm, greedy, best in zip(requests, logits, norms, plain, most_likely):
             p = r.params
             if not greedy:
-                row = penalize(row[None], r.seen[None], r.counts[None], p) if p.penalized else row[None]
-                best = int(choose(row, p, r.generator)[0])
-            self._accept(r, best, logprobs)
+                scores = penalize(row[None], r.seen[None], r.counts[None], p) if p.penalized else row[None]
+                best = int(choose(scores, p, r.generator)[0])
+            self._accept(r, best, row, norm)
 
-    def _accept(self, r: Request, token: int, logprobs: torch.Tensor) -> None:
-        """``token`` joins the sequence: its piece of text goes out, and the sequence ends if it should."""
+    def _accept(self, r: Request, token: int, scores: torch.Tensor, norm: float) -> None:
+        """``token`` joins the sequence (``scores``: the model's, fp32, ``norm`` their log-sum-exp): its piece of text
+        goes out, and the sequence ends if it should."""
         p = r.params
         if r.seen is not None:
             r.seen[token] = True
@@ -439,9 +442,9 @@ class Scheduler:
             return
         top = None
         if p.logprobs:
-            values, ids = logprobs.topk(min(p.logprobs, logprobs.shape[-1]))
-            top = dict(zip(ids.tolist(), values.tolist()))
-        r.pieces.put(Piece(text, token, float(logprobs[token]), top))
+            values, ids = scores.topk(min(p.logprobs, scores.shape[-1]))
+            top = dict(zip(ids.tolist(), (values - norm).tolist()))
+        r.pieces.put(Piece(text, token, float(scores[token]) - norm, top))
         if r.text.done:
             self._finish(r, "stop")
         elif r.generated == p.max_new_tokens:
