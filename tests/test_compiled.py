@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import Server
 
-from fournil.generate import SamplingParams, Scheduler, complete
+from fournil.generate import SamplingParams, Scheduler, complete, score
 from fournil.generate.compiled import compile_decoding, decoding_step
 from fournil.runs import Run
 from tests.test_engine import greedy_alone
@@ -24,14 +24,20 @@ def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_
     prompts = [tok.prompt_ids(w) for w in words]
     # a narrow cache: it must grow and realign
     scheduler = Scheduler(run.model, tok, run.dtype, max_batch=3, first_columns=4)
-    requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
+    requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n, temperature=0, logprobs=2))
+                for p, n in zip(prompts, budgets)]
     sizes = set()
     with torch.compiler.set_stance("fail_on_recompile"):  # compiled once for any number of rows and cache size
         while scheduler.step():
             sizes.add(len(scheduler.active))
     assert sizes >= {1, 2, 3}
     for r, p, n in zip(requests, prompts, budgets):
-        assert ([piece.token for piece in r if piece.token >= 0], r.finish_reason) == greedy_alone(run.model, tok, p, n)
+        pieces = [piece for piece in r if piece.token >= 0]
+        tokens = [piece.token for piece in pieces]
+        assert (tokens, r.finish_reason) == greedy_alone(run.model, tok, p, n)
+        if precision == "float32":  # the step's scores minus its log-sum-exp: the model's log-probabilities
+            assert [x.logprob for x in pieces] == pytest.approx(score(run.model, p + tokens, len(p)), abs=1e-5)
+            assert all(x.top[x.token] == max(x.top.values()) == pytest.approx(x.logprob, abs=1e-6) for x in pieces)
 
 
 def test_compiled_smollm2_writes_eager_greedy_tokens_on_the_parity_prompts():

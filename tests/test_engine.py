@@ -119,6 +119,15 @@ def test_streamed_text_is_the_whole_answer_decoded_and_costs_the_same_at_any_len
     assert shown + stream.finish() == text
     assert max(counting.read) <= 8  # never the whole answer: the same work at token 10 and at token 1000
 
+    # an answer that ends inside a character (a small model's bytes, cut by max_tokens or by a stop token) shows it
+    # as it decodes (U+FFFD), to its end
+    split = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    for stop_token in (None, 10**6):
+        stream = TextStream(tok, stop=(), stop_ids=(stop_token,))
+        shown = "".join(stream.feed(t) for t in ids[:split])
+        shown += stream.finish() if stop_token is None else stream.feed(stop_token)
+        assert shown == tok.decode(ids[:split]) and shown.endswith("\ufffd")
+
 
 def test_stream_and_long_text_beyond_the_context(running_text):
     run = Run.load(running_text, "cpu")

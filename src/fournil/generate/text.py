@@ -21,11 +21,15 @@ class TextStream:
         """The new text this token makes safe to show (maybe none); sets ``done`` when the answer ends."""
         if token in self.stop_ids:
             self.done = self.at_stop_token = True
-            return self._release(len(self.text))
+            return self._end()
         self.ids.append(token)
         text = self._decoded()
         if text is None:  # a character split across tokens: wait for its last byte
             return ""
+        return self._show(text)
+
+    def _show(self, text: str) -> str:
+        """``text``, the whole answer's, becomes what is known: the part safe to show goes out."""
         self.text = text
         cuts = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
         if cuts:
@@ -52,7 +56,12 @@ class TextStream:
 
     def finish(self) -> str:
         """What was held back, when the answer ends by length."""
-        return self._release(len(self.text))
+        return self._end()
+
+    def _end(self) -> str:
+        """The rest of the answer: a character its last tokens left split is shown as it decodes (U+FFFD), not lost."""
+        piece = self._show(self.tokenizer.decode(self.ids)) if self.read < len(self.ids) else ""
+        return piece + self._release(len(self.text))
 
     def _release(self, upto: int) -> str:
         piece = self.text[self.sent : upto] if upto > self.sent else ""
