@@ -274,6 +274,56 @@ def test_prompts_that_arrive_together_read_the_prefix_they_share_once(bpe_llama)
         assert [x.token for x in r if x.token >= 0] == complete(run.model, tok, [p], params)[0].tokens
 
 
+def test_a_kept_conversation_reads_only_each_turns_new_tokens_and_answers_as_if_it_read_it_whole(bpe_llama):
+    """``fournil chat``: a scheduler that keeps its last answer (``keep``) empties its cache when idle, as any does, but
+    the next turn copies the keys and values of everything it shares with that answer's sequence, reads the rest, and
+    answers as a whole reading does; a prompt that does not go on from it is read whole."""
+    run = Run.load(bpe_llama, "cpu")
+    tok = run.tokenizer
+    turns = Scheduler(run.model, tok, max_batch=1, max_waiting=1, keep=True, first_columns=8)
+    params = SamplingParams(10, temperature=0, ignore_eos=True, logprobs=1)
+    prompts = [tok.chat_ids([{"role": "user", "content": "Who art thou?"}])]
+    shared = []
+    for more in (" And the queen?", " Speak!", "ROMEO: But soft"):
+        r = turns.submit(prompts[-1], params)
+        while turns.step():
+            pass
+        assert turns.cache is None  # idle: the cache is gone, the kept answer is not
+        shared.append(r.shared)
+        pieces = [p for p in r if p.token >= 0]
+        whole = complete(run.model, tok, [prompts[-1]], params)[0]
+        assert [p.token for p in pieces] == whole.tokens
+        assert [p.logprob for p in pieces] == pytest.approx(whole.logprobs, abs=1e-4)
+        # the next turn: the conversation so far (prompt and answer), then more
+        prompts.append(r.context + tok.encode(more) if more[0] == " " else tok.encode(more))
+    # each turn copies its whole conversation but the answer's last token, which was never fed to the model
+    assert shared == [0, len(prompts[0]) + 9, len(prompts[1]) + 9]
+    r = turns.submit(prompts[-1], params)
+    while turns.step():
+        pass
+    assert r.shared == 0
+    assert [p.token for p in r if p.token >= 0] == complete(run.model, tok, prompts[-1:], params)[0].tokens
+
+
+def test_chat_keeps_its_conversation_and_an_answer_read_in_part_frees_the_model_for_the_next(bpe_llama):
+    """What ``fournil chat`` uses: a :class:`Local` with ``conversation`` answers each turn as a model that reads the
+    whole conversation does, keeps the conversation's last sequence, and goes on after a reader stops mid-answer."""
+    from fournil.generate.answerers import Local
+
+    run = Run.load(bpe_llama, "cpu")
+    chat, fresh = Local(run, conversation=True), Local(run)
+    params = SamplingParams(8, temperature=0, ignore_eos=True)
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    partial = chat.chat(messages, params)
+    answer = next(partial) + next(partial)
+    partial.close()  # the reader leaves after two pieces (Ctrl-C in a terminal)
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the queen?"}]
+    second = "".join(chat.chat(messages, params))
+    assert second == "".join(fresh.chat(messages, params))
+    asked = run.tokenizer.chat_ids(messages)
+    assert chat.turns.kept[0][:len(asked)] == asked and len(chat.turns.kept[0]) == len(asked) + 7
+
+
 @pytest.mark.precision
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4"])
 def test_an_answer_does_not_depend_on_what_was_generated_before_or_beside_it(bpe_llama, precision):

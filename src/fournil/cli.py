@@ -869,7 +869,8 @@ def load_answerer(args):
     if args.compile and args.draft:
         raise FournilError("--compile and --draft do not go together here: a draft's passes are not compiled; "
                            "choose one (fournil serve takes both: the draft while a request is alone)")
-    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens)
+    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens,
+                     conversation=args.command == "chat")
     if args.compile:
         compile_decoding_step(model.run, 1)
     return model

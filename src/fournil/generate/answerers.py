@@ -31,9 +31,10 @@ def name_of(spec) -> str:
 
 
 def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY",
-             draft: str | None = None, draft_tokens: int = 4):
+             draft: str | None = None, draft_tokens: int = 4, conversation: bool = False):
     """The model ``spec`` names, ready to answer: remote (``openai:...``) or loaded here (with ``draft``, a smaller
-    model of the same tokenizer proposing ``draft_tokens`` tokens per pass: speculative decoding)."""
+    model of the same tokenizer proposing ``draft_tokens`` tokens per pass: speculative decoding; with
+    ``conversation``, answering one conversation, each turn going on from the last: :class:`Local`)."""
     if is_remote(spec):
         if draft:
             raise FournilError(f"--draft speeds up a model loaded here; {spec} answers from elsewhere")
@@ -51,15 +52,21 @@ def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: 
 
         helper = load(draft)
         check_draft(run, helper)
-    return Local(run, name_of(spec), helper, draft_tokens)
+    return Local(run, name_of(spec), helper, draft_tokens, conversation)
 
 
 class Local:
-    """A model loaded here (a :class:`fournil.runs.Run`), answering through the generation engine."""
+    """A model loaded here (a :class:`fournil.runs.Run`), answering through the generation engine. With
+    ``conversation`` (``fournil chat``; not with a draft) it answers one prompt at a time and keeps the keys and values
+    of its last answer, so that a conversation's next turn reads only its new tokens, not the whole conversation."""
 
-    def __init__(self, run, name: str | None = None, draft=None, draft_tokens: int = 4):
+    def __init__(self, run, name: str | None = None, draft=None, draft_tokens: int = 4, conversation: bool = False):
+        from fournil.generate.scheduler import Scheduler
+
         self.run, self.name, self.draft, self.draft_tokens = run, name or run.path.stem, draft, draft_tokens
         self.speculation = None  # with a draft: target passes and tokens, over every answer
+        self.turns = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=1, max_waiting=1, keep=True) \
+            if conversation and draft is None else None
 
     def __str__(self) -> str:
         return self.name
@@ -88,7 +95,7 @@ class Local:
         else:
             from fournil.generate.engine import stream
 
-            pieces = stream(self.run.model, self.run.tokenizer, ids, params, self.run.dtype)
+            pieces = stream(self.run.model, self.run.tokenizer, ids, params, self.run.dtype, scheduler=self.turns)
         return (piece.text for piece in pieces)
 
 

@@ -104,12 +104,17 @@ class KVCache:
             t[dst] = t[src]
         self.valid[dst] = self.valid[src]
 
-    def copy(self, source: int, n: int, row: int, end: int) -> None:
-        """Row ``source``'s first ``n`` tokens into row ``row``, ending at column ``end`` (positions count real tokens
-        only, so the keys of a shared prefix are the same in any row and at any column)."""
-        cols = self.valid[source, : self.length].nonzero()[:n, 0]
-        for t in self.k + self.v:
-            t[row, :, end - n : end] = t[source, :, cols]
+    def keys_values(self, row: int, n: int) -> list[torch.Tensor]:
+        """Row ``row``'s first ``n`` tokens' keys, then values, of every layer (copies: (heads, n, head_dim) each)."""
+        cols = self.valid[row, : self.length].nonzero()[:n, 0]
+        return [t[row, :, cols] for t in self.k + self.v]
+
+    def put(self, keys_values: list[torch.Tensor], row: int, end: int) -> None:
+        """Tokens' keys and values (:meth:`keys_values`) into row ``row``, ending at column ``end`` (positions count
+        real tokens only, so the keys of a sequence's first tokens are the same in any row and at any column)."""
+        n = keys_values[0].shape[1]
+        for t, x in zip(self.k + self.v, keys_values):
+            t[row, :, end - n : end] = x
         self.valid[row, end - n : end] = True
 
     def align(self, end: int, rows: int) -> None:

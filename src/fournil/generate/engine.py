@@ -63,19 +63,23 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams 
 
 
 def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
-           truncate: bool = False) -> Iterator[Piece]:
-    """One answer, a piece at a time, as it is generated; the prompt and settings are checked now, before any piece."""
-    scheduler = Scheduler(model, tokenizer, dtype, max_batch=1, max_waiting=1, truncate=truncate)
+           truncate: bool = False, scheduler: Scheduler | None = None) -> Iterator[Piece]:
+    """One answer, a piece at a time, as it is generated; the prompt and settings are checked now, before any piece.
+    ``scheduler``: one of a single row to go on with (a conversation's, which keeps its last answer), not a new one."""
+    scheduler = scheduler or Scheduler(model, tokenizer, dtype, max_batch=1, max_waiting=1, truncate=truncate)
     request = scheduler.submit(prompt, params)
 
     def pieces():
-        while True:
-            scheduler.step()
-            while not request.pieces.empty():
-                piece = request.pieces.get()
-                if piece is None:
-                    return
-                yield piece
+        try:
+            while True:
+                scheduler.step()
+                while not request.pieces.empty():
+                    piece = request.pieces.get()
+                    if piece is None:
+                        return
+                    yield piece
+        finally:
+            request.cancel()  # a reader that stops early frees the row for the next answer
 
     return pieces()
 

@@ -11,7 +11,8 @@ without a cache (n-gram, MLP, RNN) read each sequence's whole context at each st
 
 What a sequence computes then depends a little on its neighbours: the padding before it and the batch's size change
 the order of floating-point sums, and in bf16 that can change a greedy choice. So the cache is emptied whenever no
-sequence is left (a request to an idle scheduler is computed as if it were the first), and ``batch_invariant`` keeps
+sequence is left (a request to an idle scheduler is computed as if it were the first; one that ``keep``s a
+conversation goes on from its last answer instead of reading it again), and ``batch_invariant`` keeps
 each row as if it were alone (its tokens from column 0, its own forward pass each step): a sequence's tokens then do
 not depend on what else runs, at the cost of one forward pass per sequence.
 
@@ -47,6 +48,7 @@ log = logging.getLogger("fournil.generate")
 
 WORTH_A_PASS = 16  # prompt tokens a new request must share with another new one, beyond what it can copy from the
 # rows in the cache, to wait for a second pass and copy them from that one's row
+KEPT = -1  # where a request's shared prefix comes from when it is the kept sequence's (``keep``), not a row's
 
 
 class Busy(FournilError):
@@ -105,19 +107,22 @@ class Request:
 class Scheduler:
     def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
                  max_waiting: int = 64, truncate: bool = False, first_columns: int = 32, batch_invariant: bool = False,
-                 wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4):
+                 wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4, keep: bool = False):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
         ``first_columns`` wide and grows by a quarter when needed (a compiled step attends to every column: starting
         at 256 cost 8 rows of SmolLM2 a fifth of their step, and doubling instead of a quarter about a tenth).
         Schedulers driven together share ``wake``. With a ``draft`` model (of the same tokenizer), a sequence alone is
         decoded speculatively, ``draft_tokens`` proposed per pass (:mod:`fournil.generate.speculative`); sequences
-        together, or with penalties, one token per pass."""
+        together, or with penalties, one token per pass. With ``keep`` (one conversation: ``fournil chat``), the keys
+        and values of the last sequence to finish are kept, even while idle, for the next prompt that goes on from it:
+        a conversation's next turn reads only its new tokens."""
         decoder_only(model, "generating a continuation")
         check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.first_columns, self.batch_invariant = first_columns, batch_invariant
         self.draft, self.draft_tokens = draft, draft_tokens
-        self.max_batch, self.max_waiting, self.truncate = max_batch, max_waiting, truncate
+        self.max_batch, self.max_waiting, self.truncate, self.keep = max_batch, max_waiting, truncate, keep
+        self.kept: tuple[list[int], list[torch.Tensor]] | None = None  # with keep: tokens, their keys and values
         self.block = model.config.block_size
         self.cache = None
         self.active: list[Request] = []  # active[i] holds row i of the cache
@@ -259,6 +264,8 @@ class Scheduler:
             if r.finish_reason is None:  # cancelled: its reader may be gone, but end its iterator anyway
                 r.pieces.put(None)
             if self.cache is not None and i < self.rows:  # the last row in the cache takes its place
+                if self.keep and r.cached == len(r.context) - 1 and self.cache.window is None:
+                    self.kept = r.context[:r.cached], self.cache.keys_values(i, r.cached)
                 last = self.rows - 1
                 if i != last:
                     self.cache.move(last, i)
@@ -293,9 +300,10 @@ class Scheduler:
                 self.rows += len(group)
 
     def _longest_shared(self, new: Request) -> tuple[int, int]:
-        """The row in the cache whose tokens begin with the longest prefix of ``new``'s prompt (a system prompt, the
-        earlier turns of a conversation), and that prefix's length. None with a sliding window, whose mask counts
-        columns: a copied prefix may stand further from what follows it than its tokens are."""
+        """The row in the cache (or KEPT, the kept sequence) whose tokens begin with the longest prefix of ``new``'s
+        prompt (a system prompt, the earlier turns of a conversation), and that prefix's length. None with a sliding
+        window, whose mask counts columns: a copied prefix may stand further from what follows it than its tokens
+        are."""
         row, longest = 0, 0
         if self.cache.window is not None:
             return row, longest
@@ -303,6 +311,9 @@ class Scheduler:
             if r.cached == len(r.context) - 1:  # (not a row that went on from the last half of its context)
                 n = common_prefix(new.context[:-1], r.context[:r.cached])
                 row, longest = (i, n) if n > longest else (row, longest)
+        if self.kept is not None:
+            n = common_prefix(new.context[:-1], self.kept[0])
+            row, longest = (KEPT, n) if n > longest else (row, longest)
         return row, longest
 
     def _read_into(self, first: int, reads: list[list[int]], shared: list[tuple[int, int]] | None = None) -> None:
@@ -326,7 +337,8 @@ class Scheduler:
             start = cache.length - longest
             for row, (source, n) in zip(range(first, first + len(reads)), shared):
                 if n:
-                    cache.copy(source, n, row, start)
+                    kv = [t[:, :n] for t in self.kept[1]] if source == KEPT else cache.keys_values(source, n)
+                    cache.put(kv, row, start)
         if not longest:
             return
         reads = [t[n:] for t, (_, n) in zip(reads, shared)]
