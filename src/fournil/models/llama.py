@@ -91,6 +91,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def fused(*parts: nn.Linear) -> nn.Linear:
+    """One layer computing what ``parts``, which read the same input, compute: their outputs one after the other."""
+    layer = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+    layer.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]))
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]))
+    return layer
+
+
 class Attention(nn.Module):
     recorded = None  # a list while attention weights are recorded (fournil.evaluate.attention)
 
@@ -108,14 +117,9 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """Compute q, k and v in one product instead of three: for decoding, where a small layer's product costs
         mostly its call (SmolLM2's three int4 products: 65 us a token, fused 30 us). The three layers' names go."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        self.sizes = [p.out_features for p in parts]
-        qkv = nn.Linear(parts[0].in_features, sum(self.sizes), bias=parts[0].bias is not None)
-        qkv.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]))
-        if qkv.bias is not None:
-            qkv.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]))
+        self.sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
+        self.qkv = fused(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
-        self.qkv = qkv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,9 +146,17 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
+        self.gate_up = None  # gate and up in one product, once fused for generation (:meth:`fuse`)
+
+    def fuse(self) -> None:
+        """Compute gate and up in one product instead of two, as the attention's q, k and v: their input is
+        quantized once, and one call shares the work out to the threads. The two layers' names go."""
+        self.gate_up = fused(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up is None else self.gate_up(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
