@@ -65,8 +65,18 @@ def available() -> bool:
             return False
     torch.library.register_fake("fournil::vnni_linear")(
         lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
-    torch.library.register_fake("fournil::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
+    torch.library.register_fake("fournil::decode_attention")(attention_shape)
     return torch.ops.fournil.vnni_available()
+
+
+def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """What ``decode_attention`` returns, for compiling it; and that its keys, values and mask have as many slots:
+    told so, the compiler passes every layer's cache size as one number, not as 60 (their conversion to tensors cost
+    a compiled step of SmolLM2 0.2 ms)."""
+    torch._check(k.shape[2] == v.shape[2])
+    if mask is not None:
+        torch._check(mask.shape[-1] == k.shape[2])
+    return q.new_empty(q.shape)
 
 
 def attends(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
