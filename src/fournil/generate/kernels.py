@@ -71,8 +71,8 @@ def available() -> bool:
 
 def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """What ``decode_attention`` returns, for compiling it; and that its keys, values and mask have as many slots:
-    told so, the compiler passes every layer's cache size as one number, not as 60 (their conversion to tensors cost
-    a compiled step of SmolLM2 0.2 ms)."""
+    told so, the compiler passes every layer's cache size as one number, not as 60, each made a tensor at every step
+    (SmolLM2's compiled int4 step for one row: 5.1-5.9 ms against 6.5-6.9)."""
     torch._check(k.shape[2] == v.shape[2])
     if mask is not None:
         torch._check(mask.shape[-1] == k.shape[2])
