@@ -1,4 +1,5 @@
 """The HTTP server, tested as users meet it: a real server process on 127.0.0.1, the official openai client."""
+import asyncio
 import json
 import os
 import re
@@ -14,7 +15,9 @@ import torch
 from conftest import Server
 
 from fournil.generate import SamplingParams, complete, score
+from fournil.generate.scheduler import Piece
 from fournil.runs import Run
+from fournil.serve.app import Post, Sink
 
 pytestmark = pytest.mark.precision  # also run with FOURNIL_CPU_BF16=1: the server computes in bf16 there
 
@@ -130,6 +133,38 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
         assert time.time() < deadline, "the abandoned sequence kept its row"
         time.sleep(0.1)
     assert generated() - before >= 1  # what it had generated is counted, though its answer never ended
+
+
+def test_a_steps_pieces_reach_the_event_loop_together_once_the_step_ends():
+    """The scheduler's thread holds a step's pieces for every stream and sends them on in one wake-up of the event
+    loop, in the order they were made; pieces made while the server stops are dropped, not raised in the scheduler."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    post = Post()
+    post.loop = loop
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    pieces = [Piece("a", 1, -0.5), Piece("b", 2, -1.0), Piece("c", 3, -0.25)]
+    Sink(post, queues[0], 0).put(pieces[0])
+    Sink(post, queues[1], 1).put(pieces[1])
+    Sink(post, queues[0], 0).put(pieces[2])
+    Sink(post, queues[1], 1).put(None)
+    time.sleep(0.05)
+    assert [q.qsize() for q in queues] == [0, 0]  # held while the step runs
+
+    async def drained():
+        return [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+
+    post.send()
+    got = asyncio.run_coroutine_threadsafe(drained(), loop).result(5)
+    assert got == [[(0, pieces[0]), (0, pieces[2])], [(1, pieces[1]), (1, None)]]
+    assert post.items == []
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+    Sink(post, queues[0], 0).put(pieces[0])
+    post.send()  # the loop is closed: nothing to deliver to, and no error
+    assert post.items == []
 
 
 def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run):

@@ -108,7 +108,8 @@ class Request:
 class Scheduler:
     def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
                  max_waiting: int = 64, truncate: bool = False, first_columns: int = 32, batch_invariant: bool = False,
-                 wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4, keep: bool = False):
+                 wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4, keep: bool = False,
+                 after_step=None):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
         ``first_columns`` wide and grows by a quarter when needed (a compiled step attends to every column: starting
         at 256 cost 8 rows of SmolLM2 a fifth of their step, and doubling instead of a quarter about a tenth).
@@ -116,13 +117,15 @@ class Scheduler:
         decoded speculatively, ``draft_tokens`` proposed per pass (:mod:`fournil.generate.speculative`); sequences
         together, or with penalties, one token per pass. With ``keep`` (one conversation: ``fournil chat``), the keys
         and values of the last sequence to finish are kept, even while idle, for the next prompt that goes on from it:
-        a conversation's next turn reads only its new tokens."""
+        a conversation's next turn reads only its new tokens. ``after_step()`` is called after each step that
+        :func:`drive` runs (a server sends the step's pieces on from there, together)."""
         decoder_only(model, "generating a continuation")
         check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.first_columns, self.batch_invariant = first_columns, batch_invariant
         self.draft, self.draft_tokens = draft, draft_tokens
         self.max_batch, self.max_waiting, self.truncate, self.keep = max_batch, max_waiting, truncate, keep
+        self.after_step = after_step
         self.kept: tuple[list[int], list[torch.Tensor]] | None = None  # with keep: tokens, their keys and values
         self.block = model.config.block_size
         self.cache = None
@@ -253,6 +256,9 @@ class Scheduler:
                 r.pieces.put(None)
             self.active, self.cache = [], None
             return bool(self.waiting)
+        finally:
+            if self.after_step:
+                self.after_step()
 
     # ---- rows of the cache
     def _drop_finished(self) -> None:

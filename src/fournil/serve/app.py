@@ -2,8 +2,9 @@
 chat page, over one continuous-batching scheduler: concurrent requests share the model's forward passes.
 
 The scheduler runs in the thread that loaded the model, the HTTP server in another (:func:`run_server`); each HTTP
-request submits its sequences (``n`` of them for ``n`` choices) and reads their pieces from an asyncio queue, so a
-slow reader never holds the model, and a client that goes away frees its rows at the next step. Other work on the
+request submits its sequences (``n`` of them for ``n`` choices) and reads their pieces from an asyncio queue (a
+step's pieces for every request arrive together, in one wake-up of the event loop: :class:`Post`), so a slow reader
+never holds the model, and a client that goes away frees its rows at the next step. Other work on the
 model (scoring an echoed prompt) goes through the scheduler too: every forward pass in one thread. Every request
 first passes :class:`fournil.serve.guard.Guard` (host, key, size).
 A request's mistake is answered 4xx with what to change; a 500 is the server's own fault, logged, never detailed.
@@ -62,15 +63,42 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class Sink:
-    """Where the scheduler's thread puts a sequence's pieces: an asyncio queue shared by the ``n`` sequences of one
-    HTTP request, each piece tagged with its choice's index."""
+class Post:
+    """Pieces from the scheduler's thread to the event loop, each to its HTTP request's asyncio queue, tagged with its
+    choice's index: held until the step ends (``send``, in the scheduler's thread too), then delivered in one wake-up
+    of the loop. A wake-up per piece is a write to the loop's pipe, after which the scheduler's thread waits for the
+    GIL while the loop runs: 6 % of its time with eight streams on 2 cores."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
-        self.loop, self.queue, self.index = loop, queue, index
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set by its first request
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+        self.items.append((queue, item))
+
+    def send(self) -> None:
+        if self.items:
+            items, self.items = self.items, []
+            try:
+                self.loop.call_soon_threadsafe(deliver, items)
+            except RuntimeError:  # the loop has closed: the server is stopping, and no one reads them
+                pass
+
+
+def deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+@dataclass
+class Sink:
+    """Where the scheduler puts one sequence's pieces (``n`` sequences of a request share a queue)."""
+    post: Post
+    queue: asyncio.Queue
+    index: int
 
     def put(self, piece) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece))
+        self.post.put(self.queue, (self.index, piece))
 
 
 def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
@@ -78,9 +106,10 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     run, a request alone is decoded speculatively."""
     tok, model, name = run.tokenizer, run.model, settings.name
     block = model.config.block_size
+    post = Post()
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                           batch_invariant=settings.batch_invariant, draft=draft and draft.model,
-                          draft_tokens=draft_tokens)
+                          draft_tokens=draft_tokens, after_step=post.send)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
@@ -133,11 +162,11 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         if len(prompts) > room:
             raise ApiError(400, f"this request asks for {len(prompts)} sequences (prompts x n); this server generates "
                            f"at most {room} at once: ask for fewer", param="n")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        post.loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):
-                requests.append(scheduler.submit(p, sp, Sink(loop, queue, i)))
+                requests.append(scheduler.submit(p, sp, Sink(post, queue, i)))
         except FournilError as e:
             for r in requests:
                 r.cancel()
