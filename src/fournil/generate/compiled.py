@@ -67,9 +67,10 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
     _steps[model] = torch.compile(step, fullgraph=True, options={
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-        # the step's kernels called from C++, not Python: SmolLM2 in int4 decoded 98 tokens/s instead of 91, for a
-        # first compilation of 2.6 minutes instead of 50 s (a second launch: 21 s)
-        "cpp_wrapper": True})
+        # on a CPU, the step's kernels called from C++, not Python: SmolLM2 in int4 decoded 98 tokens/s instead of 91,
+        # for a first compilation of 2.6 minutes instead of 50 s (a second launch: 21 s). Not on a GPU, where it was
+        # tried once: an H200's step had not compiled after 5 minutes
+        "cpp_wrapper": model.device.type == "cpu"})
     start = time.perf_counter()
     was_training = model.training
     model.eval()
