@@ -119,6 +119,34 @@ def test_usage_counts_the_prompt_tokens_a_request_took_from_one_running_beside_i
     assert joining.usage.prompt_tokens == alone.usage.prompt_tokens == len(tok.chat_ids(questions[1]))
 
 
+def test_keep_conversation_lets_an_idle_servers_next_turn_go_on_from_the_last_answer(server, chat_run):
+    """With --keep-conversation, a chat's second turn, asked of an idle server, copies what it shares with the first
+    turn's prompt and answer from what the server kept; without it, an idle server keeps nothing (its answers
+    reproducible)."""
+    tok = Run.load(chat_run, "cpu").tokenizer
+    first = [{"role": "user", "content": "Who art thou?"}]
+    keeping = Server(chat_run, "--keep-conversation")
+    try:
+        for s, kept in ((server, False), (keeping, True)):
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+            answer = client.chat.completions.create(model="chat", messages=first, max_tokens=8, temperature=0)
+            assert answer.usage.prompt_tokens_details.cached_tokens == 0
+            second = [*first, {"role": "assistant", "content": answer.choices[0].message.content},
+                      {"role": "user", "content": "And whence comest thou?"}]
+            turn = client.chat.completions.create(model="chat", messages=second, max_tokens=4, temperature=0)
+            copied = turn.usage.prompt_tokens_details.cached_tokens
+            assert turn.usage.prompt_tokens == len(tok.chat_ids(second))
+            if kept:  # what the second prompt shares with the first (whose last token, "\n", the answer's text
+                # may take in when the conversation is read whole) at least, and what of the answer reads back the same
+                shared = len(os.path.commonprefix([tok.chat_ids(first), tok.chat_ids(second)]))
+                assert shared >= len(tok.chat_ids(first)) - 1
+                assert shared <= copied < turn.usage.prompt_tokens
+            else:
+                assert copied == 0
+    finally:
+        keeping.stop()
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     def generated() -> int:
         return int(re.search(r"^fournil_completion_tokens_total (\d+)$", server.get("/metrics")[1], re.M).group(1))

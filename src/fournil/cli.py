@@ -423,6 +423,10 @@ def add_model_commands(sub) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="each answer computed as if it were alone, whatever else is generated (identical requests get "
                         "identical answers under load too); costs the batch's throughput")
+    p.add_argument("--keep-conversation", action="store_true",
+                   help="keep the last answer's keys and values while idle, so that a chat's next turn reads only its "
+                        "new tokens (one person chatting: the page, a terminal); an idle server's answers then "
+                        "depend in their last bits on the one before")
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                    help="larger request bodies are refused (413) before they are read (default 4 MiB)")
     p.add_argument("--allowed-hosts", default="",
@@ -829,7 +833,8 @@ def run_serve(args) -> None:
     settings = ServeSettings(args.name or Path(str(args.model)).stem, args.api_key, args.max_batch, args.max_waiting,
                              args.batch_invariant, args.max_request_bytes,
                              (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
-                             tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning)
+                             tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning,
+                             args.keep_conversation)
     run = load_for_generation(args.model, args)
     draft = None
     if args.draft:

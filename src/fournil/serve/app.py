@@ -49,6 +49,7 @@ class ServeSettings:
     hosts: tuple[str, ...] | None = None  # the Host names answered; None: any
     cors_origins: tuple[str, ...] = ()  # web pages of other origins allowed to call the API
     warning: str | None = None  # shown on the chat page (a server open to the network without a key)
+    keep: bool = False  # the last answer's keys and values kept while idle, for a conversation's next turn
 
 
 class ApiError(Exception):
@@ -109,7 +110,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     post = Post()
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                           batch_invariant=settings.batch_invariant, draft=draft and draft.model,
-                          draft_tokens=draft_tokens, after_step=post.send)
+                          draft_tokens=draft_tokens, keep=settings.keep, after_step=post.send)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
