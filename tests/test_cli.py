@@ -144,6 +144,9 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     one_line_error(run("train", "--resume", trained["gpt"], "--steps", "0"), "--steps must be at least 1 (got 0)")
     one_line_error(run("finetune", trained["gpt"], "--eval-every", "0"), "--eval-every must be at least 1")
     one_line_error(run("serve", trained["gpt"], "--max-batch", "0"), "--max-batch must be at least 1")
+    for port in ("99999", "0", "http"):  # (uvicorn would say it listens on 99999, and listen nowhere)
+        refused = run("serve", trained["gpt"], "--port", port)
+        assert refused.returncode == 2 and f"'{port}' is not a port: give a number from 1 to 65535" in refused.stderr
     one_line_error(run("convert", trained["gpt"], "/nonexistent/dir/x.gguf"),
                    "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist")
     assert not (tmp_path / "runs").exists()  # nothing was trained

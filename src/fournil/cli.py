@@ -44,6 +44,18 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts
 
 
+def parse_port(text: str) -> int:
+    """A TCP port to listen on: 1 to 65535 (uvicorn takes a larger number without an error, and listens nowhere)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. 8000")
+    return int(text)
+
+
+def add_listen_args(p) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=parse_port, default=8000, help="port to listen on (default: 8000)")
+
+
 def model_settings() -> dict[str, type]:
     """Every model setting of every family, for flags like --n-layer."""
     found = {}
@@ -415,8 +427,7 @@ def add_model_commands(sub) -> None:
 
     p = sub.add_parser("serve", help="an HTTP server: the OpenAI API, /predict and a chat page (default: smollm2)")
     p.add_argument("model", nargs="?", default="smollm2", help=model_help)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    add_listen_args(p)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health and the page")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more are answered 503")
@@ -539,8 +550,7 @@ def add_arena(sub) -> None:
     q.add_argument("models", nargs="*", help=models)
     common(q)
     answering(q)
-    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    q.add_argument("--port", type=int, default=8000)
+    add_listen_args(q)
     q.add_argument("--max-batch", type=int, default=8, help="sequences each model generates together")
     q.add_argument("--allowed-hosts", default="", help="comma-separated Host names to answer besides localhost")
     q = actions.add_parser("leaderboard", help="Bradley-Terry scores with 95 %% intervals, and the win-rate matrix")
