@@ -1,12 +1,15 @@
 """Import and export against transformers itself: tiny random models built with its own config classes."""
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from fournil.checkpoint import save_weights  # noqa: E402
 from fournil.errors import FournilError  # noqa: E402
 from fournil.formats import export  # noqa: E402
 from fournil.runs import Run  # noqa: E402
@@ -250,6 +253,27 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
     assert result.returncode == 2 and "has no chat template" in result.stderr
     result = cli("info", tmp_path / "nothing", check=False)
     assert result.returncode == 2 and "no run directory" in result.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_exported_files_are_as_readable_as_any_new_file(hf_models, tmp_path):
+    """safetensors 0.8 writes files only their owner can read; a server running as another user (a vLLM container)
+    must read an exported folder, and a checkpoint written again keeps the permissions given to it."""
+    folder, _ = hf_models[1]["qwen2"]
+    run = Run.load(folder, "cpu")
+    umask = os.umask(0o022)
+    try:
+        export(run, tmp_path / "hf", "hf")
+        export(run, tmp_path / "run", "run")
+    finally:
+        os.umask(umask)
+    files = [p for p in (tmp_path / "hf").iterdir()] + [p for p in (tmp_path / "run").iterdir()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.chmod(0o640)
+    save_weights(run.model, weights)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o640
 
 
 def test_the_gguf_reader_reads_what_the_gguf_package_reads(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,23 @@ from fournil.errors import FournilError
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename it to ``path``."""
+    """Call ``write(tmp_path)``, flush it to disk, then rename it to ``path``.
+
+    The file gets the permissions of any other new file here (the umask's), or those of the file it replaces:
+    safetensors 0.8 writes its files readable by their owner only, which a server running as another user (a vLLM
+    container, say) cannot read."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+    else:
+        tmp.unlink(missing_ok=True)  # (what a killed run left)
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o666))  # (created as the umask says)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
