@@ -15,7 +15,7 @@ def recording_attention(model):
     :func:`fournil.models.base.attend`); yields the layers, in order."""
     layers = [m for m in model.modules() if hasattr(m, "recorded")]
     if not layers:
-        raise FournilError(f"a {model.family} model has no attention to show: use a gpt or llama model")
+        raise FournilError(f"the {model.family} model has no attention to show: use a gpt or llama model")
     for m in layers:
         m.recorded = []
     try:
@@ -30,15 +30,15 @@ def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor
     """The tokens of ``text`` and the attention weights of one forward pass over them: (layers, heads, T, T), each
     row a distribution over the tokens up to its own."""
     decoder_only(model, "an attention map of a text")
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise FournilError("give a text with at least one token")
-    if len(ids) > model.config.block_size:
-        raise FournilError(f"the text has {len(ids)} tokens; the model's context is {model.config.block_size}")
     was_training = model.training
     model.eval()
     try:
-        with recording_attention(model) as layers:
+        with recording_attention(model) as layers:  # (first: a model without attention says so before the text)
+            ids = tokenizer.encode(text)
+            if not ids:
+                raise FournilError("give a text with at least one token")
+            if len(ids) > model.config.block_size:
+                raise FournilError(f"the text has {len(ids)} tokens; the model's context is {model.config.block_size}")
             model(torch.tensor([ids], device=model.device))
             weights = torch.stack([m.recorded[0][0].float().cpu() for m in layers])
     finally:

@@ -41,7 +41,7 @@ class FournilLM(TemplateLM):
         decoder_only(self.run.model, "benchmarking")
         if not hasattr(self.run.model, "new_cache"):
             raise FournilError(f"benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); {model} is "
-                               f"a {self.run.model.family} model: measure it on text with `fournil eval {model}`")
+                               f"an {self.run.model.family} model: measure it on text with `fournil eval {model}`")
         self.tok, self.net = self.run.tokenizer, self.run.model
         self.batch_tokens, self.max_gen_toks, self.max_batch = int(batch_tokens), int(max_gen_toks), int(max_batch)
         self._eot = self.tok.eos_id if self.tok.eos_id is not None else self.tok.bos_id

@@ -15,7 +15,7 @@ def token_embeddings(model) -> torch.Tensor:
     found = next((m.weight for name, m in model.named_modules()
                   if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wte", "embed_tokens")), None)
     if found is None:
-        raise FournilError(f"a {model.family} model has no token embeddings: use an mlp, rnn, gpt or llama model")
+        raise FournilError(f"the {model.family} model has no token embeddings: use an mlp, rnn, gpt or llama model")
     return found.detach()[: model.config.vocab_size].float().cpu()  # (the MLP adds a start symbol)
 
 
