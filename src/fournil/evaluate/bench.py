@@ -95,11 +95,11 @@ def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots:
             paths.append(include_path)
         manager = TaskManager(include_path=paths, include_defaults=False)
         names = task_names(tasks, set(manager.all_tasks))
+        lm = FournilLM(model=model, device=device, dtype=dtype, batch_tokens=batch_tokens)  # (refused before the data)
         try:
             get_task_dict(names, manager)
         except Exception as e:  # noqa: BLE001 - lm-eval's own complaint about a task, in one line
             raise FournilError(f"a task of {', '.join(names)} is not valid: {e}") from None
-        lm = FournilLM(model=model, device=device, dtype=dtype, batch_tokens=batch_tokens)
         chat = any(n.endswith("_chat") for n in names)
         results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
                                           apply_chat_template=chat, log_samples=False, verbosity="ERROR",
