@@ -3,21 +3,15 @@ and the notebooks of examples/notebooks."""
 import json
 import os
 import re
-import socket
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from conftest import free_port
 from matplotlib.image import imread
 
 COURSE = Path(__file__).parent.parent / "examples" / "course"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def follow(language: str, cwd: Path, chat_model: Path) -> dict[str, str]:

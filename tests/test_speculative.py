@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import free_port
 
 from fournil.generate import SamplingParams, complete
 from fournil.generate.speculative import Speculation, speculate
@@ -160,5 +161,5 @@ def test_serve_with_a_draft_answers_with_the_models_own_greedy_text(bpe_llama):
 def test_serve_refuses_a_draft_it_cannot_use_in_one_line(cli, bpe_llama, trained):
     for args, message in [(("--draft", bpe_llama, "--draft-tokens", "0"), "--draft-tokens must be at least 1"),
                           (("--draft", trained["llama"]), "the draft's tokenizer")]:
-        result = cli("serve", bpe_llama, *args, "--port", "0", check=False, timeout=120)
+        result = cli("serve", bpe_llama, *args, "--port", str(free_port()), check=False, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
