@@ -10,7 +10,7 @@ from fournil.errors import FournilError
 from fournil.train.distributed import World
 
 ARGS = ["train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--block-size", "32",
-        "--steps", "20", "--eval-every", "10", "--quiet", "--device", "cpu"]
+        "--steps", "20", "--eval-every", "10", "--quiet", "--device", "cpu", "--dtype", "float32"]
 
 
 def records(run) -> dict:

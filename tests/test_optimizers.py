@@ -1,6 +1,8 @@
-"""Muon: what it does to a matrix, which weights it takes, and that the rest is AdamW exactly."""
+"""Muon: what it does to a matrix, which weights it takes, and that the rest is AdamW exactly; the learning rate's
+schedule."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -71,3 +73,20 @@ def test_the_optimizer_is_recorded_and_bad_choices_are_explained(tmp_path):
         fournil.train(config(optimizer="sgd"), out=str(tmp_path / "sgd"), progress=False)
     with pytest.raises(FournilError, match="train with --optimizer adamw under --fsdp"):
         fournil.train(config(optimizer="muon", fsdp=True), out=str(tmp_path / "fsdp"), progress=False)
+
+
+def test_the_warmup_takes_at_most_a_tenth_of_the_budget():
+    """200 steps of warmup would be all of a 100-step run: it ends after the budget's first tenth instead, steps or
+    time alike; a long run warms up over its 200 steps as before."""
+    from fournil.train.trainer import lr_at
+
+    cosine = lambda progress: 0.5 * (1 + math.cos(math.pi * progress))  # noqa: E731
+    short = TrainConfig(steps=100, lr=1e-3, warmup=200)
+    assert lr_at(0, 0.0, short) == pytest.approx(1e-3 / 200)
+    assert lr_at(5, 0.05, short) == pytest.approx(1e-3 * 0.5 * cosine(0.05))
+    assert lr_at(10, 0.1, short) == pytest.approx(1e-3 * cosine(0.1))
+    timed = TrainConfig(time=60, lr=1e-3, warmup=200)
+    assert lr_at(7, 0.1, timed) == pytest.approx(1e-3 * cosine(0.1))  # 7 steps in the first 6 seconds
+    long = TrainConfig(steps=10_000, lr=1e-3, warmup=200)
+    assert lr_at(99, 0.0099, long) == pytest.approx(1e-3 * 0.5 * cosine(0.0099))
+    assert lr_at(199, 0.0199, long) == pytest.approx(1e-3 * cosine(0.0199))
