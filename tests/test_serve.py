@@ -92,6 +92,18 @@ def test_chat_streaming_and_errors(server, chat_run):
     status, body = server.post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
     assert status == 400 and "role" in body["error"]["message"]
 
+    # as clients that also send images write them: a "developer" message is the system's, parts of text are joined
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak,\ngood sir."}]
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "good sir."}]}]
+    answers = [client.chat.completions.create(model="chat", messages=m, max_tokens=12, temperature=0)
+               for m in (system, parts)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens == len(run.tokenizer.chat_ids(system))
+    with pytest.raises(openai.BadRequestError, match="reads text only, not a part of type 'image_url'"):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}])
+
     status, body = server.post("/predict", {"text": "Speak, good sir."})
     assert status == 200 and isinstance(body["text"], str)
     assert server.get("/health")[0] == 200

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class Sampling(BaseModel):
@@ -33,9 +33,32 @@ class CompletionRequest(Sampling):
     max_tokens: int | None = Field(16, ge=0)  # the OpenAI default for completions; 0 with echo: score the prompt only
 
 
+class Part(BaseModel):
+    """A part of a message's content: clients that also send images send text this way too."""
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """A message as the chat template reads it: OpenAI's "developer" role is the system's, parts of text are joined."""
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part]
+
+    @field_validator("role")
+    @classmethod
+    def system(cls, role: str) -> str:
+        return "system" if role == "developer" else role
+
+    @field_validator("content")
+    @classmethod
+    def text(cls, content: str | list[Part]) -> str:
+        if isinstance(content, str):
+            return content
+        other = next((part.type for part in content if part.type != "text" or part.text is None), None)
+        if other is not None:
+            raise ValueError(f"this model reads text only, not a part of type {other!r}: send the content as a "
+                             f"string, or as parts of type 'text' with their text")
+        return "\n".join(part.text for part in content)
 
 
 class ChatRequest(Sampling):
