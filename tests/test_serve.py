@@ -100,9 +100,18 @@ def test_chat_streaming_and_errors(server, chat_run):
                for m in (system, parts)]
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens == len(run.tokenizer.chat_ids(system))
-    with pytest.raises(openai.BadRequestError, match="reads text only, not a part of type 'image_url'"):
+    with pytest.raises(openai.BadRequestError, match="messages.0.content: this model reads text only, not a part of "
+                                                     "type 'image_url'"):
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": [
             {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}])
+    # what it cannot do is refused, not ignored; the values that ask nothing are accepted
+    plain = client.chat.completions.create(model="chat", messages=system, max_tokens=12, temperature=0, tools=[],
+                                           response_format={"type": "text"})
+    assert plain.choices[0].message.content == answers[0].choices[0].message.content
+    for asked in ({"response_format": {"type": "json_object"}}, {"logit_bias": {"5": 100}},
+                  {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]}):
+        with pytest.raises(openai.BadRequestError, match=f"^Error code: 400 - {next(iter(asked))} is not supported"):
+            client.chat.completions.create(model="chat", messages=system, **asked)
 
     status, body = server.post("/predict", {"text": "Speak, good sir."})
     assert status == 200 and isinstance(body["text"], str)

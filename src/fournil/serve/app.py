@@ -136,7 +136,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     async def invalid(_, e: RequestValidationError):
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], "invalid_request_error", where or None)
+        said = first["msg"].removeprefix("Value error, ")  # (pydantic's prefix to a validator's own message)
+        return error_response(400, f"{where}: {said}" if where else said, "invalid_request_error", where or None)
 
     def sampling(body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         room = block - prompt_len

@@ -3,10 +3,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+
+# what a request may ask that fournil cannot do, and the values that ask nothing: refused rather than ignored, since
+# the answer would silently not be what was asked for (plain text, no tool calls, no biased tokens)
+UNSUPPORTED = {"response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
+               "logit_bias": (None, {})}
 
 
 class Sampling(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def supported(cls, body):
+        for field, harmless in UNSUPPORTED.items():
+            if isinstance(body, dict) and body.get(field) not in harmless:
+                raise ValueError(f"{field} is not supported here: leave it out (fournil serve answers in plain text, "
+                                 f"without tools or biased tokens)")
+        return body
+
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
