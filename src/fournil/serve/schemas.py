@@ -13,15 +13,6 @@ UNSUPPORTED = {"response_format": (None, {"type": "text"}), "tools": (None, []),
 
 
 class Sampling(BaseModel):
-    @model_validator(mode="before")
-    @classmethod
-    def supported(cls, body):
-        for field, harmless in UNSUPPORTED.items():
-            if isinstance(body, dict) and body.get(field) not in harmless:
-                raise ValueError(f"{field} is not supported here: leave it out (fournil serve answers in plain text, "
-                                 f"without tools or biased tokens)")
-        return body
-
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -32,6 +23,15 @@ class Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def supported(cls, body):
+        for field, harmless in UNSUPPORTED.items():
+            if isinstance(body, dict) and body.get(field) not in harmless:
+                raise ValueError(f"{field} is not supported here: leave it out (fournil serve answers in plain text, "
+                                 f"without tools or biased tokens)")
+        return body
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
