@@ -253,6 +253,9 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
     assert result.returncode == 2 and "has no chat template" in result.stderr
     result = cli("info", tmp_path / "nothing", check=False)
     assert result.returncode == 2 and "no run directory" in result.stderr
+    result = cli("eval", folder, check=False)  # imported: no splits of its own, and what to do instead
+    assert result.returncode == 2 and "was imported, not trained here" in result.stderr
+    assert "score it on text with `fournil bench MODEL --tasks bpb`" in result.stderr
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")

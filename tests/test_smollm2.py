@@ -74,6 +74,13 @@ def test_chat_answers_paris(cli):
     assert "(new conversation)" in rest
 
 
+def test_every_token_of_the_embeddings_picture_has_a_label_its_font_can_draw(cli, tmp_path):
+    """SmolLM2's first tokens are bytes, control characters among them: escaped (\\x7f), not glyphs the font lacks."""
+    result = cli("embeddings", "smollm2", "--out", tmp_path / "embeddings.png")
+    assert result.stdout.startswith("300 of 49,152 token embeddings of width 576")
+    assert "Glyph" not in result.stderr and (tmp_path / "embeddings.png").stat().st_size > 10_000
+
+
 @pytest.mark.skipif(os.name == "nt", reason="SIGINT to a process")
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
     """As in a terminal: Ctrl-C mid-answer ends that answer, and the conversation (with what was shown) goes on."""

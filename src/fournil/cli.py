@@ -1113,7 +1113,7 @@ def run_embeddings(args) -> None:
     points, shares = principal_components(weights)
     labels = [shown(run.tokenizer, i) for i in range(len(weights))]
     plot_embeddings(points, labels, shares, Path(args.out), f"{run.path.name}: {len(weights)} token embeddings")
-    print(f"{len(weights)} of {run.tokenizer.vocab_size} token embeddings of width {weights.shape[1]}; the two first "
+    print(f"{len(weights)} of {run.tokenizer.vocab_size:,} token embeddings of width {weights.shape[1]}; the two first "
           f"principal components explain {100 * shares.sum():.1f} % of their variance -> {args.out}")
 
 

@@ -8,6 +8,7 @@ import torch
 
 from fournil.errors import FournilError
 from fournil.generate.engine import score
+from fournil.plots.attention import visible
 from fournil.tokenizers import CharTokenizer
 
 BOUNDARY_MARK = "."
@@ -25,11 +26,8 @@ def framed(tokenizer, text: str) -> list[int]:
 
 
 def shown(tokenizer, i: int) -> str:
-    """A token as a table shows it: the boundary as ``.``, a space as ``␣``, a line end as ``↵``."""
-    if i == tokenizer.boundary_id:
-        return BOUNDARY_MARK
-    text = tokenizer.token_text(i)
-    return text.replace(" ", "\u2423").replace("\n", "\u21b5") or "\u2205"
+    """A token as a table shows it: the boundary as ``.``, the rest as :func:`~fournil.plots.attention.visible`."""
+    return BOUNDARY_MARK if i == tokenizer.boundary_id else visible(tokenizer.token_text(i))
 
 
 @torch.no_grad()

@@ -7,8 +7,15 @@ from pathlib import Path
 import torch
 
 
+def visible(text: str) -> str:
+    """A token as tables and pictures show it: a space as ``␣``, a line end as ``↵``, another control character
+    escaped (``\\x7f``: fonts have no glyph for it), nothing as ``∅``."""
+    text = text.replace(" ", "\u2423").replace("\n", "\u21b5")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text) or "\u2205"
+
+
 def token_labels(tokens: list[str]) -> list[str]:
-    return [t.replace(" ", "\u2423").replace("\n", "\u21b5") or "\u2205" for t in tokens]
+    return [visible(t) for t in tokens]
 
 
 def plot_attention(tokens: list[str], weights: torch.Tensor, path: Path, layer: int, head: int | None = None,
