@@ -129,7 +129,8 @@ class Run:
         """The run's train/val/test splits, rebuilt from its data (which must not have changed since)."""
         if self.config.data is None:
             raise FournilError(f"{self.path} was imported, not trained here: it has no train/val/test data of its own; "
-                               f"score it on text with `fournil bench MODEL --tasks bpb` or `fournil explain MODEL TEXT`")
+                               f"score it on text with `fournil bench MODEL --tasks bpb` or "
+                               f"`fournil explain MODEL TEXT`")
         splits, fingerprints = load_splits(self.config.data)
         if self.config.fingerprints and self.config.fingerprints != fingerprints:
             raise FournilError(f"the data of {self.path} changed since training ({self.config.data.data}); scores would not be comparable")
