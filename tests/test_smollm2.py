@@ -68,10 +68,12 @@ def test_next_token_logits_match_transformers_gguf_loader(ours, reference):
 
 def test_chat_answers_paris(cli):
     result = cli("chat", "smollm2", "--temperature", "0", "--max-new-tokens", "20",
-                 input="What is the capital of France?\n/reset\n/exit\n")
-    answer, rest = result.stdout.split("\n", 1)
+                 input="What is the capital of France?\n/reset\n/system Answer in French.\n/system\n"
+                       "What is the capital of France?\n/exit\n")
+    answer, reset, system, removed, again = result.stdout.splitlines()
     assert "Paris" in answer
-    assert "(new conversation)" in rest
+    assert (reset, system, removed) == ("(new conversation)", "(system message set)", "(system message removed)")
+    assert again == answer  # no system message left: the same conversation as the first
 
 
 def test_every_token_of_the_embeddings_picture_has_a_label_its_font_can_draw(cli, tmp_path):

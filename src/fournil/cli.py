@@ -934,10 +934,10 @@ def run_chat(args) -> None:
             messages = list(start)
             print("(new conversation)")
             continue
-        if command == "/system":
-            start = [{"role": "system", "content": rest.strip()}]
+        if command == "/system":  # (alone: no system message, so the chat template's own default applies)
+            start = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
             messages = start + [m for m in messages if m["role"] != "system"]
-            print("(system message set)")
+            print("(system message set)" if start else "(system message removed)")
             continue
         if re.fullmatch(r"/[A-Za-z?]+", command):
             print(f"(no command {command}: {COMMANDS_OF_CHAT}; to send a message that begins with /, begin it with //)")
