@@ -270,9 +270,10 @@ def test_exported_files_are_as_readable_as_any_new_file(hf_models, tmp_path):
         export(run, tmp_path / "run", "run")
     finally:
         os.umask(umask)
-    files = [p for p in (tmp_path / "hf").iterdir()] + [p for p in (tmp_path / "run").iterdir()]
+    files = [*(tmp_path / "hf").iterdir(), *(tmp_path / "run").iterdir()]
     assert {p.name for p in files} >= {"model.safetensors", "config.json", "tokenizer.json"}
-    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert modes == dict.fromkeys(modes, 0o644)
     weights = tmp_path / "run" / "model.safetensors"
     weights.chmod(0o640)
     save_weights(run.model, weights)
