@@ -29,7 +29,7 @@ def test_scores_are_fp32_on_every_cpu_unless_asked(trained, forced):
     for value in ("1", "0"):
         forced(value)
         run = Run.load(trained["gpt"], "cpu")
-        assert run.dtype == (torch.bfloat16 if value == "1" else torch.float32)  # generation: the fast precision
+        assert run.dtype == torch.float32  # generation on a CPU: the weights' precision, never cast at every token
         assert run.measure_dtype == torch.float32
         scores[value] = run.evaluate()
         assert run.explain("emma")["nll"] == pytest.approx(Run.load(trained["gpt"], "cpu", "float32").explain("emma")["nll"],
@@ -54,15 +54,13 @@ def test_training_in_bf16_validates_in_fp32_and_says_so(cli):
     assert "scored in bfloat16 on cpu" in cli("eval", "r", "--dtype", "bfloat16").stdout
 
 
-def test_a_wrong_FOURNIL_CPU_BF16_is_refused_in_one_line(cli, trained):
-    result = cli("sample", trained["gpt"], "-n", "1", check=False, env={"FOURNIL_CPU_BF16": "yes"})
+def test_a_wrong_FOURNIL_CPU_BF16_is_refused_in_one_line(cli):
+    result = cli("train", "--data", "names", "--steps", "1", "--out", "r", check=False, env={"FOURNIL_CPU_BF16": "yes"})
     assert result.returncode == 2 and result.stderr.strip() == (
         "fournil: error: FOURNIL_CPU_BF16='yes': set it to 1 (compute in bf16 on this CPU), 0 (never), or unset it")
 
 
-SERVED = {"float32": (["--dtype", "float32"], {}, "cpu float32"),
-          "bf16": ([], BF16, "cpu bfloat16, scores float32"),
-          "int8": (["--dtype", "int8"], {}, "cpu bfloat16")}
+SERVED = {"float32": "cpu float32", "bfloat16": "cpu bfloat16", "int8": "cpu bfloat16"}  # --dtype: what it says
 
 
 def ask(client, **settings) -> tuple:
@@ -83,10 +81,9 @@ def at_once(client, prompts_tokens: list[tuple[str, int]]) -> None:
 
 @pytest.mark.parametrize("precision", SERVED)
 def test_a_server_gives_one_answer_to_one_request_whatever_it_served_before(bpe_llama, precision):
-    extra, env, said = SERVED[precision]
-    server = Server(bpe_llama, *extra, env=env)
+    server = Server(bpe_llama, "--dtype", precision)
     try:
-        assert f"; {said}) on http://127.0.0.1" in server.process.stdout.readline()
+        assert f"; {SERVED[precision]}) on http://127.0.0.1" in server.process.stdout.readline()
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
         answers = []
         for k in range(3):
@@ -98,7 +95,7 @@ def test_a_server_gives_one_answer_to_one_request_whatever_it_served_before(bpe_
 
 
 def test_a_batch_invariant_server_answers_each_request_as_if_it_were_alone(bpe_llama):
-    server = Server(bpe_llama, "--batch-invariant", env=BF16)
+    server = Server(bpe_llama, "--batch-invariant", "--dtype", "bfloat16")
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
         alone = ask(client, temperature=0), ask(client, temperature=0.9, seed=5)

@@ -19,7 +19,6 @@ from fournil.generate.scheduler import Piece
 from fournil.runs import Run
 from fournil.serve.app import Post, Sink
 
-pytestmark = pytest.mark.precision  # also run with FOURNIL_CPU_BF16=1: the server computes in bf16 there
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def test_completions_through_the_openai_client(server, chat_run):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     assert [m.id for m in client.models.list()] == ["chat"]
     out = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0)
-    # the server loads the model as Run.load does: generation in the same precision (bf16 where the CPU has its units)
+    # the server loads the model as Run.load does: generation in the same precision
     ours = complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING")], SamplingParams(12, temperature=0),
                     run.dtype)[0]
     assert out.choices[0].text == ours.text and out.choices[0].finish_reason == "length"

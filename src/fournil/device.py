@@ -1,10 +1,14 @@
 """Device and precision are chosen here and nowhere else.
 
-The precision policy: what *computes* (training steps, generation) runs in bf16 where the hardware multiplies it fast
-(recent GPUs; CPUs with AMX or AVX512-BF16 units), fp16 on older GPUs, fp32 otherwise. What *measures* (NLL and
-perplexity in ``eval`` and validation, ``explain``, ``score``, the server's prompt log-probabilities, reward scores)
-runs in fp32, so that a model gets the same figure, to fp32 rounding, on every CPU. ``--dtype`` overrides both.
-``FOURNIL_CPU_BF16=1`` makes a CPU compute as if it had bf16 units (to test that path anywhere), ``=0`` as if not.
+The precision policy: what *computes* (training steps, generation on a GPU) runs in bf16 where the hardware multiplies
+it fast (recent GPUs; CPUs with AMX or AVX512-BF16 units), fp16 on older GPUs, fp32 otherwise. Generation on a CPU
+computes in its weights' precision, fp32 unless ``--dtype`` stores them in less: under autocast, every fp32 weight was
+cast to bf16 at every token, which made SmolLM2 decode 2.5 times slower on an AMX CPU and rounded its scores to bf16's
+steps, where near ties went to the lower token id. Weights cast to bf16 once (``--dtype bfloat16``) are faster there
+for batches and long prompts. What *measures* (NLL and perplexity in ``eval`` and validation, ``explain``, ``score``,
+the server's prompt log-probabilities, reward scores) runs in fp32, so that a model gets the same figure, to fp32
+rounding, on every CPU. ``--dtype`` overrides both. ``FOURNIL_CPU_BF16=1`` makes a CPU compute as if it had bf16
+units (to test that path anywhere), ``=0`` as if not.
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ class Run:
         self.path, self.config, self.tokenizer = path, config, tokenizer
         self.model = model.eval()  # for use (no dropout); training switches it back
         self.source = source  # format, architecture and stored dtype, for `fournil info`
-        self.dtype = pick_dtype(model.device, dtype)  # what generation computes in
+        # what generation computes in: on a CPU, the weights' own precision unless asked (see fournil.device)
+        self.dtype = pick_dtype(model.device, dtype, measure=model.device.type == "cpu")
         self.measure_dtype = pick_dtype(model.device, dtype, measure=True)  # what scores are computed in
 
     @property
