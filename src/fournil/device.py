@@ -97,6 +97,11 @@ def pick_dtype(device: torch.device, name: str = "auto", measure: bool = False) 
     return torch.float32
 
 
+def generation_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """What generation computes in: on a CPU, the weights' precision (fp32 as loaded) unless asked; see the policy."""
+    return torch.float32 if device.type == "cpu" and name == "auto" else pick_dtype(device, name)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed-precision context for the forward pass (a no-op in fp32)."""
     if dtype == torch.float32:

@@ -9,7 +9,7 @@ import torch
 from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
 from fournil.config import AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
-from fournil.device import pick_device, pick_dtype, precision_text
+from fournil.device import generation_dtype, pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
@@ -58,8 +58,7 @@ class Run:
         self.path, self.config, self.tokenizer = path, config, tokenizer
         self.model = model.eval()  # for use (no dropout); training switches it back
         self.source = source  # format, architecture and stored dtype, for `fournil info`
-        # what generation computes in: on a CPU, the weights' own precision unless asked (see fournil.device)
-        self.dtype = pick_dtype(model.device, dtype, measure=model.device.type == "cpu")
+        self.dtype = generation_dtype(model.device, dtype)
         self.measure_dtype = pick_dtype(model.device, dtype, measure=True)  # what scores are computed in
 
     @property
