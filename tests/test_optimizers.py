@@ -82,11 +82,12 @@ def test_the_warmup_takes_at_most_a_tenth_of_the_budget():
 
     cosine = lambda progress: 0.5 * (1 + math.cos(math.pi * progress))  # noqa: E731
     short = TrainConfig(steps=100, lr=1e-3, warmup=200)
-    assert lr_at(0, 0.0, short) == pytest.approx(1e-3 / 200)
-    assert lr_at(5, 0.05, short) == pytest.approx(1e-3 * 0.5 * cosine(0.05))
-    assert lr_at(10, 0.1, short) == pytest.approx(1e-3 * cosine(0.1))
+    assert lr_at(0, 0.0, short) == pytest.approx(1e-3 / 10)
+    assert lr_at(4, 0.04, short) == pytest.approx(1e-3 * 0.5 * cosine(0.04))
+    assert lr_at(9, 0.09, short) == pytest.approx(1e-3 * cosine(0.09))
     timed = TrainConfig(time=60, lr=1e-3, warmup=200)
-    assert lr_at(7, 0.1, timed) == pytest.approx(1e-3 * cosine(0.1))  # 7 steps in the first 6 seconds
+    assert lr_at(3, 0.05, timed) == pytest.approx(1e-3 * 0.5 * cosine(0.05))  # 3 steps in the first 3 seconds
+    assert lr_at(7, 0.1, timed) == pytest.approx(1e-3 * cosine(0.1))
     long = TrainConfig(steps=10_000, lr=1e-3, warmup=200)
     assert lr_at(99, 0.0099, long) == pytest.approx(1e-3 * 0.5 * cosine(0.0099))
     assert lr_at(199, 0.0199, long) == pytest.approx(1e-3 * cosine(0.0199))

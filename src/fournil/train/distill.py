@@ -144,7 +144,6 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
             t.check()
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
             t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR,
-                                    warmup=min(t.warmup, max(1, (steps or 1000) // 10)),
                                     eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))
             config = RunConfig(model={"family": "student"}, data=DataConfig(data=data, mode="text", tokenizer="teacher"),
                                train=t, distill=settings)

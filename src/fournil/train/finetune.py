@@ -123,5 +123,4 @@ def fill_train(t: TrainConfig, lora: bool, align: AlignConfig | None = None) -> 
     lr = DEFAULT_LR["lora" if lora else "full"] if align is None else ALIGN_LR[align.method][0 if lora else 1]
     batch = DEFAULT_BATCH if align is None or align.method != "grpo" else 2 * align.group
     return dataclasses.replace(t, steps=steps, batch_size=t.batch_size or batch, lr=t.lr or lr,
-                               warmup=min(t.warmup, max(1, (steps or 1000) // 10)),
                                eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))

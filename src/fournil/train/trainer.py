@@ -138,12 +138,11 @@ def steps_per_second(config: RunConfig, splits, tokenizer, world: World) -> floa
     return 1 / (step + validation / config.train.eval_every)
 
 
-WARMUP_SHARE = 0.1  # the most of a budget the warmup takes (200 steps are all of a short run's)
-
-
 def lr_at(step: int, progress: float, t) -> float:
-    """Linear warmup over ``t.warmup`` steps or the budget's first tenth, whichever ends first; then cosine decay."""
-    warm = max(min(1.0, (step + 1) / t.warmup), min(1.0, progress / WARMUP_SHARE)) if t.warmup else 1.0
+    """Linear warmup over ``t.warmup`` steps or the budget's first tenth (200 steps are all of a short run), whichever
+    ends first; then cosine decay."""
+    tenth = (step + 1) / max(1, t.steps // 10) if t.steps else progress / 0.1
+    warm = min(1.0, max((step + 1) / t.warmup, tenth)) if t.warmup else 1.0
     decay = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return t.lr * warm * decay
 
