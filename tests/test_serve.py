@@ -20,7 +20,6 @@ from fournil.runs import Run
 from fournil.serve.app import Post, Sink
 
 
-
 @pytest.fixture(scope="module")
 def chat_run(bpe_llama):
     return bpe_llama
