@@ -55,6 +55,24 @@ def test_the_same_scores_and_answers_as_lm_evals_own_backend(bpe_llama, hf_folde
     assert responses(a, "fournil_gsm8k") == responses(b, "fournil_gsm8k")  # the same greedy answers, to the letter
 
 
+def test_in_bf16_like_lm_evals_own_backend_in_bf16(bpe_llama, hf_folder, tasks):
+    """``dtype=bfloat16`` casts the weights once, as the hf backend's ``dtype=bfloat16`` does: like with like, the
+    scores agree to bf16's rounding (2^-8 relative at each step, a few steps of it over a whole continuation)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    ours = FournilLM(model=str(bpe_llama), dtype="bfloat16")
+    theirs = HFLM(pretrained=str(hf_folder), dtype="bfloat16", device="cpu", batch_size=1)
+    assert {p.dtype for p in ours.net.parameters()} == {torch.bfloat16}
+    a = evaluate(ours, tasks, ["fournil_hellaswag"], limit=20)
+    b = evaluate(theirs, tasks, ["fournil_hellaswag"], limit=20)
+    pairs = [(float(x[0][0]), float(y[0][0])) for m, r in zip(responses(a, "fournil_hellaswag"),
+                                                               responses(b, "fournil_hellaswag")) for x, y in zip(m, r)]
+    assert len(pairs) == 80
+    gaps = [abs(x - y) / max(1.0, abs(y)) for x, y in pairs]
+    assert max(gaps) < 4 * 2**-8, max(gaps)
+
+
 def test_gsm8k_for_chat_models_asks_in_the_chat_template(bpe_llama, tasks):
     results = evaluate(FournilLM(model=str(bpe_llama), dtype="float32"), tasks, ["fournil_gsm8k_chat"], limit=2,
                        apply_chat_template=True, gen_kwargs="max_gen_toks=4")
