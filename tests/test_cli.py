@@ -1,8 +1,11 @@
 """The command line end to end, on the bundled data and on tiny budgets."""
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
+import time
 
 import pytest
 from safetensors import safe_open
@@ -45,6 +48,18 @@ def test_sample_counts_what_it_memorised(cli, trained):
     assert again.stdout == result.stdout  # a seed makes it reproducible
     greedy = cli("sample", trained["ngram"], "-n", "3", "--temperature", "0").stdout.splitlines()
     assert len(set(greedy)) == 1
+
+
+def test_sample_and_eval_without_a_run_read_the_run_started_last(cli, trained, tmp_path):
+    result = cli("sample", check=False)
+    assert result.returncode == 2 and "no run under runs/ here: train one with `fournil train`" in result.stderr
+    for age, model in enumerate(("ngram", "gpt")):  # the gpt run started an hour before the ngram run
+        shutil.copytree(trained[model], tmp_path / "runs" / f"names-{model}")
+        os.utime(tmp_path / "runs" / f"names-{model}" / "config.json", (time.time() - 3600 * age,) * 2)
+    result = cli("sample", "-n", "3", "--temperature", "0")
+    assert "runs/names-ngram (the run started last; give a run directory to choose another)" in result.stderr
+    assert result.stdout == cli("sample", trained["ngram"], "-n", "3", "--temperature", "0").stdout
+    assert cli("eval").stdout.startswith("runs/names-ngram: ngram,")
 
 
 def test_explain_prints_each_transition(cli, trained):

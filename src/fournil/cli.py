@@ -22,6 +22,7 @@ AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings 
 COMMANDS_OF_CHAT = "/reset, /system TEXT, /exit"
 LOW_MEMORY = {"auto": None, "on": True, "off": False}
 WEIGHT_PRECISIONS = ["auto", *PRECISIONS]  # --dtype of the commands that generate
+LATEST = "a run directory, e.g. runs/prenoms-gpt (default: the run under runs/ started last)"
 SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
                "help": "precision of the scores (default: float32, the same figures on every machine)"}
 
@@ -352,7 +353,7 @@ CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
 def add_run_commands(sub) -> None:
     p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test (seq2seq: and the exact-"
                                     "match accuracy and character error rate of its outputs)")
-    p.add_argument("run", help="a run directory, e.g. runs/prenoms-gpt")
+    p.add_argument("run", nargs="?", help=LATEST)
     p.add_argument("--beam", type=int, default=1, help="seq2seq: decode with a beam search of this width (default: greedy)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", **SCORE_DTYPE)
@@ -371,7 +372,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("--dtype", **SCORE_DTYPE)
 
     p = sub.add_parser("sample", help="sample text from a trained run")
-    p.add_argument("run")
+    p.add_argument("run", nargs="?", help=LATEST)
     p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
     p.add_argument("--prompt", default="", help="text every sample starts with")
     p.add_argument("--temperature", type=float, help="0 = always the most likely token (default 1; seq2seq: 0)")
@@ -422,7 +423,7 @@ def add_model_commands(sub) -> None:
     sampling(p, 0.8)
 
     p = sub.add_parser("chat", help=f"chat in the terminal ({COMMANDS_OF_CHAT})")
-    p.add_argument("model", help=answerer_help)
+    p.add_argument("model", nargs="?", default="smollm2", help=answerer_help)
     p.add_argument("--system", help="a system message to start with")
     sampling(p, 0.7)
 
@@ -462,7 +463,8 @@ def add_model_commands(sub) -> None:
     p.add_argument("--out", default="attention.png", help="the PNG to write")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
-    p.add_argument("model", help="a run (mlp, rnn, gpt, llama), .gguf file or Hugging Face folder")
+    p.add_argument("model", nargs="?", help="a run (mlp, rnn, gpt, llama), .gguf file or Hugging Face folder "
+                                            "(default: the run under runs/ started last)")
     p.add_argument("--limit", type=int, default=300, help="show the first N tokens of the vocabulary (default 300)")
     p.add_argument("--out", default="embeddings.png", help="the PNG to write")
     p = sub.add_parser("convert", help="convert between GGUF, Hugging Face folder and run directory")
@@ -472,7 +474,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
 
     p = sub.add_parser("info", help="architecture, parameters, dtype, context length, size on disk")
-    p.add_argument("model", help=model_help)
+    p.add_argument("model", nargs="?", default="smollm2", help=model_help)
 
 
 def add_tokenizer_commands(sub) -> None:
@@ -718,9 +720,9 @@ def scored(run) -> str:
 
 
 def run_eval(args) -> None:
-    from fournil.runs import Run
+    from fournil.runs import Run, latest_run
 
-    run = Run.load(args.run, args.device, args.dtype)
+    run = Run.load(args.run or latest_run(), args.device, args.dtype)
     results = run.evaluate(beam=args.beam)
     print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters; {scored(run)}")
     if run.config.align:
@@ -752,9 +754,9 @@ def run_bench(args) -> None:
 
 
 def run_sample(args) -> None:
-    from fournil.runs import Run
+    from fournil.runs import Run, latest_run
 
-    run = Run.load(args.run, args.device)
+    run = Run.load(args.run or latest_run(), args.device)
     if run.mode == "pairs":
         return sample_pairs(run, args)
     temperature = 1.0 if args.temperature is None else args.temperature
@@ -1104,9 +1106,9 @@ def run_embeddings(args) -> None:
         principal_components,
         token_embeddings,
     )
-    from fournil.runs import Run
+    from fournil.runs import Run, latest_run
 
-    run = Run.load(args.model, "cpu")
+    run = Run.load(args.model or latest_run(), "cpu")
     if args.limit < 3:
         raise FournilError(f"--limit {args.limit}: show at least 3 tokens")
     weights = token_embeddings(run.model)[: args.limit]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,16 @@ def find_run(spec: str | Path) -> Path:
     if not path.is_dir():
         raise FournilError(f"no run directory or model {str(spec)!r}: give a run (e.g. runs/prenoms-gpt, see `ls runs/`), "
                            f"a .gguf file, a Hugging Face folder or a known model (smollm2)")
+    return path
+
+
+def latest_run() -> Path:
+    """The run under ``runs/`` started last: what ``sample``, ``eval`` and ``embeddings`` read when given none."""
+    found = [p.parent for p in RUNS.glob(f"*/{CONFIG}")]
+    if not found:
+        raise FournilError(f"no run under {RUNS}/ here: train one with `fournil train`, or give a run directory")
+    path = max(found, key=lambda p: (p / CONFIG).stat().st_mtime)
+    print(f"{path} (the run started last; give a run directory to choose another)", file=sys.stderr)
     return path
 
 

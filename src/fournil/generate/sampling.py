@@ -32,7 +32,7 @@ class SamplingParams:
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
-            raise FournilError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+            raise FournilError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:
             raise FournilError(f"--temperature must be 0 (greedy) or more (got {self.temperature})")
         if self.top_k is not None and self.top_k < 1:
