@@ -1,4 +1,5 @@
 """The compiled decoding step: the same tokens as eager decoding, compiled once for every step that follows."""
+import os
 import threading
 
 import openai
@@ -89,9 +90,15 @@ def test_compile_refuses_what_it_cannot_speed_up_before_loading(cli, bpe_llama, 
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own():
+def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own(monkeypatch, tmp_path):
     """Without guards on the modules, one model's compiled step could run for another whose tensors have the same
-    shapes: here the two differ only in a number the compiled code holds (the norms' epsilon)."""
+    shapes: here the two differ only in a number the compiled code holds (the norms' epsilon).
+
+    And the compiled code goes to fournil's folder for this CPU kind even where PyTorch has written its default folder
+    into the environment, as it does once anything reads its cache (transformers' GGUF loader): there, code compiled
+    with AVX512 and read under ``ATEN_CPU_CAPABILITY=avx2`` gave NaN scores."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from fournil.models import build_model
     from fournil.tokenizers import CharTokenizer
 
@@ -108,9 +115,14 @@ def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own():
     prompt = tok.encode("abc")
     eager = [complete(m, tok, [prompt], params)[0].tokens for m in (first, second)]
     assert eager[0] != eager[1]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     for m in (first, second):
         compile_decoding(m, torch.float32)
     assert [complete(m, tok, [prompt], params)[0].tokens for m in (first, second)] == eager
+    kind = torch.backends.cpu.get_cpu_capability().lower()
+    folder = tmp_path / "fournil" / "inductor" / f"torch-{torch.__version__}-{kind}"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and any(folder.rglob("*.so"))
 
 
 def test_compile_refuses_a_model_without_a_decoding_step(cli, trained):

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -117,3 +118,23 @@ def precision_text(device: torch.device, compute: torch.dtype, measure: torch.dt
     """``cpu bfloat16, scores float32``: where and in what precision a command computes and measures, as it says."""
     scores = "" if measure == compute else f", scores {dtype_name(measure)}"
     return f"{device.type} {dtype_name(compute)}{scores}"
+
+
+def cache_folder(name: str) -> Path:
+    """Where fournil keeps code it compiled (``~/.cache/fournil/NAME``): it outlives a reboot, unlike /tmp."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / name
+
+
+def use_compile_cache() -> None:
+    """``torch.compile``'s code in fournil's folder, one per PyTorch and CPU kind, unless the user chose another.
+
+    Inductor's default folder, under /tmp, is lost at a reboot, and its keys do not tell CPU kinds apart: code
+    compiled with AVX512 then read under ``ATEN_CPU_CAPABILITY=avx2`` (or from a home folder shared by machines whose
+    CPUs differ) gave NaN scores, or corrupted the heap. PyTorch writes its default into the environment the first
+    time anything reads its cache (transformers' GGUF loader does): that value is replaced too.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        kind = f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_folder("inductor") / kind)

@@ -12,16 +12,14 @@ model decodes with it (``fournil generate``, ``chat``, ``serve`` with ``--compil
 """
 from __future__ import annotations
 
-import os
 import time
 import weakref
 
 import torch
 
-from fournil.device import autocast
+from fournil.device import autocast, use_compile_cache
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
-from fournil.generate.kernels import cache_folder
 
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -60,10 +58,7 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
     # (below) it would take another model's compiled step for this one's whenever their tensors had the same shapes
     step.__code__ = step.__code__.replace()
 
-    # Inductor's cache outlives a reboot (its default is under /tmp); one per PyTorch and CPU kind, since a home
-    # folder may be shared by machines whose CPUs differ (code compiled for one can crash another)
-    kind = f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_folder("inductor") / kind))
+    use_compile_cache()
     _steps[model] = torch.compile(step, fullgraph=True, options={
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import torch
 
+from fournil.device import cache_folder
+
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
 OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero (int8: the row's scale, no zero)
-
-
-def cache_folder(name: str) -> Path:
-    """Where fournil keeps code it compiled (``~/.cache/fournil/NAME``): it outlives a reboot, unlike /tmp."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fournil" / name
 
 
 @functools.cache
