@@ -1,4 +1,4 @@
-"""Device and precision are chosen here and nowhere else.
+"""Device and precision are chosen here and nowhere else, and where code compiled for this CPU is kept.
 
 The precision policy: what *computes* (training steps, generation on a GPU) runs in bf16 where the hardware multiplies
 it fast (recent GPUs; CPUs with AMX or AVX512-BF16 units), fp16 on older GPUs, fp32 otherwise. Generation on a CPU
