@@ -51,8 +51,7 @@ def test_sample_counts_what_it_memorised(cli, trained):
 
 
 def test_sample_and_eval_without_a_run_read_the_run_started_last(cli, trained, tmp_path):
-    result = cli("sample", check=False)
-    assert result.returncode == 2 and "no run under runs/ here: train one with `fournil train`" in result.stderr
+    one_line_error(cli("sample", check=False), "no run under runs/ here: train one with `fournil train`")
     for age, model in enumerate(("ngram", "gpt")):  # the gpt run started an hour before the ngram run
         shutil.copytree(trained[model], tmp_path / "runs" / f"names-{model}")
         os.utime(tmp_path / "runs" / f"names-{model}" / "config.json", (time.time() - 3600 * age,) * 2)
@@ -167,6 +166,8 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     assert not (tmp_path / "runs").exists()  # nothing was trained
     generated = cli("generate", trained["gpt"], "hi", "--temperature", "-1", check=False)
     one_line_error(generated, "--temperature must be 0 (greedy) or more")
+    one_line_error(run("generate", trained["gpt"], "hi", "--max-new-tokens", "0"),
+                   "--max-new-tokens must be at least 1 (got 0)")
     assert generated.stdout == ""  # the prompt is not echoed before the error
     too_long = cli("generate", trained["gpt"], "e" * 100, check=False)
     one_line_error(too_long, "the prompt has")
