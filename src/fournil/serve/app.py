@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI
@@ -93,13 +93,23 @@ def deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
 
 @dataclass
 class Sink:
-    """Where the scheduler puts one sequence's pieces (``n`` sequences of a request share a queue)."""
+    """Where the scheduler puts one sequence's pieces (``n`` sequences of a request share a queue). A ``whole`` answer
+    (not streamed) is held until it ends and posted at once: its reader has nothing to do before, and waking the event
+    loop at every step slowed a lone request's decoding by 2-3 % (SmolLM2 in int4, compiled, on 2 cores)."""
     post: Post
     queue: asyncio.Queue
     index: int
+    whole: bool = False
+    held: list = field(default_factory=list)
 
     def put(self, piece) -> None:
-        self.post.put(self.queue, (self.index, piece))
+        if not self.whole:
+            self.post.put(self.queue, (self.index, piece))
+            return
+        self.held.append(piece)
+        if piece is None:
+            for p in self.held:
+                self.post.put(self.queue, (self.index, p))
 
 
 def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
@@ -158,8 +168,9 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                               logprobs=logprobs)
 
-    def submit(prompts: list[list[int]], params: list[SamplingParams]):
-        """Submit every sequence (all or none); returns the requests and the queue their pieces arrive on."""
+    def submit(prompts: list[list[int]], params: list[SamplingParams], stream: bool):
+        """Submit every sequence (all or none); returns the requests and the queue their pieces arrive on (as they come
+        if ``stream``, else each sequence's all at once when it ends)."""
         room = settings.max_batch + settings.max_waiting
         if len(prompts) > room:
             raise ApiError(400, f"this request asks for {len(prompts)} sequences (prompts x n); this server generates "
@@ -168,7 +179,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         requests = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):
-                requests.append(scheduler.submit(p, sp, Sink(post, queue, i)))
+                requests.append(scheduler.submit(p, sp, Sink(post, queue, i, whole=not stream)))
         except FournilError as e:
             for r in requests:
                 r.cancel()
@@ -226,7 +237,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             requests, queue = [Scored(prompts[i]) for i, _ in rows], None
             metrics.tokens(sum(len(r.prompt) for r in requests), 0)
         else:
-            requests, queue = submit([prompts[i] for i, _ in rows], [row_params(params[i], c) for i, c in rows])
+            requests, queue = submit([prompts[i] for i, _ in rows], [row_params(params[i], c) for i, c in rows],
+                                     body.stream)
         cid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name}
 
@@ -304,7 +316,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             raise ApiError(400, f"this model cannot chat: {e}; use /v1/completions", param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
-        requests, queue = submit([prompt] * body.n, [row_params(params, c) for c in range(body.n)])
+        requests, queue = submit([prompt] * body.n, [row_params(params, c) for c in range(body.n)], body.stream)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": int(time.time()), "model": name}
 
@@ -363,7 +375,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         chat_model = getattr(tok, "chat_template", None)
         prompt = tok.chat_ids([{"role": "user", "content": body.text}]) if chat_model else tok.prompt_ids(body.text)
         params = sampling(Sampling(temperature=0), len(prompt), body.max_tokens or min(256, block - len(prompt)), None)
-        requests, queue = submit([prompt], [params])
+        requests, queue = submit([prompt], [params], stream=False)
         got = (await gather(requests, queue))[0]
         return {"text": "".join(p.text for p in got)}
 
