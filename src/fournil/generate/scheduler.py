@@ -358,7 +358,8 @@ class Scheduler:
         """A column count of at least ``end``, growing the cache (by a quarter) if it is narrower."""
         size = self.cache.size
         if end > size:
-            self.cache.resize(self.cache.valid.shape[0], min(self.block, max(end, size + max(size // 4, 32))))
+            grown = min(self.block, max(end, size + max(size // 4, 32)))
+            self.cache.resize(self.cache.valid.shape[0], grown, self.rows)
         return end
 
     def _decode(self) -> None:
