@@ -37,8 +37,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="the most tokens of each answer")
     args = parser.parse_args()
 
-    run = Run.load("smollm2", "cpu")
-    run = run.quantize(args.dtype) if args.dtype != "auto" else run
+    run = Run.load("smollm2", "cpu").quantize(args.dtype)
     chat, whole = Local(run, conversation=True), Local(run)
     params = SamplingParams(max_new_tokens=args.tokens, temperature=0)
     first_token(whole.chat([{"role": "user", "content": "Hello!"}], params), True)  # warm-up

@@ -94,8 +94,7 @@ import sys, time
 from fournil.generate import SamplingParams, complete
 from fournil.generate.compiled import compile_decoding
 from fournil.runs import Run
-run = Run.load("smollm2", sys.argv[1])
-run = run.quantize(sys.argv[3]) if sys.argv[3] != "auto" else run
+run = Run.load("smollm2", sys.argv[1]).quantize(sys.argv[3])
 compiled = ""
 if sys.argv[2] == "compiled":
     print("compiling the decoding step for 1 row, then for any number ...", flush=True)

@@ -817,15 +817,8 @@ def sampling_params(args, max_new_tokens: int):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def load_for_generation(spec: str, args):
-    from fournil.runs import Run
-
-    run = Run.load(spec, args.device)
-    return run.quantize(args.dtype) if args.dtype != "auto" else run
-
-
 def run_serve(args) -> None:
-
+    from fournil.generate.answerers import load_local
     from fournil.generate.scheduler import check_capacity
     from fournil.serve.app import ServeSettings, create_app, run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
@@ -848,13 +841,7 @@ def run_serve(args) -> None:
                              (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
                              tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning,
                              args.keep_conversation)
-    run = load_for_generation(args.model, args)
-    draft = None
-    if args.draft:
-        from fournil.generate.speculative import check_draft
-
-        draft = load_for_generation(args.draft, args)
-        check_draft(run, draft)
+    run, draft = load_local(args.model, args.device, args.dtype, args.draft)
     if args.compile:
         compile_decoding_step(run, args.max_batch)
     app, schedulers = create_app(run, settings, draft, args.draft_tokens)

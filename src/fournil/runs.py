@@ -123,9 +123,12 @@ class Run:
         write_json(out / CONFIG, to_dict(self.config))
 
     def quantize(self, precision: str) -> Run:
-        """Weights in ``precision`` (float32, bfloat16, int8, int4) for generation; returns the run itself."""
+        """Weights in ``precision`` (float32, bfloat16, int8, int4) for generation; ``auto`` keeps them as they are
+        (the device's precision then comes from autocast). Returns the run itself."""
         from fournil.generate.quantize import quantize
 
+        if precision == "auto":
+            return self
         quantize(self.model, precision)
         self.dtype = self.measure_dtype = torch.float32 if precision == "float32" else torch.bfloat16
         return self

@@ -39,20 +39,22 @@ def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: 
         if draft:
             raise FournilError(f"--draft speeds up a model loaded here; {spec} answers from elsewhere")
         return Remote(spec, api_key_env)
+    run, helper = load_local(spec, device, dtype, draft)
+    return Local(run, name_of(spec), helper, draft_tokens, conversation)
+
+
+def load_local(spec: str, device: str = "auto", dtype: str = "auto", draft: str | None = None):
+    """The run ``spec`` names with its weights in ``dtype``, and its ``draft``'s (checked to fit it), or None."""
     from fournil.runs import Run
 
-    def load(what):
-        run = Run.load(what, device)
-        return run.quantize(dtype) if dtype != "auto" else run
+    run = Run.load(spec, device).quantize(dtype)
+    if not draft:
+        return run, None
+    from fournil.generate.speculative import check_draft
 
-    run = load(spec)
-    helper = None
-    if draft:
-        from fournil.generate.speculative import check_draft
-
-        helper = load(draft)
-        check_draft(run, helper)
-    return Local(run, name_of(spec), helper, draft_tokens, conversation)
+    helper = Run.load(draft, device).quantize(dtype)
+    check_draft(run, helper)
+    return run, helper
 
 
 class Local:
