@@ -91,7 +91,8 @@ class KVCache:
     def resize(self, batch: int, size: int, rows: int | None = None) -> None:
         """Room for ``batch`` rows of ``size`` slots, keeping what the first ``rows`` rows hold (all by default): the
         rows a scheduler does not use are not copied (one sequence in 8 rows: half the time)."""
-        b, s = min(batch, self.valid.shape[0], batch if rows is None else rows), min(size, self.size, self.length)
+        b = min(batch, self.valid.shape[0] if rows is None else rows)
+        s = min(size, self.size, self.length)
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 store[i] = t.new_zeros(batch, t.shape[1], size, t.shape[3])
