@@ -415,10 +415,11 @@ def test_quantized_weights_are_for_transformers_only(cli, trained, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_a_quantized_model_counts_the_parameters_it_had(bpe_llama, precision):
+def test_a_quantized_model_counts_the_parameters_it_had_and_says_its_weights_precision(bpe_llama, precision):
     run = Run.load(bpe_llama, "cpu", "float32")
     before = run.model.num_params()
     assert run.quantize(precision).model.num_params() == before
+    assert run.precision == f"cpu bfloat16, {precision} weights"  # (what `fournil serve` says it serves)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

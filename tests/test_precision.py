@@ -60,7 +60,7 @@ def test_a_wrong_FOURNIL_CPU_BF16_is_refused_in_one_line(cli):
         "fournil: error: FOURNIL_CPU_BF16='yes': set it to 1 (compute in bf16 on this CPU), 0 (never), or unset it")
 
 
-SERVED = {"float32": "cpu float32", "bfloat16": "cpu bfloat16", "int8": "cpu bfloat16"}  # --dtype: what it says
+SERVED = {"float32": "cpu float32", "bfloat16": "cpu bfloat16", "int8": "cpu bfloat16, int8 weights"}  # what it says
 
 
 def ask(client, **settings) -> tuple:

@@ -71,10 +71,12 @@ class Run:
         self.source = source  # format, architecture and stored dtype, for `fournil info`
         self.dtype = generation_dtype(model.device, dtype)
         self.measure_dtype = pick_dtype(model.device, dtype, measure=True)  # what scores are computed in
+        self.quantized: str | None = None  # int8 or int4: the weights of the linear layers, once quantized
 
     @property
     def precision(self) -> str:
-        return precision_text(self.model.device, self.dtype, self.measure_dtype)
+        text = precision_text(self.model.device, self.dtype, self.measure_dtype)
+        return f"{text}, {self.quantized} weights" if self.quantized else text
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> "Run":
@@ -131,6 +133,7 @@ class Run:
             return self
         quantize(self.model, precision)
         self.dtype = self.measure_dtype = torch.float32 if precision == "float32" else torch.bfloat16
+        self.quantized = precision if precision.startswith("int") else None
         return self
 
     @property
