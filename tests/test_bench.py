@@ -118,6 +118,7 @@ def test_bench_prints_the_table_and_writes_a_report_card(cli, bpe_llama, tmp_pat
     bpb = float(next(line for line in result.stdout.splitlines() if "bits_per_byte" in line).split("|")[4])
     assert 0 < bpb < 8  # better than uniform over bytes
     results = json.loads((tmp_path / "card" / "results.json").read_text())
+    assert results["git_hash"].startswith("fournil ") and "fatal" not in result.stderr  # (not git's complaint)
     assert math.isclose(results["results"]["fournil_bpb_shakespeare"]["bits_per_byte,none"], bpb, abs_tol=1e-4)
     card = (tmp_path / "card" / "report.md").read_text()
     assert "fournil_hellaswag" in card and "pretrained here; llama" in card and re.search(r"- test: nll \d\.\d{4}", card)

@@ -77,9 +77,15 @@ def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots:
     """Run ``tasks`` on ``model`` through lm-eval; returns lm-eval's results (and writes them, with a report, in
     ``out``)."""
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.tasks import TaskManager, get_task_dict
 
+    from fournil import __version__
     from fournil.evaluate.harness import FournilLM
+
+    # lm-eval records the git commit of the folder it runs in by asking `git`, which prints "fatal: not a git
+    # repository" on the terminal outside one; what ran is fournil, at its version
+    lm_eval.evaluator.get_git_commit_hash = lambda: f"fournil {__version__}"
 
     if limit is not None and limit < 1:
         raise FournilError(f"--limit must be at least 1 (got {limit}); leave it out for every row")
