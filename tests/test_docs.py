@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fournil.cli import Renamed, parser
+from fournil.cli import parser
+from fournil.cli.flags import Renamed
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "course" / "README.md"]

@@ -1,0 +1,157 @@
+"""``fournil convert``, ``info``, ``tokenizer``, ``prepare`` and ``tokenize``: models and tokenizers on disk."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fournil.cli.flags import MODEL_HELP
+from fournil.config import DataConfig
+from fournil.data.sources import BUNDLED
+
+SENTENCE = "Tokenizers cut text into pieces: \"unbelievable\" may be one token, or three. Ça coûte 3 € !"
+
+
+def add_model_files(sub) -> None:
+    p = sub.add_parser("convert", help="convert between GGUF, Hugging Face folder and run directory")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("out", help="OUT.gguf, or a folder")
+    p.add_argument("--to", choices=["hf", "gguf", "run"], help="output format (default: gguf for *.gguf, else hf)")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
+
+    p = sub.add_parser("info", help="architecture, parameters, dtype, context length, size on disk")
+    p.add_argument("model", nargs="?", default="smollm2", help=MODEL_HELP)
+
+
+def add_tokenizer_commands(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="learn a byte-level BPE vocabulary (GPT-4 style) from the train split")
+    t.add_argument("--data", default="shakespeare",
+                   help=f"a bundled dataset ({', '.join(BUNDLED)}) or a UTF-8 text file")
+    t.add_argument("--mode", default="auto", choices=["auto", "lines", "text"])
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--out", help="folder for tokenizer.json (default: tokenizers/DATA-bpeN)")
+
+    p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards")
+    p.add_argument("--data", required=True, help="a UTF-8 text file, or a folder of .txt files (read recursively)")
+    p.add_argument("--tokenizer", default="bpe:4096",
+                   help="bpe:N (learned from the corpus first), char, or a tokenizer.json")
+    p.add_argument("--out", required=True, help="folder for the shards; train on it with `fournil train --data OUT`")
+
+    p = sub.add_parser("tokenize", help="show where tokenizers cut a text and how much they compress it, in the "
+                                        "terminal and as a picture")
+    p.add_argument("text", nargs="?", default=SENTENCE)
+    p.add_argument("--tokenizer", action="append",
+                   help="a tokenizer.json, a folder with one (a run, a Hugging Face model, `fournil tokenizer train` "
+                        "output), a model (smollm2) or char (the text's own characters); repeat to compare; default: a "
+                        "1,024-token BPE trained on shakespeare now")
+    p.add_argument("--out", default="tokens.png", help="the PNG to write")
+
+
+def run_convert(args) -> None:
+
+    from fournil.formats import check_output, export
+    from fournil.runs import Run
+
+    kind = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
+    check_output(Path(args.out))  # before the model loads
+    run = Run.load(args.model, "cpu")
+    export(run, Path(args.out), kind, args.type)
+    print(f"wrote {args.out} ({kind})")
+
+
+def run_info(args) -> None:
+    from fournil.runs import Run
+
+    run = Run.load(args.model, "cpu")
+    for key, value in run.info().items():
+        print(f"{key + ':':<16}{value}")
+
+
+def run_tokenizer(args) -> None:
+
+    from fournil.data import load_splits
+    from fournil.tokenizers.bpe import train_bpe
+    from fournil.tokenizers.compression import compression
+
+    splits, _ = load_splits(DataConfig(args.data, args.mode))
+    texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
+    tokenizer = train_bpe(texts(splits.train), args.vocab_size, progress=sys.stderr.isatty())
+    name = args.data if args.data in BUNDLED else Path(args.data).stem
+    out = Path(args.out or f"tokenizers/{name}-bpe{args.vocab_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    val = compression(tokenizer, texts(splits.val))
+    print(f"{tokenizer.vocab_size:,} tokens -> {out}/tokenizer.json")
+    print(f"val split: {val['bytes']:,} bytes, {val['chars']:,} characters, {val['tokens']:,} tokens: "
+          f"{val['bytes_per_token']:.2f} bytes per token, {val['chars'] / val['tokens']:.2f} characters per token")
+    print(f"next: fournil tokenize TEXT --tokenizer {out}  |  fournil train --data {args.data} --tokenizer {out}")
+
+
+def run_prepare(args) -> None:
+
+    from fournil.data.shards import META, TOKENIZER, prepare, source_texts
+    from fournil.tokenizers import CharTokenizer, load_tokenizer
+    from fournil.tokenizers.bpe import bpe_size, train_bpe
+    from fournil.tokenizers.char import BOUNDARY
+
+    out, spec = Path(args.out), args.tokenizer
+    if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
+        tokenizer = load_tokenizer(out / TOKENIZER)
+    elif size := bpe_size(spec):
+        print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
+        tokenizer = train_bpe(source_texts(args.data), size, progress=sys.stderr.isatty())
+    elif spec == "char":
+        chars = set().union(*map(set, source_texts(args.data)))
+        tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])
+    else:
+        tokenizer = load_tokenizer(spec)
+    meta = prepare(args.data, tokenizer, out, progress=sys.stderr.isatty())
+    counts = {name: sum(s["tokens"] for s in shards) for name, shards in meta["shards"].items()}
+    print(f"{out}: " + ", ".join(f"{name} {n:,} tokens" for name, n in counts.items())
+          + f" ({meta['dtype']}, vocabulary {tokenizer.vocab_size:,})")
+    print(f"next: fournil train --data {out}")
+
+
+def tokenizer_for(spec: str | None, text: str):
+    """What `fournil tokenize` cuts with: a tokenizer file or folder, a model's, or the text's own characters."""
+    from fournil.data.sources import read_text
+    from fournil.formats import read_tokenizer
+    from fournil.tokenizers import CharTokenizer
+    from fournil.tokenizers.bpe import train_bpe
+
+    if spec is None:
+        print("(a 1,024-token byte-level BPE trained on shakespeare; --tokenizer to use another)", file=sys.stderr)
+        return "shakespeare BPE 1,024", train_bpe([read_text("shakespeare")], 1024)
+    if spec == "char":
+        return "characters", CharTokenizer.train([text], boundary=False)
+    return spec, read_tokenizer(spec)
+
+
+def run_tokenize(args) -> None:
+
+    from fournil.plots.tokens import plot_tokens
+    from fournil.tokenizers.compression import compression, pieces
+
+    panels = []
+    for spec in args.tokenizer or [None]:
+        name, tokenizer = tokenizer_for(spec, args.text)
+        cut = pieces(tokenizer, args.text)
+        c = compression(tokenizer, [args.text])
+        if len(args.tokenizer or []) > 1:
+            print(f"== {name}")
+        if sys.stdout.isatty():  # alternate background colours, as tokenizer pages show tokens
+            colours = ["\x1b[30;46m", "\x1b[30;43m", "\x1b[30;42m", "\x1b[30;45m"]
+            print("".join(f"{colours[n % 4]}{text}\x1b[0m" for n, (_, text) in enumerate(cut)))
+        else:
+            print("|".join(text for _, text in cut))
+        print("ids:", " ".join(str(i) for i, _ in cut))
+        print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes "
+              f"per token")
+        panels.append((name, [text for _, text in cut], c))
+    plot_tokens(panels, Path(args.out))
+    print(f"-> {args.out}", file=sys.stderr)
+
+
+COMMANDS = {"convert": run_convert, "info": run_info, "tokenizer": run_tokenizer, "prepare": run_prepare,
+            "tokenize": run_tokenize}

@@ -1,0 +1,228 @@
+"""Flags that several commands share, and how they are read: durations, ports, the training loop's, recipes
+(``--config``), LoRA, compilation, drafts."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+from fournil.config import STAGES, RunConfig, TrainConfig, read_recipe
+from fournil.device import dtype_name
+from fournil.errors import FournilError
+from fournil.generate.quantize import PRECISIONS
+from fournil.models import FAMILIES
+
+AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings taken from the data, not from flags
+LOW_MEMORY = {"auto": None, "on": True, "off": False}
+WEIGHT_PRECISIONS = ["auto", *PRECISIONS]  # --dtype of the commands that generate
+MODEL_HELP = "a run directory, a .gguf file, a Hugging Face folder, or a known model (smollm2)"
+LATEST = "a run directory, e.g. runs/prenoms-gpt (default: the run under runs/ started last)"
+SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
+               "help": "precision of the scores (default: float32, the same figures on every machine)"}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '2m', '1h30m' -> seconds."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 90s, 2m or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    return 3600 * h + 60 * m + s
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three fractions, e.g. 0.9,0.05,0.05")
+    return parts
+
+
+def parse_port(text: str) -> int:
+    """A TCP port to listen on: 1 to 65535 (uvicorn takes a larger number without an error, and listens nowhere)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. 8000")
+    return int(text)
+
+
+def add_listen_args(p) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=parse_port, default=8000, help="port to listen on (default: 8000)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (what the server binds to) is reachable from this machine only."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def model_settings() -> dict[str, type]:
+    """Every model setting of every family, for flags like --n-layer."""
+    found = {}
+    for _, cfg in FAMILIES.values():
+        for f in dataclasses.fields(cfg):
+            if f.name not in AUTOMATIC:
+                kinds = [k for k in typing.get_args(typing.get_type_hints(cfg)[f.name]) if k is not type(None)]
+                kind = (kinds or [typing.get_type_hints(cfg)[f.name]])[0]
+                if kind in (int, float, str, bool):  # structured settings (rope_scaling) come from imported configs
+                    found.setdefault(f.name, kind)
+    return found
+
+
+def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
+    """The training loop's flags, which pretraining and fine-tuning share."""
+    p.add_argument("--steps", type=int, help=f"stop after this many steps{steps}")
+    p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
+    p.add_argument("--batch-size", type=int, help=batch)
+    p.add_argument("--lr", type=float, help=f"peak learning rate{lr}")
+    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
+    p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
+                   help="recompute each Transformer layer in the backward pass and read a step in passes of at most "
+                        "1,024 tokens (auto: when the layers' activations would take more than a GiB)")
+    p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+LOOP_FLAGS = ("steps", "time", "batch_size", "lr", "eval_every", "seed", "device", "dtype")  # every training command's
+TRAIN_FLAGS = (*LOOP_FLAGS, "batch_tokens", "optimizer", "compile", "fsdp", "tensorboard")  # and `fournil train`'s own
+
+
+def loop_config(args) -> TrainConfig:
+    return TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in LOOP_FLAGS},
+                       low_memory=LOW_MEMORY[args.low_memory])
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """``fournil train|finetune|align|distill --config FILE``: the file's settings become the flags' defaults, so that
+    flags given beside it override it, and its settings without a flag (warmup, weight decay...) are kept as they
+    are. ``stage`` is the command."""
+
+    stage = "train"
+
+    def parse_known_args(self, args=None, namespace=None):
+        files = [a.removeprefix("--config=") for a in args or [] if a.startswith("--config=")]
+        files += [args[i + 1] for i, a in enumerate(args or []) if a == "--config" and i + 1 < len(args)]
+        if files and Path(files[-1]).is_file():  # (a missing file is said when the command runs)
+            try:
+                self.set_defaults(**recipe_defaults(read_recipe(files[-1], self.stage), self.stage))
+            except FournilError as e:
+                self.error(str(e))
+        return super().parse_known_args(args, namespace)
+
+
+def add_recipe_parser(sub, stage: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of a training command, which reads ``--config FILE``."""
+    sub._parser_class, default = RecipeParser, sub._parser_class
+    p = sub.add_parser(stage, **kwargs)
+    sub._parser_class = default
+    p.stage = stage
+    what = "sections model, data, train" if stage == "train" else \
+        f"sections {', '.join(('data', 'train') + STAGES[stage])}"
+    p.add_argument("--config", metavar="FILE",
+                   help=f"a recipe: a .toml or .yaml file ({what}; see recipes/) or a run's config.json, to train it "
+                        f"again; flags given beside it override it")
+    p.set_defaults(recipe_train={}, recipe_model={})
+    return p
+
+
+def recipe_defaults(config: RunConfig, stage: str) -> dict:
+    """The flag values (argparse destinations) that say what ``config`` says."""
+    d, t = config.data, config.train
+    flags = TRAIN_FLAGS if stage == "train" else LOOP_FLAGS
+    values = {"data": d.data, "low_memory": next(k for k, v in LOW_MEMORY.items() if v == t.low_memory),
+              **{name: getattr(t, name) for name in flags}}
+    values["recipe_train"] = {k: v for k, v in dataclasses.asdict(t).items() if k not in flags and k != "low_memory"}
+    if stage == "train":
+        settings = model_settings()
+        values |= {"model": config.model["family"], "mode": d.mode, "split": tuple(d.split), "split_seed": d.seed,
+                   "train_file": d.train, "val_file": d.val, "test_file": d.test, "tokenizer": d.tokenizer}
+        values |= {f"model_{k}": str(v) for k, v in config.model.items() if k in settings and v is not None}
+        values["recipe_model"] = {k: v for k, v in config.model.items()
+                                  if k not in settings and k not in AUTOMATIC and k != "family"}
+    if config.finetune:
+        ft, lora = config.finetune, config.finetune.lora
+        values |= {"model": ft.base, "max_length": ft.max_length, "pack": ft.pack, "lora": lora is not None}
+        if lora:
+            values |= {"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                       "lora_targets": ",".join(lora.targets)}
+    if config.align:
+        a = config.align
+        values |= {"method": a.method, "beta": a.beta, "reference": a.reference, "reward": a.reward, "group": a.group,
+                   "max_new_tokens": a.max_new_tokens, "temperature": a.temperature}
+    if config.distill:
+        k = config.distill
+        values |= {"teacher": k.teacher, "student": k.student, "kd_temperature": k.temperature, "kd_weight": k.alpha,
+                   "reverse": k.reverse, "context": k.context, "sequences": k.sequences}
+    return values
+
+
+class Renamed(argparse.Action):
+    """A flag's old spelling: refused, with the new one (each flag name means one thing in every command)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
+
+
+def renamed(p, old: str, new: str) -> None:
+    p.add_argument(old, action=Renamed, new=new, dest=f"renamed_{old}")
+
+
+def add_tuning_args(p) -> None:
+    """The flags that fine-tuning and learning from preferences share: LoRA, and the longest example."""
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="",
+                   help="comma-separated layer names to adapt (default: every linear layer)")
+    for old in ("rank", "alpha", "targets"):
+        renamed(p, f"--{old}", f"--lora-{old}")
+    p.add_argument("--max-length", type=int,
+                   help="examples longer than this many tokens are skipped (default 512, or the model's context)")
+
+
+def lora_config(args):
+    from fournil.config import LoraConfig
+
+    if not args.lora:
+        return None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+
+
+def add_compile_arg(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (torch.compile): faster tokens, after a first compilation of "
+                        "minutes on this machine (seconds on the next launch)")
+
+
+def add_draft_args(p) -> None:
+    p.add_argument("--draft", metavar="MODEL",
+                   help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the model "
+                        "checks several at a time (e.g. the layers:N student of fournil distill); the text is the "
+                        "model's own")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
+
+
+def scored(run) -> str:
+    return f"scored in {dtype_name(run.measure_dtype)} on {run.model.device.type}"

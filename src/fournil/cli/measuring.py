@@ -1,0 +1,214 @@
+"""``fournil eval``, ``bench``, ``sample``, ``explain``, ``attention`` and ``embeddings``: scores, samples and pictures
+of a model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fournil.cli.flags import LATEST, SCORE_DTYPE, scored
+from fournil.errors import FournilError
+
+ANIMAL = "The animal didn't cross the street because it was too tired"
+CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
+
+
+def add_run_commands(sub) -> None:
+    p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test (seq2seq: and the exact-"
+                                    "match accuracy and character error rate of its outputs)")
+    p.add_argument("run", nargs="?", help=LATEST)
+    p.add_argument("--beam", type=int, default=1,
+                   help="seq2seq: decode with a beam search of this width (default: greedy)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **SCORE_DTYPE)
+
+    p = sub.add_parser("bench", help="standard benchmarks through lm-evaluation-harness on bundled data: HellaSwag, "
+                                     "GSM8K, bits per byte (default: smollm2 on HellaSwag)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("--tasks", default="hellaswag",
+                   help="comma-separated: hellaswag, gsm8k, gsm8k_chat, bpb, or tasks of --include-path")
+    p.add_argument("--limit", type=int, help="only the first N rows of each task")
+    p.add_argument("--shots", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--include-path", help="a folder of lm-eval YAML tasks over local files")
+    p.add_argument("--out", help="folder for results.json and report.md (default: bench/MODEL)")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens scored per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **SCORE_DTYPE)
+
+    p = sub.add_parser("sample", help="sample text from a trained run")
+    p.add_argument("run", nargs="?", help=LATEST)
+    p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
+    p.add_argument("--prompt", default="", help="text every sample starts with")
+    p.add_argument("--temperature", type=float, help="0 = always the most likely token (default 1; seq2seq: 0)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--beam", type=int, default=1, help="seq2seq: the best output of a beam search of this width")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help="the probability of each token of a text given the ones before, what the model "
+                       "expected instead, and the NLL; as a table and a PNG bar chart (default: smollm2)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("text", nargs="?", default=CAPITAL)
+    p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
+    p.add_argument("--out", default="explain.png", help="the PNG to write")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **SCORE_DTYPE)
+
+
+def add_pictures(sub) -> None:
+    p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
+    p.add_argument("text", nargs="?", default=ANIMAL)
+    p.add_argument("--layer", type=int, default=-1,
+                   help="which layer (default: the last; negative counts from the end)")
+    p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
+    p.add_argument("--token", default="it", help="show the row of the first token that reads as this (default: it)")
+    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
+    p.add_argument("model", nargs="?", help="a run (mlp, rnn, gpt, llama), .gguf file or Hugging Face folder "
+                                            "(default: the run under runs/ started last)")
+    p.add_argument("--limit", type=int, default=300, help="show the first N tokens of the vocabulary (default 300)")
+    p.add_argument("--out", default="embeddings.png", help="the PNG to write")
+
+
+def run_eval(args) -> None:
+    from fournil.runs import Run, latest_run
+
+    run = Run.load(args.run or latest_run(), args.device, args.dtype)
+    results = run.evaluate(beam=args.beam)
+    print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters; {scored(run)}")
+    if run.config.align:
+        for name, r in results.items():
+            print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
+        return
+    pairs = run.mode == "pairs"
+    print(f"{'split':<6} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"
+          + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
+    for name, r in results.items():
+        print(f"{name:<6} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} {r['bpb']:>10.4f}"
+              + (f" {100 * r['exact']:>7.2f}% {100 * r['cer']:>7.2f}%" if pairs else ""))
+    if pairs:
+        how = f"a beam search of width {args.beam}" if args.beam > 1 else "greedy decoding"
+        print(f"exact: outputs equal to their target ({how}); CER: character edits per target character")
+
+
+def run_bench(args) -> None:
+    try:
+        from fournil.evaluate.bench import bench, table
+    except ImportError:
+        raise FournilError("fournil bench needs lm-evaluation-harness: pip install 'fournil[bench]'") from None
+
+    out = Path(args.out) if args.out else Path("bench") / Path(str(args.model)).stem
+    results = bench(args.model, args.tasks, args.limit, args.shots, args.include_path, args.device, args.dtype,
+                    args.batch_tokens, out)
+    print(table(results))
+    print(f"results in {out}/results.json and {out}/report.md")
+
+
+def run_sample(args) -> None:
+    from fournil.runs import Run, latest_run
+
+    run = Run.load(args.run or latest_run(), args.device)
+    if run.mode == "pairs":
+        return sample_pairs(run, args)
+    temperature = 1.0 if args.temperature is None else args.temperature
+    samples = run.sample(args.num, args.prompt, temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    for s in samples:
+        print(s)
+    if run.mode == "lines":
+        seen = set(run.splits().train)
+        known = sum(s in seen for s in samples)
+        print(f"{known} of {len(samples)} samples are in the training set", file=sys.stderr)
+
+
+def sample_pairs(run, args) -> None:
+    """A seq2seq run's outputs: for ``--prompt``, or for the first held-out sources, each marked right or wrong."""
+    from fournil.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or run.model.config.block_size,
+                            temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.prompt:
+        print(run.translate([args.prompt], args.beam, params)[0])
+        return
+    pairs = run.splits().val[: args.num]
+    outputs = run.translate([s for s, _ in pairs], args.beam, params)
+    for (source, target), output in zip(pairs, outputs):
+        print(f"{source} -> {output}" + ("" if output == target else f"   (expected: {target})"))
+    print(f"{sum(o == t for o, (_, t) in zip(outputs, pairs))} of {len(pairs)} held-out sources right", file=sys.stderr)
+
+
+def run_explain(args) -> None:
+
+    from fournil.plots.explain import coloured_text, legend, plot_token_probs
+    from fournil.runs import Run
+
+    if args.top < 1:
+        raise FournilError(f"--top {args.top}: show at least 1 alternative")
+    run = Run.load(args.model, args.device, args.dtype)
+    result = run.explain(args.text, args.top)
+    rows = result["rows"]
+    if sys.stdout.isatty():
+        print(coloured_text(result))
+        print(legend())
+    width = max(len(r["label"]) for r in rows)
+    for r in rows:
+        others = "  ".join(f"{token} {p:.3f}" for token, p in r["top"])
+        rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
+        print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
+    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}; {scored(run)}")
+    plot_token_probs(result, Path(args.out), f"{run.path.name}: {args.text[:60]}")
+    print(f"-> {args.out}", file=sys.stderr)
+
+
+def run_attention(args) -> None:
+
+    from fournil.evaluate.attention import attention_maps
+    from fournil.plots.attention import plot_attention, token_labels
+    from fournil.runs import Run
+
+    run = Run.load(args.model, args.device)
+    tokens, weights = attention_maps(run.model, run.tokenizer, args.text)
+    n_layer, n_head = weights.shape[:2]
+    if not -n_layer <= args.layer < n_layer:
+        raise FournilError(f"--layer {args.layer}: the model has {n_layer} layers (0 to {n_layer - 1}, or -1 for the "
+                           f"last)")
+    if args.head is not None and not 0 <= args.head < n_head:
+        raise FournilError(f"--head {args.head}: the model has {n_head} heads per layer (0 to {n_head - 1})")
+    layer = args.layer % n_layer
+    focus = next((i for i, t in enumerate(tokens) if t.strip() == args.token.strip()), None)
+    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus,
+                   f"{run.path.name}: {args.text[:60]}")
+    print(f"{len(tokens)} tokens, {n_layer} layers x {n_head} heads; layer {layer} -> {args.out}")
+    if focus is not None:
+        row = (weights[layer].mean(0) if args.head is None else weights[layer, args.head])[focus]
+        top = row.topk(min(5, focus + 1))
+        labels = token_labels(tokens)
+        print(f"{labels[focus]!r} attends most to: " +
+              ", ".join(f"{labels[i]!r} {w:.3f}" for w, i in zip(top.values.tolist(), top.indices.tolist())))
+
+
+def run_embeddings(args) -> None:
+
+    from fournil.evaluate.explain import shown
+    from fournil.plots.embeddings import (
+        plot_embeddings,
+        principal_components,
+        token_embeddings,
+    )
+    from fournil.runs import Run, latest_run
+
+    run = Run.load(args.model or latest_run(), "cpu")
+    if args.limit < 3:
+        raise FournilError(f"--limit {args.limit}: show at least 3 tokens")
+    weights = token_embeddings(run.model)[: args.limit]
+    points, shares = principal_components(weights)
+    labels = [shown(run.tokenizer, i) for i in range(len(weights))]
+    plot_embeddings(points, labels, shares, Path(args.out), f"{run.path.name}: {len(weights)} token embeddings")
+    print(f"{len(weights)} of {run.tokenizer.vocab_size:,} token embeddings of width {weights.shape[1]}; the two first "
+          f"principal components explain {100 * shares.sum():.1f} % of their variance -> {args.out}")
+
+
+COMMANDS = {"eval": run_eval, "bench": run_bench, "sample": run_sample, "explain": run_explain,
+            "attention": run_attention, "embeddings": run_embeddings}
