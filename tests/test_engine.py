@@ -495,10 +495,10 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
 def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rounding_each_row_on_its_own(dtype):
     """One new token's attention in ``attention.cpp`` (a CPU with AVX512-VNNI), over a cache of bf16 or fp32 read as
     a view with more columns than it fills: within fp32's rounding of the exact softmax(q k / sqrt(d)) v, masked
-    slots ignored even when they hold huge values, any number of keys (a block of 16 or not) and of query heads per
-    key/value head (1, 3, 7, 12), head sizes 16 to 128; a row's result the same bit for bit alone, among others, and
-    on one thread or two; a row with no key to attend to gets zeros; heads it cannot read, an error that says why. A
-    model's step gives the logits it gives without the kernel."""
+    slots ignored even when they hold huge values (a cache's free columns not even read), any number of keys (a block
+    of 16 or not) and of query heads per key/value head (1, 3, 7, 12), head sizes 16 to 128; a row's result the same
+    bit for bit alone, among others, and on one thread or two; a row with no key to attend to gets zeros; heads it
+    cannot read, an error that says why. A model's step gives the logits it gives without the kernel."""
     from fournil.generate import kernels
 
     if not kernels.available():
@@ -526,8 +526,20 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
             assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask), y)
         finally:
             torch.set_num_threads(threads)
+    # a cache's free columns are not read: NaN there, after each row's last key or in whole blocks of 16 before its
+    # first, changes nothing, and the result is the one of the cache cut after the last key, bit for bit
+    k, v = (torch.randn(4, 2, 100, 32).to(dtype) for _ in range(2))
+    q, mask = torch.randn(4, 6, 32), torch.zeros(4, 100, dtype=torch.bool)
+    for b, (first, last) in enumerate([(0, 60), (20, 60), (37, 60), (59, 60)]):
+        mask[b, first:last] = True
+        k[b, :, last:], v[b, :, last:] = torch.nan, torch.nan
+        k[b, :, : first // 16 * 16], v[b, :, : first // 16 * 16] = torch.nan, torch.nan
+    y = torch.ops.fournil.decode_attention(q, k, v, mask)
+    assert not y.isnan().any()
+    assert torch.equal(y, torch.ops.fournil.decode_attention(q, k[:, :, :60].nan_to_num(), v[:, :, :60].nan_to_num(),
+                                                             mask[:, :60].contiguous()))
     mask[0] = False
-    assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask)[0], torch.zeros(H, D))
+    assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask)[0], torch.zeros(6, 32))
     with pytest.raises(RuntimeError, match=r"D a multiple of 16 up to 128"):  # what the op cannot read, it says
         torch.ops.fournil.decode_attention(q[..., :8].contiguous(), k[..., :8], v[..., :8], mask)
 

@@ -111,8 +111,9 @@ class Scheduler:
                  wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4, keep: bool = False,
                  after_step=None):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
-        ``first_columns`` wide and grows by a quarter when needed (a compiled step attends to every column: starting
-        at 256 cost 8 rows of SmolLM2 a fifth of their step, and doubling instead of a quarter about a tenth).
+        ``first_columns`` wide and grows by a quarter when needed (a compiled step's attention in PyTorch attends to
+        every column: starting at 256 cost 8 rows of SmolLM2 a fifth of their step, and doubling instead of a quarter
+        about a tenth; fournil's CPU kernel reads only the columns in use).
         Schedulers driven together share ``wake``. With a ``draft`` model (of the same tokenizer), a sequence alone is
         decoded speculatively, ``draft_tokens`` proposed per pass (:mod:`fournil.generate.speculative`); sequences
         together, or with penalties, one token per pass. With ``keep`` (one conversation: ``fournil chat``), the keys
