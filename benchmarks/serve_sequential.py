@@ -8,7 +8,7 @@ Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per 
 
 - the engine alone (`fournil.generate.stream`, in this process), one answer at a time;
 - `fournil serve` (a process of its own on 127.0.0.1) with eight chat requests one after another, through the official
-  `openai` client, streamed and not;
+  `openai` client, streamed and not, and streamed through a plain HTTP client (below);
 - the same eight at once (eight threads), in three rounds; each round asks them through the `openai` client and
   through a plain HTTP client that reads the stream's lines and parses only the last (as load generators such as
   vLLM's do), and the engine alone answers them at once too (the server's ceiling: how much faster eight rows are
@@ -142,18 +142,17 @@ def main() -> None:
             return [c for c in chunks][-1].usage.completion_tokens
 
         ask(PROMPTS[0], False)  # warm up
-        before = engine(PROMPTS)
-        sequential = []
-        for stream in (False, True):
-            start = time.perf_counter()
-            done = sum(ask(p, stream) for p in PROMPTS)
-            sequential.append(done / (time.perf_counter() - start))
-        alone = (before + engine(PROMPTS)) / 2
-        rows = [("engine alone, one after another (before and after the server's)", alone, 1.0, None),
-                ("server, one after another", sequential[0], sequential[0] / alone, None),
-                ("server, one after another, streamed", sequential[1], sequential[1] / alone, None)]
         askers = {"openai client": lambda p: ask(p, True),
                   "plain HTTP client": lambda p: plain_stream(port, settings_of(p))}
+        before = engine(PROMPTS)
+        sequential = []
+        for how, asker in [("", lambda p: ask(p, False)), *((f", streamed, {name}", a) for name, a in askers.items())]:
+            start, cpu = time.perf_counter(), time.process_time()
+            done = sum(asker(p) for p in PROMPTS)
+            sequential.append((how, done / (time.perf_counter() - start), time.process_time() - cpu))
+        alone = (before + engine(PROMPTS)) / 2
+        rows = [("engine alone, one after another (before and after the server's)", alone, 1.0, None),
+                *((f"server, one after another{how}", rate, rate / alone, cpu) for how, rate, cpu in sequential)]
         rounds = {"engine alone": [], **{name: [] for name in askers}}
         for _ in range(3):
             near = engine(PROMPTS[:2])

@@ -214,6 +214,44 @@ def test_a_steps_pieces_reach_the_event_loop_together_once_the_step_ends():
     assert post.items == []
 
 
+def test_a_streams_pieces_reach_the_event_loop_at_most_every_interval_its_first_and_its_end_at_once():
+    """A stream that goes on wakes the event loop at most every ``Post.INTERVAL`` seconds, with every piece held
+    since; its first piece (the time to the first token) and the end of an answer are sent at the step's end."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    post, queue = Post(), asyncio.Queue()
+    post.loop, post.INTERVAL = loop, 3600.0
+    sink, pieces = Sink(post, queue, 0), [Piece(c, i, -0.5) for i, c in enumerate("abcd")]
+
+    async def drained():
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    def delivered():
+        return asyncio.run_coroutine_threadsafe(drained(), loop).result(5)
+
+    try:
+        sink.put(pieces[0])
+        post.send()
+        assert delivered() == [(0, pieces[0])]  # the first piece at once
+        for piece in pieces[1:3]:
+            sink.put(piece)
+            post.send()
+            assert delivered() == []  # within the interval: held
+        post.INTERVAL = 0.0  # (the interval has passed)
+        post.send()
+        assert delivered() == [(0, pieces[1]), (0, pieces[2])]
+        post.INTERVAL = 3600.0
+        sink.put(pieces[3])
+        sink.put(None)
+        post.send()
+        assert delivered() == [(0, pieces[3]), (0, None)]  # the end at once, with what was held
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
 def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run):
     server = Server(chat_run, "--api-key", "sesame", "--max-batch", "1", "--max-waiting", "1")
     key = {"Authorization": "Bearer sesame"}
