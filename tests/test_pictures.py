@@ -4,6 +4,7 @@ import torch
 from conftest import CLI
 from matplotlib.image import imread
 
+from fournil.cli.measuring import heading
 from fournil.evaluate.attention import attention_maps, recording_attention
 from fournil.evaluate.explain import framed
 from fournil.plots.embeddings import principal_components, token_embeddings
@@ -90,6 +91,8 @@ def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass
     assert refused.returncode == 2 and "give a longer text" in refused.stderr and "Traceback" not in refused.stderr
     width, height = figure_size(len(rows))
     assert imread(tmp_path / "p.png").shape[:2] == (int(height * 100), int(width * 100))
+    long = "The capital of France is Paris, and the capital of Italy is Rome."  # the title says where it was cut
+    assert heading(run, long) == f"{run.path.name}: {long[:59]}…" and heading(run, text) == f"{run.path.name}: {text}"
 
 
 def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):

@@ -139,6 +139,12 @@ def sample_pairs(run, args) -> None:
     print(f"{sum(o == t for o, (_, t) in zip(outputs, pairs))} of {len(pairs)} held-out sources right", file=sys.stderr)
 
 
+def heading(run, text: str, most: int = 60) -> str:
+    """A picture's title: the model's name and the text, cut to ``most`` characters with an ellipsis that says so (cut
+    without one, "... and the capital of Italy is" read as the whole text)."""
+    return f"{run.path.name}: {text if len(text) <= most else text[:most - 1] + '…'}"
+
+
 def run_explain(args) -> None:
 
     from fournil.plots.explain import coloured_text, legend, plot_token_probs
@@ -158,7 +164,7 @@ def run_explain(args) -> None:
         rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
         print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
     print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}; {scored(run)}")
-    plot_token_probs(result, Path(args.out), f"{run.path.name}: {args.text[:60]}")
+    plot_token_probs(result, Path(args.out), heading(run, args.text))
     print(f"-> {args.out}", file=sys.stderr)
 
 
@@ -178,8 +184,7 @@ def run_attention(args) -> None:
         raise FournilError(f"--head {args.head}: the model has {n_head} heads per layer (0 to {n_head - 1})")
     layer = args.layer % n_layer
     focus = next((i for i, t in enumerate(tokens) if t.strip() == args.token.strip()), None)
-    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus,
-                   f"{run.path.name}: {args.text[:60]}")
+    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, args.text))
     print(f"{len(tokens)} tokens, {n_layer} layers x {n_head} heads; layer {layer} -> {args.out}")
     if focus is not None:
         row = (weights[layer].mean(0) if args.head is None else weights[layer, args.head])[focus]
