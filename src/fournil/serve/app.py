@@ -70,10 +70,11 @@ class Post:
     of the loop. A wake-up per piece is a write to the loop's pipe, after which the scheduler's thread waits for the
     GIL while the loop runs: 6 % of its time with eight streams on 2 cores.
 
-    Streams that go on are woken for at most every ``INTERVAL`` seconds (a few tokens at a time, more often than a
-    reader can tell), an urgent piece at once: a stream's first (its time to the first token) and an answer's end. On
-    2 cores, SmolLM2 in int4 compiled (``benchmarks/serve_sequential.py``, plain client): a lone stream went from
-    0.90-0.93 times the engine's rate to 0.96-0.97, eight at once from 3.65-3.89 times it to 3.90-3.96."""
+    For streams that go on, the loop is woken at most every ``INTERVAL`` seconds (a few tokens at a time, more often
+    than a reader can tell); for an urgent piece at once: a stream's first (its time to the first token) and an
+    answer's end. On 2 cores, SmolLM2 in int4 compiled (``benchmarks/serve_sequential.py``, plain client): a lone
+    stream went from 0.90-0.93 times the engine's rate to 0.96-0.97, eight at once from 3.65-3.89 times it to
+    3.90-3.96."""
 
     INTERVAL = 0.02
 
