@@ -20,6 +20,26 @@ def test_distillation_loss_is_the_hand_computed_value_at_a_temperature():
     assert distillation_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_distillation_loss_and_its_written_out_gradient_are_autograds_through_the_formula(reverse, monkeypatch):
+    """The loss computed in chunks, with its gradient written out, equals the formula's value and autograd's gradient
+    through it in fp64: in fp32 to fp32's rounding, in bf16 logits to bf16's."""
+    import fournil.models.base
+
+    monkeypatch.setattr(fournil.models.base, "LOGITS_BUDGET", 7 * 50)  # chunks of 7 positions, the last of 2
+    torch.manual_seed(0)
+    for dtype, tolerance in [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)]:
+        student = (torch.randn(30, 50) * 3).to(dtype).requires_grad_()
+        teacher = (torch.randn(30, 50) * 3).to(dtype)
+        (distillation_loss(student, teacher, 2.0, reverse) * 1.7).backward()
+        exact = student.detach().double().requires_grad_()
+        s, t = (exact / 2.0).log_softmax(-1), (teacher.double() / 2.0).log_softmax(-1)
+        kl = ((s.exp() * (s - t)).sum() if reverse else (t.exp() * (t - s)).sum()) / 30 * 2.0**2
+        (kl * 1.7).backward()
+        assert distillation_loss(student, teacher, 2.0, reverse).item() == pytest.approx(kl.item(), rel=1e-6)
+        assert (student.grad.double() - exact.grad).abs().max() <= tolerance * exact.grad.abs().max()
+
+
 def test_a_student_learns_from_a_teacher_and_the_report_compares_them(bpe_llama, tmp_path):
     teacher = Run.load(bpe_llama, "cpu").model
     settings, weights = teacher_layers(teacher, 1)  # layers:1 keeps the last layer, and the embeddings
