@@ -143,6 +143,53 @@ def test_losses_from_chunks_of_positions_equal_those_of_whole_logits(family, mon
         assert torch.allclose(chunked, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_next_token_loss_under_bf16_autocast_equals_autograd_through_the_head(bias, monkeypatch):
+    """The next-token loss's written-out gradient, in chunks under bf16 autocast (a CPU's training precision where
+    it has bf16 units), against autograd through the same head under the same autocast: log-probabilities and
+    gradients within bf16's rounding. Another kind of head computes the same log-probabilities, but refuses to be
+    trained through."""
+    from fournil.data.batches import IGNORE
+    from fournil.models import base
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    targets = torch.randint(50, (3, 10))
+    targets[0, :4] = targets[2, 7:] = IGNORE
+    upstream = torch.randn(3, 10)  # a different weight for each position's log-probability
+
+    def run(logprobs):
+        head.zero_grad()
+        hidden.grad = None
+        with torch.autocast("cpu", torch.bfloat16):
+            logp = logprobs()
+        (logp * upstream).sum().backward()
+        return logp.detach(), [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+
+    def traced():
+        logits = head(hidden).float()
+        return torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets >= 0)
+
+    monkeypatch.setattr(base, "LOGITS_BUDGET", 7 * 50)  # chunks of 7 positions: 24 with a target, four chunks
+    logp, grads = run(lambda: base.target_logprobs(head, hidden, targets))
+    reference, reference_grads = run(traced)
+    assert logp.dtype == torch.float32 and (logp[targets == IGNORE] == 0).all()
+    bf16 = 2**-8  # bf16's relative rounding: a logit of size z is off by up to z x 2^-8, its log-probability too
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        largest = head(hidden).float().abs().max()
+    torch.testing.assert_close(logp, reference, rtol=0, atol=2 * bf16 * largest)
+    for name, chunked, expected in zip(["states", "weight", "bias"], grads, reference_grads):
+        torch.testing.assert_close(chunked, expected, rtol=4 * bf16, atol=4 * bf16 * expected.abs().max(), msg=name)
+    assert (grads[0][0, :4] == 0).all() and (grads[0][2, 7:] == 0).all()  # no target, no gradient
+
+    wrapped = torch.nn.Sequential(head)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(base.target_logprobs(wrapped, hidden, targets), logp)
+    with pytest.raises(FournilError, match="output layer of type Sequential"):
+        base.target_logprobs(wrapped, hidden, targets)
+
+
 @pytest.mark.parametrize("family, settings", [("gpt", {}), ("llama", {"n_kv_head": 2}),
                                               ("llama", {"n_kv_head": 2, "sliding_window": 4})])
 def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
@@ -177,3 +224,4 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
     for a, b in zip(packed_grads, padded_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+

@@ -61,32 +61,120 @@ class LanguageModel(nn.Module):
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
 
+@torch.compiler.disable  # a loop over chunks, into buffers: nothing for a compiler to fuse, much to unroll
 def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The log-probability of each target (B, T), 0 where there is none (``IGNORE``: a prompt, padding), from the
-    states (B, T, width) the output layer ``head`` reads.
-
-    When every position's logits would not fit ``LOGITS_BUDGET``, only positions with a target are computed, a chunk
-    at a time, each chunk's logits computed again in the backward pass instead of kept: the (B, T, vocab) logits
-    never exist whole. (For 8 x 512 tokens of SmolLM2's 49,152-token vocabulary they would be 0.8 GB in fp32, and
-    several times that with their softmax and gradient.)
-    """
-    size = chunk_positions(getattr(head, "out_features", hidden.shape[-1]))
-    if targets.numel() <= size:
-        return chunk_logprobs(head, hidden, targets)
+    states (B, T, width) that the output layer ``head`` reads: a linear layer, or ``nn.Identity`` for states that
+    are logits already. Only positions with a target are computed (:class:`TargetLogprobs`)."""
     keep = targets != IGNORE
-    states, wanted = hidden[keep], targets[keep]
-    found = torch.cat([checkpoint(chunk_logprobs, head, states[i : i + size], wanted[i : i + size], use_reentrant=False)
-                       if torch.is_grad_enabled() else chunk_logprobs(head, states[i : i + size], wanted[i : i + size])
-                       for i in range(0, len(wanted), size)])
+    linear = isinstance(head, nn.Linear)
+    if torch.is_grad_enabled() and not linear and not isinstance(head, nn.Identity):
+        raise FournilError(f"the next-token loss cannot train through an output layer of type {type(head).__name__}: "
+                           f"only a linear layer's gradient is written out (train the model unquantized)")
+    weight, bias = (head.weight, head.bias) if linear else (None, None)
+    if keep.all():  # (no copy of the states, and of their gradient: the whole of it when the states are logits)
+        return TargetLogprobs.apply(hidden.flatten(0, -2), targets.flatten(), head, weight, bias).view(targets.shape)
+    found = TargetLogprobs.apply(hidden[keep], targets[keep], head, weight, bias)
     return torch.zeros(targets.shape, dtype=found.dtype, device=hidden.device).masked_scatter(keep, found)
 
 
-def chunk_logprobs(head: nn.Module, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """The log-probability of each ``wanted`` token (any shape), 0 where it is ``IGNORE``."""
-    logits = head(states)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    nll = F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE, reduction="none")
-    return -nll.view(wanted.shape)
+class TargetLogprobs(torch.autograd.Function):
+    """log softmax(head(states))[wanted], a chunk of positions at a time (as many as ``LOGITS_BUDGET`` holds), in
+    buffers made once, its gradient written out rather than traced.
+
+    Each chunk's logits are computed again in the backward pass rather than kept: the (positions, vocab) logits
+    never exist whole (for 8 x 512 tokens of SmolLM2's 49,152-token vocabulary they would be 0.8 GB in fp32, and
+    several times that with their softmax and gradient). With p = softmax(logits), the gradient of a log-probability
+    is onehot(wanted) - p: times the head's weight, the states'; times the states, the weight's. Traced through
+    autograd and checkpointed instead, each chunk made several tensors of its logits' size, each new memory the
+    system had to clear: 1,536 positions of SmolLM2 took 1.08 s forward and backward in bf16, and 600,000 page
+    faults."""
+
+    @staticmethod
+    def forward(ctx, states, wanted, head, weight, bias):
+        kind = states.device.type
+        ctx.dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else states.dtype
+        if weight is not None and not torch.is_autocast_enabled(kind):
+            ctx.dtype = weight.dtype
+        found, buffers = None, {}
+        for rows, logits in TargetLogprobs.chunks(states, head, linear(weight, bias, ctx.dtype), buffers):
+            a, b = (scratch(buffers, name, logits.shape, exact(logits.dtype), logits) for name in "ab")
+            if found is None:
+                found, ctx.logsumexp = (a.new_empty(len(states)) for _ in range(2))
+            at = wanted[rows].unsqueeze(1)
+            torch.log_softmax(a.copy_(logits), -1, out=b)
+            found[rows] = b.gather(1, at).squeeze(1)
+            ctx.logsumexp[rows] = a.gather(1, at).squeeze(1) - found[rows]
+        ctx.save_for_backward(states, wanted, weight, bias)
+        return found if found is not None else states.new_empty(0, dtype=exact(ctx.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        states, wanted, weight, bias = ctx.saved_tensors
+        need_states, _, _, need_weight, need_bias = ctx.needs_input_grad
+        out_states = torch.zeros_like(states) if need_states else None
+        out_weight = torch.zeros_like(weight) if need_weight else None
+        out_bias = torch.zeros_like(bias) if need_bias else None
+        head, buffers = linear(weight, bias, ctx.dtype), {}
+        for rows, logits in TargetLogprobs.chunks(states, nn.Identity(), head, buffers):
+            at = wanted[rows].unsqueeze(1)
+            g = scratch(buffers, "a", logits.shape, exact(logits.dtype), logits)
+            g.copy_(logits).sub_(ctx.logsumexp[rows].unsqueeze(1)).exp_()  # p
+            g.scatter_add_(1, at, g.new_full(at.shape, -1.0)).mul_(-grad[rows].unsqueeze(1).to(g.dtype))
+            if g.dtype != logits.dtype:  # the logits' gradient, in their precision
+                g = scratch(buffers, "g", logits.shape, logits.dtype, logits).copy_(g)
+            if head is None:  # the states are the logits
+                if need_states:
+                    out_states[rows] = g
+                continue
+            w = head[0]
+            if need_states:
+                out_states[rows] = g @ w
+            if need_weight:
+                if g.dtype == out_weight.dtype:
+                    out_weight.addmm_(g.t(), states[rows])
+                else:  # in the logits' precision, summed in the weight's (an add of two dtypes makes a temporary)
+                    product = torch.mm(g.t(), states[rows].to(g.dtype), out=scratch(buffers, "w", w.shape, g.dtype, w))
+                    out_weight += scratch(buffers, "sum", w.shape, out_weight.dtype, w).copy_(product)
+            if need_bias:
+                out_bias += g.sum(0, dtype=out_bias.dtype)
+        return out_states, None, None, out_weight, out_bias
+
+    @staticmethod
+    def chunks(states, head, linear_head, buffers: dict):
+        """(a chunk's rows, their logits) for each chunk of positions: a linear head's (``linear_head``: its weight
+        and bias) computed into a buffer, else ``head``'s."""
+        vocab = len(linear_head[0]) if linear_head else getattr(head, "out_features", states.shape[-1])
+        size = chunk_positions(vocab)
+        with torch.no_grad():
+            for i in range(0, len(states), size):
+                s = states[i : i + size]
+                if linear_head:
+                    w, b = linear_head
+                    out = scratch(buffers, "logits", (len(s), vocab), w.dtype, w)
+                    s = s.to(w.dtype)
+                    logits = torch.mm(s, w.t(), out=out) if b is None else torch.addmm(b, s, w.t(), out=out)
+                else:
+                    logits = head(s)
+                yield slice(i, i + size), logits
+
+
+def linear(weight: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
+    """A linear head's weight and bias in ``dtype``, the precision autocast computes it in (None without a weight)."""
+    return None if weight is None else tuple(t if t is None else t.to(dtype) for t in (weight, bias))
+
+
+def exact(dtype: torch.dtype) -> torch.dtype:
+    """The precision a softmax is taken in: fp32, or fp64 for fp64 logits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def scratch(buffers: dict, name: str, shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``shape`` on ``like``'s device, made at the first (largest) chunk and reused by the next ones:
+    memory that large, new at each allocation, is mapped and cleared by the system every time."""
+    if name not in buffers:
+        buffers[name] = like.new_empty(shape, dtype=dtype)
+    return buffers[name][: shape[0]]
 
 
 def decoder_only(model, what: str) -> None:
