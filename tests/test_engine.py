@@ -429,7 +429,7 @@ def test_a_quantized_model_gives_its_scores_in_fp32_and_its_activations_in_bf16(
     +0.45 % and +0.19 %). On a CPU with VNNI they are the kernel's fp32 sums as they come; elsewhere PyTorch's int8
     kernel computes them in bf16."""
     from fournil.device import autocast
-    from fournil.generate import kernels
+    from fournil import kernels
     from fournil.generate.quantize import QuantizedLinear
 
     run = Run.load(bpe_llama, "cpu", "float32").quantize(precision)
@@ -452,7 +452,7 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     many threads share the work, a row of zeros gives the bias, the weights the layer multiplies by (read back with
     one-hot rows) are the layer's within half a step of their quantization, and every output is within what rounding
     each activation to half a step (its group's largest / 127 / 2) allows of the exact product with those weights."""
-    from fournil.generate import kernels
+    from fournil import kernels
     from fournil.generate.quantize import GROUP, Int4Linear, Int8Linear
 
     if not kernels.available():
@@ -499,7 +499,7 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
     of 16 or not) and of query heads per key/value head (1, 3, 7, 12), head sizes 16 to 128; a row's result the same
     bit for bit alone, among others, and on one thread or two; a row with no key to attend to gets zeros; heads it
     cannot read, an error that says why. A model's step gives the logits it gives without the kernel."""
-    from fournil.generate import kernels
+    from fournil import kernels
 
     if not kernels.available():
         pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernels: attention is PyTorch's")
@@ -564,7 +564,7 @@ def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kerne
     import sys
 
     code = ("import warnings, torch; warnings.simplefilter('always')\n"
-            "from fournil.generate import kernels; from fournil.generate.quantize import Int4Linear\n"
+            "from fournil import kernels; from fournil.generate.quantize import Int4Linear\n"
             "torch.manual_seed(0); linear = torch.nn.Linear(64, 32); layer = Int4Linear(linear)\n"
             "x = torch.randn(3, 64); w = linear.weight.detach(); g = w.view(32, 2, 32)\n"
             # half a quantization step per weight, and bf16's rounding of the kernel's inputs, weights and output
@@ -576,6 +576,6 @@ def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kerne
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "True"]
     if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere there is nothing to build
-        assert out.stderr.count("UserWarning: int8 and int4 layers and decoding's attention use PyTorch's") == 1
+        assert out.stderr.count("UserWarning: int8 and int4 layers, decoding's attention and dropout use PyTorch's") == 1
         assert f"could not be built with {env['CXX']!r}; install a C++ compiler (g++)" in out.stderr
         assert "Traceback" not in out.stderr

@@ -225,3 +225,56 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
     for a, b in zip(packed_grads, padded_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
+
+def test_dropout_in_the_kernel_drops_the_share_asked_independently_and_its_gradient_through_the_same_mask():
+    """fournil's dropout (a hash of a seed and each element's index): the share dropped is p within the binomial's
+    spread, neighbours are dropped independently, the kept elements are scaled so the expectation is unchanged, the
+    seed follows ``torch.manual_seed``, a bf16 input gets the fp32 input's mask, and the gradient goes through the
+    same mask; a checkpointed LoRA layer recomputes the same masks (its gradients equal those kept)."""
+    from fournil import kernels
+    from fournil.config import LoraConfig
+    from fournil.models.base import Dropout
+    from fournil.models.lora import add_lora
+
+    if not kernels.built():
+        pytest.skip("fournil's kernels are not built on this machine (no C++ compiler, or not an x86 CPU)")
+    p, n = 0.1, 1 << 20
+    dropout = Dropout(p)
+    x = torch.rand(n) + 1.0  # no zeros of its own
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    q = round(p * 65536) / 65536  # p as the kernel rounds it
+    spread = (q * (1 - q) / n) ** 0.5
+    assert abs((1 - kept.float().mean().item()) - q) < 5 * spread
+    both = (~kept[0::2] & ~kept[1::2]).float().mean().item()  # the two halves of one hash, dropped together
+    assert abs(both - q * q) < 5 * (q * q / (n / 2)) ** 0.5
+    assert torch.equal(y[kept], x[kept] * (1 / (1 - q)))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)
+    assert not torch.equal(dropout(x) != 0, kept)  # the generator moved on: another mask
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.bfloat16()) != 0, kept)
+
+    x.requires_grad_(True)
+    torch.manual_seed(1)
+    y = dropout(x)
+    grad = torch.randn(n)
+    y.backward(grad)
+    assert torch.equal(x.grad, torch.where(y != 0, grad * (1 / (1 - q)), 0))
+    dropout.eval()
+    assert dropout(x) is x
+
+    model = build_model({"family": "llama", "vocab_size": V, "block_size": T, "n_layer": 2, "n_head": 2, "n_embd": 32})
+    add_lora(model, LoraConfig(dropout=0.5))
+    torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.weight)  # the LoRA path counts from the start
+    idx = torch.randint(V, (2, T))
+    grads = []
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        model.train().zero_grad()
+        torch.manual_seed(2)
+        model(idx, targets=idx).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate import kernels
+from fournil import kernels
 
 
 def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int,

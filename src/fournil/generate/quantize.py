@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth: 4 bytes per weight in
 fp32, 2 in bf16, 1 in int8, a little over half a byte in int4. Several rows at once (a batch) are bound by
-arithmetic instead: on a CPU with VNNI the int8 and int4 layers multiply in integers (:mod:`fournil.generate.kernels`),
+arithmetic instead: on a CPU with VNNI the int8 and int4 layers multiply in integers (:mod:`fournil.kernels`),
 elsewhere with PyTorch's kernels.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.generate import kernels
+from fournil import kernels
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
 GROUP = kernels.GROUP  # int4: weights per scale and zero, the kernel's groups (llama.cpp's Q4 blocks are 32 too)
@@ -38,7 +38,7 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """A linear layer whose weight is int8 with a scale per output row (the row's largest |w| / 127, in bf16).
 
-    On a CPU with VNNI it multiplies in integers (:mod:`fournil.generate.kernels`), each row's activations quantized to
+    On a CPU with VNNI it multiplies in integers (:mod:`fournil.kernels`), each row's activations quantized to
     int8 in groups of 32, its codes packed without a scale per group (the row's is applied once, at the end): 8 rows
     of SmolLM2's output layer took 1.1 ms there on 2 cores (1.3 with a scale and zero per group), against 5.6 with
     PyTorch's int8 weight-only kernel. Elsewhere up to ``DECODE_ROWS`` rows go through that kernel, which multiplies
@@ -82,7 +82,7 @@ class Int4Linear(QuantizedLinear):
     (the group's minimum is code 0, its maximum code 15, as llama.cpp's Q4_1).
 
     Half the bytes of int8, and decoding reads every weight once. On a CPU with VNNI it multiplies in integers
-    (:mod:`fournil.generate.kernels`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms there on 2 cores, against 12.4
+    (:mod:`fournil.kernels`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms there on 2 cores, against 12.4
     with PyTorch's int4 kernel (the one torchao's int4 CPU layout calls), which the layer uses elsewhere: it reads
     the packed codes directly and computes in fp32.
     """

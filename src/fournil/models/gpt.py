@@ -14,7 +14,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import LanguageModel, attend, target_logprobs
+from fournil.models.base import Dropout, LanguageModel, attend, target_logprobs
 
 
 @dataclass
@@ -61,7 +61,7 @@ class MLP(nn.Module):
         self.approximate = ACTIVATIONS[config.activation]
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
@@ -96,7 +96,7 @@ class GPT(LanguageModel):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))

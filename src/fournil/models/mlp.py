@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fournil.models.base import LanguageModel, target_logprobs, windows
+from fournil.models.base import Dropout, LanguageModel, target_logprobs, windows
 
 
 @dataclass
@@ -35,7 +35,7 @@ class MLP(LanguageModel):
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + 1: the start symbol
         layers, width = [], config.context * config.n_embd
         for _ in range(config.n_layer):
-            layers += [nn.Linear(width, config.n_hidden), nn.Tanh(), nn.Dropout(config.dropout)]
+            layers += [nn.Linear(width, config.n_hidden), nn.Tanh(), Dropout(config.dropout)]
             width = config.n_hidden
         self.hidden = nn.Sequential(*layers)
         self.lm_head = nn.Linear(width, config.vocab_size)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.models.base import LanguageModel, attend, target_logprobs
+from fournil.models.base import Dropout, LanguageModel, attend, target_logprobs
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Layer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.n_embd)
         self.fc1 = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.fc2 = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.fc2(F.gelu(self.fc1(self.final_layer_norm(x)))))
@@ -102,7 +102,7 @@ class Stack(nn.Module):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList([layer(config) for _ in range(config.n_layer)])
         self.layer_norm = nn.LayerNorm(config.n_embd)
 

@@ -1,4 +1,5 @@
-"""fournil's C++ kernels for CPUs with AVX512-VNNI, for decoding: quantized products, and one new token's attention.
+"""fournil's C++ kernels for CPUs: quantized products and one new token's attention for decoding (AVX512-VNNI),
+and dropout for training (any x86 CPU).
 
 ``vnni.cpp``: quantized weights by int8 activations in integers. PyTorch's int4 and int8 CPU kernels multiply in
 fp32 or bf16; with the 8 rows of a batch decoding, that arithmetic, not reading the weights, sets their speed. The
@@ -9,14 +10,19 @@ quantized on its own, its sums taken in the same order.
 ``attention.cpp``: a decoding step's attention (one new token per row) over a bf16 or fp32 key/value cache, read
 once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when a cache's is).
 
+``dropout.cpp``: dropout whose draws are a hash of a seed and each element's index (:class:`fournil.models.base.
+Dropout`).
+
 They are built by PyTorch's extension builder with the machine's compiler the first time they are needed (about
-twenty seconds), and kept on disk for the next launches. Where they cannot be built, or the CPU has no VNNI (AVX2,
-AVX512 before VNNI, ARM), :func:`available` is False and PyTorch's operations stand in.
+twenty seconds), and kept on disk for the next launches. Where they cannot be built (no compiler, not an x86 CPU),
+:func:`built` is False; where the CPU has no VNNI (AVX2, AVX512 before VNNI), :func:`available` is. PyTorch's
+operations then stand in.
 """
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import shutil
 import warnings
 from pathlib import Path
@@ -25,17 +31,16 @@ import torch
 
 from fournil.device import cache_folder
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp")]
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp", "dropout.cpp")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
 OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero (int8: the row's scale, no zero)
 
 
 @functools.cache
-def available() -> bool:
-    """Whether ``torch.ops.fournil.vnni_linear`` and ``decode_attention`` run here (built, or loaded from the disk
-    cache, on first call)."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # none, or ATEN_CPU_CAPABILITY=avx2 emulating an older CPU
+def built() -> bool:
+    """Whether fournil's kernels are built here, or loaded from the disk cache (on first call); on x86 CPUs only."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     import ninja  # the build tool PyTorch's builder runs, from PyPI: on PATH even where the venv is not activated
     from torch.utils import cpp_extension
@@ -56,14 +61,22 @@ def available() -> bool:
             if flags:
                 continue
             compiler = os.environ.get("CXX", "c++")
-            warnings.warn(f"int8 and int4 layers and decoding's attention use PyTorch's kernels, slower for batches: "
+            warnings.warn(f"int8 and int4 layers, decoding's attention and dropout use PyTorch's kernels, slower: "
                           f"fournil's kernels could not be built with {compiler!r}; install a C++ compiler (g++) to "
                           f"build them", stacklevel=2)
             return False
     torch.library.register_fake("fournil::vnni_linear")(
         lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
     torch.library.register_fake("fournil::decode_attention")(attention_shape)
-    return torch.ops.fournil.vnni_available()
+    return True
+
+
+@functools.cache
+def available() -> bool:
+    """Whether ``torch.ops.fournil.vnni_linear`` and ``decode_attention`` run here: built, on a CPU with VNNI."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # none, or ATEN_CPU_CAPABILITY=avx2 emulating an older CPU
+        return False
+    return built() and torch.ops.fournil.vnni_available()
 
 
 def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

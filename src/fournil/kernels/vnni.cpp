@@ -6,7 +6,7 @@
 // int8 in groups of 32 inputs (one scale each, the weights' groups), and one VNNI instruction multiplies 64 weight
 // codes by 64 activations and adds them into 16 int32 sums: four times the products of an fp32 instruction, exact.
 //
-// Layout (made by fournil.generate.kernels.pack): the output rows in blocks of 16, one zmm lane each, and a block's
+// Layout (made by fournil.kernels.pack): the output rows in blocks of 16, one zmm lane each, and a block's
 // groups of 32 inputs one after the other. A group holds, for every 4 inputs, lane i's 4 bytes of row i's codes
 // (4-bit: inputs 0-3 of every 8 in the low nibbles, 4-7 in the high ones); a 4-bit group then the 16 rows' scales
 // and their 16 zeros in bf16. A weight is (code - OFFSET) * scale + zero, OFFSET = 8 for 4 bits (PyTorch's int4
