@@ -28,10 +28,16 @@ inline uint32_t hash(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-// a tile's factors: 0 where an element's 16-bit draw (a half of its pair's hash) is below ``dropped``, else
-// ``scale``; compiled for AVX512, AVX2 and plain x86-64, the CPU's kind chosen when the library loads
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void factors(uint32_t key, uint32_t first_pair, uint32_t dropped, float scale, float* factor) {
+// compiled for AVX512, AVX2 and plain x86-64, the CPU's kind chosen when the library loads (where the system's
+// loader can: Linux)
+#if defined(__linux__)
+#define EVERY_X86 __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EVERY_X86
+#endif
+
+// a tile's factors: 0 where an element's 16-bit draw (a half of its pair's hash) is below ``dropped``, else ``scale``
+EVERY_X86 void factors(uint32_t key, uint32_t first_pair, uint32_t dropped, float scale, float* factor) {
   for (uint32_t i = 0; i < TILE / 2; ++i) {
     const uint32_t bits = hash(key + hash(first_pair + i));
     factor[2 * i] = (bits & 0xFFFF) < dropped ? 0.0f : scale;
