@@ -557,8 +557,8 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
 
 
 def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kernels(tmp_path):
-    """A CPU with VNNI but no C++ compiler to build fournil's kernels: one warning that says what to install, then
-    PyTorch's kernels, which give the layer's answer all the same."""
+    """A CPU with VNNI but no C++ compiler to build fournil's kernels: a line saying they are being built, one warning
+    that says what to install, then PyTorch's kernels, which give the layer's answer all the same."""
     import os
     import subprocess
     import sys
@@ -578,4 +578,5 @@ def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kerne
     if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere there is nothing to build
         assert out.stderr.count("UserWarning: int8 and int4 layers, decoding's attention and dropout use PyTorch's") == 1
         assert f"could not be built with {env['CXX']!r}; install a C++ compiler (g++)" in out.stderr
+        assert out.stderr.count("fournil: building its C++ kernels, once for this machine") == 1  # said before
         assert "Traceback" not in out.stderr

@@ -13,10 +13,10 @@ once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when 
 ``dropout.cpp``: dropout whose draws are a hash of a seed and each element's index (:class:`fournil.models.base.
 Dropout`).
 
-They are built by PyTorch's extension builder with the machine's compiler the first time they are needed (about
-twenty seconds), and kept on disk for the next launches. Where they cannot be built (no compiler, not an x86 CPU),
-:func:`built` is False; where the CPU has no VNNI (AVX2, AVX512 before VNNI), :func:`available` is. PyTorch's
-operations then stand in.
+They are built by PyTorch's extension builder with the machine's compiler the first time they are needed (10-30
+seconds, said on stderr), and kept on disk for the next launches. Where they cannot be built (no compiler, not an
+x86 CPU), :func:`built` is False; where the CPU has no VNNI (AVX2, AVX512 before VNNI), :func:`available` is.
+PyTorch's operations then stand in.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import functools
 import os
 import platform
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def built() -> bool:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     folder = cache_folder("kernels") / f"torch-{torch.__version__}"  # for any x86 CPU: the kernel checks for VNNI
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "fournil_kernels.so").exists():  # else a first training step, or answer, seems to hang
+        print("fournil: building its C++ kernels, once for this machine (10-30 s)", file=sys.stderr,
+              flush=True)
     # built with OpenMP, or ``at::parallel_for`` runs on one core: SmolLM2 in int4, compiled, decoded 88-116 tokens/s
     # on 2 cores that way against 169-191 on both. The OpenMP library is the one PyTorch loaded, so its threads are
     # PyTorch's. A compiler without OpenMP still builds the kernels, for one core.
