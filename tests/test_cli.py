@@ -155,6 +155,9 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     one_line_error(run("train", "--steps", "-5"), "--steps must be at least 1 (got -5)")
     one_line_error(run("train", "--time", "0s"), "--time must be longer than 0 s")
     one_line_error(run("train", "--lr", "-1"), "--lr must be a positive learning rate")
+    for dropout in ("1", "1.5"):
+        one_line_error(run("train", "--dropout", dropout), f"--dropout must be in [0, 1), the share of activations "
+                                                           f"zeroed while training (got {float(dropout)})")
     one_line_error(run("train", "--resume", trained["gpt"], "--steps", "0"), "--steps must be at least 1 (got 0)")
     one_line_error(run("finetune", trained["gpt"], "--eval-every", "0"), "--eval-every must be at least 1")
     one_line_error(run("serve", trained["gpt"], "--max-batch", "0"), "--max-batch must be at least 1")

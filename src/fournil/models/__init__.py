@@ -60,6 +60,9 @@ def build_model(config: dict) -> LanguageModel:
     unknown = sorted(set(settings) - names)
     if unknown:
         raise FournilError(f"model {family} has no setting(s) {', '.join(unknown)}; it has {', '.join(sorted(names))}")
+    if not 0 <= settings.get("dropout", 0.0) < 1:
+        raise FournilError(f"--dropout must be in [0, 1), the share of activations zeroed while training "
+                           f"(got {settings['dropout']})")
     return model_cls(cfg_cls(**settings))
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fournil import kernels
 from fournil.data.batches import IGNORE
 from fournil.errors import FournilError
 
@@ -188,8 +189,6 @@ class Dropout(nn.Dropout):
     recomputed in the backward pass draws the same. (A compiled model's dropout is the compiler's.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fournil import kernels
-
         if not (self.training and self.p) or x.device.type != "cpu" or torch.compiler.is_compiling() \
                 or not kernels.built():
             return super().forward(x)
