@@ -170,3 +170,10 @@ def test_generate_on_the_command_line_with_quantized_weights_and_a_stop_string(t
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("One, two, three, four, five") and "six" not in out.stdout
+
+
+def test_generate_without_a_model_continues_nothing_with_smollm2(cli):
+    """``fournil generate`` with no flags does something useful: SmolLM2 writes from an empty prompt."""
+    greedy = ("--temperature", "0", "--max-new-tokens", "8")
+    default = cli("generate", *greedy).stdout
+    assert default.strip() and default == cli("generate", "smollm2", "", *greedy).stdout

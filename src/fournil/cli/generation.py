@@ -36,8 +36,8 @@ def add_generation(sub) -> None:
         add_draft_args(p)
         add_compile_arg(p)
 
-    p = sub.add_parser("generate", help="continue a prompt with any model, streamed")
-    p.add_argument("model", help=answerer_help)
+    p = sub.add_parser("generate", help="continue a prompt with any model, streamed (default: smollm2, from nothing)")
+    p.add_argument("model", nargs="?", default="smollm2", help=answerer_help)
     p.add_argument("prompt", nargs="?", default="")
     sampling(p, 0.8)
 
