@@ -38,6 +38,16 @@ def test_tokenize_shows_the_cuts_and_counts(cli, tmp_path):
     assert out[2] == f"9 characters, 12 bytes, {len(ids)} tokens: {12 / len(ids):.2f} bytes per token"
 
 
+def test_tokenizer_with_no_action_trains_one_on_its_defaults(cli, tmp_path):
+    """``fournil tokenizer`` alone trains, as ``tokenizer train`` would: 1,024 tokens of shakespeare; flags alone go
+    to ``train`` too, and ``--help`` stays the command's own."""
+    assert "1,024 tokens -> tokenizers/shakespeare-bpe1024/tokenizer.json" in cli("tokenizer").stdout
+    vocabulary = json.loads((tmp_path / "tokenizers/shakespeare-bpe1024/tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocabulary) == 1024 and "<|endoftext|>" in vocabulary
+    assert "300 tokens -> tok/tokenizer.json" in cli("tokenizer", "--vocab-size", "300", "--out", "tok").stdout
+    assert "{train}" in cli("tokenizer", "--help").stdout
+
+
 def test_bad_vocabulary_sizes_are_explained(cli):
     too_big = cli("tokenizer", "train", "--data", "names", "--vocab-size", "100000", check=False)
     assert too_big.returncode == 2 and "supports at most" in too_big.stderr and "Traceback" not in too_big.stderr

@@ -33,7 +33,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose actions are subcommands: with none named (only flags, or nothing), the first, on its defaults
+DEFAULT_ACTIONS = {"tokenizer": "train", "reward": "train"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and
+                                                 argv[1] not in ("-h", "--help")):
+        argv.insert(1, DEFAULT_ACTIONS[argv[0]])
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

@@ -23,7 +23,7 @@ def add_model_files(sub) -> None:
 
 
 def add_tokenizer_commands(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus (default: train on shakespeare)")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="learn a byte-level BPE vocabulary (GPT-4 style) from the train split")
     t.add_argument("--data", default="shakespeare",
