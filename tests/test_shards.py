@@ -29,6 +29,17 @@ def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
     assert len(ids) == meta["shards"]["train"][0]["tokens"]
 
 
+def test_prepare_without_data_shards_bundled_shakespeare(cli, tmp_path):
+    """``fournil prepare`` needs no arguments: the bundled Shakespeare, into shards/shakespeare-TOKENIZER."""
+    from fournil.data import read_text
+
+    out = cli("prepare", "--tokenizer", "char").stdout
+    assert "next: fournil train --data shards/shakespeare-char" in out
+    meta = json.loads((tmp_path / "shards" / "shakespeare-char" / "meta.json").read_text())
+    assert meta["done"] and sum(s["tokens"] for shards in meta["shards"].values() for s in shards) == \
+        len(read_text("shakespeare")) + 1  # every character, and the boundary after the file
+
+
 def test_a_killed_prepare_continues_to_the_same_shards(cli, tmp_path):
     write_corpus(tmp_path / "corpus", 8)
     cli("tokenizer", "train", "--data", "shakespeare", "--vocab-size", "300", "--out", "tok")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fournil.cli.flags import MODEL_HELP
 from fournil.config import DataConfig
-from fournil.data.sources import BUNDLED
+from fournil.data.sources import BUNDLED, resolve
 
 SENTENCE = "Tokenizers cut text into pieces: \"unbelievable\" may be one token, or three. Ça coûte 3 € !"
 
@@ -32,11 +32,14 @@ def add_tokenizer_commands(sub) -> None:
     t.add_argument("--vocab-size", type=int, default=1024)
     t.add_argument("--out", help="folder for tokenizer.json (default: tokenizers/DATA-bpeN)")
 
-    p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards")
-    p.add_argument("--data", required=True, help="a UTF-8 text file, or a folder of .txt files (read recursively)")
+    p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards "
+                                       "(default: shakespeare)")
+    p.add_argument("--data", default="shakespeare", help=f"a UTF-8 text file, a folder of .txt files (read "
+                                                         f"recursively), or a bundled dataset ({', '.join(BUNDLED)})")
     p.add_argument("--tokenizer", default="bpe:4096",
                    help="bpe:N (learned from the corpus first), char, or a tokenizer.json")
-    p.add_argument("--out", required=True, help="folder for the shards; train on it with `fournil train --data OUT`")
+    p.add_argument("--out", help="folder for the shards (default: shards/DATA-TOKENIZER); train on it with "
+                                 "`fournil train --data OUT`")
 
     p = sub.add_parser("tokenize", help="show where tokenizers cut a text and how much they compress it, in the "
                                         "terminal and as a picture")
@@ -95,18 +98,19 @@ def run_prepare(args) -> None:
     from fournil.tokenizers.bpe import bpe_size, train_bpe
     from fournil.tokenizers.char import BOUNDARY
 
-    out, spec = Path(args.out), args.tokenizer
+    spec, source = args.tokenizer, str(resolve(args.data)) if args.data in BUNDLED else args.data
+    out = Path(args.out or f"shards/{Path(args.data).stem}-{Path(spec.replace(':', '')).stem}")
     if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
         tokenizer = load_tokenizer(out / TOKENIZER)
     elif size := bpe_size(spec):
         print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
-        tokenizer = train_bpe(source_texts(args.data), size, progress=sys.stderr.isatty())
+        tokenizer = train_bpe(source_texts(source), size, progress=sys.stderr.isatty())
     elif spec == "char":
-        chars = set().union(*map(set, source_texts(args.data)))
+        chars = set().union(*map(set, source_texts(source)))
         tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])
     else:
         tokenizer = load_tokenizer(spec)
-    meta = prepare(args.data, tokenizer, out, progress=sys.stderr.isatty())
+    meta = prepare(source, tokenizer, out, progress=sys.stderr.isatty())
     counts = {name: sum(s["tokens"] for s in shards) for name, shards in meta["shards"].items()}
     print(f"{out}: " + ", ".join(f"{name} {n:,} tokens" for name, n in counts.items())
           + f" ({meta['dtype']}, vocabulary {tokenizer.vocab_size:,})")
