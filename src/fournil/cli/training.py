@@ -92,7 +92,7 @@ def add_align(sub) -> None:
     add_loop_args(p, steps=" (default 200)", batch="pairs per step (dpo, default 8); answers per step (grpo, "
                                                    "default 2 x --group)", lr=" (default: set by the method)")
     p = sub.add_parser("reward", help="train a reward model on preference pairs, or score answers with one "
-                                          "(default: train on smollm2)")
+                                      "(default: train on smollm2)")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="a scalar head on a model, trained so that chosen answers score higher")
     t.set_defaults(recipe_train={})
