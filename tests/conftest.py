@@ -87,6 +87,24 @@ class CLI:
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+class InProcess:
+    """``fournil.cli.main`` called directly: the same code path as the console script, without the start-up."""
+
+    def __init__(self, capsys, monkeypatch, cwd):
+        self.capsys = capsys
+        monkeypatch.chdir(cwd)
+
+    def __call__(self, *args, check=False):
+        from fournil.cli import main
+
+        try:
+            code = main(list(map(str, args)))
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def losses(run: Path) -> list:
     """Each logged step's training loss and each validation's NLL, as the run's metrics.jsonl has them."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

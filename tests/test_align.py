@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import CLI, write_jsonl
+from conftest import CLI, InProcess, write_jsonl
 from torch import nn
 
 from fournil.config import AlignConfig
@@ -138,7 +138,7 @@ def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_bas
     assert 0 < finals["1.0"]["val_kl"] < finals["0.04"]["val_kl"] < 1.0
 
 
-def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, tmp_path):
+def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, tmp_path, capsys, monkeypatch):
     root, base, _ = preferences
     assert prompt_messages("Human: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:", "x") == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
@@ -155,7 +155,7 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
     write_jsonl(bad, [{"prompt": "Human: hi\n\nAssistant: hello", "chosen": "b", "rejected": "c"}])
     with pytest.raises(FournilError, match="must end with a Human turn"):
         read_pairs(str(bad))
-    cli = CLI(root)
+    cli = InProcess(capsys, monkeypatch, root)  # fournil's entry point in this process: no start-up for each
     failures = {
         ("align", base, "--method", "grpo"): "grpo needs a reward",
         ("align", base, "--method", "grpo", "--reward", "brevity", "--batch-size", "6"): "must be a multiple of --group 4",

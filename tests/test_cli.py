@@ -4,10 +4,10 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import time
 
 import pytest
+from conftest import InProcess
 from safetensors import safe_open
 
 
@@ -91,24 +91,6 @@ def one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("fournil: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-class InProcess:
-    """``fournil.cli.main`` called directly: the same code path as the console script, without the start-up."""
-
-    def __init__(self, capsys, monkeypatch, cwd):
-        self.capsys = capsys
-        monkeypatch.chdir(cwd)
-
-    def __call__(self, *args, check=False):
-        from fournil.cli import main
-
-        try:
-            code = main(list(map(str, args)))
-        except SystemExit as e:  # argparse's own usage errors
-            code = e.code
-        out = self.capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monkeypatch):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, losses
+from conftest import CLI, InProcess, losses
 from fournil.config import read_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -61,8 +61,12 @@ def test_a_fine_tuning_run_started_from_its_config_gives_the_same_losses(tmp_pat
     assert out.returncode == 2 and "config of a finetune run; give it to fournil finetune --config" in out.stderr
 
 
-def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path):
-    cli = CLI(tmp_path)
+def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    # one real process, to see that nothing but the one line reaches the terminal; the rest through the same entry
+    # point in this process
+    out = CLI(tmp_path)("train", "--config", "missing.toml", check=False)
+    assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
+    cli = InProcess(capsys, monkeypatch, tmp_path)
     cases = {
         "typo.toml": ('[model]\nfamily = "gpt"\n[trian]\nsteps = 3\n', "unknown section(s) trian"),
         "key.toml": ('[train]\nstep = 3\n', "unknown train setting(s) step"),

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import CLI
+from conftest import CLI, InProcess
 
 from fournil.config import DataConfig
 from fournil.data import load_splits
@@ -120,8 +120,8 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
         assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
 
 
-def test_seq2seq_refusals_are_one_line(tmp_path):
-    cli = CLI(tmp_path)
+def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    cli = InProcess(capsys, monkeypatch, tmp_path)  # fournil's entry point in this process: no start-up for each
     (tmp_path / "bad.tsv").write_text("a\tb\nno tab here\n", encoding="utf-8")
     (tmp_path / "bad.jsonl").write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n', encoding="utf-8")
     for args, message in {
