@@ -142,6 +142,7 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
                                                            f"zeroed while training (got {float(dropout)})")
     one_line_error(run("train", "--resume", trained["gpt"], "--steps", "0"), "--steps must be at least 1 (got 0)")
     one_line_error(run("finetune", trained["gpt"], "--eval-every", "0"), "--eval-every must be at least 1")
+    one_line_error(run("distill", "--eval-tokens", "0"), "--eval-tokens must be at least 1 (got 0)")
     one_line_error(run("serve", trained["gpt"], "--max-batch", "0"), "--max-batch must be at least 1")
     for port in ("99999", "0", "http"):  # (uvicorn would say it listens on 99999, and listen nowhere)
         refused = run("serve", trained["gpt"], "--port", port)

@@ -34,6 +34,19 @@ def test_prompt_tokens_carry_no_loss_and_the_end_of_turn_does(bpe_base):
     assert tok.decode(x[0][y[0] == IGNORE].tolist()).count("Hi there") == 1  # prompts are inputs, never targets
 
 
+def test_validation_reads_about_eval_tokens_answer_tokens_of_every_length():
+    """--eval-tokens caps what training validates on instruction data too (it read every example)."""
+    examples = [([1] * (5 + n), [False] * 5 + [True] * n) for n in range(1, 101)]  # answers of 1 to 100 tokens
+    data = InstructionData(examples, 0, "val")
+
+    def read(max_tokens):
+        ys = [y for _, y in data.batches(8, max_tokens)]
+        return sum(int((y != IGNORE).sum()) for y in ys), sorted(int((row != IGNORE).sum()) for y in ys for row in y)
+
+    assert read(None) == (data.num_targets, list(range(1, 101)))
+    scored, answers = read(data.num_targets // 10)
+    assert abs(scored - data.num_targets / 10) < 0.1 * data.num_targets / 10 and answers[0] < 10 and answers[-1] > 90
+
 def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):
     root, base = bpe_base
     words = ["king", "queen", "lord", "night", "blood", "crown", "sword", "heart", "death", "love", "grace", "honour"]

@@ -32,15 +32,12 @@ def stage(recipe: Path) -> str:
     return next((s for s in ("align", "distill", "finetune") if re.search(rf"^\[?{s}\]?:?\s*$", text, re.M)), "train")
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.iterdir()))
-def test_every_recipe_starts(tmp_path, recipe):
-    command = stage(RECIPES / recipe)
-    brief = ["--no-baseline"] if command == "distill" else []
-    CLI(tmp_path)(command, "--config", RECIPES / recipe, "--steps", "2", "--eval-every", "2", "--quiet", "--out", "run",
-                  *brief, timeout=600)
-    settings = json.loads((tmp_path / "run" / "config.json").read_text())
-    wanted = read_recipe(RECIPES / recipe, command)
-    assert settings["train"]["steps"] == 2 and settings["data"]["data"] == wanted.data.data
+def follows(run: Path, recipe: Path, command: str, steps: int) -> None:
+    """The run's settings are the recipe's, but for the flags given beside it: --steps and --eval-tokens 256."""
+    settings = json.loads((run / "config.json").read_text())
+    wanted = read_recipe(recipe, command)
+    assert (settings["train"]["steps"], settings["train"]["eval_tokens"]) == (steps, 256)
+    assert settings["data"]["data"] == wanted.data.data
     if command == "train":
         assert settings["model"]["family"] == wanted.model["family"]
     for section in ("finetune", "align", "distill"):
@@ -50,10 +47,23 @@ def test_every_recipe_starts(tmp_path, recipe):
         assert settings["train"]["batch_size"] == wanted.train.batch_size
 
 
+FINETUNE = "smollm2-lora-json.toml"  # started by the test that restarts a fine-tuning run from its config
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.iterdir() if p.name != FINETUNE))
+def test_every_recipe_starts(tmp_path, recipe):
+    command = stage(RECIPES / recipe)
+    brief = ["--no-baseline"] if command == "distill" else []
+    CLI(tmp_path)(command, "--config", RECIPES / recipe, "--steps", "2", "--eval-every", "2", "--eval-tokens", "256",
+                  "--quiet", "--out", "run", *brief, timeout=600)
+    follows(tmp_path / "run", RECIPES / recipe, command, steps=2)
+
+
 def test_a_fine_tuning_run_started_from_its_config_gives_the_same_losses(tmp_path):
     cli = CLI(tmp_path)
-    cli("finetune", "--config", RECIPES / "smollm2-lora-json.toml", "--steps", "3", "--eval-every", "3", "--quiet",
-        "--out", "first", timeout=600)
+    cli("finetune", "--config", RECIPES / FINETUNE, "--steps", "3", "--eval-every", "3", "--eval-tokens", "256",
+        "--quiet", "--out", "first", timeout=600)
+    follows(tmp_path / "first", RECIPES / FINETUNE, "finetune", steps=3)
     cli("finetune", "--config", "first/config.json", "--out", "again", timeout=600)
     first, again = losses(tmp_path / "first"), losses(tmp_path / "again")
     assert first and first[-1][2] and again == first

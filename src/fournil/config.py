@@ -61,7 +61,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse what no run can use, before defaults fill what the user left open."""
-        for name in ("steps", "batch_size", "batch_tokens", "eval_every"):
+        for name in ("steps", "batch_size", "batch_tokens", "eval_every", "eval_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FournilError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")

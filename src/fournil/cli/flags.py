@@ -86,6 +86,9 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--batch-size", type=int, help=batch)
     p.add_argument("--lr", type=float, help=f"peak learning rate{lr}")
     p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
+    p.add_argument("--eval-tokens", type=int, default=TrainConfig.eval_tokens,
+                   help="validate on at most N tokens of the val split (default: %(default)s; `fournil eval` scores "
+                        "all of it)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto",
@@ -98,7 +101,8 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-LOOP_FLAGS = ("steps", "time", "batch_size", "lr", "eval_every", "seed", "device", "dtype")  # every training command's
+LOOP_FLAGS = ("steps", "time", "batch_size", "lr", "eval_every", "eval_tokens", "seed", "device",
+              "dtype")  # every training command's
 TRAIN_FLAGS = (*LOOP_FLAGS, "batch_tokens", "optimizer", "compile", "fsdp", "tensorboard")  # and `fournil train`'s own
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fournil.data.batches import IGNORE, LineData
+from fournil.data.batches import IGNORE, LineData, thinned
 from fournil.errors import FournilError
 
 BUNDLED_INSTRUCTIONS = {
@@ -147,10 +147,10 @@ class InstructionData(LineData):
         return self._collate(torch.randint(len(self.seqs), (batch_size,), generator=generator).tolist())
 
     def batches(self, batch_size: int, max_tokens: int | None = None, width: int = 2048):
-        """Every example once, grouped by length, at most ``batch_size`` examples and ``width`` tokens a batch (a
-        large vocabulary's logits are big)."""
+        """Every example once (or about ``max_tokens`` answer tokens' worth), grouped by length, at most
+        ``batch_size`` examples and ``width`` tokens a batch (a large vocabulary's logits are big)."""
         group: list[int] = []
-        for i in sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i])):
+        for i in thinned(sorted(range(len(self.seqs)), key=lambda i: len(self.seqs[i])), self.num_targets, max_tokens):
             if group and (len(group) == batch_size or (len(group) + 1) * len(self.seqs[i]) > width):
                 yield self._collate(group)
                 group = []
