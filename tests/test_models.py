@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
 from fournil.models import FAMILIES, build_model
 
@@ -23,6 +24,43 @@ def test_every_model_answers_the_same_call(family):
     assert logits.shape == (3, T, V)
     assert torch.isfinite(logits).all()
     assert model.num_params() > 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_model_built_with_its_weights_is_the_saved_one_tied_as_it_was(family):
+    """Built on the meta device and given its weights (no initial ones drawn), a model keeps its computed buffers
+    (the rotary frequencies) and its tied weights, and trains as one built the usual way."""
+    model = make(family).eval()
+    config = {"family": family, "vocab_size": V, "block_size": T}
+    loaded = build_model(config, unique_state(model)).eval()
+    source = (torch.randint(1, V, (3, 5)),) if family == "seq2seq" else ()
+    x = torch.randint(V, (3, T))
+    assert torch.equal(loaded(*source, x), model(*source, x))
+
+    def names(m):  # each weight's names: several for a tied one
+        found = {}
+        for name, p in m.named_parameters(remove_duplicate=False):
+            found.setdefault(id(p), []).append(name)
+        return sorted(found.values())
+
+    tied = any(len(group) > 1 for group in names(model))
+    assert names(loaded) == names(model) and tied == (family in ("gpt", "llama", "seq2seq"))
+    if family != "ngram":  # (its counts are buffers)
+        assert all(p.requires_grad and not p.is_meta for p in loaded.parameters())
+        for m in (model, loaded):  # one step of gradient descent: a tie kept in name only would move twice
+            m(*source, x).logsumexp(-1).mean().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+        assert all(torch.equal(a, b) for a, b in zip(unique_state(loaded).values(), unique_state(model).values()))
+        state = {k: v.clone() for k, v in unique_state(model).items()}
+        name = next(iter(state))
+        with pytest.raises(FournilError, match=rf"w.st does not match its config: {name} is \[2, 3\], the config "
+                                               rf"makes it \[{', '.join(map(str, state[name].shape))}\]"):
+            build_model(config, {**state, name: torch.zeros(2, 3)}, "w.st")
+        with pytest.raises(FournilError, match=rf"w.st does not match its config \(missing \['{name}'\], unexpected "
+                                               r"\['extra'\]\)"):
+            build_model(config, {**{k: v for k, v in state.items() if k != name}, "extra": torch.zeros(1)}, "w.st")
 
 
 @pytest.mark.parametrize("family", ["ngram", "mlp", "rnn", "gpt", "llama"])

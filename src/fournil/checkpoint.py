@@ -64,21 +64,37 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
         raise FournilError(f"{path} is damaged or not a safetensors file ({e}); restore it, or train again") from None
 
 
-def load_weights(model, path: Path) -> None:
-    tensors, _ = read_safetensors(path)
-    load_tensors(model, tensors, str(path))
-
-
 def load_tensors(model, tensors: dict, source: str) -> None:
-    """Copy ``tensors`` into ``model``; every weight must be there with its shape (a tied one under either name)."""
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:  # shapes that differ from the config's
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise FournilError(f"{source} does not match its config: {detail}") from None
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    if set(missing) - tied or unexpected:
+    """Make ``tensors`` the weights of ``model`` (built on the meta device, or not), each in the model's dtype:
+    every weight must be there with its shape, a tied one under either of its names."""
+    names: dict = {}  # each weight's names: several for a tied one
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(p, []).append(name)
+    keys = model.state_dict(keep_vars=True).keys()
+    state, missing, taken = {}, [], set()
+    for p, group in names.items():
+        given = next((n for n in group if n in tensors), None)
+        if given is None:
+            missing.append(group[0])
+            continue
+        value = tensors[given]
+        if value.shape != p.shape:
+            raise FournilError(f"{source} does not match its config: {given} is {list(value.shape)}, the config makes "
+                               f"it {list(p.shape)}")
+        value = value.to(p.dtype).contiguous()
+        if value.untyped_storage().data_ptr() in taken:  # one tensor given for two weights that are not tied
+            value = value.clone()
+        taken.add(value.untyped_storage().data_ptr())
+        state |= dict.fromkeys(group, torch.nn.Parameter(value, p.requires_grad))
+    weights = {n for group in names.values() for n in group}
+    buffers = [k for k in keys if k not in weights]
+    missing += [k for k in buffers if k not in tensors]
+    unexpected = sorted(set(tensors) - set(keys))
+    if missing or unexpected:
         raise FournilError(f"{source} does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_state_dict(state | {k: tensors[k] for k in buffers}, assign=True)
+    if any(t.is_meta for t in model.buffers()):  # a buffer computed in __init__ must name its device
+        raise RuntimeError(f"{type(model).__name__} built on the meta device keeps a buffer there")
 
 
 def save_state(path: Path, model_state: dict, optimizer_state: dict, data_rng: torch.Generator, info: dict) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fournil.checkpoint import load_tensors, load_weights, save_weights, write_json
+from fournil.checkpoint import read_safetensors, save_weights, write_json
 from fournil.config import AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
 from fournil.data import load_splits, make_data
 from fournil.device import generation_dtype, pick_device, pick_dtype, precision_text
@@ -87,8 +87,7 @@ class Run:
         dev = pick_device(device)
         if kind != "run":
             settings, tensors, tokenizer, source = read_model(kind, path)
-            model = build_model(settings)
-            load_tensors(model, tensors, str(path))
+            model = build_model(settings, tensors, str(path))
             return cls(path, RunConfig(model=settings, data=None, train=None), model.to(dev), tokenizer, source, dtype)
         path = find_run(spec)
         config = read_config(path)
@@ -109,8 +108,7 @@ class Run:
                     f"{path} is incomplete: it has no {name} (training stopped before its first checkpoint); "
                     f"continue it with `fournil train --resume {path}`"
                 )
-        model = build_model(config.model)
-        load_weights(model, path / WEIGHTS)
+        model = build_model(config.model, read_safetensors(path / WEIGHTS)[0], str(path / WEIGHTS))
         source = {"format": "fournil run directory", "architecture": config.model["family"], "dtype": "float32"}
         return cls(path, config, model.to(dev), load_tokenizer(path / TOKENIZER), source, dtype)
 

@@ -51,9 +51,10 @@ class LlamaConfig:
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """The rotation speed of each pair of channels, with Llama 3's rescaling of the slow ones if asked."""
+    """The rotation speed of each pair of channels, with Llama 3's rescaling of the slow ones if asked (computed on
+    the CPU, even for a model built on the meta device to be loaded)."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":

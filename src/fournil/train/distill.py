@@ -58,9 +58,7 @@ def build_student(spec: str, teacher_run: Run):
     teacher, vocab = teacher_run.model, teacher_run.tokenizer.vocab_size
     if found := re.fullmatch(r"layers:(\d+)", spec):
         settings, weights = teacher_layers(teacher, int(found.group(1)))
-        student = build_model(settings)
-        student.load_state_dict(weights)
-        return student, settings
+        return build_model(settings, weights, spec), settings
     if spec.endswith(".json"):
         if not Path(spec).is_file():
             raise FournilError(f"--student {spec}: no such file")
