@@ -74,4 +74,5 @@ def build_model(config: dict, weights: dict | None = None, source: str = "the we
     load_tensors(model, weights, source)
     return model
 
+
 __all__ = ["DEFAULTS", "FAMILIES", "LanguageModel", "TEXT_BLOCK_SIZE", "build_model", "check_family", "config_class"]
