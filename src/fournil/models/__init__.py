@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fournil.checkpoint import load_tensors
 from fournil.errors import FournilError
@@ -53,6 +54,16 @@ def config_class(family: str):
     return FAMILIES[family][1]
 
 
+class Undrawn(TorchFunctionMode):
+    """``torch.nn.init`` leaves tensors as they are: on the meta device, a model about to be given its weights (a
+    normal draw there would import torch's compiler, 0.9 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(config: dict, weights: dict | None = None, source: str = "the weights") -> LanguageModel:
     """A model from its saved config dict (``{"family": ..., settings...}``), holding ``weights`` if given (read from
     ``source``) without drawing initial ones first (for SmolLM2 that drawing took half the time of loading)."""
@@ -69,7 +80,7 @@ def build_model(config: dict, weights: dict | None = None, source: str = "the we
                            f"(got {settings['dropout']})")
     if weights is None:
         return model_cls(cfg_cls(**settings))
-    with torch.device("meta"):
+    with torch.device("meta"), Undrawn():
         model = model_cls(cfg_cls(**settings))
     load_tensors(model, weights, source)
     return model

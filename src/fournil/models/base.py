@@ -2,6 +2,7 @@
 log-probability of each target; a config, a parameter count."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -62,7 +63,20 @@ class LanguageModel(nn.Module):
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
 
-@torch.compiler.disable  # a loop over chunks, into buffers: nothing for a compiler to fuse, much to unroll
+def eager(fn):
+    """``torch.compiler.disable(fn)``, made when a compiler traces ``fn``: importing the compiler at start-up, as the
+    decorator does, cost every command 0.9 s."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@eager  # a loop over chunks, into buffers: nothing for a compiler to fuse, much to unroll
 def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The log-probability of each target (B, T), 0 where there is none (``IGNORE``: a prompt, padding), from the
     states (B, T, width) that the output layer ``head`` reads: a linear layer, or ``nn.Identity`` for states that
