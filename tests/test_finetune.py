@@ -47,6 +47,7 @@ def test_validation_reads_about_eval_tokens_answer_tokens_of_every_length():
     scored, answers = read(data.num_targets // 10)
     assert abs(scored - data.num_targets / 10) < 0.1 * data.num_targets / 10 and answers[0] < 10 and answers[-1] > 90
 
+
 def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):
     root, base = bpe_base
     words = ["king", "queen", "lord", "night", "blood", "crown", "sword", "heart", "death", "love", "grace", "honour"]
