@@ -315,7 +315,7 @@ def test_the_gguf_reader_reads_what_the_gguf_package_reads(tmp_path):
 def test_gguf_tensor_types_dequantize_to_the_right_shape(tmp_path):
     """Every listed storage type comes back as float32 (out, in) matrices: close to the original for the types
     the gguf package can write (the K-quants are built block by block here), and equal to its own dequantizer (which
-    fournil's torch unpacking of Q8_0, Q4_0 and Q4_1 replaces)."""
+    fournil's torch unpacking of Q8_0, Q4_0, Q4_1 and Q4_K to Q6_K replaces)."""
     import gguf
     import numpy as np
 
@@ -330,7 +330,7 @@ def test_gguf_tensor_types_dequantize_to_the_right_shape(tmp_path):
         data = x if name == "F32" else gguf.quants.quantize(x, Q[name])
         w.add_tensor(name, data, raw_dtype=None if name == "F32" else Q[name])
     k_blocks = {}
-    for name, size, scale_at in [("Q4_K", 144, (0, 2)), ("Q6_K", 210, (208,))]:
+    for name, size, scale_at in [("Q4_K", 144, (0, 2)), ("Q5_K", 176, (0, 2)), ("Q6_K", 210, (208,))]:
         block = rng.integers(0, 256, (3, size), dtype=np.uint8)
         for at in scale_at:  # the per-block scales (fp16) must be finite numbers
             block[:, at:at + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)

@@ -108,12 +108,55 @@ def unpack_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return blocks[:, :2].view(torch.float16).float() * codes + blocks[:, 2:4].view(torch.float16).float()
 
 
-UNPACK = {"Q8_0": (34, unpack_q8_0), "Q4_0": (18, unpack_q4_0), "Q4_1": (20, unpack_q4_1)}
+def k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 sub-blocks' scales and minimums of a Q4_K or Q5_K block (256 values), each multiplied by the block's:
+    6 bits each, packed in 12 bytes after the block's two fp16 factors."""
+    n = blocks.shape[0]
+    d, dmin = blocks[:, :2].view(torch.float16).float(), blocks[:, 2:4].view(torch.float16).float()
+    low, mid, high = blocks[:, 4:16].reshape(n, 3, 4).unbind(1)
+    scales = torch.cat([low & 0x3F, (high & 0x0F) | ((low >> 2) & 0x30)], 1).float()
+    minimums = torch.cat([mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)], 1).float()
+    return (d * scales)[:, :, None], (dmin * minimums)[:, :, None]
+
+
+def unpack_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks of 256 values: the factors, then 128 bytes of two 4-bit codes (by 32 values, the low halves first)."""
+    n = blocks.shape[0]
+    scale, minimum = k_scales(blocks)
+    codes = blocks[:, 16:].reshape(n, 4, 1, 32)
+    return (scale * torch.cat([codes & 0xF, codes >> 4], 2).reshape(n, 8, 32).float() - minimum).reshape(n, 256)
+
+
+def unpack_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_K's blocks with a fifth bit for each value: 32 bytes, bit i for the i-th 32 values, before the codes."""
+    n = blocks.shape[0]
+    scale, minimum = k_scales(blocks)
+    codes, fifth = blocks[:, 48:].reshape(n, 4, 1, 32), blocks[:, 16:48].reshape(n, 1, 32)
+    low = torch.cat([codes & 0xF, codes >> 4], 2).reshape(n, 8, 32)
+    high = torch.stack([(fifth[:, 0] >> i) & 1 for i in range(8)], 1)
+    return (scale * (low | (high << 4)).float() - minimum).reshape(n, 256)
+
+
+def unpack_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks of 256 values: 128 bytes of their low 4 bits, 64 of their high 2, 16 signed scales of 16 values each,
+    and the block's scale (fp16); the codes less 32."""
+    n = blocks.shape[0]
+    low, high = blocks[:, :128].reshape(n, 2, 1, 64), blocks[:, 128:192].reshape(n, 2, 1, 32)
+    low = torch.cat([low & 0xF, low >> 4], 2).reshape(n, 8, 32)
+    high = torch.cat([(high >> i) & 3 for i in (0, 2, 4, 6)], 2).reshape(n, 8, 32)
+    codes = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    scales = blocks[:, 208:].view(torch.float16).float() * blocks[:, 192:208].view(torch.int8).float()
+    return (scales[:, :, None] * codes).reshape(n, 256)
+
+
+UNPACK = {"Q8_0": (34, unpack_q8_0), "Q4_0": (18, unpack_q4_0), "Q4_1": (20, unpack_q4_1),
+          "Q4_K": (144, unpack_q4_k), "Q5_K": (176, unpack_q5_k), "Q6_K": (210, unpack_q6_k)}
 
 
 def dequantize(t) -> torch.Tensor:
-    """A stored tensor in float32. The types of SmolLM2's file are unpacked by torch, in the same arithmetic as the gguf
-    package (1.3 s less to load it); the others by the gguf package."""
+    """A stored tensor in float32. The types of SmolLM2's file and of llama.cpp's usual K-quant files (Q4_K_M, Q5_K_M,
+    Q6_K) are unpacked by torch, in the same arithmetic as the gguf package (1.3 s less to load SmolLM2); the others by
+    the gguf package."""
     from gguf.quants import dequantize as dq
 
     if t.tensor_type.name in UNPACK:
