@@ -131,9 +131,9 @@ def unpack_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     """Q4_K's blocks with a fifth bit for each value: 32 bytes, bit i for the i-th 32 values, before the codes."""
     n = blocks.shape[0]
     scale, minimum = k_scales(blocks)
-    codes, fifth = blocks[:, 48:].reshape(n, 4, 1, 32), blocks[:, 16:48].reshape(n, 1, 32)
+    codes, fifth = blocks[:, 48:].reshape(n, 4, 1, 32), blocks[:, 16:48]
     low = torch.cat([codes & 0xF, codes >> 4], 2).reshape(n, 8, 32)
-    high = torch.stack([(fifth[:, 0] >> i) & 1 for i in range(8)], 1)
+    high = torch.stack([(fifth >> i) & 1 for i in range(8)], 1)
     return (scale * (low | (high << 4)).float() - minimum).reshape(n, 256)
 
 
