@@ -32,7 +32,8 @@ def test_a_model_built_with_its_weights_is_the_saved_one_tied_as_it_was(family):
     (the rotary frequencies) and its tied weights, and trains as one built the usual way."""
     model = make(family).eval()
     config = {"family": family, "vocab_size": V, "block_size": T}
-    loaded = build_model(config, unique_state(model)).eval()
+    state = {k: v.clone() for k, v in unique_state(model).items()}  # (the loaded model's own tensors, not these)
+    loaded = build_model(config, state).eval()
     source = (torch.randint(1, V, (3, 5)),) if family == "seq2seq" else ()
     x = torch.randint(V, (3, T))
     assert torch.equal(loaded(*source, x), model(*source, x))
@@ -53,8 +54,7 @@ def test_a_model_built_with_its_weights_is_the_saved_one_tied_as_it_was(family):
                 for p in m.parameters():
                     p -= 0.1 * p.grad
         assert all(torch.equal(a, b) for a, b in zip(unique_state(loaded).values(), unique_state(model).values()))
-        state = {k: v.clone() for k, v in unique_state(model).items()}
-        name = next(iter(state))
+        name = next(iter(state))  # (refused before any is taken)
         with pytest.raises(FournilError, match=rf"w.st does not match its config: {name} is \[2, 3\], the config "
                                                rf"makes it \[{', '.join(map(str, state[name].shape))}\]"):
             build_model(config, {**state, name: torch.zeros(2, 3)}, "w.st")

@@ -71,7 +71,7 @@ def load_tensors(model, tensors: dict, source: str) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(p, []).append(name)
     keys = model.state_dict(keep_vars=True).keys()
-    state, missing, taken = {}, [], set()
+    state, missing = {}, []
     for p, group in names.items():
         given = next((n for n in group if n in tensors), None)
         if given is None:
@@ -81,11 +81,7 @@ def load_tensors(model, tensors: dict, source: str) -> None:
         if value.shape != p.shape:
             raise FournilError(f"{source} does not match its config: {given} is {list(value.shape)}, the config makes "
                                f"it {list(p.shape)}")
-        value = value.to(p.dtype).contiguous()
-        if value.untyped_storage().data_ptr() in taken:  # one tensor given for two weights that are not tied
-            value = value.clone()
-        taken.add(value.untyped_storage().data_ptr())
-        state |= dict.fromkeys(group, torch.nn.Parameter(value, p.requires_grad))
+        state |= dict.fromkeys(group, torch.nn.Parameter(value.to(p.dtype).contiguous(), p.requires_grad))
     weights = {n for group in names.values() for n in group}
     buffers = [k for k in keys if k not in weights]
     missing += [k for k in buffers if k not in tensors]
