@@ -26,6 +26,16 @@ AVX512 inline __m512 load16(const at::BFloat16* p) {  // bf16 to fp32: the same 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// Keys and values are read once per step, from memory rather than a cache (the weights read between two layers'
+// attention push them out), so each is asked for AHEAD rows before it is used. SmolLM2 in int4, compiled, machine C:
+// 8 rows decoded 10 % faster and one row 3 % (medians of 6 alternated pairs of processes); 32 and 64 ahead: no better.
+constexpr int AHEAD = 16;
+
+template <int C, typename T>
+inline void prefetch_row(const T* p) {  // the 16 * C values of one key or value, a cache line at a time
+  for (int c = 0; c < C; c += 4 / sizeof(T)) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * c), _MM_HINT_T0);
+}
+
 // e^x (x <= 0: a score minus the largest), as 2^n 2^f with |f| <= 1/2 and 2^f by its Taylor polynomial of degree 6
 // (relative error below 1e-7); -inf (a masked key) gives exactly 0
 AVX512 inline __m512 exp16(__m512 x) {
@@ -70,6 +80,7 @@ AVX512 void scores_of(const float* q, const T* k, int64_t key_stride, const bool
     __mmask16 keep = n == 16 ? 0xFFFF : (1u << n) - 1;
     for (int j = 0; mask && j < n; ++j)
       if (!mask[s + j]) keep &= ~(1u << j);
+    for (int j = 0; j < 16 && s + AHEAD + j < S; ++j) prefetch_row<C>(k + (s + AHEAD + j) * key_stride);
     for (int64_t g0 = 0; g0 < G; g0 += 8) {
       const int heads = static_cast<int>(std::min<int64_t>(8, G - g0));
       for (int j = 0; j < 16; ++j) {
@@ -123,6 +134,7 @@ AVX512 void values_of(const float* weights, const T* v, int64_t value_stride, in
   for (int g = 0; g < P; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
+    if (s + AHEAD < S) prefetch_row<C>(v + (s + AHEAD) * value_stride);
     __m512 value[C];
     for (int c = 0; c < C; ++c) value[c] = load16(v + s * value_stride + 16 * c);
     for (int g = 0; g < P; ++g) {
