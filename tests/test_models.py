@@ -142,6 +142,20 @@ def test_llama3_rope_scaling_slows_only_the_long_wavelengths():
         rope_frequencies(LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
 
 
+def test_rotary_frequencies_stay_in_fp32_when_the_model_is_cast():
+    """Rounded to bf16 with the weights, the frequencies would turn every angle by a little more at each position."""
+    from fournil.generate.quantize import quantize
+    from fournil.models.llama import rope_frequencies
+
+    model = make("llama", n_layer=1, rope_theta=500000.0)
+    exact = rope_frequencies(model.config)
+    assert not torch.equal(exact.bfloat16().float(), exact)  # (what a cast would lose)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: quantize(m, "int8")):
+        model = cast(make("llama", n_layer=1, rope_theta=500000.0))
+        assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, exact)
+    assert next(model.parameters()).dtype == torch.bfloat16  # (the weights were cast)
+
+
 @pytest.mark.parametrize("family", ["mlp", "rnn", "gpt", "llama", "seq2seq"])
 def test_losses_from_chunks_of_positions_equal_those_of_whole_logits(family, monkeypatch):
     """The log-probabilities of targets (next-token, SFT, DPO) and distillation's KL, computed a few positions at a
