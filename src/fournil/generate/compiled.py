@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from fournil.device import autocast, use_compile_cache
+from fournil.device import autocast, prepare_compile
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
 
@@ -58,7 +58,7 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
     # (below) it would take another model's compiled step for this one's whenever their tensors had the same shapes
     step.__code__ = step.__code__.replace()
 
-    use_compile_cache()
+    prepare_compile(model.device)
     _steps[model] = torch.compile(step, fullgraph=True, options={
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,

@@ -23,7 +23,7 @@ from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, tokenizer_fingerprint
 from fournil.data.sources import BUNDLED
-from fournil.device import autocast, matmul_rate, pick_device, pick_dtype, precision_text, use_compile_cache
+from fournil.device import autocast, matmul_rate, pick_device, pick_dtype, precision_text, prepare_compile
 from fournil.errors import FournilError
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
@@ -265,7 +265,7 @@ class Trainer:
         if world.distributed and not sharded:
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if t.compile:
-            use_compile_cache()
+            prepare_compile(device)
             net = torch.compile(net)
         per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
         flops = model.flops_per_token(self.context)
