@@ -30,6 +30,16 @@ class LanguageModel(nn.Module):
     counts_only = False  # True for models that learn by counting in one pass (``fit``), not by gradient descent
     checkpointing: bool | None = None  # Transformers: recompute each layer in the backward pass (None: no layers to)
     packs = False  # forward takes ``documents=``: rows packed with several documents each (fournil.data.batches.pack)
+    exact: tuple[str, ...] = ()  # buffers that are not weights: a cast of the model (``--dtype``) keeps their dtype
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()``...: the ``exact`` buffers move, but keep their dtype."""
+        kept = {name: getattr(self, name) for name in self.exact}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            if getattr(self, name).dtype != before.dtype:
+                setattr(self, name, before.to(getattr(self, name).device))
+        return self
 
     def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
         """``layer(*args)``; while training with ``checkpointing``, its activations are not kept but computed again

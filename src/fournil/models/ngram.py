@@ -27,6 +27,7 @@ class NGramConfig:
 class NGram(LanguageModel):
     family = "ngram"
     counts_only = True
+    exact = ("counts",)  # counts, not weights: bf16 holds the integers up to 256 only (1,001 would become 1,000)
 
     def __init__(self, config: NGramConfig):
         super().__init__()
@@ -42,15 +43,6 @@ class NGram(LanguageModel):
         # Only contexts seen in training get a row: sorted context keys and their next-token counts.
         self.register_buffer("contexts", torch.zeros(0, dtype=torch.long))
         self.register_buffer("counts", torch.zeros(0, config.vocab_size, dtype=torch.float64))
-
-    def _apply(self, fn, recurse=True):
-        """Counts are not weights: a cast of the model (``--dtype bfloat16``) leaves them exact, in float64 (bf16 holds
-        the integers up to 256 only: a count of 1,001 would become 1,000)."""
-        counts = self.counts
-        super()._apply(fn, recurse)
-        if self.counts.dtype != torch.float64:
-            self.counts = counts.to(self.counts.device)
-        return self
 
     def num_params(self) -> int:
         return self.counts.numel()
