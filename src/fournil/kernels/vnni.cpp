@@ -137,11 +137,14 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weights, const std
                 "scales: one bf16 per output row (out)");
     row_scales = scales->data_ptr<at::BFloat16>();
   }
-  auto q = at::empty({rows, in}, x.options().dtype(at::kChar));
-  auto step = at::empty({rows, groups}, x.options()), sum = at::empty({rows, groups}, x.options());
-  quantize(x.data_ptr<float>(), rows * groups, q.data_ptr<int8_t>(), step.data_ptr<float>(), sum.data_ptr<float>());
-  const int8_t* qs = q.data_ptr<int8_t>();
-  const float *steps = step.data_ptr<float>(), *sums = sum.data_ptr<float>();
+  // the quantized activations, then their steps and sums, in a buffer this thread keeps: three tensors allocated at
+  // each call cost a decoding step 0.1-0.3 ms (SmolLM2's 120 int4 products for one row: 1.93-2.00 ms, not 2.12-2.34)
+  thread_local std::vector<float> scratch;
+  scratch.resize(rows * in / 4 + 2 * rows * groups);
+  int8_t* qs = reinterpret_cast<int8_t*>(scratch.data());
+  float* steps = scratch.data() + rows * in / 4;
+  float* sums = steps + rows * groups;
+  quantize(x.data_ptr<float>(), rows * groups, qs, steps, sums);
   std::vector<float> totals(four ? 0 : rows);  // 8-bit: each row's sums over all its groups
   for (int64_t r = 0; r < (int64_t)totals.size(); ++r)
     for (int64_t g = 0; g < groups; ++g) totals[r] += sums[r * groups + g];
