@@ -142,6 +142,13 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     for dropout in ("1", "1.5"):
         one_line_error(run("train", "--dropout", dropout), f"--dropout must be in [0, 1), the share of activations "
                                                            f"zeroed while training (got {float(dropout)})")
+    for flags, error in ((("--n-embd", "0"), "--n-embd must be at least 1 (got 0)"),  # (PyTorch's traceback before)
+                         (("--model", "rnn", "--n-layer", "0"), "--n-layer must be at least 1 (got 0)"),
+                         (("--model", "seq2seq", "--data", "nombres", "--n-head", "0"), "--n-head must be at least 1"),
+                         (("--model", "llama", "--n-embd", "0"), "--n-embd must be at least 1"),  # (0 weights before)
+                         (("--model", "llama", "--sliding-window", "0"), "--sliding-window must be at least 1"),
+                         (("--model", "llama", "--rope-theta", "-5"), "--rope-theta and --rms-norm-eps must be above 0")):
+        one_line_error(run("train", *flags), error)
     one_line_error(run("train", "--resume", trained["gpt"], "--steps", "0"), "--steps must be at least 1 (got 0)")
     one_line_error(run("finetune", trained["gpt"], "--eval-every", "0"), "--eval-every must be at least 1")
     one_line_error(run("distill", "--eval-tokens", "0"), "--eval-tokens must be at least 1 (got 0)")

@@ -38,7 +38,7 @@ def add_generation(sub) -> None:
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed (default: smollm2, from nothing)")
     p.add_argument("model", nargs="?", default="smollm2", help=answerer_help)
-    p.add_argument("prompt", nargs="?", default="")
+    p.add_argument("prompt", nargs="?", default="", help="the text to continue (default: none)")
     sampling(p, 0.8)
 
     p = sub.add_parser("chat", help=f"chat in the terminal ({COMMANDS_OF_CHAT})")

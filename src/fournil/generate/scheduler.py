@@ -148,7 +148,7 @@ class Scheduler:
         if len(prompt) >= self.block:
             if not self.truncate:
                 raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: "
-                                   f"shorten it (or let fournil keep its last {self.block - 1} tokens)")
+                                   f"shorten it to {self.block - 1} tokens at most, to leave room for the answer")
             prompt = prompt[-(self.block - 1):]
         generator = torch.Generator(device=self.model.device)
         generator.manual_seed(params.seed) if params.seed is not None else generator.seed()

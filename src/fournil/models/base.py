@@ -232,6 +232,15 @@ class HashedDropout(torch.autograd.Function):
         return torch.ops.fournil.dropout(grad.contiguous(), ctx.p, ctx.seed), None
 
 
+def at_least(config, smallest: int, *names: str) -> None:
+    """Refuse a size of ``config`` below ``smallest``, naming the flag that sets it: a model of 0 heads or a negative
+    width fails deep in PyTorch, or trains with no weights at all."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < smallest:
+            raise FournilError(f"--{name.replace('_', '-')} must be at least {smallest} (got {value})")
+
+
 def decoder_only(model, what: str) -> None:
     """Refuse, with the way out, what only a decoder-only language model can do."""
     if model.family == "seq2seq":

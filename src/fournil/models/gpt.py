@@ -14,7 +14,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import Dropout, LanguageModel, attend, target_logprobs
+from fournil.models.base import Dropout, LanguageModel, at_least, attend, target_logprobs
 
 
 @dataclass
@@ -88,6 +88,8 @@ class GPT(LanguageModel):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        at_least(config, 1, "n_head", "n_embd")
+        at_least(config, 0, "n_layer")  # 0: each token's embedding straight to the output layer, a bigram model
         if config.n_embd % config.n_head:
             raise FournilError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
         if config.activation not in ACTIVATIONS:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.generate.cache import KVCache, positions_and_mask
-from fournil.models.base import LanguageModel, attend, target_logprobs
+from fournil.models.base import LanguageModel, at_least, attend, target_logprobs
 
 
 @dataclass
@@ -38,7 +38,12 @@ class LlamaConfig:
     sliding_window: int | None = None  # each token sees at most this many tokens, itself included (Mistral)
 
     def __post_init__(self):
-        if self.n_head < 1 or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+        at_least(self, 1, "n_head", "n_kv_head", "n_embd", "sliding_window")
+        at_least(self, 0, "n_layer", "head_dim", "intermediate_size")  # (0 sizes: derived from n_embd below)
+        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
+            raise FournilError(f"--rope-theta and --rms-norm-eps must be above 0 (got {self.rope_theta:g} and "
+                               f"{self.rms_norm_eps:g})")
+        if self.n_head % self.n_kv_head:
             raise FournilError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if not self.head_dim:
             if self.n_embd % self.n_head:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fournil.models.base import Dropout, LanguageModel, target_logprobs, windows
+from fournil.models.base import Dropout, LanguageModel, at_least, target_logprobs, windows
 
 
 @dataclass
@@ -30,6 +30,8 @@ class MLP(LanguageModel):
 
     def __init__(self, config: MLPConfig):
         super().__init__()
+        at_least(config, 1, "context", "n_embd", "n_hidden")
+        at_least(config, 0, "n_layer")  # 0: the embeddings straight to the output layer, a linear model
         self.config = config
         self.pad = config.boundary_id if config.boundary_id is not None else config.vocab_size
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + 1: the start symbol

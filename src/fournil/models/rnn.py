@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.models.base import LanguageModel, target_logprobs
+from fournil.models.base import LanguageModel, at_least, target_logprobs
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -28,6 +28,7 @@ class RNN(LanguageModel):
 
     def __init__(self, config: RNNConfig):
         super().__init__()
+        at_least(config, 1, "n_embd", "n_hidden", "n_layer")
         if config.cell not in CELLS:
             raise FournilError(f"unknown cell {config.cell!r}: use gru or lstm")
         self.config = config

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fournil.errors import FournilError
-from fournil.models.base import Dropout, LanguageModel, attend, target_logprobs
+from fournil.models.base import Dropout, LanguageModel, at_least, attend, target_logprobs
 
 
 @dataclass
@@ -116,6 +116,7 @@ class Seq2Seq(LanguageModel):
 
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
+        at_least(config, 1, "n_layer", "n_head", "n_embd")
         if config.n_embd % config.n_head:
             raise FournilError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
         self.config = config

@@ -33,7 +33,7 @@ def train_bpe(texts, vocab_size: int, progress: bool = False) -> HFTokenizer:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < SMALLEST:
-        raise FournilError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {SMALLEST} tokens "
+        raise FournilError(f"a vocabulary of {vocab_size} tokens is too small: a byte-level BPE needs at least {SMALLEST} "
                            f"(256 bytes and {len(SPECIALS)} special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
