@@ -193,12 +193,10 @@ def renamed(p, old: str, new: str) -> None:
 def add_tuning_args(p) -> None:
     """The flags that fine-tuning and learning from preferences share: LoRA, and the longest example."""
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=16.0,
-                   help="LoRA alpha (the update is scaled by alpha / rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="",
-                   help="comma-separated layer names to adapt (default: every linear layer)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16; the update is scaled by alpha / rank)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-targets", help="comma-separated layer names to adapt (default: every linear layer)")
     for old in ("rank", "alpha", "targets"):
         renamed(p, f"--{old}", f"--lora-{old}")
     p.add_argument("--max-length", type=int,
@@ -208,10 +206,18 @@ def add_tuning_args(p) -> None:
 def lora_config(args):
     from fournil.config import LoraConfig
 
+    given = {name: getattr(args, f"lora_{name}") for name in ("rank", "alpha", "dropout", "targets")}
+    given = {name: value for name, value in given.items() if value is not None}
     if not args.lora:
+        if given:  # (they were ignored, and every weight trained)
+            raise FournilError(f"--lora-{next(iter(given))} sets a LoRA adapter: add --lora, or leave it out to tune "
+                               f"every weight")
         return None
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+    if "targets" in given:
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    config = LoraConfig(**given)
+    config.check()  # before the base model is read
+    return config
 
 
 def add_compile_arg(p) -> None:
