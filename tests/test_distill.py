@@ -83,7 +83,8 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trai
         ("--student", trained["gpt"]): "another tokenizer than the teacher",
         ("--student", str(tmp_path / "wide.json")): "a vocabulary of 999 tokens and the teacher 400",
         ("--student", "layers:9"): "a student keeps from 1 to 1 of the teacher's 2 layers",
-        ("--kd-weight", "2"): "--kd-weight in [0, 1]",
+        ("--kd-weight", "2"): "--kd-weight must be in [0, 1] (got 2)",
+        ("--kd-temperature", "0"): "--kd-temperature must be above 0 (got 0)",
         ("--sequences", "3"): "--sequences needs an instruction set",
     }
     for args, message in failures.items():

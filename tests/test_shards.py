@@ -27,6 +27,8 @@ def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
     assert 0.04 < counts["val"] / sum(counts.values()) < 0.06 and 0.04 < counts["test"] / sum(counts.values()) < 0.06
     ids = np.fromfile(tmp_path / "shards" / meta["shards"]["train"][0]["file"], dtype=np.uint16)
     assert len(ids) == meta["shards"]["train"][0]["tokens"]
+    missing = cli("prepare", "--data", "corpuss", check=False)  # said at once, not after "learning a BPE from corpuss"
+    assert missing.returncode == 2 and missing.stderr.startswith("fournil: error: no file or folder corpuss")
 
 
 def test_prepare_without_data_shards_bundled_shakespeare(cli, tmp_path):

@@ -145,9 +145,12 @@ class DistillConfig:
     sequences: int = 0  # sequence-level: the teacher answers this many prompts of an instruction set; the student learns those answers
 
     def check(self) -> None:
-        if self.temperature <= 0 or not 0 <= self.alpha <= 1 or self.context < 2 or self.sequences < 0:
-            raise FournilError("--kd-temperature must be above 0, --kd-weight in [0, 1], --context at least 2 and "
-                               "--sequences not negative")
+        for wrong, error in ((not self.temperature > 0, f"--kd-temperature must be above 0 (got {self.temperature:g})"),
+                             (not 0 <= self.alpha <= 1, f"--kd-weight must be in [0, 1] (got {self.alpha:g})"),
+                             (self.context < 2, f"--context must be at least 2 (got {self.context})"),
+                             (self.sequences < 0, f"--sequences must not be negative (got {self.sequences})")):
+            if wrong:
+                raise FournilError(error)
 
 
 @dataclass

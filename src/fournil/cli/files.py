@@ -103,8 +103,9 @@ def run_prepare(args) -> None:
     if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
         tokenizer = load_tokenizer(out / TOKENIZER)
     elif size := bpe_size(spec):
+        texts = source_texts(source)  # (which refuses a source with no text before anything is said)
         print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
-        tokenizer = train_bpe(source_texts(source), size, progress=sys.stderr.isatty())
+        tokenizer = train_bpe(texts, size, progress=sys.stderr.isatty())
     elif spec == "char":
         chars = set().union(*map(set, source_texts(source)))
         tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])

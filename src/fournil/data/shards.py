@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from fournil.checkpoint import write_json
 from fournil.errors import FournilError
+from fournil.data.sources import BUNDLED
 
 META, TOKENIZER = "meta.json", "tokenizer.json"
 CHUNK_BYTES = 1 << 20  # at most; smaller for small corpora, so that val and test get some 200 chunks' worth
@@ -37,6 +38,9 @@ def tokenizer_fingerprint(path: Path) -> str:
 
 
 def input_files(source: Path) -> list[Path]:
+    if not source.exists():
+        raise FournilError(f"no file or folder {source}: prepare a text file, a folder of .txt files or a bundled "
+                           f"dataset ({', '.join(BUNDLED)})")
     if source.is_file():
         return [source]
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".text"))
