@@ -122,6 +122,10 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
     one_line_error(run("explain", trained["llama"].parent / "none", "emma"), "no run directory")
     one_line_error(run("sample", trained["gpt"], "--top-p", "2"), "--top-p")
+    # (before: 0 sampled to the usual length, NaN a traceback from torch.multinomial, a beam ignored)
+    one_line_error(run("sample", trained["gpt"], "--max-new-tokens", "0"), "--max-new-tokens must be at least 1 (got 0)")
+    one_line_error(run("sample", trained["gpt"], "--temperature", "nan"), "--temperature must be 0 (greedy) or more")
+    one_line_error(run("sample", trained["gpt"], "--beam", "3"), "--beam searches a seq2seq model's outputs")
     usage = run("train", "--time", "soon")
     assert usage.returncode == 2 and "is not a duration" in usage.stderr
     one_line_error(train("--n-embd", "30", "--n-head", "4", "--out", "odd"), "n_embd (30) must be a multiple of n_head")

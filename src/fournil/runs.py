@@ -211,8 +211,10 @@ class Run:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
         if n < 1:
             raise FournilError(f"-n must be at least 1 (got {n})")
-        limit = max_new_tokens or (2 * self.model.config.block_size if self.mode == "lines" else 500)
-        params = SamplingParams(max_new_tokens=limit, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if max_new_tokens is None:
+            max_new_tokens = 2 * self.model.config.block_size if self.mode == "lines" else 500
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed)
         done = complete(self.model, self.tokenizer, [self.tokenizer.prompt_ids(prompt)] * n, params, self.dtype,
                         truncate=True)
         return [prompt + c.text for c in done]

@@ -73,10 +73,18 @@ def add_pictures(sub) -> None:
     p.add_argument("--out", default="embeddings.png", help="the PNG to write")
 
 
+def check_beam(run, beam: int) -> None:
+    """A beam search is of a seq2seq model's outputs: refused for other models, which would ignore it."""
+    if beam != 1 and run.mode != "pairs":
+        raise FournilError(f"--beam searches a seq2seq model's outputs, and {run.path} holds a {run.model.family} "
+                           f"model: leave --beam out")
+
+
 def run_eval(args) -> None:
     from fournil.runs import Run, latest_run
 
     run = Run.load(args.run or latest_run(), args.device, args.dtype)
+    check_beam(run, args.beam)
     results = run.evaluate(beam=args.beam)
     print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters; {scored(run)}")
     if run.config.align:
@@ -111,6 +119,7 @@ def run_sample(args) -> None:
     from fournil.runs import Run, latest_run
 
     run = Run.load(args.run or latest_run(), args.device)
+    check_beam(run, args.beam)
     if run.mode == "pairs":
         return sample_pairs(run, args)
     temperature = 1.0 if args.temperature is None else args.temperature
@@ -127,7 +136,8 @@ def sample_pairs(run, args) -> None:
     """A seq2seq run's outputs: for ``--prompt``, or for the first held-out sources, each marked right or wrong."""
     from fournil.generate import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens or run.model.config.block_size,
+    limit = run.model.config.block_size if args.max_new_tokens is None else args.max_new_tokens
+    params = SamplingParams(max_new_tokens=limit,
                             temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.prompt:
         print(run.translate([args.prompt], args.beam, params)[0])

@@ -1,6 +1,7 @@
 """Sampling controls: how the next token is chosen from the model's logits."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class SamplingParams:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise FournilError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
+        if not 0 <= self.temperature < math.inf:  # (NaN too, which no comparison lets through)
             raise FournilError(f"--temperature must be 0 (greedy) or more (got {self.temperature})")
         if self.top_k is not None and self.top_k < 1:
             raise FournilError(f"--top-k must be at least 1 (got {self.top_k})")
@@ -41,7 +42,7 @@ class SamplingParams:
             raise FournilError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise FournilError(f"--min-p must be in [0, 1] (got {self.min_p})")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise FournilError(f"--repetition-penalty must be positive, 1 for none (got {self.repetition_penalty})")
         if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
             raise FournilError("frequency and presence penalties must be between -2 and 2, as in the OpenAI API")
