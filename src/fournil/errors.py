@@ -3,3 +3,10 @@
 
 class FournilError(Exception):
     """A problem with the user's input or files. The CLI prints it on one line and exits with code 2."""
+
+
+class NotAChatModel(FournilError):
+    """A conversation given to a model whose tokenizer has no chat template (every character model)."""
+
+    def __init__(self):
+        super().__init__("this model has no chat template (it is not a chat model); use `fournil generate` instead")

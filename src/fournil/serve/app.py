@@ -324,7 +324,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         messages = [m.model_dump() for m in body.messages]
         try:
             prompt = tok.chat_ids(messages)
-        except (FournilError, AttributeError) as e:
+        except FournilError as e:
             raise ApiError(400, f"this model cannot chat: {e}; use /v1/completions", param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, top)

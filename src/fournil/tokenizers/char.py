@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, NotAChatModel
 
 BOUNDARY = "<|endoftext|>"  # marks where a document starts and ends, like makemore's '.'
 UNKNOWN = "<|unk|>"  # stands for characters of the val/test splits that training never saw
@@ -72,6 +72,11 @@ class CharTokenizer:
         if self.boundary_id is not None:
             return [self.boundary_id, *ids]
         return ids or self.encode("\n" if "\n" in self.stoi else self.chars[0])
+
+    chat_template = None
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        raise NotAChatModel
 
     def decode(self, ids) -> str:
         return "".join(self.itos[i] for i in ids if self.itos[i] not in self.specials)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, NotAChatModel
 from fournil.tokenizers.chat import render_chat
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -95,7 +95,7 @@ class HFTokenizer:
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered by the chat template (ready for the assistant's answer, by default)."""
         if not self.chat_template:
-            raise FournilError("this model has no chat template (it is not a chat model); use `fournil generate` instead")
+            raise NotAChatModel
         return render_chat(self.chat_template, messages, add_generation_prompt, bos_token=self.bos or "",
                            eos_token=self.eos or "")
 
