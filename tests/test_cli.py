@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from conftest import InProcess
@@ -127,6 +128,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("sample", trained["gpt"], "--temperature", "nan"), "--temperature must be 0 (greedy) or more")
     one_line_error(run("sample", trained["gpt"], "--beam", "3"), "--beam searches a seq2seq model's outputs")
     one_line_error(run("chat", trained["gpt"]), "this model has no chat template")  # (an AttributeError before)
+    one_line_error(run("arena", "judge", trained["gpt"], trained["llama"], "--judge", "smollm2", "--db",
+                       str(tmp_path / "arena.sqlite")), f"{Path(trained['gpt']).name}: this model has no chat template")
     usage = run("train", "--time", "soon")
     assert usage.returncode == 2 and "is not a duration" in usage.stderr
     one_line_error(train("--n-embd", "30", "--n-head", "4", "--out", "odd"), "n_embd (30) must be a multiple of n_head")

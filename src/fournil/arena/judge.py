@@ -15,7 +15,7 @@ from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, read_rows
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, complete
 from fournil.generate.engine import score_choices
-from fournil.generate.answerers import Local
+from fournil.generate.answerers import Local, check_chats
 
 INSTRUCTIONS = (
     "You judge two AI assistants' answers to the user's question below, impartially. Consider which answer follows "
@@ -36,6 +36,7 @@ class Judge:
     """``model`` (a :class:`Local` or a remote model) as a judge."""
 
     def __init__(self, model):
+        check_chats(model)
         self.model, self.name = model, str(model)
 
     def prefers(self, question: str, first: str, second: str) -> str | None:

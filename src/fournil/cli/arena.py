@@ -96,7 +96,7 @@ def run_arena(args) -> None:
 
 def arena_contestants(args) -> dict:
     from fournil.generate import SamplingParams
-    from fournil.generate.answerers import answerer, name_of
+    from fournil.generate.answerers import answerer, check_chats, name_of
 
     SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature).check()
     names = [name_of(m) for m in args.models]
@@ -106,6 +106,7 @@ def arena_contestants(args) -> dict:
     for name, spec in zip(names, args.models):
         print(f"loading {spec}", flush=True)
         contestants[name] = answerer(spec, args.device, args.dtype, args.api_key_env)
+        check_chats(contestants[name])
     return contestants
 
 

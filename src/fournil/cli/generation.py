@@ -123,15 +123,14 @@ def run_generate(args) -> None:
 
 
 def run_chat(args) -> None:
-    from fournil.generate.answerers import Local
+    from fournil.generate.answerers import Local, check_chats
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()
     model = load_answerer(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    if isinstance(model, Local):  # a model without a chat template fails now, not later
-        model.run.tokenizer.chat_ids(messages + [{"role": "user", "content": ""}])
+    check_chats(model, start)
     interactive = sys.stdin.isatty()
     if interactive:
         about = f"{model.run.model.num_params():,} parameters" if isinstance(model, Local) else model.url

@@ -43,6 +43,16 @@ def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: 
     return Local(run, name_of(spec), helper, draft_tokens, conversation)
 
 
+def check_chats(model, start: list[dict] = ()) -> None:
+    """Refuse, before any answer, a model loaded here that cannot chat (no chat template; ``start``: the system message
+    a conversation begins with, which some templates refuse)."""
+    if isinstance(model, Local):
+        try:
+            model.run.tokenizer.chat_ids([*start, {"role": "user", "content": ""}])
+        except FournilError as e:
+            raise FournilError(f"{model}: {e}") from None
+
+
 def load_local(spec: str, device: str = "auto", dtype: str = "auto", draft: str | None = None):
     """The run ``spec`` names with its weights in ``dtype``, and its ``draft``'s (checked to fit it), or None."""
     from fournil.runs import Run
