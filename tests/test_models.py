@@ -94,6 +94,8 @@ def test_lstm_option_and_bad_settings():
         build_model({"family": "mlp", "vocab_size": V, "block_size": T, "n_head": 2})
     with pytest.raises(FournilError, match="unknown model 'lstm'"):
         build_model({"family": "lstm"})
+    with pytest.raises(FournilError, match='name no family: add "family", one of ngram'):  # (a KeyError before)
+        build_model({"vocab_size": V, "block_size": T})
 
 
 def test_llama_grouped_query_attention_and_sliding_window():

@@ -44,7 +44,9 @@ def family_names() -> list[str]:
     return list(FAMILIES)
 
 
-def check_family(family: str) -> None:
+def check_family(family: str | None) -> None:
+    if family is None:
+        raise FournilError(f"the model's settings name no family: add \"family\", one of {', '.join(FAMILIES)}")
     if family not in FAMILIES:
         raise FournilError(f"unknown model {family!r}: choose one of {', '.join(FAMILIES)}")
 
@@ -68,7 +70,7 @@ def build_model(config: dict, weights: dict | None = None, source: str = "the we
     """A model from its saved config dict (``{"family": ..., settings...}``), holding ``weights`` if given (read from
     ``source``) without drawing initial ones first (for SmolLM2 that drawing took half the time of loading)."""
     settings = dict(config)
-    family = settings.pop("family")
+    family = settings.pop("family", None)
     check_family(family)
     model_cls, cfg_cls = FAMILIES[family]
     names = {f.name for f in dataclasses.fields(cfg_cls)}

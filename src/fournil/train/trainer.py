@@ -73,7 +73,6 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
     """Fill what the user left open: sizes for this model and data, vocabulary, context length, budget, and the
     gradient accumulation that makes ``batch_tokens`` tokens per optimizer step over all processes."""
     family = config.model["family"]
-    check_family(family)
     if (family == "seq2seq") != (splits.mode == "pairs"):
         raise FournilError(f"{config.data.data} holds (source, target) pairs: train a seq2seq model on it (--model seq2seq)"
                            if splits.mode == "pairs" else f"a seq2seq model learns from (source, target) pairs: give "
@@ -447,6 +446,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
     else:
         config = config or RunConfig(model={"family": "gpt"})
         config.train.check()
+        check_family(config.model.get("family"))  # before the data is read
         splits, fingerprints = load_splits(config.data)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         open_to_sizing = sizing.sizable(config, splits.mode, world.size)
