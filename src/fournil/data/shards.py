@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from fournil.checkpoint import write_json
-from fournil.errors import FournilError
 from fournil.data.sources import BUNDLED
+from fournil.errors import FournilError
 
 META, TOKENIZER = "meta.json", "tokenizer.json"
 CHUNK_BYTES = 1 << 20  # at most; smaller for small corpora, so that val and test get some 200 chunks' worth

@@ -13,6 +13,8 @@ UNKNOWN = "<|unk|>"  # stands for characters of the val/test splits that trainin
 class CharTokenizer:
     """Special tokens take the first ids, then the characters in sorted order."""
 
+    chat_template = None  # (a character model is not a chat model)
+
     def __init__(self, chars: list[str], specials: list[str] | None = None):
         self.specials = list(specials or [])
         self.chars = list(chars)
@@ -72,8 +74,6 @@ class CharTokenizer:
         if self.boundary_id is not None:
             return [self.boundary_id, *ids]
         return ids or self.encode("\n" if "\n" in self.stoi else self.chars[0])
-
-    chat_template = None
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         raise NotAChatModel
