@@ -44,6 +44,8 @@ def test_attention_command_draws_a_png_and_names_what_a_token_reads(bpe_llama, t
     for args, message in {("--layer", "5"): "--layer 5: the model has 2 layers", ("--head", "9"): "--head 9: the model has 4 heads"}.items():
         result = cli("attention", bpe_llama, *args, check=False)
         assert result.returncode == 2 and message in result.stderr
+    long = cli("attention", bpe_llama, "the cat " * 250, check=False)  # (about 750 tokens: within the context of 1,024)
+    assert long.returncode == 2 and "an attention map shows 512 at most" in long.stderr
     for family in ("ngram", "mlp"):  # (said before the default text, whose characters names do not have, is read)
         result = cli("attention", trained[family], check=False)
         assert result.returncode == 2 and f"the {family} model has no attention to show" in result.stderr

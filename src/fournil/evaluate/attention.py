@@ -25,6 +25,10 @@ def recording_attention(model):
             m.recorded = None
 
 
+MOST = 512  # tokens an attention map shows: each layer keeps heads x tokens² weights (SmolLM2's 30 layers of 9 heads
+# at its context of 8,192 tokens: over 70 GB; at 2,800 tokens, 8.5 GB for a picture no one could read)
+
+
 @torch.no_grad()
 def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
     """The tokens of ``text`` and the attention weights of one forward pass over them: (layers, heads, T, T), each
@@ -39,6 +43,9 @@ def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor
                 raise FournilError("give a text with at least one token")
             if len(ids) > model.config.block_size:
                 raise FournilError(f"the text has {len(ids)} tokens; the model's context is {model.config.block_size}")
+            if len(ids) > MOST:
+                raise FournilError(f"the text has {len(ids)} tokens; an attention map shows {MOST} at most (every layer "
+                                   f"keeps heads x tokens² weights): give a shorter text")
             model(torch.tensor([ids], device=model.device))
             weights = torch.stack([m.recorded[0][0].float().cpu() for m in layers])
     finally:
