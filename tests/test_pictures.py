@@ -119,3 +119,16 @@ def test_tokenize_draws_each_tokenizers_cuts_with_their_counts(bpe_llama, tmp_pa
     assert "19 characters, 19 bytes, 19 tokens: 1.00 bytes per token" in result.stdout
     rows = 2 * (1 + 1.6)  # two panels of one line each
     assert imread(tmp_path / "tokens.png").shape[:2] == (int((rows * ROW + 0.2) * 100), int((COLUMNS * CELL + 0.4) * 100))
+
+
+def test_pictures_draw_token_labels_as_written_and_leave_matplotlib_as_they_found_it(tmp_path):
+    """A token "$$" made matplotlib read its label as TeX and fail (SmolLM2's embeddings with --limit 100000); labels
+    are drawn as written now, without changing how the user's own plots draw theirs."""
+    import matplotlib
+
+    from fournil.plots.attention import plot_attention
+
+    weights = torch.ones(1, 3, 3).tril()
+    plot_attention(["$$", "$x$", "a$b"], weights / weights.sum(-1, keepdim=True), tmp_path / "a.png", 0, focus=2)
+    assert imread(tmp_path / "a.png").shape == (680, 720, 4)  # the head, their average, the row of "a$b"
+    assert matplotlib.rcParams["text.parse_math"]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import numpy as np
+
+from fournil.plots.canvas import pyplot
 
 ELO_SCALE, ELO_MEAN = 400 / math.log(10), 1000.0  # natural log-odds -> Elo points; the average model's score
 POINTS = {"a": 1.0, "b": 0.0, "tie": 0.5}  # what model A scores in a battle ("bad" is not fitted)
@@ -109,25 +112,21 @@ def agreement(votes) -> tuple[float, int]:
 
 def plot_win_rates(votes, standings: list[Standing], path, title: str = "share of points, row against column"):
     """The pairwise win-rate matrix as a PNG (``path``: a file name or a binary file), in leaderboard order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = [s.model for s in standings]
-    rates = win_rates(votes, models)
-    size = 2.5 + 0.9 * len(models)
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
-    image = ax.imshow(np.ma.masked_invalid(rates), cmap="RdBu", vmin=0, vmax=1)
-    for i in range(len(models)):
-        for j in range(len(models)):
-            if not math.isnan(rates[i, j]):
-                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
-    ax.set_yticks(range(len(models)), models)
-    ax.set_xlabel("against")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    with pyplot() as plt:
+        models = [s.model for s in standings]
+        rates = win_rates(votes, models)
+        size = 2.5 + 0.9 * len(models)
+        fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+        image = ax.imshow(np.ma.masked_invalid(rates), cmap="RdBu", vmin=0, vmax=1)
+        for i in range(len(models)):
+            for j in range(len(models)):
+                if not math.isnan(rates[i, j]):
+                    ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        ax.set_yticks(range(len(models)), models)
+        ax.set_xlabel("against")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        plt.close(fig)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from fournil.plots.canvas import pyplot
+
 
 def visible(text: str) -> str:
     """A token as tables and pictures show it: a space as ``␣``, a line end as ``↵``, another control character
@@ -22,35 +24,31 @@ def plot_attention(tokens: list[str], weights: torch.Tensor, path: Path, layer: 
                    focus: int | None = None, title: str = "") -> None:
     """``weights`` is one layer's (heads, T, T). One head's map, or every head's and their average; with ``focus``
     (a token's index), that token's row as bars: how much it reads each token before it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    maps = [(f"layer {layer}, head {head}", weights[head])] if head is not None else \
-        [(f"head {h}", w) for h, w in enumerate(weights)] + [(f"layer {layer}, average of heads", weights.mean(0))]
-    cols = min(4, len(maps))
-    rows = math.ceil(len(maps) / cols) + (focus is not None)
-    labels = token_labels(tokens)
-    fig = plt.figure(figsize=(3.6 * cols, 3.4 * rows), dpi=100)
-    for i, (name, w) in enumerate(maps):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(w.numpy(), cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=9)
-        if len(tokens) <= 40:
-            ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(tokens)), labels, fontsize=6)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if focus is not None:
-        row = maps[-1][1][focus][: focus + 1]
-        ax = fig.add_subplot(rows, 1, rows)
-        ax.bar(range(focus + 1), row.numpy(), color="tab:blue")
-        ax.set_xticks(range(focus + 1), labels[: focus + 1], rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("attention")
-        ax.set_title(f"what {labels[focus]!r} reads ({maps[-1][0]})", fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with pyplot() as plt:
+        maps = [(f"layer {layer}, head {head}", weights[head])] if head is not None else \
+            [(f"head {h}", w) for h, w in enumerate(weights)] + [(f"layer {layer}, average of heads", weights.mean(0))]
+        cols = min(4, len(maps))
+        rows = math.ceil(len(maps) / cols) + (focus is not None)
+        labels = token_labels(tokens)
+        fig = plt.figure(figsize=(3.6 * cols, 3.4 * rows), dpi=100)
+        for i, (name, w) in enumerate(maps):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            ax.imshow(w.numpy(), cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(name, fontsize=9)
+            if len(tokens) <= 40:
+                ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=6)
+                ax.set_yticks(range(len(tokens)), labels, fontsize=6)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        if focus is not None:
+            row = maps[-1][1][focus][: focus + 1]
+            ax = fig.add_subplot(rows, 1, rows)
+            ax.bar(range(focus + 1), row.numpy(), color="tab:blue")
+            ax.set_xticks(range(focus + 1), labels[: focus + 1], rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel("attention")
+            ax.set_title(f"what {labels[focus]!r} reads ({maps[-1][0]})", fontsize=10)
+        fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)

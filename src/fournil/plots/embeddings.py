@@ -8,6 +8,7 @@ from torch import nn
 
 from fournil.errors import FournilError
 from fournil.plots.attention import token_labels
+from fournil.plots.canvas import pyplot
 
 
 def token_embeddings(model) -> torch.Tensor:
@@ -27,19 +28,15 @@ def principal_components(x: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, tor
 
 
 def plot_embeddings(points: torch.Tensor, labels: list[str], shares: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 8), dpi=100)
-    ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=12, color="tab:blue", alpha=0.5)
-    for (x, y), label in zip(points.tolist(), token_labels(labels)):
-        ax.annotate(label, (x, y), fontsize=8, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel(f"first principal component ({100 * shares[0]:.1f} % of the variance)")
-    ax.set_ylabel(f"second principal component ({100 * shares[1]:.1f} %)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with pyplot() as plt:
+        fig, ax = plt.subplots(figsize=(8, 8), dpi=100)
+        ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=12, color="tab:blue", alpha=0.5)
+        for (x, y), label in zip(points.tolist(), token_labels(labels)):
+            ax.annotate(label, (x, y), fontsize=8, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel(f"first principal component ({100 * shares[0]:.1f} % of the variance)")
+        ax.set_ylabel(f"second principal component ({100 * shares[1]:.1f} %)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
