@@ -70,7 +70,7 @@ class Soak:
         """One streamed answer on a connection of its own, read to its end or closed after ``hang_up_after``
         chunks."""
         body = {"model": "soak", "messages": [{"role": "user", "content": prompt}], "max_tokens": limit,
-                "stream": True, "logprobs": True, "temperature": 0.8}
+                "stream": True, "stream_options": {"include_usage": True}, "logprobs": True, "temperature": 0.8}
         start, first, chunks, tokens, finish, usage, done = time.perf_counter(), None, 0, 0, None, None, False
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,11 +33,16 @@ class Server:
     variables to add to its environment)."""
 
     def __init__(self, model, *extra, env: dict | None = None, command: str = "serve"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "fournil", command, str(model), *map(str, extra),
-                                         "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env={**os.environ, **(env or {})})
+        printed = ""  # the server names the free port it took (--port 0) once its model is loaded
+        while not (port := re.search(r" on http://[^:]+:(\d+)", printed)) and (line := self.process.stdout.readline()):
+            printed += line
+        if not port:
+            raise AssertionError(f"the server exited:\n{printed}")
+        self.port = int(port.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:

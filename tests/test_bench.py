@@ -101,6 +101,10 @@ def test_lm_evals_completions_client_with_its_defaults_against_the_server(bpe_ll
         assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
         status, refused = server.post("/v1/completions", {"prompt": [5, 99999]})
         assert status == 400 and "prompt token 99999 is outside this model's vocabulary" in refused["error"]["message"]
+        status, refused = server.post("/detokenize", {"tokens": [5, 99999]})
+        assert status == 400 and refused["error"]["param"] == "tokens" and refused["error"]["message"].startswith(
+            "tokens token 99999 is outside")
+        assert server.post("/detokenize", {"tokens": []}) == (200, {"prompt": ""})
     finally:
         server.stop()
     direct = evaluate(FournilLM(model=str(bpe_llama), dtype="float32", add_bos_token=False), tasks,

@@ -164,7 +164,7 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     one_line_error(run("finetune", trained["gpt"], "--lora", "--lora-rank", "0"), "--lora-rank must be at least 1")
     one_line_error(run("distill", "--eval-tokens", "0"), "--eval-tokens must be at least 1 (got 0)")
     one_line_error(run("serve", trained["gpt"], "--max-batch", "0"), "--max-batch must be at least 1")
-    for port in ("99999", "0", "http"):  # (uvicorn would say it listens on 99999, and listen nowhere)
+    for port in ("99999", "-1", "http"):  # (uvicorn would say it listens on 99999, and listen nowhere)
         refused = run("serve", trained["gpt"], "--port", port)
         assert refused.returncode == 2 and f"'{port}' is not a port: give a number from 1 to 65535" in refused.stderr
     one_line_error(run("convert", trained["gpt"], "/nonexistent/dir/x.gguf"),

@@ -42,6 +42,12 @@ def test_completions_through_the_openai_client(server, chat_run):
                     run.dtype)[0]
     assert out.choices[0].text == ours.text and out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len(run.tokenizer.prompt_ids("KING"))
+    streamed = list(client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == ours.text
+    assert streamed[-1].usage == out.usage and not streamed[-1].choices
+    with pytest.raises(openai.BadRequestError, match="^Error code: 400 - best_of is not supported"):
+        client.completions.create(model="chat", prompt="KING", max_tokens=2, best_of=3)
 
     # a stop string ends the text before it
     stop = ours.text[4:7]
@@ -72,11 +78,15 @@ def test_chat_streaming_and_errors(server, chat_run):
     messages = [{"role": "user", "content": "Speak, good sir."}]
     whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0)
     assert whole.usage.prompt_tokens == len(run.tokenizer.chat_ids(messages))
-    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0, stream=True)
+    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    # unasked, no usage chunk: every chunk has a choice, as the OpenAI examples' loops over choices[0] expect
+    plain = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == whole.choices[0].message.content
 
     probs = client.chat.completions.create(model="chat", messages=messages, max_tokens=4, temperature=0, logprobs=True,
                                            top_logprobs=3)
@@ -317,6 +327,18 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
         assert 20 < len(shown) and "<b>" in page.locator(".msg.user").text_content()  # text, never HTML
         page.click("#new-chat")
         assert page.locator(".msg").count() == 0
+        # a question the server refuses is shown with its error, and left out of the conversation sent next
+        last_done = "[...document.querySelectorAll('.msg.assistant, .msg.error')].pop().dataset.done === 'true'"
+        page.fill("#max-tokens", "4")
+        page.fill("#question", "word " * 2000)
+        page.press("#question", "Enter")
+        page.wait_for_function(last_done)
+        assert "shorten it (this question is not part of" in page.locator(".msg.error").text_content()
+        page.fill("#question", "Speak.")
+        page.press("#question", "Enter")
+        page.wait_for_function(f"document.querySelectorAll('.msg').length === 4 && {last_done}")
+        sent = page.evaluate("() => messages")
+        assert [m["role"] for m in sent] == ["user", "assistant"] and sent[0]["content"] == "Speak."
         browser.close()
     deadline = time.time() + 10
     while "fournil_active_sequences 0" not in server.get("/metrics")[1]:  # the stopped answer freed its row
@@ -325,15 +347,15 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
 
 
 def test_a_port_in_use_is_one_line_and_ctrl_c_stops_the_server(cli, bpe_llama):
-    """The HTTP server runs in a thread beside the one that drives the model: a port it cannot take still ends the
-    command with a clear error, and SIGINT still stops it cleanly."""
+    """A port that is taken ends the command with a clear error before the model loads (nothing says "serving"),
+    and SIGINT stops the HTTP server's thread and the one that drives the model cleanly."""
     import signal
 
     server = Server(bpe_llama)
     try:
         taken = cli("serve", bpe_llama, "--port", server.port, check=False, timeout=120)
         assert taken.returncode == 2 and f"could not listen on 127.0.0.1:{server.port}" in taken.stderr
-        assert "Traceback" not in taken.stderr
+        assert "Traceback" not in taken.stderr and "serving" not in taken.stdout
         server.process.send_signal(signal.SIGINT)
         assert server.process.wait(timeout=30) == 0
     finally:

@@ -104,6 +104,15 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
         assert status == 400 and "seed" in body["error"]["message"]
         status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert status == 400 and "cannot chat" in body["error"]["message"]
+        # the body's shape: in words, at the field (pydantic names a union's members, as in "prompt.list[int].0")
+        status, body = raw(server, "POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+                                   "Content-Length: 9\n", [b"{prompt: "])
+        assert status == 400 and body["error"]["message"].startswith(
+            "the body is not valid JSON (Expecting property name enclosed in double quotes at character 1): send one")
+        status, body = server.post("/v1/completions", {"prompt": [1.5], "max_tokens": 2})
+        assert status == 400 and body["error"]["param"] == "prompt" and body["error"]["message"] == (
+            "prompt should be a string, or a list of strings, or a list of token ids, or a list of lists of token ids "
+            "(got [1.5])")
     finally:
         server.stop()
     assert "Traceback" not in server.process.stdout.read()  # nothing the server would call its own fault

@@ -113,7 +113,7 @@ def arena_contestants(args) -> dict:
 def arena_serve(args, store) -> None:
     from fournil.arena.app import ArenaSettings, create_arena_app
     from fournil.generate.scheduler import check_capacity
-    from fournil.serve.app import run_server
+    from fournil.serve.app import listen, run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     if len(args.models) < 2:
@@ -122,10 +122,11 @@ def arena_serve(args, store) -> None:
     extra = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
     settings = ArenaSettings(args.temperature, args.max_tokens, args.max_batch,
                              hosts=(*LOOPBACK_HOSTS, *extra) if is_loopback(args.host) else (extra or None))
+    sock = listen(args.host, args.port)
     app, schedulers = create_arena_app(arena_contestants(args), store, settings)
-    print(f"the arena of {', '.join(args.models)} on http://{args.host}:{args.port}/arena (votes in {args.db}); "
-          f"leaderboard at /leaderboard", flush=True)
-    run_server(app, schedulers, args.host, args.port)
+    print(f"the arena of {', '.join(args.models)} on http://{args.host}:{sock.getsockname()[1]}/arena (votes in "
+          f"{args.db}); leaderboard at /leaderboard", flush=True)
+    run_server(app, schedulers, sock)
 
 
 def arena_leaderboard(args, store) -> None:

@@ -43,15 +43,16 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 
 def parse_port(text: str) -> int:
-    """A TCP port to listen on: 1 to 65535 (uvicorn takes a larger number without an error, and listens nowhere)."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. 8000")
+    """A TCP port to listen on: 1 to 65535, or 0 for a free one (the server prints which)."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. 8000 (or 0: "
+                                         f"a free one)")
     return int(text)
 
 
 def add_listen_args(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=parse_port, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--port", type=parse_port, default=8000, help="port to listen on (default: 8000; 0: a free one, printed)")
 
 
 def is_loopback(host: str) -> bool:

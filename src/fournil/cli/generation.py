@@ -179,7 +179,7 @@ def run_chat(args) -> None:
 def run_serve(args) -> None:
     from fournil.generate.answerers import load_local
     from fournil.generate.scheduler import check_capacity
-    from fournil.serve.app import ServeSettings, create_app, run_server
+    from fournil.serve.app import ServeSettings, create_app, listen, run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_capacity(args.max_batch, args.max_waiting)  # before the model loads
@@ -200,15 +200,16 @@ def run_serve(args) -> None:
                              (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
                              tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning,
                              args.keep_conversation)
+    sock = listen(args.host, args.port)
     run, draft = load_local(args.model, args.device, args.dtype, args.draft)
     if args.compile:
         compile_decoding_step(run, args.max_batch)
     app, schedulers = create_app(run, settings, draft, args.draft_tokens)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
-          f"http://{args.host}:{args.port}: chat page at /, OpenAI API at /v1", flush=True)
+          f"http://{args.host}:{sock.getsockname()[1]}: chat page at /, OpenAI API at /v1", flush=True)
     if warning:
         logging.getLogger("fournil.serve").warning(warning)
-    run_server(app, schedulers, args.host, args.port)  # on Ctrl-C, answers in progress get 5 seconds to end
+    run_server(app, schedulers, sock)  # on Ctrl-C, answers in progress get 5 seconds to end
 
 
 COMMANDS = {"generate": run_generate, "chat": run_chat, "serve": run_serve}

@@ -12,8 +12,10 @@ A request's mistake is answered 4xx with what to change; a 500 is the server's o
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from fournil.generate.scheduler import drive
 from fournil.serve.guard import Guard
 from fournil.serve.metrics import Metrics
 from fournil.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, Sampling,
-                                   TokenizeRequest)
+                                   TokenizeRequest, explain)
 
 OPEN = ("/", "/health")  # what answers without the API key
 
@@ -156,10 +158,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        said = first["msg"].removeprefix("Value error, ")  # (pydantic's prefix to a validator's own message)
-        return error_response(400, f"{where}: {said}" if where else said, "invalid_request_error", where or None)
+        where, message = explain(e.errors())
+        return error_response(400, message, "invalid_request_error", where)
 
     def sampling(body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         room = block - prompt_len
@@ -274,6 +274,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 for index, r in enumerate(requests):
                     yield sse({**head, "choices": [{"text": "", "index": index, "logprobs": None,
                                                     "finish_reason": r.finish_reason}]})
+                if body.streams_usage():
+                    yield sse({**head, "choices": [], "usage": usage(requests)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -299,14 +301,17 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             prompt = [prompt]
         if any(isinstance(p, str) for p in prompt):
             return [tok.prompt_ids(p) for p in prompt], prompt
-        vocab = tok.vocab_size
         for ids in prompt:
             if not ids:
                 raise ApiError(400, "a prompt of token ids is empty", param="prompt")
-            if bad := [i for i in ids if not 0 <= i < vocab]:
-                raise ApiError(400, f"prompt token {bad[0]} is outside this model's vocabulary (ids 0 to {vocab - 1})",
-                               param="prompt")
+            known(ids, "prompt")
         return prompt, ["".join(token_text(i) for i in ids) for ids in prompt]
+
+    def known(ids: list[int], param: str) -> list[int]:
+        if bad := [i for i in ids if not 0 <= i < tok.vocab_size]:
+            raise ApiError(400, f"{param} token {bad[0]} is outside this model's vocabulary (ids 0 to "
+                                f"{tok.vocab_size - 1})", param=param)
+        return ids
 
     async def prompt_logprobs(ids: list[int], top: int) -> dict:
         """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``."""
@@ -355,7 +360,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 for index, r in enumerate(requests):
                     yield sse({**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
                                                      "finish_reason": r.finish_reason}]})
-                yield sse({**chunk, "choices": [], "usage": usage(requests)})
+                if body.streams_usage():  # as OpenAI: only when asked, since clients read choices[0] of each chunk
+                    yield sse({**chunk, "choices": [], "usage": usage(requests)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -379,7 +385,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        return {"prompt": tok.decode(prompt_list(body.tokens)[0][0]) if body.tokens else ""}
+        return {"prompt": tok.decode(known(body.tokens, "tokens"))}
 
     # ---- the classic endpoint, health, metrics, the page
     @app.post("/predict")
@@ -412,26 +418,41 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     return Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, routes), [scheduler]
 
 
-def run_server(app, schedulers: list[Scheduler], host: str, port: int) -> None:
-    """Serve ``app`` with uvicorn in a thread of its own while this thread, the one that loaded the models, drives
-    their schedulers (see :mod:`fournil.generate.scheduler` for why). Ctrl-C or SIGTERM stops it: answers in
-    progress get 5 seconds to end."""
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the models load: a port that is taken fails at once, and ``--port 0``
+    takes a free one (``socket.getsockname()`` says which)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                            flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left by a server just stopped
+        sock.bind(address)
+    except OSError as e:
+        hint = ("is another server on that port? choose another with --port" if e.errno == errno.EADDRINUSE else
+                "check --host and --port")
+        raise FournilError(f"could not listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+    return sock
+
+
+def run_server(app, schedulers: list[Scheduler], sock: socket.socket) -> None:
+    """Serve ``app`` on ``sock`` (:func:`listen`) with uvicorn in a thread of its own while this thread, the one that
+    loaded the models, drives their schedulers (see :mod:`fournil.generate.scheduler` for why). Ctrl-C or SIGTERM
+    stops it: answers in progress get 5 seconds to end."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
     def stop(*_):
         server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    http = threading.Thread(target=server.run, name="fournil-http", daemon=True)
+    http = threading.Thread(target=server.run, args=([sock],), name="fournil-http", daemon=True)
     http.start()
     drive(schedulers, http.is_alive)
     http.join()
     if not server.started:
-        raise FournilError(f"could not listen on {host}:{port} (the reason is above): is another server on that port? "
-                           f"choose another with --port")
+        raise FournilError("the HTTP server could not start (the reason is above)")
 
 
 @dataclass

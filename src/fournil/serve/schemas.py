@@ -1,15 +1,50 @@
 """The request bodies of the HTTP API, as the OpenAI API defines them (fields fournil does not use are ignored)."""
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 # what a request may ask that fournil cannot do, and the values that ask nothing: refused rather than ignored, since
-# the answer would silently not be what was asked for (plain text, no tool calls, no biased tokens)
+# the answer would silently not be what was asked for (plain text, no tool calls, no biased tokens, no insertion
+# before a suffix, no best of several)
 UNSUPPORTED = {"response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
-               "logit_bias": (None, {})}
+               "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, "")}
+
+
+# the members of this API's unions, as pydantic names them in an error's place, in words
+MEMBERS = {"str": "a string", "list[str]": "a list of strings", "list[int]": "a list of token ids",
+           "list[list[int]]": "a list of lists of token ids",
+           "list[Part]": 'a list of parts {"type": "text", "text": ...}'}
+
+
+def explain(errors: list[dict]) -> tuple[str | None, str]:
+    """Where the body is wrong and what to change, from pydantic's errors: a body that is not JSON, or a field that
+    is none of its union's members, in words (pydantic reports one error per member, at places such as
+    ``prompt.list[int].0``)."""
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return None, (f"the body is not valid JSON ({first['ctx']['error']} at character {first['loc'][-1]}): send "
+                      f"one JSON object, such as {{\"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}")
+    place = [p for p in first["loc"] if p != "body"]
+    tag = next((i for i, p in enumerate(place) if p in MEMBERS), None)
+    if tag is None:
+        where = ".".join(map(str, place))
+        said = first["msg"].removeprefix("Value error, ")  # (pydantic's prefix to a validator's own message)
+        return where or None, f"{where}: {said}" if where else said
+    field = place[:tag]
+    places = [[p for p in e["loc"] if p != "body"] for e in errors]
+    members = [p[tag] for p in places if p[:tag] == field and len(p) > tag and p[tag] in MEMBERS]
+    got = next((e["input"] for e, p in zip(errors, places) if p[:tag] == field and len(p) == tag + 1), None)
+    where = ".".join(map(str, field))
+    return where, (f"{where} should be {', or '.join(MEMBERS[m] for m in dict.fromkeys(members))} "
+                   f"(got {json.dumps(got)[:80]})")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage and no choices (which a client must then expect)
 
 
 class Sampling(BaseModel):
@@ -20,6 +55,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     model: str | None = None
@@ -30,8 +66,11 @@ class Sampling(BaseModel):
         for field, harmless in UNSUPPORTED.items():
             if isinstance(body, dict) and body.get(field) not in harmless:
                 raise ValueError(f"{field} is not supported here: leave it out (fournil serve answers in plain text, "
-                                 f"without tools or biased tokens)")
+                                 f"one answer per choice, without tools, biased tokens or a suffix)")
         return body
+
+    def streams_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
