@@ -52,6 +52,29 @@ def test_resume_with_a_new_budget_continues(cli, tmp_path):
     assert steps[-1] == 40 and steps.count(20) == 1
 
 
+def test_the_best_weights_come_back_from_the_state_and_weights_without_a_state_are_not_trained_over(cli, tmp_path):
+    cli(*ARGS, "--steps", "20", "--out", "run")
+    run = tmp_path / "run"
+    with safe_open(str(run / "train_state.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["fournil"])["info"]["best_step"] == 20  # the last checkpoint was the best
+    best = (run / "model.safetensors").read_bytes()
+    # a kill between the state and the best weights, which come after it: resuming writes them from the state
+    (run / "model.safetensors").unlink()
+    cli("train", "--resume", run, "--quiet")
+    assert (run / "model.safetensors").read_bytes() == best
+    # weights without a state (deleted, or a converted model): refused, not trained again from the start over them
+    (run / "train_state.safetensors").unlink()
+    refused = cli("train", "--resume", run, "--steps", "40", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        "has weights but no training state (train_state.safetensors) to go on from (an n-gram model is counted in one "
+        "pass, a converted or downloaded model has none, a run whose state was deleted has lost it); start a new run "
+        "instead, with --out")
+    assert (run / "model.safetensors").read_bytes() == best
+    refused = cli("train", "--resume", "nothere", check=False)
+    assert refused.stderr.strip() == ("fournil: error: --resume nothere: no such run; give the folder of the run to "
+                                      "continue (see `ls runs/`)")
+
+
 def test_ctrl_c_saves_the_steps_done_and_says_how_to_continue(cli, tmp_path):
     proc = cli.popen(*ARGS, "--steps", "100000", "--eval-every", "1000", "--out", "stopped")
     run = tmp_path / "stopped"

@@ -167,7 +167,13 @@ def resumed(resume: str, budget: dict | None, stage: str | None = None) -> tuple
     """The directory and configuration of a run to continue, with the new ``budget`` (steps or seconds) if given.
     ``stage`` (finetune, distill) is the section its configuration must have: a run continues with its own command."""
     TrainConfig(**(budget or {})).check()
+    if not Path(resume).is_dir() and not (RUNS / resume).is_dir():
+        raise FournilError(f"--resume {resume}: no such run; give the folder of the run to continue (see `ls runs/`)")
     run_dir = find_run(resume)
+    if (run_dir / WEIGHTS).exists() and not (run_dir / STATE).exists():  # else it would start again, over them
+        raise FournilError(f"{run_dir} has weights but no training state ({STATE}) to go on from (an n-gram model "
+                           f"is counted in one pass, a converted or downloaded model has none, a run whose state was "
+                           f"deleted has lost it); start a new run instead, with --out")
     config = read_config(run_dir)
     if stage is not None and getattr(config, stage) is None:
         raise FournilError(f"{run_dir} is not a {stage} run: continue it with the command that started it")
@@ -257,6 +263,8 @@ class Trainer:
             weights, optim, info = load_state(self.dir / STATE, data_rng)
             load_full_state(model, optimizer, weights, optim, sharded)
             step, elapsed, best = info["step"], info["elapsed"], info["best_val"]
+            if info.get("best_step") == step and world.main:  # a kill after the state, before the best weights
+                self.keep_best(weights)
             scaler.load_state_dict(info.get("scaler", {}))
         if world.main:
             self.metrics.truncate(step)
@@ -278,11 +286,12 @@ class Trainer:
             weights, optim = full_state(model, optimizer, sharded)  # under FSDP every process takes part
             if self.saved is not None:
                 weights = {k: v for k, v in weights.items() if k in self.saved}
-            if world.main:
+            if world.main:  # the state first: without it the run cannot resume, and it can restore the best weights
+                save_state(self.dir / STATE, weights, optim, data_rng,
+                           {"step": step, "elapsed": elapsed, "best_val": best, "scaler": scaler.state_dict(),
+                            **({"best_step": step} if improved else {})})
                 if improved:
                     self.keep_best(weights)
-                save_state(self.dir / STATE, weights, optim, data_rng,
-                           {"step": step, "elapsed": elapsed, "best_val": best, "scaler": scaler.state_dict()})
 
         def diverged(what: str, value: float):
             kept = f"the last good checkpoint is kept (step {self._saved_step()})" if (self.dir / STATE).exists() \
