@@ -169,6 +169,11 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
         assert refused.returncode == 2 and f"'{port}' is not a port: give a number from 1 to 65535" in refused.stderr
     one_line_error(run("convert", trained["gpt"], "/nonexistent/dir/x.gguf"),
                    "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist")
+    one_line_error(run("tokenize", ""), "the text is empty: give one to cut")
+    before = {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()}
+    for command in (("convert", trained["gpt"], trained["gpt"]), ("merge", trained["gpt"], "x", trained["gpt"])):
+        one_line_error(run(*command), f"{trained['gpt']} already exists: fournil does not write over it")
+    assert {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()} == before  # (it overwrote the run)
     assert not (tmp_path / "runs").exists()  # nothing was trained
     generated = cli("generate", trained["gpt"], "hi", "--temperature", "-1", check=False)
     one_line_error(generated, "--temperature must be 0 (greedy) or more")

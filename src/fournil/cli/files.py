@@ -7,6 +7,7 @@ from pathlib import Path
 from fournil.cli.flags import MODEL_HELP
 from fournil.config import DataConfig
 from fournil.data.sources import BUNDLED, resolve
+from fournil.errors import FournilError
 
 SENTENCE = "Tokenizers cut text into pieces: \"unbelievable\" may be one token, or three. Ça coûte 3 € !"
 
@@ -138,6 +139,9 @@ def run_tokenize(args) -> None:
     from fournil.plots.tokens import plot_tokens
     from fournil.tokenizers.compression import compression, pieces
 
+    if not args.text:
+        raise FournilError("the text is empty: give one to cut, e.g. fournil tokenize \"Hello, world\" (or none, "
+                           "for the default sentence)")
     panels = []
     for spec in args.tokenizer or [None]:
         name, tokenizer = tokenizer_for(spec, args.text)

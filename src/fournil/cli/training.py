@@ -241,11 +241,13 @@ def run_distill(args) -> None:
 
 def run_merge(args) -> None:
 
+    from fournil.formats import check_output
     from fournil.formats.peft import load_adapter
     from fournil.models.lora import merge_lora
     from fournil.runs import TOKENIZER, Run
     from fournil.tokenizers import load_tokenizer
 
+    check_output(Path(args.out))  # before the model loads
     run = Run.load(args.base, "cpu")
     config = load_adapter(run.model, Path(args.adapter))
     merge_lora(run.model)

@@ -60,10 +60,14 @@ def read_model(kind: str, path: Path):
 
 
 def check_output(out: Path) -> None:
-    """The folder an export is written into must exist (a typo should not create a tree of folders)."""
+    """The folder an export is written into must exist (a typo should not create a tree of folders), and what it
+    writes must not: an export over a run, or over the model it reads, would destroy it."""
     if not out.parent.is_dir():
         raise FournilError(f"cannot write {out}: the folder {out.parent} does not exist; create it first or choose "
                            f"another path")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise FournilError(f"{out} already exists: fournil does not write over it; choose another path, or delete it "
+                           f"first")
 
 
 def export(run, out: Path, kind: str, qtype: str = "f32") -> None:
