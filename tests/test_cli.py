@@ -173,6 +173,9 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     before = {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()}
     for command in (("convert", trained["gpt"], trained["gpt"]), ("merge", trained["gpt"], "x", trained["gpt"])):
         one_line_error(run(*command), f"{trained['gpt']} already exists: fournil does not write over it")
+    for command in ("tokenizer", "prepare"):  # (each wrote its tokenizer.json over the run's)
+        one_line_error(run(command, "--data", "names", "--out", trained["gpt"]),
+                       f"{trained['gpt']} is not a folder of fournil {command}'s own (config.json, ")
     assert {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()} == before  # (it overwrote the run)
     assert not (tmp_path / "runs").exists()  # nothing was trained
     generated = cli("generate", trained["gpt"], "hi", "--temperature", "-1", check=False)

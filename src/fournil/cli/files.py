@@ -1,6 +1,7 @@
 """``fournil convert``, ``info``, ``tokenizer``, ``prepare`` and ``tokenize``: models and tokenizers on disk."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def run_tokenizer(args) -> None:
     tokenizer = train_bpe(texts(splits.train), args.vocab_size, progress=sys.stderr.isatty())
     name = args.data if args.data in BUNDLED else Path(args.data).stem
     out = Path(args.out or f"tokenizers/{name}-bpe{args.vocab_size}")
+    own_folder(out, "tokenizer", r"tokenizer(_config)?\.json")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")
     val = compression(tokenizer, texts(splits.val))
@@ -90,6 +92,16 @@ def run_tokenizer(args) -> None:
     print(f"val split: {val['bytes']:,} bytes, {val['chars']:,} characters, {val['tokens']:,} tokens: "
           f"{val['bytes_per_token']:.2f} bytes per token, {val['chars'] / val['tokens']:.2f} characters per token")
     print(f"next: fournil tokenize TEXT --tokenizer {out}  |  fournil train --data {args.data} --tokenizer {out}")
+
+
+def own_folder(out: Path, command: str, writes: str) -> None:
+    """A folder ``command`` writes into (again on a second run): refused when it holds files it did not write (names
+    not matching ``writes``), a run's say, whose tokenizer.json it would replace."""
+    others = sorted(p.name for p in out.iterdir() if not re.fullmatch(writes, p.name)) if out.is_dir() else []
+    if others or out.is_file():
+        held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "") if others else "it is a file"
+        raise FournilError(f"{out} is not a folder of fournil {command}'s own ({held}): it would write over what is "
+                           f"there; choose another --out")
 
 
 def run_prepare(args) -> None:
@@ -101,6 +113,7 @@ def run_prepare(args) -> None:
 
     spec, source = args.tokenizer, str(resolve(args.data)) if args.data in BUNDLED else args.data
     out = Path(args.out or f"shards/{Path(args.data).stem}-{Path(spec.replace(':', '')).stem}")
+    own_folder(out, "prepare", r"(train|val|test)_\d{5}\.bin|meta\.json|tokenizer(_config)?\.json")
     if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
         tokenizer = load_tokenizer(out / TOKENIZER)
     elif size := bpe_size(spec):
