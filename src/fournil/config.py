@@ -197,7 +197,8 @@ def coerce(cls, key: str, text: str):
             return text.lower() in ("true", "1", "yes")
         return target(text)
     except ValueError:
-        raise FournilError(f"{key}={text!r}: expected a {target.__name__}") from None
+        kinds = {int: "a whole number", float: "a number", bool: "true or false"}
+        raise FournilError(f"{key}={text!r}: expected {kinds.get(target, target.__name__)}") from None
 
 
 STAGES = {"train": (), "finetune": ("finetune",), "align": ("finetune", "align"), "distill": ("distill",)}

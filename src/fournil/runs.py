@@ -26,6 +26,9 @@ def find_run(spec: str | Path) -> Path:
     path = Path(spec)
     if not path.exists() and (RUNS / path).exists():
         path = RUNS / path
+    if path.is_file():
+        raise FournilError(f"{spec} is a file but not a model: fournil reads .gguf files, and run directories and "
+                           f"Hugging Face folders (give the folder, not a file in it)")
     if not path.is_dir():
         raise FournilError(f"no run directory or model {str(spec)!r}: give a run (e.g. runs/prenoms-gpt, see `ls runs/`), "
                            f"a .gguf file, a Hugging Face folder or a known model (smollm2)")
