@@ -52,7 +52,8 @@ def parse_port(text: str) -> int:
 
 def add_listen_args(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=parse_port, default=8000, help="port to listen on (default: 8000; 0: a free one, printed)")
+    p.add_argument("--port", type=parse_port, default=8000,
+                   help="port to listen on (default: 8000; 0: a free one, printed)")
 
 
 def is_loopback(host: str) -> bool:

@@ -421,6 +421,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the models load: a port that is taken fails at once, and ``--port 0``
     takes a free one (``socket.getsockname()`` says which)."""
+    sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                             flags=socket.AI_PASSIVE)[0]
@@ -428,6 +429,8 @@ def listen(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left by a server just stopped
         sock.bind(address)
     except OSError as e:
+        if sock is not None:
+            sock.close()
         hint = ("is another server on that port? choose another with --port" if e.errno == errno.EADDRINUSE else
                 "check --host and --port")
         raise FournilError(f"could not listen on {host}:{port}: {e.strerror or e}; {hint}") from None
