@@ -8,7 +8,9 @@ merge, align, reward, distill), :mod:`~fournil.cli.measuring` (eval, bench, samp
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from fournil.cli import arena, files, generation, measuring, training
 from fournil.errors import FournilError
@@ -37,6 +39,22 @@ def parser() -> argparse.ArgumentParser:
 DEFAULT_ACTIONS = {"tokenizer": "train", "reward": "train"}
 
 
+def unreadable(e: OSError) -> str:
+    """A file the system would not read or write, in words: which, and what to do (not "[Errno 2] ...")."""
+    name = e.filename
+    if name is None:
+        return str(e)
+    parent = Path(name).parent
+    if e.errno == errno.ENOENT and not parent.exists():
+        return f"cannot write {name}: the folder {parent} does not exist; create it first or choose another path"
+    return {errno.ENOENT: f"{name}: no such file",
+            errno.EEXIST: f"{name} already exists: choose another path",
+            errno.EACCES: f"{name}: permission denied; choose a path you may write to",
+            errno.ENOSPC: f"the disk is full (writing {name}); free some space, or write elsewhere",
+            errno.EISDIR: f"{name} is a folder, where a file was expected",
+            errno.ENOTDIR: f"{name}: a part of this path is a file, not a folder"}.get(e.errno, f"{name}: {e.strerror}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and
@@ -46,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (FournilError, OSError) as e:  # OSError: a file that cannot be read or written, with the system's reason
-        print(f"fournil: error: {e}", file=sys.stderr)
+        print(f"fournil: error: {unreadable(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fournil: interrupted", file=sys.stderr)

@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import MODEL_HELP
+from fournil.cli.flags import MODEL_HELP, parse_picture
 from fournil.config import DataConfig
 from fournil.data.sources import BUNDLED, resolve
 from fournil.errors import FournilError
@@ -50,7 +50,7 @@ def add_tokenizer_commands(sub) -> None:
                    help="a tokenizer.json, a folder with one (a run, a Hugging Face model, `fournil tokenizer train` "
                         "output), a model (smollm2) or char (the text's own characters); repeat to compare; default: a "
                         "1,024-token BPE trained on shakespeare now")
-    p.add_argument("--out", default="tokens.png", help="the PNG to write")
+    p.add_argument("--out", default="tokens.png", type=parse_picture, help="the picture to write (.png, .svg...)")
 
 
 def run_convert(args) -> None:

@@ -50,6 +50,18 @@ def parse_port(text: str) -> int:
     return int(text)
 
 
+PICTURES = ("png", "svg", "pdf", "jpg", "jpeg", "webp")  # formats matplotlib writes, by the name's suffix
+
+
+def parse_picture(text: str) -> str:
+    """A picture's file name: its suffix says the format (matplotlib would add .png to a name without one, and fail
+    on one it does not know, after the work)."""
+    if Path(text).suffix.lower()[1:] not in PICTURES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a picture's name: end it with .png (or "
+                                         f"{', '.join('.' + k for k in PICTURES[1:])})")
+    return text
+
+
 def add_listen_args(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=parse_port, default=8000,

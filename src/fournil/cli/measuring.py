@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import LATEST, SCORE_DTYPE, scored
+from fournil.cli.flags import LATEST, SCORE_DTYPE, parse_picture, scored
 from fournil.errors import FournilError
 
 ANIMAL = "The animal didn't cross the street because it was too tired"
@@ -51,7 +51,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("text", nargs="?", default=CAPITAL)
     p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
-    p.add_argument("--out", default="explain.png", help="the PNG to write")
+    p.add_argument("--out", default="explain.png", type=parse_picture, help="the picture to write (.png, .svg...)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", **SCORE_DTYPE)
 
@@ -64,13 +64,13 @@ def add_pictures(sub) -> None:
                    help="which layer (default: the last; negative counts from the end)")
     p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
     p.add_argument("--token", default="it", help="show the row of the first token that reads as this (default: it)")
-    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--out", default="attention.png", type=parse_picture, help="the picture to write (.png, .svg...)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
     p.add_argument("model", nargs="?", help="a run (mlp, rnn, gpt, llama), .gguf file or Hugging Face folder "
                                             "(default: the run under runs/ started last)")
     p.add_argument("--limit", type=int, default=300, help="show the first N tokens of the vocabulary (default 300)")
-    p.add_argument("--out", default="embeddings.png", help="the PNG to write")
+    p.add_argument("--out", default="embeddings.png", type=parse_picture, help="the picture to write (.png, .svg...)")
 
 
 def check_beam(run, beam: int) -> None:
