@@ -346,6 +346,32 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
         time.sleep(0.1)
 
 
+def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
+    """A model without a chat template (first names, in characters): the page says so, and streams the continuation of
+    what is typed from /v1/completions, asking for half the model's context (it asked for 256 tokens: refused)."""
+    from playwright.sync_api import sync_playwright
+
+    server = Server(trained["gpt"])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"))
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            assert "no chat template: it continues the text you begin" in page.text_content("#model")
+            page.fill("#temperature", "0")
+            page.fill("#question", "ma")
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelector('.msg.assistant, .msg.error').dataset.done === 'true'")
+            assert page.locator(".msg.error").count() == 0
+            shown, asked = page.locator(".msg.assistant").text_content(), int(page.input_value("#max-tokens"))
+            browser.close()
+        status, greedy = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked})
+        assert status == 200 and shown == greedy["choices"][0]["text"]
+        assert asked == Run.load(trained["gpt"], "cpu").model.config.block_size // 2
+    finally:
+        server.stop()
+
+
 def test_a_port_in_use_is_one_line_and_ctrl_c_stops_the_server(cli, bpe_llama):
     """A port that is taken ends the command with a clear error before the model loads (nothing says "serving"),
     and SIGINT stops the HTTP server's thread and the one that drives the model cleanly."""

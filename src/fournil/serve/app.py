@@ -131,6 +131,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     run, a request alone is decoded speculatively."""
     tok, model, name = run.tokenizer, run.model, settings.name
     block = model.config.block_size
+    chat_model = bool(getattr(tok, "chat_template", None))  # else /predict and the page continue text
     post = Post()
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                           batch_invariant=settings.batch_invariant, draft=draft and draft.model,
@@ -390,7 +391,6 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     # ---- the classic endpoint, health, metrics, the page
     @app.post("/predict")
     async def predict(body: PredictRequest):
-        chat_model = getattr(tok, "chat_template", None)
         prompt = tok.chat_ids([{"role": "user", "content": body.text}]) if chat_model else tok.prompt_ids(body.text)
         params = sampling(Sampling(temperature=0), len(prompt), body.max_tokens or min(256, block - len(prompt)), None)
         requests, queue = submit([prompt], [params], stream=False)
@@ -408,8 +408,10 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     @app.get("/")
     async def page():
         html = (resources.files("fournil.serve") / "page.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", json.dumps(name)).replace("{{WARNING}}",
-                                                                                json.dumps(settings.warning)))
+        values = {"MODEL": name, "WARNING": settings.warning, "CHAT": chat_model, "CONTEXT": block}
+        for key, value in values.items():
+            html = html.replace("{{" + key + "}}", json.dumps(value))
+        return HTMLResponse(html)
 
     inner = app if not settings.cors_origins else CORSMiddleware(
         app, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
