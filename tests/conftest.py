@@ -41,12 +41,12 @@ class Server:
             printed += line
         if not port:
             raise AssertionError(f"the server exited:\n{printed}")
-        self.port = int(port.group(1))
+        self.printed, self.port = printed, int(port.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"the server exited:\n{self.process.stdout.read()}")
+                raise AssertionError(f"the server exited:\n{self.output()}")
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=1)
                 return
@@ -67,6 +67,10 @@ class Server:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
+
+    def output(self) -> str:
+        """All the server printed, once it has stopped."""
+        return self.printed + self.process.stdout.read()
 
     def stop(self):
         self.process.terminate()

@@ -284,6 +284,8 @@ def test_a_remote_judge_writes_its_verdict_on_the_battles_people_voted_on(cli, b
     assert [v.verdict for v in Store(db).votes("judges")] == ["tie", "tie"]
     again = cli("arena", "judge", "--judge", "openai:judge@http://127.0.0.1:9/v1", "--db", db, check=False)
     assert again.returncode == 2 and "has no battle people voted on that judge has not judged yet" in again.stderr
+    tied = cli("arena", "export", "--db", db, "--voters", "judges", "--out", tmp_path / "p.jsonl", check=False)
+    assert tied.returncode == 2 and f"{db} holds no vote by judges that names a better answer yet: vote" in tied.stderr
 
 
 @pytest.mark.parametrize("args, message", [

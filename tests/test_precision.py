@@ -83,7 +83,7 @@ def at_once(client, prompts_tokens: list[tuple[str, int]]) -> None:
 def test_a_server_gives_one_answer_to_one_request_whatever_it_served_before(bpe_llama, precision):
     server = Server(bpe_llama, "--dtype", precision)
     try:
-        assert f"; {SERVED[precision]}) on http://127.0.0.1" in server.process.stdout.readline()
+        assert f"; {SERVED[precision]}) on http://127.0.0.1" in server.printed
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
         answers = []
         for k in range(3):

@@ -84,7 +84,7 @@ def test_a_server_open_to_the_network_without_a_key_says_so(bpe_llama):
         assert raw(server, "GET /v1/models HTTP/1.1\nHost: fournil.lan\n")[0] == 200  # any name reaches it there
     finally:
         server.stop()
-    logged = server.process.stdout.read()
+    logged = server.output()
     assert "fournil: WARNING: this server listens on 0.0.0.0 without an API key" in logged  # and in its log
     keyed = Server(bpe_llama, "--host", "0.0.0.0", "--api-key", KEY)
     try:
@@ -115,7 +115,7 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
             "(got [1.5])")
     finally:
         server.stop()
-    assert "Traceback" not in server.process.stdout.read()  # nothing the server would call its own fault
+    assert "Traceback" not in server.output()  # nothing the server would call its own fault
 
 
 def test_the_key_is_compared_whole_and_never_shown(bpe_llama):
@@ -131,7 +131,7 @@ def test_the_key_is_compared_whole_and_never_shown(bpe_llama):
         assert 'path="other",status="404"' in metrics  # unknown paths are counted together, never by name
     finally:
         server.stop()
-    assert KEY not in metrics and KEY not in server.process.stdout.read()
+    assert KEY not in metrics and KEY not in server.output()
 
 
 def test_browsers_of_other_origins_only_when_allowed(bpe_llama, server):

@@ -82,7 +82,7 @@ def run_arena(args) -> None:
 
         pairs = preference_pairs(store.votes(args.voters))
         if not pairs:
-            raise FournilError(f"{args.db} has no vote of {args.voters} that names a better answer yet")
+            raise FournilError(no_votes(args, "a better answer"))
         from fournil.checkpoint import atomic_write
 
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(
@@ -129,6 +129,12 @@ def arena_serve(args, store) -> None:
     run_server(app, schedulers, sock)
 
 
+def no_votes(args, naming: str) -> str:
+    whose = {"all": "", "people": " by people", "judges": " by judges"}[args.voters]
+    return (f"{args.db} holds no vote{whose} that names {naming} yet: vote on the page of fournil arena MODEL MODEL "
+            f"--db {args.db}, or let a judge vote (fournil arena judge MODEL MODEL --judge JUDGE --db {args.db})")
+
+
 def arena_leaderboard(args, store) -> None:
     from fournil.arena.ranking import agreement, leaderboard, plot_win_rates, table
 
@@ -137,7 +143,7 @@ def arena_leaderboard(args, store) -> None:
     votes = store.votes(args.voters)
     board = leaderboard(votes, args.bootstrap)
     if not board:
-        raise FournilError(f"{args.db} has no vote of {args.voters} that names a better answer or a tie yet")
+        raise FournilError(no_votes(args, "a better answer or a tie"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(board)
