@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,12 +37,23 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-m", "fournil", command, str(model), *map(str, extra),
                                          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env={**os.environ, **(env or {})})
-        printed = ""  # the server names the free port it took (--port 0) once its model is loaded
-        while not (port := re.search(r" on http://[^:]+:(\d+)", printed)) and (line := self.process.stdout.readline()):
-            printed += line
-        if not port:
-            raise AssertionError(f"the server exited:\n{printed}")
-        self.printed, self.port = printed, int(port.group(1))
+        lines = []  # the server names the free port it took (--port 0) once its model is loaded
+
+        def until_the_port():
+            while (line := self.process.stdout.readline()) and not re.search(r" on http://[^:]+:\d+", line):
+                lines.append(line)
+            lines.append(line)
+
+        reader = threading.Thread(target=until_the_port, daemon=True)
+        reader.start()
+        reader.join(timeout=180)
+        if reader.is_alive():
+            self.process.kill()
+            reader.join()
+        self.printed = "".join(lines)
+        if not (port := re.search(r" on http://[^:]+:(\d+)", self.printed)):
+            raise AssertionError(f"the server exited, or did not say its port in 180 s:\n{self.printed}")
+        self.port = int(port.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
         while time.time() < deadline:
