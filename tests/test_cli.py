@@ -124,7 +124,7 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("explain", trained["gpt"], "x", "--device", "cuda"), "no CUDA GPU")
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
     one_line_error(run("explain", trained["gpt"], "emma", "--out", "nodir/emma.png"),  # (not "[Errno 2] ...")
-                   "cannot write nodir/emma.png: the folder nodir does not exist; create it first")
+                   "nodir/emma.png: the folder nodir does not exist; create it, or choose another path")
     refused = run("explain", trained["gpt"], "emma", "--out", "emma")  # (matplotlib wrote emma.png, said "-> emma")
     assert refused.returncode == 2 and "'emma' is not a picture's name: end it with .png (or .svg" in refused.stderr
     one_line_error(run("explain", trained["llama"].parent / "none", "emma"), "no run directory")

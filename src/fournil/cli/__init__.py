@@ -39,14 +39,14 @@ def parser() -> argparse.ArgumentParser:
 DEFAULT_ACTIONS = {"tokenizer": "train", "reward": "train"}
 
 
-def unreadable(e: OSError) -> str:
+def file_error(e: OSError) -> str:
     """A file the system would not read or write, in words: which, and what to do (not "[Errno 2] ...")."""
     name = e.filename
     if name is None:
         return str(e)
     parent = Path(name).parent
     if e.errno == errno.ENOENT and not parent.exists():
-        return f"cannot write {name}: the folder {parent} does not exist; create it first or choose another path"
+        return f"{name}: the folder {parent} does not exist; create it, or choose another path"
     return {errno.ENOENT: f"{name}: no such file",
             errno.EEXIST: f"{name} already exists: choose another path",
             errno.EACCES: f"{name}: permission denied; choose a path you may write to",
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (FournilError, OSError) as e:  # OSError: a file that cannot be read or written, with the system's reason
-        print(f"fournil: error: {unreadable(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        print(f"fournil: error: {file_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fournil: interrupted", file=sys.stderr)
