@@ -38,9 +38,10 @@ class Server:
                                          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env={**os.environ, **(env or {})})
         lines = []  # the server names the free port it took (--port 0) once its model is loaded
+        port_line = re.compile(r" on http://[^:]+:(\d+)")
 
         def until_the_port():
-            while (line := self.process.stdout.readline()) and not re.search(r" on http://[^:]+:\d+", line):
+            while (line := self.process.stdout.readline()) and not port_line.search(line):
                 lines.append(line)
             lines.append(line)
 
@@ -51,7 +52,7 @@ class Server:
             self.process.kill()
             reader.join()
         self.printed = "".join(lines)
-        if not (port := re.search(r" on http://[^:]+:(\d+)", self.printed)):
+        if not (port := port_line.search(self.printed)):
             raise AssertionError(f"the server exited, or did not say its port in 180 s:\n{self.printed}")
         self.port = int(port.group(1))
         self.url = f"http://127.0.0.1:{self.port}"

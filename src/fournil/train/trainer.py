@@ -167,9 +167,11 @@ def resumed(resume: str, budget: dict | None, stage: str | None = None) -> tuple
     """The directory and configuration of a run to continue, with the new ``budget`` (steps or seconds) if given.
     ``stage`` (finetune, distill) is the section its configuration must have: a run continues with its own command."""
     TrainConfig(**(budget or {})).check()
-    if not Path(resume).is_dir() and not (RUNS / resume).is_dir():
-        raise FournilError(f"--resume {resume}: no such run; give the folder of the run to continue (see `ls runs/`)")
-    run_dir = find_run(resume)
+    try:
+        run_dir = find_run(resume)
+    except FournilError:  # (its message offers models, which cannot be resumed)
+        no_run = f"--resume {resume}: no such run; give the folder of the run to continue (see `ls runs/`)"
+        raise FournilError(no_run) from None
     if (run_dir / WEIGHTS).exists() and not (run_dir / STATE).exists():  # else it would start again, over them
         raise FournilError(f"{run_dir} has weights but no training state ({STATE}) to go on from (an n-gram model "
                            f"is counted in one pass, a converted or downloaded model has none, a run whose state was "
