@@ -110,6 +110,18 @@ def vowels(prompts, answers):
 '''
 
 
+WRONG_REWARDS = '''
+def text(prompts, answers):
+    return "high"
+
+def nan(prompts, answers):
+    return [float("nan")] * len(answers)
+
+def boom(prompts, answers):
+    raise ValueError("no answer")
+'''
+
+
 def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_base(preferences):
     root, base, data = preferences
     (root / "rewards.py").write_text(REWARD, encoding="utf-8")
@@ -139,7 +151,7 @@ def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_bas
 
 
 def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, tmp_path, capsys, monkeypatch):
-    root, base, _ = preferences
+    root, base, data = preferences
     assert prompt_messages("Human: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:", "x") == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "how are you?"}]
@@ -155,16 +167,32 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
     write_jsonl(bad, [{"prompt": "Human: hi\n\nAssistant: hello", "chosen": "b", "rejected": "c"}])
     with pytest.raises(FournilError, match="must end with a Human turn"):
         read_pairs(str(bad))
+    (tmp_path / "wrong.py").write_text(WRONG_REWARDS, encoding="utf-8")
+    (tmp_path / "broken.py").write_text("def f(prompts, answers)\n    return []\n", encoding="utf-8")
+    same = write_jsonl(tmp_path / "same.jsonl",
+                       [{"prompt": f"Q{i}", "chosen": "yes", "rejected": "yes"} for i in range(5)])
+    grpo = ("align", base, "--method", "grpo", "--max-new-tokens", "4", "--data", data, "--reward")
     cli = InProcess(capsys, monkeypatch, root)  # fournil's entry point in this process: no start-up for each
     failures = {
+        (*grpo, f"{tmp_path / 'wrong.py'}:text"): "wrong.py:text returned 'high' for 8 answers",
+        (*grpo, f"{tmp_path / 'wrong.py'}:nan"): "returns one number per answer, finite (not NaN nor infinite)",
+        (*grpo, f"{tmp_path / 'wrong.py'}:boom"):
+            f"wrong.py:boom failed: ValueError: no answer ({tmp_path / 'wrong.py'}, line 9)",
+        (*grpo, f"{tmp_path / 'broken.py'}:f"): "broken.py does not run: SyntaxError: ",
+        ("align", base, "--data", same): "has 0 usable examples",
+        ("finetune", "--resume", base): f"is a run of fournil train: continue it with `fournil train --resume {base}`",
         ("align", base, "--method", "grpo"): "grpo needs a reward",
         ("align", base, "--method", "grpo", "--reward", "brevity", "--batch-size", "6"): "must be a multiple of --group 4",
         ("align", base, "--method", "grpo", "--reward", "nowhere.py:f"): "no file nowhere.py",
         ("align", base, "--data", "nothing.jsonl"): "no preference set or file named 'nothing.jsonl'",
         ("reward", "score", base): "is not a reward model",
     }
+    said = {}
     for args, message in failures.items():
         result = cli(*args, "--steps", "1", "--out", tmp_path / "never", check=False) if args[0] == "align" else \
             cli(*args, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
-    assert not (tmp_path / "never").exists()  # a refused run leaves no folder that would block the next try
+        # a refused run, or one that failed before its first checkpoint, leaves no folder that would block the next try
+        assert not (tmp_path / "never").exists(), args
+        said[args[-1]] = result.stdout
+    assert "skipped 5 of 5 pairs whose chosen and rejected answers are the same" in said[same]

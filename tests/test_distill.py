@@ -79,10 +79,14 @@ def test_sequence_level_distillation_learns_the_teachers_own_answers(bpe_llama, 
 def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trained, tmp_path):
     cli = CLI(tmp_path)
     (tmp_path / "wide.json").write_text(json.dumps({"family": "llama", "vocab_size": 999, "n_layer": 1}), encoding="utf-8")
+    (tmp_path / "typed.json").write_text(json.dumps({"family": "llama", "n_layer": "2"}), encoding="utf-8")
+    (tmp_path / "text.json").write_text("n_layer = 2", encoding="utf-8")
     failures = {
         ("--student", trained["gpt"]): "another tokenizer than the teacher",
         ("--student", str(tmp_path / "wide.json")): "a vocabulary of 999 tokens and the teacher 400",
         ("--student", "layers:9"): "a student keeps from 1 to 1 of the teacher's 2 layers",
+        ("--student", str(tmp_path / "typed.json")): "model llama setting n_layer = '2': expected a whole number",
+        ("--student", str(tmp_path / "text.json")): "text.json is not JSON (Expecting value",
         ("--kd-weight", "2"): "--kd-weight must be in [0, 1] (got 2)",
         ("--kd-temperature", "0"): "--kd-temperature must be above 0 (got 0)",
         ("--sequences", "3"): "--sequences needs an instruction set",
@@ -90,3 +94,20 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trai
     for args, message in failures.items():
         result = cli("distill", "--teacher", bpe_llama, *args, "--steps", "1", "--context", "32", check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    result = cli("distill", "--teacher", trained["rnn"], "--student", "layers:1", "--steps", "1", check=False)
+    assert result.returncode == 2 and "layers:1 keeps some of a transformer's layers (gpt, llama), and the teacher " \
+        "is rnn" in result.stderr
+
+
+def test_a_names_model_is_distilled_on_its_own_names_by_default(trained, tmp_path):
+    """Given no --data nor --context, the student learns the teacher run's data (names, one per line, in its split)
+    with rows of the teacher's context; the report decodes each model from nothing (a names model knows no "Once")."""
+    CLI(tmp_path)("distill", "--teacher", trained["gpt"], "--student", "layers:1", "--steps", "2", "--quiet",
+                  "--out", "small")
+    config = json.loads((tmp_path / "small" / "config.json").read_text(encoding="utf-8"))
+    teacher = json.loads((trained["gpt"] / "config.json").read_text(encoding="utf-8"))
+    assert config["data"] == {**teacher["data"], "tokenizer": "teacher"} and config["data"]["mode"] == "lines"
+    assert config["distill"]["context"] == teacher["model"]["block_size"] < 256
+    rows = (tmp_path / "small" / "report.md").read_text(encoding="utf-8").splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["teacher", "distilled student", "student without teacher"]
+    assert all(float(row.split("|")[4].split()[0]) > 0 for row in rows)  # decode tokens/s

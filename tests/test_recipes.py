@@ -85,6 +85,11 @@ def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path, capsys, m
         "nofamily.yaml": ("model:\n  n_layer: 2\n", "needs a family"),
         "recipe.ini": ("[train]\n", "a .toml, .yaml or .json file"),
         "tuned.json": (json.dumps({"model": {"family": "llama"}, "finetune": {"base": "smollm2"}}), "finetune run"),
+        "words.toml": ('[train]\nsteps = "ten"\n', "train setting steps = 'ten': expected a whole number"),
+        "split.toml": ("[data]\nsplit = 3\n", "data setting split = 3: expected a list of 3 numbers"),
+        "layers.yaml": ("model:\n  family: gpt\n  n_layer: 2.5\n", "n_layer='2.5': expected a whole number"),
+        "yes.json": (json.dumps({"model": {"family": "gpt"}, "train": {"batch_size": True}}),
+                     "train setting batch_size = True: expected a whole number"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)

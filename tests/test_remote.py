@@ -1,5 +1,10 @@
 """Models that answer from another server (``openai:NAME@URL``, through the official openai client): a second
 `fournil serve` on 127.0.0.1 stands for OpenAI, Mistral's API or vLLM."""
+import http.server
+import json
+import socket
+import threading
+
 import pytest
 from conftest import Server, free_port
 
@@ -86,3 +91,61 @@ def test_a_remote_teacher_answers_for_sequence_level_distillation(cli, bpe_llama
         result = cli("distill", "--teacher", remote, "--data", "rasbt_instructions", *args, "--api-key-env",
                      "REMOTE_KEY", check=False, env=KEY)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+class Breaking(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-like endpoint that serves the model "flaky" and starts every answer, then breaks: closes the
+    connection in the middle of a chunk (/cut/v1), or ends the stream without a finish_reason (/short/v1)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send(b'{"object": "list", "data": [{"id": "flaky", "object": "model", "created": 0, "owned_by": "me"}]}')
+
+    def send(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = {"text": "Once upon"} if self.path.endswith("/completions") and "/chat/" not in self.path else \
+            {"delta": {"role": "assistant", "content": "Once upon"}}
+        chunk = {"id": "1", "object": "chat.completion.chunk", "created": 0, "model": "flaky",
+                 "choices": [{"index": 0, **piece, "finish_reason": None}]}
+        event = f"data: {json.dumps(chunk)}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if self.path.startswith("/cut/"):
+            self.wfile.write(b"40\r\ndata: {")  # 64 bytes announced, 7 sent
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture(scope="module")
+def breaking():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Breaking)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("way, message", [("cut", "broke off its answer (peer closed connection"),
+                                          ("short", "ended its answer without a finish_reason: it was cut off")])
+def test_an_answer_broken_off_is_said_and_the_chat_goes_on(cli, breaking, way, message):
+    """Half an answer is never taken for a whole one; in the chat, the question is left out and the next is asked."""
+    result = cli("chat", f"openai:flaky@{breaking}/{way}/v1", input="Hi\nTell me a story\n", check=False)
+    assert result.returncode == 0 and result.stderr.count(message) == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("the question is left out of the conversation") == 2
+    result = cli("generate", f"openai:flaky@{breaking}/{way}/v1", "Hi", check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -15,6 +15,11 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(cli, tmp_path):
     assert [r["step"] for r in records] == [10]  # nothing diverged was logged...
     assert records[0]["train_loss"] < 3 * math.log(27)
     cli("eval", "boom")  # ...and the weights kept are good ones
+    # diverging before its first checkpoint, a run leaves nothing to resume: its folder goes, and the same command,
+    # with a lower rate, can run again
+    result = cli(*ARGS, "--lr", "20", "--steps", "2000", "--eval-every", "1000", "--out", "early", check=False)
+    assert "no checkpoint had been written yet" in result.stderr and not (tmp_path / "early").exists()
+    cli(*ARGS, "--steps", "2", "--out", "early")
 
 
 def test_a_damaged_checkpoint_is_reported_not_unpickled(cli, tmp_path):

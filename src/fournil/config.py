@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,13 +143,14 @@ class DistillConfig:
     temperature: float = 2.0  # both distributions are softened by it; the distillation loss is scaled by its square
     alpha: float = 0.5  # weight of the distillation loss; the next-token loss gets 1 - alpha (0: no teacher)
     reverse: bool = False  # KL(student || teacher), mode-seeking, instead of KL(teacher || student)
-    context: int = 256  # tokens per training row of running text
+    context: int | None = None  # tokens per training row of running text (None: the teacher's context, at most 256)
     sequences: int = 0  # sequence-level: the teacher answers this many prompts of an instruction set; the student learns those answers
 
     def check(self) -> None:
         for wrong, error in ((not self.temperature > 0, f"--kd-temperature must be above 0 (got {self.temperature:g})"),
                              (not 0 <= self.alpha <= 1, f"--kd-weight must be in [0, 1] (got {self.alpha:g})"),
-                             (self.context < 2, f"--context must be at least 2 (got {self.context})"),
+                             (self.context is not None and self.context < 2,
+                              f"--context must be at least 2 (got {self.context})"),
                              (self.sequences < 0, f"--sequences must not be negative (got {self.sequences})")):
             if wrong:
                 raise FournilError(error)
@@ -179,7 +182,57 @@ def from_dict(cls, values: dict, what: str):
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise FournilError(f"the {what} settings need {', '.join(missing)}")
+    check_types(cls, values, what)
     return cls(**values)
+
+
+KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a text"}
+
+
+def check_types(cls, values: dict, what: str) -> None:
+    """A clear error for a setting of the wrong type (a recipe's ``steps = "ten"``, a JSON's ``"n_layer": 2.5``),
+    before it fails deep inside the model or the training loop."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not fits(hints[key], value):
+            raise FournilError(f"{what} setting {key} = {value!r}: expected {described(hints[key])}")
+
+
+def options(kind) -> tuple:
+    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+
+
+def fits(kind, value) -> bool:
+    """Whether ``value`` can be a ``kind``: numbers for numbers (a whole one for an int, not a bool), lists for
+    tuples; the nested sections and free-form dicts are checked where they are built."""
+    for option in options(kind):
+        if option is bool:
+            ok = isinstance(value, bool)
+        elif option in (int, float):
+            ok = isinstance(value, numbers.Integral if option is int else numbers.Real) and not isinstance(value, bool)
+        elif option in (str, type(None)):
+            ok = isinstance(value, option)
+        elif typing.get_origin(option) is tuple:
+            parts = typing.get_args(option)
+            ok = isinstance(value, (list, tuple)) and (parts[-1] is ... or len(value) == len(parts)) and \
+                all(fits(parts[0], v) for v in value)
+        else:
+            ok = True
+        if ok:
+            return True
+    return False
+
+
+def described(kind) -> str:
+    said = []
+    for option in [o for o in options(kind) if o is not type(None)]:  # (TOML has no null to write)
+        if typing.get_origin(option) is tuple:
+            parts = typing.get_args(option)
+            count = "" if parts[-1] is ... else f"{len(parts)} "
+            said.append(f"a list of {count}{KINDS.get(parts[0], parts[0].__name__).removeprefix('a ')}s")
+        else:
+            said.append(KINDS.get(option, getattr(option, "__name__", str(option))))
+    return " or ".join(said)
 
 
 def coerce(cls, key: str, text: str):
@@ -197,11 +250,17 @@ def coerce(cls, key: str, text: str):
             return text.lower() in ("true", "1", "yes")
         return target(text)
     except ValueError:
-        kinds = {int: "a whole number", float: "a number", bool: "true or false"}
-        raise FournilError(f"{key}={text!r}: expected {kinds.get(target, target.__name__)}") from None
+        raise FournilError(f"{key}={text!r}: expected {KINDS.get(target, target.__name__)}") from None
 
 
 STAGES = {"train": (), "finetune": ("finetune",), "align": ("finetune", "align"), "distill": ("distill",)}
+
+
+def command_of(config: RunConfig) -> str:
+    """The command that trains a run of ``config``, and continues it (``--resume``)."""
+    if config.align:
+        return "reward train" if config.align.method == "reward" else "align"
+    return "distill" if config.distill else "finetune" if config.finetune else "train"
 
 
 def read_recipe(path: str | Path, stage: str = "train") -> RunConfig:

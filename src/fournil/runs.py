@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from fournil.checkpoint import read_safetensors, save_weights, write_json
-from fournil.config import AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig, from_dict, to_dict
+from fournil.config import (AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig,
+                            command_of, from_dict, to_dict)
 from fournil.data import load_splits, make_data
 from fournil.device import generation_dtype, pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError
@@ -100,7 +101,8 @@ class Run:
 
             if not (path / ADAPTER_WEIGHTS).exists():
                 raise FournilError(f"{path} is incomplete: it has no {ADAPTER_WEIGHTS} (fine-tuning stopped before its "
-                                   f"first checkpoint); continue it with `fournil finetune --resume {path}`")
+                                   f"first checkpoint); continue it with `fournil {command_of(config)} --resume "
+                                   f"{path}`")
             base = cls.load(config.finetune.base, device)
             load_adapter(base.model, path)
             source = {**base.source, "format": f"LoRA adapter on {config.finetune.base}"}
@@ -109,7 +111,7 @@ class Run:
             if not (path / name).exists():
                 raise FournilError(
                     f"{path} is incomplete: it has no {name} (training stopped before its first checkpoint); "
-                    f"continue it with `fournil train --resume {path}`"
+                    f"continue it with `fournil {command_of(config)} --resume {path}`"
                 )
         model = build_model(config.model, read_safetensors(path / WEIGHTS)[0], str(path / WEIGHTS))
         source = {"format": "fournil run directory", "architecture": config.model["family"], "dtype": "float32"}

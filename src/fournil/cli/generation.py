@@ -163,7 +163,6 @@ def run_chat(args) -> None:
         except FournilError as e:
             print(f"({e}: /reset to start over)", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
         answer = ""
         try:
             for piece in pieces:
@@ -172,8 +171,11 @@ def run_chat(args) -> None:
         except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat; what was shown stays in the conversation
             pieces.close()
             print(" (stopped)", end="")
+        except FournilError as e:  # a remote model that broke off: the chat goes on without this question
+            print(f"\n({e}; the question is left out of the conversation)", file=sys.stderr)
+            continue
         print()
-        messages.append({"role": "assistant", "content": answer})
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
 
 def run_serve(args) -> None:

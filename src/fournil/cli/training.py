@@ -124,16 +124,18 @@ def add_distill(sub) -> None:
     p.add_argument("--student", default="layers:4",
                    help="layers:N (N of the teacher's layers and its embeddings), a model config .json (from scratch, "
                         "the teacher's vocabulary), or a run with the teacher's tokenizer")
-    p.add_argument("--data", default="shakespeare",
-                   help="running text (a bundled corpus or a text file) or an instruction set (rasbt_instructions, a "
-                        ".jsonl)")
+    p.add_argument("--data",
+                   help="running text or lines (a bundled corpus or a text file) or an instruction set "
+                        "(rasbt_instructions, a .jsonl); default: what the teacher run was trained on, or shakespeare")
     p.add_argument("--kd-temperature", type=float, default=2.0, help="softens both distributions")
     p.add_argument("--kd-weight", type=float, default=0.5,
                    help="weight of the distillation loss (the next-token loss gets 1 - this)")
     renamed(p, "--alpha", "--kd-weight")
     renamed(p, "--temperature", "--kd-temperature")
     p.add_argument("--reverse", action="store_true", help="KL(student || teacher) instead of KL(teacher || student)")
-    p.add_argument("--context", type=int, default=256, help="tokens per row of running text; longest example otherwise")
+    p.add_argument("--context", type=int,
+                   help="tokens per row of running text, longest example otherwise (default: the teacher's context, at "
+                        "most 256)")
     p.add_argument("--sequences", type=int, default=0,
                    help="sequence-level: the teacher answers this many training prompts of an instruction set and the "
                         "student learns its answers")
@@ -216,13 +218,15 @@ def run_reward(args) -> None:
     print(f"{run.path}: {scored(run)}")
     if args.data:
         pairs = render_pairs(args.data, run.tokenizer, run.config.finetune.max_length)
+        if not pairs:
+            raise FournilError(f"{args.data} has no pair to score")
         splits = {args.data: PreferenceData(pairs, pad_id(run.tokenizer), "scored")}
     else:
         splits = {name: part for name, part in run.data().items() if name != "train"}
     for name, part in splits.items():
         scores = objective.validate(scorer.model, part, run.tokenizer, run.measure_dtype, None)
-        print(f"{name}: {len(part):,} pairs, chosen scored higher in {100 * scores['accuracy']:.1f} %, "
-              f"mean margin {scores['margin']:+.3f}, loss {scores['loss']:.4f}")
+        print(f"{name}: {len(part):,} pair{'s' * (len(part) != 1)}, chosen scored higher in "
+              f"{100 * scores['accuracy']:.1f} %, mean margin {scores['margin']:+.3f}, loss {scores['loss']:.4f}")
 
 
 def run_distill(args) -> None:
@@ -279,6 +283,10 @@ def report(run) -> None:
         val = run.evaluate(("val",))["val"]
         print(f"val: {100 * val['exact']:.2f} % of {val['outputs']:,} held-out outputs exactly right (greedy), "
               f"character error rate {100 * val['cer']:.2f} %")
+    if run.config.align and run.config.align.method == "reward":
+        print(f"next: fournil reward score {run.path} --prompt TEXT --answer TEXT --answer TEXT  |  "
+              f"fournil align MODEL --method grpo --reward {run.path}")
+        return
     if run.config.finetune:
         print(f"next: fournil chat {run.path}  |  fournil eval {run.path}")
         return

@@ -178,8 +178,11 @@ def pack(examples: list[tuple], max_length: int) -> list[tuple[list[int], list[b
     return rows + [(ids, learned)] * bool(ids)
 
 
-def split_examples(kept: list, split, seed: int) -> dict[str, list]:
-    """A seeded shuffle cut into train/val/test, each split at least one example."""
+def split_examples(kept: list, split, seed: int, spec: str) -> dict[str, list]:
+    """A seeded shuffle of the examples of ``spec`` cut into train/val/test, each split at least one example."""
+    if len(kept) < 3:
+        raise FournilError(f"{spec} has {len(kept)} usable example{'s' * (len(kept) != 1)}; training needs at least 3 "
+                           f"(train, val, test)")
     random.Random(seed).shuffle(kept)
     n_val = max(1, round(split[1] * len(kept)))
     n_test = max(1, round(split[2] * len(kept)))
@@ -187,14 +190,12 @@ def split_examples(kept: list, split, seed: int) -> dict[str, list]:
             "test": kept[len(kept) - n_test :]}
 
 
-def keep_short(rendered: list, length, max_length: int, spec: str, announce) -> list:
-    """The examples of at most ``max_length`` tokens (``length`` measures one); at least three must remain."""
+def keep_short(rendered: list, length, max_length: int, announce) -> list:
+    """The examples of at most ``max_length`` tokens (``length`` measures one)."""
     kept = [r for r in rendered if length(r) <= max_length]
     if len(kept) < len(rendered):
         announce(f"skipped {len(rendered) - len(kept)} of {len(rendered)} examples longer than {max_length} tokens "
                  f"(raise --max-length to keep them)")
-    if len(kept) < 3:
-        raise FournilError(f"{spec} has {len(kept)} usable examples; training needs at least 3 (train, val, test)")
     return kept
 
 
@@ -203,7 +204,7 @@ def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0
     """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted).
     With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
     rendered = [(*render_example(tokenizer, c), c) for c in read_conversations(spec)]
-    parts = split_examples(keep_short(rendered, lambda r: len(r[0]), max_length, spec, announce), split, seed)
+    parts = split_examples(keep_short(rendered, lambda r: len(r[0]), max_length, announce), split, seed, spec)
     if packed:
         parts["train"] = pack(parts["train"], max_length)
     return {name: InstructionData(part, pad_id(tokenizer), name) for name, part in parts.items()}

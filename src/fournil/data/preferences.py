@@ -118,14 +118,20 @@ def final_answer(ids: list[int], learned: list[bool]) -> tuple[list[int], list[b
 def load_preferences(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
                      announce=print) -> dict[str, PreferenceData]:
     """Train/val/test sets of rendered pairs; pairs with an answer longer than ``max_length`` tokens are skipped."""
-    parts = split_examples(render_pairs(spec, tokenizer, max_length, announce), split, seed)
+    parts = split_examples(render_pairs(spec, tokenizer, max_length, announce), split, seed, spec)
     return {name: PreferenceData(part, pad_id(tokenizer), name) for name, part in parts.items()}
 
 
 def render_pairs(spec: str, tokenizer, max_length: int, announce=print) -> list[tuple]:
-    """Every pair of ``spec`` rendered, but those longer than ``max_length`` tokens."""
-    rendered = [tuple(final_answer(*render_example(tokenizer, c)) for c in pair) for pair in read_pairs(spec)]
-    return keep_short(rendered, lambda pair: max(len(pair[0][0]), len(pair[1][0])), max_length, spec, announce)
+    """Every pair of ``spec`` rendered, but those longer than ``max_length`` tokens and those whose two answers are
+    the same (nothing to prefer: DPO's loss stays at log 2 on them, and no reward can rank them)."""
+    pairs = read_pairs(spec)
+    rendered = [tuple(final_answer(*render_example(tokenizer, c)) for c in pair)
+                for pair in pairs if pair[0] != pair[1]]
+    if len(rendered) < len(pairs):
+        announce(f"skipped {len(pairs) - len(rendered)} of {len(pairs)} pairs whose chosen and rejected answers are "
+                 f"the same")
+    return keep_short(rendered, lambda pair: max(len(pair[0][0]), len(pair[1][0])), max_length, announce)
 
 
 def read_prompts(spec: str) -> list[list[dict]]:
@@ -156,5 +162,5 @@ def load_prompts(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05),
                  announce=print) -> dict[str, Prompts]:
     """Train/val/test prompts; those longer than ``max_length`` tokens are skipped."""
     rendered = [(c, tokenizer.chat_ids(c)) for c in read_prompts(spec)]
-    parts = split_examples(keep_short(rendered, lambda r: len(r[1]), max_length, spec, announce), split, seed)
+    parts = split_examples(keep_short(rendered, lambda r: len(r[1]), max_length, announce), split, seed, spec)
     return {name: Prompts([c for c, _ in part], [i for _, i in part], name) for name, part in parts.items()}

@@ -135,20 +135,24 @@ class Remote:
     def __str__(self) -> str:
         return self.name
 
-    def _call(self, fn, *args, **kwargs):
-        """``fn`` with the endpoint's refusals made into one-line errors."""
+    def _call(self, fn, *args, midway: bool = False, **kwargs):
+        """``fn`` with the endpoint's refusals made into one-line errors; ``midway``: reading an answer it started."""
         import openai
 
         try:
             return fn(*args, **kwargs)
+        except openai.APIConnectionError as e:
+            if midway:
+                raise FournilError(f"{self.url} broke off its answer ({e.__cause__ or e}): the server stopped or the "
+                                   f"connection dropped") from None
+            raise FournilError(f"cannot reach {self.url} ({e.__cause__ or e}): check the URL in openai:NAME@URL") \
+                from None
         except openai.AuthenticationError:
             raise FournilError(f"{self.url} refused the API key in {self.key_env} (401): set it to a valid key") from None
         except openai.PermissionDeniedError as e:
             raise FournilError(f"{self.url} refused the request (403): {e.message}") from None
         except openai.APITimeoutError:
             raise FournilError(f"{self.url} did not answer in time (after retries)") from None
-        except openai.APIConnectionError as e:
-            raise FournilError(f"cannot reach {self.url} ({e.__cause__ or e}): check the URL in openai:NAME@URL") from None
         except openai.APIStatusError as e:
             raise FournilError(f"{self.url} answered {e.status_code}: {e.message}") from None
 
@@ -177,9 +181,15 @@ class Remote:
         return self._pieces(chunks, lambda c: c.choices[0].text if c.choices else None)
 
     def _pieces(self, chunks, text_of) -> Iterator[str]:
+        """The text of each chunk; an answer whose stream ends without saying why (a ``finish_reason``, which the
+        API's last choice always has) was cut off, and is not taken for a whole one."""
         def pieces():
-            stream = iter(chunks)
-            while (chunk := self._call(next, stream, None)) is not None:
+            stream, finished = iter(chunks), False
+            while (chunk := self._call(next, stream, None, midway=True)) is not None:
+                finished = finished or any(c.finish_reason for c in chunk.choices)
                 if text := text_of(chunk):
                     yield text
+            if not finished:
+                raise FournilError(f"{self.url} ended its answer without a finish_reason: it was cut off (the server "
+                                   f"stopped, or is not OpenAI-compatible)")
         return pieces()

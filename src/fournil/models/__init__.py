@@ -7,6 +7,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from fournil.checkpoint import load_tensors
+from fournil.config import check_types
 from fournil.errors import FournilError
 from fournil.models.base import LanguageModel
 from fournil.models.gpt import GPT, GPTConfig
@@ -77,6 +78,7 @@ def build_model(config: dict, weights: dict | None = None, source: str = "the we
     unknown = sorted(set(settings) - names)
     if unknown:
         raise FournilError(f"model {family} has no setting(s) {', '.join(unknown)}; it has {', '.join(sorted(names))}")
+    check_types(cfg_cls, settings, f"model {family}")
     if not 0 <= settings.get("dropout", 0.0) < 1:
         raise FournilError(f"--dropout must be in [0, 1), the share of activations zeroed while training "
                            f"(got {settings['dropout']})")

@@ -22,21 +22,25 @@ from fournil.data import load_splits, make_data
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id, render_example
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
+from fournil.formats import source_kind
 from fournil.generate import SamplingParams, complete
 from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
-from fournil.runs import CONFIG, TOKENIZER, Run
+from fournil.runs import CONFIG, TOKENIZER, Run, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, NextTokenPrediction
 from fournil.train.trainer import Trainer, new_run_dir, resumed
 
-DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, MAX_ANSWER = 100, 8, 1e-3, 256
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_CONTEXT, MAX_ANSWER = 100, 8, 1e-3, 256, 256
 REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
 
 
 def teacher_layers(teacher, n: int) -> tuple[dict, dict]:
     """A student of ``n`` of the teacher's layers, evenly spaced from the first to the last, with its embeddings and
     final norm: its settings and its weights."""
+    if teacher.family not in ("gpt", "llama"):  # an RNN's layers read what the layer below gives: none can go
+        raise FournilError(f"layers:{n} keeps some of a transformer's layers (gpt, llama), and the teacher is "
+                           f"{teacher.family}: give the student as a model config .json, or a run")
     settings = {**teacher.config.__dict__, "family": teacher.family}
     total = settings["n_layer"]
     if not 1 <= n < total:
@@ -62,7 +66,14 @@ def build_student(spec: str, teacher_run: Run):
     if spec.endswith(".json"):
         if not Path(spec).is_file():
             raise FournilError(f"--student {spec}: no such file")
-        settings = json.loads(Path(spec).read_text(encoding="utf-8"))
+        try:
+            settings = json.loads(Path(spec).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FournilError(f"--student {spec} is not JSON ({e}): write the model's settings as an object, such as "
+                               f'{{"family": "llama", "n_layer": 2, "n_embd": 64}}') from None
+        if not isinstance(settings, dict):
+            raise FournilError(f"--student {spec} holds a {type(settings).__name__}: write the model's settings as an "
+                               f'object, such as {{"family": "llama", "n_layer": 2, "n_embd": 64}}')
         if settings.get("vocab_size", vocab) != vocab:
             raise FournilError(f"--student {spec} has a vocabulary of {settings['vocab_size']:,} tokens and the teacher "
                                f"{vocab:,}: a student must share the teacher's tokenizer")
@@ -123,14 +134,15 @@ def teacher_answers(teacher, tokenizer, data: dict, n: int, run_dir: Path, annou
                            "train")
 
 
-def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "shakespeare",
+def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | None = None,
             settings: DistillConfig | None = None, train: TrainConfig | None = None, out: str | None = None,
             resume: str | None = None, budget: dict | None = None, baseline: bool = True, progress: bool = True,
             announce=print, api_key_env: str = "OPENAI_API_KEY") -> Run:
-    """Distil ``teacher`` into ``student`` on ``data`` (running text or an instruction set); with ``baseline``, also
-    train the same student without the teacher (in ``RUN/baseline``). Returns the run; its report, printed, is
-    ``RUN/report.md``. A remote teacher (``openai:NAME@URL``, its key in ``api_key_env``) answers prompts for
-    sequence-level distillation; its tokenizer is then the student's."""
+    """Distil ``teacher`` into ``student`` on ``data`` (running text, lines or an instruction set; by default what the
+    teacher run was trained on, or Shakespeare); with ``baseline``, also train the same student without the teacher
+    (in ``RUN/baseline``). Returns the run; its report, printed, is ``RUN/report.md``. A remote teacher
+    (``openai:NAME@URL``, its key in ``api_key_env``) answers prompts for sequence-level distillation; its tokenizer is
+    then the student's."""
     world = join()
     try:
         if resume:
@@ -143,8 +155,8 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
             t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR,
                                     eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))
-            config = RunConfig(model={"family": "student"}, data=DataConfig(data=data, mode="text", tokenizer="teacher"),
-                               train=t, distill=settings)
+            config = RunConfig(model={"family": "student"}, data=student_data(data, settings.teacher), train=t,
+                               distill=settings)
             run_dir = new_run_dir(config, out)
         taught = config.distill
         remote = is_remote(taught.teacher)
@@ -176,6 +188,16 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str = "sh
         leave(world)
 
 
+def student_data(data: str | None, teacher: str) -> DataConfig:
+    """``data`` read as ``fournil train`` reads it (lines or running text), in the teacher's tokens; by default the
+    teacher run's own data, in its mode and split (a names model distils on names), or Shakespeare."""
+    if data is None and not is_remote(teacher) and source_kind(teacher)[0] == "run":
+        own = read_config(find_run(teacher)).data
+        if own:
+            return dataclasses.replace(own, tokenizer="teacher")
+    return DataConfig(data=data or "shakespeare", mode="auto", tokenizer="teacher")
+
+
 def remote_teacher(taught: DistillConfig, api_key_env: str, resume: bool):
     """The remote teacher, after checking what it can teach: answers (not distributions), to a student of its own."""
     if not taught.sequences or taught.alpha:
@@ -193,10 +215,12 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     """Train the student ``config`` describes (or continue it): the trained run and the data. ``teacher_run`` gives
     the tokenizer and the context; the answers of sequence-level distillation come from ``teacher`` (``teacher_run``
     unless the teacher is remote)."""
-    taught, tokenizer = config.distill, teacher_run.tokenizer
-    if taught.context > teacher_run.model.config.block_size:
-        raise FournilError(f"--context {taught.context} is longer than the teacher's context of "
-                           f"{teacher_run.model.config.block_size}")
+    tokenizer, context = teacher_run.tokenizer, teacher_run.model.config.block_size
+    if config.distill.context is None:  # written so, to be resumed and read the same
+        config.distill = dataclasses.replace(config.distill, context=min(DEFAULT_CONTEXT, context))
+    taught = config.distill
+    if taught.context > context:
+        raise FournilError(f"--context {taught.context} is longer than the teacher's context of {context}")
     splits = distill_data(config, tokenizer, announce)
     if taught.sequences:
         if not is_instructions(config.data.data):
@@ -237,8 +261,9 @@ def load_answers(path: Path, tokenizer) -> InstructionData:
 
 
 def decode_speed(run: Run, new_tokens: int = 64) -> float:
-    """Greedy decoding tokens per second of one sequence (after a short warm-up)."""
-    prompt = run.tokenizer.encode("Once upon a time")
+    """Greedy decoding tokens per second of one sequence from nothing (after a short warm-up): any model has the
+    tokens of that prompt."""
+    prompt = run.tokenizer.prompt_ids("")
     complete(run.model, run.tokenizer, [prompt], SamplingParams(4, temperature=0, ignore_eos=True), run.dtype)
     start = time.perf_counter()
     complete(run.model, run.tokenizer, [prompt], SamplingParams(new_tokens, temperature=0, ignore_eos=True), run.dtype)

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
-from fournil.config import RunConfig, TrainConfig, to_dict
+from fournil.config import RunConfig, TrainConfig, command_of, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, tokenizer_fingerprint
@@ -27,9 +27,10 @@ from fournil.device import autocast, matmul_rate, pick_device, pick_dtype, preci
 from fournil.errors import FournilError
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
-from fournil.runs import CONFIG, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
+from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
 from fournil.tokenizers.bpe import bpe_size, train_bpe
+from fournil.tokenizers.hf import CONFIG_NAME as HF_TOKENIZER_CONFIG
 from fournil.train import sizing
 from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
@@ -163,9 +164,9 @@ def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), **speed)
 
 
-def resumed(resume: str, budget: dict | None, stage: str | None = None) -> tuple[Path, RunConfig]:
+def resumed(resume: str, budget: dict | None, command: str = "train") -> tuple[Path, RunConfig]:
     """The directory and configuration of a run to continue, with the new ``budget`` (steps or seconds) if given.
-    ``stage`` (finetune, distill) is the section its configuration must have: a run continues with its own command."""
+    A run continues with the ``command`` that made it (``finetune`` continues alignment too: the same code)."""
     TrainConfig(**(budget or {})).check()
     try:
         run_dir = find_run(resume)
@@ -177,8 +178,10 @@ def resumed(resume: str, budget: dict | None, stage: str | None = None) -> tuple
                            f"is counted in one pass, a converted or downloaded model has none, a run whose state was "
                            f"deleted has lost it); start a new run instead, with --out")
     config = read_config(run_dir)
-    if stage is not None and getattr(config, stage) is None:
-        raise FournilError(f"{run_dir} is not a {stage} run: continue it with the command that started it")
+    made_by = command_of(config)
+    if made_by != command and not (command == "finetune" and made_by in ("align", "reward train")):
+        raise FournilError(f"{run_dir} is a run of fournil {made_by}: continue it with `fournil {made_by} --resume "
+                           f"{run_dir}`")
     if budget:
         config.train = dataclasses.replace(config.train, **budget)
     return run_dir, config
@@ -252,6 +255,17 @@ class Trainer:
             self.metrics.log({"step": 0, "val_loss": val})
 
     def fit(self, resume: bool) -> None:
+        """Train to the end of the budget, validating and checkpointing on the way. A new run that fails before its
+        first checkpoint (a reward function's error, a divergence, no memory) takes its folder away: there is nothing
+        in it to resume, and the same command, mended, can run again."""
+        try:
+            self._fit(resume)
+        except Exception:
+            if not resume and self.world.main:
+                forget(self.dir)
+            raise
+
+    def _fit(self, resume: bool) -> None:
         t, world = self.config.train, self.world
         model, device = self.model, self.device
         sharded = self.sharded
@@ -376,7 +390,8 @@ class Trainer:
         except KeyboardInterrupt:
             checkpoint()  # keep every finished step
             if world.main:
-                print(f"\ninterrupted at step {step}; continue with: fournil train --resume {self.dir}", file=sys.stderr)
+                print(f"\ninterrupted at step {step}; continue with: fournil {command_of(self.config)} --resume "
+                      f"{self.dir}", file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -404,6 +419,15 @@ class Trainer:
             samples = run.sample(n, seed=self.config.train.seed) if n else []
         (self.dir / "samples.txt").write_text("".join(s + "\n" for s in samples), encoding="utf-8")
         return run
+
+
+def forget(run_dir: Path) -> None:
+    """Remove a run that has no checkpoint: its folder, when it holds only what a run writes before its first one."""
+    before = {CONFIG, TOKENIZER, HF_TOKENIZER_CONFIG, METRICS}
+    if run_dir.is_dir() and all(p.is_file() and p.name in before for p in run_dir.iterdir()):
+        for p in run_dir.iterdir():
+            p.unlink()
+        run_dir.rmdir()
 
 
 def build_tokenizer(splits, spec: str = "char", progress: bool = True):
