@@ -293,7 +293,11 @@ def test_a_remote_judge_writes_its_verdict_on_the_battles_people_voted_on(cli, b
     (("arena", "leaderboard", "--db", "missing.sqlite"), "--db missing.sqlite: no such database"),
     (("arena", "judge", "smollm2", "--judge", "smollm2"), "give two models or more to judge new battles"),
     (("arena", "export", "--db", "missing.sqlite"), "no such database"),
+    (("arena", "judge", "--judge", "smollm2", "--db", "missing.sqlite"), "--db missing.sqlite: no such database"),
+    (("arena", "judge", "smollm2", "{running_text}", "--judge", "smollm2", "--db", "missing.sqlite"),
+     "has no chat template (it is not a chat model)"),
 ])
-def test_arena_commands_refuse_in_one_line(cli, args, message):
-    result = cli(*args, check=False)
+def test_arena_commands_refuse_in_one_line(cli, running_text, tmp_path, args, message):
+    result = cli(*(str(a).format(running_text=running_text) for a in args), check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "missing.sqlite").exists()  # a refused command leaves no empty database behind

@@ -54,12 +54,16 @@ class Vote:
     voter: str
 
 
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 class Store:
     """The database at ``url``: a file path (SQLite) or ``postgresql://...``. Safe to share between threads."""
 
     def __init__(self, url: str | Path, create: bool = True):
         self.url = str(url)
-        self.postgres = self.url.startswith(("postgresql://", "postgres://"))
+        self.postgres = is_postgres(self.url)
         if not create and not self.postgres and not Path(self.url).is_file():
             raise FournilError(f"--db {self.url}: no such database (an arena writes one: fournil arena MODEL MODEL "
                                f"--db {self.url})")

@@ -74,13 +74,12 @@ def add_arena(sub) -> None:
 def run_arena(args) -> None:
     from fournil.arena.store import Store
 
-    store = Store(args.db, create=args.action in ("serve", "judge"))
     if args.action == "leaderboard":
-        arena_leaderboard(args, store)
+        arena_leaderboard(args, Store(args.db, create=False))
     elif args.action == "export":
         from fournil.arena.store import preference_pairs
 
-        pairs = preference_pairs(store.votes(args.voters))
+        pairs = preference_pairs(Store(args.db, create=False).votes(args.voters))
         if not pairs:
             raise FournilError(no_votes(args, "a better answer"))
         from fournil.checkpoint import atomic_write
@@ -89,9 +88,17 @@ def run_arena(args) -> None:
             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8"))
         print(f"{len(pairs):,} preference pairs -> {args.out} (fournil align --data {args.out})")
     elif args.action == "judge":
-        arena_judge(args, store)
+        arena_judge(args)
     else:
-        arena_serve(args, store)
+        arena_serve(args)
+
+
+def existing(db: str):
+    """The votes' database if it exists, opened (a wrong one is said before the models load); None if it does not:
+    it is created once they have loaded, so that a refused command leaves no empty database behind."""
+    from fournil.arena.store import Store, is_postgres
+
+    return Store(db) if is_postgres(db) or Path(db).exists() else None
 
 
 def arena_contestants(args) -> dict:
@@ -110,8 +117,9 @@ def arena_contestants(args) -> dict:
     return contestants
 
 
-def arena_serve(args, store) -> None:
+def arena_serve(args) -> None:
     from fournil.arena.app import ArenaSettings, create_arena_app
+    from fournil.arena.store import Store
     from fournil.generate.scheduler import check_capacity
     from fournil.serve.app import listen, run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
@@ -123,7 +131,9 @@ def arena_serve(args, store) -> None:
     settings = ArenaSettings(args.temperature, args.max_tokens, args.max_batch,
                              hosts=(*LOOPBACK_HOSTS, *extra) if is_loopback(args.host) else (extra or None))
     sock = listen(args.host, args.port)
-    app, schedulers = create_arena_app(arena_contestants(args), store, settings)
+    store = existing(args.db)
+    contestants = arena_contestants(args)
+    app, schedulers = create_arena_app(contestants, store or Store(args.db), settings)
     print(f"the arena of {', '.join(args.models)} on http://{args.host}:{sock.getsockname()[1]}/arena (votes in "
           f"{args.db}); leaderboard at /leaderboard", flush=True)
     run_server(app, schedulers, sock)
@@ -157,8 +167,9 @@ def arena_leaderboard(args, store) -> None:
     print(f"-> {out / 'leaderboard.md'}, {out / 'win_rates.png'}", file=sys.stderr)
 
 
-def arena_judge(args, store) -> None:
+def arena_judge(args) -> None:
     from fournil.arena.judge import Judge, judge_battle, read_prompts, tournament
+    from fournil.arena.store import Store
     from fournil.generate import SamplingParams
     from fournil.generate.answerers import answerer, name_of
 
@@ -170,12 +181,13 @@ def arena_judge(args, store) -> None:
     params.check()
     prompts = read_prompts(args.prompts, args.n) if args.models else None
     if args.models:
+        store = existing(args.db)
         contestants = arena_contestants(args)
-        votes = tournament(contestants, Judge(answerer(args.judge, args.device, "auto", args.api_key_env)), prompts,
-                           store, params)
+        judge = Judge(answerer(args.judge, args.device, "auto", args.api_key_env))
+        votes = tournament(contestants, judge, prompts, store or Store(args.db), params)
         asked = len(prompts) * len(contestants) * (len(contestants) - 1) // 2
     else:
-        name = name_of(args.judge)
+        name, store = name_of(args.judge), Store(args.db, create=False)  # people's battles: in a database already
         judged = {v.battle.id for v in store.votes("judges") if v.voter == name}
         battles = {v.battle.id: v.battle for v in store.votes("people") if v.battle.id not in judged}
         if not battles:
