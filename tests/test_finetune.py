@@ -1,5 +1,6 @@
 """Supervised fine-tuning: loss on answers only, tuned models that stop, LoRA adapters PEFT reads, clear errors."""
 import json
+import math
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from fournil.config import LoraConfig
 from fournil.data.batches import IGNORE
 from fournil.data.instructions import InstructionData, pack, read_conversations, render_example
 from fournil.errors import FournilError
+from fournil.evaluate import evaluate_nll
 from fournil.formats.peft import load_adapter, save_adapter
 from fournil.generate import SamplingParams, complete
 from fournil.models.lora import add_lora, merge_lora
@@ -32,6 +34,16 @@ def test_prompt_tokens_carry_no_loss_and_the_end_of_turn_does(bpe_base):
     im_end = tok.encode("<|im_end|>")
     assert targets == tok.encode("Good day") + im_end + tok.encode("Good night") + im_end
     assert tok.decode(x[0][y[0] == IGNORE].tolist()).count("Hi there") == 1  # prompts are inputs, never targets
+
+
+def test_empty_answers_are_scored_by_their_end_of_turn_token_alone(bpe_base):
+    """An example whose answer is empty teaches the end of the turn: its NLL is that token's, and no rate per
+    character can be given (validation divided by zero characters)."""
+    run = Run.load(bpe_base[1], "cpu")
+    examples = [render_example(run.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
+                for q in ("Hi", "Again")]
+    scores = evaluate_nll(run.model, InstructionData(examples, 0, "val"), run.tokenizer, torch.float32)
+    assert scores["tokens"] == 2 and math.isfinite(scores["nll"]) and math.isnan(scores["bpc"])
 
 
 def test_validation_reads_about_eval_tokens_answer_tokens_of_every_length():

@@ -37,8 +37,9 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     return {
         "nll": nll,
         "ppl": math.exp(nll),
-        "bpc": total / math.log(2) / n_chars,
-        "bpb": total / math.log(2) / n_bytes,
+        # (targets that are all end-of-turn tokens, as empty answers have, hold no text: no rate per character)
+        "bpc": total / math.log(2) / n_chars if n_chars else math.nan,
+        "bpb": total / math.log(2) / n_bytes if n_bytes else math.nan,
         "tokens": tokens,
     }
 
