@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fournil.cli.flags import (AUTOMATIC, LOW_MEMORY, SCORE_DTYPE, TRAIN_FLAGS, add_loop_args, add_recipe_parser,
                                add_tuning_args, loop_config, lora_config, model_settings, parse_split, renamed, scored)
-from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, read_recipe
+from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, command_of, read_recipe
 from fournil.data.sources import BUNDLED
 from fournil.errors import FournilError
 from fournil.models import FAMILIES, config_class
@@ -283,7 +283,7 @@ def report(run) -> None:
         val = run.evaluate(("val",))["val"]
         print(f"val: {100 * val['exact']:.2f} % of {val['outputs']:,} held-out outputs exactly right (greedy), "
               f"character error rate {100 * val['cer']:.2f} %")
-    if run.config.align and run.config.align.method == "reward":
+    if command_of(run.config) == "reward train":
         print(f"next: fournil reward score {run.path} --prompt TEXT --answer TEXT --answer TEXT  |  "
               f"fournil align MODEL --method grpo --reward {run.path}")
         return

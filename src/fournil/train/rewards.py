@@ -88,6 +88,10 @@ def load_reward(spec: str, device: str = "auto"):
     return RewardModelScorer(spec, device)
 
 
+CALLED = ("it is called with the prompts (each a list of chat messages) and the answers (text), and returns one "
+          "number per answer")
+
+
 class YourReward:
     """A reward function of yours, checked at every call: one finite number per answer, and its errors said with the
     line of your file they come from (not a traceback through the training loop)."""
@@ -96,25 +100,23 @@ class YourReward:
         self.function, self.spec = function, spec
 
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
-        how = ("it is called with the prompts (each a list of chat messages) and the answers (text), and returns "
-               "one number per answer")
         try:
             scores = self.function(prompts, answers)
         except Exception as e:
-            raise FournilError(f"--reward {self.spec} failed: {said(e, self.spec.rpartition(':')[0])}; {how}") from None
+            raise FournilError(f"--reward {self.spec} failed: {said(e, self.spec.rpartition(':')[0])}; {CALLED}") from None
         if isinstance(scores, torch.Tensor):
             scores = scores.tolist()
         fine = isinstance(scores, (list, tuple)) and len(scores) == len(answers) and \
             all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)
         if not fine:
             raise FournilError(f"--reward {self.spec} returned {reprlib.repr(scores)} for {len(answers)} answers: "
-                               f"{how}, finite (not NaN nor infinite)")
+                               f"{CALLED}, finite (not NaN nor infinite)")
         return [float(s) for s in scores]
 
 
 def said(error: Exception, file: str) -> str:
     """An exception raised by your code, with the line of ``file`` it was raised from."""
-    lines = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == Path(file).resolve()]
     if isinstance(error, SyntaxError):
         return f"SyntaxError: {error.msg} (line {error.lineno})"
+    lines = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == Path(file).resolve()]
     return f"{type(error).__name__}: {error}" + (f" ({file}, line {lines[-1].lineno})" if lines else "")
