@@ -43,8 +43,10 @@ def test_the_budget_sizes_the_default_and_flags_reproduce_the_choice(tmp_path):
     cli("train", "--data", "few.txt", "--steps", str(steps), "--dropout", "0", "--out", "mine")
     assert settings(tmp_path / "mine")["model"]["n_embd"] == 64 and settings(tmp_path / "mine")["budget"] == {}
 
-    out = cli("train", "--data", "few.txt", "--steps", "10", "--out", "short")  # a --steps budget keeps its batch
+    out = cli("train", "--data", "few.txt", "--steps", "1", "--out", "short")  # a --steps budget keeps its batch
     assert "the default size suits it" in out.stdout and settings(tmp_path / "short")["train"]["batch_size"] == 64
+    assert "budget: 1 step of the default model, 0.36 passes over" in out.stdout  # 64 of 180 names, in 2 figures
+    assert " parameters; 1 step, batch 64, " in out.stdout
 
 
 def test_a_time_budget_is_counted_in_steps_measured_on_this_machine(tmp_path):

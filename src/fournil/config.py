@@ -61,6 +61,12 @@ class TrainConfig:
     def decay(self) -> float:
         return 0.1 if self.weight_decay is None else self.weight_decay
 
+    @property
+    def budget(self) -> str:
+        """The budget as a run announces it: "1 step", "3,000 steps", "120 s", or both."""
+        steps = self.steps and f"{self.steps:,} step{'s' * (self.steps != 1)}"
+        return " and ".join(x for x in (steps, self.time and f"{self.time:g} s") if x)
+
     def check(self) -> None:
         """Refuse what no run can use, before defaults fill what the user left open."""
         for name in ("steps", "batch_size", "batch_tokens", "eval_every", "eval_tokens"):

@@ -10,6 +10,8 @@ from fournil.config import DataConfig
 from fournil.data.sources import BUNDLED, resolve
 from fournil.errors import FournilError
 
+# names that say "one file": a folder named so (a Hugging Face folder, a run) is a typo waiting to be loaded as one
+FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".ggml", ".gguf"}
 SENTENCE = "Tokenizers cut text into pieces: \"unbelievable\" may be one token, or three. Ça coûte 3 € !"
 
 
@@ -58,10 +60,20 @@ def run_convert(args) -> None:
     from fournil.formats import check_output, export
     from fournil.runs import Run
 
-    kind = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
-    check_output(Path(args.out))  # before the model loads
+    out = Path(args.out)
+    kind = args.to or ("gguf" if out.suffix.lower() == ".gguf" else "hf")
+    if kind == "gguf" and out.suffix.lower() != ".gguf":  # loaders, fournil's included, know a GGUF by its name
+        raise FournilError(f"{out}: name a GGUF file OUT.gguf, as llama.cpp, ollama and fournil expect")
+    if kind != "gguf" and out.suffix.lower() in FILE_SUFFIXES:
+        raise FournilError(f"{out}: --to {kind} writes a folder (config.json, model.safetensors, the tokenizer), not "
+                           f"one {out.suffix} file: give a folder's name, such as {out.with_suffix('')}, or OUT.gguf "
+                           f"for a single file")
+    if kind != "gguf" and args.type != "f32":
+        raise FournilError(f"--type {args.type} is a GGUF weight type: give OUT.gguf, or leave --type out for a "
+                           f"{kind} folder")
+    check_output(out)  # before the model loads
     run = Run.load(args.model, "cpu")
-    export(run, Path(args.out), kind, args.type)
+    export(run, out, kind, args.type)
     print(f"wrote {args.out} ({kind})")
 
 

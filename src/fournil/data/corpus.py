@@ -82,10 +82,9 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
         n_train, n_val = int(fractions[0] * len(docs)), int(fractions[1] * len(docs))
         if n_val == 0 or len(docs) - n_train - n_val == 0 or n_train == 0:
             need = int(1 / min(fractions)) + 1
-            raise FournilError(
-                f"{cfg.data} has {len(docs)} documents (lines), too few for a {_pct(fractions)} split: "
-                f"give at least {need}, or pass --train/--val/--test files"
-            )
+            documents = f"{len(docs)} document{'s' * (len(docs) != 1)}"
+            raise FournilError(f"{cfg.data} has {documents} (lines), too few for a {_pct(fractions)} split: "
+                               f"give at least {need}, or pass --train/--val/--test files")
         pick = lambda idx: [docs[i] for i in idx]  # noqa: E731
         splits = Splits(
             mode, pick(order[:n_train]), pick(order[n_train : n_train + n_val]), pick(order[n_train + n_val :])

@@ -33,7 +33,9 @@ def save_adapter(model, config: LoraConfig, folder: Path, base: str) -> None:
 def read_adapter_config(folder: Path) -> LoraConfig:
     file = Path(folder) / ADAPTER_CONFIG
     if not file.is_file():
-        raise FournilError(f"{folder} holds no {ADAPTER_CONFIG}: give a folder with a PEFT LoRA adapter")
+        what = "holds no " + ADAPTER_CONFIG if Path(folder).is_dir() else "is not a folder"
+        raise FournilError(f"{folder} {what}: give a folder with a PEFT LoRA adapter (a run of "
+                           f"fournil finetune --lora, or PEFT's save_pretrained)")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

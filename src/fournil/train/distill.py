@@ -244,7 +244,7 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     about = f"{taught.student}, taught by {taught.teacher}" if is_remote(taught.teacher) else \
         f"{taught.student} of {taught.teacher}, {teacher_run.model.num_params():,}"
     announce(f"a student of {model.num_params():,} parameters ({about}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
-             f", {how}; {t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g}; "
+             f", {how}; {t.budget}, batch {t.batch_size}, lr {t.lr:g}; "
              f"{trainer.precision} -> {run_dir}")
     trainer.fit(resume=resume)
     return (trainer.finish() if world.main else None), splits

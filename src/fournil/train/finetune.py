@@ -107,7 +107,7 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         announce(f"{what} {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
                  f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train']):,} "
                  f"{'rows of packed examples' if ft.pack else UNITS[config.align and config.align.method]}; "
-                 f"{t.steps and f'{t.steps:,} steps' or f'{t.time:g} s'}, batch {t.batch_size}, lr {t.lr:g}; "
+                 f"{t.budget}, batch {t.batch_size}, lr {t.lr:g}; "
                  f"{trainer.precision} -> {run_dir}")
         trainer.fit(resume=bool(resume))
         return trainer.finish() if world.main else None

@@ -68,7 +68,8 @@ def size_to_budget(config: RunConfig, train_docs: int, steps_per_second) -> RunC
     chosen = [settings for start, settings in RULE if passes >= start][-1]
     if not t.time:
         chosen = {k: v for k, v in chosen.items() if k not in SPENDING}
-    record = {"default_model_steps": round(steps), "passes": round(passes, 1), "chosen": chosen}
+    record = {"default_model_steps": round(steps), "passes": round(passes, 1) if passes >= 1 else float(f"{passes:.2g}"),
+              "chosen": chosen}
     if rate is not None:
         record["steps_per_second"] = round(rate, 1)
     model = {k: v for k, v in chosen.items() if k not in SPENDING}
@@ -80,5 +81,7 @@ def describe(record: dict) -> str:
     """The announcement of the choice, with the flags that make it by hand."""
     speed = f" ({record['steps_per_second']:g} steps/s measured)" if "steps_per_second" in record else ""
     flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in record["chosen"].items())
-    return (f"budget: {record['default_model_steps']:,} steps of the default model{speed}, {record['passes']:g} passes "
-            f"over the training split; " + (f"sized for it: {flags}" if flags else "the default size suits it"))
+    steps, passes = record["default_model_steps"], record["passes"]
+    return (f"budget: {steps:,} step{'s' * (steps != 1)} of the default model{speed}, {passes:g} "
+            f"pass{'es' * (passes != 1)} over the training split; "
+            + (f"sized for it: {flags}" if flags else "the default size suits it"))
