@@ -1,5 +1,6 @@
 """The encoder-decoder Transformer: the nombres task, the model's attention, decoding, and training end to end."""
 import itertools
+import json
 import random
 import re
 
@@ -118,6 +119,12 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     for command in (["explain", "rev", "abc"], ["generate", "rev", "abc"], ["attention", "rev", "abc"]):
         refused = cli(*command, check=False)
         assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
+
+
+def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):
+    CLI(tmp_path)("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet")
+    settings = json.loads((tmp_path / "runs" / "nombres-seq2seq" / "config.json").read_text())
+    assert settings["data"]["data"] == "nombres" and settings["model"]["family"] == "seq2seq"
 
 
 def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):

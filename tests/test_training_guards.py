@@ -2,6 +2,8 @@
 import json
 import math
 
+from conftest import losses
+
 ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--quiet"]
 
 
@@ -31,3 +33,20 @@ def test_a_damaged_checkpoint_is_reported_not_unpickled(cli, tmp_path):
     (tmp_path / "run" / "model.safetensors").write_bytes(b"\x00" * 64)
     result = cli("eval", "run", check=False)
     assert result.returncode == 2 and "model.safetensors is damaged" in result.stderr
+
+
+def test_a_student_that_starts_far_above_a_uniform_guess_is_not_taken_for_diverged(cli, tmp_path):
+    """A Transformer cut down to its first layers (distillation's layers:N) can start far above the loss of a uniform
+    guess: its run diverges only above twice the loss it started from. Here the teacher's final norm is scaled up,
+    which makes every prediction, and the student's, overconfident."""
+    from safetensors.torch import load_file, save_file
+
+    cli(*ARGS, "--steps", "30", "--eval-every", "30", "--out", "teacher")
+    weights = load_file(tmp_path / "teacher" / "model.safetensors")
+    for name in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
+        weights[name] = weights[name] * 40
+    save_file(weights, tmp_path / "teacher" / "model.safetensors", metadata={"format": "pt"})
+    cli("distill", "--teacher", "teacher", "--student", "layers:1", "--steps", "3", "--eval-every", "3",
+        "--no-baseline", "--quiet", "--out", "student")
+    (_, first, _), *_ = losses(tmp_path / "student")
+    assert first > 3 * math.log(27)  # (what was taken for a divergence)

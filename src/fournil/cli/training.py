@@ -18,10 +18,10 @@ from fournil.models import FAMILIES, config_class
 def add_train(sub) -> None:
     p = add_recipe_parser(sub, "train", help="train a model (defaults: gpt on prenoms)",
                           description="Train a language model. With no flags: the gpt model on the bundled French "
-                                      "first names.")
-    p.add_argument("--data", default="prenoms", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, or "
-                   "(source, target) pairs for seq2seq: nombres (digits to French words, made by code), a .jsonl "
-                   "(source, target fields) or .tsv file")
+                                      "first names (a seq2seq model: on nombres).")
+    p.add_argument("--data", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, or (source, target) "
+                   "pairs for seq2seq: nombres (digits to French words, made by code), a .jsonl (source, target "
+                   "fields) or .tsv file (default: prenoms; for seq2seq, nombres)")
     p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
     p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
                    help="lines: one document per line; text: running text (default: inferred)")
@@ -164,10 +164,11 @@ def run_train(args) -> None:
             raise FournilError(f"--{name.replace('_', '-')} does not apply to the {args.model} model; it takes "
                                f"{settable}")
         model[name] = coerce(cfg_cls, name, value)
+    data = args.data or ("nombres" if args.model == "seq2seq" else DataConfig.data)  # the data each model reads
     config = RunConfig(
         model=model,
-        data=DataConfig(args.data, args.mode, args.split, args.split_seed, args.train_file, args.val_file,
-                        args.test_file, tokenizer=args.tokenizer),
+        data=DataConfig(data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
+                        tokenizer=args.tokenizer),
         train=TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in TRAIN_FLAGS},
                           low_memory=LOW_MEMORY[args.low_memory]),
     )

@@ -293,7 +293,9 @@ class Trainer:
         per_step = t.batch_size * t.grad_accum * world.size  # sequences in one optimizer step, all processes together
         flops = model.flops_per_token(self.context)
         peak = matmul_rate(device, self.dtype, 4096 if device.type == "cuda" else 512) * world.size
-        explode = 3 * math.log(self.tokenizer.vocab_size)  # three times the loss of a uniform guess
+        # a loss above three times a uniform guess's has diverged; so has one above twice the loss the run started
+        # from, where that is higher (a pretrained model cut down to a student starts far above a uniform guess)
+        explode = None
 
         def progress_at(step, elapsed):
             return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
@@ -357,6 +359,8 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window_steps += 1
+                if explode is None:  # (the loss of the first step, read before any update)
+                    explode = max(3 * math.log(self.tokenizer.vocab_size), 2 * world.mean(window_loss).item())
                 now = time.perf_counter()
                 elapsed = start_elapsed + now - start
                 if t.time and world.distributed:
