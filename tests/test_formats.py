@@ -253,8 +253,8 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
     assert result.returncode == 2 and "has no chat template" in result.stderr
     result = cli("info", tmp_path / "nothing", check=False)
     assert result.returncode == 2 and "no run directory" in result.stderr
-    for args, message in [(["model.safetensors"], "--to hf writes a folder (config.json, model.safetensors, the "
-                                                  "tokenizer), not one .safetensors file: give a folder's name, such as"),
+    for args, message in [(["model.safetensors"], "--to hf writes a folder (config.json, model.safetensors, "
+                                                  "the tokenizer), not one .safetensors file: give a folder's name"),
                           (["model.bin", "--to", "gguf"], "model.bin: name a GGUF file OUT.gguf"),
                           (["folder", "--type", "q8_0"], "--type q8_0 is a GGUF weight type: give OUT.gguf")]:
         result = cli("convert", tmp_path / "as-run", tmp_path / args[0], *args[1:], check=False)

@@ -68,8 +68,8 @@ def size_to_budget(config: RunConfig, train_docs: int, steps_per_second) -> RunC
     chosen = [settings for start, settings in RULE if passes >= start][-1]
     if not t.time:
         chosen = {k: v for k, v in chosen.items() if k not in SPENDING}
-    record = {"default_model_steps": round(steps), "passes": round(passes, 1) if passes >= 1 else float(f"{passes:.2g}"),
-              "chosen": chosen}
+    passes = round(passes, 1) if passes >= 1 else float(f"{passes:.2g}")  # (a fraction of a pass in 2 figures)
+    record = {"default_model_steps": round(steps), "passes": passes, "chosen": chosen}
     if rate is not None:
         record["steps_per_second"] = round(rate, 1)
     model = {k: v for k, v in chosen.items() if k not in SPENDING}

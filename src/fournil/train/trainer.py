@@ -513,6 +513,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
     else:
         batch = f"batch {t.batch_size}" + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else "") + \
             (f" x {world.size} processes" if world.distributed else "")
-        announce(f"{what}; {model.num_params():,} parameters; {t.budget}, {batch}, {t.optimizer or 'adamw'} lr {t.lr:g} -> {run_dir}")
+        announce(f"{what}; {model.num_params():,} parameters; {t.budget}, {batch}, {t.optimizer or 'adamw'} "
+                 f"lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
     return trainer.finish() if world.main else None
