@@ -10,4 +10,5 @@ set -euo pipefail
 
 fournil distill --teacher $CHAT_MODEL --student $STUDENT --data shakespeare --context 128 $TUNE --out runs/course/student
 # Look at: report.md (printed at the end): parameters, size on disk, decoding speed and val NLL of the teacher, the
-# distilled student and the student trained alone; the distilled one should beat the one trained alone.
+# distilled student and the student trained alone; the distilled one should beat the one trained alone. On disk,
+# the student can take more room than SmolLM2: a third of its parameters, but in 32 bits each, against 4 or 5.
