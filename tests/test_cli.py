@@ -179,6 +179,10 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     before = {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()}
     for command in (("convert", trained["gpt"], trained["gpt"]), ("merge", trained["gpt"], "x", trained["gpt"])):
         one_line_error(run(*command), f"{trained['gpt']} already exists: fournil does not write over it")
+    one_line_error(run("merge", trained["gpt"], "no-adapter", "merged"),
+                   "no-adapter is not a folder: give a folder with a PEFT LoRA adapter (a run of fournil finetune")
+    one_line_error(run("merge", trained["gpt"], trained["gpt"], "merged"),
+                   f"{trained['gpt']} holds no adapter_config.json: give a folder with a PEFT LoRA adapter")
     for command in ("tokenizer", "prepare"):  # (each wrote its tokenizer.json over the run's)
         one_line_error(run(command, "--data", "names", "--out", trained["gpt"]),
                        f"{trained['gpt']} is not a folder of fournil {command}'s own (config.json, ")
