@@ -96,6 +96,21 @@ def one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tmp_path, capsys, monkeypatch):
+    from fournil import __version__
+    from fournil.cli import COMMANDS
+
+    run = InProcess(capsys, monkeypatch, tmp_path)
+    listed = run()  # (a usage error before, naming no command's purpose)
+    assert listed.returncode == 0 and "fournil COMMAND --help" in listed.stdout
+    assert all(re.search(rf"^ +{name} +\w", listed.stdout, re.M) for name in COMMANDS)  # each with what it does
+    one_line_error(run("trian"), "no command named 'trian'; did you mean 'train'? (fournil --help lists them)")
+    one_line_error(run("xyz", "--steps", "1"), "no command named 'xyz' (fournil --help")
+    version = run("--version")  # what a bug report needs
+    assert version.returncode == 0
+    assert re.fullmatch(rf"fournil {re.escape(__version__)}, torch \S+, Python 3\.\d+\.\d+\n", version.stdout)
+
+
 def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monkeypatch):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("élise\nzoé\n".encode("latin-1") * 50)

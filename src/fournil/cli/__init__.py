@@ -8,20 +8,40 @@ merge, align, reward, distill), :mod:`~fournil.cli.measuring` (eval, bench, samp
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
+import platform
 import sys
 from pathlib import Path
 
+import torch
+
+from fournil import __version__
 from fournil.cli import arena, files, generation, measuring, training
 from fournil.errors import FournilError
 
 COMMANDS = {**training.COMMANDS, **measuring.COMMANDS, **generation.COMMANDS, **arena.COMMANDS, **files.COMMANDS}
 
 
+class CommandList(argparse.HelpFormatter):
+    """Each command's name beside what it does. Python 3.11 measures the names without their indentation, so that
+    the longest (embeddings, attention, tokenizer) went on lines of their own, their purpose below."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += self._indent_increment
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fournil", allow_abbrev=False,
-                                description="Build, train, measure and sample language models, from a bigram up.")
-    sub = p.add_subparsers(dest="command", required=True)
+                                description="Build, train, measure and sample language models, from a bigram up.",
+                                epilog="fournil COMMAND --help: what a command does, and its flags",
+                                formatter_class=CommandList)
+    # (what a bug report needs: the versions the run depended on)
+    p.add_argument("--version", action="version",
+                   version=f"fournil {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     training.add_train(sub)
     training.add_finetune(sub)
     training.add_align(sub)
@@ -55,8 +75,21 @@ def file_error(e: OSError) -> str:
             errno.ENOTDIR: f"{name}: a part of this path is a file, not a folder"}.get(e.errno, f"{name}: {e.strerror}")
 
 
+def unknown_command(name: str) -> str:
+    """A command fournil does not have, in words, with the nearest it has (a typo: trian for train)."""
+    near = difflib.get_close_matches(name, COMMANDS, n=1)
+    return (f"no command named '{name}'" + (f"; did you mean '{near[0]}'?" if near else "") +
+            " (fournil --help lists them)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # what fournil can do, rather than a usage error
+        parser().print_help()
+        return 0
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"fournil: error: {unknown_command(argv[0])}", file=sys.stderr)
+        return 2
     if argv and argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and
                                                  argv[1] not in ("-h", "--help")):
         argv.insert(1, DEFAULT_ACTIONS[argv[0]])
