@@ -66,9 +66,17 @@ def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):
     rng = random.Random(0)
     rows = [{"instruction": f"Say {w}", "output": w} for w in (rng.choice(words) for _ in range(300))]
     data = write_jsonl(tmp_path / "say.jsonl", rows)
-    CLI(root)("finetune", base, "--data", data, "--steps", "120", "--lr", "3e-3", "--batch-size", "16", "--quiet",
-              "--out", "said")
+    said = CLI(root)("finetune", base, "--data", data, "--steps", "120", "--lr", "3e-3", "--batch-size", "16",
+                     "--quiet", "--out", "said").stdout
     run = Run.load(root / "said", "cpu")
+    # where tuning started: the base model's NLL on the held-out answers, logged as step 0 and said beside the best
+    first = json.loads((root / "said" / "metrics.jsonl").read_text().splitlines()[0])
+    val = run.data(("val",))["val"]
+    untuned = evaluate_nll(Run.load(base, "cpu").model, val, run.tokenizer, run.measure_dtype,
+                           max_tokens=run.config.train.eval_tokens)["nll"]
+    assert first == {"step": 0, "val_loss": pytest.approx(untuned, rel=1e-5)}
+    tuned = evaluate_nll(run.model, val, run.tokenizer, run.measure_dtype, max_tokens=run.config.train.eval_tokens)["nll"]
+    assert f"val NLL {untuned:.4f} before tuning, best val NLL {tuned:.4f} nats/token" in said and tuned < untuned / 4
     prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Say {w}"}]) for w in ("love", "crown", "king")]
     answers = complete(run.model, run.tokenizer, prompts, SamplingParams(max_new_tokens=30, temperature=0))
     assert all(a.finish_reason == "stop" for a in answers)  # it learned to end its turn
@@ -163,7 +171,7 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     cli("finetune", base, "--lora", "--lora-rank", "2", "--pack", "--steps", "4", "--eval-every", "2", "--quiet", "--out", "tuned")
     cli("finetune", "--resume", root / "tuned", "--steps", "8", "--quiet")
     steps = [json.loads(line)["step"] for line in (root / "tuned" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [4, 8]  # went on from the checkpoint of step 4
+    assert steps == [0, 4, 8]  # the base model's val NLL, then on from the checkpoint of step 4
     shown = cli("eval", root / "tuned").stdout
     assert "val" in shown and "test" in shown
 
@@ -184,7 +192,8 @@ def test_low_memory_trains_exactly_as_whole_batches(bpe_base, command):
     assert "low memory" not in said["off"]
     logged = {how: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
               for how, run in runs.items()}
-    assert [r["train_loss"] for r in logged["on"]] == pytest.approx([r["train_loss"] for r in logged["off"]], abs=1e-5)
+    trained = {how: [r["train_loss"] for r in rows if "train_loss" in r] for how, rows in logged.items()}
+    assert trained["on"] == pytest.approx(trained["off"], abs=1e-5)
     assert logged["on"][-1]["val_loss"] == pytest.approx(logged["off"][-1]["val_loss"], abs=1e-5)
     adapters = {how: load_file(run / "adapter_model.safetensors") for how, run in runs.items()}
     for name, weight in adapters["on"].items():

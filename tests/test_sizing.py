@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 from conftest import CLI, losses
+from fournil.config import TrainConfig
 from fournil.models import build_model
 from fournil.train.sizing import RULE, SPENDING
 
@@ -47,6 +48,7 @@ def test_the_budget_sizes_the_default_and_flags_reproduce_the_choice(tmp_path):
     assert "the default size suits it" in out.stdout and settings(tmp_path / "short")["train"]["batch_size"] == 64
     assert "budget: 1 step of the default model, 0.36 passes over" in out.stdout  # 64 of 180 names, in 2 figures
     assert " parameters; 1 step, batch 64, " in out.stdout
+    assert TrainConfig(steps=30, time=300).budget == "30 steps or 300 s, whichever ends first"  # ("and" before)
 
 
 def test_a_time_budget_is_counted_in_steps_measured_on_this_machine(tmp_path):

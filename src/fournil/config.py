@@ -63,9 +63,11 @@ class TrainConfig:
 
     @property
     def budget(self) -> str:
-        """The budget as a run announces it: "1 step", "3,000 steps", "120 s", or both."""
+        """The budget as a run announces it: "1 step", "3,000 steps", "120 s", or both (the run stops at the first)."""
         steps = self.steps and f"{self.steps:,} step{'s' * (self.steps != 1)}"
-        return " and ".join(x for x in (steps, self.time and f"{self.time:g} s") if x)
+        if steps and self.time:
+            return f"{steps} or {self.time:g} s, whichever ends first"
+        return steps or (self.time and f"{self.time:g} s") or ""
 
     def check(self) -> None:
         """Refuse what no run can use, before defaults fill what the user left open."""

@@ -269,7 +269,9 @@ def report(run) -> None:
     if run is None:  # a process other than rank 0 of a multi-process run
         return
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    best = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
+    vals = [r for r in records if "val_loss" in r]
+    before = vals.pop(0)["val_loss"] if run.config.finetune and not run.config.align and vals[0]["step"] == 0 else None
+    best = min(vals, key=lambda r: r["val_loss"])
     samples = (run.path / "samples.txt").read_text(encoding="utf-8").splitlines()
     if run.config.align:
         scores = ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in best.items()
@@ -277,7 +279,8 @@ def report(run) -> None:
         print(f"best val (step {best['step']}): {scores}; saved to {run.path}")
     else:
         nll = best["val_loss"]
-        print(f"best val NLL {nll:.4f} nats/token ({nll / math.log(2):.3f} bits); saved to {run.path}")
+        start = "" if before is None else f"val NLL {before:.4f} before tuning, "
+        print(f"{start}best val NLL {nll:.4f} nats/token ({nll / math.log(2):.3f} bits); saved to {run.path}")
     if samples:
         print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
     if run.mode == "pairs":

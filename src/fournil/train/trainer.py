@@ -318,6 +318,12 @@ class Trainer:
                            f"--lr (this run used {t.lr:g}){', or --dtype float32' if self.dtype != torch.float32 else ''}")
 
         bar = Progress(self.show_progress, progress_at(step, elapsed))
+        if step == 0 and self.config.finetune and not self.config.align:
+            # where tuning starts: the base model's NLL on the held-out answers, which tuning should bring down
+            base = self.validate()["loss"]
+            if world.main:
+                self.metrics.log({"step": 0, "val_loss": base})
+            bar.update(0.0, True, step=0, val=f"{base:.4f}")
         start, start_elapsed = time.perf_counter(), elapsed
         window_loss, window_tokens, window_steps, window_start, val = 0.0, 0, 0, start, None
         window_metrics = {}
