@@ -72,10 +72,9 @@ def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):
     # where tuning started: the base model's NLL on the held-out answers, logged as step 0 and said beside the best
     first = json.loads((root / "said" / "metrics.jsonl").read_text().splitlines()[0])
     val = run.data(("val",))["val"]
-    untuned = evaluate_nll(Run.load(base, "cpu").model, val, run.tokenizer, run.measure_dtype,
-                           max_tokens=run.config.train.eval_tokens)["nll"]
+    untuned, tuned = (evaluate_nll(model, val, run.tokenizer, run.measure_dtype, max_tokens=run.config.train.eval_tokens)
+                      ["nll"] for model in (Run.load(base, "cpu").model, run.model))
     assert first == {"step": 0, "val_loss": pytest.approx(untuned, rel=1e-5)}
-    tuned = evaluate_nll(run.model, val, run.tokenizer, run.measure_dtype, max_tokens=run.config.train.eval_tokens)["nll"]
     assert f"val NLL {untuned:.4f} before tuning, best val NLL {tuned:.4f} nats/token" in said and tuned < untuned / 4
     prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Say {w}"}]) for w in ("love", "crown", "king")]
     answers = complete(run.model, run.tokenizer, prompts, SamplingParams(max_new_tokens=30, temperature=0))
