@@ -54,7 +54,7 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         for png in {"en": ["emma.png", "embeddings.png", "attention-names.png", "attention-it.png", "capital.png",
                            "tokens.png"],
                     "fr": ["marie.png", "plongements.png", "attention-prenoms.png", "attention-it.png", "capitale.png",
-                           "tokens.png"]}[lang]:
+                           "capitale-en.png", "tokens.png"]}[lang]:
             assert imread(tmp_path / lang / png).ndim == 3, png
 
 

@@ -18,5 +18,8 @@ fournil attention $CHAT_MODEL "The animal didn't cross the street because it was
 # au premier jeton (un « puits d'attention » où les têtes posent le poids dont elles n'ont pas besoin) ; le reste va
 # aux mots qui donnent son sens à « it ».
 
+fournil explain $CHAT_MODEL "The capital of France is Paris, and the capital of Italy is Rome." --out capitale-en.png
 fournil explain $CHAT_MODEL "La capitale de la France est Paris, et celle de l'Italie est Rome." --out capitale.png
-# À regarder : les jetons que le modèle attendait (Paris, Rome : forte probabilité) et ceux qui l'ont surpris.
+# À regarder : les jetons que le modèle attendait et ceux qui l'ont surpris. En anglais, SmolLM2 attend Paris et Rome
+# (probabilité 0,77 chacun) ; en français, qu'il a peu lu, Paris le surprend (0,0001) et sa NLL moyenne par jeton
+# double (3,6 contre 1,7). Un modèle ne sait que ce qu'il a lu.
