@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv[0].startswith("-") and argv[0] not in COMMANDS:
         print(f"fournil: error: {unknown_command(argv[0])}", file=sys.stderr)
         return 2
-    if argv and argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and
-                                                 argv[1] not in ("-h", "--help")):
+    if argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and argv[1] not in ("-h", "--help")):
         argv.insert(1, DEFAULT_ACTIONS[argv[0]])
     args = parser().parse_args(argv)
     try:

@@ -270,7 +270,7 @@ def report(run) -> None:
         return
     records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val_loss" in r]
-    before = vals.pop(0)["val_loss"] if run.config.finetune and not run.config.align and vals[0]["step"] == 0 else None
+    before = vals.pop(0)["val_loss"] if command_of(run.config) == "finetune" and vals[0]["step"] == 0 else None
     best = min(vals, key=lambda r: r["val_loss"])
     samples = (run.path / "samples.txt").read_text(encoding="utf-8").splitlines()
     if run.config.align:

@@ -318,7 +318,7 @@ class Trainer:
                            f"--lr (this run used {t.lr:g}){', or --dtype float32' if self.dtype != torch.float32 else ''}")
 
         bar = Progress(self.show_progress, progress_at(step, elapsed))
-        if step == 0 and self.config.finetune and not self.config.align:
+        if step == 0 and command_of(self.config) == "finetune":
             # where tuning starts: the base model's NLL on the held-out answers, which tuning should bring down
             base = self.validate()["loss"]
             if world.main:
