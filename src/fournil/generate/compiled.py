@@ -63,9 +63,13 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         # on a CPU, the step's kernels called from C++, not Python: SmolLM2 in int4 decoded 98 tokens/s instead of 91,
-        # for a first compilation of 2.6 minutes instead of 50 s (a second launch: 21 s). Not on a GPU, where it was
+        # for a longer first compilation (a second launch: 21 s). Not on a GPU, where it was
         # tried once: an H200's step had not compiled after 5 minutes
         "cpp_wrapper": model.device.type == "cpu",
+        # its C++ built apart from the kernels' (the wrapper with fewer optimizations): SmolLM2's first compilation for
+        # one row 47 s instead of 101 in int4 and 54 s instead of 128 in int8, decoding as fast (int8, 8 alternated
+        # rounds in one process: 105 tokens/s against 104 for one row, 529 against 548 for 8, within the noise)
+        "cpp_wrapper_build_separate": model.device.type == "cpu",
         # a loop's iterations are shared between threads only if each gets 4,096 (Inductor's default: 512): the norms,
         # activations and rotary positions of a few rows cost less than sharing them out (SmolLM2 in int4, 8 rows
         # compiled with each setting in one process, alternated: 943 tokens/s against 921, faster in 8 pairs of 8)
