@@ -6,6 +6,9 @@ import time
 
 from safetensors import safe_open
 
+from conftest import InProcess
+from fournil.train.metrics import MetricsLog
+
 ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--eval-every", "20",
         "--quiet"]
 
@@ -43,6 +46,24 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(cli, tmp_path):
     resumed = train_losses(run)
     assert sorted(resumed) == sorted(whole)
     assert resumed == whole  # bit for bit: model, optimizer, data position and random state were restored
+
+
+def test_a_step_is_logged_before_the_checkpoint_that_covers_it(tmp_path, capsys, monkeypatch):
+    # a kill between the two runs the step again on --resume; in the other order, the resumed run started after a step
+    # whose record was never written (it failed so once here, the kill above landing between them)
+    logged = []
+    log = MetricsLog.log
+    monkeypatch.setattr(MetricsLog, "log", lambda self, record: (
+        logged.append((record["step"], checkpoint_step(tmp_path / "run"))), log(self, record)))
+    assert InProcess(capsys, monkeypatch, tmp_path)(*ARGS, "--steps", "40", "--out", "run").returncode == 0
+    assert logged == [(10, 0), (20, 0), (30, 20), (40, 20)]  # (each record's step, the checkpoint's when it was logged)
+    assert checkpoint_step(tmp_path / "run") == 40
+
+    metrics = MetricsLog(tmp_path / "run", tensorboard=False)
+    metrics.truncate(20)  # after a kill: what the checkpoint holds, and no more
+    assert [r["step"] for r in metrics.read()] == [10, 20]
+    metrics.truncate(0)  # killed before any checkpoint: the run starts again from nothing
+    assert metrics.read() == []
 
 
 def test_resume_with_a_new_budget_continues(cli, tmp_path):

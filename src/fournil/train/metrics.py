@@ -31,9 +31,11 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
     def truncate(self, step: int) -> None:
-        """Forget what a killed run logged after its last checkpoint: those steps run again."""
+        """Forget what a killed run logged after its last checkpoint (everything, if it wrote none: ``step`` 0): those
+        steps run again, and so does a fine-tuning run's scoring of its base model, logged at step 0."""
         if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            lines = self.path.read_text().splitlines() if step else []
+            keep = [line for line in lines if json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def close(self) -> None:

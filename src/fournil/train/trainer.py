@@ -381,7 +381,8 @@ class Trainer:
                 record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": speed,
                           "mfu": speed * flops / peak, "time": round(elapsed, 2),
                           **{f"train_{k}": world.mean(v).item() / window_steps for k, v in window_metrics.items()}}
-                if step % t.eval_every == 0 or finishing:
+                evaluated = step % t.eval_every == 0 or finishing
+                if evaluated:
                     scores = self.validate()
                     val = record["val_loss"] = scores.pop("loss")
                     record.update({f"val_{k}": v for k, v in scores.items()})
@@ -389,9 +390,10 @@ class Trainer:
                         diverged("the validation loss", val)
                     improved = val < best
                     best = min(best, val)
+                if world.main:  # the record before the checkpoint: a kill between them runs the step again, where the
+                    self.metrics.log(record)  # other order lost its record (the resumed run starts after it)
+                if evaluated:
                     checkpoint(improved)
-                if world.main:
-                    self.metrics.log(record)
                 bar.update(progress_at(step, elapsed), "val_loss" in record, step=step, loss=f"{train_loss:.4f}",
                            val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{speed:,.0f}"},
                            mfu=f"{100 * record['mfu']:.0f}%")
