@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: each t
 # Seconds each file took on 2 cores (pytest --durations=0, summed; test_compiled with Inductor's cache empty, as in CI).
 # The files run longest first (--no-loadscope-reorder keeps this order), so that the two workers end together: by the
 # number of tests, as xdist orders them, the course's two long tests ran last, on one worker, while the other waited.
-SECONDS = {"test_course.py": 310, "test_compiled.py": 230, "test_recipes.py": 180, "test_smollm2.py": 100,
+SECONDS = {"test_course.py": 310, "test_compiled.py": 160, "test_recipes.py": 180, "test_smollm2.py": 100,
            "test_bench.py": 75, "test_remote.py": 70, "test_arena.py": 70, "test_sizing.py": 65, "test_resume.py": 60,
            "test_finetune.py": 60, "test_engine.py": 60, "test_shards.py": 60, "test_speculative.py": 60,
            "test_training_guards.py": 50, "test_distill.py": 50, "test_cli.py": 45, "test_align.py": 45,
@@ -33,6 +34,26 @@ SECONDS = {"test_course.py": 310, "test_compiled.py": 230, "test_recipes.py": 18
            "test_pictures.py": 35, "test_precision.py": 35, "test_seq2seq.py": 35, "test_serve.py": 30,
            "test_models.py": 25, "test_ngram.py": 5, "test_optimizers.py": 2, "test_docs.py": 1, "test_data.py": 1,
            "test_sampling.py": 1, "test_tokenizer.py": 1}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--other-precision", action="store_true",
+                     help="compute as a CPU of the other kind: in bf16 where this one computes in fp32, in fp32 where "
+                          "it computes in bf16 (CI runs the precision tests again so: both ways on every machine)")
+
+
+def pytest_configure(config):
+    if config.getoption("other_precision") and not os.environ.get("PYTEST_XDIST_WORKER"):  # (workers inherit it)
+        from fournil.device import CPU_BF16, cpu_bf16_pays
+
+        os.environ[CPU_BF16] = "0" if cpu_bf16_pays() else "1"
+        cpu_bf16_pays.cache_clear()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if value := os.environ.get("FOURNIL_CPU_BF16"):
+        terminalreporter.write_line(f"FOURNIL_CPU_BF16={value}: these tests computed as a CPU "
+                                    f"{'with' if value == '1' else 'without'} bf16 units does")
 
 
 def pytest_collection_modifyitems(items):
@@ -160,31 +181,44 @@ def cli(tmp_path) -> CLI:
     return CLI(tmp_path)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name``, made by ``build(folder)`` once for the whole session: the first of xdist's workers to ask
+    builds it (under a lock), the other reads it (their base folders share a parent, unique to the session)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():  # (what a failed build left is built again)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """Small runs of every model on the bundled English names, trained once for the whole session."""
-    root = tmp_path_factory.mktemp("trained")
-    cli = CLI(root)
-    runs = {}
-    for model, extra in {
-        "ngram": [],
-        "mlp": ["--steps", "60"],
-        "rnn": ["--steps", "30", "--n-hidden", "64"],
-        "gpt": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"],
-        "llama": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"],
-    }.items():
-        out = root / f"names-{model}"
-        cli("train", "--data", "names", "--model", model, "--out", out, "--quiet", "--eval-every", "20", *extra)
-        runs[model] = out
-    return runs
+    settings = {"ngram": [], "mlp": ["--steps", "60"], "rnn": ["--steps", "30", "--n-hidden", "64"],
+                "gpt": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"],
+                "llama": ["--steps", "30", "--n-embd", "32", "--n-layer", "2"]}
+
+    def build(root):
+        for model, extra in settings.items():
+            CLI(root)("train", "--data", "names", "--model", model, "--out", f"names-{model}", "--quiet",
+                      "--eval-every", "20", *extra)
+
+    root = built_once(tmp_path_factory, "trained", build)
+    return {model: root / f"names-{model}" for model in settings}
 
 
 @pytest.fixture(scope="session")
 def running_text(tmp_path_factory) -> Path:
     """A tiny gpt of Shakespeare with a context of 16 characters: text without an end, longer than its context."""
-    root = tmp_path_factory.mktemp("running-text")
-    CLI(root)("train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--block-size",
-              "16", "--steps", "10", "--eval-every", "10", "--quiet", "--out", "tiny")
+    root = built_once(tmp_path_factory, "running-text", lambda root: CLI(root)(
+        "train", "--data", "shakespeare", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--block-size", "16",
+        "--steps", "10", "--eval-every", "10", "--quiet", "--out", "tiny"))
     return root / "tiny"
 
 
@@ -192,8 +226,8 @@ def running_text(tmp_path_factory) -> Path:
 def bpe_llama(tmp_path_factory) -> Path:
     """A tiny llama of Shakespeare with a byte-level BPE (ChatML template, <|im_end|> ends a turn) and a context of
     1,024 tokens: a base to fine-tune, and a chat model to serve."""
-    root = tmp_path_factory.mktemp("bpe-llama")
-    CLI(root)("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:400", "--n-embd", "48",
-              "--n-layer", "2", "--block-size", "1024", "--batch-size", "4", "--steps", "20", "--eval-every", "20",
-              "--quiet", "--out", "chat")
+    root = built_once(tmp_path_factory, "bpe-llama", lambda root: CLI(root)(
+        "train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:400", "--n-embd", "48", "--n-layer",
+        "2", "--block-size", "1024", "--batch-size", "4", "--steps", "20", "--eval-every", "20", "--quiet", "--out",
+        "chat"))
     return root / "chat"

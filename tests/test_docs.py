@@ -65,8 +65,8 @@ def test_every_command_of_the_page_parses(page):
 
 def test_every_flag_named_exists():
     known = options(parser()) | OTHER_TOOLS
-    for script in (ROOT / "benchmarks").glob("*.py"):  # the benchmarks' own flags
-        known |= set(re.findall(r'add_argument\("(--[a-z0-9-]+)"', script.read_text()))
+    for script in [*(ROOT / "benchmarks").glob("*.py"), ROOT / "tests" / "conftest.py"]:  # theirs, and the tests'
+        known |= set(re.findall(r'add(?:_argument|option)\("(--[a-z0-9-]+)"', script.read_text()))
     for page in PAGES:
         text = re.sub(r"https?://\S+", "", page.read_text(encoding="utf-8"))
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", text))
