@@ -51,8 +51,10 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if value := os.environ.get("FOURNIL_CPU_BF16"):
-        terminalreporter.write_line(f"FOURNIL_CPU_BF16={value}: these tests computed as a CPU "
+    from fournil.device import CPU_BF16
+
+    if value := os.environ.get(CPU_BF16):
+        terminalreporter.write_line(f"{CPU_BF16}={value}: these tests computed as a CPU "
                                     f"{'with' if value == '1' else 'without'} bf16 units does")
 
 

@@ -63,8 +63,8 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1) -> float:
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         # on a CPU, the step's kernels called from C++, not Python: SmolLM2 in int4 decoded 98 tokens/s instead of 91,
-        # for a longer first compilation (a second launch: 21 s). Not on a GPU, where it was
-        # tried once: an H200's step had not compiled after 5 minutes
+        # for a longer first compilation (a second launch: 21 s). Not on a GPU, where it was tried once: an H200's step
+        # had not compiled after 5 minutes
         "cpp_wrapper": model.device.type == "cpu",
         # its C++ built apart from the kernels' (the wrapper with fewer optimizations): SmolLM2's first compilation for
         # one row 47 s instead of 101 in int4 and 54 s instead of 128 in int8, decoding as fast (int8, 8 alternated
