@@ -111,3 +111,16 @@ def test_a_names_model_is_distilled_on_its_own_names_by_default(trained, tmp_pat
     rows = (tmp_path / "small" / "report.md").read_text(encoding="utf-8").splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ["teacher", "distilled student", "student without teacher"]
     assert all(float(row.split("|")[4].split()[0]) > 0 for row in rows)  # decode tokens/s
+
+
+def test_under_a_time_budget_the_student_alone_takes_as_many_steps_as_the_distilled_one(trained, tmp_path):
+    """Without the teacher to read, a step is faster: given the same seconds, the student alone would take more steps
+    than the distilled one, and the report would compare unequal trainings."""
+    CLI(tmp_path)("distill", "--teacher", trained["gpt"], "--student", "layers:1", "--steps", "100000", "--time", "3s",
+                  "--eval-every", "10", "--quiet", "--out", "timed")
+    last = {}
+    for run in (tmp_path / "timed", tmp_path / "timed" / "baseline"):
+        last[run.name] = json.loads((run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])["step"]
+    assert 0 < last["timed"] < 100000 and last["baseline"] == last["timed"], last
+    config = json.loads((tmp_path / "timed" / "baseline" / "config.json").read_text(encoding="utf-8"))
+    assert config["train"]["steps"] == last["timed"] and config["train"]["time"] is None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fournil.checkpoint import write_json
+from fournil.checkpoint import read_state_info, write_json
 from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id, render_example
@@ -26,7 +26,7 @@ from fournil.formats import source_kind
 from fournil.generate import SamplingParams, complete
 from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
-from fournil.runs import CONFIG, TOKENIZER, Run, find_run, read_config
+from fournil.runs import CONFIG, STATE, TOKENIZER, Run, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, NextTokenPrediction
 from fournil.train.trainer import Trainer, new_run_dir, resumed
@@ -175,8 +175,11 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
                 teacher_run = Run.load(taught.teacher, config.train.device)
             runs = {"teacher": teacher_run, "distilled student": run}
         if baseline and (taught.alpha or taught.sequences):
-            announce("the same student, the same steps, without the teacher:")
-            alone = dataclasses.replace(config, distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
+            # the steps the distilled student took: under a time budget, one that needs no teacher would take more
+            steps = read_state_info(run_dir / STATE)["step"]
+            announce(f"the same student, the same {steps} steps, without the teacher:")
+            alone = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps, time=None),
+                                        distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
             base_dir = run_dir / BASELINE
             runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
                                                             world, progress, announce, teacher)[0]
