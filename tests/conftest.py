@@ -1,7 +1,10 @@
 """Tests run the real command line in a temporary directory, on real files."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import locale
 import os
 import re
 import shutil
@@ -22,6 +25,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: each t
     THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
+START_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}  # (the commands' environment, unless a test changes it)
 
 # Seconds each file took on 2 cores (pytest --durations=0, summed; test_compiled with Inductor's cache empty, as in CI).
 # The files run longest first (--no-loadscope-reorder keeps this order), so that the two workers end together: by the
@@ -129,6 +133,76 @@ class Server:
         self.process.wait(timeout=30)
 
 
+class ForkServer:
+    """tests/forkserver.py, started once per worker: it runs each command in a process forked from one that has
+    imported fournil already."""
+
+    # what Python and torch read as they start (the fork server started before): a command that changes one of these
+    # gets a process of its own. Inductor (TORCHINDUCTOR_*, which fournil sets in the tests' own process too) and
+    # Intel's OpenMP (KMP_*, which scikit-learn sets there) read theirs when they load: the fork server loaded neither.
+    READ_AT_START = ("PYTHON", "OMP_", "GOMP_", "MKL_", "ATEN_", "ONEDNN_", "DNNL_", "TORCH_", "CUDA", "LD_", "MALLOC",
+                     "LC_", "LANG")
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")),
+                                             str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
+                                            stdin=subprocess.DEVNULL)
+
+    def can_run(self, env: dict) -> bool:
+        changed = {key for key in env.keys() | self.env.keys() if env.get(key) != self.env.get(key)}
+        return self.process.poll() is None and not any(key.startswith(self.READ_AT_START) for key in changed)
+
+    def run(self, args: list, cwd: Path, env: dict, input: str | None, timeout: float) -> subprocess.CompletedProcess:
+        """What ``subprocess.run([python, "-m", "fournil", *args], capture_output=True, text=True)`` gives."""
+        stdin, to_stdin = os.pipe() if input is not None else (os.open(os.devnull, os.O_RDONLY), None)
+        from_stdout, stdout = os.pipe()
+        from_stderr, stderr = os.pipe()
+        answer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = json.dumps({"args": args, "cwd": str(cwd), "env": env}).encode()
+        socket.send_fds(self.control, [command], [stdin, stdout, stderr, theirs.fileno()])
+        for fd in (stdin, stdout, stderr):
+            os.close(fd)
+        theirs.close()
+        read = {}
+
+        def reader(name, fd):
+            with open(fd, encoding=locale.getpreferredencoding(False)) as pipe:  # (newlines as text=True reads them)
+                read[name] = pipe.read()
+
+        def writer():
+            with contextlib.suppress(BrokenPipeError), open(to_stdin, "w", encoding=locale.getpreferredencoding(False)) \
+                    as pipe:
+                pipe.write(input)
+
+        threads = [threading.Thread(target=reader, args=("out", from_stdout), daemon=True),
+                   threading.Thread(target=reader, args=("err", from_stderr), daemon=True)]
+        threads += [threading.Thread(target=writer, daemon=True)] if to_stdin is not None else []
+        for thread in threads:
+            thread.start()
+        with answer, answer.makefile() as replies:
+            pid = int(replies.readline())
+            answer.settimeout(timeout)
+            try:
+                code = int(replies.readline())
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(args, timeout) from None
+        for thread in threads:
+            thread.join()
+        return subprocess.CompletedProcess(args, code, read["out"], read["err"])
+
+
+@functools.cache
+def fork_server() -> ForkServer | None:
+    """The worker's fork server, started at its first command, on Linux (macOS forks badly once system frameworks are
+    loaded, and Windows does not fork); FOURNIL_TEST_FORK=0 starts every command afresh (to tell whether a failure is
+    the fork server's)."""
+    return ForkServer(START_ENV) if sys.platform == "linux" and os.environ.get("FOURNIL_TEST_FORK") != "0" else None
+
+
 class CLI:
     def __init__(self, cwd: Path):
         self.cwd = cwd
@@ -136,8 +210,11 @@ class CLI:
     def __call__(self, *args, check: bool = True, timeout: float = 300, input: str | None = None,
                  env: dict | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd, env=env,
-                                capture_output=True, text=True, timeout=timeout, input=input)
+        if (server := fork_server()) and server.can_run(env):
+            result = server.run(list(map(str, args)), self.cwd, env, input, timeout)
+        else:
+            result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd, env=env,
+                                    capture_output=True, text=True, timeout=timeout, input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"fournil {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
         return result
