@@ -10,13 +10,13 @@ from torch import nn
 
 from fournil.config import AlignConfig
 from fournil.data.batches import IGNORE
-from fournil.data.preferences import load_prompts, prompt_messages, read_pairs
+from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
 from fournil.runs import Run
 from fournil.train.align import reference
 from fournil.train.grpo import GRPO, Rollouts
-from fournil.train.objectives import DPO, token_logprobs
+from fournil.train.objectives import DPO, mean_over_batches, token_logprobs
 from fournil.train.rewards import load_reward
 
 
@@ -84,6 +84,34 @@ def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same
     kept, precomputed = records(root / "full-model"), records(root / "full-precomputed")
     assert [r["train_loss"] for r in kept] == pytest.approx([r["train_loss"] for r in precomputed], abs=1e-5)
     assert kept[-1]["val_margin"] == pytest.approx(precomputed[-1]["val_margin"], abs=1e-5)
+
+
+def test_dpo_scores_held_out_pairs_under_its_reference_once_and_as_it_did_each_time(preferences):
+    """The reference never changes: the first validation keeps its scores of the held-out pairs, the next ones read
+    them. A validation's figures are those of scoring the reference anew in every batch, as before."""
+    root, base, data = preferences
+    policy, tokenizer = Run.load(base, "cpu").model, Run.load(base, "cpu").tokenizer
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that has moved away from its base
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    scored, calls = reference(Run.load(base, "cpu").model, copy_model=False), []
+
+    def counted(x, y):
+        calls.append(len(x))
+        return scored(x, y)
+
+    for max_tokens in (None, 300):  # every pair (36: three batches), then only the first ones
+        pairs = load_preferences(str(data), tokenizer, 64)["train"]
+        objective, calls[:] = DPO(0.1, counted), []
+        first = objective.validate(policy, pairs, tokenizer, torch.float32, max_tokens)
+        validated = sum(len(batch[0]) for batch in pairs.batches(16, max_tokens))
+        assert sum(calls) == 2 * len(pairs.ref) and len(pairs.ref) == validated == (36 if max_tokens is None else 4)
+        assert objective.validate(policy, pairs, tokenizer, torch.float32, max_tokens) == first and sum(calls) == \
+            2 * len(pairs.ref)  # read, not scored again
+        anew = mean_over_batches(DPO(0.1, scored), policy, load_preferences(str(data), tokenizer, 64)["train"],
+                                 torch.float32, max_tokens)
+        assert first == pytest.approx(anew, rel=1e-6) and abs(first["margin"]) > 1e-3
 
 
 def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):

@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import torch
-
 from fournil.checkpoint import save_tensors
 from fournil.config import RunConfig
 from fournil.data.preferences import load_preferences, load_prompts
-from fournil.device import autocast, pick_dtype
+from fournil.device import pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
 from fournil.models.lora import lora_disabled
 from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
 from fournil.train.grpo import GRPO, Rollouts
-from fournil.train.objectives import DPO, PairwiseReward, evaluating, token_logprobs
+from fournil.train.objectives import DPO, PairwiseReward, evaluating, reference_scores, token_logprobs
 from fournil.train.rewards import load_reward, reward_model
 
 DEFAULT_LR = {"dpo": (5e-4, 5e-6), "reward": (1e-3, 1e-5), "grpo": (2e-4, 2e-6)}  # (LoRA, every weight)
@@ -45,17 +43,6 @@ def reference(model, copy_model: bool):
     return logprobs
 
 
-@torch.no_grad()
-def precompute_reference(logprobs, splits: dict, device, dtype) -> None:
-    """Each pair's reference log-probabilities, computed once and carried by the batches."""
-    for part in splits.values():
-        rows = []
-        for x, y in part.batches(16):
-            with autocast(device, dtype):
-                rows.append(logprobs(x.flatten(0, 1).to(device), y.flatten(0, 1).to(device)).sum(-1).view(-1, 2).cpu())
-        part.ref = torch.cat(rows)
-
-
 def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, announce=print):
     """The model to train, its objective, its data and how its best weights are kept, for ``config.align``."""
     align, lora, base = config.align, config.finetune.lora, config.finetune.base
@@ -77,7 +64,8 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
     if align.method == "dpo":
         if align.reference == "precomputed":
             announce("computing the reference model's log-probabilities of every answer, once")
-            precompute_reference(ref, splits, device, dtype)
+            for part in splits.values():
+                part.ref = reference_scores(ref, part, device, dtype)
             ref = None
         return model, DPO(beta, ref), splits, keep
     reward = load_reward(align.reward, config.train.device)

@@ -113,7 +113,20 @@ class DPO:
                       "rejected_reward": rewards[:, 1].mean().detach()}
 
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
+        if data.ref is None and self.reference is not None:  # the frozen reference scores held-out pairs alike each time
+            data.ref = reference_scores(self.reference, data, model.device, dtype, max_tokens)
         return mean_over_batches(self, model, data, dtype, max_tokens)
+
+
+@torch.no_grad()
+def reference_scores(logprobs, data, device, dtype, max_tokens: int | None = None) -> torch.Tensor:
+    """The reference's log-probability of each answer of the pairs that ``data.batches`` gives (the first ones only,
+    under ``max_tokens``): a row per pair, chosen then rejected, for the batches to carry."""
+    rows = []
+    for x, y in data.batches(16, max_tokens):
+        with autocast(device, dtype):
+            rows.append(logprobs(x.flatten(0, 1).to(device), y.flatten(0, 1).to(device)).sum(-1).view(-1, 2).cpu())
+    return torch.cat(rows)
 
 
 class PairwiseReward:
