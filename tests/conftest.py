@@ -209,14 +209,14 @@ class CLI:
 
     def __call__(self, *args, check: bool = True, timeout: float = 300, input: str | None = None,
                  env: dict | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        args, env = list(map(str, args)), {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if (server := fork_server()) and server.can_run(env):
-            result = server.run(list(map(str, args)), self.cwd, env, input, timeout)
+            result = server.run(args, self.cwd, env, input, timeout)
         else:
-            result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=self.cwd, env=env,
+            result = subprocess.run([sys.executable, "-m", "fournil", *args], cwd=self.cwd, env=env,
                                     capture_output=True, text=True, timeout=timeout, input=input)
         if check and result.returncode != 0:
-            raise AssertionError(f"fournil {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+            raise AssertionError(f"fournil {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
     def popen(self, *args) -> subprocess.Popen:
