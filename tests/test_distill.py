@@ -63,6 +63,11 @@ def test_a_student_learns_from_a_teacher_and_the_report_compares_them(bpe_llama,
     assert "train_kd" not in baseline[-1] and baseline[-1]["step"] == 30  # same steps, no teacher
     student = Run.load(tmp_path / "student", "cpu")
     assert student.model.config.n_embd == 32 and student.model.num_params() < teacher.num_params()
+    # each student's val NLL, as its training measured it, is that of the weights it kept, measured again
+    for name, folder in [("distilled student", "student"), ("student without teacher", "student/baseline")]:
+        run = Run.load(tmp_path / folder, "cpu")
+        again = run.evaluate(("val",), max_tokens=run.config.train.eval_tokens)["val"]["nll"]
+        assert float(rows[name].split("|")[5]) == pytest.approx(again, abs=1e-4), name
 
 
 def test_sequence_level_distillation_learns_the_teachers_own_answers(bpe_llama, tmp_path):

@@ -174,6 +174,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
             if next(teacher_run.model.parameters()).dtype != torch.float32:  # rounded for training: reload its weights
                 teacher_run = Run.load(taught.teacher, config.train.device)
             runs = {"teacher": teacher_run, "distilled student": run}
+        measured = {"distilled student": best_val(run_dir)}
         if baseline and (taught.alpha or taught.sequences):
             # the steps the distilled student took: under a time budget, one that needs no teacher would take more
             steps = read_state_info(run_dir / STATE)["step"]
@@ -183,7 +184,8 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
             base_dir = run_dir / BASELINE
             runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
                                                             world, progress, announce, teacher)[0]
-        text = report(runs, splits["val"], config.train.eval_tokens)
+            measured["student without teacher"] = best_val(base_dir)
+        text = report(runs, splits["val"], config.train.eval_tokens, measured)
         (run_dir / REPORT).write_text(text, encoding="utf-8")
         announce(text)
         return run
@@ -273,13 +275,21 @@ def decode_speed(run: Run, new_tokens: int = 64) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def report(runs: dict[str, Run], val, max_tokens: int) -> str:
-    """Parameters, size on disk, decode speed and val NLL of each model, as a Markdown table."""
+def best_val(run_dir: Path) -> float:
+    """The val NLL of the weights a student's training kept, as that training measured it: on the report's tokens, in
+    the report's precision (measuring it again took a third of the report's time on SmolLM2's students)."""
+    return read_state_info(run_dir / STATE)["best_val"]
+
+
+def report(runs: dict[str, Run], val, max_tokens: int, measured: dict[str, float]) -> str:
+    """Parameters, size on disk, decode speed and val NLL of each model, as a Markdown table (the NLLs ``measured``
+    already, by name, are not measured again)."""
     rows = []
     for name, run in runs.items():
         files = [run.path] if run.path.is_file() else [p for p in run.path.glob("*.safetensors") if p.name != "train_state.safetensors"] + list(run.path.glob("*.gguf"))
         size = sum(p.stat().st_size for p in files) / 2**20
-        nll = evaluate_nll(run.model, val, run.tokenizer, run.measure_dtype, max_tokens=max_tokens)["nll"]
+        nll = measured[name] if name in measured else \
+            evaluate_nll(run.model, val, run.tokenizer, run.measure_dtype, max_tokens=max_tokens)["nll"]
         rows.append((name, run.model.num_params(), size, run.source["dtype"], decode_speed(run), nll))
     teacher = rows[0]
     lines = ["| model | parameters | size on disk | decode tokens/s | val NLL |", "| --- | ---: | ---: | ---: | ---: |"]
