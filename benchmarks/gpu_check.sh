@@ -8,7 +8,8 @@
 #
 # Steps: the device and its bf16 support; gpt and llama training (bf16 autocast, fused AdamW), the same compiled;
 # torchrun with a process per GPU (NCCL, where there are two or more) or two processes on a CPU (gloo); LoRA
-# fine-tuning, DPO and distillation of SmolLM2; generation (one stream, then 8 at once), with fp32 weights under
+# fine-tuning, DPO and distillation of SmolLM2; speculative decoding with that student as the draft (greedy: the same
+# tokens as without it); generation (one stream, then 8 at once), with fp32 weights under
 # autocast (the default) and with weights cast to bf16 once (--dtype bfloat16: does it pay on a GPU?); the server
 # under 8 clients for a minute; generation again with the decoding step compiled, last (on an H200 it compiled for
 # over 5 minutes). A step that fails or runs out of time is reported, with the end of its log, and the rest go on;
@@ -87,6 +88,15 @@ step "DPO, SmolLM2" fournil align smollm2 --lora --device "$DEVICE" --steps "$SM
   --quiet --out "$OUT/dpo"
 step "distillation, layers:4" fournil distill --device "$DEVICE" --steps "$SMALL" --eval-every "$SMALL" \
   --no-baseline --quiet --out "$OUT/student"
+speculative() {  # speculative DRAFT: greedy with a draft gives the model's own tokens (and says how many a pass gave)
+  local alone drafted
+  alone=$(fournil generate smollm2 "The capital of France is" --device "$DEVICE" --max-new-tokens 48 --temperature 0) \
+    && drafted=$(fournil generate smollm2 "The capital of France is" --device "$DEVICE" --max-new-tokens 48 \
+                 --temperature 0 --draft "$1") || return 1
+  [ "$alone" = "$drafted" ] || { printf 'the draft changed greedy tokens:\n%s\n---\n%s\n' "$alone" "$drafted"; return 1; }
+}
+export -f speculative
+step "speculative decoding, the distilled student as draft" speculative "$OUT/student"
 generation() {  # one stream, then 8 at once; eager or compiled (in one process: compiled once for both); weights as
   # loaded (auto: fp32, computed under autocast on a GPU) or cast once (bfloat16)
   python - "$DEVICE" "$1" "${2:-auto}" <<'EOF'
