@@ -14,7 +14,7 @@ from fournil.data.preferences import load_preferences, load_prompts, prompt_mess
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
 from fournil.runs import Run
-from fournil.train.align import reference
+from fournil.train.align import evaluate_alignment, reference
 from fournil.train.grpo import GRPO, Rollouts
 from fournil.train.objectives import DPO, mean_over_batches, token_logprobs
 from fournil.train.rewards import load_reward
@@ -77,6 +77,14 @@ def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same
     assert gap["tuned"] > gap["base"] + 5
     result = CLI(root)("eval", root / "dpo")
     assert "test: loss" in result.stdout and "reward accuracy 1.0000" in result.stdout
+    # eval keeps the adapter apart, and the model without it is the reference: the figures of the adapter folded in
+    # against the base loaded again
+    folded = evaluate_alignment(tuned)
+    for name, scores in folded.items():
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"{name}: "))
+        shown = dict(part.rsplit(" ", 1) for part in line.removeprefix(f"{name}: ").split(", "))
+        assert {k: float(v) for k, v in shown.items()} == \
+            pytest.approx({k.replace("_", " "): v for k, v in scores.items()}, abs=1e-4), name
     # every weight trains, against a frozen copy of the base or against its log-probabilities computed once
     for how in ("model", "precomputed"):
         CLI(root)("align", base, "--data", data, "--reference", how, "--steps", "4", "--eval-every", "2", "--quiet",

@@ -83,8 +83,10 @@ class Run:
         return f"{text}, {self.quantized} weights" if self.quantized else text
 
     @classmethod
-    def load(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> "Run":
-        """A run directory, a GGUF file, a Hugging Face folder or a known model's name (``smollm2``)."""
+    def load(cls, spec: str | Path, device: str = "auto", dtype: str = "auto", merge: bool = True) -> "Run":
+        """A run directory, a GGUF file, a Hugging Face folder or a known model's name (``smollm2``). A LoRA run's
+        adapter is folded into its base, unless ``merge`` is false: then the base with the adapter apart, as it
+        trained, is also the base alone (:func:`fournil.models.lora.lora_disabled`)."""
         from fournil.formats import read_model, source_kind
 
         kind, path = source_kind(spec)
@@ -106,7 +108,8 @@ class Run:
             base = cls.load(config.finetune.base, device)
             load_adapter(base.model, path)
             source = {**base.source, "format": f"LoRA adapter on {config.finetune.base}"}
-            return cls(path, config, merge_lora(base.model), load_tokenizer(path / TOKENIZER), source, dtype)
+            model = merge_lora(base.model) if merge else base.model
+            return cls(path, config, model, load_tokenizer(path / TOKENIZER), source, dtype)
         for name in (TOKENIZER, WEIGHTS):
             if not (path / name).exists():
                 raise FournilError(

@@ -83,7 +83,7 @@ def check_beam(run, beam: int) -> None:
 def run_eval(args) -> None:
     from fournil.runs import Run, latest_run
 
-    run = Run.load(args.run or latest_run(), args.device, args.dtype)
+    run = Run.load(args.run or latest_run(), args.device, args.dtype, merge=False)  # a LoRA run scored as it trained
     check_beam(run, args.beam)
     results = run.evaluate(beam=args.beam)
     print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters; {scored(run)}")

@@ -11,7 +11,7 @@ from fournil.data.preferences import load_preferences, load_prompts
 from fournil.device import pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
-from fournil.models.lora import lora_disabled
+from fournil.models.lora import LoRALinear, lora_disabled
 from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
 from fournil.train.grpo import GRPO, Rollouts
@@ -79,7 +79,9 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
 
 def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     """A run's scores on held-out data, by its method: DPO's reward accuracy and margins against its base model, a
-    reward model's accuracy on pairs, GRPO's mean reward and KL divergence from its base."""
+    reward model's accuracy on pairs, GRPO's mean reward and KL divergence from its base. The base of a LoRA run
+    loaded with its adapter apart (``Run.load(..., merge=False)``) is that model with the adapter left out; otherwise
+    it is loaded again."""
     from fournil.runs import Run
 
     config, data, tokenizer = run.config, run.data(), run.tokenizer
@@ -88,7 +90,8 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     if align.method == "reward":
         model, objective = reward_model(run), PairwiseReward()
     else:
-        ref = reference(Run.load(config.finetune.base, config.train.device).model, copy_model=False)
+        apart = any(isinstance(m, LoRALinear) for m in model.modules())
+        ref = reference(model if apart else Run.load(config.finetune.base, config.train.device).model, copy_model=False)
         objective = DPO(beta, ref) if align.method == "dpo" else GRPO(beta, ref)
         if align.method == "grpo":
             reward = load_reward(align.reward, config.train.device)
