@@ -77,6 +77,9 @@ def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same
     assert gap["tuned"] > gap["base"] + 5
     result = CLI(root)("eval", root / "dpo")
     assert "test: loss" in result.stdout and "reward accuracy 1.0000" in result.stdout
+    adapter = sum(p.numel() for name, p in Run.load(root / "dpo", "cpu", merge=False).model.named_parameters()
+                  if ".lora_" in name)
+    assert f"llama, {before.model.num_params():,} parameters and a LoRA adapter of {adapter:,};" in result.stdout
     # eval keeps the adapter apart, and the model without it is the reference: the figures of the adapter folded in
     # against the base loaded again
     folded = evaluate_alignment(tuned)

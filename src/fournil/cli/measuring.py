@@ -81,12 +81,15 @@ def check_beam(run, beam: int) -> None:
 
 
 def run_eval(args) -> None:
+    from fournil.models.lora import lora_state
     from fournil.runs import Run, latest_run
 
     run = Run.load(args.run or latest_run(), args.device, args.dtype, merge=False)  # a LoRA run scored as it trained
     check_beam(run, args.beam)
     results = run.evaluate(beam=args.beam)
-    print(f"{run.path}: {run.model.family}, {run.model.num_params():,} parameters; {scored(run)}")
+    adapter = sum(t.numel() for t in lora_state(run.model).values())
+    print(f"{run.path}: {run.model.family}, {run.model.num_params() - adapter:,} parameters"
+          f"{f' and a LoRA adapter of {adapter:,}' if adapter else ''}; {scored(run)}")
     if run.config.align:
         for name, r in results.items():
             print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
