@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def llama_cpp_model(path: Path):
     import llama_cpp
 
     with quiet():
-        return llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=512, n_threads=2,
+        return llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=512,
                                n_batch=512, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
@@ -136,7 +137,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps of each small model (default 100)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    try:
+        import llama_cpp
+    except ImportError:
+        sys.exit('llama.cpp is not installed: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36')
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -158,8 +162,6 @@ def main() -> None:
             export(run, q8, "gguf", "q8_0")
             rows.append(compare("SmolLM2 written as q8_0", Run.load(q8, "cpu", "float32"), q8,
                                 as_llama_cpp_quantizes(f32, q8)))
-    import llama_cpp
-
     print(f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}")
     print(table(rows))
     if not smollm2:
