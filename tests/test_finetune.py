@@ -175,10 +175,29 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     assert "val" in shown and "test" in shown
 
 
+def test_memory_is_saved_for_the_batches_that_need_it():
+    """``--low-memory auto`` decides for each batch from its padded width: for SmolLM2's layers in bf16, 1 GiB of
+    activations is 1,827 tokens, so DPO's usual 8 pairs of 79 tokens train whole, where the longest answers
+    allowed (512 tokens) are read in passes and their layers recomputed."""
+    from fournil.models.llama import LlamaConfig
+    from fournil.train.trainer import activation_bytes, batch_passes
+
+    smollm2 = LlamaConfig(n_layer=30, n_embd=576, n_head=9, n_kv_head=3)
+    above = 2**30 / activation_bytes(smollm2, 1, torch.bfloat16)
+    assert int(above) == 1827
+    assert batch_passes(8, 2, 79, above) == (False, 8)  # rasbt_preferences, its mean width
+    assert batch_passes(8, 1, 228, above) == (False, 8)
+    assert batch_passes(8, 1, 229, above) == (True, 4)
+    assert batch_passes(8, 1, 512, above) == (True, 2)
+    assert batch_passes(8, 2, 512, above) == (True, 1)
+    assert batch_passes(8, 2, 79, 2**30 / activation_bytes(smollm2, 1, torch.float32)) == (True, 6)  # fp32: 913
+
+
 @pytest.mark.parametrize("command", ["finetune", "align"])
 def test_low_memory_trains_exactly_as_whole_batches(bpe_base, command):
-    """Layers recomputed in the backward pass and each batch of 8 read in passes (2 examples, or 1 pair of 2 answers,
-    weighted by their share of the targets or pairs): the losses and the adapter of whole batches, to fp32 rounding."""
+    """Layers recomputed in the backward pass and each batch of 8 read in passes of at most 1,024 tokens (here 7
+    examples then 1, or 3 or 4 pairs at a time, weighted by their share of the targets or pairs): the losses and the
+    adapter of whole batches, to fp32 rounding."""
     from safetensors.torch import load_file
 
     root, base = bpe_base
@@ -187,7 +206,7 @@ def test_low_memory_trains_exactly_as_whole_batches(bpe_base, command):
         said[how] = CLI(root)(command, base, "--lora", "--lora-dropout", "0", "--steps", "3", "--eval-every", "3",
                               "--low-memory", how, "--dtype", "float32", "--quiet", "--out", f"{command}-{how}").stdout
         runs[how] = root / f"{command}-{how}"
-    assert f"low memory (layers recomputed, passes of {2 if command == 'finetune' else 1} rows)" in said["on"]
+    assert "low memory (layers recomputed, passes of at most 1,024 tokens)" in said["on"]
     assert "low memory" not in said["off"]
     logged = {how: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
               for how, run in runs.items()}

@@ -42,15 +42,24 @@ LOG_EVERY = 10
 PASS_TOKENS = 1024  # tokens per forward pass when saving memory: smaller transient tensors, a smaller heap
 
 
-def activation_bytes(model, tokens: int, dtype: torch.dtype) -> float:
+def activation_bytes(config, tokens: int, dtype: torch.dtype) -> float:
     """About what a Transformer keeps for the backward pass of ``tokens`` tokens: 34 bytes per token, layer and unit
     of width in 16-bit precision (Korthikanti et al. 2022, with fused attention), twice that in fp32."""
-    c = model.config
-    return 34 * tokens * c.n_layer * c.n_embd * (2 if dtype == torch.float32 else 1)
+    return 34 * tokens * config.n_layer * config.n_embd * (2 if dtype == torch.float32 else 1)
+
+
+def batch_passes(batch_size: int, rows: int, width: int, save_above: float) -> tuple[bool, int]:
+    """Whether a batch of ``batch_size`` examples (of ``rows`` rows of ``width`` tokens each) saves memory, and how many
+    examples one forward pass reads. A batch of more than ``save_above`` tokens is read in passes of at most
+    PASS_TOKENS tokens (8 examples of 512 tokens: 2 at a time, their losses weighted so that the step's gradient is
+    the whole batch's), its layers recomputed in the backward pass; a smaller one is read whole."""
+    if batch_size * rows * width <= save_above:
+        return False, batch_size
+    return True, max(1, min(batch_size, PASS_TOKENS // (rows * width)))
 
 
 def activation_budget(device: torch.device) -> int:
-    """Bytes of layer activations per forward pass above which a run saves memory (low_memory): 1 GiB on a CPU, whose
+    """Bytes of layer activations per batch above which a batch saves memory (low_memory): 1 GiB on a CPU, whose
     memory a laptop shares with everything else, and a quarter of what is free on a GPU (on an H200, LoRA fine-tuning
     of SmolLM2 ran at 66 tokens/s recomputing its layers in passes of 2 rows)."""
     return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2**30
@@ -215,17 +224,14 @@ class Trainer:
         self.saved = None if not frozen else {n for n, p in self.model.named_parameters() if p.requires_grad}
         tuned, taught = config.finetune, config.distill
         self.context = tuned.max_length if tuned else taught.context if taught else config.model["block_size"]
-        rows = getattr(self.objective, "rows_per_example", 1)
-        layered = [m for m in self.model.modules() if getattr(m, "checkpointing", None) is not None]
-        tokens, budget = t.batch_size * rows * self.context, activation_budget(self.device)
-        self.low_memory = t.low_memory if t.low_memory is not None else \
-            any(activation_bytes(lm, tokens, self.dtype) > budget for lm in layered)
-        for lm in layered:
-            lm.checkpointing = self.low_memory
-        # rows of a batch read in one forward pass: a batch of 8 examples of 512 tokens is read 2 at a time (the
-        # losses weighted so that the step's gradient is the whole batch's)
-        self.pass_rows = max(1, min(t.batch_size, PASS_TOKENS // (rows * self.context))) if self.low_memory \
-            else t.batch_size
+        self.layered = [m for m in self.model.modules() if getattr(m, "checkpointing", None) is not None]
+        # batches of more tokens than this save memory; auto decides for each batch from its padded width, since
+        # answers and pairs are mostly far shorter than --max-length (rasbt_preferences: 8 pairs of 79 tokens)
+        if t.low_memory is None:
+            per_token = max((activation_bytes(lm.config, 1, self.dtype) for lm in self.layered), default=0)
+            self.save_above = activation_budget(self.device) / per_token if per_token else math.inf
+        else:
+            self.save_above = 0 if t.low_memory else math.inf
         self.show_progress = progress and world.main
         self.sharded = world.distributed and t.fsdp
         self.metrics = MetricsLog(run_dir, t.tensorboard and world.main)
@@ -233,8 +239,20 @@ class Trainer:
     @property
     def precision(self) -> str:
         """What the announcement says of how the run computes: ``cpu bfloat16, scores float32, ...``."""
-        saving = f", low memory (layers recomputed, passes of {self.pass_rows} rows)" if self.low_memory else ""
+        rows = getattr(self.objective, "rows_per_example", 1)
+        how = f"layers recomputed, passes of at most {PASS_TOKENS:,} tokens"
+        saving = "" if not batch_passes(self.config.train.batch_size, rows, self.context, self.save_above)[0] else \
+            f", low memory ({how})" if self.save_above == 0 else \
+            f", low memory for batches over {int(self.save_above):,} tokens ({how})"
         return precision_text(self.device, self.dtype, self.measure_dtype) + saving
+
+    def pass_rows(self, batch: tuple) -> int:
+        """Rows of ``batch`` read in one forward pass, its layers recomputed in the backward pass or not."""
+        rows = getattr(self.objective, "rows_per_example", 1)
+        low, at_once = batch_passes(self.config.train.batch_size, rows, batch[0].shape[-1], self.save_above)
+        for lm in self.layered:
+            lm.checkpointing = low
+        return at_once
 
     def validate(self) -> dict:
         """Rank 0 scores the val split; every rank gets the loss, so all take the same decisions. (A sharded model
@@ -338,10 +356,10 @@ class Trainer:
                 batch = self.data["train"].sample(per_step, data_rng)
                 # this process's share: a micro-batch of batch_size rows per accumulation, each read in passes of
                 # pass_rows rows, whose losses are weighted by their share of the step's targets (or rows)
-                total = max(1, weight(self.objective, batch))
+                total, rows = max(1, weight(self.objective, batch)), self.pass_rows(batch)
                 starts = [(micro * world.size + world.rank) * t.batch_size for micro in range(t.grad_accum)]
-                spans = [(lo, min(lo + self.pass_rows, start + t.batch_size))
-                         for start in starts for lo in range(start, start + t.batch_size, self.pass_rows)]
+                spans = [(lo, min(lo + rows, start + t.batch_size))
+                         for start in starts for lo in range(start, start + t.batch_size, rows)]
                 for n, (lo, hi) in enumerate(spans):
                     share = weight(self.objective, tuple(b[lo:hi] for b in batch)) * world.size / total
                     part = tuple(b[lo:hi].to(device, non_blocking=True) for b in batch)
