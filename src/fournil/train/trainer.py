@@ -355,7 +355,7 @@ class Trainer:
                 # number of processes, and the data position is one generator's state
                 batch = self.data["train"].sample(per_step, data_rng)
                 # this process's share: a micro-batch of batch_size rows per accumulation, each read in passes of
-                # pass_rows rows, whose losses are weighted by their share of the step's targets (or rows)
+                # pass_rows(batch) rows, whose losses are weighted by their share of the step's targets (or rows)
                 total, rows = max(1, weight(self.objective, batch)), self.pass_rows(batch)
                 starts = [(micro * world.size + world.rank) * t.batch_size for micro in range(t.grad_accum)]
                 spans = [(lo, min(lo + rows, start + t.batch_size))
