@@ -11,7 +11,7 @@ from fournil.data.preferences import load_preferences, load_prompts
 from fournil.device import pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
-from fournil.models.lora import LoRALinear, lora_disabled
+from fournil.models.lora import lora_disabled, lora_state
 from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
 from fournil.train.grpo import GRPO, Rollouts
@@ -90,7 +90,7 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     if align.method == "reward":
         model, objective = reward_model(run), PairwiseReward()
     else:
-        apart = any(isinstance(m, LoRALinear) for m in model.modules())
+        apart = bool(lora_state(model))
         ref = reference(model if apart else Run.load(config.finetune.base, config.train.device).model, copy_model=False)
         objective = DPO(beta, ref) if align.method == "dpo" else GRPO(beta, ref)
         if align.method == "grpo":

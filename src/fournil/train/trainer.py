@@ -356,10 +356,10 @@ class Trainer:
                 batch = self.data["train"].sample(per_step, data_rng)
                 # this process's share: a micro-batch of batch_size rows per accumulation, each read in passes of
                 # pass_rows(batch) rows, whose losses are weighted by their share of the step's targets (or rows)
-                total, rows = max(1, weight(self.objective, batch)), self.pass_rows(batch)
+                total, at_once = max(1, weight(self.objective, batch)), self.pass_rows(batch)
                 starts = [(micro * world.size + world.rank) * t.batch_size for micro in range(t.grad_accum)]
-                spans = [(lo, min(lo + rows, start + t.batch_size))
-                         for start in starts for lo in range(start, start + t.batch_size, rows)]
+                spans = [(lo, min(lo + at_once, start + t.batch_size))
+                         for start in starts for lo in range(start, start + t.batch_size, at_once)]
                 for n, (lo, hi) in enumerate(spans):
                     share = weight(self.objective, tuple(b[lo:hi] for b in batch)) * world.size / total
                     part = tuple(b[lo:hi].to(device, non_blocking=True) for b in batch)
