@@ -1,5 +1,6 @@
 """Learning from preferences: the DPO loss by hand, DPO and a reward model learning a synthetic preference, GRPO
 raising a reward with its KL held by the penalty, and clear errors."""
+import functools
 import json
 import math
 
@@ -16,7 +17,8 @@ from fournil.models.base import target_logprobs
 from fournil.runs import Run
 from fournil.train.align import evaluate_alignment, reference
 from fournil.train.grpo import GRPO, Rollouts
-from fournil.train.objectives import DPO, mean_over_batches, token_logprobs
+from fournil.models import build_model
+from fournil.train.objectives import DPO, mean_over_batches, pair_logprobs, share_prompts, token_logprobs
 from fournil.train.rewards import load_reward
 
 
@@ -235,3 +237,31 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         assert not (tmp_path / "never").exists(), args
         said[args[-1]] = result.stdout
     assert "skipped 5 of 5 pairs whose chosen and rejected answers are the same" in said[same]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_a_prompt_read_once_gives_each_answer_the_log_probability_of_its_own_row(family):
+    # pairs of several shapes, padded as a batch pads them: prompts of 2 to 6 tokens, answers of 1 to 7, a pair whose
+    # rows differ before their answers (an earlier turn), and rows longer together than the model's context of 16
+    torch.manual_seed(0)
+    model = build_model({"family": family, "vocab_size": 30, "block_size": 16, "n_layer": 2, "n_head": 2,
+                         "n_embd": 16}).eval()
+    shapes = [(2, 1, 7), (6, 3, 3), (4, 7, 2), (3, 5, 5), (6, 7, 7)]  # prompt, chosen, rejected
+    T = max(p + max(c, r) for p, c, r in shapes)
+    x, y = torch.zeros(len(shapes), 2, T, dtype=torch.long), torch.full((len(shapes), 2, T), IGNORE)
+    for i, (p, c, r) in enumerate(shapes):
+        prompt = torch.randint(1, 30, (p,))
+        for j, n in enumerate((c, r)):
+            seq = torch.cat([prompt, torch.randint(1, 30, (n + 1,))])
+            x[i, j, : p + n], y[i, j, p - 1 : p + n] = seq[: p + n], seq[p : p + n + 1]
+    x[3, 1, 1] = 29 if x[3, 0, 1] != 29 else 28  # the last pair's rows differ at their second token
+    xs, sees, ys, part = share_prompts(x, y)
+    # the last pair: its prompt but the token that predicts each answer's first (5), then 8 targets each; a row of 21
+    assert xs.shape == (5, 5 + 8 + 8) and x.shape[-1] == 13
+    assert part[3].tolist()[:8] == [0, 1, 1, 1, 1, 1, 1, 1]  # the fourth pair shares only its first token
+    assert (ys != IGNORE).sum() == (y != IGNORE).sum()
+    logprobs = functools.partial(token_logprobs, model)
+    with torch.no_grad():
+        apart, shared = pair_logprobs(logprobs, x, y, share=False), pair_logprobs(logprobs, x, y, share=True)
+    torch.testing.assert_close(shared, apart, rtol=0, atol=1e-5)  # fp32: the same sums, in another order
+    assert apart.shape == (5, 2) and (apart < 0).all()

@@ -5,8 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
-# A step reads each pair's two answers under the model and under its reference: 30 steps took 4 minutes on 2 cores (an
-# AMD EPYC), and the budget (budget.sh) stops at 5 on a slower machine.
+# A step reads each pair's prompt once, then its two answers, under the model and under its reference: 30 steps took
+# 2 minutes on 2 cores (an AMD EPYC), and the budget (budget.sh) stops at 5 on a slower machine.
 fournil align $CHAT_MODEL --data rasbt_preferences --lora $TUNE --out runs/course/dpo
 # Look at: val_reward_accuracy, the share of held-out pairs where the model now prefers the chosen answer, and the
 # margin between the two (at the start the model is its own reference: every margin is 0, no preference yet).

@@ -14,18 +14,23 @@ from fournil import kernels
 
 
 def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int,
-                       documents: torch.Tensor | None = None):
+                       sees: torch.Tensor | None = None):
     """What a Transformer's forward needs to place ``idx``: each token's position, and the attention mask (``None``
     for plain causal attention). Without a cache ``idx`` is a whole sequence; with one, it continues the cache.
-    ``documents`` numbers the document of each token of packed rows (:func:`fournil.data.batches.pack`): a token
-    then attends to the earlier tokens of its own document only, and its position counts from that document's start."""
+    ``sees`` (B, T, T) says which earlier tokens each token attends to (itself included), for rows that hold more
+    than one sequence: packed documents (:func:`fournil.data.batches.pack`), or a prompt and the two answers that
+    follow it (:func:`fournil.train.objectives.share_prompts`). A token's position is then the number of tokens it
+    sees before it, as if it were in a row of its own."""
     T = idx.shape[1]
-    end = T + (cache.length if cache else 0)
+    if sees is not None:
+        positions = sees.sum(-1) - 1
+        end = int(positions.max()) + 1
+    else:
+        end = T + (cache.length if cache else 0)
     if end > block_size:
         raise FournilError(f"input of {end} tokens is longer than the model's context of {block_size}")
-    if documents is not None:
-        within = (documents[:, :, None] == documents[:, None, :]).tril()  # (B, T, T): same document, not later
-        return within.sum(-1) - 1, within[:, None]
+    if sees is not None:
+        return positions, sees[:, None]
     if cache is None:
         return torch.arange(T, device=idx.device)[None], None
     return cache.begin(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))

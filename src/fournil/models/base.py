@@ -29,7 +29,7 @@ class LanguageModel(nn.Module):
     family = ""
     counts_only = False  # True for models that learn by counting in one pass (``fit``), not by gradient descent
     checkpointing: bool | None = None  # Transformers: recompute each layer in the backward pass (None: no layers to)
-    packs = False  # forward takes ``documents=``: rows packed with several documents each (fournil.data.batches.pack)
+    packs = False  # forward takes ``sees=``: rows of several sequences each (fournil.data.batches.pack)
     exact: tuple[str, ...] = ()  # buffers that are not weights: a cast of the model (``--dtype``) keeps their dtype
 
     def _apply(self, fn, recurse=True):

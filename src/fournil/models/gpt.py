@@ -123,20 +123,20 @@ class GPT(LanguageModel):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
                 logits_to_keep: int | None = None, targets: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                sees: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``idx`` (for its last ``logits_to_keep`` positions only, if given); with a ``cache``, ``idx``
         continues what the cache holds (``valid`` marks padding). With ``targets``, the log-probability of each
-        instead, without ever holding every position's logits (:func:`target_logprobs`). ``documents``: ``idx`` holds
-        packed rows of several documents each, which do not see each other (:func:`positions_and_mask`)."""
-        x = self.hidden(idx, cache, valid, documents)
+        instead, without ever holding every position's logits (:func:`target_logprobs`). ``sees``: ``idx`` holds rows
+        of several sequences each, and which earlier tokens each token attends to (:func:`positions_and_mask`)."""
+        x = self.hidden(idx, cache, valid, sees)
         if targets is not None:
             return target_logprobs(self.lm_head, x, targets)
         return self.lm_head(x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :])
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-               documents: torch.Tensor | None = None) -> torch.Tensor:
+               sees: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's normalized states (B, T, n_embd): what the output layer reads, and a reward head too."""
-        pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size, documents)
+        pos, mask = positions_and_mask(idx, cache, valid, self.config.block_size, sees)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = self.run_layer(block, x, cache, i, mask)

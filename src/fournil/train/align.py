@@ -15,7 +15,8 @@ from fournil.models.lora import lora_disabled, lora_state
 from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
 from fournil.train.grpo import GRPO, Rollouts
-from fournil.train.objectives import DPO, PairwiseReward, evaluating, reference_scores, token_logprobs
+from fournil.train.objectives import (DPO, PairwiseReward, evaluating, reference_scores, shares_prompts,
+                                      token_logprobs)
 from fournil.train.rewards import load_reward, reward_model
 
 DEFAULT_LR = {"dpo": (5e-4, 5e-6), "reward": (1e-3, 1e-5), "grpo": (2e-4, 2e-6)}  # (LoRA, every weight)
@@ -35,10 +36,10 @@ def reference(model, copy_model: bool):
     before training starts when the reference is precomputed."""
     frozen = copy.deepcopy(model).requires_grad_(False) if copy_model else None
 
-    def logprobs(x, y):
+    def logprobs(x, y, **inputs):
         ref = model if frozen is None else frozen
         with evaluating(ref), lora_disabled(model) if frozen is None else contextlib.nullcontext():
-            return token_logprobs(ref, x, y)
+            return token_logprobs(ref, x, y, **inputs)
 
     return logprobs
 
@@ -65,9 +66,9 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
         if align.reference == "precomputed":
             announce("computing the reference model's log-probabilities of every answer, once")
             for part in splits.values():
-                part.ref = reference_scores(ref, part, device, dtype)
+                part.ref = reference_scores(ref, part, device, dtype, share=shares_prompts(model))
             ref = None
-        return model, DPO(beta, ref), splits, keep
+        return model, DPO(beta, ref, share=shares_prompts(model)), splits, keep
     reward = load_reward(align.reward, config.train.device)
     rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype if name == "train" else measure)
                 for name, part in splits.items()}
@@ -92,7 +93,7 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     else:
         apart = bool(lora_state(model))
         ref = reference(model if apart else Run.load(config.finetune.base, config.train.device).model, copy_model=False)
-        objective = DPO(beta, ref) if align.method == "dpo" else GRPO(beta, ref)
+        objective = DPO(beta, ref, share=shares_prompts(model)) if align.method == "dpo" else GRPO(beta, ref)
         if align.method == "grpo":
             reward = load_reward(align.reward, config.train.device)
             data = {n: Rollouts(data[n], model, tokenizer, reward, align, run.measure_dtype) for n in names}
