@@ -10,7 +10,7 @@ from conftest import CLI, InProcess, write_jsonl
 from torch import nn
 
 from fournil.config import AlignConfig
-from fournil.data.batches import IGNORE
+from fournil.data.batches import IGNORE, share_prompts
 from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
@@ -18,7 +18,8 @@ from fournil.runs import Run
 from fournil.train.align import evaluate_alignment, reference
 from fournil.train.grpo import GRPO, Rollouts
 from fournil.models import build_model
-from fournil.train.objectives import DPO, mean_over_batches, pair_logprobs, share_prompts, token_logprobs
+from fournil.models.reward import RewardModel
+from fournil.train.objectives import DPO, mean_over_batches, pair_logprobs, token_logprobs
 from fournil.train.rewards import load_reward
 
 
@@ -240,7 +241,7 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt"])
-def test_a_prompt_read_once_gives_each_answer_the_log_probability_of_its_own_row(family):
+def test_a_prompt_read_once_gives_each_answer_the_log_probability_and_reward_of_its_own_row(family):
     # pairs of several shapes, padded as a batch pads them: prompts of 2 to 6 tokens, answers of 1 to 7, a pair whose
     # rows differ before their answers (an earlier turn), and rows longer together than the model's context of 16
     torch.manual_seed(0)
@@ -265,3 +266,10 @@ def test_a_prompt_read_once_gives_each_answer_the_log_probability_of_its_own_row
         apart, shared = pair_logprobs(logprobs, x, y, share=False), pair_logprobs(logprobs, x, y, share=True)
     torch.testing.assert_close(shared, apart, rtol=0, atol=1e-5)  # fp32: the same sums, in another order
     assert apart.shape == (5, 2) and (apart < 0).all()
+    # a reward model reads each answer's score at its last target, in the shared row as in the answer's own
+    scorer = RewardModel(model)
+    nn.init.normal_(scorer.score.weight)
+    with torch.no_grad():
+        one_by_one, pairs = scorer(x.flatten(0, 1), y.flatten(0, 1)).view(-1, 2), scorer(x, y)
+    torch.testing.assert_close(pairs, one_by_one, rtol=1e-5, atol=1e-5)
+    assert one_by_one.std() > 0.1

@@ -19,7 +19,7 @@ def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Te
     for plain causal attention). Without a cache ``idx`` is a whole sequence; with one, it continues the cache.
     ``sees`` (B, T, T) says which earlier tokens each token attends to (itself included), for rows that hold more
     than one sequence: packed documents (:func:`fournil.data.batches.pack`), or a prompt and the two answers that
-    follow it (:func:`fournil.train.objectives.share_prompts`). A token's position is then the number of tokens it
+    follow it (:func:`fournil.data.batches.share_prompts`). A token's position is then the number of tokens it
     sees before it, as if it were in a row of its own."""
     T = idx.shape[1]
     if sees is not None:

@@ -294,3 +294,10 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             module.recorded.append(weights.detach())
         y = weights.view(B, kv_heads, H // kv_heads * T, S) @ v.to(compute)
     return y.view(B, H, T, D).to(q.dtype)
+
+
+def shares_prompts(model) -> bool:
+    """Whether ``model`` can read a pair's prompt once for both answers (:func:`fournil.data.batches.share_prompts`):
+    it takes ``sees``, and has no sliding window (which counts the distance between two tokens in the row, and the
+    rejected answer is far from its prompt there)."""
+    return model.packs and getattr(model.config, "sliding_window", None) is None

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fournil.data.batches import IGNORE
+from fournil.data.batches import IGNORE, share_prompts
+from fournil.models.base import shares_prompts
 
 HEAD = "reward_head.safetensors"
 
@@ -22,11 +23,16 @@ class RewardModel(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One reward per row of ``x``; ``y`` holds the row's answer targets (``IGNORE`` elsewhere), as in
-        instruction data."""
-        positions = torch.arange(y.shape[1], device=y.device).expand_as(y)
-        end = torch.where(y != IGNORE, positions, -1).max(-1).values
-        h = self.lm.hidden(x)
-        return self.score(h[torch.arange(len(x), device=x.device), end]).squeeze(-1)
+        instruction data. Given pairs (pairs, 2, T), one reward per answer (pairs, 2), each pair's prompt read once
+        where the model can (:func:`share_prompts`)."""
+        if x.dim() == 2:
+            return self.score(self.lm.hidden(x)[torch.arange(len(x), device=x.device), last_target(y)]).squeeze(-1)
+        if not shares_prompts(self.lm):
+            return self(x.flatten(0, 1), y.flatten(0, 1)).view(-1, 2)
+        xs, sees, ys, part = share_prompts(x, y)
+        h = self.lm.hidden(xs, sees=sees)
+        ends = torch.stack([last_target(torch.where(part == answer, ys, IGNORE)) for answer in (1, 2)], -1)
+        return self.score(h[torch.arange(len(xs), device=x.device)[:, None], ends]).squeeze(-1)
 
     def num_params(self) -> int:
         return self.lm.num_params() + self.score.weight.numel()
@@ -41,3 +47,9 @@ class RewardModel(nn.Module):
     @property
     def config(self):
         return self.lm.config
+
+
+def last_target(y: torch.Tensor) -> torch.Tensor:
+    """The position of each row's last target: its state has read the whole answer."""
+    positions = torch.arange(y.shape[1], device=y.device).expand_as(y)
+    return torch.where(y != IGNORE, positions, -1).max(-1).values

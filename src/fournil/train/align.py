@@ -11,12 +11,12 @@ from fournil.data.preferences import load_preferences, load_prompts
 from fournil.device import pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
+from fournil.models.base import shares_prompts
 from fournil.models.lora import lora_disabled, lora_state
 from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
 from fournil.train.grpo import GRPO, Rollouts
-from fournil.train.objectives import (DPO, PairwiseReward, evaluating, reference_scores, shares_prompts,
-                                      token_logprobs)
+from fournil.train.objectives import DPO, PairwiseReward, evaluating, reference_scores, token_logprobs
 from fournil.train.rewards import load_reward, reward_model
 
 DEFAULT_LR = {"dpo": (5e-4, 5e-6), "reward": (1e-3, 1e-5), "grpo": (2e-4, 2e-6)}  # (LoRA, every weight)
