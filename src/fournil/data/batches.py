@@ -66,7 +66,8 @@ def share_prompts(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     sees, y, part)``: ``sees`` keeps each answer from seeing the other
     (:func:`fournil.generate.cache.positions_and_mask`), and ``part`` is 1 on the chosen answer, 2 on the rejected.
     Every target gets the log-probability it has in the two rows, from fewer positions: rasbt_preferences' prompts
-    are 43 tokens and its answers 60, and a DPO step of 8 pairs of SmolLM2 takes 0.61-0.67 of its time in two rows (docs/benchmarks.md, "A pair's prompt read once")."""
+    are 43 tokens and its answers 60, and a DPO step of 8 pairs of SmolLM2 takes 0.61-0.67 of its time in two rows
+    (docs/benchmarks.md, "A pair's prompt read once")."""
     B, _, T = y.shape
     columns = torch.arange(T, device=y.device)
     learned = y != IGNORE
