@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate.sampling import SamplingParams, choose, filter_logits, most_likely_tokens, penalize
+from fournil.generate.sampling import SamplingParams, choose, draw, filter_logits, most_likely_tokens, penalize
 
 
 def test_top_k_keeps_the_k_best():
@@ -34,6 +34,21 @@ def test_top_p_keeps_the_smallest_set_with_that_mass():
     assert kept(5e-324) == [[True, False, False, False]]  # 0 in float32: the best token is still kept
 
 
+def test_top_p_over_a_large_vocabulary_keeps_what_sorting_every_token_keeps():
+    """Peaked scores, whose 256 most likely tokens hold top_p (looked at alone), and flat ones, whose do not (sorted
+    all): the same tokens kept as by sorting all of SmolLM2's 49,152 probabilities."""
+    torch.manual_seed(0)
+    paths = set()
+    for scale, top_p in ((5.0, 0.9), (5.0, 0.3), (0.1, 0.9), (1.0, 0.999)):
+        logits = torch.randn(3, 49152) * scale
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        assert torch.equal(filter_logits(logits, 1.0, top_p=top_p).isfinite(), ~drop.scatter(-1, order, drop))
+        paths.add(bool((probs[:, :256].sum(-1) >= top_p).all()))
+    assert paths == {True, False}
+
+
 def test_extreme_settings_still_choose_a_token():
     """Found by the server's fuzzer: a temperature of 1e-300 divided logits into inf (then NaN), a top_p of 5e-324
     dropped every token; both must give the most likely token, not a crash."""
@@ -41,6 +56,25 @@ def test_extreme_settings_still_choose_a_token():
     generator = torch.Generator().manual_seed(0)
     for p in (SamplingParams(temperature=1e-300), SamplingParams(top_p=5e-324), SamplingParams(min_p=1.0)):
         assert choose(logits, p, generator).tolist() == [1]
+
+
+def test_a_draw_follows_each_row_s_probabilities_and_never_takes_an_impossible_token():
+    """200,000 draws land on each token as often as its probability says (within 4.5 standard deviations), from
+    rows that need not sum to 1; a token of probability 0 is never drawn, even first in its row; broken scores are
+    said, not drawn from."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]) * 3  # (unnormalized)
+    n = 200_000
+    counts = torch.bincount(draw(probs.expand(n, -1), generator), minlength=7).double() / n
+    expected = (probs / probs.sum()).double()
+    assert (counts - expected).abs().max() <= 4.5 * (expected * (1 - expected) / n).sqrt().max()
+    assert counts[[0, 2, 6]].tolist() == [0, 0, 0]
+    rows = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # one certain token per row
+    assert all(draw(rows, generator).tolist() == [2, 0, 1] for _ in range(100))
+    assert draw(torch.tensor([0.0, 5.0]), generator).shape == ()  # one row: one token
+    for broken in (float("nan"), float("inf")):
+        with pytest.raises(FournilError, match="NaN or infinity"):
+            draw(torch.tensor([[0.5, broken]]), generator)
 
 
 def test_temperature_sharpens():

@@ -9,6 +9,7 @@ import torch
 from fournil.errors import FournilError
 
 GREEDY_BELOW = 1e-5  # a temperature this close to 0 is greedy (dividing by it would overflow to inf, then NaN)
+NUCLEUS_FIRST = 256  # top-p looks among this many most likely tokens first
 
 
 @dataclass
@@ -60,16 +61,25 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches top_p
-        drop[..., 0] = False  # and always the most likely one (a top_p below float32's smallest number is 0)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if top_p is not None and top_p < 1:  # (1: every token, whatever the rounding of their sum)
+        logits = logits.masked_fill(~nucleus(logits.softmax(-1), top_p), float("-inf"))
     if min_p is not None:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of the most likely tokens whose mass reaches ``top_p``, as a mask: the most likely tokens are
+    taken in turn until the mass before them reaches it, and the most likely always. The first 256 mostly hold it;
+    all are sorted only if they do not (for SmolLM2's 49,152, on a CPU: 0.07 ms against 3)."""
+    k = min(NUCLEUS_FIRST, probs.shape[-1])
+    top, order = probs.topk(k)
+    if k < probs.shape[-1] and not bool((top.sum(-1) >= top_p).all()):
+        top, order = probs.sort(-1, descending=True)
+    drop = top.cumsum(-1) - top >= top_p
+    drop[..., 0] = False  # (a top_p below float32's smallest number is 0)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ~drop)
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -99,9 +109,21 @@ def log_normalizers(logits: torch.Tensor) -> list[float]:
     return (logits[:, 0] - logits.log_softmax(-1)[:, 0]).tolist()
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A token drawn from each row of ``probs`` (the last dimension, which need not sum to 1): the first whose running
+    sum, in fp64, exceeds a uniform number times the row's total. One number per row, where ``torch.multinomial``
+    draws one per token: a row of SmolLM2's 49,152 probabilities took 0.8 ms so on a CPU, 0.1 this way."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[..., -1:]
+    if not bool(((total > 0) & total.isfinite()).all()):
+        raise FournilError("the model's scores hold NaN or infinity, so no token can be drawn from them: its weights "
+                           "are broken, or overflow in this precision (try --dtype float32)")
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=cdf.device) * total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
 def choose(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """The next token of every row: the most likely at temperature 0, else drawn from the filtered distribution."""
     if p.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    probs = filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1), generator)

@@ -22,7 +22,7 @@ import torch
 
 from fournil.device import autocast
 from fournil.errors import FournilError
-from fournil.generate.sampling import GREEDY_BELOW, SamplingParams, filter_logits
+from fournil.generate.sampling import GREEDY_BELOW, SamplingParams, draw, filter_logits
 from fournil.generate.scheduler import Piece
 from fournil.generate.text import TextStream
 
@@ -70,10 +70,10 @@ def verify(proposed: list[int], q: list[torch.Tensor], logits: torch.Tensor, par
             kept.append(token)  # with probability min(1, p/q) (greedy: when both choose it)
             continue
         rest = (p - q[i]).clamp(min=0)
-        kept.append(int(torch.multinomial(rest / rest.sum(), 1, generator=generator)) if rest.sum() > 0
+        kept.append(int(draw(rest, generator)) if rest.sum() > 0
                     else int(p.argmax()))
         return kept
-    kept.append(int(torch.multinomial(distribution(logits[len(proposed)], params), 1, generator=generator)))
+    kept.append(int(draw(distribution(logits[len(proposed)], params), generator)))
     return kept
 
 
@@ -84,7 +84,7 @@ def propose(draft_logits, feed, params: SamplingParams, generator: torch.Generat
     logits = draft_logits
     for i in range(ahead):
         q.append(distribution(logits, params))
-        proposed.append(int(torch.multinomial(q[-1], 1, generator=generator)))
+        proposed.append(int(draw(q[-1], generator)))
         if i + 1 < ahead:
             logits = feed(proposed[-1])
     return proposed, q
