@@ -1,4 +1,5 @@
 """The generation engine: a key/value cache that changes nothing, batches that change nothing, and every control."""
+import copy
 import os
 import threading
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fournil.config import LoraConfig
 from fournil.generate import Busy, SamplingParams, Scheduler, complete, score, stream
 from fournil.generate.text import TextStream
 from fournil.models import build_model
+from fournil.models.lora import LoRALinear, add_lora, lora_disabled, merge_lora
 from fournil.runs import Run
 from fournil.tokenizers import CharTokenizer
 
@@ -49,6 +52,48 @@ def test_batched_generation_equals_one_by_one(trained):
     assert [c.text for c in together] == [c.text for c in alone]
     for c in together:
         assert c.logprobs == pytest.approx(alone[together.index(c)].logprobs, abs=1e-5)
+
+
+def test_a_generation_makes_each_weight_once_with_autocast_s_products_and_gives_the_model_back_as_it_was(trained):
+    """``complete`` casts fp32 weights to the autocast precision once, not at every step, and folds a LoRA adapter
+    into its layers: the same answers (as a streamed one, which keeps the step-by-step casts, bit for bit in bf16;
+    as the merged model's in fp32), and afterwards the model's own parameters, tied, trainable as they were."""
+    run = Run.load(trained["llama"], "cpu")
+    model, tok = run.model, run.tokenizer
+    prompt, params = tok.prompt_ids("ma"), SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    during = []
+    seen = lambda _: during.append({m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    once = complete(model, tok, [prompt], params, torch.bfloat16, progress=seen)[0]
+    assert during and all(kinds == {torch.bfloat16} for kinds in during)  # the output layer too
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+    streamed = [p for p in stream(model, tok, prompt, params, torch.bfloat16) if p.token >= 0]
+    assert once.tokens == [p.token for p in streamed] and once.logprobs == [p.logprob for p in streamed]
+
+    plain = complete(model, tok, [prompt], params)[0]
+    add_lora(model, LoraConfig(rank=4, alpha=8))
+    model.eval()  # (the adapter's new dropout layers too)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    before = [(name, p, p.dtype, p.requires_grad) for name, p in model.named_parameters()]
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        adapted = model(x)
+    during.clear()
+    seen = lambda _: during.append(all(m.disabled for m in model.modules() if isinstance(m, LoRALinear)))
+    folded = complete(model, tok, [prompt], params, progress=seen)[0]
+    assert during and all(during)  # one product per layer, the adapter in it
+    assert [(name, p, p.dtype, p.requires_grad) for name, p in model.named_parameters()] == before
+    assert not any(m.disabled for m in model.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():
+        assert torch.equal(model(x), adapted)
+    with lora_disabled(model):  # the base model's answer, not the adapter's
+        base = complete(model, tok, [prompt], params)[0]
+    merged = complete(merge_lora(copy.deepcopy(model)), tok, [prompt], params)[0]
+    assert folded.tokens == merged.tokens and folded.logprobs == pytest.approx(merged.logprobs, abs=1e-5)
+    assert (base.tokens, base.logprobs) == (plain.tokens, plain.logprobs) and folded.logprobs != plain.logprobs
 
 
 def test_seeded_sampling_is_reproducible_and_logprobs_are_the_model_s(trained):

