@@ -65,7 +65,8 @@ def test_a_generation_makes_each_weight_once_with_autocast_s_products_and_gives_
     seen = lambda _: during.append({m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)})
     once = complete(model, tok, [prompt], params, torch.bfloat16, progress=seen)[0]
     assert during and all(kinds == {torch.bfloat16} for kinds in during)  # the output layer too
-    assert model.model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight
+    assert embeddings.dtype == torch.float32 and model.lm_head.weight is embeddings  # untouched, still tied
     streamed = [p for p in stream(model, tok, prompt, params, torch.bfloat16) if p.token >= 0]
     assert once.tokens == [p.token for p in streamed] and once.logprobs == [p.logprob for p in streamed]
 
