@@ -11,7 +11,9 @@ of generate, chat and serve; its compilation time is printed); then transformers
 with its static cache compiled; the same weights dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
 GGUF file itself when that package is installed. Greedy decoding, no early stop. With ``--draft MODEL`` (a model of
 SmolLM2's tokenizer, e.g. the ``layers:4`` student of ``fournil distill``), each precision also decodes with that
-draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), with the tokens each pass yielded. Last,
+draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), with the tokens each pass yielded. With
+``--temperature T``, every row samples at that temperature (seeded; no top-k, top-p nor min-p, in transformers and
+llama.cpp too) instead of decoding greedily: ``fournil chat`` samples at 0.7. Last,
 the perplexity of each precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fournil.generate.speculative import Speculation, check_draft, speculate
 from fournil.runs import Run
 
 NEW = 128
+TEMPERATURE = 0.0  # greedy, unless --temperature
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "Explain in a few sentences why the sky is blue, for a ten-year-old."}]
 
@@ -39,7 +42,7 @@ def timed_generation(model, tokenizer, prompts, dtype, batch_invariant: bool = F
     """Seconds to the first token (prefill) and for the NEW - 1 tokens after it, all prompts in one batch."""
     scheduler = Scheduler(model, tokenizer, dtype, max_batch=len(prompts), batch_invariant=batch_invariant)
     for p in prompts:
-        scheduler.submit(p, SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
+        scheduler.submit(p, settings())
     start = time.perf_counter()
     scheduler.step()
     first = time.perf_counter()
@@ -48,15 +51,18 @@ def timed_generation(model, tokenizer, prompts, dtype, batch_invariant: bool = F
     return first - start, time.perf_counter() - first
 
 
+def settings() -> SamplingParams:
+    return SamplingParams(max_new_tokens=NEW, temperature=TEMPERATURE, seed=0, ignore_eos=True)
+
+
 def perplexity(model, ids, dtype) -> float:
     return math.exp(-sum(score(model, ids, 1, dtype)) / (len(ids) - 1))
 
 
 def drafted_decode(run, draft, prompt, k: int) -> tuple[float, float]:
     """Decode tokens/s with ``draft`` proposing ``k`` tokens per pass, and the tokens each target pass yielded."""
-    params = SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
     stats = Speculation()
-    pieces = speculate(run.model, draft.model, run.tokenizer, prompt, params, run.dtype, k, stats)
+    pieces = speculate(run.model, draft.model, run.tokenizer, prompt, settings(), run.dtype, k, stats)
     next(pieces)  # the first token: the prompt read (prefill)
     start = time.perf_counter()
     for _ in pieces:
@@ -68,9 +74,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--draft", help="a draft model for speculative decoding rows")
     parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample every row at this temperature, not greedily (fournil chat's: 0.7)")
     parser.add_argument("--compile", nargs="*", default=list(PRECISIONS), choices=PRECISIONS, metavar="PRECISION",
                         help="precisions that also get a compiled row (default: all; none: --compile)")
     args = parser.parse_args()
+    global TEMPERATURE
+    TEMPERATURE = args.temperature
     torch.set_num_threads(2)
     rows, drafted, compiling = [], [], {}
     heldout = read_text("shakespeare")[-100_000:]
@@ -108,7 +118,8 @@ def main() -> None:
     rows.append(reference_transformers(prompt, torch.bfloat16))
     rows.append(reference_transformers(prompt, torch.bfloat16, compiled=True))
     rows.append(reference_llama_cpp(prompt))
-    print(f"\nSmolLM2-135M-Instruct, 2 threads, prompt of {len(prompt)} tokens, {NEW} new tokens, greedy")
+    how = f"sampled at temperature {TEMPERATURE:g}" if TEMPERATURE else "greedy"
+    print(f"\nSmolLM2-135M-Instruct, 2 threads, prompt of {len(prompt)} tokens, {NEW} new tokens, {how}")
     print(f"{'engine':<26} {'weights MiB':>11} {'prefill tok/s':>13} {'decode tok/s':>12} {'8-batch tok/s':>13} "
           f"{'batch-invariant':>15} {'vs transformers':>15} {'vs llama.cpp':>12}")
     reference = next(r[3] for r in rows if r and r[0] == "transformers fp32")
@@ -156,7 +167,10 @@ def reference_transformers(prompt, dtype: torch.dtype, compiled: bool = False):
 
     path = known_path("smollm2")
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
-    extra = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False}
+    extra = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": TEMPERATURE > 0}
+    if TEMPERATURE:
+        extra |= {"temperature": TEMPERATURE, "top_k": 0, "top_p": 1.0, "min_p": None}
+        torch.manual_seed(0)
     if compiled:
         extra["cache_implementation"] = "static"
         model.forward = torch.compile(model.forward)
@@ -183,7 +197,7 @@ def reference_llama_cpp(prompt):
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(NEW - 1):
-        token = llm.sample(temp=0.0)
+        token = llm.sample(temp=TEMPERATURE, top_k=0, top_p=1.0, min_p=0.0)
         llm.eval([token])
     return ("llama.cpp Q4_1 (GGUF)", None, len(prompt) / prefill, (NEW - 1) / (time.perf_counter() - start), None, None)
 
