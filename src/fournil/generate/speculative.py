@@ -70,8 +70,7 @@ def verify(proposed: list[int], q: list[torch.Tensor], logits: torch.Tensor, par
             kept.append(token)  # with probability min(1, p/q) (greedy: when both choose it)
             continue
         rest = (p - q[i]).clamp(min=0)
-        kept.append(int(draw(rest, generator)) if rest.sum() > 0
-                    else int(p.argmax()))
+        kept.append(int(draw(rest, generator)) if rest.sum() > 0 else int(p.argmax()))
         return kept
     kept.append(int(draw(distribution(logits[len(proposed)], params), generator)))
     return kept
