@@ -10,7 +10,7 @@ from conftest import CLI, InProcess, write_jsonl
 from torch import nn
 
 from fournil.config import AlignConfig
-from fournil.data.batches import IGNORE, share_prompts
+from fournil.data.batches import IGNORE, SHARED, prompt_groups, share_prompts
 from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
@@ -261,10 +261,10 @@ def test_a_prompt_read_once_gives_each_answer_the_log_probability_and_reward_of_
             seq = torch.cat([prompt, torch.randint(1, 30, (n + 1,))])
             x[i, j, : p + n], y[i, j, p - 1 : p + n] = seq[: p + n], seq[p : p + n + 1]
     x[3, 1, 1] = 29 if x[3, 0, 1] != 29 else 28  # the last pair's rows differ at their second token
-    xs, sees, ys, part = share_prompts(x, y)
+    xs, sees, ys, owner = share_prompts(x.flatten(0, 1), y.flatten(0, 1), [2] * len(shapes))
     # the last pair: its prompt but the token that predicts each answer's first (5), then 8 targets each; a row of 21
     assert xs.shape == (5, 5 + 8 + 8) and x.shape[-1] == 13
-    assert part[3].tolist()[:8] == [0, 1, 1, 1, 1, 1, 1, 1]  # the fourth pair shares only its first token
+    assert owner[3].tolist()[:8] == [SHARED, 6, 6, 6, 6, 6, 6, 6]  # the fourth pair shares only its first token
     assert (ys != IGNORE).sum() == (y != IGNORE).sum()
     logprobs = functools.partial(token_logprobs, model)
     with torch.no_grad():
@@ -278,3 +278,35 @@ def test_a_prompt_read_once_gives_each_answer_the_log_probability_and_reward_of_
         one_by_one, pairs = scorer(x.flatten(0, 1), y.flatten(0, 1)).view(-1, 2), scorer(x, y)
     torch.testing.assert_close(pairs, one_by_one, rtol=1e-5, atol=1e-5)
     assert one_by_one.std() > 0.1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_grpo_reads_each_prompt_once_for_its_answers_with_the_loss_and_gradients_of_one_row_each(family):
+    # three prompts of 4, 4 and 3 tokens with 3, 2 and 3 answers of 1 to 6 tokens, padded as rollouts pad them
+    torch.manual_seed(0)
+    config = {"family": family, "vocab_size": 30, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    policy, ref = build_model(config), build_model(config).eval()  # a reference apart: the KL is not 0
+    prompts = [torch.randint(1, 30, (n,)) for n in (4, 4, 3)]
+    rows = [(0, 2), (0, 6), (0, 1), (1, 5), (1, 3), (2, 4), (2, 6), (2, 2)]  # (prompt, answer length)
+    T = max(len(prompts[p]) + n for p, n in rows) - 1
+    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), IGNORE)
+    for i, (p, n) in enumerate(rows):
+        seq = torch.cat([prompts[p], torch.randint(1, 30, (n,))])
+        x[i, : len(seq) - 1], y[i, len(prompts[p]) - 1 : len(seq) - 1] = seq[:-1], seq[len(prompts[p]) :]
+    assert prompt_groups(x, y) == [3, 2, 3] and prompt_groups(x[4:7], y[4:7]) == [1, 2]
+    advantages, rewards = torch.randn(len(rows)), torch.rand(len(rows))
+
+    def loss_and_grads(share: bool, lo: int, hi: int):
+        policy.zero_grad()
+        score = GRPO(0.5, functools.partial(token_logprobs, ref), share)
+        loss, metrics = score.loss(policy, (x[lo:hi], y[lo:hi], advantages[lo:hi], rewards[lo:hi]))
+        loss.backward()
+        return loss, metrics["kl"], [p.grad.clone() for p in policy.parameters()]
+
+    for lo, hi in [(0, 8), (4, 7)]:  # a whole batch, and a pass that cuts a group
+        (apart, kl_apart, grads_apart), (shared, kl_shared, grads) = loss_and_grads(False, lo, hi), loss_and_grads(True, lo, hi)
+        torch.testing.assert_close(shared, apart, rtol=0, atol=1e-6)  # fp32: the same sums, in another order
+        torch.testing.assert_close(kl_shared, kl_apart, rtol=0, atol=1e-6)
+        assert kl_apart > 1e-3
+        for g, g_apart in zip(grads, grads_apart):
+            torch.testing.assert_close(g, g_apart, rtol=1e-4, atol=1e-6)

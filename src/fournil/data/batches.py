@@ -60,30 +60,60 @@ def pack(x: torch.Tensor, y: torch.Tensor, width: int) -> tuple[torch.Tensor, to
     return px.view(-1, width), sees, py.view(-1, width)
 
 
-def share_prompts(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Pairs of rows (pairs, 2, T) that start alike, chosen then rejected, as one row each: what they share up to
-    their first target (the prompt) once, then each answer, from the token that predicts its first. Returns ``(x,
-    sees, y, part)``: ``sees`` keeps each answer from seeing the other
-    (:func:`fournil.generate.cache.positions_and_mask`), and ``part`` is 1 on the chosen answer, 2 on the rejected.
-    Every target gets the log-probability it has in the two rows, from fewer positions: rasbt_preferences' prompts
+SHARED, PADDING = -1, -2  # :func:`share_prompts`' owners of the positions that are no row's own
+
+
+def share_prompts(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Rows (N, T) that start alike, taken ``sizes`` at a time in turn (a pair's chosen and rejected answers, GRPO's
+    answers to one prompt), as one row per group: what the group's rows share up to their first target (the prompt)
+    once, then each row's rest, from the token that predicts its first target. Returns ``(x, sees, y, owner)``:
+    ``sees`` keeps each row's rest from seeing the others' (:func:`fournil.generate.cache.positions_and_mask`), and
+    ``owner`` is the row each position comes from, ``SHARED`` on the prompt and ``PADDING`` after the ends.
+    Every target gets the log-probability it has in its own row, from fewer positions: rasbt_preferences' prompts
     are 43 tokens and its answers 60, and a DPO step of 8 pairs of SmolLM2 takes 0.61-0.67 of its time in two rows
     (docs/benchmarks.md, "A pair's prompt read once")."""
-    B, _, T = y.shape
+    T = y.shape[1]
     columns = torch.arange(T, device=y.device)
     learned = y != IGNORE
-    ends = torch.where(learned, columns + 1, 0).amax(-1).tolist()  # (pairs, 2): one past each row's last target
-    first = torch.where(learned, columns, T).amin(-1).amin(-1)
-    shared = torch.minimum(first, torch.where(x[:, 0] != x[:, 1], columns, T).amin(-1)).tolist()
-    W = max(c + r - s for s, (c, r) in zip(shared, ends))  # the prompt once, then both answers
-    xs, ys = x.new_zeros(B, W), y.new_full((B, W), IGNORE)
-    part = torch.full((B, W), 3, device=y.device)  # 0 the prompt, 1 and 2 the answers, 3 padding
-    for i, (s, (c, r)) in enumerate(zip(shared, ends)):
-        xs[i, :c], ys[i, :c], part[i, :s], part[i, s:c] = x[i, 0, :c], y[i, 0, :c], 0, 1
-        xs[i, c : c + r - s], ys[i, c : c + r - s], part[i, c : c + r - s] = x[i, 1, s:r], y[i, 1, s:r], 2
-    sees = ((part[:, :, None] == part[:, None, :]) | (part[:, None, :] == 0)).tril()
+    ends = torch.where(learned, columns + 1, 0).amax(-1).tolist()  # one past each row's last target
+    first = torch.where(learned, columns, T).amin(-1)
+    groups, lo = [], 0
+    for n in sizes:
+        differ = torch.where((x[lo + 1 : lo + n] != x[lo]).any(0), columns, T).amin()
+        groups.append((lo, lo + n, int(torch.minimum(first[lo : lo + n].amin(), differ))))
+        lo += n
+    W = max(s + sum(max(ends[r], s) - s for r in range(a, b)) for a, b, s in groups)
+    xs, ys = x.new_zeros(len(groups), W), y.new_full((len(groups), W), IGNORE)
+    owner = torch.full((len(groups), W), PADDING, device=y.device)
+    for i, (a, b, s) in enumerate(groups):
+        xs[i, :s], owner[i, :s] = x[a, :s], SHARED
+        at = s
+        for r in range(a, b):
+            n = max(ends[r], s) - s
+            xs[i, at : at + n], ys[i, at : at + n], owner[i, at : at + n] = x[r, s : s + n], y[r, s : s + n], r
+            at += n
+    sees = ((owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == SHARED)).tril()
     eye = torch.eye(W, dtype=torch.bool, device=y.device)
-    sees = torch.where((part == 3)[:, :, None], eye, sees)  # padding sees itself only: its position stays 0
-    return xs, sees, ys, part
+    sees = torch.where((owner == PADDING)[:, :, None], eye, sees)  # padding sees itself only: its position stays 0
+    return xs, sees, ys, owner
+
+
+def row_sums(values: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:
+    """The sum of ``values`` over each row's own positions in :func:`share_prompts`' layout: one per row (rows). (Not
+    ``index_add``, whose sums on a GPU come in any order, and so differ from run to run in the last bits.)"""
+    mine = owner[..., None] == torch.arange(rows, device=owner.device)
+    return torch.where(mine, values[..., None], 0).sum((0, 1))
+
+
+def prompt_groups(x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """The sizes of the runs of consecutive rows whose prompts (their tokens before the first target) are the same:
+    what :func:`share_prompts` reads once (GRPO's batches hold each prompt's answers in turn)."""
+    T = y.shape[1]
+    columns = torch.arange(T, device=y.device)
+    first = torch.where(y != IGNORE, columns, T).amin(-1)
+    same = ((x[1:] == x[:-1]) | (columns >= first[:-1, None])).all(-1) & (first[1:] == first[:-1])
+    cuts = [0, *(i + 1 for i in torch.nonzero(~same).flatten().tolist()), len(y)]
+    return [b - a for a, b in zip(cuts, cuts[1:])]
 
 
 class LineData:

@@ -27,11 +27,13 @@ class RewardModel(nn.Module):
         where the model can (:func:`share_prompts`)."""
         if x.dim() == 2:
             return self.score(self.lm.hidden(x)[torch.arange(len(x), device=x.device), last_target(y)]).squeeze(-1)
+        rows, ys = x.flatten(0, 1), y.flatten(0, 1)
         if not shares_prompts(self.lm):
-            return self(x.flatten(0, 1), y.flatten(0, 1)).view(-1, 2)
-        xs, sees, ys, part = share_prompts(x, y)
+            return self(rows, ys).view(-1, 2)
+        xs, sees, ys, owner = share_prompts(rows, ys, [2] * len(x))
         h = self.lm.hidden(xs, sees=sees)
-        ends = torch.stack([last_target(torch.where(part == answer, ys, IGNORE)) for answer in (1, 2)], -1)
+        ends = torch.stack([last_target(torch.where((owner >= 0) & (owner % 2 == answer), ys, IGNORE))
+                            for answer in (0, 1)], -1)  # owners: chosen answers' rows are even, rejected odd
         return self.score(h[torch.arange(len(xs), device=x.device)[:, None], ends]).squeeze(-1)
 
     def num_params(self) -> int:

@@ -75,7 +75,7 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
     if config.train.batch_size % align.group:
         raise FournilError(f"--batch-size {config.train.batch_size} must be a multiple of --group {align.group} "
                            f"(each prompt's answers are compared with each other)")
-    return model, GRPO(beta, ref), rollouts, keep
+    return model, GRPO(beta, ref, shares_prompts(model)), rollouts, keep
 
 
 def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
@@ -93,7 +93,8 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     else:
         apart = bool(lora_state(model))
         ref = reference(model if apart else Run.load(config.finetune.base, config.train.device).model, copy_model=False)
-        objective = DPO(beta, ref, share=shares_prompts(model)) if align.method == "dpo" else GRPO(beta, ref)
+        share = shares_prompts(model)
+        objective = DPO(beta, ref, share) if align.method == "dpo" else GRPO(beta, ref, share)
         if align.method == "grpo":
             reward = load_reward(align.reward, config.train.device)
             data = {n: Rollouts(data[n], model, tokenizer, reward, align, run.measure_dtype) for n in names}

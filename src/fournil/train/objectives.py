@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fournil.data.batches import IGNORE, pack, share_prompts
+from fournil.data.batches import IGNORE, pack, row_sums, share_prompts
 from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
 from fournil.models.base import chunk_positions, target_logprobs
@@ -27,11 +27,11 @@ def token_logprobs(model, x: torch.Tensor, y: torch.Tensor, **inputs) -> torch.T
 def pair_logprobs(logprobs, x: torch.Tensor, y: torch.Tensor, share: bool) -> torch.Tensor:
     """log p(answer | prompt) of each pair's chosen and rejected answers (pairs, 2), from ``logprobs(x, y)``, each
     target's log-probability; with ``share``, each prompt is read once for both answers (:func:`share_prompts`)."""
+    x, y = x.flatten(0, 1), y.flatten(0, 1)
     if not share:
-        return logprobs(x.flatten(0, 1), y.flatten(0, 1)).sum(-1).view(-1, 2)
-    xs, sees, ys, part = share_prompts(x, y)
-    each = logprobs(xs, ys, sees=sees)
-    return torch.stack([torch.where(part == 1, each, 0).sum(-1), torch.where(part == 2, each, 0).sum(-1)], -1)
+        return logprobs(x, y).sum(-1).view(-1, 2)
+    xs, sees, ys, owner = share_prompts(x, y, [2] * (len(x) // 2))
+    return row_sums(logprobs(xs, ys, sees=sees), owner, len(x)).view(-1, 2)
 
 
 def weight(objective, batch: tuple) -> int:
