@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from fournil.config import LoraConfig
 from fournil.generate import Busy, SamplingParams, Scheduler, complete, score, stream
+from fournil.generate import engine
+from fournil.generate.engine import batch_rows
 from fournil.generate.text import TextStream
 from fournil.models import build_model
 from fournil.models.lora import LoRALinear, add_lora, lora_disabled, merge_lora
@@ -52,6 +54,29 @@ def test_batched_generation_equals_one_by_one(trained):
     assert [c.text for c in together] == [c.text for c in alone]
     for c in together:
         assert c.logprobs == pytest.approx(alone[together.index(c)].logprobs, abs=1e-5)
+
+
+def test_answers_are_generated_as_many_at_a_time_as_their_cache_fits_in_the_memory_budget(monkeypatch):
+    # the default batch of ``complete``: all prompts, unless their key/value cache outgrows 1 GiB on a CPU (a
+    # teacher's answers for sequence-level distillation are thousands: all at once would not fit in memory)
+    model = build_model({"family": "llama", **SIZES, "n_kv_head": 2}).eval()
+    row = model.new_cache(1, 33, torch.float32)  # one answer's cache: a prompt of 3 tokens and 30 new ones
+    row_bytes = sum(t.numel() * t.element_size() for t in row.k + row.v)
+    prompts = [[1, 2, 3]] * 300_000
+    params = [SamplingParams(max_new_tokens=30)] * len(prompts)
+    assert batch_rows(model, prompts, params, torch.float32) == 2**30 // row_bytes == 127_100
+    assert batch_rows(model, prompts, params, torch.bfloat16) == 2**30 // (row_bytes // 2)  # a cache in bf16
+    assert batch_rows(model, prompts[:1000], params[:1000], torch.float32) == 1000
+    # a row holds at most the model's context, whatever the answer's length asked for
+    longer = [SamplingParams(max_new_tokens=1_000)] * len(prompts)
+    assert batch_rows(model, prompts, longer, torch.float32) == 2**30 // (row_bytes // 33 * SIZES["block_size"])
+    # complete() answers in waves of what fits: a budget of two rows, six answers of 30 tokens
+    monkeypatch.setattr(engine, "memory_budget", lambda device: 2 * row_bytes)
+    finished = []
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(SIZES["vocab_size"])])
+    done = complete(model, tok, prompts[:6], SamplingParams(max_new_tokens=30, ignore_eos=True), progress=finished.append)
+    assert [len(c.tokens) for c in done] == [30] * 6
+    assert finished == [0] * 29 + [2] * 30 + [4] * 30  # two by two: three waves of 30 steps (not 30 steps in all)
 
 
 def test_a_generation_makes_each_weight_once_with_autocast_s_products_and_gives_the_model_back_as_it_was(trained):

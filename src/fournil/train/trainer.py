@@ -23,7 +23,7 @@ from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, tokenizer_fingerprint
 from fournil.data.sources import BUNDLED
-from fournil.device import autocast, matmul_rate, pick_device, pick_dtype, precision_text, prepare_compile
+from fournil.device import autocast, matmul_rate, memory_budget, pick_device, pick_dtype, precision_text, prepare_compile
 from fournil.errors import FournilError
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
@@ -56,13 +56,6 @@ def batch_passes(batch_size: int, rows: int, width: int, save_above: float) -> t
     if batch_size * rows * width <= save_above:
         return False, batch_size
     return True, max(1, min(batch_size, PASS_TOKENS // (rows * width)))
-
-
-def activation_budget(device: torch.device) -> int:
-    """Bytes of layer activations per batch above which a batch saves memory (low_memory): 1 GiB on a CPU, whose
-    memory a laptop shares with everything else, and a quarter of what is free on a GPU (on an H200, LoRA fine-tuning
-    of SmolLM2 ran at 66 tokens/s recomputing its layers in passes of 2 rows)."""
-    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2**30
 
 
 def new_run_dir(config: RunConfig, out: str | None) -> Path:
@@ -229,7 +222,7 @@ class Trainer:
         # answers and pairs are mostly far shorter than --max-length (rasbt_preferences: 8 pairs of 79 tokens)
         if t.low_memory is None:
             per_token = max((activation_bytes(lm.config, 1, self.dtype) for lm in self.layered), default=0)
-            self.save_above = activation_budget(self.device) / per_token if per_token else math.inf
+            self.save_above = memory_budget(self.device) / per_token if per_token else math.inf
         else:
             self.save_above = 0 if t.low_memory else math.inf
         self.show_progress = progress and world.main
