@@ -280,6 +280,40 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_examples_packed_with_their_system_prompt_read_once_give_the_padded_rows_loss_and_gradients(family):
+    """Fine-tuning's batches: examples that start with the same system prompt, packed into rows that hold it once
+    (every example there sees it, and counts its positions as in a row of its own), score every answer token as the
+    padded rows do."""
+    from fournil.data.batches import IGNORE, pack
+    from fournil.train.objectives import NextTokenPrediction
+
+    torch.manual_seed(0)
+    system = torch.randint(1, 30, (5,))
+    shapes = [(3, 2), (1, 8), (6, 1), (2, 5), (4, 4), (5, 7)]  # question and answer lengths
+    T = max(5 + q + a for q, a in shapes) - 1
+    x, y = torch.zeros(len(shapes), T, dtype=torch.long), torch.full((len(shapes), T), IGNORE)
+    for i, (q, a) in enumerate(shapes):
+        seq = torch.cat([system, torch.randint(1, 30, (q + a,))])
+        x[i, : len(seq) - 1], y[i, 5 + q - 1 : len(seq) - 1] = seq[:-1], seq[5 + q :]
+    width = 24
+    px, sees, py = pack(x, y, width, share=True)
+    assert (px[:, :5] == system).all() and sees[:, 5:, :5][py[:, 5:] != IGNORE].all()  # once a row, seen by all
+    assert len(px) == 3 and sorted(py[py != IGNORE].tolist()) == sorted(y[y != IGNORE].tolist())  # 3 rows, not 6
+    model = build_model({"family": family, "vocab_size": 30, "block_size": width, "n_layer": 2, "n_head": 4,
+                         "n_embd": 32})
+    results = []
+    for objective in (NextTokenPrediction(), NextTokenPrediction(width, share=True)):
+        model.zero_grad()
+        loss, _ = objective.loss(model, (x, y))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (padded, padded_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_in_the_kernel_drops_the_share_asked_independently_and_its_gradient_through_the_same_mask():
     """fournil's dropout (a hash of a seed and each element's index): the share dropped is p within the binomial's
     spread, neighbours are dropped independently, the kept elements are scaled so the expectation is unchanged, the

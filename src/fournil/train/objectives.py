@@ -74,17 +74,18 @@ class NextTokenPrediction:
     excluded). A batch is the model's inputs then the targets: ``(x, y)``, or ``(source, target input, y)`` for a
     sequence-to-sequence model, whose objective is the same, conditioned on the source. With ``pack_to``, rows of one
     document each are first packed into fewer rows of that many tokens (:func:`pack`): the same loss, from fewer
-    positions."""
+    positions; with ``share`` too, what all the rows hold before their first target (a system prompt) read once per
+    row."""
 
-    def __init__(self, pack_to: int | None = None):
-        self.pack_to = pack_to
+    def __init__(self, pack_to: int | None = None, share: bool = False):
+        self.pack_to, self.share = pack_to, share
 
     def loss(self, model, batch):
         *inputs, y = batch
         tokens = int((y != IGNORE).sum())
         packed = {}
         if self.pack_to:
-            x, packed["sees"], y = pack(*inputs, y, self.pack_to)
+            x, packed["sees"], y = pack(*inputs, y, self.pack_to, self.share)
             inputs = [x]
         return -model(*inputs, targets=y, **packed).sum() / tokens, {"tokens": tokens}
 
