@@ -314,6 +314,27 @@ def test_examples_packed_with_their_system_prompt_read_once_give_the_padded_rows
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_evaluation_packs_short_documents_and_scores_them_as_padded_rows(family):
+    from fournil.config import DataConfig
+    from fournil.data.batches import LineData
+    from fournil.data.corpus import load_splits
+    from fournil.evaluate import evaluate_nll
+    from fournil.tokenizers import CharTokenizer
+
+    names = load_splits(DataConfig("names"))[0].val[:300]
+    tokenizer = CharTokenizer.train(names, boundary=True)
+    data = LineData(names, tokenizer, "val")
+    torch.manual_seed(0)
+    model = build_model({"family": family, "vocab_size": tokenizer.vocab_size, "block_size": 64, "n_layer": 2,
+                         "n_head": 4, "n_embd": 32})
+    packed = evaluate_nll(model, data, tokenizer)
+    model.packs = False  # (this instance only: one padded row per name)
+    padded = evaluate_nll(model, data, tokenizer)
+    assert packed["tokens"] == padded["tokens"] == data.num_targets
+    assert packed["nll"] == pytest.approx(padded["nll"], rel=1e-6) and packed["bpb"] == pytest.approx(padded["bpb"], rel=1e-6)
+
+
 def test_dropout_in_the_kernel_drops_the_share_asked_independently_and_its_gradient_through_the_same_mask():
     """fournil's dropout (a hash of a seed and each element's index): the share dropped is p within the binomial's
     spread, neighbours are dropped independently, the kept elements are scaled so the expectation is unchanged, the

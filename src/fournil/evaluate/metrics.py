@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from fournil.data.batches import IGNORE
+from fournil.data.batches import IGNORE, pack
 from fournil.device import autocast
-
+from fournil.models.base import shares_prompts
 
 @torch.no_grad()
 def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 64, max_tokens: int | None = None) -> dict:
@@ -16,7 +16,9 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
 
     ``nll`` is in nats per token; ``bpc`` and ``bpb`` divide the same total, in bits, by the characters and the
     UTF-8 bytes the scored tokens stand for (a document's end counts as one newline). A byte-level token may hold
-    part of a character: characters are counted where they start.
+    part of a character: characters are counted where they start. A Transformer reads each batch packed
+    (:func:`pack`) where that saves positions: SmolLM2 scored rasbt_instructions' val answers in fp32 in 5.0 s padded,
+    3.6 s packed (rows as wide as the model, the system prompt once per row).
     """
     was_training = model.training
     model.eval()
@@ -26,8 +28,16 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     chars = torch.tensor([sum((c & 0xC0) != 0x80 for c in b) for b in pieces])  # UTF-8 bytes that start a character
     total, tokens, n_chars, n_bytes = 0.0, 0, 0, 0
     for *inputs, y in data.batches(batch_size, max_tokens):
+        packed = {}
+        if getattr(model, "packs", False):  # short documents (names, instruction examples) packed
+            # rows as wide as the model's width at most: attention over a row of w tokens costs about w / (6 n_embd)
+            # of its linear layers' work, which wider rows would spend on what packing saves
+            width = min(model.config.block_size, max(y.shape[1], model.config.n_embd))
+            px, sees, py = pack(inputs[0], y, width, shares_prompts(model))
+            if px.numel() < y.numel():
+                inputs, packed, y = [px], {"sees": sees.to(device)}, py
         with autocast(device, dtype):
-            total -= model(*(x.to(device) for x in inputs), targets=y.to(device)).sum().item()
+            total -= model(*(x.to(device) for x in inputs), targets=y.to(device), **packed).sum().item()
         targets = y[y != IGNORE]
         tokens += len(targets)
         n_chars += int(chars[targets].sum())
