@@ -10,7 +10,7 @@ from conftest import CLI, InProcess, write_jsonl
 from torch import nn
 
 from fournil.config import AlignConfig
-from fournil.data.batches import IGNORE, SHARED, prompt_groups, share_prompts
+from fournil.data.batches import IGNORE, PREFIX, SHARED, pack, prompt_groups
 from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
@@ -256,19 +256,21 @@ def test_a_prompt_read_once_gives_each_answer_the_log_probability_and_reward_of_
     T = max(p + max(c, r) for p, c, r in shapes)
     x, y = torch.zeros(len(shapes), 2, T, dtype=torch.long), torch.full((len(shapes), 2, T), IGNORE)
     for i, (p, c, r) in enumerate(shapes):
-        prompt = torch.randint(1, 30, (p,))
+        prompt = torch.cat([torch.tensor([7]), torch.randint(1, 30, (p - 1,))])  # all begin alike (a system prompt)
         for j, n in enumerate((c, r)):
             seq = torch.cat([prompt, torch.randint(1, 30, (n + 1,))])
             x[i, j, : p + n], y[i, j, p - 1 : p + n] = seq[: p + n], seq[p : p + n + 1]
-    x[3, 1, 1] = 29 if x[3, 0, 1] != 29 else 28  # the last pair's rows differ at their second token
-    xs, sees, ys, owner = share_prompts(x.flatten(0, 1), y.flatten(0, 1), [2] * len(shapes))
-    # the last pair: its prompt but the token that predicts each answer's first (5), then 8 targets each; a row of 21
-    assert xs.shape == (5, 5 + 8 + 8) and x.shape[-1] == 13
-    assert owner[3].tolist()[:8] == [SHARED, 6, 6, 6, 6, 6, 6, 6]  # the fourth pair shares only its first token
-    assert (ys != IGNORE).sum() == (y != IGNORE).sum()
+    x[3, 1, 1] = 29 if x[3, 0, 1] != 29 else 28  # the fourth pair's rows differ at their second token
+    xs, sees, ys, owner = pack(x.flatten(0, 1), y.flatten(0, 1), 32, share=True, sizes=[2] * len(shapes))
+    # pairs of 10 to 20 tokens after the first (the last: its prompt but the first token and the token that predicts
+    # each answer's first, 4, then 8 targets each), three rows of 32 hold them; each row's first token is shared
+    assert xs.shape == (3, 31) and (xs[:, 0] == 7).all() and (owner[:, 0] == SHARED).all()
+    assert sorted(ys[ys != IGNORE].tolist()) == sorted(y[y != IGNORE].tolist())  # every target once
+    # a pair's prompt after the first token, once (0, 4, 2, 0 and 4 tokens: the fourth's rows differ at the second)
+    assert int((owner == PREFIX).sum()) == 10 and int(((owner == 6) | (owner == 7)).sum()) == 2 * (3 + 5 - 1)
     logprobs = functools.partial(token_logprobs, model)
     with torch.no_grad():
-        apart, shared = pair_logprobs(logprobs, x, y, share=False), pair_logprobs(logprobs, x, y, share=True)
+        apart, shared = pair_logprobs(logprobs, x, y, None), pair_logprobs(logprobs, x, y, 32)
     torch.testing.assert_close(shared, apart, rtol=0, atol=1e-5)  # fp32: the same sums, in another order
     assert apart.shape == (5, 2) and (apart < 0).all()
     # a reward model reads each answer's score at its last target, in the shared row as in the answer's own
@@ -298,7 +300,7 @@ def test_grpo_reads_each_prompt_once_for_its_answers_with_the_loss_and_gradients
 
     def loss_and_grads(share: bool, lo: int, hi: int):
         policy.zero_grad()
-        score = GRPO(0.5, functools.partial(token_logprobs, ref), share)
+        score = GRPO(0.5, functools.partial(token_logprobs, ref), 16 if share else None)
         loss, metrics = score.loss(policy, (x[lo:hi], y[lo:hi], advantages[lo:hi], rewards[lo:hi]))
         loss.backward()
         return loss, metrics["kl"], [p.grad.clone() for p in policy.parameters()]

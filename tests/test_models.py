@@ -259,7 +259,7 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
     tokenizer = CharTokenizer.train(names, boundary=True)
     x, y = LineData(names, tokenizer, "train").sample(64, torch.Generator().manual_seed(0))
     width = max(map(len, names)) + 1
-    px, sees, py = pack(x, y, width)
+    px, sees, py, _ = pack(x, y, width)
     assert px.shape[1] == width and len(px) < len(x) / 1.5  # names of about 6 letters: two or more to a row
     assert sorted(py[py != -1].tolist()) == sorted(y[y != -1].tolist())  # every target once, none added
     first = (sees.sum(-1) == 1) & (py != -1)  # a document's first token sees only itself
@@ -297,7 +297,7 @@ def test_examples_packed_with_their_system_prompt_read_once_give_the_padded_rows
         seq = torch.cat([system, torch.randint(1, 30, (q + a,))])
         x[i, : len(seq) - 1], y[i, 5 + q - 1 : len(seq) - 1] = seq[:-1], seq[5 + q :]
     width = 24
-    px, sees, py = pack(x, y, width, share=True)
+    px, sees, py, _ = pack(x, y, width, share=True)
     assert (px[:, :5] == system).all() and sees[:, 5:, :5][py[:, 5:] != IGNORE].all()  # once a row, seen by all
     assert len(px) == 3 and sorted(py[py != IGNORE].tolist()) == sorted(y[y != IGNORE].tolist())  # 3 rows, not 6
     model = build_model({"family": family, "vocab_size": 30, "block_size": width, "n_layer": 2, "n_head": 4,

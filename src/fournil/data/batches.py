@@ -9,7 +9,7 @@ import torch
 from fournil.errors import FournilError
 
 IGNORE = -1
-SHARED, PADDING = -1, -2  # the positions of a shared prompt, and of padding (:func:`pack`, :func:`share_prompts`)
+SHARED, PADDING, PREFIX = -1, -2, -3  # :func:`pack`: the batch's shared prompt, padding, a group's prompt
 
 
 def frame_ids(tokenizer) -> tuple[int, int]:
@@ -27,88 +27,78 @@ def thinned(order: list[int], total: int, max_tokens: int | None) -> list[int]:
     return order[:: max(1, round(total / max_tokens))]
 
 
-def pack(x: torch.Tensor, y: torch.Tensor, width: int, share: bool = False) -> tuple[torch.Tensor, ...]:
-    """Rows of one padded document each, laid end to end into as few rows of at most ``width`` tokens as first-fit
-    packing finds (longest first): ``(x, sees, y)``, where ``sees`` (rows, columns, columns) says which earlier tokens
-    of its row each token sees: those of its own document.
+def pack(x: torch.Tensor, y: torch.Tensor, width: int, share: bool = False,
+         sizes: list[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Rows (N, T) of one padded document each, laid end to end into as few rows of about ``width`` tokens as
+    first-fit packing finds, longest first (a row is as wide as the longest document, if that is wider): ``(x, sees,
+    y, owner)``. ``sees`` (rows, columns, columns) says which earlier tokens of its row each token sees: those of its
+    own document; ``owner`` is the row of ``y`` each position's target comes from (``SHARED``, ``PREFIX`` or
+    ``PADDING`` where none). The rows are cut after the last column any of them fills.
 
     A Transformer given ``sees`` attends within each document and counts positions from its start, so every
     target gets exactly the log-probability it has in the padded rows: the same loss and gradients, from fewer
     positions (most names are much shorter than the longest in their batch: 0.69 times the positions and half the
     rows for names in batches of 64, 0.55 times for prénoms).
 
-    With ``share``, what every row holds before the batch's first target is read once, at the start of each packed
-    row, and every document there sees it: a chat template's system prompt, 24 of the 57 tokens of rasbt_instructions'
-    examples with SmolLM2's (a model with a sliding window cannot: its documents' distances to it would change)."""
-    B, W = y.shape
-    columns = torch.arange(W, device=y.device)
-    learned = y != IGNORE
-    lengths = torch.where(learned, columns + 1, 0).amax(-1)  # to the last target
-    trunk = 0
-    if share:
-        differ = torch.where((x != x[:1]).any(0), columns, W).amin()
-        trunk = int(torch.minimum(torch.where(learned, columns, W).amin(), differ))
-    sizes = (lengths - trunk).clamp(min=0).tolist()
-    used, room, slot = [], [], [None] * B  # slot: (row, first column, number in its row) of each document
-    for i in sorted(range(B), key=lambda i: -sizes[i]):
-        r = next((r for r, free in enumerate(room) if free >= sizes[i]), len(room))
-        if r == len(room):
-            used.append(0)
-            room.append(width - trunk)
-        slot[i] = (r, width - room[r], used[r])
-        used[r] += 1
-        room[r] -= sizes[i]
-    row, start, number = (torch.tensor(v, device=y.device)[:, None] for v in zip(*slot))
-    real = (columns >= trunk) & (columns < lengths[:, None])  # (B, W): the positions each document fills
-    to = (row * width + start + columns - trunk)[real]  # where each goes in the packed rows, read as one
-    size = len(room) * width
-    px, py = x.new_zeros(size), y.new_full((size,), IGNORE)
-    documents = torch.full((size,), B, dtype=torch.long, device=y.device)  # the padding: a document of its own
-    px[to], py[to], documents[to] = x[real], y[real], number.expand(B, W)[real]
-    filled = width - min(room)  # (columns no row reaches are cut off)
-    px, py, documents = (t.view(-1, width)[:, :filled].contiguous() for t in (px, py, documents))
-    px[:, :trunk], documents[:, :trunk] = x[0, :trunk], SHARED
-    sees = ((documents[:, :, None] == documents[:, None, :]) | (documents[:, None, :] == SHARED)).tril()
-    return px, sees, py
-
-
-def share_prompts(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-    """Rows (N, T) that start alike, taken ``sizes`` at a time in turn (a pair's chosen and rejected answers, GRPO's
-    answers to one prompt), as one row per group: what the group's rows share up to their first target (the prompt)
-    once, then each row's rest, from the token that predicts its first target. Returns ``(x, sees, y, owner)``:
-    ``sees`` keeps each row's rest from seeing the others' (:func:`fournil.generate.cache.positions_and_mask`), and
-    ``owner`` is the row each position comes from, ``SHARED`` on the prompt and ``PADDING`` after the ends.
-    Every target gets the log-probability it has in its own row, from fewer positions: rasbt_preferences' prompts
-    are 43 tokens and its answers 60, and a DPO step of 8 pairs of SmolLM2 takes 0.61-0.67 of its time in two rows
-    (docs/benchmarks.md, "A pair's prompt read once")."""
-    T = y.shape[1]
+    With ``share``, what every row holds before the batch's first target is read once at the start of each packed
+    row, and every document there sees it: a chat template's system prompt, 24 of the 57 tokens of
+    rasbt_instructions' examples with SmolLM2's. With ``sizes``, that many rows in turn that start alike (a DPO pair's
+    chosen and rejected answers, GRPO's answers to one prompt) are one document: what they share up to their first
+    target (the prompt) once, then each row's rest, from the token that predicts its first target, unseen by the
+    others. (Both move a row's tokens away from what it sees: not for a model with a sliding window.)"""
+    B, T = y.shape
     columns = torch.arange(T, device=y.device)
     learned = y != IGNORE
     ends = torch.where(learned, columns + 1, 0).amax(-1).tolist()  # one past each row's last target
-    first = torch.where(learned, columns, T).amin(-1)
-    groups, lo = [], 0
-    for n in sizes:
-        differ = torch.where((x[lo + 1 : lo + n] != x[lo]).any(0), columns, T).amin()
-        groups.append((lo, lo + n, int(torch.minimum(first[lo : lo + n].amin(), differ))))
+    first = torch.where(learned, columns, T).amin(-1).tolist()
+    trunk = 0
+    if share:
+        trunk = min(min(first), int(torch.where((x != x[:1]).any(0), columns, T).amin()))
+    groups, lo = [], 0  # (first row, end row, where their rests start)
+    for n in sizes or [1] * B:
+        differ = T if n == 1 else int(torch.where((x[lo + 1 : lo + n] != x[lo]).any(0), columns, T).amin())
+        shared = min(*first[lo : lo + n], differ, max(ends[lo : lo + n]))  # (no target: nothing)
+        groups.append((lo, lo + n, max(trunk, shared)))
         lo += n
-    W = max(s + sum(max(ends[r], s) - s for r in range(a, b)) for a, b, s in groups)
-    xs, ys = x.new_zeros(len(groups), W), y.new_full((len(groups), W), IGNORE)
-    owner = torch.full((len(groups), W), PADDING, device=y.device)
-    for i, (a, b, s) in enumerate(groups):
-        xs[i, :s], owner[i, :s] = x[a, :s], SHARED
-        at = s
+    lengths = [s - trunk + sum(max(ends[r] - s, 0) for r in range(a, b)) for a, b, s in groups]
+    width = max(width, trunk + max(lengths))
+    room, place = [], [None] * len(groups)  # place: (row, first column) of each group
+    for g in sorted(range(len(groups)), key=lambda g: -lengths[g]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[g]), len(room))
+        if r == len(room):
+            room.append(width - trunk)
+        place[g] = (r, width - room[r])
+        room[r] -= lengths[g]
+    brings = []  # each input row's part: (packed row, first column there, columns from, to, prompt before, group)
+    for g, (a, b, s) in enumerate(groups):
+        at = place[g][1]
         for r in range(a, b):
-            n = max(ends[r], s) - s
-            xs[i, at : at + n], ys[i, at : at + n], owner[i, at : at + n] = x[r, s : s + n], y[r, s : s + n], r
-            at += n
-    sees = ((owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == SHARED)).tril()
-    eye = torch.eye(W, dtype=torch.bool, device=y.device)
+            lo = trunk if r == a else s  # the group's first row brings the prompt they share
+            brings.append((place[g][0], at, lo, max(ends[r], s), s, g))
+            at += max(ends[r], s) - lo
+    row, start, low, high, cut, doc = (torch.tensor(v, device=y.device)[:, None] for v in zip(*brings))
+    real = (columns >= low) & (columns < high)  # (N, T): the positions each row brings
+    to = (row * width + start + columns - low)[real]  # where each goes in the packed rows, read as one
+    size = len(room) * width
+    px, py = x.new_zeros(size), y.new_full((size,), IGNORE)
+    owner = torch.full((size,), PADDING, device=y.device)
+    documents = torch.full((size,), -1, device=y.device)
+    rows = torch.arange(B, device=y.device)[:, None]
+    px[to], py[to], documents[to] = x[real], y[real], doc.expand(B, T)[real]
+    owner[to] = torch.where(columns < cut, PREFIX, rows).expand(B, T)[real]
+    filled = width - min(room)  # (columns no row reaches are cut off)
+    px, py, owner, documents = (t.view(-1, width)[:, :filled].contiguous() for t in (px, py, owner, documents))
+    px[:, :trunk], owner[:, :trunk] = x[0, :trunk], SHARED
+    same = documents[:, :, None] == documents[:, None, :]
+    own = (owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == PREFIX)
+    sees = ((same & own) | (owner[:, None, :] == SHARED)).tril()
+    eye = torch.eye(filled, dtype=torch.bool, device=y.device)
     sees = torch.where((owner == PADDING)[:, :, None], eye, sees)  # padding sees itself only: its position stays 0
-    return xs, sees, ys, owner
+    return px, sees, py, owner
 
 
 def row_sums(values: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:
-    """The sum of ``values`` over each row's own positions in :func:`share_prompts`' layout: one per row (rows). (Not
+    """The sum of ``values`` over each row's own positions in :func:`pack`'s layout: one per row (rows). (Not
     ``index_add``, whose sums on a GPU come in any order, and so differ from run to run in the last bits.)"""
     mine = owner[..., None] == torch.arange(rows, device=owner.device)
     return torch.where(mine, values[..., None], 0).sum((0, 1))
@@ -116,7 +106,7 @@ def row_sums(values: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tens
 
 def prompt_groups(x: torch.Tensor, y: torch.Tensor) -> list[int]:
     """The sizes of the runs of consecutive rows whose prompts (their tokens before the first target) are the same:
-    what :func:`share_prompts` reads once (GRPO's batches hold each prompt's answers in turn)."""
+    what :func:`pack` reads once (GRPO's batches hold each prompt's answers in turn)."""
     T = y.shape[1]
     columns = torch.arange(T, device=y.device)
     first = torch.where(y != IGNORE, columns, T).amin(-1)

@@ -8,7 +8,7 @@ import torch
 
 from fournil.data.batches import IGNORE, pack
 from fournil.device import autocast
-from fournil.models.base import shares_prompts
+from fournil.models.base import packed_width, shares_prompts
 
 @torch.no_grad()
 def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 64, max_tokens: int | None = None) -> dict:
@@ -30,10 +30,7 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     for *inputs, y in data.batches(batch_size, max_tokens):
         packed = {}
         if getattr(model, "packs", False):  # short documents (names, instruction examples) packed
-            # rows as wide as the model's width at most: attention over a row of w tokens costs about w / (6 n_embd)
-            # of its linear layers' work, which wider rows would spend on what packing saves
-            width = min(model.config.block_size, max(y.shape[1], model.config.n_embd))
-            px, sees, py = pack(inputs[0], y, width, shares_prompts(model))
+            px, sees, py, _ = pack(inputs[0], y, packed_width(model), shares_prompts(model))
             if px.numel() < y.numel():
                 inputs, packed, y = [px], {"sees": sees.to(device)}, py
         with autocast(device, dtype):

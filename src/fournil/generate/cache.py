@@ -18,9 +18,9 @@ def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Te
     """What a Transformer's forward needs to place ``idx``: each token's position, and the attention mask (``None``
     for plain causal attention). Without a cache ``idx`` is a whole sequence; with one, it continues the cache.
     ``sees`` (B, T, T) says which earlier tokens each token attends to (itself included), for rows that hold more
-    than one sequence: packed documents (:func:`fournil.data.batches.pack`), or a prompt and the two answers that
-    follow it (:func:`fournil.data.batches.share_prompts`). A token's position is then the number of tokens it
-    sees before it, as if it were in a row of its own."""
+    than one sequence: packed documents, and answers that follow a prompt they share
+    (:func:`fournil.data.batches.pack`). A token's position is then the number of tokens it sees before it, as if
+    it were in a row of its own."""
     T = idx.shape[1]
     if sees is not None:
         positions = sees.sum(-1) - 1

@@ -296,8 +296,16 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return y.view(B, H, T, D).to(q.dtype)
 
 
+def packed_width(model) -> int | None:
+    """The width of the rows into which a batch's short documents are packed for ``model``
+    (:func:`fournil.data.batches.pack`), or None if it cannot keep them apart: its embedding's width, within its
+    context, since attention over a row of w tokens costs about w / (6 n_embd) of its linear layers' work, which wider
+    rows would spend on what packing saves."""
+    return min(model.config.block_size, model.config.n_embd) if model.packs else None
+
+
 def shares_prompts(model) -> bool:
-    """Whether ``model`` can read a pair's prompt once for both answers (:func:`fournil.data.batches.share_prompts`):
-    it takes ``sees``, and has no sliding window (which counts the distance between two tokens in the row, and the
-    rejected answer is far from its prompt there)."""
+    """Whether ``model`` can read a prompt once for the documents that start with it (a batch's system prompt, a
+    pair's prompt for both answers: :func:`fournil.data.batches.pack`): it packs, and has no sliding window (which
+    counts the distance between two tokens in the row, and the rejected answer is far from its prompt there)."""
     return model.packs and getattr(model.config, "sliding_window", None) is None

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fournil.data.batches import IGNORE, share_prompts
-from fournil.models.base import shares_prompts
+from fournil.data.batches import IGNORE, pack
+from fournil.models.base import packed_width, shares_prompts
 
 HEAD = "reward_head.safetensors"
 
@@ -24,17 +24,18 @@ class RewardModel(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One reward per row of ``x``; ``y`` holds the row's answer targets (``IGNORE`` elsewhere), as in
         instruction data. Given pairs (pairs, 2, T), one reward per answer (pairs, 2), each pair's prompt read once
-        where the model can (:func:`share_prompts`)."""
+        where the model can (:func:`pack`)."""
         if x.dim() == 2:
             return self.score(self.lm.hidden(x)[torch.arange(len(x), device=x.device), last_target(y)]).squeeze(-1)
         rows, ys = x.flatten(0, 1), y.flatten(0, 1)
         if not shares_prompts(self.lm):
             return self(rows, ys).view(-1, 2)
-        xs, sees, ys, owner = share_prompts(rows, ys, [2] * len(x))
-        h = self.lm.hidden(xs, sees=sees)
-        ends = torch.stack([last_target(torch.where((owner >= 0) & (owner % 2 == answer), ys, IGNORE))
-                            for answer in (0, 1)], -1)  # owners: chosen answers' rows are even, rejected odd
-        return self.score(h[torch.arange(len(xs), device=x.device)[:, None], ends]).squeeze(-1)
+        xs, sees, ys, owner = pack(rows, ys, packed_width(self.lm), share=True, sizes=[2] * len(x))
+        h = self.lm.hidden(xs, sees=sees).flatten(0, 1)
+        answered = ((owner[..., None] == torch.arange(len(rows), device=x.device)) & (ys != IGNORE)[..., None])
+        at = torch.arange(owner.numel(), device=x.device).view_as(owner)[..., None]
+        ends = torch.where(answered, at, -1).amax((0, 1))  # where each answer's last target is, in the packed rows
+        return self.score(h[ends]).squeeze(-1).view(-1, 2)
 
     def num_params(self) -> int:
         return self.lm.num_params() + self.score.weight.numel()

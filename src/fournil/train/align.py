@@ -11,7 +11,7 @@ from fournil.data.preferences import load_preferences, load_prompts
 from fournil.device import pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
-from fournil.models.base import shares_prompts
+from fournil.models.base import packed_width, shares_prompts
 from fournil.models.lora import lora_disabled, lora_state
 from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
@@ -44,6 +44,11 @@ def reference(model, copy_model: bool):
     return logprobs
 
 
+def pair_width(model) -> int | None:
+    """The rows into which DPO's pairs and GRPO's answers are packed, each prompt read once (None: not packed)."""
+    return packed_width(model) if shares_prompts(model) else None
+
+
 def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, announce=print):
     """The model to train, its objective, its data and how its best weights are kept, for ``config.align``."""
     align, lora, base = config.align, config.finetune.lora, config.finetune.base
@@ -66,16 +71,16 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
         if align.reference == "precomputed":
             announce("computing the reference model's log-probabilities of every answer, once")
             for part in splits.values():
-                part.ref = reference_scores(ref, part, device, dtype, share=shares_prompts(model))
+                part.ref = reference_scores(ref, part, device, dtype, pack_to=pair_width(model))
             ref = None
-        return model, DPO(beta, ref, share=shares_prompts(model)), splits, keep
+        return model, DPO(beta, ref, pair_width(model)), splits, keep
     reward = load_reward(align.reward, config.train.device)
     rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype if name == "train" else measure)
                 for name, part in splits.items()}
     if config.train.batch_size % align.group:
         raise FournilError(f"--batch-size {config.train.batch_size} must be a multiple of --group {align.group} "
                            f"(each prompt's answers are compared with each other)")
-    return model, GRPO(beta, ref, shares_prompts(model)), rollouts, keep
+    return model, GRPO(beta, ref, pair_width(model)), rollouts, keep
 
 
 def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
@@ -93,8 +98,8 @@ def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
     else:
         apart = bool(lora_state(model))
         ref = reference(model if apart else Run.load(config.finetune.base, config.train.device).model, copy_model=False)
-        share = shares_prompts(model)
-        objective = DPO(beta, ref, share) if align.method == "dpo" else GRPO(beta, ref, share)
+        width = pair_width(model)
+        objective = DPO(beta, ref, width) if align.method == "dpo" else GRPO(beta, ref, width)
         if align.method == "grpo":
             reward = load_reward(align.reward, config.train.device)
             data = {n: Rollouts(data[n], model, tokenizer, reward, align, run.measure_dtype) for n in names}

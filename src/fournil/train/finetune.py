@@ -24,7 +24,7 @@ from fournil.config import (
 from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
-from fournil.models.base import shares_prompts
+from fournil.models.base import packed_width, shares_prompts
 from fournil.models.lora import add_lora
 from fournil.runs import CONFIG, TOKENIZER, Run
 from fournil.tokenizers import load_tokenizer
@@ -93,8 +93,8 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         trainable = add_lora(model, ft.lora) if ft.lora else total
         if config.align:
             model, objective, splits, keep = alignment(config, model, tokenizer, splits, run_dir, ref, announce)
-        else:  # a batch's examples packed into rows of --max-length, their system prompt read once per row
-            objective = NextTokenPrediction(ft.max_length if model.packs else None, shares_prompts(model))
+        else:  # a batch's examples packed, their system prompt read once per row
+            objective = NextTokenPrediction(packed_width(model), shares_prompts(model))
             keep = (lambda _: save_adapter(model, ft.lora, run_dir, ft.base)) if ft.lora else None
         if not resume and world.main:  # once every setting has been checked: a refused run leaves no folder behind
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fournil.data.batches import IGNORE, prompt_groups, row_sums, share_prompts
+from fournil.data.batches import IGNORE, pack, prompt_groups, row_sums
 from fournil.data.instructions import pad_id
 from fournil.generate import SamplingParams, complete
 from fournil.train.objectives import evaluating, mean_over_batches, token_logprobs
@@ -64,22 +64,20 @@ class Rollouts:
 
 class GRPO:
     """The loss of a batch of rollouts; ``reference(x, y)`` gives the reference model's per-token log-probabilities.
-    With ``share``, the answers to one prompt are read as one row, the prompt once (:func:`share_prompts`): the
-    policy's pass and the reference's. SmolLM2's prompts are about 43 tokens and its answers up to 64, so a group of
-    4 is 299 positions instead of 428."""
+    With ``pack_to``, the rollouts are packed into rows of that width, the answers to one prompt after it, read once,
+    and the system prompt once per row (:func:`pack`): under the policy and the reference alike."""
 
     averages_rows = True  # each answer's mean over its tokens, averaged over answers
 
-    def __init__(self, beta: float, reference, share: bool = False):
-        self.beta, self.reference, self.share = beta, reference, share
+    def __init__(self, beta: float, reference, pack_to: int | None = None):
+        self.beta, self.reference, self.pack_to = beta, reference, pack_to
 
     def loss(self, model, batch):
         x, y, advantages, rewards = batch
         rows, inputs = len(x), {}
         owner = torch.arange(rows, device=x.device)[:, None].expand_as(x)  # each position's answer
-        sizes = prompt_groups(x, y) if self.share else [1] * rows
-        if len(sizes) < rows:
-            x, sees, y, owner = share_prompts(x, y, sizes)
+        if self.pack_to:
+            x, sees, y, owner = pack(x, y, self.pack_to, share=True, sizes=prompt_groups(x, y))
             inputs = {"sees": sees}
         mask = y != IGNORE
         logp = token_logprobs(model, x, y, **inputs)

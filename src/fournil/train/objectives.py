@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fournil.data.batches import IGNORE, pack, row_sums, share_prompts
+from fournil.data.batches import IGNORE, pack, row_sums
 from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
 from fournil.models.base import chunk_positions, target_logprobs
@@ -24,13 +24,14 @@ def token_logprobs(model, x: torch.Tensor, y: torch.Tensor, **inputs) -> torch.T
     return model(x, targets=y, **inputs)
 
 
-def pair_logprobs(logprobs, x: torch.Tensor, y: torch.Tensor, share: bool) -> torch.Tensor:
+def pair_logprobs(logprobs, x: torch.Tensor, y: torch.Tensor, pack_to: int | None) -> torch.Tensor:
     """log p(answer | prompt) of each pair's chosen and rejected answers (pairs, 2), from ``logprobs(x, y)``, each
-    target's log-probability; with ``share``, each prompt is read once for both answers (:func:`share_prompts`)."""
+    target's log-probability; with ``pack_to``, pairs packed into rows of that width, each prompt read once for both
+    answers and the system prompt once per row (:func:`pack`)."""
     x, y = x.flatten(0, 1), y.flatten(0, 1)
-    if not share:
+    if not pack_to:
         return logprobs(x, y).sum(-1).view(-1, 2)
-    xs, sees, ys, owner = share_prompts(x, y, [2] * (len(x) // 2))
+    xs, sees, ys, owner = pack(x, y, pack_to, share=True, sizes=[2] * (len(x) // 2))
     return row_sums(logprobs(xs, ys, sees=sees), owner, len(x)).view(-1, 2)
 
 
@@ -85,7 +86,7 @@ class NextTokenPrediction:
         tokens = int((y != IGNORE).sum())
         packed = {}
         if self.pack_to:
-            x, packed["sees"], y = pack(*inputs, y, self.pack_to, self.share)
+            x, packed["sees"], y, _ = pack(*inputs, y, self.pack_to, self.share)
             inputs = [x]
         return -model(*inputs, targets=y, **packed).sum() / tokens, {"tokens": tokens}
 
@@ -100,18 +101,18 @@ class DPO:
     chosen answer gets the higher one.
 
     ``reference(x, y)`` gives the reference model's log-probability of each target, unless batches carry the
-    answers' (computed once beforehand)."""
+    answers' (computed once beforehand); ``pack_to``: the pairs are packed (:func:`pair_logprobs`)."""
 
     rows_per_example = 2  # a batch of pairs: a chosen and a rejected answer each
     averages_rows = True
 
-    def __init__(self, beta: float, reference=None, share: bool = False):
-        self.beta, self.reference, self.share = beta, reference, share
+    def __init__(self, beta: float, reference=None, pack_to: int | None = None):
+        self.beta, self.reference, self.pack_to = beta, reference, pack_to
 
     def loss(self, model, batch):
         x, y = batch[0], batch[1]
-        policy = pair_logprobs(functools.partial(token_logprobs, model), x, y, self.share)
-        ref = batch[2] if len(batch) > 2 else pair_logprobs(self.reference, x, y, self.share)
+        policy = pair_logprobs(functools.partial(token_logprobs, model), x, y, self.pack_to)
+        ref = batch[2] if len(batch) > 2 else pair_logprobs(self.reference, x, y, self.pack_to)
         rewards = self.beta * (policy - ref.float())
         margin = rewards[:, 0] - rewards[:, 1]
         loss = -F.logsigmoid(margin).mean()
@@ -121,18 +122,19 @@ class DPO:
 
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
         if data.ref is None and self.reference is not None:  # the frozen reference scores held-out pairs alike each time
-            data.ref = reference_scores(self.reference, data, model.device, dtype, max_tokens, self.share)
+            data.ref = reference_scores(self.reference, data, model.device, dtype, max_tokens, self.pack_to)
         return mean_over_batches(self, model, data, dtype, max_tokens)
 
 
 @torch.no_grad()
-def reference_scores(logprobs, data, device, dtype, max_tokens: int | None = None, share: bool = False) -> torch.Tensor:
+def reference_scores(logprobs, data, device, dtype, max_tokens: int | None = None,
+                     pack_to: int | None = None) -> torch.Tensor:
     """The reference's log-probability of each answer of the pairs that ``data.batches`` gives (the first ones only,
     under ``max_tokens``): a row per pair, chosen then rejected, for the batches to carry."""
     rows = []
     for x, y in data.batches(16, max_tokens):
         with autocast(device, dtype):
-            rows.append(pair_logprobs(logprobs, x.to(device), y.to(device), share).cpu())
+            rows.append(pair_logprobs(logprobs, x.to(device), y.to(device), pack_to).cpu())
     return torch.cat(rows)
 
 
