@@ -10,6 +10,7 @@ from fournil.data.batches import IGNORE, pack
 from fournil.device import autocast
 from fournil.models.base import packed_width, shares_prompts
 
+
 @torch.no_grad()
 def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 64, max_tokens: int | None = None) -> dict:
     """Score every target token of ``data`` (or about ``max_tokens`` of them).

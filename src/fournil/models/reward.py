@@ -32,7 +32,7 @@ class RewardModel(nn.Module):
             return self(rows, ys).view(-1, 2)
         xs, sees, ys, owner = pack(rows, ys, packed_width(self.lm), share=True, sizes=[2] * len(x))
         h = self.lm.hidden(xs, sees=sees).flatten(0, 1)
-        answered = ((owner[..., None] == torch.arange(len(rows), device=x.device)) & (ys != IGNORE)[..., None])
+        answered = (owner[..., None] == torch.arange(len(rows), device=x.device)) & (ys != IGNORE)[..., None]
         at = torch.arange(owner.numel(), device=x.device).view_as(owner)[..., None]
         ends = torch.where(answered, at, -1).amax((0, 1))  # where each answer's last target is, in the packed rows
         return self.score(h[ends]).squeeze(-1).view(-1, 2)
