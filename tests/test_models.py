@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -284,9 +286,10 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(family, settings):
 def test_examples_packed_with_their_system_prompt_read_once_give_the_padded_rows_loss_and_gradients(family):
     """Fine-tuning's batches: examples that start with the same system prompt, packed into rows that hold it once
     (every example there sees it, and counts its positions as in a row of its own), score every answer token as the
-    padded rows do."""
+    padded rows do; and a student distilled on them, reading them packed with its teacher, learns as from the padded
+    rows."""
     from fournil.data.batches import IGNORE, pack
-    from fournil.train.objectives import NextTokenPrediction
+    from fournil.train.objectives import Distillation, NextTokenPrediction
 
     torch.manual_seed(0)
     system = torch.randint(1, 30, (5,))
@@ -300,18 +303,20 @@ def test_examples_packed_with_their_system_prompt_read_once_give_the_padded_rows
     px, sees, py, _ = pack(x, y, width, share=True)
     assert (px[:, :5] == system).all() and sees[:, 5:, :5][py[:, 5:] != IGNORE].all()  # once a row, seen by all
     assert len(px) == 3 and sorted(py[py != IGNORE].tolist()) == sorted(y[y != IGNORE].tolist())  # 3 rows, not 6
-    model = build_model({"family": family, "vocab_size": 30, "block_size": width, "n_layer": 2, "n_head": 4,
-                         "n_embd": 32})
-    results = []
-    for objective in (NextTokenPrediction(), NextTokenPrediction(width, share=True)):
-        model.zero_grad()
-        loss, _ = objective.loss(model, (x, y))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (padded, padded_grads), (packed, packed_grads) = results
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
-    for a, b in zip(packed_grads, padded_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model, teacher = (build_model({"family": family, "vocab_size": 30, "block_size": width, "n_layer": layers,
+                                   "n_head": 4, "n_embd": 32}) for layers in (2, 3))
+    for objective in (NextTokenPrediction, functools.partial(Distillation, teacher, 2.0, 0.5)):
+        results = []
+        for packing in ({}, {"pack_to": width, "share": True}):
+            model.zero_grad()
+            loss, metrics = objective(**packing).loss(model, (x, y))
+            loss.backward()
+            results.append(([loss.detach(), *(v for k, v in metrics.items() if k != "tokens")],
+                            [p.grad.clone() for p in model.parameters()]))
+        (padded, padded_grads), (packed, packed_grads) = results
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)  # the loss, and distillation's kd and nll
+        for a, b in zip(packed_grads, padded_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

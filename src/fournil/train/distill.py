@@ -28,7 +28,7 @@ from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
 from fournil.runs import CONFIG, STATE, TOKENIZER, Run, find_run, read_config
 from fournil.train.distributed import join, leave
-from fournil.train.objectives import Distillation, NextTokenPrediction
+from fournil.train.objectives import Distillation, packing
 from fournil.train.trainer import Trainer, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_CONTEXT, MAX_ANSWER = 100, 8, 1e-3, 256, 256
@@ -238,8 +238,8 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG, to_dict(config))
         tokenizer.save(run_dir / TOKENIZER)
-    objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse) if taught.alpha \
-        else NextTokenPrediction()
+    objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse,
+                             **packing(splits["train"], model, teacher_run.model)) if taught.alpha else None
     trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, objective=objective)
     if taught.alpha and trainer.dtype != torch.float32:  # the teacher only reads: its weights in the fast precision
         teacher_run.model.to(trainer.dtype)

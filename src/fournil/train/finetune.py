@@ -24,14 +24,12 @@ from fournil.config import (
 from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
-from fournil.models.base import packed_width, shares_prompts
 from fournil.models.lora import add_lora
 from fournil.runs import CONFIG, TOKENIZER, Run
 from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
 from fournil.train.distributed import join, leave
-from fournil.train.objectives import NextTokenPrediction
 from fournil.train.trainer import Trainer, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_MAX_LENGTH = 200, 8, 512
@@ -93,8 +91,8 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
         trainable = add_lora(model, ft.lora) if ft.lora else total
         if config.align:
             model, objective, splits, keep = alignment(config, model, tokenizer, splits, run_dir, ref, announce)
-        else:  # a batch's examples packed, their system prompt read once per row
-            objective = NextTokenPrediction(packed_width(model), shares_prompts(model))
+        else:  # the trainer's next-token objective: a batch's examples packed, their system prompt read once per row
+            objective = None
             keep = (lambda _: save_adapter(model, ft.lora, run_dir, ft.base)) if ft.lora else None
         if not resume and world.main:  # once every setting has been checked: a refused run leaves no folder behind
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fournil.data.batches import IGNORE, pack, row_sums
+from fournil.data.batches import IGNORE, LineData, pack, row_sums
 from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
-from fournil.models.base import chunk_positions, target_logprobs
+from fournil.models.base import chunk_positions, packed_width, shares_prompts, target_logprobs
+
+
+def packing(data, *models) -> dict:
+    """How ``models`` read the batches of ``data`` (``pack_to`` and ``share`` for an objective): the rows of one
+    document each that lines and instructions give (padded to the longest) packed into rows as wide as the models,
+    if every one of them can keep the documents apart (:func:`pack`); running text's full rows as they are."""
+    if not isinstance(data, LineData) or not all(m.packs for m in models):
+        return {}
+    return {"pack_to": min(packed_width(m) for m in models), "share": all(shares_prompts(m) for m in models)}
 
 
 def token_logprobs(model, x: torch.Tensor, y: torch.Tensor, **inputs) -> torch.Tensor:
@@ -230,19 +239,25 @@ def log_softened(logits: torch.Tensor, temperature: float, out: torch.Tensor, sc
 class Distillation:
     """A student imitating a teacher: ``alpha`` x the distillation loss + (1 - alpha) x the next-token loss, on the
     positions that carry a target. The teacher only reads (no gradients, inference mode, the run's precision). Both
-    models' logits at those positions are held, but none of their softmaxes whole."""
+    models' logits at those positions are held, but none of their softmaxes whole. ``pack_to`` and ``share``: both
+    read the batch packed, as :class:`NextTokenPrediction` does."""
 
-    def __init__(self, teacher, temperature: float, alpha: float, reverse: bool = False):
+    def __init__(self, teacher, temperature: float, alpha: float, reverse: bool = False, pack_to: int | None = None,
+                 share: bool = False):
         self.teacher, self.temperature, self.alpha, self.reverse = teacher, temperature, alpha, reverse
+        self.pack_to, self.share = pack_to, share
         teacher.eval().requires_grad_(False)
 
     def loss(self, model, batch):
         x, y = batch
+        packed = {}
+        if self.pack_to:
+            x, packed["sees"], y, _ = pack(x, y, self.pack_to, self.share)
         keep = y != IGNORE
-        logits = model(x)[keep]
+        logits = model(x, **packed)[keep]
         nll = -target_logprobs(nn.Identity(), logits, y[keep]).mean()
         with torch.no_grad():
-            taught = self.teacher(x)[keep]
+            taught = self.teacher(x, **packed)[keep]
         kd = distillation_loss(logits, taught, self.temperature, self.reverse)
         return self.alpha * kd + (1 - self.alpha) * nll, {"tokens": int(keep.sum()), "kd": kd.detach(), "nll": nll.detach()}
 

@@ -26,7 +26,6 @@ from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, memory_budget, pick_device, pick_dtype, precision_text, prepare_compile
 from fournil.errors import FournilError
 from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
-from fournil.models.base import packed_width
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
@@ -36,7 +35,7 @@ from fournil.train import sizing
 from fournil.train.distributed import World, full_state, join, leave, load_full_state, shard
 from fournil.train.metrics import MetricsLog
 from fournil.train.muon import Muon, hidden_matrices
-from fournil.train.objectives import NextTokenPrediction, weight
+from fournil.train.objectives import NextTokenPrediction, packing, weight
 from fournil.train.progress import Progress
 
 LOG_EVERY = 10
@@ -209,9 +208,7 @@ class Trainer:
         self.data = data if data is not None else make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
-        # documents of lines data, pretrained, are packed several to a row when the model can keep them apart
-        lines = data is None and config.data.mode == "lines"
-        self.objective = objective or NextTokenPrediction(packed_width(self.model) if lines else None)
+        self.objective = objective or NextTokenPrediction(**packing(self.data["train"], self.model))
         self.keep_best = keep_best or (lambda weights: save_tensors(weights, self.dir / WEIGHTS))
         frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
         self.saved = None if not frozen else {n for n, p in self.model.named_parameters() if p.requires_grad}
