@@ -229,6 +229,7 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         ("align", base, "--data", same): "has 0 usable examples",
         ("finetune", "--resume", base): f"is a run of fournil train: continue it with `fournil train --resume {base}`",
         ("align", base, "--method", "grpo"): "grpo needs a reward",
+        ("align", base, "--beta", "0"): "--beta 0 leaves DPO nothing to learn (its loss is log 2 whatever the model",
         ("align", base, "--method", "grpo", "--reward", "brevity", "--batch-size", "6"): "must be a multiple of --group 4",
         ("align", base, "--method", "grpo", "--reward", "nowhere.py:f"): "no file nowhere.py",
         ("align", base, "--data", "nothing.jsonl"): "no preference set or file named 'nothing.jsonl'",

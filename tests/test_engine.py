@@ -77,6 +77,11 @@ def test_answers_are_generated_as_many_at_a_time_as_their_cache_fits_in_the_memo
     done = complete(model, tok, prompts[:6], SamplingParams(max_new_tokens=30, ignore_eos=True), progress=finished.append)
     assert [len(c.tokens) for c in done] == [30] * 6
     assert finished == [0] * 29 + [2] * 30 + [4] * 30  # two by two: three waves of 30 steps (not 30 steps in all)
+    # a transformer of no layers (a bigram with positions) keeps no cache: its answers all at once
+    for family in ("gpt", "llama"):
+        flat = build_model({"family": family, **SIZES, "n_layer": 0}).eval()
+        assert batch_rows(flat, prompts[:1000], params[:1000], torch.float32) == 1000
+        assert len(complete(flat, tok, prompts[:3], SamplingParams(max_new_tokens=5, ignore_eos=True))[2].tokens) == 5
 
 
 def test_a_generation_makes_each_weight_once_with_autocast_s_products_and_gives_the_model_back_as_it_was(trained):

@@ -131,6 +131,9 @@ class AlignConfig:
             raise FournilError(f"--reference {self.reference}: choose model or precomputed")
         if self.beta is not None and self.beta < 0:
             raise FournilError(f"--beta must not be negative (got {self.beta})")
+        if self.beta == 0 and self.method == "dpo":  # -log sigmoid(0) whatever the answers: no gradient
+            raise FournilError("--beta 0 leaves DPO nothing to learn (its loss is log 2 whatever the model does): "
+                               "give a positive beta, e.g. 0.1 (smaller lets the policy move further from its base)")
         if self.beta is None:  # recorded in the run's configuration, as used
             self.beta = {"dpo": 0.1, "grpo": 0.04}.get(self.method)
         if self.method == "grpo" and not self.reward:

@@ -76,6 +76,8 @@ def batch_rows(model, prompts: list[list[int]], params: list[SamplingParams], dt
         return max(1, len(prompts))
     one = model.new_cache(1, 1, dtype)
     per_token = sum(t.numel() * t.element_size() for t in one.k + one.v)
+    if not per_token:  # a transformer of no layers keeps nothing
+        return len(prompts)
     longest = min(model.config.block_size, max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
     return max(1, min(len(prompts), memory_budget(model.device) // (per_token * longest)))
 
