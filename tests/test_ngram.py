@@ -7,6 +7,7 @@ import pytest
 import fournil
 from fournil.config import DataConfig, RunConfig, TrainConfig
 from fournil.data import load_splits
+from fournil.errors import FournilError
 
 
 def nll_from_counts(train_docs, test_docs, n: int, k: float) -> float:
@@ -37,6 +38,8 @@ def test_ngram_test_nll_on_prenoms_equals_the_counts(tmp_path, n, k):
     splits, _ = load_splits(DataConfig("prenoms"))
     expected = nll_from_counts(splits.train, splits.test, n, k)
     assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(FournilError, match="no split named 'tests': a run is scored on train, val or test"):
+        run.evaluate(["tests"])
     run.quantize("bfloat16")  # (``--dtype bfloat16``: a count model has no weights to round, its counts stay exact)
     assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)
     if n == 2:  # the bigram table: a row per token as context (the boundary too), a column per next token

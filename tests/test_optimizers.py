@@ -71,6 +71,8 @@ def test_the_optimizer_is_recorded_and_bad_choices_are_explained(tmp_path):
         assert (train["optimizer"], train["weight_decay"]) == expected
     with pytest.raises(FournilError, match="optimizer 'sgd' is not one fournil has: choose adamw or muon"):
         fournil.train(config(optimizer="sgd"), out=str(tmp_path / "sgd"), progress=False)
+    with pytest.raises(FournilError, match=r"train takes a RunConfig, not a TrainConfig: e.g. RunConfig\(model="):
+        fournil.train(TrainConfig(steps=2))
     with pytest.raises(FournilError, match="train with --optimizer adamw under --fsdp"):
         fournil.train(config(optimizer="muon", fsdp=True), out=str(tmp_path / "fsdp"), progress=False)
 

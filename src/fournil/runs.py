@@ -189,6 +189,8 @@ class Run:
         tokens only, for a fine-tuning run; target tokens for a seq2seq run, which also gets the exact-match accuracy
         and character error rate of its outputs, greedy or by a ``beam`` search); for a run tuned on preferences, the
         scores of its method."""
+        if unknown := [n for n in names if n not in ("train", "val", "test")]:
+            raise FournilError(f"no split named {unknown[0]!r}: a run is scored on train, val or test")
         if self.config.align:
             from fournil.train.align import evaluate_alignment
 

@@ -482,6 +482,9 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
     ``budget`` (``{"steps": N}`` or ``{"time": seconds}``) overrides a resumed run's stopping point. Under torchrun
     every process calls this; rank 0 returns the run, the others ``None``.
     """
+    if config is not None and not isinstance(config, RunConfig):
+        raise FournilError(f"train takes a RunConfig, not a {type(config).__name__}: e.g. RunConfig(model={{'family': "
+                           f"'gpt'}}, data=DataConfig('names'), train=TrainConfig(steps=500))")
     world = join()
     try:
         run = _train(world, config, out, resume, budget, progress, announce if world.main else lambda *_: None)
