@@ -28,8 +28,9 @@ from fournil.data import read_text
 from fournil.formats import known_path
 from fournil.generate import SamplingParams, Scheduler, score
 from fournil.generate.compiled import compile_decoding
+from fournil.generate.engine import speculate
 from fournil.generate.quantize import PRECISIONS, weight_bytes
-from fournil.generate.speculative import Speculation, check_draft, speculate
+from fournil.generate.speculative import Speculation, check_draft
 from fournil.runs import Run
 
 NEW = 128

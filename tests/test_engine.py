@@ -11,6 +11,7 @@ from fournil.config import LoraConfig
 from fournil.generate import Busy, SamplingParams, Scheduler, complete, score, stream
 from fournil.generate import engine
 from fournil.generate.engine import batch_rows
+from fournil.generate.scheduler import decoding_weights
 from fournil.generate.text import TextStream
 from fournil.models import build_model
 from fournil.models.lora import LoRALinear, add_lora, lora_disabled, merge_lora
@@ -85,20 +86,42 @@ def test_answers_are_generated_as_many_at_a_time_as_their_cache_fits_in_the_memo
 
 
 def test_a_generation_makes_each_weight_once_with_autocast_s_products_and_gives_the_model_back_as_it_was(trained):
-    """``complete`` casts fp32 weights to the autocast precision once, not at every step, and folds a LoRA adapter
-    into its layers: the same answers (as a streamed one, which keeps the step-by-step casts, bit for bit in bf16;
-    as the merged model's in fp32), and afterwards the model's own parameters, tied, trainable as they were."""
+    """While a scheduler has sequences (``complete``, ``stream``, a server's), fp32 weights are cast to the autocast
+    precision once, not at every step, and a LoRA adapter is folded into its layers: the same products as autocast's
+    casts at every pass (bit for bit in bf16) and the same answers as the merged model's (fp32); afterwards, and
+    when a stream is dropped halfway, the model's own parameters, tied, trainable as they were."""
     run = Run.load(trained["llama"], "cpu")
     model, tok = run.model, run.tokenizer
     prompt, params = tok.prompt_ids("ma"), SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    linear = lambda: {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)}  # noqa: E731
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        each_pass = model(torch.tensor([prompt]))  # autocast casts every weight for this pass
+        with decoding_weights(model, torch.bfloat16):
+            assert torch.equal(model(torch.tensor([prompt])), each_pass)
     during = []
-    seen = lambda _: during.append({m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)})
-    once = complete(model, tok, [prompt], params, torch.bfloat16, progress=seen)[0]
+    once = complete(model, tok, [prompt], params, torch.bfloat16, progress=lambda _: during.append(linear()))[0]
     assert during and all(kinds == {torch.bfloat16} for kinds in during)  # the output layer too
     embeddings = model.model.embed_tokens.weight
     assert embeddings.dtype == torch.float32 and model.lm_head.weight is embeddings  # untouched, still tied
-    streamed = [p for p in stream(model, tok, prompt, params, torch.bfloat16) if p.token >= 0]
-    assert once.tokens == [p.token for p in streamed] and once.logprobs == [p.logprob for p in streamed]
+    streamed = [(p.token, p.logprob, linear()) for p in stream(model, tok, prompt, params, torch.bfloat16)]
+    assert [(t, lp) for t, lp, _ in streamed] == list(zip(once.tokens, once.logprobs))
+    # the pieces come between steps, the weights held; the last after the step that ended the answer gave them back
+    assert [kinds for *_, kinds in streamed] == [{torch.bfloat16}] * 7 + [{torch.float32}]
+    conversation = Scheduler(model, tok, torch.bfloat16, max_batch=1, max_waiting=1, keep=True)  # (fournil chat's)
+    dropped = stream(model, tok, prompt, params, torch.bfloat16, scheduler=conversation)
+    next(dropped)
+    assert linear() == {torch.bfloat16}
+    dropped.close()  # a reader that stops early (a client gone), its scheduler kept for the next turn
+    assert linear() == {torch.float32} and model.lm_head.weight is embeddings
+    server = Scheduler(model, tok, torch.bfloat16)  # other work between steps (scoring a prompt) gets the model's own
+    server.submit(prompt, params)
+    server.step()
+    scored = server.call(linear)
+    server.safe_step()
+    assert scored.result() == {torch.float32} and linear() == {torch.bfloat16}
+    while server.step():
+        pass
+    assert linear() == {torch.float32}
 
     plain = complete(model, tok, [prompt], params)[0]
     add_lora(model, LoraConfig(rank=4, alpha=8))

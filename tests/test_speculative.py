@@ -7,7 +7,9 @@ import torch
 from conftest import free_port
 
 from fournil.generate import SamplingParams, complete
-from fournil.generate.speculative import Speculation, speculate
+from fournil.generate.engine import speculate
+from fournil.generate.speculative import Speculation
+from fournil.errors import FournilError
 from fournil.models import build_model
 from fournil.runs import Run
 from fournil.tokenizers import CharTokenizer
@@ -137,6 +139,27 @@ def test_the_scheduler_drafts_for_a_sequence_alone_and_batches_the_others(target
         assert [[p.token for p in r] for r in requests[1:]] == [a[:10] for a in alone[1:]]
     finally:
         model.forward = forward
+
+
+def test_a_conversation_with_a_draft_gets_the_models_own_greedy_answers_turn_after_turn(bpe_llama):
+    """``fournil chat --draft``: the conversation's scheduler drafts (its last answer's keys and values kept for the
+    next turn), and each answer is the model's own."""
+    from fournil.generate.answerers import answerer
+
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    answers = {}
+    for draft in (None, bpe_llama):
+        chat = answerer(str(bpe_llama), "cpu", "float32", draft=draft, conversation=True)
+        messages = [{"role": "user", "content": "To be, or not"}]
+        for question in ("ROMEO:", "The king"):
+            messages += [{"role": "assistant", "content": "".join(chat.chat(messages, params))},
+                         {"role": "user", "content": question}]
+        answers[draft] = (messages, chat.turns.kept is not None, chat.speculation)
+    (alone, kept, _), (drafted, kept_too, stats) = answers.values()
+    assert drafted == alone and kept and kept_too
+    assert stats.tokens == 40 and stats.passes <= 10  # the model itself as its draft: 4 proposals kept, and 1 more
+    with pytest.raises(FournilError, match="penalties change the distribution"):
+        list(chat.chat(messages, SamplingParams(max_new_tokens=4, repetition_penalty=1.2)))
 
 
 def test_serve_with_a_draft_answers_with_the_models_own_greedy_text(bpe_llama):

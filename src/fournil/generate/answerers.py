@@ -68,17 +68,22 @@ def load_local(spec: str, device: str = "auto", dtype: str = "auto", draft: str 
 
 
 class Local:
-    """A model loaded here (a :class:`fournil.runs.Run`), answering through the generation engine. With
-    ``conversation`` (``fournil chat``; not with a draft) it answers one prompt at a time and keeps the keys and values
-    of its last answer, so that a conversation's next turn reads only its new tokens, not the whole conversation."""
+    """A model loaded here (a :class:`fournil.runs.Run`), answering through the generation engine, with a ``draft``
+    proposing ``draft_tokens`` tokens per pass if given. With ``conversation`` (``fournil chat``) it answers one
+    prompt at a time and keeps the keys and values of its last answer, so that a conversation's next turn reads only
+    its new tokens, not the whole conversation."""
 
     def __init__(self, run, name: str | None = None, draft=None, draft_tokens: int = 4, conversation: bool = False):
         from fournil.generate.scheduler import Scheduler
+        from fournil.generate.speculative import Speculation
 
         self.run, self.name, self.draft, self.draft_tokens = run, name or run.path.stem, draft, draft_tokens
-        self.speculation = None  # with a draft: target passes and tokens, over every answer
-        self.turns = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=1, max_waiting=1, keep=True) \
-            if conversation and draft is None else None
+        self.speculation = Speculation() if draft is not None else None  # passes of the model, over every answer
+        self.turns = None
+        if conversation:
+            self.turns = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=1, max_waiting=1, keep=True,
+                                   draft=draft and draft.model, draft_tokens=draft_tokens)
+            self.turns.speculation = self.speculation
 
     def __str__(self) -> str:
         return self.name
@@ -98,16 +103,18 @@ class Local:
         return self._stream(self.run.tokenizer.prompt_ids(prompt), params)
 
     def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        if self.draft is not None:
-            from fournil.generate.speculative import Speculation, speculate
+        from fournil.generate.engine import speculate, stream
 
-            self.speculation = self.speculation or Speculation()
-            pieces = speculate(self.run.model, self.draft.model, self.run.tokenizer, ids, params, self.run.dtype,
-                               self.draft_tokens, self.speculation)
+        run = self.run
+        if self.turns is None and self.draft is not None:
+            pieces = speculate(run.model, self.draft.model, run.tokenizer, ids, params, run.dtype, self.draft_tokens,
+                               self.speculation)
         else:
-            from fournil.generate.engine import stream
+            if self.draft is not None:
+                from fournil.generate.speculative import check_drafting
 
-            pieces = stream(self.run.model, self.run.tokenizer, ids, params, self.run.dtype, scheduler=self.turns)
+                check_drafting(params, self.draft_tokens)
+            pieces = stream(run.model, run.tokenizer, ids, params, run.dtype, scheduler=self.turns)
         return (piece.text for piece in pieces)
 
 

@@ -1,25 +1,23 @@
 """The generation engine: every command that produces text (sample, generate, chat, the server) goes through here.
 
-Whole answers for several prompts (:func:`complete`), one answer a piece at a time (:func:`stream`), the
-likelihood of a given text (:func:`score`) and of several continuations of one prefix (:func:`score_choices`). Generation itself is the scheduler's: prompts of any lengths read in one
-pass into a key/value cache, then extended one token per step for all of them at once.
+Whole answers for several prompts (:func:`complete`), one answer a piece at a time (:func:`stream`; with a draft
+model proposing tokens, :func:`speculate`), the likelihood of a given text (:func:`score`) and of several
+continuations of one prefix (:func:`score_choices`). Generation itself is the scheduler's: prompts of any lengths
+read in one pass into a key/value cache, then extended one token per step for all of them at once.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from fournil.device import autocast, memory_budget
 from fournil.errors import FournilError
-from fournil.generate.compiled import decoding_step
 from fournil.generate.sampling import SamplingParams
 from fournil.generate.scheduler import Piece, Scheduler
+from fournil.generate.speculative import Speculation, check_drafting
 from fournil.models.base import decoder_only
-from fournil.models.lora import LoRALinear
 
 
 @dataclass
@@ -49,10 +47,9 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams 
     scheduler = Scheduler(model, tokenizer, dtype, max_batch=max_batch or batch_rows(model, prompts, each, dtype),
                           max_waiting=len(prompts), truncate=truncate)
     requests = [scheduler.submit(p, sp) for p, sp in zip(prompts, each)]
-    with decoding_weights(model, dtype):
-        while scheduler.step():
-            if progress:
-                progress(sum(r.done for r in requests))
+    while scheduler.step():
+        if progress:
+            progress(sum(r.done for r in requests))
     out = []
     for r in requests:
         c = Completion(finish_reason=r.finish_reason, stop_token=r.context[-1] if r.text.at_stop_token else None)
@@ -82,36 +79,6 @@ def batch_rows(model, prompts: list[list[int]], params: list[SamplingParams], dt
     return max(1, min(len(prompts), memory_budget(model.device) // (per_token * longest)))
 
 
-@contextlib.contextmanager
-def decoding_weights(model: nn.Module, dtype: torch.dtype):
-    """Each linear layer's weight as the decoding steps multiply it, made once for a whole generation instead of at
-    every step: a LoRA adapter folded in (one product, not three), and fp32 weights cast to ``dtype`` when autocast
-    computes in it (autocast casts them again at every step, and does not keep what it cast of frozen weights).
-    The products are autocast's; embeddings, norms and the residual stream stay as they are. Generation owns the
-    model meanwhile (GRPO's answers, a run's samples, a benchmark's); a compiled step keeps the weights it read.
-    SmolLM2 with a LoRA adapter, bf16 autocast, 8 rows: 106-134 tokens/s when each step cast, 254-260 made once."""
-    if decoding_step(model) is not None:
-        yield
-        return
-    kept = []
-    for m in model.modules():
-        fold = isinstance(m, LoRALinear) and not m.disabled
-        cast = isinstance(m, nn.Linear) and dtype != torch.float32 and m.weight.dtype == torch.float32
-        if fold or cast:
-            kept.append((m, m.weight, fold))
-            weight = m.folded() if fold else m.weight.detach()
-            m.weight = nn.Parameter(weight.to(dtype if cast else m.weight.dtype), requires_grad=False)
-            if fold:
-                m.disabled = True
-    try:
-        yield
-    finally:
-        for m, weight, fold in kept:
-            m.weight = weight
-            if fold:
-                m.disabled = False
-
-
 def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
            truncate: bool = False, scheduler: Scheduler | None = None) -> Iterator[Piece]:
     """One answer, a piece at a time, as it is generated; the prompt and settings are checked now, before any piece.
@@ -130,8 +97,20 @@ def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: t
                     yield piece
         finally:
             request.cancel()  # a reader that stops early frees the row for the next answer
+            scheduler.release_weights()  # the model's own weights back, even if no step follows
 
     return pieces()
+
+
+def speculate(model, draft, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
+              k: int = 4, stats: Speculation | None = None) -> Iterator[Piece]:
+    """:func:`stream`, with ``draft`` proposing ``k`` tokens for each pass of the model (counted in ``stats``): the
+    model's own answer (:mod:`fournil.generate.speculative`), in fewer of its passes."""
+    params.check()
+    check_drafting(params, k)
+    scheduler = Scheduler(model, tokenizer, dtype, max_batch=1, max_waiting=1, draft=draft, draft_tokens=k)
+    scheduler.speculation = stats if stats is not None else scheduler.speculation
+    return stream(model, tokenizer, prompt, params, dtype, scheduler=scheduler)
 
 
 @torch.no_grad()

@@ -10,21 +10,18 @@ each target pass yields several tokens. The text is the target's own (Leviathan 
   target's; the first one refused is replaced by a draw from the normalized max(0, p - q). Every token then follows
   p exactly, whatever the draft (temperature, top-k, top-p and min-p shape p and q alike).
 
-One sequence at a time (``fournil generate``, ``fournil chat``; the server's scheduler while a request is alone): both
+The scheduler decodes so a sequence that is alone (:meth:`fournil.generate.Scheduler._speculate`; ``fournil generate``
+and ``fournil chat`` through :func:`fournil.generate.engine.speculate`, a server's requests while one runs): both
 models keep a key/value cache of the sequence, and after each check both caches forget the refused tokens.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.sampling import GREEDY_BELOW, SamplingParams, draw, filter_logits
-from fournil.generate.scheduler import Piece
-from fournil.generate.text import TextStream
 
 
 @dataclass
@@ -89,81 +86,14 @@ def propose(draft_logits, feed, params: SamplingParams, generator: torch.Generat
     return proposed, q
 
 
+def check_drafting(params: SamplingParams, k: int) -> None:
+    """Refuse what a draft cannot propose for: penalties (a distribution that changes as the answer grows), or no
+    tokens at all."""
+    if params.penalized:
+        raise FournilError("penalties change the distribution as the answer grows: not with a draft model")
+    check_draft_tokens(k)
+
+
 def check_draft_tokens(k: int) -> None:
     if k < 1:
         raise FournilError(f"--draft-tokens must be at least 1 (got {k})")
-
-
-def speculate(target, draft, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
-              k: int = 4, stats: Speculation | None = None) -> Iterator[Piece]:
-    """The target's answer to ``prompt``, a piece at a time, with ``draft`` proposing ``k`` tokens per target pass
-    (counted in ``stats``). The prompt and settings are checked now, before any piece."""
-    params.check()
-    if params.penalized:  # a draft cannot propose from a distribution that changes as the answer grows
-        raise FournilError("penalties change the distribution as the answer grows: not with a draft model")
-    check_draft_tokens(k)
-    block = min(target.config.block_size, draft.config.block_size)
-    if not prompt or len(prompt) >= block:
-        raise FournilError(f"the prompt has {len(prompt)} tokens; it needs at least one, and fewer than the context "
-                           f"of {block}")
-    return _pieces(target, draft, tokenizer, prompt, params, dtype, k, block,
-                   stats if stats is not None else Speculation())
-
-
-@torch.no_grad()
-def _pieces(target, draft, tokenizer, prompt, params, dtype, k, block, stats) -> Iterator[Piece]:
-    device = target.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-    text = TextStream(tokenizer, params.stop, () if params.ignore_eos else None)
-    size = min(block, len(prompt) + params.max_new_tokens + k + 1)
-    models = {"target": target, "draft": draft}  # by role: a draft may be the target itself
-    caches = {role: m.new_cache(1, size, dtype) for role, m in models.items()}
-    context = list(prompt)
-    read = {"target": 0, "draft": 0}  # tokens of ``context`` each cache holds
-
-    def feed(role: str, tokens: list[int]) -> torch.Tensor:
-        """Logits after each of ``tokens``, which continue what the cache of ``role`` holds."""
-        logits = models[role](torch.tensor([tokens], device=device), caches[role])[0].float()
-        read[role] += len(tokens)
-        return logits
-
-    def forget(role: str, n: int) -> None:
-        caches[role].length = read[role] = n
-
-    for m in (target, draft):
-        m.eval()
-    generated = 0
-    with autocast(device, dtype):
-        if len(context) > 1:
-            feed("target", context[:-1])
-            feed("draft", context[:-1])
-        while True:
-            ahead = min(k, params.max_new_tokens - generated - 1, block - len(context) - 1)
-            proposed, q = [], []
-            if ahead > 0:  # the draft reads what it has not seen, then proposes ``ahead`` tokens
-                proposed, q = propose(feed("draft", context[read["draft"]:])[-1],
-                                      lambda token: feed("draft", [token])[-1], params, generator, ahead)
-            logits = feed("target", context[read["target"]:] + proposed)  # the last len(proposed) + 1 positions matter
-            logits = logits[len(logits) - len(proposed) - 1:]
-            stats.passes += 1
-            kept = verify(proposed, q, logits, params, generator)
-            # both caches forget what was not kept (the target holds all but the last token of the context)
-            forget("target", len(context) + len(kept) - 1)
-            forget("draft", min(read["draft"], len(context) + len(kept) - 1))
-            for token, row in zip(kept, logits):
-                stats.tokens += 1
-                generated += 1
-                context.append(token)
-                piece = text.feed(token)
-                if text.at_stop_token:
-                    if piece:
-                        yield Piece(piece, -1, 0.0)
-                    return
-                yield Piece(piece, token, float(row.log_softmax(-1)[token]))
-                if text.done:
-                    return
-                if generated == params.max_new_tokens or len(context) >= block:
-                    if rest := text.finish():
-                        yield Piece(rest, -1, 0.0)
-                    return
