@@ -83,7 +83,7 @@ class Local:
         if conversation:
             self.turns = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=1, max_waiting=1, keep=True,
                                    draft=draft and draft.model, draft_tokens=draft_tokens)
-            self.turns.speculation = self.speculation
+            self.speculation = self.turns.speculation if draft is not None else None
 
     def __str__(self) -> str:
         return self.name
