@@ -92,6 +92,8 @@ def test_chat_streaming_and_errors(server, chat_run):
                                            top_logprobs=3)
     content = probs.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    with pytest.raises(openai.BadRequestError, match="come with logprobs: set logprobs to true"):  # not ignored
+        client.chat.completions.create(model="chat", messages=messages, max_tokens=4, top_logprobs=3)
 
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "word " * 2000}])

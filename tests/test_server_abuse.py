@@ -113,6 +113,25 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
         assert status == 400 and body["error"]["param"] == "prompt" and body["error"]["message"] == (
             "prompt should be a string, or a list of strings, or a list of token ids, or a list of lists of token ids "
             "(got [1.5])")
+        # a string JSON can spell but no text holds: half of a surrogate pair (a 500 from the tokenizer before)
+        for path, body, where in (("/v1/completions", {"prompt": ["ann", "x\ud83d"]}, "prompt.1"),
+                                  ("/v1/completions", {"prompt": "ann", "stop": ["\udfff"]}, "stop.0"),
+                                  ("/predict", {"text": "\ud800"}, "text"), ("/tokenize", {"prompt": "a\ud800"}, "prompt")):
+            status, body = server.post(path, body)
+            assert status == 400 and body["error"]["message"].startswith(
+                f"{where} holds half of a UTF-16 surrogate pair (an escape \\ud800 to \\udfff without its partner)")
+        # a body that is not one JSON object, or not sent as JSON (curl -d without a type): the endpoint's example
+        status, body = raw(server, "POST /predict HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+                                   "Content-Length: 6\n", [b"[1, 2]"])
+        assert status == 400 and body["error"]["message"] == (
+            'the body should be one JSON object, such as {"text": "Hi"} (got [1, 2])')
+        status, body = raw(server, "POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 0\n")
+        assert status == 400 and body["error"]["message"] == (
+            'the request has no body: send one JSON object, such as {"prompt": "Once upon a time", "max_tokens": 16}')
+        status, body = raw(server, "POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\n"
+                                   "Content-Type: application/x-www-form-urlencoded\nContent-Length: 17\n",
+                           [b'{"prompt": "ann"}'])
+        assert status == 400 and "send it with the header Content-Type: application/json" in body["error"]["message"]
     finally:
         server.stop()
     assert "Traceback" not in server.output()  # nothing the server would call its own fault

@@ -158,8 +158,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         return error_response(500, "internal server error (the server's log has the details)", "server_error")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, e: RequestValidationError):
-        where, message = explain(e.errors())
+    async def invalid(request, e: RequestValidationError):
+        where, message = explain(e.errors(), request.url.path)
         return error_response(400, message, "invalid_request_error", where)
 
     def sampling(body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

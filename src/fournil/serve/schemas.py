@@ -20,14 +20,27 @@ MEMBERS = {"str": "a string", "list[str]": "a list of strings", "list[int]": "a 
            "list[Part]": 'a list of parts {"type": "text", "text": ...}'}
 
 
-def explain(errors: list[dict]) -> tuple[str | None, str]:
-    """Where the body is wrong and what to change, from pydantic's errors: a body that is not JSON, or a field that
-    is none of its union's members, in words (pydantic reports one error per member, at places such as
-    ``prompt.list[int].0``)."""
+# a body each endpoint takes, for a message about a body that is not one
+EXAMPLES = {"/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16}, "/predict": {"text": "Hi"},
+            "/tokenize": {"prompt": "Hi"}, "/detokenize": {"tokens": [1, 2, 3]}}
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+def explain(errors: list[dict], path: str) -> tuple[str | None, str]:
+    """Where the body sent to ``path`` is wrong and what to change, from pydantic's errors: a body that is not one JSON
+    object, or a field that is none of its union's members, in words (pydantic reports one error per member, at places
+    such as ``prompt.list[int].0``)."""
     first = errors[0]
+    send = f"send one JSON object, such as {json.dumps(EXAMPLES.get(path, CHAT))}"
     if first["type"] == "json_invalid":
-        return None, (f"the body is not valid JSON ({first['ctx']['error']} at character {first['loc'][-1]}): send "
-                      f"one JSON object, such as {{\"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}")
+        return None, f"the body is not valid JSON ({first['ctx']['error']} at character {first['loc'][-1]}): {send}"
+    if first["loc"] == ("body",) and first["type"] == "missing":
+        return None, f"the request has no body: {send}"
+    if first["loc"] == ("body",) and isinstance(first["input"], bytes):  # FastAPI reads JSON only if its type says so
+        return None, ("the body was not read as JSON: send it with the header Content-Type: application/json "
+                      "(curl: -H 'Content-Type: application/json')")
+    if first["loc"] == ("body",) and first["type"] == "model_attributes_type":
+        return None, f"the body should be {send.removeprefix('send ')} (got {json.dumps(first['input'])[:80]})"
     place = [p for p in first["loc"] if p != "body"]
     tag = next((i for i, p in enumerate(place) if p in MEMBERS), None)
     if tag is None:
@@ -43,11 +56,38 @@ def explain(errors: list[dict]) -> tuple[str | None, str]:
                    f"(got {json.dumps(got)[:80]})")
 
 
+def unpaired(value, place: tuple = ()) -> tuple | None:
+    """The place of the first string in ``value`` that holds half of a UTF-16 surrogate pair ("\\ud83d" without its
+    partner): JSON can spell one, but it is not text, and no tokenizer can read it."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return place
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((p for key, item in items if (p := unpaired(item, (*place, key))) is not None), None)
+
+
+class Body(BaseModel):
+    """A request's body: its strings are text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def characters(cls, body):
+        place = unpaired(body)
+        if place is not None:
+            where = ".".join(map(str, place)) or "the body"
+            raise ValueError(f"{where} holds half of a UTF-16 surrogate pair (an escape \\ud800 to \\udfff without "
+                             f"its partner), which is not text: send the character itself, or both halves of its pair")
+        return body
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with the usage and no choices (which a client must then expect)
 
 
-class Sampling(BaseModel):
+class Sampling(Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -121,16 +161,23 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def alternatives(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs asks for each token's alternatives, which come with logprobs: set logprobs "
+                             "to true too")
+        return self
 
-class PredictRequest(BaseModel):
+
+class PredictRequest(Body):
     text: str
     max_tokens: int | None = Field(None, ge=1)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     prompt: str
     add_special_tokens: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Body):
     tokens: list[int]
