@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from fournil.errors import FournilError
 from fournil.runs import Run
 
 FRENCH = "Élise et Zoé mangent des crêpes à Noël 🙂, 1234567 fois !"
@@ -22,6 +23,11 @@ def test_tokenizer_train_reports_compression_and_transformers_agrees(cli, tmp_pa
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert theirs(FRENCH)["input_ids"] == ours.prompt_ids(FRENCH)  # <|endoftext|> first, then the same tokens
     assert theirs.decode(ours.encode(FRENCH)) == FRENCH
+    for broken in ("x\ud83d", "\udcff"):  # half a surrogate pair: a JSON escape, or a byte that was not UTF-8
+        with pytest.raises(FournilError, match="half of a UTF-16 surrogate pair"):
+            ours.encode(broken)
+        with pytest.raises(FournilError, match="half of a UTF-16 surrogate pair"):
+            ours.encode_many([FRENCH, broken])
     chat = [{"role": "user", "content": "Bonjour"}]
     rendered = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert theirs(rendered, add_special_tokens=False)["input_ids"] == ours.chat_ids(chat)

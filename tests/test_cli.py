@@ -136,6 +136,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
                    "model: fournil reads .gguf files, and run directories and Hugging Face folders (give the folder")
     one_line_error(run("eval", tmp_path), "has no config.json: fournil reads run directories, Hugging Face folders")
     one_line_error(run("sample", trained["gpt"], "--prompt", "z3!"), "'!', '3' are not in the model's vocabulary")
+    # bytes that are not UTF-8, as a terminal in another encoding sends them (Python keeps them as half surrogates)
+    one_line_error(run("explain", trained["gpt"], os.fsdecode(b"a\xe9b")), "the argument b'a\\xe9b' is not UTF-8 text")
     one_line_error(run("explain", trained["gpt"], "x", "--device", "cuda"), "no CUDA GPU")
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
     one_line_error(run("explain", trained["gpt"], "emma", "--out", "nodir/emma.png"),  # (not "[Errno 2] ...")

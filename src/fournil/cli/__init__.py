@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import os
 import platform
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from fournil import __version__
 from fournil.cli import arena, files, generation, measuring, training
 from fournil.errors import FournilError
+from fournil.tokenizers import is_text
 
 COMMANDS = {**training.COMMANDS, **measuring.COMMANDS, **generation.COMMANDS, **arena.COMMANDS, **files.COMMANDS}
 
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and argv[1] not in ("-h", "--help")):
         argv.insert(1, DEFAULT_ACTIONS[argv[0]])
+    garbled = next((a for a in argv if not is_text(a)), None)
+    if garbled is not None:  # bytes that were not UTF-8, which Python keeps as halves of surrogate pairs
+        print(f"fournil: error: the argument {os.fsencode(garbled)!r} is not UTF-8 text: write it in a terminal set to "
+              f"UTF-8 (e.g. LANG=C.UTF-8), or convert the file it came from", file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

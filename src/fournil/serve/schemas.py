@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from fournil.tokenizers import is_text
+
 
 # what a request may ask that fournil cannot do, and the values that ask nothing: refused rather than ignored, since
 # the answer would silently not be what was asked for (plain text, no tool calls, no biased tokens, no insertion
@@ -60,11 +62,7 @@ def unpaired(value, place: tuple = ()) -> tuple | None:
     """The place of the first string in ``value`` that holds half of a UTF-16 surrogate pair ("\\ud83d" without its
     partner): JSON can spell one, but it is not text, and no tokenizer can read it."""
     if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return place
-        return None
+        return None if is_text(value) else place
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     return next((p for key, item in items if (p := unpaired(item, (*place, key))) is not None), None)
 

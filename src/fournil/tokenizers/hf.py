@@ -24,6 +24,24 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL = _byte_level_alphabet()
 
 
+def is_text(s: str) -> bool:
+    """Whether ``s`` is characters only: no half of a UTF-16 surrogate pair, which a JSON escape (``\\ud83d``) or
+    bytes that were not UTF-8 (Python's command line keeps them so) leave in a str, and no tokenizer reads."""
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def not_text(texts: list[str], error: TypeError) -> Exception:
+    """What the tokenizers library's TypeError about ``texts`` means: a str that is not text, or another mistake."""
+    if all(not isinstance(t, str) or is_text(t) for t in texts):
+        return error
+    return FournilError("the text holds half of a UTF-16 surrogate pair, which is not a character: decode it from "
+                        "UTF-8 (with errors='replace' if it may be broken)")
+
+
 class HFTokenizer:
     def __init__(self, tokenizer, bos: str | None = None, eos: str | None = None, add_bos: bool = False,
                  chat_template: str | None = None):
@@ -65,11 +83,17 @@ class HFTokenizer:
 
     def encode(self, text: str, strict: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError as e:
+            raise not_text([text], e) from None
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """Several texts at once, in parallel on every core."""
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError as e:
+            raise not_text(texts, e) from None
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
