@@ -40,6 +40,11 @@ def test_ngram_test_nll_on_prenoms_equals_the_counts(tmp_path, n, k):
     assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(FournilError, match="no split named 'tests': a run is scored on train, val or test"):
         run.evaluate(["tests"])
+    assert run.evaluate("test")["test"]["nll"] == pytest.approx(expected, abs=1e-6)  # one split by its name
+    with pytest.raises(FournilError, match="max_tokens=0: score at least 1 token"):  # (ZeroDivisionError before)
+        run.evaluate(["test"], max_tokens=0)
+    with pytest.raises(FournilError, match="was not fine-tuned on instructions: it has no held-out prompts"):
+        run.answer_val_prompts(2)
     run.quantize("bfloat16")  # (``--dtype bfloat16``: a count model has no weights to round, its counts stay exact)
     assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)
     if n == 2:  # the bigram table: a row per token as context (the boundary too), a column per next token

@@ -1,8 +1,13 @@
 """Training that goes wrong stops with a clear message and loses nothing that was good."""
 import json
 import math
+import re
 
+import pytest
 from conftest import losses
+
+import fournil
+from fournil import DataConfig, FournilError, RunConfig, TrainConfig
 
 ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--quiet"]
 
@@ -50,3 +55,26 @@ def test_a_student_that_starts_far_above_a_uniform_guess_is_not_taken_for_diverg
         "--no-baseline", "--quiet", "--out", "student")
     (_, first, _), *_ = losses(tmp_path / "student")
     assert first > 3 * math.log(27)  # (what was taken for a divergence)
+
+
+def test_configs_given_to_the_python_api_are_checked_before_training(tmp_path):
+    """What a recipe's settings get (types, ranges), a RunConfig built in Python gets too, before the data is read."""
+    quiet = dict(progress=False, announce=lambda *_: None)
+    with pytest.raises(FournilError, match=re.escape("model=5: give a family's name ('gpt') or its settings")):
+        RunConfig(5)
+    refused = [(RunConfig("gpt", train=None), "a RunConfig to train needs train=TrainConfig(...), not None"),
+               (RunConfig("gpt", data=None), "a RunConfig to train needs data=DataConfig(...), not None"),
+               (RunConfig("gpt", train=TrainConfig(steps="5")), "train setting steps = '5': expected a whole number"),
+               (RunConfig("gpt", data=DataConfig(["a.txt"])), "data setting data = ['a.txt']: expected a text"),
+               (RunConfig("gpt", train=TrainConfig(grad_accum=0)), "grad_accum must be at least 1 (got 0)"),
+               (RunConfig("gpt", train=TrainConfig(warmup=-3)), "warmup must not be negative (got -3 steps)")]
+    for config, message in refused:  # (AttributeError, TypeError, ValueError from deep inside, or a run, before)
+        with pytest.raises(FournilError, match=re.escape(message)):
+            fournil.train(config, out=str(tmp_path / "refused"), **quiet)
+    assert not (tmp_path / "refused").exists()
+    names = tmp_path / "few.txt"
+    names.write_text("\n".join(["emma", "olivia", "ava", "mia", "noah", "liam", "lucas"] * 20))
+    config = RunConfig("rnn", data=DataConfig(names), train=TrainConfig(steps=2, samples=0))  # a family, a Path
+    run = fournil.train(config, out=str(tmp_path / "run"), **quiet)
+    assert run.config.model["family"] == "rnn" and run.config.data.data == str(names)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["data"] == str(names)

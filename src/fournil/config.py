@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ class DataConfig:
 
     def __post_init__(self):
         self.split = tuple(self.split)  # JSON gives a list back
+        for name in ("data", "train", "val", "test"):  # a pathlib.Path is a path too, written to JSON as text
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
 
 
 @dataclass
@@ -81,6 +85,14 @@ class TrainConfig:
             raise FournilError(f"--lr must be a positive learning rate, e.g. 1e-3 (got {self.lr:g})")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise FournilError(f"the weight decay must not be negative (got {self.weight_decay:g})")
+        for wrong, error in ((self.grad_accum < 1, f"grad_accum must be at least 1 (got {self.grad_accum})"),
+                             (self.warmup < 0, f"warmup must not be negative (got {self.warmup} steps)"),
+                             (not 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio:g})"),
+                             (not 0 <= self.beta2 < 1, f"beta2 must be in [0, 1) (got {self.beta2:g})"),
+                             (not self.grad_clip > 0, f"grad_clip must be above 0 (got {self.grad_clip:g})"),
+                             (self.samples < 0, f"samples must not be negative (got {self.samples})")):
+            if wrong:
+                raise FournilError(error)
 
 
 @dataclass
@@ -169,7 +181,7 @@ class DistillConfig:
 
 @dataclass
 class RunConfig:
-    model: dict
+    model: dict  # {"family": "gpt", "n_layer": 4, ...}; a family's name alone takes its defaults
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
     train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
@@ -177,6 +189,13 @@ class RunConfig:
     finetune: FinetuneConfig | None = None  # for a fine-tuned model: its base and how it was tuned
     align: AlignConfig | None = None  # for a model tuned on preferences (or a reward model): how
     distill: DistillConfig | None = None  # for a student distilled from a teacher: which, and how
+
+    def __post_init__(self):
+        if isinstance(self.model, str):
+            self.model = {"family": self.model}
+        if not isinstance(self.model, dict):
+            raise FournilError(f"model={self.model!r}: give a family's name ('gpt') or its settings "
+                               f"({{'family': 'gpt', 'n_layer': 4}})")
 
 
 def to_dict(obj) -> dict:

@@ -180,6 +180,9 @@ class Run:
 
     def answer_val_prompts(self, n: int, max_new_tokens: int = 96) -> list[tuple[str, str]]:
         """Greedy answers to the first ``n`` held-out prompts of a fine-tuning run."""
+        if not self.config.finetune:
+            raise FournilError(f"{self.path} was not fine-tuned on instructions: it has no held-out prompts to answer; "
+                               f"sample it instead (Run.sample)")
         prompts = self.data()["val"].prompts(n)
         done = complete(self.model, self.tokenizer, prompts, SamplingParams(max_new_tokens, temperature=0), self.dtype)
         return [(self.tokenizer.decode(p), c.text) for p, c in zip(prompts, done)]
@@ -189,8 +192,11 @@ class Run:
         tokens only, for a fine-tuning run; target tokens for a seq2seq run, which also gets the exact-match accuracy
         and character error rate of its outputs, greedy or by a ``beam`` search); for a run tuned on preferences, the
         scores of its method."""
+        names = (names,) if isinstance(names, str) else names
         if unknown := [n for n in names if n not in ("train", "val", "test")]:
             raise FournilError(f"no split named {unknown[0]!r}: a run is scored on train, val or test")
+        if max_tokens is not None and max_tokens < 1:
+            raise FournilError(f"max_tokens={max_tokens}: score at least 1 token of each split (None: all of them)")
         if self.config.align:
             from fournil.train.align import evaluate_alignment
 

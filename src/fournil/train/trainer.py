@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
-from fournil.config import RunConfig, TrainConfig, command_of, to_dict
+from fournil.config import DataConfig, RunConfig, TrainConfig, check_types, command_of, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, tokenizer_fingerprint
@@ -482,9 +482,14 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
     ``budget`` (``{"steps": N}`` or ``{"time": seconds}``) overrides a resumed run's stopping point. Under torchrun
     every process calls this; rank 0 returns the run, the others ``None``.
     """
+    example = "e.g. RunConfig(model='gpt', data=DataConfig('names'), train=TrainConfig(steps=500))"
     if config is not None and not isinstance(config, RunConfig):
-        raise FournilError(f"train takes a RunConfig, not a {type(config).__name__}: e.g. RunConfig(model={{'family': "
-                           f"'gpt'}}, data=DataConfig('names'), train=TrainConfig(steps=500))")
+        raise FournilError(f"train takes a RunConfig, not a {type(config).__name__}: {example}")
+    for name, cls in (("data", DataConfig), ("train", TrainConfig)) if config is not None else ():
+        section = getattr(config, name)
+        if not isinstance(section, cls):
+            raise FournilError(f"a RunConfig to train needs {name}={cls.__name__}(...), not {section!r}: {example}")
+        check_types(cls, vars(section), name)
     world = join()
     try:
         run = _train(world, config, out, resume, budget, progress, announce if world.main else lambda *_: None)
