@@ -90,18 +90,20 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
     # that on, and the chat would never see Ctrl-C: in two CI runs the whole answer came)
     chat = subprocess.Popen([sys.executable, "-m", "fournil", "chat", "smollm2", "--temperature", "0",
                              "--max-new-tokens", "300"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # a UTF-8 terminal's (not C's)
     try:
         chat.stdin.write(b"Write a long story about a dragon who learns to bake bread.\n")
         chat.stdin.flush()
         shown = os.read(chat.stdout.fileno(), 20)  # the answer has begun
         chat.send_signal(signal.SIGINT)
-        out, err = chat.communicate(b"/help\n//etc is a folder: answer yes or no.\nWhat is the capital of France?\n",
-                                    timeout=300)
+        out, err = chat.communicate(b"caf\xe9 au lait?\n/help\n//etc is a folder: answer yes or no.\n"
+                                    b"What is the capital of France?\n", timeout=300)
     finally:
         chat.kill()
     out = (shown + out).decode()
     assert chat.returncode == 0 and b"Traceback" not in err, err.decode()
+    assert b"(that line is not UTF-8 text, at b'caf\\xe9 au lait?': set the terminal to UTF-8" in err  # (latin-1)
     assert " (stopped)\n" in out, (out, err.decode())
     stopped, rest = out.split(" (stopped)\n", 1)
     assert 0 < len(stopped.strip()) < 600  # its first pieces, not 300 tokens

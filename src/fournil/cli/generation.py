@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from fournil.cli.flags import (MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
                                is_loopback)
 from fournil.errors import FournilError
+from fournil.tokenizers import is_text
 
 COMMANDS_OF_CHAT = "/reset, /system TEXT, /exit"
 
@@ -132,6 +134,8 @@ def run_chat(args) -> None:
     messages = list(start)
     check_chats(model, start)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         about = f"{model.run.model.num_params():,} parameters" if isinstance(model, Local) else model.url
         print(f"chatting with {model} ({about}); {COMMANDS_OF_CHAT}; Ctrl-C stops an answer")
@@ -142,6 +146,10 @@ def run_chat(args) -> None:
             break
         command, _, rest = line.strip().partition(" ")
         if not command:
+            continue
+        if not is_text(line):  # bytes that were not UTF-8: a terminal in another encoding
+            print(f"(that line is not UTF-8 text, at {os.fsencode(line)!r}: set the terminal to UTF-8 and type it "
+                  f"again)", file=sys.stderr)
             continue
         if command == "/exit":
             break
