@@ -191,6 +191,17 @@ def test_a_battle_replays_from_its_seed_and_bad_requests_say_why(bpe_llama, poet
         assert status == 400 and "no battle 'nope'" in json.loads(body)["error"]["message"]
         status, body = post(server.url + "/arena/battles", {"prompt": "hi", "models": ["chat", "gpt-5"]})
         assert status == 400 and "no contestant 'gpt-5' here: chat, poet" in json.loads(body)["error"]["message"]
+        status, body = post(server.url + "/arena/battles", {"prompt": "hi", "models": ["poet", "poet"]})
+        assert status == 400 and json.loads(body)["error"]["message"] == (
+            "models names 'poet' twice: a battle is between two contestants")  # (a self-battle was stored before)
+        status, body = post(server.url + "/arena/battles", {"prompt": "hi\ud83d"})
+        assert status == 400 and json.loads(body)["error"]["message"].startswith(
+            "prompt holds half of a UTF-16 surrogate pair")
+        request = urllib.request.Request(server.url + "/arena/votes", b"[]", {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the server's words, with the endpoint's example
+            urllib.request.urlopen(request, timeout=30)
+        assert json.loads(refused.value.read())["error"]["message"] == (
+            'the body should be one JSON object, such as {"battle": "ID", "verdict": "a"} (got [])')
     finally:
         server.stop()
 

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, \
     StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.exceptions import HTTPException
 
 from fournil.arena.ranking import agreement, leaderboard, plot_win_rates, table
@@ -32,6 +32,7 @@ from fournil.generate import SamplingParams, Scheduler
 from fournil.generate.answerers import Local
 from fournil.serve.guard import Guard
 from fournil.serve.metrics import Metrics
+from fournil.serve.schemas import Body, explain
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ArenaSettings:
     bootstrap: int = 200  # rounds behind the leaderboard's intervals
 
 
-class BattleRequest(BaseModel):
+class BattleRequest(Body):
     prompt: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=4096)
@@ -53,7 +54,7 @@ class BattleRequest(BaseModel):
     models: tuple[str, str] | None = None
 
 
-class VoteRequest(BaseModel):
+class VoteRequest(Body):
     battle: str
     verdict: str
     voter: str = Field("anonymous", max_length=200)
@@ -76,10 +77,9 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
         return JSONResponse({"error": {"message": str(e)}}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return JSONResponse({"error": {"message": f"{where}: {first['msg']}"}}, status_code=400)
+    async def invalid(request, e: RequestValidationError):
+        example = {"prompt": "Hi"} if request.url.path == "/arena/battles" else {"battle": "ID", "verdict": "a"}
+        return JSONResponse({"error": {"message": explain(e.errors(), example)[1]}}, status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
@@ -115,6 +115,8 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
         names = body.models or tuple(random.sample(sorted(contestants), 2))
         if unknown := [n for n in names if n not in contestants]:
             raise FournilError(f"no contestant {unknown[0]!r} here: {', '.join(sorted(contestants))}")
+        if names[0] == names[1]:
+            raise FournilError(f"models names {names[0]!r} twice: a battle is between two contestants")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         temperature = settings.temperature if body.temperature is None else body.temperature
         max_tokens = body.max_tokens or settings.max_tokens

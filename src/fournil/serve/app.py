@@ -34,8 +34,8 @@ from fournil.generate.engine import row_params
 from fournil.generate.scheduler import drive
 from fournil.serve.guard import Guard
 from fournil.serve.metrics import Metrics
-from fournil.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, Sampling,
-                                   TokenizeRequest, explain)
+from fournil.serve.schemas import (EXAMPLES, ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest,
+                                   Sampling, TokenizeRequest, explain)
 
 OPEN = ("/", "/health")  # what answers without the API key
 
@@ -159,7 +159,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        where, message = explain(e.errors(), request.url.path)
+        where, message = explain(e.errors(), EXAMPLES.get(request.url.path, {}))
         return error_response(400, message, "invalid_request_error", where)
 
     def sampling(body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

@@ -23,17 +23,17 @@ MEMBERS = {"str": "a string", "list[str]": "a list of strings", "list[int]": "a 
 
 
 # a body each endpoint takes, for a message about a body that is not one
-EXAMPLES = {"/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16}, "/predict": {"text": "Hi"},
+EXAMPLES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+            "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16}, "/predict": {"text": "Hi"},
             "/tokenize": {"prompt": "Hi"}, "/detokenize": {"tokens": [1, 2, 3]}}
-CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
 
-def explain(errors: list[dict], path: str) -> tuple[str | None, str]:
-    """Where the body sent to ``path`` is wrong and what to change, from pydantic's errors: a body that is not one JSON
-    object, or a field that is none of its union's members, in words (pydantic reports one error per member, at places
-    such as ``prompt.list[int].0``)."""
+def explain(errors: list[dict], example: dict) -> tuple[str | None, str]:
+    """Where a body is wrong and what to change, from pydantic's errors: a body that is not one JSON object (such as
+    ``example``), or a field that is none of its union's members, in words (pydantic reports one error per member, at
+    places such as ``prompt.list[int].0``)."""
     first = errors[0]
-    send = f"send one JSON object, such as {json.dumps(EXAMPLES.get(path, CHAT))}"
+    send = f"send one JSON object, such as {json.dumps(example)}"
     if first["type"] == "json_invalid":
         return None, f"the body is not valid JSON ({first['ctx']['error']} at character {first['loc'][-1]}): {send}"
     if first["loc"] == ("body",) and first["type"] == "missing":
