@@ -140,6 +140,17 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     write_jsonl(bad, [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(FournilError, match="must end with an assistant message"):
         read_conversations(str(bad))
+    write_jsonl(bad, [{"instruction": "a", "output": "b"}, {"instruction": 5, "output": "b"}])  # (not "missing")
+    with pytest.raises(FournilError, match="line 2: 'instruction' must be a text, not 5"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b\ud83d"}])  # (ensure_ascii)
+    with pytest.raises(FournilError, match=r"line 2: output holds half of a UTF-16 surrogate pair .* write the char"):
+        read_conversations(str(bad))
+    bad.write_text("[1, 2]\n[3]\n", encoding="utf-8")  # lines of arrays: JSONL all the same, by its name
+    with pytest.raises(FournilError, match="bad.jsonl, line 1: expected a JSON object, got list"):
+        read_conversations(str(bad))
+    bad.write_text('\ufeff{"instruction": "a", "output": "b"}\n', encoding="utf-8")  # a BOM, as some editors write
+    assert read_conversations(str(bad)) == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
     root, base = bpe_base
     long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "Say it", "output": "word " * n} for n in (1, 2, 3, 400, 500)])
     result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "2000", "--quiet", check=False)

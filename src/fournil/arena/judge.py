@@ -9,9 +9,11 @@ remote one writes its answer, and the last verdict in it counts ("[A]" too; none
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from fournil.arena.store import Battle, Store
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, read_rows
+from fournil.data.sources import read_text
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, complete
 from fournil.generate.engine import score_choices
@@ -68,10 +70,9 @@ def read_prompts(spec: str, n: int) -> list[str]:
     """The last ``n`` prompts of an instruction set (bundled, or a JSONL file of ``prompt``, ``instruction`` (+
     ``input``) or ``messages`` rows), or of a text file, one prompt per line."""
     if spec.endswith(".txt"):
-        try:
-            prompts = [line.strip() for line in open(spec, encoding="utf-8") if line.strip()]
-        except FileNotFoundError:
-            raise FournilError(f"--prompts {spec}: no such file") from None
+        if not Path(spec).is_file():
+            raise FournilError(f"--prompts {spec}: no such file")
+        prompts = [line.strip() for line in read_text(spec).splitlines() if line.strip()]
     else:
         prompts = []
         for where, row in read_rows(data_path(spec, BUNDLED_INSTRUCTIONS, "instruction")):

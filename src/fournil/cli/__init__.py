@@ -20,7 +20,7 @@ import torch
 from fournil import __version__
 from fournil.cli import arena, files, generation, measuring, training
 from fournil.errors import FournilError
-from fournil.tokenizers import is_text
+from fournil.text import is_text
 
 COMMANDS = {**training.COMMANDS, **measuring.COMMANDS, **generation.COMMANDS, **arena.COMMANDS, **files.COMMANDS}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from fournil.cli.flags import (MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
                                is_loopback)
 from fournil.errors import FournilError
-from fournil.tokenizers import is_text
+from fournil.text import is_text
 
 COMMANDS_OF_CHAT = "/reset, /system TEXT, /exit"
 

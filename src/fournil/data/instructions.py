@@ -16,6 +16,7 @@ import torch
 
 from fournil.data.batches import IGNORE, LineData, thinned
 from fournil.errors import FournilError
+from fournil.text import HALF_PAIR, unpaired
 
 BUNDLED_INSTRUCTIONS = {
     "rasbt_instructions": "rasbt_instructions.jsonl",  # English, Alpaca form (LLMs-from-scratch, chapter 7)
@@ -47,24 +48,29 @@ def data_path(spec: str, bundled: dict[str, str], what: str) -> Path:
 def read_rows(path: Path) -> list[tuple[str, object]]:
     """The records of a JSONL file or a JSON array, each with where it is (``file, line N``) for error messages."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # (the mark some editors begin a file with)
     except UnicodeDecodeError:
         raise FournilError(f"{path} is not UTF-8 text: give a JSONL file, one JSON object per line") from None
-    if text.lstrip().startswith("["):
+    if text.lstrip().startswith("[") and path.suffix != ".jsonl":
         try:
-            return [(f"{path}, item {n}", row) for n, row in enumerate(json.loads(text), 1)]
+            rows = [(f"{path}, item {n}", row) for n, row in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise FournilError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}, line {n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}, line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON "
+                                   f"object") from None
     if not rows:
         raise FournilError(f"{path} holds no examples")
+    for where, row in rows:
+        if (field := unpaired(row)) is not None:
+            raise FournilError(f"{where}: {field or 'the record'} {HALF_PAIR}: write the character itself")
     return rows
 
 
@@ -86,6 +92,9 @@ def to_messages(row, where: str) -> list[dict]:
         if messages[-1]["role"] != "assistant":
             raise FournilError(f"{where}: the conversation must end with an assistant message (the answer to learn)")
         return messages
+    if wrong := next((k for k in ("instruction", "input", "output") if row.get(k) is not None
+                      and not isinstance(row[k], str)), None):
+        raise FournilError(f"{where}: {wrong!r} must be a text, not {json.dumps(row[wrong])[:60]}")
     missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
     if missing:
         raise FournilError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (an example has 'instruction', "

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fournil.data.batches import IGNORE, frame_ids, thinned
+from fournil.data.instructions import read_rows
 from fournil.data.nombres import nombres
 from fournil.data.sources import fingerprint, read_text
 from fournil.errors import FournilError
@@ -23,28 +24,25 @@ def is_pairs(spec: str | None) -> bool:
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """JSONL records with ``source`` and ``target``, or TSV lines ``source<TAB>target``; a bad line is named."""
-    text, pairs = read_text(path), []
-    for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("source", "target")):
-                raise FournilError(f"{path}, line {n}: each record needs text fields 'source' and 'target'")
-            pair = record["source"], record["target"]
-        else:
+    if path.endswith(".jsonl"):
+        records = read_rows(Path(path))
+        if bad := next((where for where, r in records if not isinstance(r, dict)
+                        or not all(isinstance(r.get(k), str) for k in ("source", "target"))), None):
+            raise FournilError(f"{bad}: each record needs text fields 'source' and 'target'")
+        rows = [(where, (r["source"], r["target"])) for where, r in records]
+    else:
+        rows = []
+        for n, line in enumerate(read_text(path).split("\n"), start=1):
+            if not line.strip():
+                continue
             fields = line.split("\t")
             if len(fields) != 2:
                 raise FournilError(f"{path}, line {n}: a TSV line is a source, one tab, then a target "
                                    f"({len(fields)} fields here)")
-            pair = fields[0], fields[1]
-        if not pair[0].strip() or not pair[1].strip():
-            raise FournilError(f"{path}, line {n}: the source and the target must not be empty")
-        pairs.append(pair)
-    return pairs
+            rows.append((f"{path}, line {n}", (fields[0], fields[1])))
+    if empty := next((where for where, (source, target) in rows if not source.strip() or not target.strip()), None):
+        raise FournilError(f"{empty}: the source and the target must not be empty")
+    return [pair for _, pair in rows]
 
 
 def pair_splits(cfg) -> tuple[dict, dict]:

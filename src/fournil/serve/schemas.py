@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from fournil.tokenizers import is_text
+from fournil.text import HALF_PAIR, unpaired
 
 
 # what a request may ask that fournil cannot do, and the values that ask nothing: refused rather than ignored, since
@@ -58,26 +58,15 @@ def explain(errors: list[dict], example: dict) -> tuple[str | None, str]:
                    f"(got {json.dumps(got)[:80]})")
 
 
-def unpaired(value, place: tuple = ()) -> tuple | None:
-    """The place of the first string in ``value`` that holds half of a UTF-16 surrogate pair ("\\ud83d" without its
-    partner): JSON can spell one, but it is not text, and no tokenizer can read it."""
-    if isinstance(value, str):
-        return None if is_text(value) else place
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    return next((p for key, item in items if (p := unpaired(item, (*place, key))) is not None), None)
-
-
 class Body(BaseModel):
     """A request's body: its strings are text."""
 
     @model_validator(mode="before")
     @classmethod
     def characters(cls, body):
-        place = unpaired(body)
-        if place is not None:
-            where = ".".join(map(str, place)) or "the body"
-            raise ValueError(f"{where} holds half of a UTF-16 surrogate pair (an escape \\ud800 to \\udfff without "
-                             f"its partner), which is not text: send the character itself, or both halves of its pair")
+        where = unpaired(body)
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} {HALF_PAIR}: send the character itself, or both halves of its pair")
         return body
 
 

@@ -1,5 +1,5 @@
 """Tokenizers: text to token ids and back, saved as ``tokenizer.json``."""
 from fournil.tokenizers.char import CharTokenizer, load_tokenizer
-from fournil.tokenizers.hf import HFTokenizer, is_text
+from fournil.tokenizers.hf import HFTokenizer
 
-__all__ = ["CharTokenizer", "HFTokenizer", "is_text", "load_tokenizer"]
+__all__ = ["CharTokenizer", "HFTokenizer", "load_tokenizer"]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from fournil.errors import FournilError, NotAChatModel
+from fournil.text import HALF_PAIR, is_text
 from fournil.tokenizers.chat import render_chat
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -24,22 +25,11 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL = _byte_level_alphabet()
 
 
-def is_text(s: str) -> bool:
-    """Whether ``s`` is characters only: no half of a UTF-16 surrogate pair, which a JSON escape (``\\ud83d``) or
-    bytes that were not UTF-8 (Python's command line keeps them so) leave in a str, and no tokenizer reads."""
-    try:
-        s.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def not_text(texts: list[str], error: TypeError) -> Exception:
     """What the tokenizers library's TypeError about ``texts`` means: a str that is not text, or another mistake."""
     if all(not isinstance(t, str) or is_text(t) for t in texts):
         return error
-    return FournilError("the text holds half of a UTF-16 surrogate pair, which is not a character: decode it from "
-                        "UTF-8 (with errors='replace' if it may be broken)")
+    return FournilError(f"the text {HALF_PAIR}: decode it from UTF-8 (with errors='replace' if it may be broken)")
 
 
 class HFTokenizer:
