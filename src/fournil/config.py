@@ -89,7 +89,7 @@ class TrainConfig:
                              (self.warmup < 0, f"warmup must not be negative (got {self.warmup} steps)"),
                              (not 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio:g})"),
                              (not 0 <= self.beta2 < 1, f"beta2 must be in [0, 1) (got {self.beta2:g})"),
-                             (not self.grad_clip > 0, f"grad_clip must be above 0 (got {self.grad_clip:g})"),
+                             (not self.grad_clip >= 0, f"grad_clip must not be negative (got {self.grad_clip:g}; 0: no clipping)"),
                              (self.samples < 0, f"samples must not be negative (got {self.samples})")):
             if wrong:
                 raise FournilError(error)
