@@ -222,11 +222,20 @@ class Run:
             raise FournilError(f"--beam {beam}: give a width of 1 (greedy) or more")
         return generate_targets(self.model, self.tokenizer, sources, params, beam, dtype or self.dtype)
 
+    def check_writes(self) -> None:
+        """Refuse to generate with a reward model, or to score text by its probabilities: its body learned to score
+        answers, and the language head it kept no longer fits it."""
+        if self.config.align and self.config.align.method == "reward":
+            raise FournilError(f"{self.path} is a reward model: it scores answers (fournil reward score {self.path} "
+                               f"--prompt ... --answer ...) and does not write them; use the model it was trained "
+                               f"from, {self.config.finetune.base}")
+
     def sample(self, n: int = 20, prompt: str = "", temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
         if n < 1:
             raise FournilError(f"-n must be at least 1 (got {n})")
+        self.check_writes()
         if max_new_tokens is None:
             max_new_tokens = 2 * self.model.config.block_size if self.mode == "lines" else 500
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -38,6 +38,7 @@ class FournilLM(TemplateLM):
                                f"device, dtype, batch_tokens, max_gen_toks, max_batch, add_bos_token")
         super().__init__()
         self.run = Run.load(model, device, dtype)
+        self.run.check_writes()
         if dtype == "bfloat16":  # weights cast once, as generation and lm-eval's hf backend do, not at every pass
             self.run.quantize(dtype)
         decoder_only(self.run.model, "benchmarking")

@@ -58,6 +58,7 @@ def load_local(spec: str, device: str = "auto", dtype: str = "auto", draft: str 
     from fournil.runs import Run
 
     run = Run.load(spec, device).quantize(dtype)
+    run.check_writes()
     if not draft:
         return run, None
     from fournil.generate.speculative import check_draft
