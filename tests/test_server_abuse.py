@@ -116,7 +116,8 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
         # a string JSON can spell but no text holds: half of a surrogate pair (a 500 from the tokenizer before)
         for path, body, where in (("/v1/completions", {"prompt": ["ann", "x\ud83d"]}, "prompt.1"),
                                   ("/v1/completions", {"prompt": "ann", "stop": ["\udfff"]}, "stop.0"),
-                                  ("/predict", {"text": "\ud800"}, "text"), ("/tokenize", {"prompt": "a\ud800"}, "prompt")):
+                                  ("/predict", {"text": "\ud800"}, "text"),
+                                  ("/tokenize", {"prompt": "a\ud800"}, "prompt")):
             status, body = server.post(path, body)
             assert status == 400 and body["error"]["message"].startswith(
                 f"{where} holds half of a UTF-16 surrogate pair (an escape \\ud800 to \\udfff without its partner)")

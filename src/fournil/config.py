@@ -85,12 +85,13 @@ class TrainConfig:
             raise FournilError(f"--lr must be a positive learning rate, e.g. 1e-3 (got {self.lr:g})")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise FournilError(f"the weight decay must not be negative (got {self.weight_decay:g})")
-        for wrong, error in ((self.grad_accum < 1, f"grad_accum must be at least 1 (got {self.grad_accum})"),
-                             (self.warmup < 0, f"warmup must not be negative (got {self.warmup} steps)"),
-                             (not 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio:g})"),
-                             (not 0 <= self.beta2 < 1, f"beta2 must be in [0, 1) (got {self.beta2:g})"),
-                             (not self.grad_clip >= 0, f"grad_clip must not be negative (got {self.grad_clip:g}; 0: no clipping)"),
-                             (self.samples < 0, f"samples must not be negative (got {self.samples})")):
+        for wrong, error in (
+                (self.grad_accum < 1, f"grad_accum must be at least 1 (got {self.grad_accum})"),
+                (self.warmup < 0, f"warmup must not be negative (got {self.warmup} steps)"),
+                (not 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio:g})"),
+                (not 0 <= self.beta2 < 1, f"beta2 must be in [0, 1) (got {self.beta2:g})"),
+                (not self.grad_clip >= 0, f"grad_clip must not be negative (got {self.grad_clip:g}; 0: no clipping)"),
+                (self.samples < 0, f"samples must not be negative (got {self.samples})")):
             if wrong:
                 raise FournilError(error)
 

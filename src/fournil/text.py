@@ -3,7 +3,8 @@ partner), and Python keeps bytes that were not UTF-8 (from a command line, a ter
 reads them, so each way text comes in checks for them and says where."""
 from __future__ import annotations
 
-HALF_PAIR = "holds half of a UTF-16 surrogate pair (an escape \\ud800 to \\udfff without its partner), which is not text"
+HALF_PAIR = ("holds half of a UTF-16 surrogate pair (an escape \\ud800 to \\udfff without its partner), which is "
+             "not text")
 
 
 def is_text(s: str) -> bool:

@@ -66,7 +66,8 @@ class Body(BaseModel):
     def characters(cls, body):
         where = unpaired(body)
         if where is not None:
-            raise ValueError(f"{where or 'the body'} {HALF_PAIR}: send the character itself, or both halves of its pair")
+            raise ValueError(f"{where or 'the body'} {HALF_PAIR}: send the character itself, or both halves of its "
+                             f"pair")
         return body
 
 
