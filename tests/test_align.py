@@ -143,7 +143,8 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
     scores = load_reward(str(root / "rm"), "cpu")([[{"role": "user", "content": "Question 99: which colour?"}]] * 2,
                                                   ["blue sky", "red fire"])
     assert scores == pytest.approx([float(blue), float(red)], abs=1e-3)
-    for command in (["generate", root / "rm", "Question 99:"], ["sample", root / "rm"]):  # garbage before: refused
+    for command in (["generate", root / "rm", "Question 99:"], ["sample", root / "rm"],  # garbage before: refused
+                    ["distill", "--teacher", root / "rm", "--data", data, "--steps", "1", "--out", "d"]):
         refused = CLI(root)(*command, check=False)
         assert refused.returncode == 2 and f"{root / 'rm'} is a reward model: it scores answers" in refused.stderr
         assert f"does not write them; use the model it was trained from, {base}" in refused.stderr

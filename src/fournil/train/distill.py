@@ -165,6 +165,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
             teacher_run = Run.load(taught.student, config.train.device)
         else:
             teacher = teacher_run = Run.load(taught.teacher, config.train.device)
+            teacher_run.check_writes()  # a reward model's next-token distributions mean nothing to imitate
         run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, teacher)
         if not world.main:
             return None
