@@ -22,6 +22,7 @@ def unpaired(value, place: str = "") -> str | None:
         return None if is_text(value) else place
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        if (found := unpaired(item, f"{place}.{key}" if place else str(key))) is not None:
+        if isinstance(item, (str, list, dict)) and (found := unpaired(item, f"{place}.{key}" if place else str(key))) \
+                is not None:
             return found
     return None
