@@ -144,6 +144,7 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
                                                   ["blue sky", "red fire"])
     assert scores == pytest.approx([float(blue), float(red)], abs=1e-3)
     for command in (["generate", root / "rm", "Question 99:"], ["sample", root / "rm"],  # garbage before: refused
+                    ["explain", root / "rm", "Question 99:"],
                     ["distill", "--teacher", root / "rm", "--data", data, "--steps", "1", "--out", "d"]):
         refused = CLI(root)(*command, check=False)
         assert refused.returncode == 2 and f"{root / 'rm'} is a reward model: it scores answers" in refused.stderr

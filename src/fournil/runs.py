@@ -263,6 +263,7 @@ class Run:
 
     def explain(self, text: str, top: int = 5) -> dict:
         """Each token's probability given the ones before, and the ``top`` the model expected there."""
+        self.check_writes()
         return explain_text(self.model, self.tokenizer, text, self.measure_dtype, top)
 
 
