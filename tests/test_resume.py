@@ -66,6 +66,20 @@ def test_a_step_is_logged_before_the_checkpoint_that_covers_it(tmp_path, capsys,
     assert metrics.read() == []
 
 
+def test_every_eval_every_step_is_validated_and_checkpointed_even_between_records(tmp_path, capsys, monkeypatch):
+    # records come every 10 steps; --eval-every 15 once validated at 30 only (the steps both divide), so a kill at step 29
+    # lost all of it
+    logged = []
+    log = MetricsLog.log
+    monkeypatch.setattr(MetricsLog, "log", lambda self, record: (
+        logged.append((record["step"], "val_loss" in record, checkpoint_step(tmp_path / "run"))), log(self, record)))
+    args = [a if a != "20" else "15" for a in ARGS]
+    assert InProcess(capsys, monkeypatch, tmp_path)(*args, "--steps", "35", "--out", "run").returncode == 0
+    # (each record's step, whether it was validated, the checkpoint's step when it was logged)
+    assert logged == [(10, False, 0), (15, True, 0), (20, False, 15), (30, True, 15), (35, True, 30)]
+    assert checkpoint_step(tmp_path / "run") == 35
+
+
 def test_resume_with_a_new_budget_continues(cli, tmp_path):
     cli(*ARGS, "--steps", "20", "--out", "short")
     cli("train", "--resume", "short", "--steps", "40", "--quiet")

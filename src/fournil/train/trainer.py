@@ -380,7 +380,8 @@ class Trainer:
                 if t.time and world.distributed:
                     elapsed = world.broadcast(elapsed)  # one clock, or the processes would disagree on when to stop
                 finishing = progress_at(step, elapsed) >= 1.0
-                if step % LOG_EVERY and not finishing:
+                evaluated = step % t.eval_every == 0 or finishing
+                if step % LOG_EVERY and not evaluated:  # (an evaluation between records is one too)
                     continue
                 train_loss = world.mean(window_loss).item() / window_steps
                 if not math.isfinite(train_loss) or train_loss > explode:
@@ -389,7 +390,6 @@ class Trainer:
                 record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": speed,
                           "mfu": speed * flops / peak, "time": round(elapsed, 2),
                           **{f"train_{k}": world.mean(v).item() / window_steps for k, v in window_metrics.items()}}
-                evaluated = step % t.eval_every == 0 or finishing
                 if evaluated:
                     scores = self.validate()
                     val = record["val_loss"] = scores.pop("loss")
