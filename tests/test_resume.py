@@ -9,8 +9,9 @@ from safetensors import safe_open
 from conftest import InProcess
 from fournil.train.metrics import MetricsLog
 
-ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--eval-every", "20",
-        "--quiet"]
+# with dropout: a resumed run draws the masks the uninterrupted one drew (from PyTorch's generator, restored)
+ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--dropout", "0.1",
+        "--eval-every", "20", "--quiet"]
 
 
 def checkpoint_step(run) -> int:
