@@ -186,6 +186,14 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     assert "val" in shown and "test" in shown
 
 
+def test_an_adapting_run_validates_a_quarter_of_its_steps_apart_unless_told(bpe_base):
+    root, base = bpe_base
+    for out, told, validated in (("quarters", [], [0, 10, 20]), ("told", ["--eval-every", "20"], [0, 20])):
+        CLI(root)("finetune", base, "--lora", "--steps", "20", *told, "--quiet", "--out", out)  # (20 was 10 before)
+        records = map(json.loads, (root / out / "metrics.jsonl").read_text().splitlines())
+        assert [r["step"] for r in records if "val_loss" in r] == validated
+
+
 def test_memory_is_saved_for_the_batches_that_need_it():
     """``--low-memory auto`` decides for each batch from its padded width: for SmolLM2's layers in bf16, 1 GiB of
     activations is 1,827 tokens, so DPO's usual 8 pairs of 79 tokens train whole, where the longest answers

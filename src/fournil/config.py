@@ -49,7 +49,7 @@ class TrainConfig:
     weight_decay: float | None = None  # on weight matrices and embeddings, not biases or norms; None: the model's, or 0.1
     beta2: float = 0.99
     grad_clip: float = 1.0
-    eval_every: int = 250  # validate (and checkpoint) every this many steps
+    eval_every: int | None = None  # validate (and checkpoint) every this many steps; None: see trainer.eval_every
     eval_tokens: int = 250_000  # cap on validation tokens during training; `fournil eval` scores everything
     seed: int = 1337
     device: str = "auto"

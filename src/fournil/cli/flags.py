@@ -99,7 +99,8 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--time", type=parse_duration, help="stop after this much wall-clock time (90s, 2m, 1h)")
     p.add_argument("--batch-size", type=int, help=batch)
     p.add_argument("--lr", type=float, help=f"peak learning rate{lr}")
-    p.add_argument("--eval-every", type=int, default=250, help="validate and checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, help="validate and checkpoint every N steps (default: 250; when adapting "
+                                                  "a model, a quarter of --steps, from 10 to 250)")
     p.add_argument("--eval-tokens", type=int, default=TrainConfig.eval_tokens,
                    help="validate on at most N tokens of the val split (default: %(default)s; `fournil eval` scores "
                         "all of it)")

@@ -29,7 +29,7 @@ from fournil.models import build_model
 from fournil.runs import CONFIG, STATE, TOKENIZER, Run, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
-from fournil.train.trainer import Trainer, new_run_dir, resumed
+from fournil.train.trainer import Trainer, eval_every, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_CONTEXT, MAX_ANSWER = 100, 8, 1e-3, 256, 256
 REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
@@ -153,8 +153,8 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
             t = train or TrainConfig()
             t.check()
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
-            t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR,
-                                    eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))
+            t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR)
+            t = dataclasses.replace(t, eval_every=eval_every(t, adapting=True))
             config = RunConfig(model={"family": "student"}, data=student_data(data, settings.teacher), train=t,
                                distill=settings)
             run_dir = new_run_dir(config, out)

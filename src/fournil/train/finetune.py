@@ -30,7 +30,7 @@ from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
 from fournil.train.distributed import join, leave
-from fournil.train.trainer import Trainer, new_run_dir, resumed
+from fournil.train.trainer import Trainer, eval_every, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_MAX_LENGTH = 200, 8, 512
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
@@ -122,5 +122,5 @@ def fill_train(t: TrainConfig, lora: bool, align: AlignConfig | None = None) -> 
     steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
     lr = DEFAULT_LR["lora" if lora else "full"] if align is None else ALIGN_LR[align.method][0 if lora else 1]
     batch = DEFAULT_BATCH if align is None or align.method != "grpo" else 2 * align.group
-    return dataclasses.replace(t, steps=steps, batch_size=t.batch_size or batch, lr=t.lr or lr,
-                               eval_every=min(t.eval_every, max(10, (steps or 1000) // 4)))
+    t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or batch, lr=t.lr or lr)
+    return dataclasses.replace(t, eval_every=eval_every(t, adapting=True))

@@ -39,6 +39,7 @@ from fournil.train.objectives import NextTokenPrediction, packing, weight
 from fournil.train.progress import Progress
 
 LOG_EVERY = 10
+PRETRAIN_EVAL_EVERY = 250
 PASS_TOKENS = 1024  # tokens per forward pass when saving memory: smaller transient tensors, a smaller heap
 
 
@@ -114,9 +115,19 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         steps=t.steps if (t.steps or t.time) else train_defaults["steps"],
         optimizer=t.optimizer or ("adamw" if t.fsdp else train_defaults.get("optimizer", "adamw")),
         weight_decay=t.decay if t.weight_decay is not None else train_defaults.get("weight_decay", t.decay),
+        eval_every=eval_every(t, adapting=False),
     )
     data = dataclasses.replace(config.data, mode=splits.mode)
     return dataclasses.replace(config, model=settings, data=data, train=train)
+
+
+def eval_every(t: TrainConfig, adapting: bool) -> int:
+    """Validate every ``t.eval_every`` steps as told; else every 250 steps when training from scratch, and every
+    quarter of the budget (from 10 to 250 steps) when adapting a model, whose short runs would otherwise
+    validate only at the end."""
+    if t.eval_every:
+        return t.eval_every
+    return max(10, min(PRETRAIN_EVAL_EVERY, (t.steps or 1000) // 4)) if adapting else PRETRAIN_EVAL_EVERY
 
 
 def steps_per_second(config: RunConfig, splits, tokenizer, world: World) -> float:
