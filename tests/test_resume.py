@@ -1,5 +1,6 @@
 """A run killed with SIGKILL leaves a readable checkpoint, and --resume carries on from it exactly."""
 import json
+import re
 import signal
 import subprocess
 import time
@@ -86,6 +87,19 @@ def test_resume_with_a_new_budget_continues(cli, tmp_path):
     cli("train", "--resume", "short", "--steps", "40", "--quiet")
     steps = sorted(train_losses(tmp_path / "short"))
     assert steps[-1] == 40 and steps.count(20) == 1
+    # a budget already spent is said, not run as if it trained
+    refused = cli("train", "--resume", "short", "--steps", "30", check=False)
+    assert refused.returncode == 2 and re.fullmatch(
+        r"fournil: error: short stopped at step 40, after \d+ s of training, past the budget given \(30 steps\): to "
+        r"train on, give more --steps or --time", refused.stderr.strip())
+    again = cli("train", "--resume", "short", "--quiet")  # (rewrites best weights a kill left unwritten: see below)
+    assert re.search(r"short stopped at step 40, after \d+ s of training, at the end of its budget \(40 steps\): "
+                     r"nothing to train", again.stderr) and checkpoint_step(tmp_path / "short") == 40
+    # the new budget replaces the old: steps given to a run that had a time limit train that many steps
+    cli(*ARGS, "--time", "2s", "--out", "timed")
+    at = checkpoint_step(tmp_path / "timed")
+    cli("train", "--resume", "timed", "--steps", str(at + 10), "--quiet")
+    assert checkpoint_step(tmp_path / "timed") == at + 10
 
 
 def test_the_best_weights_come_back_from_the_state_and_weights_without_a_state_are_not_trained_over(cli, tmp_path):

@@ -55,11 +55,11 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
-def read_safetensors(path: Path) -> tuple[dict, dict]:
-    """The tensors and metadata of a safetensors file, or a clear error if it is damaged."""
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """The tensors (or none) and metadata of a safetensors file, or a clear error if it is damaged."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys() if tensors}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise FournilError(f"{path} is damaged or not a safetensors file ({e}); restore it, or train again") from None
 
@@ -118,8 +118,7 @@ def save_state(path: Path, model_state: dict, optimizer_state: dict, data_rng: t
 
 def read_state_info(path: Path) -> dict:
     """The ``info`` of a training state, without loading its tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["fournil"])["info"]
+    return _state_meta(path, read_safetensors(path, tensors=False)[1])["info"]
 
 
 def _state_meta(path: Path, metadata: dict) -> dict:

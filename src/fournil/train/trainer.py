@@ -151,6 +151,11 @@ def steps_per_second(config: RunConfig, splits, tokenizer, world: World) -> floa
     return 1 / (step + validation / config.train.eval_every)
 
 
+def spent(t: TrainConfig, step: int, elapsed: float) -> float:
+    """The share of the budget that ``step`` steps in ``elapsed`` seconds have spent (1 or more: the run is done)."""
+    return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
+
+
 def lr_at(step: int, progress: float, t) -> float:
     """Linear warmup over ``t.warmup`` steps or the budget's first tenth (200 steps are all of a short run), whichever
     ends first; then cosine decay."""
@@ -195,8 +200,17 @@ def resumed(resume: str, budget: dict | None, command: str = "train") -> tuple[P
     if made_by != command and not (command == "finetune" and made_by in ("align", "reward train")):
         raise FournilError(f"{run_dir} is a run of fournil {made_by}: continue it with `fournil {made_by} --resume "
                            f"{run_dir}`")
-    if budget:
-        config.train = dataclasses.replace(config.train, **budget)
+    if budget:  # a new budget, not a change to the old: --steps alone lifts a time limit, and --time a step count
+        config.train = dataclasses.replace(config.train, steps=budget.get("steps"), time=budget.get("time"))
+    if (run_dir / STATE).exists():
+        done = read_state_info(run_dir / STATE)
+        if spent(config.train, done["step"], done["elapsed"]) >= 1:
+            at = f"{run_dir} stopped at step {done['step']:,}, after {done['elapsed']:.0f} s of training"
+            if budget:
+                raise FournilError(f"{at}, past the budget given ({config.train.budget}): to train on, give more "
+                                   f"--steps or --time")
+            print(f"{at}, at the end of its budget ({config.train.budget}): nothing to train; to train on, give more "
+                  f"--steps or --time", file=sys.stderr)
     return run_dir, config
 
 
@@ -303,6 +317,8 @@ class Trainer:
             scaler.load_state_dict(info.get("scaler", {}))
         if world.main:
             self.metrics.truncate(step)
+            if resume:  # with the budget it goes on to: a later --resume keeps it
+                write_json(self.dir / CONFIG, to_dict(self.config))
         net = model
         if world.distributed and not sharded:
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -315,9 +331,6 @@ class Trainer:
         # a loss above three times a uniform guess's has diverged; so has one above twice the loss the run started
         # from, where that is higher (a pretrained model cut down to a student starts far above a uniform guess)
         explode = None
-
-        def progress_at(step, elapsed):
-            return max(step / t.steps if t.steps else 0.0, elapsed / t.time if t.time else 0.0)
 
         def checkpoint(improved: bool = False):
             weights, optim = full_state(model, optimizer, sharded)  # under FSDP every process takes part
@@ -336,7 +349,7 @@ class Trainer:
             raise Diverged(f"training diverged at step {step}: {what} is {value:.4g}; {kept}. Train again with a lower "
                            f"--lr (this run used {t.lr:g}){', or --dtype float32' if self.dtype != torch.float32 else ''}")
 
-        bar = Progress(self.show_progress, progress_at(step, elapsed))
+        bar = Progress(self.show_progress, spent(t, step, elapsed))
         if step == 0 and command_of(self.config) == "finetune":
             # where tuning starts: the base model's NLL on the held-out answers, which tuning should bring down
             base = self.validate()["loss"]
@@ -348,8 +361,8 @@ class Trainer:
         window_metrics = {}
         model.train()
         try:
-            while progress_at(step, elapsed) < 1.0:
-                lr = lr_at(step, progress_at(step, elapsed), t)
+            while spent(t, step, elapsed) < 1.0:
+                lr = lr_at(step, spent(t, step, elapsed), t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # every process draws the same batch and takes its share: the result does not depend on the
@@ -390,7 +403,7 @@ class Trainer:
                 elapsed = start_elapsed + now - start
                 if t.time and world.distributed:
                     elapsed = world.broadcast(elapsed)  # one clock, or the processes would disagree on when to stop
-                finishing = progress_at(step, elapsed) >= 1.0
+                finishing = spent(t, step, elapsed) >= 1.0
                 evaluated = step % t.eval_every == 0 or finishing
                 if step % LOG_EVERY and not evaluated:  # (an evaluation between records is one too)
                     continue
@@ -413,7 +426,7 @@ class Trainer:
                     self.metrics.log(record)  # other order lost its record (the resumed run starts after it)
                 if evaluated:
                     checkpoint(improved)
-                bar.update(progress_at(step, elapsed), "val_loss" in record, step=step, loss=f"{train_loss:.4f}",
+                bar.update(spent(t, step, elapsed), "val_loss" in record, step=step, loss=f"{train_loss:.4f}",
                            val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{speed:,.0f}"},
                            mfu=f"{100 * record['mfu']:.0f}%")
                 window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
