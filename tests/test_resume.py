@@ -95,6 +95,13 @@ def test_resume_with_a_new_budget_continues(cli, tmp_path):
     again = cli("train", "--resume", "short", "--quiet")  # (rewrites best weights a kill left unwritten: see below)
     assert re.search(r"short stopped at step 40, after \d+ s of training, at the end of its budget \(40 steps\): "
                      r"nothing to train", again.stderr) and checkpoint_step(tmp_path / "short") == 40
+    # other settings would be ignored: refused, named
+    for given, named in ((["train", "--lr", "0.5", "--eval-every=5"], "--eval-every, --lr"),
+                         (["finetune", "tiny"], "the model tiny")):
+        refused = cli(*given, "--resume", "short", "--steps", "50", check=False)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            "fournil: error: --resume goes on with the settings short started with (its config.json), a new budget "
+            f"aside: only --steps, --time and --quiet go with it; drop {named}")
     # the new budget replaces the old: steps given to a run that had a time limit train that many steps
     cli(*ARGS, "--time", "2s", "--out", "timed")
     at = checkpoint_step(tmp_path / "timed")

@@ -84,6 +84,17 @@ def unknown_command(name: str) -> str:
             " (fournil --help lists them)")
 
 
+def beside_resume(argv: list[str], args) -> str | None:
+    """The settings given beside ``--resume``, in words: the run would go on without them, with its own."""
+    kept = ("resume", "steps", "time", "quiet")
+    flags = sorted({a.split("=")[0] for a in argv[1:] if a.startswith("--")} - {f"--{k}" for k in kept})
+    if flags:
+        return ", ".join(flags)
+    command = argv[:2] if args.command in DEFAULT_ACTIONS else argv[:1]
+    alone = vars(parser().parse_args([*command, "--resume", args.resume]))
+    return next((f"the {k} {v}" for k, v in vars(args).items() if k not in kept and alone.get(k) != v), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # what fournil can do, rather than a usage error
@@ -100,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
               f"UTF-8 (e.g. LANG=C.UTF-8), or convert the file it came from", file=sys.stderr)
         return 2
     args = parser().parse_args(argv)
+    if getattr(args, "resume", None) and (given := beside_resume(argv, args)):
+        print(f"fournil: error: --resume goes on with the settings {args.resume} started with (its config.json), a new "
+              f"budget aside: only --steps, --time and --quiet go with it; drop {given}", file=sys.stderr)
+        return 2
     try:
         COMMANDS[args.command](args)
     except (FournilError, OSError) as e:  # OSError: a file that cannot be read or written, with the system's reason
