@@ -42,6 +42,21 @@ def test_prepare_without_data_shards_bundled_shakespeare(cli, tmp_path):
         len(read_text("shakespeare")) + 1  # every character, and the boundary after the file
 
 
+def test_prepare_goes_on_only_with_the_corpus_and_tokenizer_of_its_folder(cli, tmp_path):
+    """A second prepare into the same --out: another corpus or tokenizer is refused (the first corpus's shards were
+    reported as the second's, and an interrupted one went on with the other corpus); the same is nothing to do."""
+    write_corpus(tmp_path / "corpus", 1)
+    cli("prepare", "--data", "corpus", "--tokenizer", "char", "--out", "shards")
+    before = (tmp_path / "shards" / "meta.json").read_text()
+    other = cli("prepare", "--data", "names", "--tokenizer", "char", "--out", "shards", check=False)
+    assert other.returncode == 2 and "shards holds the shards of" in other.stderr and "part0.txt" in other.stderr
+    bpe = cli("prepare", "--data", "corpus", "--out", "shards", check=False)  # (bpe:4096, the default)
+    assert bpe.returncode == 2 and "made with characters, not bpe:4096" in bpe.stderr
+    again = cli("prepare", "--data", "corpus", "--tokenizer", "shards", "--out", "shards")
+    assert "next: fournil train --data shards" in again.stdout
+    assert (tmp_path / "shards" / "meta.json").read_text() == before
+
+
 def test_a_killed_prepare_continues_to_the_same_shards(cli, tmp_path):
     write_corpus(tmp_path / "corpus", 8)
     cli("tokenizer", "train", "--data", "shakespeare", "--vocab-size", "300", "--out", "tok")

@@ -117,8 +117,7 @@ def own_folder(out: Path, command: str, writes: str) -> None:
 
 
 def run_prepare(args) -> None:
-
-    from fournil.data.shards import META, TOKENIZER, prepare, source_texts
+    from fournil.data.shards import META, TOKENIZER, made_with, prepare, source_texts
     from fournil.tokenizers import CharTokenizer, load_tokenizer
     from fournil.tokenizers.bpe import bpe_size, train_bpe
     from fournil.tokenizers.char import BOUNDARY
@@ -126,8 +125,13 @@ def run_prepare(args) -> None:
     spec, source = args.tokenizer, str(resolve(args.data)) if args.data in BUNDLED else args.data
     out = Path(args.out or f"shards/{Path(args.data).stem}-{Path(spec.replace(':', '')).stem}")
     own_folder(out, "prepare", r"(train|val|test)_\d{5}\.bin|meta\.json|tokenizer(_config)?\.json")
-    if (out / META).exists():  # an interrupted prepare: keep its tokenizer and carry on
+    if (out / META).exists():  # prepared before, or interrupted: with the same tokenizer, carry on
         tokenizer = load_tokenizer(out / TOKENIZER)
+        if not made_with(out, spec):
+            held = "characters" if isinstance(tokenizer, CharTokenizer) else \
+                f"a {tokenizer.vocab_size:,}-token BPE ({out / TOKENIZER})"
+            raise FournilError(f"{out} holds shards made with {held}, not {spec}: give --tokenizer {out} to go on "
+                               f"with theirs, or choose another --out")
     elif size := bpe_size(spec):
         texts = source_texts(source)  # (which refuses a source with no text before anything is said)
         print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)

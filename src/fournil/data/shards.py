@@ -37,6 +37,22 @@ def tokenizer_fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def made_with(folder: Path, spec: str) -> bool:
+    """Whether the shards in ``folder`` were made with the tokenizer ``spec`` names: char, bpe:N (a byte-level BPE of
+    N tokens learned from the corpus), or a tokenizer.json (or its folder) that is the same file."""
+    from fournil.tokenizers import CharTokenizer, load_tokenizer
+    from fournil.tokenizers.bpe import bpe_size
+
+    saved = Path(folder) / TOKENIZER
+    if spec == "char":
+        return isinstance(load_tokenizer(saved), CharTokenizer)
+    if size := bpe_size(spec):
+        tokenizer = load_tokenizer(saved)
+        return not isinstance(tokenizer, CharTokenizer) and tokenizer.vocab_size == size
+    given = Path(spec) / TOKENIZER if Path(spec).is_dir() else Path(spec)
+    return given.is_file() and tokenizer_fingerprint(given) == tokenizer_fingerprint(saved)
+
+
 def input_files(source: Path) -> list[Path]:
     if not source.exists():
         raise FournilError(f"no file or folder {source}: prepare a text file, a folder of .txt files or a bundled "
@@ -101,10 +117,15 @@ def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
     source_path = Path(source).expanduser()
     if not source_path.exists():
         raise FournilError(f"no file or folder {source}")
-    files = input_files(source_path)
+    files = [p.resolve() for p in input_files(source_path)]
     out.mkdir(parents=True, exist_ok=True)
-    if (out / META).exists():
+    if (out / META).exists():  # prepared, or interrupted: of the same files, or it would mix two corpora
         meta = json.loads((out / META).read_text())
+        if [Path(p).resolve() for p in meta["sources"]] != files:
+            first = meta["sources"][0] + (f" and {len(meta['sources']) - 1:,} more files" if len(meta["sources"]) > 1
+                                          else "")
+            raise FournilError(f"{out} holds the shards of {first}, not of {source}: choose another --out, or delete "
+                               f"{out} first")
         if meta["done"]:
             return meta
     else:

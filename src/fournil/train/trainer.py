@@ -21,7 +21,7 @@ from fournil.checkpoint import load_state, read_state_info, save_state, save_ten
 from fournil.config import DataConfig, RunConfig, TrainConfig, check_types, command_of, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
-from fournil.data.shards import Shards, tokenizer_fingerprint
+from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, memory_budget, pick_device, pick_dtype, precision_text, prepare_compile
 from fournil.errors import FournilError
@@ -482,12 +482,10 @@ def build_tokenizer(splits, spec: str = "char", progress: bool = True):
             return [text for pair in part for text in pair]
         return [part] if splits.mode == "text" else part
     if isinstance(splits.train, Shards):  # prepared shards carry the tokenizer that made them
-        made_with = splits.train.folder / TOKENIZER
-        given = Path(spec) / TOKENIZER if Path(spec).is_dir() else Path(spec)
-        if spec != "char" and not (given.is_file() and tokenizer_fingerprint(given) == tokenizer_fingerprint(made_with)):
+        if spec != "char" and not made_with(splits.train.folder, spec):  # (char, the default: theirs)
             raise FournilError(f"the shards in {splits.train.folder} were made with another tokenizer than {spec}: "
                                f"leave out --tokenizer to use theirs, or prepare the corpus again with this one")
-        return load_tokenizer(made_with)
+        return load_tokenizer(splits.train.folder / TOKENIZER)
     if spec == "char":
         seen = set().union(*map(set, as_texts(splits.train)))
         unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
