@@ -3,6 +3,7 @@ and lm-eval's `local-completions` client, with its default settings, against `fo
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from conftest import CLI, Server
@@ -124,8 +125,21 @@ def test_bench_prints_the_table_and_writes_a_report_card(cli, bpe_llama, tmp_pat
     results = json.loads((tmp_path / "card" / "results.json").read_text())
     assert results["git_hash"].startswith("fournil ") and "fatal" not in result.stderr  # (not git's complaint)
     assert math.isclose(results["results"]["fournil_bpb_shakespeare"]["bits_per_byte,none"], bpb, abs_tol=1e-4)
+    bpb_rows = results["n-samples"]["fournil_bpb_shakespeare"]["effective"]
     card = (tmp_path / "card" / "report.md").read_text()
     assert "fournil_hellaswag" in card and "pretrained here; llama" in card and re.search(r"- test: nll \d\.\d{4}", card)
+
+    # a second bench into the same folder keeps the tasks it does not run (it wrote over them) and replaces the others
+    assert "| fournil_hellaswag | none | acc |" in cli("bench", bpe_llama, "--tasks", "hellaswag", "--limit", "4",
+                                                       "--out", tmp_path / "card").stdout
+    results = json.loads((tmp_path / "card" / "results.json").read_text())
+    assert {t: n["effective"] for t, n in results["n-samples"].items()} == {"fournil_hellaswag": 4,
+                                                                            "fournil_bpb_shakespeare": bpb_rows}
+    assert math.isclose(results["results"]["fournil_bpb_shakespeare"]["bits_per_byte,none"], bpb, abs_tol=1e-4)
+    assert re.search(rf"\| fournil_bpb_shakespeare \| none \| bits_per_byte \| [\d.]+ \| {bpb_rows} \|",
+                     (tmp_path / "card" / "report.md").read_text())
+    other = cli("bench", tmp_path / "elsewhere", "--out", tmp_path / "card", check=False)
+    assert other.returncode == 2 and f"card holds the results of {Path(bpe_llama).resolve()}, not " in other.stderr
 
 
 @pytest.mark.parametrize("args, message", [

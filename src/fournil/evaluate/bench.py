@@ -12,8 +12,10 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from fournil.checkpoint import write_json
 from fournil.errors import FournilError
 
+RESULTS = "results.json"
 TASKS = {  # short name -> lm-eval task; what each measures
     "hellaswag": ("fournil_hellaswag", "HellaSwag validation, 10,042 rows, 0-shot: acc, acc_norm"),
     "gsm8k": ("fournil_gsm8k", "GSM8K test, 1,319 problems, 5-shot from train: exact match on the number"),
@@ -87,6 +89,7 @@ def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots:
     # repository" on the terminal outside one; what ran is fournil, at its version
     lm_eval.evaluator.get_git_commit_hash = lambda: f"fournil {__version__}"
 
+    earlier = earlier_results(out, model) if out is not None else None  # (refused before anything runs)
     if limit is not None and limit < 1:
         raise FournilError(f"--limit must be at least 1 (got {limit}); leave it out for every row")
     if shots is not None and shots < 0:
@@ -113,10 +116,35 @@ def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if out is not None:
+        card = with_earlier(results, earlier, model)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-        (out / "report.md").write_text(report(model, results, lm.run), encoding="utf-8")
+        write_json(out / RESULTS, card)
+        (out / "report.md").write_text(report(model, card, lm.run), encoding="utf-8")
     return results
+
+
+def model_id(model: str) -> str:
+    """What a report card is of: a model's path (the same folder however it is named), or its name."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
+
+
+def earlier_results(out: Path, model: str) -> dict | None:
+    """The results already in ``out``: of this model, to keep beside the new (a task run again is replaced)."""
+    if not (out / RESULTS).is_file():
+        return None
+    earlier = json.loads((out / RESULTS).read_text(encoding="utf-8"))
+    if earlier.get("model") != model_id(model):
+        raise FournilError(f"{out} holds the results of {earlier.get('model', 'another model')}, not {model}: choose "
+                           f"another --out")
+    return earlier
+
+
+def with_earlier(results: dict, earlier: dict | None, model: str) -> dict:
+    """lm-eval's ``results`` and, for the tasks it did not run, the ``earlier`` ones (the sections keyed by task)."""
+    card = {**json.loads(json.dumps(results, default=str)), "model": model_id(model)}
+    for key in ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+        card[key] = {**(earlier or {}).get(key, {}), **card.get(key, {})}
+    return card
 
 
 def rows(results: dict) -> list[tuple[str, str, str, float]]:
@@ -131,8 +159,10 @@ def rows(results: dict) -> list[tuple[str, str, str, float]]:
 
 
 def table(results: dict) -> str:
-    lines = ["| task | filter | metric | value |", "| --- | --- | --- | ---: |"]
-    lines += [f"| {t} | {k} | {m} | {v:.4f} |" for t, k, m, v in rows(results)]
+    """The figures, each with the rows of its task it comes from (fewer than the task's under --limit)."""
+    scored = {task: n["effective"] for task, n in results.get("n-samples", {}).items()}
+    lines = ["| task | filter | metric | value | rows |", "| --- | --- | --- | ---: | ---: |"]
+    lines += [f"| {t} | {k} | {m} | {v:.4f} | {scored.get(t, '')} |" for t, k, m, v in rows(results)]
     return "\n".join(lines)
 
 
