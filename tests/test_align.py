@@ -11,6 +11,7 @@ from torch import nn
 
 from fournil.config import AlignConfig
 from fournil.data.batches import IGNORE, PREFIX, SHARED, pack, prompt_groups
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path
 from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
@@ -217,6 +218,9 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
     write_jsonl(bad, [{"prompt": "a", "chosen": "b"}])
     with pytest.raises(FournilError, match=r"line 1: a preference record needs .*missing rejected"):
         read_pairs(str(bad))
+    with pytest.raises(FournilError, match=r"missing prompt, chosen, rejected\); this file holds conversations: learn "
+                                           r"from them with fournil finetune"):
+        read_pairs(str(data_path("fr_oasst1_chat", BUNDLED_INSTRUCTIONS, "instruction")))
     write_jsonl(bad, [{"prompt": "Human: hi\n\nAssistant: hello", "chosen": "b", "rejected": "c"}])
     with pytest.raises(FournilError, match="must end with a Human turn"):
         read_pairs(str(bad))

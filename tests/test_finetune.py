@@ -9,7 +9,8 @@ from conftest import CLI, write_jsonl
 
 from fournil.config import LoraConfig
 from fournil.data.batches import IGNORE
-from fournil.data.instructions import InstructionData, pack, read_conversations, render_example
+from fournil.data.instructions import InstructionData, data_path, pack, read_conversations, render_example
+from fournil.data.preferences import BUNDLED_PREFERENCES
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
 from fournil.formats.peft import load_adapter, save_adapter
@@ -137,6 +138,9 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     write_jsonl(bad, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
     with pytest.raises(FournilError, match="line 2: missing 'output'"):
         read_conversations(str(bad))
+    with pytest.raises(FournilError, match="holds preference pairs: learn from them with fournil align"):
+        read_conversations(str(data_path("hh_rlhf_harmless", BUNDLED_PREFERENCES, "preference")))  # (it said only
+        # what an instruction needs)
     write_jsonl(bad, [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(FournilError, match="must end with an assistant message"):
         read_conversations(str(bad))

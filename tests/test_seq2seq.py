@@ -10,6 +10,7 @@ from conftest import CLI, InProcess
 
 from fournil.config import DataConfig
 from fournil.data import load_splits
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path
 from fournil.data.nombres import in_digits, in_words
 from fournil.evaluate.metrics import edit_distance, output_scores
 from fournil.generate.seq2seq import beam_search, sample_targets
@@ -136,6 +137,9 @@ def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         ("train", "--model", "seq2seq", "--data", "names"): "a seq2seq model learns from (source, target) pairs",
         ("train", "--model", "seq2seq", "--data", "bad.tsv"): "bad.tsv, line 2: a TSV line is a source, one tab",
         ("train", "--model", "seq2seq", "--data", "bad.jsonl"): "bad.jsonl, line 2: each record needs text fields",
+        ("train", "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS, "instruction"))):  # the records of another command, named
+            "line 1: each record needs text fields 'source' and 'target'; this file holds instructions: learn from "
+            "them with fournil finetune",
     }.items():
         result = cli(*args, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

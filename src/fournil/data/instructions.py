@@ -74,6 +74,22 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
     return rows
 
 
+RECORDS = {  # the kinds of JSONL record fournil learns from: their fields, and the command that learns from them
+    "preference pairs": (("prompt", "chosen", "rejected"), "fournil align (or fournil reward)"),
+    "instructions": (("instruction", "output"), "fournil finetune (or distill, or align --method grpo)"),
+    "conversations": (("messages",), "fournil finetune (or distill, or align --method grpo)"),
+    "(source, target) pairs": (("source", "target"), "fournil train --model seq2seq"),
+}
+
+
+def other_kind(row, expected: str) -> str:
+    """Where ``row`` is a record of another kind than ``expected`` (a key of RECORDS), what it is and which command
+    learns from it, to end an error with; else nothing."""
+    kind = next((k for k, (fields, _) in RECORDS.items() if isinstance(row, dict) and all(f in row for f in fields)),
+                expected)
+    return "" if kind == expected else f"; this file holds {kind}: learn from them with {RECORDS[kind][1]}"
+
+
 def read_conversations(spec: str) -> list[list[dict]]:
     """Every example of an instruction file as a list of chat messages; malformed lines are named."""
     return [to_messages(row, where) for where, row in read_rows(data_path(spec, BUNDLED_INSTRUCTIONS, "instruction"))]
@@ -98,7 +114,7 @@ def to_messages(row, where: str) -> list[dict]:
     missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
     if missing:
         raise FournilError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (an example has 'instruction', "
-                           f"optional 'input' and 'output', or 'messages')")
+                           f"optional 'input' and 'output', or 'messages'){other_kind(row, 'instructions')}")
     prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fournil.data.batches import IGNORE, frame_ids, thinned
-from fournil.data.instructions import read_rows
+from fournil.data.instructions import other_kind, read_rows
 from fournil.data.nombres import nombres
 from fournil.data.sources import fingerprint, read_text
 from fournil.errors import FournilError
@@ -26,9 +26,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     """JSONL records with ``source`` and ``target``, or TSV lines ``source<TAB>target``; a bad line is named."""
     if path.endswith(".jsonl"):
         records = read_rows(Path(path))
-        if bad := next((where for where, r in records if not isinstance(r, dict)
+        if bad := next(((where, r) for where, r in records if not isinstance(r, dict)
                         or not all(isinstance(r.get(k), str) for k in ("source", "target"))), None):
-            raise FournilError(f"{bad}: each record needs text fields 'source' and 'target'")
+            raise FournilError(f"{bad[0]}: each record needs text fields 'source' and 'target'"
+                               f"{other_kind(bad[1], '(source, target) pairs')}")
         rows = [(where, (r["source"], r["target"])) for where, r in records]
     else:
         rows = []

@@ -16,6 +16,7 @@ from fournil.data.instructions import (
     InstructionData,
     data_path,
     keep_short,
+    other_kind,
     pad_id,
     read_conversations,
     read_rows,
@@ -60,7 +61,8 @@ def read_pairs(spec: str) -> list[tuple[list[dict], list[dict]]]:
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing or not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
             raise FournilError(f"{where}: a preference record needs 'prompt', and 'chosen' and 'rejected' answers as "
-                               f"text{' (missing ' + ', '.join(missing) + ')' if missing else ''}")
+                               f"text{' (missing ' + ', '.join(missing) + ')' if missing else ''}"
+                               f"{other_kind(row, 'preference pairs')}")
         prompt = prompt_messages(row["prompt"], where)
         pairs.append(tuple(prompt + [{"role": "assistant", "content": row[k]}] for k in ("chosen", "rejected")))
     return pairs
