@@ -106,6 +106,11 @@ def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tm
     assert all(re.search(rf"^ +{name} +\w", listed.stdout, re.M) for name in COMMANDS)  # each with what it does
     one_line_error(run("trian"), "no command named 'trian'; did you mean 'train'? (fournil --help lists them)")
     one_line_error(run("xyz", "--steps", "1"), "no command named 'xyz' (fournil --help")
+    for args, usage in ((("prepare", "corpus"), "usage: fournil prepare [-h] [--data DATA]"),
+                        (("tokenizer", "train", "corpus"), "usage: fournil tokenizer train [-h] [--data DATA]")):
+        stray = run(*args)  # the command's usage, not fournil's (`fournil [-h] [--version] COMMAND ...`)
+        assert stray.returncode == 2 and stray.stderr.startswith(usage), stray.stderr
+        assert stray.stderr.endswith(f"fournil {' '.join(args[:-1])}: error: unrecognized arguments: corpus\n")
     version = run("--version")  # what a bug report needs
     assert version.returncode == 0
     assert re.fullmatch(rf"fournil {re.escape(__version__)}, torch \S+, Python 3\.\d+\.\d+\n", version.stdout)

@@ -84,6 +84,21 @@ def unknown_command(name: str) -> str:
             " (fournil --help lists them)")
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; one that no flag takes is refused by the command's own parser, with its usage (not fournil's:
+    `fournil prepare corpus` showed `fournil [-h] [--version] COMMAND ...`)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        command = p  # down to the (sub)command named: fournil tokenizer train, say
+        while sub := next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None):
+            if getattr(args, sub.dest, None) not in sub.choices:
+                break
+            command = sub.choices[getattr(args, sub.dest)]
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def beside_resume(argv: list[str], args) -> str | None:
     """The settings given beside ``--resume``, in words: the run would go on without them, with its own."""
     kept = ("resume", "steps", "time", "quiet")
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fournil: error: the argument {os.fsencode(garbled)!r} is not UTF-8 text: write it in a terminal set to "
               f"UTF-8 (e.g. LANG=C.UTF-8), or convert the file it came from", file=sys.stderr)
         return 2
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if getattr(args, "resume", None) and (given := beside_resume(argv, args)):
         print(f"fournil: error: --resume goes on with the settings {args.resume} started with (its config.json), a new "
               f"budget aside: only --steps, --time and --quiet go with it; drop {given}", file=sys.stderr)
