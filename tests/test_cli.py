@@ -74,6 +74,20 @@ def test_explain_prints_each_transition(cli, trained):
     assert total == pytest.approx(-sum(math.log(p) for p in probs), abs=1e-2)
 
 
+def test_explain_and_attention_of_a_run_read_its_first_held_out_document_unless_given_a_text(cli, trained):
+    """The default text is the run's own (a names model was given an English sentence, whose capitals and spaces it
+    never saw: refused); an imported model's, or one given, is the text read."""
+    from fournil.runs import Run
+
+    first = Run.load(trained["gpt"], "cpu").splits().val[0]
+    explained = cli("explain", trained["gpt"])
+    assert f"(the first held-out document of {trained['gpt']}: {first!r}" in explained.stderr
+    assert f"over {len(first) + 1} transitions" in explained.stdout  # each character, then the end of the name
+    attention = cli("attention", trained["llama"])
+    assert f"{len(first)} tokens, 2 layers x 4 heads" in attention.stdout and first in attention.stderr
+    assert "held-out" not in cli("explain", trained["gpt"], "emma").stderr
+
+
 def test_text_mode_on_running_text(cli, tmp_path):
     result = cli("train", "--data", "shakespeare", "--model", "gpt", "--steps", "20", "--n-embd", "32", "--n-layer",
                  "1", "--block-size", "32", "--eval-every", "10", "--out", "shk")

@@ -32,12 +32,13 @@ def test_attention_maps_are_the_weights_the_forward_pass_used(which, trained, bp
 
 def test_attention_command_draws_a_png_and_names_what_a_token_reads(bpe_llama, trained, tmp_path):
     cli = CLI(tmp_path)
-    result = cli("attention", bpe_llama, "--out", "all.png")
-    n = len(Run.load(bpe_llama, "cpu").tokenizer.encode("The animal didn't cross the street because it was too tired"))
+    animal = "The animal didn't cross the street because it was too tired"
+    result = cli("attention", bpe_llama, animal, "--out", "all.png")
+    n = len(Run.load(bpe_llama, "cpu").tokenizer.encode(animal))
     assert f"{n} tokens, 2 layers x 4 heads; layer 1 -> all.png" in result.stdout
     assert "'\u2423it' attends most to:" in result.stdout
     every_head = imread(tmp_path / "all.png")
-    cli("attention", bpe_llama, "--layer", "0", "--head", "2", "--out", "one.png")
+    cli("attention", bpe_llama, animal, "--layer", "0", "--head", "2", "--out", "one.png")
     one_head = imread(tmp_path / "one.png")
     assert every_head.shape[2] == 4 and every_head.shape[:2] == (1020, 1440)  # 2 rows of 4 maps, then the row of "it"
     assert one_head.shape[:2] == (680, 360)  # one map, then the row

@@ -49,7 +49,7 @@ def add_run_commands(sub) -> None:
     p = sub.add_parser("explain", help="the probability of each token of a text given the ones before, what the model "
                        "expected instead, and the NLL; as a table and a PNG bar chart (default: smollm2)")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
-    p.add_argument("text", nargs="?", default=CAPITAL)
+    p.add_argument("text", nargs="?", help=f"default: a run's first held-out document, else {CAPITAL!r}")
     p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
     p.add_argument("--out", default="explain.png", type=parse_picture, help="the picture to write (.png, .svg...)")
     p.add_argument("--device", default="auto")
@@ -59,7 +59,7 @@ def add_run_commands(sub) -> None:
 def add_pictures(sub) -> None:
     p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
-    p.add_argument("text", nargs="?", default=ANIMAL)
+    p.add_argument("text", nargs="?", help=f"default: a run's first held-out document, else {ANIMAL!r}")
     p.add_argument("--layer", type=int, default=-1,
                    help="which layer (default: the last; negative counts from the end)")
     p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
@@ -152,6 +152,31 @@ def sample_pairs(run, args) -> None:
     print(f"{sum(o == t for o, (_, t) in zip(outputs, pairs))} of {len(pairs)} held-out sources right", file=sys.stderr)
 
 
+def text_for(run, given: str | None, sentence: str) -> str:
+    """The text to look at: the one given; else a pretraining run's first held-out document (its model knows only
+    the characters and words of its data: the English ``sentence`` would be refused, or all unknown); else that."""
+    from fournil.data.shards import Shards
+
+    if given is not None:
+        return given
+    config = run.config
+    if config.data is None or config.finetune or config.align or config.distill or run.mode == "pairs":
+        return sentence
+    try:
+        val = run.splits().val
+    except FournilError:  # (its data changed since)
+        return sentence
+    if run.mode == "lines":
+        text = val[0]
+    else:  # the first words of running text, as many tokens as fit a picture and the context
+        n = min(24, run.model.config.block_size)
+        ids = val.window(0, n).tolist() if isinstance(val, Shards) else run.tokenizer.encode(val[:16 * n])[:n]
+        text = run.tokenizer.decode(ids)
+        text = text[:text.rfind(" ")] if " " in text.strip() else text
+    print(f"(the first held-out document of {run.path}: {text!r}; give a TEXT for another)", file=sys.stderr)
+    return text
+
+
 def heading(run, text: str, most: int = 60) -> str:
     """A picture's title: the model's name and the text, cut to ``most`` characters with an ellipsis that says so (cut
     without one, "... and the capital of Italy is" read as the whole text)."""
@@ -166,7 +191,8 @@ def run_explain(args) -> None:
     if args.top < 1:
         raise FournilError(f"--top {args.top}: show at least 1 alternative")
     run = Run.load(args.model, args.device, args.dtype)
-    result = run.explain(args.text, args.top)
+    text = text_for(run, args.text, CAPITAL)
+    result = run.explain(text, args.top)
     rows = result["rows"]
     if sys.stdout.isatty():
         print(coloured_text(result))
@@ -177,7 +203,7 @@ def run_explain(args) -> None:
         rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
         print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
     print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}; {scored(run)}")
-    plot_token_probs(result, Path(args.out), heading(run, args.text))
+    plot_token_probs(result, Path(args.out), heading(run, text))
     print(f"-> {args.out}", file=sys.stderr)
 
 
@@ -188,7 +214,8 @@ def run_attention(args) -> None:
     from fournil.runs import Run
 
     run = Run.load(args.model, args.device)
-    tokens, weights = attention_maps(run.model, run.tokenizer, args.text)
+    text = text_for(run, args.text, ANIMAL)
+    tokens, weights = attention_maps(run.model, run.tokenizer, text)
     n_layer, n_head = weights.shape[:2]
     if not -n_layer <= args.layer < n_layer:
         raise FournilError(f"--layer {args.layer}: the model has {n_layer} layers (0 to {n_layer - 1}, or -1 for the "
@@ -197,7 +224,7 @@ def run_attention(args) -> None:
         raise FournilError(f"--head {args.head}: the model has {n_head} heads per layer (0 to {n_head - 1})")
     layer = args.layer % n_layer
     focus = next((i for i, t in enumerate(tokens) if t.strip() == args.token.strip()), None)
-    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, args.text))
+    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, text))
     print(f"{len(tokens)} tokens, {n_layer} layers x {n_head} heads; layer {layer} -> {args.out}")
     if focus is not None:
         row = (weights[layer].mean(0) if args.head is None else weights[layer, args.head])[focus]

@@ -8,6 +8,7 @@ import torch
 
 from fournil.errors import FournilError
 from fournil.generate.engine import score
+from fournil.models.base import decoder_only
 from fournil.plots.attention import visible
 from fournil.tokenizers import CharTokenizer
 
@@ -37,6 +38,7 @@ def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32
 
     A row's ``label`` is the transition for a character model (``ma``: ``a`` after ``m``), else the token itself.
     """
+    decoder_only(model, "scoring a text")  # (before the text: a seq2seq model's vocabulary would be blamed)
     seq = framed(tokenizer, text)
     if len(seq) < 2:
         raise FournilError("give a longer text: explaining needs a token to predict after at least one of context")
