@@ -70,6 +70,9 @@ def test_completions_through_the_openai_client(server, chat_run):
     many = client.completions.create(model="chat", prompt=["KING", "QUEEN"], max_tokens=5, n=3, seed=4)
     assert sorted(c.index for c in many.choices) == list(range(6))
     assert len({c.text for c in many.choices[:3]}) > 1  # three different samples of one prompt
+    prompts = sum(len(run.tokenizer.prompt_ids(p)) for p in ("KING", "QUEEN"))  # once each, as OpenAI counts
+    assert many.usage.prompt_tokens == prompts and many.usage.total_tokens == prompts + many.usage.completion_tokens
+    assert 6 < many.usage.completion_tokens <= 6 * 5  # every answer's (x n)
 
 
 def test_chat_streaming_and_errors(server, chat_run):

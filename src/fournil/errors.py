@@ -9,4 +9,4 @@ class NotAChatModel(FournilError):
     """A conversation given to a model whose tokenizer has no chat template (every character model)."""
 
     def __init__(self):
-        super().__init__("this model has no chat template (it is not a chat model); use `fournil generate` instead")
+        super().__init__("this model has no chat template (it is not a chat model)")

@@ -28,7 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, NotAChatModel
 from fournil.generate import Busy, SamplingParams, Scheduler, score
 from fournil.generate.engine import row_params
 from fournil.generate.scheduler import drive
@@ -225,11 +225,13 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             raise ApiError(500, "generation failed (the server's log has the details)", "server_error")
         return out
 
-    def usage(requests) -> dict:
-        prompt = sum(len(r.prompt) for r in requests)
+    def usage(requests, n: int) -> dict:
+        """OpenAI's: each prompt counted once, however many (``n``) answers it gets (requests ``prompt * n + c``)."""
+        firsts = requests[::n]
+        prompt = sum(len(r.prompt) for r in firsts)
         completion = sum(r.generated for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(r.shared for r in requests)}}  # (copied, not read)
+                "prompt_tokens_details": {"cached_tokens": sum(r.shared for r in firsts)}}  # (copied, not read)
 
     def token_text(i: int) -> str:
         return tok.token_text(i)
@@ -276,7 +278,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                     yield sse({**head, "choices": [{"text": "", "index": index, "logprobs": None,
                                                     "finish_reason": r.finish_reason}]})
                 if body.streams_usage():
-                    yield sse({**head, "choices": [], "usage": usage(requests)})
+                    yield sse({**head, "choices": [], "usage": usage(requests, body.n)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -292,7 +294,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 if body.echo:
                     lp = merge(await prompt_logprobs(prompts[i], body.logprobs), lp)
             choices.append({"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason})
-        return {**head, "choices": choices, "usage": usage(requests)}
+        return {**head, "choices": choices, "usage": usage(requests, body.n)}
 
     def prompt_list(prompt) -> tuple[list[list[int]], list[str]]:
         """The token ids and the text of each prompt of a request: a text, texts, token ids or lists of them."""
@@ -330,8 +332,10 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         messages = [m.model_dump() for m in body.messages]
         try:
             prompt = tok.chat_ids(messages)
+        except NotAChatModel as e:
+            raise ApiError(400, f"{e}: send a prompt to /v1/completions", param="messages") from None
         except FournilError as e:
-            raise ApiError(400, f"this model cannot chat: {e}; use /v1/completions", param="messages") from None
+            raise ApiError(400, str(e), param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
         requests, queue = submit([prompt] * body.n, [row_params(params, c) for c in range(body.n)], body.stream)
@@ -362,7 +366,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                     yield sse({**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
                                                      "finish_reason": r.finish_reason}]})
                 if body.streams_usage():  # as OpenAI: only when asked, since clients read choices[0] of each chunk
-                    yield sse({**chunk, "choices": [], "usage": usage(requests)})
+                    yield sse({**chunk, "choices": [], "usage": usage(requests, body.n)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -370,7 +374,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         choices = [{"index": index, "message": {"role": "assistant", "content": "".join(p.text for p in got)},
                     "logprobs": logprobs_of(got) if body.logprobs else None, "finish_reason": r.finish_reason}
                    for index, (r, got) in enumerate(zip(requests, results))]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(requests)}
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(requests, body.n)}
 
     # ---- the tokenizer, as vLLM serves it: evaluation harnesses (lm-eval's local-completions) tokenize through it
     @app.get("/tokenizer_info")
