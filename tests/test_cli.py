@@ -212,6 +212,8 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     one_line_error(run("convert", trained["gpt"], "/nonexistent/dir/x.gguf"),
                    "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist")
     one_line_error(run("tokenize", ""), "the text is empty: give one to cut")
+    one_line_error(run("tokenize", "Emma", "--tokenizer", "char", "--tokenizer", str(trained["gpt"])),  # which one
+                   f"{trained['gpt']}: 'E' is not in the model's vocabulary")
     before = {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()}
     for command in (("convert", trained["gpt"], trained["gpt"]), ("merge", trained["gpt"], "x", trained["gpt"])):
         one_line_error(run(*command), f"{trained['gpt']} already exists: fournil does not write over it")

@@ -174,7 +174,10 @@ def run_tokenize(args) -> None:
     panels = []
     for spec in args.tokenizer or [None]:
         name, tokenizer = tokenizer_for(spec, args.text)
-        cut = pieces(tokenizer, args.text)
+        try:
+            cut = pieces(tokenizer, args.text)
+        except FournilError as e:  # (which of several tokenizers)
+            raise FournilError(f"{name}: {e}") from None
         c = compression(tokenizer, [args.text])
         if len(args.tokenizer or []) > 1:
             print(f"== {name}")
