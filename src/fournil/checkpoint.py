@@ -67,6 +67,7 @@ def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
 def load_tensors(model, tensors: dict, source: str) -> None:
     """Make ``tensors`` the weights of ``model`` (built on the meta device, or not), each in the model's dtype:
     every weight must be there with its shape, a tied one under either of its names."""
+    tensors = model.upgrade(tensors)
     names: dict = {}  # each weight's names: several for a tied one
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(p, []).append(name)

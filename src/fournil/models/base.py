@@ -41,6 +41,10 @@ class LanguageModel(nn.Module):
                 setattr(self, name, before.to(getattr(self, name).device))
         return self
 
+    def upgrade(self, tensors: dict) -> dict:
+        """Saved tensors as this version of the model keeps them (a model whose storage changed reads older files)."""
+        return tensors
+
     def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
         """``layer(*args)``; while training with ``checkpointing``, its activations are not kept but computed again
         in the backward pass (activation checkpointing: a third more computation for far less memory)."""
