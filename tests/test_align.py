@@ -243,6 +243,10 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         ("align", base, "--method", "grpo", "--reward", "brevity", "--batch-size", "6"): "must be a multiple of --group 4",
         ("align", base, "--method", "grpo", "--reward", "nowhere.py:f"): "no file nowhere.py",
         ("align", base, "--data", "nothing.jsonl"): "no preference set or file named 'nothing.jsonl'",
+        ("align", base, "--reward", "brevity", "--group", "8"):  # (DPO trained, without them)
+            "--reward, --group are GRPO's: add --method grpo to learn from sampled answers' rewards, or leave them out",
+        ("align", base, "--method", "grpo", "--reward", "brevity", "--reference", "precomputed"):
+            "--reference precomputed is DPO's: leave it out for grpo",
         ("reward", "score", base): "is not a reward model",
     }
     said = {}
