@@ -187,6 +187,16 @@ class DistillConfig:
                              (self.sequences < 0, f"--sequences must not be negative (got {self.sequences})")):
             if wrong:
                 raise FournilError(error)
+        if self.alpha == 0 and not self.sequences:  # (it trained the baseline twice, the first called distilled)
+            raise FournilError("--kd-weight 0 leaves the teacher out: the student would learn the data alone, as the "
+                               "student without teacher does; give a weight above 0, or --sequences N to learn the "
+                               "teacher's answers")
+        shaping = [flag for flag, given in (("--kd-temperature", self.temperature != DistillConfig.temperature),
+                                            ("--reverse", self.reverse)) if given]
+        if self.alpha == 0 and shaping:
+            one = len(shaping) == 1
+            raise FournilError(f"{', '.join(shaping)} {'shapes' if one else 'shape'} the distillation loss, which "
+                               f"--kd-weight 0 leaves out: drop {'it' if one else 'them'}, or give a weight above 0")
 
 
 @dataclass
