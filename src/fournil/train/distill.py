@@ -176,7 +176,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
                 teacher_run = Run.load(taught.teacher, config.train.device)
             runs = {"teacher": teacher_run, "distilled student": run}
         measured = {"distilled student": best_val(run_dir)}
-        if baseline and (taught.alpha or taught.sequences):
+        if baseline:
             # the steps the distilled student took: under a time budget, one that needs no teacher would take more
             steps = read_state_info(run_dir / STATE)["step"]
             announce(f"the same student, the same {steps} steps, without the teacher:")
