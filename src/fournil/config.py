@@ -187,7 +187,7 @@ class DistillConfig:
                              (self.sequences < 0, f"--sequences must not be negative (got {self.sequences})")):
             if wrong:
                 raise FournilError(error)
-        if self.alpha == 0 and not self.sequences:  # (it trained the baseline twice, the first called distilled)
+        if self.alpha == 0 and not self.sequences:  # (it trained the student alone, and called it distilled)
             raise FournilError("--kd-weight 0 leaves the teacher out: the student would learn the data alone, as the "
                                "student without teacher does; give a weight above 0, or --sequences N to learn the "
                                "teacher's answers")

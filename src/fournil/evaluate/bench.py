@@ -132,7 +132,10 @@ def earlier_results(out: Path, model: str) -> dict | None:
     """The results already in ``out``: of this model, to keep beside the new (a task run again is replaced)."""
     if not (out / RESULTS).is_file():
         return None
-    earlier = json.loads((out / RESULTS).read_text(encoding="utf-8"))
+    try:
+        earlier = json.loads((out / RESULTS).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FournilError(f"{out / RESULTS} is damaged ({e}): delete it, or choose another --out") from None
     if earlier.get("model") != model_id(model):
         raise FournilError(f"{out} holds the results of {earlier.get('model', 'another model')}, not {model}: choose "
                            f"another --out")

@@ -75,7 +75,7 @@ class NGram(LanguageModel):
 
     def upgrade(self, tensors: dict) -> dict:
         """A run counted before the table kept only its cells had a dense row per context: its cells."""
-        if tensors["counts"].dim() == 1:
+        if "counts" not in tensors or tensors["counts"].dim() != 2:
             return tensors
         rows, tokens = tensors["counts"].nonzero(as_tuple=True)
         return table(tensors["contexts"], rows, tokens, tensors["counts"][rows, tokens])
