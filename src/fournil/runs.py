@@ -249,7 +249,8 @@ class Run:
         c = self.model.config
         files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.is_file() and p.name != STATE]
         size = sum(p.stat().st_size for p in files)
-        shape = {k: getattr(c, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd") if hasattr(c, k)}
+        shape = {k: getattr(c, k) for k in ("n", "context", "cell", "n_layer", "n_head", "n_kv_head", "n_embd",
+                                            "n_hidden") if hasattr(c, k)}  # (each family's own)
         return {
             "model": f"{self.model.family} ({self.source['architecture']}, from a {self.source['format']})",
             "parameters": f"{self.model.num_params():,}",
