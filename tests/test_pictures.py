@@ -1,4 +1,6 @@
 """Pictures of the real computation: attention maps recorded from the model's own forward pass."""
+import math
+
 import pytest
 import torch
 from conftest import CLI
@@ -103,8 +105,11 @@ def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):
     model = run.model
 
     def counted(previous: int, following: int) -> float:  # log P(following | previous) from the smoothed counts
-        smoothed = model.counts[(model.contexts == previous).nonzero().item()] + model.config.smoothing
-        return (smoothed[following] / smoothed.sum()).log().item()
+        row = (model.contexts == previous).nonzero().item()
+        cells = slice(model.starts[row], model.starts[row + 1])  # the next tokens seen after it, and their counts
+        seen = dict(zip(model.tokens[cells].tolist(), model.counts[cells].tolist()))
+        k, vocab = model.config.smoothing, model.config.vocab_size
+        return math.log((seen.get(following, 0) + k) / (sum(seen.values()) + k * vocab))
 
     result = run.explain("emma")
     b, e, m, a = run.tokenizer.boundary_id, *run.tokenizer.encode("ema")
