@@ -95,7 +95,8 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trai
         ("--kd-weight", "2"): "--kd-weight must be in [0, 1] (got 2)",
         ("--kd-temperature", "0"): "--kd-temperature must be above 0 (got 0)",
         ("--kd-weight", "0"): "--kd-weight 0 leaves the teacher out",  # (a baseline called distilled, and no baseline)
-        ("--kd-weight", "0", "--sequences", "3", "--reverse"): "--reverse shapes the distillation loss, which --kd-weight",
+        ("--kd-weight", "0", "--sequences", "3", "--reverse"):
+            "--reverse shapes the distillation loss, which --kd-weight",
         ("--sequences", "3"): "--sequences needs an instruction set",
     }
     for args, message in failures.items():

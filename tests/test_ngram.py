@@ -69,5 +69,6 @@ def test_the_table_keeps_only_the_counts_seen_and_reads_the_dense_rows_of_before
     dense[torch.repeat_interleave(torch.arange(contexts), model.starts.diff()), model.tokens] = model.counts
     save_tensors({"contexts": model.contexts, "counts": dense}, tmp_path / "run" / "model.safetensors")
     again = Run.load(tmp_path / "run", "cpu")
-    assert all(torch.equal(getattr(again.model, k), getattr(model, k)) for k in ("contexts", "starts", "tokens", "counts"))
+    assert all(torch.equal(getattr(again.model, k), getattr(model, k))
+               for k in ("contexts", "starts", "tokens", "counts"))
     assert again.evaluate(["test"])["test"]["nll"] == nll

@@ -137,7 +137,8 @@ def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         ("train", "--model", "seq2seq", "--data", "names"): "a seq2seq model learns from (source, target) pairs",
         ("train", "--model", "seq2seq", "--data", "bad.tsv"): "bad.tsv, line 2: a TSV line is a source, one tab",
         ("train", "--model", "seq2seq", "--data", "bad.jsonl"): "bad.jsonl, line 2: each record needs text fields",
-        ("train", "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS, "instruction"))):  # the records of another command, named
+        # the records of another command, named
+        ("train", "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS, "instruction"))):
             "line 1: each record needs text fields 'source' and 'target'; this file holds instructions: learn from "
             "them with fournil finetune",
     }.items():

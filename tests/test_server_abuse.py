@@ -103,8 +103,8 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
         status, body = server.post("/v1/completions", {"prompt": "ann", "seed": 2**64})
         assert status == 400 and "seed" in body["error"]["message"]
         status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-        assert status == 400 and body["error"]["message"] == ("this model has no chat template (it is not a chat model): "
-                                                             "send a prompt to /v1/completions")  # (not a command)
+        assert status == 400 and body["error"]["message"] == (  # (not a command to run)
+            "this model has no chat template (it is not a chat model): send a prompt to /v1/completions")
         # the body's shape: in words, at the field (pydantic names a union's members, as in "prompt.list[int].0")
         status, body = raw(server, "POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
                                    "Content-Length: 9\n", [b"{prompt: "])

@@ -155,7 +155,8 @@ class AlignConfig:
         if self.method != "grpo" and grpo_only:  # (DPO went on without them)
             one = len(grpo_only) == 1
             raise FournilError(f"{', '.join(grpo_only)} {'is' if one else 'are'} GRPO's: add --method grpo to learn "
-                               f"from sampled answers' rewards, or leave {'it' if one else 'them'} out for {self.method}")
+                               f"from sampled answers' rewards, or leave {'it' if one else 'them'} out for "
+                               f"{self.method}")
         if self.method != "dpo" and self.reference != defaults.reference:
             raise FournilError(f"--reference {self.reference} is DPO's: leave it out for {self.method}")
         if self.method == "grpo" and not self.reward:
