@@ -140,6 +140,9 @@ def test_bench_prints_the_table_and_writes_a_report_card(cli, bpe_llama, tmp_pat
                      (tmp_path / "card" / "report.md").read_text())
     other = cli("bench", tmp_path / "elsewhere", "--out", tmp_path / "card", check=False)
     assert other.returncode == 2 and f"card holds the results of {Path(bpe_llama).resolve()}, not " in other.stderr
+    (tmp_path / "card" / "results.json").write_text('{"results": ', encoding="utf-8")  # (a JSON traceback before)
+    damaged = cli("bench", bpe_llama, "--out", tmp_path / "card", check=False)
+    assert damaged.returncode == 2 and "results.json is damaged (" in damaged.stderr and "Traceback" not in damaged.stderr
 
 
 @pytest.mark.parametrize("args, message", [

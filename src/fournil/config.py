@@ -149,15 +149,14 @@ class AlignConfig:
                                "give a positive beta, e.g. 0.1 (smaller lets the policy move further from its base)")
         if self.beta is None:  # recorded in the run's configuration, as used
             self.beta = {"dpo": 0.1, "grpo": 0.04}.get(self.method)
-        defaults = AlignConfig()
         grpo_only = [f"--{k.replace('_', '-')}" for k in ("reward", "group", "max_new_tokens", "temperature")
-                     if getattr(self, k) != getattr(defaults, k)]
+                     if getattr(self, k) != getattr(AlignConfig, k)]  # (the class holds the defaults)
         if self.method != "grpo" and grpo_only:  # (DPO went on without them)
             one = len(grpo_only) == 1
             raise FournilError(f"{', '.join(grpo_only)} {'is' if one else 'are'} GRPO's: add --method grpo to learn "
                                f"from sampled answers' rewards, or leave {'it' if one else 'them'} out for "
                                f"{self.method}")
-        if self.method != "dpo" and self.reference != defaults.reference:
+        if self.method != "dpo" and self.reference != AlignConfig.reference:
             raise FournilError(f"--reference {self.reference} is DPO's: leave it out for {self.method}")
         if self.method == "grpo" and not self.reward:
             raise FournilError("grpo needs a reward: --reward RUN (a reward model, see `fournil reward train`), a "
