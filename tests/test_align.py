@@ -136,6 +136,10 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
     assert {p.name for p in (root / "rm").iterdir()} >= {"model.safetensors", "reward_head.safetensors", "config.json"}
     result = CLI(root)("reward", "score", root / "rm")
     assert "test: 2 pairs, chosen scored higher in 100.0 %" in result.stdout
+    result = CLI(root)("reward", "score", root / "rm", "--data", data)
+    assert "colours.jsonl: 40 pairs, chosen scored higher in 100.0 %" in result.stdout
+    result = CLI(root)("reward", "score", root / "rm", "--data", data, "--max-length", "3", check=False)
+    assert "skipped 40 of 40 examples longer than 3 tokens" in result.stdout and "has no pair to score" in result.stderr
     result = CLI(root)("reward", "score", root / "rm", "--prompt", "Question 99: which colour?",
                        "--answer", "blue sky", "--answer", "red fire")
     (blue, _), (red, _) = (line.split(maxsplit=1) for line in result.stdout.splitlines())
@@ -248,6 +252,12 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         ("align", base, "--method", "grpo", "--reward", "brevity", "--reference", "precomputed"):
             "--reference precomputed is DPO's: leave it out for grpo",
         ("reward", "score", base): "is not a reward model",
+        ("reward", "score", base, "--data", data, "--prompt", "Q", "--answer", "A"):  # (--data was left unread)
+            "--data scores preference pairs, --prompt and --answer the answers given: choose one",
+        ("reward", "score", base, "--max-length", "64"): "--max-length skips the pairs of --data that are longer",
+        ("align", base, "--data", "rasbt_instructions"):
+            "the bundled rasbt_instructions holds instructions, not preference examples: learn from it with fournil "
+            "finetune",
     }
     said = {}
     for args, message in failures.items():

@@ -45,6 +45,46 @@ def test_eval_prints_nll_perplexity_and_bits(cli, trained):
     assert re.search(r"ngram, [\d,]+ parameters", out)
 
 
+def on_a_terminal(code: str, cwd: Path) -> str:
+    """What ``python -c code`` writes to a terminal 100 columns wide (a pseudo-terminal: tqdm draws nothing on a
+    terminal of width 0, nor anything but a terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    ours, theirs = pty.openpty()
+    fcntl.ioctl(theirs, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdin=subprocess.DEVNULL, stdout=theirs,
+                               stderr=theirs)
+    os.close(theirs)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(ours, 65536)
+        except OSError:  # (EIO: the process has closed the terminal)
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(ours)
+    assert process.wait(timeout=120) == 0, written.decode(errors="replace")
+    return written.decode()
+
+
+def test_a_long_scoring_shows_a_bar_on_a_terminal_and_clears_it(cli, trained, tmp_path):
+    # (every pass lasts longer than no time: a bar at once, as a pass of minutes shows it after BAR_AFTER seconds)
+    code = (f"import fournil.evaluate.metrics as m; m.BAR_AFTER = 0; from fournil.cli import main; "
+            f"main(['eval', {str(trained['gpt'])!r}])")
+    written = on_a_terminal(code, tmp_path)
+    for split in ("val", "test"):  # a bar of the split's tokens, then a blank line over it: cleared
+        assert re.search(rf"\rscoring {split}: +\d+%\|.*\| [\d.]+k?/[\d.]+k \[.*tok/s\]\r {{99}}\r", written)
+    assert re.search(r"\r\ntest +[\d,]+ +\d\.\d{4}", written)  # and the table
+    assert "scoring" not in cli("eval", trained["gpt"]).stderr  # a log or a pipe gets no bar
+
+
 def test_sample_counts_what_it_memorised(cli, trained):
     result = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8")
     samples = result.stdout.splitlines()
@@ -153,6 +193,9 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(train("--data", "short.txt", "--mode", "text"), "context length")
     one_line_error(train("--model", "transformer"), "unknown model 'transformer'", "ngram, mlp, rnn, gpt")
     one_line_error(train("--data", "nombrés"), "no dataset or file named 'nombrés'", "prenoms", "nombres")
+    one_line_error(train("--data", "rasbt_instructions"), "the bundled rasbt_instructions holds instructions, not "
+                   "text: learn from it with fournil finetune")
+    one_line_error(run("prepare", "--data", "hh_rlhf_harmless"), "the bundled hh_rlhf_harmless holds preference pairs")
     one_line_error(train("--model", "rnn", "--n-head", "4"), "--n-head does not apply to the rnn model")
     one_line_error(train("--model", "gpt", "--n-layer", "two"), "n_layer='two': expected a whole number")
     one_line_error(run("sample", "runs/nothing-here"), "no run directory")

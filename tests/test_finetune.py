@@ -141,6 +141,9 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     with pytest.raises(FournilError, match="holds preference pairs: learn from them with fournil align"):
         read_conversations(str(data_path("hh_rlhf_harmless", BUNDLED_PREFERENCES, "preference")))  # (it said only
         # what an instruction needs)
+    with pytest.raises(FournilError, match="the bundled rasbt_preferences holds preference pairs, not instruction "
+                                           "examples: learn from it with fournil align"):
+        read_conversations("rasbt_preferences")  # (it said there was none by that name)
     write_jsonl(bad, [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(FournilError, match="must end with an assistant message"):
         read_conversations(str(bad))

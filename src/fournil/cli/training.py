@@ -106,6 +106,8 @@ def add_align(sub) -> None:
     s.add_argument("--prompt", help="a user message; give --answer once or more")
     s.add_argument("--answer", action="append", default=[], help="an answer to score (repeatable)")
     s.add_argument("--data", help="preference pairs to score (default: the run's own val and test pairs)")
+    s.add_argument("--max-length", type=int, help="with --data: pairs longer than this many tokens are skipped "
+                                                  "(default: the length the reward model was trained on)")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", **SCORE_DTYPE)
 
@@ -207,23 +209,30 @@ def run_reward(args) -> None:
     from fournil.train.objectives import PairwiseReward
     from fournil.train.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(args.run, args.device, args.dtype)
     if args.prompt is not None or args.answer:
         if args.prompt is None or not args.answer:
             raise FournilError("give --prompt and at least one --answer to score")
+        if args.data or args.max_length:
+            raise FournilError(f"--{'data' if args.data else 'max-length'} scores preference pairs, --prompt and "
+                               f"--answer the answers given: choose one")
+    elif args.max_length and not args.data:
+        raise FournilError("--max-length skips the pairs of --data that are longer: give --data FILE too (the run's "
+                           "own pairs are those it was trained with)")
+    scorer = RewardModelScorer(args.run, args.device, args.dtype)
+    if args.prompt is not None:
         for answer, reward in zip(args.answer, scorer([[{"role": "user", "content": args.prompt}]] * len(args.answer),
                                                       args.answer)):
             print(f"{reward:+.4f}  {answer}")
         return
     run, objective = scorer.run, PairwiseReward()
-    print(f"{run.path}: {scored(run)}")
     if args.data:
-        pairs = render_pairs(args.data, run.tokenizer, run.config.finetune.max_length)
+        pairs = render_pairs(args.data, run.tokenizer, args.max_length or run.config.finetune.max_length)
         if not pairs:
             raise FournilError(f"{args.data} has no pair to score")
-        splits = {args.data: PreferenceData(pairs, pad_id(run.tokenizer), "scored")}
+        splits = {args.data: PreferenceData(pairs, pad_id(run.tokenizer), Path(args.data).name)}
     else:
         splits = {name: part for name, part in run.data().items() if name != "train"}
+    print(f"{run.path}: {scored(run)}")
     for name, part in splits.items():
         scores = objective.validate(scorer.model, part, run.tokenizer, run.measure_dtype, None)
         print(f"{name}: {len(part):,} pair{'s' * (len(part) != 1)}, chosen scored higher in "

@@ -40,7 +40,8 @@ def data_path(spec: str, bundled: dict[str, str], what: str) -> Path:
         return Path(str(resources.files("fournil.data") / "files" / bundled[spec]))
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise FournilError(f"no {what} set or file named {spec!r}: use a bundled one ({', '.join(bundled)}) "
+        raise FournilError(bundled_elsewhere(spec, f"{what} examples") or
+                           f"no {what} set or file named {spec!r}: use a bundled one ({', '.join(bundled)}) "
                            f"or a .jsonl/.json file of {what} examples")
     return path
 
@@ -88,6 +89,20 @@ def other_kind(row, expected: str) -> str:
     kind = next((k for k, (fields, _) in RECORDS.items() if isinstance(row, dict) and all(f in row for f in fields)),
                 expected)
     return "" if kind == expected else f"; this file holds {kind}: learn from them with {RECORDS[kind][1]}"
+
+
+def bundled_elsewhere(spec: str, expected: str) -> str | None:
+    """Where ``spec`` names a bundled dataset of another kind than ``expected``, an error that says what it holds and
+    which command learns from it (``finetune --data rasbt_preferences``, ``train --data rasbt_instructions``)."""
+    from fournil.data.preferences import BUNDLED_PREFERENCES
+    from fournil.data.sources import BUNDLED
+
+    kind = ("instructions" if spec in BUNDLED_INSTRUCTIONS else "preference pairs" if spec in BUNDLED_PREFERENCES
+            else "(source, target) pairs" if spec == "nombres" else "text" if spec in BUNDLED else None)
+    if kind is None:
+        return None
+    return (f"the bundled {spec} holds {kind}, not {expected}: learn from it with "
+            f"{'fournil train' if kind == 'text' else RECORDS[kind][1]}")
 
 
 def read_conversations(spec: str) -> list[list[dict]]:

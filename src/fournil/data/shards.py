@@ -55,8 +55,10 @@ def made_with(folder: Path, spec: str) -> bool:
 
 def input_files(source: Path) -> list[Path]:
     if not source.exists():
-        raise FournilError(f"no file or folder {source}: prepare a text file, a folder of .txt files or a bundled "
-                           f"dataset ({', '.join(BUNDLED)})")
+        from fournil.data.instructions import bundled_elsewhere
+
+        raise FournilError(bundled_elsewhere(str(source), "text") or f"no file or folder {source}: prepare a text "
+                           f"file, a folder of .txt files or a bundled dataset ({', '.join(BUNDLED)})")
     if source.is_file():
         return [source]
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".text"))
@@ -114,10 +116,7 @@ def source_texts(source: str):
 
 def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
     """Tokenize ``source`` (a file or a folder of .txt files) into shards under ``out``; continue if interrupted."""
-    source_path = Path(source).expanduser()
-    if not source_path.exists():
-        raise FournilError(f"no file or folder {source}")
-    files = [p.resolve() for p in input_files(source_path)]
+    files = [p.resolve() for p in input_files(Path(source).expanduser())]
     out.mkdir(parents=True, exist_ok=True)
     if (out / META).exists():  # prepared, or interrupted: of the same files, or it would mix two corpora
         meta = json.loads((out / META).read_text())

@@ -25,7 +25,10 @@ def resolve(spec: str) -> Path:
         raise FournilError(f"{spec} is a folder: give a UTF-8 text file (or a bundled dataset: {', '.join(BUNDLED)}), "
                            f"or tokenize the folder first with `fournil prepare --data {spec}`")
     if not path.exists():
+        from fournil.data.instructions import bundled_elsewhere
+
         raise FournilError(
+            bundled_elsewhere(spec, "text") or
             f"no dataset or file named {spec!r}: use a bundled dataset ({', '.join(BUNDLED)}), nombres (pairs for a "
             f"seq2seq model), or the path to a UTF-8 text file"
         )

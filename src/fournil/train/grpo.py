@@ -24,6 +24,7 @@ class Rollouts:
 
     def __init__(self, prompts, model, tokenizer, reward, align, dtype: torch.dtype):
         self.prompts, self.model, self.tokenizer, self.reward = prompts, model, tokenizer, reward
+        self.split = prompts.split
         self.group, self.dtype = align.group, dtype
         self.params = dict(max_new_tokens=align.max_new_tokens, temperature=align.temperature)
 
@@ -92,5 +93,5 @@ class GRPO:
     def validate(self, model, data, tokenizer, dtype, max_tokens) -> dict:
         """The mean reward of held-out answers (its negative is the loss the best checkpoint is chosen by) and the
         policy's KL divergence from the reference per token."""
-        scores = mean_over_batches(self, model, data, dtype, max_tokens)
+        scores = mean_over_batches(self, model, data, dtype, max_tokens, rows_known=False)  # (VAL_PROMPTS at most)
         return {"loss": -scores["reward"], "reward": scores["reward"], "kl": scores["kl"]}

@@ -16,6 +16,7 @@ from torch import nn
 from fournil.data.batches import IGNORE, LineData, pack, row_sums
 from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
+from fournil.evaluate.metrics import scoring_bar
 from fournil.models.base import chunk_positions, packed_width, shares_prompts, target_logprobs
 
 
@@ -63,10 +64,11 @@ def evaluating(model):
         model.train(was_training)
 
 
-def mean_over_batches(objective, model, data, dtype, max_tokens) -> dict:
-    """An objective's loss and metrics averaged over a set, weighted by the rows of each batch."""
+def mean_over_batches(objective, model, data, dtype, max_tokens, rows_known: bool = True) -> dict:
+    """An objective's loss and metrics averaged over a set, weighted by the rows of each batch; ``rows_known``: all
+    ``len(data)`` rows are read when ``max_tokens`` is None."""
     totals, rows = {}, 0
-    with evaluating(model):
+    with evaluating(model), scoring_bar(len(data) if rows_known and not max_tokens else None, data.split, "row") as bar:
         for batch in data.batches(16, max_tokens):
             batch = tuple(b.to(model.device) for b in batch)
             with autocast(model.device, dtype):
@@ -76,6 +78,7 @@ def mean_over_batches(objective, model, data, dtype, max_tokens) -> dict:
                 if k != "tokens":
                     totals[k] = totals.get(k, 0.0) + float(v) * n
             rows += n
+            bar.update(n)
     return {k: v / rows for k, v in totals.items()}
 
 
@@ -141,9 +144,11 @@ def reference_scores(logprobs, data, device, dtype, max_tokens: int | None = Non
     """The reference's log-probability of each answer of the pairs that ``data.batches`` gives (the first ones only,
     under ``max_tokens``): a row per pair, chosen then rejected, for the batches to carry."""
     rows = []
-    for x, y in data.batches(16, max_tokens):
-        with autocast(device, dtype):
-            rows.append(pair_logprobs(logprobs, x.to(device), y.to(device), pack_to).cpu())
+    with scoring_bar(None if max_tokens else len(data), f"{data.split} (reference)", "pair") as bar:
+        for x, y in data.batches(16, max_tokens):
+            with autocast(device, dtype):
+                rows.append(pair_logprobs(logprobs, x.to(device), y.to(device), pack_to).cpu())
+            bar.update(len(x))
     return torch.cat(rows)
 
 
