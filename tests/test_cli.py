@@ -85,6 +85,16 @@ def test_a_long_scoring_shows_a_bar_on_a_terminal_and_clears_it(cli, trained, tm
     assert "scoring" not in cli("eval", trained["gpt"]).stderr  # a log or a pipe gets no bar
 
 
+def test_a_chat_message_beyond_the_context_is_left_out_and_the_advice_fits(cli, bpe_llama):
+    long = "the cat " * 600  # about 1,800 tokens, for a context of 1,024
+    result = cli("chat", bpe_llama, "--max-new-tokens", "3", "--temperature", "0", input=f"{long}\nhi\n{long}\n")
+    first, again = re.findall(r"^\(the conversation, ([\d,]+) tokens, fills the model's context of 1,024: (.*)\)$",
+                              result.stderr, re.M)
+    assert first[1] == "send a shorter message"  # alone in the conversation: /reset would not help (it said to)
+    assert again[1] == "/reset to start over, or send a shorter message"
+    assert len(result.stdout.splitlines()) == 1 and int(again[0].replace(",", "")) > int(first[0].replace(",", ""))
+
+
 def test_sample_counts_what_it_memorised(cli, trained):
     result = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8")
     samples = result.stdout.splitlines()

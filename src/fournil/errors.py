@@ -10,3 +10,7 @@ class NotAChatModel(FournilError):
 
     def __init__(self):
         super().__init__("this model has no chat template (it is not a chat model)")
+
+
+class ContextFull(FournilError):
+    """A conversation longer than the model's context: a chat can start over, or send a shorter message."""

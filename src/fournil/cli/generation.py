@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fournil.cli.flags import (MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
                                is_loopback)
-from fournil.errors import FournilError
+from fournil.errors import ContextFull, FournilError
 from fournil.text import is_text
 
 COMMANDS_OF_CHAT = "/reset, /system TEXT, /exit"
@@ -168,8 +168,12 @@ def run_chat(args) -> None:
         line = line[1:] if line.startswith("//") else line
         try:
             pieces = model.chat(messages + [{"role": "user", "content": line}], params)
+        except ContextFull as e:
+            earlier = any(m["role"] != "system" for m in messages)
+            print(f"({e}: {'/reset to start over, or ' if earlier else ''}send a shorter message)", file=sys.stderr)
+            continue
         except FournilError as e:
-            print(f"({e}: /reset to start over)", file=sys.stderr)
+            print(f"({e}; the question is left out of the conversation)", file=sys.stderr)
             continue
         answer = ""
         try:

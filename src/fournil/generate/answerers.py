@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from fournil.errors import FournilError, NotAChatModel
+from fournil.errors import ContextFull, FournilError, NotAChatModel
 from fournil.generate.sampling import SamplingParams
 
 PREFIX = "openai:"
@@ -96,7 +96,7 @@ class Local:
         """The conversation's token ids, and ``params`` allowing at most what the model's context leaves after it."""
         ids, block = self.run.tokenizer.chat_ids(messages), self.run.model.config.block_size
         if len(ids) >= block:
-            raise FournilError(f"the conversation, {len(ids)} tokens, fills the model's context of {block}")
+            raise ContextFull(f"the conversation, {len(ids):,} tokens, fills the model's context of {block:,}")
         return ids, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, block - len(ids)))
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
