@@ -148,6 +148,11 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
     scores = load_reward(str(root / "rm"), "cpu")([[{"role": "user", "content": "Question 99: which colour?"}]] * 2,
                                                   ["blue sky", "red fire"])
     assert scores == pytest.approx([float(blue), float(red)], abs=1e-3)
+    for command in (["convert", root / "rm", root / "rm.gguf"], ["merge", base, root / "rm", root / "merged"]):
+        refused = CLI(root)(*command, check=False)  # (its body alone was written, a model that neither writes nor scores)
+        assert refused.returncode == 2 and "rm is a reward model" in refused.stderr, refused.stderr
+        assert "would neither write nor score; use the run itself (fournil reward score" in refused.stderr
+        assert not (root / "rm.gguf").exists() and not (root / "merged").exists()
     for command in (["generate", root / "rm", "Question 99:"], ["sample", root / "rm"],  # garbage before: refused
                     ["explain", root / "rm", "Question 99:"],
                     ["distill", "--teacher", root / "rm", "--data", data, "--steps", "1", "--out", "d"]):

@@ -210,6 +210,11 @@ class RunConfig:
     align: AlignConfig | None = None  # for a model tuned on preferences (or a reward model): how
     distill: DistillConfig | None = None  # for a student distilled from a teacher: which, and how
 
+    @property
+    def scores_answers(self) -> bool:
+        """A reward model's: its body learned to score answers, through a head of its own, and writes none."""
+        return bool(self.align and self.align.method == "reward")
+
     def __post_init__(self):
         if isinstance(self.model, str):
             self.model = {"family": self.model}

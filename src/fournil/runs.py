@@ -225,7 +225,7 @@ class Run:
     def check_writes(self) -> None:
         """Refuse to generate with a reward model, or to score text by its probabilities: its body learned to score
         answers, and the language head it kept no longer fits it."""
-        if self.config.align and self.config.align.method == "reward":
+        if self.config.scores_answers:
             raise FournilError(f"{self.path} is a reward model: it scores answers (fournil reward score {self.path} "
                                f"--prompt ... --answer ...) and does not write them; use the model it was trained "
                                f"from, {self.config.finetune.base}")

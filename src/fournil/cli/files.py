@@ -73,6 +73,10 @@ def run_convert(args) -> None:
                            f"{kind} folder")
     check_output(out)  # before the model loads
     run = Run.load(args.model, "cpu")
+    if run.config.scores_answers:
+        raise FournilError(f"{run.path} is a reward model: convert writes language models, and its body without "
+                           f"its score head would neither write nor score; use the run itself (fournil reward score "
+                           f"{run.path}, fournil align --method grpo --reward {run.path})")
     export(run, out, kind, args.type)
     print(f"wrote {args.out} ({kind})")
 

@@ -258,10 +258,15 @@ def run_merge(args) -> None:
     from fournil.formats import check_output
     from fournil.formats.peft import load_adapter
     from fournil.models.lora import merge_lora
-    from fournil.runs import TOKENIZER, Run
+    from fournil.runs import CONFIG, TOKENIZER, Run, read_config
     from fournil.tokenizers import load_tokenizer
 
     check_output(Path(args.out))  # before the model loads
+    adapter = Path(args.adapter)
+    if (adapter / CONFIG).is_file() and read_config(adapter).scores_answers:
+        raise FournilError(f"{adapter} is a reward model: merged without its score head, it would neither "
+                           f"write nor score; use the run itself (fournil reward score {adapter}, fournil align "
+                           f"--method grpo --reward {adapter})")
     run = Run.load(args.base, "cpu")
     config = load_adapter(run.model, Path(args.adapter))
     merge_lora(run.model)

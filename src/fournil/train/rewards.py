@@ -39,7 +39,7 @@ def load_reward_model(spec, device: str = "auto", dtype: str = "auto") -> tuple[
 
 def reward_model(run: Run) -> RewardModel:
     """The reward model of a loaded reward-model run: its language model with the trained head."""
-    if not (run.config.align and run.config.align.method == "reward"):
+    if not run.config.scores_answers:
         raise FournilError(f"{run.path} is not a reward model: train one with `fournil reward train`")
     head, _ = read_safetensors(run.path / HEAD)
     model = RewardModel(run.model)

@@ -456,7 +456,7 @@ class Trainer:
         plot_loss(metrics, self.dir / "loss.png", name)
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
         n = self.config.train.samples
-        if self.config.align and self.config.align.method == "reward":
+        if self.config.scores_answers:
             samples = []  # a reward model does not write
         elif self.config.finetune:  # answers to a few held-out prompts
             samples = [f"{q!r} -> {a!r}" for q, a in run.answer_val_prompts(min(n, 5))] if n else []
