@@ -155,7 +155,11 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
         assert not (root / "rm.gguf").exists() and not (root / "merged").exists()
     for command in (["generate", root / "rm", "Question 99:"], ["sample", root / "rm"],  # garbage before: refused
                     ["explain", root / "rm", "Question 99:"],
-                    ["distill", "--teacher", root / "rm", "--data", data, "--steps", "1", "--out", "d"]):
+                    ["distill", "--teacher", root / "rm", "--data", data, "--steps", "1", "--out", "d"],
+                    ["distill", "--teacher", base, "--student", root / "rm", "--steps", "1", "--out", "d"],
+                    # (and as a base to tune, its body trained with a head that no longer fits it)
+                    ["finetune", root / "rm", "--steps", "1", "--out", "d"], ["align", root / "rm", "--data", data,
+                                                                              "--steps", "1", "--out", "d"]):
         refused = CLI(root)(*command, check=False)
         assert refused.returncode == 2 and f"{root / 'rm'} is a reward model: it scores answers" in refused.stderr
         assert f"does not write them; use the model it was trained from, {base}" in refused.stderr

@@ -81,6 +81,7 @@ def build_student(spec: str, teacher_run: Run):
         settings.setdefault("family", teacher.family)
         return build_model(settings), settings
     student_run = Run.load(spec, "cpu")
+    student_run.check_writes()
     if not same_tokenizer(student_run.tokenizer, teacher_run.tokenizer):
         raise FournilError(f"--student {spec} has another tokenizer than the teacher ({student_run.tokenizer.vocab_size:,} "
                            f"and {vocab:,} tokens): the distributions must be over the same tokens; build the student "

@@ -70,6 +70,7 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             if align:
                 align.check()
             base_run = Run.load(ft.base, train.device)
+            base_run.check_writes()  # a reward model's language head no longer fits its body
             tokenizer = chat_tokenizer(base_run.tokenizer)
             config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="preferences" if align else
                                                                             "instructions", tokenizer="base"),
