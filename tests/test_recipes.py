@@ -68,7 +68,7 @@ def test_a_fine_tuning_run_started_from_its_config_gives_the_same_losses(tmp_pat
     first, again = losses(tmp_path / "first"), losses(tmp_path / "again")
     assert first and first[-1][2] and again == first
     out = cli("align", "--config", "first/config.json", check=False)  # each stage reads its own runs' configs
-    assert out.returncode == 2 and "config of a finetune run; give it to fournil finetune --config" in out.stderr
+    assert out.returncode == 2 and "is for fournil finetune: give it to fournil finetune --config" in out.stderr
 
 
 def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
@@ -84,7 +84,10 @@ def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path, capsys, m
         "broken.yaml": ("train: [steps\n", "does not parse"),
         "nofamily.yaml": ("model:\n  n_layer: 2\n", "needs a family"),
         "recipe.ini": ("[train]\n", "a .toml, .yaml or .json file"),
-        "tuned.json": (json.dumps({"model": {"family": "llama"}, "finetune": {"base": "smollm2"}}), "finetune run"),
+        "tuned.json": (json.dumps({"model": {"family": "llama"}, "finetune": {"base": "smollm2"}}),
+                       "is for fournil finetune: give it to fournil finetune --config"),
+        "dpo.toml": ((RECIPES / "smollm2-dpo.toml").read_text(), "is for fournil align: give it to fournil align"),
+        # (it said "the config of a align run")
         "words.toml": ('[train]\nsteps = "ten"\n', "train setting steps = 'ten': expected a whole number"),
         "split.toml": ("[data]\nsplit = 3\n", "data setting split = 3: expected a list of 3 numbers"),
         "layers.yaml": ("model:\n  family: gpt\n  n_layer: 2.5\n", "n_layer='2.5': expected a whole number"),

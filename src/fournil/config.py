@@ -357,7 +357,7 @@ def read_recipe(path: str | Path, stage: str = "train") -> RunConfig:
     made_by = next((s for s, sections in reversed(STAGES.items()) if sections and all(raw.get(k) for k in sections)),
                    "train")
     if made_by != stage:
-        raise FournilError(f"--config {path} is the config of a {made_by} run; give it to fournil {made_by} --config")
+        raise FournilError(f"--config {path} is for fournil {made_by}: give it to fournil {made_by} --config")
     config = RunConfig(model=dict(raw.get("model") or {}), data=from_dict(DataConfig, raw.get("data") or {}, "data"),
                        train=from_dict(TrainConfig, raw.get("train") or {}, "train"))
     if stage == "train":

@@ -41,21 +41,20 @@ def evaluate_nll(model, data, tokenizer, dtype=torch.float32, batch_size: int = 
     nbytes = torch.tensor([len(b) for b in pieces])
     chars = torch.tensor([sum((c & 0xC0) != 0x80 for c in b) for b in pieces])  # UTF-8 bytes that start a character
     total, tokens, n_chars, n_bytes = 0.0, 0, 0, 0
-    bar = scoring_bar(min(data.num_targets, max_tokens or data.num_targets), data.split, "tok")
-    for *inputs, y in data.batches(batch_size, max_tokens):
-        packed = {}
-        if getattr(model, "packs", False):  # short documents (names, instruction examples) packed
-            px, sees, py, _ = pack(inputs[0], y, packed_width(model), shares_prompts(model))
-            if px.numel() < y.numel():
-                inputs, packed, y = [px], {"sees": sees.to(device)}, py
-        with autocast(device, dtype):
-            total -= model(*(x.to(device) for x in inputs), targets=y.to(device), **packed).sum().item()
-        targets = y[y != IGNORE]
-        bar.update(len(targets))
-        tokens += len(targets)
-        n_chars += int(chars[targets].sum())
-        n_bytes += int(nbytes[targets].sum())
-    bar.close()
+    with scoring_bar(min(data.num_targets, max_tokens or data.num_targets), data.split, "tok") as bar:
+        for *inputs, y in data.batches(batch_size, max_tokens):
+            packed = {}
+            if getattr(model, "packs", False):  # short documents (names, instruction examples) packed
+                px, sees, py, _ = pack(inputs[0], y, packed_width(model), shares_prompts(model))
+                if px.numel() < y.numel():
+                    inputs, packed, y = [px], {"sees": sees.to(device)}, py
+            with autocast(device, dtype):
+                total -= model(*(x.to(device) for x in inputs), targets=y.to(device), **packed).sum().item()
+            targets = y[y != IGNORE]
+            bar.update(len(targets))
+            tokens += len(targets)
+            n_chars += int(chars[targets].sum())
+            n_bytes += int(nbytes[targets].sum())
     model.train(was_training)
     nll = total / tokens
     return {
