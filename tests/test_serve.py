@@ -128,6 +128,9 @@ def test_chat_streaming_and_errors(server, chat_run):
 
     status, body = server.post("/predict", {"text": "Speak, good sir."})
     assert status == 200 and isinstance(body["text"], str)
+    status, body = server.post("/predict", {"text": "Speak, good sir.", "max_tokens": 4, "temperature": 1.5})
+    assert status == 400 and body["error"]["param"] == "temperature"  # (it answered greedily, as if not asked)
+    assert body["error"]["message"].startswith("temperature is not a field here: this endpoint takes text, max_tokens")
     assert server.get("/health")[0] == 200
     metrics = server.get("/metrics")[1]
     assert 'fournil_requests_total{path="/v1/chat/completions",status="200"}' in metrics

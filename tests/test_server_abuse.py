@@ -126,7 +126,7 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
         status, body = raw(server, "POST /predict HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
                                    "Content-Length: 6\n", [b"[1, 2]"])
         assert status == 400 and body["error"]["message"] == (
-            'the body should be one JSON object, such as {"text": "Hi"} (got [1, 2])')
+            'the body should be one JSON object, such as {"text": "Hi", "max_tokens": 32} (got [1, 2])')
         status, body = raw(server, "POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 0\n")
         assert status == 400 and body["error"]["message"] == (
             'the request has no body: send one JSON object, such as {"prompt": "Once upon a time", "max_tokens": 16}')

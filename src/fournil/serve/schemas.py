@@ -1,10 +1,11 @@
-"""The request bodies of the HTTP API, as the OpenAI API defines them (fields fournil does not use are ignored)."""
+"""The request bodies of the HTTP API, as the OpenAI API defines them (fields fournil does not use are ignored, as
+other servers of the API do), and of fournil's own endpoints."""
 from __future__ import annotations
 
 import json
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fournil.text import HALF_PAIR, unpaired
 
@@ -24,7 +25,8 @@ MEMBERS = {"str": "a string", "list[str]": "a list of strings", "list[int]": "a 
 
 # a body each endpoint takes, for a message about a body that is not one
 EXAMPLES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
-            "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16}, "/predict": {"text": "Hi"},
+            "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16},
+            "/predict": {"text": "Hi", "max_tokens": 32},
             "/tokenize": {"prompt": "Hi"}, "/detokenize": {"tokens": [1, 2, 3]}}
 
 
@@ -44,6 +46,10 @@ def explain(errors: list[dict], example: dict) -> tuple[str | None, str]:
     if first["loc"] == ("body",) and first["type"] == "model_attributes_type":
         return None, f"the body should be {send.removeprefix('send ')} (got {json.dumps(first['input'])[:80]})"
     place = [p for p in first["loc"] if p != "body"]
+    if first["type"] == "extra_forbidden":
+        return ".".join(map(str, place)), (f"{'.'.join(map(str, place))} is not a field here: this endpoint takes "
+                                           f"{', '.join(example)} (and answers greedily); /v1/completions and "
+                                           f"/v1/chat/completions take sampling settings")
     tag = next((i for i, p in enumerate(place) if p in MEMBERS), None)
     if tag is None:
         where = ".".join(map(str, place))
@@ -158,6 +164,9 @@ class ChatRequest(Sampling):
 
 
 class PredictRequest(Body):
+    """fournil's own endpoint, greedy: a field it does not have (temperature, n...) is refused, not ignored, since
+    no client library sends it unasked."""
+    model_config = ConfigDict(extra="forbid")
     text: str
     max_tokens: int | None = Field(None, ge=1)
 
