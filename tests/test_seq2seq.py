@@ -117,6 +117,8 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert len(shown.stdout.splitlines()) == 5 and re.search(r"^\d of 5 held-out sources right$", shown.stderr, re.M)
     refused = cli("sample", "rev", "--prompt", "abc", "--beam", "0", check=False)
     assert refused.returncode == 2 and "--beam 0: give a width of 1 (greedy) or more" in refused.stderr
+    drawn = cli("embeddings", "rev", "--out", "e.png").stdout  # (it said a seq2seq model has no token embeddings)
+    assert re.match(r"(\d+) of \1 token embeddings of width 64", drawn) and (tmp_path / "e.png").stat().st_size > 5000
     for command in (["explain", "rev", "abc"], ["generate", "rev", "abc"], ["attention", "rev", "abc"]):
         refused = cli(*command, check=False)
         assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr

@@ -67,8 +67,8 @@ def add_pictures(sub) -> None:
     p.add_argument("--out", default="attention.png", type=parse_picture, help="the picture to write (.png, .svg...)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
-    p.add_argument("model", nargs="?", help="a run (mlp, rnn, gpt, llama), .gguf file or Hugging Face folder "
-                                            "(default: the run under runs/ started last)")
+    p.add_argument("model", nargs="?", help="a run (mlp, rnn, gpt, llama, seq2seq), .gguf file or Hugging Face "
+                                            "folder (default: the run under runs/ started last)")
     p.add_argument("--limit", type=int, default=300, help="show the first N tokens of the vocabulary (default 300)")
     p.add_argument("--out", default="embeddings.png", type=parse_picture, help="the picture to write (.png, .svg...)")
 

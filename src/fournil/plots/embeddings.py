@@ -12,11 +12,13 @@ from fournil.plots.canvas import pyplot
 
 
 def token_embeddings(model) -> torch.Tensor:
-    """The model's input embedding matrix (vocabulary x width)."""
-    found = next((m.weight for name, m in model.named_modules()
-                  if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wte", "embed_tokens")), None)
+    """The model's input embedding matrix (vocabulary x width); a seq2seq model's decoder's (``shared``: the
+    encoder's too, unless it has its own)."""
+    found = next((m.weight for name, m in model.named_modules() if isinstance(m, nn.Embedding)
+                  and name.rsplit(".", 1)[-1] in ("wte", "embed_tokens", "shared")), None)
     if found is None:
-        raise FournilError(f"the {model.family} model has no token embeddings: use an mlp, rnn, gpt or llama model")
+        raise FournilError(f"the {model.family} model has no token embeddings: use an mlp, rnn, gpt, llama or seq2seq "
+                           f"model")
     return found.detach()[: model.config.vocab_size].float().cpu()  # (the MLP adds a start symbol)
 
 
