@@ -34,8 +34,12 @@ def nll_from_counts(train_docs, test_docs, n: int, k: float) -> float:
 @pytest.mark.parametrize("n, k", [(2, 1.0), (3, 0.1)])
 def test_ngram_test_nll_on_prenoms_equals_the_counts(tmp_path, n, k):
     config = RunConfig(model={"family": "ngram", "n": n, "smoothing": k}, data=DataConfig("prenoms"),
-                       train=TrainConfig(samples=0))
-    run = fournil.train(config, out=str(tmp_path / "run"), progress=False, announce=lambda *_: None)
+                       train=TrainConfig(samples=0, steps=500, lr=0.1))
+    said = []
+    run = fournil.train(config, out=str(tmp_path / "run"), progress=False, announce=said.append)
+    # what the training loop would read is said not to apply (it was left unread without a word)
+    assert said[0] == ("(an n-gram is counted in one pass over the training split, not trained step by step: --steps, "
+                       "--lr do not apply)")
     splits, _ = load_splits(DataConfig("prenoms"))
     expected = nll_from_counts(splits.train, splits.test, n, k)
     assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)

@@ -25,7 +25,7 @@ from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, memory_budget, pick_device, pick_dtype, precision_text, prepare_compile
 from fournil.errors import FournilError
-from fournil.models import DEFAULTS, TEXT_BLOCK_SIZE, build_model, check_family, config_class
+from fournil.models import DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_family, config_class
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
@@ -526,6 +526,13 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
         leave(world)
 
 
+def loop_settings(t: TrainConfig) -> list[str]:
+    """The training loop's settings that ``t`` sets, as flags: what a model counted in one pass leaves unread."""
+    loop = ("steps", "time", "batch_size", "batch_tokens", "lr", "optimizer", "warmup", "weight_decay", "eval_every",
+            "compile", "low_memory", "fsdp")
+    return [f"--{name.replace('_', '-')}" for name in loop if getattr(t, name) != getattr(TrainConfig(), name)]
+
+
 def _train(world: World, config, out, resume, budget, progress, announce) -> Run | None:
     if resume:
         run_dir, config = resumed(resume, budget)
@@ -537,6 +544,9 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config = config or RunConfig(model={"family": "gpt"})
         config.train.check()
         check_family(config.model.get("family"))  # before the data is read
+        if FAMILIES[config.model["family"]][0].counts_only and (unused := loop_settings(config.train)):
+            announce(f"(an n-gram is counted in one pass over the training split, not trained step by step: "
+                     f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply)")
         splits, fingerprints = load_splits(config.data)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         open_to_sizing = sizing.sizable(config, splits.mode, world.size)
