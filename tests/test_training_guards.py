@@ -78,3 +78,11 @@ def test_configs_given_to_the_python_api_are_checked_before_training(tmp_path):
     run = fournil.train(config, out=str(tmp_path / "run"), **quiet)
     assert run.config.model["family"] == "rnn" and run.config.data.data == str(names)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["data"] == str(names)
+
+
+def test_fsdp_in_one_process_says_it_shards_nothing(tmp_path):
+    said = []
+    fournil.train(RunConfig(model={"family": "gpt", "n_layer": 1, "n_embd": 16}, data=DataConfig("names"),
+                            train=TrainConfig(steps=1, fsdp=True, samples=0)), out=str(tmp_path / "run"),
+                  progress=False, announce=said.append)  # (it trained as if no flag were given, without a word)
+    assert "(--fsdp shards the model across processes, and this run has one: start it with torchrun" in said[0]

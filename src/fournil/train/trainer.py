@@ -547,6 +547,9 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         if FAMILIES[config.model["family"]][0].counts_only and (unused := loop_settings(config.train)):
             announce(f"(an n-gram is counted in one pass over the training split, not trained step by step: "
                      f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply)")
+        if config.train.fsdp and not world.distributed:  # (kept, so that the same command runs under torchrun)
+            announce("(--fsdp shards the model across processes, and this run has one: start it with torchrun "
+                     "--nproc_per_node=N -m fournil train ... to shard it)")
         splits, fingerprints = load_splits(config.data)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         open_to_sizing = sizing.sizable(config, splits.mode, world.size)
