@@ -95,6 +95,16 @@ def test_a_chat_message_beyond_the_context_is_left_out_and_the_advice_fits(cli, 
     assert len(result.stdout.splitlines()) == 1 and int(again[0].replace(",", "")) > int(first[0].replace(",", ""))
 
 
+def test_generate_reads_its_prompt_from_the_standard_input_when_told_with_a_dash(cli, bpe_llama):
+    args = ("--max-new-tokens", "6", "--temperature", "0")
+    given = cli("generate", bpe_llama, "the cat", *args).stdout
+    assert cli("generate", bpe_llama, "-", *args, input="the cat\n").stdout == given  # (its newline is the input's end)
+    piped = cli("generate", bpe_llama, *args, input="the cat\n")  # a pipe unasked: not read (it may never end), said
+    assert "(generating from nothing: the standard input is read as the prompt with -" in piped.stderr
+    assert not piped.stdout.startswith("the cat") and "generating from nothing" not in cli("generate", bpe_llama,
+                                                                                           *args).stderr
+
+
 def test_sample_counts_what_it_memorised(cli, trained):
     result = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8")
     samples = result.stdout.splitlines()

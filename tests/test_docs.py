@@ -28,6 +28,8 @@ def fournil_commands(line: str) -> list[list[str]]:
     for word in shlex.split(line, comments=True):
         if word in ("&&", "||", ";", "|"):
             current, starting = None, True
+        elif word in ("<", ">", ">>", "2>"):  # a redirection: the file that follows is the shell's
+            current, starting = None, False
         elif current is not None:
             current.append(word)
         elif word == "fournil" and starting:

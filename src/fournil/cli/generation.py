@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def add_generation(sub) -> None:
 
     p = sub.add_parser("generate", help="continue a prompt with any model, streamed (default: smollm2, from nothing)")
     p.add_argument("model", nargs="?", default="smollm2", help=answerer_help)
-    p.add_argument("prompt", nargs="?", default="", help="the text to continue (default: none)")
+    p.add_argument("prompt", nargs="?", default="", help="the text to continue (default: none; -: read it from "
+                                                           "the standard input, e.g. a file: - < prompt.txt)")
     sampling(p, 0.8)
 
     p = sub.add_parser("chat", help=f"chat in the terminal ({COMMANDS_OF_CHAT})")
@@ -113,6 +115,12 @@ def load_answerer(args):
 def run_generate(args) -> None:
     params = sampling_params(args, args.max_new_tokens)
     params.check()  # before the model loads
+    if args.prompt == "-":  # (less the newline that ends the input, as echo and editors end it)
+        args.prompt = sys.stdin.read().removesuffix("\n")
+    elif not args.prompt and stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode) | \
+            stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):  # (a pipe is not read unasked: it may never end)
+        print("(generating from nothing: the standard input is read as the prompt with -, as in "
+              "fournil generate MODEL -)", file=sys.stderr)
     model = load_answerer(args)
     pieces = model.generate(args.prompt, params)  # the prompt is checked here
     print(args.prompt, end="", flush=True)
