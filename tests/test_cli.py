@@ -219,6 +219,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(train("--model", "rnn", "--n-head", "4"), "--n-head does not apply to the rnn model")
     one_line_error(train("--model", "gpt", "--n-layer", "two"), "n_layer='two': expected a whole number")
     one_line_error(run("sample", "runs/nothing-here"), "no run directory")
+    one_line_error(run("explain", trained["gpt"], "a" * 60), "62 tokens do not fit the model's context of ",
+                   ": score a shorter text")
     one_line_error(run("info", Path(trained["gpt"]) / "model.safetensors"), "model.safetensors is a file but not a "
                    "model: fournil reads .gguf files, and run directories and Hugging Face folders (give the folder")
     one_line_error(run("eval", tmp_path), "has no config.json: fournil reads run directories, Hugging Face folders")

@@ -119,7 +119,8 @@ def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.floa
     ``top``, each comes as a pair with the ``top`` most likely tokens at its place, ``{token: log-probability}``."""
     decoder_only(model, "scoring a text")
     if len(ids) > model.config.block_size:
-        raise FournilError(f"{len(ids)} tokens do not fit the model's context of {model.config.block_size}")
+        raise FournilError(f"{len(ids)} tokens do not fit the model's context of {model.config.block_size}: score a "
+                           f"shorter text")
     if not 1 <= start <= len(ids):
         raise FournilError("score needs at least one token of context before the scored ones")
     was_training = model.training
