@@ -112,13 +112,21 @@ def load_answerer(args):
     return model
 
 
+def piped(stream) -> bool:
+    """Whether ``stream`` is a pipe or a file: not a terminal, nor /dev/null, nor a stream without a file."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # (None, closed, or pytest's capture, which has no file)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def run_generate(args) -> None:
     params = sampling_params(args, args.max_new_tokens)
     params.check()  # before the model loads
     if args.prompt == "-":  # (less the newline that ends the input, as echo and editors end it)
         args.prompt = sys.stdin.read().removesuffix("\n")
-    elif not args.prompt and stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode) | \
-            stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):  # (a pipe is not read unasked: it may never end)
+    elif not args.prompt and piped(sys.stdin):  # (a pipe is not read unasked: it may never end)
         print("(generating from nothing: the standard input is read as the prompt with -, as in "
               "fournil generate MODEL -)", file=sys.stderr)
     model = load_answerer(args)
