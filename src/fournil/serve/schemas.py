@@ -46,13 +46,12 @@ def explain(errors: list[dict], example: dict) -> tuple[str | None, str]:
     if first["loc"] == ("body",) and first["type"] == "model_attributes_type":
         return None, f"the body should be {send.removeprefix('send ')} (got {json.dumps(first['input'])[:80]})"
     place = [p for p in first["loc"] if p != "body"]
+    where = ".".join(map(str, place))
     if first["type"] == "extra_forbidden":
-        return ".".join(map(str, place)), (f"{'.'.join(map(str, place))} is not a field here: this endpoint takes "
-                                           f"{', '.join(example)} (and answers greedily); /v1/completions and "
-                                           f"/v1/chat/completions take sampling settings")
+        return where, (f"{where} is not a field here: this endpoint takes {', '.join(example)} (and answers "
+                       f"greedily); /v1/completions and /v1/chat/completions take sampling settings")
     tag = next((i for i, p in enumerate(place) if p in MEMBERS), None)
     if tag is None:
-        where = ".".join(map(str, place))
         said = first["msg"].removeprefix("Value error, ")  # (pydantic's prefix to a validator's own message)
         return where or None, f"{where}: {said}" if where else said
     field = place[:tag]

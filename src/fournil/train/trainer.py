@@ -530,7 +530,8 @@ def loop_settings(t: TrainConfig) -> list[str]:
     """The training loop's settings that ``t`` sets, as flags: what a model counted in one pass leaves unread."""
     loop = ("steps", "time", "batch_size", "batch_tokens", "lr", "optimizer", "warmup", "weight_decay", "eval_every",
             "compile", "low_memory", "fsdp")
-    return [f"--{name.replace('_', '-')}" for name in loop if getattr(t, name) != getattr(TrainConfig(), name)]
+    default = TrainConfig()
+    return [f"--{name.replace('_', '-')}" for name in loop if getattr(t, name) != getattr(default, name)]
 
 
 def _train(world: World, config, out, resume, budget, progress, announce) -> Run | None:
