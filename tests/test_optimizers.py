@@ -64,9 +64,12 @@ def test_a_muon_step_moves_a_matrix_as_far_as_an_adamw_step_would():
 def test_the_optimizer_is_recorded_and_bad_choices_are_explained(tmp_path):
     config = lambda **t: RunConfig(model={"family": "gpt", "n_embd": 16, "n_layer": 1},  # noqa: E731
                                    data=DataConfig("names"), train=TrainConfig(steps=2, eval_every=2, samples=0, **t))
-    for optimizer, decay, expected in [(None, None, ("muon", 0.3)), ("adamw", 0.1, ("adamw", 0.1))]:
-        out = tmp_path / str(optimizer)  # the gpt's default on names is Muon, with more weight decay
-        fournil.train(config(optimizer=optimizer, weight_decay=decay), out=str(out), progress=False, announce=lambda *_: None)
+    # the gpt's default on names is Muon, with more weight decay; that decay was tuned for Muon, not for AdamW
+    for optimizer, decay, expected in [(None, None, ("muon", 0.3)), ("adamw", None, ("adamw", 0.1)),
+                                       ("adamw", 0.2, ("adamw", 0.2)), ("muon", None, ("muon", 0.3))]:
+        out = tmp_path / f"{optimizer}-{decay}"
+        fournil.train(config(optimizer=optimizer, weight_decay=decay), out=str(out), progress=False,
+                      announce=lambda *_: None)
         train = json.loads((out / "config.json").read_text())["train"]
         assert (train["optimizer"], train["weight_decay"]) == expected
     with pytest.raises(FournilError, match="optimizer 'sgd' is not one fournil has: choose adamw or muon"):

@@ -21,7 +21,8 @@ FAMILIES = {"ngram": (NGram, NGramConfig), "mlp": (MLP, MLPConfig), "rnn": (RNN,
             "llama": (Llama, LlamaConfig), "seq2seq": (Seq2Seq, Seq2SeqConfig)}
 
 # What trains well in minutes on a laptop CPU, per data mode: (model settings, training settings). Training
-# settings the user leaves open come from here; the rest from TrainConfig (AdamW, weight decay 0.1).
+# settings the user leaves open come from here; the rest from TrainConfig (AdamW, weight decay 0.1). A weight decay
+# here goes with the optimizer named beside it: another optimizer chosen gets TrainConfig's.
 DEFAULTS = {
     ("ngram", "lines"): ({}, {"batch_size": 0, "lr": 0.0, "steps": 0}),
     ("ngram", "text"): ({}, {"batch_size": 0, "lr": 0.0, "steps": 0}),

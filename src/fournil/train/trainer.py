@@ -101,6 +101,8 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
     if t.optimizer == "muon" and t.fsdp:
         raise FournilError("Muon orthogonalizes whole matrices, which FSDP splits across processes: "
                            "train with --optimizer adamw under --fsdp")
+    optimizer = t.optimizer or ("adamw" if t.fsdp else train_defaults.get("optimizer", "adamw"))
+    tuned = train_defaults if optimizer == train_defaults.get("optimizer", "adamw") else {}  # decay tuned for it
     batch_size = t.batch_size or train_defaults["batch_size"]
     grad_accum = t.grad_accum
     if t.batch_tokens:
@@ -113,8 +115,8 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         grad_accum=grad_accum,
         lr=t.lr or train_defaults["lr"],
         steps=t.steps if (t.steps or t.time) else train_defaults["steps"],
-        optimizer=t.optimizer or ("adamw" if t.fsdp else train_defaults.get("optimizer", "adamw")),
-        weight_decay=t.decay if t.weight_decay is not None else train_defaults.get("weight_decay", t.decay),
+        optimizer=optimizer,
+        weight_decay=t.decay if t.weight_decay is not None else tuned.get("weight_decay", t.decay),
         eval_every=eval_every(t, adapting=False),
     )
     data = dataclasses.replace(config.data, mode=splits.mode)
