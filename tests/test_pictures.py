@@ -7,6 +7,7 @@ from conftest import CLI
 from matplotlib.image import imread
 
 from fournil.cli.measuring import heading
+from fournil.errors import FournilError
 from fournil.evaluate.attention import attention_maps, recording_attention
 from fournil.evaluate.explain import framed
 from fournil.plots.embeddings import principal_components, token_embeddings
@@ -116,6 +117,9 @@ def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):
     assert [r["label"] for r in result["rows"]] == [".e", "em", "mm", "ma", "a."]
     expected = [counted(b, e), counted(e, m), counted(m, m), counted(m, a), counted(a, b)]
     assert [r["logprob"] for r in result["rows"]] == pytest.approx(expected, abs=1e-6)
+    assert [len(r["top"]) for r in run.explain("emma", top=1)["rows"]] == [1] * 5
+    with pytest.raises(FournilError, match="--top -1: show at least 1 alternative"):  # not all but the last
+        run.explain("emma", top=-1)
 
 
 def test_tokenize_draws_each_tokenizers_cuts_with_their_counts(bpe_llama, tmp_path):

@@ -188,8 +188,6 @@ def run_explain(args) -> None:
     from fournil.plots.explain import coloured_text, legend, plot_token_probs
     from fournil.runs import Run
 
-    if args.top < 1:
-        raise FournilError(f"--top {args.top}: show at least 1 alternative")
     run = Run.load(args.model, args.device, args.dtype)
     text = text_for(run, args.text, CAPITAL)
     result = run.explain(text, args.top)

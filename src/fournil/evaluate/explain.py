@@ -39,10 +39,12 @@ def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32
     A row's ``label`` is the transition for a character model (``ma``: ``a`` after ``m``), else the token itself.
     """
     decoder_only(model, "scoring a text")  # (before the text: a seq2seq model's vocabulary would be blamed)
+    if top < 1:
+        raise FournilError(f"--top {top}: show at least 1 alternative")
     seq = framed(tokenizer, text)
     if len(seq) < 2:
         raise FournilError("give a longer text: explaining needs a token to predict after at least one of context")
-    scored = score(model, seq, 1, dtype, top=max(top, 1))
+    scored = score(model, seq, 1, dtype, top=top)
     pairs = isinstance(tokenizer, CharTokenizer)
     rows = []
     for t, (logprob, alternatives) in enumerate(scored, start=1):
