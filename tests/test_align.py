@@ -3,6 +3,7 @@ raising a reward with its KL held by the penalty, and clear errors."""
 import functools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -72,6 +73,8 @@ def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same
     vals = [r for r in records(root / "dpo") if "val_loss" in r]
     assert vals[0]["val_margin"] < vals[-1]["val_margin"] and vals[-1]["val_reward_accuracy"] == 1.0
     assert vals[-1]["val_chosen_reward"] > 0 > vals[-1]["val_rejected_reward"]
+    shown = (root / "dpo" / "samples.txt").read_text().splitlines()  # the question answered, and the answer
+    assert shown and all(re.match(r"'Question \d+: which colour\?' -> '", line) for line in shown), shown
     # the tuned model itself prefers the chosen answer far more than its base did
     tuned, before = Run.load(root / "dpo", "cpu"), Run.load(base, "cpu")
     pair = tuned.data()["test"]
@@ -213,6 +216,7 @@ def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_bas
                   f"{root / 'rewards.py'}:vowels", "--max-new-tokens", "16", "--beta", beta, "--steps", "30",
                   "--batch-size", "16", "--eval-every", "30", "--lr", "5e-3", "--quiet", "--out", f"grpo-{beta}")
         finals[beta] = records(root / f"grpo-{beta}")[-1]
+    assert (root / "grpo-1.0" / "samples.txt").read_text().startswith("'Speak of thing ")
     assert mean_reward(Run.load(root / "grpo-0.04", "cpu").model) > mean_reward(before.model) + 0.05
     assert 0 < finals["1.0"]["val_kl"] < finals["0.04"]["val_kl"] < 1.0
 

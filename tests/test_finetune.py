@@ -2,6 +2,7 @@
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -83,6 +84,8 @@ def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):
     assert [a.text for a in answers] == ["love", "crown", "king"]
     base_answers = complete(Run.load(base, "cpu").model, run.tokenizer, prompts, SamplingParams(30, temperature=0))
     assert all(a.finish_reason == "length" for a in base_answers)  # the base model never stopped
+    shown = (root / "said" / "samples.txt").read_text().splitlines()  # the message answered, without the template
+    assert len(shown) == 5 and all(re.fullmatch(r"'Say (\w+)' -> '\1'", line) for line in shown), shown
 
 
 def random_lora(model, seed=0):

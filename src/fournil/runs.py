@@ -179,13 +179,15 @@ class Run:
         return make_data(self.splits(), self.tokenizer, self.model.config.block_size, names)
 
     def answer_val_prompts(self, n: int, max_new_tokens: int = 96) -> list[tuple[str, str]]:
-        """Greedy answers to the first ``n`` held-out prompts of a fine-tuning run."""
+        """Greedy answers to the first ``n`` held-out prompts of a fine-tuning run: (the message answered, the answer);
+        the system prompt and the chat template's markup are left out of the first."""
         if not self.config.finetune:
             raise FournilError(f"{self.path} was not fine-tuned on instructions: it has no held-out prompts to answer; "
                                f"sample it instead (Run.sample)")
-        prompts = self.data()["val"].prompts(n)
-        done = complete(self.model, self.tokenizer, prompts, SamplingParams(max_new_tokens, temperature=0), self.dtype)
-        return [(self.tokenizer.decode(p), c.text) for p, c in zip(prompts, done)]
+        val = self.data()["val"]
+        done = complete(self.model, self.tokenizer, val.prompts(n), SamplingParams(max_new_tokens, temperature=0),
+                        self.dtype)
+        return [(asked[-1]["content"] if asked else "", c.text) for asked, c in zip(val.prompt_messages(n), done)]
 
     def evaluate(self, names=("val", "test"), max_tokens: int | None = None, beam: int = 1) -> dict:
         """Average NLL per token (nats), perplexity, bits per character and per byte, for each split named (answer

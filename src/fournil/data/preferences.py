@@ -108,6 +108,10 @@ class PreferenceData:
         return [s[: int(m.int().argmax())].tolist()
                 for s, m in zip(self.answers.seqs[0 : 2 * (n or len(self)) : 2], self.answers.learned[::2])]
 
+    def prompt_messages(self, n: int | None = None) -> list[list[dict]]:
+        """The same prompts as chat messages."""
+        return [chosen[:-1] for chosen in self.answers.conversations[0 : 2 * (n or len(self)) : 2]]
+
 
 def final_answer(ids: list[int], learned: list[bool]) -> tuple[list[int], list[bool]]:
     """Only the last answer learned: earlier turns of a transcript are part of the prompt."""
@@ -128,7 +132,7 @@ def render_pairs(spec: str, tokenizer, max_length: int, announce=print) -> list[
     """Every pair of ``spec`` rendered, but those longer than ``max_length`` tokens and those whose two answers are
     the same (nothing to prefer: DPO's loss stays at log 2 on them, and no reward can rank them)."""
     pairs = read_pairs(spec)
-    rendered = [tuple(final_answer(*render_example(tokenizer, c)) for c in pair)
+    rendered = [tuple((*final_answer(*render_example(tokenizer, c)), c) for c in pair)
                 for pair in pairs if pair[0] != pair[1]]
     if len(rendered) < len(pairs):
         announce(f"skipped {len(pairs) - len(rendered)} of {len(pairs)} pairs whose chosen and rejected answers are "
@@ -158,6 +162,9 @@ class Prompts:
 
     def prompts(self, n: int | None = None) -> list[list[int]]:
         return self.ids[:n]
+
+    def prompt_messages(self, n: int | None = None) -> list[list[dict]]:
+        return self.conversations[:n]
 
 
 def load_prompts(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
