@@ -39,6 +39,7 @@ DEFAULTS = {
                         {"batch_size": 32, "lr": 1e-3, "steps": 2000}),
     ("seq2seq", "pairs"): ({"n_layer": 3, "n_head": 4, "n_embd": 128}, {"batch_size": 64, "lr": 2e-3, "steps": 500}),
 }
+ORDERS = {"unigram": 1, "bigram": 2, "trigram": 3}  # n-grams by the names a course gives them
 TEXT_BLOCK_SIZE = 128  # default context for running text; in lines mode it is the longest document
 
 
@@ -49,6 +50,9 @@ def family_names() -> list[str]:
 def check_family(family: str | None) -> None:
     if family is None:
         raise FournilError(f"the model's settings name no family: add \"family\", one of {', '.join(FAMILIES)}")
+    if family in ORDERS:
+        raise FournilError(f"a {family} is fournil's n-gram model of order {ORDERS[family]}: "
+                           f"--model ngram --n {ORDERS[family]}")
     if family not in FAMILIES:
         raise FournilError(f"unknown model {family!r}: choose one of {', '.join(FAMILIES)}")
 
