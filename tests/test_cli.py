@@ -28,9 +28,12 @@ def test_every_model_trains_into_a_complete_run_directory(trained):
             assert losses[-1] < losses[0] < 3.5  # learning, from about log(27) = 3.3
     from fournil.runs import Run
 
-    shapes = {model: Run.load(run, "cpu").info()["shape"] for model, run in trained.items()}  # each family's own
+    infos = {model: Run.load(run, "cpu").info() for model, run in trained.items()}
+    shapes = {model: info["shape"] for model, info in infos.items()}  # each family's own
     assert shapes["ngram"] == "n 2" and shapes["rnn"].startswith("cell gru, n_layer ")  # (the n-gram's was empty)
     assert shapes["mlp"].startswith("context ") and shapes["gpt"] == "n_layer 2, n_head 4, n_embd 32"
+    longest = Run.load(trained["gpt"], "cpu").model.config.block_size  # what one prediction reads, not the longest name
+    assert [infos[m]["context"] for m in ("ngram", "mlp", "gpt")] == ["1 token", "5 tokens", f"{longest} tokens"]
 
 
 def test_eval_prints_nll_perplexity_and_bits(cli, trained):
