@@ -125,7 +125,10 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
 
 
 def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):
-    CLI(tmp_path)("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet")
+    said = CLI(tmp_path)("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet")
+    assert said.stdout.splitlines()[-1] == ("next: fournil eval runs/nombres-seq2seq  |  fournil sample "
+                                            "runs/nombres-seq2seq --prompt SOURCE  |  fournil embeddings "
+                                            "runs/nombres-seq2seq")  # not explain, which scores a text
     settings = json.loads((tmp_path / "runs" / "nombres-seq2seq" / "config.json").read_text())
     assert settings["data"]["data"] == "nombres" and settings["model"]["family"] == "seq2seq"
 

@@ -308,6 +308,10 @@ def report(run) -> None:
     if run.config.finetune:
         print(f"next: fournil chat {run.path}  |  fournil eval {run.path}")
         return
+    if run.mode == "pairs":  # a source to translate, not a text to score
+        print(f"next: fournil eval {run.path}  |  fournil sample {run.path} --prompt SOURCE  |  "
+              f"fournil embeddings {run.path}")
+        return
     print(f"next: fournil eval {run.path}  |  fournil sample {run.path}  |  fournil explain {run.path} TEXT")
 
 
