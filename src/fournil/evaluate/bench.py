@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -75,9 +76,10 @@ def task_names(spec: str, known: set[str]) -> list[str]:
 
 def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots: int | None = None,
           include_path: str | None = None, device: str = "auto", dtype: str = "auto", batch_tokens: int = 1024,
-          out: Path | None = None, progress: bool = True) -> dict:
+          out: Path | None = None) -> dict:
     """Run ``tasks`` on ``model`` through lm-eval; returns lm-eval's results (and writes them, with a report, in
     ``out``)."""
+    import datasets
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -88,6 +90,8 @@ def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots:
     # lm-eval records the git commit of the folder it runs in by asking `git`, which prints "fatal: not a git
     # repository" on the terminal outside one; what ran is fournil, at its version
     lm_eval.evaluator.get_git_commit_hash = lambda: f"fournil {__version__}"
+    if not sys.stderr.isatty():  # the bars of the datasets read are noise in a log, as fournil's own are left out
+        datasets.disable_progress_bars()
 
     earlier = earlier_results(out, model) if out is not None else None  # (refused before anything runs)
     if limit is not None and limit < 1:

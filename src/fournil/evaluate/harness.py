@@ -117,7 +117,7 @@ class FournilLM(TemplateLM):
         packs = sorted(((prefix, pack) for prefix, ps in groups.items() for pack in ps),
                        key=lambda p: -len(p[0]) - sum(len(rows[i][0]) for i in p[1]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
-        bar = tqdm(total=len(rows), desc="scoring", disable=disable_tqdm)
+        bar = tqdm(total=len(rows), desc="scoring", disable=disable_tqdm or None)  # None: on a terminal only
         while packs:
             width = len(packs[0][0]) + sum(len(rows[i][0]) for i in packs[0][1])
             batch = packs[:max(1, self.batch_tokens // width)]
@@ -155,7 +155,7 @@ class FournilLM(TemplateLM):
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             prompts.append(self.tok_encode(context)[-(self.max_length - new):] or [self.eot_token_id])
             params.append(SamplingParams(max_new_tokens=new, temperature=temperature, stop=tuple(until), seed=1234))
-        with tqdm(total=len(prompts), desc="generating", disable=disable_tqdm) as bar:
+        with tqdm(total=len(prompts), desc="generating", disable=disable_tqdm or None) as bar:
             done = complete(self.net, self.tok, prompts, params, self.run.dtype, max_batch=self.max_batch,
                             progress=lambda n: bar.update(n - bar.n))
         return [c.text for c in done]
