@@ -157,6 +157,12 @@ def test_bench_refuses_in_one_line(cli, bpe_llama, args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_bits_per_byte_of_a_model_without_an_end_of_text_token_is_refused_with_what_measures_it(cli, running_text):
+    result = cli("bench", running_text, "--tasks", "bpb", "--limit", "1", check=False)
+    assert result.returncode == 2 and "has no end-of-text token to put before a text it scores" in result.stderr
+    assert f"`fournil eval {running_text}` gives its bits per byte on its own held-out text" in result.stderr
+
+
 def test_a_task_file_of_ones_own_that_is_wrong_says_where(cli, bpe_llama, tmp_path):
     (tmp_path / "mine.yaml").write_text("task: mine\ndataset_path: json\n  bad: [indent\n")
     result = cli("bench", bpe_llama, "--include-path", tmp_path, "--tasks", "mine", check=False)

@@ -69,7 +69,8 @@ class FournilLM(TemplateLM):
     def eot_token_id(self) -> int:
         if self._eot is None:  # asked for only where a text is scored from its very start
             raise FournilError(f"{self.run.path} has no end-of-text token to put before a text it scores from the "
-                               f"start; such tasks need a model trained with one (--tokenizer bpe, or a pretrained one)")
+                               f"start; such tasks need a model trained with one (--tokenizer bpe, or a pretrained "
+                               f"one). `fournil eval {self.run.path}` gives its bits per byte on its own held-out text")
         return self._eot
 
     @property
