@@ -60,7 +60,9 @@ def teacher_layers(teacher, n: int) -> tuple[dict, dict]:
 def build_student(spec: str, teacher_run: Run):
     """The student model ``spec`` names (``layers:N``, a JSON model config, or a run), and its settings."""
     teacher, vocab = teacher_run.model, teacher_run.tokenizer.vocab_size
-    if found := re.fullmatch(r"layers:(\d+)", spec):
+    if spec.startswith("layers:"):
+        if not (found := re.fullmatch(r"layers:(\d+)", spec)):
+            raise FournilError(f"--student {spec}: layers:N takes a whole number of the teacher's layers, e.g. layers:4")
         settings, weights = teacher_layers(teacher, int(found.group(1)))
         return build_model(settings, weights, spec), settings
     if spec.endswith(".json"):
