@@ -141,8 +141,10 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
     assert "test: 2 pairs, chosen scored higher in 100.0 %" in result.stdout
     result = CLI(root)("reward", "score", root / "rm", "--data", data)
     assert "colours.jsonl: 40 pairs, chosen scored higher in 100.0 %" in result.stdout
-    result = CLI(root)("reward", "score", root / "rm", "--data", data, "--max-length", "3", check=False)
-    assert "skipped 40 of 40 examples longer than 3 tokens" in result.stdout and "has no pair to score" in result.stderr
+    for length in ("3", "0"):  # (0 was taken for no length given)
+        result = CLI(root)("reward", "score", root / "rm", "--data", data, "--max-length", length, check=False)
+        assert f"skipped 40 of 40 examples longer than {length} tokens" in result.stdout
+        assert "has no pair to score" in result.stderr
     result = CLI(root)("reward", "score", root / "rm", "--prompt", "Question 99: which colour?",
                        "--answer", "blue sky", "--answer", "red fire")
     (blue, _), (red, _) = (line.split(maxsplit=1) for line in result.stdout.splitlines())

@@ -109,6 +109,9 @@ class LoraConfig:
             raise FournilError(f"--lora-rank must be at least 1 (got {self.rank})")
         if not 0 <= self.dropout < 1:
             raise FournilError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
+        if not 0 < self.alpha < math.inf:
+            raise FournilError(f"--lora-alpha must be positive (got {self.alpha:g}): the adapter's update is scaled by "
+                               f"alpha / rank, and 0 would leave the model as it is")
 
     @property
     def scaling(self) -> float:
@@ -121,6 +124,11 @@ class FinetuneConfig:
     lora: LoraConfig | None = None  # None: every weight trains
     max_length: int | None = None  # longer examples are skipped; None: 512, or the model's context if shorter
     pack: bool = False  # join short training examples into rows of max_length tokens
+
+    def check(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise FournilError(f"--max-length must be at least 1 token (got {self.max_length}): longer examples are "
+                               f"skipped")
 
 
 @dataclass

@@ -212,10 +212,10 @@ def run_reward(args) -> None:
     if args.prompt is not None or args.answer:
         if args.prompt is None or not args.answer:
             raise FournilError("give --prompt and at least one --answer to score")
-        if args.data or args.max_length:
+        if args.data or args.max_length is not None:
             raise FournilError(f"--{'data' if args.data else 'max-length'} scores preference pairs, --prompt and "
                                f"--answer the answers given: choose one")
-    elif args.max_length and not args.data:
+    elif args.max_length is not None and not args.data:
         raise FournilError("--max-length skips the pairs of --data that are longer: give --data FILE too (the run's "
                            "own pairs are those it was trained with)")
     scorer = RewardModelScorer(args.run, args.device, args.dtype)
@@ -226,7 +226,8 @@ def run_reward(args) -> None:
         return
     run, objective = scorer.run, PairwiseReward()
     if args.data:
-        pairs = render_pairs(args.data, run.tokenizer, args.max_length or run.config.finetune.max_length)
+        pairs = render_pairs(args.data, run.tokenizer, run.config.finetune.max_length if args.max_length is None
+                             else args.max_length)
         if not pairs:
             raise FournilError(f"{args.data} has no pair to score")
         splits = {args.data: PreferenceData(pairs, pad_id(run.tokenizer), Path(args.data).name)}

@@ -65,6 +65,7 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             base_run = Run.load(ft.base, config.train.device)
         else:
             ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length, pack=pack)
+            ft.check()
             train = train or TrainConfig()
             train.check()
             if align:
