@@ -261,6 +261,9 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         ("align", base, "--beta", "0"): "--beta 0 leaves DPO nothing to learn (its loss is log 2 whatever the model",
         ("align", base, "--method", "grpo", "--reward", "brevity", "--batch-size", "6"): "must be a multiple of --group 4",
         ("align", base, "--method", "grpo", "--reward", "nowhere.py:f"): "no file nowhere.py",
+        ("align", base, "--method", "grpo", "--reward", "helpful"):  # (it was said to be no model)
+            "--reward helpful: no such reward: give a reward model's run (see `fournil reward train`), a built-in",
+        ("align", base, "--method", "grpo", "--reward", "rewards.py"): "name the function that scores the answers too",
         ("align", base, "--data", "nothing.jsonl"): "no preference set or file named 'nothing.jsonl'",
         ("align", base, "--reward", "brevity", "--group", "8"):  # (DPO trained, without them)
             "--reward, --group are GRPO's: add --method grpo to learn from sampled answers' rewards, or leave them out",

@@ -19,7 +19,7 @@ from fournil.data.preferences import final_answer
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.models.reward import HEAD, RewardModel
-from fournil.runs import Run
+from fournil.runs import RUNS, Run
 from fournil.train.objectives import evaluating
 
 
@@ -85,6 +85,11 @@ def load_reward(spec: str, device: str = "auto"):
         if not callable(getattr(module, name, None)):
             raise FournilError(f"--reward {spec}: {file} defines no function {name!r}")
         return YourReward(getattr(module, name), spec)
+    if spec.endswith(".py"):
+        raise FournilError(f"--reward {spec}: name the function that scores the answers too: {spec}:FUNCTION")
+    if not (Path(spec).is_dir() or (RUNS / spec).is_dir()):  # (a run's name under runs/ will do)
+        raise FournilError(f"--reward {spec}: no such reward: give a reward model's run (see `fournil reward train`), "
+                           f"a built-in reward ({', '.join(BUILT_IN)}) or FILE.py:FUNCTION")
     return RewardModelScorer(spec, device)
 
 
