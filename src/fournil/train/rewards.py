@@ -19,7 +19,7 @@ from fournil.data.preferences import final_answer
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.models.reward import HEAD, RewardModel
-from fournil.runs import RUNS, Run
+from fournil.runs import Run, find_run
 from fournil.train.objectives import evaluating
 
 
@@ -87,9 +87,11 @@ def load_reward(spec: str, device: str = "auto"):
         return YourReward(getattr(module, name), spec)
     if spec.endswith(".py"):
         raise FournilError(f"--reward {spec}: name the function that scores the answers too: {spec}:FUNCTION")
-    if not (Path(spec).is_dir() or (RUNS / spec).is_dir()):  # (a run's name under runs/ will do)
+    try:
+        find_run(spec)  # a run's folder, or its name under runs/
+    except FournilError:
         raise FournilError(f"--reward {spec}: no such reward: give a reward model's run (see `fournil reward train`), "
-                           f"a built-in reward ({', '.join(BUILT_IN)}) or FILE.py:FUNCTION")
+                           f"a built-in reward ({', '.join(BUILT_IN)}) or FILE.py:FUNCTION") from None
     return RewardModelScorer(spec, device)
 
 

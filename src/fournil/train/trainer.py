@@ -101,8 +101,9 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
     if t.optimizer == "muon" and t.fsdp:
         raise FournilError("Muon orthogonalizes whole matrices, which FSDP splits across processes: "
                            "train with --optimizer adamw under --fsdp")
-    optimizer = t.optimizer or ("adamw" if t.fsdp else train_defaults.get("optimizer", "adamw"))
-    tuned = train_defaults if optimizer == train_defaults.get("optimizer", "adamw") else {}  # decay tuned for it
+    default_optimizer = train_defaults.get("optimizer", "adamw")
+    optimizer = t.optimizer or ("adamw" if t.fsdp else default_optimizer)
+    tuned = train_defaults if optimizer == default_optimizer else {}  # a default weight decay goes with its optimizer
     batch_size = t.batch_size or train_defaults["batch_size"]
     grad_accum = t.grad_accum
     if t.batch_tokens:
