@@ -15,12 +15,13 @@ ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-lay
         "--eval-every", "20", "--quiet"]
 
 
+def checkpoint_info(run) -> dict:
+    with safe_open(str(run / "train_state.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["fournil"])["info"]
+
+
 def checkpoint_step(run) -> int:
-    path = run / "train_state.safetensors"
-    if not path.exists():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["fournil"])["info"]["step"]
+    return checkpoint_info(run)["step"] if (run / "train_state.safetensors").exists() else 0
 
 
 def train_losses(run) -> dict:
@@ -90,10 +91,13 @@ def test_resume_with_a_new_budget_continues(cli, tmp_path):
     # a budget already spent is said, not run as if it trained
     refused = cli("train", "--resume", "short", "--steps", "30", check=False)
     assert refused.returncode == 2 and re.fullmatch(
-        r"fournil: error: short stopped at step 40, after \d+ s of training, past the budget given \(30 steps\): to "
-        r"train on, give more --steps or --time", refused.stderr.strip())
+        r"fournil: error: short stopped at step 40, after ([\d.]+) s of training, past the budget given \(30 steps\): "
+        r"to train on, give more --steps or --time", refused.stderr.strip())
+    # the time trained, to a tenth of a second under 10 s (a short run is not said to have trained for "0 s")
+    elapsed = checkpoint_info(tmp_path / "short")["elapsed"]
+    assert abs(float(re.search(r"after ([\d.]+) s", refused.stderr)[1]) - elapsed) <= (0.05 if elapsed < 10 else 0.5)
     again = cli("train", "--resume", "short", "--quiet")  # (rewrites best weights a kill left unwritten: see below)
-    assert re.search(r"short stopped at step 40, after \d+ s of training, at the end of its budget \(40 steps\): "
+    assert re.search(r"short stopped at step 40, after [\d.]+ s of training, at the end of its budget \(40 steps\): "
                      r"nothing to train", again.stderr) and checkpoint_step(tmp_path / "short") == 40
     # other settings would be ignored: refused, named
     for given, named in ((["train", "--lr", "0.5", "--eval-every=5"], "--eval-every, --lr"),

@@ -208,7 +208,8 @@ def resumed(resume: str, budget: dict | None, command: str = "train") -> tuple[P
     if (run_dir / STATE).exists():
         done = read_state_info(run_dir / STATE)
         if spent(config.train, done["step"], done["elapsed"]) >= 1:
-            at = f"{run_dir} stopped at step {done['step']:,}, after {done['elapsed']:.0f} s of training"
+            seconds = f"{done['elapsed']:.1f}" if done["elapsed"] < 10 else f"{done['elapsed']:.0f}"  # not "0 s"
+            at = f"{run_dir} stopped at step {done['step']:,}, after {seconds} s of training"
             if budget:
                 raise FournilError(f"{at}, past the budget given ({config.train.budget}): to train on, give more "
                                    f"--steps or --time")
