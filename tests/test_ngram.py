@@ -40,6 +40,7 @@ def test_ngram_test_nll_on_prenoms_equals_the_counts(tmp_path, n, k):
     # what the training loop would read is said not to apply (it was left unread without a word)
     assert said[0] == ("(an n-gram is counted in one pass over the training split, not trained step by step: --steps, "
                        "--lr do not apply)")
+    assert said[1].startswith(f"ngram; lines data prenoms; vocabulary 46, context {n - 1};")  # what it reads, not 21
     splits, _ = load_splits(DataConfig("prenoms"))
     expected = nll_from_counts(splits.train, splits.test, n, k)
     assert run.evaluate(["test"])["test"]["nll"] == pytest.approx(expected, abs=1e-6)

@@ -251,7 +251,6 @@ class Run:
         c = self.model.config
         files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.is_file() and p.name != STATE]
         size = sum(p.stat().st_size for p in files)
-        reads = c.n - 1 if hasattr(c, "n") else getattr(c, "context", c.block_size)  # what one prediction reads
         shape = {k: getattr(c, k) for k in ("n", "context", "cell", "n_layer", "n_head", "n_kv_head", "n_embd",
                                             "n_hidden") if hasattr(c, k)}  # (each family's own)
         return {
@@ -259,7 +258,7 @@ class Run:
             "parameters": f"{self.model.num_params():,}",
             "shape": ", ".join(f"{k} {v}" for k, v in shape.items()),
             "vocabulary": f"{self.tokenizer.vocab_size:,} tokens",
-            "context": f"{reads:,} token{'s' * (reads != 1)}",
+            "context": f"{self.model.reads:,} token{'s' * (self.model.reads != 1)}",
             "stored dtype": self.source["dtype"],
             "size on disk": f"{size / 2**20:.1f} MiB",
             "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",

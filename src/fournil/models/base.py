@@ -72,6 +72,12 @@ class LanguageModel(nn.Module):
         return 6 * n + attention
 
     @property
+    def reads(self) -> int:
+        """How many tokens one prediction reads: the context a learner compares across the zoo (a Transformer's
+        block size; an MLP's window and an n-gram's n - 1 are shorter than the rows they train on)."""
+        return self.config.block_size
+
+    @property
     def device(self) -> torch.device:
         """Where the weights are (asked at every generation step: cheap, unlike walking the state dict)."""
         return next(itertools.chain(self.parameters(), self.buffers())).device

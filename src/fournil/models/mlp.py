@@ -45,6 +45,10 @@ class MLP(LanguageModel):
             self.lm_head.weight.mul_(0.1)
             self.lm_head.bias.zero_()
 
+    @property
+    def reads(self) -> int:
+        return self.config.context
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or with ``targets`` the log-probability of each."""
         ctx = windows(idx, self.config.context, self.pad)  # (B, T, context)

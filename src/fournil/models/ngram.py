@@ -48,6 +48,10 @@ class NGram(LanguageModel):
         self.register_buffer("tokens", torch.zeros(0, dtype=torch.long))
         self.register_buffer("counts", torch.zeros(0, dtype=torch.float64))
 
+    @property
+    def reads(self) -> int:
+        return self.config.n - 1
+
     def num_params(self) -> int:
         """The table's size: a count for each next token after each context seen (most of them 0)."""
         return len(self.contexts) * self.config.vocab_size

@@ -573,7 +573,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         tokenizer.save(run_dir / TOKENIZER)
     model, t = trainer.model, config.train
     what = f"{model.family}; {splits.mode} data {config.data.data}; vocabulary {tokenizer.vocab_size}, " \
-           f"context {config.model['block_size']}; {trainer.precision}"
+           f"context {model.reads}; {trainer.precision}"
     if world.distributed:
         what += f" in {world.size} processes"
     if model.counts_only:
