@@ -178,6 +178,28 @@ def one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def test_every_flag_of_every_command_says_what_it_does(cli):
+    import argparse
+
+    from fournil.cli import parser
+
+    def flags(p, path=()):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from flags(sub, (*path, name))
+            elif action.option_strings and action.help != argparse.SUPPRESS:
+                yield " ".join(path), action
+    silent = [f"{command} {action.option_strings[-1]}" for command, action in flags(parser()) if not action.help]
+    assert not silent  # (--top-k, --seed, --device, 23 model settings... said nothing)
+    # a model setting names the families it applies to and their defaults, on lines and on running text
+    shown = " ".join(cli("train", "--help").stdout.split())
+    assert "--n INT the n-gram's order (2 = bigram, 3 = trigram): ngram 2 " in shown
+    assert "--n-embd INT width of the embeddings and hidden states: mlp 24, rnn 64, gpt 64 (128 on text), llama 64 " \
+           "(128 on text), seq2seq 128 " in shown
+    assert "--head-dim INT width of each head (default: n_embd / n_head): llama " in shown  # (not "llama 0")
+
+
 def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tmp_path, capsys, monkeypatch):
     from fournil import __version__
     from fournil.cli import COMMANDS

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import WEIGHT_PRECISIONS, add_listen_args, is_loopback
+from fournil.cli.flags import DEVICE, WEIGHT_PRECISIONS, add_listen_args, is_loopback
 from fournil.errors import FournilError
 
 ARENA_ACTIONS = ("serve", "leaderboard", "judge", "export")
@@ -39,8 +39,8 @@ def add_arena(sub) -> None:
     def answering(q) -> None:
         q.add_argument("--temperature", type=float, default=0.7, help="the same for both answers of a battle")
         q.add_argument("--max-tokens", type=int, default=256, help="the longest answer, in tokens")
-        q.add_argument("--device", default="auto")
-        q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS)
+        q.add_argument("--device", **DEVICE)
+        q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS, help="weights of the local models")
         q.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of openai:NAME@URL models")
 
@@ -53,7 +53,7 @@ def add_arena(sub) -> None:
     q.add_argument("--allowed-hosts", default="", help="comma-separated Host names to answer besides localhost")
     q = actions.add_parser("leaderboard", help="Bradley-Terry scores with 95 %% intervals, and the win-rate matrix")
     common(q)
-    q.add_argument("--voters", default="all", choices=["people", "judges", "all"])
+    q.add_argument("--voters", default="all", choices=["people", "judges", "all"], help="whose votes count")
     q.add_argument("--out", default="leaderboard", help="folder for leaderboard.md and win_rates.png")
     q.add_argument("--bootstrap", type=int, default=1000, help="refits behind the intervals")
     q = actions.add_parser("judge", help="a judge model votes: on new battles between MODELS, or on people's battles")
@@ -62,13 +62,14 @@ def add_arena(sub) -> None:
     q.add_argument("--prompts", default="rasbt_instructions",
                    help="an instruction set (bundled name or .jsonl), or a .txt file of one prompt per line")
     q.add_argument("--n", type=int, default=40, help="how many prompts (the last ones of the set)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0,
+                   help="every battle's answers are sampled with it, and stored with it to be replayed (default 0)")
     common(q)
     answering(q)
     q = actions.add_parser("export", help="the votes as prompt/chosen/rejected pairs for fournil align")
     common(q)
-    q.add_argument("--voters", default="all", choices=["people", "judges", "all"])
-    q.add_argument("--out", default="prefs.jsonl")
+    q.add_argument("--voters", default="all", choices=["people", "judges", "all"], help="whose votes to export")
+    q.add_argument("--out", default="prefs.jsonl", help="the JSONL file to write (default prefs.jsonl)")
 
 
 def run_arena(args) -> None:

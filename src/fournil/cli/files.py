@@ -32,8 +32,10 @@ def add_tokenizer_commands(sub) -> None:
     t = actions.add_parser("train", help="learn a byte-level BPE vocabulary (GPT-4 style) from the train split")
     t.add_argument("--data", default="shakespeare",
                    help=f"a bundled dataset ({', '.join(BUNDLED)}) or a UTF-8 text file")
-    t.add_argument("--mode", default="auto", choices=["auto", "lines", "text"])
-    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
+                   help="lines: one document per line; text: running text (default: inferred)")
+    t.add_argument("--vocab-size", type=int, default=1024, help="tokens in the vocabulary, 256 bytes and the merges "
+                                                                "(default 1024)")
     t.add_argument("--out", help="folder for tokenizer.json (default: tokenizers/DATA-bpeN)")
 
     p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards "

@@ -12,13 +12,14 @@ from fournil.config import STAGES, RunConfig, TrainConfig, read_recipe
 from fournil.device import dtype_name
 from fournil.errors import FournilError
 from fournil.generate.quantize import PRECISIONS
-from fournil.models import FAMILIES
+from fournil.models import DEFAULTS, FAMILIES
 
 AUTOMATIC = {"vocab_size", "boundary_id", "bos_id", "eos_id"}  # model settings taken from the data, not from flags
 LOW_MEMORY = {"auto": None, "on": True, "off": False}
 WEIGHT_PRECISIONS = ["auto", *PRECISIONS]  # --dtype of the commands that generate
 MODEL_HELP = "a run directory, a .gguf file, a Hugging Face folder, or a known model (smollm2)"
 LATEST = "a run directory, e.g. runs/prenoms-gpt (default: the run under runs/ started last)"
+DEVICE = {"default": "auto", "help": "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps"}
 SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
                "help": "precision of the scores (default: float32, the same figures on every machine)"}
 
@@ -93,6 +94,50 @@ def model_settings() -> dict[str, type]:
     return found
 
 
+# what each model setting means; its families and their defaults are added from the configs (fournil.models)
+SETTING_HELP = {
+    "block_size": "the context length in tokens (default: the longest document on lines, 128 on running text)",
+    "n": "the n-gram's order (2 = bigram, 3 = trigram)", "smoothing": "add-k smoothing, a count given to every pair",
+    "context": "tokens the MLP reads", "n_embd": "width of the embeddings and hidden states",
+    "n_hidden": "width of the hidden layers", "n_layer": "layers", "dropout": "dropout rate while training",
+    "cell": "the recurrent cell, gru or lstm", "n_head": "attention heads",
+    "bias": "biases in the linear layers and norms",
+    "tie_embeddings": "the output layer shares the input embeddings' weights",
+    "activation": "the MLP's GELU: gelu (exact), gelu_new or gelu_pytorch_tanh (tanh approximation)",
+    "n_kv_head": "key/value heads, shared by groups of query heads (grouped-query attention)",
+    "head_dim": "width of each head (default: n_embd / n_head)",
+    "intermediate_size": "width of the SwiGLU MLP (default: about 8/3 of n_embd)",
+    "rope_theta": "base of the rotary position angles", "rms_norm_eps": "epsilon of RMSNorm",
+    "qkv_bias": "biases in the query/key/value projections", "o_bias": "a bias in the attention's output projection",
+    "mlp_bias": "biases in the MLP", "sliding_window": "each token sees at most this many tokens (default: all)",
+    "shared_embeddings": "one token embedding table for the encoder and the decoder",
+}
+
+
+def setting_help(name: str) -> str:
+    """What a model setting means, then the families that have it, each with its default (on lines, and on running
+    text where that differs; none for a 0 or None whose meaning says how it is derived)."""
+    where = []
+    for family, (_, cfg) in FAMILIES.items():
+        field = next((f for f in dataclasses.fields(cfg) if f.name == name), None)
+        if field is None:
+            continue
+        by_mode = [tuned.get(name, field.default) for (f, _), (tuned, _) in DEFAULTS.items() if f == family]
+        shown = list(dict.fromkeys(str(v).lower() for v in by_mode
+                                   if v is not None and not (type(v) is int and v == 0)))
+        where.append(" ".join([family, *shown[:1]]) + (f" ({shown[1]} on text)" if len(shown) > 1 else ""))
+    return SETTING_HELP[name] + ("" if len(where) == len(FAMILIES) else f": {', '.join(where)}")
+
+
+def add_sampling_args(p) -> None:
+    """How tokens are drawn, beside the temperature: the flags of sample, generate and chat."""
+    p.add_argument("--top-k", type=int, help="draw among the k most likely tokens only")
+    p.add_argument("--top-p", type=float,
+                   help="draw among the most likely tokens that together hold this much probability (nucleus)")
+    p.add_argument("--seed", type=int, help="the same seed, prompt and settings give the same text (default: a new "
+                                            "draw each time)")
+
+
 def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     """The training loop's flags, which pretraining and fine-tuning share."""
     p.add_argument("--steps", type=int, help=f"stop after this many steps{steps}")
@@ -104,8 +149,9 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--eval-tokens", type=int, default=TrainConfig.eval_tokens,
                    help="validate on at most N tokens of the val split (default: %(default)s; `fournil eval` scores "
                         "all of it)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seeds the weights' initialization, the batches and dropout (default 1337)")
+    p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",

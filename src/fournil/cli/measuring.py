@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import LATEST, SCORE_DTYPE, parse_picture, scored
+from fournil.cli.flags import DEVICE, LATEST, SCORE_DTYPE, add_sampling_args, parse_picture, scored
 from fournil.errors import FournilError
 
 ANIMAL = "The animal didn't cross the street because it was too tired"
@@ -18,7 +18,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("run", nargs="?", help=LATEST)
     p.add_argument("--beam", type=int, default=1,
                    help="seq2seq: decode with a beam search of this width (default: greedy)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", **SCORE_DTYPE)
 
     p = sub.add_parser("bench", help="standard benchmarks through lm-evaluation-harness on bundled data: HellaSwag, "
@@ -31,7 +31,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("--include-path", help="a folder of lm-eval YAML tasks over local files")
     p.add_argument("--out", help="folder for results.json and report.md (default: bench/MODEL)")
     p.add_argument("--batch-tokens", type=int, default=1024, help="tokens scored per forward pass")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", **SCORE_DTYPE)
 
     p = sub.add_parser("sample", help="sample text from a trained run")
@@ -39,12 +39,11 @@ def add_run_commands(sub) -> None:
     p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
     p.add_argument("--prompt", default="", help="text every sample starts with")
     p.add_argument("--temperature", type=float, help="0 = always the most likely token (default 1; seq2seq: 0)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-new-tokens", type=int)
+    add_sampling_args(p)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="the longest sample, in tokens (default: twice the context on lines, 500 on running text)")
     p.add_argument("--beam", type=int, default=1, help="seq2seq: the best output of a beam search of this width")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", **DEVICE)
 
     p = sub.add_parser("explain", help="the probability of each token of a text given the ones before, what the model "
                        "expected instead, and the NLL; as a table and a PNG bar chart (default: smollm2)")
@@ -52,7 +51,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("text", nargs="?", help=f"default: a run's first held-out document, else {CAPITAL!r}")
     p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
     p.add_argument("--out", default="explain.png", type=parse_picture, help="the picture to write (.png, .svg...)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", **SCORE_DTYPE)
 
 
@@ -65,7 +64,7 @@ def add_pictures(sub) -> None:
     p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
     p.add_argument("--token", default="it", help="show the row of the first token that reads as this (default: it)")
     p.add_argument("--out", default="attention.png", type=parse_picture, help="the picture to write (.png, .svg...)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", **DEVICE)
     p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
     p.add_argument("model", nargs="?", help="a run (mlp, rnn, gpt, llama, seq2seq), .gguf file or Hugging Face "
                                             "folder (default: the run under runs/ started last)")

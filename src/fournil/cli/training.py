@@ -7,8 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from fournil.cli.flags import (AUTOMATIC, LOW_MEMORY, SCORE_DTYPE, TRAIN_FLAGS, add_loop_args, add_recipe_parser,
-                               add_tuning_args, loop_config, lora_config, model_settings, parse_split, renamed, scored)
+from fournil.cli.flags import (AUTOMATIC, DEVICE, LOW_MEMORY, SCORE_DTYPE, TRAIN_FLAGS, add_loop_args,
+                               add_recipe_parser, add_tuning_args, loop_config, lora_config, model_settings, parse_split,
+                               renamed, scored, setting_help)
 from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, command_of, read_recipe
 from fournil.data.sources import BUNDLED
 from fournil.errors import FournilError
@@ -31,8 +32,8 @@ def add_train(sub) -> None:
     p.add_argument("--split", type=parse_split, default=(0.9, 0.05, 0.05), help="train,val,test fractions")
     p.add_argument("--split-seed", type=int, default=1337, help="seed of the split's document shuffle")
     p.add_argument("--train", dest="train_file", help="explicit training file (with --val and --test)")
-    p.add_argument("--val", dest="val_file")
-    p.add_argument("--test", dest="test_file")
+    p.add_argument("--val", dest="val_file", help="explicit validation file (with --train and --test)")
+    p.add_argument("--test", dest="test_file", help="explicit test file (with --train and --val)")
     add_loop_args(p, steps="", batch="sequences per forward pass (per process)", lr="")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step: accumulates gradients to reach it")
     p.add_argument("--optimizer", choices=["adamw", "muon"],
@@ -40,9 +41,11 @@ def add_train(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across processes (FSDP)")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard")
-    group = p.add_argument_group("model settings (each applies to the families that have it)")
+    group = p.add_argument_group("model settings (each applies to the families named after it, "
+                                 "with their defaults)")
     for name, kind in model_settings().items():
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str)
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"model_{name}", metavar=kind.__name__.upper(), type=str,
+                           help=setting_help(name))
 
 
 def add_finetune(sub) -> None:
@@ -78,7 +81,8 @@ def add_align(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_preferences", help=PREFERENCE_DATA + " (grpo: its prompts; an instruction "
                                                                                    "set's prompts work too)")
-    p.add_argument("--method", default="dpo", choices=["dpo", "grpo"])
+    p.add_argument("--method", default="dpo", choices=["dpo", "grpo"],
+                   help="dpo: learn from chosen/rejected pairs (default); grpo: sample answers and learn from a reward")
     p.add_argument("--beta", type=float, help="dpo: preference strength (default 0.1); grpo: KL penalty (default 0.04)")
     p.add_argument("--reference", default="model", choices=["model", "precomputed"],
                    help="dpo: keep the reference model (with LoRA: the model without its adapter, free), or compute "
@@ -108,7 +112,7 @@ def add_align(sub) -> None:
     s.add_argument("--data", help="preference pairs to score (default: the run's own val and test pairs)")
     s.add_argument("--max-length", type=int, help="with --data: pairs longer than this many tokens are skipped "
                                                   "(default: the length the reward model was trained on)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", **DEVICE)
     s.add_argument("--dtype", **SCORE_DTYPE)
 
 
