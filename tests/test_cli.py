@@ -178,7 +178,7 @@ def one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_every_flag_of_every_command_says_what_it_does(cli):
+def test_every_flag_and_argument_of_every_command_says_what_it_does(cli):
     import argparse
 
     from fournil.cli import parser
@@ -188,10 +188,11 @@ def test_every_flag_of_every_command_says_what_it_does(cli):
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     yield from flags(sub, (*path, name))
-            elif action.option_strings and action.help != argparse.SUPPRESS:
+            elif action.help != argparse.SUPPRESS:
                 yield " ".join(path), action
-    silent = [f"{command} {action.option_strings[-1]}" for command, action in flags(parser()) if not action.help]
-    assert not silent  # (--top-k, --seed, --device, 23 model settings... said nothing)
+    silent = [f"{command} {(action.option_strings or [action.dest])[-1]}" for command, action in flags(parser())
+              if not action.help]
+    assert not silent  # (--top-k, --seed, --device, 23 model settings, tokenize's text... said nothing)
     # a model setting names the families it applies to and their defaults, on lines and on running text
     shown = " ".join(cli("train", "--help").stdout.split())
     assert "--n INT the n-gram's order (2 = bigram, 3 = trigram): ngram 2 " in shown

@@ -49,7 +49,8 @@ def add_tokenizer_commands(sub) -> None:
 
     p = sub.add_parser("tokenize", help="show where tokenizers cut a text and how much they compress it, in the "
                                         "terminal and as a picture")
-    p.add_argument("text", nargs="?", default=SENTENCE)
+    p.add_argument("text", nargs="?", default=SENTENCE, help="the text to cut (default: a sentence of English "
+                                                            "and French, with quotes, accents, a digit and €)")
     p.add_argument("--tokenizer", action="append",
                    help="a tokenizer.json, a folder with one (a run, a Hugging Face model, `fournil tokenizer train` "
                         "output), a model (smollm2) or char (the text's own characters); repeat to compare; default: a "
