@@ -104,3 +104,18 @@ def test_penalties_by_hand():
 def test_bad_controls(bad):
     with pytest.raises(FournilError):
         SamplingParams(**bad).check()
+
+
+def test_the_python_api_says_which_setting_has_the_wrong_type(trained):
+    from fournil.runs import Run
+
+    run = Run.load(trained["gpt"], "cpu")
+    # (a TypeError from the seed's arithmetic, from a comparison, or from torch.topk before)
+    for given, said in (({"seed": "a"}, "sampling setting seed = 'a': expected a whole number"),
+                        ({"temperature": "hot"}, "sampling setting temperature = 'hot': expected a number"),
+                        ({"top_k": 2.5}, "sampling setting top_k = 2.5: expected a whole number"),
+                        ({"n": "3"}, "-n must be a whole number, at least 1 (got '3')")):
+        with pytest.raises(FournilError) as e:
+            run.sample(**given)
+        assert str(e.value) == said
+    assert len(run.sample(2, seed=3, temperature=1, top_p=1)) == 2  # whole numbers are numbers

@@ -235,8 +235,8 @@ class Run:
     def sample(self, n: int = 20, prompt: str = "", temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
-        if n < 1:
-            raise FournilError(f"-n must be at least 1 (got {n})")
+        if not isinstance(n, int) or n < 1:
+            raise FournilError(f"-n must be a whole number, at least 1 (got {n!r})")
         self.check_writes()
         if max_new_tokens is None:
             max_new_tokens = 2 * self.model.config.block_size if self.mode == "lines" else 500

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fournil.config import check_types
 from fournil.errors import FournilError
 
 GREEDY_BELOW = 1e-5  # a temperature this close to 0 is greedy (dividing by it would overflow to inf, then NaN)
@@ -33,6 +34,7 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty)
 
     def check(self) -> None:
+        check_types(SamplingParams, vars(self), "sampling")  # (the Python API's seed="a" failed deep in torch)
         if self.max_new_tokens < 1:
             raise FournilError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if not 0 <= self.temperature < math.inf:  # (NaN too, which no comparison lets through)
