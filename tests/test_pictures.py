@@ -120,6 +120,11 @@ def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):
     assert [len(r["top"]) for r in run.explain("emma", top=1)["rows"]] == [1] * 5
     with pytest.raises(FournilError, match="--top -1: show at least 1 alternative"):  # not all but the last
         run.explain("emma", top=-1)
+    for args, said in ((("emma", "2"), "--top '2': give a whole number of alternatives to show"),
+                       ((123,), "the text to explain must be a string (got int 123)")):  # (TypeErrors before)
+        with pytest.raises(FournilError) as e:
+            run.explain(*args)
+        assert str(e.value) == said
 
 
 def test_tokenize_draws_each_tokenizers_cuts_with_their_counts(bpe_llama, tmp_path):

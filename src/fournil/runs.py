@@ -46,6 +46,14 @@ def latest_run() -> Path:
     return path
 
 
+def split_names(names) -> tuple[str, ...]:
+    """``names`` of a run's splits, as a tuple ("val" alone too), refused if one is not a split."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if unknown := [n for n in names if n not in ("train", "val", "test")]:
+        raise FournilError(f"no split named {unknown[0]!r}: a run is scored on train, val or test")
+    return names
+
+
 def read_config(path: Path) -> RunConfig:
     file = path / CONFIG
     if not file.exists():
@@ -176,7 +184,7 @@ class Run:
             d = self.config.data
             return load_instructions(d.data, self.tokenizer, self.config.finetune.max_length, d.split, d.seed,
                                      announce=lambda _: None)
-        return make_data(self.splits(), self.tokenizer, self.model.config.block_size, names)
+        return make_data(self.splits(), self.tokenizer, self.model.config.block_size, split_names(names))
 
     def answer_val_prompts(self, n: int, max_new_tokens: int = 96) -> list[tuple[str, str]]:
         """Greedy answers to the first ``n`` held-out prompts of a fine-tuning run: (the message answered, the answer);
@@ -194,9 +202,7 @@ class Run:
         tokens only, for a fine-tuning run; target tokens for a seq2seq run, which also gets the exact-match accuracy
         and character error rate of its outputs, greedy or by a ``beam`` search); for a run tuned on preferences, the
         scores of its method."""
-        names = (names,) if isinstance(names, str) else names
-        if unknown := [n for n in names if n not in ("train", "val", "test")]:
-            raise FournilError(f"no split named {unknown[0]!r}: a run is scored on train, val or test")
+        names = split_names(names)
         if max_tokens is not None and max_tokens < 1:
             raise FournilError(f"max_tokens={max_tokens}: score at least 1 token of each split (None: all of them)")
         if self.config.align:

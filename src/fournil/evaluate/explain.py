@@ -39,6 +39,10 @@ def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32
     A row's ``label`` is the transition for a character model (``ma``: ``a`` after ``m``), else the token itself.
     """
     decoder_only(model, "scoring a text")  # (before the text: a seq2seq model's vocabulary would be blamed)
+    if not isinstance(text, str):
+        raise FournilError(f"the text to explain must be a string (got {type(text).__name__} {text!r})")
+    if not isinstance(top, int):
+        raise FournilError(f"--top {top!r}: give a whole number of alternatives to show")
     if top < 1:
         raise FournilError(f"--top {top}: show at least 1 alternative")
     seq = framed(tokenizer, text)
