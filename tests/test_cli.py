@@ -321,6 +321,8 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
                    "no-adapter is not a folder: give a folder with a PEFT LoRA adapter (a run of fournil finetune")
     one_line_error(run("merge", trained["gpt"], trained["gpt"], "merged"),
                    f"{trained['gpt']} holds no adapter_config.json: give a folder with a PEFT LoRA adapter")
+    one_line_error(run("merge", trained["gpt"], "merged"), f"{trained['gpt']} names no base model (it is not a LoRA "
+                   f"run of fournil): give the base first, fournil merge BASE {trained['gpt']} merged")
     for command in ("tokenizer", "prepare"):  # (each wrote its tokenizer.json over the run's)
         one_line_error(run(command, "--data", "names", "--out", trained["gpt"]),
                        f"{trained['gpt']} is not a folder of fournil {command}'s own (config.json, ")

@@ -194,6 +194,11 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     assert steps == [0, 2, 4, 6, 8]  # the base model's val NLL, then every second step, resumed at step 4
     shown = cli("eval", root / "tuned").stdout
     assert "val" in shown and "test" in shown
+    # a LoRA run names its base: merged without naming it again (both were required before)
+    said = cli("merge", root / "tuned", root / "merged").stdout
+    assert said.strip() == f"merged a rank-2 adapter on 7 kinds of layers into {base} -> {root / 'merged'}"
+    tuned, merged = Run.load(root / "tuned", "cpu").model.state_dict(), Run.load(root / "merged", "cpu").model.state_dict()
+    assert tuned.keys() == merged.keys() and all(torch.equal(tuned[k], merged[k]) for k in tuned)
 
 
 def test_an_adapting_run_validates_a_quarter_of_its_steps_apart_unless_told(bpe_base):

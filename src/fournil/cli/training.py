@@ -61,8 +61,11 @@ def add_finetune(sub) -> None:
     p.add_argument("--pack", action="store_true", help="join short training examples into rows of --max-length tokens")
     add_loop_args(p, steps=" (default 200)", batch="examples per step (default 8)",
                   lr=" (default 1e-3 with LoRA, 5e-5 without)")
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model, as a run directory")
-    p.add_argument("base", help="the base model: a run, .gguf file, Hugging Face folder or smollm2")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model, as a run directory",
+                       description="fournil merge [BASE] ADAPTER OUT: the base model with the adapter folded into its "
+                                   "weights, a plain model again (a fournil run names its own base).")
+    p.add_argument("base", nargs="?", help="the base model: a run, .gguf file, Hugging Face folder or smollm2 "
+                                           "(default: the one a fournil LoRA run was tuned from)")
     p.add_argument("adapter",
                    help="a folder with adapter_config.json and adapter_model.safetensors (fournil's or PEFT's)")
     p.add_argument("out", help="the run directory to write")
@@ -268,10 +271,16 @@ def run_merge(args) -> None:
 
     check_output(Path(args.out))  # before the model loads
     adapter = Path(args.adapter)
-    if (adapter / CONFIG).is_file() and read_config(adapter).scores_answers:
+    tuned = read_config(adapter) if (adapter / CONFIG).is_file() else None
+    if tuned and tuned.scores_answers:
         raise FournilError(f"{adapter} is a reward model: merged without its score head, it would neither "
                            f"write nor score; use the run itself (fournil reward score {adapter}, fournil align "
                            f"--method grpo --reward {adapter})")
+    if args.base is None:
+        if not (tuned and tuned.finetune and tuned.finetune.lora):
+            raise FournilError(f"{adapter} names no base model (it is not a LoRA run of fournil): give the base "
+                               f"first, fournil merge BASE {adapter} {args.out}")
+        args.base = tuned.finetune.base
     run = Run.load(args.base, "cpu")
     config = load_adapter(run.model, Path(args.adapter))
     merge_lora(run.model)
