@@ -26,7 +26,6 @@ META, TOKENIZER = "meta.json", "tokenizer.json"
 CHUNK_BYTES = 1 << 20  # at most; smaller for small corpora, so that val and test get some 200 chunks' worth
 BATCH_CHUNKS = 16  # chunks tokenized together, then written, then recorded
 SHARD_TOKENS = 50_000_000
-SPLIT_OF_CHUNK = ("val", "test")  # chunk i goes to val if i % 20 == 18, test if 19, else train
 
 
 def is_prepared(path: str | Path) -> bool:

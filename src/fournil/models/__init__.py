@@ -43,10 +43,6 @@ ORDERS = {"unigram": 1, "bigram": 2, "trigram": 3}  # n-grams by the names a cou
 TEXT_BLOCK_SIZE = 128  # default context for running text; in lines mode it is the longest document
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def check_family(family: str | None) -> None:
     if family is None:
         raise FournilError(f"the model's settings name no family: add \"family\", one of {', '.join(FAMILIES)}")
