@@ -199,6 +199,10 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     assert said.strip() == f"merged a rank-2 adapter on 7 kinds of layers into {base} -> {root / 'merged'}"
     tuned, merged = Run.load(root / "tuned", "cpu").model.state_dict(), Run.load(root / "merged", "cpu").model.state_dict()
     assert tuned.keys() == merged.keys() and all(torch.equal(tuned[k], merged[k]) for k in tuned)
+    # info says whose dtype and size it gives (the base's dtype beside the adapter's size, unsaid, before)
+    info = Run.load(root / "tuned", "cpu").info()
+    assert info["stored dtype"] == "float32 (the base; the adapter: float32)"
+    assert info["size on disk"].endswith(f" MiB (the adapter; the base: {base})")
 
 
 def test_an_adapting_run_validates_a_quarter_of_its_steps_apart_unless_told(bpe_base):

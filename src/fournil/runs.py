@@ -257,6 +257,7 @@ class Run:
         c = self.model.config
         files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.is_file() and p.name != STATE]
         size = sum(p.stat().st_size for p in files)
+        adapter = bool(self.config.finetune and self.config.finetune.lora)  # (the base's dtype, the adapter's files)
         shape = {k: getattr(c, k) for k in ("n", "context", "cell", "n_layer", "n_head", "n_kv_head", "n_embd",
                                             "n_hidden") if hasattr(c, k)}  # (each family's own)
         return {
@@ -265,8 +266,9 @@ class Run:
             "shape": ", ".join(f"{k} {v}" for k, v in shape.items()),
             "vocabulary": f"{self.tokenizer.vocab_size:,} tokens",
             "context": f"{self.model.reads:,} token{'s' * (self.model.reads != 1)}",
-            "stored dtype": self.source["dtype"],
-            "size on disk": f"{size / 2**20:.1f} MiB",
+            "stored dtype": self.source["dtype"] + (" (the base; the adapter: float32)" if adapter else ""),
+            "size on disk": f"{size / 2**20:.1f} MiB" + (f" (the adapter; the base: {self.config.finetune.base})"
+                                                        if adapter else ""),
             "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",
         }
 
