@@ -199,6 +199,14 @@ def test_every_flag_and_argument_of_every_command_says_what_it_does(cli):
     assert "--n-embd INT width of the embeddings and hidden states: mlp 24, rnn 64, gpt 64 (128 on text), llama 64 " \
            "(128 on text), seq2seq 128 " in shown
     assert "--head-dim INT width of each head (default: n_embd / n_head): llama " in shown  # (not "llama 0")
+    # and every flag its default, where its help did not say it (the distillation's temperature and weight did not)
+    assert "--split SPLIT train,val,test fractions (default: 0.9,0.05,0.05) " in shown
+    shown = " ".join(cli("distill", "--help").stdout.split())
+    assert "--kd-temperature KD_TEMPERATURE softens both distributions (default: 2.0) " in shown
+    assert "--student STUDENT layers:N (N of the teacher's layers and its embeddings), a model config .json (from " \
+           "scratch, the teacher's vocabulary), or a run with the teacher's tokenizer (default: layers:4) " in shown
+    shown = " ".join(cli("arena", "judge", "--help").stdout.split())  # (a command's action too)
+    assert "--n N how many prompts (the last ones of the set) (default: 40) " in shown
 
 
 def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tmp_path, capsys, monkeypatch):

@@ -35,6 +35,26 @@ class CommandList(argparse.HelpFormatter):
             self._action_max_length += self._indent_increment
 
 
+class WithDefaults(argparse.HelpFormatter):
+    """A flag's help ends with its default, unless the help says it already (or there is none to say)."""
+
+    def _get_help_string(self, action):
+        help, default = action.help or "", action.default
+        if "default" in help or default in (None, False, "", [], argparse.SUPPRESS) or not action.help:
+            return help
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        return f"{help} (default: {shown.replace('%', '%%')})"
+
+
+def with_defaults(p: argparse.ArgumentParser) -> None:
+    """Every command's parser, at every depth (arena judge, tokenizer train...), formats with :class:`WithDefaults`."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.formatter_class = WithDefaults
+                with_defaults(sub)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fournil", allow_abbrev=False,
                                 description="Build, train, measure and sample language models, from a bigram up.",
@@ -54,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     files.add_model_files(sub)
     arena.add_arena(sub)
     files.add_tokenizer_commands(sub)
+    with_defaults(p)
     return p
 
 

@@ -63,13 +63,13 @@ def add_arena(sub) -> None:
                    help="an instruction set (bundled name or .jsonl), or a .txt file of one prompt per line")
     q.add_argument("--n", type=int, default=40, help="how many prompts (the last ones of the set)")
     q.add_argument("--seed", type=int, default=0,
-                   help="every battle's answers are sampled with it, and stored with it to be replayed (default 0)")
+                   help="every battle's answers are sampled with it, and stored with it to be replayed")
     common(q)
     answering(q)
     q = actions.add_parser("export", help="the votes as prompt/chosen/rejected pairs for fournil align")
     common(q)
     q.add_argument("--voters", default="all", choices=["people", "judges", "all"], help="whose votes to export")
-    q.add_argument("--out", default="prefs.jsonl", help="the JSONL file to write (default prefs.jsonl)")
+    q.add_argument("--out", default="prefs.jsonl", help="the JSONL file to write")
 
 
 def run_arena(args) -> None:

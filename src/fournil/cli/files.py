@@ -21,7 +21,7 @@ def add_model_files(sub) -> None:
     p.add_argument("out", help="OUT.gguf, or a folder")
     p.add_argument("--to", choices=["hf", "gguf", "run"], help="output format (default: gguf for *.gguf, else hf)")
     p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"],
-                   help="GGUF weight type: f32 (the default), f16 (half the size), q8_0 (about a quarter: "
+                   help="GGUF weight type: f32, f16 (half the size), q8_0 (about a quarter: "
                         "8-bit blocks)")
 
     p = sub.add_parser("info", help="architecture, parameters, dtype, context length, size on disk")
@@ -36,8 +36,7 @@ def add_tokenizer_commands(sub) -> None:
                    help=f"a bundled dataset ({', '.join(BUNDLED)}) or a UTF-8 text file")
     t.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
                    help="lines: one document per line; text: running text (default: inferred)")
-    t.add_argument("--vocab-size", type=int, default=1024, help="tokens in the vocabulary, 256 bytes and the merges "
-                                                                "(default 1024)")
+    t.add_argument("--vocab-size", type=int, default=1024, help="tokens in the vocabulary: 256 bytes and the merges")
     t.add_argument("--out", help="folder for tokenizer.json (default: tokenizers/DATA-bpeN)")
 
     p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards "

@@ -150,7 +150,7 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
                    help="validate on at most N tokens of the val split (default: %(default)s; `fournil eval` scores "
                         "all of it)")
     p.add_argument("--seed", type=int, default=1337,
-                   help="seeds the weights' initialization, the batches and dropout (default 1337)")
+                   help="seeds the weights' initialization, the batches and dropout")
     p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")

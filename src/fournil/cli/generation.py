@@ -20,9 +20,8 @@ def add_generation(sub) -> None:
     answerer_help = MODEL_HELP + ", or openai:NAME@BASE_URL (a model of an OpenAI-compatible endpoint)"
 
     def sampling(p, temperature: float) -> None:
-        p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (default 256)")
-        p.add_argument("--temperature", type=float, default=temperature,
-                       help=f"0 = always the most likely token (default {temperature})")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
+        p.add_argument("--temperature", type=float, default=temperature, help="0 = always the most likely token")
         add_sampling_args(p)
         p.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the best")
         p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 from fournil.cli.flags import (AUTOMATIC, DEVICE, LOW_MEMORY, SCORE_DTYPE, TRAIN_FLAGS, add_loop_args,
-                               add_recipe_parser, add_tuning_args, loop_config, lora_config, model_settings, parse_split,
-                               renamed, scored, setting_help)
+                               add_recipe_parser, add_tuning_args, loop_config, lora_config, model_settings,
+                               parse_split, renamed, scored, setting_help)
 from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, command_of, read_recipe
 from fournil.data.sources import BUNDLED
 from fournil.errors import FournilError
