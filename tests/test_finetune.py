@@ -197,7 +197,8 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
     # a LoRA run names its base: merged without naming it again (both were required before)
     said = cli("merge", root / "tuned", root / "merged").stdout
     assert said.strip() == f"merged a rank-2 adapter on 7 kinds of layers into {base} -> {root / 'merged'}"
-    tuned, merged = Run.load(root / "tuned", "cpu").model.state_dict(), Run.load(root / "merged", "cpu").model.state_dict()
+    tuned = Run.load(root / "tuned", "cpu").model.state_dict()
+    merged = Run.load(root / "merged", "cpu").model.state_dict()
     assert tuned.keys() == merged.keys() and all(torch.equal(tuned[k], merged[k]) for k in tuned)
     # info says whose dtype and size it gives (the base's dtype beside the adapter's size, unsaid, before)
     info = Run.load(root / "tuned", "cpu").info()
