@@ -11,7 +11,8 @@ from conftest import CLI, InProcess
 from fournil.config import DataConfig
 from fournil.data import load_splits
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path
-from fournil.data.nombres import in_digits, in_words
+from fournil.data.nombres import as_source, in_digits, in_words
+from fournil.errors import FournilError
 from fournil.evaluate.metrics import edit_distance, output_scores
 from fournil.generate.seq2seq import beam_search, sample_targets
 from fournil.generate.sampling import SamplingParams
@@ -35,6 +36,11 @@ def test_numbers_in_french_words_follow_the_rules():
     assert in_digits(1234) == "1 234" and in_digits(999999) == "999 999" and in_digits(7) == "7"
     with pytest.raises(ValueError):
         in_words(1_000_000)
+    # what a person types, as the sources are written (the model read "1234" as "123": "cent vingt-trois")
+    assert [as_source(s) for s in ("1234", "1 234", " 71080 ", "007", "0")] == ["1 234", "1 234", "71 080", "7", "0"]
+    for wrong in ("1000000", "12a", "-5", "", "١٢"):  # (Arabic-Indic digits: isdigit, but not the data's)
+        with pytest.raises(FournilError, match="is not a number from 0 to 999 999, which nombres writes in words"):
+            as_source(wrong)
 
 
 def test_nombres_splits_hold_disjoint_numbers():
@@ -125,12 +131,19 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
 
 
 def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):
-    said = CLI(tmp_path)("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet")
+    cli = CLI(tmp_path)
+    said = cli("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet")
     assert said.stdout.splitlines()[-1] == ("next: fournil eval runs/nombres-seq2seq  |  fournil sample "
                                             "runs/nombres-seq2seq --prompt SOURCE  |  fournil embeddings "
                                             "runs/nombres-seq2seq")  # not explain, which scores a text
     settings = json.loads((tmp_path / "runs" / "nombres-seq2seq" / "config.json").read_text())
     assert settings["data"]["data"] == "nombres" and settings["model"]["family"] == "seq2seq"
+    typed = cli("sample", "runs/nombres-seq2seq", "--prompt", "1234")  # read as the sources are written
+    assert typed.stderr.strip() == "(read as '1 234', as the training sources write it)"
+    assert typed.stdout == cli("sample", "runs/nombres-seq2seq", "--prompt", "1 234").stdout
+    refused = cli("sample", "runs/nombres-seq2seq", "--prompt", "1000000", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "fournil: error: '1000000' is not a number from 0 to 999 999, which nombres writes in words")
 
 
 def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):

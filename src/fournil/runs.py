@@ -219,6 +219,14 @@ class Run:
                 scores[n].update(output_scores(outputs, list(targets)))
         return scores
 
+    def as_sources(self, sources: list[str]) -> list[str]:
+        """``sources`` written as the run's data writes them, for a task made by code that has a way (nombres)."""
+        from fournil.data.pairs import AS_SOURCE
+
+        d = self.config.data
+        written = AS_SOURCE.get(d.data) if d and d.train is None else None  # (--train FILE: the files' own sources)
+        return [written(s) for s in sources] if written else sources
+
     def translate(self, sources: list[str], beam: int = 1, params: SamplingParams | None = None,
                   dtype: torch.dtype | None = None) -> list[str]:
         """A seq2seq model's output for each source: greedy, sampled with ``params``, or by a ``beam`` search."""
@@ -228,6 +236,7 @@ class Run:
             raise FournilError(f"{self.path} is a {self.model.family} model; translating a source needs a seq2seq model")
         if beam < 1:
             raise FournilError(f"--beam {beam}: give a width of 1 (greedy) or more")
+        sources = self.as_sources(sources)
         return generate_targets(self.model, self.tokenizer, sources, params, beam, dtype or self.dtype)
 
     def check_writes(self) -> None:

@@ -142,6 +142,8 @@ def sample_pairs(run, args) -> None:
     params = SamplingParams(max_new_tokens=limit,
                             temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.prompt:
+        if (read := run.as_sources([args.prompt])[0]) != args.prompt:
+            print(f"(read as {read!r}, as the training sources write it)", file=sys.stderr)
         print(run.translate([args.prompt], args.beam, params)[0])
         return
     pairs = run.splits().val[: args.num]

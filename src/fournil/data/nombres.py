@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+from fournil.errors import FournilError
+
 UNITS = ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix", "onze", "douze",
          "treize", "quatorze", "quinze", "seize"]
 TENS = {2: "vingt", 3: "trente", 4: "quarante", 5: "cinquante", 6: "soixante"}
@@ -62,6 +64,15 @@ def in_words(n: int) -> str:
 def in_digits(n: int) -> str:
     """Digits grouped by three with a space, as French writes them: ``1 234``, ``999 999``."""
     return f"{n:,}".replace(",", " ")
+
+
+def as_source(text: str) -> str:
+    """A number typed as the data's sources write it (``1234`` -> ``1 234``): the model has only seen groups of three,
+    and read ``1234`` as ``123`` (``cent vingt-trois``)."""
+    digits = "".join(text.split())
+    if not (digits.isascii() and digits.isdigit() and int(digits) <= LARGEST):
+        raise FournilError(f"{text!r} is not a number from 0 to {in_digits(LARGEST)}, which nombres writes in words")
+    return in_digits(int(digits))
 
 
 SHARES = {1_000: 0.2, 10_000: 0.35, 100_000: 0.45}  # of the numbers above 999, by their lowest: 4, 5 and 6 digits

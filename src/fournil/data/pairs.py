@@ -10,11 +10,12 @@ import torch
 
 from fournil.data.batches import IGNORE, frame_ids, thinned
 from fournil.data.instructions import other_kind, read_rows
-from fournil.data.nombres import nombres
+from fournil.data.nombres import as_source, nombres
 from fournil.data.sources import fingerprint, read_text
 from fournil.errors import FournilError
 
 GENERATED = {"nombres": nombres}  # tasks made by code: no file, no download
+AS_SOURCE = {"nombres": as_source}  # a source typed by a person, written as the task writes its sources
 SUFFIXES = (".jsonl", ".tsv")
 
 
