@@ -76,6 +76,20 @@ def test_chat_answers_paris(cli):
     assert again == answer  # no system message left: the same conversation as the first
 
 
+def test_a_message_of_several_lines_is_sent_whole_between_triple_quotes(cli):
+    from fournil.generate import SamplingParams
+    from fournil.generate.answerers import answerer
+
+    asked = "Name the capital\nof France."  # (pasted line by line, each line got an answer of its own)
+    result = cli("chat", "smollm2", "--temperature", "0", "--max-new-tokens", "12",
+                 input=f'"""\n{asked}\n"""\n/reset\n"""{asked.replace(chr(10), " ")}"""\n')
+    chat = answerer("smollm2", "cpu", conversation=True)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    whole = "".join(chat.chat([{"role": "user", "content": asked}], greedy))
+    one_line = "".join(chat.chat([{"role": "user", "content": asked.replace("\n", " ")}], greedy))
+    assert result.stdout == f"{whole}\n(new conversation)\n{one_line}\n"
+
+
 def test_every_token_of_the_embeddings_picture_has_a_label_its_font_can_draw(cli, tmp_path):
     """SmolLM2's first tokens are bytes, control characters among them: escaped (\\x7f), not glyphs the font lacks."""
     result = cli("embeddings", "smollm2", "--out", tmp_path / "embeddings.png")
@@ -108,8 +122,8 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
     stopped, rest = out.split(" (stopped)\n", 1)
     assert 0 < len(stopped.strip()) < 600  # its first pieces, not 300 tokens
     help_line, slashed, paris = rest.split("\n", 2)
-    assert help_line == "(no command /help: /reset, /system TEXT, /exit; to send a message that begins with /, " \
-                        "begin it with //)"
+    assert help_line == '(no command /help: /reset, /system TEXT, /exit; """ begins and ends a message of several ' \
+                        'lines; to send a message that begins with /, begin it with //)'
     assert slashed and "Paris" in paris
 
 

@@ -13,7 +13,7 @@ from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compil
 from fournil.errors import ContextFull, FournilError
 from fournil.text import is_text
 
-COMMANDS_OF_CHAT = "/reset, /system TEXT, /exit"
+COMMANDS_OF_CHAT = '/reset, /system TEXT, /exit; """ begins and ends a message of several lines'
 
 
 def add_generation(sub) -> None:
@@ -160,13 +160,16 @@ def run_chat(args) -> None:
             line = input("> " if interactive else "")
         except EOFError:
             break
-        command, _, rest = line.strip().partition(" ")
-        if not command:
+        block = line.strip().startswith('"""')
+        if block:  # a message of several lines (pasted text, code), sent whole: not a command
+            line = read_block(line, interactive)
+        if not line.strip():
             continue
         if not is_text(line):  # bytes that were not UTF-8: a terminal in another encoding
-            print(f"(that line is not UTF-8 text, at {os.fsencode(line)!r}: set the terminal to UTF-8 and type it "
-                  f"again)", file=sys.stderr)
+            print(f"(that {'message' if block else 'line'} is not UTF-8 text, at {os.fsencode(line)!r}: set the "
+                  f"terminal to UTF-8 and type it again)", file=sys.stderr)
             continue
+        command, _, rest = ("", "", "") if block else line.strip().partition(" ")
         if command == "/exit":
             break
         if command == "/reset":
@@ -181,7 +184,7 @@ def run_chat(args) -> None:
         if re.fullmatch(r"/[A-Za-z?]+", command):
             print(f"(no command {command}: {COMMANDS_OF_CHAT}; to send a message that begins with /, begin it with //)")
             continue
-        line = line[1:] if line.startswith("//") else line
+        line = line[1:] if not block and line.startswith("//") else line
         try:
             pieces = model.chat(messages + [{"role": "user", "content": line}], params)
         except ContextFull as e:
@@ -204,6 +207,20 @@ def run_chat(args) -> None:
             continue
         print()
         messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+
+
+def read_block(first: str, interactive: bool) -> str:
+    """The lines from ``first``, which begins with \"\"\", to the one that ends with \"\"\" (the same line, or a
+    later one), without the quotes: one message. An input that ends first gives what came."""
+    lines, line = [], first.strip()[3:]
+    while not line.rstrip().endswith('"""'):
+        lines.append(line)
+        try:
+            line = input("... " if interactive else "")
+        except EOFError:
+            return "\n".join(lines)
+    lines.append(line.rstrip()[:-3])
+    return "\n".join(lines).strip("\n")
 
 
 def run_serve(args) -> None:
