@@ -39,11 +39,11 @@ class WithDefaults(argparse.HelpFormatter):
     """A flag's help ends with its default, unless the help says it already (or there is none to say)."""
 
     def _get_help_string(self, action):
-        help, default = action.help or "", action.default
-        if "default" in help or default in (None, False, "", [], argparse.SUPPRESS) or not action.help:
-            return help
+        said, default = action.help, action.default
+        if not said or "default" in said or default in (None, False, "", [], argparse.SUPPRESS):
+            return said
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
-        return f"{help} (default: {shown.replace('%', '%%')})"
+        return f"{said} (default: {shown.replace('%', '%%')})"
 
 
 def with_defaults(p: argparse.ArgumentParser) -> None:

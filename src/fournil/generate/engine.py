@@ -44,7 +44,7 @@ def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams 
     :func:`batch_rows` allows); ``params`` for all (each answer then gets a seed of its own) or one per prompt.
     ``progress(n)``: after each step, with the number of answers finished so far."""
     if not isinstance(params, list):
-        params.check()  # before each row's seed is derived from its seed
+        params.check()  # before the rows' seeds are derived from its seed
     each = params if isinstance(params, list) else [row_params(params, i) for i in range(len(prompts))]
     scheduler = Scheduler(model, tokenizer, dtype, max_batch=max_batch or batch_rows(model, prompts, each, dtype),
                           max_waiting=len(prompts), truncate=truncate)
