@@ -351,7 +351,7 @@ def read_recipe(path: str | Path, stage: str = "train") -> RunConfig:
             except yaml.YAMLError as e:
                 raise ValueError(e) from None
     except ValueError as e:  # what TOML's, JSON's (and here YAML's) parse errors are
-        raise FournilError(f"--config {path} does not parse: {e}") from None
+        raise FournilError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
     wanted = STAGES[stage]
     if not isinstance(raw, dict):
         raise FournilError(f"--config {path}: expected the sections {', '.join(('model', 'data', 'train') + wanted)}")

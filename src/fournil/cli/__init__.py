@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fournil: error: the argument {os.fsencode(garbled)!r} is not UTF-8 text: write it in a terminal set to "
               f"UTF-8 (e.g. LANG=C.UTF-8), or convert the file it came from", file=sys.stderr)
         return 2
-    args = parse(argv)
+    try:
+        args = parse(argv)
+    except FournilError as e:  # a --config FILE that is not a recipe
+        print(f"fournil: error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "resume", None) and (given := beside_resume(argv, args)):
         print(f"fournil: error: --resume goes on with the settings {args.resume} started with (its config.json), a new "
               f"budget aside: only --steps, --time and --quiet go with it; drop {given}", file=sys.stderr)

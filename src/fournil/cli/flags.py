@@ -182,11 +182,9 @@ class RecipeParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         files = [a.removeprefix("--config=") for a in args or [] if a.startswith("--config=")]
         files += [args[i + 1] for i, a in enumerate(args or []) if a == "--config" and i + 1 < len(args)]
-        if files and Path(files[-1]).is_file():  # (a missing file is said when the command runs)
-            try:
-                self.set_defaults(**recipe_defaults(read_recipe(files[-1], self.stage), self.stage))
-            except FournilError as e:
-                self.error(str(e))
+        if files and Path(files[-1]).is_file():  # (a missing file is said when the command runs; a file that is
+            # not a recipe, in one line: FournilError, not the usage of every flag, which the file is not about)
+            self.set_defaults(**recipe_defaults(read_recipe(files[-1], self.stage), self.stage))
         return super().parse_known_args(args, namespace)
 
 

@@ -68,18 +68,25 @@ class Undrawn(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_model(config: dict, weights: dict | None = None, source: str = "the weights") -> LanguageModel:
-    """A model from its saved config dict (``{"family": ..., settings...}``), holding ``weights`` if given (read from
-    ``source``) without drawing initial ones first (for SmolLM2 that drawing took half the time of loading)."""
+def check_settings(config: dict) -> None:
+    """A model's settings (``{"family": ..., settings...}``) name a family, and only settings it has, of their types."""
     settings = dict(config)
     family = settings.pop("family", None)
     check_family(family)
-    model_cls, cfg_cls = FAMILIES[family]
+    cfg_cls = FAMILIES[family][1]
     names = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(settings) - names)
     if unknown:
         raise FournilError(f"model {family} has no setting(s) {', '.join(unknown)}; it has {', '.join(sorted(names))}")
     check_types(cfg_cls, settings, f"model {family}")
+
+
+def build_model(config: dict, weights: dict | None = None, source: str = "the weights") -> LanguageModel:
+    """A model from its saved config dict (``{"family": ..., settings...}``), holding ``weights`` if given (read from
+    ``source``) without drawing initial ones first (for SmolLM2 that drawing took half the time of loading)."""
+    check_settings(config)
+    settings = dict(config)
+    model_cls, cfg_cls = FAMILIES[settings.pop("family")]
     if not 0 <= settings.get("dropout", 0.0) < 1:
         raise FournilError(f"--dropout must be in [0, 1), the share of activations zeroed while training "
                            f"(got {settings['dropout']})")
@@ -91,4 +98,5 @@ def build_model(config: dict, weights: dict | None = None, source: str = "the we
     return model
 
 
-__all__ = ["DEFAULTS", "FAMILIES", "LanguageModel", "TEXT_BLOCK_SIZE", "build_model", "check_family", "config_class"]
+__all__ = ["DEFAULTS", "FAMILIES", "LanguageModel", "TEXT_BLOCK_SIZE", "build_model", "check_family", "check_settings",
+           "config_class"]

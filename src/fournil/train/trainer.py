@@ -25,7 +25,7 @@ from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
 from fournil.device import autocast, matmul_rate, memory_budget, pick_device, pick_dtype, precision_text, prepare_compile
 from fournil.errors import FournilError
-from fournil.models import DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_family, config_class
+from fournil.models import DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
@@ -548,7 +548,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
     else:
         config = config or RunConfig(model={"family": "gpt"})
         config.train.check()
-        check_family(config.model.get("family"))  # before the data is read
+        check_settings(config.model)  # before the data is read, and the budget sized
         if FAMILIES[config.model["family"]][0].counts_only and (unused := loop_settings(config.train)):
             announce(f"(an n-gram is counted in one pass over the training split, not trained step by step: "
                      f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply)")
