@@ -159,6 +159,10 @@ def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         ("train", "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS, "instruction"))):
             "line 1: each record needs text fields 'source' and 'target'; this file holds instructions: learn from "
             "them with fournil finetune",
+        # fractions that do not add up to 1 (pairs gave the test split what was left; running text was checked)
+        ("train", "--model", "seq2seq", "--split", "0.3,0.3,0.3"):
+            "--split must be three positive fractions that add up to 1, e.g. 0.9,0.05,0.05 (got 0.3,0.3,0.3)",
+        ("train", "--data", "names", "--split", "1,0,0"): "--split must be three positive fractions that add up to 1",
     }.items():
         result = cli(*args, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
