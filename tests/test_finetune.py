@@ -255,3 +255,19 @@ def test_low_memory_trains_exactly_as_whole_batches(bpe_base, command):
     adapters = {how: load_file(run / "adapter_model.safetensors") for how, run in runs.items()}
     for name, weight in adapters["on"].items():
         assert torch.allclose(weight, adapters["off"][name], atol=1e-5), name
+
+
+def test_a_recipe_s_split_and_seed_reach_the_examples(bpe_base):
+    root, base = bpe_base
+    (root / "split.toml").write_text(f'[finetune]\nbase = "{base}"\n[data]\nsplit = [0.8, 0.1, 0.1]\nseed = 7\n'
+                                     f'[train]\nsteps = 1\n')
+    said = CLI(root)("finetune", "--config", root / "split.toml", "--quiet", "--out", "split").stdout
+    # the recipe names no data: finetune's own, rasbt_instructions, split as it says (it was split 90/5/5, by seed
+    # 1337, without a word; and a recipe without data got prenoms, refused as text)
+    assert said.startswith("fine-tuning ") and " on rasbt_instructions: 880 examples; " in said.splitlines()[0]
+    data = json.loads((root / "split" / "config.json").read_text())["data"]
+    assert (data["data"], data["split"], data["seed"]) == ("rasbt_instructions", [0.8, 0.1, 0.1], 7)
+    (root / "files.toml").write_text(f'[finetune]\nbase = "{base}"\n[data]\ntrain = "a.jsonl"\n')
+    refused = CLI(root)("finetune", "--config", root / "files.toml", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        "fournil finetune splits one data set (split, seed): give it as data, not train")

@@ -105,6 +105,10 @@ def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path, capsys, m
     (tmp_path / "nobase.toml").write_text("[finetune]\nmax_length = 64\n")
     out = cli("finetune", "--config", "nobase.toml", check=False)
     assert out.returncode == 2 and "the finetune settings need base" in out.stderr
+    (tmp_path / "thirds.toml").write_text('[finetune]\nbase = "smollm2"\n[data]\nsplit = [0.3, 0.3, 0.3]\n')
+    out = cli("finetune", "--config", "thirds.toml", check=False)  # (the test examples got what was left: 40 %)
+    assert out.returncode == 2 and "--split must be three positive fractions that add up to 1, e.g. 0.9,0.05,0.05 " \
+                                   "(got 0.3,0.3,0.3)" in out.stderr
     for command in ("train", "finetune", "distill"):
         out = cli(command, "--config", "missing.toml", check=False)
         assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr, command

@@ -17,6 +17,14 @@ from pathlib import Path
 from fournil.errors import FournilError
 
 
+def check_split(fractions) -> tuple[float, float, float]:
+    """Train/val/test fractions, refused unless there are three, each positive, adding up to 1."""
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise FournilError(f"--split must be three positive fractions that add up to 1, e.g. 0.9,0.05,0.05 (got "
+                           f"{','.join(f'{f:g}' for f in fractions)})")
+    return tuple(fractions)
+
+
 @dataclass
 class DataConfig:
     data: str = "prenoms"  # a bundled dataset name or a path to a UTF-8 text file
@@ -330,6 +338,11 @@ def read_recipe(path: str | Path, stage: str = "train") -> RunConfig:
     """A run's settings from a file: a recipe in TOML or YAML, or the ``config.json`` a run wrote, with the sections
     :class:`RunConfig` has. ``stage`` is the command that reads it: ``train`` (sections model, with its ``family``,
     data and train), ``finetune`` (and a finetune section), ``align`` (finetune and align) or ``distill``."""
+    return recipe_config(recipe_sections(path, stage), path, stage)
+
+
+def recipe_sections(path: str | Path, stage: str) -> dict:
+    """The sections of a recipe file as they are written (a setting left out is not there), checked to be known."""
     path = Path(path)
     if not path.is_file():
         raise FournilError(f"--config {path}: no such file")
@@ -362,12 +375,20 @@ def read_recipe(path: str | Path, stage: str = "train") -> RunConfig:
     for name in ("model", "data", "train", "finetune", "align", "distill"):
         if not isinstance(raw.get(name) or {}, dict):
             raise FournilError(f"--config {path}: {name} must be a table of settings (name = value)")
+    return raw
+
+
+def recipe_config(raw: dict, path: str | Path, stage: str) -> RunConfig:
+    """The settings of a recipe's ``raw`` sections, for the command ``stage``."""
     made_by = next((s for s, sections in reversed(STAGES.items()) if sections and all(raw.get(k) for k in sections)),
                    "train")
     if made_by != stage:
         raise FournilError(f"--config {path} is for fournil {made_by}: give it to fournil {made_by} --config")
     config = RunConfig(model=dict(raw.get("model") or {}), data=from_dict(DataConfig, raw.get("data") or {}, "data"),
                        train=from_dict(TrainConfig, raw.get("train") or {}, "train"))
+    if stage != "train" and (files := [f for f in ("train", "val", "test") if getattr(config.data, f)]):
+        raise FournilError(f"--config {path}: fournil {stage} splits one data set (split, seed): give it as data, "
+                           f"not {', '.join(files)}")
     if stage == "train":
         config.model = config.model or {"family": "gpt"}
         if "family" not in config.model:

@@ -8,7 +8,7 @@ import re
 import typing
 from pathlib import Path
 
-from fournil.config import STAGES, RunConfig, TrainConfig, read_recipe
+from fournil.config import STAGES, RunConfig, TrainConfig, recipe_config, recipe_sections
 from fournil.device import dtype_name
 from fournil.errors import FournilError
 from fournil.generate.quantize import PRECISIONS
@@ -184,7 +184,11 @@ class RecipeParser(argparse.ArgumentParser):
         files += [args[i + 1] for i, a in enumerate(args or []) if a == "--config" and i + 1 < len(args)]
         if files and Path(files[-1]).is_file():  # (a missing file is said when the command runs; a file that is
             # not a recipe, in one line: FournilError, not the usage of every flag, which the file is not about)
-            self.set_defaults(**recipe_defaults(read_recipe(files[-1], self.stage), self.stage))
+            raw = recipe_sections(files[-1], self.stage)
+            defaults = recipe_defaults(recipe_config(raw, files[-1], self.stage), self.stage)
+            if "data" not in (raw.get("data") or {}):  # the command's own data (finetune got DataConfig's prenoms)
+                del defaults["data"]
+            self.set_defaults(**defaults)
         return super().parse_known_args(args, namespace)
 
 
@@ -199,7 +203,7 @@ def add_recipe_parser(sub, stage: str, **kwargs) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE",
                    help=f"a recipe: a .toml or .yaml file ({what}; see recipes/) or a run's config.json, to train it "
                         f"again; flags given beside it override it")
-    p.set_defaults(recipe_train={}, recipe_model={})
+    p.set_defaults(recipe_train={}, recipe_model={}, recipe_data={})
     return p
 
 
@@ -217,6 +221,9 @@ def recipe_defaults(config: RunConfig, stage: str) -> dict:
         values |= {f"model_{k}": str(v) for k, v in config.model.items() if k in settings and v is not None}
         values["recipe_model"] = {k: v for k, v in config.model.items()
                                   if k not in settings and k not in AUTOMATIC and k != "family"}
+    else:  # how the one data set is split (finetune and align set its mode and tokenizer; distill its tokenizer)
+        values["recipe_data"] = {"split": tuple(d.split), "seed": d.seed} | ({"mode": d.mode} if stage == "distill"
+                                                                              else {})
     if config.finetune:
         ft, lora = config.finetune, config.finetune.lora
         values |= {"model": ft.base, "max_length": ft.max_length, "pack": ft.pack, "lora": lora is not None}

@@ -194,7 +194,8 @@ def run_finetune(args, align=None) -> None:
     if args.resume:
         report(finetune(resume=args.resume, budget=budget, progress=not args.quiet))
         return
-    report(finetune(args.model, args.data, lora_config(args), loop_config(args), args.max_length,
+    data = DataConfig(args.data, **getattr(args, "recipe_data", {}))  # (a recipe's split and seed)
+    report(finetune(args.model, data, lora_config(args), loop_config(args), args.max_length,
                     getattr(args, "pack", False), args.out, progress=not args.quiet, align=align))
 
 
@@ -256,7 +257,8 @@ def run_distill(args) -> None:
         read_recipe(args.config, "distill")  # what the parser could not read: a missing file
     settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.kd_temperature,
                              alpha=args.kd_weight, reverse=args.reverse, context=args.context, sequences=args.sequences)
-    run = distill(data=args.data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
+    data = DataConfig(args.data, **args.recipe_data) if args.data and args.recipe_data else args.data
+    run = distill(data=data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
                   budget=budget, baseline=not args.no_baseline, progress=not args.quiet, api_key_env=args.api_key_env)
     print(f"saved to {run.path}; next: fournil generate {run.path} TEXT  |  fournil eval {run.path}")
 

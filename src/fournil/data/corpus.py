@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from fournil.config import DataConfig
+from fournil.config import DataConfig, check_split
 from fournil.data.pairs import is_pairs, pair_splits
 from fournil.data.shards import is_prepared, open_shards
 from fournil.data.sources import fingerprint, read_text
@@ -52,10 +52,7 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
     if any(explicit) and not all(explicit):
         missing = [f"--{n}" for n, v in zip(("train", "val", "test"), explicit) if not v]
         raise FournilError(f"explicit split files need all three of --train, --val, --test; missing {', '.join(missing)}")
-    fractions = cfg.split  # (pairs too: 0.3,0.3,0.3 gave the test split 40 %)
-    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise FournilError(f"--split must be three positive fractions that add up to 1, e.g. 0.9,0.05,0.05 (got "
-                           f"{','.join(f'{f:g}' for f in fractions)})")
+    fractions = check_split(cfg.split)  # (pairs too: 0.3,0.3,0.3 gave the test split 40 %)
     if is_pairs(cfg.train or cfg.data):
         parts, fingerprints = pair_splits(cfg)
         return Splits("pairs", parts["train"], parts["val"], parts["test"]), fingerprints

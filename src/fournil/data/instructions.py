@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fournil.config import check_split
 from fournil.data.batches import IGNORE, LineData, thinned
 from fournil.errors import FournilError
 from fournil.text import HALF_PAIR, unpaired
@@ -220,6 +221,7 @@ def pack(examples: list[tuple], max_length: int) -> list[tuple[list[int], list[b
 
 def split_examples(kept: list, split, seed: int, spec: str) -> dict[str, list]:
     """A seeded shuffle of the examples of ``spec`` cut into train/val/test, each split at least one example."""
+    check_split(split)
     if len(kept) < 3:
         raise FournilError(f"{spec} has {len(kept)} usable example{'s' * (len(kept) != 1)}; training needs at least 3 "
                            f"(train, val, test)")

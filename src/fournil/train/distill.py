@@ -137,7 +137,7 @@ def teacher_answers(teacher, tokenizer, data: dict, n: int, run_dir: Path, annou
                            "train")
 
 
-def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | None = None,
+def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | DataConfig | None = None,
             settings: DistillConfig | None = None, train: TrainConfig | None = None, out: str | None = None,
             resume: str | None = None, budget: dict | None = None, baseline: bool = True, progress: bool = True,
             announce=print, api_key_env: str = "OPENAI_API_KEY") -> Run:
@@ -197,9 +197,11 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Non
         leave(world)
 
 
-def student_data(data: str | None, teacher: str) -> DataConfig:
+def student_data(data: str | DataConfig | None, teacher: str) -> DataConfig:
     """``data`` read as ``fournil train`` reads it (lines or running text), in the teacher's tokens; by default the
     teacher run's own data, in its mode and split (a names model distils on names), or Shakespeare."""
+    if isinstance(data, DataConfig):  # a recipe's, with its mode and split
+        return dataclasses.replace(data, tokenizer="teacher")
     if data is None and not is_remote(teacher) and source_kind(teacher)[0] == "run":
         own = read_config(find_run(teacher)).data
         if own:

@@ -49,12 +49,13 @@ def chat_tokenizer(tokenizer):
     return tokenizer
 
 
-def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: LoraConfig | None = None,
+def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions", lora: LoraConfig | None = None,
              train: TrainConfig | None = None, max_length: int | None = None, pack: bool = False, out: str | None = None,
              resume: str | None = None, budget: dict | None = None, progress: bool = True, announce=print,
              align: AlignConfig | None = None) -> Run:
-    """Tune ``base`` (a run, a .gguf file, a Hugging Face folder or ``smollm2``) on the instruction set ``data``, or,
-    with ``align``, learn from the preference set ``data`` (DPO, a reward model, GRPO); or continue the run
+    """Tune ``base`` (a run, a .gguf file, a Hugging Face folder or ``smollm2``) on the instruction set ``data`` (a
+    name, or a :class:`DataConfig` that also gives its split and seed), or, with ``align``, learn from the preference
+    set ``data`` (DPO, a reward model, GRPO); or continue the run
     ``resume``. Returns the tuned :class:`Run`."""
     world = join()
     try:
@@ -73,8 +74,10 @@ def finetune(base: str = "smollm2", data: str = "rasbt_instructions", lora: Lora
             base_run = Run.load(ft.base, train.device)
             base_run.check_writes()  # a reward model's language head no longer fits its body
             tokenizer = chat_tokenizer(base_run.tokenizer)
-            config = RunConfig(model=base_run.config.model, data=DataConfig(data=data, mode="preferences" if align else
-                                                                            "instructions", tokenizer="base"),
+            given = data if isinstance(data, DataConfig) else DataConfig(data)
+            config = RunConfig(model=base_run.config.model,
+                               data=DataConfig(data=given.data, mode="preferences" if align else "instructions",
+                                               split=given.split, seed=given.seed, tokenizer="base"),
                                train=fill_train(train, lora is not None, align), finetune=ft,
                                align=align)
             run_dir = new_run_dir(config, out)
