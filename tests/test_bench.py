@@ -191,12 +191,15 @@ def test_choices_packed_after_their_shared_context_score_as_if_each_were_read_al
         assert greedy == bool((alone.argmax(-1) == torch.tensor(continuation)).all())
 
 
-@pytest.mark.parametrize("model, message", [
-    ("rnn", "benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); "),
-    ("gpt", "cannot read this task's text: "),
+@pytest.mark.parametrize("model, task, message", [
+    ("rnn", "hellaswag", "benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); "),
+    ("gpt", "hellaswag", "cannot read this task's text: "),
+    ("gpt", "gsm8k_chat", "this model has no chat template (it is not a chat model), and the _chat tasks ask their "
+                          "questions in a chat: bench a chat model, or this one on the tasks without _chat (gsm8k)"),
+    # (an AttributeError from lm-eval's request building before)
 ])
-def test_a_model_that_cannot_be_benchmarked_is_refused_in_one_line(cli, trained, model, message):
-    result = cli("bench", trained[model], "--tasks", "hellaswag", "--limit", "2", check=False)
+def test_a_model_that_cannot_be_benchmarked_is_refused_in_one_line(cli, trained, model, task, message):
+    result = cli("bench", trained[model], "--tasks", task, "--limit", "2", check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     if model == "rnn":  # refused before the benchmark's data is read
         assert "examples/s" not in result.stderr

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from fournil.checkpoint import write_json
-from fournil.errors import FournilError
+from fournil.errors import FournilError, NotAChatModel
 
 RESULTS = "results.json"
 TASKS = {  # short name -> lm-eval task; what each measures
@@ -114,6 +114,12 @@ def bench(model: str, tasks: str = "hellaswag", limit: int | None = None, shots:
         except Exception as e:  # noqa: BLE001 - lm-eval's own complaint about a task, in one line
             raise FournilError(f"a task of {', '.join(names)} is not valid: {e}") from None
         chat = any(n.endswith("_chat") for n in names)
+        if chat:  # (a character model's tokenizer failed deep in lm-eval's request building)
+            try:
+                lm.tok.chat_ids([{"role": "user", "content": ""}])
+            except NotAChatModel as e:
+                raise FournilError(f"{model}: {e}, and the _chat tasks ask their questions in a chat: bench a chat "
+                                   f"model, or this one on the tasks without _chat (gsm8k)") from None
         results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
                                           apply_chat_template=chat, log_samples=False, verbosity="ERROR",
                                           bootstrap_iters=0)
