@@ -141,6 +141,11 @@ def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):
     typed = cli("sample", "runs/nombres-seq2seq", "--prompt", "1234")  # read as the sources are written
     assert typed.stderr.strip() == "(read as '1 234', as the training sources write it)"
     assert typed.stdout == cli("sample", "runs/nombres-seq2seq", "--prompt", "1 234").stdout
+    from fournil.runs import Run
+
+    with pytest.raises(FournilError, match=r"is a seq2seq model: it writes a target for a source, given with "
+                                           r"Run\.translate\(sources\)"):  # (a TypeError from deep inside)
+        Run.load(tmp_path / "runs" / "nombres-seq2seq", "cpu").sample(2)
     refused = cli("sample", "runs/nombres-seq2seq", "--prompt", "1000000", check=False)
     assert refused.returncode == 2 and refused.stderr.strip() == (
         "fournil: error: '1000000' is not a number from 0 to 999 999, which nombres writes in words")

@@ -252,6 +252,9 @@ class Run:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
         if not isinstance(n, int) or n < 1:
             raise FournilError(f"-n must be a whole number, at least 1 (got {n!r})")
+        if self.model.family == "seq2seq":  # (a TypeError from the decoder-only engine before)
+            raise FournilError(f"{self.path} is a seq2seq model: it writes a target for a source, given with "
+                               f"Run.translate(sources) (fournil sample RUN --prompt SOURCE)")
         self.check_writes()
         if max_new_tokens is None:
             max_new_tokens = 2 * self.model.config.block_size if self.mode == "lines" else 500
