@@ -55,8 +55,7 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
              align: AlignConfig | None = None) -> Run:
     """Tune ``base`` (a run, a .gguf file, a Hugging Face folder or ``smollm2``) on the instruction set ``data`` (a
     name, or a :class:`DataConfig` that also gives its split and seed), or, with ``align``, learn from the preference
-    set ``data`` (DPO, a reward model, GRPO); or continue the run
-    ``resume``. Returns the tuned :class:`Run`."""
+    set ``data`` (DPO, a reward model, GRPO); or continue the run ``resume``. Returns the tuned :class:`Run`."""
     world = join()
     try:
         if resume:
