@@ -90,6 +90,11 @@ def test_a_message_of_several_lines_is_sent_whole_between_triple_quotes(cli):
     assert result.stdout == f"{whole}\n(new conversation)\n{one_line}\n"
 
 
+def test_the_attention_of_one_token_is_said_in_the_singular(cli, tmp_path):
+    said = cli("attention", "smollm2", "a", "--out", tmp_path / "a.png").stdout  # (it said "1 tokens")
+    assert said.startswith(f"1 token, 30 layers x 9 heads; layer 29 -> {tmp_path / 'a.png'}")
+
+
 def test_every_token_of_the_embeddings_picture_has_a_label_its_font_can_draw(cli, tmp_path):
     """SmolLM2's first tokens are bytes, control characters among them: escaped (\\x7f), not glyphs the font lacks."""
     result = cli("embeddings", "smollm2", "--out", tmp_path / "embeddings.png")

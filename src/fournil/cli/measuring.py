@@ -224,7 +224,8 @@ def run_attention(args) -> None:
     layer = args.layer % n_layer
     focus = next((i for i, t in enumerate(tokens) if t.strip() == args.token.strip()), None)
     plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, text))
-    print(f"{len(tokens)} tokens, {n_layer} layers x {n_head} heads; layer {layer} -> {args.out}")
+    print(f"{len(tokens)} token{'s' * (len(tokens) != 1)}, {n_layer} layer{'s' * (n_layer != 1)} x {n_head} "
+          f"head{'s' * (n_head != 1)}; layer {layer} -> {args.out}")
     if focus is not None:
         row = (weights[layer].mean(0) if args.head is None else weights[layer, args.head])[focus]
         top = row.topk(min(5, focus + 1))
