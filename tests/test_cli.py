@@ -273,7 +273,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     # (before: 0 sampled to the usual length, NaN a traceback from torch.multinomial, a beam ignored)
     one_line_error(run("sample", trained["gpt"], "--max-new-tokens", "0"), "--max-new-tokens must be at least 1 (got 0)")
     one_line_error(run("sample", trained["gpt"], "--temperature", "nan"), "--temperature must be 0 (greedy) or more")
-    one_line_error(run("sample", trained["gpt"], "--beam", "3"), "--beam searches a seq2seq model's outputs")
+    one_line_error(run("sample", trained["ngram"], "--beam", "3"), "--beam searches a seq2seq model's outputs, and the "
+                   f"model of {trained['ngram']} is ngram: leave --beam out")  # (it said "holds a ngram model")
     one_line_error(run("chat", trained["gpt"]), "this model has no chat template")  # (an AttributeError before)
     one_line_error(run("arena", "judge", trained["gpt"], trained["llama"], "--judge", "smollm2", "--db",
                        str(tmp_path / "arena.sqlite")), f"{Path(trained['gpt']).name}: this model has no chat template")

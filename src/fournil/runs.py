@@ -233,7 +233,8 @@ class Run:
         from fournil.generate.seq2seq import generate_targets
 
         if self.model.family != "seq2seq":
-            raise FournilError(f"{self.path} is a {self.model.family} model; translating a source needs a seq2seq model")
+            raise FournilError(f"translating a source needs a seq2seq model, and the model of {self.path} is "
+                               f"{self.model.family}")
         if beam < 1:
             raise FournilError(f"--beam {beam}: give a width of 1 (greedy) or more")
         sources = self.as_sources(sources)

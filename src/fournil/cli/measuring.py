@@ -75,8 +75,8 @@ def add_pictures(sub) -> None:
 def check_beam(run, beam: int) -> None:
     """A beam search is of a seq2seq model's outputs: refused for other models, which would ignore it."""
     if beam != 1 and run.mode != "pairs":
-        raise FournilError(f"--beam searches a seq2seq model's outputs, and {run.path} holds a {run.model.family} "
-                           f"model: leave --beam out")
+        raise FournilError(f"--beam searches a seq2seq model's outputs, and the model of {run.path} is "
+                           f"{run.model.family}: leave --beam out")  # (not "a ngram")
 
 
 def run_eval(args) -> None:
