@@ -32,10 +32,10 @@ def pick_device(name: str = "auto") -> torch.device:
     attention off.
 
     cuDNN's attention, PyTorch's first choice on Hopper and Blackwell GPUs since cuDNN 9.15, builds a graph for each
-    shape it is given and keeps every one, in the process's memory, for as long as the process lives. fournil's shapes
-    vary: a key/value cache one column longer at every generated token, prompts and padded batches of every length. On
-    an H200 a server under 8 clients grew by 600 MiB of resident memory a minute, minute after minute (4 minutes).
-    Flash and memory-efficient attention take any length as it comes."""
+    shape it is given and keeps every one, in the process's memory, for the life of the thread that ran it. fournil's
+    shapes vary: a key/value cache one column longer at every generated token, prompts and padded batches of every
+    length. On an H200 a server under 8 clients grew by 600 MiB of resident memory a minute, minute after minute (4
+    minutes). Flash and memory-efficient attention take any length as it comes."""
     device = _device(name)
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
