@@ -102,7 +102,7 @@ def add_align(sub) -> None:
                                       "(default: train on smollm2)")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="a scalar head on a model, trained so that chosen answers score higher")
-    t.set_defaults(recipe_train={})
+    t.set_defaults(recipe_train={}, recipe_data={})  # (what a recipe parser gives the commands it serves)
     t.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     t.add_argument("--data", default="rasbt_preferences", help=PREFERENCE_DATA)
     add_tuning_args(t)
@@ -194,7 +194,7 @@ def run_finetune(args, align=None) -> None:
     if args.resume:
         report(finetune(resume=args.resume, budget=budget, progress=not args.quiet))
         return
-    data = DataConfig(args.data, **getattr(args, "recipe_data", {}))  # (a recipe's split and seed)
+    data = DataConfig(args.data, **args.recipe_data)  # (a recipe's split and seed)
     report(finetune(args.model, data, lora_config(args), loop_config(args), args.max_length,
                     getattr(args, "pack", False), args.out, progress=not args.quiet, align=align))
 
