@@ -122,8 +122,12 @@ def main() -> None:
     import openai
 
     from fournil.device import pick_device
+    from fournil.errors import FournilError
 
-    args.device = str(pick_device(args.device))
+    try:
+        args.device = str(pick_device(args.device))
+    except FournilError as e:
+        parser.error(str(e))
     args.dtype = args.dtype or ("int8" if args.device == "cpu" else "auto")
     engine, engine_together = engine_alone(args.device, args.dtype, args.tokens, args.compile)
     port = free_port()

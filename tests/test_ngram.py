@@ -48,7 +48,7 @@ def test_ngram_test_nll_on_prenoms_equals_the_counts(tmp_path, n, k):
         run.evaluate(["tests"])
     with pytest.raises(FournilError, match="no split named 'dev'"):  # (the data of the others, without a word)
         run.data(["val", "dev"])
-    assert list(run.data("val")) == ["val"]  # one split by its name
+    assert list(run.data("val")) == ["val"]  # a split's name, not its letters
     assert run.evaluate("test")["test"]["nll"] == pytest.approx(expected, abs=1e-6)  # one split by its name
     with pytest.raises(FournilError, match="max_tokens=0: score at least 1 token"):  # (ZeroDivisionError before)
         run.evaluate(["test"], max_tokens=0)

@@ -4,10 +4,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -395,3 +398,11 @@ def test_a_port_in_use_is_one_line_and_ctrl_c_stops_the_server(cli, bpe_llama):
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+def test_the_server_benchmark_refuses_an_unknown_device_in_one_line_before_loading():
+    script = Path(__file__).parent.parent / "benchmarks" / "serve_sequential.py"
+    result = subprocess.run([sys.executable, script, "--device", "gpu"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr  # (a FournilError's traceback before)
+    assert result.stderr.splitlines()[-1] == ("serve_sequential.py: error: unknown device 'gpu': use auto, cpu, cuda, "
+                                              "cuda:N or mps")
