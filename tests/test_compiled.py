@@ -125,6 +125,12 @@ def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own(mon
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and any(folder.rglob("*.so"))
 
 
+def test_chat_refuses_a_model_that_cannot_chat_before_compiling_it(cli, trained):
+    result = cli("chat", trained["llama"], "--compile", input="hello\n", check=False)
+    assert result.returncode == 2 and "this model has no chat template" in result.stderr
+    assert "compiling" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_compile_refuses_a_model_without_a_decoding_step(cli, trained):
     result = cli("generate", trained["ngram"], "--compile", check=False)
     assert result.returncode == 2 and "--compile compiles a Transformer's decoding step; the ngram model has none" \

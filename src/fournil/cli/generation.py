@@ -95,10 +95,11 @@ def compile_decoding_step(run, max_batch: int) -> None:
     print(f"compiled in {compile_decoding(run.model, run.dtype, max_batch):.0f} s", file=sys.stderr, flush=True)
 
 
-def load_answerer(args):
+def load_answerer(args, chats: list[dict] | None = None):
     """The model of ``generate`` and ``chat``, with its decoding step compiled for one answer at a time if asked
-    (``--compile`` is refused before loading for what it cannot speed up: a remote model, a draft's passes)."""
-    from fournil.generate.answerers import answerer, is_remote
+    (``--compile`` is refused before loading for what it cannot speed up: a remote model, a draft's passes). With
+    ``chats`` (the messages a conversation begins with), a model that cannot chat is refused before it compiles."""
+    from fournil.generate.answerers import answerer, check_chats, is_remote
 
     if args.compile and is_remote(args.model):
         raise FournilError(f"--compile speeds up a model loaded here; {args.model} answers from elsewhere")
@@ -107,6 +108,8 @@ def load_answerer(args):
                            "choose one (fournil serve takes both: the draft while a request is alone)")
     model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens,
                      conversation=args.command == "chat")
+    if chats is not None:
+        check_chats(model, chats)
     if args.compile:
         compile_decoding_step(model.run, 1)
     return model
@@ -141,14 +144,13 @@ def run_generate(args) -> None:
 
 
 def run_chat(args) -> None:
-    from fournil.generate.answerers import Local, check_chats
+    from fournil.generate.answerers import Local
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()
-    model = load_answerer(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
+    model = load_answerer(args, chats=start)
     messages = list(start)
-    check_chats(model, start)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a UnicodeDecodeError
         sys.stdin.reconfigure(errors="surrogateescape")
