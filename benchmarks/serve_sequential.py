@@ -24,8 +24,10 @@ against the engine's two answers just before it (the median of the three rounds'
 
 Every answer is greedy and runs to ``--tokens`` (``ignore_eos`` in-process; ``min_tokens`` is not in the OpenAI API,
 so the prompts ask for long answers and the rate counts the tokens the usage reports). Prints a table with each rate
-and its ratio to the engine alone, then those ratios in one line; the goals are 0.9x one after another and 4x all at
-once.
+and its ratio to the engine alone; then, for the answers one after another, how long the model's steps took (the
+scheduler's own timings: the server's from its ``GET /metrics``) and what was left outside them (HTTP, the clients,
+waiting), and the time to the first token; then the ratios in one line, whose goals are 0.9x one after another and 4x
+all at once.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,7 +55,7 @@ def free_port() -> int:
 
 def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
     """The engine of this process: functions of prompts that answer them one after another, and all at once (one
-    scheduler, as the server's), giving tokens/s."""
+    scheduler, as the server's), giving tokens/s; and the timings of the scheduler that answers one after another."""
     from fournil.generate import Scheduler, SamplingParams, stream
     from fournil.generate.compiled import compile_decoding
     from fournil.runs import Run
@@ -61,6 +64,7 @@ def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
     if compiled:
         compile_decoding(run.model, run.dtype, max_batch=len(PROMPTS))
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+    alone = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=1, max_waiting=1)
 
     def chat(prompts: list[str]) -> list[list[int]]:
         return [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in prompts]
@@ -68,7 +72,7 @@ def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
     def rate(prompts: list[str]) -> float:
         ids, start = chat(prompts), time.perf_counter()
         for p in ids:
-            for _ in stream(run.model, run.tokenizer, p, params, run.dtype):
+            for _ in stream(run.model, run.tokenizer, p, params, run.dtype, scheduler=alone):
                 pass
         return len(ids) * tokens / (time.perf_counter() - start)
 
@@ -83,7 +87,7 @@ def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
 
     rate(PROMPTS[:1])  # warm up
     together(PROMPTS)
-    return rate, together
+    return rate, together, alone.timings
 
 
 def plain_stream(port: int, settings: dict) -> int:
@@ -97,6 +101,29 @@ def plain_stream(port: int, settings: dict) -> int:
             last = line
     connection.close()
     return json.loads(last[len(b"data: "):])["usage"]["completion_tokens"]
+
+
+def server_timings(port: int) -> dict[str, float]:
+    """The server's steps and first tokens so far, as its ``GET /metrics`` gives them (``"step sum"``: seconds...)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    found = re.findall(r"^fournil_(step|time_to_first_token)_seconds_(sum|count) (\S+)$", text, re.M)
+    return {f"{name} {what}": float(value) for name, what, value in found}
+
+
+def timings_of(t) -> dict[str, float]:
+    """A scheduler's :class:`~fournil.generate.scheduler.Timings` as :func:`server_timings` gives the server's."""
+    return {"step sum": t.step_seconds, "step count": t.steps, "time_to_first_token sum": t.first_token_seconds,
+            "time_to_first_token count": t.first_tokens}
+
+
+def split(now: dict[str, float], before: dict[str, float], took: float) -> tuple[float, int, float, float, float]:
+    """What went into ``took`` seconds of answers, from timings before and after: the seconds, the steps, a step's
+    milliseconds, the seconds outside the steps, and the mean milliseconds from a request's arrival to its first
+    token."""
+    grew = {key: now[key] - before[key] for key in now}
+    steps, first = int(grew["step count"]), max(grew["time_to_first_token count"], 1)
+    return (took, steps, 1000 * grew["step sum"] / max(steps, 1), took - grew["step sum"],
+            1000 * grew["time_to_first_token sum"] / first)
 
 
 def at_once(ask) -> tuple[float, float]:
@@ -129,7 +156,7 @@ def main() -> None:
     except FournilError as e:
         parser.error(str(e))
     args.dtype = args.dtype or ("int8" if args.device == "cpu" else "auto")
-    engine, engine_together = engine_alone(args.device, args.dtype, args.tokens, args.compile)
+    engine, engine_together, engine_timings = engine_alone(args.device, args.dtype, args.tokens, args.compile)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fournil", "serve", "smollm2", "--device", args.device, "--dtype",
                                args.dtype, "--port", str(port), *(["--compile"] if args.compile else [])],
@@ -158,12 +185,16 @@ def main() -> None:
         ask(PROMPTS[0], False)  # warm up
         askers = {"openai client": lambda p: ask(p, True),
                   "plain HTTP client": lambda p: plain_stream(port, settings_of(p))}
+        seen, start = timings_of(engine_timings), time.perf_counter()
         before = engine(PROMPTS)
+        splits = [("engine alone", *split(timings_of(engine_timings), seen, time.perf_counter() - start))]
         sequential = []
         for how, asker in [("", lambda p: ask(p, False)), *((f", streamed, {name}", a) for name, a in askers.items())]:
-            start, cpu = time.perf_counter(), time.process_time()
+            seen, start, cpu = server_timings(port), time.perf_counter(), time.process_time()
             done = sum(asker(p) for p in PROMPTS)
-            sequential.append((how, done / (time.perf_counter() - start), time.process_time() - cpu))
+            took = time.perf_counter() - start
+            sequential.append((how, done / took, time.process_time() - cpu))
+            splits.append((f"server{how}", *split(server_timings(port), seen, took)))
         alone = (before + engine(PROMPTS)) / 2
         rows = [("engine alone, one after another (before and after the server's)", alone, 1.0, None),
                 *((f"server, one after another{how}", rate, rate / alone, cpu) for how, rate, cpu in sequential)]
@@ -187,6 +218,11 @@ def main() -> None:
     print("| how | tokens/s | vs the engine alone | client CPU s per round |\n| --- | ---: | ---: | ---: |")
     for name, rate, ratio, cpu in rows:
         print(f"| {name} | {rate:.1f} | {ratio:.2f}x | {'-' if cpu is None else f'{cpu:.2f}'} |")
+    print("\nWhere the time of the answers one after another went: the model's steps (a token each), and the rest")
+    print("| how | seconds | steps | ms a step | seconds outside the steps | first token, ms |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    for how, took, steps, per_step, outside, first in splits:
+        print(f"| {how} | {took:.2f} | {steps} | {per_step:.2f} | {outside:.2f} | {first:.1f} |")
     ratios = [ratio for _, _, ratio, _ in rows]
     print(f"\nthe server, one after another: {ratios[1]:.2f}x the engine (goal 0.9x); 8 at once: {ratios[-2]:.2f}x "
           f"(openai client), {ratios[-1]:.2f}x (plain; goal 4x)")

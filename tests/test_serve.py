@@ -203,6 +203,28 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     assert generated() - before >= 1  # what it had generated is counted, though its answer never ended
 
 
+def test_metrics_give_the_models_steps_and_each_requests_time_to_its_first_token(server):
+    """A lone answer of n tokens is n steps of the model, taken within its request's time, its first token after its
+    arrival: ``/metrics`` gives both, so that the model's share of a request's time can be told from the server's."""
+    def read() -> dict[str, float]:
+        found = re.findall(r"^fournil_(step|time_to_first_token)_seconds_(sum|count) (\S+)$", server.get("/metrics")[1],
+                           re.M)
+        return {f"{name} {what}": float(value) for name, what, value in found}
+
+    deadline = time.time() + 10
+    while "fournil_active_sequences 0" not in server.get("/metrics")[1]:  # (nothing else runs beside it)
+        assert time.time() < deadline
+        time.sleep(0.1)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    before, start = read(), time.perf_counter()
+    out = client.completions.create(model="chat", prompt="KING", max_tokens=9, temperature=0)
+    took, after = time.perf_counter() - start, read()
+    grew = {key: after[key] - before[key] for key in after}
+    assert len(grew) == 4 and out.usage.completion_tokens > 1
+    assert grew["step count"] == out.usage.completion_tokens and grew["time_to_first_token count"] == 1
+    assert 0 < grew["step sum"] < took and 0 < grew["time_to_first_token sum"] < took
+
+
 def test_a_steps_pieces_reach_the_event_loop_together_once_the_step_ends():
     """The scheduler's thread holds a step's pieces for every stream and sends them on in one wake-up of the event
     loop, in the order they were made; pieces made while the server stops are dropped, not raised in the scheduler."""

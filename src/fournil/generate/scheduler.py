@@ -31,6 +31,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -98,6 +99,16 @@ def check_capacity(max_batch: int, max_waiting: int) -> None:
 
 
 @dataclass
+class Timings:
+    """What a scheduler's work took (``GET /metrics`` shows it): its steps that ran the model, reading new prompts
+    included, and the time from each request's arrival to its first token."""
+    steps: int = 0
+    step_seconds: float = 0.0
+    first_tokens: int = 0
+    first_token_seconds: float = 0.0
+
+
+@dataclass
 class Piece:
     text: str  # what this token adds to the answer (maybe empty while a character or a possible stop string is pending)
     token: int  # -1 for text held back until the answer ended, which no new token carries
@@ -127,6 +138,7 @@ class Request:
     draft_cache: object = None  # with a draft model, while alone: the draft's key/value cache of ``context``
     draft_read: int = 0  # how many tokens of ``context`` it holds
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # or any object with put()
+    arrived: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -161,6 +173,7 @@ class Scheduler:
         self.first_columns, self.batch_invariant = first_columns, batch_invariant
         self.draft, self.draft_tokens = draft, draft_tokens
         self.speculation = Speculation()  # with a draft: the model's passes that checked proposals, and their tokens
+        self.timings = Timings()
         self.max_batch, self.max_waiting, self.truncate, self.keep = max_batch, max_waiting, truncate, keep
         self.after_step = after_step
         self.kept: tuple[list[int], list[torch.Tensor]] | None = None  # with keep: tokens, their keys and values
@@ -236,11 +249,14 @@ class Scheduler:
         self._drop_finished()
         if not self.active:
             return bool(self.waiting)
+        start = time.perf_counter()
         try:
             self._generate()
         except BaseException:
             self.release_weights()
             raise
+        self.timings.steps += 1
+        self.timings.step_seconds += time.perf_counter() - start
         self._drop_finished()
         if not self.active:
             self.cache = None  # idle: the next sequence starts on an empty cache, as the first one did
@@ -520,6 +536,9 @@ class Scheduler:
             r.seen[token] = True
             r.counts[token] += 1
         r.generated += 1
+        if r.generated == 1:
+            self.timings.first_tokens += 1
+            self.timings.first_token_seconds += time.perf_counter() - r.arrived
         r.context.append(token)
         text = r.text.feed(token)
         if r.text.at_stop_token:

@@ -43,4 +43,13 @@ class Metrics:
                   f"fournil_queue_depth {sum(s.queued for s in self.schedulers)}",
                   "# HELP fournil_active_sequences Sequences being generated.", "# TYPE fournil_active_sequences gauge",
                   f"fournil_active_sequences {sum(len(s.active) for s in self.schedulers)}"]
+        timings = [s.timings for s in self.schedulers]
+        for name, about, total, count in (
+                ("step", "Steps of the model, new prompts read included: each gives every sequence being generated "
+                 "its next token (or several, from a draft).",
+                 sum(t.step_seconds for t in timings), sum(t.steps for t in timings)),
+                ("time_to_first_token", "From a request's arrival to its first token.",
+                 sum(t.first_token_seconds for t in timings), sum(t.first_tokens for t in timings))):
+            lines += [f"# HELP fournil_{name}_seconds {about}", f"# TYPE fournil_{name}_seconds summary",
+                      f"fournil_{name}_seconds_sum {total:.6f}", f"fournil_{name}_seconds_count {count}"]
         return "\n".join(lines) + "\n"
