@@ -25,8 +25,8 @@ against the engine's two answers just before it (the median of the three rounds'
 Every answer is greedy and runs to ``--tokens`` (``ignore_eos`` in-process; ``min_tokens`` is not in the OpenAI API,
 so the prompts ask for long answers and the rate counts the tokens the usage reports). Prints a table with each rate
 and its ratio to the engine alone; then, for the answers one after another, how long the model's steps took (the
-scheduler's own timings: the server's from its ``GET /metrics``) and what was left outside them (HTTP, the clients,
-waiting), and the time to the first token; then the ratios in one line, whose goals are 0.9x one after another and 4x
+scheduler's own timings: the server's from its ``GET /metrics``; the engine's also with the server's cache of 8 rows,
+one in use) and what was left outside them (HTTP, the clients, waiting), and the time to the first token; then the ratios in one line, whose goals are 0.9x one after another and 4x
 all at once.
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ def free_port() -> int:
 
 def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
     """The engine of this process: functions of prompts that answer them one after another, and all at once (one
-    scheduler, as the server's), giving tokens/s; and the timings of the scheduler that answers one after another."""
+    scheduler, as the server's), giving tokens/s; one after another, in a scheduler of one row (as `fournil generate`)
+    or of eight (``wide``: the server's cache, one row in use); and those two schedulers' timings, by rows."""
     from fournil.generate import Scheduler, SamplingParams, stream
     from fournil.generate.compiled import compile_decoding
     from fournil.runs import Run
@@ -64,15 +65,16 @@ def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
     if compiled:
         compile_decoding(run.model, run.dtype, max_batch=len(PROMPTS))
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
-    alone = Scheduler(run.model, run.tokenizer, run.dtype, max_batch=1, max_waiting=1)
+    alone = {rows: Scheduler(run.model, run.tokenizer, run.dtype, max_batch=rows) for rows in (1, len(PROMPTS))}
 
     def chat(prompts: list[str]) -> list[list[int]]:
         return [run.tokenizer.chat_ids([{"role": "user", "content": p}]) for p in prompts]
 
-    def rate(prompts: list[str]) -> float:
+    def rate(prompts: list[str], wide: bool = False) -> float:
         ids, start = chat(prompts), time.perf_counter()
+        scheduler = alone[len(PROMPTS) if wide else 1]
         for p in ids:
-            for _ in stream(run.model, run.tokenizer, p, params, run.dtype, scheduler=alone):
+            for _ in stream(run.model, run.tokenizer, p, params, run.dtype, scheduler=scheduler):
                 pass
         return len(ids) * tokens / (time.perf_counter() - start)
 
@@ -86,8 +88,9 @@ def engine_alone(device: str, dtype: str, tokens: int, compiled: bool):
         return len(ids) * tokens / (time.perf_counter() - start)
 
     rate(PROMPTS[:1])  # warm up
+    rate(PROMPTS[:1], wide=True)
     together(PROMPTS)
-    return rate, together, alone.timings
+    return rate, together, {rows: scheduler.timings for rows, scheduler in alone.items()}
 
 
 def plain_stream(port: int, settings: dict) -> int:
@@ -185,9 +188,13 @@ def main() -> None:
         ask(PROMPTS[0], False)  # warm up
         askers = {"openai client": lambda p: ask(p, True),
                   "plain HTTP client": lambda p: plain_stream(port, settings_of(p))}
-        seen, start = timings_of(engine_timings), time.perf_counter()
+        seen, start = timings_of(engine_timings[1]), time.perf_counter()
         before = engine(PROMPTS)
-        splits = [("engine alone", *split(timings_of(engine_timings), seen, time.perf_counter() - start))]
+        splits = [("engine alone", *split(timings_of(engine_timings[1]), seen, time.perf_counter() - start))]
+        seen, start = timings_of(engine_timings[len(PROMPTS)]), time.perf_counter()
+        engine(PROMPTS, wide=True)
+        splits.append(("engine alone, a cache of 8 rows, one in use (the server's)",
+                       *split(timings_of(engine_timings[len(PROMPTS)]), seen, time.perf_counter() - start)))
         sequential = []
         for how, asker in [("", lambda p: ask(p, False)), *((f", streamed, {name}", a) for name, a in askers.items())]:
             seen, start, cpu = server_timings(port), time.perf_counter(), time.process_time()
@@ -224,7 +231,7 @@ def main() -> None:
     for how, took, steps, per_step, outside, first in splits:
         print(f"| {how} | {took:.2f} | {steps} | {per_step:.2f} | {outside:.2f} | {first:.1f} |")
     ratios = [ratio for _, _, ratio, _ in rows]
-    print(f"\nserver one after another {ratios[1]:.2f}x the engine (goal 0.9x; a step {splits[1][3]:.1f} ms, the "
+    print(f"\nserver one after another {ratios[1]:.2f}x the engine (goal 0.9x; a step {splits[2][3]:.1f} ms, the "
           f"engine's {splits[0][3]:.1f}); 8 at once {ratios[-2]:.2f}x openai, {ratios[-1]:.2f}x plain (goal 4x)")
 
 
