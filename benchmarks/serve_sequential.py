@@ -26,8 +26,8 @@ Every answer is greedy and runs to ``--tokens`` (``ignore_eos`` in-process; ``mi
 so the prompts ask for long answers and the rate counts the tokens the usage reports). Prints a table with each rate
 and its ratio to the engine alone; then, for the answers one after another, how long the model's steps took (the
 scheduler's own timings: the server's from its ``GET /metrics``; the engine's also with the server's cache of 8 rows,
-one in use) and what was left outside them (HTTP, the clients, waiting), and the time to the first token; then the ratios in one line, whose goals are 0.9x one after another and 4x
-all at once.
+one in use) and what was left outside them (HTTP, the clients, waiting), and the time to the first token; then the
+ratios in one line, whose goals are 0.9x one after another and 4x all at once.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 
 PROMPTS = [f"Write a long story about a baker who bakes {thing}." for thing in
            ("bread", "cakes", "pies", "croissants", "bagels", "muffins", "tarts", "buns")]
@@ -106,27 +107,24 @@ def plain_stream(port: int, settings: dict) -> int:
     return json.loads(last[len(b"data: "):])["usage"]["completion_tokens"]
 
 
-def server_timings(port: int) -> dict[str, float]:
-    """The server's steps and first tokens so far, as its ``GET /metrics`` gives them (``"step sum"``: seconds...)."""
+def server_timings(port: int):
+    """The server's :class:`~fournil.generate.scheduler.Timings` so far, read from its ``GET /metrics``."""
+    from fournil.generate.scheduler import Timings
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    found = re.findall(r"^fournil_(step|time_to_first_token)_seconds_(sum|count) (\S+)$", text, re.M)
-    return {f"{name} {what}": float(value) for name, what, value in found}
+    found = dict(re.findall(r"^fournil_(\w+_seconds_(?:sum|count)) (\S+)$", text, re.M))
+    return Timings(steps=int(found["step_seconds_count"]), step_seconds=float(found["step_seconds_sum"]),
+                   first_tokens=int(found["time_to_first_token_seconds_count"]),
+                   first_token_seconds=float(found["time_to_first_token_seconds_sum"]))
 
 
-def timings_of(t) -> dict[str, float]:
-    """A scheduler's :class:`~fournil.generate.scheduler.Timings` as :func:`server_timings` gives the server's."""
-    return {"step sum": t.step_seconds, "step count": t.steps, "time_to_first_token sum": t.first_token_seconds,
-            "time_to_first_token count": t.first_tokens}
-
-
-def split(now: dict[str, float], before: dict[str, float], took: float) -> tuple[float, int, float, float, float]:
-    """What went into ``took`` seconds of answers, from timings before and after: the seconds, the steps, a step's
-    milliseconds, the seconds outside the steps, and the mean milliseconds from a request's arrival to its first
-    token."""
-    grew = {key: now[key] - before[key] for key in now}
-    steps, first = int(grew["step count"]), max(grew["time_to_first_token count"], 1)
-    return (took, steps, 1000 * grew["step sum"] / max(steps, 1), took - grew["step sum"],
-            1000 * grew["time_to_first_token sum"] / first)
+def split(now, before, took: float) -> tuple[float, int, float, float, float]:
+    """What went into ``took`` seconds of answers, from a scheduler's timings before and after: the seconds, the steps,
+    a step's milliseconds, the seconds outside the steps, and the mean milliseconds from a request's arrival to its
+    first token."""
+    steps, seconds = now.steps - before.steps, now.step_seconds - before.step_seconds
+    first = (now.first_token_seconds - before.first_token_seconds) / max(now.first_tokens - before.first_tokens, 1)
+    return took, steps, 1000 * seconds / max(steps, 1), took - seconds, 1000 * first
 
 
 def at_once(ask) -> tuple[float, float]:
@@ -188,13 +186,13 @@ def main() -> None:
         ask(PROMPTS[0], False)  # warm up
         askers = {"openai client": lambda p: ask(p, True),
                   "plain HTTP client": lambda p: plain_stream(port, settings_of(p))}
-        seen, start = timings_of(engine_timings[1]), time.perf_counter()
+        seen, start = replace(engine_timings[1]), time.perf_counter()
         before = engine(PROMPTS)
-        splits = [("engine alone", *split(timings_of(engine_timings[1]), seen, time.perf_counter() - start))]
-        seen, start = timings_of(engine_timings[len(PROMPTS)]), time.perf_counter()
+        splits = [("engine alone", *split(engine_timings[1], seen, time.perf_counter() - start))]
+        seen, start = replace(engine_timings[len(PROMPTS)]), time.perf_counter()
         engine(PROMPTS, wide=True)
         splits.append(("engine alone, a cache of 8 rows, one in use (the server's)",
-                       *split(timings_of(engine_timings[len(PROMPTS)]), seen, time.perf_counter() - start)))
+                       *split(engine_timings[len(PROMPTS)], seen, time.perf_counter() - start)))
         sequential = []
         for how, asker in [("", lambda p: ask(p, False)), *((f", streamed, {name}", a) for name, a in askers.items())]:
             seen, start, cpu = server_timings(port), time.perf_counter(), time.process_time()

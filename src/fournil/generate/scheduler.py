@@ -138,7 +138,7 @@ class Request:
     draft_cache: object = None  # with a draft model, while alone: the draft's key/value cache of ``context``
     draft_read: int = 0  # how many tokens of ``context`` it holds
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # or any object with put()
-    arrived: float = field(default_factory=time.perf_counter)
+    arrived: float = field(default_factory=time.perf_counter)  # when it was submitted (its first token's wait)
 
     def cancel(self) -> None:
         self.cancelled = True
