@@ -32,7 +32,8 @@ def first_token(answer, whole: bool) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU computes it fast), float32, int8, int4")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (as fournil chat: on a CPU, the file's own 4 bits), float32, bfloat16, int8, int4")
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64, help="the most tokens of each answer")
     args = parser.parse_args()

@@ -264,6 +264,31 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
     assert "score it on text with `fournil bench MODEL --tasks bpb`" in result.stderr
 
 
+def test_generation_keeps_the_bits_of_a_quantized_file_on_a_cpu_and_of_nothing_else(cli, tmp_path):
+    """Without --dtype, a CPU generates with a Q8_0 file's weights in int8 (SmolLM2's Q4_1 in int4: test_smollm2);
+    a float file, a run trained here and a LoRA adapter on the Q8_0 file (its updates are not on the file's grid)
+    keep fp32, and scores are measured in fp32 whatever the file."""
+    from fournil.generate.answerers import load_local
+
+    run = tmp_path / "run"  # (64 wide: Q8_0 stores rows of whole blocks of 32, others in F16)
+    cli("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:300", "--n-embd", "64", "--n-layer",
+        "1", "--block-size", "64", "--batch-size", "2", "--steps", "2", "--quiet", "--out", run)
+    for kind in ("q8_0", "f16"):
+        cli("convert", run, tmp_path / f"{kind}.gguf", "--type", kind)
+    cli("finetune", tmp_path / "q8_0.gguf", "--lora", "--steps", "2", "--batch-size", "2", "--quiet", "--out",
+        tmp_path / "lora")
+    loaded = {name: load_local(str(path), "cpu")[0] for name, path in [
+        ("q8_0", tmp_path / "q8_0.gguf"), ("f16", tmp_path / "f16.gguf"), ("run", run), ("lora", tmp_path / "lora")]}
+    assert loaded["q8_0"].quantized == "int8" and loaded["q8_0"].precision.endswith("int8 weights")
+    for name in ("f16", "run", "lora"):
+        assert loaded[name].quantized is None and loaded[name].dtype == torch.float32, name
+    assert load_local(str(tmp_path / "q8_0.gguf"), "cpu", "float32")[0].quantized is None  # --dtype says otherwise
+    assert Run.load(tmp_path / "q8_0.gguf", "cpu").measure_dtype == torch.float32
+    served = cli("generate", tmp_path / "q8_0.gguf", "the king", "--max-new-tokens", "6", "--temperature", "0").stdout
+    assert served == cli("generate", tmp_path / "q8_0.gguf", "the king", "--max-new-tokens", "6", "--temperature", "0",
+                         "--dtype", "int8").stdout
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
 def test_exported_files_are_as_readable_as_any_new_file(hf_models, tmp_path):
     """safetensors 0.8 writes files only their owner can read; a server running as another user (a vLLM container)

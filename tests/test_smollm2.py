@@ -67,7 +67,9 @@ def test_next_token_logits_match_transformers_gguf_loader(ours, reference):
 
 
 def test_chat_answers_paris(cli):
-    result = cli("chat", "smollm2", "--temperature", "0", "--max-new-tokens", "20",
+    # (in fp32: in 4 bits, a CPU's default for this file, "L" outranks fp32's first token "The" (0.152 against 0.140),
+    # and the answer goes astray; sampled at the chat's 0.7, 23 answers of 40 named Paris in either precision)
+    result = cli("chat", "smollm2", "--temperature", "0", "--max-new-tokens", "20", "--dtype", "float32",
                  input="What is the capital of France?\n/reset\n/system Answer in French.\n/system\n"
                        "What is the capital of France?\n/exit\n")
     answer, reset, system, removed, again = result.stdout.splitlines()
@@ -108,7 +110,8 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
     # (as a terminal has it: a process started with SIGINT ignored, as a shell starts background jobs, would pass
     # that on, and the chat would never see Ctrl-C: in two CI runs the whole answer came)
     chat = subprocess.Popen([sys.executable, "-m", "fournil", "chat", "smollm2", "--temperature", "0",
-                             "--max-new-tokens", "300"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             "--max-new-tokens", "300", "--dtype", "float32"],  # (fp32's answer names Paris)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # a UTF-8 terminal's (not C's)
     try:
@@ -130,6 +133,14 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
     assert help_line == '(no command /help: /reset, /system TEXT, /exit; """ begins and ends a message of several ' \
                         'lines; to send a message that begins with /, begin it with //)'
     assert slashed and "Paris" in paris
+
+
+def test_a_cpu_generates_with_the_files_own_4_bits_and_measures_in_fp32(ours):
+    from fournil.generate.answerers import load_local
+
+    run, _ = load_local("smollm2", "cpu")  # what generate, chat, serve and the arena load without --dtype
+    assert run.quantized == "int4" and run.precision == "cpu bfloat16, int4 weights"
+    assert ours.quantized is None and ours.measure_dtype == torch.float32  # what explain, eval and bench load
 
 
 def test_an_absent_model_package_says_how_to_install_it(monkeypatch):
@@ -176,7 +187,7 @@ def test_quantized_weights_keep_perplexity_within_2_percent(ours):
     ppl = lambda run: math.exp(-sum(score(run.model, ids, 1, run.measure_dtype)) / (len(ids) - 1))  # noqa: E731
     assert ours.measure_dtype == torch.float32
     reference = ppl(ours)
-    for precision, size in [("int8", 0.5), ("int4", 0.3), ("bfloat16", 0.5)]:
+    for precision, size in [("int8", 0.5), ("int4", 0.3), ("bfloat16", 0.5), ("auto", 0.3)]:  # auto: the file's 4 bits
         other = copy.copy(ours)
         other.model = copy.deepcopy(ours.model)  # quantize converts in place
         other.quantize(precision)

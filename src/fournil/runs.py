@@ -11,7 +11,7 @@ from fournil.checkpoint import read_safetensors, save_weights, write_json
 from fournil.config import (AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig,
                             command_of, from_dict, to_dict)
 from fournil.data import load_splits, make_data
-from fournil.device import generation_dtype, pick_device, pick_dtype, precision_text
+from fournil.device import generation_dtype, generation_weights, pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
@@ -115,7 +115,8 @@ class Run:
                                    f"{path}`")
             base = cls.load(config.finetune.base, device)
             load_adapter(base.model, path)
-            source = {**base.source, "format": f"LoRA adapter on {config.finetune.base}"}
+            # (bits: none, since the adapter's updates are not on the file's grid: quantized again, they could be lost)
+            source = {**base.source, "format": f"LoRA adapter on {config.finetune.base}", "bits": None}
             model = merge_lora(base.model) if merge else base.model
             return cls(path, config, model, load_tokenizer(path / TOKENIZER), source, dtype)
         for name in (TOKENIZER, WEIGHTS):
@@ -139,12 +140,15 @@ class Run:
         write_json(out / CONFIG, to_dict(self.config))
 
     def quantize(self, precision: str) -> Run:
-        """Weights in ``precision`` (float32, bfloat16, int8, int4) for generation; ``auto`` keeps them as they are
-        (the device's precision then comes from autocast). Returns the run itself."""
+        """Weights in ``precision`` (float32, bfloat16, int8, int4) for generation; ``auto``, on a CPU, in the bits of
+        a quantized file (:func:`fournil.device.generation_weights`), else as they are (the device's precision then
+        comes from autocast). Returns the run itself."""
         from fournil.generate.quantize import quantize
 
         if precision == "auto":
-            return self
+            precision = generation_weights(self.model.device, self.source.get("bits"))
+            if precision is None:
+                return self
         quantize(self.model, precision)
         self.dtype = self.measure_dtype = torch.float32 if precision == "float32" else torch.bfloat16
         self.quantized = precision if precision.startswith("int") else None

@@ -9,6 +9,6 @@ echo "Name three colours." | fournil chat $CHAT_MODEL --max-new-tokens 40 --temp
 fournil serve $CHAT_MODEL --port $PORT &
 SERVER=$!
 trap 'kill $SERVER' EXIT
-python "$(dirname "$0")/../ask.py" "$PORT" "What is the capital of France?"
+python "$(dirname "$0")/../ask.py" "$PORT" "Who wrote Romeo and Juliet?"
 # Look at: the same model answering over HTTP (ask.py: a short client in plain Python). Any OpenAI client works
 # against http://127.0.0.1:8765/v1, and the chat page is at http://127.0.0.1:8765/ while the server runs.

@@ -40,7 +40,9 @@ def add_arena(sub) -> None:
         q.add_argument("--temperature", type=float, default=0.7, help="the same for both answers of a battle")
         q.add_argument("--max-tokens", type=int, default=256, help="the longest answer, in tokens")
         q.add_argument("--device", **DEVICE)
-        q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS, help="weights of the local models")
+        q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
+                       help="weights of the local models (auto: on a CPU, a quantized GGUF file's own bits, else as "
+                            "loaded)")
         q.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of openai:NAME@URL models")
 

@@ -33,7 +33,8 @@ def add_generation(sub) -> None:
         p.add_argument("--device", **DEVICE)
         p.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
                        help="weights for generation: bfloat16 takes half of float32's memory, int8 about a third, "
-                            "int4 a quarter (CPU only; the embeddings stay in bfloat16)")
+                            "int4 a quarter (CPU only; the embeddings stay in bfloat16); auto: on a CPU, a quantized "
+                            "GGUF file's own bits (int4 for SmolLM2's Q4_1), else the weights as loaded")
         p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="the environment variable holding the key of an openai:NAME@URL model")
         add_draft_args(p)
@@ -73,7 +74,8 @@ def add_generation(sub) -> None:
     p.add_argument("--name", help="the model's name in the API (default: the model's file or folder name)")
     p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
-                   help="weights in memory: bfloat16, int8 and int4 (CPU only) take less and decode faster on a CPU")
+                   help="weights in memory: bfloat16, int8 and int4 (CPU only) take less and decode faster on a CPU; "
+                        "auto: on a CPU, a quantized GGUF file's own bits (int4 for SmolLM2's Q4_1), else as loaded")
     add_draft_args(p)  # (a request decodes with it while it is the only one)
     add_compile_arg(p)
 

@@ -179,16 +179,24 @@ def read_gguf(path: Path):
     tokenizer = gguf_tokenizer(meta)
     table = GPT2_NAMES if settings["family"] == "gpt" else LLAMA_NAMES
     permuted = meta["general.architecture"] in PERMUTED_ARCHS
-    tensors, kinds = {}, {}
+    tensors, kinds, elements = {}, {}, {}
     for t in stored:
         value = dequantize(t)
         kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+        elements[t.tensor_type.name] = elements.get(t.tensor_type.name, 0) + value.numel()
         name = fournil_name(t.name, table)
         if permuted and re.search(r"\.(attn_q|attn_k)\.", t.name):
             value = unpermute(value, settings["n_head"] if ".attn_q." in t.name else settings["n_kv_head"])
         tensors[name] = value
     dtype = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    return settings, tensors, tokenizer, {"format": "GGUF file", "architecture": meta["general.architecture"], "dtype": dtype}
+    return settings, tensors, tokenizer, {"format": "GGUF file", "architecture": meta["general.architecture"],
+                                          "dtype": dtype, "bits": quantized_bits(max(elements, key=elements.get))}
+
+
+def quantized_bits(kind: str) -> int | None:
+    """The bits per weight of a quantized GGUF type (Q4_1: 4, Q6_K: 6, IQ4_XS: 4), None for F32, F16 and BF16."""
+    found = re.match(r"I?Q(\d)", kind)
+    return int(found.group(1)) if found else None
 
 
 def gguf_tokenizer(meta: dict) -> HFTokenizer:
