@@ -113,7 +113,8 @@ speculative() {  # speculative DRAFT: in fp32, greedy with a draft gives the mod
 export -f speculative
 step "speculative decoding, the distilled student as draft" speculative "$OUT/student"
 generation() {  # one stream, then 8 at once; eager or compiled (in one process: compiled once for both); weights as
-  # loaded (auto: fp32, computed under autocast on a GPU) or cast once (bfloat16)
+  # loaded (auto: fp32, computed under autocast on a GPU; the file's int4 on a CPU: its precision says it) or cast
+  # once (bfloat16)
   python - "$DEVICE" "$1" "${2:-auto}" <<'EOF'
 import sys, time
 from fournil.generate import SamplingParams, complete
@@ -132,9 +133,8 @@ for n in (1, 8):
     start = time.perf_counter()
     complete(run.model, run.tokenizer, prompts[:n], params, run.dtype)
     rates.append(n * 128 / (time.perf_counter() - start))
-weights = str(next(run.model.parameters()).dtype).removeprefix("torch.")
-print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision}, {weights} weights"
-      f"{compiled})")
+weights = "" if run.quantized else f", {str(next(run.model.parameters()).dtype).removeprefix('torch.')} weights"
+print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision}{weights}{compiled})")
 EOF
 }
 export -f generation
