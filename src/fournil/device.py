@@ -122,12 +122,12 @@ def pick_dtype(device: torch.device, name: str = "auto", measure: bool = False) 
 def generation_weights(device: torch.device, bits: int | None) -> str | None:
     """The precision ``--dtype auto`` stores a model's weights in for generation, given the ``bits`` its file stores
     most of them in (None: floats, or weights trained here): on a CPU, a quantized file's own, int4 for 4 bits or
-    fewer and int8 for 5 to 8; else None, the weights as loaded. Decoding reads every weight once per token, so on a
+    fewer and int8 for more; else None, the weights as loaded. Decoding reads every weight once per token, so on a
     CPU fewer bytes decode faster: SmolLM2's Q4_1 file decodes 2.5 to 4.5 times as fast in int4 as in fp32, with a
     perplexity within 0.3 % of fp32's. A GPU computes in bf16 instead (int4 is for CPUs)."""
     if device.type != "cpu" or bits is None:
         return None
-    return "int4" if bits <= 4 else "int8" if bits <= 8 else None
+    return "int4" if bits <= 4 else "int8"  # (GGUF's quantized types have 1 to 8 bits)
 
 
 def generation_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
