@@ -174,6 +174,9 @@ def test_bad_files_give_clear_errors(hf_models, tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(FournilError, match="not a valid GGUF file"):
         Run.load(tmp_path / "cut.gguf")
+    (tmp_path / "cut.gguf").write_bytes(data[: data.index(b"tokenizer.ggml.tokens") + 100])  # in the vocabulary
+    with pytest.raises(FournilError, match="not a valid GGUF file .*a string runs past the end of the file"):
+        Run.load(tmp_path / "cut.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(FournilError, match="not a valid GGUF file"):
         Run.load(tmp_path / "junk.gguf")

