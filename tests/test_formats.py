@@ -175,7 +175,7 @@ def test_bad_files_give_clear_errors(hf_models, tmp_path):
     with pytest.raises(FournilError, match="not a valid GGUF file"):
         Run.load(tmp_path / "cut.gguf")
     (tmp_path / "cut.gguf").write_bytes(data[: data.index(b"tokenizer.ggml.tokens") + 100])  # in the vocabulary
-    with pytest.raises(FournilError, match="not a valid GGUF file .*a string runs past the end of the file"):
+    with pytest.raises(FournilError, match=r"not a valid GGUF file \(truncated or corrupted\?\)"):
         Run.load(tmp_path / "cut.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(FournilError, match="not a valid GGUF file"):
