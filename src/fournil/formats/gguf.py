@@ -7,8 +7,10 @@ order; they are put back in Hugging Face's order here, and the other way on writ
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 
 from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
-from fournil.formats.gguf_reader import read_gguf_file
+from fournil.formats.gguf_reader import GGUFTensor, read_gguf_file
 from fournil.tokenizers import CharTokenizer, HFTokenizer
 from fournil.tokenizers.char import UNKNOWN
 
@@ -180,6 +182,27 @@ def dequantize(t) -> torch.Tensor:
     return torch.from_numpy(np.array(values.reshape(t.shape), dtype=np.float32))  # a copy: the file is mapped read-only
 
 
+class Dequantized(Mapping):
+    """A GGUF file's tensors by fournil's names, each dequantized to fp32 when it is read, and not kept: a model that
+    is quantized again as it loads (:meth:`fournil.runs.Run.load`) never holds all its weights in fp32 at once."""
+
+    def __init__(self):
+        self.stored: dict = {}  # name: (the stored tensor, its heads if llama.cpp interleaved its rotary rows)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t, heads = self.stored[name]
+        return dequantize(t) if heads is None else unpermute(dequantize(t), heads)
+
+    def __contains__(self, name) -> bool:  # (Mapping's would dequantize the tensor to answer)
+        return name in self.stored
+
+    def __iter__(self):
+        return iter(self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+
 def read_gguf(path: Path):
     """(model settings, tensors with fournil's names, tokenizer, description) of a GGUF file."""
     meta, stored = read_gguf_file(path)
@@ -188,15 +211,16 @@ def read_gguf(path: Path):
     tokenizer = gguf_tokenizer(meta)
     table = GPT2_NAMES if settings["family"] == "gpt" else LLAMA_NAMES
     permuted = meta["general.architecture"] in PERMUTED_ARCHS
-    tensors, kinds, elements = {}, {}, {}
+    tensors, kinds, elements = Dequantized(), {}, {}
     for t in stored:
-        value = dequantize(t)
+        if t.tensor_type.name not in UNPACK:  # a type no one here reads fails now, not halfway through loading
+            dequantize(GGUFTensor(t.name, t.dims[:1], t.tensor_type, t.data[:1]))
         kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-        elements[t.tensor_type.name] = elements.get(t.tensor_type.name, 0) + value.numel()
-        name = fournil_name(t.name, table)
+        elements[t.tensor_type.name] = elements.get(t.tensor_type.name, 0) + math.prod(t.dims)
+        heads = None
         if permuted and re.search(r"\.(attn_q|attn_k)\.", t.name):
-            value = unpermute(value, settings["n_head"] if ".attn_q." in t.name else settings["n_kv_head"])
-        tensors[name] = value
+            heads = settings["n_head"] if ".attn_q." in t.name else settings["n_kv_head"]
+        tensors.stored[fournil_name(t.name, table)] = t, heads
     dtype = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
     return settings, tensors, tokenizer, {"format": "GGUF file", "architecture": meta["general.architecture"],
                                           "dtype": dtype, "bits": quantized_bits(max(elements, key=elements.get))}

@@ -60,13 +60,13 @@ def load_local(spec: str, device: str = "auto", dtype: str = "auto", draft: str 
     """The run ``spec`` names with its weights in ``dtype``, and its ``draft``'s (checked to fit it), or None."""
     from fournil.runs import Run
 
-    run = Run.load(spec, device).quantize(dtype)
+    run = Run.load(spec, device, weights=dtype)
     run.check_writes()
     if not draft:
         return run, None
     from fournil.generate.speculative import check_draft
 
-    helper = Run.load(draft, device).quantize(dtype)
+    helper = Run.load(draft, device, weights=dtype)
     check_draft(run, helper)
     return run, helper
 

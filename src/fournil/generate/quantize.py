@@ -142,11 +142,19 @@ def quantize(model: nn.Module, precision: str) -> nn.Module:
         raise FournilError(f"{precision} weights are for Transformers (gpt, llama); the {model.family} model is small enough")
     if precision == "int4" and model.device.type != "cpu":
         raise FournilError("int4 weights are for decoding on a CPU; on a GPU use --dtype bfloat16 or int8")
-    for m in list(model.modules()):
+    quantize_layers(model, precision)
+    return model.to(torch.bfloat16)  # the rest (embeddings, norms, scales) in bf16, the kernel's activation type
+
+
+def quantize_layers(module: nn.Module, precision: str) -> None:
+    """``module``'s linear layers in ``precision`` (int8 or int4), those that read the same input fused first: a
+    whole model's, or one block's as soon as it has loaded (:meth:`fournil.runs.Run.load`), so that a quantized
+    file's weights are never all in fp32 at once. Layers already quantized stay as they are."""
+    for m in list(module.modules()):
         if hasattr(m, "fuse"):
             m.fuse()
-    embedded = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    for parent in list(model.modules()):
+    embedded = {m.weight.data_ptr() for m in module.modules() if isinstance(m, nn.Embedding)}
+    for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 # int4's output layer is int8: in 4 bits it cost SmolLM2 3.7 % of perplexity, in 8 bits nothing
@@ -154,7 +162,6 @@ def quantize(model: nn.Module, precision: str) -> nn.Module:
                 setattr(parent, name, kind(child))
                 getattr(parent, name).tied = child.weight.data_ptr() in embedded  # a copy of the embeddings
                 getattr(parent, name).scores = name == "lm_head"
-    return model.to(torch.bfloat16)  # the rest (embeddings, norms, scales) in bf16, the kernel's activation type
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -81,9 +82,11 @@ def check_settings(config: dict) -> None:
     check_types(cfg_cls, settings, f"model {family}")
 
 
-def build_model(config: dict, weights: dict | None = None, source: str = "the weights") -> LanguageModel:
+def build_model(config: dict, weights: Mapping | None = None, source: str = "the weights",
+                loaded: Callable | None = None) -> LanguageModel:
     """A model from its saved config dict (``{"family": ..., settings...}``), holding ``weights`` if given (read from
-    ``source``) without drawing initial ones first (for SmolLM2 that drawing took half the time of loading)."""
+    ``source``) without drawing initial ones first (for SmolLM2 that drawing took half the time of loading); each of
+    its blocks is given to ``loaded`` once its weights are in (:func:`fournil.checkpoint.load_tensors`)."""
     check_settings(config)
     settings = dict(config)
     model_cls, cfg_cls = FAMILIES[settings.pop("family")]
@@ -94,7 +97,7 @@ def build_model(config: dict, weights: dict | None = None, source: str = "the we
         return model_cls(cfg_cls(**settings))
     with torch.device("meta"), Undrawn():
         model = model_cls(cfg_cls(**settings))
-    load_tensors(model, weights, source)
+    load_tensors(model, weights, source, loaded)
     return model
 
 
