@@ -21,6 +21,7 @@ PyTorch's operations then stand in.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -48,7 +49,11 @@ def built() -> bool:
 
     if not shutil.which("ninja"):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    folder = cache_folder("kernels") / f"torch-{torch.__version__}"  # for any x86 CPU: the kernel checks for VNNI
+    # one folder per torch version and per install (for any x86 CPU: the kernel checks for VNNI). PyTorch's builder
+    # takes sources at another path for changed sources: two installs sharing a folder rebuilt it in turn, 15 s a
+    # launch, each under the other's feet
+    place = hashlib.sha256(str(Path(__file__).parent).encode()).hexdigest()[:8]
+    folder = cache_folder("kernels") / f"torch-{torch.__version__}-{place}"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "fournil_kernels.so").exists():  # else a first training step, or answer, seems to hang
         print("fournil: building its C++ kernels, once for this machine (10-30 s)", file=sys.stderr,
