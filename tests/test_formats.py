@@ -305,8 +305,7 @@ def test_generation_keeps_the_bits_of_a_quantized_file_on_a_cpu_and_of_nothing_e
             return super().__getitem__(name)
 
     settings, tensors, _, _ = read_gguf(tmp_path / "q8_0.gguf")
-    (file := Read()).stored = tensors.stored
-    model = build_model(settings, file, "q8_0.gguf", lambda block: given.append((len(reads), block)))
+    model = build_model(settings, Read(tensors.stored), "q8_0.gguf", lambda block: given.append((len(reads), block)))
     assert [block for _, block in given] == list(model.model.layers) and len(set(reads)) == len(reads)
     for i, (at, _) in enumerate(given):  # right after its own last weight
         assert at == 1 + max(j for j, name in enumerate(reads) if name.startswith(f"model.layers.{i}."))

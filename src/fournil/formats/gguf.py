@@ -186,8 +186,8 @@ class Dequantized(Mapping):
     """A GGUF file's tensors by fournil's names, each dequantized to fp32 when it is read, and not kept: a model that
     is quantized again as it loads (:meth:`fournil.runs.Run.load`) never holds all its weights in fp32 at once."""
 
-    def __init__(self):
-        self.stored: dict = {}  # name: (the stored tensor, its heads if llama.cpp interleaved its rotary rows)
+    def __init__(self, stored: dict):
+        self.stored = stored  # name: (the stored tensor, its heads if llama.cpp interleaved its rotary rows)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t, heads = self.stored[name]
@@ -211,7 +211,7 @@ def read_gguf(path: Path):
     tokenizer = gguf_tokenizer(meta)
     table = GPT2_NAMES if settings["family"] == "gpt" else LLAMA_NAMES
     permuted = meta["general.architecture"] in PERMUTED_ARCHS
-    tensors, kinds, elements = Dequantized(), {}, {}
+    stored_as, kinds, elements = {}, {}, {}
     for t in stored:
         if t.tensor_type.name not in UNPACK:  # a type no one here reads fails now, not halfway through loading
             dequantize(GGUFTensor(t.name, t.dims[:1], t.tensor_type, t.data[:1]))
@@ -220,10 +220,11 @@ def read_gguf(path: Path):
         heads = None
         if permuted and re.search(r"\.(attn_q|attn_k)\.", t.name):
             heads = settings["n_head"] if ".attn_q." in t.name else settings["n_kv_head"]
-        tensors.stored[fournil_name(t.name, table)] = t, heads
+        stored_as[fournil_name(t.name, table)] = t, heads
     dtype = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    return settings, tensors, tokenizer, {"format": "GGUF file", "architecture": meta["general.architecture"],
-                                          "dtype": dtype, "bits": quantized_bits(max(elements, key=elements.get))}
+    source = {"format": "GGUF file", "architecture": meta["general.architecture"], "dtype": dtype,
+              "bits": quantized_bits(max(elements, key=elements.get))}
+    return settings, Dequantized(stored_as), tokenizer, source
 
 
 def quantized_bits(kind: str) -> int | None:
