@@ -655,6 +655,24 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
     assert torch.allclose(logits[True], logits[False], atol=1e-5 if dtype == torch.float32 else 0.05)
 
 
+def test_built_kernels_load_at_the_next_launch_without_pytorch_s_builder():
+    """Once built, the kernels of the same sources load directly: no build, and no import of PyTorch's builder
+    (0.1 s of every launch), whichever install built them."""
+    import subprocess
+    import sys
+
+    from fournil import kernels
+
+    if not kernels.built():
+        pytest.skip("fournil's kernels are not built on this machine (no C++ compiler, or not an x86 CPU)")
+    code = ("import sys; from fournil import kernels\n"
+            "print(kernels.built(), 'torch.utils.cpp_extension' in sys.modules, kernels.library().exists())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "True"]
+    assert "building its C++ kernels" not in out.stderr
+
+
 def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kernels(tmp_path):
     """A CPU with VNNI but no C++ compiler to build fournil's kernels: a line saying they are being built, one warning
     that says what to install, then PyTorch's kernels, which give the layer's answer all the same."""
@@ -664,6 +682,8 @@ def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kerne
 
     code = ("import warnings, torch; warnings.simplefilter('always')\n"
             "from fournil import kernels; from fournil.generate.quantize import Int4Linear\n"
+            # a build that stopped halfway is built again (here, with no compiler, cannot be)
+            "kernels.library().parent.mkdir(parents=True); kernels.library().write_bytes(b'half a library')\n"
             "torch.manual_seed(0); linear = torch.nn.Linear(64, 32); layer = Int4Linear(linear)\n"
             "x = torch.randn(3, 64); w = linear.weight.detach(); g = w.view(32, 2, 32)\n"
             # half a quantization step per weight, and bf16's rounding of the kernel's inputs, weights and output

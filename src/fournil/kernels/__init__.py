@@ -44,20 +44,42 @@ def built() -> bool:
     """Whether fournil's kernels are built here, or loaded from the disk cache (on first call); on x86 CPUs only."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
+    if not loaded(library()) and not build(library().parent):
+        return False
+    torch.library.register_fake("fournil::vnni_linear")(
+        lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
+    torch.library.register_fake("fournil::decode_attention")(attention_shape)
+    return True
+
+
+def library() -> Path:
+    """Where the kernels are built: one folder per torch version and per version of the sources, so that every
+    install of the same sources loads the same library directly, without PyTorch's builder (importing it took 0.1 s
+    of every launch; and it takes sources at another path for changed sources: two installs sharing a folder rebuilt
+    it in turn)."""
+    sources = hashlib.sha256(b"".join(Path(path).read_bytes() for path in SOURCES)).hexdigest()[:8]
+    return cache_folder("kernels") / f"torch-{torch.__version__}-{sources}" / "fournil_kernels.so"
+
+
+def loaded(path: Path) -> bool:
+    """Whether the library at ``path`` loaded (it may not be there, or be a build stopped halfway)."""
+    try:
+        torch.ops.load_library(str(path))
+    except OSError:
+        return False
+    return True
+
+
+def build(folder: Path) -> bool:
+    """Build the kernels in ``folder`` and load them; False, with a warning, where no compiler can."""
     import ninja  # the build tool PyTorch's builder runs, from PyPI: on PATH even where the venv is not activated
     from torch.utils import cpp_extension
 
     if not shutil.which("ninja"):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    # one folder per torch version and per install (for any x86 CPU: the kernel checks for VNNI). PyTorch's builder
-    # takes sources at another path for changed sources: two installs sharing a folder rebuilt it in turn, 15 s a
-    # launch, each under the other's feet
-    place = hashlib.sha256(str(Path(__file__).parent).encode()).hexdigest()[:8]
-    folder = cache_folder("kernels") / f"torch-{torch.__version__}-{place}"
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "fournil_kernels.so").exists():  # else a first training step, or answer, seems to hang
-        print("fournil: building its C++ kernels, once for this machine (10-30 s)", file=sys.stderr,
-              flush=True)
+    # (said, or a first training step, or answer, seems to hang)
+    print("fournil: building its C++ kernels, once for this machine (10-30 s)", file=sys.stderr, flush=True)
     # built with OpenMP, or ``at::parallel_for`` runs on one core: SmolLM2 in int4, compiled, decoded 88-116 tokens/s
     # on 2 cores that way against 169-191 on both. The OpenMP library is the one PyTorch loaded, so its threads are
     # PyTorch's. A compiler without OpenMP still builds the kernels, for one core.
@@ -65,19 +87,14 @@ def built() -> bool:
         try:
             cpp_extension.load("fournil_kernels", SOURCES, extra_cflags=["-O3", *flags], extra_ldflags=flags,
                                build_directory=str(folder), is_python_module=False)
-            break
+            return True
         except Exception:  # noqa: BLE001 - no compiler (or none with OpenMP): without OpenMP, then PyTorch's kernels
-            if flags:
-                continue
-            compiler = os.environ.get("CXX", "c++")
-            warnings.warn(f"int8 and int4 layers, decoding's attention and dropout use PyTorch's kernels, slower: "
-                          f"fournil's kernels could not be built with {compiler!r}; install a C++ compiler (g++) to "
-                          f"build them", stacklevel=2)
-            return False
-    torch.library.register_fake("fournil::vnni_linear")(
-        lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
-    torch.library.register_fake("fournil::decode_attention")(attention_shape)
-    return True
+            continue
+    compiler = os.environ.get("CXX", "c++")
+    warnings.warn(f"int8 and int4 layers, decoding's attention and dropout use PyTorch's kernels, slower: fournil's "
+                  f"kernels could not be built with {compiler!r}; install a C++ compiler (g++) to build them",
+                  stacklevel=3)
+    return False
 
 
 @functools.cache
