@@ -44,7 +44,8 @@ def built() -> bool:
     """Whether fournil's kernels are built here, or loaded from the disk cache (on first call); on x86 CPUs only."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    if not loaded(library()) and not build(library().parent):
+    path = library()
+    if not loaded(path) and not build(path.parent):
         return False
     torch.library.register_fake("fournil::vnni_linear")(
         lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
