@@ -1,7 +1,9 @@
+import copy
 import functools
 
 import pytest
 import torch
+from torch import nn
 
 from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
@@ -115,22 +117,28 @@ def test_llama_grouped_query_attention_and_sliding_window():
         make("llama", n_head=4, n_kv_head=3)
 
 
-def test_fused_products_for_decoding_give_the_same_outputs_and_parameters():
-    """int8 and int4 decoding fuse a llama's q, k and v into one product, and gate and up into another (one call and
-    one quantization of their input each): the outputs, biases included, and the parameters are the same."""
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_fused_products_for_decoding_give_the_outputs_of_the_layers_quantized_apart(precision):
+    """int8 and int4 decoding fuse a llama's q, k and v into one quantized product, and gate and up into another
+    (one call and one quantization of their input each): the outputs, biases included, are those of the layers
+    quantized one by one, and the layers' names go."""
+    from fournil.generate.quantize import Int4Linear, Int8Linear, quantize_layers
+
     torch.manual_seed(0)
-    model = make("llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=16, qkv_bias=True, mlp_bias=True).eval()
+    model = make("llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qkv_bias=True, mlp_bias=True).eval()
     x = torch.randint(V, (3, T))
-    before, params = model(x), model.num_params()
-    for m in list(model.modules()):
-        if hasattr(m, "fuse"):
-            m.fuse()
-    names = {name for name, _ in model.named_parameters()}
+    apart = copy.deepcopy(model)
+    for parent in list(apart.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, (Int4Linear if precision == "int4" and name != "lm_head" else Int8Linear)(child))
+    quantize_layers(model, precision)
+    names = {name for name, _ in model.named_buffers()}
     assert not {n for n in names if "gate_proj" in n or "up_proj" in n or "q_proj" in n}
     layer = "model.layers.1."
     assert {layer + "mlp.gate_up.weight", layer + "mlp.gate_up.bias", layer + "self_attn.qkv.bias"} <= names
-    assert model.num_params() == params
-    assert torch.allclose(model(x), before, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(model(x), apart(x))
 
 
 def test_llama3_rope_scaling_slows_only_the_long_wavelengths():

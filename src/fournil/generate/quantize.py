@@ -20,14 +20,20 @@ DECODE_ROWS = 32  # without VNNI: up to this many rows, PyTorch's int8 weight-on
 
 
 class QuantizedLinear(nn.Module):
-    """What the quantized linear layers share: a weight of ``out_features`` x ``in_features`` kept as buffers."""
+    """What the quantized linear layers share: a weight of ``out_features`` x ``in_features`` kept as buffers, made
+    from one linear layer or from several that read the same input (fused: their outputs one after the other)."""
 
     tied = False  # the output layer of tied embeddings: a quantized copy of weights counted in the embeddings
     # the output layer: its scores in fp32, as the kernels give them. Rounded to bf16, scores of 8 to 32 (a model's
     # largest) come in steps of 1/16 to 1/8: the rounding decided near ties, and log-probabilities came in those steps
     # (SmolLM2's perplexity against fp32 weights: int8 +0.65 %, int4 +0.28 %; with fp32 scores +0.45 %, +0.19 %)
     scores = False
-    in_features = out_features = 0
+
+    def __init__(self, parts: tuple[nn.Linear, ...]):
+        super().__init__()
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach().float() for p in parts])
+        self.register_buffer("bias", bias)
 
     def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The product ``y`` of input ``x`` in the activations' precision (the scores in fp32), with the bias."""
@@ -45,22 +51,16 @@ class Int8Linear(QuantizedLinear):
     in bf16, and more (a prompt) in fp32, which CPUs without bf16 units do several times faster.
     """
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # (w.abs().amax(1) takes 5 times as long: the largest and smallest are read without a copy of the weights)
-        scale = (torch.maximum(w.amax(1), -w.amin(1)).clamp(min=1e-8) / 127).to(torch.bfloat16).float()
-        codes = (w / scale[:, None]).round_().clamp_(-127, 127)  # (the bf16 scale may be a little below |w|max / 127)
-        self.vnni = w.device.type == "cpu" and kernels.available()
+    def __init__(self, *parts: nn.Linear):
+        super().__init__(parts)
+        self.vnni = parts[0].weight.device.type == "cpu" and kernels.available()
         if self.vnni:
-            codes = padded(codes.add_(kernels.OFFSET[8]).to(torch.uint8), GROUP, kernels.LANES)
-            self.register_buffer("weight", kernels.pack(codes, 8))
-            self.register_buffer("scale", F.pad(scale, (0, codes.shape[0] - self.out_features)).to(torch.bfloat16))
+            weight, scale = kernels.quantized([p.weight for p in parts], 8)
         else:
-            self.register_buffer("weight", codes.to(torch.int8))
-            self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+            codes, scale = int8_codes(joined(parts))
+            weight = codes.to(torch.int8)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -87,28 +87,17 @@ class Int4Linear(QuantizedLinear):
     the packed codes directly and computes in fp32.
     """
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.out_features, self.in_features = linear.weight.shape
-        # the kernels want inputs in whole groups and outputs in sixteens: a narrow model's weights are padded, zeros
-        self.pad = -self.in_features % GROUP
-        w = padded(linear.weight.detach().float(), GROUP, kernels.LANES)
-        groups = w.view(w.shape[0], -1, GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        # the convention: w = (code - 8) * scale + zero, with scale and zero in bf16; the codes are chosen for the
-        # rounded scale and zero, not before their rounding (which cost 3 % of SmolLM2's perplexity)
-        scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()
-        zero = (low + 8 * scale).to(torch.bfloat16).float()
-        codes = (groups - zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
-        codes = codes.to(torch.uint8).view(w.shape)
+    def __init__(self, *parts: nn.Linear):
+        super().__init__(parts)
         self.vnni = kernels.available()
         if self.vnni:
-            self.register_buffer("weight", kernels.pack(codes, 4, scale, zero))
-        else:
+            self.register_buffer("weight", kernels.quantized([p.weight for p in parts], 4)[0])
+        else:  # PyTorch's kernel wants whole groups of inputs and outputs in sixteens: a narrow model's padded, zeros
+            self.pad = -self.in_features % GROUP
+            codes, scale, zero = int4_codes(padded(joined(parts), GROUP, 16))
             self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 8))
             scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self.register_buffer("scale_zero", scale_zero)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.vnni:
@@ -121,9 +110,36 @@ class Int4Linear(QuantizedLinear):
         return self.finish(y, x)
 
 
+def joined(parts: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The weights of ``parts`` in fp32, their rows one after the other (a copy only for several)."""
+    weights = [p.weight.detach().float() for p in parts]
+    return torch.cat(weights) if len(weights) > 1 else weights[0]
+
+
+def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (fp32) as int8 codes (-127 to 127, in fp32) and a scale per row (its largest |w| / 127, rounded to
+    bf16, in fp32): w = code * scale. (``vnni.cpp``'s ``vnni_quantize`` computes the same, in one pass.)"""
+    # (w.abs().amax(1) takes 5 times as long: the largest and smallest are read without a copy of the weights)
+    scale = (torch.maximum(w.amax(1), -w.amin(1)).clamp(min=1e-8) / 127).to(torch.bfloat16).float()
+    return (w / scale[:, None]).round_().clamp_(-127, 127), scale  # (the bf16 scale may be a little below |w|max/127)
+
+
+def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` (fp32, whole groups of ``GROUP`` inputs) as 4-bit codes (uint8), and a scale and zero per group
+    (rounded to bf16, in fp32): w = (code - 8) * scale + zero, the group's smallest code 0, its largest 15. The codes
+    are chosen for the rounded scale and zero, not before their rounding (which cost 3 % of SmolLM2's perplexity).
+    (``vnni.cpp``'s ``vnni_quantize`` computes the same, in one pass.)"""
+    groups = w.view(w.shape[0], -1, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    codes = (groups - zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
+    return codes.to(torch.uint8).view(w.shape), scale, zero
+
+
 def padded(w: torch.Tensor, columns: int, rows: int) -> torch.Tensor:
-    """``w`` with zero columns and rows added up to multiples of ``columns`` and ``rows``, as the kernels want them
-    (a narrow model's layers); not a copy where none are needed, as in SmolLM2, whose load such copies cost 0.18 s."""
+    """``w`` with zero columns and rows added up to multiples of ``columns`` and ``rows``, as PyTorch's int4 kernel
+    wants them (a narrow model's layers); not a copy where none are needed."""
     pad = (0, -w.shape[1] % columns, 0, -w.shape[0] % rows)
     return F.pad(w, pad) if any(pad) else w
 
@@ -152,7 +168,7 @@ def quantize_layers(module: nn.Module, precision: str) -> None:
     file's weights are never all in fp32 at once. Layers already quantized stay as they are."""
     for m in list(module.modules()):
         if hasattr(m, "fuse"):
-            m.fuse()
+            m.fuse(Int4Linear if precision == "int4" else Int8Linear)
     embedded = {m.weight.data_ptr() for m in module.modules() if isinstance(m, nn.Embedding)}
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

@@ -36,7 +36,6 @@ from fournil.device import cache_folder
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp", "dropout.cpp")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
-OFFSET = {4: 8, 8: 128}  # a weight is (code - OFFSET) * scale + zero (int8: the row's scale, no zero)
 
 
 @functools.cache
@@ -122,34 +121,19 @@ def attends(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         head_dim <= 128 and available()
 
 
-def pack(codes: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
-         zero: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's layout of ``codes`` (out x in, unsigned ``bits``-bit integers; out a multiple of 16, in of 32):
-    out/16 blocks of in/32 groups; a group holds, for each 4 inputs, each row's 4 codes (4-bit: inputs 0-3 of each 8
-    in low nibbles, 4-7 in high ones); a 4-bit group then its 16 rows' ``scale`` and ``zero`` (out x in/32, bf16
-    values: a weight is (code - OFFSET) * scale + zero). 8-bit weights have a scale per row, given to :func:`linear`."""
-    out, inputs = codes.shape
-    blocks, groups = out // LANES, inputs // GROUP
-    # a row's 4 codes of 4 inputs (4-bit: of inputs 0-3 and 4-7 of each 8) are moved as one int32: a quarter of the
-    # elements to move as bytes (SmolLM2's int4 layers were packed in 26 ms instead of 173)
-    fours = codes.to(torch.uint8).contiguous().view(torch.int32)
-    if bits == 4:
-        pairs = fours.view(out, -1, 2)
-        fours = pairs[..., 0] | (pairs[..., 1] << 4)
-    packed = fours.view(blocks, LANES, groups, -1).permute(0, 2, 3, 1).reshape(blocks, groups, -1).view(torch.uint8)
-    if bits == 8:
-        return packed
-
-    def side_by_side(t):  # the 16 rows' bf16 values of each group, as bytes
-        return t.to(torch.bfloat16).view(blocks, LANES, groups).transpose(1, 2).contiguous().view(torch.uint8)
-
-    return torch.cat([packed, side_by_side(scale), side_by_side(zero)], -1)
+def quantized(weights: list[torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows of ``weights`` (each out_i x in), one after the other, quantized to ``bits`` as
+    :mod:`fournil.generate.quantize` does it, laid out for :func:`linear` (``vnni.cpp`` says how): out/16 blocks of
+    in/32 groups (rounded up: the rows and inputs added are zeros), a 4-bit group holding its 16 rows' bf16 scales and
+    zeros; 8-bit, with one bf16 scale per padded row."""
+    packed = torch.ops.fournil.vnni_quantize([w.detach().float().contiguous() for w in weights], bits)
+    return packed[0], packed[1] if bits == 8 else None
 
 
 def linear(x: torch.Tensor, weights: torch.Tensor, out_features: int,
            scales: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` (..., in, padded to the weights' inputs) by ``weights`` of :func:`pack` (8-bit: and ``scales``, one bf16
-    per padded output row): (..., out_features) in fp32."""
+    """``x`` (..., in, padded to the weights' inputs) by ``weights`` of :func:`quantized` (8-bit: and ``scales``, one
+    bf16 per padded output row): (..., out_features) in fp32."""
     flat = x.reshape(-1, x.shape[-1])
     inputs = weights.shape[1] * GROUP
     flat = torch.nn.functional.pad(flat, (0, inputs - flat.shape[1])) if flat.shape[1] < inputs else flat

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,16 +98,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def fused(*parts: nn.Linear) -> nn.Linear:
-    """One layer computing what ``parts``, which read the same input, compute: their outputs one after the other."""
-    layer = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
-                      device="meta")  # (no weights drawn: they are the parts')
-    layer.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]))
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]))
-    return layer
-
-
 class Attention(nn.Module):
     recorded = None  # a list while attention weights are recorded (fournil.evaluate.attention)
 
@@ -121,13 +112,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.o_bias)
         self.qkv = None  # q, k and v in one product, once fused for generation (:meth:`fuse`)
 
-    def fuse(self) -> None:
-        """Compute q, k and v in one product instead of three: for decoding, where a small layer's product costs
-        mostly its call (SmolLM2's three int4 products: 65 us a token, fused 30 us). The three layers' names go."""
+    def fuse(self, layer: Callable[..., nn.Module]) -> None:
+        """Compute q, k and v in one product instead of three, by ``layer`` made of the three (a quantized one:
+        :func:`fournil.generate.quantize.quantize_layers`): for decoding, where a small layer's product costs mostly
+        its call (SmolLM2's three int4 products: 65 us a token, fused 30 us). The three layers' names go."""
         if self.qkv is not None:
             return
         self.sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
-        self.qkv = fused(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv = layer(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
@@ -157,12 +149,13 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
         self.gate_up = None  # gate and up in one product, once fused for generation (:meth:`fuse`)
 
-    def fuse(self) -> None:
-        """Compute gate and up in one product instead of two, as the attention's q, k and v: their input is
-        quantized once, and one call shares the work out to the threads. The two layers' names go."""
+    def fuse(self, layer: Callable[..., nn.Module]) -> None:
+        """Compute gate and up in one product instead of two, by ``layer`` made of the two, as the attention's q, k
+        and v: their input is quantized once, and one call shares the work out to the threads. The two layers' names
+        go."""
         if self.gate_up is not None:
             return
-        self.gate_up = fused(self.gate_proj, self.up_proj)
+        self.gate_up = layer(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
