@@ -77,7 +77,7 @@ def as_llama_cpp_quantizes(f32: Path, ours: Path) -> str:
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)):
             return "quantizer failed"
     mine, other = read_gguf_file(ours)[1], {t.name: t for t in read_gguf_file(theirs)[1]}
-    same = sum(t.name in other and t.tensor_type == other[t.name].tensor_type
+    same = sum(t.name in other and t.kind == other[t.name].kind
                and np.array_equal(t.data, other[t.name].data) for t in mine)
     return f"{same} of {len(mine)} tensors identical"
 

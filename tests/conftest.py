@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import locale
 import os
@@ -240,6 +241,7 @@ class InProcess:
             code = main(list(map(str, args)))
         except SystemExit as e:  # argparse's own usage errors
             code = e.code
+        assert gc.get_freeze_count() == 0  # (main leaves the garbage collector's objects out for the command only)
         out = self.capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
