@@ -133,7 +133,8 @@ def test_a_gguf_file_of_the_types_fournil_unpacks_loads_without_the_gguf_package
 
     for number, (name, block, size) in TYPES.items():
         kind = gguf.GGMLQuantizationType(number)
-        assert kind.name == name and gguf.GGML_QUANT_SIZES[kind] == (block, size) and UNPACK[name][0] == size
+        assert kind.name == name and gguf.GGML_QUANT_SIZES[kind] == (block, size)
+    assert set(UNPACK) == {name for name, _, _ in TYPES.values()}
     export(Run.load(trained["llama"], "cpu"), tmp_path / "m.gguf", "gguf", "q8_0")
     code = f"import sys; from fournil.runs import Run; run = Run.load({str(tmp_path / 'm.gguf')!r}, 'cpu'); " \
            "print(run.source['dtype'], 'gguf' in sys.modules)"
@@ -197,6 +198,11 @@ def test_bad_files_give_clear_errors(hf_models, tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: data.index(b"tokenizer.ggml.tokens") + 100])  # in the vocabulary
     with pytest.raises(FournilError, match=r"not a valid GGUF file \(truncated or corrupted\?\)"):
         Run.load(tmp_path / "cut.gguf")
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight")  # its tensor info: dims, then its type
+    at += 4 + 8 * int.from_bytes(data[at:at + 4], "little")
+    (tmp_path / "new.gguf").write_bytes(data[:at] + (999).to_bytes(4, "little") + data[at + 4:])
+    with pytest.raises(FournilError, match="stored in type 999, which neither fournil nor the installed gguf package"):
+        Run.load(tmp_path / "new.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(FournilError, match="not a valid GGUF file"):
         Run.load(tmp_path / "junk.gguf")

@@ -18,7 +18,7 @@ import torch
 
 from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
-from fournil.formats.gguf_reader import GGUFTensor, read_gguf_file
+from fournil.formats.gguf_reader import TYPES, GGUFTensor, read_gguf_file
 from fournil.tokenizers import CharTokenizer, HFTokenizer
 from fournil.tokenizers.char import UNKNOWN
 
@@ -165,9 +165,10 @@ def unpack_floats(dtype: torch.dtype):
     return lambda blocks: blocks.view(dtype).float()
 
 
-UNPACK = {"F32": (4, unpack_floats(torch.float32)), "F16": (2, unpack_floats(torch.float16)),
-          "BF16": (2, unpack_floats(torch.bfloat16)), "Q8_0": (34, unpack_q8_0), "Q4_0": (18, unpack_q4_0),
-          "Q4_1": (20, unpack_q4_1), "Q4_K": (144, unpack_q4_k), "Q5_K": (176, unpack_q5_k), "Q6_K": (210, unpack_q6_k)}
+UNPACK = {"F32": unpack_floats(torch.float32), "F16": unpack_floats(torch.float16),
+          "BF16": unpack_floats(torch.bfloat16), "Q8_0": unpack_q8_0, "Q4_0": unpack_q4_0, "Q4_1": unpack_q4_1,
+          "Q4_K": unpack_q4_k, "Q5_K": unpack_q5_k, "Q6_K": unpack_q6_k}
+BLOCK_BYTES = {name: size for name, _, size in TYPES.values()}  # (the reader's table of the types unpacked here)
 
 
 def dequantize(t) -> torch.Tensor:
@@ -175,9 +176,8 @@ def dequantize(t) -> torch.Tensor:
     (Q4_K_M, Q5_K_M, Q6_K) are unpacked by torch, in the same arithmetic as the gguf package (1.3 s less to load
     SmolLM2); the others by the gguf package, imported for them only (0.09 s)."""
     if t.kind in UNPACK:
-        size, unpack = UNPACK[t.kind]
-        blocks = torch.from_numpy(np.array(t.data)).view(-1, size)  # a copy: the file is mapped read-only
-        return unpack(blocks).reshape(t.shape)
+        blocks = torch.from_numpy(np.array(t.data)).view(-1, BLOCK_BYTES[t.kind])  # a copy: the file is read-only
+        return UNPACK[t.kind](blocks).reshape(t.shape)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as dq
 

@@ -101,7 +101,11 @@ def tensor_type(number: int) -> tuple[str, int, int]:
         return TYPES[number]
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    kind = GGMLQuantizationType(number)
+    try:
+        kind = GGMLQuantizationType(number)
+    except ValueError:
+        raise FournilError(f"a tensor is stored in type {number}, which neither fournil nor the installed gguf package "
+                           f"knows (a newer llama.cpp's?); `pip install -U gguf` may read it") from None
     return (kind.name, *GGML_QUANT_SIZES[kind])
 
 
