@@ -15,7 +15,7 @@ from tests.test_engine import assert_greedy
 
 @pytest.mark.parametrize("family,precision", [("gpt", "float32"), ("llama", "float32"), ("llama", "int4")])
 def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_grows(trained, family, precision):
-    """int4: on a CPU with VNNI, its layers call fournil's own kernel, which the compiled step calls as it is."""
+    """int4: on a CPU with AVX2, its layers call fournil's own kernel, which the compiled step calls as it is."""
     run = Run.load(trained[family], "cpu").quantize(precision)
     tok = run.tokenizer
     assert decoding_step(run.model) is None

@@ -525,8 +525,8 @@ def test_a_quantized_model_counts_the_parameters_it_had_and_says_its_weights_pre
 def test_a_quantized_model_gives_its_scores_in_fp32_and_its_activations_in_bf16(bpe_llama, precision):
     """Rounded to bf16, the output layer's scores came in steps of 1/16 to 1/8 (SmolLM2's largest), which decided
     near ties and the log-probabilities (SmolLM2's perplexity: int8 +0.65 % against fp32, int4 +0.28 %; in fp32,
-    +0.45 % and +0.19 %). On a CPU with VNNI they are the kernel's fp32 sums as they come; elsewhere PyTorch's int8
-    kernel computes them in bf16."""
+    +0.45 % and +0.19 %). On a CPU with AVX2 they are fournil's kernel's fp32 sums as they come; elsewhere PyTorch's
+    int8 kernel computes them in bf16."""
     from fournil.device import autocast
     from fournil import kernels
     from fournil.generate.quantize import QuantizedLinear
@@ -540,22 +540,28 @@ def test_a_quantized_model_gives_its_scores_in_fp32_and_its_activations_in_bf16(
         assert inner(torch.randn(3, inner.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert scores.dtype == torch.float32 and run.model(torch.zeros(1, 1, dtype=torch.long)).dtype == torch.float32
     if kernels.available():
-        assert torch.equal(scores, kernels.linear(hidden, head.weight, head.out_features, head.scale))
+        assert torch.equal(scores, kernels.linear(hidden, head.weight, head.out_features, head.scale,
+                                                  head.kernel == 2))
         assert not torch.equal(scores, scores.bfloat16().float())
 
 
+@pytest.mark.parametrize("instructions", [1, 2], ids=["avx2", "vnni"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_its_activations_rounding(bits):
-    """On a CPU with AVX512-VNNI, int8 and int4 layers multiply in integers (``vnni.cpp``), each row's activations
-    quantized to int8 in groups of 32: a row's result is the same bit for bit whatever the other rows and however
-    many threads share the work, a row of zeros gives the bias, the weights the layer multiplies by (read back with
-    one-hot rows) are the layer's within half a step of their quantization, and every output is within what rounding
-    each activation to half a step (its group's largest / 127 / 2) allows of the exact product with those weights."""
+def test_a_quantized_layer_in_fournil_s_kernel_multiplies_each_row_on_its_own_within_its_activations_rounding(
+        bits, instructions, monkeypatch):
+    """On a CPU with AVX2 (or AVX512-VNNI, whose instructions it then uses), int8 and int4 layers multiply in integers
+    (``products.cpp``), each row's activations quantized to int8 in groups of 32: a row's result is the same bit for
+    bit whatever the other rows and however many threads share the work, a row of zeros gives the bias, the weights
+    the layer multiplies by (read back with one-hot rows) are the layer's within half a step of their quantization,
+    and every output is within what rounding each activation to half a step (its group's largest / 127 / 2) allows of
+    the exact product with those weights. A CPU with VNNI checks both sets of instructions."""
     from fournil import kernels
     from fournil.generate.quantize import GROUP, Int4Linear, Int8Linear
 
-    if not kernels.available():
-        pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernel: the layers use PyTorch's kernels")
+    if kernels.instructions() < instructions:
+        pytest.skip(f"no {'AVX2' if instructions == 1 else 'AVX512-VNNI'} here, or no compiler to build fournil's "
+                    "kernel: the layers use PyTorch's kernels")
+    monkeypatch.setattr(kernels, "instructions", lambda: instructions)
     torch.manual_seed(0)
     linear = torch.nn.Linear(100, 40)  # padded to 128 inputs (4 groups) and 48 outputs (3 blocks of 16)
     layer = (Int8Linear if bits == 8 else Int4Linear)(linear)
@@ -587,11 +593,12 @@ def test_a_quantized_layer_on_a_vnni_cpu_multiplies_each_row_on_its_own_within_i
     bound = steps.double() @ F.pad(weights.abs(), (0, 28)).view(40, -1, GROUP).sum(-1).T
     assert ((together.double() - exact).abs() <= bound + 1e-5 * (x.abs().double() @ weights.abs().T)).all()
     with pytest.raises(RuntimeError, match="8-bit weights need their rows' scales, 4-bit ones have theirs inside"):
-        torch.ops.fournil.vnni_linear(F.pad(x, (0, 28)), layer.weight, None if bits == 8 else layer.weight[0, 0, :16])
+        torch.ops.fournil.int_linear(F.pad(x, (0, 28)), layer.weight, None if bits == 8 else layer.weight[0, 0, :16],
+                                     instructions == 2)
 
 
 def kernel_layout(codes: torch.Tensor, bits: int, scale=None, zero=None) -> torch.Tensor:
-    """``vnni.cpp``'s layout of ``codes`` (out x in, unsigned, padded to blocks of 16 rows and groups of 32 inputs),
+    """``products.cpp``'s layout of ``codes`` (out x in, unsigned, padded to blocks of 16 rows and groups of 32 inputs),
     as its comment says it: per block of 16 rows and group of 32 inputs, for every 4 inputs (4-bit: inputs 0-3 of
     every 8 in low nibbles, 4-7 in high ones), each row's 4 codes; 4-bit, then the 16 rows' bf16 scales and zeros."""
     out, inputs = codes.shape
@@ -610,16 +617,16 @@ def kernel_layout(codes: torch.Tensor, bits: int, scale=None, zero=None) -> torc
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_the_kernel_quantizes_weights_in_one_pass_to_the_bits_of_pytorch_s_arithmetic(bits):
-    """``vnni_quantize`` makes a layer's codes, scales and zeros and lays them out in one pass over its weights (with
+    """``int_quantize`` makes a layer's codes, scales and zeros and lays them out in one pass over its weights (with
     PyTorch's operations, SmolLM2's load spent 0.31 s there, now 0.11): bit for bit those of ``int4_codes`` and
-    ``int8_codes`` in ``vnni.cpp``'s layout, for any shape (the inputs added zeros: 8-bit, codes of weights 0; the
+    ``int8_codes`` in ``products.cpp``'s layout, for any shape (the inputs added zeros: 8-bit, codes of weights 0; the
     rows added, 8-bit ones with codes and scale 0), weights over nine decades, groups all of one value, zeros and
     ties; and for a fused layer's parts, one after the other, those of their rows joined."""
     from fournil import kernels
     from fournil.generate.quantize import int4_codes, int8_codes, padded
 
     if not kernels.available():
-        pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernel: the layers use PyTorch's kernels")
+        pytest.skip("no AVX2 here, or no compiler to build fournil's kernel: the layers use PyTorch's kernels")
 
     def expected(w):
         if bits == 4:
@@ -660,7 +667,7 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
     cannot read, an error that says why. A model's step gives the logits it gives without the kernel."""
     from fournil import kernels
 
-    if not kernels.available():
+    if kernels.instructions() < 2:
         pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernels: attention is PyTorch's")
     torch.manual_seed(0)
     for B, H, KV, S, D in [(3, 9, 3, 37, 64), (2, 4, 4, 16, 32), (1, 7, 1, 5, 128), (4, 24, 2, 50, 16)]:
@@ -734,27 +741,32 @@ def test_built_kernels_load_at_the_next_launch_without_pytorch_s_builder():
 
 
 def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kernels(tmp_path):
-    """A CPU with VNNI but no C++ compiler to build fournil's kernels: a line saying they are being built, one warning
-    that says what to install, then PyTorch's kernels, which give the layer's answer all the same."""
+    """A CPU with AVX2 but no C++ compiler to build fournil's kernels: a line saying they are being built, one warning
+    that says what to install, then PyTorch's kernels (as on ARM), which give the layers' answers all the same: int4,
+    and int8 for a decoding step's rows (in bf16) and a prompt's (in fp32)."""
     import os
     import subprocess
     import sys
 
     code = ("import warnings, torch; warnings.simplefilter('always')\n"
-            "from fournil import kernels; from fournil.generate.quantize import Int4Linear\n"
+            "from fournil import kernels; from fournil.generate.quantize import Int4Linear, Int8Linear\n"
             # a build that stopped halfway is built again (here, with no compiler, cannot be)
             "kernels.library().parent.mkdir(parents=True); kernels.library().write_bytes(b'half a library')\n"
-            "torch.manual_seed(0); linear = torch.nn.Linear(64, 32); layer = Int4Linear(linear)\n"
-            "x = torch.randn(3, 64); w = linear.weight.detach(); g = w.view(32, 2, 32)\n"
-            # half a quantization step per weight, and bf16's rounding of the kernel's inputs, weights and output
-            "half = ((g.amax(-1) - g.amin(-1)) / 30).repeat_interleave(32, 1)\n"
-            "bound = x.abs() @ (1.2 * half).T + 2 ** -7 * (x.abs() @ w.abs().T)\n"
-            "print(kernels.available(), layer.vnni, bool(((layer(x) - linear(x)).abs() <= bound).all()))")
+            "torch.manual_seed(0); linear = torch.nn.Linear(64, 32); w = linear.weight.detach()\n"
+            # half a quantization step per weight (int4: its group's range / 15; int8: its row's largest |w| / 127)
+            "g = w.view(32, 2, 32); int4 = ((g.amax(-1) - g.amin(-1)) / 30).repeat_interleave(32, 1)\n"
+            "int8 = (w.abs().amax(1, True) / 254).expand(-1, 64)\n"
+            "for layer, half in [(Int4Linear(linear), int4), (Int8Linear(linear), int8)]:\n"
+            "    for rows in (3, 40):\n"
+            # and bf16's rounding of the kernel's inputs, weights and output
+            "        x = torch.randn(rows, 64); bound = x.abs() @ (1.2 * half).T + 2 ** -7 * (x.abs() @ w.abs().T)\n"
+            "        print(bool(layer.kernel), bool(((layer(x) - linear(x)).abs() <= bound).all()))\n"
+            "print(kernels.available())")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "True"]
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere there is nothing to build
+    assert out.stdout.split() == ["False", "True"] * 4 + ["False"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # elsewhere there is nothing to build
         assert out.stderr.count("UserWarning: int8 and int4 layers, decoding's attention and dropout use PyTorch's") == 1
         assert f"could not be built with {env['CXX']!r}; install a C++ compiler (g++)" in out.stderr
         assert out.stderr.count("fournil: building its C++ kernels, once for this machine") == 1  # said before

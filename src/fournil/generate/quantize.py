@@ -2,8 +2,8 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth: 4 bytes per weight in
 fp32, 2 in bf16, 1 in int8, a little over half a byte in int4. Several rows at once (a batch) are bound by
-arithmetic instead: on a CPU with VNNI the int8 and int4 layers multiply in integers (:mod:`fournil.kernels`),
-elsewhere with PyTorch's kernels.
+arithmetic instead: on an x86 CPU with AVX2 the int8 and int4 layers multiply in integers (:mod:`fournil.kernels`),
+elsewhere (ARM, no C++ compiler, a GPU) with PyTorch's kernels.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fournil import kernels
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
 GROUP = kernels.GROUP  # int4: weights per scale and zero, the kernel's groups (llama.cpp's Q4 blocks are 32 too)
-DECODE_ROWS = 32  # without VNNI: up to this many rows, PyTorch's int8 weight-only kernel beats fp32
+DECODE_ROWS = 32  # without fournil's kernel: up to this many rows, PyTorch's int8 weight-only kernel beats fp32
 
 
 class QuantizedLinear(nn.Module):
@@ -44,17 +44,18 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """A linear layer whose weight is int8 with a scale per output row (the row's largest |w| / 127, in bf16).
 
-    On a CPU with VNNI it multiplies in integers (:mod:`fournil.kernels`), each row's activations quantized to
+    On a CPU with AVX2 it multiplies in integers (:mod:`fournil.kernels`), each row's activations quantized to
     int8 in groups of 32, its codes packed without a scale per group (the row's is applied once, at the end): 8 rows
-    of SmolLM2's output layer took 1.1 ms there on 2 cores (1.3 with a scale and zero per group), against 5.6 with
-    PyTorch's int8 weight-only kernel. Elsewhere up to ``DECODE_ROWS`` rows go through that kernel, which multiplies
-    in bf16, and more (a prompt) in fp32, which CPUs without bf16 units do several times faster.
+    of SmolLM2's output layer took 1.1 ms with VNNI on 2 cores (1.3 with a scale and zero per group), against 5.6
+    with PyTorch's int8 weight-only kernel. Elsewhere up to ``DECODE_ROWS`` rows go through that kernel, which
+    multiplies in bf16, and more (a prompt) in fp32, which CPUs without bf16 units do several times faster.
     """
 
     def __init__(self, *parts: nn.Linear):
         super().__init__(parts)
-        self.vnni = parts[0].weight.device.type == "cpu" and kernels.available()
-        if self.vnni:
+        # multiplied by fournil's kernel with AVX2's instructions (1) or AVX512-VNNI's (2); 0: by PyTorch's
+        self.kernel = kernels.instructions() if parts[0].weight.device.type == "cpu" else 0
+        if self.kernel:
             weight, scale = kernels.quantized([p.weight for p in parts], 8)
         else:
             codes, scale = int8_codes(joined(parts))
@@ -64,8 +65,8 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.vnni:
-            y = kernels.linear(x, self.weight, self.out_features, self.scale)
+        if self.kernel:
+            y = kernels.linear(x, self.weight, self.out_features, self.scale, self.kernel == 2)
         elif x.device.type == "cpu" and rows <= DECODE_ROWS:
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(torch.bfloat16))
@@ -89,8 +90,8 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, *parts: nn.Linear):
         super().__init__(parts)
-        self.vnni = kernels.available()
-        if self.vnni:
+        self.kernel = kernels.instructions()
+        if self.kernel:
             self.register_buffer("weight", kernels.quantized([p.weight for p in parts], 4)[0])
         else:  # PyTorch's kernel wants whole groups of inputs and outputs in sixteens: a narrow model's padded, zeros
             self.pad = -self.in_features % GROUP
@@ -100,8 +101,8 @@ class Int4Linear(QuantizedLinear):
             self.register_buffer("scale_zero", scale_zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vnni:
-            y = kernels.linear(x, self.weight, self.out_features)
+        if self.kernel:
+            y = kernels.linear(x, self.weight, self.out_features, vnni=self.kernel == 2)
         else:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             flat = F.pad(flat, (0, self.pad)) if self.pad else flat
@@ -118,7 +119,7 @@ def joined(parts: tuple[nn.Linear, ...]) -> torch.Tensor:
 
 def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (fp32) as int8 codes (-127 to 127, in fp32) and a scale per row (its largest |w| / 127, rounded to
-    bf16, in fp32): w = code * scale. (``vnni.cpp``'s ``vnni_quantize`` computes the same, in one pass.)"""
+    bf16, in fp32): w = code * scale. (``products.cpp``'s ``int_quantize`` computes the same, in one pass.)"""
     # (w.abs().amax(1) takes 5 times as long: the largest and smallest are read without a copy of the weights)
     scale = (torch.maximum(w.amax(1), -w.amin(1)).clamp(min=1e-8) / 127).to(torch.bfloat16).float()
     return (w / scale[:, None]).round_().clamp_(-127, 127), scale  # (the bf16 scale may be a little below |w|max/127)
@@ -128,7 +129,7 @@ def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """``w`` (fp32, whole groups of ``GROUP`` inputs) as 4-bit codes (uint8), and a scale and zero per group
     (rounded to bf16, in fp32): w = (code - 8) * scale + zero, the group's smallest code 0, its largest 15. The codes
     are chosen for the rounded scale and zero, not before their rounding (which cost 3 % of SmolLM2's perplexity).
-    (``vnni.cpp``'s ``vnni_quantize`` computes the same, in one pass.)"""
+    (``products.cpp``'s ``int_quantize`` computes the same, in one pass.)"""
     groups = w.view(w.shape[0], -1, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()

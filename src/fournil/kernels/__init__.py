@@ -1,11 +1,11 @@
-"""fournil's C++ kernels for CPUs: quantized products and one new token's attention for decoding (AVX512-VNNI),
-and dropout for training (any x86 CPU).
+"""fournil's C++ kernels for CPUs: quantized products (AVX2, or AVX512-VNNI) and one new token's attention
+(AVX512) for decoding, and dropout for training (any x86 CPU).
 
-``vnni.cpp``: quantized weights by int8 activations in integers. PyTorch's int4 and int8 CPU kernels multiply in
+``products.cpp``: quantized weights by int8 activations in integers. PyTorch's int4 and int8 CPU kernels multiply in
 fp32 or bf16; with the 8 rows of a batch decoding, that arithmetic, not reading the weights, sets their speed. The
 kernel quantizes each row's activations to int8 in groups of 32 inputs and multiplies in integers, four products per
-fp32 one (llama.cpp multiplies its blocks the same way). Its results do not depend on the other rows: each row is
-quantized on its own, its sums taken in the same order.
+fp32 one with VNNI, two with AVX2 (llama.cpp multiplies its blocks the same way). Its results do not depend on the
+other rows: each row is quantized on its own, its sums taken in the same order.
 
 ``attention.cpp``: a decoding step's attention (one new token per row) over a bf16 or fp32 key/value cache, read
 once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when a cache's is).
@@ -15,8 +15,8 @@ Dropout`).
 
 They are built by PyTorch's extension builder with the machine's compiler the first time they are needed (10-30
 seconds, said on stderr), and kept on disk for the next launches. Where they cannot be built (no compiler, not an
-x86 CPU), :func:`built` is False; where the CPU has no VNNI (AVX2, AVX512 before VNNI), :func:`available` is.
-PyTorch's operations then stand in.
+x86 CPU), :func:`built` is False; :func:`instructions` says which of them run on this CPU. PyTorch's operations
+stand in for the others.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 
 from fournil.device import cache_folder
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("vnni.cpp", "attention.cpp", "dropout.cpp")]
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("products.cpp", "attention.cpp", "dropout.cpp")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
 
@@ -46,8 +46,8 @@ def built() -> bool:
     path = library()
     if not loaded(path) and not build(path.parent):
         return False
-    torch.library.register_fake("fournil::vnni_linear")(
-        lambda x, weights, scales: x.new_empty(x.shape[0], weights.shape[0] * LANES))
+    torch.library.register_fake("fournil::int_linear")(
+        lambda x, weights, scales, vnni: x.new_empty(x.shape[0], weights.shape[0] * LANES))
     torch.library.register_fake("fournil::decode_attention")(attention_shape)
     return True
 
@@ -98,11 +98,17 @@ def build(folder: Path) -> bool:
 
 
 @functools.cache
+def instructions() -> int:
+    """What the kernels multiply with here: 2, AVX512-VNNI (and ``decode_attention`` runs); 1, AVX2; 0, nothing (not
+    built, or a CPU without AVX2). No more than PyTorch's own kernels use: ATEN_CPU_CAPABILITY=avx2 makes a CPU
+    with AVX512 compute as an older one does, fournil's kernels included."""
+    level = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    return min(level, torch.ops.fournil.instructions()) if level and built() else 0
+
+
 def available() -> bool:
-    """Whether ``torch.ops.fournil.vnni_linear`` and ``decode_attention`` run here: built, on a CPU with VNNI."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # none, or ATEN_CPU_CAPABILITY=avx2 emulating an older CPU
-        return False
-    return built() and torch.ops.fournil.vnni_available()
+    """Whether ``torch.ops.fournil.int_linear`` (int8 and int4 products in integers) runs here."""
+    return instructions() > 0
 
 
 def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -118,24 +124,25 @@ def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 def attends(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether ``decode_attention`` reads a key/value cache on ``device`` of ``dtype`` and ``head_dim``."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and head_dim % 16 == 0 and \
-        head_dim <= 128 and available()
+        head_dim <= 128 and instructions() == 2
 
 
 def quantized(weights: list[torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rows of ``weights`` (each out_i x in), one after the other, quantized to ``bits`` as
-    :mod:`fournil.generate.quantize` does it, laid out for :func:`linear` (``vnni.cpp`` says how): out/16 blocks of
+    :mod:`fournil.generate.quantize` does it, laid out for :func:`linear` (``products.cpp`` says how): out/16 blocks of
     in/32 groups (rounded up: the rows and inputs added are zeros), a 4-bit group holding its 16 rows' bf16 scales and
     zeros; 8-bit, with one bf16 scale per padded row."""
-    packed = torch.ops.fournil.vnni_quantize([w.detach().float().contiguous() for w in weights], bits)
+    packed = torch.ops.fournil.int_quantize([w.detach().float().contiguous() for w in weights], bits)
     return packed[0], packed[1] if bits == 8 else None
 
 
-def linear(x: torch.Tensor, weights: torch.Tensor, out_features: int,
-           scales: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weights: torch.Tensor, out_features: int, scales: torch.Tensor | None = None,
+           vnni: bool = False) -> torch.Tensor:
     """``x`` (..., in, padded to the weights' inputs) by ``weights`` of :func:`quantized` (8-bit: and ``scales``, one
-    bf16 per padded output row): (..., out_features) in fp32."""
+    bf16 per padded output row): (..., out_features) in fp32, with VNNI's instructions or AVX2's (:func:`instructions`
+    says which run here; a layer asks once, as it is made, not in a compiled step)."""
     flat = x.reshape(-1, x.shape[-1])
     inputs = weights.shape[1] * GROUP
     flat = torch.nn.functional.pad(flat, (0, inputs - flat.shape[1])) if flat.shape[1] < inputs else flat
-    y = torch.ops.fournil.vnni_linear(flat.float().contiguous(), weights, scales)[:, :out_features]
-    return y.reshape(*x.shape[:-1], out_features)
+    y = torch.ops.fournil.int_linear(flat.float().contiguous(), weights, scales, vnni)
+    return y[:, :out_features].reshape(*x.shape[:-1], out_features)

@@ -1,12 +1,13 @@
-// Quantized weights (4- or 8-bit codes) times int8 activations, in integers, on CPUs with AVX512-VNNI (as llama.cpp
-// multiplies its Q4_1 and Q8_0 blocks by Q8 activations).
+// Quantized weights (4- or 8-bit codes) times int8 activations, in integers, on CPUs with AVX512-VNNI or AVX2 (as
+// llama.cpp multiplies its Q4_1 and Q8_0 blocks by Q8 activations).
 //
 // PyTorch's int4 and int8 CPU kernels convert the weights and multiply in fp32 or bf16: with a few rows (a batch
 // decoding) that arithmetic, not reading the weights, sets their speed. Here each row's activations are quantized to
 // int8 in groups of 32 inputs (one scale each, the weights' groups), and one VNNI instruction multiplies 64 weight
 // codes by 64 activations and adds them into 16 int32 sums: four times the products of an fp32 instruction, exact.
+// Without VNNI, AVX2's instructions do the same for 32 codes in two (below).
 //
-// Layout (made by vnni_quantize, below): the output rows in blocks of 16, one zmm lane each, and a block's
+// Layout (made by int_quantize, below): the output rows in blocks of 16, one zmm lane each, and a block's
 // groups of 32 inputs one after the other. A group holds, for every 4 inputs, lane i's 4 bytes of row i's codes
 // (4-bit: inputs 0-3 of every 8 in the low nibbles, 4-7 in the high ones); a 4-bit group then the 16 rows' scales
 // and their 16 zeros in bf16. A weight is (code - OFFSET) * scale + zero, OFFSET = 8 for 4 bits (PyTorch's int4
@@ -115,15 +116,129 @@ VNNI void quantize(const float* x, int64_t groups, int8_t* q, float* step, float
   }
 }
 
+// AVX2 (most laptops): the same layout, a block's 16 lanes in two halves of 8, each a pass over the block's groups
+// (the second from the L1 cache). Without VNNI, a product of 32 codes by 32 activations is two instructions, pairs of
+// products summed in 16 bits (maddubs) then in 32 (madd): 4-bit codes (at most 15 x 127 x 2 a pair) are summed over a
+// whole group in 16 bits first; 8-bit ones, whose pairs would overflow 16 bits unsigned, are made signed (code - 128)
+// and multiplied by |x| with x's sign moved onto them, as llama.cpp does.
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline __m256 widen8(const at::BFloat16* p) {  // 8 bf16 to fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+AVX2 inline __m256i four_bytes(const int8_t* p) {  // p's 4 bytes in every 32-bit lane
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm256_set1_epi32(four);
+}
+
+constexpr int ROWS_AVX2 = 4;  // 2 x 4 accumulators of 16
+
+template <int BITS, int R>
+AVX2 void block_avx2(const uint8_t* weights, const int8_t* q, const float* step, const float* sum,
+                     const at::BFloat16* scales, int64_t in, float* out, int64_t out_stride) {
+  constexpr int BYTES = group_bytes<BITS>(), AHEAD = 8 * 320, CODES = 16 * GROUP * BITS / 8;
+  const int64_t groups = in / GROUP;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* w = weights + g * BYTES;
+      const int8_t* x = q + g * GROUP;
+      if (half == 0)
+        for (int line = 0; line < BYTES; line += 64) _mm_prefetch((const char*)w + AHEAD + line, _MM_HINT_T0);
+      __m256i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+      for (int p = 0; p < CODES / 64; ++p) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + p * 64 + half * 32));
+        if constexpr (BITS == 4) {
+          const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(low, four_bytes(x + r * in + p * 8)));
+            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(high, four_bytes(x + r * in + p * 8 + 4)));
+          }
+        } else {
+          const __m256i signed_codes = _mm256_xor_si256(v, flip);
+          for (int r = 0; r < R; ++r) {
+            const __m256i a = four_bytes(x + r * in + p * 4);
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(signed_codes, a));
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      }
+      if constexpr (BITS == 4) {
+        const auto* scale_zero = reinterpret_cast<const at::BFloat16*>(w + CODES) + half * 8;
+        const __m256 s = widen8(scale_zero), l = _mm256_fnmadd_ps(_mm256_set1_ps(8), s, widen8(scale_zero + 16));
+        for (int r = 0; r < R; ++r) {  // as the AVX512 block's, the group's 16-bit sums made 32-bit first
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones));
+          acc[r] = _mm256_fmadd_ps(d, _mm256_mul_ps(s, _mm256_set1_ps(step[r * groups + g])), acc[r]);
+          acc[r] = _mm256_fmadd_ps(l, _mm256_set1_ps(sum[r * groups + g]), acc[r]);
+        }
+      } else {
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(step[r * groups + g]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {  // 8-bit: the codes were signed, so no offset to take back; the rows' scales
+      if constexpr (BITS == 8) acc[r] = _mm256_mul_ps(widen8(scales + half * 8), acc[r]);
+      _mm256_storeu_ps(out + r * out_stride + half * 8, acc[r]);
+    }
+  }
+}
+
+AVX2 inline float largest(__m256 v) {  // of v's 8 values
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+AVX2 inline float smallest(__m256 v) {
+  __m128 h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_min_ss(h, _mm_movehdup_ps(h)));
+}
+
+// as quantize, above, bit for bit
+AVX2 void quantize_avx2(const float* x, int64_t groups, int8_t* q, float* step, float* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packing's 4-byte pieces back in their order
+  for (int64_t i = 0; i < groups; ++i) {
+    __m256 a[4];
+    __m256 most = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_loadu_ps(x + i * GROUP + 8 * j);
+      most = _mm256_max_ps(most, _mm256_andnot_ps(sign, a[j]));
+    }
+    const float s = largest(most) / 127;
+    const __m256 by = _mm256_set1_ps(s > 0 ? s : 1);
+    __m256i c[4];
+    for (int j = 0; j < 4; ++j) c[j] = _mm256_cvtps_epi32(_mm256_div_ps(a[j], by));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i*)(q + i * GROUP), _mm256_permutevar8x32_epi32(bytes, order));
+    __m256i total = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    step[i] = s;
+    sum[i] = s * _mm_cvtsi128_si32(t);
+  }
+}
+
 using Block = void (*)(const uint8_t*, const int8_t*, const float*, const float*, const at::BFloat16*, int64_t,
                        float*, int64_t);
 template <int BITS>
 constexpr Block BLOCKS[ROWS] = {block<BITS, 1>, block<BITS, 2>, block<BITS, 3>, block<BITS, 4>,
                                 block<BITS, 5>, block<BITS, 6>, block<BITS, 7>, block<BITS, 8>};
+template <int BITS>
+constexpr Block BLOCKS_AVX2[ROWS_AVX2] = {block_avx2<BITS, 1>, block_avx2<BITS, 2>, block_avx2<BITS, 3>,
+                                          block_avx2<BITS, 4>};
 
 // x (rows x in, fp32), weights (out/16 x in/32 x the bytes of a group, 4- or 8-bit), 8-bit: scales (out, bf16)
-// -> rows x out
-at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weights, const std::optional<at::Tensor>& scales) {
+// -> rows x out, with AVX512-VNNI's instructions if vnni, else AVX2's
+at::Tensor int_linear(const at::Tensor& x, const at::Tensor& weights, const std::optional<at::Tensor>& scales,
+                       bool vnni) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous rows x in, fp32");
   const int64_t rows = x.size(0), in = x.size(1), blocks = weights.size(0), groups = in / GROUP;
   const int64_t bytes = weights.size(2);
@@ -145,18 +260,19 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weights, const std
   int8_t* qs = reinterpret_cast<int8_t*>(scratch.data());
   float* steps = scratch.data() + rows * in / 4;
   float* sums = steps + rows * groups;
-  quantize(x.data_ptr<float>(), rows * groups, qs, steps, sums);
+  (vnni ? quantize : quantize_avx2)(x.data_ptr<float>(), rows * groups, qs, steps, sums);
   std::vector<float> totals(four ? 0 : rows);  // 8-bit: each row's sums over all its groups
   for (int64_t r = 0; r < (int64_t)totals.size(); ++r)
     for (int64_t g = 0; g < groups; ++g) totals[r] += sums[r * groups + g];
   auto y = at::empty({rows, blocks * 16}, x.options());
   const uint8_t* ws = weights.data_ptr<uint8_t>();
   float* ys = y.data_ptr<float>();
-  const Block* kinds = four ? BLOCKS<4> : BLOCKS<8>;
+  const Block* kinds = vnni ? (four ? BLOCKS<4> : BLOCKS<8>) : (four ? BLOCKS_AVX2<4> : BLOCKS_AVX2<8>);
+  const int64_t chunk = vnni ? ROWS : ROWS_AVX2;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t r = 0; r < rows; r += ROWS) {
-        const int64_t n = std::min<int64_t>(ROWS, rows - r);
+      for (int64_t r = 0; r < rows; r += chunk) {
+        const int64_t n = std::min<int64_t>(chunk, rows - r);
         const float* sum = four ? sums + r * groups : totals.data() + r;
         kinds[n - 1](ws + b * groups * bytes, qs + r * in, steps + r * groups, sum,
                      row_scales ? row_scales + b * 16 : nullptr, in, ys + r * blocks * 16 + b * 16, blocks * 16);
@@ -165,59 +281,62 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weights, const std
   return y;
 }
 
-// Weights quantized as fournil.generate.quantize does it, bit for bit, and laid out for vnni_linear, in one pass over
+// Weights quantized as fournil.generate.quantize does it, bit for bit, and laid out for int_linear, in one pass over
 // them: 4-bit, each group of 32 in 16 steps from its smallest to its largest, scale and zero rounded to bf16 first;
 // 8-bit, each row in 127 steps of its largest |w| (bf16), the codes offset by 128. PyTorch's operations made the codes
 // and then the layout in ten passes: SmolLM2's load spent 0.31 s there, now 0.11. The inputs added to make whole
 // groups are zeros, as are the rows added to make blocks of 16 (8-bit ones: codes 0, scale 0).
-VNNI inline float to_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+inline float to_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
 
-VNNI inline __m512 load(const float* row, int64_t g, int64_t in) {  // a group's 16 inputs from 16g, zeros past in
-  const int64_t left = in - g * 16;
-  return left >= 16 ? _mm512_loadu_ps(row + g * 16)
-                    : _mm512_maskz_loadu_ps(left > 0 ? (__mmask16)((1u << left) - 1) : 0, row + g * 16);
+AVX2 inline __m256 load8(const float* row, int64_t k, int64_t in) {  // 8 inputs from 8k, zeros past in
+  const int64_t left = in - k * 8;
+  if (left >= 8) return _mm256_loadu_ps(row + k * 8);
+  if (left <= 0) return _mm256_setzero_ps();
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(row + k * 8, mask);
 }
 
-VNNI inline __m512i rounded(__m512 v, float lowest, float highest) {  // to the nearest (ties to even), clamped
-  v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lowest)), _mm512_set1_ps(highest)));
+AVX2 inline __m256i rounded(__m256 v, float lowest, float highest) {  // to the nearest (ties to even), clamped
+  v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(lowest)), _mm256_set1_ps(highest)));
 }
 
-VNNI float row_scale(const float* row, int64_t in) {  // 8-bit: its largest |w| / 127, rounded to bf16
-  __m512 most = _mm512_setzero_ps();
-  for (int64_t g = 0; g < (in + 15) / 16; ++g) most = _mm512_max_ps(most, _mm512_abs_ps(load(row, g, in)));
-  return to_bf16(std::max(_mm512_reduce_max_ps(most), 1e-8f) / 127);
+AVX2 float row_scale(const float* row, int64_t in) {  // 8-bit: its largest |w| / 127, rounded to bf16
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 most = _mm256_setzero_ps();
+  for (int64_t k = 0; k < (in + 7) / 8; ++k) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, load8(row, k, in)));
+  return to_bf16(std::max(largest(most), 1e-8f) / 127);
 }
 
 // one block of 16 rows (pointers to them; null past w's rows) into its groups of group_bytes<BITS>() bytes
 template <int BITS>
-VNNI void pack_block(const float* const* rows, int64_t in, const float* row_scales, uint8_t* out) {
+AVX2 void pack_block(const float* const* rows, int64_t in, const float* row_scales, uint8_t* out) {
   constexpr float LOW = BITS == 4 ? 0 : -127, HIGH = BITS == 4 ? 15 : 127;  // the codes, before int8's offset
-  const __m512i offset = _mm512_set1_epi32(BITS == 4 ? 0 : 128);
-  const __m512 eight = _mm512_set1_ps(BITS == 4 ? 8 : 0);
+  const __m256i offset = _mm256_set1_epi32(BITS == 4 ? 0 : 128);
+  const __m256 eight = _mm256_set1_ps(BITS == 4 ? 8 : 0);
   for (int64_t g = 0; g < (in + GROUP - 1) / GROUP; ++g) {
     uint8_t* group = out + g * group_bytes<BITS>();
     at::BFloat16* scale_zero = reinterpret_cast<at::BFloat16*>(group + 16 * GROUP * BITS / 8);
     for (int lane = 0; lane < 16; ++lane) {
-      alignas(64) int32_t code[GROUP] = {};  // 8-bit rows past w's: codes 0
+      alignas(32) int32_t code[GROUP] = {};  // 8-bit rows past w's: codes 0
       const float* row = rows[lane];
       if (row || BITS == 4) {  // (4-bit rows past w's are zeros, quantized as w's)
-        const __m512 a = row ? load(row, 2 * g, in) : _mm512_setzero_ps();
-        const __m512 b = row ? load(row, 2 * g + 1, in) : _mm512_setzero_ps();
+        __m256 a[4];
+        for (int j = 0; j < 4; ++j) a[j] = row ? load8(row, 4 * g + j, in) : _mm256_setzero_ps();
         float scale = row_scales ? row_scales[lane] : 0, zero = 0;
         if constexpr (BITS == 4) {
-          const float low = _mm512_reduce_min_ps(_mm512_min_ps(a, b));
-          const float high = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+          const float low = smallest(_mm256_min_ps(_mm256_min_ps(a[0], a[1]), _mm256_min_ps(a[2], a[3])));
+          const float high = largest(_mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3])));
           scale = to_bf16(std::max((high - low) / 15, 1e-6f)), zero = to_bf16(low + 8 * scale);
           scale_zero[lane] = scale;
           scale_zero[16 + lane] = zero;
         }
         // (w - zero) / scale + 8, in that order, as PyTorch computes it
-        const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
-        const __m512 ca = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(a, z), s), eight);
-        const __m512 cb = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(b, z), s), eight);
-        _mm512_store_si512(code, _mm512_add_epi32(rounded(ca, LOW, HIGH), offset));
-        _mm512_store_si512(code + 16, _mm512_add_epi32(rounded(cb, LOW, HIGH), offset));
+        const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 c = _mm256_add_ps(_mm256_div_ps(_mm256_sub_ps(a[j], z), s), eight);
+          _mm256_store_si256((__m256i*)(code + 8 * j), _mm256_add_epi32(rounded(c, LOW, HIGH), offset));
+        }
       }
       // word k of the lane: its codes of inputs 4k..4k+3 (4-bit: of 8k..8k+3 in low nibbles, 8k+4..8k+7 in high)
       for (int k = 0; k < GROUP * BITS / 32; ++k) {
@@ -231,7 +350,7 @@ VNNI void pack_block(const float* const* rows, int64_t in, const float* row_scal
 // parts (each out_i x in, fp32), w their rows one after the other -> [w's packed weights (out/16 x in/32 x group
 // bytes, both rounded up)] and, 8-bit, [w's rows' scales (bf16)]. (In parts, as fused layers are: joined, SmolLM2's
 // q, k, v and gate, up were copied once more, 0.08 s of its load.)
-std::vector<at::Tensor> vnni_quantize(at::TensorList parts, int64_t bits) {
+std::vector<at::Tensor> int_quantize(at::TensorList parts, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
   TORCH_CHECK(!parts.empty(), "parts: at least one");
   const int64_t in = parts[0].size(1);
@@ -265,20 +384,23 @@ std::vector<at::Tensor> vnni_quantize(at::TensorList parts, int64_t bits) {
   return {packed, row_scales};
 }
 
-bool vnni_available() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+// 2 where the CPU has AVX512-VNNI (and the AVX512 that attention.cpp uses), 1 where it has AVX2 and FMA, else 0
+int64_t instructions() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fournil, m) {
-  m.def("vnni_linear(Tensor x, Tensor weights, Tensor? scales) -> Tensor");
-  m.def("vnni_available() -> bool", &vnni_available);
-  m.def("vnni_quantize(Tensor[] parts, int bits) -> Tensor[]");
+  m.def("int_linear(Tensor x, Tensor weights, Tensor? scales, bool vnni) -> Tensor");
+  m.def("instructions() -> int", &instructions);
+  m.def("int_quantize(Tensor[] parts, int bits) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fournil, CPU, m) {
-  m.impl("vnni_linear", &vnni_linear);
-  m.impl("vnni_quantize", &vnni_quantize);
+  m.impl("int_linear", &int_linear);
+  m.impl("int_quantize", &int_quantize);
 }
