@@ -238,7 +238,7 @@ constexpr Block BLOCKS_AVX2[ROWS_AVX2] = {block_avx2<BITS, 1>, block_avx2<BITS, 
 // x (rows x in, fp32), weights (out/16 x in/32 x the bytes of a group, 4- or 8-bit), 8-bit: scales (out, bf16)
 // -> rows x out, with AVX512-VNNI's instructions if vnni, else AVX2's
 at::Tensor int_linear(const at::Tensor& x, const at::Tensor& weights, const std::optional<at::Tensor>& scales,
-                       bool vnni) {
+                      bool vnni) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous rows x in, fp32");
   const int64_t rows = x.size(0), in = x.size(1), blocks = weights.size(0), groups = in / GROUP;
   const int64_t bytes = weights.size(2);
