@@ -539,7 +539,7 @@ def test_a_quantized_model_gives_its_scores_in_fp32_and_its_activations_in_bf16(
         scores = head(hidden)
         assert inner(torch.randn(3, inner.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert scores.dtype == torch.float32 and run.model(torch.zeros(1, 1, dtype=torch.long)).dtype == torch.float32
-    if kernels.available():
+    if kernels.instructions():
         assert torch.equal(scores, kernels.linear(hidden, head.weight, head.out_features, head.scale,
                                                   head.kernel == 2))
         assert not torch.equal(scores, scores.bfloat16().float())
@@ -625,7 +625,7 @@ def test_the_kernel_quantizes_weights_in_one_pass_to_the_bits_of_pytorch_s_arith
     from fournil import kernels
     from fournil.generate.quantize import int4_codes, int8_codes, padded
 
-    if not kernels.available():
+    if not kernels.instructions():
         pytest.skip("no AVX2 here, or no compiler to build fournil's kernel: the layers use PyTorch's kernels")
 
     def expected(w):
@@ -761,7 +761,7 @@ def test_without_a_compiler_quantized_layers_say_so_once_and_use_pytorch_s_kerne
             # and bf16's rounding of the kernel's inputs, weights and output
             "        x = torch.randn(rows, 64); bound = x.abs() @ (1.2 * half).T + 2 ** -7 * (x.abs() @ w.abs().T)\n"
             "        print(bool(layer.kernel), bool(((layer(x) - linear(x)).abs() <= bound).all()))\n"
-            "print(kernels.available())")
+            "print(bool(kernels.instructions()))")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr

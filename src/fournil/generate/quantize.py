@@ -82,8 +82,8 @@ class Int4Linear(QuantizedLinear):
     """A linear layer whose weight is 4-bit, with a bf16 scale and zero for each group of ``GROUP`` weights of a row
     (the group's minimum is code 0, its maximum code 15, as llama.cpp's Q4_1).
 
-    Half the bytes of int8, and decoding reads every weight once. On a CPU with VNNI it multiplies in integers
-    (:mod:`fournil.kernels`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms there on 2 cores, against 12.4
+    Half the bytes of int8, and decoding reads every weight once. On a CPU with AVX2 it multiplies in integers
+    (:mod:`fournil.kernels`): 8 rows of SmolLM2's 30 layers took 5.9-7.7 ms with VNNI on 2 cores, against 12.4
     with PyTorch's int4 kernel (the one torchao's int4 CPU layout calls), which the layer uses elsewhere: it reads
     the packed codes directly and computes in fp32.
     """

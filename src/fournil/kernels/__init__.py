@@ -106,10 +106,6 @@ def instructions() -> int:
     return min(level, torch.ops.fournil.instructions()) if level and built() else 0
 
 
-def available() -> bool:
-    """Whether ``torch.ops.fournil.int_linear`` (int8 and int4 products in integers) runs here."""
-    return instructions() > 0
-
 
 def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """What ``decode_attention`` returns, for compiling it; and that its keys, values and mask have as many slots:

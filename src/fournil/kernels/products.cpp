@@ -261,7 +261,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& weights, const std:
   float* steps = scratch.data() + rows * in / 4;
   float* sums = steps + rows * groups;
   (vnni ? quantize : quantize_avx2)(x.data_ptr<float>(), rows * groups, qs, steps, sums);
-  std::vector<float> totals(four ? 0 : rows);  // 8-bit: each row's sums over all its groups
+  std::vector<float> totals(vnni && !four ? rows : 0);  // VNNI's 8-bit: each row's sums over all its groups
   for (int64_t r = 0; r < (int64_t)totals.size(); ++r)
     for (int64_t g = 0; g < groups; ++g) totals[r] += sums[r * groups + g];
   auto y = at::empty({rows, blocks * 16}, x.options());
@@ -273,7 +273,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& weights, const std:
     for (int64_t b = begin; b < end; ++b)
       for (int64_t r = 0; r < rows; r += chunk) {
         const int64_t n = std::min<int64_t>(chunk, rows - r);
-        const float* sum = four ? sums + r * groups : totals.data() + r;
+        const float* sum = four ? sums + r * groups : vnni ? totals.data() + r : nullptr;  // (AVX2's 8-bit: none)
         kinds[n - 1](ws + b * groups * bytes, qs + r * in, steps + r * groups, sum,
                      row_scales ? row_scales + b * 16 : nullptr, in, ys + r * blocks * 16 + b * 16, blocks * 16);
       }
