@@ -657,18 +657,26 @@ def test_the_kernel_quantizes_weights_in_one_pass_to_the_bits_of_pytorch_s_arith
         assert torch.equal(packed, want) and (scales is None or torch.equal(scales, want_scales))
 
 
+@pytest.mark.parametrize("instructions", [1, 2], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rounding_each_row_on_its_own(dtype):
-    """One new token's attention in ``attention.cpp`` (a CPU with AVX512-VNNI), over a cache of bf16 or fp32 read as
-    a view with more columns than it fills: within fp32's rounding of the exact softmax(q k / sqrt(d)) v, masked
-    slots ignored even when they hold huge values (a cache's free columns not even read), any number of keys (a block
-    of 16 or not) and of query heads per key/value head (1, 3, 7, 12), head sizes 16 to 128; a row's result the same
-    bit for bit alone, among others, and on one thread or two; a row with no key to attend to gets zeros; heads it
-    cannot read, an error that says why. A model's step gives the logits it gives without the kernel."""
+def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rounding_each_row_on_its_own(
+        dtype, instructions):
+    """One new token's attention in ``attention.cpp``, with AVX2's instructions or AVX512's (a CPU with AVX512-VNNI
+    checks both), over a cache of bf16 or fp32 read as a view with more columns than it fills: within fp32's rounding
+    of the exact softmax(q k / sqrt(d)) v, masked slots ignored even when they hold huge values (a cache's free columns
+    not even read), any number of keys (a block of 16 or 8, or not) and of query heads per key/value head (1, 3, 7,
+    12), head sizes 16 to 128; a row's result the same bit for bit alone, among others, and on one thread or two; a
+    row with no key to attend to gets zeros; heads it cannot read, or instructions the CPU lacks, an error that says
+    why. A model's step gives the logits it gives without the kernel."""
     from fournil import kernels
 
-    if kernels.instructions() < 2:
-        pytest.skip("no AVX512-VNNI here, or no compiler to build fournil's kernels: attention is PyTorch's")
+    if kernels.instructions() < instructions:
+        pytest.skip(f"no {'AVX2' if instructions == 1 else 'AVX512-VNNI'} here, or no compiler to build fournil's "
+                    "kernels: attention is PyTorch's")
+
+    def attention(q, k, v, mask):
+        return torch.ops.fournil.decode_attention(q, k, v, mask, instructions == 2)
+
     torch.manual_seed(0)
     for B, H, KV, S, D in [(3, 9, 3, 37, 64), (2, 4, 4, 16, 32), (1, 7, 1, 5, 128), (4, 24, 2, 50, 16)]:
         q = torch.randn(B, H, D)
@@ -676,20 +684,20 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
         k, v = k[:, :, :S], v[:, :, :S]
         kk, vv = (t.double().repeat_interleave(H // KV, 1) for t in (k, v))
         scores = q.double()[:, :, None] @ kk.transpose(-1, -2) / D ** 0.5
-        everything = torch.ops.fournil.decode_attention(q, k, v, None)
+        everything = attention(q, k, v, None)
         assert (everything.double() - (scores.softmax(-1) @ vv)[:, :, 0]).abs().max() <= 1e-5 * vv.abs().amax()
         mask = torch.rand(B, S) < 0.7
         mask[:, -1] = True
         k[~mask[:, None].expand(B, KV, S)] = 1e30  # what a masked slot holds must not matter
-        y = torch.ops.fournil.decode_attention(q, k, v, mask)
+        y = attention(q, k, v, mask)
         exact = (scores.masked_fill(~mask[:, None, None], -torch.inf).softmax(-1) @ vv)[:, :, 0]
         assert (y.double() - exact).abs().max() <= 1e-5 * vv.abs().amax()
         rows = [(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[b:b + 1]) for b in range(B)]
-        assert torch.equal(torch.cat([torch.ops.fournil.decode_attention(*row) for row in rows]), y)
+        assert torch.equal(torch.cat([attention(*row) for row in rows]), y)
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(3 - threads)  # 1 in a test worker of 2 on 2 cores: the other count too
-            assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask), y)
+            assert torch.equal(attention(q, k, v, mask), y)
         finally:
             torch.set_num_threads(threads)
     # a cache's free columns are not read: NaN there, after each row's last key or in whole blocks of 16 before its
@@ -700,26 +708,28 @@ def test_decoding_attention_in_fournil_s_cpu_kernel_is_attention_within_fp32_rou
         mask[b, first:last] = True
         k[b, :, last:], v[b, :, last:] = torch.nan, torch.nan
         k[b, :, : first // 16 * 16], v[b, :, : first // 16 * 16] = torch.nan, torch.nan
-    y = torch.ops.fournil.decode_attention(q, k, v, mask)
+    y = attention(q, k, v, mask)
     assert not y.isnan().any()
-    assert torch.equal(y, torch.ops.fournil.decode_attention(q, k[:, :, :60].nan_to_num(), v[:, :, :60].nan_to_num(),
-                                                             mask[:, :60].contiguous()))
+    assert torch.equal(y, attention(q, k[:, :, :60].nan_to_num(), v[:, :, :60].nan_to_num(), mask[:, :60].contiguous()))
     mask[0] = False
-    assert torch.equal(torch.ops.fournil.decode_attention(q, k, v, mask)[0], torch.zeros(6, 32))
+    assert torch.equal(attention(q, k, v, mask)[0], torch.zeros(6, 32))
     with pytest.raises(RuntimeError, match=r"D a multiple of 16 up to 128"):  # what the op cannot read, it says
-        torch.ops.fournil.decode_attention(q[..., :8].contiguous(), k[..., :8], v[..., :8], mask)
+        attention(q[..., :8].contiguous(), k[..., :8], v[..., :8], mask)
+    if kernels.instructions() < 2:
+        with pytest.raises(RuntimeError, match=r"this CPU lacks the instructions asked for"):
+            torch.ops.fournil.decode_attention(q, k, v, mask, True)
 
     model = build_model({"family": "llama", **SIZES, "n_embd": 64, "n_kv_head": 2}).eval().to(dtype)  # heads of 16
     x = torch.randint(50, (2, 12))
     with torch.no_grad():
         logits = {}
-        for kernel in (True, False):
+        for kernel in (instructions, 0):
             cache = model.new_cache(2, 40, dtype)
-            assert cache.kernel
+            assert cache.kernel == kernels.instructions()
             cache.kernel = kernel
             model(x[:, :-1], cache)
             logits[kernel] = model(x[:, -1:], cache).float()
-    assert torch.allclose(logits[True], logits[False], atol=1e-5 if dtype == torch.float32 else 0.05)
+    assert torch.allclose(logits[instructions], logits[0], atol=1e-5 if dtype == torch.float32 else 0.05)
 
 
 def test_built_kernels_load_at_the_next_launch_without_pytorch_s_builder():

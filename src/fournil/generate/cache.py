@@ -46,9 +46,9 @@ class KVCache:
         self.size, self.window = size, window
         self.length = 0  # slots filled so far, the same for every row
         self.first_rows = None  # (rows, keys, values): the first rows of each layer, for decoding steps (Fixed)
-        # whether one new token's attention over this cache runs in fournil's CPU kernel (decided here, once, and not
-        # in the forward pass, which may be being compiled)
-        self.kernel = kernels.attends(self.valid.device, dtype, head_dim)
+        # whether one new token's attention over this cache runs in fournil's CPU kernel, and with which instructions
+        # (kernels.instructions' level; decided here, once, and not in the forward pass, which may be being compiled)
+        self.kernel = kernels.attention(self.valid.device, dtype, head_dim)
 
     def begin(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Make room for the next ``valid.shape[1]`` tokens (``valid``: which of them are real, not padding).
@@ -188,7 +188,7 @@ class Packed:
     ``rows``: for each row, the length of its prefix and of each sequence after it; rows are padded on the right to
     the longest."""
 
-    length, kernel = 0, False
+    length, kernel = 0, 0
 
     def __init__(self, rows: list[tuple[int, list[int]]], window: int | None, device):
         width = max(prefix + sum(parts) for prefix, parts in rows)

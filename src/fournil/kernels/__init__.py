@@ -1,5 +1,5 @@
-"""fournil's C++ kernels for CPUs: quantized products (AVX2, or AVX512-VNNI) and one new token's attention
-(AVX512) for decoding, and dropout for training (any x86 CPU).
+"""fournil's C++ kernels for CPUs: quantized products and one new token's attention for decoding (AVX2, or
+AVX512), and dropout for training (any x86 CPU).
 
 ``products.cpp``: quantized weights by int8 activations in integers. PyTorch's int4 and int8 CPU kernels multiply in
 fp32 or bf16; with the 8 rows of a batch decoding, that arithmetic, not reading the weights, sets their speed. The
@@ -7,8 +7,9 @@ kernel quantizes each row's activations to int8 in groups of 32 inputs and multi
 fp32 one with VNNI, two with AVX2 (llama.cpp multiplies its blocks the same way). Its results do not depend on the
 other rows: each row is quantized on its own, its sums taken in the same order.
 
-``attention.cpp``: a decoding step's attention (one new token per row) over a bf16 or fp32 key/value cache, read
-once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when a cache's is).
+``attention.cpp`` (its algorithm in ``attention.h``): a decoding step's attention (one new token per row) over a bf16
+or fp32 key/value cache, read once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when a
+cache's is, and with which instructions).
 
 ``dropout.cpp``: dropout whose draws are a hash of a seed and each element's index (:class:`fournil.models.base.
 Dropout`).
@@ -34,6 +35,7 @@ import torch
 from fournil.device import cache_folder
 
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("products.cpp", "attention.cpp", "dropout.cpp")]
+HEADERS = [str(Path(__file__).with_name("attention.h"))]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
 
@@ -57,7 +59,7 @@ def library() -> Path:
     install of the same sources loads the same library directly, without PyTorch's builder (importing it took 0.1 s
     of every launch; and it takes sources at another path for changed sources: two installs sharing a folder rebuilt
     it in turn)."""
-    sources = hashlib.sha256(b"".join(Path(path).read_bytes() for path in SOURCES)).hexdigest()[:8]
+    sources = hashlib.sha256(b"".join(Path(path).read_bytes() for path in SOURCES + HEADERS)).hexdigest()[:8]
     return cache_folder("kernels") / f"torch-{torch.__version__}-{sources}" / "fournil_kernels.so"
 
 
@@ -99,15 +101,16 @@ def build(folder: Path) -> bool:
 
 @functools.cache
 def instructions() -> int:
-    """What the kernels multiply with here: 2, AVX512-VNNI (and ``decode_attention`` runs); 1, AVX2; 0, nothing (not
-    built, or a CPU without AVX2). No more than PyTorch's own kernels use: ATEN_CPU_CAPABILITY=avx2 makes a CPU
+    """What the kernels compute with here: 2, AVX512-VNNI (and AVX512); 1, AVX2; 0, nothing (not built, or a CPU
+    without AVX2). No more than PyTorch's own kernels use: ATEN_CPU_CAPABILITY=avx2 makes a CPU
     with AVX512 compute as an older one does, fournil's kernels included."""
     level = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 0)
     return min(level, torch.ops.fournil.instructions()) if level and built() else 0
 
 
 
-def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    avx512: bool) -> torch.Tensor:
     """What ``decode_attention`` returns, for compiling it; and that its keys, values and mask have as many slots:
     told so, the compiler passes every layer's cache size as one number, not as 60, each made a tensor at every step
     (SmolLM2's compiled int4 step for one row: 5.1-5.9 ms against 6.5-6.9)."""
@@ -117,10 +120,11 @@ def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return q.new_empty(q.shape)
 
 
-def attends(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether ``decode_attention`` reads a key/value cache on ``device`` of ``dtype`` and ``head_dim``."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and head_dim % 16 == 0 and \
-        head_dim <= 128 and instructions() == 2
+def attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> int:
+    """With which instructions ``decode_attention`` reads a key/value cache on ``device`` of ``dtype`` and
+    ``head_dim``, as :func:`instructions` says them (2: AVX512's); 0 where it does not."""
+    fits = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and head_dim % 16 == 0 and head_dim <= 128
+    return instructions() if fits else 0
 
 
 def quantized(weights: list[torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -268,12 +268,13 @@ def windows(idx: torch.Tensor, width: int, pad: int) -> torch.Tensor:
 
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           causal: bool = False, dropout: float = 0.0, kernel: bool = False) -> torch.Tensor:
+           causal: bool = False, dropout: float = 0.0, kernel: int = 0) -> torch.Tensor:
     """Scaled dot-product attention (keys and values may have fewer heads: grouped-query attention).
 
-    One new token over a cache whose ``kernel`` says so (:attr:`fournil.generate.cache.KVCache.kernel`) runs in
-    fournil's CPU kernel (``kernels/attention.cpp``), which reads the bf16 cache as it is: a compiled step of 8 rows
-    of SmolLM2 in int4 took 12.7 ms that way against 14.9 written out (medians, alternated in one process).
+    One new token over a cache whose ``kernel`` says so (:attr:`fournil.generate.cache.KVCache.kernel`, the level of
+    :func:`fournil.kernels.instructions`) runs in fournil's CPU kernel (``kernels/attention.cpp``), which reads the
+    bf16 cache as it is: a compiled step of 8 rows of SmolLM2 in int4 took 12.7 ms that way against 14.9 written out
+    (medians, alternated in one process, AVX512).
     Elsewhere, written out as products for one new token on a CPU, where PyTorch's kernel costs several times the
     arithmetic (8 rows decoded 279 tokens/s instead of 202), and under a mask anywhere (a decoding step over a whole
     fixed-size cache); and while ``module.recorded`` is a list: the weights are then appended to it, so that a
@@ -282,7 +283,7 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kernel and q.shape[2] == 1 and not recording and not dropout and (mask is None or mask.dtype == torch.bool):
         B, H, _, D = q.shape
         y = torch.ops.fournil.decode_attention(q.reshape(B, H, D).float().contiguous(), k, v,
-                                               None if mask is None else mask.reshape(B, -1).contiguous())
+                                               None if mask is None else mask.reshape(B, -1).contiguous(), kernel == 2)
         return y.view(B, H, 1, D).to(q.dtype)
     written_out = recording or q.shape[2] == 1 and not dropout and (mask is not None or q.device.type == "cpu")
     if not written_out:

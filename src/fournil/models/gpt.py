@@ -48,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.store(layer, k, v)
         y = attend(self, q, k, v, mask, causal=mask is None and T > 1, dropout=self.dropout if self.training else 0.0,
-                   kernel=cache is not None and cache.kernel)
+                   kernel=cache.kernel if cache is not None else 0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

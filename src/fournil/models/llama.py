@@ -137,7 +137,7 @@ class Attention(nn.Module):
             i = torch.arange(T, device=x.device)
             window = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
             mask = window if mask is None else mask & window
-        y = attend(self, q, k, v, mask, causal=mask is None and T > 1, kernel=cache is not None and cache.kernel)
+        y = attend(self, q, k, v, mask, causal=mask is None and T > 1, kernel=cache.kernel if cache is not None else 0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
