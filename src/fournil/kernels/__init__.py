@@ -102,8 +102,8 @@ def build(folder: Path) -> bool:
 @functools.cache
 def instructions() -> int:
     """What the kernels compute with here: 2, AVX512-VNNI (and AVX512); 1, AVX2; 0, nothing (not built, or a CPU
-    without AVX2). No more than PyTorch's own kernels use: ATEN_CPU_CAPABILITY=avx2 makes a CPU
-    with AVX512 compute as an older one does, fournil's kernels included."""
+    without AVX2). No more than PyTorch's own kernels use: ATEN_CPU_CAPABILITY=avx2 makes a CPU with AVX512 compute
+    as an older one does, fournil's kernels included."""
     level = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 0)
     return min(level, torch.ops.fournil.instructions()) if level and built() else 0
 
