@@ -11,6 +11,8 @@ other rows: each row is quantized on its own, its sums taken in the same order.
 or fp32 key/value cache, read once, computed in fp32 (:attr:`fournil.generate.cache.KVCache.kernel` says when a
 cache's is, and with which instructions).
 
+``vectors.h``: the vector pieces both share (bf16 widened to fp32, a vector's largest and smallest lane).
+
 ``dropout.cpp``: dropout whose draws are a hash of a seed and each element's index (:class:`fournil.models.base.
 Dropout`).
 
@@ -35,7 +37,7 @@ import torch
 from fournil.device import cache_folder
 
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("products.cpp", "attention.cpp", "dropout.cpp")]
-HEADERS = [str(Path(__file__).with_name("attention.h"))]
+HEADERS = [str(Path(__file__).with_name(name)) for name in ("attention.h", "vectors.h")]
 LANES = 16  # output rows per block: one per int32 lane of a 512-bit register
 GROUP = 32  # inputs per activation scale, and per int4 weight scale and zero
 

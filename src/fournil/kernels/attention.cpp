@@ -17,6 +17,8 @@
 #include <limits>
 #include <vector>
 
+#include "vectors.h"
+
 namespace {
 
 constexpr float MINUS_INF = -std::numeric_limits<float>::infinity();
@@ -43,9 +45,7 @@ using V = __m512;
 constexpr int W = 16, SUMS = 16;  // lanes; of the 32 registers, those a head's sums may take in values_of
 
 TARGET inline V load(const float* p) { return _mm512_loadu_ps(p); }
-TARGET inline V load(const at::BFloat16* p) {  // bf16 to fp32: the same bits, then 16 zero bits
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+TARGET inline V load(const at::BFloat16* p) { return widen16(p); }
 TARGET inline void store(float* p, V x) { _mm512_storeu_ps(p, x); }
 TARGET inline V zero() { return _mm512_setzero_ps(); }
 TARGET inline V set1(float x) { return _mm512_set1_ps(x); }
@@ -89,9 +89,7 @@ using V = __m256;
 constexpr int W = 8, SUMS = 12;  // of the 16 registers
 
 TARGET inline V load(const float* p) { return _mm256_loadu_ps(p); }
-TARGET inline V load(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
+TARGET inline V load(const at::BFloat16* p) { return widen8(p); }
 TARGET inline void store(float* p, V x) { _mm256_storeu_ps(p, x); }
 TARGET inline V zero() { return _mm256_setzero_ps(); }
 TARGET inline V set1(float x) { return _mm256_set1_ps(x); }
@@ -108,11 +106,7 @@ TARGET inline V times_pow2(V x, V n) {  // n from -126 to 0 (exps' x <= 0): 2^n 
 TARGET inline V zero_where_minus_inf(V x, V y) {
   return _mm256_and_ps(_mm256_cmp_ps(x, set1(MINUS_INF), _CMP_NEQ_OQ), y);
 }
-TARGET inline float reduce_max(V x) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
+TARGET inline float reduce_max(V x) { return largest(x); }
 TARGET inline float reduce_add(V x) {
   __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   m = _mm_add_ps(m, _mm_movehl_ps(m, m));

@@ -25,6 +25,8 @@
 #include <optional>
 #include <vector>
 
+#include "vectors.h"
+
 namespace {
 
 constexpr int GROUP = 32;
@@ -36,10 +38,6 @@ constexpr int group_bytes() {  // a group of a block: 16 x 32 codes, then (4-bit
 }
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-VNNI inline __m512 widen(const at::BFloat16* p) {  // 16 bf16 to fp32: the same bits, then 16 zero bits
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 template <int R>
 VNNI inline void multiply(__m512i* dot, __m512i codes, const int8_t* q, int64_t in) {  // 4 inputs of R rows
@@ -80,7 +78,7 @@ VNNI void block(const uint8_t* weights, const int8_t* q, const float* step, cons
     }
     if constexpr (BITS == 4) {
       const auto* scale_zero = reinterpret_cast<const at::BFloat16*>(w + CODES);
-      const __m512 s = widen(scale_zero), l = _mm512_fnmadd_ps(offset, s, widen(scale_zero + 16));
+      const __m512 s = widen16(scale_zero), l = _mm512_fnmadd_ps(offset, s, widen16(scale_zero + 16));
       for (int r = 0; r < R; ++r) {
         // with low = zero - OFFSET s: sum of (code s + low) (q step) = s step sum(code q) + low step sum(q)
         const __m512 d = _mm512_cvtepi32_ps(dot[r]);
@@ -95,7 +93,7 @@ VNNI void block(const uint8_t* weights, const int8_t* q, const float* step, cons
   for (int r = 0; r < R; ++r) {
     // 8-bit: sum of (code - OFFSET) scale (q step) = scale (sum of step sum(code q) - OFFSET sum of step sum(q))
     if constexpr (BITS == 8)
-      acc[r] = _mm512_mul_ps(widen(scales), _mm512_fnmadd_ps(offset, _mm512_set1_ps(sum[r]), acc[r]));
+      acc[r] = _mm512_mul_ps(widen16(scales), _mm512_fnmadd_ps(offset, _mm512_set1_ps(sum[r]), acc[r]));
     _mm512_storeu_ps(out + r * out_stride, acc[r]);
   }
 }
@@ -124,10 +122,6 @@ VNNI void quantize(const float* x, int64_t groups, int8_t* q, float* step, float
 // whole group in 16 bits first; 8-bit ones, whose pairs would overflow 16 bits unsigned, are made signed (code - 128)
 // and multiplied by |x| with x's sign moved onto them, as llama.cpp does.
 #define AVX2 __attribute__((target("avx2,fma")))
-
-AVX2 inline __m256 widen8(const at::BFloat16* p) {  // 8 bf16 to fp32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
 
 AVX2 inline __m256i four_bytes(const int8_t* p) {  // p's 4 bytes in every 32-bit lane
   int32_t four;
@@ -202,18 +196,6 @@ AVX2 void block_avx2(const uint8_t* weights, const int8_t* q, const float* step,
       if constexpr (BITS == 8) acc[h][r] = _mm256_mul_ps(widen8(scales + h * 8), acc[h][r]);
       _mm256_storeu_ps(out + r * out_stride + h * 8, acc[h][r]);
     }
-}
-
-AVX2 inline float largest(__m256 v) {  // of v's 8 values
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-}
-
-AVX2 inline float smallest(__m256 v) {
-  __m128 h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_min_ss(h, _mm_movehdup_ps(h)));
 }
 
 // as quantize, above, bit for bit
