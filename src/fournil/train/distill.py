@@ -169,7 +169,7 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Dat
         else:
             teacher = teacher_run = Run.load(taught.teacher, config.train.device)
             teacher_run.check_writes()  # a reward model's next-token distributions mean nothing to imitate
-        run, data = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, teacher)
+        run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, teacher)
         if not world.main:
             return None
         if remote:
@@ -187,9 +187,9 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Dat
                                         distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
             base_dir = run_dir / BASELINE
             runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
-                                                            world, progress, announce, teacher, data)[0]
+                                                            world, progress, announce, teacher, splits)[0]
             measured["student without teacher"] = best_val(base_dir)
-        text = report(runs, data["val"], config.train.eval_tokens, measured)
+        text = report(runs, splits["val"], config.train.eval_tokens, measured)
         (run_dir / REPORT).write_text(text, encoding="utf-8")
         announce(text)
         return run
