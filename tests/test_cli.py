@@ -224,6 +224,11 @@ def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tm
         stray = run(*args)  # the command's usage, not fournil's (`fournil [-h] [--version] COMMAND ...`)
         assert stray.returncode == 2 and stray.stderr.startswith(usage), stray.stderr
         assert stray.stderr.endswith(f"fournil {' '.join(args[:-1])}: error: unrecognized arguments: corpus\n")
+    for args, usage in ((("convert", "run", "--out", "x.gguf"), "fournil convert MODEL OUT"),  # as other commands
+                        (("merge", "run", "--out", "merged"), "fournil merge [BASE] ADAPTER OUT")):  # take --out
+        flagged = run(*args)
+        assert flagged.returncode == 2 and flagged.stderr.endswith(
+            f"error: --out is not a flag of fournil {args[0]}: give OUT without it, in its place: {usage}\n")
     version = run("--version")  # what a bug report needs
     assert version.returncode == 0
     assert re.fullmatch(rf"fournil {re.escape(__version__)}, torch \S+, Python 3\.\d+\.\d+\n", version.stdout)
@@ -321,6 +326,11 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     one_line_error(run("convert", trained["gpt"], "/nonexistent/dir/x.gguf"),
                    "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist")
     one_line_error(run("tokenize", ""), "the text is empty: give one to cut")
+    one_line_error(run("tokenize", "Emma", "--tokenizer", str(tmp_path)),  # (the system's words on tokenizer.json)
+                   f"{tmp_path} holds no tokenizer.json: give a tokenizer.json, or a folder with one (a run, ")
+    one_line_error(run("prepare", "--tokenizer", "nope.json"), "no tokenizer nope.json: no such file or folder; give")
+    one_line_error(run("attention", trained["llama"], "emma", "--token", "zz"),  # (a picture with no row shown)
+                   "--token 'zz': no token of the text reads as this; its tokens are 'e', 'm', 'm', 'a'")
     one_line_error(run("tokenize", "Emma", "--tokenizer", "char", "--tokenizer", str(trained["gpt"])),  # which one
                    f"{trained['gpt']}: 'E' is not in the model's vocabulary")
     before = {p.name: p.read_bytes() for p in Path(trained["gpt"]).iterdir()}

@@ -117,6 +117,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
             if getattr(args, sub.dest, None) not in sub.choices:
                 break
             command = sub.choices[getattr(args, sub.dest)]
+        places = [a for a in command._actions if not a.option_strings]
+        named = {a.dest: a.metavar or a.dest.upper() for a in places}
+        flag = next((a for a in extra if a.startswith("--") and a[2:].replace("-", "_") in named), None)
+        if flag:  # --out, as other commands take it, where this one takes OUT in its place: fournil convert MODEL OUT
+            order = " ".join(f"[{named[a.dest]}]" if a.nargs == "?" else named[a.dest] for a in places)
+            command.error(f"{flag} is not a flag of {command.prog}: give {named[flag[2:].replace('-', '_')]} "
+                          f"without it, in its place: {command.prog} {order}")
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 

@@ -62,7 +62,8 @@ def add_pictures(sub) -> None:
     p.add_argument("--layer", type=int, default=-1,
                    help="which layer (default: the last; negative counts from the end)")
     p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
-    p.add_argument("--token", default="it", help="show the row of the first token that reads as this (default: it)")
+    p.add_argument("--token", help="show the row of the first token that reads as this (default: it, if the text "
+                                   "has it)")
     p.add_argument("--out", default="attention.png", type=parse_picture, help="the picture to write (.png, .svg...)")
     p.add_argument("--device", **DEVICE)
     p = sub.add_parser("embeddings", help="a picture of the token embeddings: their two principal components")
@@ -222,7 +223,10 @@ def run_attention(args) -> None:
     if args.head is not None and not 0 <= args.head < n_head:
         raise FournilError(f"--head {args.head}: the model has {n_head} heads per layer (0 to {n_head - 1})")
     layer = args.layer % n_layer
-    focus = next((i for i, t in enumerate(tokens) if t.strip() == args.token.strip()), None)
+    focus = next((i for i, t in enumerate(tokens) if t.strip() == (args.token or "it").strip()), None)
+    if focus is None and args.token is not None:
+        raise FournilError(f"--token {args.token!r}: no token of the text reads as this; its tokens are "
+                           f"{', '.join(map(repr, token_labels(tokens)[:40]))}{' ...' * (len(tokens) > 40)}")
     plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, text))
     print(f"{len(tokens)} token{'s' * (len(tokens) != 1)}, {n_layer} layer{'s' * (n_layer != 1)} x {n_head} "
           f"head{'s' * (n_head != 1)}; layer {layer} -> {args.out}")
