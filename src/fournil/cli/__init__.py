@@ -118,11 +118,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 break
             command = sub.choices[getattr(args, sub.dest)]
         places = [a for a in command._actions if not a.option_strings]
-        named = {a.dest: a.metavar or a.dest.upper() for a in places}
-        flag = next((a for a in extra if a.startswith("--") and a[2:].replace("-", "_") in named), None)
-        if flag:  # --out, as other commands take it, where this one takes OUT in its place: fournil convert MODEL OUT
-            order = " ".join(f"[{named[a.dest]}]" if a.nargs == "?" else named[a.dest] for a in places)
-            command.error(f"{flag} is not a flag of {command.prog}: give {named[flag[2:].replace('-', '_')]} "
+        name = lambda a: a.metavar or a.dest.upper()  # noqa: E731 - as the usage line says it
+        flagged = next((a for a in places if f"--{a.dest.replace('_', '-')}" in extra), None)
+        if flagged:  # --out, as other commands take it, where this one takes OUT in its place: convert MODEL OUT
+            order = " ".join(f"[{name(a)}]" if a.nargs == "?" else name(a) for a in places)
+            command.error(f"--{flagged.dest.replace('_', '-')} is not a flag of {command.prog}: give {name(flagged)} "
                           f"without it, in its place: {command.prog} {order}")
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

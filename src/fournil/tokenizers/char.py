@@ -102,10 +102,10 @@ def load_tokenizer(path: Path):
     from fournil.tokenizers.hf import HFTokenizer
 
     path = Path(path)
-    if path.is_dir() and not (path / "tokenizer.json").is_file():
-        raise FournilError(f"{path} holds no tokenizer.json: give a tokenizer.json, or a folder with one (a run, a "
-                           f"Hugging Face model, what fournil tokenizer train writes)")
     if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise FournilError(f"{path} holds no tokenizer.json: give a tokenizer.json, or a folder with one (a run, "
+                               f"a Hugging Face model, what fournil tokenizer train writes)")
         path = path / "tokenizer.json"
     elif not path.exists():
         raise FournilError(f"no tokenizer {path}: no such file or folder; give a tokenizer.json, or a folder with one")
