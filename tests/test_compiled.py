@@ -13,13 +13,13 @@ from fournil.runs import Run
 from tests.test_engine import assert_greedy
 
 
-@pytest.mark.parametrize("family,precision,graphs", [("gpt", "float32", None), ("llama", "float32", None),
-                                                     ("llama", "int4", None), ("llama", "float32", True)])
+@pytest.mark.parametrize("family,precision,graphs", [("gpt", "float32", False), ("llama", "float32", False),
+                                                     ("llama", "int4", False), ("llama", "float32", True)])
 def test_compiled_steps_give_eager_tokens_as_sequences_join_leave_and_the_cache_grows(trained, family, precision,
                                                                                      graphs):
     """int4: on a CPU with AVX2, its layers call fournil's own kernel, which the compiled step calls as it is.
 
-    graphs: the step as it runs on a GPU, to replay CUDA graphs; on a CPU Inductor records none, and what this checks
+    graphs: the step as it runs on a GPU to replay CUDA graphs; on a CPU Inductor records none, and what this checks
     is the rest: the cache's keys and values marked as staying in place, yet compiled once for any rows and size."""
     run = Run.load(trained[family], "cpu").quantize(precision)
     tok = run.tokenizer

@@ -288,8 +288,8 @@ def lora_config(args):
 
 def add_compile_arg(p) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step (torch.compile; on a GPU, replayed as CUDA graphs): faster "
-                        "tokens, after a first compilation of minutes on this machine (seconds on the next launch)")
+                   help="compile the decoding step (torch.compile): faster tokens, after a first compilation of "
+                        "minutes on this machine (seconds on the next launch)")
 
 
 def add_draft_args(p) -> None:

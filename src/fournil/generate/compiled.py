@@ -6,7 +6,8 @@ operations fuse into a few loops per layer (Inductor's C++ backend on CPUs), and
 through a :class:`~fournil.generate.cache.Fixed` view: every slot under a mask, the new token written in place, so
 the shapes are the same at every step and the code compiles once (once for one row, once for any other number of
 rows and cache size). Inductor keeps what it compiled on disk, so a second launch compiles in seconds. On a GPU the
-step is then replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python.
+step can also be replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python (not yet
+the default: no GPU has run it; ``benchmarks/gpu_check.sh`` measures it).
 
 ``compile_decoding(model)`` compiles and warms up the step; from then on every scheduler that generates with that
 model decodes with it (``fournil generate``, ``chat``, ``serve`` with ``--compile``).
@@ -60,13 +61,11 @@ def replayed(compiled):
     return step
 
 
-def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool | None = None) -> float:
+def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False) -> float:
     """Compile ``model``'s decoding step and run it once for one row and, if schedulers of ``max_batch`` rows can
     have more, for several (they compile separately), so that no answer waits for it. Returns the seconds it took.
     Call it once the weights are in their final precision: the compiled code reads them as they are then.
-    ``graphs``: replay the step as CUDA graphs (default: on a GPU; on a CPU, Inductor runs the step as it is)."""
-    if graphs is None:
-        graphs = model.device.type == "cuda"
+    ``graphs``: on a GPU, replay the step as CUDA graphs (on a CPU, Inductor runs it as it is)."""
     if not hasattr(model, "new_cache"):
         raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
 
