@@ -52,8 +52,8 @@ def replayed(compiled):
     as staying where they are (a new cache's are recorded anew), and the scores it returns are copied out before the
     next step, which begins a new round, overwrites them."""
     def step(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
-        for t in (*view.k, *view.v):
-            torch._dynamo.mark_static_address(t)
+        for t in (*view.k, *view.v):  # (not guarded: another cache's tensors do not compile the step again)
+            torch._dynamo.mark_static_address(t, guard=False)
         torch.compiler.cudagraph_mark_step_begin()
         scores, norms = compiled(tokens, view)
         return scores.clone(), norms.clone()
