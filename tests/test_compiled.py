@@ -128,6 +128,32 @@ def test_two_models_of_the_same_shapes_each_get_a_compiled_step_of_their_own(mon
     kind = torch.backends.cpu.get_cpu_capability().lower()
     folder = tmp_path / "fournil" / "inductor" / f"torch-{torch.__version__}-{kind}"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and any(folder.rglob("*.so"))
+    assert len(list((folder / "fournil-steps").glob("*.bin"))) == 2  # each kept under a name of its own
+
+
+def test_a_second_launch_loads_the_step_the_first_kept_and_compiles_again_a_file_it_cannot_trust(cli, trained,
+                                                                                                 tmp_path):
+    """On a CPU the compiled step is kept on disk: the next launch loads it (the file is left as it was) and
+    answers as eager decoding does. A file that is not a step, or that others could have written, is compiled again
+    and replaced."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = ["generate", trained["llama"], "ma", "--max-new-tokens", "12", "--temperature", "0", "--dtype", "float32"]
+    eager = cli(*args).stdout
+
+    def launch() -> str:
+        result = cli(*args, "--compile", env=env)
+        assert "compiled in" in result.stderr
+        return result.stdout
+
+    assert launch() == eager
+    (kept,) = (tmp_path / "inductor" / "fournil-steps").glob("*.bin")
+    written = kept.stat().st_mtime_ns
+    assert launch() == eager and kept.stat().st_mtime_ns == written  # loaded, not compiled again
+    kept.write_bytes(b"not a compiled step")
+    assert launch() == eager and kept.read_bytes() != b"not a compiled step"
+    kept.chmod(0o666)
+    written = kept.stat().st_mtime_ns
+    assert launch() == eager and kept.stat().st_mtime_ns != written and kept.stat().st_mode & 0o777 == 0o600
 
 
 def test_chat_refuses_a_model_that_cannot_chat_before_compiling_it(cli, trained):

@@ -5,20 +5,29 @@ Python's and the dispatcher's overhead; on a CPU that is as long as reading the 
 operations fuse into a few loops per layer (Inductor's C++ backend on CPUs), and the step reads its key/value cache
 through a :class:`~fournil.generate.cache.Fixed` view: every slot under a mask, the new token written in place, so
 the shapes are the same at every step and the code compiles once (once for one row, once for any other number of
-rows and cache size). Inductor keeps what it compiled on disk, so a second launch compiles in seconds. On a GPU the
-step can also be replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python (not yet
-the default: no GPU has run it; ``benchmarks/gpu_check.sh`` measures it).
+rows and cache size). On a CPU the compiled step itself is kept on disk, keyed by all it was compiled from, so that a
+second launch loads it in seconds instead of tracing the model again (:func:`saved_step`); elsewhere Inductor keeps
+the code it generated, and a second launch traces the model again but compiles nothing. On a GPU the step can also be
+replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python (not yet the default: no GPU
+has run it; ``benchmarks/gpu_check.sh`` measures it).
 
 ``compile_decoding(model)`` compiles and warms up the step; from then on every scheduler that generates with that
 model decodes with it (``fournil generate``, ``chat``, ``serve`` with ``--compile``).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import sys
 import time
+import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
+import fournil
 from fournil.device import autocast, prepare_compile
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
@@ -51,34 +60,24 @@ def replayed(compiled):
     and writes the memory it was recorded on: the cache's keys and values, which the step writes in place, are marked
     as staying where they are (a new cache's are recorded anew), and the scores it returns are copied out before the
     next step, which begins a new round, overwrites them."""
-    def step(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
+    def replay(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
         for t in (*view.k, *view.v):  # (not guarded: another cache's tensors do not compile the step again)
             torch._dynamo.mark_static_address(t, guard=False)
         torch.compiler.cudagraph_mark_step_begin()
         scores, norms = compiled(tokens, view)
         return scores.clone(), norms.clone()
 
-    return step
+    return replay
 
 
-def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False) -> float:
-    """Compile ``model``'s decoding step and run it once for one row and, if schedulers of ``max_batch`` rows can
-    have more, for several (they compile separately), so that no answer waits for it. Returns the seconds it took.
-    Call it once the weights are in their final precision: the compiled code reads them as they are then.
-    ``graphs``: on a GPU, replay the step as CUDA graphs (on a CPU, Inductor runs it as it is)."""
-    if not hasattr(model, "new_cache"):
-        raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
+def step(model, tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding step, as it is compiled: the last token's scores in fp32, and their log-sum-exp."""
+    scores = model(tokens, view)[:, -1].float()
+    return scores, scores.logsumexp(-1)
 
-    def step(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = model(tokens, view)[:, -1].float()
-        return scores, scores.logsumexp(-1)
 
-    # a code object of its own: Dynamo keeps compiled code per code object, and without guards on the modules
-    # (below) it would take another model's compiled step for this one's whenever their tensors had the same shapes
-    step.__code__ = step.__code__.replace()
-
-    prepare_compile(model.device)
-    compiled = torch.compile(step, fullgraph=True, options={
+def options(model, graphs: bool = False) -> dict:
+    return {
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         # on a CPU, the step's kernels called from C++, not Python: SmolLM2 in int4 decoded 98 tokens/s instead of 91,
@@ -93,22 +92,125 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool
         # activations and rotary positions of a few rows cost less than sharing them out (SmolLM2 in int4, 8 rows
         # compiled with each setting in one process, alternated: 943 tokens/s against 921, faster in 8 pairs of 8)
         "cpp.min_chunk_size": 4096,
-        "triton.cudagraphs": graphs})
-    _steps[model] = replayed(compiled) if graphs else compiled
+        "triton.cudagraphs": graphs}
+
+
+def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False) -> float:
+    """Compile ``model``'s decoding step and run it once for one row and, if schedulers of ``max_batch`` rows can
+    have more, for several (they compile separately), so that no answer waits for it. Returns the seconds it took.
+    Call it once the weights are in their final precision: the compiled code reads them as they are then.
+    ``graphs``: on a GPU, replay the step as CUDA graphs (on a CPU, Inductor runs it as it is)."""
+    if not hasattr(model, "new_cache"):
+        raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
+    prepare_compile(model.device)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        for rows in (1, 2) if max_batch > 1 else (1,):
-            cache = model.new_cache(rows, WARMUP_COLUMNS, dtype)
-            tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
-            with torch.no_grad(), autocast(model.device, dtype):
-                for n in range(2):  # (the second step, at another column, runs what the first compiled)
-                    view = Fixed(cache, rows)
-                    if n == 0:
-                        vary(view, tokens)
-                    _steps[model](tokens, view)
-                    cache.length += 1
+        with torch.no_grad(), autocast(model.device, dtype):
+            if model.device.type == "cpu" and not graphs:
+                _steps[model] = kept(model, dtype, max_batch)
+            else:
+                _steps[model] = traced(model, dtype, max_batch, graphs)
     finally:
         model.train(was_training)
     return time.perf_counter() - start
+
+
+def traced(model, dtype: torch.dtype, max_batch: int, graphs: bool):
+    """The step compiled by ``torch.compile`` in this process, and run once (for several rows too, if
+    ``max_batch``): a scheduler's call with other shapes compiles it again."""
+    def this_model(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
+        return step(model, tokens, view)
+
+    # a code object of its own: Dynamo keeps compiled code per code object, and without guards on the modules
+    # it would take another model's compiled step for this one's whenever their tensors had the same shapes
+    this_model.__code__ = this_model.__code__.replace()
+    compiled = torch.compile(this_model, fullgraph=True, options=options(model, graphs))
+    compiled = replayed(compiled) if graphs else compiled
+    for rows in (1, 2) if max_batch > 1 else (1,):
+        cache = model.new_cache(rows, WARMUP_COLUMNS, dtype)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
+        for n in range(2):  # (the second step, at another column, runs what the first compiled)
+            view = Fixed(cache, rows)
+            if n == 0:
+                vary(view, tokens)
+            compiled(tokens, view)
+            cache.length += 1
+    return compiled
+
+
+def kept(model, dtype: torch.dtype, max_batch: int):
+    """The step for one row and (with ``max_batch`` above 1) for several, each loaded from disk if an earlier launch
+    compiled it from the same model, code and machine (:func:`saved_step`), else compiled ahead of time and saved:
+    SmolLM2's two steps in int4 loaded in 2.2-2.3 s instead of 17-18 s for tracing them again (machine A). A compiled
+    function ahead of time has no guards: a call of other rows or another precision runs the model as it is."""
+    compiled = {}
+    for rows in (1, 2) if max_batch > 1 else (1,):
+        cache = model.new_cache(rows, WARMUP_COLUMNS, dtype)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
+        path = saved_step(model, dtype, rows, cache.kernel)
+        fn = load(path)
+        if fn is None:
+            view = Fixed(cache, rows)
+            vary(view, tokens)
+            fn = torch.compile(step, fullgraph=True, options={
+                **options(model), "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}).aot_compile(
+                ((model, tokens, view), {}))
+            save(fn, path)
+        fn(model, tokens, Fixed(cache, rows))  # (its first call loads the code)
+        compiled[rows > 1, dtype] = fn
+
+    def dispatched(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
+        return compiled.get((view.rows > 1, view.k[0].dtype), step)(model, tokens, view)
+
+    return dispatched
+
+
+def saved_step(model, dtype: torch.dtype, rows: int, kernel: int) -> Path:
+    """Where the step of ``model`` for ``rows`` (1, or any more) is kept: in Inductor's folder (fournil's, one per
+    PyTorch and CPU kind), named by a hash of what its code depends on beyond the values of its inputs: fournil's own
+    source, PyTorch's and Python's versions, the CPU's instructions, the variables of the environment that choose
+    kernels, the precision and attention kernel, and the model's modules (types, settings, and each tensor's shape,
+    strides and type; not the weights' values, which the step reads at every call)."""
+    h = hashlib.sha256()
+    package = Path(fournil.__file__).parent
+    for f in sorted(package.rglob("*")):
+        if f.suffix in (".py", ".cpp", ".h"):
+            h.update(f.relative_to(package).as_posix().encode() + f.read_bytes())
+    environment = sorted((k, v) for k, v in os.environ.items() if k.startswith(("FOURNIL_", "ATEN_", "ONEDNN_")))
+    h.update(repr((torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
+                   environment, str(dtype), rows > 1, kernel, repr(getattr(model, "config", None)))).encode())
+    for name, m in model.named_modules():
+        simple = (bool, int, float, str, tuple, list, torch.dtype)
+        settings = sorted((k, v) for k, v in vars(m).items() if isinstance(v, simple))
+        tensors = [(k, tuple(t.shape), t.stride(), str(t.dtype))
+                   for k, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
+        h.update(repr((name, type(m).__module__, type(m).__qualname__, settings, tensors)).encode())
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "fournil-steps" / f"{h.hexdigest()[:32]}.bin"
+
+
+def load(path: Path):
+    """The step saved at ``path``, or None: none there, one this user did not write alone (it is a pickle, as
+    Inductor's own cache is), or one this PyTorch cannot read."""
+    try:
+        info = path.stat()
+        if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):  # (not on Windows)
+            return None
+        with open(path, "rb") as f:
+            return torch.compiler.load_compiled_function(f)
+    except Exception:  # noqa: BLE001 - a missing or unreadable file is compiled again, and replaced
+        return None
+
+
+def save(fn, path: Path) -> None:
+    """Write the step at ``path`` whole or not at all (a killed launch leaves no half file to load)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}.part")
+        fn.save_compiled_function(str(part))
+        os.chmod(part, 0o600)
+        os.replace(part, path)
+    except OSError as e:
+        warnings.warn(f"the compiled decoding step could not be kept for the next launch ({e}); it works for this "
+                      f"one", stacklevel=2)
