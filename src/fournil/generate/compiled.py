@@ -77,6 +77,7 @@ def step(model, tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.
 
 
 def options(model, graphs: bool = False) -> dict:
+    """Inductor's settings for the step (each one measured, below)."""
     return {
         # the model's modules are not checked again at every step (a millisecond for 30 layers): their code is fixed
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
@@ -154,6 +155,7 @@ def kept(model, dtype: torch.dtype, max_batch: int):
         if fn is None:
             view = Fixed(cache, rows)
             vary(view, tokens)
+            # no guards: those on the model's classes cannot be saved, and the file's name says what it is for
             fn = torch.compile(step, fullgraph=True, options={
                 **options(model), "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}).aot_compile(
                 ((model, tokens, view), {}))
