@@ -154,6 +154,9 @@ def test_a_second_launch_loads_the_step_the_first_kept_and_compiles_again_a_file
     kept.chmod(0o666)
     written = kept.stat().st_mtime_ns
     assert launch() == eager and kept.stat().st_mtime_ns != written and kept.stat().st_mode & 0o777 == 0o600
+    env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # nothing kept, nothing loaded: compiled in the process
+    written = kept.stat().st_mtime_ns
+    assert launch() == eager and kept.stat().st_mtime_ns == written
 
 
 def test_chat_refuses_a_model_that_cannot_chat_before_compiling_it(cli, trained):

@@ -109,7 +109,8 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool
     model.eval()
     try:
         with torch.no_grad(), autocast(model.device, dtype):
-            if model.device.type == "cpu" and not graphs:
+            # (kept on disk only with Inductor's caches, which TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 turns off)
+            if model.device.type == "cpu" and not graphs and not torch._inductor.config.force_disable_caches:
                 _steps[model] = kept(model, dtype, max_batch)
             else:
                 _steps[model] = traced(model, dtype, max_batch, graphs)
