@@ -1,5 +1,6 @@
 """The compiled decoding step: the same tokens as eager decoding, compiled once for every step that follows."""
 import os
+import shutil
 import threading
 
 import openai
@@ -135,7 +136,7 @@ def test_a_second_launch_loads_the_step_the_first_kept_and_compiles_again_a_file
                                                                                                  tmp_path):
     """On a CPU the compiled step is kept on disk: the next launch loads it (the file is left as it was) and
     answers as eager decoding does. A file that is not a step, or that others could have written, is compiled again
-    and replaced."""
+    and replaced; where nothing can be written, the launch says so and answers all the same."""
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     args = ["generate", trained["llama"], "ma", "--max-new-tokens", "12", "--temperature", "0", "--dtype", "float32"]
     eager = cli(*args).stdout
@@ -157,6 +158,12 @@ def test_a_second_launch_loads_the_step_the_first_kept_and_compiles_again_a_file
     env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # nothing kept, nothing loaded: compiled in the process
     written = kept.stat().st_mtime_ns
     assert launch() == eager and kept.stat().st_mtime_ns == written
+    del env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"]
+    shutil.rmtree(kept.parent)
+    kept.parent.write_text("")  # a file where the folder goes: nothing can be kept, and the launch says so
+    result = cli(*args, "--compile", env=env)
+    assert result.stdout == eager and "the compiled decoding step could not be kept for the next launch" \
+        in result.stderr and "Traceback" not in result.stderr
 
 
 def test_chat_refuses_a_model_that_cannot_chat_before_compiling_it(cli, trained):

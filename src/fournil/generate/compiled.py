@@ -6,7 +6,7 @@ operations fuse into a few loops per layer (Inductor's C++ backend on CPUs), and
 through a :class:`~fournil.generate.cache.Fixed` view: every slot under a mask, the new token written in place, so
 the shapes are the same at every step and the code compiles once (once for one row, once for any other number of
 rows and cache size). On a CPU the compiled step itself is kept on disk, keyed by all it was compiled from, so that a
-second launch loads it in seconds instead of tracing the model again (:func:`saved_step`); elsewhere Inductor keeps
+second launch loads it in seconds instead of tracing the model again (:func:`saved_steps`); elsewhere Inductor keeps
 the code it generated, and a second launch traces the model again but compiles nothing. On a GPU the step can also be
 replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python (not yet the default: no GPU
 has run it; ``benchmarks/gpu_check.sh`` measures it).
@@ -144,14 +144,15 @@ def traced(model, dtype: torch.dtype, max_batch: int, graphs: bool):
 
 def kept(model, dtype: torch.dtype, max_batch: int):
     """The step for one row and (with ``max_batch`` above 1) for several, each loaded from disk if an earlier launch
-    compiled it from the same model, code and machine (:func:`saved_step`), else compiled ahead of time and saved:
+    compiled it from the same model, code and machine (:func:`saved_steps`), else compiled ahead of time and saved:
     SmolLM2's two steps in int4 loaded in 2.2-2.3 s instead of 17-18 s for tracing them again (machine A). A compiled
     function ahead of time has no guards: a call of other rows or another precision runs the model as it is."""
-    compiled = {}
+    compiled, name = {}, None
     for rows in (1, 2) if max_batch > 1 else (1,):
         cache = model.new_cache(rows, WARMUP_COLUMNS, dtype)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
-        path = saved_step(model, dtype, rows, cache.kernel)
+        name = name or saved_steps(model, dtype, cache.kernel)  # (the kernel: the same for any rows)
+        path = Path(f"{name}-{'rows' if rows > 1 else 'row'}.bin")
         fn = load(path)
         if fn is None:
             view = Fixed(cache, rows)
@@ -170,12 +171,12 @@ def kept(model, dtype: torch.dtype, max_batch: int):
     return dispatched
 
 
-def saved_step(model, dtype: torch.dtype, rows: int, kernel: int) -> Path:
-    """Where the step of ``model`` for ``rows`` (1, or any more) is kept: in Inductor's folder (fournil's, one per
-    PyTorch and CPU kind), named by a hash of what its code depends on beyond the values of its inputs: fournil's own
-    source, PyTorch's and Python's versions, the CPU's instructions, the variables of the environment that choose
-    kernels, the precision and attention kernel, and the model's modules (types, settings, and each tensor's shape,
-    strides and type; not the weights' values, which the step reads at every call)."""
+def saved_steps(model, dtype: torch.dtype, kernel: int) -> str:
+    """Where the steps of ``model`` (for one row, for several) are kept, but for their last word: in Inductor's folder
+    (fournil's, one per PyTorch and CPU kind), named by a hash of what their code depends on beyond the values of its
+    inputs: fournil's own source, PyTorch's and Python's versions, the CPU's instructions, the variables of the
+    environment that choose kernels, the precision and attention kernel, and the model's modules (types, settings, and
+    each tensor's shape, strides and type; not the weights' values, which the step reads at every call)."""
     h = hashlib.sha256()
     package = Path(fournil.__file__).parent
     for f in sorted(package.rglob("*")):
@@ -183,14 +184,14 @@ def saved_step(model, dtype: torch.dtype, rows: int, kernel: int) -> Path:
             h.update(f.relative_to(package).as_posix().encode() + f.read_bytes())
     environment = sorted((k, v) for k, v in os.environ.items() if k.startswith(("FOURNIL_", "ATEN_", "ONEDNN_")))
     h.update(repr((torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
-                   environment, str(dtype), rows > 1, kernel, repr(getattr(model, "config", None)))).encode())
+                   environment, str(dtype), kernel, repr(getattr(model, "config", None)))).encode())
+    simple = (bool, int, float, str, tuple, list, torch.dtype)
     for name, m in model.named_modules():
-        simple = (bool, int, float, str, tuple, list, torch.dtype)
         settings = sorted((k, v) for k, v in vars(m).items() if isinstance(v, simple))
         tensors = [(k, tuple(t.shape), t.stride(), str(t.dtype))
                    for k, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
         h.update(repr((name, type(m).__module__, type(m).__qualname__, settings, tensors)).encode())
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "fournil-steps" / f"{h.hexdigest()[:32]}.bin"
+    return str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "fournil-steps" / h.hexdigest()[:32])
 
 
 def load(path: Path):
