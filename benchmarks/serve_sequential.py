@@ -164,12 +164,14 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for _ in range(1200):  # (a first compilation takes minutes)
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
+        for _ in range(2400):  # (until it listens, and with --compile, its step decodes: a first compilation takes
+            try:              # minutes, in the background)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+                    if not args.compile or b"fournil_compiled_decoding 1" in r.read():
+                        break
             except OSError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
 
         def settings_of(prompt: str) -> dict:

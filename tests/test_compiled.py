@@ -2,6 +2,7 @@
 import os
 import shutil
 import threading
+import time
 
 import openai
 import pytest
@@ -61,13 +62,16 @@ def test_compiled_smollm2_writes_eager_greedy_tokens_on_the_parity_prompts():
     assert compiled == eager
 
 
-def test_a_compiled_server_answers_concurrent_requests_with_the_engine_s_greedy_tokens(bpe_llama):
+def test_a_compiled_server_answers_while_its_step_compiles_then_with_the_step_the_engine_s_greedy_tokens(bpe_llama,
+                                                                                                       tmp_path):
+    """``serve --compile`` answers at once: another process compiles the step (none kept yet: an Inductor folder of
+    its own) while the model answers as it is, and /metrics says when the step decodes."""
     run = Run.load(bpe_llama, "cpu")
     prompts = ["KING", "QUEEN", "To be or not", "ROMEO:"]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     alone = [complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids(p)], params, torch.float32)[0].text
              for p in prompts]
-    server = Server(bpe_llama, "--compile", "--dtype", "float32")
+    server = Server(bpe_llama, "--compile", "--dtype", "float32", env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path)})
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
         answers = {}
@@ -76,6 +80,12 @@ def test_a_compiled_server_answers_concurrent_requests_with_the_engine_s_greedy_
             out = client.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0)
             answers[prompt] = out.choices[0].text
 
+        ask(prompts[1])
+        assert answers[prompts[1]] == alone[1] and "fournil_compiled_decoding 0" in server.get("/metrics")[1]
+        deadline = time.time() + 600
+        while "fournil_compiled_decoding 1" not in server.get("/metrics")[1]:
+            assert time.time() < deadline, "the step was not compiled in 10 minutes"
+            time.sleep(0.5)
         threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
         for t in threads:
             t.start()
@@ -85,6 +95,30 @@ def test_a_compiled_server_answers_concurrent_requests_with_the_engine_s_greedy_
         assert [answers[p] for p in prompts] == alone
     finally:
         server.stop()
+    assert "(the decoding step is compiled, in" in server.output()
+    assert len(list((tmp_path / "fournil-steps").glob("*.bin"))) == 2  # one row; several
+
+
+def test_chat_answers_while_its_step_compiles_and_keeps_it_for_the_next_launch(cli, bpe_llama, tmp_path):
+    """A chat's first launch answers at once, as the model is, while another process compiles its step; at the end
+    of its input it waits for the step to be kept, and the next launch loads it. A folder where nothing can be kept
+    stops that process at once, and the chat says why."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = ["chat", bpe_llama, "--max-new-tokens", "12", "--temperature", "0", "--dtype", "float32"]
+    questions = "KING\nTo be or not\n"
+    eager = cli(*args, input=questions).stdout
+    first = cli(*args, "--compile", input=questions, env=env)
+    assert first.stdout == eager and "it compiles in the background" in first.stderr
+    assert "(the decoding step is still compiling: waiting to keep it for the next launch" in first.stderr
+    (kept,) = (tmp_path / "inductor" / "fournil-steps").glob("*.bin")
+    written = kept.stat().st_mtime_ns
+    second = cli(*args, "--compile", input=questions, env=env)
+    assert second.stdout == eager and "background" not in second.stderr and kept.stat().st_mtime_ns == written
+    shutil.rmtree(kept.parent)
+    kept.parent.write_text("")
+    third = cli(*args, "--compile", input=questions, env=env)
+    assert third.stdout == eager and "the decoding step could not be compiled in the background (FileExistsError" \
+        in third.stderr and "Traceback" not in third.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -89,12 +89,20 @@ def sampling_params(args, max_new_tokens: int):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def compile_decoding_step(run, max_batch: int) -> None:
+def compile_decoding_step(run, max_batch: int, background: bool = False) -> None:
+    """``--compile``: for ``generate``, before it answers; for ``chat`` and ``serve`` (``background``), while they
+    answer, if the step has to be compiled and not just loaded."""
     from fournil.generate.compiled import compile_decoding
+
+    def ready(seconds: float) -> None:
+        print(f"(the decoding step is compiled, in {seconds:.0f} s: answers use it from now on)", file=sys.stderr,
+              flush=True)
 
     print("compiling the decoding step (minutes the first time on this machine, seconds after)", file=sys.stderr,
           flush=True)
-    print(f"compiled in {compile_decoding(run.model, run.dtype, max_batch):.0f} s", file=sys.stderr, flush=True)
+    seconds = compile_decoding(run.model, run.dtype, max_batch, background=ready if background else None)
+    print("it compiles in the background: answers come meanwhile, at the model's own speed" if seconds is None
+          else f"compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
 def load_answerer(args, chats: list[dict] | None = None):
@@ -113,7 +121,7 @@ def load_answerer(args, chats: list[dict] | None = None):
     if chats is not None:
         check_chats(model, chats)
     if args.compile:
-        compile_decoding_step(model.run, 1)
+        compile_decoding_step(model.run, 1, background=args.command == "chat")
     return model
 
 
@@ -211,6 +219,12 @@ def run_chat(args) -> None:
             continue
         print()
         messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+    if args.compile:  # a step still compiling is kept for the next launch, unless the user would rather not wait
+        from fournil.generate.compiled import wait_compiling
+
+        wait_compiling(model.run.model, lambda: print("(the decoding step is still compiling: waiting to keep it for "
+                                                      "the next launch; Ctrl-C leaves now)", file=sys.stderr,
+                                                      flush=True))
 
 
 def read_block(first: str, interactive: bool) -> str:
@@ -254,7 +268,7 @@ def run_serve(args) -> None:
     sock = listen(args.host, args.port)
     run, draft = load_local(args.model, args.device, args.dtype, args.draft)
     if args.compile:
-        compile_decoding_step(run, args.max_batch)
+        compile_decoding_step(run, args.max_batch, background=True)
     app, schedulers = create_app(run, settings, draft, args.draft_tokens)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
           f"http://{args.host}:{sock.getsockname()[1]}: chat page at /, OpenAI API at /v1", flush=True)

@@ -6,7 +6,8 @@ operations fuse into a few loops per layer (Inductor's C++ backend on CPUs), and
 through a :class:`~fournil.generate.cache.Fixed` view: every slot under a mask, the new token written in place, so
 the shapes are the same at every step and the code compiles once (once for one row, once for any other number of
 rows and cache size). On a CPU the compiled step itself is kept on disk, keyed by all it was compiled from, so that a
-second launch loads it in seconds instead of tracing the model again (:func:`saved_steps`); elsewhere Inductor keeps
+second launch loads it in seconds instead of tracing the model again (:func:`saved_steps`), and a first launch can
+answer while another process compiles it (:class:`Compiling`); elsewhere Inductor keeps
 the code it generated, and a second launch traces the model again but compiles nothing. On a GPU the step can also be
 replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python (not yet the default: no GPU
 has run it; ``benchmarks/gpu_check.sh`` measures it).
@@ -16,18 +17,25 @@ model decodes with it (``fournil generate``, ``chat``, ``serve`` with ``--compil
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import pickle
 import platform
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import fournil
+from fournil import kernels
 from fournil.device import autocast, prepare_compile
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
@@ -37,8 +45,10 @@ _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def decoding_step(model):
     """The compiled step of ``model`` (``step(tokens, fixed_view) -> (scores, norms)``: the last token's scores in
-    fp32 and each row's log-sum-exp of them, computed in the step's own parallel loops), or None."""
-    return _steps.get(model)
+    fp32 and each row's log-sum-exp of them, computed in the step's own parallel loops), or None (none yet, or one
+    still compiling in the background: see :func:`settle`)."""
+    found = _steps.get(model)
+    return None if isinstance(found, Compiling) else found
 
 
 WARMUP_COLUMNS = 47  # a cache size no dimension of a model has, so that it compiles as a size of its own
@@ -96,27 +106,40 @@ def options(model, graphs: bool = False) -> dict:
         "triton.cudagraphs": graphs}
 
 
-def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False) -> float:
+def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False,
+                     background: Callable[[float], None] | None = None) -> float | None:
     """Compile ``model``'s decoding step and run it once for one row and, if schedulers of ``max_batch`` rows can
     have more, for several (they compile separately), so that no answer waits for it. Returns the seconds it took.
     Call it once the weights are in their final precision: the compiled code reads them as they are then.
-    ``graphs``: on a GPU, replay the step as CUDA graphs (on a CPU, Inductor runs it as it is)."""
+    ``graphs``: on a GPU, replay the step as CUDA graphs (on a CPU, Inductor runs it as it is).
+
+    ``background``: where the step would be compiled ahead of time (on a CPU, none kept yet), compile it in another
+    process and return None at once; meanwhile the model decodes as it is, and the schedulers take the step once it
+    is ready (:func:`settle`; ``background`` is then called with the seconds it took). A chat or a server answers from
+    the start instead of after a minute of compilation."""
     if not hasattr(model, "new_cache"):
         raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
     prepare_compile(model.device)
     start = time.perf_counter()
+    with decoding(model, dtype):
+        # (kept on disk only with Inductor's caches, which TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 turns off)
+        if model.device.type == "cpu" and not graphs and not torch._inductor.config.force_disable_caches:
+            _steps[model] = kept(model, dtype, max_batch, background)
+        else:
+            _steps[model] = traced(model, dtype, max_batch, graphs)
+    return None if isinstance(_steps[model], Compiling) else time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def decoding(model, dtype: torch.dtype):
+    """What a decoding step runs under: the model in evaluation, no gradients, ``dtype``'s autocast."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast(model.device, dtype):
-            # (kept on disk only with Inductor's caches, which TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 turns off)
-            if model.device.type == "cpu" and not graphs and not torch._inductor.config.force_disable_caches:
-                _steps[model] = kept(model, dtype, max_batch)
-            else:
-                _steps[model] = traced(model, dtype, max_batch, graphs)
+            yield
     finally:
         model.train(was_training)
-    return time.perf_counter() - start
 
 
 def traced(model, dtype: torch.dtype, max_batch: int, graphs: bool):
@@ -142,33 +165,52 @@ def traced(model, dtype: torch.dtype, max_batch: int, graphs: bool):
     return compiled
 
 
-def kept(model, dtype: torch.dtype, max_batch: int):
+def kept(model, dtype: torch.dtype, max_batch: int, background: Callable[[float], None] | None = None):
     """The step for one row and (with ``max_batch`` above 1) for several, each loaded from disk if an earlier launch
-    compiled it from the same model, code and machine (:func:`saved_steps`), else compiled ahead of time and saved:
-    SmolLM2's two steps in int4 loaded in 2.2-2.3 s instead of 17-18 s for tracing them again (machine A). A compiled
-    function ahead of time has no guards: a call of other rows or another precision runs the model as it is."""
-    compiled, name = {}, None
-    for rows in (1, 2) if max_batch > 1 else (1,):
-        cache = model.new_cache(rows, WARMUP_COLUMNS, dtype)
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
-        name = name or saved_steps(model, dtype, cache.kernel)  # (the kernel: the same for any rows)
-        path = Path(f"{name}-{'rows' if rows > 1 else 'row'}.bin")
-        fn = load(path)
-        if fn is None:
-            view = Fixed(cache, rows)
-            vary(view, tokens)
-            # no guards: those on the model's classes cannot be saved, and the file's name says what it is for
-            fn = torch.compile(step, fullgraph=True, options={
-                **options(model), "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}).aot_compile(
-                ((model, tokens, view), {}))
-            save(fn, path)
-        fn(model, tokens, Fixed(cache, rows))  # (its first call loads the code)
+    compiled it from the same model, code and machine (:func:`saved_steps`), else compiled ahead of time and saved
+    (by another process, if ``background``: then a :class:`Compiling`). SmolLM2's two steps in int4 loaded in
+    2.2-2.3 s instead of 17-18 s for tracing them again (machine A)."""
+    name = saved_steps(model, dtype, model.new_cache(1, 1, dtype).kernel)
+    paths = {rows: Path(f"{name}-{'rows' if rows > 1 else 'row'}.bin") for rows in ((1, 2) if max_batch > 1 else (1,))}
+    steps = {rows: load(path) for rows, path in paths.items()}
+    missing = {rows: path for rows, path in paths.items() if steps[rows] is None}
+    if missing and background:
+        return Compiling(model, dtype, missing, steps, background)
+    for rows, path in missing.items():
+        steps[rows] = ahead_of_time(model, dtype, rows)
+        keep(steps[rows], path)
+    return dispatched(model, dtype, steps)
+
+
+def warmup(model, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, Fixed]:
+    """A step's first tokens and view, in a cache of its own."""
+    cache = model.new_cache(rows, WARMUP_COLUMNS, dtype)
+    return torch.zeros(rows, 1, dtype=torch.long, device=model.device), Fixed(cache, rows)
+
+
+def ahead_of_time(model, dtype: torch.dtype, rows: int):
+    """The step for ``rows`` (1, or any number above), compiled ahead of time: it has no guards (those on the model's
+    classes cannot be saved; the file's name says what it is for), so a call of other rows or another precision must
+    not reach it."""
+    tokens, view = warmup(model, dtype, rows)
+    vary(view, tokens)
+    return torch.compile(step, fullgraph=True, options={
+        **options(model), "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}).aot_compile(
+        ((model, tokens, view), {}))
+
+
+def dispatched(model, dtype: torch.dtype, steps: dict):
+    """The decoding step that calls each step compiled ahead of time (``steps``: by rows) for what it was compiled
+    for, and the model as it is for anything else; each is called once here (its first call loads its code)."""
+    compiled = {}
+    for rows, fn in steps.items():
+        fn(model, *warmup(model, dtype, rows))
         compiled[rows > 1, dtype] = fn
 
-    def dispatched(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
+    def call(tokens: torch.Tensor, view: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
         return compiled.get((view.rows > 1, view.k[0].dtype), step)(model, tokens, view)
 
-    return dispatched
+    return call
 
 
 def saved_steps(model, dtype: torch.dtype, kernel: int) -> str:
@@ -209,12 +251,141 @@ def load(path: Path):
 
 def save(fn, path: Path) -> None:
     """Write the step at ``path`` whole or not at all (a killed launch leaves no half file to load)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(f".{os.getpid()}.part")
+    fn.save_compiled_function(str(part))
+    os.chmod(part, 0o600)
+    os.replace(part, path)
+
+
+def keep(fn, path: Path) -> None:
+    """:func:`save`, or a warning: the step works for this launch all the same."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(f".{os.getpid()}.part")
-        fn.save_compiled_function(str(part))
-        os.chmod(part, 0o600)
-        os.replace(part, path)
+        save(fn, path)
     except OSError as e:
         warnings.warn(f"the compiled decoding step could not be kept for the next launch ({e}); it works for this "
                       f"one", stacklevel=2)
+
+
+class Compiling:
+    """Steps being compiled ahead of time by another Python (a child of this one, at a lower priority, so that answers
+    keep their speed), which keeps them on disk for this process to load when it is done (:func:`settle`). It gets
+    the model through a pipe as :class:`Shapes` and ends when the pipe closes: when this process ends, whatever the
+    cause. Ctrl-C in a terminal does not reach it."""
+
+    def __init__(self, model, dtype: torch.dtype, missing: dict[int, Path], steps: dict,
+                 ready: Callable[[float], None]):
+        self.model, self.dtype, self.missing, self.steps, self.ready = model, dtype, missing, steps, ready
+        self.start = time.perf_counter()
+        self.log = tempfile.TemporaryFile()
+        # (in this process's session: Linux shares the CPU between sessions before it looks at priorities, and in a
+        # session of its own it took half of it, decoding at a fifth of its speed meanwhile; so it ignores Ctrl-C)
+        self.process = subprocess.Popen([sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, "
+                                         "signal.SIG_IGN); from fournil.generate.compiled import child; child()"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+        if hasattr(os, "SCHED_IDLE"):  # (Linux: it runs only on a core nothing else wants, and so do its compilers)
+            os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
+        elif hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, 19)
+        Shapes(self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL).dump((fournil.__file__, model, dtype, missing))
+        self.process.stdin.flush()
+
+    def loaded(self):
+        """The finished steps as one decoding step, or None (with a warning saying why) if they could not be made."""
+        self.process.stdin.close()
+        for rows, path in self.missing.items():
+            self.steps[rows] = load(path)
+        if self.said_why() or None in self.steps.values():
+            return None
+        with decoding(self.model, self.dtype):
+            found = dispatched(self.model, self.dtype, self.steps)
+        self.ready(time.perf_counter() - self.start)
+        return found
+
+    def said_why(self) -> bool:
+        """Whether the other process failed; if it did, a warning with its last line, which says why."""
+        if self.process.returncode == 0:
+            return False
+        self.log.seek(0)
+        why = self.log.read().decode(errors="replace").strip().splitlines() or \
+            [f"exit status {self.process.returncode}"]
+        warnings.warn(f"the decoding step could not be compiled in the background ({why[-1]}); answers go on without "
+                      f"it", stacklevel=3)
+        return True
+
+
+def settle(model) -> None:
+    """If ``model``'s step was compiling in the background and is done, load it: the model decodes with it from
+    now on. Call it while the model's weights are its own (the step reads them as they were when it was compiled)."""
+    found = _steps.get(model)
+    if isinstance(found, Compiling) and found.process.poll() is not None:
+        _steps[model] = found.loaded()
+        if _steps[model] is None:
+            del _steps[model]
+
+
+def wait_compiling(model, waiting: Callable[[], None]) -> None:
+    """If ``model``'s step is still compiling in the background, call ``waiting`` and wait until it is kept for the
+    next launch (Ctrl-C stops it)."""
+    found = _steps.get(model)
+    if isinstance(found, Compiling) and found.process.poll() is None:
+        waiting()
+        try:
+            found.process.wait()
+        except KeyboardInterrupt:
+            found.process.kill()
+            return
+        found.said_why()
+
+
+class Shapes(pickle.Pickler):
+    """A model as its structure and the shapes, strides and types of its tensors, not their values (what compiling
+    its code depends on): SmolLM2 in 45 KB."""
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, torch.Tensor):
+            return None
+        storage = obj.untyped_storage()
+        return (isinstance(obj, torch.nn.Parameter), obj.requires_grad, tuple(obj.shape), obj.stride(),
+                obj.storage_offset(), obj.dtype, str(obj.device), storage.data_ptr(), storage.nbytes())
+
+
+class Unshapes(pickle.Unpickler):
+    """:class:`Shapes` read back, each tensor empty where the values were (tensors that shared memory still do)."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages = {}
+
+    def persistent_load(self, pid):
+        parameter, grad, shape, stride, offset, dtype, device, address, nbytes = pid
+        if address not in self.storages:
+            self.storages[address] = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+        t = torch.empty(0, dtype=dtype, device=device).set_(self.storages[address], offset, shape, stride)
+        return torch.nn.Parameter(t, grad) if parameter else t
+
+
+def end_with_parent() -> None:
+    while os.read(sys.stdin.fileno(), 4096):  # (until the pipe closes: not through sys.stdin, whose lock would stay
+        pass                                  # taken when the process ends)
+    os._exit(1)
+
+
+def child() -> None:
+    """The Python of :class:`Compiling`: it reads the parent's fournil, a model, a precision and where to keep each
+    step (by rows), and compiles and keeps them with the same fournil (the steps' names are a hash of its source). On
+    failure, its last line says why."""
+    origin, model, dtype, missing = Unshapes(sys.stdin.buffer).load()
+    threading.Thread(target=end_with_parent, daemon=True).start()
+    try:
+        if Path(origin) != Path(fournil.__file__):
+            raise FournilError(f"{sys.executable} imports the fournil of {fournil.__file__}, not {origin}")
+        kernels.instructions()  # (fournil's kernels loaded: quantized layers call them)
+        prepare_compile(model.device)
+        next(iter(missing.values())).parent.mkdir(parents=True, exist_ok=True)  # (before, not after, a compilation)
+        with decoding(model, dtype):
+            for rows, path in missing.items():
+                save(ahead_of_time(model, dtype, rows), path)
+    except Exception as e:  # noqa: BLE001 - said to the parent, which answers without the step
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from torch import nn
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
-from fournil.generate.compiled import decoding_step
+from fournil.generate.compiled import decoding_step, settle
 from fournil.generate.sampling import (GREEDY_BELOW, SamplingParams, choose, log_normalizers, most_likely_tokens,
                                        penalize)
 from fournil.generate.speculative import Speculation, propose, verify
@@ -54,6 +55,7 @@ log = logging.getLogger("fournil.generate")
 
 WORTH_A_PASS = 16  # prompt tokens a new request must share with another new one, beyond what it can copy from the
 # rows in the cache, to wait for a second pass and copy them from that one's row
+altered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # how many schedulers changed each model's weights
 KEPT = -1  # where a request's shared prefix comes from when it is the kept sequence's (``keep``), not a row's
 
 
@@ -70,11 +72,9 @@ def decoding_weights(model: nn.Module, dtype: torch.dtype):
     norms and the residual stream stay as they are. Generation owns the model meanwhile (GRPO's answers, a run's
     samples, a server's requests); a compiled step keeps the weights it read. SmolLM2 with a LoRA adapter, bf16
     autocast, 8 rows: 106-134 tokens/s when each step cast, 254-260 made once."""
-    if decoding_step(model) is not None:
-        yield
-        return
+    use_compiled_step(model)
     kept = []
-    for m in model.modules():
+    for m in model.modules() if decoding_step(model) is None else ():
         fold = isinstance(m, LoRALinear) and not m.disabled
         cast = isinstance(m, nn.Linear) and dtype != torch.float32 and m.weight.dtype == torch.float32
         if fold or cast:
@@ -83,13 +83,23 @@ def decoding_weights(model: nn.Module, dtype: torch.dtype):
             m.weight = nn.Parameter(weight.to(dtype if cast else m.weight.dtype), requires_grad=False)
             if fold:
                 m.disabled = True
+    altered[model] = altered.get(model, 0) + bool(kept)
     try:
         yield
     finally:
+        altered[model] -= bool(kept)
         for m, weight, fold in kept:
             m.weight = weight
             if fold:
                 m.disabled = False
+
+
+def use_compiled_step(model: nn.Module) -> None:
+    """The decoding step compiled in the background for ``model``, from now on if it is ready and the weights are
+    the model's own (it reads them as they were when it was compiled): a scheduler's thread looks while idle, and
+    before each step."""
+    if not altered.get(model):
+        settle(model)
 
 
 def check_capacity(max_batch: int, max_waiting: int) -> None:
@@ -464,6 +474,7 @@ class Scheduler:
             else:
                 cache.align(longest, self.rows)
         tokens = torch.tensor([[r.context[-1]] for r in self.active], device=self.model.device)
+        use_compiled_step(self.model)
         step = decoding_step(self.model)
         if step is not None:
             logits, norms = step(tokens, Fixed(cache, self.rows))
@@ -581,5 +592,7 @@ def drive(schedulers: list[Scheduler], running=lambda: True) -> None:
         for s in schedulers:
             busy |= s.safe_step()
         if not busy:
+            for s in schedulers:  # (a step compiled in the background loads before the next request, not during it)
+                use_compiled_step(s.model)
             with wake:
                 wake.wait_for(lambda: any(s.pending for s in schedulers), timeout=0.5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from fournil.generate.compiled import decoding_step
+
 
 class Metrics:
     def __init__(self, *schedulers):
@@ -42,7 +44,10 @@ class Metrics:
         lines += ["# HELP fournil_queue_depth Requests waiting for a row of the batch.", "# TYPE fournil_queue_depth gauge",
                   f"fournil_queue_depth {sum(s.queued for s in self.schedulers)}",
                   "# HELP fournil_active_sequences Sequences being generated.", "# TYPE fournil_active_sequences gauge",
-                  f"fournil_active_sequences {sum(len(s.active) for s in self.schedulers)}"]
+                  f"fournil_active_sequences {sum(len(s.active) for s in self.schedulers)}",
+                  "# HELP fournil_compiled_decoding Models that decode with a compiled step (--compile; 0 while it "
+                  "compiles in the background).", "# TYPE fournil_compiled_decoding gauge",
+                  f"fournil_compiled_decoding {sum(decoding_step(s.model) is not None for s in self.schedulers)}"]
         timings = [s.timings for s in self.schedulers]
         for name, about, total, count in (
                 ("step", "Steps of the model, new prompts read included: each gives every sequence being generated "
