@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import Server
 
+from fournil.errors import FournilError
 from fournil.generate import SamplingParams, Scheduler, complete, score
 from fournil.generate.compiled import compile_decoding, decoding_step
 from fournil.runs import Run
@@ -210,3 +211,14 @@ def test_compile_refuses_a_model_without_a_decoding_step(cli, trained):
     result = cli("generate", trained["ngram"], "--compile", check=False)
     assert result.returncode == 2 and "--compile compiles a Transformer's decoding step; the ngram model has none" \
         in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compile_refuses_a_seq2seq_model_which_has_a_cache_but_no_decoding_step():
+    """(``generate`` and ``serve`` compile before they look at the model: a TypeError from the cache before.)"""
+    from fournil.models import build_model
+
+    model = build_model({"family": "seq2seq", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32,
+                         "vocab_size": 11})
+    with pytest.raises(FournilError, match="--compile needs a decoder-only language model; a seq2seq model writes a "
+                                           "target for a source: `fournil sample RUN --prompt SOURCE`"):
+        compile_decoding(model, torch.float32)

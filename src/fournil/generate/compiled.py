@@ -39,6 +39,7 @@ from fournil import kernels
 from fournil.device import autocast, prepare_compile
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
+from fournil.models.base import decoder_only
 
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -117,6 +118,7 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool
     process and return None at once; meanwhile the model decodes as it is, and the schedulers take the step once it
     is ready (:func:`settle`; ``background`` is then called with the seconds it took). A chat or a server answers from
     the start instead of after a minute of compilation."""
+    decoder_only(model, "--compile")
     if not hasattr(model, "new_cache"):
         raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
     prepare_compile(model.device)
