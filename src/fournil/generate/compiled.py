@@ -271,9 +271,9 @@ def keep(fn, path: Path) -> None:
 
 class Compiling:
     """Steps being compiled ahead of time by another Python (a child of this one, at a lower priority, so that answers
-    keep their speed), which keeps them on disk for this process to load when it is done (:func:`settle`). It gets
-    the model through a pipe as :class:`Shapes` and ends when the pipe closes: when this process ends, whatever the
-    cause. Ctrl-C in a terminal does not reach it."""
+    keep their speed), which keeps them on disk; a thread here reads them back, and the model's thread takes them
+    (:func:`settle`). It gets the model through a pipe as :class:`Shapes` and ends when the pipe closes: when this
+    process ends, whatever the cause. Ctrl-C in a terminal does not reach it."""
 
     def __init__(self, model, dtype: torch.dtype, missing: dict[int, Path], steps: dict,
                  ready: Callable[[float], None]):
@@ -291,13 +291,21 @@ class Compiling:
             os.setpriority(os.PRIO_PROCESS, self.process.pid, 19)
         Shapes(self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL).dump((fournil.__file__, model, dtype, missing))
         self.process.stdin.flush()
+        self.read_back = threading.Event()
+        threading.Thread(target=self.read, name="fournil-compiled-step", daemon=True).start()
 
-    def loaded(self):
-        """The finished steps as one decoding step, or None (with a warning saying why) if they could not be made."""
+    def read(self) -> None:
+        """Once the other process has ended, the steps it kept, read in this thread: loading imports most of Inductor
+        (2.1 s for SmolLM2's step, machine A), which the model's thread, answering meanwhile, need not wait for."""
+        if self.process.wait() == 0:
+            for rows, path in self.missing.items():
+                self.steps[rows] = load(path)
+        self.read_back.set()
+
+    def installed(self):
+        """The steps read back as one decoding step, or None (with a warning saying why) if they could not be made."""
         self.process.stdin.close()
-        for rows, path in self.missing.items():
-            self.steps[rows] = load(path)
-        if self.said_why() or None in self.steps.values():
+        if self.said_why():
             return None
         with decoding(self.model, self.dtype):
             found = dispatched(self.model, self.dtype, self.steps)
@@ -305,23 +313,25 @@ class Compiling:
         return found
 
     def said_why(self) -> bool:
-        """Whether the other process failed; if it did, a warning with its last line, which says why."""
-        if self.process.returncode == 0:
+        """Whether the steps could not be made; if so, a warning says why (the other process's last line)."""
+        code = self.process.returncode
+        if code == 0 and None not in self.steps.values():
             return False
         self.log.seek(0)
-        why = self.log.read().decode(errors="replace").strip().splitlines() or \
-            [f"exit status {self.process.returncode}"]
-        warnings.warn(f"the decoding step could not be compiled in the background ({why[-1]}); answers go on without "
-                      f"it", stacklevel=3)
+        why = (self.log.read().decode(errors="replace").strip().splitlines() or [f"exit status {code}"])[-1] if code \
+            else "the step it kept could not be read"
+        warnings.warn(f"the decoding step could not be compiled in the background ({why}); answers go on without it",
+                      stacklevel=3)
         return True
 
 
 def settle(model) -> None:
-    """If ``model``'s step was compiling in the background and is done, load it: the model decodes with it from
-    now on. Call it while the model's weights are its own (the step reads them as they were when it was compiled)."""
+    """If ``model``'s step was compiling in the background and has been read back, take it: the model decodes with it
+    from now on. Call it in the model's thread, while its weights are its own (the step reads them as they were when
+    it was compiled)."""
     found = _steps.get(model)
-    if isinstance(found, Compiling) and found.process.poll() is not None:
-        _steps[model] = found.loaded()
+    if isinstance(found, Compiling) and found.read_back.is_set():
+        _steps[model] = found.installed()
         if _steps[model] is None:
             del _steps[model]
 
@@ -337,7 +347,8 @@ def wait_compiling(model, waiting: Callable[[], None]) -> None:
         except KeyboardInterrupt:
             found.process.kill()
             return
-        found.said_why()
+        if found.process.returncode:
+            found.said_why()
 
 
 class Shapes(pickle.Pickler):
