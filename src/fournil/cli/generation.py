@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
@@ -89,26 +90,28 @@ def sampling_params(args, max_new_tokens: int):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def compile_decoding_step(run, max_batch: int, background: bool = False) -> None:
-    """``--compile``: for ``generate``, before it answers; for ``chat`` and ``serve`` (``background``), while they
-    answer, if the step has to be compiled and not just loaded."""
+def compile_decoding_step(run, max_batch: int, ready: Callable[[float], None] | None = None) -> None:
+    """``--compile``: for ``generate``, before it answers; for ``chat`` and ``serve``, while they answer, if the step
+    has to be compiled and not just loaded (``ready`` is called with its seconds when the model decodes with it)."""
     from fournil.generate.compiled import compile_decoding
-
-    def ready(seconds: float) -> None:
-        print(f"(the decoding step is compiled, in {seconds:.0f} s: answers use it from now on)", file=sys.stderr,
-              flush=True)
 
     print("compiling the decoding step (minutes the first time on this machine, seconds after)", file=sys.stderr,
           flush=True)
-    seconds = compile_decoding(run.model, run.dtype, max_batch, background=ready if background else None)
+    seconds = compile_decoding(run.model, run.dtype, max_batch, background=ready)
     print("it compiles in the background: answers come meanwhile, at the model's own speed" if seconds is None
           else f"compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
-def load_answerer(args, chats: list[dict] | None = None):
+def say_compiled(seconds: float) -> None:
+    print(f"(the decoding step is compiled, in {seconds:.0f} s: answers use it from now on)", file=sys.stderr,
+          flush=True)
+
+
+def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float], None] | None = None):
     """The model of ``generate`` and ``chat``, with its decoding step compiled for one answer at a time if asked
     (``--compile`` is refused before loading for what it cannot speed up: a remote model, a draft's passes). With
-    ``chats`` (the messages a conversation begins with), a model that cannot chat is refused before it compiles."""
+    ``chats`` (the messages a conversation begins with), a model that cannot chat is refused before it compiles. With
+    ``ready``, a step that is not kept yet compiles in the background (:func:`compile_decoding_step`)."""
     from fournil.generate.answerers import answerer, check_chats, is_remote
 
     if args.compile and is_remote(args.model):
@@ -121,7 +124,7 @@ def load_answerer(args, chats: list[dict] | None = None):
     if chats is not None:
         check_chats(model, chats)
     if args.compile:
-        compile_decoding_step(model.run, 1, background=args.command == "chat")
+        compile_decoding_step(model.run, 1, ready)
     return model
 
 
@@ -159,7 +162,8 @@ def run_chat(args) -> None:
     params = sampling_params(args, args.max_new_tokens)
     params.check()
     start = [{"role": "system", "content": args.system}] if args.system else []
-    model = load_answerer(args, chats=start)
+    compiled_in: list[float] = []  # (said between answers, not in the middle of one)
+    model = load_answerer(args, chats=start, ready=compiled_in.append)
     messages = list(start)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a UnicodeDecodeError
@@ -219,6 +223,8 @@ def run_chat(args) -> None:
             continue
         print()
         messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        while compiled_in:
+            say_compiled(compiled_in.pop())
     if args.compile:  # a step still compiling is kept for the next launch, unless the user would rather not wait
         from fournil.generate.compiled import wait_compiling
 
@@ -268,7 +274,7 @@ def run_serve(args) -> None:
     sock = listen(args.host, args.port)
     run, draft = load_local(args.model, args.device, args.dtype, args.draft)
     if args.compile:
-        compile_decoding_step(run, args.max_batch, background=True)
+        compile_decoding_step(run, args.max_batch, say_compiled)
     app, schedulers = create_app(run, settings, draft, args.draft_tokens)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
           f"http://{args.host}:{sock.getsockname()[1]}: chat page at /, OpenAI API at /v1", flush=True)
