@@ -338,17 +338,19 @@ def settle(model) -> None:
 
 def wait_compiling(model, waiting: Callable[[], None]) -> None:
     """If ``model``'s step is still compiling in the background, call ``waiting`` and wait until it is kept for the
-    next launch (Ctrl-C stops it)."""
+    next launch (Ctrl-C stops it); a compilation that failed says why."""
     found = _steps.get(model)
-    if isinstance(found, Compiling) and found.process.poll() is None:
+    if not isinstance(found, Compiling):
+        return
+    if found.process.poll() is None:
         waiting()
         try:
             found.process.wait()
         except KeyboardInterrupt:
             found.process.kill()
             return
-        if found.process.returncode:
-            found.said_why()
+    if found.process.returncode:
+        found.said_why()
 
 
 class Shapes(pickle.Pickler):
