@@ -7,10 +7,10 @@ through a :class:`~fournil.generate.cache.Fixed` view: every slot under a mask, 
 the shapes are the same at every step and the code compiles once (once for one row, once for any other number of
 rows and cache size). On a CPU the compiled step itself is kept on disk, keyed by all it was compiled from, so that a
 second launch loads it in seconds instead of tracing the model again (:func:`saved_steps`), and a first launch can
-answer while another process compiles it (:class:`Compiling`); elsewhere Inductor keeps
-the code it generated, and a second launch traces the model again but compiles nothing. On a GPU the step can also be
-replayed as a CUDA graph: its hundreds of kernels launched at once, not each from Python (not yet the default: no GPU
-has run it; ``benchmarks/gpu_check.sh`` measures it).
+answer while another process compiles it (:class:`Compiling`); elsewhere Inductor keeps the code it generated, and a
+second launch traces the model again but compiles nothing. On a GPU the step can also be replayed as a CUDA graph: its
+hundreds of kernels launched at once, not each from Python (not yet the default: no GPU has run it;
+``benchmarks/gpu_check.sh`` measures it).
 
 ``compile_decoding(model)`` compiles and warms up the step; from then on every scheduler that generates with that
 model decodes with it (``fournil generate``, ``chat``, ``serve`` with ``--compile``).
