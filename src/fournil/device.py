@@ -165,27 +165,37 @@ def cache_folder(name: str) -> Path:
 
 
 def prepare_compile(device: torch.device) -> None:
-    """What ``torch.compile`` needs before it traces a model for ``device``: a folder for its code, and on a CPU,
-    Inductor's check of the vector instructions already under way.
-
-    The folder is fournil's, one per PyTorch and CPU kind, unless the user chose another. Inductor's default folder,
-    under /tmp, is lost at a reboot, and its keys do not tell CPU kinds apart: code compiled with AVX512 then read
-    under ``ATEN_CPU_CAPABILITY=avx2`` (or from a home folder shared by machines whose CPUs differ) gave NaN scores, or
-    corrupted the heap. PyTorch writes its default into the environment the first time anything reads its cache
-    (transformers' GGUF loader does): that value is replaced too.
+    """What ``torch.compile`` needs before it traces a model for ``device``: a folder for its code
+    (:func:`inductor_folder`), and on a CPU, Inductor's check of the vector instructions already under way.
 
     The check: at every launch, Inductor builds and loads small test libraries, each in a child Python, to learn
     which vector instructions its compiler can use (1.3 s on machine C). Started now in a thread of its own, it
     waits for them while Dynamo traces the model in this one: a restart compiled SmolLM2's decoding step in 5.6-5.8 s
     instead of 6.3-6.5 (three launches each, alternated).
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
-        kind = f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_folder("inductor") / kind)
+    inductor_folder()
     if device.type == "cpu":
         threading.Thread(target=check_vector_instructions, name="fournil-isa-check", daemon=True).start()
+
+
+def inductor_folder() -> Path:
+    """The folder where Inductor keeps the code it compiles, set for this process: fournil's, one per PyTorch and CPU
+    kind, unless the user chose another. Inductor's default folder, under /tmp, is lost at a reboot, and its keys do
+    not tell CPU kinds apart: code compiled with AVX512 then read under ``ATEN_CPU_CAPABILITY=avx2`` (or from a home
+    folder shared by machines whose CPUs differ) gave NaN scores, or corrupted the heap. PyTorch writes its default
+    into the environment the first time anything reads its cache (transformers' GGUF loader does): that value is
+    replaced too. (Asking Inductor for its default imports Dynamo, 1.1 s: only done where a folder is set.)"""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or chosen == inductor_default():
+        kind = f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_folder("inductor") / kind)
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def inductor_default() -> str:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
 
 
 def check_vector_instructions() -> None:

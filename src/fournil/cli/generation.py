@@ -90,28 +90,29 @@ def sampling_params(args, max_new_tokens: int):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def compile_decoding_step(run, max_batch: int, ready: Callable[[float], None] | None = None) -> None:
-    """``--compile``: for ``generate``, before it answers; for ``chat`` and ``serve``, while they answer, if the step
-    has to be compiled and not just loaded (``ready`` is called with its seconds when the model decodes with it)."""
+def compile_decoding_step(run, max_batch: int, ready: Callable[[float, bool], None] | None = None) -> None:
+    """``--compile``: for ``generate``, before it answers; for ``chat`` and ``serve``, while they answer (``ready`` is
+    called with its seconds, and whether it was compiled or only loaded, when the model decodes with it)."""
     from fournil.generate.compiled import compile_decoding
 
     print("compiling the decoding step (minutes the first time on this machine, seconds after)", file=sys.stderr,
           flush=True)
-    seconds = compile_decoding(run.model, run.dtype, max_batch, background=ready)
-    print("it compiles in the background: answers come meanwhile, at the model's own speed" if seconds is None
-          else f"compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
+    found = compile_decoding(run.model, run.dtype, max_batch, background=ready)
+    print(f"compiled in {found:.0f} s" if isinstance(found, float) else "it compiles in the background: answers come "
+          "meanwhile, at the model's own speed" if found.compiling else "an earlier launch compiled it: it loads in "
+          "the background, and answers come meanwhile", file=sys.stderr, flush=True)
 
 
-def say_compiled(seconds: float) -> None:
-    print(f"(the decoding step is compiled, in {seconds:.0f} s: answers use it from now on)", file=sys.stderr,
-          flush=True)
+def say_compiled(seconds: float, compiled: bool) -> None:
+    print(f"(the decoding step is {'compiled' if compiled else 'loaded'}, in {seconds:.0f} s: answers use it from "
+          f"now on)", file=sys.stderr, flush=True)
 
 
-def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float], None] | None = None):
+def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float, bool], None] | None = None):
     """The model of ``generate`` and ``chat``, with its decoding step compiled for one answer at a time if asked
     (``--compile`` is refused before loading for what it cannot speed up: a remote model, a draft's passes). With
     ``chats`` (the messages a conversation begins with), a model that cannot chat is refused before it compiles. With
-    ``ready``, a step that is not kept yet compiles in the background (:func:`compile_decoding_step`)."""
+    ``ready``, the step compiles or loads in the background (:func:`compile_decoding_step`)."""
     from fournil.generate.answerers import answerer, check_chats, is_remote
 
     if args.compile and is_remote(args.model):
@@ -162,8 +163,8 @@ def run_chat(args) -> None:
     params = sampling_params(args, args.max_new_tokens)
     params.check()
     start = [{"role": "system", "content": args.system}] if args.system else []
-    compiled_in: list[float] = []  # (said between answers, not in the middle of one)
-    model = load_answerer(args, chats=start, ready=compiled_in.append)
+    compiled_in: list[tuple[float, bool]] = []  # (said between answers, not in the middle of one)
+    model = load_answerer(args, chats=start, ready=lambda *said: compiled_in.append(said))
     messages = list(start)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a UnicodeDecodeError
@@ -224,7 +225,7 @@ def run_chat(args) -> None:
         print()
         messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
         while compiled_in:
-            say_compiled(compiled_in.pop())
+            say_compiled(*compiled_in.pop())
     if args.compile:  # a step still compiling is kept for the next launch, unless the user would rather not wait
         from fournil.generate.compiled import wait_compiling
 

@@ -6,11 +6,11 @@ operations fuse into a few loops per layer (Inductor's C++ backend on CPUs), and
 through a :class:`~fournil.generate.cache.Fixed` view: every slot under a mask, the new token written in place, so
 the shapes are the same at every step and the code compiles once (once for one row, once for any other number of
 rows and cache size). On a CPU the compiled step itself is kept on disk, keyed by all it was compiled from, so that a
-second launch loads it in seconds instead of tracing the model again (:func:`saved_steps`), and a first launch can
-answer while another process compiles it (:class:`Compiling`); elsewhere Inductor keeps the code it generated, and a
-second launch traces the model again but compiles nothing. On a GPU the step can also be replayed as a CUDA graph: its
-hundreds of kernels launched at once, not each from Python (not yet the default: no GPU has run it;
-``benchmarks/gpu_check.sh`` measures it).
+second launch loads it in seconds instead of tracing the model again (:func:`step_paths`); a chat or a server answers
+meanwhile, as the model is, while a thread loads it, or the first time while another process compiles it
+(:class:`Background`). Elsewhere Inductor keeps the code it generated, and a second launch traces the model again but
+compiles nothing. On a GPU the step can also be replayed as a CUDA graph: its hundreds of kernels launched at once,
+not each from Python (not yet the default: no GPU has run it; ``benchmarks/gpu_check.sh`` measures it).
 
 ``compile_decoding(model)`` compiles and warms up the step; from then on every scheduler that generates with that
 model decodes with it (``fournil generate``, ``chat``, ``serve`` with ``--compile``).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import pickle
 import platform
@@ -36,7 +37,7 @@ import torch
 
 import fournil
 from fournil import kernels
-from fournil.device import autocast, prepare_compile
+from fournil.device import autocast, inductor_folder, prepare_compile
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
 from fournil.models.base import decoder_only
@@ -49,7 +50,7 @@ def decoding_step(model):
     fp32 and each row's log-sum-exp of them, computed in the step's own parallel loops), or None (none yet, or one
     still compiling in the background: see :func:`settle`)."""
     found = _steps.get(model)
-    return None if isinstance(found, Compiling) else found
+    return None if isinstance(found, Background) else found
 
 
 WARMUP_COLUMNS = 47  # a cache size no dimension of a model has, so that it compiles as a size of its own
@@ -108,28 +109,30 @@ def options(model, graphs: bool = False) -> dict:
 
 
 def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False,
-                     background: Callable[[float], None] | None = None) -> float | None:
+                     background: Callable[[float, bool], None] | None = None) -> float | Background:
     """Compile ``model``'s decoding step and run it once for one row and, if schedulers of ``max_batch`` rows can
     have more, for several (they compile separately), so that no answer waits for it. Returns the seconds it took.
     Call it once the weights are in their final precision: the compiled code reads them as they are then.
     ``graphs``: on a GPU, replay the step as CUDA graphs (on a CPU, Inductor runs it as it is).
 
-    ``background``: where the step would be compiled ahead of time (on a CPU, none kept yet), compile it in another
-    process and return None at once; meanwhile the model decodes as it is, and the schedulers take the step once it
-    is ready (:func:`settle`; ``background`` is then called with the seconds it took). A chat or a server answers from
-    the start instead of after a minute of compilation."""
+    ``background``: where the step is kept on disk (on a CPU), load it, or compile it in another process, while the
+    model decodes as it is, and return at once the :class:`Background` that does it; the schedulers take the step once
+    it is ready (:func:`settle`), and ``background`` is then called with the seconds it took and whether it was
+    compiled (or only loaded). A chat or a server answers from the start instead of after a minute of compilation,
+    or after the seconds that loading a step takes."""
     decoder_only(model, "--compile")
     if not hasattr(model, "new_cache"):
         raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
-    prepare_compile(model.device)
+    # (kept on disk only with Inductor's caches, which TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 turns off)
+    keeping = model.device.type == "cpu" and not graphs and not torch.compiler.config.force_disable_caches
     start = time.perf_counter()
     with decoding(model, dtype):
-        # (kept on disk only with Inductor's caches, which TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 turns off)
-        if model.device.type == "cpu" and not graphs and not torch._inductor.config.force_disable_caches:
-            _steps[model] = kept(model, dtype, max_batch, background)
-        else:
-            _steps[model] = traced(model, dtype, max_batch, graphs)
-    return None if isinstance(_steps[model], Compiling) else time.perf_counter() - start
+        if keeping and background:  # (Inductor itself is imported in the other thread: 1.1 s less before answers)
+            _steps[model] = Background(model, dtype, step_paths(model, dtype, max_batch), background)
+            return _steps[model]
+        prepare_compile(model.device)
+        _steps[model] = kept(model, dtype, max_batch) if keeping else traced(model, dtype, max_batch, graphs)
+    return time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -167,20 +170,16 @@ def traced(model, dtype: torch.dtype, max_batch: int, graphs: bool):
     return compiled
 
 
-def kept(model, dtype: torch.dtype, max_batch: int, background: Callable[[float], None] | None = None):
+def kept(model, dtype: torch.dtype, max_batch: int):
     """The step for one row and (with ``max_batch`` above 1) for several, each loaded from disk if an earlier launch
-    compiled it from the same model, code and machine (:func:`saved_steps`), else compiled ahead of time and saved
-    (by another process, if ``background``: then a :class:`Compiling`). SmolLM2's two steps in int4 loaded in
-    2.2-2.3 s instead of 17-18 s for tracing them again (machine A)."""
-    name = saved_steps(model, dtype, model.new_cache(1, 1, dtype).kernel)
-    paths = {rows: Path(f"{name}-{'rows' if rows > 1 else 'row'}.bin") for rows in ((1, 2) if max_batch > 1 else (1,))}
+    compiled it from the same model, code and machine (:func:`step_paths`), else compiled ahead of time and saved.
+    SmolLM2's two steps in int4 loaded in 2.2-2.3 s instead of 17-18 s for tracing them again (machine A)."""
+    paths = step_paths(model, dtype, max_batch)
     steps = {rows: load(path) for rows, path in paths.items()}
-    missing = {rows: path for rows, path in paths.items() if steps[rows] is None}
-    if missing and background:
-        return Compiling(model, dtype, missing, steps, background)
-    for rows, path in missing.items():
-        steps[rows] = ahead_of_time(model, dtype, rows)
-        keep(steps[rows], path)
+    for rows, path in paths.items():
+        if steps[rows] is None:
+            steps[rows] = ahead_of_time(model, dtype, rows)
+            keep(steps[rows], path)
     return dispatched(model, dtype, steps)
 
 
@@ -215,10 +214,10 @@ def dispatched(model, dtype: torch.dtype, steps: dict):
     return call
 
 
-def saved_steps(model, dtype: torch.dtype, kernel: int) -> str:
-    """Where the steps of ``model`` (for one row, for several) are kept, but for their last word: in Inductor's folder
-    (fournil's, one per PyTorch and CPU kind), named by a hash of what their code depends on beyond the values of its
-    inputs: fournil's own source, PyTorch's and Python's versions, the CPU's instructions, the variables of the
+def step_paths(model, dtype: torch.dtype, max_batch: int) -> dict[int, Path]:
+    """Where the steps of ``model`` for one row and (with ``max_batch`` above 1) for several are kept: in Inductor's
+    folder (fournil's, one per PyTorch and CPU kind), named by a hash of what their code depends on beyond the values of
+    its inputs: fournil's own source, PyTorch's and Python's versions, the CPU's instructions, the variables of the
     environment that choose kernels, the precision and attention kernel, and the model's modules (types, settings, and
     each tensor's shape, strides and type; not the weights' values, which the step reads at every call)."""
     h = hashlib.sha256()
@@ -228,14 +227,16 @@ def saved_steps(model, dtype: torch.dtype, kernel: int) -> str:
             h.update(f.relative_to(package).as_posix().encode() + f.read_bytes())
     environment = sorted((k, v) for k, v in os.environ.items() if k.startswith(("FOURNIL_", "ATEN_", "ONEDNN_")))
     h.update(repr((torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
-                   environment, str(dtype), kernel, repr(getattr(model, "config", None)))).encode())
+                   environment, str(dtype), model.new_cache(1, 1, dtype).kernel,
+                   repr(getattr(model, "config", None)))).encode())
     simple = (bool, int, float, str, tuple, list, torch.dtype)
     for name, m in model.named_modules():
         settings = sorted((k, v) for k, v in vars(m).items() if isinstance(v, simple))
         tensors = [(k, tuple(t.shape), t.stride(), str(t.dtype))
                    for k, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
         h.update(repr((name, type(m).__module__, type(m).__qualname__, settings, tensors)).encode())
-    return str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "fournil-steps" / h.hexdigest()[:32])
+    name = inductor_folder() / "fournil-steps" / h.hexdigest()[:32]
+    return {rows: Path(f"{name}-{'rows' if rows > 1 else 'row'}.bin") for rows in ((1, 2) if max_batch > 1 else (1,))}
 
 
 def load(path: Path):
@@ -269,57 +270,91 @@ def keep(fn, path: Path) -> None:
                       f"one", stacklevel=2)
 
 
-class Compiling:
-    """Steps being compiled ahead of time by another Python (a child of this one, at a lower priority, so that answers
-    keep their speed), which keeps them on disk; a thread here reads them back, and the model's thread takes them
-    (:func:`settle`). It gets the model through a pipe as :class:`Shapes` and ends when the pipe closes: when this
-    process ends, whatever the cause. Ctrl-C in a terminal does not reach it."""
+class Background:
+    """Steps on their way while the model answers as it is: a thread here loads those kept on disk (loading imports
+    Dynamo and most of Inductor: 3.2 s for SmolLM2's step, machine A), and has the others compiled ahead of time by
+    another Python, a child of this one, which keeps them on disk for the thread to load. Both yield the CPU to
+    answers: the thread at a lower priority, the child at the lowest. The model's thread takes the steps once all are
+    read (:func:`settle`). The child gets the model through a pipe as :class:`Shapes` and ends when the pipe closes:
+    when this process ends, whatever the cause. Ctrl-C in a terminal does not reach it."""
 
-    def __init__(self, model, dtype: torch.dtype, missing: dict[int, Path], steps: dict,
-                 ready: Callable[[float], None]):
-        self.model, self.dtype, self.missing, self.steps, self.ready = model, dtype, missing, steps, ready
+    def __init__(self, model, dtype: torch.dtype, paths: dict[int, Path], ready: Callable[[float, bool], None]):
+        self.model, self.dtype, self.paths, self.ready = model, dtype, paths, ready
+        self.compiling = not all(path.exists() for path in paths.values())  # (what to say: a file may not load)
         self.start = time.perf_counter()
+        self.shapes = io.BytesIO()  # (the model as it is now: answers may change its weights while the thread runs)
+        Shapes(self.shapes, protocol=pickle.HIGHEST_PROTOCOL).dump((fournil.__file__, model, dtype))
+        self.steps: dict = {}
+        self.process: subprocess.Popen | None = None
+        self.failure: str | None = None  # (why they could not be made)
+        self.leaving = False  # (this process ends: what the other one keeps is for the next launch, not read here)
         self.log = tempfile.TemporaryFile()
+        self.decided, self.read_back = threading.Event(), threading.Event()
+        threading.Thread(target=self.fetch, name="fournil-compiled-step", daemon=True).start()
+
+    def fetch(self) -> None:
+        """In this thread: the steps kept on disk, then those the other process compiles (and keeps) for the rest.
+
+        At a lower priority than answers (on Linux, where a thread has one of its own): loading SmolLM2's step at the
+        usual priority made the first answer (64 tokens in int4) take 2.2-3.1 s instead of 0.9 (machine A); at nice
+        10, 1.1 s. Not at the lowest: with both cores busy with other work, at ``SCHED_IDLE`` it never loaded the
+        step, and the chat decoded as the model is, its answer done 69 s after the launch; at nice 10, after 11-12 s,
+        as when the load came first (11-21 s)."""
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):  # (a sandbox may refuse it: the thread then loads all the same)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:
+            self.steps = {rows: load(path) for rows, path in self.paths.items()}
+            missing = {rows: path for rows, path in self.paths.items() if self.steps[rows] is None}
+            if missing:
+                self.compiling = True
+                self.process = self.compile(missing)
+                self.decided.set()
+                if self.process.wait():
+                    self.log.seek(0)
+                    lines = self.log.read().decode(errors="replace").strip().splitlines()
+                    self.failure = lines[-1] if lines else f"exit status {self.process.returncode}"
+                elif not self.leaving:
+                    self.steps.update({rows: load(path) for rows, path in missing.items()})
+        except Exception as e:  # noqa: BLE001 - said in the model's thread, which answers without the step
+            self.failure = f"{type(e).__name__}: {e}"
+        finally:
+            self.decided.set()
+            self.read_back.set()
+
+    def compile(self, missing: dict[int, Path]) -> subprocess.Popen:
+        """The other Python, compiling the steps ``missing`` (by rows) and keeping each where it is named."""
         # (in this process's session: Linux shares the CPU between sessions before it looks at priorities, and in a
         # session of its own it took half of it, decoding at a fifth of its speed meanwhile; so it ignores Ctrl-C)
-        self.process = subprocess.Popen([sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, "
-                                         "signal.SIG_IGN); from fournil.generate.compiled import child; child()"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
-        if hasattr(os, "SCHED_IDLE"):  # (Linux: it runs only on a core nothing else wants, and so do its compilers)
-            os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
-        elif hasattr(os, "setpriority"):
-            os.setpriority(os.PRIO_PROCESS, self.process.pid, 19)
-        Shapes(self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL).dump((fournil.__file__, model, dtype, missing))
-        self.process.stdin.flush()
-        self.read_back = threading.Event()
-        threading.Thread(target=self.read, name="fournil-compiled-step", daemon=True).start()
-
-    def read(self) -> None:
-        """Once the other process has ended, the steps it kept, read in this thread: loading imports most of Inductor
-        (2.1 s for SmolLM2's step, machine A), which the model's thread, answering meanwhile, need not wait for."""
-        if self.process.wait() == 0:
-            for rows, path in self.missing.items():
-                self.steps[rows] = load(path)
-        self.read_back.set()
+        process = subprocess.Popen([sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, "
+                                    "signal.SIG_IGN); from fournil.generate.compiled import child; child()"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+        with contextlib.suppress(OSError):  # (a sandbox may refuse it: then it compiles at the usual priority)
+            if hasattr(os, "SCHED_IDLE"):  # (Linux: it runs only on a core nothing else wants, and its compilers too)
+                os.sched_setscheduler(process.pid, os.SCHED_IDLE, os.sched_param(0))
+            elif hasattr(os, "setpriority"):
+                os.setpriority(os.PRIO_PROCESS, process.pid, 19)
+        process.stdin.write(self.shapes.getvalue())
+        pickle.dump(missing, process.stdin)
+        process.stdin.flush()
+        return process
 
     def installed(self):
         """The steps read back as one decoding step, or None (with a warning saying why) if they could not be made."""
-        self.process.stdin.close()
+        if self.process:
+            self.process.stdin.close()
         if self.said_why():
             return None
         with decoding(self.model, self.dtype):
             found = dispatched(self.model, self.dtype, self.steps)
-        self.ready(time.perf_counter() - self.start)
+        self.ready(time.perf_counter() - self.start, self.compiling)
         return found
 
     def said_why(self) -> bool:
         """Whether the steps could not be made; if so, a warning says why (the other process's last line)."""
-        code = self.process.returncode
-        if code == 0 and None not in self.steps.values():
+        if self.failure is None and None not in self.steps.values():
             return False
-        self.log.seek(0)
-        why = (self.log.read().decode(errors="replace").strip().splitlines() or [f"exit status {code}"])[-1] if code \
-            else "the step it kept could not be read"
+        why = self.failure or "the step it kept could not be read"
         warnings.warn(f"the decoding step could not be compiled in the background ({why}); answers go on without it",
                       stacklevel=3)
         return True
@@ -330,26 +365,31 @@ def settle(model) -> None:
     from now on. Call it in the model's thread, while its weights are its own (the step reads them as they were when
     it was compiled)."""
     found = _steps.get(model)
-    if isinstance(found, Compiling) and found.read_back.is_set():
+    if isinstance(found, Background) and found.read_back.is_set():
         _steps[model] = found.installed()
         if _steps[model] is None:
             del _steps[model]
 
 
 def wait_compiling(model, waiting: Callable[[], None]) -> None:
-    """If ``model``'s step is still compiling in the background, call ``waiting`` and wait until it is kept for the
-    next launch (Ctrl-C stops it); a compilation that failed says why."""
+    """Before this process ends: if ``model``'s step is still compiling in the background, call ``waiting`` and wait
+    until it is kept for the next launch (Ctrl-C stops it); a compilation that failed says why. (And no thread is left
+    loading a step while Python shuts down.)"""
     found = _steps.get(model)
-    if not isinstance(found, Compiling):
+    if not isinstance(found, Background):
         return
-    if found.process.poll() is None:
-        waiting()
-        try:
+    found.leaving = True
+    try:
+        found.decided.wait()
+        if found.process and found.process.poll() is None:
+            waiting()
             found.process.wait()
-        except KeyboardInterrupt:
+        found.read_back.wait()
+    except KeyboardInterrupt:
+        if found.process:
             found.process.kill()
-            return
-    if found.process.returncode:
+        return
+    if found.failure:
         found.said_why()
 
 
@@ -387,10 +427,11 @@ def end_with_parent() -> None:
 
 
 def child() -> None:
-    """The Python of :class:`Compiling`: it reads the parent's fournil, a model, a precision and where to keep each
+    """The Python of :class:`Background`: it reads the parent's fournil, a model, a precision and where to keep each
     step (by rows), and compiles and keeps them with the same fournil (the steps' names are a hash of its source). On
     failure, its last line says why."""
-    origin, model, dtype, missing = Unshapes(sys.stdin.buffer).load()
+    origin, model, dtype = Unshapes(sys.stdin.buffer).load()
+    missing = pickle.load(sys.stdin.buffer)
     threading.Thread(target=end_with_parent, daemon=True).start()
     try:
         if Path(origin) != Path(fournil.__file__):
