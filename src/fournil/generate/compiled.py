@@ -48,7 +48,7 @@ _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoding_step(model):
     """The compiled step of ``model`` (``step(tokens, fixed_view) -> (scores, norms)``: the last token's scores in
     fp32 and each row's log-sum-exp of them, computed in the step's own parallel loops), or None (none yet, or one
-    still compiling in the background: see :func:`settle`)."""
+    still compiling or loading in the background: see :func:`settle`)."""
     found = _steps.get(model)
     return None if isinstance(found, Background) else found
 
@@ -361,9 +361,9 @@ class Background:
 
 
 def settle(model) -> None:
-    """If ``model``'s step was compiling in the background and has been read back, take it: the model decodes with it
-    from now on. Call it in the model's thread, while its weights are its own (the step reads them as they were when
-    it was compiled)."""
+    """If ``model``'s step was on its way in the background (:class:`Background`) and has been read, take it: the
+    model decodes with it from now on. Call it in the model's thread, while its weights are its own (the step reads
+    them as they were when it was compiled)."""
     found = _steps.get(model)
     if isinstance(found, Background) and found.read_back.is_set():
         _steps[model] = found.installed()

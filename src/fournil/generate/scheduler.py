@@ -95,9 +95,9 @@ def decoding_weights(model: nn.Module, dtype: torch.dtype):
 
 
 def use_compiled_step(model: nn.Module) -> None:
-    """The decoding step compiled in the background for ``model``, from now on if it is ready and the weights are
-    the model's own (it reads them as they were when it was compiled): a scheduler's thread looks while idle, and
-    before each step."""
+    """The decoding step compiled or loaded in the background for ``model``, from now on if it is ready and the
+    weights are the model's own (it reads them as they were when it was compiled): a scheduler's thread looks while
+    idle, and before each step."""
     if not altered.get(model):
         settle(model)
 

@@ -46,7 +46,7 @@ class Metrics:
                   "# HELP fournil_active_sequences Sequences being generated.", "# TYPE fournil_active_sequences gauge",
                   f"fournil_active_sequences {sum(len(s.active) for s in self.schedulers)}",
                   "# HELP fournil_compiled_decoding Models that decode with a compiled step (--compile; 0 while it "
-                  "compiles in the background).", "# TYPE fournil_compiled_decoding gauge",
+                  "compiles or loads in the background).", "# TYPE fournil_compiled_decoding gauge",
                   f"fournil_compiled_decoding {sum(decoding_step(s.model) is not None for s in self.schedulers)}"]
         timings = [s.timings for s in self.schedulers]
         for name, about, total, count in (
