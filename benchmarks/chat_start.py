@@ -75,7 +75,8 @@ def main() -> None:
             # (Inductor's folder new, as on a new machine, and fournil's kernels as built: the launches above built
             # them. Fournil's caches moved, rather than Inductor's folder named, which costs the import that tells
             # whether it is Inductor's default: 1.1 s)
-            shutil.copytree(cache_folder("kernels"), Path(cache) / "fournil" / "kernels")
+            if cache_folder("kernels").exists():
+                shutil.copytree(cache_folder("kernels"), Path(cache) / "fournil" / "kernels")
             compiled = {**{k: v for k, v in env.items() if k != "TORCHINDUCTOR_CACHE_DIR"}, "XDG_CACHE_HOME": cache}
             seconds, peak, ended = first_answer([*chat, "--compile"], compiled, finish=True)
             print(f"| fournil chat smollm2 --compile, first launch, empty cache (it answers while the step compiles "
