@@ -351,7 +351,8 @@ class Background:
         return found
 
     def said_why(self) -> bool:
-        """Whether the steps could not be made; if so, a warning says why (the other process's last line)."""
+        """Whether the steps could not be made; if so, a warning says why (the other process's last line, or what
+        failed in this one's thread)."""
         if self.failure is None and None not in self.steps.values():
             return False
         why = self.failure or "the step it kept could not be read"
