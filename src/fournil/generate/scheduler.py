@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fournil.cores import computing
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.generate.cache import Fixed
@@ -259,6 +260,7 @@ class Scheduler:
         self._drop_finished()
         if not self.active:
             return bool(self.waiting)
+        computing(self.model.device)
         start = time.perf_counter()
         try:
             self._generate()

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
 from fournil.config import DataConfig, RunConfig, TrainConfig, check_types, command_of, to_dict
+from fournil.cores import computing
 from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, made_with
@@ -368,6 +369,8 @@ class Trainer:
         model.train()
         try:
             while spent(t, step, elapsed) < 1.0:
+                if not world.distributed:  # (torchrun's processes on this machine have their share already)
+                    computing(device)
                 lr = lr_at(step, spent(t, step, elapsed), t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
