@@ -37,8 +37,8 @@ SECONDS = {"test_course.py": 310, "test_compiled.py": 160, "test_recipes.py": 18
            "test_training_guards.py": 50, "test_distill.py": 50, "test_cli.py": 45, "test_align.py": 45,
            "test_formats.py": 45, "test_bpe.py": 35, "test_server_abuse.py": 35, "test_distributed.py": 35,
            "test_pictures.py": 35, "test_precision.py": 35, "test_seq2seq.py": 35, "test_serve.py": 30,
-           "test_models.py": 25, "test_cores.py": 25, "test_ngram.py": 5, "test_optimizers.py": 2, "test_docs.py": 1, "test_data.py": 1,
-           "test_sampling.py": 1, "test_tokenizer.py": 1}
+           "test_models.py": 25, "test_cores.py": 25, "test_ngram.py": 5, "test_optimizers.py": 2, "test_docs.py": 1,
+           "test_data.py": 1, "test_sampling.py": 1, "test_tokenizer.py": 1}
 
 
 def pytest_addoption(parser):
