@@ -7,7 +7,9 @@ on 2 cores (machine A), `fournil train` went from 16,308 tokens/s alone to 223 b
 decoding from 43.7 tokens/s to 3.2 (`benchmarks/shared_cpu.py`). So a process that computes on the CPU says so, with
 a file named by its pid that it touches every second, and takes its share of the cores: all of them alone, half
 beside another (the two above: 12,826 and 37.7). A process idle for 3 s (a chat waiting for a question) no longer
-counts, and the others take its cores back. Nothing changes where ``OMP_NUM_THREADS`` is set: the user chose.
+counts, and the others take its cores back. Nothing changes where ``OMP_NUM_THREADS`` is set: the user chose (a
+thread count that changes can change the last bits of a sum split between threads; set it where two runs must match
+bit for bit).
 """
 from __future__ import annotations
 
