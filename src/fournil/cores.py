@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -62,15 +63,14 @@ class Cores:
         return max(1, self.all // (1 + others))
 
 
-_cores: Cores | None = None
+@functools.cache
+def cores() -> Cores:
+    """This process's :class:`Cores`, made at its first step of work."""
+    return Cores()
 
 
 def computing(device: torch.device) -> None:
     """Call it at each step of work on ``device`` (a training step, a decoding step): on a CPU, this process then uses
     its share of the cores (:class:`Cores`)."""
-    global _cores
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    if _cores is None:
-        _cores = Cores()
-    _cores.computing()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        cores().computing()
