@@ -41,17 +41,21 @@ SECONDS = {"test_course.py": 310, "test_compiled.py": 160, "test_recipes.py": 18
            "test_data.py": 1, "test_sampling.py": 1, "test_tokenizer.py": 1}
 
 
+WIDTH = 64  # the tests' models are at most this wide (SmolLM2 apart)
+
+
 def pytest_addoption(parser):
     parser.addoption("--other-precision", action="store_true",
-                     help="compute as a CPU of the other kind: in bf16 where this one computes in fp32, in fp32 where "
-                          "it computes in bf16 (CI runs the precision tests again so: both ways on every machine)")
+                     help="compute in the other precision: in bf16 where this CPU trains the tests' models in fp32, "
+                          "in fp32 where it trains them in bf16 (CI runs the precision tests again so: both ways on "
+                          "every machine)")
 
 
 def pytest_configure(config):
     if config.getoption("other_precision") and not os.environ.get("PYTEST_XDIST_WORKER"):  # (workers inherit it)
         from fournil.device import CPU_BF16, cpu_bf16_pays
 
-        os.environ[CPU_BF16] = "0" if cpu_bf16_pays() else "1"
+        os.environ[CPU_BF16] = "0" if cpu_bf16_pays(WIDTH) else "1"
         cpu_bf16_pays.cache_clear()
 
 
@@ -59,8 +63,8 @@ def pytest_terminal_summary(terminalreporter):
     from fournil.device import CPU_BF16
 
     if value := os.environ.get(CPU_BF16):
-        terminalreporter.write_line(f"{CPU_BF16}={value}: these tests computed as a CPU "
-                                    f"{'with' if value == '1' else 'without'} bf16 units does")
+        terminalreporter.write_line(f"{CPU_BF16}={value}: these tests computed in {'bf16' if value == '1' else 'fp32'}, "
+                                    f"whatever the CPU and the models' width")
 
 
 def pytest_collection_modifyitems(items):

@@ -54,6 +54,28 @@ def test_training_in_bf16_validates_in_fp32_and_says_so(cli):
     assert "scored in bfloat16 on cpu" in cli("eval", "r", "--dtype", "bfloat16").stdout
 
 
+def test_a_narrow_model_trains_in_fp32_on_every_cpu_and_the_width_that_decides_is_the_language_models(cli, trained,
+                                                                                                        monkeypatch):
+    """bf16 pays on a CPU only for products wide enough (:func:`cpu_bf16_pays`): even with AMX, a 64-wide model
+    trained at half its fp32 speed in bf16. Unless FOURNIL_CPU_BF16 says otherwise, a 32-wide one computes in fp32
+    whatever the CPU."""
+    from fournil.device import model_width
+    from fournil.models.reward import RewardModel
+
+    monkeypatch.delenv("FOURNIL_CPU_BF16", raising=False)
+    cpu_bf16_pays.cache_clear()
+    try:
+        assert not cpu_bf16_pays(32)
+    finally:
+        cpu_bf16_pays.cache_clear()
+    out = cli("train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "1", "--steps", "1",
+              "--quiet", "--out", "r").stdout
+    assert "; cpu float32;" in out
+    lm = Run.load(trained["llama"], "cpu").model
+    assert model_width(lm) == model_width(RewardModel(lm)) == lm.config.n_embd
+    assert model_width(Run.load(trained["ngram"], "cpu").model) is None
+
+
 def test_a_wrong_FOURNIL_CPU_BF16_is_refused_in_one_line(cli):
     result = cli("train", "--data", "names", "--steps", "1", "--out", "r", check=False, env={"FOURNIL_CPU_BF16": "yes"})
     assert result.returncode == 2 and result.stderr.strip() == (

@@ -8,7 +8,7 @@ import copy
 from fournil.checkpoint import save_tensors
 from fournil.config import RunConfig
 from fournil.data.preferences import load_preferences, load_prompts
-from fournil.device import pick_dtype
+from fournil.device import model_width, pick_dtype
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
 from fournil.models.base import packed_width, shares_prompts
@@ -53,7 +53,8 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
     """The model to train, its objective, its data and how its best weights are kept, for ``config.align``."""
     align, lora, base = config.align, config.finetune.lora, config.finetune.base
     device = model.device
-    dtype, measure = pick_dtype(device, config.train.dtype), pick_dtype(device, config.train.dtype, measure=True)
+    dtype = pick_dtype(device, config.train.dtype, width=model_width(model))
+    measure = pick_dtype(device, config.train.dtype, measure=True)
     beta = align.beta
     if align.method == "reward":
         reward_model = RewardModel(model)

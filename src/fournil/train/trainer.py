@@ -24,7 +24,8 @@ from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
-from fournil.device import autocast, matmul_rate, memory_budget, pick_device, pick_dtype, precision_text, prepare_compile
+from fournil.device import (autocast, matmul_rate, memory_budget, model_width, pick_device, pick_dtype, precision_text,
+                            prepare_compile)
 from fournil.errors import FournilError
 from fournil.models import DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class
 from fournil.plots import plot_loss
@@ -233,11 +234,11 @@ class Trainer:
         self.dir, self.config, self.tokenizer, self.world = run_dir, config, tokenizer, world
         t = config.train
         self.device = world.device(pick_device(t.device))
-        self.dtype = pick_dtype(self.device, t.dtype)  # training steps
-        self.measure_dtype = pick_dtype(self.device, t.dtype, measure=True)  # validation: the figure `eval` gives
         self.data = data if data is not None else make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
+        self.dtype = pick_dtype(self.device, t.dtype, width=model_width(self.model))  # training steps
+        self.measure_dtype = pick_dtype(self.device, t.dtype, measure=True)  # validation: the figure `eval` gives
         self.objective = objective or NextTokenPrediction(**packing(self.data["train"], self.model))
         self.keep_best = keep_best or (lambda weights: save_tensors(weights, self.dir / WEIGHTS))
         frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
