@@ -63,8 +63,9 @@ def pytest_terminal_summary(terminalreporter):
     from fournil.device import CPU_BF16
 
     if value := os.environ.get(CPU_BF16):
-        terminalreporter.write_line(f"{CPU_BF16}={value}: these tests computed in {'bf16' if value == '1' else 'fp32'}, "
-                                    f"whatever the CPU and the models' width")
+        precision = "bf16" if value == "1" else "fp32"
+        terminalreporter.write_line(f"{CPU_BF16}={value}: these tests computed in {precision}, whatever the CPU and "
+                                    f"the models' width")
 
 
 def pytest_collection_modifyitems(items):

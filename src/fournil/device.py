@@ -2,16 +2,15 @@
 
 The precision policy: what *computes* (training steps, generation on a GPU) runs in bf16 where the hardware multiplies
 it fast (recent GPUs; on CPUs with AMX or AVX512-BF16 units, models wide enough for their products to pay), fp16 on
-older GPUs, fp32 otherwise. Generation on a CPU
-computes in its weights' precision, fp32 unless ``--dtype`` stores them in less: under autocast, every fp32 weight was
-cast to bf16 at every token, which made SmolLM2 decode 2.5 times slower on an AMX CPU and rounded its scores to bf16's
-steps, where near ties went to the lower token id. Weights cast to bf16 once (``--dtype bfloat16``) are faster there
-for batches and long prompts. A quantized GGUF file's weights stay in their bits for generation on a CPU (int4 or
-int8, :func:`generation_weights`): fewer bytes to read per token, and little lost beyond what the file gave up. What
-*measures* (NLL and perplexity in ``eval`` and validation, ``explain``, ``score``, reward scores, and the server's
-prompt log-probabilities from fp32 weights) runs in fp32, so that a model gets the same figure, to fp32 rounding, on
-every CPU. ``--dtype`` overrides both. ``FOURNIL_CPU_BF16=1`` makes a CPU compute in bf16 whatever the model's width (to
-test that path anywhere), ``=0`` never.
+older GPUs, fp32 otherwise. Generation on a CPU computes in its weights' precision, fp32 unless ``--dtype`` stores them
+in less: under autocast, every fp32 weight was cast to bf16 at every token, which made SmolLM2 decode 2.5 times slower
+on an AMX CPU and rounded its scores to bf16's steps, where near ties went to the lower token id. Weights cast to bf16
+once (``--dtype bfloat16``) are faster there for batches and long prompts. A quantized GGUF file's weights stay in their
+bits for generation on a CPU (int4 or int8, :func:`generation_weights`): fewer bytes to read per token, and little lost
+beyond what the file gave up. What *measures* (NLL and perplexity in ``eval`` and validation, ``explain``, ``score``,
+reward scores, and the server's prompt log-probabilities from fp32 weights) runs in fp32, so that a model gets the same
+figure, to fp32 rounding, on every CPU. ``--dtype`` overrides both. ``FOURNIL_CPU_BF16=1`` makes a CPU compute in bf16
+whatever the model's width (to test that path anywhere), ``=0`` never.
 """
 from __future__ import annotations
 
@@ -88,11 +87,11 @@ def cpu_bf16_pays(width: int) -> bool:
     units, and matrices large enough for them).
 
     Measured rather than guessed: without those units bf16 is emulated and can be 40 times slower; with them, narrow
-    products are no faster, and the rest of a training step (casts, attention's backward pass) slower. On a 2-core
-    Xeon with AMX, bf16 products of 256 x 256 ran 3.4 times as fast as fp32's, of 128 x 128 1.3 times, of 64 x 64 0.2
-    times, and the default gpt (64 wide) trained at half its fp32 speed in bf16; SmolLM2's distillation (576 wide) at
-    2.5 times its fp32 speed. So the products are measured at the model's width (512 at most: wider pays more). The
-    environment variable ``FOURNIL_CPU_BF16`` (1 or 0) decides instead, whatever the width.
+    products are no faster, and the rest of a training step (casts, attention's backward pass) slower. On a 2-core Xeon
+    with AMX, bf16 products of 256 x 256 ran 1.9 to 3.4 times as fast as fp32's, of 128 x 128 0.7 to 1.3 times, of 64 x
+    64 0.2 times, and the default gpt (64 wide) trained at half its fp32 speed in bf16; SmolLM2's distillation (576
+    wide) at 2.5 times its fp32 speed. So the products are measured at the model's width (512 at most: wider pays more).
+    The environment variable ``FOURNIL_CPU_BF16`` (1 or 0) decides instead, whatever the width.
     """
     forced = os.environ.get(CPU_BF16, "").strip()
     if forced:
@@ -104,11 +103,13 @@ def cpu_bf16_pays(width: int) -> bool:
     cpu, n = torch.device("cpu"), min(width, 512)
     repeat = min(100, max(10, 2**24 // n**3))  # (narrow products are quick: more of them, to time more than the clock)
     # in turns, the best of each: a busy moment of the machine slows both, not one
-    turns = [(matmul_rate(cpu, torch.bfloat16, n, repeat), matmul_rate(cpu, torch.float32, n, repeat)) for _ in range(5)]
+    turns = [(matmul_rate(cpu, torch.bfloat16, n, repeat), matmul_rate(cpu, torch.float32, n, repeat))
+             for _ in range(5)]
     return max(bf16 for bf16, _ in turns) > 1.5 * max(fp32 for _, fp32 in turns)
 
 
-def pick_dtype(device: torch.device, name: str = "auto", measure: bool = False, width: int | None = None) -> torch.dtype:
+def pick_dtype(device: torch.device, name: str = "auto", measure: bool = False,
+               width: int | None = None) -> torch.dtype:
     """The precision ``name`` asks for; for ``auto``, fp32 for a measurement, else bf16 where the hardware runs it
     fast (recent GPUs; CPUs with bf16 matrix units, for a model ``width`` wide: :func:`cpu_bf16_pays`), fp16 on older
     GPUs (training then scales the loss), fp32 otherwise."""
