@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver import ask
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: each takes its part, and so do its subprocesses
     THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
@@ -31,7 +32,7 @@ START_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}  # (the commands' environmen
 # Seconds each file took on 2 cores (pytest --durations=0, summed; test_compiled with Inductor's cache empty, as in CI).
 # The files run longest first (--no-loadscope-reorder keeps this order), so that the two workers end together: by the
 # number of tests, as xdist orders them, the course's two long tests ran last, on one worker, while the other waited.
-SECONDS = {"test_course.py": 310, "test_compiled.py": 160, "test_recipes.py": 180, "test_smollm2.py": 100,
+SECONDS = {"test_course.py": 210, "test_compiled.py": 160, "test_recipes.py": 180, "test_smollm2.py": 100,
            "test_bench.py": 75, "test_remote.py": 70, "test_arena.py": 70, "test_sizing.py": 65, "test_resume.py": 60,
            "test_finetune.py": 60, "test_engine.py": 60, "test_shards.py": 60, "test_speculative.py": 60,
            "test_training_guards.py": 50, "test_distill.py": 50, "test_cli.py": 45, "test_align.py": 45,
@@ -143,35 +144,38 @@ class ForkServer:
     """tests/forkserver.py, started once per worker: it runs each command in a process forked from one that has
     imported fournil already."""
 
-    # what Python and torch read as they start (the fork server started before): a command that changes one of these
-    # gets a process of its own. Inductor (TORCHINDUCTOR_*, which fournil sets in the tests' own process too) and
-    # Intel's OpenMP (KMP_*, which scikit-learn sets there) read theirs when they load: the fork server loaded neither.
-    READ_AT_START = ("PYTHON", "OMP_", "GOMP_", "MKL_", "ATEN_", "ONEDNN_", "DNNL_", "TORCH_", "CUDA", "LD_", "MALLOC",
-                     "LC_", "LANG")
-
     def __init__(self, env: dict):
-        self.env = env
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")),
                                              str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
                                             stdin=subprocess.DEVNULL)
 
-    def can_run(self, env: dict) -> bool:
-        changed = {key for key in env.keys() | self.env.keys() if env.get(key) != self.env.get(key)}
-        return self.process.poll() is None and not any(key.startswith(self.READ_AT_START) for key in changed)
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def program(self, folder: Path) -> dict:
+        """Variables for a shell in which ``fournil`` runs each command with this server (tests/forkclient.py): a
+        program of that name in ``folder``, first on the PATH. The shell must inherit ``self.control`` (pass_fds)."""
+        folder.mkdir()
+        client = Path(__file__).with_name("forkclient.py")
+        (folder / "fournil").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{client}" "$@"\n')
+        (folder / "fournil").chmod(0o755)
+        return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "FOURNIL_FORK_SERVER": str(self.control.fileno())}
+
+    def close(self):
+        """Ends the server once every process that inherited its socket has ended."""
+        self.control.close()
+        self.process.wait(timeout=60)
 
     def run(self, args: list, cwd: Path, env: dict, input: str | None, timeout: float) -> subprocess.CompletedProcess:
         """What ``subprocess.run([python, "-m", "fournil", *args], capture_output=True, text=True)`` gives."""
         stdin, to_stdin = os.pipe() if input is not None else (os.open(os.devnull, os.O_RDONLY), None)
         from_stdout, stdout = os.pipe()
         from_stderr, stderr = os.pipe()
-        answer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = json.dumps({"args": args, "cwd": str(cwd), "env": env}).encode()
-        socket.send_fds(self.control, [command], [stdin, stdout, stderr, theirs.fileno()])
+        answer = ask(self.control, args, str(cwd), env, [stdin, stdout, stderr])
         for fd in (stdin, stdout, stderr):
             os.close(fd)
-        theirs.close()
         read = {}
 
         def reader(name, fd):
@@ -201,12 +205,16 @@ class ForkServer:
         return subprocess.CompletedProcess(args, code, read["out"], read["err"])
 
 
+def can_fork() -> bool:
+    """On Linux (macOS forks badly once system frameworks are loaded, and Windows does not fork), unless
+    FOURNIL_TEST_FORK=0 starts every command afresh (to tell whether a failure is the fork server's)."""
+    return sys.platform == "linux" and os.environ.get("FOURNIL_TEST_FORK") != "0"
+
+
 @functools.cache
 def fork_server() -> ForkServer | None:
-    """The worker's fork server, started at its first command, on Linux (macOS forks badly once system frameworks are
-    loaded, and Windows does not fork); FOURNIL_TEST_FORK=0 starts every command afresh (to tell whether a failure is
-    the fork server's)."""
-    return ForkServer(START_ENV) if sys.platform == "linux" and os.environ.get("FOURNIL_TEST_FORK") != "0" else None
+    """The worker's fork server, started at its first command (where it can fork)."""
+    return ForkServer(START_ENV) if can_fork() else None
 
 
 class CLI:
@@ -216,7 +224,7 @@ class CLI:
     def __call__(self, *args, check: bool = True, timeout: float = 300, input: str | None = None,
                  env: dict | None = None) -> subprocess.CompletedProcess:
         args, env = list(map(str, args)), {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        if (server := fork_server()) and server.can_run(env):
+        if (server := fork_server()) and server.running():
             result = server.run(args, self.cwd, env, input, timeout)
         else:
             result = subprocess.run([sys.executable, "-m", "fournil", *args], cwd=self.cwd, env=env,

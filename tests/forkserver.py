@@ -6,8 +6,11 @@ Each command still runs in a process of its own, on its own pipes, in its own fo
 it shares with the others is only what the import did. conftest.py's ``ForkServer`` is the other end: it sends a
 command (JSON, and its stdin, stdout and stderr with a socket for the answer) on the socket this process is given. A
 waiter, forked for each command, forks the command, then answers with its pid and, when it ends, its exit code.
-Python starts, and torch reads its variables (threads, instruction sets), before any of this: the tests start a
-process afresh for a command whose environment changes those (``ForkServer.can_run``).
+Python starts, and torch reads its variables (threads, instruction sets), before any of this: a command whose
+environment changes those starts Python afresh (``READ_AT_START``).
+
+Two clients: conftest.py's ``CLI`` (through ``ForkServer``), and tests/forkclient.py, the ``fournil`` program that the
+course's scripts call in the tests.
 """
 import atexit
 import json
@@ -17,6 +20,23 @@ import runpy
 import signal
 import socket
 import sys
+
+# what Python and torch read as they start (this process started before): a command that changes one of these gets a
+# Python of its own. Inductor (TORCHINDUCTOR_*, which fournil sets in the tests' own process too) and Intel's OpenMP
+# (KMP_*, which scikit-learn sets there) read theirs when they load: this process loaded neither.
+READ_AT_START = ("PYTHON", "OMP_", "GOMP_", "MKL_", "ATEN_", "ONEDNN_", "DNNL_", "TORCH_", "CUDA", "LD_", "MALLOC",
+                 "LC_", "LANG")
+
+
+def ask(control: socket.socket, args: list, cwd: str, env: dict, stdio: list[int]) -> socket.socket:
+    """Has the fork server at the other end of ``control`` run ``fournil ARGS`` on the file descriptors ``stdio`` (its
+    stdin, stdout and stderr); returns the socket on which the server answers, a line each: the command's pid, then,
+    when it ends, its exit code (minus the signal that killed it)."""
+    answer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        command = json.dumps({"args": args, "cwd": cwd, "env": env}).encode()
+        socket.send_fds(control, [command], [*stdio, theirs.fileno()])
+    return answer
 
 
 def serve(control: socket.socket) -> dict:
@@ -65,8 +85,12 @@ if __name__ == "__main__":
     atexit.register(exit_at_once)  # (first registered, so last run)
     command = serve(socket.socket(fileno=int(sys.argv[1])))
     os.chdir(command["cwd"])
+    env = command["env"]
+    changed = {key for key in env.keys() | os.environ.keys() if env.get(key) != os.environ.get(key)}
+    if any(key.startswith(READ_AT_START) for key in changed):
+        os.execve(sys.executable, [sys.executable, "-m", "fournil", *command["args"]], env)
     os.environ.clear()
-    os.environ.update(command["env"])
+    os.environ.update(env)
     sys.argv[1:] = command["args"]
     sys.path[0] = command["cwd"]  # (as ``python -m`` puts it)
     random.seed()  # (a fresh process seeds Python's generator anew)

@@ -116,6 +116,7 @@ def test_sample_counts_what_it_memorised(cli, trained):
     again = cli("sample", trained["gpt"], "-n", "7", "--seed", "3", "--prompt", "ma", "--temperature", "0.8",
                 env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert again.stdout == result.stdout  # a seed makes it reproducible
+    assert re.search(r"\| +torch$", again.stderr, re.M)  # (the variable is read as Python starts: a Python afresh)
     assert not re.search(r"\| +torch\._dynamo$", again.stderr, re.M)  # what compiles nothing does not import it (0.9 s)
     greedy = cli("sample", trained["ngram"], "-n", "3", "--temperature", "0").stdout.splitlines()
     assert len(set(greedy)) == 1

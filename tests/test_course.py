@@ -8,19 +8,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import free_port
+from conftest import ForkServer, can_fork, free_port
 from matplotlib.image import imread
 
 COURSE = Path(__file__).parent.parent / "examples" / "course"
 
 
-def follow(language: str, cwd: Path, chat_model: Path) -> dict[str, str]:
-    """Run every step of one language in order, in ``cwd``; each step's output by file name."""
-    env = {**os.environ, "COURSE_TEST": "1", "CHAT_MODEL": str(chat_model), "PORT": str(free_port()),
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # one core per language: the two run side by side
+def follow(language: str, cwd: Path, env: dict, server: ForkServer | None) -> dict[str, str]:
+    """Run every step of one language in order, in ``cwd`` (each ``fournil`` command forked by ``server``, if any);
+    each step's output by file name."""
+    env = {**env, "PORT": str(free_port())}
     outputs = {}
     for step in sorted((COURSE / language).glob("*.sh")):
-        done = subprocess.run(["bash", str(step)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(["bash", str(step)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+                              pass_fds=[server.control.fileno()] if server else [])
         assert done.returncode == 0, f"{language}/{step.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         outputs[step.name] = done.stdout + done.stderr
     return outputs
@@ -32,8 +33,16 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
     assert [n[:3] for n in english] == [n[:3] for n in french] == [f"{i:02d}-" for i in range(1, 11)]  # step for step
     (tmp_path / "en").mkdir()
     (tmp_path / "fr").mkdir()
-    with ThreadPoolExecutor(2) as pool:  # the two languages side by side: most of a step is starting Python
-        en, fr = pool.map(lambda lang: follow(lang, tmp_path / lang, bpe_llama), ["en", "fr"])
+    env = {**os.environ, "COURSE_TEST": "1", "CHAT_MODEL": str(bpe_llama), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # one core per language: the two run side by side
+    server = ForkServer(env) if can_fork() else None  # (it starts as the scripts' first step does)
+    env |= server.program(tmp_path / "bin") if server else {}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            en, fr = pool.map(lambda lang: follow(lang, tmp_path / lang, env, server), ["en", "fr"])
+    finally:
+        if server:
+            server.close()
 
     for lang, out, folder, bigram, word, symbols in [("en", en, "course", "names-bigram", "emma", 27),
                                                      ("fr", fr, "cours", "prenoms-bigramme", "marie", 46)]:
