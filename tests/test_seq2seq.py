@@ -132,7 +132,10 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
 
 def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):
     cli = CLI(tmp_path)
-    said = cli("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet")
+    said = cli("train", "--model", "seq2seq", "--n-layer", "1", "--n-embd", "16", "--steps", "1", "--quiet",
+               "--eval-tokens", "400")
+    scored = int(re.search(r"^val: [\d.]+ % of (\d+) held-out outputs exactly right", said.stdout, re.M).group(1))
+    assert 5 <= scored <= 20  # the outputs of the pairs validated (about 400 tokens of 2,000 numbers in words), not all
     assert said.stdout.splitlines()[-1] == ("next: fournil eval runs/nombres-seq2seq  |  fournil sample "
                                             "runs/nombres-seq2seq --prompt SOURCE  |  fournil embeddings "
                                             "runs/nombres-seq2seq")  # not explain, which scores a text

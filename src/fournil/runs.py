@@ -217,8 +217,9 @@ class Run:
     def evaluate(self, names=("val", "test"), max_tokens: int | None = None, beam: int = 1) -> dict:
         """Average NLL per token (nats), perplexity, bits per character and per byte, for each split named (answer
         tokens only, for a fine-tuning run; target tokens for a seq2seq run, which also gets the exact-match accuracy
-        and character error rate of its outputs, greedy or by a ``beam`` search); for a run tuned on preferences, the
-        scores of its method."""
+        and character error rate of its outputs, greedy or by a ``beam`` search), over about ``max_tokens`` of each
+        (a seq2seq run: the outputs of the pairs scored), or all; for a run tuned on preferences, the scores of its
+        method."""
         names = split_names(names)
         if max_tokens is not None and max_tokens < 1:
             raise FournilError(f"max_tokens={max_tokens}: score at least 1 token of each split (None: all of them)")
@@ -230,8 +231,8 @@ class Run:
         scores = {n: evaluate_nll(self.model, data[n], self.tokenizer, self.measure_dtype, max_tokens=max_tokens)
                   for n in names}
         if self.mode == "pairs":
-            for n in names:
-                sources, targets = zip(*data[n].pairs)
+            for n in names:  # the pairs whose targets were scored
+                sources, targets = zip(*(data[n].pairs[i] for i in data[n].scored(max_tokens)))
                 outputs = self.translate(list(sources), beam=beam, dtype=self.measure_dtype)
                 scores[n].update(output_scores(outputs, list(targets)))
         return scores

@@ -314,7 +314,7 @@ def report(run) -> None:
     if samples:
         print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
     if run.mode == "pairs":
-        val = run.evaluate(("val",))["val"]
+        val = run.evaluate(("val",), max_tokens=run.config.train.eval_tokens)["val"]  # as far as it validated
         print(f"val: {100 * val['exact']:.2f} % of {val['outputs']:,} held-out outputs exactly right (greedy), "
               f"character error rate {100 * val['cer']:.2f} %")
     if command_of(run.config) == "reward train":

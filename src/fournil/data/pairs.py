@@ -98,8 +98,12 @@ class PairData:
     def sample(self, batch_size: int, generator: torch.Generator):
         return self._collate(torch.randint(len(self.pairs), (batch_size,), generator=generator).tolist())
 
+    def scored(self, max_tokens: int | None = None) -> list[int]:
+        """The pairs that scoring up to about ``max_tokens`` targets reads (every one for None), by target length."""
+        return thinned(sorted(range(len(self.pairs)), key=lambda i: len(self.targets[i])), self.num_targets, max_tokens)
+
     def batches(self, batch_size: int, max_tokens: int | None = None):
         """Every pair once (grouped by target length), up to about ``max_tokens`` targets."""
-        order = thinned(sorted(range(len(self.pairs)), key=lambda i: len(self.targets[i])), self.num_targets, max_tokens)
+        order = self.scored(max_tokens)
         for start in range(0, len(order), batch_size):
             yield self._collate(order[start : start + batch_size])
