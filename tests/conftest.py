@@ -164,9 +164,10 @@ class ForkServer:
         return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "FOURNIL_FORK_SERVER": str(self.control.fileno())}
 
     def close(self):
-        """Ends the server once every process that inherited its socket has ended."""
+        """Ends the server (what it started runs on, each command in a process of its own)."""
         self.control.close()
-        self.process.wait(timeout=60)
+        self.process.terminate()
+        self.process.wait()
 
     def run(self, args: list, cwd: Path, env: dict, input: str | None, timeout: float) -> subprocess.CompletedProcess:
         """What ``subprocess.run([python, "-m", "fournil", *args], capture_output=True, text=True)`` gives."""
