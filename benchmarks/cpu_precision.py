@@ -30,6 +30,7 @@ LADDER = [  # label, width, command
     ("gpt, Shakespeare", 128, ["train", "--data", "shakespeare", "--steps", "60"]),
     ("llama, Shakespeare", 128, ["train", "--data", "shakespeare", "--model", "llama", "--steps", "60"]),
     ("gpt 256 wide, names", 256, ["train", "--data", "names", "--n-embd", "256", "--steps", "40"]),
+    ("gpt 384 wide, names", 384, ["train", "--data", "names", "--n-embd", "384", "--n-head", "6", "--steps", "40"]),
 ]
 SMOLLM2 = [
     ("SmolLM2 LoRA fine-tuning", 576, ["finetune", "smollm2", "--lora", "--steps", "10"]),

@@ -15,11 +15,11 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of the original: a steep slope at zero, five steps suffice
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """About U V^T of each matrix g = U S V^T (singular values brought near 1, within 0.5 to 1.5); g may be a stack
-    of matrices of one shape. In bfloat16 on GPUs; in float32 on CPUs, whose bfloat16 products are several times slower."""
+    of matrices of one shape. Its products are in ``dtype``: bf16 suffices (the original's choice on GPUs)."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -39,12 +39,17 @@ def hidden_matrices(model: nn.Module) -> set[int]:
 
 class Muon(torch.optim.Optimizer):
     """Groups with ``muon=True`` take orthogonalized Nesterov momentum, scaled to the size of an AdamW update
-    (0.2 sqrt(max(rows, cols))) so that one learning rate serves both kinds; the other groups take AdamW."""
+    (0.2 sqrt(max(rows, cols))) so that one learning rate serves both kinds; the other groups take AdamW.
+
+    The orthogonalization computes in ``precision``: a run's own, bf16 where its products are bf16 (the trainer's
+    choice), else fp32. Its products are as wide as the model: on a 2-core Xeon with AMX, for a gpt 384 wide on
+    1,024 tokens a step, they took 300 ms in fp32 against 158 ms for the forward and backward passes, 100 ms in bf16."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.1, momentum: float = 0.95,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, precision: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, momentum=momentum, eps=eps,
                                       muon=False))
+        self.precision = precision
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,7 +72,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"].mul_(momentum).add_(p.grad)
             updates.setdefault(p.shape, []).append((p, p.grad.add(buf, alpha=momentum)))
         for shape, pairs in updates.items():
-            ortho = orthogonalize(torch.stack([u for _, u in pairs]))
+            ortho = orthogonalize(torch.stack([u for _, u in pairs]), dtype=self.precision)
             for (p, _), o in zip(pairs, ortho):
                 p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 

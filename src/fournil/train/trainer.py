@@ -170,9 +170,10 @@ def lr_at(step: int, progress: float, t) -> float:
     return t.lr * warm * decay
 
 
-def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model, t, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
     """AdamW, or Muon for the hidden matrices; matrices decay, vectors (biases, norms) do not. AdamW runs as one
-    fused kernel on GPUs; on CPUs the multi-tensor (foreach) version measured faster than the fused one."""
+    fused kernel on GPUs; on CPUs the multi-tensor (foreach) version measured faster than the fused one. Muon
+    orthogonalizes in bf16 where the run's products (``dtype``) are bf16, else in fp32."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.decay},
@@ -182,7 +183,8 @@ def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
         hidden = hidden_matrices(model)
         groups = [{"params": [p for p in params if id(p) in hidden], "weight_decay": t.decay, "muon": True},
                   *({**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups)]
-        return Muon([g for g in groups if g["params"]], lr=t.lr, betas=(0.9, t.beta2))
+        precision = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        return Muon([g for g in groups if g["params"]], lr=t.lr, betas=(0.9, t.beta2), precision=precision)
     speed = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), **speed)
 
@@ -310,7 +312,7 @@ class Trainer:
         sharded = self.sharded
         if sharded:
             shard(model)
-        optimizer = make_optimizer(model, t, device)
+        optimizer = make_optimizer(model, t, device, self.dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)  # fp16 needs loss scaling
         data_rng = torch.Generator().manual_seed(t.seed)
         step, elapsed, best = 0, 0.0, float("inf")
