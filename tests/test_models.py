@@ -117,6 +117,28 @@ def test_llama_grouped_query_attention_and_sliding_window():
         make("llama", n_head=4, n_kv_head=3)
 
 
+def test_a_cpu_trains_attention_over_short_rows_in_fp32_under_bf16_autocast():
+    """Its bf16 backward pass took 2 to 12 times fp32's there (docs/training.md#precision); scoring without gradients,
+    and rows of 512 tokens or more, stay in bf16, where bf16 is the faster."""
+    import torch.nn.functional as F
+
+    from fournil.models.base import BF16_ATTENTION_FROM, attend
+
+    torch.manual_seed(0)
+    for tokens in (16, BF16_ATTENTION_FROM):
+        q, k, v = (torch.randn(2, 4, tokens, 16, requires_grad=True) for _ in range(3))
+        in_fp32 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            in_bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            trained = attend(nn.Module(), q, k, v, causal=True)
+            with torch.no_grad():
+                scored = attend(nn.Module(), q, k, v, causal=True)
+        assert torch.equal(trained, in_fp32 if tokens < BF16_ATTENTION_FROM else in_bf16)
+        assert torch.equal(scored, in_bf16)
+        trained.sum().backward()  # (and its gradients flow to the fp32 inputs)
+        assert q.grad is not None and q.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_fused_products_for_decoding_give_the_outputs_of_the_layers_quantized_apart(precision):
     """int8 and int4 decoding fuse a llama's q, k and v into one quantized product, and gate and up into another
