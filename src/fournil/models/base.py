@@ -270,14 +270,16 @@ def windows(idx: torch.Tensor, width: int, pad: int) -> torch.Tensor:
 BF16_ATTENTION_FROM = 512  # query tokens: below, a CPU's bf16 attention with gradients is the slower
 
 
-def cpu_bf16_backward_is_slow(q: torch.Tensor) -> bool:
-    """Whether attention over ``q`` would run in bf16 on a CPU, with gradients, over fewer than
-    ``BF16_ATTENTION_FROM`` tokens: there PyTorch's bf16 kernel, forward and backward, took 2 to 12 times as long as
-    fp32's on a 2-core Xeon with AMX (casts included; 64 rows of 16 tokens in 6 heads of 64: 17.7 ms against 1.6;
-    packed rows of 300 tokens, 1.2 times). From 512 causal tokens without a mask, bf16 ran 1.3 to 1.5 times as fast."""
-    bf16 = q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+def trains_attention_in_fp32(q: torch.Tensor) -> bool:
+    """Whether attention over ``q``, which would run in bf16 on a CPU with gradients, computes in fp32 instead: over
+    fewer than ``BF16_ATTENTION_FROM`` tokens, where PyTorch's bf16 kernel, forward and backward, took 2 to 12 times
+    as long as fp32's on a 2-core Xeon with AMX (casts included; 64 rows of 16 tokens in 6 heads of 64: 17.7 ms
+    against 1.6; packed rows of 300 tokens, 1.2 times). From 512 causal tokens without a mask, bf16 ran 1.3 to 1.5
+    times as fast."""
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or q.shape[-2] >= BF16_ATTENTION_FROM:
+        return False
+    return q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return q.device.type == "cpu" and bf16 and torch.is_grad_enabled() and q.shape[-2] < BF16_ATTENTION_FROM
 
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -301,7 +303,7 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     written_out = recording or q.shape[2] == 1 and not dropout and (mask is not None or q.device.type == "cpu")
     if not written_out:
         gqa = k.shape[1] != q.shape[1]
-        if not cpu_bf16_backward_is_slow(q):
+        if not trains_attention_in_fp32(q):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
                                                   enable_gqa=gqa)
         with torch.autocast("cpu", enabled=False):
