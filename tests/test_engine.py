@@ -237,6 +237,20 @@ def test_stream_and_long_text_beyond_the_context(running_text):
     assert [p.token for p in pieces] == whole.tokens and "".join(p.text for p in pieces) == whole.text
 
 
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_a_context_of_one_two_or_three_tokens_generates_past_it(block):
+    """A context of 1 token, which cannot be halved, goes on from its last token: each next token is the one a pass
+    over the token before it alone gives (greedy). Contexts of 2 and 3 go on from their last half."""
+    torch.manual_seed(0)
+    model = build_model({"family": "gpt", **SIZES, "block_size": block}).eval()
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(SIZES["vocab_size"])])
+    tokens = complete(model, tok, [[3]], SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))[0].tokens
+    assert len(tokens) == 12
+    if block == 1:
+        with torch.no_grad():
+            assert tokens == [int(model(torch.tensor([[t]]))[0, -1].argmax()) for t in [3] + tokens[:-1]]
+
+
 def assert_greedy(model, tokenizer, prompt: list[int], tokens: list[int], finish: str, n: int, rel: float,
                   ignore_eos: bool = False) -> None:
     """``tokens``, then ``finish``, are greedy decoding's of at most ``n`` tokens, against the reference: the whole

@@ -42,7 +42,8 @@ def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor
             if not ids:
                 raise FournilError("give a text with at least one token")
             if len(ids) > model.config.block_size:
-                raise FournilError(f"the text has {len(ids)} tokens; the model's context is {model.config.block_size}")
+                raise FournilError(f"the text has {len(ids)} tokens; the model's context is {model.config.block_size}: "
+                                   "give a shorter text")
             if len(ids) > MOST:
                 raise FournilError(f"the text has {len(ids)} tokens; an attention map shows {MOST} at most (every layer "
                                    f"keeps heads x tokens² weights): give a shorter text")

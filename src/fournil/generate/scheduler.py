@@ -206,11 +206,12 @@ class Scheduler:
         params.check()
         if not prompt:
             raise FournilError("every prompt needs at least one token")
-        if len(prompt) >= self.block:
+        longest = max(1, self.block - 1)  # room for the answer (a context of 1 token: the token it answers)
+        if len(prompt) > longest:
             if not self.truncate:
                 raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: "
-                                   f"shorten it to {self.block - 1} tokens at most, to leave room for the answer")
-            prompt = prompt[-(self.block - 1):]
+                                   f"shorten it to {longest} token{'s' * (longest > 1)} at most, to leave room for the answer")
+            prompt = prompt[-longest:]
         generator = torch.Generator(device=self.model.device)
         generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
         text = TextStream(self.tokenizer, params.stop, () if params.ignore_eos else None)
@@ -459,8 +460,8 @@ class Scheduler:
         """Feed every active sequence's last token in one pass and choose the next (batch-invariant: a pass each)."""
         cache = self.cache
         for i, r in enumerate(self.active):
-            if r.cached == self.block:  # its context is full: go on from the last half
-                self._read_into(i, [r.context[-(self.block // 2):-1]])
+            if r.cached == self.block:  # its context is full: go on from the last half (a context of 1: the last token)
+                self._read_into(i, [r.context[-max(1, self.block // 2):-1]])
         if self.batch_invariant:
             for i, r in enumerate(self.active):
                 self._columns(r.cached + 1)
