@@ -174,21 +174,30 @@ def test_a_task_file_of_ones_own_that_is_wrong_says_where(cli, bpe_llama, tmp_pa
 
 def test_choices_packed_after_their_shared_context_score_as_if_each_were_read_alone(running_text):
     """A context of 7 characters and 4 continuations of 3 to 6 (more than the model's 16 characters in all, so the
-    choices go in more than one row), and one context too long for the model, cut as lm-eval cuts it."""
+    choices go in more than one row), one context too long for the model, cut as lm-eval cuts it, and continuations
+    longer than the context (an IndexError before), scored in parts of 8, each after the characters before it that
+    fill the context."""
     import torch
 
     lm = FournilLM(model=str(running_text), dtype="float32", batch_tokens=40)
     enc = lm.tok_encode
     requests = [(("", ""), enc("To be, "), enc(c)) for c in ("or not", "and", "or bee", "to do")]
     requests.append((("", ""), enc("Now is the winter of our"), enc(" discontent")))
+    requests += [(("", ""), enc("Now"), enc(" is the winter of our discontent" * n)) for n in (1, 2)]
     scores = lm._loglikelihood_tokens(requests)
     for (_, context, continuation), (logprob, greedy) in zip(requests, scores):
-        inp = (context + continuation)[-17:]
-        with torch.no_grad():
-            alone = lm.net(torch.tensor([inp[:-1]])).log_softmax(-1)[0, -len(continuation):]
-        picked = alone.gather(-1, torch.tensor(continuation)[:, None])[:, 0]
-        assert abs(picked.sum().item() - logprob) < 1e-4
-        assert greedy == bool((alone.argmax(-1) == torch.tensor(continuation)).all())
+        whole, picked, chosen = context + continuation, 0.0, True
+        size = 8 if len(continuation) > 16 else len(continuation)
+        for start in range(len(context), len(whole), size):
+            end = min(start + size, len(whole))
+            inp = whole[max(0, end - 17):end - 1]  # the 16 tokens before the part's last one
+            with torch.no_grad():
+                alone = lm.net(torch.tensor([inp])).log_softmax(-1)[0, start - end:]
+            part = torch.tensor(whole[start:end])
+            picked += alone.gather(-1, part[:, None]).sum().item()
+            chosen &= bool((alone.argmax(-1) == part).all())
+        assert abs(picked - logprob) < 1e-4 * len(continuation) ** 0.5
+        assert greedy == chosen
 
 
 @pytest.mark.parametrize("model, task, message", [

@@ -104,10 +104,20 @@ class FournilLM(TemplateLM):
 
         Requests whose tokens before the first scored one are the same (a multiple-choice question's choices) are
         packed in one row after that prefix, which is read once (:func:`score_choices`); rows longest first, in
-        batches of about ``batch_tokens`` tokens."""
+        batches of about ``batch_tokens`` tokens. A continuation longer than the model's context is scored in parts
+        of half the context, each read after the tokens before it that fill the context (so every token is predicted
+        from at least half a context): its log-probability is theirs summed, and greedy decoding writes it if it
+        writes each part."""
+        parts, owners = [], []
+        for i, (_, context, continuation) in enumerate(requests):
+            whole = context + continuation
+            size = self.max_length if len(continuation) <= self.max_length else max(1, self.max_length // 2)
+            for start in range(len(context), len(whole), size):
+                parts.append((None, whole[:start], whole[start:start + size]))
+                owners.append(i)
         groups: dict[tuple[int, ...], list[list[int]]] = {}
         rows = []
-        for i, (_, context, continuation) in enumerate(requests):
+        for i, (_, context, continuation) in enumerate(parts):
             inp = (context + continuation)[-(self.max_length + 1):][:-1]
             cut = len(inp) - len(continuation) if len(inp) > len(continuation) else 0
             rows.append((inp[cut:], continuation))
@@ -130,7 +140,10 @@ class FournilLM(TemplateLM):
                     results[i] = result
                 bar.update(len(pack[1]))
         bar.close()
-        return results
+        totals = [(0.0, True)] * len(requests)
+        for i, (logprob, greedy) in zip(owners, results):
+            totals[i] = (totals[i][0] + logprob, totals[i][1] and greedy)
+        return totals
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
