@@ -200,6 +200,23 @@ def test_choices_packed_after_their_shared_context_score_as_if_each_were_read_al
         assert greedy == chosen
 
 
+@pytest.mark.parametrize("new", [8, 16, 40])
+def test_an_answer_as_long_as_the_context_is_generated_after_the_last_half_of_the_prompt(running_text, new):
+    """lm-eval asks for answers of ``max_gen_toks`` tokens whatever the model's context (16 here): the prompt keeps
+    the tokens that leave room for the answer, at least half a context (the whole prompt before, refused as too long
+    for the context, at 16; a negative share of it at 40)."""
+    from types import SimpleNamespace
+
+    from fournil.generate import SamplingParams, complete
+
+    lm = FournilLM(model=str(running_text), dtype="float32")
+    text = "To be, or not to be, that is the question"
+    answers = lm.generate_until([SimpleNamespace(args=(text, {"until": [], "max_gen_toks": new}))])
+    prompt = lm.tok_encode(text)[-max(16 - new, 8):]
+    alone = complete(lm.net, lm.tok, [prompt], SamplingParams(max_new_tokens=new, temperature=0, seed=1234))[0]
+    assert answers == [alone.text] and len(alone.tokens) == new
+
+
 @pytest.mark.parametrize("model, task, message", [
     ("rnn", "hellaswag", "benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); "),
     ("gpt", "hellaswag", "cannot read this task's text: "),

@@ -11,7 +11,8 @@ context, trailing spaces moved to the continuation), so that both score the same
   causal model's earlier positions never see the padding), and only their positions go through the output layer;
 - ``loglikelihood_rolling``: lm-eval's disjoint windows of the model's context, scored the same way;
 - ``generate_until``: every request through the engine (:func:`complete`: continuous batching, ``max_batch``
-  sequences at a time), greedy unless asked, ending at the stop strings or the end-of-text token.
+  sequences at a time), greedy unless asked, ending at the stop strings or the end-of-text token; the prompt keeps
+  its last tokens that leave room for the answer in the context, and at least half a context.
 """
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ class FournilLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            prompts.append(self.tok_encode(context)[-(self.max_length - new):] or [self.eot_token_id])
+            keep = max(self.max_length - new, self.max_length // 2, 1)  # (an answer as long as the context: half)
+            prompts.append(self.tok_encode(context)[-keep:] or [self.eot_token_id])
             params.append(SamplingParams(max_new_tokens=new, temperature=temperature, stop=tuple(until), seed=1234))
         with tqdm(total=len(prompts), desc="generating", disable=disable_tqdm or None) as bar:
             done = complete(self.net, self.tok, prompts, params, self.run.dtype, max_batch=self.max_batch,
