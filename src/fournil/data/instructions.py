@@ -237,7 +237,8 @@ def keep_short(rendered: list, length, max_length: int, announce) -> list:
     kept = [r for r in rendered if length(r) <= max_length]
     if len(kept) < len(rendered):
         announce(f"skipped {len(rendered) - len(kept)} of {len(rendered)} examples longer than {max_length} tokens "
-                 f"(raise --max-length to keep them)")
+                 f"(the longest: {max(map(length, rendered))}); to keep them, raise --max-length, up to the model's "
+                 f"context, or tune a model with a longer context")
     return kept
 
 
