@@ -89,7 +89,7 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trai
     failures = {
         ("--student", trained["gpt"]): "another tokenizer than the teacher",
         ("--student", str(tmp_path / "wide.json")): "a vocabulary of 999 tokens and the teacher 400",
-        ("--student", "layers:9"): "a student keeps from 1 to 1 of the teacher's 2 layers",
+        ("--student", "layers:9"): "a student keeps 1 of the teacher's 2 layers: give --student layers:1, say",
         ("--student", "layers:two"): "--student layers:two: layers:N takes a whole number of the teacher's layers",
         ("--student", str(tmp_path / "typed.json")): "model llama setting n_layer = '2': expected a whole number",
         ("--student", str(tmp_path / "text.json")): "text.json is not JSON (Expecting value",

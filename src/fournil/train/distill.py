@@ -44,7 +44,12 @@ def teacher_layers(teacher, n: int) -> tuple[dict, dict]:
     settings = {**teacher.config.__dict__, "family": teacher.family}
     total = settings["n_layer"]
     if not 1 <= n < total:
-        raise FournilError(f"layers:{n}: a student keeps from 1 to {total - 1} of the teacher's {total} layers")
+        if total == 1:
+            raise FournilError(f"layers:{n}: the teacher has one layer, none to leave out: give --student a model "
+                               f"config .json (fewer heads, a narrower width)")
+        keeps = "1" if total == 2 else f"from 1 to {total - 1}"
+        raise FournilError(f"layers:{n}: a student keeps {keeps} of the teacher's {total} layers: give --student "
+                           f"layers:{total // 2}, say")
     keep = [round(i * (total - 1) / (n - 1)) for i in range(n)] if n > 1 else [total - 1]
     renumber = {old: new for new, old in enumerate(keep)}
     weights = {}
