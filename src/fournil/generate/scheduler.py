@@ -209,8 +209,8 @@ class Scheduler:
         longest = max(1, self.block - 1)  # room for the answer (a context of 1 token: the token it answers)
         if len(prompt) > longest:
             if not self.truncate:
-                raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: "
-                                   f"shorten it to {longest} token{'s' * (longest > 1)} at most, to leave room for the answer")
+                raise FournilError(f"the prompt has {len(prompt)} tokens; the model's context is {self.block}: shorten "
+                                   f"it to {longest} token{'s' * (longest > 1)} at most, to leave room for the answer")
             prompt = prompt[-longest:]
         generator = torch.Generator(device=self.model.device)
         generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
