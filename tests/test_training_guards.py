@@ -86,3 +86,17 @@ def test_fsdp_in_one_process_says_it_shards_nothing(tmp_path):
                             train=TrainConfig(steps=1, fsdp=True, samples=0)), out=str(tmp_path / "run"),
                   progress=False, announce=said.append)  # (it trained as if no flag were given, without a word)
     assert "(--fsdp shards the model across processes, and this run has one: start it with torchrun" in said[0]
+
+
+def test_a_model_too_large_to_train_in_this_memory_is_refused_before_its_weights_are_drawn(cli, tmp_path):
+    """480 billion parameters (a width of 100,000): PyTorch's allocator failed with a traceback before; a width that
+    fits in a gigabyte starts, whatever the machine's memory."""
+    result = cli("train", "--n-embd", "100000", "--n-head", "1", "--steps", "1", "--device", "cpu", "--out", "huge",
+                 check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(r"a gpt model of 480,012,100,000 parameters needs at least 5,364.6 GiB to train \(12 bytes a "
+                     r"parameter: its weight, gradient and momentum in fp32\), more than the [\d,.]+ GiB of this cpu: "
+                     r"make it smaller \(--n-embd, --n-layer\)", result.stderr)
+    assert not (tmp_path / "huge").exists()
+    cli("train", "--n-embd", "1024", "--n-head", "8", "--n-layer", "1", "--data", "names", "--steps", "1", "--quiet",
+        "--out", "wide")

@@ -164,6 +164,16 @@ def memory_budget(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2**30
 
 
+def memory_size(device: torch.device) -> int | None:
+    """The bytes of memory a device has in all (None where unknown): no run can go beyond it."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (AttributeError, ValueError, OSError):  # (Windows has no sysconf)
+        return None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -101,5 +101,13 @@ def build_model(config: dict, weights: Mapping | None = None, source: str = "the
     return model
 
 
+def parameter_count(config: dict) -> int:
+    """The parameters of the model ``config`` describes, counted without making them (on the meta device)."""
+    settings = dict(config)
+    model_cls, cfg_cls = FAMILIES[settings.pop("family")]
+    with torch.device("meta"), Undrawn():
+        return sum(p.numel() for p in model_cls(cfg_cls(**settings)).parameters())
+
+
 __all__ = ["DEFAULTS", "FAMILIES", "LanguageModel", "TEXT_BLOCK_SIZE", "build_model", "check_family", "check_settings",
-           "config_class"]
+           "config_class", "parameter_count"]

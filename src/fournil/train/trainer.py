@@ -24,10 +24,11 @@ from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
-from fournil.device import (autocast, matmul_rate, memory_budget, model_width, pick_device, pick_dtype, precision_text,
-                            prepare_compile)
+from fournil.device import (autocast, matmul_rate, memory_budget, memory_size, model_width, pick_device, pick_dtype,
+                            precision_text, prepare_compile)
 from fournil.errors import FournilError
-from fournil.models import DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class
+from fournil.models import (DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class,
+                            parameter_count)
 from fournil.plots import plot_loss
 from fournil.runs import CONFIG, METRICS, RUNS, STATE, TOKENIZER, WEIGHTS, Run, find_run, read_config
 from fournil.tokenizers import CharTokenizer, load_tokenizer
@@ -226,6 +227,21 @@ class Diverged(FournilError):
     pass
 
 
+TRAINING_BYTES = 12  # a parameter's at least, in fp32: its weight, gradient and momentum (AdamW's two moments: 16)
+
+
+def check_fits(config: dict, device: torch.device, shards: int = 1) -> None:
+    """Refuse a model whose training cannot fit in the memory of ``device`` (its weights in ``shards`` parts), before
+    its weights are drawn: drawing them failed in PyTorch's allocator, or got the process killed later."""
+    have, count = memory_size(device), parameter_count(config)
+    need = count * TRAINING_BYTES / shards
+    if have and need > have:
+        raise FournilError(f"a {config['family']} model of {count:,} parameters needs at least {need / 2**30:,.1f} GiB "
+                           f"to train ({TRAINING_BYTES} bytes a parameter: its weight, gradient and momentum in fp32"
+                           f"{f', over {shards} processes' if shards > 1 else ''}), more than the "
+                           f"{have / 2**30:,.1f} GiB of this {device.type}: make it smaller (--n-embd, --n-layer)")
+
+
 class Trainer:
     """Trains ``config.model`` from scratch on ``splits``; or, for fine-tuning and alignment, a ``model`` given with its
     ``data`` and ``objective`` (the weights that do not train are neither checkpointed nor given to the optimizer, and
@@ -238,6 +254,8 @@ class Trainer:
         self.device = world.device(pick_device(t.device))
         self.data = data if data is not None else make_data(splits, tokenizer, config.model["block_size"])
         torch.manual_seed(t.seed)
+        if model is None:
+            check_fits(config.model, self.device, world.size if t.fsdp else 1)
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
         self.dtype = pick_dtype(self.device, t.dtype, width=model_width(self.model))  # training steps
         self.measure_dtype = pick_dtype(self.device, t.dtype, measure=True)  # validation: the figure `eval` gives
