@@ -96,7 +96,7 @@ def test_a_model_too_large_to_train_in_this_memory_is_refused_before_its_weights
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert re.search(r"a gpt model of 480,012,100,000 parameters needs at least 5,364.6 GiB to train \(12 bytes a "
                      r"parameter: its weight, gradient and momentum in fp32\), more than the [\d,.]+ GiB of this cpu: "
-                     r"make it smaller \(--n-embd, --n-layer\)", result.stderr)
+                     r"make it smaller \(--n-layer, --n-embd\)", result.stderr)
     assert not (tmp_path / "huge").exists()
     cli("train", "--n-embd", "1024", "--n-head", "8", "--n-layer", "1", "--data", "names", "--steps", "1", "--quiet",
         "--out", "wide")

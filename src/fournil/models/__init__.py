@@ -103,6 +103,7 @@ def build_model(config: dict, weights: Mapping | None = None, source: str = "the
 
 def parameter_count(config: dict) -> int:
     """The parameters of the model ``config`` describes, counted without making them (on the meta device)."""
+    check_settings(config)
     settings = dict(config)
     model_cls, cfg_cls = FAMILIES[settings.pop("family")]
     with torch.device("meta"), Undrawn():

@@ -29,7 +29,7 @@ from fournil.models import build_model
 from fournil.runs import CONFIG, STATE, TOKENIZER, Run, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
-from fournil.train.trainer import Trainer, eval_every, new_run_dir, resumed
+from fournil.train.trainer import Trainer, check_fits, eval_every, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_CONTEXT, MAX_ANSWER = 100, 8, 1e-3, 256, 256
 REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
@@ -86,6 +86,7 @@ def build_student(spec: str, teacher_run: Run):
                                f"{vocab:,}: a student must share the teacher's tokenizer")
         settings = {"block_size": teacher.config.block_size, **settings, "vocab_size": vocab}
         settings.setdefault("family", teacher.family)
+        check_fits(settings, torch.device("cpu"))  # (where its weights are drawn)
         return build_model(settings), settings
     student_run = Run.load(spec, "cpu")
     student_run.check_writes()

@@ -239,7 +239,7 @@ def check_fits(config: dict, device: torch.device, shards: int = 1) -> None:
         raise FournilError(f"a {config['family']} model of {count:,} parameters needs at least {need / 2**30:,.1f} GiB "
                            f"to train ({TRAINING_BYTES} bytes a parameter: its weight, gradient and momentum in fp32"
                            f"{f', over {shards} processes' if shards > 1 else ''}), more than the "
-                           f"{have / 2**30:,.1f} GiB of this {device.type}: make it smaller (--n-embd, --n-layer)")
+                           f"{have / 2**30:,.1f} GiB of this {device.type}: make it smaller (--n-layer, --n-embd)")
 
 
 class Trainer:
