@@ -165,8 +165,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     def sampling(body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         room = block - prompt_len
         if room < 1:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's context is {block} tokens: shorten it",
-                           param="prompt")
+            raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's context is {block} tokens, which "
+                           f"must hold the prompt and at least one token of its answer: shorten it", param="prompt")
         new = max_tokens or room
         if new > room:
             raise ApiError(400, f"max_tokens is {new}, but the prompt ({prompt_len} tokens) leaves room for {room} in "
