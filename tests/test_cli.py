@@ -143,6 +143,33 @@ def test_explain_prints_each_transition(cli, trained):
     assert total == pytest.approx(-sum(math.log(p) for p in probs), abs=1e-2)
 
 
+def test_explain_reads_a_text_longer_than_the_context_in_windows_of_it_half_a_context_apart(cli, trained):
+    """60 characters and the two ends of a name for a context of 16 (refused before): the first window predicts the
+    first 16 tokens, each later one the next 8 after the 16 before them (the last one, cut short by the text's end,
+    after 16 too), so that each token is predicted from 9 to 16 tokens, as a pass over those alone gives it."""
+    import torch
+
+    from fournil.evaluate.explain import framed
+    from fournil.runs import Run
+
+    run = Run.load(trained["gpt"], "cpu")
+    block, text = run.model.config.block_size, "abcdefghij" * 6
+    out = cli("explain", trained["gpt"], text).stdout
+    assert f"(the text is longer than the model's context of {block} tokens: past it, each token was predicted from " \
+           f"the {block - block // 2 + 1} to {block} tokens before it)" in out
+    shown = [float(line.split()[1]) for line in out.splitlines() if re.match(r"\S\S \d\.\d{4}  rank", line)]
+    ids = framed(run.tokenizer, text)
+    assert len(ids) == 62 and block == 16 and len(shown) == 61
+    windows = [range(1, 17)] + [range(t, t + 8) for t in range(17, 57, 8)] + [range(57, 62)]
+    with torch.no_grad():
+        for window in windows:
+            for t in window:
+                begin = max(0, window[-1] - block)  # (the 16 tokens before the window's last one)
+                assert 9 <= t - begin <= 16 or window[0] == 1
+                probs = run.model(torch.tensor([ids[begin:t]]))[0, -1].softmax(-1)
+                assert probs[ids[t]].item() == pytest.approx(shown[t - 1], abs=6e-5), t
+
+
 def test_explain_and_attention_of_a_run_read_its_first_held_out_document_unless_given_a_text(cli, trained):
     """The default text is the run's own (a names model was given an English sentence, whose capitals and spaces it
     never saw: refused); an imported model's, or one given, is the text read."""
@@ -260,8 +287,6 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(train("--model", "rnn", "--n-head", "4"), "--n-head does not apply to the rnn model")
     one_line_error(train("--model", "gpt", "--n-layer", "two"), "n_layer='two': expected a whole number")
     one_line_error(run("sample", "runs/nothing-here"), "no run directory")
-    one_line_error(run("explain", trained["gpt"], "a" * 60), "62 tokens do not fit the model's context of ",
-                   ": score a shorter text")
     one_line_error(run("info", Path(trained["gpt"]) / "model.safetensors"), "model.safetensors is a file but not a "
                    "model: fournil reads .gguf files, and run directories and Hugging Face folders (give the folder")
     one_line_error(run("eval", tmp_path), "has no config.json: fournil reads run directories, Hugging Face folders")

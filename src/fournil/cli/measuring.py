@@ -203,6 +203,10 @@ def run_explain(args) -> None:
         rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
         print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
     print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}; {scored(run)}")
+    block = run.model.config.block_size
+    if len(rows) > block:
+        print(f"(the text is longer than the model's context of {block} tokens: past it, each token was predicted from "
+              f"the {block - max(1, block // 2) + 1} to {block} tokens before it)")
     plot_token_probs(result, Path(args.out), heading(run, text))
     print(f"-> {args.out}", file=sys.stderr)
 

@@ -118,20 +118,27 @@ def speculate(model, draft, tokenizer, prompt: list[int], params: SamplingParams
 @torch.no_grad()
 def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.float32, top: int = 0) -> list:
     """The log-probability of each token ``ids[start:]`` given the tokens before it: the likelihood of a text. With
-    ``top``, each comes as a pair with the ``top`` most likely tokens at its place, ``{token: log-probability}``."""
+    ``top``, each comes as a pair with the ``top`` most likely tokens at its place, ``{token: log-probability}``.
+    A text longer than the model's context is read in windows of the context, each half a context after the last:
+    each token is predicted from at least half a context before it."""
     decoder_only(model, "scoring a text")
-    if len(ids) > model.config.block_size:
-        raise FournilError(f"{len(ids)} tokens do not fit the model's context of {model.config.block_size}: score a "
-                           f"shorter text")
     if not 1 <= start <= len(ids):
         raise FournilError("score needs at least one token of context before the scored ones")
-    was_training = model.training
+    block, was_training = model.config.block_size, model.training
     model.eval()
     try:
-        x = torch.tensor([ids], device=model.device)
-        with autocast(model.device, dtype):
-            logprobs = model(x)[0, start - 1 : -1].float().log_softmax(-1)
-        picked = logprobs.gather(-1, x[0, start:, None])[:, 0].tolist()
+        windows, first = [], start  # (the first token not scored yet)
+        while first < len(ids):
+            last = min(len(ids), max(block + 1, first + max(1, block // 2)))  # (the window scores up to ids[last - 1])
+            begin = max(0, last - 1 - block)
+            with autocast(model.device, dtype):
+                logits = model(torch.tensor([ids[begin:last - 1]], device=model.device))[0, first - 1 - begin:]
+            windows.append(logits.float().log_softmax(-1))
+            first = last
+        if not windows:
+            return []
+        logprobs = torch.cat(windows)
+        picked = logprobs.gather(-1, torch.tensor(ids[start:], device=model.device)[:, None])[:, 0].tolist()
         if not top:
             return picked
         values, alternatives = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)

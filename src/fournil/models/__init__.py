@@ -70,7 +70,8 @@ class Undrawn(TorchFunctionMode):
 
 
 def check_settings(config: dict) -> None:
-    """A model's settings (``{"family": ..., settings...}``) name a family, and only settings it has, of their types."""
+    """A model's settings (``{"family": ..., settings...}``) name a family, and only settings it has, of their types
+    (and a dropout below 1)."""
     settings = dict(config)
     family = settings.pop("family", None)
     check_family(family)
@@ -80,6 +81,9 @@ def check_settings(config: dict) -> None:
     if unknown:
         raise FournilError(f"model {family} has no setting(s) {', '.join(unknown)}; it has {', '.join(sorted(names))}")
     check_types(cfg_cls, settings, f"model {family}")
+    if not 0 <= settings.get("dropout", 0.0) < 1:
+        raise FournilError(f"--dropout must be in [0, 1), the share of activations zeroed while training "
+                           f"(got {settings['dropout']})")
 
 
 def build_model(config: dict, weights: Mapping | None = None, source: str = "the weights",
@@ -90,9 +94,6 @@ def build_model(config: dict, weights: Mapping | None = None, source: str = "the
     check_settings(config)
     settings = dict(config)
     model_cls, cfg_cls = FAMILIES[settings.pop("family")]
-    if not 0 <= settings.get("dropout", 0.0) < 1:
-        raise FournilError(f"--dropout must be in [0, 1), the share of activations zeroed while training "
-                           f"(got {settings['dropout']})")
     if weights is None:
         return model_cls(cfg_cls(**settings))
     with torch.device("meta"), Undrawn():
