@@ -286,6 +286,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("prepare", "--data", "hh_rlhf_harmless"), "the bundled hh_rlhf_harmless holds preference pairs")
     one_line_error(train("--model", "rnn", "--n-head", "4"), "--n-head does not apply to the rnn model")
     one_line_error(train("--model", "gpt", "--n-layer", "two"), "n_layer='two': expected a whole number")
+    one_line_error(train("--model", "llama", "--n-head", "3"), "n_head (3) must be a multiple of n_kv_head (2): give "
+                   "--n-kv-head 1, say")  # (the default n_kv_head, which the user never gave)
     one_line_error(run("sample", "runs/nothing-here"), "no run directory")
     one_line_error(run("info", Path(trained["gpt"]) / "model.safetensors"), "model.safetensors is a file but not a "
                    "model: fournil reads .gguf files, and run directories and Hugging Face folders (give the folder")

@@ -45,7 +45,9 @@ class LlamaConfig:
             raise FournilError(f"--rope-theta and --rms-norm-eps must be above 0 (got {self.rope_theta:g} and "
                                f"{self.rms_norm_eps:g})")
         if self.n_head % self.n_kv_head:
-            raise FournilError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            fit = max(d for d in range(1, self.n_kv_head) if self.n_head % d == 0)
+            raise FournilError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): give "
+                               f"--n-kv-head {fit}, say")
         if not self.head_dim:
             if self.n_embd % self.n_head:
                 raise FournilError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
