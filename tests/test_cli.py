@@ -289,6 +289,10 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(train("--model", "llama", "--n-head", "3"), "n_head (3) must be a multiple of n_kv_head (2): give "
                    "--n-kv-head 1, say")  # (the default n_kv_head, which the user never gave)
     one_line_error(run("sample", "runs/nothing-here"), "no run directory")
+    one_line_error(run("attention", trained["gpt"], "a" * 60), "the text has 60 tokens; the model's context is 16: "
+                   "give a shorter text")
+    one_line_error(run("generate", trained["gpt"], "a" * 60), "the model's context is 16: shorten it to 15 tokens at "
+                   "most, to leave room for the answer")
     one_line_error(run("info", Path(trained["gpt"]) / "model.safetensors"), "model.safetensors is a file but not a "
                    "model: fournil reads .gguf files, and run directories and Hugging Face folders (give the folder")
     one_line_error(run("eval", tmp_path), "has no config.json: fournil reads run directories, Hugging Face folders")

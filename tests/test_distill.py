@@ -81,7 +81,7 @@ def test_sequence_level_distillation_learns_the_teachers_own_answers(bpe_llama, 
     assert done[0].text == rows[0]["answer"]  # the teacher's greedy answer, through the engine
 
 
-def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trained, tmp_path):
+def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, running_text, trained, tmp_path):
     cli = CLI(tmp_path)
     (tmp_path / "wide.json").write_text(json.dumps({"family": "llama", "vocab_size": 999, "n_layer": 1}), encoding="utf-8")
     (tmp_path / "typed.json").write_text(json.dumps({"family": "llama", "n_layer": "2"}), encoding="utf-8")
@@ -105,6 +105,9 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, trai
     for args, message in failures.items():
         result = cli("distill", "--teacher", bpe_llama, *args, "--steps", "1", "--context", "32", check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    result = cli("distill", "--teacher", running_text, "--steps", "1", check=False)  # (a teacher of one layer)
+    assert result.returncode == 2 and "layers:4: the teacher has one layer, none to leave out: give --student a " \
+        "model config .json" in result.stderr
     result = cli("distill", "--teacher", trained["rnn"], "--student", "layers:1", "--steps", "1", check=False)
     assert result.returncode == 2 and "layers:1 keeps some of a transformer's layers (gpt, llama), and the teacher " \
         "is rnn" in result.stderr

@@ -187,6 +187,7 @@ def heading(run, text: str, most: int = 60) -> str:
 
 def run_explain(args) -> None:
 
+    from fournil.generate.cache import half_context
     from fournil.plots.explain import coloured_text, legend, plot_token_probs
     from fournil.runs import Run
 
@@ -206,7 +207,7 @@ def run_explain(args) -> None:
     block = run.model.config.block_size
     if len(rows) > block:
         print(f"(the text is longer than the model's context of {block} tokens: past it, each token was predicted from "
-              f"the {block - max(1, block // 2) + 1} to {block} tokens before it)")
+              f"the {block - half_context(block) + 1} to {block} tokens before it)")
     plot_token_probs(result, Path(args.out), heading(run, text))
     print(f"-> {args.out}", file=sys.stderr)
 

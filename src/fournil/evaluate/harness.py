@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, complete
+from fournil.generate.cache import half_context
 from fournil.generate.engine import score_choices
 from fournil.models.base import decoder_only
 
@@ -112,7 +113,7 @@ class FournilLM(TemplateLM):
         parts, owners = [], []
         for i, (_, context, continuation) in enumerate(requests):
             whole = context + continuation
-            size = self.max_length if len(continuation) <= self.max_length else max(1, self.max_length // 2)
+            size = self.max_length if len(continuation) <= self.max_length else half_context(self.max_length)
             for start in range(len(context), len(whole), size):
                 parts.append((None, whole[:start], whole[start:start + size]))
                 owners.append(i)
@@ -168,7 +169,7 @@ class FournilLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            keep = max(self.max_length - new, self.max_length // 2, 1)  # (an answer as long as the context: half)
+            keep = max(self.max_length - new, half_context(self.max_length))  # (an answer as long as the context)
             prompts.append(self.tok_encode(context)[-keep:] or [self.eot_token_id])
             params.append(SamplingParams(max_new_tokens=new, temperature=temperature, stop=tuple(until), seed=1234))
         with tqdm(total=len(prompts), desc="generating", disable=disable_tqdm or None) as bar:

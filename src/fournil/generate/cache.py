@@ -13,6 +13,12 @@ from fournil.errors import FournilError
 from fournil import kernels
 
 
+def half_context(block: int) -> int:
+    """The tokens of a full context of ``block`` that a text goes on from (its last half, at least one): generation
+    past the context refills from them, and scores of a text longer than it come from windows this far apart."""
+    return max(1, block // 2)
+
+
 def positions_and_mask(idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, block_size: int,
                        sees: torch.Tensor | None = None):
     """What a Transformer's forward needs to place ``idx``: each token's position, and the attention mask (``None``

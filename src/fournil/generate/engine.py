@@ -14,6 +14,7 @@ import torch
 
 from fournil.device import autocast, memory_budget
 from fournil.errors import FournilError
+from fournil.generate.cache import half_context
 from fournil.generate.sampling import SamplingParams
 from fournil.generate.scheduler import Piece, Scheduler
 from fournil.generate.speculative import Speculation, check_drafting
@@ -129,7 +130,7 @@ def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.floa
     try:
         windows, first = [], start  # (the first token not scored yet)
         while first < len(ids):
-            last = min(len(ids), max(block + 1, first + max(1, block // 2)))  # (the window scores up to ids[last - 1])
+            last = min(len(ids), max(block + 1, first + half_context(block)))  # (the window scores up to ids[last - 1])
             begin = max(0, last - 1 - block)
             with autocast(model.device, dtype):
                 logits = model(torch.tensor([ids[begin:last - 1]], device=model.device))[0, first - 1 - begin:]

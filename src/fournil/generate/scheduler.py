@@ -43,7 +43,7 @@ from torch import nn
 from fournil.cores import computing
 from fournil.device import autocast
 from fournil.errors import FournilError
-from fournil.generate.cache import Fixed
+from fournil.generate.cache import Fixed, half_context
 from fournil.generate.compiled import decoding_step, settle
 from fournil.generate.sampling import (GREEDY_BELOW, SamplingParams, choose, log_normalizers, most_likely_tokens,
                                        penalize)
@@ -460,8 +460,8 @@ class Scheduler:
         """Feed every active sequence's last token in one pass and choose the next (batch-invariant: a pass each)."""
         cache = self.cache
         for i, r in enumerate(self.active):
-            if r.cached == self.block:  # its context is full: go on from the last half (a context of 1: the last token)
-                self._read_into(i, [r.context[-max(1, self.block // 2):-1]])
+            if r.cached == self.block:  # its context is full: go on from the last half
+                self._read_into(i, [r.context[-half_context(self.block):-1]])
         if self.batch_invariant:
             for i, r in enumerate(self.active):
                 self._columns(r.cached + 1)
