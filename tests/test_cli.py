@@ -300,6 +300,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     # bytes that are not UTF-8, as a terminal in another encoding sends them (Python keeps them as half surrogates)
     one_line_error(run("explain", trained["gpt"], os.fsdecode(b"a\xe9b")), "the argument b'a\\xe9b' is not UTF-8 text")
     one_line_error(run("explain", trained["gpt"], "x", "--device", "cuda"), "no CUDA GPU")
+    one_line_error(elsewhere := train("--device", "cuda"), "no CUDA GPU")
+    assert not elsewhere.stdout  # refused before the data is read and a budget announced
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
     one_line_error(run("explain", trained["gpt"], "emma", "--out", "nodir/emma.png"),  # (not "[Errno 2] ...")
                    "nodir/emma.png: the folder nodir does not exist; create it, or choose another path")

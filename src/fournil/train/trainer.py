@@ -573,6 +573,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config = config or RunConfig(model={"family": "gpt"})
         config.train.check()
         check_settings(config.model)  # before the data is read, and the budget sized
+        pick_device(config.train.device)  # (a device this machine lacks, too)
         if FAMILIES[config.model["family"]][0].counts_only and (unused := loop_settings(config.train)):
             announce(f"(an n-gram is counted in one pass over the training split, not trained step by step: "
                      f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply)")
