@@ -62,3 +62,6 @@ def test_too_few_documents_for_the_split(tmp_path: Path):
     (tmp_path / "few.txt").write_text("anna\nbob\ncarl\n")
     with pytest.raises(FournilError, match="3 documents .* too few for a 90/5/5 split"):
         load_splits(DataConfig(str(tmp_path / "few.txt")))
+    (tmp_path / "one.tsv").write_text("un\tone\n")  # (source, target) pairs for seq2seq: the same words
+    with pytest.raises(FournilError, match="one.tsv has 1 pair, too few for a 90/5/5 split: give at least 21, or"):
+        load_splits(DataConfig(str(tmp_path / "one.tsv")))

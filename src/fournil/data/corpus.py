@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fournil.config import DataConfig, check_split
 from fournil.data.pairs import is_pairs, pair_splits
 from fournil.data.shards import is_prepared, open_shards
-from fournil.data.sources import fingerprint, read_text
+from fournil.data.sources import fingerprint, read_text, too_few_to_split
 from fournil.errors import FournilError
 
 MODES = ("auto", "lines", "text", "pairs")
@@ -79,10 +79,7 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
         random.Random(cfg.seed).shuffle(order)
         n_train, n_val = int(fractions[0] * len(docs)), int(fractions[1] * len(docs))
         if n_val == 0 or len(docs) - n_train - n_val == 0 or n_train == 0:
-            need = int(1 / min(fractions)) + 1
-            documents = f"{len(docs)} document{'s' * (len(docs) != 1)}"
-            raise FournilError(f"{cfg.data} has {documents} (lines), too few for a {_pct(fractions)} split: "
-                               f"give at least {need}, or pass --train/--val/--test files")
+            raise too_few_to_split(cfg.data, len(docs), "document", fractions, " (lines)")
         pick = lambda idx: [docs[i] for i in idx]  # noqa: E731
         splits = Splits(
             mode, pick(order[:n_train]), pick(order[n_train : n_train + n_val]), pick(order[n_train + n_val :])
@@ -93,6 +90,3 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
         splits = Splits(mode, text[:a], text[a:b], text[b:])
     return splits, {"data": fingerprint(text)}
 
-
-def _pct(fractions) -> str:
-    return "/".join(f"{100 * f:g}" for f in fractions)

@@ -11,7 +11,7 @@ import torch
 from fournil.data.batches import IGNORE, frame_ids, thinned
 from fournil.data.instructions import other_kind, read_rows
 from fournil.data.nombres import as_source, nombres
-from fournil.data.sources import fingerprint, read_text
+from fournil.data.sources import fingerprint, read_text, too_few_to_split
 from fournil.errors import FournilError
 
 GENERATED = {"nombres": nombres}  # tasks made by code: no file, no download
@@ -58,8 +58,7 @@ def pair_splits(cfg) -> tuple[dict, dict]:
         random.Random(cfg.seed).shuffle(pairs)
     n_train, n_val = int(cfg.split[0] * len(pairs)), int(cfg.split[1] * len(pairs))
     if min(n_train, n_val, len(pairs) - n_train - n_val) == 0:
-        raise FournilError(f"{cfg.data} has {len(pairs)} pairs, too few to split {cfg.split}: add pairs, or give "
-                           f"--train/--val/--test files")
+        raise too_few_to_split(cfg.data, len(pairs), "pair", cfg.split)
     parts = {"train": pairs[:n_train], "val": pairs[n_train : n_train + n_val], "test": pairs[n_train + n_val :]}
     return parts, {"data": fingerprint(json.dumps(pairs))}
 

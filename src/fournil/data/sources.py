@@ -56,3 +56,11 @@ def read_text(spec: str) -> str:
 def fingerprint(text: str) -> str:
     """A short hash that tells, at evaluation time, whether the data changed since training."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def too_few_to_split(source: str, count: int, what: str, fractions, aside: str = "") -> FournilError:
+    """The error for data with too few documents or pairs to put at least one in each split."""
+    need = int(1 / min(fractions)) + 1
+    return FournilError(f"{source} has {count} {what}{'s' * (count != 1)}{aside}, too few for a "
+                        f"{'/'.join(f'{100 * f:g}' for f in fractions)} split: give at least {need}, or pass "
+                        f"--train/--val/--test files")
