@@ -351,7 +351,10 @@ def recipe_sections(path: str | Path, stage: str) -> dict:
         raise FournilError(f"--config {path}: a recipe is a .toml, .yaml or .json file")
     try:
         if path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+                import tomli as tomllib
 
             raw = tomllib.loads(text)
         elif path.suffix == ".json":
