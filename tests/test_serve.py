@@ -402,6 +402,13 @@ def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
         status, greedy = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked})
         assert status == 200 and shown == greedy["choices"][0]["text"]
         assert asked == Run.load(trained["gpt"], "cpu").model.config.block_size // 2
+        # echo: the offsets are where each token stands in the text; the boundary read before it takes none of it
+        status, echoed = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": 3,
+                                                        "echo": True, "logprobs": 1})
+        text, lp = echoed["choices"][0]["text"], echoed["choices"][0]["logprobs"]
+        assert status == 200 and text == "ma" + greedy["choices"][0]["text"][:3] and lp["tokens"][0] == "\n"
+        assert lp["text_offset"] == [0, 0, 1, 2, 3, 4][: len(lp["tokens"])]
+        assert "".join(lp["tokens"][1:]) == text
     finally:
         server.stop()
 

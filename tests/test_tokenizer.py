@@ -20,3 +20,7 @@ def test_unknown_characters_are_named():
     tok = CharTokenizer.train(["abc"], boundary=False)
     with pytest.raises(FournilError, match=r"'x', 'z' are not in the model's vocabulary"):
         tok.encode("axbz")
+    with pytest.raises(FournilError, match=r"'A', 'C' are not in the model's vocabulary .*; try 'abca'$"):
+        tok.encode("AbCa")  # a lowercase vocabulary: the same text in lowercase is the fix
+    with pytest.raises(FournilError, match=r"'A', 'x' are .*; remove or replace them$"):
+        tok.encode("Ax")  # lowercase is not enough

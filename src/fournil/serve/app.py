@@ -243,7 +243,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        prompts, texts = prompt_list(body.prompt)
+        prompts, texts, leads = prompt_list(body.prompt)
         if body.max_tokens == 0 and body.stream:
             raise ApiError(400, "max_tokens 0 generates nothing to stream: ask without stream", param="max_tokens")
         params = [sampling(body, len(p), body.max_tokens or 1, body.logprobs) for p in prompts]
@@ -292,23 +292,25 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             if body.logprobs is not None:
                 lp = logprobs_of(got, len(texts[i]) if body.echo else 0)
                 if body.echo:
-                    lp = merge(await prompt_logprobs(prompts[i], body.logprobs), lp)
+                    lp = merge(await prompt_logprobs(prompts[i], leads[i], body.logprobs), lp)
             choices.append({"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason})
         return {**head, "choices": choices, "usage": usage(requests, body.n)}
 
-    def prompt_list(prompt) -> tuple[list[list[int]], list[str]]:
-        """The token ids and the text of each prompt of a request: a text, texts, token ids or lists of them."""
+    def prompt_list(prompt) -> tuple[list[list[int]], list[str], list[int]]:
+        """The token ids and the text of each prompt of a request (a text, texts, token ids or lists of them), and
+        how many of its first ids the model reads before the text (a document boundary, BOS), not in the text."""
         if not prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
         if any(isinstance(p, str) for p in prompt):
-            return [tok.prompt_ids(p) for p in prompt], prompt
+            ids = [tok.prompt_ids(p) for p in prompt]
+            return ids, prompt, [len(i) - len(tok.encode(p)) for i, p in zip(ids, prompt)]
         for ids in prompt:
             if not ids:
                 raise ApiError(400, "a prompt of token ids is empty", param="prompt")
             known(ids, "prompt")
-        return prompt, ["".join(token_text(i) for i in ids) for ids in prompt]
+        return prompt, ["".join(token_text(i) for i in ids) for ids in prompt], [0] * len(prompt)
 
     def known(ids: list[int], param: str) -> list[int]:
         if bad := [i for i in ids if not 0 <= i < tok.vocab_size]:
@@ -316,11 +318,12 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                                 f"{tok.vocab_size - 1})", param=param)
         return ids
 
-    async def prompt_logprobs(ids: list[int], top: int) -> dict:
-        """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``."""
+    async def prompt_logprobs(ids: list[int], lead: int, top: int) -> dict:
+        """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``; the ``lead``
+        tokens read before the text stand at its start, taking none of it."""
         values = await asyncio.wrap_future(scheduler.call(score, model, ids, 1, run.measure_dtype, max(top, 1)))
-        text_offset, at = [], 0
-        for i in ids:
+        text_offset, at = [0] * lead, 0
+        for i in ids[lead:]:
             text_offset.append(at)
             at += len(token_text(i))
         return {"tokens": [token_text(i) for i in ids], "token_logprobs": [None] + [v for v, _ in values],
