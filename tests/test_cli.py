@@ -363,6 +363,8 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     one_line_error(run("tokenize", "Emma", "--tokenizer", str(tmp_path)),  # (the system's words on tokenizer.json)
                    f"{tmp_path} holds no tokenizer.json: give a tokenizer.json, or a folder with one (a run, ")
     one_line_error(run("prepare", "--tokenizer", "nope.json"), "no tokenizer nope.json: no such file or folder; give")
+    for command in ("train", "prepare"):  # (the size left out: "no such file" before, from train)
+        one_line_error(run(command, "--tokenizer", "bpe"), "--tokenizer bpe: write bpe:N with N the vocabulary size")
     one_line_error(run("attention", trained["llama"], "emma", "--token", "zz"),  # (a picture with no row shown)
                    "--token 'zz': no token of the text reads as this; its tokens are 'e', 'm', 'm', 'a'")
     one_line_error(run("tokenize", "Emma", "--tokenizer", "char", "--tokenizer", str(trained["gpt"])),  # which one

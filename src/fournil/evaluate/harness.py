@@ -71,7 +71,7 @@ class FournilLM(TemplateLM):
     def eot_token_id(self) -> int:
         if self._eot is None:  # asked for only where a text is scored from its very start
             raise FournilError(f"{self.run.path} has no end-of-text token to put before a text it scores from the "
-                               f"start; such tasks need a model trained with one (--tokenizer bpe, or a pretrained "
+                               f"start; such tasks need a model trained with one (--tokenizer bpe:N, or a pretrained "
                                f"one). `fournil eval {self.run.path}` gives its bits per byte on its own held-out text")
         return self._eot
 
@@ -89,7 +89,7 @@ class FournilLM(TemplateLM):
             ids = self.tok.encode(string)
         except FournilError as e:
             raise FournilError(f"{self.run.path} cannot read this task's text: {e}. Benchmarks need a tokenizer that "
-                               f"reads any text: train with --tokenizer bpe, or bench a pretrained model") from None
+                               f"reads any text: train with --tokenizer bpe:N, or bench a pretrained model") from None
         bos = self.tok.bos_id
         add = self.add_bos if add_special_tokens is None else add_special_tokens
         return [bos, *ids] if add and bos is not None and ids[:1] != [bos] else ids

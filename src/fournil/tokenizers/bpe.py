@@ -7,6 +7,8 @@ vocabulary has the size asked for. Every byte is in the vocabulary, so any text 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from fournil.errors import FournilError
 from fournil.tokenizers.hf import HFTokenizer
 
@@ -20,7 +22,9 @@ SMALLEST = 256 + len(SPECIALS)  # every byte, and the special tokens
 
 
 def bpe_size(spec: str) -> int | None:
-    """N for a tokenizer spec ``bpe:N``; None for any other spec."""
+    """N for a tokenizer spec ``bpe:N``; None for any other spec (``bpe`` alone is a tokenizer saved there, if any)."""
+    if spec == "bpe" and not Path(spec).exists():
+        raise FournilError("--tokenizer bpe: write bpe:N with N the vocabulary size, e.g. bpe:1024")
     if not spec.startswith("bpe:"):
         return None
     if not spec[4:].isdigit():
