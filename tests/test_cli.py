@@ -122,6 +122,15 @@ def test_sample_counts_what_it_memorised(cli, trained):
     assert len(set(greedy)) == 1
 
 
+def test_output_piped_to_a_reader_that_leaves_stops_quietly(cli, trained):
+    """`fournil sample -n 20000 | head -1`: the samples fill the pipe, its reader leaves after one line, and fournil
+    stops as a Unix tool does (status 128 + SIGPIPE) without a word (it said "error: [Errno 32] Broken pipe")."""
+    proc = cli.popen("sample", trained["gpt"], "-n", "20000")
+    assert proc.stdout.readline().strip()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141 and proc.stderr.read() == ""
+
+
 def test_sample_and_eval_without_a_run_read_the_run_started_last(cli, trained, tmp_path):
     one_line_error(cli("sample", check=False), "no run under runs/ here: train one with `fournil train`")
     for age, model in enumerate(("ngram", "gpt")):  # the gpt run started an hour before the ngram run

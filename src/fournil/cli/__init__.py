@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # (a reader gone shows here, not as the interpreter's exit flushes)
+    except BrokenPipeError:  # what reads the output left (`fournil sample -n 1000 | head`): stop as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (what is still buffered goes nowhere)
+        return 141  # (128 + SIGPIPE, a shell's status for a writer the pipe stopped)
     except (FournilError, OSError) as e:  # OSError: a file that cannot be read or written, with the system's reason
         print(f"fournil: error: {file_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
