@@ -6,7 +6,8 @@ does), then read by llama.cpp through ``llama-cpp-python``, and the two compared
     python benchmarks/llamacpp_export.py                                 # 3 minutes on 2 cores
 
 The models: a gpt and a llama trained here for a few steps, on characters of Les Misérables and on a byte-level BPE of
-512 tokens trained on it; SmolLM2-135M-Instruct read from its own GGUF file and written again (f32, q8_0); and that
+512 tokens trained on it, and on that BPE a llama with norms on its queries and keys (``--qk-norm true``: written as
+Qwen3); SmolLM2-135M-Instruct read from its own GGUF file and written again (f32, q8_0); and that
 file itself (Q4_1), as fournil reads it. For each: whether llama.cpp cuts four texts (accents,
 newlines, runs of spaces, an emoji; a character model: those of its characters) into fournil's tokens, the largest
 difference between the two's logits over a text, the share of its positions where both put the same token first, and
@@ -127,8 +128,8 @@ def known(tokenizer, text: str) -> bool:
         return False
 
 
-def trained(family: str, tokenizer: str, folder: Path, steps: int) -> Run:
-    config = RunConfig(model={"family": family}, data=DataConfig("miserables", tokenizer=tokenizer),
+def trained(model: dict, tokenizer: str, folder: Path, steps: int) -> Run:
+    config = RunConfig(model=model, data=DataConfig("miserables", tokenizer=tokenizer),
                        train=TrainConfig(steps=steps, eval_every=steps, device="cpu"))
     return train(config, out=str(folder), progress=False, announce=lambda *_: None)
 
@@ -146,12 +147,15 @@ def main() -> None:
         folder = Path(tmp)
         bpe = folder / "bpe512"
         train_bpe_here(bpe)
-        for family in ("gpt", "llama"):
-            for tokenizer, label in (("char", "characters"), (str(bpe / "tokenizer.json"), "BPE 512")):
-                run = trained(family, tokenizer, folder / f"{family}-{label[:4]}", args.steps)
+        characters, bpe512 = ("char", "characters"), (str(bpe / "tokenizer.json"), "BPE 512")
+        for name, model, tokenizers in (("gpt", {"family": "gpt"}, (characters, bpe512)),
+                                        ("llama", {"family": "llama"}, (characters, bpe512)),
+                                        ("qwen3", {"family": "llama", "qk_norm": True}, (bpe512,))):
+            for tokenizer, label in tokenizers:
+                run = trained(model, tokenizer, folder / f"{name}-{label[:4]}", args.steps)
                 run = Run.load(run.path, "cpu", "float32")
                 export(run, folder / f"{run.path.name}.gguf", "gguf", "f32")
-                rows.append(compare(f"{family}, {label}, f32", run, folder / f"{run.path.name}.gguf"))
+                rows.append(compare(f"{name}, {label}, f32", run, folder / f"{run.path.name}.gguf"))
         smollm2 = known_path("smollm2") if smollm2_installed() else None
         if smollm2:
             run = Run.load(smollm2, "cpu", "float32")

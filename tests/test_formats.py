@@ -25,6 +25,7 @@ CONFIGS = {
         "original_max_position_embeddings": 16}),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=12, attention_bias=True),  # (heads wider than 32 / 4)
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                             bos_token_id=V - 1, eos_token_id=V - 1),
 }
@@ -86,7 +87,7 @@ def test_import_matches_transformers_and_export_goes_back(arch, hf_models, tmp_p
 
 
 @pytest.mark.parametrize("arch,qtype,tol", [("llama", "f32", 1e-5), ("qwen2", "f16", 0.05), ("gpt2", "f32", 1e-5),
-                                            ("mistral", "q8_0", 0.15)])
+                                            ("mistral", "q8_0", 0.15), ("qwen3", "f32", 1e-5)])
 def test_gguf_export_reads_back(arch, qtype, tol, hf_models, tmp_path):
     ids, models = hf_models
     folder, expected = models[arch]
@@ -158,6 +159,22 @@ def test_a_character_vocabulary_with_spaces_survives_gguf(tmp_path):
     assert back.decode(tok.encode(text)) == text
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"qk_norm": True, "sliding_window": 4}, r"norms on queries and keys \(Qwen3\) with a sliding window"),
+    ({"qkv_bias": True, "sliding_window": 4}, "biases on q, k, v but not on the output projection exist only in Qwen2"),
+    ({"qk_norm": True, "mlp_bias": True}, "qwen3 has no MLP biases"),
+])
+def test_a_llama_that_no_hugging_face_architecture_holds_is_refused(settings, message, tmp_path):
+    from fournil.config import RunConfig
+    from fournil.models import build_model
+    from fournil.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train(["abc"], boundary=True)
+    model = build_model({"family": "llama", "vocab_size": tok.vocab_size, "block_size": 8, "n_layer": 1, **settings})
+    with pytest.raises(FournilError, match=message):
+        export(Run(tmp_path, RunConfig(model={}), model, tok, {}, "float32"), tmp_path / "out", "hf")
+
+
 def test_chat_template_renders_as_transformers_does(hf_models):
     folder, _ = hf_models[1]["llama"]
     template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -187,7 +204,7 @@ def test_bad_files_give_clear_errors(hf_models, tmp_path):
     other = shutil.copytree(folder, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
-    with pytest.raises(FournilError, match="'falcon' is not supported; fournil reads llama, mistral, qwen2, gpt2"):
+    with pytest.raises(FournilError, match="'falcon' is not supported; fournil reads llama, mistral, qwen2, qwen3, "):
         Run.load(other)
 
     export(Run.load(folder), tmp_path / "m.gguf", "gguf")

@@ -143,11 +143,15 @@ def test_a_cpu_trains_attention_over_short_rows_in_fp32_under_bf16_autocast():
 def test_fused_products_for_decoding_give_the_outputs_of_the_layers_quantized_apart(precision):
     """int8 and int4 decoding fuse a llama's q, k and v into one quantized product, and gate and up into another
     (one call and one quantization of their input each): the outputs, biases included, are those of the layers
-    quantized one by one, and the layers' names go."""
+    quantized one by one, and the layers' names go; Qwen3's norms on queries and keys apply to the fused product's."""
     from fournil.generate.quantize import Int4Linear, Int8Linear, quantize_layers
 
     torch.manual_seed(0)
-    model = make("llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qkv_bias=True, mlp_bias=True).eval()
+    model = make("llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qkv_bias=True, mlp_bias=True,
+                 qk_norm=True).eval()
+    for name, p in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            p.data.uniform_(0.5, 1.5)  # (weights other than ones, as a trained model's)
     x = torch.randint(V, (3, T))
     apart = copy.deepcopy(model)
     for parent in list(apart.modules()):

@@ -307,7 +307,7 @@ def described(kind) -> str:
 
 
 def coerce(cls, key: str, text: str):
-    """Parse ``text`` as the type of field ``key`` of dataclass ``cls`` (for ``--set key=value``)."""
+    """Parse ``text`` as the type of field ``key`` of dataclass ``cls`` (a model flag such as ``--n-embd 64``)."""
     hints = typing.get_type_hints(cls)
     if key not in hints:
         raise FournilError(f"{cls.__name__} has no setting {key!r}; known: {', '.join(sorted(hints))}")

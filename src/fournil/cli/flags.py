@@ -108,6 +108,7 @@ SETTING_HELP = {
     "head_dim": "width of each head (default: n_embd / n_head)",
     "intermediate_size": "width of the SwiGLU MLP (default: about 8/3 of n_embd)",
     "rope_theta": "base of the rotary position angles", "rms_norm_eps": "epsilon of RMSNorm",
+    "qk_norm": "an RMSNorm on each head's queries and keys before the rotation (Qwen3)",
     "qkv_bias": "biases in the query/key/value projections", "o_bias": "a bias in the attention's output projection",
     "mlp_bias": "biases in the MLP", "sliding_window": "each token sees at most this many tokens (default: all)",
     "shared_embeddings": "one token embedding table for the encoder and the decoder",

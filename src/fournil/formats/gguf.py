@@ -22,13 +22,14 @@ from fournil.formats.gguf_reader import TYPES, GGUFTensor, read_gguf_file
 from fournil.tokenizers import CharTokenizer, HFTokenizer
 from fournil.tokenizers.char import UNKNOWN
 
-LLAMA_ARCHS = ("llama", "mistral", "qwen2")
-PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp's converter interleaves q/k rows for these, not for qwen2
+LLAMA_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp's converter interleaves q/k rows for these, not for qwen2 and 3
 LLAMA_NAMES = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 GPT2_NAMES = {
     "token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
@@ -79,6 +80,7 @@ def model_settings(meta: dict, names: set[str]) -> dict:
         "rope_theta": float(get("rope.freq_base", 10000.0)), "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "qkv_bias": "blk.0.attn_q.bias" in names, "o_bias": "blk.0.attn_output.bias" in names,
         "mlp_bias": "blk.0.ffn_up.bias" in names, "sliding_window": get("attention.sliding_window", required=False),
+        "qk_norm": "blk.0.attn_q_norm.weight" in names,
     }
 
 
@@ -306,7 +308,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
     if model.family == "gpt":
         arch, table = "gpt2", GPT2_NAMES
     else:
-        arch, table = ("qwen2" if c.qkv_bias and not c.o_bias else "llama"), LLAMA_NAMES
+        arch, table = ("qwen3" if c.qk_norm else "qwen2" if c.qkv_bias and not c.o_bias else "llama"), LLAMA_NAMES
     tmp = path.with_name(f".{path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(path.stem)

@@ -16,7 +16,8 @@ from fournil.errors import FournilError
 from fournil.tokenizers import CharTokenizer, HFTokenizer
 from fournil.tokenizers.char import UNKNOWN
 
-LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED = ", ".join([*LLAMA_TYPES, "gpt2"])
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -62,7 +63,7 @@ def model_config(hf: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise FournilError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama-family models use silu)")
     if hf.get("use_sliding_window"):
-        raise FournilError("Qwen2 with use_sliding_window=true is not supported")
+        raise FournilError(f"{(hf.get('architectures') or [kind])[0]} with use_sliding_window=true is not supported")
     rope = dict(hf.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling together
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = rope if rope.get("rope_type", "default") != "default" else hf.get("rope_scaling")
@@ -75,7 +76,7 @@ def model_config(hf: dict) -> dict:
         "intermediate_size": hf["intermediate_size"], "rope_theta": float(theta), "rope_scaling": scaling or None,
         "rms_norm_eps": hf.get("rms_norm_eps", 1e-6), "tie_embeddings": hf.get("tie_word_embeddings", False),
         "qkv_bias": kind == "qwen2" or bias, "o_bias": bias, "mlp_bias": hf.get("mlp_bias", False),
-        "sliding_window": hf.get("sliding_window") if kind == "mistral" else None,
+        "sliding_window": hf.get("sliding_window") if kind == "mistral" else None, "qk_norm": kind == "qwen3",
     }
 
 
@@ -145,7 +146,10 @@ def hf_config(config, tokenizer: HFTokenizer) -> dict:
                 "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
                 "activation_function": c.activation, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": c.tie_embeddings,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "dtype": "float32", **ids}
-    kind = "mistral" if c.sliding_window else "qwen2" if c.qkv_bias and not c.o_bias else "llama"
+    kind = "qwen3" if c.qk_norm else "mistral" if c.sliding_window else "qwen2" if c.qkv_bias and not c.o_bias \
+        else "llama"
+    if kind == "qwen3" and c.sliding_window:
+        raise FournilError("norms on queries and keys (Qwen3) with a sliding window: fournil writes Qwen3 without one")
     if c.qkv_bias != c.o_bias and kind != "qwen2":
         raise FournilError("biases on q, k, v but not on the output projection exist only in Qwen2 (which has no sliding window)")
     out = {"architectures": [LLAMA_TYPES[kind]], "model_type": kind, "vocab_size": c.vocab_size,
@@ -157,6 +161,8 @@ def hf_config(config, tokenizer: HFTokenizer) -> dict:
         out.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
     elif c.mlp_bias:
         raise FournilError(f"{kind} has no MLP biases; only a llama-type model can export mlp_bias")
+    if kind == "qwen3":
+        out["attention_bias"] = c.qkv_bias
     if kind == "mistral":
         out["sliding_window"] = c.sliding_window
     return out

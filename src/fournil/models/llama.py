@@ -1,8 +1,8 @@
 """A Llama-family decoder: rotary positions, RMSNorm, a SwiGLU MLP and grouped-query attention.
 
-The same file runs Llama 2 and 3, Mistral (sliding-window attention), Qwen2 (biases on q, k, v) and SmolLM2, and
-trains from scratch like ``gpt``. Weight names follow Hugging Face's ``LlamaForCausalLM``
-(``model.layers.0.self_attn.q_proj.weight``...), so importing and exporting is a table of names.
+The same file runs Llama 2 and 3, Mistral (sliding-window attention), Qwen2 (biases on q, k, v), Qwen3 (an RMSNorm
+on each head's queries and keys) and SmolLM2, and trains from scratch like ``gpt``. Weight names follow Hugging Face's
+``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``...), so importing and exporting is a table of names.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class LlamaConfig:
     o_bias: bool = False  # a bias on the attention output projection (Llama's attention_bias sets both)
     mlp_bias: bool = False
     sliding_window: int | None = None  # each token sees at most this many tokens, itself included (Mistral)
+    qk_norm: bool = False  # an RMSNorm on each head's queries and keys before the rotation (Qwen3)
 
     def __post_init__(self):
         at_least(self, 1, "n_head", "n_kv_head", "n_embd", "sliding_window")
@@ -112,6 +113,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.qkv = None  # q, k and v in one product, once fused for generation (:meth:`fuse`)
 
     def fuse(self, layer: Callable[..., nn.Module]) -> None:
@@ -129,8 +134,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else \
             self.qkv(x).split(self.sizes, -1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # the cache's mask keeps the window
