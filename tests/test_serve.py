@@ -49,6 +49,9 @@ def test_completions_through_the_openai_client(server, chat_run):
                                               stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == ours.text
     assert streamed[-1].usage == out.usage and not streamed[-1].choices
+    echoed = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0, stream=True,
+                                       echo=True)  # the prompt first, as without stream (it was left out)
+    assert "".join(c.choices[0].text for c in echoed) == "KING" + ours.text
     with pytest.raises(openai.BadRequestError, match="^Error code: 400 - best_of is not supported"):
         client.completions.create(model="chat", prompt="KING", max_tokens=2, best_of=3)
 

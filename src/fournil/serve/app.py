@@ -269,6 +269,10 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
         if body.stream:
             async def events():
+                for index, (i, _) in enumerate(rows if body.echo else ()):  # the prompt first, as without stream
+                    lp = None if body.logprobs is None else await prompt_logprobs(prompts[i], leads[i], body.logprobs)
+                    yield sse({**head, "choices": [{"text": texts[i], "index": index, "logprobs": lp,
+                                                    "finish_reason": None}]})
                 async for index, piece in pieces(requests, queue):
                     choice = {"text": piece.text, "index": index, "logprobs": None, "finish_reason": None}
                     if body.logprobs is not None and piece.token >= 0:
