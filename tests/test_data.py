@@ -49,6 +49,8 @@ def test_forced_mode_and_explicit_files(tmp_path: Path):
     (b"  \n\n", "is empty"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary"),
     ("café\n".encode("latin-1"), "not valid UTF-8"),
+    ("anna\nzoé\n".encode("utf-16"), r"is UTF-16 text \(as Windows saves \"Unicode\"\): convert it to UTF-8, e\.g\. "
+                                     "`iconv -f utf-16 -t utf-8`"),  # (it said binary: NUL bytes)
 ])
 def test_bad_files_give_clear_errors(tmp_path: Path, content, message):
     path = tmp_path / "data.txt"

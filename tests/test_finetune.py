@@ -138,6 +138,9 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', encoding="utf-8")
     with pytest.raises(FournilError, match="line 2: not valid JSON"):
         read_conversations(str(bad))
+    bad.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-16")  # (Notepad's "Unicode")
+    with pytest.raises(FournilError, match="is UTF-16 text"):
+        read_conversations(str(bad))
     write_jsonl(bad, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
     with pytest.raises(FournilError, match="line 2: missing 'output'"):
         read_conversations(str(bad))

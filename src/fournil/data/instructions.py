@@ -16,6 +16,7 @@ import torch
 
 from fournil.config import check_split
 from fournil.data.batches import IGNORE, LineData, thinned
+from fournil.data.sources import decoded
 from fournil.errors import FournilError
 from fournil.text import HALF_PAIR, unpaired
 
@@ -49,10 +50,7 @@ def data_path(spec: str, bundled: dict[str, str], what: str) -> Path:
 
 def read_rows(path: Path) -> list[tuple[str, object]]:
     """The records of a JSONL file or a JSON array, each with where it is (``file, line N``) for error messages."""
-    try:
-        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # (the mark some editors begin a file with)
-    except UnicodeDecodeError:
-        raise FournilError(f"{path} is not UTF-8 text: give a JSONL file, one JSON object per line") from None
+    text = decoded(path.read_bytes(), path).removeprefix("\ufeff")  # (the mark some editors begin a file with)
     if text.lstrip().startswith("[") and path.suffix != ".jsonl":
         try:
             rows = [(f"{path}, item {n}", row) for n, row in enumerate(json.loads(text), 1)]

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from fournil.checkpoint import write_json
-from fournil.data.sources import BUNDLED
+from fournil.data.sources import BUNDLED, decoded
 from fournil.errors import FournilError
 
 META, TOKENIZER = "meta.json", "tokenizer.json"
@@ -93,12 +93,7 @@ def chunks(files: list[Path], start: int, size: int):
         while piece is not None:
             following = next(pieces, None)
             if index >= start:
-                try:
-                    text = piece.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise FournilError(f"{path} is not valid UTF-8 (bad byte near offset {e.start} of a chunk): "
-                                       f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-                yield index, text, len(piece), following is None
+                yield index, decoded(piece, path, " of a chunk"), len(piece), following is None
             index += 1
             piece = following
 

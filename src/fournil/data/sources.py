@@ -35,18 +35,26 @@ def resolve(spec: str) -> Path:
     return path
 
 
-def read_text(spec: str) -> str:
-    """The whole text of a dataset, checked: not binary, valid UTF-8, not empty; newlines normalised to \\n."""
-    path = resolve(spec)
-    raw = path.read_bytes()
+def decoded(raw: bytes, path: Path, where: str = "") -> str:
+    """``raw`` (the bytes of ``path``, or those ``where`` says) as UTF-8 text; else an error that says what they are
+    and how to convert them: UTF-16 (how Windows saves "Unicode" text: it begins with a byte order mark), binary (NUL
+    bytes) or another encoding."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # (bytes that UTF-8 never holds)
+        raise FournilError(f"{path} is UTF-16 text (as Windows saves \"Unicode\"): convert it to UTF-8, e.g. "
+                           f"`iconv -f utf-16 -t utf-8`")
     if b"\x00" in raw:
         raise FournilError(f"{path} looks like a binary file (it contains NUL bytes): give a UTF-8 text file")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise FournilError(
-            f"{path} is not valid UTF-8 (bad byte at offset {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
+        raise FournilError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}{where}): convert it, e.g. "
+                           f"`iconv -f latin1 -t utf-8`") from None
+
+
+def read_text(spec: str) -> str:
+    """The whole text of a dataset, checked: not binary, valid UTF-8, not empty; newlines normalised to \\n."""
+    path = resolve(spec)
+    text = decoded(path.read_bytes(), path)
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
         raise FournilError(f"{path} is empty: give a file with some text in it")
