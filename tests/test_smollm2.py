@@ -39,7 +39,7 @@ def test_info_describes_the_model(ours):
     info = ours.info()
     assert info["parameters"] == "134,515,008"
     assert info["context"] == "8,192 tokens" and info["vocabulary"] == "49,152 tokens"
-    assert info["shape"] == "n_layer 30, n_head 9, n_kv_head 3, n_embd 576"
+    assert info["shape"] == "n_layer 30, n_head 9, n_kv_head 3, n_embd 576, head_dim 64, intermediate_size 1536"
     assert "Q4_1" in info["stored dtype"] and info["chat template"] == "yes"
 
 
