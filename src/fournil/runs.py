@@ -289,9 +289,9 @@ class Run:
         files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.is_file() and p.name != STATE]
         size = sum(p.stat().st_size for p in files)
         adapter = bool(self.config.finetune and self.config.finetune.lora)  # (the base's dtype, the adapter's files)
+        # each family's own; a llama's heads need not be n_embd / n_head wide (Qwen3-0.6B's are 128, not 1024 / 16)
         shape = {k: getattr(c, k) for k in ("n", "context", "cell", "n_layer", "n_head", "n_kv_head", "n_embd",
-                                            "head_dim", "intermediate_size", "n_hidden") if hasattr(c, k)}  # (each
-        # family's own; a llama's heads need not be n_embd / n_head wide: Qwen3-0.6B's are 128, not 1024 / 16)
+                                            "head_dim", "intermediate_size", "n_hidden") if hasattr(c, k)}
         return {
             "model": f"{self.model.family} ({self.source['architecture']}, from a {self.source['format']})",
             "parameters": f"{self.model.num_params():,}",

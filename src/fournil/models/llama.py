@@ -113,10 +113,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.o_bias)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.qk_norm = config.qk_norm
+        self.q_norm, self.k_norm = (RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+                                    for _ in range(2))
         self.qkv = None  # q, k and v in one product, once fused for generation (:meth:`fuse`)
 
     def fuse(self, layer: Callable[..., nn.Module]) -> None:
@@ -135,7 +133,7 @@ class Attention(nn.Module):
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else \
             self.qkv(x).split(self.sizes, -1)
         q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv_head, self.head_dim)
-        if self.qk_norm:
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
