@@ -126,7 +126,7 @@ def test_output_piped_to_a_reader_that_leaves_stops_quietly(cli, trained):
     """`fournil sample -n 20000 | head -1`: the samples fill the pipe, its reader leaves after one line, and fournil
     stops as a Unix tool does (status 128 + SIGPIPE) without a word (it said "error: [Errno 32] Broken pipe")."""
     proc = cli.popen("sample", trained["gpt"], "-n", "20000")
-    assert proc.stdout.readline().strip()
+    assert proc.stdout.readline().endswith("\n")  # a line (a sampled name may be empty: the boundary came first)
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141 and proc.stderr.read() == ""
 
