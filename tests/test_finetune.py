@@ -138,6 +138,10 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', encoding="utf-8")
     with pytest.raises(FournilError, match="line 2: not valid JSON"):
         read_conversations(str(bad))
+    bad.write_text("To be, or not to be\n", encoding="utf-8")  # (it said "line 1: not valid JSON (Expecting value)")
+    with pytest.raises(FournilError, match=r"holds text, not JSON records \(line 1: 'To be, or not to be'\): train "
+                                           r"on text with `fournil train --data "):
+        read_conversations(str(bad))
     bad.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-16")  # (Notepad's "Unicode")
     with pytest.raises(FournilError, match="is UTF-16 text"):
         read_conversations(str(bad))

@@ -64,6 +64,10 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
             try:
                 rows.append((f"{path}, line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
+                if not rows and not line.lstrip().startswith(("{", "[")):  # prose, as `fournil train` reads
+                    raise FournilError(f"{path} holds text, not JSON records (line {n}: {line.strip()[:40]!r}): "
+                                       f"train on text with `fournil train --data {path}`; this command reads one "
+                                       f"JSON object per line") from None
                 raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON "
                                    f"object") from None
     if not rows:
