@@ -101,7 +101,13 @@ def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass
     assert label == rows[0]["label"] and float(prob) == pytest.approx(rows[0]["prob"], abs=1e-4)
     refused = CLI(tmp_path)("explain", bpe_llama, "", check=False)  # BOS alone: nothing to predict
     assert refused.returncode == 2 and "give a longer text" in refused.stderr and "Traceback" not in refused.stderr
-    assert drawn_at(tmp_path / "p.png", *figure_size(len(rows)))
+    assert drawn_at(tmp_path / "p.png", *figure_size(len(rows))) and figure_size(len(rows))[1] == 4.5  # one line
+    for words, lines in ((25, 2), (400, 20)):  # a long text fills lines of 45 bars, 20 at most (it drew 1,000 bars
+        # 0.02 inch wide, their labels one black smear)
+        tokens = len(run.tokenizer.encode("the king " * words))
+        assert 45 * (lines - 1) < min(tokens, 900) <= 45 * lines
+        CLI(tmp_path)("explain", bpe_llama, "the king " * words, "--out", "long.png")
+        assert drawn_at(tmp_path / "long.png", 24, 1.5 + 3 * lines)
     long = "The capital of France is Paris, and the capital of Italy is Rome."  # the title says where it was cut
     assert heading(run, long) == f"{run.path.name}: {long[:59]}…" and heading(run, text) == f"{run.path.name}: {text}"
 
