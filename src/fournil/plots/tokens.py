@@ -42,8 +42,10 @@ def plot_tokens(panels: list[tuple[str, list[str], dict]], path: Path) -> None:
         ax.axis("off")
         y, n = 0.0, 0
         for name, lines, c in laid:
-            ax.text(0, y + 0.5, f"{name}: {c['tokens']} tokens for {c['chars']} characters ({c['bytes']} bytes), "
-                    f"{c['bytes_per_token']:.2f} bytes per token", va="center", fontsize=FONT * 0.75, weight="bold")
+            header = (f"{name}: {c['tokens']:,} tokens for {c['chars']:,} characters ({c['bytes']:,} bytes), "
+                      f"{c['bytes_per_token']:.2f} bytes per token")
+            ax.text(0, y + 0.5, header, va="center", weight="bold", fontsize=min(FONT * 0.75, COLUMNS * CELL * 72 / (
+                0.65 * len(header))))  # (a bold letter is about 0.65 of the font's size wide: a long one shrinks)
             y += 1.2
             for line in lines:
                 for x, text in line:
