@@ -145,6 +145,9 @@ def test_tokenize_draws_each_tokenizers_cuts_with_their_counts(bpe_llama, tmp_pa
     assert "19 characters, 19 bytes, 19 tokens: 1.00 bytes per token" in result.stdout
     rows = 2 * (1 + 1.6)  # two panels of one line each
     assert drawn_at(tmp_path / "tokens.png", COLUMNS * CELL + 0.4, rows * ROW + 0.2)
+    CLI(tmp_path)("tokenize", "To be, or not to be. " * 150, "--tokenizer", bpe_llama, "--out", "long.png")
+    header = imread(tmp_path / "long.png")[: int(1.2 * ROW * 100), :, :3]  # 3,150 characters: a long header
+    assert header.min() < 0.5 and header[:, -int(0.3 * 100):].min() == 1.0  # drawn, and ending before the margin
 
 
 def test_pictures_draw_token_labels_as_written_and_leave_matplotlib_as_they_found_it(tmp_path):
