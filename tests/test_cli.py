@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -408,3 +409,14 @@ def test_incomplete_run_says_how_to_continue(cli, tmp_path, trained):
     (broken / "config.json").write_text((trained["gpt"] / "config.json").read_text())
     (broken / "tokenizer.json").write_text((trained["gpt"] / "tokenizer.json").read_text())
     one_line_error(cli("eval", broken, check=False), "incomplete", "model.safetensors", "--resume")
+
+
+def test_the_commands_a_run_suggests_run_as_written_where_its_path_has_spaces(cli, tmp_path):
+    """`next: fournil eval mes runs/prénoms` was two arguments to a shell; the path is now quoted where it must be."""
+    out = cli("train", "--model", "ngram", "--data", "names", "--out", "mes runs/prénoms ngram", "--quiet").stdout
+    suggested = out.splitlines()[-1].removeprefix("next: ").split("  |  ")
+    assert suggested[0] == "fournil eval 'mes runs/prénoms ngram'"
+    assert cli(*shlex.split(suggested[1])[1:]).stdout.strip()  # fournil sample, as a shell splits it
+    again = cli("train", "--model", "ngram", "--data", "names", "--out", "mes runs/prénoms ngram", check=False)
+    one_line_error(again, "continue it with --resume 'mes runs/prénoms ngram', or start another with --out "
+                          "'mes runs/prénoms ngram-2'")

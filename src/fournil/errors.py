@@ -1,4 +1,5 @@
 """The one exception users see: its message says what is wrong and how to fix it."""
+import shlex
 
 
 class FournilError(Exception):
@@ -14,3 +15,9 @@ class NotAChatModel(FournilError):
 
 class ContextFull(FournilError):
     """A conversation longer than the model's context: a chat can start over, or send a shorter message."""
+
+
+def typed(path) -> str:
+    """A path as a shell reads it, for the commands that messages suggest: quoted where it holds a space, a quote or a
+    letter outside ASCII (``'runs/mon modèle'``), as it is otherwise."""
+    return shlex.quote(str(path))

@@ -13,7 +13,7 @@ from fournil.config import (AlignConfig, DataConfig, DistillConfig, FinetuneConf
                             command_of, from_dict, to_dict)
 from fournil.data import load_splits, make_data
 from fournil.device import generation_dtype, generation_weights, pick_device, pick_dtype, precision_text
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 from fournil.evaluate import evaluate_nll, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
 from fournil.generate.quantize import quantize, quantize_layers
@@ -138,7 +138,7 @@ class Run:
             if not (path / name).exists():
                 raise FournilError(
                     f"{path} is incomplete: it has no {name} (training stopped before its first checkpoint); "
-                    f"continue it with `fournil {command_of(config)} --resume {path}`"
+                    f"continue it with `fournil {command_of(config)} --resume {typed(path)}`"
                 )
         model = build_model(config.model, read_safetensors(path / WEIGHTS)[0], str(path / WEIGHTS))
         source = {"format": "fournil run directory", "architecture": config.model["family"], "dtype": "float32"}
@@ -262,9 +262,9 @@ class Run:
         """Refuse to generate with a reward model, or to score text by its probabilities: its body learned to score
         answers, and the language head it kept no longer fits it."""
         if self.config.scores_answers:
-            raise FournilError(f"{self.path} is a reward model: it scores answers (fournil reward score {self.path} "
-                               f"--prompt ... --answer ...) and does not write them; use the model it was trained "
-                               f"from, {self.config.finetune.base}")
+            raise FournilError(f"{self.path} is a reward model: it scores answers (fournil reward score "
+                               f"{typed(self.path)} --prompt ... --answer ...) and does not write them; use the model "
+                               f"it was trained from, {self.config.finetune.base}")
 
     def sample(self, n: int = 20, prompt: str = "", temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:

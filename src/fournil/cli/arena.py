@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fournil.cli.flags import DEVICE, WEIGHT_PRECISIONS, add_listen_args, is_loopback
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 
 ARENA_ACTIONS = ("serve", "leaderboard", "judge", "export")
 
@@ -89,7 +89,7 @@ def run_arena(args) -> None:
 
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(
             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8"))
-        print(f"{len(pairs):,} preference pairs -> {args.out} (fournil align --data {args.out})")
+        print(f"{len(pairs):,} preference pairs -> {args.out} (fournil align --data {typed(args.out)})")
     elif args.action == "judge":
         arena_judge(args)
     else:
@@ -144,8 +144,9 @@ def arena_serve(args) -> None:
 
 def no_votes(args, naming: str) -> str:
     whose = {"all": "", "people": " by people", "judges": " by judges"}[args.voters]
+    db = typed(args.db)
     return (f"{args.db} holds no vote{whose} that names {naming} yet: vote on the page of fournil arena MODEL MODEL "
-            f"--db {args.db}, or let a judge vote (fournil arena judge MODEL MODEL --judge JUDGE --db {args.db})")
+            f"--db {db}, or let a judge vote (fournil arena judge MODEL MODEL --judge JUDGE --db {db})")
 
 
 def arena_leaderboard(args, store) -> None:
@@ -198,7 +199,7 @@ def arena_judge(args) -> None:
         judge = Judge(answerer(args.judge, args.device, "auto", args.api_key_env))
         votes = sum(judge_battle(judge, b, store) for b in battles.values())
         asked = len(battles)
-    print(f"{name_of(args.judge)} gave {votes} verdicts -> {args.db} (fournil arena leaderboard --db {args.db})")
+    print(f"{name_of(args.judge)} gave {votes} verdicts -> {args.db} (fournil arena leaderboard --db {typed(args.db)})")
     if votes < asked:
         print(f"fournil: {asked - votes} of {asked} battles got no verdict: the judge's answer named none ([[A]], "
               f"[[B]] or [[C]]) in one of the orders, or the battle did not fit its context", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 from fournil.cli.flags import MODEL_HELP, parse_picture
 from fournil.config import DataConfig
 from fournil.data.sources import BUNDLED, resolve
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 
 # names that say "one file": a folder named so (a Hugging Face folder, a run) is a typo waiting to be loaded as one
 FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".ggml", ".gguf"}
@@ -79,7 +79,7 @@ def run_convert(args) -> None:
     if run.config.scores_answers:
         raise FournilError(f"{run.path} is a reward model: convert writes language models, and its body without "
                            f"its score head would neither write nor score; use the run itself (fournil reward score "
-                           f"{run.path}, fournil align --method grpo --reward {run.path})")
+                           f"{typed(run.path)}, fournil align --method grpo --reward {typed(run.path)})")
     export(run, out, kind, args.type)
     print(f"wrote {args.out} ({kind})")
 
@@ -110,7 +110,8 @@ def run_tokenizer(args) -> None:
     print(f"{tokenizer.vocab_size:,} tokens -> {out}/tokenizer.json")
     print(f"val split: {val['bytes']:,} bytes, {val['chars']:,} characters, {val['tokens']:,} tokens: "
           f"{val['bytes_per_token']:.2f} bytes per token, {val['chars'] / val['tokens']:.2f} characters per token")
-    print(f"next: fournil tokenize TEXT --tokenizer {out}  |  fournil train --data {args.data} --tokenizer {out}")
+    print(f"next: fournil tokenize TEXT --tokenizer {typed(out)}  |  fournil train --data {typed(args.data)} "
+          f"--tokenizer {typed(out)}")
 
 
 def own_folder(out: Path, command: str, writes: str) -> None:
@@ -137,8 +138,8 @@ def run_prepare(args) -> None:
         if not made_with(out, spec):
             held = "characters" if isinstance(tokenizer, CharTokenizer) else \
                 f"a {tokenizer.vocab_size:,}-token BPE ({out / TOKENIZER})"
-            raise FournilError(f"{out} holds shards made with {held}, not {spec}: give --tokenizer {out} to go on "
-                               f"with theirs, or choose another --out")
+            raise FournilError(f"{out} holds shards made with {held}, not {spec}: give --tokenizer {typed(out)} to "
+                               f"go on with theirs, or choose another --out")
     elif size := bpe_size(spec):
         texts = source_texts(source)  # (which refuses a source with no text before anything is said)
         print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
@@ -152,7 +153,7 @@ def run_prepare(args) -> None:
     counts = {name: sum(s["tokens"] for s in shards) for name, shards in meta["shards"].items()}
     print(f"{out}: " + ", ".join(f"{name} {n:,} tokens" for name, n in counts.items())
           + f" ({meta['dtype']}, vocabulary {tokenizer.vocab_size:,})")
-    print(f"next: fournil train --data {out}")
+    print(f"next: fournil train --data {typed(out)}")
 
 
 def tokenizer_for(spec: str | None, text: str):

@@ -12,7 +12,7 @@ from fournil.cli.flags import (AUTOMATIC, DEVICE, LOW_MEMORY, SCORE_DTYPE, TRAIN
                                parse_split, renamed, scored, setting_help)
 from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, command_of, read_recipe
 from fournil.data.sources import BUNDLED
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 from fournil.models import FAMILIES, config_class
 
 
@@ -260,7 +260,8 @@ def run_distill(args) -> None:
     data = DataConfig(args.data, **args.recipe_data) if args.data and args.recipe_data else args.data
     run = distill(data=data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
                   budget=budget, baseline=not args.no_baseline, progress=not args.quiet, api_key_env=args.api_key_env)
-    print(f"saved to {run.path}; next: fournil generate {run.path} TEXT  |  fournil eval {run.path}")
+    path = typed(run.path)
+    print(f"saved to {run.path}; next: fournil generate {path} TEXT  |  fournil eval {path}")
 
 
 def run_merge(args) -> None:
@@ -276,12 +277,12 @@ def run_merge(args) -> None:
     tuned = read_config(adapter) if (adapter / CONFIG).is_file() else None
     if tuned and tuned.scores_answers:
         raise FournilError(f"{adapter} is a reward model: merged without its score head, it would neither "
-                           f"write nor score; use the run itself (fournil reward score {adapter}, fournil align "
-                           f"--method grpo --reward {adapter})")
+                           f"write nor score; use the run itself (fournil reward score {typed(adapter)}, fournil align "
+                           f"--method grpo --reward {typed(adapter)})")
     if args.base is None:
         if not (tuned and tuned.finetune and tuned.finetune.lora):
             raise FournilError(f"{adapter} names no base model (it is not a LoRA run of fournil): give the base "
-                               f"first, fournil merge BASE {adapter} {args.out}")
+                               f"first, fournil merge BASE {typed(adapter)} {typed(args.out)}")
         args.base = tuned.finetune.base
     run = Run.load(args.base, "cpu")
     config = load_adapter(run.model, Path(args.adapter))
@@ -317,18 +318,18 @@ def report(run) -> None:
         val = run.evaluate(("val",), max_tokens=run.config.train.eval_tokens)["val"]  # as far as it validated
         print(f"val: {100 * val['exact']:.2f} % of {val['outputs']:,} held-out outputs exactly right (greedy), "
               f"character error rate {100 * val['cer']:.2f} %")
+    path = typed(run.path)
     if command_of(run.config) == "reward train":
-        print(f"next: fournil reward score {run.path} --prompt TEXT --answer TEXT --answer TEXT  |  "
-              f"fournil align MODEL --method grpo --reward {run.path}")
+        print(f"next: fournil reward score {path} --prompt TEXT --answer TEXT --answer TEXT  |  "
+              f"fournil align MODEL --method grpo --reward {path}")
         return
     if run.config.finetune:
-        print(f"next: fournil chat {run.path}  |  fournil eval {run.path}")
+        print(f"next: fournil chat {path}  |  fournil eval {path}")
         return
     if run.mode == "pairs":  # a source to translate, not a text to score
-        print(f"next: fournil eval {run.path}  |  fournil sample {run.path} --prompt SOURCE  |  "
-              f"fournil embeddings {run.path}")
+        print(f"next: fournil eval {path}  |  fournil sample {path} --prompt SOURCE  |  fournil embeddings {path}")
         return
-    print(f"next: fournil eval {run.path}  |  fournil sample {run.path}  |  fournil explain {run.path} TEXT")
+    print(f"next: fournil eval {path}  |  fournil sample {path}  |  fournil explain {path} TEXT")
 
 
 COMMANDS = {"train": run_train, "finetune": run_finetune, "align": run_align, "reward": run_reward,

@@ -17,7 +17,7 @@ import torch
 from fournil.config import check_split
 from fournil.data.batches import IGNORE, LineData, thinned
 from fournil.data.sources import decoded
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 from fournil.text import HALF_PAIR, unpaired
 
 BUNDLED_INSTRUCTIONS = {
@@ -66,8 +66,8 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
             except json.JSONDecodeError as e:
                 if not rows and not line.lstrip().startswith(("{", "[")):  # prose, as `fournil train` reads
                     raise FournilError(f"{path} holds text, not JSON records (line {n}: {line.strip()[:40]!r}): "
-                                       f"train on text with `fournil train --data {path}`; this command reads one "
-                                       f"JSON object per line") from None
+                                       f"train on text with `fournil train --data {typed(path)}`; this command reads "
+                                       f"one JSON object per line") from None
                 raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON "
                                    f"object") from None
     if not rows:

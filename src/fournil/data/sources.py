@@ -5,7 +5,7 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 
 BUNDLED = {
     "names": "names.txt",
@@ -23,7 +23,7 @@ def resolve(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         raise FournilError(f"{spec} is a folder: give a UTF-8 text file (or a bundled dataset: {', '.join(BUNDLED)}), "
-                           f"or tokenize the folder first with `fournil prepare --data {spec}`")
+                           f"or tokenize the folder first with `fournil prepare --data {typed(spec)}`")
     if not path.exists():
         from fournil.data.instructions import bundled_elsewhere
 

@@ -22,7 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 from fournil.generate import SamplingParams, complete
 from fournil.generate.cache import half_context
 from fournil.generate.engine import score_choices
@@ -46,7 +46,8 @@ class FournilLM(TemplateLM):
         decoder_only(self.run.model, "benchmarking")
         if not hasattr(self.run.model, "new_cache"):
             raise FournilError(f"benchmarks read with a Transformer decoder (gpt, llama, a pretrained model); {model} is "
-                               f"an {self.run.model.family} model: measure it on text with `fournil eval {model}`")
+                               f"an {self.run.model.family} model: measure it on text with "
+                               f"`fournil eval {typed(model)}`")
         self.tok, self.net = self.run.tokenizer, self.run.model
         self.batch_tokens, self.max_gen_toks, self.max_batch = int(batch_tokens), int(max_gen_toks), int(max_batch)
         self._eot = self.tok.eos_id if self.tok.eos_id is not None else self.tok.bos_id
@@ -72,7 +73,8 @@ class FournilLM(TemplateLM):
         if self._eot is None:  # asked for only where a text is scored from its very start
             raise FournilError(f"{self.run.path} has no end-of-text token to put before a text it scores from the "
                                f"start; such tasks need a model trained with one (--tokenizer bpe:N, or a pretrained "
-                               f"one). `fournil eval {self.run.path}` gives its bits per byte on its own held-out text")
+                               f"one). `fournil eval {typed(self.run.path)}` gives its bits per byte on its own "
+                               f"held-out text")
         return self._eot
 
     @property

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from fournil.errors import ContextFull, FournilError, NotAChatModel
+from fournil.errors import ContextFull, FournilError, NotAChatModel, typed
 from fournil.generate.sampling import SamplingParams
 
 PREFIX = "openai:"
@@ -51,7 +51,7 @@ def check_chats(model, start: list[dict] = ()) -> None:
             model.run.tokenizer.chat_ids([*start, {"role": "user", "content": ""}])
         except NotAChatModel as e:
             raise FournilError(f"{model}: {e}; give a chat model (smollm2, or one tuned with fournil finetune), or "
-                               f"continue a text with `fournil generate {model.run.path}`") from None
+                               f"continue a text with `fournil generate {typed(model.run.path)}`") from None
         except FournilError as e:
             raise FournilError(f"{model}: {e}") from None
 

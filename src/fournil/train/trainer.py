@@ -26,7 +26,7 @@ from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
 from fournil.device import (autocast, matmul_rate, memory_budget, memory_size, model_width, pick_device, pick_dtype,
                             precision_text, prepare_compile)
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 from fournil.models import (DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class,
                             parameter_count)
 from fournil.plots import plot_loss
@@ -71,8 +71,8 @@ def new_run_dir(config: RunConfig, out: str | None) -> Path:
         data = config.data.data if config.data.data in BUNDLED else Path(config.data.train or config.data.data).stem
         path = RUNS / f"{data}-{config.model['family']}"
     if (path / CONFIG).exists():
-        raise FournilError(f"{path} already holds a run: continue it with --resume {path}, or start another with "
-                           f"--out {path.parent / (path.name + '-2')} (or delete {path})")
+        raise FournilError(f"{path} already holds a run: continue it with --resume {typed(path)}, or start another "
+                           f"with --out {typed(path.parent / (path.name + '-2'))} (or delete {path})")
     return path
 
 
