@@ -444,6 +444,21 @@ def test_chat_keeps_its_conversation_and_an_answer_read_in_part_frees_the_model_
     assert chat.turns.kept[0][:len(asked)] == asked and len(chat.turns.kept[0]) == len(asked) + 7
 
 
+def test_the_python_api_chats_with_a_message_or_a_conversation_and_says_what_it_cannot(bpe_llama, trained):
+    from fournil.errors import FournilError
+
+    run = Run.load(bpe_llama, "cpu")
+    greedy = {"temperature": 0, "max_new_tokens": 8}
+    said = run.chat("Who art thou?", **greedy)
+    assert said == run.chat([{"role": "user", "content": "Who art thou?"}], **greedy)
+    assert run.chat("Who art thou?", seed=5) == run.chat("Who art thou?", seed=5)
+    for wrong in ([], [{"role": "bot", "content": "Hi"}], [{"role": "user"}], 7):
+        with pytest.raises(FournilError, match=r"give a message as text, or the conversation as a list of "):
+            run.chat(wrong)
+    with pytest.raises(FournilError, match=r"names-gpt: this model has no chat template .*sample\(prompt=...\)"):
+        Run.load(trained["gpt"], "cpu").chat("Hi")
+
+
 @pytest.mark.precision
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4"])
 def test_an_answer_does_not_depend_on_what_was_generated_before_or_beside_it(bpe_llama, precision):

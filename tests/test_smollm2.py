@@ -76,6 +76,9 @@ def test_chat_answers_paris(cli):
     assert "Paris" in answer
     assert (reset, system, removed) == ("(new conversation)", "(system message set)", "(system message removed)")
     assert again == answer  # no system message left: the same conversation as the first
+    python = Run.load("smollm2", "cpu", "float32").chat("What is the capital of France?", temperature=0,
+                                                        max_new_tokens=20)
+    assert python == answer  # the Python API's answer is the chat's
 
 
 def test_a_message_of_several_lines_is_sent_whole_between_triple_quotes(cli):

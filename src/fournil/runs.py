@@ -283,6 +283,28 @@ class Run:
                         truncate=True)
         return [prompt + c.text for c in done]
 
+    def chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.7,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+        """The answer to a conversation, as `fournil chat` gives it (with its defaults): a user's message, or
+        OpenAI-style messages, ``[{"role": "system" | "user" | "assistant", "content": text}, ...]``."""
+        from fournil.errors import NotAChatModel
+        from fournil.generate.answerers import Local
+
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages)):
+            raise FournilError(f"give a message as text, or the conversation as a list of {{'role': system|user|"
+                               f"assistant, 'content': text}} (got {str(messages)[:60]})")
+        self.check_writes()
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed)
+        try:
+            return "".join(Local(self).chat(messages, params))
+        except NotAChatModel as e:
+            raise FournilError(f"{self.path}: {e}; Run.sample(prompt=...) continues a text") from None
+
     def info(self) -> dict:
         """What `fournil info` shows."""
         c = self.model.config
