@@ -69,6 +69,7 @@ class GRPO:
     and the system prompt once per row (:func:`pack`): under the policy and the reference alike."""
 
     averages_rows = True  # each answer's mean over its tokens, averaged over answers
+    plotted = ("train_reward", "val_reward", "mean reward of the answers")
 
     def __init__(self, beta: float, reference, pack_to: int | None = None):
         self.beta, self.reference, self.pack_to = beta, reference, pack_to

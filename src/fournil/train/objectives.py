@@ -2,7 +2,8 @@
 
 ``loss(model, batch) -> (loss, metrics)``: ``metrics`` holds ``tokens`` (for the speed shown) and any other figure
 worth logging, as tensors averaged over the steps between two log lines. ``validate(model, data, dtype, max_tokens)``
-returns ``{"loss": ...}`` (what the best checkpoint is chosen by) and the figures of the whole set.
+returns ``{"loss": ...}`` (what the best checkpoint is chosen by) and the figures of the whole set. ``plotted``: the
+logged figures that ``loss.png`` draws, train's beside val's, and what they measure.
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ class NextTokenPrediction:
     positions; with ``share`` too, what all the rows hold before their first target (a system prompt) read once per
     row."""
 
+    plotted = ("train_loss", "val_loss", "loss (nats per token)")
+
     def __init__(self, pack_to: int | None = None, share: bool = False):
         self.pack_to, self.share = pack_to, share
 
@@ -117,6 +120,7 @@ class DPO:
 
     rows_per_example = 2  # a batch of pairs: a chosen and a rejected answer each
     averages_rows = True
+    plotted = ("train_loss", "val_loss", "DPO loss (nats per pair)")
 
     def __init__(self, beta: float, reference=None, pack_to: int | None = None):
         self.beta, self.reference, self.pack_to = beta, reference, pack_to
@@ -158,6 +162,7 @@ class PairwiseReward:
 
     rows_per_example = 2
     averages_rows = True
+    plotted = ("train_loss", "val_loss", "Bradley-Terry loss (nats per pair)")
 
     def loss(self, model, batch):
         x, y = batch[0], batch[1]
@@ -246,6 +251,8 @@ class Distillation:
     positions that carry a target. The teacher only reads (no gradients, inference mode, the run's precision). Both
     models' logits at those positions are held, but none of their softmaxes whole. ``pack_to`` and ``share``: both
     read the batch packed, as :class:`NextTokenPrediction` does."""
+
+    plotted = ("train_nll", "val_loss", "the student's NLL (nats per token)")  # (not the mixed objective's)
 
     def __init__(self, teacher, temperature: float, alpha: float, reverse: bool = False, pack_to: int | None = None,
                  share: bool = False):

@@ -479,9 +479,12 @@ class Trainer:
 
     def finish(self) -> Run:
         metrics = self.metrics.read()
-        tuned = "fine-tuned " if self.config.finetune else ""
-        name = f"{tuned}{self.config.model['family']} on {self.config.data.data}"
-        plot_loss(metrics, self.dir / "loss.png", name)
+        family, align = self.config.model["family"], self.config.align
+        stage = {"finetune": f"fine-tuned {family}", "reward train": f"a reward model from {family}",
+                 "distill": f"a {family} student, distilled", "align": f"{family} aligned by "
+                 f"{align and align.method.upper()}"}.get(command_of(self.config), family)
+        name = f"{stage} on {self.config.data.data}"
+        plot_loss(metrics, self.dir / "loss.png", name, *self.objective.plotted)
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
         n = self.config.train.samples
         if self.config.scores_answers:
