@@ -69,7 +69,7 @@ def records(run_dir):
 def draws(objective, run_dir) -> bool:
     """Whether the run's last record has the train and val figures its loss.png draws (it drew a reward model's and
     GRPO's losses as "nats per token", and distillation's mixed objective beside a val NLL)."""
-    return all(key in records(run_dir)[-1] for key in objective.plotted[:2])
+    return all(key in records(run_dir)[-1] for key in objective.curves[:2])
 
 
 def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same(preferences):
@@ -144,7 +144,7 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
     CLI(root)("reward", "train", base, "--data", data, "--steps", "20", "--eval-every", "10", "--lr", "3e-3", "--quiet",
               "--out", "rm")
     assert {p.name for p in (root / "rm").iterdir()} >= {"model.safetensors", "reward_head.safetensors", "config.json"}
-    assert draws(PairwiseReward, root / "rm") and PairwiseReward.plotted[2] == "Bradley-Terry loss (nats per pair)"
+    assert draws(PairwiseReward, root / "rm") and PairwiseReward.curves.measure == "Bradley-Terry loss (nats per pair)"
     result = CLI(root)("reward", "score", root / "rm")
     assert "test: 2 pairs, chosen scored higher in 100.0 %" in result.stdout
     result = CLI(root)("reward", "score", root / "rm", "--data", data)
@@ -227,7 +227,7 @@ def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_bas
                   "--batch-size", "16", "--eval-every", "30", "--lr", "5e-3", "--quiet", "--out", f"grpo-{beta}")
         finals[beta] = records(root / f"grpo-{beta}")[-1]
     assert (root / "grpo-1.0" / "samples.txt").read_text().startswith("'Speak of thing ")
-    assert draws(GRPO, root / "grpo-1.0") and GRPO.plotted[:2] == ("train_reward", "val_reward")
+    assert draws(GRPO, root / "grpo-1.0") and GRPO.curves[:2] == ("train_reward", "val_reward")
     assert mean_reward(Run.load(root / "grpo-0.04", "cpu").model) > mean_reward(before.model) + 0.05
     assert 0 < finals["1.0"]["val_kl"] < finals["0.04"]["val_kl"] < 1.0
 

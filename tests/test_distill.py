@@ -55,7 +55,7 @@ def test_a_student_learns_from_a_teacher_and_the_report_compares_them(bpe_llama,
     rows = {line.split("|")[1].strip(): line for line in report[2:]}
     # imitation alone (alpha 1) brings it closer to the teacher, in what it predicts and in how well it predicts
     assert logged[-1]["train_kd"] < 0.5 * logged[0]["train_kd"]
-    assert Distillation.plotted[:2] == ("train_nll", "val_loss") and "train_nll" in logged[-1]  # loss.png: NLL and NLL
+    assert Distillation.curves[:2] == ("train_nll", "val_loss") and "train_nll" in logged[-1]  # loss.png: NLL and NLL
     teacher_nll = float(rows["teacher"].split("|")[5])
     assert abs(logged[-1]["val_loss"] - teacher_nll) < abs(logged[0]["val_loss"] - teacher_nll)
     assert set(rows) == {"teacher", "distilled student", "student without teacher"}

@@ -13,7 +13,7 @@ import torch
 from fournil.data.batches import IGNORE, pack, prompt_groups, row_sums
 from fournil.data.instructions import pad_id
 from fournil.generate import SamplingParams, complete
-from fournil.train.objectives import evaluating, mean_over_batches, token_logprobs
+from fournil.train.objectives import Curves, evaluating, mean_over_batches, token_logprobs
 
 VAL_PROMPTS = 16  # held-out prompts answered at each validation (generation is the slow part)
 
@@ -69,7 +69,7 @@ class GRPO:
     and the system prompt once per row (:func:`pack`): under the policy and the reference alike."""
 
     averages_rows = True  # each answer's mean over its tokens, averaged over answers
-    plotted = ("train_reward", "val_reward", "mean reward of the answers")
+    curves = Curves("train_reward", "val_reward", "mean reward of the answers", "reward")
 
     def __init__(self, beta: float, reference, pack_to: int | None = None):
         self.beta, self.reference, self.pack_to = beta, reference, pack_to

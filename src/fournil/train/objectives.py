@@ -2,13 +2,14 @@
 
 ``loss(model, batch) -> (loss, metrics)``: ``metrics`` holds ``tokens`` (for the speed shown) and any other figure
 worth logging, as tensors averaged over the steps between two log lines. ``validate(model, data, dtype, max_tokens)``
-returns ``{"loss": ...}`` (what the best checkpoint is chosen by) and the figures of the whole set. ``plotted``: the
-logged figures that ``loss.png`` draws, train's beside val's, and what they measure.
+returns ``{"loss": ...}`` (what the best checkpoint is chosen by) and the figures of the whole set. ``curves``: which
+of the logged figures a run shows (:class:`Curves`).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,16 @@ from fournil.device import autocast
 from fournil.evaluate import evaluate_nll
 from fournil.evaluate.metrics import scoring_bar
 from fournil.models.base import chunk_positions, packed_width, shares_prompts, target_logprobs
+
+
+class Curves(NamedTuple):
+    """What the progress line and ``loss.png`` show, train beside val in the same measure: the logged figures, what
+    they measure, and the train figure's short name."""
+
+    train: str = "train_loss"
+    val: str = "val_loss"
+    measure: str = "loss (nats per token)"
+    name: str = "loss"
 
 
 def packing(data, *models) -> dict:
@@ -91,7 +102,7 @@ class NextTokenPrediction:
     positions; with ``share`` too, what all the rows hold before their first target (a system prompt) read once per
     row."""
 
-    plotted = ("train_loss", "val_loss", "loss (nats per token)")
+    curves = Curves()
 
     def __init__(self, pack_to: int | None = None, share: bool = False):
         self.pack_to, self.share = pack_to, share
@@ -120,7 +131,7 @@ class DPO:
 
     rows_per_example = 2  # a batch of pairs: a chosen and a rejected answer each
     averages_rows = True
-    plotted = ("train_loss", "val_loss", "DPO loss (nats per pair)")
+    curves = Curves(measure="DPO loss (nats per pair)")
 
     def __init__(self, beta: float, reference=None, pack_to: int | None = None):
         self.beta, self.reference, self.pack_to = beta, reference, pack_to
@@ -162,7 +173,7 @@ class PairwiseReward:
 
     rows_per_example = 2
     averages_rows = True
-    plotted = ("train_loss", "val_loss", "Bradley-Terry loss (nats per pair)")
+    curves = Curves(measure="Bradley-Terry loss (nats per pair)")
 
     def loss(self, model, batch):
         x, y = batch[0], batch[1]
@@ -252,7 +263,7 @@ class Distillation:
     models' logits at those positions are held, but none of their softmaxes whole. ``pack_to`` and ``share``: both
     read the batch packed, as :class:`NextTokenPrediction` does."""
 
-    plotted = ("train_nll", "val_loss", "the student's NLL (nats per token)")  # (not the mixed objective's)
+    curves = Curves("train_nll", measure="the student's NLL (nats per token)", name="nll")  # (not the mixed objective)
 
     def __init__(self, teacher, temperature: float, alpha: float, reverse: bool = False, pack_to: int | None = None,
                  share: bool = False):

@@ -385,7 +385,8 @@ class Trainer:
                 self.metrics.log({"step": 0, "val_loss": base})
             bar.update(0.0, True, step=0, val=f"{base:.4f}")
         start, start_elapsed = time.perf_counter(), elapsed
-        window_loss, window_tokens, window_flops, window_steps, window_start, val = 0.0, 0, 0.0, 0, start, None
+        window_loss, window_tokens, window_flops, window_steps, window_start = 0.0, 0, 0.0, 0, start
+        curves, shown = self.objective.curves, "-"  # (shown: the last validation's figure, on every progress line)
         window_metrics = {}
         model.train()
         try:
@@ -458,8 +459,9 @@ class Trainer:
                     self.metrics.log(record)  # other order lost its record (the resumed run starts after it)
                 if evaluated:
                     checkpoint(improved)
-                bar.update(spent(t, step, elapsed), "val_loss" in record, step=step, loss=f"{train_loss:.4f}",
-                           val="-" if val is None else f"{val:.4f}", **{"tok/s": f"{speed:,.0f}"},
+                    shown = f"{record[curves.val]:.4f}"
+                bar.update(spent(t, step, elapsed), evaluated, step=step,
+                           **{curves.name: f"{record[curves.train]:.4f}", "val": shown, "tok/s": f"{speed:,.0f}"},
                            mfu=f"{100 * record['mfu']:.0f}%")
                 window_loss, window_tokens, window_flops, window_steps = 0.0, 0, 0.0, 0
                 window_start = time.perf_counter()
@@ -484,7 +486,7 @@ class Trainer:
                  "distill": f"a {family} student, distilled", "align": f"{family} aligned by "
                  f"{align and align.method.upper()}"}.get(command_of(self.config), family)
         name = f"{stage} on {self.config.data.data}"
-        plot_loss(metrics, self.dir / "loss.png", name, *self.objective.plotted)
+        plot_loss(metrics, self.dir / "loss.png", name, *self.objective.curves[:3])
         run = Run.load(self.dir, self.config.train.device, self.config.train.dtype)
         n = self.config.train.samples
         if self.config.scores_answers:
