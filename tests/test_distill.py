@@ -1,5 +1,6 @@
 """Distillation: the KD loss by hand, a student learning a teacher made here, sequence-level answers, the report."""
 import json
+import re
 
 import pytest
 import torch
@@ -117,8 +118,12 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, runn
 def test_a_names_model_is_distilled_on_its_own_names_by_default(trained, tmp_path):
     """Given no --data nor --context, the student learns the teacher run's data (names, one per line, in its split)
     with rows of the teacher's context; the report decodes each model from nothing (a names model knows no "Once")."""
-    CLI(tmp_path)("distill", "--teacher", trained["gpt"], "--student", "layers:1", "--steps", "2", "--quiet",
-                  "--out", "small")
+    shown = CLI(tmp_path)("distill", "--teacher", trained["gpt"], "--student", "layers:1", "--steps", "2", "--out",
+                          "small").stderr
+    logged = json.loads((tmp_path / "small" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    # the student's NLL beside its val NLL (it showed the mixed objective, as "loss"), then the baseline's own loss
+    student, baseline = re.findall(r"step 2, (\w+) ([\d.]+), val ([\d.]+)", shown)
+    assert student == ("nll", f"{logged['train_nll']:.4f}", f"{logged['val_loss']:.4f}") and baseline[0] == "loss"
     config = json.loads((tmp_path / "small" / "config.json").read_text(encoding="utf-8"))
     teacher = json.loads((trained["gpt"] / "config.json").read_text(encoding="utf-8"))
     assert config["data"] == {**teacher["data"], "tokenizer": "teacher"} and config["data"]["mode"] == "lines"
