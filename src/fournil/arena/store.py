@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 
 SCHEMA_VERSION = 1
 VERDICTS = ("a", "b", "tie", "bad")  # A better, B better, a tie, both bad
@@ -66,7 +66,7 @@ class Store:
         self.postgres = is_postgres(self.url)
         if not create and not self.postgres and not Path(self.url).is_file():
             raise FournilError(f"--db {self.url}: no such database (an arena writes one: fournil arena MODEL MODEL "
-                               f"--db {self.url})")
+                               f"--db {typed(self.url)})")
         self._local = threading.local()
         with self._write() as db:
             for statement in filter(str.strip, SCHEMA.split(";")):

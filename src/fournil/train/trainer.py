@@ -470,7 +470,7 @@ class Trainer:
             checkpoint()  # keep every finished step
             if world.main:
                 print(f"\ninterrupted at step {step}; continue with: fournil {command_of(self.config)} --resume "
-                      f"{self.dir}", file=sys.stderr)
+                      f"{typed(self.dir)}", file=sys.stderr)
             raise
         finally:
             bar.close()
