@@ -145,6 +145,8 @@ def test_a_reward_model_learns_the_preference_and_scores_answers(preferences):
               "--out", "rm")
     assert {p.name for p in (root / "rm").iterdir()} >= {"model.safetensors", "reward_head.safetensors", "config.json"}
     assert draws(PairwiseReward, root / "rm") and PairwiseReward.curves.measure == "Bradley-Terry loss (nats per pair)"
+    assert CLI(root)("info", root / "rm").stdout.splitlines()[0].endswith("; a reward model: a score head on it rates "
+                                                                         "answers")  # (it said only "llama")
     result = CLI(root)("reward", "score", root / "rm")
     assert "test: 2 pairs, chosen scored higher in 100.0 %" in result.stdout
     result = CLI(root)("reward", "score", root / "rm", "--data", data)

@@ -308,20 +308,22 @@ class Run:
     def info(self) -> dict:
         """What `fournil info` shows."""
         c = self.model.config
-        files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.is_file() and p.name != STATE]
+        files = [self.path] if self.path.is_file() else [  # the model's: not its training state, logs and pictures
+            p for p in self.path.iterdir() if p.is_file() and p.name != STATE and p.suffix in (".safetensors", ".json")]
         size = sum(p.stat().st_size for p in files)
         adapter = bool(self.config.finetune and self.config.finetune.lora)  # (the base's dtype, the adapter's files)
         # each family's own; a llama's heads need not be n_embd / n_head wide (Qwen3-0.6B's are 128, not 1024 / 16)
         shape = {k: getattr(c, k) for k in ("n", "context", "cell", "n_layer", "n_head", "n_kv_head", "n_embd",
                                             "head_dim", "intermediate_size", "n_hidden") if hasattr(c, k)}
         return {
-            "model": f"{self.model.family} ({self.source['architecture']}, from a {self.source['format']})",
+            "model": f"{self.model.family} ({self.source['architecture']}, from a {self.source['format']})"
+                     + ("; a reward model: a score head on it rates answers" if self.config.scores_answers else ""),
             "parameters": f"{self.model.num_params():,}",
             "shape": ", ".join(f"{k} {v}" for k, v in shape.items()),
             "vocabulary": f"{self.tokenizer.vocab_size:,} tokens",
             "context": f"{self.model.reads:,} token{'s' * (self.model.reads != 1)}",
             "stored dtype": self.source["dtype"] + (" (the base; the adapter: float32)" if adapter else ""),
-            "size on disk": f"{size / 2**20:.1f} MiB" + (f" (the adapter; the base: {self.config.finetune.base})"
+            "size on disk": on_disk(size) + (f" (the adapter; the base: {self.config.finetune.base})"
                                                         if adapter else ""),
             "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",
         }
@@ -330,6 +332,15 @@ class Run:
         """Each token's probability given the ones before, and the ``top`` the model expected there."""
         self.check_writes()
         return explain_text(self.model, self.tokenizer, text, self.measure_dtype, top)
+
+
+def on_disk(size: float) -> str:
+    """A size in bytes as people read it: a count table's 3.0 KiB, not 0.0 MiB."""
+    for unit in ("KiB", "MiB"):
+        size /= 1024
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GiB"
 
 
 def load(spec: str | Path, device: str = "auto", dtype: str = "auto") -> Run:
