@@ -276,6 +276,7 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
             "--reward helpful: no such reward: give a reward model's run (see `fournil reward train`), a built-in",
         ("align", base, "--method", "grpo", "--reward", "rewards.py"): "name the function that scores the answers too",
         ("align", base, "--data", "nothing.jsonl"): "no preference set or file named 'nothing.jsonl'",
+        ("align", base, "--data", "rasbt_preference"): "'rasbt_preference' (did you mean rasbt_preferences?)",
         ("align", base, "--reward", "brevity", "--group", "8"):  # (DPO trained, without them)
             "--reward, --group are GRPO's: add --method grpo to learn from sampled answers' rewards, or leave them out",
         ("align", base, "--method", "grpo", "--reward", "brevity", "--reference", "precomputed"):

@@ -16,7 +16,7 @@ import torch
 
 from fournil.config import check_split
 from fournil.data.batches import IGNORE, LineData, thinned
-from fournil.data.sources import decoded
+from fournil.data.sources import decoded, nearest
 from fournil.errors import FournilError, typed
 from fournil.text import HALF_PAIR, unpaired
 
@@ -43,8 +43,8 @@ def data_path(spec: str, bundled: dict[str, str], what: str) -> Path:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FournilError(bundled_elsewhere(spec, f"{what} examples") or
-                           f"no {what} set or file named {spec!r}: use a bundled one ({', '.join(bundled)}) "
-                           f"or a .jsonl/.json file of {what} examples")
+                           f"no {what} set or file named {spec!r}{nearest(spec, bundled)}: use a bundled one "
+                           f"({', '.join(bundled)}) or a .jsonl/.json file of {what} examples")
     return path
 
 

@@ -29,10 +29,19 @@ def resolve(spec: str) -> Path:
 
         raise FournilError(
             bundled_elsewhere(spec, "text") or
-            f"no dataset or file named {spec!r}: use a bundled dataset ({', '.join(BUNDLED)}), nombres (pairs for a "
-            f"seq2seq model), or the path to a UTF-8 text file"
+            f"no dataset or file named {spec!r}{nearest(spec, [*BUNDLED, 'nombres'])}: use a bundled dataset "
+            f"({', '.join(BUNDLED)}), nombres (pairs for a seq2seq model), or the path to a UTF-8 text file"
         )
     return path
+
+
+def nearest(spec, names) -> str:
+    """`` (did you mean NAME?)`` where ``spec`` is near a bundled name (``tinyshakespeare``, ``fr_hugo_miserables``,
+    as ../shared/data names them; a typo), else nothing."""
+    import difflib
+
+    near = difflib.get_close_matches(str(spec).lower(), names, n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""
 
 
 def decoded(raw: bytes, path: Path, where: str = "") -> str:
