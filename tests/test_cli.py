@@ -292,8 +292,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(train("--model", "bigram"), "a bigram is fournil's n-gram model of order 2: --model ngram --n 2")
     one_line_error(train("--data", "nombrés"), "no dataset or file named 'nombrés' (did you mean nombres?)",
                    "prenoms")
-    one_line_error(train("--data", "tinyshakespeare"), "'tinyshakespeare' (did you mean shakespeare?)")  # (the name
-    # ../shared/data gives it)
+    one_line_error(train("--data", "tinyshakespeare"), "'tinyshakespeare' (did you mean shakespeare?)")  # (its source's
+    # name for it)
     one_line_error(train("--data", "rasbt_instructions"), "the bundled rasbt_instructions holds instructions, not "
                    "text: learn from it with fournil finetune")
     one_line_error(run("prepare", "--data", "hh_rlhf_harmless"), "the bundled hh_rlhf_harmless holds preference pairs")

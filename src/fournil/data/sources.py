@@ -36,8 +36,8 @@ def resolve(spec: str) -> Path:
 
 
 def nearest(spec, names) -> str:
-    """`` (did you mean NAME?)`` where ``spec`` is near a bundled name (``tinyshakespeare``, ``fr_hugo_miserables``,
-    as ../shared/data names them; a typo), else nothing."""
+    """`` (did you mean NAME?)`` where ``spec`` is near a bundled name (a typo; ``tinyshakespeare`` or
+    ``fr_hugo_miserables``, as the corpora's sources call them), else nothing."""
     import difflib
 
     near = difflib.get_close_matches(str(spec).lower(), names, n=1, cutoff=0.6)
