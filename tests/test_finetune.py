@@ -282,3 +282,25 @@ def test_a_recipe_s_split_and_seed_reach_the_examples(bpe_base):
     refused = CLI(root)("finetune", "--config", root / "files.toml", check=False)
     assert refused.returncode == 2 and refused.stderr.strip().endswith(
         "fournil finetune splits one data set (split, seed): give it as data, not train")
+
+
+def test_the_python_api_fine_tunes_aligns_and_distils(bpe_base, tmp_path):
+    """`fournil.finetune` and `fournil.distill`, as the commands run them (they were importable only from inside)."""
+    import fournil
+
+    _, base = bpe_base
+    said, two = [], fournil.TrainConfig(steps=2, samples=0)
+    quiet = {"progress": False, "announce": said.append}
+    tuned = fournil.finetune(base, "rasbt_instructions", lora=fournil.LoraConfig(rank=2), train=two,
+                             out=str(tmp_path / "lora"), **quiet)
+    assert tuned.config.finetune.lora.rank == 2 and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert tuned.chat("Hi", temperature=0, max_new_tokens=4) == Run.load(tmp_path / "lora", "cpu").chat(
+        "Hi", temperature=0, max_new_tokens=4)  # what it returns is the run it saved
+    aligned = fournil.finetune(base, "rasbt_preferences", align=fournil.AlignConfig(beta=0.2), train=two,
+                               out=str(tmp_path / "dpo"), **quiet)
+    assert aligned.config.align.method == "dpo" and aligned.config.align.beta == 0.2
+    student = fournil.distill(base, "layers:1", train=two, baseline=False, out=tmp_path / "student", **quiet)  # (a
+    # Path teacher failed as config.json was written)
+    assert student.model.config.n_layer == 1 and (tmp_path / "student" / "report.md").is_file()
+    with pytest.raises(FournilError, match="--lora-rank must be at least 1"):
+        fournil.finetune(base, lora=fournil.LoraConfig(rank=0), out=str(tmp_path / "no"), **quiet)

@@ -158,7 +158,8 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Dat
             run_dir, config = resumed(resume, budget, "distill")
         else:
             settings = settings or DistillConfig(teacher=teacher, student=student)
-            settings.check()
+            settings = dataclasses.replace(settings, teacher=str(settings.teacher), student=str(settings.student))
+            settings.check()  # (a pathlib.Path from Python, as a run's config.json writes it)
             t = train or TrainConfig()
             t.check()
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
