@@ -133,6 +133,16 @@ def test_chat_streaming_and_errors(server, chat_run):
         with pytest.raises(openai.BadRequestError, match=f"^Error code: 400 - {next(iter(asked))} is not supported"):
             client.chat.completions.create(model="chat", messages=system, **asked)
 
+    # a model asked for by name; what the server does not have, said in the API's error (it said "Not Found")
+    assert client.models.retrieve("chat").id == "chat"
+    with pytest.raises(openai.NotFoundError, match="no model 'gpt-4o' here: this server serves 'chat'"):
+        client.models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError, match="no such endpoint: this server answers GET /v1/models, .*, POST "
+                                                   "/v1/chat/completions, "):
+        client.embeddings.create(model="chat", input="Speak")
+    status, body = server.post("/health", {})
+    assert status == 405 and body["error"]["message"] == "this endpoint answers GET requests, not POST"
+
     status, body = server.post("/predict", {"text": "Speak, good sir."})
     assert status == 200 and isinstance(body["text"], str)
     status, body = server.post("/predict", {"text": "Speak, good sir.", "max_tokens": 4, "temperature": 1.5})

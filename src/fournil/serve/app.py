@@ -25,6 +25,7 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -150,8 +151,15 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         return error_response(400, str(e), "invalid_request_error")
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):  # an unknown path or method, a body too large
-        return error_response(e.status_code, str(e.detail), "invalid_request_error", headers=e.headers)
+    async def http_error(request, e: HTTPException):  # an unknown path or method, a body too large
+        message = str(e.detail)
+        if e.status_code == 404:  # (the path unsaid: it may hold what a client should not have sent, a key)
+            message = "no such endpoint: this server answers " + ", ".join(
+                f"{'/'.join(sorted(r.methods))} {r.path.replace(':path', '')}" for r in app.routes
+                if isinstance(r, APIRoute))
+        elif e.status_code == 405 and e.headers and "Allow" in e.headers:
+            message = f"this endpoint answers {e.headers['Allow']} requests, not {request.method}"
+        return error_response(e.status_code, message, "invalid_request_error", headers=e.headers)
 
     @app.exception_handler(Exception)
     async def fault(_, e: Exception):  # logged with its traceback by the guard, which sees it next
@@ -237,9 +245,17 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         return tok.token_text(i)
 
     # ---- the OpenAI API
+    served = {"id": name, "object": "model", "created": created, "owned_by": "fournil"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "fournil"}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_info(model: str):  # (clients ask for it by name before they use it)
+        if model != name:
+            raise ApiError(404, f"no model {model!r} here: this server serves {name!r}", param="model")
+        return served
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
