@@ -202,6 +202,9 @@ def test_a_battle_replays_from_its_seed_and_bad_requests_say_why(bpe_llama, poet
             urllib.request.urlopen(request, timeout=30)
         assert json.loads(refused.value.read())["error"]["message"] == (
             'the body should be one JSON object, such as {"battle": "ID", "verdict": "a"} (got [])')
+        status, body = post(server.url + "/arena/vote", {"battle": first, "verdict": "a"})  # (it said "Not Found")
+        assert status == 404 and "no such endpoint: this server answers POST /arena/battles, POST /arena/votes, " \
+            in json.loads(body)["error"]["message"]
     finally:
         server.stop()
 

@@ -30,7 +30,7 @@ from fournil.arena.store import VERDICTS, Store
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, Scheduler
 from fournil.generate.answerers import Local
-from fournil.serve.guard import Guard
+from fournil.serve.guard import Guard, http_message
 from fournil.serve.metrics import Metrics
 from fournil.serve.schemas import Body, explain
 
@@ -82,8 +82,9 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
         return JSONResponse({"error": {"message": explain(e.errors(), example)[1]}}, status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
-        return JSONResponse({"error": {"message": str(e.detail)}}, status_code=e.status_code, headers=e.headers)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse({"error": {"message": http_message(app, request, e)}}, status_code=e.status_code,
+                            headers=e.headers)
 
     def start(name: str, prompt: str, params: SamplingParams, put) -> callable:
         """Start contestant ``name`` answering; its pieces of text, then None, go to ``put``. Returns a canceller."""

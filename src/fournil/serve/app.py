@@ -25,7 +25,6 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.routing import APIRoute
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -33,7 +32,7 @@ from fournil.errors import FournilError, NotAChatModel
 from fournil.generate import Busy, SamplingParams, Scheduler, score
 from fournil.generate.engine import row_params
 from fournil.generate.scheduler import drive
-from fournil.serve.guard import Guard
+from fournil.serve.guard import Guard, http_message
 from fournil.serve.metrics import Metrics
 from fournil.serve.schemas import (EXAMPLES, ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest,
                                    Sampling, TokenizeRequest, explain)
@@ -152,14 +151,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):  # an unknown path or method, a body too large
-        message = str(e.detail)
-        if e.status_code == 404:  # (the path unsaid: it may hold what a client should not have sent, a key)
-            message = "no such endpoint: this server answers " + ", ".join(
-                f"{'/'.join(sorted(r.methods))} {r.path.replace(':path', '')}" for r in app.routes
-                if isinstance(r, APIRoute))
-        elif e.status_code == 405 and e.headers and "Allow" in e.headers:
-            message = f"this endpoint answers {e.headers['Allow']} requests, not {request.method}"
-        return error_response(e.status_code, message, "invalid_request_error", headers=e.headers)
+        return error_response(e.status_code, http_message(app, request, e), "invalid_request_error", headers=e.headers)
 
     @app.exception_handler(Exception)
     async def fault(_, e: Exception):  # logged with its traceback by the guard, which sees it next

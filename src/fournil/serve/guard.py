@@ -1,5 +1,6 @@
 """What every request meets before the API: the host it names, the API key, the size of its body; and after: its
-status counted, and a server fault logged with its traceback and answered 500 without details.
+status counted, and a server fault logged with its traceback and answered 500 without details. Also what an unknown
+path or a wrong method is told (:func:`http_message`), in both servers.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``), so that a body is counted as it arrives and refused
 past the limit without ever being held whole, and a stream is timed to its end.
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("fournil.serve")
@@ -23,6 +25,18 @@ class TooLarge(HTTPException):
 
     def __init__(self, message: str):
         super().__init__(413, message, headers={"Connection": "close"})
+
+
+def http_message(app, request, e: HTTPException) -> str:
+    """What an HTTP error says: for an unknown path, the endpoints there are (the path itself unsaid: it may hold what
+    a client should not have sent, a key); for a wrong method, the right one."""
+    if e.status_code == 404:
+        routes = [f"{'/'.join(sorted(r.methods))} {r.path.replace(':path', '')}" for r in app.routes
+                  if isinstance(r, APIRoute)]
+        return "no such endpoint: this server answers " + ", ".join(routes)
+    if e.status_code == 405 and e.headers and "Allow" in e.headers:
+        return f"this endpoint answers {e.headers['Allow']} requests, not {request.method}"
+    return str(e.detail)
 
 
 def error_body(message: str, kind: str) -> bytes:
