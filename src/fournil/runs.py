@@ -13,7 +13,7 @@ from fournil.config import (AlignConfig, DataConfig, DistillConfig, FinetuneConf
                             command_of, from_dict, to_dict)
 from fournil.data import load_splits, make_data
 from fournil.device import generation_dtype, generation_weights, pick_device, pick_dtype, precision_text
-from fournil.errors import FournilError, typed
+from fournil.errors import FournilError, NotAChatModel, typed
 from fournil.evaluate import evaluate_nll, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
 from fournil.generate.quantize import quantize, quantize_layers
@@ -287,7 +287,6 @@ class Run:
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
         """The answer to a conversation, as `fournil chat` gives it (with its defaults): a user's message, or
         OpenAI-style messages, ``[{"role": "system" | "user" | "assistant", "content": text}, ...]``."""
-        from fournil.errors import NotAChatModel
         from fournil.generate.answerers import Local
 
         if isinstance(messages, str):
@@ -323,8 +322,8 @@ class Run:
             "vocabulary": f"{self.tokenizer.vocab_size:,} tokens",
             "context": f"{self.model.reads:,} token{'s' * (self.model.reads != 1)}",
             "stored dtype": self.source["dtype"] + (" (the base; the adapter: float32)" if adapter else ""),
-            "size on disk": on_disk(size) + (f" (the adapter; the base: {self.config.finetune.base})"
-                                                        if adapter else ""),
+            "size on disk": on_disk(size) + (f" (the adapter; the base: {self.config.finetune.base})" if adapter
+                                             else ""),
             "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",
         }
 
