@@ -2,6 +2,7 @@
 import json
 import math
 import random
+import shutil
 import re
 
 import pytest
@@ -304,3 +305,21 @@ def test_the_python_api_fine_tunes_aligns_and_distils(bpe_base, tmp_path):
     assert student.model.config.n_layer == 1 and (tmp_path / "student" / "report.md").is_file()
     with pytest.raises(FournilError, match="--lora-rank must be at least 1"):
         fournil.finetune(base, lora=fournil.LoraConfig(rank=0), out=str(tmp_path / "no"), **quiet)
+
+
+def test_a_run_finds_the_model_it_started_from_wherever_it_is_read(bpe_base, tmp_path):
+    """A LoRA run of `runs/base`-like relative paths recorded them as given: read from another folder, it looked for
+    its base there ("no run directory or model 'base'"). The base, a teacher and a reward file are recorded whole."""
+    shutil.copytree(bpe_base[1], tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    here, there = CLI(tmp_path), CLI(tmp_path / "elsewhere")
+    here("finetune", "base", "--lora", "--steps", "1", "--quiet", "--out", "tuned")
+    here("distill", "--teacher", "base", "--student", "layers:1", "--steps", "1", "--no-baseline", "--quiet", "--out",
+         "student")
+    (tmp_path / "short.py").write_text("def short(prompts, answers):\n    return [-len(a) for a in answers]\n")
+    here("align", "base", "--method", "grpo", "--reward", "short.py:short", "--steps", "1", "--quiet", "--out", "g")
+    recorded = {run: json.loads((tmp_path / run / "config.json").read_text()) for run in ("tuned", "student", "g")}
+    assert recorded["tuned"]["finetune"]["base"] == recorded["student"]["distill"]["teacher"] == str(tmp_path / "base")
+    assert recorded["g"]["align"]["reward"] == f"{tmp_path / 'short.py'}:short"
+    assert f"LoRA adapter on {tmp_path / 'base'}" in there("info", tmp_path / "tuned").stdout
+    there("align", "--resume", tmp_path / "g", "--steps", "2", "--quiet")

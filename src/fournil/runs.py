@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,16 @@ def find_run(spec: str | Path) -> Path:
         raise FournilError(f"no run directory or model {str(spec)!r}: give a run (e.g. runs/prenoms-gpt, see `ls runs/`), "
                            f"a .gguf file, a Hugging Face folder or a known model (smollm2)")
     return path
+
+
+def anchored(spec: str | Path) -> str:
+    """The model ``spec`` names, as a run records the model it starts from, to be found from any folder: a path (or a
+    run under ``runs/``) made absolute, anything else as given (smollm2, layers:N, openai:NAME@URL). A LoRA run that
+    recorded ``runs/base`` loaded only from the folder it was trained in."""
+    path = Path(spec).expanduser()
+    if not path.exists() and (RUNS / path).exists():
+        path = RUNS / path
+    return os.path.abspath(path) if path.exists() else str(spec)
 
 
 def latest_run() -> Path:

@@ -26,7 +26,7 @@ from fournil.formats import source_kind
 from fournil.generate import SamplingParams, complete
 from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
-from fournil.runs import CONFIG, STATE, TOKENIZER, Run, find_run, read_config
+from fournil.runs import CONFIG, STATE, TOKENIZER, Run, anchored, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
 from fournil.train.trainer import Trainer, check_fits, eval_every, new_run_dir, resumed
@@ -158,8 +158,9 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Dat
             run_dir, config = resumed(resume, budget, "distill")
         else:
             settings = settings or DistillConfig(teacher=teacher, student=student)
-            settings = dataclasses.replace(settings, teacher=str(settings.teacher), student=str(settings.student))
-            settings.check()  # (a pathlib.Path from Python, as a run's config.json writes it)
+            settings = dataclasses.replace(settings, teacher=anchored(settings.teacher),
+                                           student=anchored(settings.student))  # (a Path from Python too)
+            settings.check()
             t = train or TrainConfig()
             t.check()
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS

@@ -25,7 +25,7 @@ from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
 from fournil.models.lora import add_lora
-from fournil.runs import CONFIG, TOKENIZER, Run
+from fournil.runs import CONFIG, TOKENIZER, Run, anchored
 from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
@@ -64,12 +64,16 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
             tokenizer = load_tokenizer(run_dir / TOKENIZER)
             base_run = Run.load(ft.base, config.train.device)
         else:
-            ft = FinetuneConfig(base=str(base), lora=lora, max_length=max_length, pack=pack)
+            ft = FinetuneConfig(base=anchored(base), lora=lora, max_length=max_length, pack=pack)
             ft.check()
             train = train or TrainConfig()
             train.check()
             if align:
                 align.check()
+                if align.reward:  # a reward model's run, or FILE.py:FUNCTION, found from any folder on --resume
+                    file, colon, function = align.reward.rpartition(":")
+                    reward = anchored(file) + colon + function if file.endswith(".py") else anchored(align.reward)
+                    align = dataclasses.replace(align, reward=reward)
             base_run = Run.load(ft.base, train.device)
             base_run.check_writes()  # a reward model's language head no longer fits its body
             tokenizer = chat_tokenizer(base_run.tokenizer)
