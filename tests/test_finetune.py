@@ -323,3 +323,9 @@ def test_a_run_finds_the_model_it_started_from_wherever_it_is_read(bpe_base, tmp
     assert recorded["g"]["align"]["reward"] == f"{tmp_path / 'short.py'}:short"
     assert f"LoRA adapter on {tmp_path / 'base'}" in there("info", tmp_path / "tuned").stdout
     there("align", "--resume", tmp_path / "g", "--steps", "2", "--quiet")
+    shutil.move(tmp_path / "base", tmp_path / "moved")
+    refused = there("info", tmp_path / "tuned", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"fournil: error: {tmp_path / 'tuned'} is an adapter on {tmp_path / 'base'}, which is not there any more: give "
+        f"the base where it is now, fournil merge BASE {tmp_path / 'tuned'} OUT")
+    there("merge", tmp_path / "moved", tmp_path / "tuned", tmp_path / "merged")

@@ -139,6 +139,9 @@ class Run:
                 raise FournilError(f"{path} is incomplete: it has no {ADAPTER_WEIGHTS} (fine-tuning stopped before its "
                                    f"first checkpoint); continue it with `fournil {command_of(config)} --resume "
                                    f"{path}`")
+            if Path(config.finetune.base).is_absolute() and not Path(config.finetune.base).exists():  # (moved since)
+                raise FournilError(f"{path} is an adapter on {config.finetune.base}, which is not there any more: "
+                                   f"give the base where it is now, fournil merge BASE {typed(path)} OUT")
             base = cls.load(config.finetune.base, device)
             load_adapter(base.model, path)
             # (bits: none, since the adapter's updates are not on the file's grid: quantized again, they could be lost)
