@@ -151,6 +151,7 @@ def test_chat_streaming_and_errors(server, chat_run):
     assert server.get("/health")[0] == 200
     metrics = server.get("/metrics")[1]
     assert 'fournil_requests_total{path="/v1/chat/completions",status="200"}' in metrics
+    assert 'fournil_requests_total{path="/v1/models/{model}",status="404"} 1' in metrics  # (gpt-4o: "other")
     assert "fournil_queue_depth 0" in metrics
 
 

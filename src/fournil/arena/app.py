@@ -215,8 +215,8 @@ def create_arena_app(contestants: dict, store: Store, settings: ArenaSettings):
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    routes = {route.path for route in app.routes}
-    return Guard(app, metrics, None, settings.max_request_bytes, settings.hosts, (), routes), list(schedulers.values())
+    guard = Guard(app, metrics, None, settings.max_request_bytes, settings.hosts, (), app.routes)
+    return guard, list(schedulers.values())
 
 
 class Pieces:

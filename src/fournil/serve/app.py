@@ -435,8 +435,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     inner = app if not settings.cors_origins else CORSMiddleware(
         app, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
         allow_headers=["Authorization", "Content-Type"])
-    routes = {route.path for route in app.routes}
-    return Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, routes), [scheduler]
+    guard = Guard(inner, metrics, settings.api_key, settings.max_request_bytes, settings.hosts, OPEN, app.routes)
+    return guard, [scheduler]
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -45,13 +45,14 @@ def error_body(message: str, kind: str) -> bytes:
 
 class Guard:
     """``app`` behind the checks. ``hosts``: the Host names answered (None: any); ``open_paths``: what answers without
-    the key; ``paths``: the routes whose requests are counted under their own name (others as ``other``)."""
+    the key; ``routes``: the app's, whose requests are counted under their path (``/v1/models/{model}`` for any model
+    asked for; an unknown path as ``other``)."""
 
     def __init__(self, app, metrics, api_key: str | None, max_request_bytes: int, hosts: tuple[str, ...] | None,
-                 open_paths: tuple[str, ...], paths: set[str]):
+                 open_paths: tuple[str, ...], routes: list):
         self.app, self.metrics, self.max_bytes, self.hosts = app, metrics, max_request_bytes, hosts
         self.expected = f"Bearer {api_key}".encode() if api_key else None
-        self.open_paths, self.paths = open_paths, paths
+        self.open_paths, self.routes = open_paths, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -90,7 +91,8 @@ class Guard:
             if not started[0]:
                 await refuse(500, "internal server error (the server's log has the details)", "server_error")
         finally:
-            self.metrics.request(path if path in self.paths else "other", status[0], time.perf_counter() - start)
+            route = next((r.path.replace(":path", "") for r in self.routes if r.path_regex.match(path)), "other")
+            self.metrics.request(route, status[0], time.perf_counter() - start)
 
     def misdirected(self, host: str) -> str | None:
         """Why a request naming ``host`` is refused (a web page reaching a loopback server through DNS
