@@ -444,6 +444,24 @@ def test_chat_keeps_its_conversation_and_an_answer_read_in_part_frees_the_model_
     assert chat.turns.kept[0][:len(asked)] == asked and len(chat.turns.kept[0]) == len(asked) + 7
 
 
+def test_a_chat_answer_says_whether_its_length_or_the_context_cut_it(bpe_llama):
+    """What `fournil chat` tells beside an answer cut short (it ended mid-sentence without a word)."""
+    from fournil.generate.answerers import Local
+
+    run = Run.load(bpe_llama, "cpu")
+    chat, params = Local(run), SamplingParams(8, temperature=0, ignore_eos=True)
+    "".join(chat.chat([{"role": "user", "content": "Who art thou?"}], params))
+    assert chat.cut == "length"
+    words = next(n for n in range(300, 400) if len(run.tokenizer.chat_ids(
+        [{"role": "user", "content": "the cat " * n}])) > run.model.config.block_size - 8)
+    "".join(chat.chat([{"role": "user", "content": "the cat " * words}], params))
+    assert chat.cut == "context"
+    partial = chat.chat([{"role": "user", "content": "Who art thou?"}], params)
+    next(partial)
+    partial.close()  # stopped by its reader: not cut
+    assert chat.cut is None
+
+
 def test_the_python_api_chats_with_a_message_or_a_conversation_and_says_what_it_cannot(bpe_llama, trained):
     from fournil.errors import FournilError
 

@@ -73,7 +73,7 @@ def test_chat_answers_paris(cli):
                  input="What is the capital of France?\n/reset\n/system Answer in French.\n/system\n"
                        "What is the capital of France?\n/exit\n")
     answer, reset, system, removed, again = result.stdout.splitlines()
-    assert "Paris" in answer
+    assert "Paris" in answer and "was cut" not in result.stderr  # an answer that ended is not said to be cut
     assert (reset, system, removed) == ("(new conversation)", "(system message set)", "(system message removed)")
     assert again == answer  # no system message left: the same conversation as the first
     python = Run.load("smollm2", "cpu", "float32").chat("What is the capital of France?", temperature=0,

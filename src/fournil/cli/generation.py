@@ -222,7 +222,11 @@ def run_chat(args) -> None:
         except FournilError as e:  # a remote model that broke off: the chat goes on without this question
             print(f"\n({e}; the question is left out of the conversation)", file=sys.stderr)
             continue
-        print()
+        print(flush=True)
+        if model.cut:  # (a note on stderr, as the chat's others: stdout stays the conversation; a stopped answer: None)
+            why = (f"--max-new-tokens {params.max_new_tokens} allows longer ones" if model.cut == "length"
+                   else "the conversation fills the model's context; /reset to start over")
+            print(f"(the answer was cut: {why})", file=sys.stderr, flush=True)
         messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
         while compiled_in:
             say_compiled(*compiled_in.pop())

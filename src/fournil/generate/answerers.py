@@ -9,6 +9,7 @@ contestants and judges, the teacher of ``distill --sequences``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ class Local:
         from fournil.generate.speculative import Speculation
 
         self.run, self.name, self.draft, self.draft_tokens = run, name or run.path.stem, draft, draft_tokens
+        self.cut = None  # once an answer has ended: "length" if max_new_tokens cut it, "context" if the context did
         self.speculation = Speculation() if draft is not None else None  # passes of the model, over every answer
         self.turns = None
         if conversation:
@@ -101,12 +103,13 @@ class Local:
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
         """The answer, at most as many tokens as the model's context leaves after the conversation."""
-        return self._stream(*self.chat_prompt(messages, params))
+        ids, room = self.chat_prompt(messages, params)
+        return self._stream(ids, room, "length" if room.max_new_tokens == params.max_new_tokens else "context")
 
     def generate(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         return self._stream(self.run.tokenizer.prompt_ids(prompt), params)
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def _stream(self, ids: list[int], params: SamplingParams, limit: str = "length") -> Iterator[str]:
         from fournil.generate.engine import speculate, stream
 
         run = self.run
@@ -119,7 +122,15 @@ class Local:
 
                 check_drafting(params, self.draft_tokens)
             pieces = stream(run.model, run.tokenizer, ids, params, run.dtype, scheduler=self.turns)
-        return (piece.text for piece in pieces)
+
+        def texts():
+            self.cut, tokens = None, 0
+            with contextlib.closing(pieces):
+                for piece in pieces:
+                    tokens += piece.token >= 0  # (the end of turn gives no piece: an answer it ended is shorter)
+                    yield piece.text
+            self.cut = limit if tokens == params.max_new_tokens else None
+        return texts()
 
 
 class Remote:
@@ -129,6 +140,8 @@ class Remote:
 
     def __init__(self, spec: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 3):
         import openai
+
+        self.cut = None  # once an answer has ended: "length" if max_tokens cut it
 
         name, _, url = spec[len(PREFIX):].partition("@")
         if not name:
@@ -195,12 +208,14 @@ class Remote:
         """The text of each chunk; an answer whose stream ends without saying why (a ``finish_reason``, which the
         API's last choice always has) was cut off, and is not taken for a whole one."""
         def pieces():
-            stream, finished = iter(chunks), False
+            stream, finished = iter(chunks), None
+            self.cut = None
             while (chunk := self._call(next, stream, None, midway=True)) is not None:
-                finished = finished or any(c.finish_reason for c in chunk.choices)
+                finished = finished or next((c.finish_reason for c in chunk.choices if c.finish_reason), None)
                 if text := text_of(chunk):
                     yield text
             if not finished:
                 raise FournilError(f"{self.url} ended its answer without a finish_reason: it was cut off (the server "
                                    f"stopped, or is not OpenAI-compatible)")
+            self.cut = "length" if finished == "length" else None
         return pieces()
