@@ -43,6 +43,10 @@ def anchored(spec: str | Path) -> str:
     """The model ``spec`` names, as a run records the model it starts from, to be found from any folder: a path (or a
     run under ``runs/``) made absolute, anything else as given (smollm2, layers:N, openai:NAME@URL). A LoRA run that
     recorded ``runs/base`` loaded only from the folder it was trained in."""
+    from fournil.formats import KNOWN
+
+    if str(spec) in KNOWN:  # (a known name wins over a folder of that name, as loading reads it)
+        return str(spec)
     path = Path(spec).expanduser()
     if not path.exists() and (RUNS / path).exists():
         path = RUNS / path

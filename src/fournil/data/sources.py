@@ -1,6 +1,7 @@
 """Where text comes from: a bundled corpus by name, or any UTF-8 text file by path."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 from importlib import resources
 from pathlib import Path
@@ -38,8 +39,6 @@ def resolve(spec: str) -> Path:
 def nearest(spec, names) -> str:
     """`` (did you mean NAME?)`` where ``spec`` is near a bundled name (a typo; ``tinyshakespeare`` or
     ``fr_hugo_miserables``, as the corpora's sources call them), else nothing."""
-    import difflib
-
     near = difflib.get_close_matches(str(spec).lower(), names, n=1, cutoff=0.6)
     return f" (did you mean {near[0]}?)" if near else ""
 

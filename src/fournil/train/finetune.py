@@ -30,6 +30,7 @@ from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
 from fournil.train.distributed import join, leave
+from fournil.train.rewards import recorded
 from fournil.train.trainer import Trainer, eval_every, new_run_dir, resumed
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_MAX_LENGTH = 200, 8, 512
@@ -70,10 +71,8 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
             train.check()
             if align:
                 align.check()
-                if align.reward:  # a reward model's run, or FILE.py:FUNCTION, found from any folder on --resume
-                    file, colon, function = align.reward.rpartition(":")
-                    reward = anchored(file) + colon + function if file.endswith(".py") else anchored(align.reward)
-                    align = dataclasses.replace(align, reward=reward)
+                if align.reward:
+                    align = dataclasses.replace(align, reward=recorded(align.reward))
             base_run = Run.load(ft.base, train.device)
             base_run.check_writes()  # a reward model's language head no longer fits its body
             tokenizer = chat_tokenizer(base_run.tokenizer)

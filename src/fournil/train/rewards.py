@@ -19,7 +19,7 @@ from fournil.data.preferences import final_answer
 from fournil.device import autocast
 from fournil.errors import FournilError
 from fournil.models.reward import HEAD, RewardModel
-from fournil.runs import Run, find_run
+from fournil.runs import Run, anchored, find_run
 from fournil.train.objectives import evaluating
 
 
@@ -66,6 +66,15 @@ class RewardModelScorer:
                 with autocast(model.device, self.run.measure_dtype):
                     scores += model(x.to(model.device), y.to(model.device)).float().tolist()
         return scores
+
+
+def recorded(spec: str) -> str:
+    """``spec`` as a run records it, to be found from any folder on ``--resume``: a built-in name as it is, the file
+    of ``FILE.py:FUNCTION`` or a reward model's run as a whole path (:func:`fournil.runs.anchored`)."""
+    if spec in BUILT_IN:
+        return spec
+    file, colon, name = spec.rpartition(":")
+    return anchored(file) + colon + name if file.endswith(".py") else anchored(spec)
 
 
 def load_reward(spec: str, device: str = "auto"):
