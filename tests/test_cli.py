@@ -257,11 +257,21 @@ def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tm
     assert all(re.search(rf"^ +{name} +\w", listed.stdout, re.M) for name in COMMANDS)  # each with what it does
     one_line_error(run("trian"), "no command named 'trian'; did you mean 'train'? (fournil --help lists them)")
     one_line_error(run("xyz", "--steps", "1"), "no command named 'xyz' (fournil --help")
-    for args, usage in ((("prepare", "corpus"), "usage: fournil prepare [-h] [--data DATA]"),
-                        (("tokenizer", "train", "corpus"), "usage: fournil tokenizer train [-h] [--data DATA]")):
+    for args, usage in ((("prepare", "--data", "corpus", "extra"), "usage: fournil prepare [-h] [--data DATA]"),
+                        (("tokenizer", "train", "corpus", "--x"), "usage: fournil tokenizer train [-h] [--data DATA]")):
         stray = run(*args)  # the command's usage, not fournil's (`fournil [-h] [--version] COMMAND ...`)
         assert stray.returncode == 2 and stray.stderr.startswith(usage), stray.stderr
-        assert stray.stderr.endswith(f"fournil {' '.join(args[:-1])}: error: unrecognized arguments: corpus\n")
+        assert stray.stderr.endswith(f": error: unrecognized arguments: {args[-2] if '--x' in args else 'extra'}"
+                                     f"{' --x' if '--x' in args else ''}\n")
+    for args, fixed in ((("prepare", "my corpus"), "--data 'my corpus'"),  # words where the command takes flags
+                        (("train", "llama", "--steps", "3"), "--model llama --steps 3"),
+                        (("finetune", "smollm2", "rasbt_instructions"), "smollm2 --data rasbt_instructions"),
+                        (("distill", "smollm2", "shakespeare"), "--teacher smollm2 --data shakespeare"),
+                        (("bench", "smollm2", "hellaswag"), "smollm2 --tasks hellaswag")):
+        placed = run(*args)
+        assert placed.returncode == 2 and f"error: fournil {args[0]} takes " in placed.stderr
+        assert placed.stderr.endswith(f" as a flag: fournil {args[0]} {fixed}\n" if args[0] != "distill" else
+                                      f" as flags: fournil {args[0]} {fixed}\n"), placed.stderr
     for args, usage in ((("convert", "run", "--out", "x.gguf"), "fournil convert MODEL OUT"),  # as other commands
                         (("merge", "run", "--out", "merged"), "fournil merge [BASE] ADAPTER OUT")):  # take --out
         flagged = run(*args)

@@ -20,7 +20,7 @@ import torch
 
 from fournil import __version__
 from fournil.cli import arena, files, generation, measuring, training
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 from fournil.text import is_text
 
 COMMANDS = {**training.COMMANDS, **measuring.COMMANDS, **generation.COMMANDS, **arena.COMMANDS, **files.COMMANDS}
@@ -124,8 +124,34 @@ def parse(argv: list[str]) -> argparse.Namespace:
             order = " ".join(f"[{name(a)}]" if a.nargs == "?" else name(a) for a in places)
             command.error(f"--{flagged.dest.replace('_', '-')} is not a flag of {command.prog}: give {name(flagged)} "
                           f"without it, in its place: {command.prog} {order}")
+        words = [w for w in extra if not w.startswith("-")]
+        if words and words == extra and (flags := as_flags(command, words, argv)):
+            shown = [typed(a) for a in argv]
+            at = len(argv)
+            for flag, word in reversed(list(zip(flags, words))):  # (the last of equal words: the first was taken)
+                at = max(i for i in range(at) if argv[i] == word)
+                shown[at] = f"{flag} {shown[at]}"
+            what = " ".join(map(typed, words)) + (" as a flag" if len(words) == 1 else " as flags")
+            command.error(f"{command.prog} takes {what}: fournil {' '.join(shown)}")
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def as_flags(command: argparse.ArgumentParser, words: list[str], argv: list[str]) -> list[str] | None:
+    """The flag that would take each word given where ``command`` takes flags (`fournil train llama`: --model;
+    `fournil distill smollm2 shakespeare`: --teacher, then --data) and not in ``argv`` yet; None if one fits none."""
+    from fournil.evaluate.bench import TASKS
+    from fournil.models import FAMILIES, ORDERS
+
+    has = {s for a in command._actions for s in a.option_strings} - {a.split("=")[0] for a in argv}
+    flags = []
+    for i, word in enumerate(words):
+        fits = [f for f, fit in (("--model", word in FAMILIES or word in ORDERS), ("--tasks", word in TASKS),
+                                 ("--teacher", i == 0 and len(words) > 1), ("--data", True)) if fit and f in has]
+        if not fits:
+            return None
+        flags.append(fits[0])
+    return flags if len(set(flags)) == len(flags) else None
 
 
 def beside_resume(argv: list[str], args) -> str | None:
