@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fournil.cli.flags import DEVICE, LATEST, SCORE_DTYPE, add_sampling_args, parse_picture, scored
 from fournil.errors import FournilError
+from fournil.models.base import decoder_only
 
 ANIMAL = "The animal didn't cross the street because it was too tired"
 CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
@@ -56,9 +57,11 @@ def add_run_commands(sub) -> None:
 
 
 def add_pictures(sub) -> None:
-    p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models)")
+    p = sub.add_parser("attention", help="a picture of which tokens each token attends to (gpt and llama models; "
+                                         "seq2seq: which source tokens each token it writes reads)")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
-    p.add_argument("text", nargs="?", help=f"default: a run's first held-out document, else {ANIMAL!r}")
+    p.add_argument("text", nargs="?", help=f"a seq2seq model's: a source (default: a run's first held-out document, "
+                                           f"else {ANIMAL!r})")
     p.add_argument("--layer", type=int, default=-1,
                    help="which layer (default: the last; negative counts from the end)")
     p.add_argument("--head", type=int, help="one head (default: every head of the layer, and their average)")
@@ -162,20 +165,21 @@ def text_for(run, given: str | None, sentence: str) -> str:
     if given is not None:
         return given
     config = run.config
-    if config.data is None or config.finetune or config.align or config.distill or run.mode == "pairs":
+    if config.data is None or config.finetune or config.align or config.distill:
         return sentence
     try:
         val = run.splits().val
     except FournilError:  # (its data changed since)
         return sentence
-    if run.mode == "lines":
-        text = val[0]
+    if run.mode in ("lines", "pairs"):
+        text = val[0][0] if run.mode == "pairs" else val[0]  # (a pair's source)
     else:  # the first words of running text, as many tokens as fit a picture and the context
         n = min(24, run.model.config.block_size)
         ids = val.window(0, n).tolist() if isinstance(val, Shards) else run.tokenizer.encode(val[:16 * n])[:n]
         text = run.tokenizer.decode(ids)
         text = text[:text.rfind(" ")] if " " in text.strip() else text
-    print(f"(the first held-out document of {run.path}: {text!r}; give a TEXT for another)", file=sys.stderr)
+    what = "source" if run.mode == "pairs" else "document"
+    print(f"(the first held-out {what} of {run.path}: {text!r}; give a TEXT for another)", file=sys.stderr)
     return text
 
 
@@ -192,6 +196,7 @@ def run_explain(args) -> None:
     from fournil.runs import Run
 
     run = Run.load(args.model, args.device, args.dtype)
+    decoder_only(run.model, "scoring a text")
     text = text_for(run, args.text, CAPITAL)
     result = run.explain(text, args.top)
     rows = result["rows"]
@@ -214,13 +219,22 @@ def run_explain(args) -> None:
 
 def run_attention(args) -> None:
 
-    from fournil.evaluate.attention import attention_maps
+    from fournil.evaluate.attention import attention_maps, cross_attention_maps
     from fournil.plots.attention import plot_attention, token_labels
     from fournil.runs import Run
 
     run = Run.load(args.model, args.device)
     text = text_for(run, args.text, ANIMAL)
-    tokens, weights = attention_maps(run.model, run.tokenizer, text)
+    source = None  # an encoder-decoder's: what the tokens it writes read
+    if run.model.family == "seq2seq":
+        if (read := run.as_sources([text])[0]) != text:
+            print(f"(read as {read!r}, as the training sources write it)", file=sys.stderr)
+            text = read
+        source, tokens, weights = cross_attention_maps(run.model, run.tokenizer, text)
+        print(f"{text!r} -> {''.join(tokens[:-1]) if tokens[-1] == '<end>' else ''.join(tokens)!r}; the decoder's "
+              f"cross-attention: which source tokens each token it writes reads")
+    else:
+        tokens, weights = attention_maps(run.model, run.tokenizer, text)
     n_layer, n_head = weights.shape[:2]
     if not -n_layer <= args.layer < n_layer:
         raise FournilError(f"--layer {args.layer}: the model has {n_layer} layers (0 to {n_layer - 1}, or -1 for the "
@@ -232,15 +246,15 @@ def run_attention(args) -> None:
     if focus is None and args.token is not None:
         raise FournilError(f"--token {args.token!r}: no token of the text reads as this; its tokens are "
                            f"{', '.join(map(repr, token_labels(tokens)[:40]))}{' ...' * (len(tokens) > 40)}")
-    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, text))
+    plot_attention(tokens, weights[layer], Path(args.out), layer, args.head, focus, heading(run, text), source)
     print(f"{len(tokens)} token{'s' * (len(tokens) != 1)}, {n_layer} layer{'s' * (n_layer != 1)} x {n_head} "
           f"head{'s' * (n_head != 1)}; layer {layer} -> {args.out}")
     if focus is not None:
         row = (weights[layer].mean(0) if args.head is None else weights[layer, args.head])[focus]
-        top = row.topk(min(5, focus + 1))
-        labels = token_labels(tokens)
+        top = row.topk(min(5, len(source) if source else focus + 1))
+        labels, read = token_labels(tokens), token_labels(source or tokens)
         print(f"{labels[focus]!r} attends most to: " +
-              ", ".join(f"{labels[i]!r} {w:.3f}" for w, i in zip(top.values.tolist(), top.indices.tolist())))
+              ", ".join(f"{read[i]!r} {w:.3f}" for w, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
 def run_embeddings(args) -> None:

@@ -90,3 +90,18 @@ def nombres(count: int = 40_000, seed: int = 1337) -> list[tuple[str, str]]:
         numbers += rng.sample(range(low, low * 10), round(share * (count - 1000)))
     rng.shuffle(numbers)
     return [(in_digits(n), in_words(n)) for n in numbers]
+
+
+COPIES = {100: 40, 1_000: 4}  # in the training split: each number below 100 forty times, below 1,000 four times
+
+
+def practised(train: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The training pairs with the short numbers repeated. There are 90 numbers of one or two digits among 36,000
+    and 810 of three: seen once each in the default 500 steps, the model wrote ``0`` as ``mille``, ``1`` as ``onze``
+    and ``71 080`` as ``soixante et onze`` (87 % of 0 to 99 right); repeated, every one it was trained on came out
+    right. Only the training split gets copies: val and test keep one of each number, none seen in training."""
+    def copies(pair: tuple[str, str]) -> int:
+        n = int(pair[0].replace(" ", ""))
+        return next((times for below, times in COPIES.items() if n < below), 1)
+
+    return train + [pair for pair in train for _ in range(copies(pair) - 1)]

@@ -10,11 +10,12 @@ import torch
 
 from fournil.data.batches import IGNORE, frame_ids, thinned
 from fournil.data.instructions import other_kind, read_rows
-from fournil.data.nombres import as_source, nombres
+from fournil.data.nombres import as_source, nombres, practised
 from fournil.data.sources import fingerprint, read_text, too_few_to_split
 from fournil.errors import FournilError
 
 GENERATED = {"nombres": nombres}  # tasks made by code: no file, no download
+PRACTISED = {"nombres": practised}  # a task made by code: the training pairs it repeats
 AS_SOURCE = {"nombres": as_source}  # a source typed by a person, written as the task writes its sources
 SUFFIXES = (".jsonl", ".tsv")
 
@@ -60,6 +61,8 @@ def pair_splits(cfg) -> tuple[dict, dict]:
     if min(n_train, n_val, len(pairs) - n_train - n_val) == 0:
         raise too_few_to_split(cfg.data, len(pairs), "pair", cfg.split)
     parts = {"train": pairs[:n_train], "val": pairs[n_train : n_train + n_val], "test": pairs[n_train + n_val :]}
+    if cfg.data in PRACTISED:
+        parts["train"] = PRACTISED[cfg.data](parts["train"])
     return parts, {"data": fingerprint(json.dumps(pairs))}
 
 

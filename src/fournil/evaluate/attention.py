@@ -6,14 +6,16 @@ import contextlib
 import torch
 
 from fournil.errors import FournilError
+from fournil.generate.sampling import SamplingParams
+from fournil.generate.seq2seq import sample_targets
 from fournil.models.base import decoder_only
 
 
 @contextlib.contextmanager
-def recording_attention(model):
-    """While inside, every attention layer of ``model`` computes its weights explicitly and keeps them (see
-    :func:`fournil.models.base.attend`); yields the layers, in order."""
-    layers = [m for m in model.modules() if hasattr(m, "recorded")]
+def recording_attention(model, layers: list | None = None):
+    """While inside, every attention layer of ``model`` (or those of ``layers``) computes its weights explicitly and
+    keeps them (see :func:`fournil.models.base.attend`); yields the layers, in order."""
+    layers = layers or [m for m in model.modules() if hasattr(m, "recorded")]
     if not layers:
         raise FournilError(f"the {model.family} model has no attention to show: use a gpt or llama model")
     for m in layers:
@@ -52,3 +54,30 @@ def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor
     finally:
         model.train(was_training)
     return [tokenizer.decode([i]) for i in ids], weights
+
+
+@torch.no_grad()
+def cross_attention_maps(model, tokenizer, source: str) -> tuple[list[str], list[str], torch.Tensor]:
+    """What an encoder-decoder reads of its source as it writes: the source's tokens, the tokens it writes for it
+    (greedy, then its end), and the decoder's cross-attention weights over them: (layers, heads, written, source),
+    each row the distribution over the source that the written token was chosen from."""
+    ids = tokenizer.encode(source, strict=False)
+    if not ids:
+        raise FournilError(f"the source {source!r} has no token the model knows: give one like those it was trained on")
+    if len(ids) > model.config.block_size:
+        raise FournilError(f"the source has {len(ids)} tokens; the model's context is {model.config.block_size}: "
+                           "give a shorter one")
+    was_training = model.training
+    model.eval()
+    params = SamplingParams(temperature=0)
+    try:
+        written = sample_targets(model, [ids], params)[0]
+        ended = len(written) < min(params.max_new_tokens, model.config.block_size - 1)  # (else cut: no end written)
+        target = [model.config.bos_id, *(written if ended else written[:-1])]
+        crossing = [layer.encoder_attn for layer in model.model.decoder.layers]
+        with recording_attention(model, crossing):
+            model(torch.tensor([ids], device=model.device), torch.tensor([target], device=model.device))
+            weights = torch.stack([m.recorded[0][0].float().cpu() for m in crossing])
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode([i]) for i in ids], [tokenizer.decode([i]) for i in written] + ["<end>"] * ended, weights
