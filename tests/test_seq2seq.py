@@ -150,8 +150,8 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert said[1] == "4 tokens, 2 layers x 4 heads; layer 1 -> a.png"  # c, b, a and the end
     assert said[2].startswith("'b' attends most to: 'b' ") and (tmp_path / "a.png").stat().st_size > 5000
     first = words[-100]  # with no source given, the first held-out one
-    assert cli("attention", "rev", "--out", "a.png").stderr == f"(the first held-out source of rev: {first!r}; give a " \
-                                                              f"TEXT for another)\n"
+    said = cli("attention", "rev", "--out", "a.png").stderr
+    assert said == f"(the first held-out source of rev: {first!r}; give a TEXT for another)\n"
 
 
 def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):
