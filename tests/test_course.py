@@ -56,14 +56,15 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         seen = [number(s) for _, _, s in table]
         assert seen == sorted(seen) and seen[-1] < 10**6  # the data's contexts level off while V^n explodes
         assert "principal components explain" in steps[2] and "attends most to" in steps[3]
+        assert "'71 080' -> '" in steps[3] and "the decoder's cross-attention" in steps[3]  # the encoder-decoder
         assert "bytes per token" in steps[4] and "bits/byte" in steps[5]
         assert "val" in steps[6] and "reward accuracy" in steps[7].lower().replace("_", " ")
         assert "distilled student" in steps[8]
         assert re.search(r"^POST /v1/chat/completions: ", steps[9], re.M) and "POST /predict: " in steps[9]
         for png in {"en": ["emma.png", "embeddings.png", "attention-names.png", "attention-it.png", "capital.png",
-                           "tokens.png"],
+                           "cross-attention.png", "tokens.png"],
                     "fr": ["marie.png", "plongements.png", "attention-prenoms.png", "attention-it.png", "capitale.png",
-                           "capitale-en.png", "tokens.png"]}[lang]:
+                           "capitale-en.png", "attention-croisee.png", "tokens.png"]}[lang]:
             assert imread(tmp_path / lang / png).ndim == 3, png
 
 

@@ -19,3 +19,10 @@ fournil attention $CHAT_MODEL "The animal didn't cross the street because it was
 
 fournil explain $CHAT_MODEL "The capital of France is Paris, and the capital of Italy is Rome." --out capital.png
 # Look at: which tokens the model expected (Paris, Rome: high probability) and which surprised it.
+
+fournil train --model seq2seq $TRAIN --out runs/course/nombres-seq2seq
+fournil sample runs/course/nombres-seq2seq --prompt 71080
+fournil attention runs/course/nombres-seq2seq 71080 --out cross-attention.png
+# Look at: the full Transformer, encoder and decoder, writing numbers in French words (71 080: soixante et onze mille
+# quatre-vingts). cross-attention.png has a row for each letter it writes and a column for each digit: where the
+# decoder looks in the source. Heads of the last layer align the words with their digits, as in translation.

@@ -23,3 +23,11 @@ fournil explain $CHAT_MODEL "La capitale de la France est Paris, et celle de l'I
 # À regarder : les jetons que le modèle attendait et ceux qui l'ont surpris. En anglais, SmolLM2 attend Paris et Rome
 # (probabilité 0,77 chacun) ; en français, qu'il a peu lu, Paris le surprend (0,0001) et sa NLL moyenne par jeton
 # double (3,6 contre 1,7). Un modèle ne sait que ce qu'il a lu.
+
+fournil train --model seq2seq $TRAIN --out runs/cours/nombres-seq2seq
+fournil sample runs/cours/nombres-seq2seq --prompt 71080
+fournil attention runs/cours/nombres-seq2seq 71080 --out attention-croisee.png
+# À regarder : le Transformer complet, encodeur et décodeur, qui écrit les nombres en toutes lettres (71 080 : soixante
+# et onze mille quatre-vingts). attention-croisee.png a une ligne par lettre écrite et une colonne par chiffre : où le
+# décodeur regarde dans la source. Des têtes de la dernière couche alignent les mots sur leurs chiffres, comme en
+# traduction.
