@@ -49,6 +49,27 @@ def test_eval_prints_nll_perplexity_and_bits(cli, trained):
     assert re.search(r"ngram, [\d,]+ parameters", out)
 
 
+def test_eval_scores_a_text_file_or_a_bundled_dataset_s_test_split(cli, trained, bpe_llama, tmp_path):
+    from fournil.runs import Run
+
+    table = lambda out: {line.rsplit(None, 5)[0]: line.split()[-5:] for line in out.splitlines()[2:]}  # noqa: E731
+    own = table(cli("eval", trained["ngram"]).stdout)["test"]
+    assert table(cli("eval", trained["ngram"], "--data", "names").stdout) == {"names (test split)": own}
+    (tmp_path / "two.txt").write_text("emma\n\nolivia\n")  # one name a line, as the run read its data
+    run = Run.load(trained["ngram"], "cpu")
+    what, scores = run.score_text(str(tmp_path / "two.txt"))
+    by_hand = run.explain("emma")["nll"] + run.explain("olivia")["nll"]  # each name framed by the boundary
+    assert what == "two.txt" and scores["tokens"] == 5 + 7 and scores["nll"] * 12 == pytest.approx(by_hand, rel=1e-6)
+    chat = Run.load(bpe_llama, "cpu")  # running text, in windows of the context: the first N tokens of them
+    assert chat.score_text("shakespeare", 300)[1] == chat.evaluate(("test",), max_tokens=300)["test"]
+    assert table(cli("eval", bpe_llama, "--data", "shakespeare", "--tokens", "300").stdout)[
+        "shakespeare (test split)"][0] == "300"
+    one_line_error(cli("eval", trained["ngram"], "--tokens", "5", check=False), "--tokens goes with --data")
+    one_line_error(cli("eval", trained["ngram"], "--data", "names", "--tokens", "0", check=False), "--tokens 0")
+    one_line_error(cli("eval", trained["ngram"], "--data", "shakespeare", check=False),  # a letter it never saw
+                   "shakespeare: ' ', ", "are not in the model's vocabulary")
+
+
 def on_a_terminal(code: str, cwd: Path) -> str:
     """What ``python -c code`` writes to a terminal 100 columns wide (a pseudo-terminal: tqdm draws nothing on a
     terminal of width 0, nor anything but a terminal)."""

@@ -307,7 +307,10 @@ def test_convert_and_info_on_the_command_line(cli, hf_models, tmp_path):
         assert result.returncode == 2 and message in result.stderr and not (tmp_path / args[0]).exists()
     result = cli("eval", folder, check=False)  # imported: no splits of its own, and what to do instead
     assert result.returncode == 2 and "was imported, not trained here" in result.stderr
-    assert "score it on text with `fournil bench MODEL --tasks bpb`" in result.stderr
+    assert "score it on a text with `fournil eval MODEL --data FILE`" in result.stderr
+    scored = cli("eval", folder, "--data", "shakespeare", "--tokens", "200").stdout.splitlines()
+    assert scored[1].split()[:2] == ["text", "tokens"] and scored[2].split()[:4] == ["shakespeare", "(test", "split)",
+                                                                                     "200"]
 
 
 def test_generation_keeps_the_bits_of_a_quantized_file_on_a_cpu_and_of_nothing_else(cli, tmp_path):

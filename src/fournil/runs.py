@@ -195,7 +195,8 @@ class Run:
         """The run's train/val/test splits, rebuilt from its data (which must not have changed since)."""
         if self.config.data is None:
             raise FournilError(f"{self.path} was imported, not trained here: it has no train/val/test data of its own; "
-                               f"score it on text with `fournil bench MODEL --tasks bpb` or "
+                               f"score it on a text with `fournil eval MODEL --data FILE` (or a bundled dataset: "
+                               f"shakespeare...), on benchmarks with `fournil bench MODEL`, or token by token with "
                                f"`fournil explain MODEL TEXT`")
         splits, fingerprints = load_splits(self.config.data)
         if self.config.fingerprints and self.config.fingerprints != fingerprints:
@@ -254,6 +255,34 @@ class Run:
                 outputs = self.translate(list(sources), beam=beam, dtype=self.measure_dtype)
                 scores[n].update(output_scores(outputs, list(targets)))
         return scores
+
+    def score_text(self, data: str, max_tokens: int | None = None) -> tuple[str, dict]:
+        """NLL per token, perplexity, bits per character and per byte of text other than the run's own, as llama.cpp's
+        perplexity tool gives them for a file: a UTF-8 text file, whole, or a bundled dataset's test split (split as
+        a run trained on it split it, else by default: what it never saw); at most its first ``max_tokens``. Read as
+        the run reads its data: one document per line (a model of names), else running text in windows of the
+        context. Returns what was scored, in words, and the scores."""
+        from fournil.data.corpus import Splits, documents
+        from fournil.data.sources import BUNDLED, read_text
+        from fournil.models.base import decoder_only
+
+        self.check_writes()
+        decoder_only(self.model, "scoring a text")
+        if max_tokens is not None and max_tokens < 1:
+            raise FournilError(f"--tokens {max_tokens}: score at least 1 token (leave it out for all of them)")
+        if data in BUNDLED:  # (split as the run split it, if it trained on it: its test split is then its own)
+            own = self.config.data if self.config.data and self.config.data.data == data else None
+            text = load_splits(own or DataConfig(data, mode=self.mode))[0].test
+            what = f"{data} (test split)"
+        else:
+            text, what = read_text(data), Path(data).name
+            text = documents(text) if self.mode == "lines" else text
+        try:
+            scored = make_data(Splits(self.mode, None, None, text), self.tokenizer, self.model.config.block_size,
+                               ("test",))["test"]
+        except FournilError as e:
+            raise FournilError(f"{data}: {e}") from None
+        return what, evaluate_nll(self.model, scored, self.tokenizer, self.measure_dtype, max_tokens=max_tokens)
 
     def as_sources(self, sources: list[str]) -> list[str]:
         """``sources`` written as the run's data writes them, for a task made by code that has a way (nombres)."""

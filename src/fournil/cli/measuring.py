@@ -15,8 +15,12 @@ CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
 
 def add_run_commands(sub) -> None:
     p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test (seq2seq: and the exact-"
-                                    "match accuracy and character error rate of its outputs)")
-    p.add_argument("run", nargs="?", help=LATEST)
+                                    "match accuracy and character error rate of its outputs), or on a text --data")
+    p.add_argument("run", nargs="?", help=f"{LATEST}; with --data, any model (a .gguf file, a Hugging Face folder, "
+                                          f"smollm2)")
+    p.add_argument("--data", help="score this text instead of the run's splits: a UTF-8 text file, whole, or a bundled "
+                                  "dataset's test split (names, prenoms, villes, shakespeare, miserables)")
+    p.add_argument("--tokens", type=int, help="with --data: score its first N tokens (default: all)")
     p.add_argument("--beam", type=int, default=1,
                    help="seq2seq: decode with a beam search of this width (default: greedy)")
     p.add_argument("--device", **DEVICE)
@@ -87,9 +91,15 @@ def run_eval(args) -> None:
     from fournil.models.lora import lora_state
     from fournil.runs import Run, latest_run
 
+    if args.tokens is not None and args.data is None:
+        raise FournilError("--tokens goes with --data: the run's own splits are scored whole")
     run = Run.load(args.run or latest_run(), args.device, args.dtype, merge=False)  # a LoRA run scored as it trained
     check_beam(run, args.beam)
-    results = run.evaluate(beam=args.beam)
+    if args.data is not None:
+        name, result = run.score_text(args.data, args.tokens)
+        results = {name: result}
+    else:
+        results = run.evaluate(beam=args.beam)
     adapter = sum(t.numel() for t in lora_state(run.model).values())
     print(f"{run.path}: {run.model.family}, {run.model.num_params() - adapter:,} parameters"
           f"{f' and a LoRA adapter of {adapter:,}' if adapter else ''}; {scored(run)}")
@@ -97,12 +107,13 @@ def run_eval(args) -> None:
         for name, r in results.items():
             print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
         return
-    pairs = run.mode == "pairs"
-    print(f"{'split':<6} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"
-          + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
+    pairs = run.mode == "pairs" and args.data is None
+    width = max(6, *map(len, results))
+    print(f"{'split' if args.data is None else 'text':<{width}} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} "
+          f"{'bits/byte':>10}" + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
     for name, r in results.items():
-        print(f"{name:<6} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} {r['bpb']:>10.4f}"
-              + (f" {100 * r['exact']:>7.2f}% {100 * r['cer']:>7.2f}%" if pairs else ""))
+        print(f"{name:<{width}} {r['tokens']:>9,} {r['nll']:>8.4f} {r['ppl']:>8.3f} {r['bpc']:>10.4f} "
+              f"{r['bpb']:>10.4f}" + (f" {100 * r['exact']:>7.2f}% {100 * r['cer']:>7.2f}%" if pairs else ""))
     if pairs:
         how = f"a beam search of width {args.beam}" if args.beam > 1 else "greedy decoding"
         print(f"exact: outputs equal to their target ({how}); CER: character edits per target character")

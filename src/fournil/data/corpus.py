@@ -40,7 +40,7 @@ class Splits:
         return (("train", self.train), ("val", self.val), ("test", self.test))
 
 
-def _documents(text: str) -> list[str]:
+def documents(text: str) -> list[str]:
     return [line for line in text.split("\n") if line.strip()]
 
 
@@ -62,7 +62,7 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
     if any(explicit):
         texts = {name: read_text(path) for name, path in zip(("train", "val", "test"), explicit)}
         mode = cfg.mode if cfg.mode != "auto" else infer_mode(texts["train"])
-        parts = {k: (_documents(t) if mode == "lines" else t) for k, t in texts.items()}
+        parts = {k: (documents(t) if mode == "lines" else t) for k, t in texts.items()}
         for name, part in parts.items():
             if not part:
                 raise FournilError(f"the --{name} file has no {'documents' if mode == 'lines' else 'text'}")
@@ -74,7 +74,7 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
     text = read_text(cfg.data)
     mode = cfg.mode if cfg.mode != "auto" else infer_mode(text)
     if mode == "lines":
-        docs = _documents(text)
+        docs = documents(text)
         order = list(range(len(docs)))
         random.Random(cfg.seed).shuffle(order)
         n_train, n_val = int(fractions[0] * len(docs)), int(fractions[1] * len(docs))
