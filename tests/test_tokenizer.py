@@ -24,3 +24,5 @@ def test_unknown_characters_are_named():
         tok.encode("AbCa")  # a lowercase vocabulary: the same text in lowercase is the fix
     with pytest.raises(FournilError, match=r"'A', 'x' are .*; remove or replace them$"):
         tok.encode("Ax")  # lowercase is not enough
+    with pytest.raises(FournilError, match=r"^'Ç' is not in the model's vocabulary .*; remove or replace it$"):
+        tok.encode("Ça")
