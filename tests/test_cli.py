@@ -50,6 +50,8 @@ def test_eval_prints_nll_perplexity_and_bits(cli, trained):
 
 
 def test_eval_scores_a_text_file_or_a_bundled_dataset_s_test_split(cli, trained, bpe_llama, tmp_path):
+    import fournil
+    from fournil import TrainConfig
     from fournil.runs import Run
 
     table = lambda out: {line.rsplit(None, 5)[0]: line.split()[-5:] for line in out.splitlines()[2:]}  # noqa: E731
@@ -64,6 +66,9 @@ def test_eval_scores_a_text_file_or_a_bundled_dataset_s_test_split(cli, trained,
     assert chat.score_text("shakespeare", 300)[1] == chat.evaluate(("test",), max_tokens=300)["test"]
     assert table(cli("eval", bpe_llama, "--data", "shakespeare", "--tokens", "300").stdout)[
         "shakespeare (test split)"][0] == "300"
+    tuned = fournil.finetune(str(bpe_llama), "rasbt_instructions", train=TrainConfig(steps=1, eval_every=1),
+                             out=str(tmp_path / "tuned"), progress=False, announce=lambda _: None)
+    assert tuned.score_text("shakespeare", 50)[1]["tokens"] == 50  # (its own data is instructions: text is text)
     one_line_error(cli("eval", trained["ngram"], "--tokens", "5", check=False), "--tokens goes with --data")
     one_line_error(cli("eval", trained["ngram"], "--data", "names", "--tokens", "0", check=False), "--tokens 0")
     one_line_error(cli("eval", trained["ngram"], "--data", "shakespeare", check=False),  # a letter it never saw

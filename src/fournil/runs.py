@@ -270,15 +270,16 @@ class Run:
         decoder_only(self.model, "scoring a text")
         if max_tokens is not None and max_tokens < 1:
             raise FournilError(f"--tokens {max_tokens}: score at least 1 token (leave it out for all of them)")
+        mode = "lines" if self.mode == "lines" else "text"  # (a tuned model, of instructions or pairs: text)
         if data in BUNDLED:  # (split as the run split it, if it trained on it: its test split is then its own)
             own = self.config.data if self.config.data and self.config.data.data == data else None
-            text = load_splits(own or DataConfig(data, mode=self.mode))[0].test
+            text = load_splits(own or DataConfig(data, mode=mode))[0].test
             what = f"{data} (test split)"
         else:
             text, what = read_text(data), Path(data).name
-            text = documents(text) if self.mode == "lines" else text
+            text = documents(text) if mode == "lines" else text
         try:
-            scored = make_data(Splits(self.mode, None, None, text), self.tokenizer, self.model.config.block_size,
+            scored = make_data(Splits(mode, None, None, text), self.tokenizer, self.model.config.block_size,
                                ("test",))["test"]
         except FournilError as e:
             raise FournilError(f"{data}: {e}") from None
