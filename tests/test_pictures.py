@@ -11,7 +11,7 @@ from fournil.errors import FournilError
 from fournil.evaluate.attention import attention_maps, recording_attention
 from fournil.evaluate.explain import framed
 from fournil.plots.embeddings import principal_components, token_embeddings
-from fournil.plots.explain import figure_size
+from fournil.plots.explain import figure_size, plot_token_probs
 from fournil.plots.tokens import CELL, COLUMNS, ROW, layout
 from fournil.runs import Run
 
@@ -101,18 +101,18 @@ def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass
     assert label == rows[0]["label"] and float(prob) == pytest.approx(rows[0]["prob"], abs=1e-4)
     refused = CLI(tmp_path)("explain", bpe_llama, "", check=False)  # BOS alone: nothing to predict
     assert refused.returncode == 2 and "give a longer text" in refused.stderr and "Traceback" not in refused.stderr
-    assert drawn_at(tmp_path / "p.png", *figure_size(len(rows))) and figure_size(len(rows))[1] == 4.5  # one line
+    assert drawn_at(tmp_path / "p.png", *figure_size(len(rows))) and figure_size(len(rows))[1] == 4.8  # one line
     for words, lines in ((25, 2), (400, 20)):  # a long text fills lines of 45 bars, 20 at most (it drew 1,000 bars
         # 0.02 inch wide, their labels one black smear)
         tokens = len(run.tokenizer.encode("the king " * words))
         assert 45 * (lines - 1) < min(tokens, 900) <= 45 * lines
         CLI(tmp_path)("explain", bpe_llama, "the king " * words, "--out", "long.png")
-        assert drawn_at(tmp_path / "long.png", 24, 1.5 + 3 * lines)
+        assert drawn_at(tmp_path / "long.png", 24, 1.8 + 3 * lines)
     long = "The capital of France is Paris, and the capital of Italy is Rome."  # the title says where it was cut
     assert heading(run, long) == f"{run.path.name}: {long[:59]}…" and heading(run, text) == f"{run.path.name}: {text}"
 
 
-def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):
+def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained, tmp_path):
     run = Run.load(trained["ngram"], "cpu")
     model = run.model
 
@@ -129,6 +129,9 @@ def test_explain_of_a_bigram_gives_the_probabilities_of_its_counts(trained):
     expected = [counted(b, e), counted(e, m), counted(m, m), counted(m, a), counted(a, b)]
     assert [r["logprob"] for r in result["rows"]] == pytest.approx(expected, abs=1e-6)
     assert [len(r["top"]) for r in run.explain("emma", top=1)["rows"]] == [1] * 5
+    plot_token_probs(result, tmp_path / "emma.png", heading(run, "emma"))  # a short word's picture is narrow:
+    title = imread(tmp_path / "emma.png")[:40, :, :3]  # its title must fit it, not run off both sides
+    assert title.min() < 0.5 and (title[:, :8] == 1).all() and (title[:, -8:] == 1).all()
     with pytest.raises(FournilError, match="--top -1: show at least 1 alternative"):  # not all but the last
         run.explain("emma", top=-1)
     for args, said in ((("emma", "2"), "--top '2': give a whole number of alternatives to show"),

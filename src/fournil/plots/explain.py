@@ -36,7 +36,7 @@ def figure_size(n: int) -> tuple[float, float]:
     """Inches: a line of bars as wide as its tokens' labels need, within reason, and a line for every PER_LINE tokens,
     as a page holds a long text."""
     lines = min(LINES, -(-n // PER_LINE))
-    return min(24.0, max(6.0, 0.5 * min(n, PER_LINE) + 1.5)), 1.5 + 3.0 * lines
+    return min(24.0, max(6.0, 0.5 * min(n, PER_LINE) + 1.5)), 1.8 + 3.0 * lines
 
 
 def plot_token_probs(result: dict, path: Path, title: str) -> None:
@@ -65,6 +65,7 @@ def plot_token_probs(result: dict, path: Path, title: str) -> None:
         fig.supylabel("probability given the tokens before", fontsize=10)
         cut = f"\nthe first {len(shown):,} tokens (the table has them all)" if len(shown) < len(rows) else ""
         fig.suptitle(f"{title}\nNLL {result['nll']:.3f} nats over {len(rows):,} tokens, average {result['avg_nll']:.3f}"
-                     f" (grey: the token the model expected instead){cut}", fontsize=10)
+                     f"\n(grey: the token the model expected instead){cut}", fontsize=10)  # (a short text's picture is
+        # narrow: on one line, the title ran off it)
         fig.savefig(path)
         plt.close(fig)
