@@ -133,9 +133,8 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert refused.returncode == 2 and "--beam 0: give a width of 1 (greedy) or more" in refused.stderr
     drawn = cli("embeddings", "rev", "--out", "e.png").stdout  # (it said a seq2seq model has no token embeddings)
     assert re.match(r"(\d+) of \1 token embeddings of width 64", drawn) and (tmp_path / "e.png").stat().st_size > 5000
-    for command in (["explain", "rev", "abc"], ["generate", "rev", "abc"]):
-        refused = cli(*command, check=False)
-        assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
+    refused = cli("generate", "rev", "abc", check=False)
+    assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
     # which source letter each letter it writes reads: its mirror (the rows ran from 0.40 to 0.97, fp32 and bf16)
     from fournil.evaluate.attention import cross_attention_maps
     from fournil.runs import Run
@@ -149,6 +148,16 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert said[0] == "'abc' -> 'cba'; the decoder's cross-attention: which source tokens each token it writes reads"
     assert said[1] == "4 tokens, 2 layers x 4 heads; layer 1 -> a.png"  # c, b, a and the end
     assert said[2].startswith("'b' attends most to: 'b' ") and (tmp_path / "a.png").stat().st_size > 5000
+    explained = run.explain("abc")  # how sure it was of each letter it wrote, and of its end
+    assert [r["label"] for r in explained["rows"]] == [".c", "cb", "ba", "a."]
+    cfg = run.model.config
+    source, target = run.tokenizer.encode("abc"), [cfg.bos_id, *run.tokenizer.encode("cba"), cfg.eos_id]
+    with torch.no_grad():
+        logprobs = run.model(torch.tensor([source]), torch.tensor([target[:-1]]))[0].log_softmax(-1)
+    assert [r["logprob"] for r in explained["rows"]] == pytest.approx(
+        [logprobs[t, target[t + 1]].item() for t in range(4)], abs=1e-5)
+    said = cli("explain", "rev", "abc", "--out", "e.png").stdout.splitlines()
+    assert said[0] == "'abc' -> 'cba'" and said[1].startswith(".c ") and said[-1].startswith("NLL ")
     first = words[-100]  # with no source given, the first held-out one
     said = cli("attention", "rev", "--out", "a.png").stderr
     assert said == f"(the first held-out source of rev: {first!r}; give a TEXT for another)\n"

@@ -15,7 +15,7 @@ from fournil.config import (AlignConfig, DataConfig, DistillConfig, FinetuneConf
 from fournil.data import load_splits, make_data
 from fournil.device import generation_dtype, generation_weights, pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError, NotAChatModel, typed
-from fournil.evaluate import evaluate_nll, explain_text, output_scores
+from fournil.evaluate import evaluate_nll, explain_output, explain_text, output_scores
 from fournil.generate import SamplingParams, complete
 from fournil.generate.quantize import quantize, quantize_layers
 from fournil.models import build_model
@@ -376,9 +376,11 @@ class Run:
         }
 
     def explain(self, text: str, top: int = 5) -> dict:
-        """Each token's probability given the ones before, and the ``top`` the model expected there."""
+        """Each token's probability given the ones before, and the ``top`` the model expected there; for a seq2seq
+        model, of what it writes for the source ``text``."""
         self.check_writes()
-        return explain_text(self.model, self.tokenizer, text, self.measure_dtype, top)
+        explain = explain_output if self.model.family == "seq2seq" else explain_text
+        return explain(self.model, self.tokenizer, text, self.measure_dtype, top)
 
 
 def on_disk(size: float) -> str:

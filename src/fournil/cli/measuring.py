@@ -7,7 +7,6 @@ from pathlib import Path
 
 from fournil.cli.flags import DEVICE, LATEST, SCORE_DTYPE, add_sampling_args, parse_picture, scored
 from fournil.errors import FournilError
-from fournil.models.base import decoder_only
 
 ANIMAL = "The animal didn't cross the street because it was too tired"
 CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
@@ -157,15 +156,20 @@ def sample_pairs(run, args) -> None:
     params = SamplingParams(max_new_tokens=limit,
                             temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.prompt:
-        if (read := run.as_sources([args.prompt])[0]) != args.prompt:
-            print(f"(read as {read!r}, as the training sources write it)", file=sys.stderr)
-        print(run.translate([args.prompt], args.beam, params)[0])
+        print(run.translate([read_as_source(run, args.prompt)], args.beam, params)[0])
         return
     pairs = run.splits().val[: args.num]
     outputs = run.translate([s for s, _ in pairs], args.beam, params)
     for (source, target), output in zip(pairs, outputs):
         print(f"{source} -> {output}" + ("" if output == target else f"   (expected: {target})"))
     print(f"{sum(o == t for o, (_, t) in zip(outputs, pairs))} of {len(pairs)} held-out sources right", file=sys.stderr)
+
+
+def read_as_source(run, text: str) -> str:
+    """``text`` as a seq2seq run's sources are written (nombres: ``71080`` is ``71 080``), saying so if it changes."""
+    if (read := run.as_sources([text])[0]) != text:
+        print(f"(read as {read!r}, as the training sources write it)", file=sys.stderr)
+    return read
 
 
 def text_for(run, given: str | None, sentence: str) -> str:
@@ -207,10 +211,13 @@ def run_explain(args) -> None:
     from fournil.runs import Run
 
     run = Run.load(args.model, args.device, args.dtype)
-    decoder_only(run.model, "scoring a text")
     text = text_for(run, args.text, CAPITAL)
+    if run.model.family == "seq2seq":  # what it writes for the source, and how sure it was of each token
+        text = read_as_source(run, text)
     result = run.explain(text, args.top)
     rows = result["rows"]
+    if run.model.family == "seq2seq":
+        print(f"{text!r} -> {result['written']!r}")
     if sys.stdout.isatty():
         print(coloured_text(result))
         print(legend())
@@ -238,9 +245,7 @@ def run_attention(args) -> None:
     text = text_for(run, args.text, ANIMAL)
     source = None  # an encoder-decoder's: what the tokens it writes read
     if run.model.family == "seq2seq":
-        if (read := run.as_sources([text])[0]) != text:
-            print(f"(read as {read!r}, as the training sources write it)", file=sys.stderr)
-            text = read
+        text = read_as_source(run, text)
         source, tokens, weights = cross_attention_maps(run.model, run.tokenizer, text)
         print(f"{text!r} -> {''.join(tokens[:-1]) if tokens[-1] == '<end>' else ''.join(tokens)!r}; the decoder's "
               f"cross-attention: which source tokens each token it writes reads")

@@ -6,8 +6,7 @@ import contextlib
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate.sampling import SamplingParams
-from fournil.generate.seq2seq import sample_targets
+from fournil.generate.seq2seq import encoded_source, written
 from fournil.models.base import decoder_only
 
 
@@ -61,23 +60,17 @@ def cross_attention_maps(model, tokenizer, source: str) -> tuple[list[str], list
     """What an encoder-decoder reads of its source as it writes: the source's tokens, the tokens it writes for it
     (greedy, then its end), and the decoder's cross-attention weights over them: (layers, heads, written, source),
     each row the distribution over the source that the written token was chosen from."""
-    ids = tokenizer.encode(source, strict=False)
-    if not ids:
-        raise FournilError(f"the source {source!r} has no token the model knows: give one like those it was trained on")
-    if len(ids) > model.config.block_size:
-        raise FournilError(f"the source has {len(ids)} tokens; the model's context is {model.config.block_size}: "
-                           "give a shorter one")
+    ids = encoded_source(model, tokenizer, source)
     was_training = model.training
     model.eval()
-    params = SamplingParams(temperature=0)
     try:
-        written = sample_targets(model, [ids], params)[0]
-        ended = len(written) < min(params.max_new_tokens, model.config.block_size - 1)  # (else cut: no end written)
-        target = [model.config.bos_id, *(written if ended else written[:-1])]
+        target = written(model, ids)
         crossing = [layer.encoder_attn for layer in model.model.decoder.layers]
         with recording_attention(model, crossing):
-            model(torch.tensor([ids], device=model.device), torch.tensor([target], device=model.device))
+            model(torch.tensor([ids], device=model.device), torch.tensor([target[:-1]], device=model.device))
             weights = torch.stack([m.recorded[0][0].float().cpu() for m in crossing])
     finally:
         model.train(was_training)
-    return [tokenizer.decode([i]) for i in ids], [tokenizer.decode([i]) for i in written] + ["<end>"] * ended, weights
+    end = model.config.eos_id  # (each row as the token chosen from it; the written tokens never hold the end)
+    return ([tokenizer.decode([i]) for i in ids], ["<end>" if i == end else tokenizer.decode([i]) for i in target[1:]],
+            weights)

@@ -7,7 +7,9 @@ import math
 import torch
 
 from fournil.errors import FournilError
-from fournil.generate.engine import score
+from fournil.device import autocast
+from fournil.generate.engine import picked, score
+from fournil.generate.seq2seq import encoded_source, written
 from fournil.models.base import decoder_only
 from fournil.plots.attention import visible
 from fournil.tokenizers import CharTokenizer
@@ -31,6 +33,13 @@ def shown(tokenizer, i: int) -> str:
     return BOUNDARY_MARK if i == tokenizer.boundary_id else visible(tokenizer.token_text(i))
 
 
+def checked_top(top) -> None:
+    if not isinstance(top, int):
+        raise FournilError(f"--top {top!r}: give a whole number of alternatives to show")
+    if top < 1:
+        raise FournilError(f"--top {top}: show at least 1 alternative")
+
+
 @torch.no_grad()
 def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32, top: int = 5) -> dict:
     """Each token after the first with its probability given the ones before it and the ``top`` tokens the model found
@@ -41,14 +50,33 @@ def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32
     decoder_only(model, "scoring a text")  # (before the text: a seq2seq model's vocabulary would be blamed)
     if not isinstance(text, str):
         raise FournilError(f"the text to explain must be a string (got {type(text).__name__} {text!r})")
-    if not isinstance(top, int):
-        raise FournilError(f"--top {top!r}: give a whole number of alternatives to show")
-    if top < 1:
-        raise FournilError(f"--top {top}: show at least 1 alternative")
+    checked_top(top)
     seq = framed(tokenizer, text)
     if len(seq) < 2:
         raise FournilError("give a longer text: explaining needs a token to predict after at least one of context")
-    scored = score(model, seq, 1, dtype, top=top)
+    return table(tokenizer, seq, score(model, seq, 1, dtype, top=top), top)
+
+
+@torch.no_grad()
+def explain_output(model, tokenizer, source: str, dtype: torch.dtype = torch.float32, top: int = 5) -> dict:
+    """An encoder-decoder's :func:`explain_text` of what it writes for ``source`` (greedy, then its end): each token's
+    probability given the source and the tokens written before it, where it hesitated; and the text, ``written``."""
+    checked_top(top)
+    ids = encoded_source(model, tokenizer, source)
+    target = written(model, ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(model.device, dtype):
+            logits = model(torch.tensor([ids], device=model.device), torch.tensor([target[:-1]], device=model.device))
+    finally:
+        model.train(was_training)
+    scored = picked(logits[0].float().log_softmax(-1), target[1:], top)
+    return table(tokenizer, target, scored, top) | {"written": tokenizer.decode(target[1:])}
+
+
+def table(tokenizer, seq: list[int], scored: list, top: int) -> dict:
+    """The rows of an explanation of ``seq``, whose tokens after the first were ``scored`` with their alternatives."""
     pairs = isinstance(tokenizer, CharTokenizer)
     rows = []
     for t, (logprob, alternatives) in enumerate(scored, start=1):

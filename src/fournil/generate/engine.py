@@ -138,14 +138,19 @@ def score(model, ids: list[int], start: int = 1, dtype: torch.dtype = torch.floa
             first = last
         if not windows:
             return []
-        logprobs = torch.cat(windows)
-        picked = logprobs.gather(-1, torch.tensor(ids[start:], device=model.device)[:, None])[:, 0].tolist()
-        if not top:
-            return picked
-        values, alternatives = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
-        return [(p, dict(zip(i.tolist(), v.tolist()))) for p, v, i in zip(picked, values, alternatives)]
+        return picked(torch.cat(windows), ids[start:], top)
     finally:
         model.train(was_training)
+
+
+def picked(logprobs: torch.Tensor, ids: list[int], top: int = 0) -> list:
+    """The log-probability of each of ``ids`` in its row of ``logprobs``; with ``top``, each as a pair with the
+    ``top`` most likely tokens of its row, ``{token: log-probability}``."""
+    chosen = logprobs.gather(-1, torch.tensor(ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    if not top:
+        return chosen
+    values, alternatives = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return [(p, dict(zip(i.tolist(), v.tolist()))) for p, v, i in zip(chosen, values, alternatives)]
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fournil.device import autocast
+from fournil.errors import FournilError
 from fournil.generate.sampling import SamplingParams, choose
 
 
@@ -39,6 +40,26 @@ def sample_targets(model, sources: list[list[int]], params: SamplingParams, dtyp
             if done.all():
                 break
     return [_until_end(model, row[1:]) for row in tokens.tolist()]
+
+
+def encoded_source(model, tokenizer, source: str) -> list[int]:
+    """One source's ids, checked: some token the model knows, within its context."""
+    ids = tokenizer.encode(source, strict=False)
+    if not ids:
+        raise FournilError(f"the source {source!r} has no token the model knows: give one like those it was trained on")
+    if len(ids) > model.config.block_size:
+        raise FournilError(f"the source has {len(ids)} tokens; the model's context is {model.config.block_size}: "
+                           "give a shorter one")
+    return ids
+
+
+def written(model, source: list[int], dtype=torch.float32) -> list[int]:
+    """The target greedy decoding writes for one source, framed as the decoder reads it: the start token, the
+    tokens, then the end token, unless the context cut the target first."""
+    params, cfg = SamplingParams(temperature=0), model.config
+    tokens = sample_targets(model, [source], params, dtype)[0]
+    ended = len(tokens) < min(params.max_new_tokens, cfg.block_size - 1)
+    return [cfg.bos_id, *tokens, *[cfg.eos_id] * ended]
 
 
 @torch.no_grad()
