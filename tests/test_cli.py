@@ -35,6 +35,7 @@ def test_every_model_trains_into_a_complete_run_directory(trained):
     assert shapes["mlp"].startswith("context ") and shapes["gpt"] == "n_layer 2, n_head 4, n_embd 32"
     longest = Run.load(trained["gpt"], "cpu").model.config.block_size  # what one prediction reads, not the longest name
     assert [infos[m]["context"] for m in ("ngram", "mlp", "gpt")] == ["1 token", "5 tokens", f"{longest} tokens"]
+    assert infos["mlp"]["model"] == "mlp (from a fournil run directory)"  # (not "mlp (mlp, ...)")
 
 
 def test_eval_prints_nll_perplexity_and_bits(cli, trained):

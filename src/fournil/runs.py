@@ -362,8 +362,10 @@ class Run:
         # each family's own; a llama's heads need not be n_embd / n_head wide (Qwen3-0.6B's are 128, not 1024 / 16)
         shape = {k: getattr(c, k) for k in ("n", "context", "cell", "n_layer", "n_head", "n_kv_head", "n_embd",
                                             "head_dim", "intermediate_size", "n_hidden") if hasattr(c, k)}
+        named = self.source["architecture"] not in (self.model.family, "gpt2")  # (not "llama (llama, ...)")
         return {
-            "model": f"{self.model.family} ({self.source['architecture']}, from a {self.source['format']})"
+            "model": f"{self.model.family} ({self.source['architecture'] + ', ' if named else ''}from a "
+                     f"{self.source['format']})"
                      + ("; a reward model: a score head on it rates answers" if self.config.scores_answers else ""),
             "parameters": f"{self.model.num_params():,}",
             "shape": ", ".join(f"{k} {v}" for k, v in shape.items()),
