@@ -63,10 +63,10 @@ def explain_output(model, tokenizer, source: str, dtype: torch.dtype = torch.flo
     probability given the source and the tokens written before it, where it hesitated; and the text, ``written``."""
     checked_top(top)
     ids = encoded_source(model, tokenizer, source)
-    target = written(model, ids)
     was_training = model.training
     model.eval()
     try:
+        target = written(model, ids)
         with autocast(model.device, dtype):
             logits = model(torch.tensor([ids], device=model.device), torch.tensor([target[:-1]], device=model.device))
     finally:
