@@ -57,7 +57,8 @@ class CharTokenizer:
             unknown = sorted({c for c in text if c not in self.stoi})
             shown = ", ".join(repr(c) for c in unknown)
             lower = text.lower()  # a names model learnt lowercase names: 'Zoé' is 'zoé' to it
-            fix = f"try {lower!r}" if all(c in self.stoi for c in lower) else f"remove or replace {'it' if len(unknown) == 1 else 'them'}"
+            them = "it" if len(unknown) == 1 else "them"
+            fix = f"try {lower!r}" if all(c in self.stoi for c in lower) else f"remove or replace {them}"
             raise FournilError(
                 f"{shown} {'is' if len(unknown) == 1 else 'are'} not in the model's vocabulary "
                 f"(it knows {len(self.chars)} characters seen in training); {fix}"
