@@ -146,8 +146,12 @@ def test_sample_counts_what_it_memorised(cli, trained):
     assert again.stdout == result.stdout  # a seed makes it reproducible
     assert re.search(r"\| +torch$", again.stderr, re.M)  # (the variable is read as Python starts: a Python afresh)
     assert not re.search(r"\| +torch\._dynamo$", again.stderr, re.M)  # what compiles nothing does not import it (0.9 s)
-    greedy = cli("sample", trained["ngram"], "-n", "3", "--temperature", "0").stdout.splitlines()
-    assert len(set(greedy)) == 1
+    greedy = cli("sample", trained["ngram"], "-n", "3", "--temperature", "0")
+    assert len(greedy.stdout.splitlines()) == 3 and len(set(greedy.stdout.splitlines())) == 1
+    assert greedy.stderr.startswith("(temperature 0 is greedy decoding: each sample is the most likely text, the same "
+                                    "every time; a temperature above 0 samples others)\n")  # (it looked like a bug)
+    assert "--top-k 1 is greedy" in cli("sample", trained["ngram"], "-n", "2", "--top-k", "1").stderr
+    assert "greedy" not in cli("sample", trained["ngram"], "-n", "1", "--temperature", "0").stderr
 
 
 def test_output_piped_to_a_reader_that_leaves_stops_quietly(cli, trained):
