@@ -143,7 +143,8 @@ def run_sample(args) -> None:
     for s in samples:
         print(s)
     if args.num > 1 and (temperature == 0 or args.top_k == 1):  # (ten times the same name looked like a bug)
-        how, other = ("temperature 0", "a temperature above 0") if temperature == 0 else ("--top-k 1", "a higher --top-k")
+        how, other = ("temperature 0", "a temperature above 0") if temperature == 0 else \
+            ("--top-k 1", "a higher --top-k")
         print(f"({how} is greedy decoding: each sample is the most likely text, the same every time; {other} "
               f"samples others)", file=sys.stderr)
     if run.mode == "lines":
