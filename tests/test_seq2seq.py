@@ -158,6 +158,13 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
         [logprobs[t, target[t + 1]].item() for t in range(4)], abs=1e-5)
     said = cli("explain", "rev", "abc", "--out", "e.png").stdout.splitlines()
     assert said[0] == "'abc' -> 'cba'" and said[1].startswith(".c ") and said[-1].startswith("NLL ")
+    for source, message in (("", "the source '' has no token the model knows"),
+                            ("abcdeabcde", "the source has 10 tokens; the model's context is 6: give a shorter one"),
+                            ("xyz", "'x', 'y', 'z' are not in the model's vocabulary")):
+        for command in ("explain", "attention"):
+            refused = cli(command, "rev", source, check=False)
+            assert refused.returncode == 2 and refused.stderr.startswith(f"fournil: error: {message}"), refused.stderr
+            assert len(refused.stderr.splitlines()) == 1
     first = words[-100]  # with no source given, the first held-out one
     said = cli("attention", "rev", "--out", "a.png").stderr
     assert said == f"(the first held-out source of rev: {first!r}; give a TEXT for another)\n"

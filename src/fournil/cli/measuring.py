@@ -182,8 +182,8 @@ def text_for(run, given: str | None, sentence: str) -> str:
     the characters and words of its data: the English ``sentence`` would be refused, or all unknown); else that."""
     from fournil.data.shards import Shards
 
-    if given is not None:
-        return given
+    if given is not None:  # (a seq2seq run's source as its sources are written: nombres reads 71080 as 71 080)
+        return read_as_source(run, given) if run.mode == "pairs" else given
     config = run.config
     if config.data is None or config.finetune or config.align or config.distill:
         return sentence
@@ -217,9 +217,7 @@ def run_explain(args) -> None:
 
     run = Run.load(args.model, args.device, args.dtype)
     text = text_for(run, args.text, CAPITAL)
-    if run.model.family == "seq2seq":  # what it writes for the source, and how sure it was of each token
-        text = read_as_source(run, text)
-    result = run.explain(text, args.top)
+    result = run.explain(text, args.top)  # (a seq2seq model's: of what it writes for the source)
     rows = result["rows"]
     if run.model.family == "seq2seq":
         print(f"{text!r} -> {result['written']!r}")
@@ -250,10 +248,9 @@ def run_attention(args) -> None:
     text = text_for(run, args.text, ANIMAL)
     source = None  # an encoder-decoder's: what the tokens it writes read
     if run.model.family == "seq2seq":
-        text = read_as_source(run, text)
         source, tokens, weights = cross_attention_maps(run.model, run.tokenizer, text)
-        print(f"{text!r} -> {''.join(tokens[:-1]) if tokens[-1] == '<end>' else ''.join(tokens)!r}; the decoder's "
-              f"cross-attention: which source tokens each token it writes reads")
+        print(f"{text!r} -> {''.join(t for t in tokens if t != '<end>')!r}; the decoder's cross-attention: which "
+              f"source tokens each token it writes reads")
     else:
         tokens, weights = attention_maps(run.model, run.tokenizer, text)
     n_layer, n_head = weights.shape[:2]
