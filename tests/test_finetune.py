@@ -134,6 +134,40 @@ def test_peft_loads_a_fournil_adapter_and_fournil_loads_peft_s(bpe_base, tmp_pat
         assert torch.allclose(Run.load(tmp_path / "merged", "cpu").model(x), theirs(x), atol=1e-4)
 
 
+def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_path):
+    said = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6"}]
+    forms = {
+        "chat": {"messages": said},
+        "sharegpt": {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                        "value": m["content"]} for m in said]},
+        "prompt-completion": {"prompt": said[:-1], "completion": said[-1:]},
+    }
+    for name, record in forms.items():
+        assert read_conversations(str(write_jsonl(tmp_path / f"{name}.jsonl", [record]))) == [said], name
+    one_turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    for record in ({"prompt": "2+2?", "completion": "4"}, {"instruction": "2+2?", "output": "4"},
+                   {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}):
+        assert read_conversations(str(write_jsonl(tmp_path / "one.jsonl", [record]))) == [one_turn], record
+
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"question": "2+2?", "answer": "4"}])  # (it named only what Alpaca needs)
+    with pytest.raises(FournilError, match=r"line 1: missing 'instruction' and 'output' \(it has 'question', 'answer'; "
+                                           r"an example has .* or 'conversations' \(ShareGPT\); or 'prompt' and "
+                                           r"'completion'\)$"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}])
+    with pytest.raises(FournilError, match=r"line 1: 'conversations' must be a list of \{'from': system\|human\|gpt"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"prompt": "2+2?", "completion": [{"role": "assistant"}]}])
+    with pytest.raises(FournilError, match=r"line 1: 'completion' must be a list of \{'role'"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"prompt": said[:2], "completion": said[1:2]}])
+    with pytest.raises(FournilError, match="must end with an assistant message"):
+        read_conversations(str(bad))
+
+
 def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path, trained):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', encoding="utf-8")

@@ -56,7 +56,8 @@ def add_finetune(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_instructions",
                    help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL/JSON file of Alpaca "
-                        "(instruction, input, output) or chat (messages) examples")
+                        "(instruction, input, output), chat (messages), ShareGPT (conversations) or prompt-completion "
+                        "examples")
     add_tuning_args(p)
     p.add_argument("--pack", action="store_true", help="join short training examples into rows of --max-length tokens")
     add_loop_args(p, steps=" (default 200)", batch="examples per step (default 8)",

@@ -1,14 +1,16 @@
 """Instruction data for supervised fine-tuning: examples rendered through the model's chat template, loss on answers.
 
-Two forms are read, as JSONL or a JSON array: Alpaca (``instruction``, optional ``input``, ``output``) and chat
-(``messages``, each with a ``role`` and a ``content``). Each conversation becomes the tokens the model will see at
-generation time: the prompt parts exactly as ``chat`` renders them (no loss) and each assistant answer up to and
-including the token that ends its turn (loss), so that a tuned model learns to stop.
+The usual forms are read, as JSONL or a JSON array: Alpaca (``instruction``, optional ``input``, ``output``), chat
+(``messages``, each with a ``role`` and a ``content``), ShareGPT (``conversations``, each with ``from`` and ``value``)
+and TRL's prompt-completion (``prompt`` and ``completion``, as text or as chat messages). Each conversation becomes the
+tokens the model will see at generation time: the prompt parts exactly as ``chat`` renders them (no loss) and each
+assistant answer up to and including the token that ends its turn (loss), so that a tuned model learns to stop.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -82,6 +84,8 @@ RECORDS = {  # the kinds of JSONL record fournil learns from: their fields, and 
     "preference pairs": (("prompt", "chosen", "rejected"), "fournil align (or fournil reward)"),
     "instructions": (("instruction", "output"), "fournil finetune (or distill, or align --method grpo)"),
     "conversations": (("messages",), "fournil finetune (or distill, or align --method grpo)"),
+    "ShareGPT conversations": (("conversations",), "fournil finetune (or distill, or align --method grpo)"),
+    "prompts and completions": (("prompt", "completion"), "fournil finetune (or distill, or align --method grpo)"),
     "(source, target) pairs": (("source", "target"), "fournil train --model seq2seq"),
 }
 
@@ -113,28 +117,75 @@ def read_conversations(spec: str) -> list[list[dict]]:
     return [to_messages(row, where) for where, row in read_rows(data_path(spec, BUNDLED_INSTRUCTIONS, "instruction"))]
 
 
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+FORMS = ("an example has 'instruction', optional 'input' and 'output' (Alpaca); or 'messages' (chat); or "
+         "'conversations' (ShareGPT); or 'prompt' and 'completion'")
+
+
 def to_messages(row, where: str) -> list[dict]:
     if not isinstance(row, dict):
         raise FournilError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
-        messages = row["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in messages)
-        if not ok:
-            raise FournilError(f"{where}: 'messages' must be a list of {{'role': system|user|assistant, 'content': text}}")
-        if messages[-1]["role"] != "assistant":
-            raise FournilError(f"{where}: the conversation must end with an assistant message (the answer to learn)")
-        return messages
+        messages = chat_messages(row["messages"], where, "messages")
+    elif "conversations" in row:
+        turns = row["conversations"]
+        if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                                          and isinstance(t.get("value"), str) for t in turns)):
+            raise FournilError(f"{where}: 'conversations' must be a list of "
+                               f"{{'from': system|human|gpt, 'value': text}}")
+        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    elif "prompt" in row and "completion" in row:
+        answer = row["completion"]
+        messages = prompt_messages(row["prompt"], where) + (
+            [{"role": "assistant", "content": answer}] if isinstance(answer, str)
+            else chat_messages(answer, where, "completion"))
+    else:
+        return alpaca_messages(row, where)
+    if messages[-1]["role"] != "assistant":
+        raise FournilError(f"{where}: the conversation must end with an assistant message (the answer to learn)")
+    return messages
+
+
+def alpaca_messages(row: dict, where: str) -> list[dict]:
     if wrong := next((k for k in ("instruction", "input", "output") if row.get(k) is not None
                       and not isinstance(row[k], str)), None):
         raise FournilError(f"{where}: {wrong!r} must be a text, not {json.dumps(row[wrong])[:60]}")
     missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
     if missing:
-        raise FournilError(f"{where}: missing {' and '.join(repr(k) for k in missing)} (an example has 'instruction', "
-                           f"optional 'input' and 'output', or 'messages'){other_kind(row, 'instructions')}")
+        has = f"it has {', '.join(map(repr, row))}; " if row else "it is empty; "
+        raise FournilError(f"{where}: missing {' and '.join(repr(k) for k in missing)} ({has}{FORMS})"
+                           f"{other_kind(row, 'instructions')}")
     prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def chat_messages(messages, where: str, field: str) -> list[dict]:
+    """``messages`` checked to be a list of chat messages."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)):
+        raise FournilError(f"{where}: {field!r} must be a list of {{'role': system|user|assistant, 'content': text}}")
+    return messages
+
+
+def prompt_messages(prompt, where: str) -> list[dict]:
+    """A record's prompt as chat messages: a user message, a list of messages, or a transcript in Anthropic's layout
+    (``Human: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:``), read as the conversation it records."""
+    if isinstance(prompt, list):
+        return chat_messages(prompt, where, "prompt")
+    if not isinstance(prompt, str):
+        raise FournilError(f"{where}: 'prompt' must be text or a list of chat messages")
+    if not prompt.startswith("Human:"):
+        return [{"role": "user", "content": prompt}]
+    parts = TURN.split(prompt)[1:]  # speaker, text, speaker, text...
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[::2], parts[1::2])]
+    if messages and messages[-1] == {"role": "assistant", "content": ""}:
+        messages.pop()  # the transcript ends where the answer starts
+    if not messages or messages[-1]["role"] != "user":
+        raise FournilError(f"{where}: the transcript must end with a Human turn (then 'Assistant:')")
+    return messages
 
 
 def render_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:

@@ -7,8 +7,6 @@ end-of-turn token), so a pair is two instruction examples that share their promp
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from fournil.data.instructions import (
@@ -18,6 +16,7 @@ from fournil.data.instructions import (
     keep_short,
     other_kind,
     pad_id,
+    prompt_messages,
     read_conversations,
     read_rows,
     render_example,
@@ -29,29 +28,6 @@ BUNDLED_PREFERENCES = {
     "rasbt_preferences": "rasbt_preferences.jsonl",  # polite answers chosen over impolite ones (LLMs-from-scratch)
     "hh_rlhf_harmless": "hh_rlhf_harmless.jsonl",  # Anthropic's harmlessness pairs (red-teaming conversations)
 }
-TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
-
-
-def prompt_messages(prompt, where: str) -> list[dict]:
-    if isinstance(prompt, list):
-        if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                   and isinstance(m.get("content"), str) for m in prompt) or not prompt:
-            raise FournilError(f"{where}: a 'prompt' list must hold {{'role': system|user|assistant, 'content': text}}")
-        return prompt
-    if not isinstance(prompt, str):
-        raise FournilError(f"{where}: 'prompt' must be text or a list of chat messages")
-    if not prompt.startswith("Human:"):
-        return [{"role": "user", "content": prompt}]
-    parts = TURN.split(prompt)[1:]  # speaker, text, speaker, text...
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[::2], parts[1::2])]
-    if messages and messages[-1] == {"role": "assistant", "content": ""}:
-        messages.pop()  # the transcript ends where the answer starts
-    if not messages or messages[-1]["role"] != "user":
-        raise FournilError(f"{where}: the transcript must end with a Human turn (then 'Assistant:')")
-    return messages
-
-
 def read_pairs(spec: str) -> list[tuple[list[dict], list[dict]]]:
     """Every record as two conversations, the prompt followed by the chosen answer and by the rejected one."""
     pairs = []
