@@ -13,7 +13,7 @@ from torch import nn
 from fournil.config import AlignConfig
 from fournil.data.batches import IGNORE, PREFIX, SHARED, pack, prompt_groups
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path
-from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs
+from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs, read_prompts
 from fournil.errors import FournilError
 from fournil.models.base import target_logprobs
 from fournil.runs import Run
@@ -234,6 +234,39 @@ def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_bas
     assert 0 < finals["1.0"]["val_kl"] < finals["0.04"]["val_kl"] < 1.0
 
 
+def test_preference_files_in_each_usual_form_read_as_the_same_pairs(tmp_path):
+    asked = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "By hand?"},
+             {"role": "user", "content": "Yes."}]
+    good, bad = "Knead flour, water, yeast and salt; let it rise; bake.", "No."
+
+    def answer(text):
+        return [{"role": "assistant", "content": text}]
+
+    said = "\n\nHuman: How do I bake bread?\n\nAssistant: By hand?\n\nHuman: Yes.\n\nAssistant: "
+    forms = {
+        "explicit": {"prompt": asked, "chosen": good, "rejected": bad},
+        "explicit, chat": {"prompt": asked, "chosen": answer(good), "rejected": answer(bad)},
+        "implicit, chat (TRL)": {"chosen": asked + answer(good), "rejected": asked + answer(bad)},
+        "implicit, transcripts (Anthropic's hh-rlhf files)": {"chosen": said + good, "rejected": said + bad},
+    }
+    for name, record in forms.items():
+        path = write_jsonl(tmp_path / "pairs.jsonl", [record])
+        assert read_pairs(str(path)) == [(asked + answer(good), asked + answer(bad))], name
+        assert read_prompts(str(path)) == [asked], name  # (GRPO's prompts; it said "missing 'instruction'")
+
+    wrong = {
+        "without a 'prompt', 'chosen' and 'rejected' must be the same conversation up to their last answer":
+            {"chosen": said + good, "rejected": said.replace("Yes", "No") + bad},
+        r"without a 'prompt', 'chosen' must be the whole conversation: a list of chat messages, or a transcript":
+            {"chosen": good, "rejected": bad},
+        "'chosen' and 'rejected' must each end with an assistant answer": {"chosen": asked, "rejected": asked},
+        r"'rejected' must be a list of \{'role'": {"prompt": "Hi", "chosen": "Hello", "rejected": 3},
+    }
+    for message, record in wrong.items():
+        with pytest.raises(FournilError, match=f"pairs.jsonl, line 1: {message}"):
+            read_pairs(str(write_jsonl(tmp_path / "pairs.jsonl", [record])))
+
+
 def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, tmp_path, capsys, monkeypatch):
     root, base, data = preferences
     assert prompt_messages("Human: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:", "x") == [
@@ -246,9 +279,9 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
     with pytest.raises(FournilError, match="line 2: not valid JSON"):
         read_pairs(str(bad))
     write_jsonl(bad, [{"prompt": "a", "chosen": "b"}])
-    with pytest.raises(FournilError, match=r"line 1: a preference record needs .*missing rejected"):
+    with pytest.raises(FournilError, match=r"line 1: a preference record has .*\(missing rejected\)$"):
         read_pairs(str(bad))
-    with pytest.raises(FournilError, match=r"missing prompt, chosen, rejected\); this file holds conversations: learn "
+    with pytest.raises(FournilError, match=r"missing chosen, rejected\); this file holds conversations: learn "
                                            r"from them with fournil finetune"):
         read_pairs(str(data_path("fr_oasst1_chat", BUNDLED_INSTRUCTIONS, "instruction")))
     write_jsonl(bad, [{"prompt": "Human: hi\n\nAssistant: hello", "chosen": "b", "rejected": "c"}])

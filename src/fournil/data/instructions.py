@@ -176,16 +176,22 @@ def prompt_messages(prompt, where: str) -> list[dict]:
         return chat_messages(prompt, where, "prompt")
     if not isinstance(prompt, str):
         raise FournilError(f"{where}: 'prompt' must be text or a list of chat messages")
-    if not prompt.startswith("Human:"):
+    if (messages := transcript(prompt)) is None:
         return [{"role": "user", "content": prompt}]
-    parts = TURN.split(prompt)[1:]  # speaker, text, speaker, text...
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[::2], parts[1::2])]
     if messages and messages[-1] == {"role": "assistant", "content": ""}:
         messages.pop()  # the transcript ends where the answer starts
     if not messages or messages[-1]["role"] != "user":
         raise FournilError(f"{where}: the transcript must end with a Human turn (then 'Assistant:')")
     return messages
+
+
+def transcript(text: str) -> list[dict] | None:
+    """The conversation a transcript in Anthropic's layout records, as chat messages; None for other text."""
+    if not text.lstrip().startswith("Human:"):
+        return None
+    parts = TURN.split(text.lstrip())[1:]  # speaker, text, speaker, text...
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[::2], parts[1::2])]
 
 
 def render_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:

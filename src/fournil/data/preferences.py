@@ -2,8 +2,10 @@
 
 Each record has ``prompt``, ``chosen`` and ``rejected``. The prompt is a user message, a list of chat messages, or a
 transcript in Anthropic's layout (``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:``), which is read
-as the conversation it records. Answers are rendered as fine-tuning renders them (loss on the answer and its
-end-of-turn token), so a pair is two instruction examples that share their prompt.
+as the conversation it records; each answer is text or chat messages. Without a prompt (TRL's implicit prompt, and
+Anthropic's own hh-rlhf files), ``chosen`` and ``rejected`` are whole conversations that differ in their last answer.
+Answers are rendered as fine-tuning renders them (loss on the answer and its end-of-turn token), so a pair is two
+instruction examples that share their prompt.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from fournil.data.instructions import (
     BUNDLED_INSTRUCTIONS,
     InstructionData,
+    chat_messages,
     data_path,
     keep_short,
     other_kind,
@@ -21,6 +24,7 @@ from fournil.data.instructions import (
     read_rows,
     render_example,
     split_examples,
+    transcript,
 )
 from fournil.errors import FournilError
 
@@ -28,20 +32,46 @@ BUNDLED_PREFERENCES = {
     "rasbt_preferences": "rasbt_preferences.jsonl",  # polite answers chosen over impolite ones (LLMs-from-scratch)
     "hh_rlhf_harmless": "hh_rlhf_harmless.jsonl",  # Anthropic's harmlessness pairs (red-teaming conversations)
 }
+PAIR_FORMS = ("a preference record has 'prompt', 'chosen' and 'rejected' (each text or chat messages), or only "
+              "'chosen' and 'rejected', each the whole conversation, its answer last")
+
+
 def read_pairs(spec: str) -> list[tuple[list[dict], list[dict]]]:
     """Every record as two conversations, the prompt followed by the chosen answer and by the rejected one."""
     pairs = []
     for where, row in read_rows(data_path(spec, BUNDLED_PREFERENCES, "preference")):
-        if not isinstance(row, dict):
-            raise FournilError(f"{where}: expected a JSON object with 'prompt', 'chosen' and 'rejected'")
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if missing or not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
-            raise FournilError(f"{where}: a preference record needs 'prompt', and 'chosen' and 'rejected' answers as "
-                               f"text{' (missing ' + ', '.join(missing) + ')' if missing else ''}"
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            missing = [k for k in ("chosen", "rejected") if k not in row] if isinstance(row, dict) else []
+            raise FournilError(f"{where}: {PAIR_FORMS}{' (missing ' + ', '.join(missing) + ')' if missing else ''}"
                                f"{other_kind(row, 'preference pairs')}")
-        prompt = prompt_messages(row["prompt"], where)
-        pairs.append(tuple(prompt + [{"role": "assistant", "content": row[k]}] for k in ("chosen", "rejected")))
+        pairs.append(pair_of(row, where))
     return pairs
+
+
+def pair_of(row: dict, where: str) -> tuple[list[dict], list[dict]]:
+    """The chosen and the rejected conversation of a record: its prompt followed by each answer, or (without a
+    prompt, as in Anthropic's own hh-rlhf files) two whole conversations that differ only in their last answer."""
+    if "prompt" in row:
+        prompt = prompt_messages(row["prompt"], where)
+        pair = tuple(prompt + ([{"role": "assistant", "content": row[k]}] if isinstance(row[k], str)
+                               else chat_messages(row[k], where, k)) for k in ("chosen", "rejected"))
+    else:
+        pair = tuple(whole_conversation(row[k], where, k) for k in ("chosen", "rejected"))
+        if pair[0][:-1] != pair[1][:-1]:
+            raise FournilError(f"{where}: without a 'prompt', 'chosen' and 'rejected' must be the same conversation "
+                               f"up to their last answer; they differ before it")
+    if any(c[-1]["role"] != "assistant" for c in pair):
+        raise FournilError(f"{where}: 'chosen' and 'rejected' must each end with an assistant answer")
+    return pair
+
+
+def whole_conversation(value, where: str, field: str) -> list[dict]:
+    if isinstance(value, list):
+        return chat_messages(value, where, field)
+    if isinstance(value, str) and (messages := transcript(value)):
+        return messages
+    raise FournilError(f"{where}: without a 'prompt', {field!r} must be the whole conversation: a list of chat "
+                       f"messages, or a transcript ('Human: ...\\n\\nAssistant: ...'); or add the 'prompt'")
 
 
 class PreferenceData:
@@ -118,10 +148,10 @@ def render_pairs(spec: str, tokenizer, max_length: int, announce=print) -> list[
 
 def read_prompts(spec: str) -> list[list[dict]]:
     """The prompts of a preference set, or of an instruction set (each conversation up to its last answer)."""
-    if spec in BUNDLED_PREFERENCES:
-        return [chosen[:-1] for chosen, _ in read_pairs(spec)]
     if spec not in BUNDLED_INSTRUCTIONS:
         rows = read_rows(data_path(spec, {**BUNDLED_PREFERENCES, **BUNDLED_INSTRUCTIONS}, "prompt"))
+        if isinstance(rows[0][1], dict) and "chosen" in rows[0][1]:
+            return [chosen[:-1] for chosen, _ in read_pairs(spec)]
         if isinstance(rows[0][1], dict) and "prompt" in rows[0][1]:
             return [prompt_messages(row.get("prompt") if isinstance(row, dict) else None, where) for where, row in rows]
     return [c[:-1] for c in read_conversations(spec)]
