@@ -100,7 +100,7 @@ def run_tokenizer(args) -> None:
 
     splits, _ = load_splits(DataConfig(args.data, args.mode))
     texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
-    tokenizer = train_bpe(texts(splits.train), args.vocab_size, progress=sys.stderr.isatty())
+    tokenizer = train_bpe(texts(splits.train), args.vocab_size, progress=True)
     name = args.data if args.data in BUNDLED else Path(args.data).stem
     out = Path(args.out or f"tokenizers/{name}-bpe{args.vocab_size}")
     own_folder(out, "tokenizer", r"tokenizer(_config)?\.json")
@@ -143,13 +143,13 @@ def run_prepare(args) -> None:
     elif size := bpe_size(spec):
         texts = source_texts(source)  # (which refuses a source with no text before anything is said)
         print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
-        tokenizer = train_bpe(texts, size, progress=sys.stderr.isatty())
+        tokenizer = train_bpe(texts, size, progress=True)
     elif spec == "char":
         chars = set().union(*map(set, source_texts(source)))
         tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])
     else:
         tokenizer = load_tokenizer(spec)
-    meta = prepare(source, tokenizer, out, progress=sys.stderr.isatty())
+    meta = prepare(source, tokenizer, out, progress=True)
     counts = {name: sum(s["tokens"] for s in shards) for name, shards in meta["shards"].items()}
     print(f"{out}: " + ", ".join(f"{name} {n:,} tokens" for name, n in counts.items())
           + f" ({meta['dtype']}, vocabulary {tokenizer.vocab_size:,})")

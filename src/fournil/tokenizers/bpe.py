@@ -7,6 +7,8 @@ vocabulary has the size asked for. Every byte is in the vocabulary, so any text 
 """
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from fournil.errors import FournilError
@@ -33,7 +35,8 @@ def bpe_size(spec: str) -> int | None:
 
 
 def train_bpe(texts, vocab_size: int, progress: bool = False) -> HFTokenizer:
-    """A byte-level BPE tokenizer of ``vocab_size`` tokens learned from ``texts`` (an iterable of strings)."""
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens learned from ``texts`` (an iterable of strings). Its
+    ``progress`` bars are drawn on a terminal only: elsewhere the trainer writes empty lines to stdout."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < SMALLEST:
@@ -45,7 +48,8 @@ def train_bpe(texts, vocab_size: int, progress: bool = False) -> HFTokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=progress,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  show_progress=progress and sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     if tok.get_vocab_size() < vocab_size:
