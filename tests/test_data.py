@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from fournil.config import DataConfig
 from fournil.data import infer_mode, load_splits, read_text
@@ -67,3 +68,30 @@ def test_too_few_documents_for_the_split(tmp_path: Path):
     (tmp_path / "one.tsv").write_text("un\tone\n")  # (source, target) pairs for seq2seq: the same words
     with pytest.raises(FournilError, match="one.tsv has 1 pair, too few for a 90/5/5 split: give at least 21, or"):
         load_splits(DataConfig(str(tmp_path / "one.tsv")))
+
+
+def test_a_jsonl_corpus_of_documents_reads_as_their_text(tmp_path: Path):
+    """A .jsonl of {"text": ...} records (as Hugging Face datasets write a corpus) is text to learn from; it was read
+    as (source, target) pairs, and refused."""
+    names = ["anna", "bob", "zoé", "éloïse"] * 10
+    write_jsonl(tmp_path / "names.jsonl", [{"id": i, "text": name} for i, name in enumerate(names)])
+    (tmp_path / "names.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    assert read_text(str(tmp_path / "names.jsonl")) == read_text(str(tmp_path / "names.txt"))
+    from_jsonl, from_text = (load_splits(DataConfig(str(tmp_path / f"names.{kind}")))[0] for kind in ("jsonl", "txt"))
+    assert from_jsonl == from_text and from_jsonl.mode == "lines"
+
+    speeches = ["First Citizen:\nBefore we proceed any further, hear me speak.\n", "All:\r\nSpeak, speak.", "  "] * 30
+    write_jsonl(tmp_path / "speeches.jsonl", [{"text": speech} for speech in speeches])
+    text = read_text(str(tmp_path / "speeches.jsonl"))
+    assert text == "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
+    assert load_splits(DataConfig(str(tmp_path / "speeches.jsonl")))[0].mode == "text"
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"source": str(n), "target": "x" * n} for n in range(1, 31)])
+    assert load_splits(DataConfig(str(tmp_path / "pairs.jsonl")))[0].mode == "pairs"
+    (tmp_path / "bad.jsonl").write_text('{"text": "anna"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(FournilError, match=r"bad.jsonl, line 2: no text field; a .jsonl corpus holds one "
+                                           r"\{\"text\": ...\} object per line"):
+        read_text(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "anna"}\n\n{"text": "bob\n', encoding="utf-8")
+    with pytest.raises(FournilError, match=r"bad.jsonl, line 3: not valid JSON \(Unterminated string"):
+        read_text(str(tmp_path / "bad.jsonl"))

@@ -157,6 +157,10 @@ def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_
                                            r"an example has .* or 'conversations' \(ShareGPT\); or 'prompt' and "
                                            r"'completion'\)$"):
         read_conversations(str(bad))
+    write_jsonl(bad, [{"text": "To be, or not to be"}])
+    with pytest.raises(FournilError, match=r"\(it has 'text'; .*\); this file holds documents: learn from them with "
+                                           r"fournil train \(or fournil prepare\)$"):
+        read_conversations(str(bad))
     write_jsonl(bad, [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}])
     with pytest.raises(FournilError, match=r"line 1: 'conversations' must be a list of \{'from': system\|human\|gpt"):
         read_conversations(str(bad))

@@ -3,7 +3,10 @@ import json
 import signal
 import time
 
+from pathlib import Path
+
 import numpy as np
+from conftest import write_jsonl
 
 from fournil.data import read_text
 
@@ -29,6 +32,28 @@ def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
     assert len(ids) == meta["shards"]["train"][0]["tokens"]
     missing = cli("prepare", "--data", "corpuss", check=False)  # said at once, not after "learning a BPE from corpuss"
     assert missing.returncode == 2 and missing.stderr.startswith("fournil: error: no file or folder corpuss")
+
+
+def test_prepare_reads_the_documents_of_jsonl_corpora_whole(cli, tmp_path):
+    """A folder of .jsonl corpora (Hugging Face datasets' form) beside text files: every document is tokenized, one
+    longer than a chunk too, and a .jsonl of other records is left out (tokenized, it would be JSON syntax)."""
+    speeches = [s for s in read_text("shakespeare").split("\n\n")[:1500]] + ["word " * 3000]  # (15,000 bytes)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "speeches.jsonl", [{"text": s} for s in speeches])
+    write_jsonl(corpus / "instructions.jsonl", [{"instruction": "Say hi", "output": "hi"}] * 50)
+    (corpus / "notes.txt").write_text("To be, or not to be.\n" * 500, encoding="utf-8")
+    cli("prepare", "--data", "corpus", "--tokenizer", "char", "--out", "shards")
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    assert [Path(p).name for p in meta["sources"]] == ["notes.txt", "speeches.jsonl"]
+    documents = read_text(str(corpus / "speeches.jsonl"))
+    assert documents.startswith("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n")
+    ids = np.concatenate([np.fromfile(tmp_path / "shards" / s["file"], dtype=np.uint16)
+                          for split in ("train", "val", "test") for s in meta["shards"][split]])
+    assert len(ids) == len(documents) + len("To be, or not to be.\n" * 500) + 2  # and a boundary after each file
+    refused = cli("prepare", "--data", str(corpus / "instructions.jsonl"), check=False)
+    assert refused.returncode == 2 and "instructions.jsonl is not a .jsonl corpus (one {\"text\": ...} object per " \
+                                       "line): prepare such a file, or a text file" in refused.stderr
 
 
 def test_prepare_without_data_shards_bundled_shakespeare(cli, tmp_path):

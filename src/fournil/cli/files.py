@@ -40,8 +40,9 @@ def add_tokenizer_commands(sub) -> None:
 
     p = sub.add_parser("prepare", help="tokenize a large corpus (a file or a folder of .txt) into token shards "
                                        "(default: shakespeare)")
-    p.add_argument("--data", default="shakespeare", help=f"a UTF-8 text file, a folder of .txt files (read "
-                                                         f"recursively), or a bundled dataset ({', '.join(BUNDLED)})")
+    p.add_argument("--data", default="shakespeare",
+                   help=f"a UTF-8 text file, a folder of .txt files (read recursively; .jsonl files of "
+                        f"{{\"text\": ...}} documents too), or a bundled dataset ({', '.join(BUNDLED)})")
     p.add_argument("--tokenizer", default="bpe:4096",
                    help="bpe:N (learned from the corpus first), char, or a tokenizer.json")
     p.add_argument("--out", help="folder for the shards (default: shards/DATA-TOKENIZER); train on it with "

@@ -20,9 +20,10 @@ def add_train(sub) -> None:
     p = add_recipe_parser(sub, "train", help="train a model (defaults: gpt on prenoms)",
                           description="Train a language model. With no flags: the gpt model on the bundled French "
                                       "first names (a seq2seq model: on nombres).")
-    p.add_argument("--data", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, or (source, target) "
-                   "pairs for seq2seq: nombres (digits to French words, made by code), a .jsonl (source, target "
-                   "fields) or .tsv file (default: prenoms; for seq2seq, nombres)")
+    p.add_argument("--data", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, a .jsonl of "
+                   "{\"text\": ...} documents, or (source, target) pairs for seq2seq: nombres (digits to French "
+                   "words, made by code), a .jsonl (source, target fields) or .tsv file (default: prenoms; for "
+                   "seq2seq, nombres)")
     p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
     p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
                    help="lines: one document per line; text: running text (default: inferred)")

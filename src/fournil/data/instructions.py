@@ -87,6 +87,7 @@ RECORDS = {  # the kinds of JSONL record fournil learns from: their fields, and 
     "ShareGPT conversations": (("conversations",), "fournil finetune (or distill, or align --method grpo)"),
     "prompts and completions": (("prompt", "completion"), "fournil finetune (or distill, or align --method grpo)"),
     "(source, target) pairs": (("source", "target"), "fournil train --model seq2seq"),
+    "documents": (("text",), "fournil train (or fournil prepare)"),
 }
 
 

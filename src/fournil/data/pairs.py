@@ -11,7 +11,7 @@ import torch
 from fournil.data.batches import IGNORE, frame_ids, thinned
 from fournil.data.instructions import other_kind, read_rows
 from fournil.data.nombres import as_source, nombres, practised
-from fournil.data.sources import fingerprint, read_text, too_few_to_split
+from fournil.data.sources import fingerprint, holds_documents, read_text, too_few_to_split
 from fournil.errors import FournilError
 
 GENERATED = {"nombres": nombres}  # tasks made by code: no file, no download
@@ -21,7 +21,9 @@ SUFFIXES = (".jsonl", ".tsv")
 
 
 def is_pairs(spec: str | None) -> bool:
-    return spec is not None and (spec in GENERATED or Path(spec).suffix in SUFFIXES)
+    """Whether ``spec`` names (source, target) pairs: nombres, a .tsv, or a .jsonl that is not a corpus of documents."""
+    return spec is not None and (spec in GENERATED or Path(spec).suffix in SUFFIXES
+                                 and not holds_documents(Path(spec).expanduser()))
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from fournil.checkpoint import write_json
-from fournil.data.sources import BUNDLED, decoded
+from fournil.data.sources import BUNDLED, decoded, holds_documents, joined_documents
 from fournil.errors import FournilError
 
 META, TOKENIZER = "meta.json", "tokenizer.json"
@@ -59,10 +59,14 @@ def input_files(source: Path) -> list[Path]:
         raise FournilError(bundled_elsewhere(str(source), "text") or f"no file or folder {source}: prepare a text "
                            f"file, a folder of .txt files or a bundled dataset ({', '.join(BUNDLED)})")
     if source.is_file():
+        if source.suffix == ".jsonl" and not holds_documents(source):
+            raise FournilError(f"{source} is not a .jsonl corpus (one {{\"text\": ...}} object per line): prepare "
+                               f"such a file, or a text file")
         return [source]
-    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".text"))
+    files = sorted(p for p in source.rglob("*") if p.is_file() and (p.suffix in (".txt", ".md", ".text")
+                                                                   or holds_documents(p)))
     if not files:
-        raise FournilError(f"{source} holds no .txt files to prepare")
+        raise FournilError(f"{source} holds no .txt files (nor .jsonl corpora) to prepare")
     return files
 
 
@@ -70,13 +74,14 @@ def chunk_size(total_bytes: int) -> int:
     return max(4096, min(CHUNK_BYTES, total_bytes // 200))
 
 
-def file_pieces(path: Path, size: int):
-    """The bytes of one file in pieces of about ``size``, each cut after a line end where there is one."""
+def file_pieces(path: Path, size: int, whole_lines: bool = False):
+    """The bytes of one file in pieces of about ``size``, each cut after a line end where there is one (always, with
+    ``whole_lines``: a line longer than ``size`` makes a longer piece)."""
     with open(path, "rb") as f:
         pending = b""
         while block := f.read(size):
             data = pending + block
-            cut = data.rfind(b"\n") + 1 or len(data)  # no line end in a whole piece: cut anyway
+            cut = data.rfind(b"\n") + 1 or (0 if whole_lines else len(data))  # no line end: cut anyway, or read on
             piece, pending = data[:cut], data[cut:]
             if piece:
                 yield piece
@@ -88,13 +93,15 @@ def chunks(files: list[Path], start: int, size: int):
     """(index, text, bytes, last of its file) for every chunk of the input from chunk ``start`` on."""
     index = 0
     for path in files:
-        pieces = file_pieces(path, size)
+        documents, line = holds_documents(path), 1
+        pieces = file_pieces(path, size, whole_lines=documents)
         piece = next(pieces, None)
         while piece is not None:
             following = next(pieces, None)
             if index >= start:
-                yield index, decoded(piece, path, " of a chunk"), len(piece), following is None
-            index += 1
+                text = decoded(piece, path, " of a chunk")
+                yield index, joined_documents(text, path, line) if documents else text, len(piece), following is None
+            index, line = index + 1, line + piece.count(b"\n")
             piece = following
 
 
@@ -109,7 +116,8 @@ def source_texts(source: str):
 
 
 def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
-    """Tokenize ``source`` (a file or a folder of .txt files) into shards under ``out``; continue if interrupted."""
+    """Tokenize ``source`` (a file, or a folder of .txt files and .jsonl corpora) into shards under ``out``; continue
+    if interrupted."""
     files = [p.resolve() for p in input_files(Path(source).expanduser())]
     out.mkdir(parents=True, exist_ok=True)
     if (out / META).exists():  # prepared, or interrupted: of the same files, or it would mix two corpora

@@ -1,8 +1,10 @@
-"""Where text comes from: a bundled corpus by name, or any UTF-8 text file by path."""
+"""Where text comes from: a bundled corpus by name, or any UTF-8 text file by path, or a JSONL file of documents
+(``{"text": ...}`` on each line, as Hugging Face datasets write a text corpus)."""
 from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +33,8 @@ def resolve(spec: str) -> Path:
         raise FournilError(
             bundled_elsewhere(spec, "text") or
             f"no dataset or file named {spec!r}{nearest(spec, [*BUNDLED, 'nombres'])}: use a bundled dataset "
-            f"({', '.join(BUNDLED)}), nombres (pairs for a seq2seq model), or the path to a UTF-8 text file"
+            f"({', '.join(BUNDLED)}), nombres (pairs for a seq2seq model), or the path to a UTF-8 text file (or a "
+            f".jsonl of {{\"text\": ...}} documents)"
         )
     return path
 
@@ -64,9 +67,44 @@ def read_text(spec: str) -> str:
     path = resolve(spec)
     text = decoded(path.read_bytes(), path)
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    if holds_documents(path):
+        text = joined_documents(text, path)
     if not text.strip():
         raise FournilError(f"{path} is empty: give a file with some text in it")
     return text
+
+
+def holds_documents(path: Path) -> bool:
+    """Whether ``path`` is a JSONL file of documents: its first record has a ``text`` field."""
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        record = json.loads(first.decode("utf-8-sig"))
+    except ValueError:  # (not JSON, nor UTF-8: the reader of pairs says what is wrong)
+        return False
+    return isinstance(record, dict) and "text" in record
+
+
+def joined_documents(text: str, path: Path, first_line: int = 1) -> str:
+    """The documents of JSONL ``text`` (lines of ``path`` from ``first_line`` on), each followed by a line end (a
+    list of names reads as one), or by a blank line where it holds several lines (running text)."""
+    documents = []
+    for n, line in enumerate(text.split("\n"), first_line):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); a .jsonl corpus holds one "
+                               f"{{\"text\": ...}} object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise FournilError(f"{path}, line {n}: no text field; a .jsonl corpus holds one {{\"text\": ...}} "
+                               f"object per line")
+        if record["text"].strip():
+            documents.append(record["text"].replace("\r\n", "\n").strip("\n"))
+    return "".join(d + ("\n\n" if "\n" in d else "\n") for d in documents)
 
 
 def fingerprint(text: str) -> str:
