@@ -94,6 +94,9 @@ def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same
     adapter = sum(p.numel() for name, p in Run.load(root / "dpo", "cpu", merge=False).model.named_parameters()
                   if ".lora_" in name)
     assert f"llama, {before.model.num_params():,} parameters and a LoRA adapter of {adapter:,};" in result.stdout
+    beside = CLI(root)("eval", base, root / "dpo", check=False)  # (in a table of NLLs, its scores would mislead)
+    assert beside.returncode == 2 and f"{root / 'dpo'} was tuned on preferences: its scores are its method's, not " \
+                                      f"NLLs; `fournil eval {root / 'dpo'}` alone gives them" in beside.stderr
     # eval keeps the adapter apart, and the model without it is the reference: the figures of the adapter folded in
     # against the base loaded again
     folded = evaluate_alignment(tuned)

@@ -78,3 +78,6 @@ def test_a_model_trained_on_bpe_tokens_scores_the_same_bytes(cli, tmp_path):
     names = bpe.sample(5, seed=1)
     assert len(names) == 5 and all("<|endoftext|>" not in n for n in names)  # stops at the end of a document
     cli("eval", "bpe")
+    both = cli("eval", "chars", "bpe")  # in one table: per token they do not compare, per byte they do
+    assert both.stderr == ("these runs cut text into different tokens: nll and ppl are per token and do not compare; "
+                           "bits per character and per byte do\n")

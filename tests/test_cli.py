@@ -76,6 +76,31 @@ def test_eval_scores_a_text_file_or_a_bundled_dataset_s_test_split(cli, trained,
                    "shakespeare: ' ', ", "are not in the model's vocabulary")
 
 
+def test_eval_of_several_runs_is_one_table_a_row_each(cli, trained, running_text):
+    runs = [trained[m] for m in ("ngram", "mlp", "gpt", "llama")]
+    shown = cli("eval", *runs)
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["run", "model", "parameters", "val", "nll", "test", "nll", "ppl", "bits/char",
+                                "bits/byte"]
+    rows = {Path(line.split()[0]): line.split()[1:] for line in lines[1:-1]}
+    assert list(rows) == runs and lines[-1].startswith("nll: nats per token; ppl, bits per character and per byte: "
+                                                       "on test; scored in float32 on cpu")
+    assert shown.stderr == ""  # the same data, split alike, and the same tokens: nothing to warn of
+    for run in (trained["ngram"], trained["llama"]):  # each row says what `fournil eval RUN` says
+        alone = {line.split()[0]: line.split() for line in cli("eval", run).stdout.splitlines()[2:]}
+        params = re.search(r", ([\d,]+) parameters", cli("eval", run).stdout)[1]
+        assert rows[run] == [run.name.split("-")[1], params, alone["val"][2], *alone["test"][2:6]]
+
+    on_names = cli("eval", trained["ngram"], trained["gpt"], "--data", "names").stdout.splitlines()
+    assert on_names[0].split()[3:5] == ["tokens", "nll"] and "on the text;" in on_names[-1]
+    assert on_names[1].split()[4:] == rows[trained["ngram"]][3:]  # names' test split is the run's own
+    mixed = cli("eval", trained["gpt"], running_text)
+    assert mixed.stderr == ("these runs learned from different data or splits: their scores do not compare; score "
+                            "them on the same text with --data\n")
+    one_line_error(cli("eval", trained["gpt"], "names", check=False), "names is a dataset, not a run: score a run "
+                   f"on it with `fournil eval {trained['gpt']} --data names`")
+
+
 def on_a_terminal(code: str, cwd: Path) -> str:
     """What ``python -c code`` writes to a terminal 100 columns wide (a pseudo-terminal: tqdm draws nothing on a
     terminal of width 0, nor anything but a terminal)."""

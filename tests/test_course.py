@@ -55,6 +55,7 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         assert [number(possible) for _, possible, _ in table] == [symbols**n for n in range(1, 11)]
         seen = [number(s) for _, _, s in table]
         assert seen == sorted(seen) and seen[-1] < 10**6  # the data's contexts level off while V^n explodes
+        assert len(re.findall(rf"^runs/{folder}/\S+ +ngram +[\d,]+ +\d\.\d{{4}} ", steps[1], re.M)) == 3  # one table
         assert "principal components explain" in steps[2] and "attends most to" in steps[3]
         assert "'71 080' -> '" in steps[3] and "the decoder's cross-attention" in steps[3]  # the encoder-decoder
         assert "bytes per token" in steps[4] and "bits/byte" in steps[5]

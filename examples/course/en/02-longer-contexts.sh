@@ -6,10 +6,10 @@ set -euo pipefail
 
 fournil train --data names --model ngram --n 3 --out runs/course/names-trigram
 fournil train --data names --model ngram --n 5 --out runs/course/names-5gram
-fournil eval runs/course/names-trigram
-fournil eval runs/course/names-5gram
-# Look at: the trigram beats the bigram on val and test, and the 5-gram is worse than the trigram: most contexts of
-# four characters in unseen names were never seen in training, so their counts say nothing. Its samples (printed by train) end in random letters.
+fournil eval runs/course/names-bigram runs/course/names-trigram runs/course/names-5gram
+# Look at: the three in one table (several runs to eval: a row each). The trigram beats the bigram on val and test,
+# and the 5-gram is worse than the trigram: most contexts of four characters in unseen names were never seen in
+# training, so their counts say nothing. Its samples (printed by train) end in random letters.
 
 python - <<'PY'
 import fournil

@@ -9,7 +9,7 @@ set -euo pipefail
 fournil train --data names --model mlp $TRAIN --out runs/course/names-mlp
 # Look at: the train and val loss falling together in the progress lines, and runs/course/names-mlp/loss.png.
 
-fournil eval runs/course/names-mlp
+fournil eval runs/course/names-bigram runs/course/names-mlp
 # Look at: a val NLL well below the bigram's 2.45 (about 2.0), with five characters of context.
 
 fournil embeddings runs/course/names-mlp --out embeddings.png

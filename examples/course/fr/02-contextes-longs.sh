@@ -6,11 +6,11 @@ set -euo pipefail
 
 fournil train --data prenoms --model ngram --n 3 --out runs/cours/prenoms-trigramme
 fournil train --data prenoms --model ngram --n 5 --out runs/cours/prenoms-5gramme
-fournil eval runs/cours/prenoms-trigramme
-fournil eval runs/cours/prenoms-5gramme
-# À regarder : le trigramme bat le bigramme, et le 5-gramme fait moins bien que le trigramme : la plupart des
-# contextes de quatre caractères des prénoms inconnus n'ont jamais été vus à l'entraînement, leurs comptes ne disent
-# rien. Ses prénoms tirés au sort (« samples ») finissent en suites de lettres au hasard.
+fournil eval runs/cours/prenoms-bigramme runs/cours/prenoms-trigramme runs/cours/prenoms-5gramme
+# À regarder : les trois dans un même tableau (plusieurs runs à évaluer : une ligne chacun). Le trigramme bat le
+# bigramme, et le 5-gramme fait moins bien que le trigramme : la plupart des contextes de quatre caractères des
+# prénoms inconnus n'ont jamais été vus à l'entraînement, leurs comptes ne disent rien. Ses prénoms tirés au sort
+# (« samples ») finissent en suites de lettres au hasard.
 
 python - <<'PY'
 import fournil

@@ -9,7 +9,7 @@ set -euo pipefail
 fournil train --data prenoms --model mlp $TRAIN --out runs/cours/prenoms-mlp
 # À regarder : les pertes d'entraînement et de validation qui baissent ensemble, et runs/cours/prenoms-mlp/loss.png.
 
-fournil eval runs/cours/prenoms-mlp
+fournil eval runs/cours/prenoms-bigramme runs/cours/prenoms-mlp
 # À regarder : une NLL de validation bien sous les 2,5 du bigramme (environ 2,0), avec cinq caractères de contexte.
 
 fournil embeddings runs/cours/prenoms-mlp --out plongements.png

@@ -15,8 +15,8 @@ CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
 def add_run_commands(sub) -> None:
     p = sub.add_parser("eval", help="NLL, perplexity and bits per character on val and test (seq2seq: and the exact-"
                                     "match accuracy and character error rate of its outputs), or on a text --data")
-    p.add_argument("run", nargs="?", help=f"{LATEST}; with --data, any model (a .gguf file, a Hugging Face folder, "
-                                          f"smollm2)")
+    p.add_argument("run", nargs="*", help=f"{LATEST}; with --data, any model (a .gguf file, a Hugging Face folder, "
+                                          f"smollm2); several: one table, a row each")
     p.add_argument("--data", help="score this text instead of the run's splits: a UTF-8 text file, whole, or a bundled "
                                   "dataset's test split (names, prenoms, villes, shakespeare, miserables)")
     p.add_argument("--tokens", type=int, help="with --data: score its first N tokens (default: all)")
@@ -92,7 +92,10 @@ def run_eval(args) -> None:
 
     if args.tokens is not None and args.data is None:
         raise FournilError("--tokens goes with --data: the run's own splits are scored whole")
-    run = Run.load(args.run or latest_run(), args.device, args.dtype, merge=False)  # a LoRA run scored as it trained
+    if len(args.run) > 1:
+        return compare_runs(args)
+    run = Run.load(args.run[0] if args.run else latest_run(), args.device, args.dtype, merge=False)  # a LoRA run
+    # is scored as it trained
     check_beam(run, args.beam)
     if args.data is not None:
         name, result = run.score_text(args.data, args.tokens)
@@ -116,6 +119,46 @@ def run_eval(args) -> None:
     if pairs:
         how = f"a beam search of width {args.beam}" if args.beam > 1 else "greedy decoding"
         print(f"exact: outputs equal to their target ({how}); CER: character edits per target character")
+
+
+def compare_runs(args) -> None:
+    """Several models in one table, a row each: their val and test splits' scores, or their scores on --data."""
+    from fournil.data.sources import BUNDLED
+    from fournil.runs import Run
+
+    if data := next((r for r in args.run[1:] if r in BUNDLED or r == "nombres"), None):
+        raise FournilError(f"{data} is a dataset, not a run: score a run on it with "
+                           f"`fournil eval {' '.join(r for r in args.run if r != data)} --data {data}`")
+    rows = []
+    for path in args.run:
+        run = Run.load(path, args.device, args.dtype, merge=False)
+        if run.config.align:
+            raise FournilError(f"{run.path} was tuned on preferences: its scores are its method's, not NLLs; "
+                               f"`fournil eval {run.path}` alone gives them")
+        check_beam(run, args.beam)
+        rows.append((run, {"text": run.score_text(args.data, args.tokens)[1]} if args.data else
+                     run.evaluate(beam=args.beam)))
+    pairs = any(r["test"].get("exact") is not None for _, r in rows) if not args.data else False
+    width = max(3, *(len(str(run.path)) for run, _ in rows))
+    figures = (f"{'tokens':>9} {'nll':>8}" if args.data else f"{'val nll':>8} {'test nll':>8}")
+    print(f"{'run':<{width}} {'model':<8} {'parameters':>12} {figures} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"
+          + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
+    for run, r in rows:
+        last = r["text"] if args.data else r["test"]
+        shown = (f"{last['tokens']:>9,} {last['nll']:>8.4f}" if args.data else
+                 f"{r['val']['nll']:>8.4f} {last['nll']:>8.4f}")
+        exact = f" {100 * last['exact']:>7.2f}% {100 * last['cer']:>7.2f}%" if "exact" in last else " " * 18
+        print(f"{str(run.path):<{width}} {run.model.family:<8} {run.model.num_params():>12,} {shown} "
+              f"{last['ppl']:>8.3f} {last['bpc']:>10.4f} {last['bpb']:>10.4f}{exact if pairs else ''}".rstrip())
+    print(f"nll: nats per token; ppl, bits per character and per byte: on {'the text' if args.data else 'test'}; "
+          + ", ".join(sorted({scored(run) for run, _ in rows})))
+    if not args.data and len({(d.data, d.mode, d.train, d.split, d.seed) if (d := run.config.data) else None
+                              for run, _ in rows}) > 1:
+        print("these runs learned from different data or splits: their scores do not compare; score them on the "
+              "same text with --data", file=sys.stderr)
+    elif len({(type(run.tokenizer).__name__, run.tokenizer.vocab_size) for run, _ in rows}) > 1:
+        print("these runs cut text into different tokens: nll and ppl are per token and do not compare; bits per "
+              "character and per byte do", file=sys.stderr)
 
 
 def run_bench(args) -> None:
