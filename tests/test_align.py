@@ -256,6 +256,11 @@ def test_preference_files_in_each_usual_form_read_as_the_same_pairs(tmp_path):
         path = write_jsonl(tmp_path / "pairs.jsonl", [record])
         assert read_pairs(str(path)) == [(asked + answer(good), asked + answer(bad))], name
         assert read_prompts(str(path)) == [asked], name  # (GRPO's prompts; it said "missing 'instruction'")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([forms["implicit, chat (TRL)"]] * 2), tmp_path / "pairs.parquet")
+    assert read_pairs(str(tmp_path / "pairs.parquet")) == [(asked + answer(good), asked + answer(bad))] * 2
 
     wrong = {
         "without a 'prompt', 'chosen' and 'rejected' must be the same conversation up to their last answer":

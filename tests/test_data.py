@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,33 @@ def test_a_jsonl_corpus_of_documents_reads_as_their_text(tmp_path: Path):
     write_jsonl(tmp_path / "pairs.jsonl", [{"source": str(n), "target": "x" * n} for n in range(1, 31)])
     assert load_splits(DataConfig(str(tmp_path / "pairs.jsonl")))[0].mode == "pairs"
     (tmp_path / "bad.jsonl").write_text('{"text": "anna"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(FournilError, match=r"bad.jsonl, line 2: its text is int, not text$"):
+        read_text(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "anna"}\n{"title": "bob"}\n', encoding="utf-8")
     with pytest.raises(FournilError, match=r"bad.jsonl, line 2: no text field; a .jsonl corpus holds one "
                                            r"\{\"text\": ...\} object per line"):
         read_text(str(tmp_path / "bad.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"text": "anna"}\n\n{"text": "bob\n', encoding="utf-8")
     with pytest.raises(FournilError, match=r"bad.jsonl, line 3: not valid JSON \(Unterminated string"):
         read_text(str(tmp_path / "bad.jsonl"))
+
+
+def test_a_parquet_corpus_reads_as_the_same_text_as_its_jsonl(tmp_path: Path, monkeypatch):
+    """Parquet, as the Hugging Face Hub stores datasets: a text column, one document a row (an empty one skipped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    speeches = ["First Citizen:\nBefore we proceed any further, hear me speak.", None, "All:\nSpeak, speak."] * 20
+    pq.write_table(pa.table({"id": list(range(60)), "text": speeches}), tmp_path / "speeches.parquet")
+    write_jsonl(tmp_path / "speeches.jsonl", [{"text": s} for s in speeches if s])
+    assert read_text(str(tmp_path / "speeches.parquet")) == read_text(str(tmp_path / "speeches.jsonl"))
+    assert load_splits(DataConfig(str(tmp_path / "speeches.parquet")))[0].mode == "text"
+    pq.write_table(pa.table({"source": ["1", "2"] * 20, "target": ["un", "deux"] * 20}), tmp_path / "pairs.parquet")
+    assert load_splits(DataConfig(str(tmp_path / "pairs.parquet")))[0].mode == "pairs"
+    (tmp_path / "bad.parquet").write_text("not parquet", encoding="utf-8")
+    with pytest.raises(FournilError, match=r"bad.parquet is not a Parquet file pyarrow can read \("):
+        read_text(str(tmp_path / "bad.parquet"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # a machine without pyarrow (an optional dependency)
+    with pytest.raises(FournilError, match=r"speeches.parquet is a Parquet file: reading one needs pyarrow \(pip "
+                                           r"install pyarrow\), or convert it to JSONL$"):
+        read_text(str(tmp_path / "speeches.parquet"))

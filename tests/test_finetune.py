@@ -146,6 +146,12 @@ def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_
     }
     for name, record in forms.items():
         assert read_conversations(str(write_jsonl(tmp_path / f"{name}.jsonl", [record]))) == [said], name
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, record in forms.items():  # Parquet, as the Hub stores datasets
+        pq.write_table(pa.Table.from_pylist([record] * 2), tmp_path / f"{name}.parquet")
+        assert read_conversations(str(tmp_path / f"{name}.parquet")) == [said] * 2, name
     one_turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     for record in ({"prompt": "2+2?", "completion": "4"}, {"instruction": "2+2?", "output": "4"},
                    {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}):

@@ -20,9 +20,9 @@ def add_train(sub) -> None:
     p = add_recipe_parser(sub, "train", help="train a model (defaults: gpt on prenoms)",
                           description="Train a language model. With no flags: the gpt model on the bundled French "
                                       "first names (a seq2seq model: on nombres).")
-    p.add_argument("--data", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, a .jsonl of "
-                   "{\"text\": ...} documents, or (source, target) pairs for seq2seq: nombres (digits to French "
-                   "words, made by code), a .jsonl (source, target fields) or .tsv file (default: prenoms; for "
+    p.add_argument("--data", help=f"a bundled dataset ({', '.join(BUNDLED)}), a UTF-8 text file, a .jsonl or .parquet "
+                   "corpus (a text field), or (source, target) pairs for seq2seq: nombres (digits to French words, "
+                   "made by code), a .jsonl or .parquet (source, target fields) or .tsv file (default: prenoms; for "
                    "seq2seq, nombres)")
     p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
     p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
@@ -56,9 +56,9 @@ def add_finetune(sub) -> None:
                                       "only.")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_instructions",
-                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL/JSON file of Alpaca "
-                        "(instruction, input, output), chat (messages), ShareGPT (conversations) or prompt-completion "
-                        "examples")
+                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL, JSON or Parquet file of "
+                        "Alpaca (instruction, input, output), chat (messages), ShareGPT (conversations) or "
+                        "prompt-completion examples")
     add_tuning_args(p)
     p.add_argument("--pack", action="store_true", help="join short training examples into rows of --max-length tokens")
     add_loop_args(p, steps=" (default 200)", batch="examples per step (default 8)",
@@ -73,8 +73,8 @@ def add_finetune(sub) -> None:
     p.add_argument("out", help="the run directory to write")
 
 
-PREFERENCE_DATA = ("rasbt_preferences (default), hh_rlhf_harmless, or a JSONL/JSON file of records with 'prompt', "
-                   "'chosen' and 'rejected'")
+PREFERENCE_DATA = ("rasbt_preferences (default), hh_rlhf_harmless, or a JSONL, JSON or Parquet file of records with "
+                   "'prompt', 'chosen' and 'rejected' (or only the last two, whole conversations)")
 
 
 def add_align(sub) -> None:

@@ -57,7 +57,7 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, dict]:
         parts, fingerprints = pair_splits(cfg)
         return Splits("pairs", parts["train"], parts["val"], parts["test"]), fingerprints
     if cfg.mode == "pairs":
-        raise FournilError(f"pairs data is a .jsonl or .tsv file of (source, target) examples, or nombres; "
+        raise FournilError(f"pairs data is a .jsonl, .parquet or .tsv file of (source, target) examples, or nombres; "
                            f"{cfg.train or cfg.data} is neither")
     if any(explicit):
         texts = {name: read_text(path) for name, path in zip(("train", "val", "test"), explicit)}

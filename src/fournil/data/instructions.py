@@ -18,7 +18,7 @@ import torch
 
 from fournil.config import check_split
 from fournil.data.batches import IGNORE, LineData, thinned
-from fournil.data.sources import decoded, nearest
+from fournil.data.sources import decoded, nearest, parquet_table
 from fournil.errors import FournilError, typed
 from fournil.text import HALF_PAIR, unpaired
 
@@ -46,12 +46,19 @@ def data_path(spec: str, bundled: dict[str, str], what: str) -> Path:
     if not path.is_file():
         raise FournilError(bundled_elsewhere(spec, f"{what} examples") or
                            f"no {what} set or file named {spec!r}{nearest(spec, bundled)}: use a bundled one "
-                           f"({', '.join(bundled)}) or a .jsonl/.json file of {what} examples")
+                           f"({', '.join(bundled)}) or a .jsonl, .json or .parquet file of {what} examples")
     return path
 
 
 def read_rows(path: Path) -> list[tuple[str, object]]:
-    """The records of a JSONL file or a JSON array, each with where it is (``file, line N``) for error messages."""
+    """The records of a JSONL file, a JSON array or a Parquet file (as the Hugging Face Hub stores datasets), each
+    with where it is (``file, line N``) for error messages."""
+    if path.suffix == ".parquet":
+        rows = [(f"{path}, row {n}", {k: v for k, v in row.items() if v is not None})  # (a null is a field left out)
+                for n, row in enumerate(parquet_table(path).to_pylist(), 1)]
+        if not rows:
+            raise FournilError(f"{path} holds no examples")
+        return rows
     text = decoded(path.read_bytes(), path).removeprefix("\ufeff")  # (the mark some editors begin a file with)
     if text.lstrip().startswith("[") and path.suffix != ".jsonl":
         try:

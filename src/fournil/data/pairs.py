@@ -17,18 +17,20 @@ from fournil.errors import FournilError
 GENERATED = {"nombres": nombres}  # tasks made by code: no file, no download
 PRACTISED = {"nombres": practised}  # a task made by code: the training pairs it repeats
 AS_SOURCE = {"nombres": as_source}  # a source typed by a person, written as the task writes its sources
-SUFFIXES = (".jsonl", ".tsv")
+SUFFIXES = (".jsonl", ".parquet", ".tsv")
 
 
 def is_pairs(spec: str | None) -> bool:
-    """Whether ``spec`` names (source, target) pairs: nombres, a .tsv, or a .jsonl that is not a corpus of documents."""
+    """Whether ``spec`` names (source, target) pairs: nombres, a .tsv, or a .jsonl or .parquet file that is not a
+    corpus of documents."""
     return spec is not None and (spec in GENERATED or Path(spec).suffix in SUFFIXES
                                  and not holds_documents(Path(spec).expanduser()))
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
-    """JSONL records with ``source`` and ``target``, or TSV lines ``source<TAB>target``; a bad line is named."""
-    if path.endswith(".jsonl"):
+    """JSONL or Parquet records with ``source`` and ``target``, or TSV lines ``source<TAB>target``; a bad line is
+    named."""
+    if not path.endswith(".tsv"):
         records = read_rows(Path(path))
         if bad := next(((where, r) for where, r in records if not isinstance(r, dict)
                         or not all(isinstance(r.get(k), str) for k in ("source", "target"))), None):

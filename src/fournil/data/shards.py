@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from fournil.checkpoint import write_json
-from fournil.data.sources import BUNDLED, decoded, holds_documents, joined_documents
-from fournil.errors import FournilError
+from fournil.data.sources import BUNDLED, decoded, holds_documents, joined, jsonl_documents
+from fournil.errors import FournilError, typed
 
 META, TOKENIZER = "meta.json", "tokenizer.json"
 CHUNK_BYTES = 1 << 20  # at most; smaller for small corpora, so that val and test get some 200 chunks' worth
@@ -59,6 +59,9 @@ def input_files(source: Path) -> list[Path]:
         raise FournilError(bundled_elsewhere(str(source), "text") or f"no file or folder {source}: prepare a text "
                            f"file, a folder of .txt files or a bundled dataset ({', '.join(BUNDLED)})")
     if source.is_file():
+        if source.suffix == ".parquet":
+            raise FournilError(f"{source} is a Parquet file: prepare reads text files and .jsonl corpora; train on it "
+                               f"directly (fournil train --data {typed(source)}), or write its text as JSONL first")
         if source.suffix == ".jsonl" and not holds_documents(source):
             raise FournilError(f"{source} is not a .jsonl corpus (one {{\"text\": ...}} object per line): prepare "
                                f"such a file, or a text file")
@@ -100,7 +103,9 @@ def chunks(files: list[Path], start: int, size: int):
             following = next(pieces, None)
             if index >= start:
                 text = decoded(piece, path, " of a chunk")
-                yield index, joined_documents(text, path, line) if documents else text, len(piece), following is None
+                if documents:
+                    text = joined(jsonl_documents(text, path, line), path, "line")
+                yield index, text, len(piece), following is None
             index, line = index + 1, line + piece.count(b"\n")
             piece = following
 

@@ -1,5 +1,5 @@
-"""Where text comes from: a bundled corpus by name, or any UTF-8 text file by path, or a JSONL file of documents
-(``{"text": ...}`` on each line, as Hugging Face datasets write a text corpus)."""
+"""Where text comes from: a bundled corpus by name, or any UTF-8 text file by path, or a corpus of documents as
+Hugging Face datasets hold one: JSONL (``{"text": ...}`` on each line) or Parquet (a ``text`` column)."""
 from __future__ import annotations
 
 import difflib
@@ -65,19 +65,25 @@ def decoded(raw: bytes, path: Path, where: str = "") -> str:
 def read_text(spec: str) -> str:
     """The whole text of a dataset, checked: not binary, valid UTF-8, not empty; newlines normalised to \\n."""
     path = resolve(spec)
-    text = decoded(path.read_bytes(), path)
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    if holds_documents(path):
-        text = joined_documents(text, path)
+    if path.suffix == ".parquet":
+        text = joined(parquet_documents(path), path, "row")
+    else:
+        text = decoded(path.read_bytes(), path)
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        if holds_documents(path):
+            text = joined(jsonl_documents(text, path), path, "line")
     if not text.strip():
         raise FournilError(f"{path} is empty: give a file with some text in it")
     return text
 
 
 def holds_documents(path: Path) -> bool:
-    """Whether ``path`` is a JSONL file of documents: its first record has a ``text`` field."""
-    if path.suffix != ".jsonl" or not path.is_file():
+    """Whether ``path`` is a corpus of documents: JSONL whose first record has a ``text`` field, or Parquet with a
+    ``text`` column."""
+    if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
         return False
+    if path.suffix == ".parquet":
+        return "text" in parquet_table(path, schema=True).names
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), b"")
     try:
@@ -87,10 +93,8 @@ def holds_documents(path: Path) -> bool:
     return isinstance(record, dict) and "text" in record
 
 
-def joined_documents(text: str, path: Path, first_line: int = 1) -> str:
-    """The documents of JSONL ``text`` (lines of ``path`` from ``first_line`` on), each followed by a line end (a
-    list of names reads as one), or by a blank line where it holds several lines (running text)."""
-    documents = []
+def jsonl_documents(text: str, path: Path, first_line: int = 1):
+    """(line number, the text field) of each record of JSONL ``text``, lines of ``path`` from ``first_line`` on."""
     for n, line in enumerate(text.split("\n"), first_line):
         if not line.strip():
             continue
@@ -99,12 +103,41 @@ def joined_documents(text: str, path: Path, first_line: int = 1) -> str:
         except json.JSONDecodeError as e:
             raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); a .jsonl corpus holds one "
                                f"{{\"text\": ...}} object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        yield n, record.get("text") if isinstance(record, dict) else None
+
+
+def parquet_documents(path: Path):
+    """(row number, its text) of each row of a Parquet corpus."""
+    column = parquet_table(path, columns=["text"]).column("text").to_pylist()
+    return enumerate(column, 1)
+
+
+def joined(documents, path: Path, unit: str) -> str:
+    """The text of each numbered document followed by a line end (a list of names reads as one), or by a blank line
+    where it holds several lines (running text)."""
+    texts = []
+    for n, document in documents:
+        if document is not None and not isinstance(document, str):
+            raise FournilError(f"{path}, {unit} {n}: its text is {type(document).__name__}, not text")
+        if document is None and unit == "line":
             raise FournilError(f"{path}, line {n}: no text field; a .jsonl corpus holds one {{\"text\": ...}} "
                                f"object per line")
-        if record["text"].strip():
-            documents.append(record["text"].replace("\r\n", "\n").strip("\n"))
-    return "".join(d + ("\n\n" if "\n" in d else "\n") for d in documents)
+        if document and document.strip():
+            texts.append(document.replace("\r\n", "\n").strip("\n"))
+    return "".join(d + ("\n\n" if "\n" in d else "\n") for d in texts)
+
+
+def parquet_table(path: Path, columns: list[str] | None = None, schema: bool = False):
+    """A Parquet file's table (those ``columns``), or its schema only, through pyarrow (which reads it)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise FournilError(f"{path} is a Parquet file: reading one needs pyarrow (pip install pyarrow), or convert it "
+                           f"to JSONL") from None
+    try:
+        return pq.read_schema(path) if schema else pq.read_table(path, columns=columns)
+    except Exception as e:  # (pyarrow's errors: not Parquet, damaged, a column it lacks)
+        raise FournilError(f"{path} is not a Parquet file pyarrow can read ({str(e).splitlines()[0]})") from None
 
 
 def fingerprint(text: str) -> str:

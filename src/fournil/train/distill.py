@@ -20,6 +20,7 @@ from fournil.checkpoint import read_state_info, write_json
 from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, to_dict
 from fournil.data import load_splits, make_data
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id, render_example
+from fournil.data.sources import holds_documents
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
 from fournil.formats import source_kind
@@ -102,7 +103,8 @@ def same_tokenizer(a, b) -> bool:
 
 
 def is_instructions(spec: str) -> bool:
-    return spec in BUNDLED_INSTRUCTIONS or spec.endswith((".jsonl", ".json"))
+    return spec in BUNDLED_INSTRUCTIONS or spec.endswith((".jsonl", ".json", ".parquet")) and not holds_documents(
+        Path(spec).expanduser())
 
 
 def distill_data(config: RunConfig, tokenizer, announce=print) -> dict:
