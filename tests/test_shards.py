@@ -36,13 +36,14 @@ def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
 
 def test_prepare_reads_the_documents_of_jsonl_corpora_whole(cli, tmp_path):
     """A folder of .jsonl corpora (Hugging Face datasets' form) beside text files: every document is tokenized, one
-    longer than a chunk too, and a .jsonl of other records is left out (tokenized, it would be JSON syntax)."""
+    longer than a chunk too; a .jsonl of other records is left out (tokenized, it would be JSON syntax), and Parquet."""
     speeches = [s for s in read_text("shakespeare").split("\n\n")[:1500]] + ["word " * 3000]  # (15,000 bytes)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     write_jsonl(corpus / "speeches.jsonl", [{"text": s} for s in speeches])
     write_jsonl(corpus / "instructions.jsonl", [{"instruction": "Say hi", "output": "hi"}] * 50)
     (corpus / "notes.txt").write_text("To be, or not to be.\n" * 500, encoding="utf-8")
+    (corpus / "data.parquet").write_bytes(b"PAR1")  # (read as bytes, it would not be text: left out)
     cli("prepare", "--data", "corpus", "--tokenizer", "char", "--out", "shards")
     meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
     assert [Path(p).name for p in meta["sources"]] == ["notes.txt", "speeches.jsonl"]

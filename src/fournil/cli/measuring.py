@@ -94,8 +94,8 @@ def run_eval(args) -> None:
         raise FournilError("--tokens goes with --data: the run's own splits are scored whole")
     if len(args.run) > 1:
         return compare_runs(args)
-    run = Run.load(args.run[0] if args.run else latest_run(), args.device, args.dtype, merge=False)  # a LoRA run
-    # is scored as it trained
+    # (merge=False: a LoRA run is scored as it trained, its adapter apart)
+    run = Run.load(args.run[0] if args.run else latest_run(), args.device, args.dtype, merge=False)
     check_beam(run, args.beam)
     if args.data is not None:
         name, result = run.score_text(args.data, args.tokens)
@@ -138,7 +138,7 @@ def compare_runs(args) -> None:
         check_beam(run, args.beam)
         rows.append((run, {"text": run.score_text(args.data, args.tokens)[1]} if args.data else
                      run.evaluate(beam=args.beam)))
-    pairs = any(r["test"].get("exact") is not None for _, r in rows) if not args.data else False
+    pairs = not args.data and any("exact" in r["test"] for _, r in rows)
     width = max(3, *(len(str(run.path)) for run, _ in rows))
     figures = (f"{'tokens':>9} {'nll':>8}" if args.data else f"{'val nll':>8} {'test nll':>8}")
     print(f"{'run':<{width}} {'model':<8} {'parameters':>12} {figures} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"

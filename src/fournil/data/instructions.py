@@ -179,7 +179,8 @@ def chat_messages(messages, where: str, field: str) -> list[dict]:
 
 def prompt_messages(prompt, where: str) -> list[dict]:
     """A record's prompt as chat messages: a user message, a list of messages, or a transcript in Anthropic's layout
-    (``Human: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:``), read as the conversation it records."""
+    (``Human: ...`` and ``Assistant: ...`` turns apart by blank lines, the last ``Assistant:`` empty), read as the
+    conversation it records."""
     if isinstance(prompt, list):
         return chat_messages(prompt, where, "prompt")
     if not isinstance(prompt, str):

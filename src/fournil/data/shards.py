@@ -67,7 +67,7 @@ def input_files(source: Path) -> list[Path]:
                                f"such a file, or a text file")
         return [source]
     files = sorted(p for p in source.rglob("*") if p.is_file() and (p.suffix in (".txt", ".md", ".text")
-                                                                   or holds_documents(p)))
+                                                                   or p.suffix == ".jsonl" and holds_documents(p)))
     if not files:
         raise FournilError(f"{source} holds no .txt files (nor .jsonl corpora) to prepare")
     return files

@@ -34,7 +34,7 @@ def resolve(spec: str) -> Path:
             bundled_elsewhere(spec, "text") or
             f"no dataset or file named {spec!r}{nearest(spec, [*BUNDLED, 'nombres'])}: use a bundled dataset "
             f"({', '.join(BUNDLED)}), nombres (pairs for a seq2seq model), or the path to a UTF-8 text file (or a "
-            f".jsonl of {{\"text\": ...}} documents)"
+            f".jsonl or .parquet corpus)"
         )
     return path
 
@@ -103,7 +103,10 @@ def jsonl_documents(text: str, path: Path, first_line: int = 1):
         except json.JSONDecodeError as e:
             raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); a .jsonl corpus holds one "
                                f"{{\"text\": ...}} object per line") from None
-        yield n, record.get("text") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or "text" not in record:
+            raise FournilError(f"{path}, line {n}: no text field; a .jsonl corpus holds one {{\"text\": ...}} "
+                               f"object per line")
+        yield n, record["text"]
 
 
 def parquet_documents(path: Path):
@@ -113,15 +116,12 @@ def parquet_documents(path: Path):
 
 
 def joined(documents, path: Path, unit: str) -> str:
-    """The text of each numbered document followed by a line end (a list of names reads as one), or by a blank line
-    where it holds several lines (running text)."""
+    """The text of each numbered document (``unit``: line or row) followed by a line end (a list of names reads as
+    one), or by a blank line where it holds several lines (running text); a null or empty document is left out."""
     texts = []
     for n, document in documents:
         if document is not None and not isinstance(document, str):
             raise FournilError(f"{path}, {unit} {n}: its text is {type(document).__name__}, not text")
-        if document is None and unit == "line":
-            raise FournilError(f"{path}, line {n}: no text field; a .jsonl corpus holds one {{\"text\": ...}} "
-                               f"object per line")
         if document and document.strip():
             texts.append(document.replace("\r\n", "\n").strip("\n"))
     return "".join(d + ("\n\n" if "\n" in d else "\n") for d in texts)
