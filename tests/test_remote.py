@@ -32,6 +32,9 @@ def test_generate_and_chat_answer_through_the_remote_as_they_do_here(cli, bpe_ll
     # small a model), each said to be cut at 12 tokens by either, or by neither
     cut = "(the answer was cut: --max-new-tokens 12 allows longer ones)"
     assert there.stderr.count(cut) == here.stderr.count(cut)
+    assert f"({bpe_llama.name} was pretrained on shakespeare, not tuned to chat: it answers by continuing text like " \
+           f"its data; tune it on instructions first with `fournil finetune {bpe_llama}`)" in here.stderr.splitlines()
+    assert "not tuned to chat" not in there.stderr  # (what a remote model was tuned on, it does not say)
 
 
 @pytest.mark.parametrize("spec, env, message", [

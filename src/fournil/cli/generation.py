@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
                                add_sampling_args, is_loopback)
-from fournil.errors import ContextFull, FournilError
+from fournil.errors import ContextFull, FournilError, typed
 from fournil.text import is_text
 
 COMMANDS_OF_CHAT = '/reset, /system TEXT, /exit; """ begins and ends a message of several lines'
@@ -158,6 +158,7 @@ def run_generate(args) -> None:
 
 
 def run_chat(args) -> None:
+    from fournil.config import command_of
     from fournil.generate.answerers import Local
 
     params = sampling_params(args, args.max_new_tokens)
@@ -165,6 +166,10 @@ def run_chat(args) -> None:
     start = [{"role": "system", "content": args.system}] if args.system else []
     compiled_in: list[tuple[float, bool]] = []  # (said between answers, not in the middle of one)
     model = load_answerer(args, chats=start, ready=lambda *said: compiled_in.append(said))
+    if isinstance(model, Local) and model.run.config.data and command_of(model.run.config) == "train":
+        print(f"({model} was pretrained on {model.run.config.data.data}, not tuned to chat: it answers by continuing "
+              f"text like its data; tune it on instructions first with `fournil finetune {typed(model.run.path)}`)",
+              file=sys.stderr)
     messages = list(start)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a UnicodeDecodeError
