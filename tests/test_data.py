@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def test_a_jsonl_corpus_of_documents_reads_as_their_text(tmp_path: Path):
     assert text == "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
     assert load_splits(DataConfig(str(tmp_path / "speeches.jsonl")))[0].mode == "text"
 
+    (tmp_path / "names.json").write_text(json.dumps([{"text": name} for name in names]), encoding="utf-8")  # an array
+    assert read_text(str(tmp_path / "names.json")) == read_text(str(tmp_path / "names.txt"))
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Say hi", "output": "hi"}] * 3))  # (read as
+    with pytest.raises(FournilError, match=r"alpaca.json holds JSON, not text: a .json corpus is an array of "  # text,
+                                           r"\{\"text\": ...\} documents; this file holds instructions: learn from "
+                                           r"them with fournil finetune"):  # it trained on JSON's syntax)
+        load_splits(DataConfig(str(tmp_path / "alpaca.json")))
     write_jsonl(tmp_path / "pairs.jsonl", [{"source": str(n), "target": "x" * n} for n in range(1, 31)])
     assert load_splits(DataConfig(str(tmp_path / "pairs.jsonl")))[0].mode == "pairs"
     (tmp_path / "bad.jsonl").write_text('{"text": "anna"}\n{"text": 3}\n', encoding="utf-8")

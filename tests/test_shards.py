@@ -52,6 +52,10 @@ def test_prepare_reads_the_documents_of_jsonl_corpora_whole(cli, tmp_path):
     ids = np.concatenate([np.fromfile(tmp_path / "shards" / s["file"], dtype=np.uint16)
                           for split in ("train", "val", "test") for s in meta["shards"][split]])
     assert len(ids) == len(documents) + len("To be, or not to be.\n" * 500) + 2  # and a boundary after each file
+    (tmp_path / "names.json").write_text('[{"text": "anna"}]', encoding="utf-8")
+    refused = cli("prepare", "--data", "names.json", check=False)  # (an array is not read in chunks of lines)
+    assert refused.returncode == 2 and "names.json is a JSON file: prepare reads text files and .jsonl corpora; " \
+                                       "train on it directly (fournil train --data names.json)" in refused.stderr
     refused = cli("prepare", "--data", str(corpus / "instructions.jsonl"), check=False)
     assert refused.returncode == 2 and "instructions.jsonl is not a .jsonl corpus (one {\"text\": ...} object per " \
                                        "line): prepare such a file, or a text file" in refused.stderr

@@ -59,9 +59,10 @@ def input_files(source: Path) -> list[Path]:
         raise FournilError(bundled_elsewhere(str(source), "text") or f"no file or folder {source}: prepare a text "
                            f"file, a folder of .txt files or a bundled dataset ({', '.join(BUNDLED)})")
     if source.is_file():
-        if source.suffix == ".parquet":
-            raise FournilError(f"{source} is a Parquet file: prepare reads text files and .jsonl corpora; train on it "
-                               f"directly (fournil train --data {typed(source)}), or write its text as JSONL first")
+        if source.suffix in (".parquet", ".json"):  # (read in chunks of bytes, neither is text)
+            raise FournilError(f"{source} is a {'Parquet' if source.suffix == '.parquet' else 'JSON'} file: prepare "
+                               f"reads text files and .jsonl corpora; train on it directly (fournil train --data "
+                               f"{typed(source)}), or write its documents as JSONL first, one a line")
         if source.suffix == ".jsonl" and not holds_documents(source):
             raise FournilError(f"{source} is not a .jsonl corpus (one {{\"text\": ...}} object per line): prepare "
                                f"such a file, or a text file")

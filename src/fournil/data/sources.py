@@ -1,5 +1,6 @@
 """Where text comes from: a bundled corpus by name, or any UTF-8 text file by path, or a corpus of documents as
-Hugging Face datasets hold one: JSONL (``{"text": ...}`` on each line) or Parquet (a ``text`` column)."""
+Hugging Face datasets hold one: JSONL (``{"text": ...}`` on each line), a JSON array of such records, or Parquet (a
+``text`` column)."""
 from __future__ import annotations
 
 import difflib
@@ -67,6 +68,8 @@ def read_text(spec: str) -> str:
     path = resolve(spec)
     if path.suffix == ".parquet":
         text = joined(parquet_documents(path), path, "row")
+    elif path.suffix == ".json":
+        text = joined(json_documents(path), path, "item")
     else:
         text = decoded(path.read_bytes(), path)
         text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
@@ -78,12 +81,17 @@ def read_text(spec: str) -> str:
 
 
 def holds_documents(path: Path) -> bool:
-    """Whether ``path`` is a corpus of documents: JSONL whose first record has a ``text`` field, or Parquet with a
-    ``text`` column."""
-    if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
+    """Whether ``path`` is a corpus of documents: JSONL whose first record has a ``text`` field, a JSON array of such
+    records, or Parquet with a ``text`` column."""
+    if path.suffix not in (".jsonl", ".json", ".parquet") or not path.is_file():
         return False
     if path.suffix == ".parquet":
         return "text" in parquet_table(path, schema=True).names
+    if path.suffix == ".json":
+        try:
+            return bool(next(json_documents(path), None))
+        except FournilError:
+            return False
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), b"")
     try:
@@ -107,6 +115,22 @@ def jsonl_documents(text: str, path: Path, first_line: int = 1):
             raise FournilError(f"{path}, line {n}: no text field; a .jsonl corpus holds one {{\"text\": ...}} "
                                f"object per line")
         yield n, record["text"]
+
+
+def json_documents(path: Path):
+    """(item number, the text field) of each record of a JSON array of documents; any other JSON is refused, with
+    what it holds (instructions, say) and the command that learns from it: read as text, it would be its syntax."""
+    from fournil.data.instructions import other_kind
+
+    try:
+        records = json.loads(decoded(path.read_bytes(), path).removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise FournilError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not (isinstance(records, list) and records and all(isinstance(r, dict) and "text" in r for r in records)):
+        first = records[0] if isinstance(records, list) and records else records
+        raise FournilError(f"{path} holds JSON, not text: a .json corpus is an array of {{\"text\": ...}} "
+                           f"documents{other_kind(first, 'documents')}")
+    return enumerate((r["text"] for r in records), 1)
 
 
 def parquet_documents(path: Path):
