@@ -315,3 +315,23 @@ def test_arena_commands_refuse_in_one_line(cli, running_text, tmp_path, args, me
     result = cli(*(str(a).format(running_text=running_text) for a in args), check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "missing.sqlite").exists()  # a refused command leaves no empty database behind
+
+
+def test_a_judge_s_prompts_come_from_any_set_fine_tuning_or_alignment_reads(tmp_path):
+    """The first user message of each conversation, whatever the form; a text file: one prompt a line."""
+    from conftest import write_jsonl
+
+    from fournil.arena.judge import read_prompts
+    from fournil.errors import FournilError
+
+    sharegpt = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Question {i}?"},
+        {"from": "gpt", "value": "Yes."}]} for i in range(5)])
+    assert read_prompts(str(sharegpt), 2) == ["Question 3?", "Question 4?"]  # (a ShareGPT file was refused)
+    assert read_prompts("rasbt_preferences", 1) == ["Change the sentence 'You should have called me.' into a question."]
+    assert read_prompts("hh_rlhf_harmless", 1)[0].startswith("Looking to buy a child")  # (the whole "Human: ..."
+    # transcript before)
+    (tmp_path / "asked.txt").write_text("Name a fruit.\n\nName a colour.\n", encoding="utf-8")
+    assert read_prompts(str(tmp_path / "asked.txt"), 5) == ["Name a fruit.", "Name a colour."]
+    with pytest.raises(FournilError, match="missing 'instruction' and 'output' \\(it has 'question'"):
+        read_prompts(str(write_jsonl(tmp_path / "qa.jsonl", [{"question": "Why?"}])), 1)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from fournil.arena.store import Battle, Store
-from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path, read_rows
+from fournil.data.preferences import read_prompts as conversations
 from fournil.data.sources import read_text
 from fournil.errors import FournilError
 from fournil.generate import SamplingParams, complete
@@ -67,24 +67,15 @@ class Judge:
 
 
 def read_prompts(spec: str, n: int) -> list[str]:
-    """The last ``n`` prompts of an instruction set (bundled, or a JSONL file of ``prompt``, ``instruction`` (+
-    ``input``) or ``messages`` rows), or of a text file, one prompt per line."""
+    """The last ``n`` prompts of a text file, one per line, or of an instruction, preference or prompt set (bundled,
+    or a file in any form fine-tuning and alignment read): the first user message of each."""
     if spec.endswith(".txt"):
         if not Path(spec).is_file():
             raise FournilError(f"--prompts {spec}: no such file")
         prompts = [line.strip() for line in read_text(spec).splitlines() if line.strip()]
     else:
-        prompts = []
-        for where, row in read_rows(data_path(spec, BUNDLED_INSTRUCTIONS, "instruction")):
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                prompts.append(row["prompt"])
-            elif isinstance(row, dict) and isinstance(row.get("instruction"), str):
-                prompts.append(row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else ""))
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list) and \
-                    (users := [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]):
-                prompts.append(str(users[0]))
-            else:
-                raise FournilError(f"{where}: a prompt is a row with 'prompt', 'instruction' or 'messages'")
+        prompts = [asked for c in conversations(spec) if (asked := next((m["content"] for m in c
+                                                                         if m["role"] == "user"), "").strip())]
     if not prompts:
         raise FournilError(f"--prompts {spec} holds no prompts")
     return prompts[-n:]

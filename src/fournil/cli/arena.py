@@ -62,7 +62,8 @@ def add_arena(sub) -> None:
     q.add_argument("models", nargs="*", help=models + " (none: judge the battles people voted on)")
     q.add_argument("--judge", required=True, help="the judge: a model here, or openai:NAME@BASE_URL")
     q.add_argument("--prompts", default="rasbt_instructions",
-                   help="an instruction set (bundled name or .jsonl), or a .txt file of one prompt per line")
+                   help="an instruction, preference or prompt set (a bundled name, or a .jsonl, .json or .parquet "
+                        "file in any form finetune and align read), or a .txt file of one prompt per line")
     q.add_argument("--n", type=int, default=40, help="how many prompts (the last ones of the set)")
     q.add_argument("--seed", type=int, default=0,
                    help="every battle's answers are sampled with it, and stored with it to be replayed")

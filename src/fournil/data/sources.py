@@ -73,7 +73,7 @@ def read_text(spec: str) -> str:
     else:
         text = decoded(path.read_bytes(), path)
         text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-        if holds_documents(path):
+        if path.suffix == ".jsonl":  # (records of another kind are refused: read as text, they would be JSON)
             text = joined(jsonl_documents(text, path), path, "line")
     if not text.strip():
         raise FournilError(f"{path} is empty: give a file with some text in it")
@@ -112,8 +112,10 @@ def jsonl_documents(text: str, path: Path, first_line: int = 1):
             raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); a .jsonl corpus holds one "
                                f"{{\"text\": ...}} object per line") from None
         if not isinstance(record, dict) or "text" not in record:
+            from fournil.data.instructions import other_kind
+
             raise FournilError(f"{path}, line {n}: no text field; a .jsonl corpus holds one {{\"text\": ...}} "
-                               f"object per line")
+                               f"object per line{other_kind(record, 'documents')}")
         yield n, record["text"]
 
 
