@@ -108,7 +108,7 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, runn
         result = cli("distill", "--teacher", bpe_llama, *args, "--steps", "1", "--context", "32", check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
     result = cli("distill", "--teacher", running_text, "--steps", "1", check=False)  # (a teacher of one layer)
-    assert result.returncode == 2 and "layers:4: the teacher has one layer, none to leave out: give --student a " \
+    assert result.returncode == 2 and "layers:1: the teacher has one layer, none to leave out: give --student a " \
         "model config .json" in result.stderr
     result = cli("distill", "--teacher", trained["rnn"], "--student", "layers:1", "--steps", "1", check=False)
     assert result.returncode == 2 and "layers:1 keeps some of a transformer's layers (gpt, llama), and the teacher " \
@@ -117,9 +117,9 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, runn
 
 def test_a_names_model_is_distilled_on_its_own_names_by_default(trained, tmp_path):
     """Given no --data nor --context, the student learns the teacher run's data (names, one per line, in its split)
-    with rows of the teacher's context; the report decodes each model from nothing (a names model knows no "Once")."""
-    shown = CLI(tmp_path)("distill", "--teacher", trained["gpt"], "--student", "layers:1", "--steps", "2", "--out",
-                          "small").stderr
+    with rows of the teacher's context; the report decodes each model from nothing (a names model knows no "Once").
+    Given no --student, it keeps half of the teacher's 2 layers (layers:4, SmolLM2's default, was refused)."""
+    shown = CLI(tmp_path)("distill", "--teacher", trained["gpt"], "--steps", "2", "--out", "small").stderr
     logged = json.loads((tmp_path / "small" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     # the student's NLL beside its val NLL (it showed the mixed objective, as "loss"), then the baseline's own loss
     student, baseline = re.findall(r"step 2, (\w+) ([\d.]+), val ([\d.]+)", shown)
@@ -128,6 +128,7 @@ def test_a_names_model_is_distilled_on_its_own_names_by_default(trained, tmp_pat
     teacher = json.loads((trained["gpt"] / "config.json").read_text(encoding="utf-8"))
     assert config["data"] == {**teacher["data"], "tokenizer": "teacher"} and config["data"]["mode"] == "lines"
     assert config["distill"]["context"] == teacher["model"]["block_size"] < 256
+    assert config["distill"]["student"] == "layers:1" and config["model"]["n_layer"] == 1
     rows = (tmp_path / "small" / "report.md").read_text(encoding="utf-8").splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ["teacher", "distilled student", "student without teacher"]
     assert all(float(row.split("|")[4].split()[0]) > 0 for row in rows)  # decode tokens/s

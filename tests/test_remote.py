@@ -93,7 +93,9 @@ def test_a_remote_teacher_answers_for_sequence_level_distillation(cli, bpe_llama
     assert len(there) == 3 and there == here
     for args, message in (((), "gives answers, not next-token distributions: distil it with --sequences N --kd-weight 0"),
                           (("--sequences", "3", "--kd-weight", "0", "--student", "layers:1"),
-                           "--student layers:1 is built from a teacher's weights or tokenizer")):
+                           "--student layers:1 is built from a teacher's weights or tokenizer"),
+                          (("--sequences", "3", "--kd-weight", "0"), "shares neither its weights nor its tokenizer: "
+                                                                     "give --student, the model to train")):
         result = cli("distill", "--teacher", remote, "--data", "rasbt_instructions", *args, "--api-key-env",
                      "REMOTE_KEY", check=False, env=KEY)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

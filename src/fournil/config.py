@@ -187,8 +187,9 @@ class DistillConfig:
     """A student trained to imitate a teacher."""
 
     teacher: str  # a run, a .gguf file, a Hugging Face folder or a known name (smollm2)
-    student: str = "layers:4"  # layers:N (N of the teacher's layers, evenly spaced, and its embeddings), a model
-    # config in JSON (trained from scratch; the teacher's vocabulary), or a run sharing the teacher's tokenizer
+    student: str | None = None  # layers:N (N of the teacher's layers, evenly spaced, and its embeddings), a model
+    # config in JSON (trained from scratch; the teacher's vocabulary), or a run sharing the teacher's tokenizer; None:
+    # layers:4, or half the layers of a teacher of fewer than 8 (written so in the run's config once the teacher loads)
     temperature: float = 2.0  # both distributions are softened by it; the distillation loss is scaled by its square
     alpha: float = 0.5  # weight of the distillation loss; the next-token loss gets 1 - alpha (0: no teacher)
     reverse: bool = False  # KL(student || teacher), mode-seeking, instead of KL(teacher || student)

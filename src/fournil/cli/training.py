@@ -132,9 +132,10 @@ def add_distill(sub) -> None:
                                                         "--kd-weight 0; the student a model of its own)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="the environment variable holding the key of an openai:NAME@URL teacher")
-    p.add_argument("--student", default="layers:4",
+    p.add_argument("--student",
                    help="layers:N (N of the teacher's layers and its embeddings), a model config .json (from scratch, "
-                        "the teacher's vocabulary), or a run with the teacher's tokenizer")
+                        "the teacher's vocabulary), or a run with the teacher's tokenizer (default: layers:4, or half "
+                        "the layers of a teacher of fewer than 8)")
     p.add_argument("--data",
                    help="running text or lines (a bundled corpus or a text file) or an instruction set "
                         "(rasbt_instructions, a .jsonl); default: what the teacher run was trained on, or shakespeare")

@@ -63,6 +63,13 @@ def teacher_layers(teacher, n: int) -> tuple[dict, dict]:
     return {**settings, "n_layer": n}, weights
 
 
+def default_student(teacher) -> str:
+    """layers:4 (SmolLM2's 30 layers: a student of 42 M of its 135 M parameters), or half the layers of a teacher of
+    fewer than 8, such as a run of the ladder; a teacher of one layer, or of no layers, is refused by name."""
+    layers = getattr(teacher.config, "n_layer", 0)
+    return f"layers:{max(1, min(4, layers // 2))}"
+
+
 def build_student(spec: str, teacher_run: Run):
     """The student model ``spec`` names (``layers:N``, a JSON model config, or a run), and its settings."""
     teacher, vocab = teacher_run.model, teacher_run.tokenizer.vocab_size
@@ -145,7 +152,7 @@ def teacher_answers(teacher, tokenizer, data: dict, n: int, run_dir: Path, annou
                            "train")
 
 
-def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | DataConfig | None = None,
+def distill(teacher: str = "smollm2", student: str | None = None, data: str | DataConfig | None = None,
             settings: DistillConfig | None = None, train: TrainConfig | None = None, out: str | None = None,
             resume: str | None = None, budget: dict | None = None, baseline: bool = True, progress: bool = True,
             announce=print, api_key_env: str = "OPENAI_API_KEY") -> Run:
@@ -160,8 +167,8 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Dat
             run_dir, config = resumed(resume, budget, "distill")
         else:
             settings = settings or DistillConfig(teacher=teacher, student=student)
-            settings = dataclasses.replace(settings, teacher=anchored(settings.teacher),
-                                           student=anchored(settings.student))  # (a Path from Python too)
+            settings = dataclasses.replace(settings, teacher=anchored(settings.teacher),  # (a Path from Python too)
+                                           student=settings.student and anchored(settings.student))
             settings.check()
             t = train or TrainConfig()
             t.check()
@@ -179,6 +186,8 @@ def distill(teacher: str = "smollm2", student: str = "layers:4", data: str | Dat
         else:
             teacher = teacher_run = Run.load(taught.teacher, config.train.device)
             teacher_run.check_writes()  # a reward model's next-token distributions mean nothing to imitate
+            if taught.student is None:
+                config.distill = taught = dataclasses.replace(taught, student=default_student(teacher_run.model))
         run, splits = train_student(config, teacher_run, run_dir, bool(resume), world, progress, announce, teacher)
         if not world.main:
             return None
@@ -224,6 +233,9 @@ def remote_teacher(taught: DistillConfig, api_key_env: str, resume: bool):
     if not taught.sequences or taught.alpha:
         raise FournilError(f"{taught.teacher} gives answers, not next-token distributions: distil it with "
                            f"--sequences N --kd-weight 0")
+    if taught.student is None:
+        raise FournilError(f"{taught.teacher} shares neither its weights nor its tokenizer: give --student, the model "
+                           f"to train (a run, .gguf file, Hugging Face folder or smollm2)")
     if taught.student.startswith("layers:") or taught.student.endswith(".json"):
         raise FournilError(f"--student {taught.student} is built from a teacher's weights or tokenizer, which "
                            f"{taught.teacher} does not share: give a model to train (a run, .gguf file, Hugging Face "
