@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import InProcess
+from matplotlib.image import imread
 from safetensors import safe_open
 
 
@@ -94,6 +95,23 @@ def test_eval_of_several_runs_is_one_table_a_row_each(cli, trained, running_text
     on_names = cli("eval", trained["ngram"], trained["gpt"], "--data", "names").stdout.splitlines()
     assert on_names[0].split()[3:5] == ["tokens", "nll"] and "on the text;" in on_names[-1]
     assert on_names[1].split()[4:] == rows[trained["ngram"]][3:]  # names' test split is the run's own
+    drawn = cli("eval", *runs, "--plot", "curves.png").stdout  # their val curves, from training, on one picture
+    assert drawn.endswith("-> curves.png\n") and imread(cli.cwd / "curves.png").ndim == 3
+    from fournil.cli.measuring import plot_curves
+    from fournil.runs import Run
+
+    loaded = [Run.load(run, "cpu") for run in runs]
+    curves = plot_curves([(run, run.evaluate(("val",))) for run in loaded], True, str(cli.cwd / "again.png"))
+    logged = [json.loads(line) for line in (trained["gpt"] / "metrics.jsonl").read_text().splitlines()]
+    assert curves[str(trained["gpt"])] == [(m["time"], m["val_loss"]) for m in logged if "val_loss" in m]
+    ((time, counted),) = curves[str(trained["ngram"])]  # counted in one pass: one figure, no time (a level across)
+    assert time is None and counted == pytest.approx(float(rows[trained["ngram"]][2]), abs=5e-5)
+    in_bytes = plot_curves([(run, run.evaluate(("val",))) for run in loaded[:2]], False, str(cli.cwd / "b.png"))
+    scale = float(rows[trained["mlp"]][6]) / float(rows[trained["mlp"]][3])  # (bits per byte / nll, of test: close)
+    assert [v for _, v in in_bytes[str(trained["mlp"])]] == pytest.approx(
+        [v * scale for _, v in curves[str(trained["mlp"])]], rel=0.02)
+    one_line_error(cli("eval", trained["gpt"], "--plot", "x.png", check=False), "--plot draws several runs' "
+                   "validation curves on one picture; a run's own are in its loss.png")
     mixed = cli("eval", trained["gpt"], running_text)
     assert mixed.stderr == ("these runs learned from different data or splits: their scores do not compare; score "
                             "them on the same text with --data\n")

@@ -62,10 +62,10 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         assert "val" in steps[6] and "reward accuracy" in steps[7].lower().replace("_", " ")
         assert "distilled student" in steps[8]
         assert re.search(r"^POST /v1/chat/completions: ", steps[9], re.M) and "POST /predict: " in steps[9]
-        for png in {"en": ["emma.png", "embeddings.png", "attention-names.png", "attention-it.png", "capital.png",
-                           "cross-attention.png", "tokens.png"],
-                    "fr": ["marie.png", "plongements.png", "attention-prenoms.png", "attention-it.png", "capitale.png",
-                           "capitale-en.png", "attention-croisee.png", "tokens.png"]}[lang]:
+        for png in {"en": ["emma.png", "embeddings.png", "ladder.png", "attention-names.png", "attention-it.png",
+                           "capital.png", "cross-attention.png", "tokens.png"],
+                    "fr": ["marie.png", "plongements.png", "echelle.png", "attention-prenoms.png", "attention-it.png",
+                           "capitale.png", "capitale-en.png", "attention-croisee.png", "tokens.png"]}[lang]:
             assert imread(tmp_path / lang / png).ndim == 3, png
 
 

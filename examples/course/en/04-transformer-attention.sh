@@ -5,9 +5,11 @@ set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
 fournil train --data names --model gpt $TRAIN --out runs/course/names-gpt
-fournil eval runs/course/names-bigram runs/course/names-mlp runs/course/names-gpt
+fournil eval runs/course/names-bigram runs/course/names-mlp runs/course/names-gpt --plot ladder.png
 # Look at: the ladder so far in one table, and the best NLL of the ladder (the README's five-minute run, --time 5m,
-# reaches about 1.92 on val and 1.95 on test; budget.sh's two minutes end a little higher).
+# reaches about 1.92 on val and 1.95 on test; budget.sh's two minutes end a little higher). ladder.png draws their
+# val NLL against training time, the bigram as a dashed level: which model learns most in the first seconds, and
+# which ends lowest?
 
 fournil attention runs/course/names-gpt emmanuel --token u --out attention-names.png
 # Look at: attention-names.png, one map per head: row i shows how much character i reads each earlier character.

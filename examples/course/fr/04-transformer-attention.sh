@@ -5,9 +5,11 @@ set -euo pipefail
 . "$(dirname "$0")/../budget.sh"
 
 fournil train --data prenoms --model gpt $TRAIN --out runs/cours/prenoms-gpt
-fournil eval runs/cours/prenoms-bigramme runs/cours/prenoms-mlp runs/cours/prenoms-gpt
+fournil eval runs/cours/prenoms-bigramme runs/cours/prenoms-mlp runs/cours/prenoms-gpt --plot echelle.png
 # À regarder : l'échelle jusqu'ici dans un même tableau, et la meilleure NLL de l'échelle (en cinq minutes,
 # --time 5m, environ 1,90 en validation et 1,91 en test ; les deux minutes de budget.sh finissent un peu plus haut).
+# echelle.png trace leur NLL de validation selon le temps d'entraînement, le bigramme en pointillés : quel modèle
+# apprend le plus dans les premières secondes, et lequel finit le plus bas ?
 
 fournil attention runs/cours/prenoms-gpt marie-claire --token c --out attention-prenoms.png
 # À regarder : attention-prenoms.png, une carte par tête : la ligne i montre combien le caractère i lit chacun des

@@ -22,6 +22,8 @@ def add_run_commands(sub) -> None:
     p.add_argument("--tokens", type=int, help="with --data: score its first N tokens (default: all)")
     p.add_argument("--beam", type=int, default=1,
                    help="seq2seq: decode with a beam search of this width (default: greedy)")
+    p.add_argument("--plot", type=parse_picture, metavar="FILE",
+                   help="several runs: draw their validation curves, from training, on one picture (.png, .svg...)")
     p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", **SCORE_DTYPE)
 
@@ -94,6 +96,9 @@ def run_eval(args) -> None:
         raise FournilError("--tokens goes with --data: the run's own splits are scored whole")
     if len(args.run) > 1:
         return compare_runs(args)
+    if args.plot:
+        raise FournilError("--plot draws several runs' validation curves on one picture; a run's own are in its "
+                           "loss.png")
     # (merge=False: a LoRA run is scored as it trained, its adapter apart)
     run = Run.load(args.run[0] if args.run else latest_run(), args.device, args.dtype, merge=False)
     check_beam(run, args.beam)
@@ -126,6 +131,9 @@ def compare_runs(args) -> None:
     from fournil.data.sources import BUNDLED
     from fournil.runs import Run
 
+    if args.plot and args.data:
+        raise FournilError("--plot draws the runs' validation curves, from their training, not scores on --data: "
+                           "give one or the other")
     if data := next((r for r in args.run[1:] if r in BUNDLED or r == "nombres"), None):
         raise FournilError(f"{data} is a dataset, not a run: score a run on it with "
                            f"`fournil eval {' '.join(r for r in args.run if r != data)} --data {data}`")
@@ -152,13 +160,32 @@ def compare_runs(args) -> None:
               f"{last['ppl']:>8.3f} {last['bpc']:>10.4f} {last['bpb']:>10.4f}{exact if pairs else ''}".rstrip())
     print(f"nll: nats per token; ppl, bits per character and per byte: on {'the text' if args.data else 'test'}; "
           + ", ".join(sorted({scored(run) for run, _ in rows})))
+    alike = len({(type(run.tokenizer).__name__, run.tokenizer.vocab_size) for run, _ in rows}) == 1
     if not args.data and len({(d.data, d.mode, d.train, d.split, d.seed) if (d := run.config.data) else None
                               for run, _ in rows}) > 1:
         print("these runs learned from different data or splits: their scores do not compare; score them on the "
               "same text with --data", file=sys.stderr)
-    elif len({(type(run.tokenizer).__name__, run.tokenizer.vocab_size) for run, _ in rows}) > 1:
+    elif not alike:
         print("these runs cut text into different tokens: nll and ppl are per token and do not compare; bits per "
               "character and per byte do", file=sys.stderr)
+    if args.plot:
+        plot_curves(rows, alike, args.plot)
+
+
+def plot_curves(rows: list, alike: bool, path: str) -> dict[str, list]:
+    """The runs' validation curves against their training time, drawn, and returned: in nats per token where their
+    tokens are alike, else in bits per byte (each run's val NLL scaled as its val split's bytes and tokens scale it)."""
+    from fournil.plots import plot_runs
+    from fournil.train.metrics import MetricsLog
+
+    curves = {}
+    for run, r in rows:
+        scale = 1 if alike else r["val"]["bpb"] / r["val"]["nll"]
+        curves[str(run.path)] = [(m.get("time"), m["val_loss"] * scale)
+                                 for m in MetricsLog(run.path, False).read() if "val_loss" in m]
+    plot_runs(curves, Path(path), "val NLL (nats per token)" if alike else "val bits per byte")
+    print(f"-> {path}")
+    return curves
 
 
 def run_bench(args) -> None:
