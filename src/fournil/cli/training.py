@@ -316,7 +316,7 @@ def report(run) -> None:
         start = "" if before is None else f"val NLL {before:.4f} before tuning, "
         print(f"{start}best val NLL {nll:.4f} nats/token ({nll / math.log(2):.3f} bits); saved to {run.path}")
     if samples:
-        print("samples:", ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15]))
+        print("samples:" + (" " + ", ".join(samples[:10]) if run.mode == "lines" else "\n" + "\n".join(samples[:15])))
     if run.mode == "pairs":
         val = run.evaluate(("val",), max_tokens=run.config.train.eval_tokens)["val"]  # as far as it validated
         print(f"val: {100 * val['exact']:.2f} % of {val['outputs']:,} held-out outputs exactly right (greedy), "
