@@ -37,6 +37,9 @@ def test_prompt_tokens_carry_no_loss_and_the_end_of_turn_does(bpe_base):
     im_end = tok.encode("<|im_end|>")
     assert targets == tok.encode("Good day") + im_end + tok.encode("Good night") + im_end
     assert tok.decode(x[0][y[0] == IGNORE].tolist()).count("Hi there") == 1  # prompts are inputs, never targets
+    shown = [{**m, "weight": 0} if m["content"] == "Good day" else m for m in chat]  # OpenAI's files: an answer
+    again, kept = render_example(tok, shown)  # of weight 0 is read, not learned
+    assert again == ids and [t for t, k in zip(again, kept) if k] == tok.encode("Good night") + im_end
 
 
 def test_empty_answers_are_scored_by_their_end_of_turn_token_alone(bpe_base):
@@ -172,6 +175,12 @@ def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_
         read_conversations(str(bad))
     write_jsonl(bad, [{"prompt": "2+2?", "completion": [{"role": "assistant"}]}])
     with pytest.raises(FournilError, match=r"line 1: 'completion' must be a list of \{'role'"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"messages": [said[1], {**said[2], "weight": 2}]}])
+    with pytest.raises(FournilError, match=r"line 1: a message's 'weight' is 0 \(shown, not learned\) or 1, not 2$"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"messages": [said[1], {**said[2], "weight": 0}]}])
+    with pytest.raises(FournilError, match="line 1: every answer has weight 0: there is nothing to learn in it"):
         read_conversations(str(bad))
     write_jsonl(bad, [{"prompt": said[:2], "completion": said[1:2]}])
     with pytest.raises(FournilError, match="must end with an assistant message"):

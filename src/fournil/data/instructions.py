@@ -153,6 +153,11 @@ def to_messages(row, where: str) -> list[dict]:
         return alpaca_messages(row, where)
     if messages[-1]["role"] != "assistant":
         raise FournilError(f"{where}: the conversation must end with an assistant message (the answer to learn)")
+    if wrong := next((m for m in messages if m.get("weight", 1) not in (0, 1)), None):
+        raise FournilError(f"{where}: a message's 'weight' is 0 (shown, not learned) or 1, not "
+                           f"{json.dumps(wrong['weight'])}")
+    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+        raise FournilError(f"{where}: every answer has weight 0: there is nothing to learn in it")
     return messages
 
 
@@ -204,8 +209,8 @@ def transcript(text: str) -> list[dict] | None:
 
 
 def render_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, for each, whether it is learned: each assistant answer and the token that
-    ends its turn. Prompt parts are tokenized exactly as generation tokenizes a prompt."""
+    """Token ids of a conversation and, for each, whether it is learned: each assistant answer (but one of weight 0)
+    and the token that ends its turn. Prompt parts are tokenized exactly as generation tokenizes a prompt."""
     ids, learned, done = [], [], ""
     stops = tokenizer.stop_ids
     for i, m in enumerate(messages):
@@ -223,7 +228,8 @@ def render_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[boo
             raise FournilError("the chat template does not end an answer with an end-of-turn token, so a tuned model "
                                "would never learn to stop")
         ids += prompt_ids + answer
-        learned += [False] * len(prompt_ids) + [True] * (end + 1) + [False] * (len(answer) - end - 1)
+        kept = m.get("weight", 1) == 1  # (OpenAI's fine-tuning files: weight 0, an answer shown but not learned)
+        learned += [False] * len(prompt_ids) + [kept] * (end + 1) + [False] * (len(answer) - end - 1)
         done = full
     return ids, learned
 
