@@ -316,8 +316,8 @@ def test_every_flag_and_argument_of_every_command_says_what_it_does(cli):
     shown = " ".join(cli("distill", "--help").stdout.split())
     assert "--kd-temperature KD_TEMPERATURE softens both distributions (default: 2.0) " in shown
     assert "--student STUDENT layers:N (N of the teacher's layers and its embeddings), a model config .json (from " \
-           "scratch, the teacher's vocabulary), or a run with the teacher's tokenizer (default: layers:4, or half the " \
-           "layers of a teacher of fewer than 8) " in shown
+           "scratch, the teacher's vocabulary), or a run with the teacher's tokenizer (default: layers:4, or half " \
+           "the layers of a teacher of fewer than 8) " in shown
     shown = " ".join(cli("arena", "judge", "--help").stdout.split())  # (a command's action too)
     assert "--n N how many prompts (the last ones of the set) (default: 40) " in shown
 
