@@ -157,6 +157,7 @@ def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_
         assert read_conversations(str(tmp_path / f"{name}.parquet")) == [said] * 2, name
     one_turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     for record in ({"prompt": "2+2?", "completion": "4"}, {"instruction": "2+2?", "output": "4"},
+                   {"instruction": "2+2?", "context": "", "response": "4", "category": "open_qa"},  # Dolly's
                    {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}):
         assert read_conversations(str(write_jsonl(tmp_path / "one.jsonl", [record]))) == [one_turn], record
 
@@ -165,6 +166,12 @@ def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_
     with pytest.raises(FournilError, match=r"line 1: missing 'instruction' and 'output' \(it has 'question', 'answer'; "
                                            r"an example has .* or 'conversations' \(ShareGPT\); or 'prompt' and "
                                            r"'completion'\)$"):
+        read_conversations(str(bad))
+    write_jsonl(bad, [{"instruction": "Sum them.", "context": "2 and 2", "response": "4"}])  # Dolly's input too
+    assert read_conversations(str(bad)) == [[{"role": "user", "content": "Sum them.\n\n2 and 2"},
+                                             {"role": "assistant", "content": "4"}]]
+    write_jsonl(bad, [{"question": "2+2?", "answer": "4"}])
+    with pytest.raises(FournilError, match="missing 'instruction' and 'output'"):
         read_conversations(str(bad))
     write_jsonl(bad, [{"text": "To be, or not to be"}])
     with pytest.raises(FournilError, match=r"\(it has 'text'; .*\); this file holds documents: learn from them with "

@@ -1,10 +1,11 @@
 """Instruction data for supervised fine-tuning: examples rendered through the model's chat template, loss on answers.
 
-The usual forms are read, as JSONL or a JSON array: Alpaca (``instruction``, optional ``input``, ``output``), chat
-(``messages``, each with a ``role`` and a ``content``), ShareGPT (``conversations``, each with ``from`` and ``value``)
-and TRL's prompt-completion (``prompt`` and ``completion``, as text or as chat messages). Each conversation becomes the
-tokens the model will see at generation time: the prompt parts exactly as ``chat`` renders them (no loss) and each
-assistant answer up to and including the token that ends its turn (loss), so that a tuned model learns to stop.
+The usual forms are read, as JSONL, a JSON array or Parquet: Alpaca (``instruction``, optional ``input``, ``output``;
+or Dolly's ``context`` and ``response``), chat (``messages``, each with a ``role`` and a ``content``), ShareGPT
+(``conversations``, each with ``from`` and ``value``) and TRL's prompt-completion (``prompt`` and ``completion``, as
+text or as chat messages). Each conversation becomes the tokens the model will see at generation time: the prompt
+parts exactly as ``chat`` renders them (no loss) and each assistant answer up to and including the token that ends
+its turn (loss), so that a tuned model learns to stop.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ def read_conversations(spec: str) -> list[list[dict]]:
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
-FORMS = ("an example has 'instruction', optional 'input' and 'output' (Alpaca); or 'messages' (chat); or "
-         "'conversations' (ShareGPT); or 'prompt' and 'completion'")
+FORMS = ("an example has 'instruction', optional 'input' and 'output' (Alpaca; Dolly's 'context' and 'response' "
+         "too); or 'messages' (chat); or 'conversations' (ShareGPT); or 'prompt' and 'completion'")
 
 
 def to_messages(row, where: str) -> list[dict]:
@@ -162,6 +163,8 @@ def to_messages(row, where: str) -> list[dict]:
 
 
 def alpaca_messages(row: dict, where: str) -> list[dict]:
+    if "output" not in row and "response" in row:  # Dolly's names for Alpaca's fields
+        row = {"instruction": row.get("instruction"), "input": row.get("context"), "output": row["response"]}
     if wrong := next((k for k in ("instruction", "input", "output") if row.get(k) is not None
                       and not isinstance(row[k], str)), None):
         raise FournilError(f"{where}: {wrong!r} must be a text, not {json.dumps(row[wrong])[:60]}")
