@@ -13,6 +13,8 @@ from conftest import InProcess
 from matplotlib.image import imread
 from safetensors import safe_open
 
+from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path
+
 
 def test_every_model_trains_into_a_complete_run_directory(trained):
     for model, run in trained.items():
@@ -112,6 +114,12 @@ def test_eval_of_several_runs_is_one_table_a_row_each(cli, trained, running_text
         [v * scale for _, v in curves[str(trained["mlp"])]], rel=0.02)
     one_line_error(cli("eval", trained["gpt"], "--plot", "x.png", check=False), "--plot draws several runs' "
                    "validation curves on one picture; a run's own are in its loss.png")
+    one_line_error(cli("eval", *runs[:2], "--data", "names", "--plot", "x.png", check=False), "--plot draws the "
+                   "runs' validation curves, from their training, not scores on --data: give one or the other")
+    one_line_error(cli("eval", trained["gpt"], "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS,
+                                                                        "instruction")), check=False),
+                   "line 1: no text field; a .jsonl corpus holds one", "this file holds instructions")  # (it scored
+    # JSON's syntax)
     mixed = cli("eval", trained["gpt"], running_text)
     assert mixed.stderr == ("these runs learned from different data or splits: their scores do not compare; score "
                             "them on the same text with --data\n")

@@ -52,6 +52,9 @@ def test_prepare_reads_the_documents_of_jsonl_corpora_whole(cli, tmp_path):
     ids = np.concatenate([np.fromfile(tmp_path / "shards" / s["file"], dtype=np.uint16)
                           for split in ("train", "val", "test") for s in meta["shards"][split]])
     assert len(ids) == len(documents) + len("To be, or not to be.\n" * 500) + 2  # and a boundary after each file
+    refused = cli("prepare", "--data", str(corpus / "data.parquet"), check=False)
+    assert refused.returncode == 2 and "data.parquet is a Parquet file: prepare reads text files and .jsonl " \
+                                       "corpora" in refused.stderr
     (tmp_path / "names.json").write_text('[{"text": "anna"}]', encoding="utf-8")
     refused = cli("prepare", "--data", "names.json", check=False)  # (an array is not read in chunks of lines)
     assert refused.returncode == 2 and "names.json is a JSON file: prepare reads text files and .jsonl corpora; " \

@@ -20,10 +20,10 @@ from fournil.data.instructions import (
     other_kind,
     pad_id,
     prompt_messages,
-    read_conversations,
     read_rows,
     render_example,
     split_examples,
+    to_messages,
     transcript,
 )
 from fournil.errors import FournilError
@@ -38,8 +38,13 @@ PAIR_FORMS = ("a preference record has 'prompt', 'chosen' and 'rejected' (each t
 
 def read_pairs(spec: str) -> list[tuple[list[dict], list[dict]]]:
     """Every record as two conversations, the prompt followed by the chosen answer and by the rejected one."""
+    return pairs_in(read_rows(data_path(spec, BUNDLED_PREFERENCES, "preference")))
+
+
+def pairs_in(rows: list[tuple[str, object]]) -> list[tuple[list[dict], list[dict]]]:
+    """The pairs of records read by :func:`read_rows`."""
     pairs = []
-    for where, row in read_rows(data_path(spec, BUNDLED_PREFERENCES, "preference")):
+    for where, row in rows:
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             missing = [k for k in ("chosen", "rejected") if k not in row] if isinstance(row, dict) else []
             raise FournilError(f"{where}: {PAIR_FORMS}{' (missing ' + ', '.join(missing) + ')' if missing else ''}"
@@ -148,13 +153,12 @@ def render_pairs(spec: str, tokenizer, max_length: int, announce=print) -> list[
 
 def read_prompts(spec: str) -> list[list[dict]]:
     """The prompts of a preference set, or of an instruction set (each conversation up to its last answer)."""
-    if spec not in BUNDLED_INSTRUCTIONS:
-        rows = read_rows(data_path(spec, {**BUNDLED_PREFERENCES, **BUNDLED_INSTRUCTIONS}, "prompt"))
-        if isinstance(rows[0][1], dict) and "chosen" in rows[0][1]:
-            return [chosen[:-1] for chosen, _ in read_pairs(spec)]
-        if isinstance(rows[0][1], dict) and "prompt" in rows[0][1]:
-            return [prompt_messages(row.get("prompt") if isinstance(row, dict) else None, where) for where, row in rows]
-    return [c[:-1] for c in read_conversations(spec)]
+    rows = read_rows(data_path(spec, {**BUNDLED_PREFERENCES, **BUNDLED_INSTRUCTIONS}, "prompt"))
+    if isinstance(rows[0][1], dict) and "chosen" in rows[0][1]:
+        return [chosen[:-1] for chosen, _ in pairs_in(rows)]
+    if isinstance(rows[0][1], dict) and "prompt" in rows[0][1]:
+        return [prompt_messages(row.get("prompt") if isinstance(row, dict) else None, where) for where, row in rows]
+    return [to_messages(row, where)[:-1] for where, row in rows]
 
 
 class Prompts:
