@@ -7,14 +7,14 @@ does), then read by llama.cpp through ``llama-cpp-python``, and the two compared
 
 The models: a gpt and a llama trained here for a few steps, on characters of Les Misérables and on a byte-level BPE of
 512 tokens trained on it, and on that BPE a llama with norms on its queries and keys (``--qk-norm true``: written as
-Qwen3); SmolLM2-135M-Instruct read from its own GGUF file and written again (f32, q8_0); and that
+Qwen3); SmolLM2-135M-Instruct read from its own GGUF file and written again (f32, q8_0, q4_0, q4_1); and that
 file itself (Q4_1), as fournil reads it. For each: whether llama.cpp cuts four texts (accents,
 newlines, runs of spaces, an emoji; a character model: those of its characters) into fournil's tokens, the largest
 difference between the two's logits over a text, the share of its positions where both put the same token first, and
-whether 32 greedy tokens agree; for the q8_0 file, whether it holds byte for byte what llama.cpp's own quantizer makes
-of the f32 file. fournil computes in fp32, on the weights as the file stores them; llama.cpp with a key/value cache in
-f32 (its default, f16, alone moved SmolLM2's logits by 0.03), and, on quantized weights, with its activations
-quantized to 8 bits as its kernels do.
+whether 32 greedy tokens agree; for the quantized files, whether they hold byte for byte what llama.cpp's own quantizer
+makes of the f32 file. fournil computes in fp32, on the weights as the file stores them; llama.cpp with a key/value
+cache in f32 (its default, f16, alone moved SmolLM2's logits by 0.03), and, on quantized weights, with its
+activations quantized to 8 bits as its kernels do.
 """
 from __future__ import annotations
 
@@ -67,12 +67,14 @@ def llama_cpp_model(path: Path):
                                n_batch=512, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
-def as_llama_cpp_quantizes(f32: Path, ours: Path) -> str:
-    """How many of ``ours``'s tensors (a q8_0 file) hold the bytes that llama.cpp's quantizer writes from ``f32``."""
+def as_llama_cpp_quantizes(f32: Path, ours: Path, kind: str) -> str:
+    """How many of ``ours``'s tensors (a file of ``kind``) hold the bytes that llama.cpp's quantizer writes from
+    ``f32``, told to keep the embedding and output layer in Q8_0 as fournil does (its own default is Q6_K)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 2
+    params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}"), 2
+    params.output_tensor_type = params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
     theirs = ours.with_name(f"{ours.stem}-by-llama.cpp.gguf")
     with quiet():
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)):
@@ -160,12 +162,14 @@ def main() -> None:
         if smollm2:
             run = Run.load(smollm2, "cpu", "float32")
             rows.append(compare("SmolLM2, its own file (Q4_1)", run, smollm2))
-            f32, q8 = folder / "smollm2-f32.gguf", folder / "smollm2-q8_0.gguf"
+            f32 = folder / "smollm2-f32.gguf"
             export(run, f32, "gguf", "f32")
             rows.append(compare("SmolLM2 written as f32", Run.load(f32, "cpu", "float32"), f32))
-            export(run, q8, "gguf", "q8_0")
-            rows.append(compare("SmolLM2 written as q8_0", Run.load(q8, "cpu", "float32"), q8,
-                                as_llama_cpp_quantizes(f32, q8)))
+            for kind in ("q8_0", "q4_0", "q4_1"):
+                quantized = folder / f"smollm2-{kind}.gguf"
+                export(run, quantized, "gguf", kind)
+                rows.append(compare(f"SmolLM2 written as {kind}", Run.load(quantized, "cpu", "float32"), quantized,
+                                    as_llama_cpp_quantizes(f32, quantized, kind)))
     print(f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}")
     print(table(rows))
     if not smollm2:

@@ -20,8 +20,9 @@ def add_model_files(sub) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("out", help="OUT.gguf, or a folder")
     p.add_argument("--to", choices=["hf", "gguf", "run"], help="output format (default: gguf for *.gguf, else hf)")
-    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"],
-                   help="GGUF weight type: f32, f16 (half the size), q8_0 (about a quarter: 8-bit blocks)")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF weight type: f32, f16 (half the size), q8_0 (about a quarter: 8-bit blocks), q4_0 or "
+                        "q4_1 (about an eighth: 4-bit blocks, the embeddings and output layer in q8_0)")
 
     p = sub.add_parser("info", help="architecture, parameters, dtype, context length, size on disk")
     p.add_argument("model", nargs="?", default="smollm2", help=MODEL_HELP)

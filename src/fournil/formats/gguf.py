@@ -20,7 +20,7 @@ from fournil.checkpoint import unique_state
 from fournil.errors import FournilError
 from fournil.formats.gguf_reader import TYPES, GGUFTensor, read_gguf_file
 from fournil.tokenizers import CharTokenizer, HFTokenizer
-from fournil.tokenizers.char import UNKNOWN
+from fournil.tokenizers.char import SPACE, UNKNOWN, as_characters
 
 LLAMA_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp's converter interleaves q/k rows for these, not for qwen2 and 3
@@ -42,7 +42,10 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
           "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
-QTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
+QTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+# what a 4-bit file keeps at 8 bits: the tables each token is read from and the output layer, which its errors hurt
+# most (SmolLM2's own Q4_1 file keeps its embedding, tied to the output, in Q8_0)
+EIGHT_BITS = ("token_embd", "position_embd", "output")
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -242,7 +245,7 @@ def quantized_bits(kind: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def gguf_tokenizer(meta: dict) -> HFTokenizer:
+def gguf_tokenizer(meta: dict) -> HFTokenizer | CharTokenizer:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     kind = meta.get("tokenizer.ggml.model")
@@ -278,9 +281,10 @@ def gguf_tokenizer(meta: dict) -> HFTokenizer:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (2, 3)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
     token = lambda key: tokens[meta[key]] if meta.get(key) is not None and meta[key] < len(tokens) else None  # noqa: E731
-    return HFTokenizer(tok, bos=token("tokenizer.ggml.bos_token_id"), eos=token("tokenizer.ggml.eos_token_id"),
-                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-                       chat_template=meta.get("tokenizer.chat_template"))
+    return as_characters(HFTokenizer(tok, bos=token("tokenizer.ggml.bos_token_id"),
+                                     eos=token("tokenizer.ggml.eos_token_id"),
+                                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+                                     chat_template=meta.get("tokenizer.chat_template")))
 
 
 def spm_merges(tokens: list[str], scores: list[float], vocab: dict) -> list[tuple[str, str]]:
@@ -296,7 +300,8 @@ def spm_merges(tokens: list[str], scores: list[float], vocab: dict) -> list[tupl
 
 
 def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
-    """A GGUF file of ``model`` with weights in F32, F16 or Q8_0 (vectors stay F32, as llama.cpp keeps them)."""
+    """A GGUF file of ``model`` with weights in F32, F16, Q8_0, Q4_0 or Q4_1 (vectors stay F32, as llama.cpp keeps
+    them; a 4-bit file keeps the embeddings and the output layer in Q8_0)."""
     import gguf
 
     if qtype not in QTYPES:
@@ -317,8 +322,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
     w.add_embedding_length(c.n_embd)
     w.add_head_count(c.n_head)
     w.add_vocab_size(c.vocab_size)
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "f32" else gguf.LlamaFileType[f"MOSTLY_{QTYPES[qtype]}"])
     if model.family == "gpt":
         w.add_feed_forward_length(4 * c.n_embd)
         w.add_layer_norm_eps(1e-5)
@@ -347,15 +351,17 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f32") -> None:
             value = permute(value, c.n_head if ".attn_q." in gname else c.n_kv_head)
         array = value.numpy()
         kind = QTYPES[qtype] if array.ndim == 2 else "F32"
-        if kind == "Q8_0" and array.shape[-1] % 32:
-            kind = "F16"  # Q8_0 packs rows in blocks of 32
+        if kind.startswith("Q4") and gname.split(".")[0] in EIGHT_BITS:
+            kind = "Q8_0"
+        if kind.startswith("Q") and array.shape[-1] % 32:
+            kind = "F16"  # these types pack rows in blocks of 32
         if kind == "F32":
             w.add_tensor(gname, array)
         elif kind == "F16":
             w.add_tensor(gname, array.astype(np.float16))
         else:
-            w.add_tensor(gname, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            stored = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(gname, gguf.quants.quantize(array, stored), raw_dtype=stored)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -368,7 +374,7 @@ def add_tokenizer(w, tokenizer) -> None:
     import json
 
     if isinstance(tokenizer, CharTokenizer):  # one piece per character, spaces spelled as SentencePiece spells them
-        tokens = [t.replace(" ", "\u2581") for t in tokenizer.itos]
+        tokens = [t.replace(" ", SPACE) for t in tokenizer.itos]
         types = [3 if t in tokenizer.specials else 1 for t in tokenizer.itos]
         types = [2 if t == UNKNOWN else k for t, k in zip(tokenizer.itos, types)]
         w.add_tokenizer_model("llama")

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from fournil.checkpoint import save_tensors, unique_state, write_json
 from fournil.errors import FournilError
-from fournil.tokenizers import CharTokenizer, HFTokenizer
+from fournil.tokenizers import CharTokenizer, HFTokenizer, load_tokenizer
 from fournil.tokenizers.char import UNKNOWN
 
 LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -129,7 +129,7 @@ def read_folder(folder: Path):
     tensors = to_fournil_names(settings["family"], read_tensors(weight_files(folder)))
     if not (folder / "tokenizer.json").is_file():
         raise FournilError(f"{folder} has no tokenizer.json (fournil reads Hugging Face fast tokenizers only)")
-    tokenizer = HFTokenizer.from_files(folder / "tokenizer.json")
+    tokenizer = load_tokenizer(folder)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     architecture = (hf.get("architectures") or [hf["model_type"]])[0]
     return settings, tensors, tokenizer, {"format": "Hugging Face folder", "architecture": architecture, "dtype": ", ".join(dtypes)}

@@ -8,6 +8,9 @@ from fournil.errors import FournilError, NotAChatModel
 
 BOUNDARY = "<|endoftext|>"  # marks where a document starts and ends, like makemore's '.'
 UNKNOWN = "<|unk|>"  # stands for characters of the val/test splits that training never saw
+SPACE = "\u2581"  # a space as SentencePiece, and so a GGUF file, spells it
+SPACES_SPELLED = {"type": "Sequence",  # the normalizer of a GGUF file's pieces read back (spaces are not in them)
+                  "normalizers": [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]}
 
 
 class CharTokenizer:
@@ -119,5 +122,25 @@ def load_tokenizer(path: Path):
     if data.get("type") == "char":
         return CharTokenizer.from_dict(data)
     if "model" in data:
-        return HFTokenizer.from_files(path)
+        return as_characters(HFTokenizer.from_files(path))
     raise FournilError(f"{path} is neither a fournil character tokenizer nor a Hugging Face tokenizer.json")
+
+
+def as_characters(tokenizer):
+    """A character model's tokenizer, as fournil writes it to a Hugging Face folder or a GGUF file (a BPE without
+    merges, its specials first), read back as what it was: a character tokenizer frames each line with the boundary,
+    as the model learned them, and refuses a character it does not know, which the BPE would drop without a word.
+    Any other tokenizer is returned as it is."""
+    spec = json.loads(tokenizer.tok.to_str())
+    model, spelled = spec["model"], spec.get("normalizer") == SPACES_SPELLED
+    if (model.get("type") != "BPE" or model.get("merges") or model.get("byte_fallback") or spec.get("pre_tokenizer")
+            or spec.get("normalizer") not in (None, SPACES_SPELLED)):
+        return tokenizer
+    itos = [tokenizer.tok.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    first = next((i for i, t in enumerate(itos) if t not in (BOUNDARY, UNKNOWN)), len(itos))
+    specials, chars = itos[:first], [t.replace(SPACE, " ") if spelled else t for t in itos[first:]]
+    framed = BOUNDARY not in specials or tokenizer.bos == tokenizer.eos == BOUNDARY
+    if set(specials) != tokenizer.specials or not framed or any(len(c) != 1 for c in chars) or \
+            len(set(chars)) < len(chars):
+        return tokenizer
+    return CharTokenizer(chars, specials)
