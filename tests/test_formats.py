@@ -146,16 +146,17 @@ def test_a_character_model_read_back_from_its_export_reads_text_as_the_run_does(
             back.score_text(str(tmp_path / "odd.txt"))
 
 
-def test_a_4_bit_gguf_file_is_an_eighth_of_f32_and_scores_close_to_it(cli, trained, tmp_path):
+def test_a_4_bit_gguf_file_is_an_eighth_of_f32_and_scores_close_to_it(cli, trained, bpe_llama, tmp_path):
     """q4_0 and q4_1 files: their matrices in 4-bit blocks, the embedding (the output layer too, tied) in Q8_0, as
     SmolLM2's own Q4_1 file keeps it; the gguf package reads back the weights, each within a step of its block's 16
     levels, and the model scores within 2 % of the f32 file's NLL."""
     import gguf
 
     weights = Run.load(trained["llama"], "cpu").model.state_dict()
-    nll = {}
+    nll, said = {}, {}
     for kind in ("f32", "q8_0", "q4_0", "q4_1"):
-        cli("convert", trained["llama"], tmp_path / f"{kind}.gguf", "--type", kind)
+        said[kind] = cli("convert", trained["llama"], tmp_path / f"{kind}.gguf", "--type", kind)
+        assert "F16" not in said[kind].stderr and said[kind].stdout.startswith(f"wrote {tmp_path / kind}.gguf (gguf: ")
         line = cli("eval", tmp_path / f"{kind}.gguf", "--data", "names").stdout.splitlines()
         nll[kind] = float(line[-1].split()[4])
     size = {kind: (tmp_path / f"{kind}.gguf").stat().st_size for kind in nll}
@@ -171,6 +172,10 @@ def test_a_4_bit_gguf_file_is_an_eighth_of_f32_and_scores_close_to_it(cli, train
         blocks = weights["model.layers.0.mlp.up_proj.weight"].reshape(-1, 32)
         step = blocks.abs().amax(1, keepdim=True) / (8 if kind == "q4_0" else 7.5)  # (q4_1: (max - min) / 15)
         assert ((read - blocks).abs() <= step + 1e-6).all(), kind
+        assert f"{kind.upper()} x{list(types.values()).count(kind.upper())}, F32 x" in said[kind].stdout
+        assert said[kind].stdout.rstrip().endswith("Q8_0 x1)")
+    narrow = cli("convert", bpe_llama, tmp_path / "narrow.gguf", "--type", "q4_0")  # 48 wide
+    assert "F16 x" in narrow.stdout and narrow.stderr.startswith("fournil: ") and "rows, of 48 values" in narrow.stderr
 
 
 def test_a_gguf_file_of_the_types_fournil_unpacks_loads_without_the_gguf_package(trained, tmp_path):

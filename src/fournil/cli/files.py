@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from fournil.cli.flags import MODEL_HELP, parse_picture
@@ -83,7 +84,19 @@ def run_convert(args) -> None:
                            f"its score head would neither write nor score; use the run itself (fournil reward score "
                            f"{typed(run.path)}, fournil align --method grpo --reward {typed(run.path)})")
     export(run, out, kind, args.type)
-    print(f"wrote {args.out} ({kind})")
+    if kind != "gguf":
+        print(f"wrote {args.out} ({kind})")
+        return
+    from fournil.formats.gguf_reader import read_gguf_file
+
+    tensors = read_gguf_file(out)[1]
+    kinds = Counter(t.kind for t in tensors)
+    print(f"wrote {args.out} (gguf: {', '.join(f'{k} x{n}' for k, n in kinds.most_common())})")
+    widths = sorted({t.dims[0] for t in tensors if t.kind == "F16"})
+    if args.type.startswith("q") and widths:
+        print(f"fournil: {kinds['F16']} matrices are in F16, not {args.type}: their rows, of "
+              f"{' or '.join(map(str, widths))} values, are not whole blocks of 32; a model whose widths are multiples "
+              f"of 32 is quantized whole", file=sys.stderr)
 
 
 def run_info(args) -> None:
