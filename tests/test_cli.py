@@ -344,8 +344,17 @@ def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tm
                         (("tokenizer", "train", "corpus", "--x"), "usage: fournil tokenizer train [-h] [--data DATA]")):
         stray = run(*args)  # the command's usage, not fournil's (`fournil [-h] [--version] COMMAND ...`)
         assert stray.returncode == 2 and stray.stderr.startswith(usage), stray.stderr
-        assert stray.stderr.endswith(f": error: unrecognized arguments: {args[-2] if '--x' in args else 'extra'}"
-                                     f"{' --x' if '--x' in args else ''}\n")
+        assert stray.stderr.endswith(": error: fournil tokenizer train has no flag --x (`fournil tokenizer train "
+                                     "--help` lists its flags)\n" if "--x" in args else
+                                     ": error: unrecognized arguments: extra\n"), stray.stderr
+    for args, said in ((("generate", "m", "-n", "3"), "has no flag -n: it is a flag of fournil sample"),  # another's
+                       (("generate", "m", "--max-tokens=3"),
+                        "has no flag --max-tokens; did you mean --max-new-tokens?"),
+                       (("chat", "m", "--data", "x"), "has no flag --data: other commands take it")):
+        refused = run(*args)  # (after the command's usage, as argparse's own errors)
+        assert refused.returncode == 2 and refused.stderr.endswith(
+            f"fournil {args[0]}: error: fournil {args[0]} {said} (`fournil {args[0]} --help` lists its flags)\n"), \
+            refused.stderr
     for args, fixed in ((("prepare", "my corpus"), "--data 'my corpus'"),  # words where the command takes flags
                         (("train", "llama", "--steps", "3"), "--model llama --steps 3"),
                         (("finetune", "smollm2", "rasbt_instructions"), "smollm2 --data rasbt_instructions"),

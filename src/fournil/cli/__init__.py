@@ -133,8 +133,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 shown[at] = f"{flag} {shown[at]}"
             what = " ".join(map(typed, words)) + (" as a flag" if len(words) == 1 else " as flags")
             command.error(f"{command.prog} takes {what}: fournil {' '.join(shown)}")
+        flag = next((w.split("=")[0] for w in extra if w.startswith("-")), None)
+        if flag:
+            command.error(no_such_flag(flag, command, p))
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def no_such_flag(flag: str, command: argparse.ArgumentParser, top: argparse.ArgumentParser) -> str:
+    """A flag ``command`` does not take, in words: the commands that take it (generate -n: sample), else the nearest
+    one it takes (--max-tokens: --max-new-tokens)."""
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    others = [f"fournil {name}" for name, c in commands.items() if any(flag in a.option_strings for a in c._actions)]
+    near = difflib.get_close_matches(flag, [s for a in command._actions for s in a.option_strings], n=1)
+    hint = (f": it is a flag of {' and '.join(others)}" if len(others) <= 2 else ": other commands take it") \
+        if others else f"; did you mean {near[0]}?" if near else ""
+    return f"{command.prog} has no flag {flag}{hint} (`{command.prog} --help` lists its flags)"
 
 
 def as_flags(command: argparse.ArgumentParser, words: list[str], argv: list[str]) -> list[str] | None:
