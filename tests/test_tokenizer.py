@@ -26,3 +26,5 @@ def test_unknown_characters_are_named():
         tok.encode("Ax")  # lowercase is not enough
     with pytest.raises(FournilError, match=r"^'Ç' is not in the model's vocabulary .*; remove or replace it$"):
         tok.encode("Ça")
+    with pytest.raises(FournilError, match=r"^'0', '1', .*, 'B' and 24 more are not in the model's vocabulary \("):
+        tok.encode("0123456789" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[::-1])  # a text of other characters: the first 12

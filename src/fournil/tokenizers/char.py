@@ -58,7 +58,7 @@ class CharTokenizer:
             return [self.stoi[c] for c in text]
         except KeyError:
             unknown = sorted({c for c in text if c not in self.stoi})
-            shown = ", ".join(repr(c) for c in unknown)
+            shown = ", ".join(repr(c) for c in unknown[:12]) + f" and {len(unknown) - 12} more" * (len(unknown) > 12)
             lower = text.lower()  # a names model learnt lowercase names: 'Zoé' is 'zoé' to it
             them = "it" if len(unknown) == 1 else "them"
             fix = f"try {lower!r}" if all(c in self.stoi for c in lower) else f"remove or replace {them}"
