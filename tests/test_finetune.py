@@ -236,8 +236,10 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "100", "--quiet", "--out", "long")
     assert re.search(r"skipped 2 of 5 examples longer than 100 tokens \(the longest: \d{3,4}\); to keep them, raise "
                      r"--max-length, up to the model's context, or tune a model with a longer context", result.stdout)
-    result = CLI(root)("finetune", trained["gpt"], "--steps", "2", "--quiet", check=False)
-    assert result.returncode == 2 and "character tokenizer" in result.stderr
+    for command in (["finetune"], ["align"], ["reward", "train"]):  # a character model: they all read conversations
+        result = CLI(root)(*command, trained["gpt"], "--steps", "2", "--quiet", check=False)
+        assert result.returncode == 2 and result.stderr.startswith("fournil: error: instructions and preferences are "
+                                                                   "read as conversations, and a character tokenizer")
 
     other = Run.load(base, "cpu")
     save_adapter(random_lora(other.model), LoraConfig(rank=4, alpha=8), tmp_path / "adapter", "base")

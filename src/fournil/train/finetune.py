@@ -40,9 +40,9 @@ DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 def chat_tokenizer(tokenizer):
     """The tokenizer with a chat template to tune with: its own, or a simple default for models that have none."""
     if not hasattr(tokenizer, "chat_text"):
-        raise FournilError("fine-tuning writes its examples as conversations, and a character tokenizer knows only "
-                           "the characters of its data (no letters of an instruction it never saw, no way to end a "
-                           "turn): pretrain the base with --tokenizer bpe:N, or tune an imported model (smollm2)")
+        raise FournilError("instructions and preferences are read as conversations, and a character tokenizer knows "
+                           "only the characters of its data (no letters of an instruction it never saw, no way to end "
+                           "a turn): pretrain the base with --tokenizer bpe:N, or tune an imported model (smollm2)")
     if tokenizer.chat_template is None:
         if tokenizer.eos_id is None:
             raise FournilError("the base model's tokenizer has no chat template and no end-of-text token to end answers with")
