@@ -340,6 +340,9 @@ def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tm
     assert all(re.search(rf"^ +{name} +\w", listed.stdout, re.M) for name in COMMANDS)  # each with what it does
     one_line_error(run("trian"), "no command named 'trian'; did you mean 'train'? (fournil --help lists them)")
     one_line_error(run("xyz", "--steps", "1"), "no command named 'xyz' (fournil --help")
+    one_line_error(run("reward", "runs/x"), "fournil reward takes what to do first, train or score: fournil reward "
+                                            "train runs/x (fournil reward --help)")  # (a model where its action goes)
+    one_line_error(run("reward", "scor", "runs/x"), "train or score; did you mean 'score'? (fournil reward --help)")
     for args, usage in ((("prepare", "--data", "corpus", "extra"), "usage: fournil prepare [-h] [--data DATA]"),
                         (("tokenizer", "train", "corpus", "--x"), "usage: fournil tokenizer train [-h] [--data DATA]")):
         stray = run(*args)  # the command's usage, not fournil's (`fournil [-h] [--version] COMMAND ...`)

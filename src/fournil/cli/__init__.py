@@ -106,6 +106,24 @@ def unknown_command(name: str) -> str:
             " (fournil --help lists them)")
 
 
+def actions_of(command: str) -> list[str]:
+    """What a command of several actions can do (reward: train, score)."""
+    subs = lambda p: next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices  # noqa: E731
+    return list(subs(subs(parser())[command]))
+
+
+def unknown_action(argv: list[str], actions: list[str]) -> str:
+    """A word where a command takes its action, in words: the nearest action (a typo), else the default one put
+    first (`fournil reward runs/x`: `fournil reward train runs/x`)."""
+    command, word = argv[:2]
+    near = difflib.get_close_matches(word, actions, n=1)
+    said = f"fournil {command} takes what to do first, {' or '.join(actions)}"
+    if near:
+        return f"{said}; did you mean '{near[0]}'? (fournil {command} --help)"
+    given = " ".join(map(typed, argv[1:]))
+    return f"{said}: fournil {command} {DEFAULT_ACTIONS[command]} {given} (fournil {command} --help)"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """The arguments; one that no flag takes is refused by the command's own parser, with its usage (not fournil's:
     `fournil prepare corpus` showed `fournil [-h] [--version] COMMAND ...`)."""
@@ -189,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in DEFAULT_ACTIONS and (len(argv) == 1 or argv[1].startswith("-") and argv[1] not in ("-h", "--help")):
         argv.insert(1, DEFAULT_ACTIONS[argv[0]])
+    elif argv[0] in DEFAULT_ACTIONS and argv[1] not in (actions := actions_of(argv[0])) + ["-h", "--help"]:
+        print(f"fournil: error: {unknown_action(argv, actions)}", file=sys.stderr)
+        return 2
     garbled = next((a for a in argv if not is_text(a)), None)
     if garbled is not None:  # bytes that were not UTF-8, which Python keeps as halves of surrogate pairs
         print(f"fournil: error: the argument {os.fsencode(garbled)!r} is not UTF-8 text: write it in a terminal set to "
