@@ -8,7 +8,7 @@ import re
 import typing
 from pathlib import Path
 
-from fournil.config import STAGES, RunConfig, TrainConfig, recipe_config, recipe_sections
+from fournil.config import STAGES, RunConfig, TrainConfig, field_types, recipe_config, recipe_sections
 from fournil.device import dtype_name
 from fournil.errors import FournilError
 from fournil.generate.quantize import PRECISIONS
@@ -87,8 +87,8 @@ def model_settings() -> dict[str, type]:
     for _, cfg in FAMILIES.values():
         for f in dataclasses.fields(cfg):
             if f.name not in AUTOMATIC:
-                kinds = [k for k in typing.get_args(typing.get_type_hints(cfg)[f.name]) if k is not type(None)]
-                kind = (kinds or [typing.get_type_hints(cfg)[f.name]])[0]
+                kinds = [k for k in typing.get_args(field_types(cfg)[f.name]) if k is not type(None)]
+                kind = (kinds or [field_types(cfg)[f.name]])[0]
                 if kind in (int, float, str, bool):  # structured settings (rope_scaling) come from imported configs
                     found.setdefault(f.name, kind)
     return found

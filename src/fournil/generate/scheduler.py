@@ -387,10 +387,17 @@ class Scheduler:
                 self.rows += 1
             return
         first, after = [], []
-        for r in new:
-            ahead = max((common_prefix(r.context[:-1], f.context[:-1]) for f in first), default=0)
+        heads = {}  # the first pass's rows by their first WORTH_A_PASS tokens: the only ones worth waiting for (a scan
+        for r in new:  # of every one of them for each new row made 20,000 samples of names take 2 minutes, not 10 s)
+            head = tuple(r.context[:WORTH_A_PASS]) if len(r.context) > WORTH_A_PASS else None
+            ahead = max((common_prefix(r.context[:-1], f.context[:-1]) for f in heads.get(head, ())), default=0)
             worth = self.cache.window is None and ahead >= self._longest_shared(r)[1] + WORTH_A_PASS
-            (after if worth else first).append(r)
+            if worth:
+                after.append(r)
+            else:
+                first.append(r)
+                if head:
+                    heads.setdefault(head, []).append(r)
         self.active[self.rows:] = first + after
         for group in (first, after):
             if group:
