@@ -161,17 +161,21 @@ def test_instruction_files_in_each_usual_form_read_as_the_same_conversation(tmp_
                    {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}):
         assert read_conversations(str(write_jsonl(tmp_path / "one.jsonl", [record]))) == [one_turn], record
 
+    for record in ({"question": "2+2?", "answer": "4"}, {"question": "2+2?", "answer": "4", "id": 7}):  # GSM8K's
+        assert read_conversations(str(write_jsonl(tmp_path / "one.jsonl", [record]))) == [one_turn], record
+    assert read_conversations("gsm8k_train")[0][0]["content"].startswith("Natalia sold clips to 48 of her friends")
+
     bad = tmp_path / "bad.jsonl"
-    write_jsonl(bad, [{"question": "2+2?", "answer": "4"}])  # (it named only what Alpaca needs)
-    with pytest.raises(FournilError, match=r"line 1: missing 'instruction' and 'output' \(it has 'question', 'answer'; "
+    write_jsonl(bad, [{"query": "2+2?", "answer": "4"}])  # (it named only what Alpaca needs)
+    with pytest.raises(FournilError, match=r"line 1: missing 'instruction' and 'output' \(it has 'query', 'answer'; "
                                            r"an example has .* or 'conversations' \(ShareGPT\); or 'prompt' and "
-                                           r"'completion'\)$"):
+                                           r"'completion'; or 'question' and 'answer' \(GSM8K\), as texts\)$"):
         read_conversations(str(bad))
     write_jsonl(bad, [{"instruction": "Sum them.", "context": "2 and 2", "response": "4"}])  # Dolly's input too
     assert read_conversations(str(bad)) == [[{"role": "user", "content": "Sum them.\n\n2 and 2"},
                                              {"role": "assistant", "content": "4"}]]
-    write_jsonl(bad, [{"question": "2+2?", "answer": "4"}])
-    with pytest.raises(FournilError, match="missing 'instruction' and 'output'"):
+    write_jsonl(bad, [{"question": "Who?", "answer": {"text": ["Ada"], "start": [0]}}])  # (SQuAD's: not a text)
+    with pytest.raises(FournilError, match="missing 'instruction' and 'output' \\(it has 'question', 'answer'; "):
         read_conversations(str(bad))
     write_jsonl(bad, [{"text": "To be, or not to be"}])
     with pytest.raises(FournilError, match=r"\(it has 'text'; .*\); this file holds documents: learn from them with "

@@ -56,9 +56,9 @@ def add_finetune(sub) -> None:
                                       "only.")
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("--data", default="rasbt_instructions",
-                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, or a JSONL, JSON or Parquet file of "
-                        "Alpaca (instruction, input, output), chat (messages), ShareGPT (conversations) or "
-                        "prompt-completion examples")
+                   help="rasbt_instructions (default), fr_oasst1, fr_oasst1_chat, gsm8k_train, or a JSONL, JSON or "
+                        "Parquet file of Alpaca (instruction, input, output), chat (messages), ShareGPT "
+                        "(conversations), prompt-completion or question-answer examples")
     add_tuning_args(p)
     p.add_argument("--pack", action="store_true", help="join short training examples into rows of --max-length tokens")
     add_loop_args(p, steps=" (default 200)", batch="examples per step (default 8)",

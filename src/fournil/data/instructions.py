@@ -2,10 +2,10 @@
 
 The usual forms are read, as JSONL, a JSON array or Parquet: Alpaca (``instruction``, optional ``input``, ``output``;
 or Dolly's ``context`` and ``response``), chat (``messages``, each with a ``role`` and a ``content``), ShareGPT
-(``conversations``, each with ``from`` and ``value``) and TRL's prompt-completion (``prompt`` and ``completion``, as
-text or as chat messages). Each conversation becomes the tokens the model will see at generation time: the prompt
-parts exactly as ``chat`` renders them (no loss) and each assistant answer up to and including the token that ends
-its turn (loss), so that a tuned model learns to stop.
+(``conversations``, each with ``from`` and ``value``), TRL's prompt-completion (``prompt`` and ``completion``, as
+text or as chat messages) and question sets' ``question`` and ``answer`` (GSM8K). Each conversation becomes the
+tokens the model will see at generation time: the prompt parts exactly as ``chat`` renders them (no loss) and each
+assistant answer up to and including the token that ends its turn (loss), so that a tuned model learns to stop.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ BUNDLED_INSTRUCTIONS = {
     "rasbt_instructions": "rasbt_instructions.jsonl",  # English, Alpaca form (LLMs-from-scratch, chapter 7)
     "fr_oasst1": "fr_oasst1.jsonl",  # French, Alpaca form (OpenAssistant oasst1)
     "fr_oasst1_chat": "fr_oasst1_chat.jsonl",  # French conversations (OpenAssistant oasst1)
+    "gsm8k_train": "gsm8k_train.jsonl",  # English arithmetic word problems, a question and its worked answer
 }
 
 # For models whose tokenizer has no chat template: Alpaca's headings, each answer closed by the end-of-text token.
@@ -130,7 +131,8 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 FORMS = ("an example has 'instruction', optional 'input' and 'output' (Alpaca; Dolly's 'context' and 'response' "
-         "too); or 'messages' (chat); or 'conversations' (ShareGPT); or 'prompt' and 'completion'")
+         "too); or 'messages' (chat); or 'conversations' (ShareGPT); or 'prompt' and 'completion'; or 'question' and "
+         "'answer' (GSM8K), as texts")
 
 
 def to_messages(row, where: str) -> list[dict]:
@@ -150,6 +152,8 @@ def to_messages(row, where: str) -> list[dict]:
         messages = prompt_messages(row["prompt"], where) + (
             [{"role": "assistant", "content": answer}] if isinstance(answer, str)
             else chat_messages(answer, where, "completion"))
+    elif isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+        messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
     else:
         return alpaca_messages(row, where)
     if messages[-1]["role"] != "assistant":
