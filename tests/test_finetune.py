@@ -1,4 +1,5 @@
 """Supervised fine-tuning: loss on answers only, tuned models that stop, LoRA adapters PEFT reads, clear errors."""
+import dataclasses
 import json
 import math
 import random
@@ -19,6 +20,7 @@ from fournil.formats.peft import load_adapter, save_adapter
 from fournil.generate import SamplingParams, complete
 from fournil.models.lora import add_lora, merge_lora
 from fournil.runs import Run
+from fournil.train.trainer import eval_tokens
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,38 @@ def test_validation_reads_about_eval_tokens_answer_tokens_of_every_length():
     assert read(None) == (data.num_targets, list(range(1, 101)))
     scored, answers = read(data.num_targets // 10)
     assert abs(scored - data.num_targets / 10) < 0.1 * data.num_targets / 10 and answers[0] < 10 and answers[-1] > 90
+
+
+def test_validation_is_sized_to_the_training_between_two_validations(bpe_base, tmp_path):
+    """Adapting a model, validation scores an eighth of the answer tokens trained between two validations (at least
+    4,096), as recorded and announced: SmolLM2 tuned on gsm8k_train validated on all of its 46,108 val answer tokens,
+    longer than the training between. A small val split is read whole; --eval-tokens is obeyed."""
+    root, base = bpe_base
+    rng = random.Random(0)
+    words = ["king", "queen", "lord", "night", "blood", "crown", "sword", "heart", "death", "love", "grace", "honour"]
+    rows = [{"instruction": f"Say {i}", "output": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}
+            for i in range(3000)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    said = CLI(root)("finetune", base, "--data", data, "--steps", "2", "--lr", "1e-9",
+                     "--batch-size", "2", "--quiet", "--out", "sized").stdout
+    run = Run.load(root / "sized", "cpu")
+    val = run.data(("val",))["val"]
+    assert run.config.train.eval_tokens == 4096 < val.num_targets / 2  # (2 steps of 2 examples: the least)
+    read = sum(len(x) for x, _ in val.batches(16, 4096))
+    assert f"validating on {read} of the {len(val)} val examples" in said and read < len(val) / 2
+    first = json.loads((root / "sized" / "metrics.jsonl").read_text().splitlines()[0])
+    base_model = Run.load(base, "cpu").model
+    part, whole = (evaluate_nll(base_model, val, run.tokenizer, run.measure_dtype, max_tokens=n)["nll"]
+                   for n in (4096, None))
+    assert first["val_loss"] == pytest.approx(part, rel=1e-5) and part != pytest.approx(whole, rel=1e-5)
+
+    t = dataclasses.replace(run.config.train, eval_tokens=None, eval_every=250, batch_size=8)
+    per_example = run.data(("train",))["train"].num_targets / round(0.9 * len(rows))
+    assert eval_tokens(t, run.data(("train",))["train"]) == pytest.approx(250 * 8 * per_example / 8, abs=1)
+    assert eval_tokens(t) == 250_000 and eval_tokens(dataclasses.replace(t, eval_tokens=300), val) == 300
+    said = CLI(root)("finetune", base, "--data", data, "--steps", "1", "--eval-tokens", "100000", "--quiet",
+                     "--out", "whole").stdout
+    assert "validating on" not in said and Run.load(root / "whole", "cpu").config.train.eval_tokens == 100_000
 
 
 def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):

@@ -59,7 +59,8 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     eval_every: int | None = None  # validate (and checkpoint) every this many steps; None: see trainer.eval_every
-    eval_tokens: int = 250_000  # cap on validation tokens during training; `fournil eval` scores everything
+    eval_tokens: int | None = None  # cap on the tokens validation scores; None: see trainer.eval_tokens (`fournil
+    # eval` scores everything)
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"

@@ -147,9 +147,10 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
     p.add_argument("--lr", type=float, help=f"peak learning rate{lr}")
     p.add_argument("--eval-every", type=int, help="validate and checkpoint every N steps (default: 250; when adapting "
                                                   "a model, a quarter of --steps, from 10 to 250)")
-    p.add_argument("--eval-tokens", type=int, default=TrainConfig.eval_tokens,
-                   help="validate on at most N tokens of the val split (default: %(default)s; `fournil eval` scores "
-                        "all of it)")
+    p.add_argument("--eval-tokens", type=int,
+                   help="validate on about N of the val split's scored tokens (default: 250,000; when adapting a "
+                        "model, an eighth of the answer tokens trained between two validations, at least 4,096; "
+                        "`fournil eval` scores all of it)")
     p.add_argument("--seed", type=int, default=1337,
                    help="seeds the weights' initialization, the batches and dropout")
     p.add_argument("--device", **DEVICE)

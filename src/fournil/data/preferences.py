@@ -86,6 +86,7 @@ class PreferenceData:
     def __init__(self, pairs: list[tuple], pad: int, split: str):
         self.split = split
         self.answers = InstructionData([example for pair in pairs for example in pair], pad, split)
+        self.num_targets = self.answers.num_targets  # the answers' tokens, chosen and rejected: what is scored
         self.ref: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -100,7 +101,8 @@ class PreferenceData:
         return self._collate(torch.randint(len(self), (batch_size,), generator=generator).tolist())
 
     def batches(self, batch_size: int, max_tokens: int | None = None, width: int = 2048):
-        """Every pair once, in order (so that per-pair results line up), at most ``width`` tokens a batch."""
+        """Every pair once, in order (so that per-pair results line up), or the first ones to about ``max_tokens``
+        answer tokens; at most ``width`` tokens a batch."""
         picks, longest, seen = [], 0, 0
         for p in range(len(self)):
             size = max(len(self.answers.seqs[2 * p]), len(self.answers.seqs[2 * p + 1]))
@@ -109,7 +111,7 @@ class PreferenceData:
                 picks, longest = [], 0
             picks.append(p)
             longest = max(longest, size)
-            seen += len(self.answers.seqs[2 * p]) + len(self.answers.seqs[2 * p + 1])
+            seen += int(self.answers.learned[2 * p][1:].sum() + self.answers.learned[2 * p + 1][1:].sum())
             if max_tokens and seen >= max_tokens:
                 break
         yield self._collate(picks)

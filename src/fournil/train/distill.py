@@ -30,7 +30,7 @@ from fournil.models import build_model
 from fournil.runs import CONFIG, STATE, TOKENIZER, Run, anchored, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
-from fournil.train.trainer import Trainer, check_fits, eval_every, new_run_dir, resumed
+from fournil.train.trainer import Trainer, check_fits, eval_every, eval_tokens, new_run_dir, resumed, validating
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_CONTEXT, MAX_ANSWER = 100, 8, 1e-3, 256, 256
 REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
@@ -262,6 +262,9 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
             raise FournilError("--sequences needs an instruction set to take prompts from (rasbt_instructions, ...)")
         splits["train"] = load_answers(run_dir / ANSWERS, tokenizer) if resume else \
             teacher_answers(teacher or teacher_run, tokenizer, data, taught.sequences, run_dir, announce)
+    examples = splits["train"] if isinstance(splits["train"], InstructionData) else None
+    if config.train.eval_tokens is None:  # (then written, to be resumed and read the same)
+        config.train = dataclasses.replace(config.train, eval_tokens=eval_tokens(config.train, examples))
     torch.manual_seed(config.train.seed)
     model, config.model = build_student(taught.student, teacher_run)
     if not resume and world.main:
@@ -279,7 +282,8 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     about = f"{taught.student}, taught by {taught.teacher}" if is_remote(taught.teacher) else \
         f"{taught.student} of {taught.teacher}, {teacher_run.model.num_params():,}"
     announce(f"a student of {model.num_params():,} parameters ({about}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
-             f", {how}; {t.budget}, batch {t.batch_size}, lr {t.lr:g}; "
+             f", {how}; {t.budget}, batch {t.batch_size}, lr {t.lr:g}"
+             f"{validating(splits['val'], t.eval_tokens, 'examples') if examples is not None else ''}; "
              f"{trainer.precision} -> {run_dir}")
     trainer.fit(resume=resume)
     return (trainer.finish() if world.main else None), data

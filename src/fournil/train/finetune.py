@@ -31,7 +31,7 @@ from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
 from fournil.train.distributed import join, leave
 from fournil.train.rewards import recorded
-from fournil.train.trainer import Trainer, eval_every, new_run_dir, resumed
+from fournil.train.trainer import Trainer, eval_every, eval_tokens, new_run_dir, resumed, validating
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_MAX_LENGTH = 200, 8, 512
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
@@ -91,6 +91,10 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
         d = config.data
         splits = load_alignment_data(config, tokenizer, announce) if config.align else \
             load_instructions(d.data, tokenizer, ft.max_length, d.split, d.seed, announce, ft.pack)
+        grpo = config.align and config.align.method == "grpo"  # (its validation answers at most VAL_PROMPTS prompts)
+        if config.train.eval_tokens is None:
+            config.train = dataclasses.replace(config.train,
+                                               eval_tokens=eval_tokens(config.train, None if grpo else splits["train"]))
         model = base_run.model
         torch.manual_seed(config.train.seed)
         total = model.num_params()
@@ -112,11 +116,11 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
         how = f"LoRA rank {ft.lora.rank}" if ft.lora else "every weight"
         what = {None: "fine-tuning", "dpo": "DPO on", "reward": "a reward model from", "grpo": "GRPO on"}[
             config.align and config.align.method]
+        unit = UNITS[config.align and config.align.method]
         announce(f"{what} {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
                  f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train']):,} "
-                 f"{'rows of packed examples' if ft.pack else UNITS[config.align and config.align.method]}; "
-                 f"{t.budget}, batch {t.batch_size}, lr {t.lr:g}; "
-                 f"{trainer.precision} -> {run_dir}")
+                 f"{'rows of packed examples' if ft.pack else unit}; {t.budget}, batch {t.batch_size}, lr {t.lr:g}"
+                 f"{'' if grpo else validating(splits['val'], t.eval_tokens, unit)}; {trainer.precision} -> {run_dir}")
         trainer.fit(resume=bool(resume))
         return trainer.finish() if world.main else None
     finally:

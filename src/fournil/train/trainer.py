@@ -43,6 +43,8 @@ from fournil.train.progress import Progress
 
 LOG_EVERY = 10
 PRETRAIN_EVAL_EVERY = 250
+PRETRAIN_EVAL_TOKENS = 250_000
+ADAPTING_EVAL_SHARE, ADAPTING_EVAL_FLOOR = 1 / 8, 4096
 PASS_TOKENS = 1024  # tokens per forward pass when saving memory: smaller transient tensors, a smaller heap
 
 
@@ -122,6 +124,7 @@ def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunCo
         optimizer=optimizer,
         weight_decay=t.decay if t.weight_decay is not None else tuned.get("weight_decay", t.decay),
         eval_every=eval_every(t, adapting=False),
+        eval_tokens=eval_tokens(t),
     )
     data = dataclasses.replace(config.data, mode=splits.mode)
     return dataclasses.replace(config, model=settings, data=data, train=train)
@@ -134,6 +137,27 @@ def eval_every(t: TrainConfig, adapting: bool) -> int:
     if t.eval_every:
         return t.eval_every
     return max(10, min(PRETRAIN_EVAL_EVERY, (t.steps or 1000) // 4)) if adapting else PRETRAIN_EVAL_EVERY
+
+
+def eval_tokens(t: TrainConfig, examples=None) -> int:
+    """Validate on about ``t.eval_tokens`` scored tokens as told; else, adapting a model on ``examples`` (instructions
+    or preference pairs, ``t.eval_every`` filled), on an eighth of the answer tokens trained between two validations,
+    at least 4,096, so that validation takes a few percent of the time: SmolLM2 tuned with LoRA on gsm8k_train
+    validated on all 373 val examples (46,108 answer tokens in fp32, 147 s) every 50 steps (590 s), 25 % more time;
+    now 54 of them (25 s). Else (running text, lines, pairs, prompts) 250,000, so that validating a large corpus
+    does not outlast training."""
+    if t.eval_tokens:
+        return t.eval_tokens
+    if examples is None:
+        return PRETRAIN_EVAL_TOKENS
+    trained = t.eval_every * t.batch_size * t.grad_accum * examples.num_targets / len(examples)
+    return max(ADAPTING_EVAL_FLOOR, round(ADAPTING_EVAL_SHARE * trained))
+
+
+def validating(val, max_tokens: int, unit: str) -> str:
+    """What a run's announcement says of a validation that reads only some of the ``val`` examples (or pairs)."""
+    read = sum(len(batch[0]) for batch in val.batches(16, max_tokens))
+    return f", validating on {read:,} of the {len(val):,} val {unit}" if read < len(val) else ""
 
 
 def steps_per_second(config: RunConfig, splits, tokenizer, world: World) -> float:
