@@ -98,6 +98,12 @@ def test_dpo_grows_the_chosen_margin_and_a_precomputed_reference_trains_the_same
     beside = CLI(root)("eval", base, root / "dpo", check=False)  # (in a table of NLLs, its scores would mislead)
     assert beside.returncode == 2 and f"{root / 'dpo'} was tuned on preferences: its scores are its method's, not " \
                                       f"NLLs; `fournil eval {root / 'dpo'}` alone gives them" in beside.stderr
+    # on the answers of instructions, it is a language model like the others: the chosen answer is likelier now
+    asked = write_jsonl(root / "asked.jsonl", [{"prompt": f"Question {i}: which colour?", "completion": "blue sky"}
+                                               for i in range(50, 56)])
+    table = CLI(root)("eval", base, root / "dpo", "--data", asked).stdout
+    nll = dict(re.findall(r"^(\S+)\s+llama\s+[\d,]+\s+[\d,]+\s+([\d.]+)", table, re.M))
+    assert float(nll[str(root / "dpo")]) < float(nll[str(base)]) - 0.1, table
     # eval keeps the adapter apart, and the model without it is the reference: the figures of the adapter folded in
     # against the base loaded again
     folded = evaluate_alignment(tuned)

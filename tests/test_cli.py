@@ -118,7 +118,8 @@ def test_eval_of_several_runs_is_one_table_a_row_each(cli, trained, running_text
                    "runs' validation curves, from their training, not scores on --data: give one or the other")
     one_line_error(cli("eval", trained["gpt"], "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS,
                                                                         "instruction")), check=False),
-                   "line 1: no text field; a .jsonl corpus holds one", "this file holds instructions")  # (it scored
+                   "holds instructions, whose answers are scored in a chat template, and", "is a character model (it "
+                   "knows only the characters of its data, and no way to end a turn): score it on text")  # (it scored
     # JSON's syntax)
     mixed = cli("eval", trained["gpt"], running_text)
     assert mixed.stderr == ("these runs learned from different data or splits: their scores do not compare; score "

@@ -12,7 +12,8 @@ from conftest import CLI, write_jsonl
 
 from fournil.config import LoraConfig
 from fournil.data.batches import IGNORE
-from fournil.data.instructions import InstructionData, data_path, pack, read_conversations, render_example
+from fournil.data.instructions import (InstructionData, data_path, load_examples, pack, read_conversations,
+                                       render_example)
 from fournil.data.preferences import BUNDLED_PREFERENCES
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
@@ -98,6 +99,34 @@ def test_validation_is_sized_to_the_training_between_two_validations(bpe_base, t
     said = CLI(root)("finetune", base, "--data", data, "--steps", "1", "--eval-tokens", "100000", "--quiet",
                      "--out", "whole").stdout
     assert "validating on" not in said and Run.load(root / "whole", "cpu").config.train.eval_tokens == 100_000
+
+
+def test_eval_scores_the_answers_of_instructions_as_tuning_does(bpe_base, tmp_path):
+    """`fournil eval MODEL --data INSTRUCTIONS` scores answers: a bundled set's test split, split and rendered as
+    tuning did, so that a base and the model tuned from it compare on the answers tuning never saw (the tuned run's
+    own test row); a file's examples, all, but those longer than the context allows. It refused both (not text)."""
+    root, base = bpe_base
+    cli = CLI(root)
+    said = cli("finetune", base, "--data", "rasbt_instructions", "--steps", "3", "--lr", "3e-3", "--quiet", "--out",
+               "rasbt").stdout
+    assert f"next: fournil chat rasbt  |  fournil eval {base} rasbt --data rasbt_instructions\n" in said  # what to do
+    own = re.search(r"^test\s+([\d,]+)\s+([\d.]+)", cli("eval", root / "rasbt").stdout, re.M).groups()
+    table = cli("eval", base, root / "rasbt", "--data", "rasbt_instructions").stdout
+    rows = dict((path, (tokens, nll)) for path, tokens, nll in
+                re.findall(r"^(\S+)\s+llama\s+[\d,]+\s+([\d,]+)\s+([\d.]+)", table, re.M))
+    tuned, before = Run.load(root / "rasbt", "cpu"), Run.load(base, "cpu").model
+    test = tuned.data(("test",))["test"]
+    untuned = evaluate_nll(before, test, tuned.tokenizer, tuned.measure_dtype)
+    assert rows == {str(root / "rasbt"): own, str(base): (f"{untuned['tokens']:,}", f"{untuned['nll']:.4f}")}
+    assert float(own[1]) < untuned["nll"] and untuned["tokens"] == test.num_targets > 100
+
+    rows = [{"instruction": f"Say {w}", "output": w} for w in ("king", "queen", "lord", "night")]
+    data = write_jsonl(tmp_path / "say.jsonl", rows + [{"instruction": "Say it", "output": "blood " * 1100}])
+    said = cli("eval", base, "--data", data).stdout
+    examples = InstructionData([e[:2] for e in load_examples(str(data), tuned.tokenizer, 512, print)], 0, "test")
+    scores = evaluate_nll(before, examples, tuned.tokenizer, tuned.measure_dtype)
+    assert len(examples) == 4 and f"say.jsonl: 4 examples (those longer than 512 tokens left out) " \
+                                  f"{examples.num_targets:>9,} {scores['nll']:>8.4f}" in said
 
 
 def test_a_tuned_model_answers_and_stops(bpe_base, tmp_path):

@@ -1,6 +1,7 @@
 """Run directories (``runs/NAME/``) and the trained model they hold, as one object to sample, score, explain."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -261,8 +262,10 @@ class Run:
         perplexity tool gives them for a file: a UTF-8 text file, whole, or a bundled dataset's test split (split as
         a run trained on it split it, else by default: what it never saw); at most its first ``max_tokens``. Read as
         the run reads its data: one document per line (a model of names), else running text in windows of the
-        context. Returns what was scored, in words, and the scores."""
+        context; instructions as fine-tuning reads them (:meth:`score_answers`). Returns what was scored, in words,
+        and the scores."""
         from fournil.data.corpus import Splits, documents
+        from fournil.data.instructions import is_instructions
         from fournil.data.sources import BUNDLED, read_text
         from fournil.models.base import decoder_only
 
@@ -270,6 +273,8 @@ class Run:
         decoder_only(self.model, "scoring a text")
         if max_tokens is not None and max_tokens < 1:
             raise FournilError(f"--tokens {max_tokens}: score at least 1 token (leave it out for all of them)")
+        if is_instructions(data):
+            return self.score_answers(data, max_tokens)
         mode = "lines" if self.mode == "lines" else "text"  # (a tuned model, of instructions or pairs: text)
         if data in BUNDLED:  # (split as the run split it, if it trained on it: its test split is then its own)
             own = self.config.data if self.config.data and self.config.data.data == data else None
@@ -284,6 +289,34 @@ class Run:
         except FournilError as e:
             raise FournilError(f"{data}: {e}") from None
         return what, evaluate_nll(self.model, scored, self.tokenizer, self.measure_dtype, max_tokens=max_tokens)
+
+    def score_answers(self, data: str, max_tokens: int | None = None) -> tuple[str, dict]:
+        """The NLL of an instruction set's answers (and of the tokens that end their turns), rendered by the model's
+        chat template, as fine-tuning scores them: a bundled set's test split (split as a run tuned on it split it,
+        else as fine-tuning splits by default), so that a base and the model tuned from it compare on the examples
+        tuning never saw; a file's examples, all. Those longer than fine-tuning's default ``max_length`` (or the
+        model's context) are left out, for every model alike."""
+        from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_examples, pad_id
+        from fournil.data.instructions import split_examples
+        from fournil.train.finetune import DEFAULT_MAX_LENGTH, chat_tokenizer
+
+        if not hasattr(self.tokenizer, "chat_text"):
+            raise FournilError(f"{data} holds instructions, whose answers are scored in a chat template, and "
+                               f"{self.path} is a character model (it knows only the characters of its data, and no "
+                               f"way to end a turn): score it on text, and instructions with a model of byte-level "
+                               f"tokens (smollm2)")
+        own = self.config.data if self.config.data and self.config.data.data == data else DataConfig(data)
+        max_length = min(DEFAULT_MAX_LENGTH, self.model.config.block_size)
+        tokenizer, left_out = chat_tokenizer(copy.copy(self.tokenizer)), []  # (a template given here stays here)
+        examples = load_examples(data, tokenizer, max_length, announce=left_out.append)
+        what = f"{Path(data).name}: {len(examples):,} examples"
+        if data in BUNDLED_INSTRUCTIONS:
+            examples = split_examples(examples, own.split, own.seed, data)["test"]
+            what = f"{data}: test split, {len(examples):,} examples"
+        if left_out:
+            what += f" (those longer than {max_length:,} tokens left out)"
+        scored = InstructionData(examples, pad_id(tokenizer), "test")
+        return what, evaluate_nll(self.model, scored, tokenizer, self.measure_dtype, max_tokens=max_tokens)
 
     def as_sources(self, sources: list[str]) -> list[str]:
         """``sources`` written as the run's data writes them, for a task made by code that has a way (nombres)."""

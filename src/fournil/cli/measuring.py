@@ -18,8 +18,11 @@ def add_run_commands(sub) -> None:
     p.add_argument("run", nargs="*", help=f"{LATEST}; with --data, any model (a .gguf file, a Hugging Face folder, "
                                           f"smollm2); several: one table, a row each")
     p.add_argument("--data", help="score this text instead of the run's splits: a UTF-8 text file, whole, or a bundled "
-                                  "dataset's test split (names, prenoms, villes, shakespeare, miserables)")
-    p.add_argument("--tokens", type=int, help="with --data: score its first N tokens (default: all)")
+                                  "dataset's test split (names, prenoms, villes, shakespeare, miserables); or the "
+                                  "answers of instructions (a file's, all; rasbt_instructions, gsm8k_train...: the "
+                                  "test split)")
+    p.add_argument("--tokens", type=int, help="with --data: score its first N tokens (instructions: about N answer "
+                                              "tokens, from examples of every length; default: all)")
     p.add_argument("--beam", type=int, default=1,
                    help="seq2seq: decode with a beam search of this width (default: greedy)")
     p.add_argument("--plot", type=parse_picture, metavar="FILE",
@@ -110,7 +113,7 @@ def run_eval(args) -> None:
     adapter = sum(t.numel() for t in lora_state(run.model).values())
     print(f"{run.path}: {run.model.family}, {run.model.num_params() - adapter:,} parameters"
           f"{f' and a LoRA adapter of {adapter:,}' if adapter else ''}; {scored(run)}")
-    if run.config.align:
+    if run.config.align and args.data is None:
         for name, r in results.items():
             print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
         return
@@ -140,9 +143,10 @@ def compare_runs(args) -> None:
     rows = []
     for path in args.run:
         run = Run.load(path, args.device, args.dtype, merge=False)
-        if run.config.align:
+        if run.config.align and not args.data:
             raise FournilError(f"{run.path} was tuned on preferences: its scores are its method's, not NLLs; "
-                               f"`fournil eval {run.path}` alone gives them")
+                               f"`fournil eval {run.path}` alone gives them, and --data scores a text or the "
+                               f"answers of instructions")
         check_beam(run, args.beam)
         rows.append((run, {"text": run.score_text(args.data, args.tokens)[1]} if args.data else
                      run.evaluate(beam=args.beam)))

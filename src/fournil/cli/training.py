@@ -326,8 +326,13 @@ def report(run) -> None:
         print(f"next: fournil reward score {path} --prompt TEXT --answer TEXT --answer TEXT  |  "
               f"fournil align MODEL --method grpo --reward {path}")
         return
-    if run.config.finetune:
-        print(f"next: fournil chat {path}  |  fournil eval {path}")
+    if run.config.finetune:  # (a bundled set's test split: the base beside the tuned model, on answers neither saw)
+        from fournil.data.instructions import BUNDLED_INSTRUCTIONS
+
+        data = run.config.data.data
+        compare = f" {typed(run.config.finetune.base)} {path} --data {data}" if data in BUNDLED_INSTRUCTIONS else \
+            f" {path}"
+        print(f"next: fournil chat {path}  |  fournil eval{compare}")
         return
     if run.mode == "pairs":  # a source to translate, not a text to score
         print(f"next: fournil eval {path}  |  fournil sample {path} --prompt SOURCE  |  fournil embeddings {path}")

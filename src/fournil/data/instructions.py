@@ -19,7 +19,7 @@ import torch
 
 from fournil.config import check_split
 from fournil.data.batches import IGNORE, LineData, thinned
-from fournil.data.sources import decoded, nearest, parquet_table
+from fournil.data.sources import decoded, holds_documents, nearest, parquet_table
 from fournil.errors import FournilError, typed
 from fournil.text import HALF_PAIR, unpaired
 
@@ -323,15 +323,26 @@ def keep_short(rendered: list, length, max_length: int, announce) -> list:
     return kept
 
 
+def load_examples(spec: str, tokenizer, max_length: int, announce=print) -> list[tuple]:
+    """Every example of ``spec`` rendered, but those longer than ``max_length`` tokens (skipped, and counted)."""
+    rendered = [(*render_example(tokenizer, c), c) for c in read_conversations(spec)]
+    return keep_short(rendered, lambda r: len(r[0]), max_length, announce)
+
+
 def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
                       announce=print, packed: bool = False) -> dict[str, InstructionData]:
     """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted).
     With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
-    rendered = [(*render_example(tokenizer, c), c) for c in read_conversations(spec)]
-    parts = split_examples(keep_short(rendered, lambda r: len(r[0]), max_length, announce), split, seed, spec)
+    parts = split_examples(load_examples(spec, tokenizer, max_length, announce), split, seed, spec)
     if packed:
         parts["train"] = pack(parts["train"], max_length)
     return {name: InstructionData(part, pad_id(tokenizer), name) for name, part in parts.items()}
+
+
+def is_instructions(spec: str) -> bool:
+    """Whether ``spec`` names instructions: a bundled set, or a JSONL, JSON or Parquet file that holds no documents."""
+    return spec in BUNDLED_INSTRUCTIONS or spec.endswith((".jsonl", ".json", ".parquet")) and not holds_documents(
+        Path(spec).expanduser())
 
 
 def pad_id(tokenizer) -> int:

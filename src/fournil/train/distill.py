@@ -19,8 +19,7 @@ import torch
 from fournil.checkpoint import read_state_info, write_json
 from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, to_dict
 from fournil.data import load_splits, make_data
-from fournil.data.instructions import BUNDLED_INSTRUCTIONS, InstructionData, load_instructions, pad_id, render_example
-from fournil.data.sources import holds_documents
+from fournil.data.instructions import InstructionData, is_instructions, load_instructions, pad_id, render_example
 from fournil.errors import FournilError
 from fournil.evaluate import evaluate_nll
 from fournil.formats import source_kind
@@ -107,11 +106,6 @@ def build_student(spec: str, teacher_run: Run):
 
 def same_tokenizer(a, b) -> bool:
     return a.vocab_size == b.vocab_size and all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.vocab_size))
-
-
-def is_instructions(spec: str) -> bool:
-    return spec in BUNDLED_INSTRUCTIONS or spec.endswith((".jsonl", ".json", ".parquet")) and not holds_documents(
-        Path(spec).expanduser())
 
 
 def distill_data(config: RunConfig, tokenizer, announce=print) -> dict:
