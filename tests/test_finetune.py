@@ -119,6 +119,7 @@ def test_eval_scores_the_answers_of_instructions_as_tuning_does(bpe_base, tmp_pa
     untuned = evaluate_nll(before, test, tuned.tokenizer, tuned.measure_dtype)
     assert rows == {str(root / "rasbt"): own, str(base): (f"{untuned['tokens']:,}", f"{untuned['nll']:.4f}")}
     assert float(own[1]) < untuned["nll"] and untuned["tokens"] == test.num_targets > 100
+    assert "ppl, bits per character and per byte: on the answers;" in table
 
     rows = [{"instruction": f"Say {w}", "output": w} for w in ("king", "queen", "lord", "night")]
     data = write_jsonl(tmp_path / "say.jsonl", rows + [{"instruction": "Say it", "output": "blood " * 1100}])

@@ -131,6 +131,7 @@ def run_eval(args) -> None:
 
 def compare_runs(args) -> None:
     """Several models in one table, a row each: their val and test splits' scores, or their scores on --data."""
+    from fournil.data.instructions import is_instructions
     from fournil.data.sources import BUNDLED
     from fournil.runs import Run
 
@@ -151,18 +152,19 @@ def compare_runs(args) -> None:
         rows.append((run, {"text": run.score_text(args.data, args.tokens)[1]} if args.data else
                      run.evaluate(beam=args.beam)))
     pairs = not args.data and any("exact" in r["test"] for _, r in rows)
-    width = max(3, *(len(str(run.path)) for run, _ in rows))
+    width = max(3, *map(len, args.run))  # (each as given: smollm2, not the path of its file)
     figures = (f"{'tokens':>9} {'nll':>8}" if args.data else f"{'val nll':>8} {'test nll':>8}")
     print(f"{'run':<{width}} {'model':<8} {'parameters':>12} {figures} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"
           + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
-    for run, r in rows:
+    for given, (run, r) in zip(args.run, rows):
         last = r["text"] if args.data else r["test"]
         shown = (f"{last['tokens']:>9,} {last['nll']:>8.4f}" if args.data else
                  f"{r['val']['nll']:>8.4f} {last['nll']:>8.4f}")
         exact = f" {100 * last['exact']:>7.2f}% {100 * last['cer']:>7.2f}%" if "exact" in last else " " * 18
-        print(f"{str(run.path):<{width}} {run.model.family:<8} {run.model.num_params():>12,} {shown} "
+        print(f"{given:<{width}} {run.model.family:<8} {run.model.num_params():>12,} {shown} "
               f"{last['ppl']:>8.3f} {last['bpc']:>10.4f} {last['bpb']:>10.4f}{exact if pairs else ''}".rstrip())
-    print(f"nll: nats per token; ppl, bits per character and per byte: on {'the text' if args.data else 'test'}; "
+    on = ("the answers" if is_instructions(args.data) else "the text") if args.data else "test"
+    print(f"nll: nats per token; ppl, bits per character and per byte: on {on}; "
           + ", ".join(sorted({scored(run) for run, _ in rows})))
     alike = len({(type(run.tokenizer).__name__, run.tokenizer.vocab_size) for run, _ in rows}) == 1
     if not args.data and len({(d.data, d.mode, d.train, d.split, d.seed) if (d := run.config.data) else None
