@@ -361,6 +361,7 @@ def test_memory_is_saved_for_the_batches_that_need_it():
     activations is 1,827 tokens, so DPO's usual 8 pairs of 79 tokens train whole, where the longest answers
     allowed (512 tokens) are read in passes and their layers recomputed."""
     from fournil.models.llama import LlamaConfig
+    from fournil.device import activation_budget, memory_budget, memory_size
     from fournil.train.trainer import activation_bytes, batch_passes
 
     smollm2 = LlamaConfig(n_layer=30, n_embd=576, n_head=9, n_kv_head=3)
@@ -372,6 +373,9 @@ def test_memory_is_saved_for_the_batches_that_need_it():
     assert batch_passes(8, 1, 512, above) == (True, 2)
     assert batch_passes(8, 2, 512, above) == (True, 1)
     assert batch_passes(8, 2, 79, 2**30 / activation_bytes(smollm2, 1, torch.float32)) == (True, 6)  # fp32: 913
+    # the GiB is the least: a CPU gives an eighth of its memory (generation keeps to the GiB, where more gains little)
+    cpu = torch.device("cpu")
+    assert activation_budget(cpu) == max(memory_budget(cpu), memory_size(cpu) // 8) and memory_budget(cpu) == 2**30
 
 
 @pytest.mark.parametrize("command", ["finetune", "align"])

@@ -66,7 +66,8 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False  # torch.compile the model (pays on GPUs; costs compile time first)
     low_memory: bool | None = None  # recompute each Transformer layer in the backward pass, and read each batch in
-    # passes of at most 1,024 tokens; None: for a batch whose layers' activations would take more than a GiB
+    # passes of at most 1,024 tokens; None: for a batch whose layers' activations would take more than
+    # device.activation_budget (an eighth of a CPU's memory)
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state across processes (FSDP)
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     samples: int = 20  # written to samples.txt at the end

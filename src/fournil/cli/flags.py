@@ -158,7 +158,8 @@ def add_loop_args(p, steps: str, batch: str, lr: str) -> None:
                    help="auto (bf16 where the hardware runs it fast), float32, bfloat16, float16")
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="recompute each Transformer layer in the backward pass and read a step in passes of at most "
-                        "1,024 tokens (auto: for each batch whose layers' activations would take more than a GiB)")
+                        "1,024 tokens (auto: for each batch whose layers' activations would take more than an "
+                        "eighth of the memory, at least a GiB; on a GPU, a quarter of what is free)")
     p.add_argument("--out", help="run directory (default: runs/DATA-MODEL)")
     p.add_argument("--resume", metavar="RUN", help="continue a run that stopped (--steps/--time set a new budget)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

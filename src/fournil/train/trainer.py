@@ -24,8 +24,8 @@ from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
 from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
-from fournil.device import (autocast, matmul_rate, memory_budget, memory_size, model_width, pick_device, pick_dtype,
-                            precision_text, prepare_compile)
+from fournil.device import (activation_budget, autocast, matmul_rate, memory_size, model_width, pick_device,
+                            pick_dtype, precision_text, prepare_compile)
 from fournil.errors import FournilError, typed
 from fournil.models import (DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class,
                             parameter_count)
@@ -294,7 +294,7 @@ class Trainer:
         # answers and pairs are mostly far shorter than --max-length (rasbt_preferences: 8 pairs of 79 tokens)
         if t.low_memory is None:
             per_token = max((activation_bytes(lm.config, 1, self.dtype) for lm in self.layered), default=0)
-            self.save_above = memory_budget(self.device) / per_token if per_token else math.inf
+            self.save_above = activation_budget(self.device) / per_token if per_token else math.inf
         else:
             self.save_above = 0 if t.low_memory else math.inf
         self.show_progress = progress and world.main
