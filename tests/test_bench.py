@@ -6,13 +6,14 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import CLI, Server
+from conftest import CLI, Server, write_jsonl
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager
 
 from fournil.evaluate.bench import write_tasks
 from fournil.evaluate.harness import FournilLM
+from fournil.runs import Run
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,21 @@ def test_bench_prints_the_table_and_writes_a_report_card(cli, bpe_llama, tmp_pat
     (tmp_path / "card" / "results.json").write_text('{"results": ', encoding="utf-8")  # (a JSON traceback before)
     damaged = cli("bench", bpe_llama, "--out", tmp_path / "card", check=False)
     assert damaged.returncode == 2 and "results.json is damaged (" in damaged.stderr and "Traceback" not in damaged.stderr
+
+
+def test_a_report_card_scores_a_run_on_as_many_tokens_as_its_training_validated_on(cli, bpe_llama, tmp_path):
+    """A tuned run's own figures, on its validation's share of each split (GSM8K's whole splits took 5 of the 5.5
+    minutes of a bench of 10 questions); `fournil eval` scores every token."""
+    rows = [{"instruction": f"Say {i}", "output": "king queen lord night " * (4 + i % 9)} for i in range(400)]
+    cli("finetune", bpe_llama, "--data", write_jsonl(tmp_path / "say.jsonl", rows), "--steps", "1", "--eval-tokens",
+        "300", "--quiet", "--out", tmp_path / "tuned")
+    cli("bench", tmp_path / "tuned", "--tasks", "hellaswag", "--limit", "2", "--out", tmp_path / "card")
+    card = (tmp_path / "card" / "report.md").read_text()
+    run = Run.load(tmp_path / "tuned", "cpu")
+    part, whole = run.evaluate(max_tokens=300)["test"], run.evaluate()["test"]
+    assert f"- test: nll {part['nll']:.4f}, " in card and f" ({part['tokens']:,} tokens)\n" in card
+    assert part["tokens"] < whole["tokens"] / 2 and f"(at most about 300 tokens of each split, as its training " \
+                                                 f"validated; `fournil eval {run.path}` scores them all)" in card
 
 
 @pytest.mark.parametrize("args, message", [
