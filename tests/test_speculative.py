@@ -105,6 +105,22 @@ def test_generate_with_a_draft_writes_the_models_own_greedy_text(cli, bpe_llama)
     assert drafted.stdout == alone and "tokens per pass of the model" in drafted.stderr
 
 
+def test_a_draft_proposes_in_int8_on_a_cpu_beside_a_model_in_fp32(bpe_llama):
+    """A draft's precision changes the speed, never the text: by default a CPU holds its weights in int8, its fastest
+    there, and it computes in bf16 (its cache too) while the model it drafts for computes in fp32."""
+    from fournil.generate.answerers import load_local
+
+    run, draft = load_local(str(bpe_llama), "cpu", "auto", str(bpe_llama))
+    assert (run.quantized, run.dtype, draft.quantized, draft.dtype) == (None, torch.float32, "int8", torch.bfloat16)
+    assert load_local(str(bpe_llama), "cpu", "float32", str(bpe_llama))[1].quantized is None  # --dtype: for both
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    prompt, stats = run.tokenizer.encode("To be, or not"), Speculation()
+    alone = complete(run.model, run.tokenizer, [prompt], params)[0].tokens
+    drafted = [p.token for p in speculate(run.model, draft.model, run.tokenizer, prompt, params, run.dtype, 3, stats,
+                                          draft.dtype)]
+    assert drafted == alone and stats.passes < 40
+
+
 def test_the_scheduler_drafts_for_a_sequence_alone_and_batches_the_others(target_and_draft):
     """With a draft, a sequence alone takes several tokens per pass of the model, and sequences together one token per
     pass each; greedy tokens are the model's own either way, also when a sequence is alone, then joined, then alone."""

@@ -299,7 +299,7 @@ def add_draft_args(p) -> None:
     p.add_argument("--draft", metavar="MODEL",
                    help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the model "
                         "checks several at a time (e.g. the layers:N student of fournil distill); the text is the "
-                        "model's own")
+                        "model's own (on a CPU the draft's weights are int8, unless --dtype says)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
 
 

@@ -106,12 +106,14 @@ def stream(model, tokenizer, prompt: list[int], params: SamplingParams, dtype: t
 
 
 def speculate(model, draft, tokenizer, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
-              k: int = 4, stats: Speculation | None = None) -> Iterator[Piece]:
-    """:func:`stream`, with ``draft`` proposing ``k`` tokens for each pass of the model (counted in ``stats``): the
-    model's own answer (:mod:`fournil.generate.speculative`), in fewer of its passes."""
+              k: int = 4, stats: Speculation | None = None, draft_dtype: torch.dtype | None = None) -> Iterator[Piece]:
+    """:func:`stream`, with ``draft`` (computing in ``draft_dtype``, by default ``dtype``) proposing ``k`` tokens for
+    each pass of the model (counted in ``stats``): the model's own answer (:mod:`fournil.generate.speculative`), in
+    fewer of its passes."""
     params.check()
     check_drafting(params, k)
-    scheduler = Scheduler(model, tokenizer, dtype, max_batch=1, max_waiting=1, draft=draft, draft_tokens=k)
+    scheduler = Scheduler(model, tokenizer, dtype, max_batch=1, max_waiting=1, draft=draft, draft_tokens=k,
+                          draft_dtype=draft_dtype)
     scheduler.speculation = stats if stats is not None else scheduler.speculation
     return stream(model, tokenizer, prompt, params, dtype, scheduler=scheduler)
 

@@ -167,22 +167,23 @@ class Scheduler:
     def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, max_batch: int = 8,
                  max_waiting: int = 64, truncate: bool = False, first_columns: int = 32, batch_invariant: bool = False,
                  wake: threading.Condition | None = None, draft=None, draft_tokens: int = 4, keep: bool = False,
-                 after_step=None):
+                 after_step=None, draft_dtype: torch.dtype | None = None):
         """``max_batch`` sequences are generated together, ``max_waiting`` more may queue; the cache starts
         ``first_columns`` wide and grows by a quarter when needed (a compiled step's attention in PyTorch attends to
         every column: starting at 256 cost 8 rows of SmolLM2 a fifth of their step, and doubling instead of a quarter
         about a tenth; fournil's CPU kernel reads only the columns in use).
         Schedulers driven together share ``wake``. With a ``draft`` model (of the same tokenizer), a sequence alone is
-        decoded speculatively, ``draft_tokens`` proposed per pass (:mod:`fournil.generate.speculative`); sequences
-        together, or with penalties, one token per pass. With ``keep`` (one conversation: ``fournil chat``), the keys
-        and values of the last sequence to finish are kept, even while idle, for the next prompt that goes on from it:
-        a conversation's next turn reads only its new tokens. ``after_step()`` is called after each step that
-        :func:`drive` runs (a server sends the step's pieces on from there, together)."""
+        decoded speculatively, ``draft_tokens`` proposed per pass (:mod:`fournil.generate.speculative`), the draft
+        computing in ``draft_dtype`` (by default the model's: a draft in int8 computes in bf16 beside a model in fp32);
+        sequences together, or with penalties, one token per pass. With ``keep`` (one conversation: ``fournil
+        chat``), the keys and values of the last sequence to finish are kept, even while idle, for the next prompt that
+        goes on from it: a conversation's next turn reads only its new tokens. ``after_step()`` is called after each
+        step that :func:`drive` runs (a server sends the step's pieces on from there, together)."""
         decoder_only(model, "generating a continuation")
         check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.first_columns, self.batch_invariant = first_columns, batch_invariant
-        self.draft, self.draft_tokens = draft, draft_tokens
+        self.draft, self.draft_tokens, self.draft_dtype = draft, draft_tokens, draft_dtype or dtype
         self.speculation = Speculation()  # with a draft: the model's passes that checked proposals, and their tokens
         self.timings = Timings()
         self.max_batch, self.max_waiting, self.truncate, self.keep = max_batch, max_waiting, truncate, keep
@@ -304,9 +305,9 @@ class Scheduler:
         """The model's (and the draft's) weights as the steps multiply them, until :meth:`release_weights`."""
         if self.held is None:
             self.held = contextlib.ExitStack()
-            for model in (self.model, self.draft):
+            for model, dtype in ((self.model, self.dtype), (self.draft, self.draft_dtype)):
                 if model is not None:
-                    self.held.enter_context(decoding_weights(model, self.dtype))
+                    self.held.enter_context(decoding_weights(model, dtype))
 
     def release_weights(self) -> None:
         """The model's own weights back: when no sequence is left, and before other work on the model (``call``)."""
@@ -510,11 +511,12 @@ class Scheduler:
         r, cache, device = self.active[0], self.cache, self.model.device
         if r.draft_cache is None:
             size = min(self.draft.config.block_size, len(r.context) + r.params.max_new_tokens + self.draft_tokens + 1)
-            r.draft_cache, r.draft_read = self.draft.new_cache(1, size, self.dtype), 0
+            r.draft_cache, r.draft_read = self.draft.new_cache(1, size, self.draft_dtype), 0
 
         def feed(tokens: list[int]) -> torch.Tensor:
             r.draft_read += len(tokens)
-            return self.draft(torch.tensor([tokens], device=device), r.draft_cache)[0, -1].float()
+            with torch.autocast(device.type, dtype=self.draft_dtype, enabled=self.draft_dtype != torch.float32):
+                return self.draft(torch.tensor([tokens], device=device), r.draft_cache)[0, -1].float()
 
         ahead = min(self.draft_tokens, r.params.max_new_tokens - r.generated - 1)
         proposed, q = propose(feed(r.context[r.draft_read:]), lambda token: feed([token]), r.params, r.generator,

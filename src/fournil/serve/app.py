@@ -135,7 +135,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     post = Post()
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                           batch_invariant=settings.batch_invariant, draft=draft and draft.model,
-                          draft_tokens=draft_tokens, keep=settings.keep, after_step=post.send)
+                          draft_tokens=draft_tokens, keep=settings.keep, after_step=post.send,
+                          draft_dtype=draft and draft.dtype)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
