@@ -248,6 +248,43 @@ def test_grpo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_its_bas
     assert 0 < finals["1.0"]["val_kl"] < finals["0.04"]["val_kl"] < 1.0
 
 
+REFERENCED = '''
+def checked(prompts, answers, references):
+    """1 where the reference is the one the data gives this prompt ("Sum 7 and 0?": "7 + 0 = 7 #### 7")."""
+    n = [p[-1]["content"].split()[1] for p in prompts]
+    return [float(r == f"{i} + 0 = {i}\\n#### {i}") for i, r in zip(n, references)]
+'''
+
+
+def test_grpo_rewards_get_each_prompts_reference_answer_and_correct_checks_its_final_number(preferences):
+    """Verifiable rewards (DeepSeekMath's on GSM8K): a reward function of three arguments gets each prompt's reference
+    answer from the data, in training and validation; the built-in `correct` scores an answer 1 where its final number
+    is the reference's (after GSM8K's ####), and refuses prompts that come without a reference."""
+    from fournil.train.rewards import correct
+
+    root, base, colours = preferences
+    (root / "checked.py").write_text(REFERENCED, encoding="utf-8")
+    sums = write_jsonl(root / "sums.jsonl", [{"question": f"Sum {i} and 0?", "answer": f"{i} + 0 = {i}\n#### {i}"}
+                                             for i in range(40)])
+    common = ("--method", "grpo", "--data", sums, "--max-new-tokens", "4", "--steps", "2", "--batch-size", "4",
+              "--eval-every", "2", "--quiet")
+    CLI(root)("align", base, *common, "--reward", f"{root / 'checked.py'}:checked", "--out", "checked")
+    logged = records(root / "checked")
+    assert {r["train_reward"] for r in logged if "train_reward" in r} == {1.0} and logged[-1]["val_reward"] == 1.0
+    CLI(root)("align", base, *common, "--reward", "correct", "--out", "correct")
+    assert 0 <= records(root / "correct")[-1]["val_reward"] <= 1
+
+    gsm8k, dollars, negative = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "It costs $1,000.", "#### -3.5"
+    scored = {(gsm8k, "72"): 1, (gsm8k, "She sold 24, so 72 in all."): 1, (gsm8k, "#### 72"): 1, (gsm8k, "24"): 0,
+              (dollars, "1000 dollars"): 1, (dollars, "$1,000.00"): 1, (dollars, "1,001"): 0, (dollars, "none"): 0,
+              (negative, "-3.50"): 1, (negative, "3.5"): 0, (negative, "-3.5 or 4"): 0}
+    assert correct([None] * len(scored), [a for _, a in scored], [r for r, _ in scored]) == list(scored.values())
+    refused = CLI(root)("align", base, *common[:2], "--data", colours, *common[4:], "--reward", "correct", "--out",
+                        "none", check=False)
+    assert refused.returncode == 2 and "--reward correct checks each answer's final number against the data's " \
+        "reference answer, and these prompts come without one" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_preference_files_in_each_usual_form_read_as_the_same_pairs(tmp_path):
     asked = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "By hand?"},
              {"role": "user", "content": "Yes."}]
@@ -266,7 +303,7 @@ def test_preference_files_in_each_usual_form_read_as_the_same_pairs(tmp_path):
     for name, record in forms.items():
         path = write_jsonl(tmp_path / "pairs.jsonl", [record])
         assert read_pairs(str(path)) == [(asked + answer(good), asked + answer(bad))], name
-        assert read_prompts(str(path)) == [asked], name  # (GRPO's prompts; it said "missing 'instruction'")
+        assert read_prompts(str(path)) == [(asked, None)], name  # (GRPO's prompts; it said "missing 'instruction'")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

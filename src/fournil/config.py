@@ -179,7 +179,7 @@ class AlignConfig:
             raise FournilError(f"--reference {self.reference} is DPO's: leave it out for {self.method}")
         if self.method == "grpo" and not self.reward:
             raise FournilError("grpo needs a reward: --reward RUN (a reward model, see `fournil reward train`), a "
-                               "built-in one (brevity), or FILE.py:FUNCTION")
+                               "built-in one (brevity, correct), or FILE.py:FUNCTION")
         if self.method == "grpo" and (self.group < 2 or self.max_new_tokens < 1 or self.temperature <= 0):
             raise FournilError("grpo compares answers to the same prompt: --group must be at least 2, "
                                "--max-new-tokens at least 1 and --temperature above 0")

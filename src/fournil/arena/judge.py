@@ -74,8 +74,8 @@ def read_prompts(spec: str, n: int) -> list[str]:
             raise FournilError(f"--prompts {spec}: no such file")
         prompts = [line.strip() for line in read_text(spec).splitlines() if line.strip()]
     else:
-        prompts = [asked for c in conversations(spec) if (asked := next((m["content"] for m in c
-                                                                         if m["role"] == "user"), "").strip())]
+        prompts = [asked for c, _ in conversations(spec) if (asked := next((m["content"] for m in c
+                                                                            if m["role"] == "user"), "").strip())]
     if not prompts:
         raise FournilError(f"--prompts {spec} holds no prompts")
     return prompts[-n:]

@@ -92,8 +92,9 @@ def add_align(sub) -> None:
     p.add_argument("--reference", default="model", choices=["model", "precomputed"],
                    help="dpo: keep the reference model (with LoRA: the model without its adapter, free), or compute "
                         "its log-probabilities of every answer once (no second model in memory)")
-    p.add_argument("--reward", help="grpo: a reward model's run (fournil reward train), a built-in reward (brevity), "
-                                    "or FILE.py:FUNCTION")
+    p.add_argument("--reward", help="grpo: a reward model's run (fournil reward train), a built-in reward (brevity: "
+                                    "fewer words; correct: the reference answer's final number, as GSM8K's), or "
+                                    "FILE.py:FUNCTION")
     p.add_argument("--group", type=int, default=4, help="grpo: answers sampled per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="grpo: length limit of sampled answers")
     p.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature")

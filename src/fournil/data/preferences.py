@@ -153,21 +153,28 @@ def render_pairs(spec: str, tokenizer, max_length: int, announce=print) -> list[
     return keep_short(rendered, lambda pair: max(len(pair[0][0]), len(pair[1][0])), max_length, announce)
 
 
-def read_prompts(spec: str) -> list[list[dict]]:
-    """The prompts of a preference set, or of an instruction set (each conversation up to its last answer)."""
+def read_prompts(spec: str) -> list[tuple[list[dict], str | None]]:
+    """The prompts of a preference set, or of an instruction set (each conversation up to its last answer), each with
+    its reference answer for a reward to check answers against: an instruction set's answer (GSM8K's worked answer),
+    a prompt's completion; None for a prompt alone, and for a preference set's (its chosen answer is preferred to
+    another, not right)."""
     rows = read_rows(data_path(spec, {**BUNDLED_PREFERENCES, **BUNDLED_INSTRUCTIONS}, "prompt"))
     if isinstance(rows[0][1], dict) and "chosen" in rows[0][1]:
-        return [chosen[:-1] for chosen, _ in pairs_in(rows)]
-    if isinstance(rows[0][1], dict) and "prompt" in rows[0][1]:
-        return [prompt_messages(row.get("prompt") if isinstance(row, dict) else None, where) for where, row in rows]
-    return [to_messages(row, where)[:-1] for where, row in rows]
+        return [(chosen[:-1], None) for chosen, _ in pairs_in(rows)]
+    if isinstance(rows[0][1], dict) and "prompt" in rows[0][1] and "completion" not in rows[0][1]:
+        return [(prompt_messages(row.get("prompt") if isinstance(row, dict) else None, where), None)
+                for where, row in rows]
+    return [(messages[:-1], messages[-1]["content"]) for messages in (to_messages(row, w) for w, row in rows)]
 
 
 class Prompts:
-    """Prompts to answer (reinforcement learning's data): the conversations, and their tokens as generation reads them."""
+    """Prompts to answer (reinforcement learning's data): the conversations, their tokens as generation reads them,
+    and their reference answers (:func:`read_prompts`)."""
 
-    def __init__(self, conversations: list[list[dict]], ids: list[list[int]], split: str):
+    def __init__(self, conversations: list[list[dict]], ids: list[list[int]], split: str,
+                 references: list[str | None] | None = None):
         self.conversations, self.ids, self.split = conversations, ids, split
+        self.references = references or [None] * len(ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -182,6 +189,7 @@ class Prompts:
 def load_prompts(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
                  announce=print) -> dict[str, Prompts]:
     """Train/val/test prompts; those longer than ``max_length`` tokens are skipped."""
-    rendered = [(c, tokenizer.chat_ids(c)) for c in read_prompts(spec)]
+    rendered = [(c, tokenizer.chat_ids(c), reference) for c, reference in read_prompts(spec)]
     parts = split_examples(keep_short(rendered, lambda r: len(r[1]), max_length, announce), split, seed, spec)
-    return {name: Prompts([c for c, _ in part], [i for _, i in part], name) for name, part in parts.items()}
+    return {name: Prompts([c for c, _, _ in part], [i for _, i, _ in part], name, [r for _, _, r in part])
+            for name, part in parts.items()}

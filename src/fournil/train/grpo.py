@@ -37,7 +37,9 @@ class Rollouts:
         with evaluating(self.model):
             done = complete(self.model, self.tokenizer, ids, SamplingParams(**self.params, seed=seed), self.dtype)
         answers = [c.tokens + ([c.stop_token] if c.stop_token is not None else []) for c in done]
-        rewards = self.reward([self.prompts.conversations[i] for i in picks for _ in range(group)], [c.text for c in done])
+        asked = [i for i in picks for _ in range(group)]
+        rewards = self.reward([self.prompts.conversations[i] for i in asked], [c.text for c in done],
+                              [self.prompts.references[i] for i in asked])
         width = max(len(p) + len(a) for p, a in zip(ids, answers)) - 1
         x = torch.full((len(ids), width), pad_id(self.tokenizer), dtype=torch.long)
         y = torch.full((len(ids), width), IGNORE, dtype=torch.long)

@@ -1,12 +1,17 @@
 """Rewards for reinforcement learning: a reward model trained by fournil, or a function of the answers' text.
 
-A reward is called with the prompts (each a list of chat messages) and the answers (text) and returns one number per
-answer. ``--reward`` names a reward-model run, a built-in reward, or ``FILE.py:FUNCTION`` (your own function).
+A reward is called with the prompts (each a list of chat messages), the answers (text) and the data's reference
+answers (text, or None where the data has none) and returns one number per answer. ``--reward`` names a reward-model
+run, a built-in reward, or ``FILE.py:FUNCTION`` (your own function, given the references if it takes a third
+argument). A reward that checks answers against references (``correct``: the final number, as GSM8K is scored) is
+a verifiable reward, like the rule-based accuracy reward DeepSeek-R1 learnt to reason from.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
+import re
 import reprlib
 import traceback
 from pathlib import Path
@@ -23,12 +28,32 @@ from fournil.runs import Run, anchored, find_run
 from fournil.train.objectives import evaluating
 
 
-def brevity(prompts: list[list[dict]], answers: list[str]) -> list[float]:
+def brevity(prompts: list[list[dict]], answers: list[str], references=None) -> list[float]:
     """Fewer words score higher: -words / 50."""
     return [-len(a.split()) / 50 for a in answers]
 
 
-BUILT_IN = {"brevity": brevity}
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The number a text answers with: the first after GSM8K's ``####`` if it has one, else its last (``1,000`` and
+    ``$1,000.00`` are 1000); None if it holds no number."""
+    head, mark, tail = text.rpartition("####")
+    found = NUMBER.findall(tail if mark else text)
+    return float(found[0 if mark else -1].replace(",", "")) if found else None
+
+
+def correct(prompts: list[list[dict]], answers: list[str], references: list[str | None]) -> list[float]:
+    """1 for an answer whose final number is its reference answer's, else 0 (GSM8K's exact match)."""
+    if any(r is None or final_number(r) is None for r in references):
+        raise FournilError("--reward correct checks each answer's final number against the data's reference answer, "
+                           "and these prompts come without one (or without a number in it): give an instruction set "
+                           "of numeric answers (gsm8k_train, or a JSONL of question/answer records)")
+    return [float(final_number(a) == final_number(r)) for a, r in zip(answers, references)]
+
+
+BUILT_IN = {"brevity": brevity, "correct": correct}
 
 
 def load_reward_model(spec, device: str = "auto", dtype: str = "auto") -> tuple[RewardModel, Run]:
@@ -55,7 +80,7 @@ class RewardModelScorer:
     def __init__(self, spec: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8):
         (self.model, self.run), self.batch_size = load_reward_model(spec, device, dtype), batch_size
 
-    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    def __call__(self, prompts: list[list[dict]], answers: list[str], references=None) -> list[float]:
         tokenizer, model = self.run.tokenizer, self.model
         rendered = [final_answer(*render_example(tokenizer, p + [{"role": "assistant", "content": a}]))
                     for p, a in zip(prompts, answers)]
@@ -104,8 +129,8 @@ def load_reward(spec: str, device: str = "auto"):
     return RewardModelScorer(spec, device)
 
 
-CALLED = ("it is called with the prompts (each a list of chat messages) and the answers (text), and returns one "
-          "number per answer")
+CALLED = ("it is called with the prompts (each a list of chat messages), the answers (text) and, if it takes a third "
+          "argument, the data's reference answers (text, or None), and returns one number per answer")
 
 
 class YourReward:
@@ -114,10 +139,15 @@ class YourReward:
 
     def __init__(self, function, spec: str):
         self.function, self.spec = function, spec
+        try:  # a third argument: the references
+            inspect.signature(function).bind(None, None, None)
+            self.references = True
+        except (TypeError, ValueError):
+            self.references = False
 
-    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    def __call__(self, prompts: list[list[dict]], answers: list[str], references=None) -> list[float]:
         try:
-            scores = self.function(prompts, answers)
+            scores = self.function(prompts, answers, references) if self.references else self.function(prompts, answers)
         except Exception as e:
             raise FournilError(f"--reward {self.spec} failed: {said(e, self.spec.rpartition(':')[0])}; {CALLED}") from None
         if isinstance(scores, torch.Tensor):
