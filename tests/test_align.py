@@ -268,11 +268,14 @@ def test_grpo_rewards_get_each_prompts_reference_answer_and_correct_checks_its_f
                                              for i in range(40)])
     common = ("--method", "grpo", "--data", sums, "--max-new-tokens", "4", "--steps", "2", "--batch-size", "4",
               "--eval-every", "2", "--quiet")
-    CLI(root)("align", base, *common, "--reward", f"{root / 'checked.py'}:checked", "--out", "checked")
+    said = CLI(root)("align", base, *common, "--reward", f"{root / 'checked.py'}:checked", "--out", "checked").stdout
     logged = records(root / "checked")
+    median = sorted(len(Run.load(base, "cpu").tokenizer.encode(f"{i} + 0 = {i}\n#### {i}")) for i in range(40))[20]
+    assert f"note: half the data's reference answers are longer than {median} tokens, and --max-new-tokens 4 cuts " \
+        "sampled answers sooner" in said
     assert {r["train_reward"] for r in logged if "train_reward" in r} == {1.0} and logged[-1]["val_reward"] == 1.0
-    CLI(root)("align", base, *common, "--reward", "correct", "--out", "correct")
-    assert 0 <= records(root / "correct")[-1]["val_reward"] <= 1
+    said = CLI(root)("align", base, *common[:5], str(median), *common[6:], "--reward", "correct", "--out", "correct")
+    assert 0 <= records(root / "correct")[-1]["val_reward"] <= 1 and "note:" not in said.stdout
 
     gsm8k, dollars, negative = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "It costs $1,000.", "#### -3.5"
     scored = {(gsm8k, "72"): 1, (gsm8k, "She sold 24, so 72 in all."): 1, (gsm8k, "#### 72"): 1, (gsm8k, "24"): 0,

@@ -76,12 +76,28 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
             ref = None
         return model, DPO(beta, ref, pair_width(model)), splits, keep
     reward = load_reward(align.reward, config.train.device)
+    if note := answers_cut(splits["train"], tokenizer, align.max_new_tokens):
+        announce(note)
     rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype if name == "train" else measure)
                 for name, part in splits.items()}
     if config.train.batch_size % align.group:
         raise FournilError(f"--batch-size {config.train.batch_size} must be a multiple of --group {align.group} "
                            f"(each prompt's answers are compared with each other)")
     return model, GRPO(beta, ref, pair_width(model)), rollouts, keep
+
+
+def answers_cut(prompts, tokenizer, limit: int, sample: int = 1000) -> str | None:
+    """A note when ``--max-new-tokens`` is shorter than half the data's reference answers (of up to ``sample`` of
+    them, evenly spaced): an answer cut before its end (GSM8K's final number) scores as a wrong one, and a group of
+    answers that all score alike has nothing to teach. GSM8K's answers: a median of 110 SmolLM2 tokens, and 200 for
+    9 in 10; the default is 64."""
+    given = [r for r in prompts.references if r is not None]
+    lengths = sorted(len(tokenizer.encode(r)) for r in given[::max(1, len(given) // sample)])
+    if not lengths or lengths[len(lengths) // 2] <= limit:
+        return None
+    return (f"note: half the data's reference answers are longer than {lengths[len(lengths) // 2]} tokens, and "
+            f"--max-new-tokens {limit} cuts sampled answers sooner (cut before its end, an answer scores as a wrong "
+            f"one): --max-new-tokens {lengths[int(0.9 * (len(lengths) - 1))]} lets 9 in 10 of them end")
 
 
 def evaluate_alignment(run, names=("val", "test")) -> dict[str, dict]:
