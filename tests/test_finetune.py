@@ -102,6 +102,15 @@ def test_validation_is_sized_to_the_training_between_two_validations(bpe_base, t
     assert "validating on" not in said and Run.load(root / "whole", "cpu").config.train.eval_tokens == 100_000
 
 
+def test_a_model_tuned_on_gsm8k_is_sent_to_its_benchmark(bpe_base):
+    """GSM8K's answers are scored right or wrong: a run tuned on gsm8k_train ends by saying how to measure that."""
+    root, base = bpe_base
+    said = CLI(root)("finetune", base, "--data", "gsm8k_train", "--steps", "1", "--batch-size", "2", "--eval-tokens",
+                     "200", "--quiet", "--out", "gsm8k").stdout
+    assert said.endswith(f"next: fournil chat gsm8k  |  fournil eval {base} gsm8k --data gsm8k_train  |  "
+                         "fournil bench gsm8k --tasks gsm8k_chat --limit 50\n")
+
+
 def test_eval_scores_the_answers_of_instructions_as_tuning_does(bpe_base, tmp_path):
     """`fournil eval MODEL --data INSTRUCTIONS` scores answers: a bundled set's test split, split and rendered as
     tuning did, so that a base and the model tuned from it compare on the answers tuning never saw (the tuned run's

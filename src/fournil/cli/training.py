@@ -299,6 +299,11 @@ def run_merge(args) -> None:
           f"{args.out}")
 
 
+# what a model tuned on a bundled set is then measured by: the test set's questions, asked in the chat template (the
+# whole set, 1,319 answers of up to 256 tokens, takes hours on a CPU; 50 take minutes)
+BENCHMARK_OF = {"gsm8k_train": "gsm8k_chat --limit 50"}
+
+
 def report(run) -> None:
     """What a finished training run shows: its best val score, a few samples, what to do next."""
     if run is None:  # a process other than rank 0 of a multi-process run
@@ -333,7 +338,8 @@ def report(run) -> None:
         data = run.config.data.data
         compare = f" {typed(run.config.finetune.base)} {path} --data {data}" if data in BUNDLED_INSTRUCTIONS else \
             f" {path}"
-        print(f"next: fournil chat {path}  |  fournil eval{compare}")
+        bench = f"  |  fournil bench {path} --tasks {BENCHMARK_OF[data]}" if data in BENCHMARK_OF else ""
+        print(f"next: fournil chat {path}  |  fournil eval{compare}{bench}")
         return
     if run.mode == "pairs":  # a source to translate, not a text to score
         print(f"next: fournil eval {path}  |  fournil sample {path} --prompt SOURCE  |  fournil embeddings {path}")
