@@ -16,6 +16,7 @@ from fournil.data.batches import IGNORE, PREFIX, SHARED, pack, prompt_groups
 from fournil.data.instructions import BUNDLED_INSTRUCTIONS, data_path
 from fournil.data.preferences import load_preferences, load_prompts, prompt_messages, read_pairs, read_prompts
 from fournil.errors import FournilError
+from fournil.evaluate.bench import report
 from fournil.models.base import target_logprobs
 from fournil.runs import Run
 from fournil.train.align import evaluate_alignment, reference
@@ -276,6 +277,8 @@ def test_grpo_rewards_get_each_prompts_reference_answer_and_correct_checks_its_f
     assert {r["train_reward"] for r in logged if "train_reward" in r} == {1.0} and logged[-1]["val_reward"] == 1.0
     said = CLI(root)("align", base, *common[:5], str(median), *common[6:], "--reward", "correct", "--out", "correct")
     assert 0 <= records(root / "correct")[-1]["val_reward"] <= 1 and "note:" not in said.stdout
+    card = report("correct", {"results": {}}, Run.load(root / "correct", "cpu"))  # (a bench's report card)
+    assert f"{root / 'correct'}: trained by GRPO against the reward correct; llama" in card  # (said: "aligned on")
 
     gsm8k, dollars, negative = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "It costs $1,000.", "#### -3.5"
     scored = {(gsm8k, "72"): 1, (gsm8k, "She sold 24, so 72 in all."): 1, (gsm8k, "#### 72"): 1, (gsm8k, "24"): 0,

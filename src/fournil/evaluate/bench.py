@@ -179,6 +179,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def stage(config) -> str:
+    """How a run trained here was made (a GRPO run on GSM8K was said to be "aligned on preferences")."""
+    if config.align is None:
+        return "fine-tuned" if config.finetune else "pretrained here"
+    if config.align.method == "grpo":
+        return f"trained by GRPO against the reward {config.align.reward}"
+    return "a reward model" if config.align.method == "reward" else "aligned on preferences (DPO)"
+
+
 def report(model: str, results: dict, run) -> str:
     """A report card: the benchmark's figures and, for a run trained here, its own (its stage, val and test NLL, on
     as many tokens as its training validated on: all of GSM8K's val and test answers took 5 of the 5.5 minutes of a
@@ -187,8 +196,7 @@ def report(model: str, results: dict, run) -> str:
     config = getattr(run, "config", None)
     if config is None or not (Path(str(run.path)) / "metrics.jsonl").exists():
         return text  # imported: no data of its own
-    stage = "aligned on preferences" if config.align else "fine-tuned" if config.finetune else "pretrained here"
-    text += f"\n## The run\n\n{run.path}: {stage}; {run.model.family}, {run.model.num_params():,} parameters\n"
+    text += f"\n## The run\n\n{run.path}: {stage(config)}; {run.model.family}, {run.model.num_params():,} parameters\n"
     most = config.train.eval_tokens
     try:
         scores = run.evaluate(max_tokens=most)
