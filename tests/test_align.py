@@ -258,9 +258,9 @@ def checked(prompts, answers, references):
 
 
 def test_grpo_rewards_get_each_prompts_reference_answer_and_correct_checks_its_final_number(preferences):
-    """Verifiable rewards (DeepSeekMath's on GSM8K): a reward function of three arguments gets each prompt's reference
-    answer from the data, in training and validation; the built-in `correct` scores an answer 1 where its final number
-    is the reference's (after GSM8K's ####), and refuses prompts that come without a reference."""
+    """Verifiable rewards (as DeepSeek-R1's accuracy reward): a reward function of three arguments gets each prompt's
+    reference answer from the data, in training and validation; the built-in `correct` scores an answer 1 where its
+    final number is the reference's (after GSM8K's ####), and refuses prompts that come without a reference."""
     from fournil.train.rewards import correct
 
     root, base, colours = preferences
