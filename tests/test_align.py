@@ -288,7 +288,14 @@ def test_grpo_rewards_get_each_prompts_reference_answer_and_correct_checks_its_f
     refused = CLI(root)("align", base, *common[:2], "--data", colours, *common[4:], "--reward", "correct", "--out",
                         "none", check=False)
     assert refused.returncode == 2 and "--reward correct checks each answer's final number against the data's " \
-        "reference answer, and these prompts come without one" in refused.stderr and "Traceback" not in refused.stderr
+        "reference answer, and 40 of the 40 prompts come without one" in refused.stderr and "Traceback" not in \
+        refused.stderr and not (root / "none").exists()
+    wordy = write_jsonl(root / "wordy.jsonl", [{"question": f"Sum {i} and 0?", "answer": f"{i}"} for i in range(39)]
+                        + [{"question": "Your name?", "answer": "Ada"}])  # (found only at the step that drew it)
+    refused = CLI(root)("align", base, *common[:2], "--data", wordy, *common[4:], "--reward", "correct", "--out",
+                        "none", check=False)
+    assert refused.returncode == 2 and "1 of the 40 prompts come without one, or without a number in it (the " \
+        "first: 'Your name?')" in refused.stderr and not (root / "none").exists()
 
 
 def test_preference_files_in_each_usual_form_read_as_the_same_pairs(tmp_path):

@@ -17,7 +17,7 @@ from fournil.models.reward import HEAD, RewardModel
 from fournil.runs import WEIGHTS
 from fournil.train.grpo import GRPO, Rollouts
 from fournil.train.objectives import DPO, PairwiseReward, evaluating, reference_scores, token_logprobs
-from fournil.train.rewards import load_reward, reward_model
+from fournil.train.rewards import check_references, load_reward, reward_model
 
 DEFAULT_LR = {"dpo": (5e-4, 5e-6), "reward": (1e-3, 1e-5), "grpo": (2e-4, 2e-6)}  # (LoRA, every weight)
 
@@ -76,6 +76,7 @@ def alignment(config: RunConfig, model, tokenizer, splits: dict, run_dir, ref, a
             ref = None
         return model, DPO(beta, ref, pair_width(model)), splits, keep
     reward = load_reward(align.reward, config.train.device)
+    check_references(align.reward, splits)
     if note := answers_cut(splits["train"], tokenizer, align.max_new_tokens):
         announce(note)
     rollouts = {name: Rollouts(part, model, tokenizer, reward, align, dtype if name == "train" else measure)

@@ -44,13 +44,25 @@ def final_number(text: str) -> float | None:
     return float(found[0 if mark else -1].replace(",", "")) if found else None
 
 
-def correct(prompts: list[list[dict]], answers: list[str], references: list[str | None]) -> list[float]:
+def correct(prompts: list[list[dict]], answers: list[str], references: list[str]) -> list[float]:
     """1 for an answer whose final number is its reference answer's, else 0 (GSM8K's exact match)."""
-    if any(r is None or final_number(r) is None for r in references):
-        raise FournilError("--reward correct checks each answer's final number against the data's reference answer, "
-                           "and these prompts come without one (or without a number in it): give an instruction set "
-                           "of numeric answers (gsm8k_train, or a JSONL of question/answer records)")
     return [float(final_number(a) == final_number(r)) for a, r in zip(answers, references)]
+
+
+def check_references(spec: str, splits: dict) -> None:
+    """Refuse, before training, prompts that the reward ``spec`` cannot score: ``correct`` needs each prompt's reference
+    answer, with a number in it (found at the step that drew the prompt, the run stopped there)."""
+    if spec != "correct":
+        return
+    prompts = [(c, r) for part in splits.values() for c, r in zip(part.conversations, part.references)]
+    wanting = [c for c, r in prompts if r is None or final_number(r) is None]
+    if wanting:
+        asked = next((m["content"] for m in wanting[0] if m["role"] == "user"), "")
+        first = asked if len(asked) <= 60 else asked[:57] + "..."
+        raise FournilError(f"--reward correct checks each answer's final number against the data's reference "
+                           f"answer, and {len(wanting):,} of the {len(prompts):,} prompts come without one, or without "
+                           f"a number in it (the first: {first!r}): give an instruction set of numeric answers "
+                           f"(gsm8k_train, or a JSONL of question/answer records)")
 
 
 BUILT_IN = {"brevity": brevity, "correct": correct}
