@@ -185,7 +185,7 @@ def stage(config) -> str:
         return "fine-tuned" if config.finetune else "pretrained here"
     if config.align.method == "grpo":
         return f"trained by GRPO against the reward {config.align.reward}"
-    return "a reward model" if config.align.method == "reward" else "aligned on preferences (DPO)"
+    return "aligned on preferences (DPO)"  # (a reward model writes nothing to bench)
 
 
 def report(model: str, results: dict, run) -> str:

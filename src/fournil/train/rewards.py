@@ -39,7 +39,7 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 def final_number(text: str) -> float | None:
     """The number a text answers with: the first after GSM8K's ``####`` if it has one, else its last (``1,000`` and
     ``$1,000.00`` are 1000); None if it holds no number."""
-    head, mark, tail = text.rpartition("####")
+    _, mark, tail = text.rpartition("####")
     found = NUMBER.findall(tail if mark else text)
     return float(found[0 if mark else -1].replace(",", "")) if found else None
 
