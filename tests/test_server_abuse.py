@@ -7,6 +7,8 @@ import time
 import openai
 import pytest
 from conftest import Server
+from fournil.generate import SamplingParams, complete
+from fournil.runs import Run
 
 KEY = "sesame-0123456789"
 
@@ -42,7 +44,7 @@ def server(bpe_llama):
     s.stop()
 
 
-def test_a_body_too_large_is_refused_before_it_is_read(server):
+def test_a_body_too_large_is_refused_before_it_is_read(server, bpe_llama):
     before = resident_kib(server.process.pid)
     megabyte = b"x" * 2**20
     # 200 MB announced: refused on its Content-Length, the body never read
@@ -55,8 +57,13 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
                                "Transfer-Encoding: chunked\n", chunked)
     assert status == 413 and "--max-request-bytes" in body["error"]["message"]
     assert resident_kib(server.process.pid) - before < 20_000  # memory flat: well under the 400 MB sent
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")  # under the limit, all is as before
-    assert client.completions.create(model="chat", prompt="KING " * 150, max_tokens=2).usage.completion_tokens == 2
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")  # under the limit, all is as before:
+    out = client.completions.create(model="chat", prompt="KING " * 150, max_tokens=2, temperature=0)
+    run = Run.load(bpe_llama, "cpu")  # the engine's own greedy answer (it may end at the end-of-text token)
+    ours = complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING " * 150)],
+                    SamplingParams(2, temperature=0), run.dtype)[0]
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (ours.text, ours.finish_reason)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (601, len(ours.tokens))
 
 
 def test_a_loopback_server_answers_only_the_hosts_it_was_started_for(server, bpe_llama):
