@@ -164,7 +164,8 @@ def test_usage_counts_the_prompt_tokens_a_request_took_from_one_running_beside_i
     questions = [[system, {"role": "user", "content": q}] for q in ("Who art thou?", "What of the queen?")]
     alone = client.chat.completions.create(model="chat", messages=questions[1], max_tokens=3)
     assert alone.usage.prompt_tokens_details.cached_tokens == 0
-    running = client.chat.completions.create(model="chat", messages=questions[0], max_tokens=400, stream=True)
+    running = client.chat.completions.create(model="chat", messages=questions[0], max_tokens=400, stream=True,
+                                             extra_body={"ignore_eos": True})  # (it runs until closed)
     next(iter(running))  # its prompt is in the cache
     joining = client.chat.completions.create(model="chat", messages=questions[1], max_tokens=3)
     running.close()
@@ -415,6 +416,11 @@ def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
             browser.close()
         status, greedy = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked})
         assert status == 200 and shown == greedy["choices"][0]["text"]
+        # vLLM's ignore_eos: the answer goes on past the name's end (its boundary) to max_tokens
+        status, whole = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked,
+                                                       "ignore_eos": True})
+        assert (whole["usage"]["completion_tokens"], whole["choices"][0]["finish_reason"]) == (asked, "length")
+        assert whole["choices"][0]["text"].startswith(greedy["choices"][0]["text"])
         assert asked == Run.load(trained["gpt"], "cpu").model.config.block_size // 2
         # echo: the offsets are where each token stands in the text; the boundary read before it takes none of it
         status, echoed = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": 3,

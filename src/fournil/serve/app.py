@@ -180,7 +180,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         return SamplingParams(max_new_tokens=new, temperature=body.temperature,
                               top_p=body.top_p if body.top_p < 1 else None, seed=body.seed, stop=stop,
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                              logprobs=logprobs)
+                              logprobs=logprobs, ignore_eos=body.ignore_eos)
 
     def submit(prompts: list[list[int]], params: list[SamplingParams], stream: bool):
         """Submit every sequence (all or none); returns the requests and the queue their pieces arrive on (as they come

@@ -91,6 +91,7 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
+    ignore_eos: bool = False  # vLLM's extension: answers of exactly max_tokens, as serving benchmarks ask
     model: str | None = None
 
     @model_validator(mode="before")
