@@ -22,8 +22,8 @@ A shared machine's speed drifts by a fifth within a minute, so each ratio compar
 the server's answers one after another against the engine's before and after them, and each round of eight at once
 against the engine's two answers just before it (the median of the three rounds' ratios).
 
-Every answer is greedy and runs to ``--tokens`` (``ignore_eos`` in-process; ``min_tokens`` is not in the OpenAI API,
-so the prompts ask for long answers and the rate counts the tokens the usage reports). Prints a table with each rate
+Every answer is greedy and runs to ``--tokens`` (``ignore_eos``, in-process and through the server, which takes
+vLLM's extension to the OpenAI API; the rates count the tokens the usage reports). Prints a table with each rate
 and its ratio to the engine alone; then, for the answers one after another, how long the model's steps took (the
 scheduler's own timings: the server's from its ``GET /metrics``; the engine's also with the server's cache of 8 rows,
 one in use) and what was left outside them (HTTP, the clients, waiting), and the time to the first token; then the
@@ -176,10 +176,11 @@ def main() -> None:
 
         def settings_of(prompt: str) -> dict:
             return {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                    "max_tokens": args.tokens}
+                    "max_tokens": args.tokens, "ignore_eos": True}
 
         def ask(prompt: str, stream: bool) -> int:
             settings = settings_of(prompt)
+            settings["extra_body"] = {"ignore_eos": settings.pop("ignore_eos")}  # (not in the openai client's API)
             if not stream:
                 return client.chat.completions.create(**settings).usage.completion_tokens
             chunks = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **settings)
@@ -221,7 +222,7 @@ def main() -> None:
         server.terminate()
         server.wait()
     print(f"\nSmolLM2-135M-Instruct on {args.device}, {args.dtype}{', compiled' if args.compile else ''}, "
-          f"{len(PROMPTS)} chat answers of up to {args.tokens} tokens, greedy")
+          f"{len(PROMPTS)} chat answers of {args.tokens} tokens, greedy")
     print("| how | tokens/s | vs the engine alone | client CPU s per round |\n| --- | ---: | ---: | ---: |")
     for name, rate, ratio, cpu in rows:
         print(f"| {name} | {rate:.1f} | {ratio:.2f}x | {'-' if cpu is None else f'{cpu:.2f}'} |")
