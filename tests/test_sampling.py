@@ -100,7 +100,8 @@ def test_penalties_by_hand():
 
 
 @pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": 2.0},
-                                 {"repetition_penalty": 0.0}, {"frequency_penalty": 3.0}, {"max_new_tokens": 0}])
+                                 {"repetition_penalty": 0.0}, {"repetition_penalty": 1e-308},
+                                 {"repetition_penalty": 1e3}, {"frequency_penalty": 3.0}, {"max_new_tokens": 0}])
 def test_bad_controls(bad):
     with pytest.raises(FournilError):
         SamplingParams(**bad).check()

@@ -81,6 +81,33 @@ def test_completions_through_the_openai_client(server, chat_run):
     assert 6 < many.usage.completion_tokens <= 6 * 5  # every answer's (x n)
 
 
+def test_vllm_s_sampling_extensions_are_applied_not_ignored(server, chat_run):
+    """top_k, min_p and repetition_penalty, which clients for local servers send (as vLLM takes them): each changes the
+    answer as the engine's own setting of that name does."""
+    run = Run.load(chat_run, "cpu")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+    def served(**extra) -> str:
+        return client.completions.create(model="chat", prompt="KING", max_tokens=12, seed=5, temperature=1.5,
+                                         extra_body=extra).choices[0].text
+
+    def engine(**settings) -> str:
+        params = SamplingParams(12, **{"temperature": 1.5, "seed": 5, **settings})
+        return complete(run.model, run.tokenizer, [run.tokenizer.prompt_ids("KING")], params, run.dtype)[0].text
+
+    hot = engine()
+    assert served(top_k=-1) == served(top_k=0, min_p=0) == served() == hot  # vLLM's "every token"
+    for setting in ({"top_k": 1}, {"min_p": 1.0}):  # only the most likely tokens are left: greedy, hot as it is
+        assert served(**setting) == engine(**setting) != hot
+    penalized = engine(temperature=0, repetition_penalty=2.0)
+    assert penalized != engine(temperature=0)  # (a tiny model repeats itself: the penalty changes its answer)
+    assert client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0,
+                                     extra_body={"repetition_penalty": 2.0}).choices[0].text == penalized
+    for bad, field in (({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 1e-308}, "rep")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            served(**bad)
+
+
 def test_chat_streaming_and_errors(server, chat_run):
     run = Run.load(chat_run, "cpu")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")

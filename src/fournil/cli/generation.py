@@ -25,7 +25,8 @@ def add_generation(sub) -> None:
         p.add_argument("--temperature", type=float, default=temperature, help="0 = always the most likely token")
         add_sampling_args(p)
         p.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the best")
-        p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+        p.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="> 1 discourages repeating tokens (0.01 to 100)")
         p.add_argument("--frequency-penalty", type=float, default=0.0,
                        help="-2 to 2: lowers each token's logit by this much per time it was already generated")
         p.add_argument("--presence-penalty", type=float, default=0.0,

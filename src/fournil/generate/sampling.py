@@ -45,8 +45,9 @@ class SamplingParams:
             raise FournilError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise FournilError(f"--min-p must be in [0, 1] (got {self.min_p})")
-        if not 0 < self.repetition_penalty < math.inf:
-            raise FournilError(f"--repetition-penalty must be positive, 1 for none (got {self.repetition_penalty})")
+        if not 0.01 <= self.repetition_penalty <= 100:  # (a score divided by 1e-308 overflows: no token is drawn)
+            raise FournilError(f"--repetition-penalty must be between 0.01 and 100, 1 for none, above 1 to repeat less "
+                               f"(got {self.repetition_penalty})")
         if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
             raise FournilError("frequency and presence penalties must be between -2 and 2, as in the OpenAI API")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:

@@ -91,7 +91,11 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    ignore_eos: bool = False  # vLLM's extension: answers of exactly max_tokens, as serving benchmarks ask
+    # vLLM's extensions, which clients for local servers send: top_k 0 or -1 and min_p 0 keep every token
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # (as SamplingParams takes it)
+    ignore_eos: bool = False  # answers of exactly max_tokens, as serving benchmarks ask
     model: str | None = None
 
     @model_validator(mode="before")
