@@ -159,6 +159,11 @@ def test_chat_streaming_and_errors(server, chat_run):
                   {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]}):
         with pytest.raises(openai.BadRequestError, match=f"^Error code: 400 - {next(iter(asked))} is not supported"):
             client.chat.completions.create(model="chat", messages=system, **asked)
+    for asked in ({"min_tokens": 20}, {"guided_json": {"type": "object"}}, {"stop_token_ids": [3]}):  # vLLM's
+        with pytest.raises(openai.BadRequestError, match=f"^Error code: 400 - {next(iter(asked))} is not supported"):
+            client.chat.completions.create(model="chat", messages=system, extra_body=asked)
+    assert client.chat.completions.create(model="chat", messages=system, max_tokens=12, temperature=0, extra_body={
+        "min_tokens": 0, "use_beam_search": False}).choices[0].message.content == plain.choices[0].message.content
 
     # a model asked for by name; what the server does not have, said in the API's error (it said "Not Found")
     assert client.models.retrieve("chat").id == "chat"

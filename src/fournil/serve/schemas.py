@@ -10,11 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fournil.text import HALF_PAIR, unpaired
 
 
-# what a request may ask that fournil cannot do, and the values that ask nothing: refused rather than ignored, since
-# the answer would silently not be what was asked for (plain text, no tool calls, no biased tokens, no insertion
-# before a suffix, no best of several)
-UNSUPPORTED = {"response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
-               "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, "")}
+# what a request may ask that fournil cannot do (in OpenAI's API, then in vLLM's extensions to it), the values that
+# ask nothing, and what fournil does instead: refused rather than ignored, since the answer would silently not be what
+# was asked for
+NO_GRAMMAR = ((None,), "it answers freely, never held to a schema or grammar")
+UNSUPPORTED = {"response_format": ((None, {"type": "text"}), "it answers in plain text"),
+               "tools": ((None, []), "it calls no tools"), "functions": ((None, []), "it calls no tools"),
+               "logit_bias": ((None, {}), "it biases no token"), "best_of": ((None, 1), "one answer per choice"),
+               "suffix": ((None, ""), "it inserts no text before a suffix"),
+               "min_tokens": ((None, 0), "an answer ends where the model ends it, or with ignore_eos at max_tokens"),
+               "use_beam_search": ((None, False), "it samples, without beam search"),
+               "stop_token_ids": ((None, []), "stop takes strings"),
+               "bad_words": ((None, []), "it bans no word"), "allowed_token_ids": ((None,), "it bans no token"),
+               "prompt_logprobs": ((None,), "echo with logprobs gives the prompt's"),
+               "guided_json": NO_GRAMMAR, "guided_regex": NO_GRAMMAR, "guided_choice": NO_GRAMMAR,
+               "guided_grammar": NO_GRAMMAR, "structured_outputs": NO_GRAMMAR}
 
 
 # the members of this API's unions, as pydantic names them in an error's place, in words
@@ -101,10 +111,9 @@ class Sampling(Body):
     @model_validator(mode="before")
     @classmethod
     def supported(cls, body):
-        for field, harmless in UNSUPPORTED.items():
+        for field, (harmless, instead) in UNSUPPORTED.items():
             if isinstance(body, dict) and body.get(field) not in harmless:
-                raise ValueError(f"{field} is not supported here: leave it out (fournil serve answers in plain text, "
-                                 f"one answer per choice, without tools, biased tokens or a suffix)")
+                raise ValueError(f"{field} is not supported here: leave it out ({instead})")
         return body
 
     def streams_usage(self) -> bool:
