@@ -187,6 +187,52 @@ def test_chat_streaming_and_errors(server, chat_run):
     assert "fournil_queue_depth 0" in metrics
 
 
+def test_the_responses_api_answers_as_chat_completions_do(server, chat_run):
+    """OpenAI's Responses API, which its newer clients and agents call: the greedy answer /v1/chat/completions gives
+    the same conversation (the instructions as the system's message), whole or streamed as numbered, typed events."""
+    tok = Run.load(chat_run, "cpu").tokenizer
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    ended = {"stop": ("completed", None), "length": ("incomplete", "max_output_tokens")}  # (a chat's finish_reason)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak, good sir."},
+                {"role": "assistant", "content": "I speak."}, {"role": "user", "content": "Again."}]
+    chat = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, temperature=0)
+    out = client.responses.create(model="chat", instructions="Be brief.", max_output_tokens=12, temperature=0, input=[
+        {"role": "user", "content": "Speak, good sir."},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "I speak."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Again."}]}])
+    assert out.output_text == chat.choices[0].message.content and out.id.startswith("resp_") and out.model == "chat"
+    reason = out.incomplete_details and out.incomplete_details.reason
+    assert (out.status, reason) == ended[chat.choices[0].finish_reason]
+    assert (out.usage.input_tokens, out.usage.output_tokens) == (len(tok.chat_ids(messages)),
+                                                                 chat.usage.completion_tokens)
+
+    # a string is a message of the user's; streamed: the events in their order, numbered, their deltas the answer
+    alone = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Speak, good sir."}],
+                                           max_tokens=12, temperature=0)
+    events = list(client.responses.create(model="chat", input="Speak, good sir.", max_output_tokens=12, temperature=0,
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * (len(kinds) - 8),
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     f"response.{ended[alone.choices[0].finish_reason][0]}"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == alone.choices[0].message.content
+    assert events[-1].response.usage.output_tokens == alone.usage.completion_tokens
+
+    # what it cannot do is refused, saying so
+    for asked, said in (({"previous_response_id": "resp_1"}, "it keeps no responses: send the whole conversation"),
+                        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "it calls no tools"),
+                        ({"text": {"format": {"type": "json_object"}}}, "text.format of type 'json_object' is not"),
+                        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]},
+                         "input.0: an item of type 'function_call_output' is not a message"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                         "not a part of type 'input_image'")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(said)):
+            client.responses.create(**{"model": "chat", "input": "hi", **asked})
+
+
 def test_usage_counts_the_prompt_tokens_a_request_took_from_one_running_beside_it(server, chat_run):
     """OpenAI's ``usage.prompt_tokens_details.cached_tokens``: the system prompt a request shares with a running one is
     copied, not read again; a request to an idle server reads all of its prompt."""

@@ -109,9 +109,11 @@ def test_a_mistake_of_the_request_is_a_4xx_that_says_what_to_change(trained):
         assert status == 400 and "asks for 80 sequences" in body["error"]["message"]
         status, body = server.post("/v1/completions", {"prompt": "ann", "seed": 2**64})
         assert status == 400 and "seed" in body["error"]["message"]
-        status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-        assert status == 400 and body["error"]["message"] == (  # (not a command to run)
-            "this model has no chat template (it is not a chat model): send a prompt to /v1/completions")
+        for path, asked in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                            ("/v1/responses", {"input": "hi"})):
+            status, body = server.post(path, asked)
+            assert status == 400 and body["error"]["message"] == (  # (not a command to run)
+                "this model has no chat template (it is not a chat model): send a prompt to /v1/completions")
         # the body's shape: in words, at the field (pydantic names a union's members, as in "prompt.list[int].0")
         status, body = raw(server, "POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
                                    "Content-Length: 9\n", [b"{prompt: "])
@@ -195,7 +197,7 @@ def test_a_fuzzer_over_the_openapi_schema_finds_no_server_error(server):
                   suppress_health_check=list(HealthCheck))  # no shrinking: the first failing request is reported
         @given(case=operation.as_strategy(generation_mode=mode))
         def no_server_error(case):
-            for limit in ("max_tokens", "max_completion_tokens"):  # bounded time: at most 64 tokens an answer
+            for limit in ("max_tokens", "max_completion_tokens", "max_output_tokens"):  # at most 64 tokens an answer
                 if isinstance(case.body, dict) and isinstance(case.body.get(limit, 0), int | None):
                     case.body[limit] = min(case.body.get(limit) or 64, 64)
             response = case.call(base_url=server.url, timeout=30)

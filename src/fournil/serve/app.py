@@ -34,8 +34,9 @@ from fournil.generate.engine import row_params
 from fournil.generate.scheduler import drive
 from fournil.serve.guard import Guard, http_message
 from fournil.serve.metrics import Metrics
+from fournil.serve.responses import Response, conversation
 from fournil.serve.schemas import (EXAMPLES, ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest,
-                                   Sampling, TokenizeRequest, explain)
+                                   ResponsesRequest, Sampling, TokenizeRequest, explain)
 
 OPEN = ("/", "/health")  # what answers without the API key
 
@@ -344,15 +345,17 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 "top_logprobs": [None] + [{token_text(i): lp for i, lp in list(alts.items())[:top]} for _, alts in values],
                 "text_offset": text_offset}
 
+    def chat_prompt(messages: list[dict], param: str) -> list[int]:
+        try:
+            return tok.chat_ids(messages)
+        except NotAChatModel as e:
+            raise ApiError(400, f"{e}: send a prompt to /v1/completions", param=param) from None
+        except FournilError as e:
+            raise ApiError(400, str(e), param=param) from None
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        messages = [m.model_dump() for m in body.messages]
-        try:
-            prompt = tok.chat_ids(messages)
-        except NotAChatModel as e:
-            raise ApiError(400, f"{e}: send a prompt to /v1/completions", param="messages") from None
-        except FournilError as e:
-            raise ApiError(400, str(e), param="messages") from None
+        prompt = chat_prompt([m.model_dump() for m in body.messages], "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
         requests, queue = submit([prompt] * body.n, [row_params(params, c) for c in range(body.n)], body.stream)
@@ -392,6 +395,28 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                     "logprobs": logprobs_of(got) if body.logprobs else None, "finish_reason": r.finish_reason}
                    for index, (r, got) in enumerate(zip(requests, results))]
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(requests, body.n)}
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest):
+        prompt = chat_prompt(conversation(body), "input")
+        requests, queue = submit([prompt], [sampling(body, len(prompt), body.max_output_tokens, None)], body.stream)
+        answer = Response({"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": name}, body,
+                          f"msg_{uuid.uuid4().hex}")
+        if body.stream:
+            async def events():
+                for event in answer.opening():
+                    yield event
+                text = []
+                async for _, piece in pieces(requests, queue):
+                    if piece.text:
+                        text.append(piece.text)
+                        yield answer.delta(piece.text)
+                for event in answer.closing("".join(text), requests[0].finish_reason, usage(requests, 1)):
+                    yield event
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        got = (await gather(requests, queue))[0]
+        return answer.finished("".join(p.text for p in got), requests[0].finish_reason, usage(requests, 1))
 
     # ---- the tokenizer, as vLLM serves it: evaluation harnesses (lm-eval's local-completions) tokenize through it
     @app.get("/tokenizer_info")

@@ -24,7 +24,11 @@ UNSUPPORTED = {"response_format": ((None, {"type": "text"}), "it answers in plai
                "bad_words": ((None, []), "it bans no word"), "allowed_token_ids": ((None,), "it bans no token"),
                "prompt_logprobs": ((None,), "echo with logprobs gives the prompt's"),
                "guided_json": NO_GRAMMAR, "guided_regex": NO_GRAMMAR, "guided_choice": NO_GRAMMAR,
-               "guided_grammar": NO_GRAMMAR, "structured_outputs": NO_GRAMMAR}
+               "guided_grammar": NO_GRAMMAR, "structured_outputs": NO_GRAMMAR,
+               # the Responses API's
+               "previous_response_id": ((None,), "it keeps no responses: send the whole conversation as input"),
+               "conversation": ((None,), "it keeps no conversations: send the whole conversation as input"),
+               "background": ((None, False), "it answers within the request")}
 
 
 # the members of this API's unions, as pydantic names them in an error's place, in words
@@ -37,7 +41,7 @@ MEMBERS = {"str": "a string", "list[str]": "a list of strings", "list[int]": "a 
 EXAMPLES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
             "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16},
             "/predict": {"text": "Hi", "max_tokens": 32},
-            "/tokenize": {"prompt": "Hi"}, "/detokenize": {"tokens": [1, 2, 3]}}
+            "/v1/responses": {"input": "Hi"}, "/tokenize": {"prompt": "Hi"}, "/detokenize": {"tokens": [1, 2, 3]}}
 
 
 def explain(errors: list[dict], example: dict) -> tuple[str | None, str]:
@@ -140,6 +144,9 @@ class Part(BaseModel):
     text: str | None = None
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")  # (the last two: the Responses API's, of a question and an answer)
+
+
 class Message(BaseModel):
     """A message as the chat template reads it: OpenAI's "developer" role is the system's, parts of text are joined."""
     role: Literal["system", "developer", "user", "assistant"]
@@ -155,10 +162,10 @@ class Message(BaseModel):
     def text(cls, content: str | list[Part]) -> str:
         if isinstance(content, str):
             return content
-        other = next((part.type for part in content if part.type != "text" or part.text is None), None)
+        other = next((part.type for part in content if part.type not in TEXT_PARTS or part.text is None), None)
         if other is not None:
             raise ValueError(f"this model reads text only, not a part of type {other!r}: send the content as a "
-                             f"string, or as parts of type 'text' with their text")
+                             f"string, or as parts of type 'text' ('input_text' in the Responses API) with their text")
         return "\n".join(part.text for part in content)
 
 
@@ -173,6 +180,52 @@ class ChatRequest(Sampling):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs asks for each token's alternatives, which come with logprobs: set logprobs "
                              "to true too")
+        return self
+
+
+class InputMessage(Message):
+    """A message of the Responses API's input (items of other types, such as a tool's output, are not messages)."""
+    type: Literal["message"] = "message"
+
+    @model_validator(mode="before")
+    @classmethod
+    def a_message(cls, item):
+        if isinstance(item, dict) and item.get("type", "message") != "message":
+            raise ValueError(f"an item of type {item['type']!r} is not a message: this server reads messages (it "
+                             f"calls no tools)")
+        return item
+
+
+class TextFormat(BaseModel):
+    type: str = "text"
+
+
+class TextConfig(BaseModel):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(Sampling):
+    """OpenAI's Responses API: the conversation in ``input`` (a string is one message of the user's)."""
+    input: list[InputMessage] = Field(min_length=1)
+    instructions: str | None = None  # the system's message
+    max_output_tokens: int | None = Field(None, ge=1)
+    text: TextConfig | None = None  # {"format": {"type": "text"}}: plain text, the one format fournil writes
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def one_message(cls, given):
+        return [{"role": "user", "content": given}] if isinstance(given, str) else given
+
+    @model_validator(mode="after")
+    def plain_text(self):
+        asked = self.text.format.type if self.text and self.text.format else "text"
+        if asked != "text":
+            raise ValueError(f"text.format of type {asked!r} is not supported here: leave it out (it answers in plain "
+                             f"text)")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs is not supported here: leave it out (/v1/chat/completions gives "
+                             "log-probabilities)")
         return self
 
 
