@@ -473,6 +473,34 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
         time.sleep(0.1)
 
 
+def test_the_chat_page_sends_its_system_message_and_says_when_an_answer_was_cut(server):
+    """The system's message typed in the page goes first in each request (the conversation kept holds the turns
+    only); an answer that max tokens cut is followed by a note saying so, as the terminal's chat says it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"))
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "4")
+        page.fill("#system", "You are a poet.")
+        with page.expect_request("**/v1/chat/completions") as asked:
+            page.fill("#question", "Speak.")
+            page.press("#question", "Enter")
+        page.wait_for_function("document.querySelector('.msg.assistant').dataset.done === 'true'")
+        sent = asked.value.post_data_json["messages"]
+        shown, notes = page.locator(".msg.assistant").text_content(), page.locator(".note").all_text_contents()
+        kept = page.evaluate("() => messages")
+        browser.close()
+    assert sent == [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Speak."}]
+    assert [m["role"] for m in kept] == ["user", "assistant"]
+    status, greedy = server.post("/v1/chat/completions", {"messages": sent, "max_tokens": 4, "temperature": 0})
+    assert status == 200 and shown == greedy["choices"][0]["message"]["content"]
+    cut = greedy["choices"][0]["finish_reason"] == "length"
+    assert notes == ["(the answer was cut: max tokens 4 allows longer ones)"] * cut
+
+
 def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
     """A model without a chat template (first names, in characters): the page says so, and streams the continuation of
     what is typed from /v1/completions, asking for half the model's context (it asked for 256 tokens: refused)."""
