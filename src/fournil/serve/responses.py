@@ -7,7 +7,8 @@ import json
 
 from fournil.serve.schemas import ResponsesRequest
 
-STATUS = {"stop": "completed", "length": "incomplete", "error": "failed"}  # of a sequence that ended so
+# of a sequence that ended so (None: cancelled, as the server stops)
+STATUS = {"stop": "completed", "length": "incomplete", "error": "failed", None: "cancelled"}
 FAILED = {"code": "server_error", "message": "generation failed (the server's log has the details)"}
 
 
