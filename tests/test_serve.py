@@ -398,7 +398,8 @@ def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run)
 
         def ask(i):
             request = urllib.request.Request(server.url + "/v1/completions", json.dumps(
-                {"prompt": "KING", "max_tokens": 1000}).encode(), {"Content-Type": "application/json", **key})
+                {"prompt": "KING", "max_tokens": 1000, "ignore_eos": True}).encode(),  # (none ends at once)
+                {"Content-Type": "application/json", **key})
             try:
                 with urllib.request.urlopen(request, timeout=120) as r:
                     answers[i] = (r.status, None)
@@ -417,8 +418,9 @@ def test_an_api_key_is_required_when_set_and_overload_says_retry_later(chat_run)
             openai.OpenAI(base_url=server.url + "/v1", api_key="wrong").models.list()
         assert [m.id for m in openai.OpenAI(base_url=server.url + "/v1", api_key="sesame").models.list()] == ["chat"]
         assert server.get("/health")[0] == 200  # open: for load balancers
-        status, body = server.post("/predict", {"text": "hi"})
-        assert status == 401 and "API key" in body["error"]["message"]
+        for path, asked in (("/predict", {"text": "hi"}), ("/v1/responses", {"input": "hi"})):
+            status, body = server.post(path, asked)
+            assert status == 401 and "API key" in body["error"]["message"]
     finally:
         server.stop()
 
