@@ -31,6 +31,7 @@ class Response:
 
     def __init__(self, head: dict, body: ResponsesRequest, message_id: str):
         self.head, self.body, self.message_id, self.number = head, body, message_id, 0
+        self.where = {"item_id": message_id, "output_index": 0, "content_index": 0}  # (of the one text part)
 
     def whole(self, status: str, output: list, usage: dict | None = None) -> dict:
         return {**self.head, "object": "response", "status": status, "output": output, "usage": usage,
@@ -57,20 +58,17 @@ class Response:
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     def opening(self) -> list[str]:
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         return [self.event("response.created", response=self.whole("in_progress", [])),
                 self.event("response.in_progress", response=self.whole("in_progress", [])),
                 self.event("response.output_item.added", output_index=0, item=self.message("in_progress", [])),
-                self.event("response.content_part.added", **where, part=self.part(""))]
+                self.event("response.content_part.added", **self.where, part=self.part(""))]
 
     def delta(self, text: str) -> str:
-        return self.event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0,
-                          delta=text, logprobs=[])
+        return self.event("response.output_text.delta", **self.where, delta=text, logprobs=[])
 
     def closing(self, text: str, finish: str, usage: dict) -> list[str]:
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         whole = self.finished(text, finish, usage)
-        return [self.event("response.output_text.done", **where, text=text, logprobs=[]),
-                self.event("response.content_part.done", **where, part=self.part(text)),
+        return [self.event("response.output_text.done", **self.where, text=text, logprobs=[]),
+                self.event("response.content_part.done", **self.where, part=self.part(text)),
                 self.event("response.output_item.done", output_index=0, item=whole["output"][0]),
                 self.event(f"response.{whole['status']}", response=whole)]
