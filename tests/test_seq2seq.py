@@ -198,11 +198,14 @@ def test_seq2seq_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     cli = InProcess(capsys, monkeypatch, tmp_path)  # fournil's entry point in this process: no start-up for each
     (tmp_path / "bad.tsv").write_text("a\tb\nno tab here\n", encoding="utf-8")
     (tmp_path / "bad.jsonl").write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n', encoding="utf-8")
+    (tmp_path / "misnamed.jsonl").write_text('{"txt": "a"}\n', encoding="utf-8")  # (a corpus, meant)
     for args, message in {
         ("train", "--model", "gpt", "--data", "nombres"): "train a seq2seq model on it (--model seq2seq)",
         ("train", "--model", "seq2seq", "--data", "names"): "a seq2seq model learns from (source, target) pairs",
         ("train", "--model", "seq2seq", "--data", "bad.tsv"): "bad.tsv, line 2: a TSV line is a source, one tab",
         ("train", "--model", "seq2seq", "--data", "bad.jsonl"): "bad.jsonl, line 2: each record needs text fields",
+        ("train", "--data", "misnamed.jsonl"): "misnamed.jsonl, line 1: each record needs text fields 'source' and "
+            "'target' (this one has 'txt'); a corpus of documents has a 'text' field instead",
         # the records of another command, named
         ("train", "--data", str(data_path("rasbt_instructions", BUNDLED_INSTRUCTIONS, "instruction"))):
             "line 1: each record needs text fields 'source' and 'target'; this file holds instructions: learn from "

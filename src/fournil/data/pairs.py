@@ -35,7 +35,7 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
         if bad := next(((where, r) for where, r in records if not isinstance(r, dict)
                         or not all(isinstance(r.get(k), str) for k in ("source", "target"))), None):
             raise FournilError(f"{bad[0]}: each record needs text fields 'source' and 'target'"
-                               f"{other_kind(bad[1], '(source, target) pairs')}")
+                               f"{other_kind(bad[1], '(source, target) pairs') or unknown(bad[1])}")
         rows = [(where, (r["source"], r["target"])) for where, r in records]
     else:
         rows = []
@@ -50,6 +50,15 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     if empty := next((where for where, (source, target) in rows if not source.strip() or not target.strip()), None):
         raise FournilError(f"{empty}: the source and the target must not be empty")
     return [pair for _, pair in rows]
+
+
+def unknown(record) -> str:
+    """For a record of neither pairs nor any other kind fournil reads (its fields misnamed, say): its fields, and the
+    one a corpus of documents has, since a .jsonl given to ``fournil train`` may have been meant as one."""
+    if not isinstance(record, dict) or "source" in record or "target" in record:
+        return ""
+    fields = ", ".join(map(repr, record)) or "none"
+    return f" (this one has {fields}); a corpus of documents has a 'text' field instead"
 
 
 def pair_splits(cfg) -> tuple[dict, dict]:
