@@ -338,7 +338,8 @@ def test_packing_keeps_every_answer_and_a_lora_run_resumes(bpe_base, tmp_path):
 
     cli = CLI(root)
     cli("finetune", base, "--lora", "--lora-rank", "2", "--pack", "--steps", "4", "--eval-every", "2", "--quiet", "--out", "tuned")
-    cli("finetune", "--resume", root / "tuned", "--steps", "8", "--quiet")
+    said = cli("finetune", "--resume", root / "tuned", "--steps", "8", "--quiet").stdout
+    assert "; 8 steps (from step 4), batch 8" in said
     steps = [json.loads(line)["step"] for line in (root / "tuned" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6, 8]  # the base model's val NLL, then every second step, resumed at step 4
     shown = cli("eval", root / "tuned").stdout

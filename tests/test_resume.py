@@ -45,7 +45,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(cli, tmp_path):
     assert (run / "model.safetensors").exists()
     cli("eval", run)  # the last checkpoint is readable as it is
 
-    cli("train", "--resume", run, "--quiet")
+    said = cli("train", "--resume", run, "--quiet").stdout
+    assert f"; 100 steps (from step {step}), batch " in said.splitlines()[0]  # where it takes up, said
     resumed = train_losses(run)
     assert sorted(resumed) == sorted(whole)
     assert resumed == whole  # bit for bit: model, optimizer, data position and random state were restored

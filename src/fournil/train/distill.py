@@ -30,7 +30,8 @@ from fournil.models import build_model
 from fournil.runs import CONFIG, STATE, TOKENIZER, Run, anchored, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
-from fournil.train.trainer import Trainer, check_fits, eval_every, eval_tokens, new_run_dir, resumed, validating
+from fournil.train.trainer import (Trainer, budget_left, check_fits, eval_every, eval_tokens, new_run_dir, resumed,
+                                   validating)
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_CONTEXT, MAX_ANSWER = 100, 8, 1e-3, 256, 256
 REPORT, BASELINE, ANSWERS = "report.md", "baseline", "teacher_answers.jsonl"
@@ -277,7 +278,7 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     about = f"{taught.student}, taught by {taught.teacher}" if is_remote(taught.teacher) else \
         f"{taught.student} of {taught.teacher}, {teacher_run.model.num_params():,}"
     announce(f"a student of {model.num_params():,} parameters ({about}) on {config.data.data}{' answered by the teacher' if taught.sequences else ''}"
-             f", {how}; {t.budget}, batch {t.batch_size}, lr {t.lr:g}"
+             f", {how}; {budget_left(t, run_dir, resume)}, batch {t.batch_size}, lr {t.lr:g}"
              f"{validating(splits['val'], t.eval_tokens, 'examples') if examples is not None else ''}; "
              f"{trainer.precision} -> {run_dir}")
     trainer.fit(resume=resume)

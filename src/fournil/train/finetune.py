@@ -31,7 +31,7 @@ from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
 from fournil.train.distributed import join, leave
 from fournil.train.rewards import recorded
-from fournil.train.trainer import Trainer, eval_every, eval_tokens, new_run_dir, resumed, validating
+from fournil.train.trainer import Trainer, budget_left, eval_every, eval_tokens, new_run_dir, resumed, validating
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_MAX_LENGTH = 200, 8, 512
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
@@ -119,7 +119,8 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
         unit = UNITS[config.align and config.align.method]
         announce(f"{what} {ft.base} ({how}: {trainable:,} of {total:,} parameters train, "
                  f"{100 * trainable / total:.2f} %) on {config.data.data}: {len(splits['train']):,} "
-                 f"{'rows of packed examples' if ft.pack else unit}; {t.budget}, batch {t.batch_size}, lr {t.lr:g}"
+                 f"{'rows of packed examples' if ft.pack else unit}; {budget_left(t, run_dir, resume)}, "
+                 f"batch {t.batch_size}, lr {t.lr:g}"
                  f"{'' if grpo else validating(splits['val'], t.eval_tokens, unit)}; {trainer.precision} -> {run_dir}")
         trainer.fit(resume=bool(resume))
         return trainer.finish() if world.main else None

@@ -247,6 +247,12 @@ def resumed(resume: str, budget: dict | None, command: str = "train") -> tuple[P
     return run_dir, config
 
 
+def budget_left(t, run_dir: Path, resume) -> str:
+    """The budget, as a run's first line says it, and where a resumed run takes it up."""
+    done = read_state_info(run_dir / STATE)["step"] if resume and (run_dir / STATE).exists() else 0
+    return f"{t.budget} (from step {done:,})" if done else t.budget
+
+
 class Diverged(FournilError):
     pass
 
@@ -636,7 +642,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
     else:
         batch = f"batch {t.batch_size}" + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else "") + \
             (f" x {world.size} processes" if world.distributed else "")
-        announce(f"{what}; {model.num_params():,} parameters; {t.budget}, {batch}, {t.optimizer or 'adamw'} "
-                 f"lr {t.lr:g} -> {run_dir}")
+        announce(f"{what}; {model.num_params():,} parameters; {budget_left(t, run_dir, resume)}, {batch}, "
+                 f"{t.optimizer or 'adamw'} lr {t.lr:g} -> {run_dir}")
         trainer.fit(resume=bool(resume))
     return trainer.finish() if world.main else None
