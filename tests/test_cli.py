@@ -444,6 +444,9 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     assert not (tmp_path / "odd").exists()  # a refused run leaves no folder that would block the next try
     one_line_error(train("--model", "ngram", "--out", trained["ngram"]), f"{trained['ngram']} already holds a run",
                    f"--resume {trained['ngram']}", "another with --out")  # never overwritten, never renamed
+    taken = run("train", "--quiet", "--out", trained["gpt"])  # (a default budget: sized by measuring the speed)
+    one_line_error(taken, f"{trained['gpt']} already holds a run")
+    assert not taken.stdout  # refused before the budget was measured and announced
     for command, old, new in (("finetune", "--alpha", "--lora-alpha"), ("distill", "--alpha", "--kd-weight"),
                               ("distill", "--temperature", "--kd-temperature")):
         renamed = run(command, old, "1")

@@ -608,6 +608,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config = config or RunConfig(model={"family": "gpt"})
         config.train.check()
         check_settings(config.model)  # before the data is read, and the budget sized
+        run_dir = new_run_dir(config, out)  # (and a folder that holds a run refused: before measuring any speed)
         pick_device(config.train.device)  # (a device this machine lacks, too)
         if FAMILIES[config.model["family"]][0].counts_only and (unused := loop_settings(config.train)):
             announce(f"(an n-gram is counted in one pass over the training split, not trained step by step: "
@@ -624,7 +625,6 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
                                                 lambda: steps_per_second(config, splits, tokenizer, world))
             announce(sizing.describe(config.budget))
         config.fingerprints = fingerprints
-        run_dir = new_run_dir(config, out)
         world.barrier()  # every process has its name for the run before rank 0 creates it
     trainer = Trainer(run_dir, config, splits, tokenizer, progress, world)
     if not resume and world.main:  # once the model is built from it: a refused run leaves no folder behind
