@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--time", default="4m", help="training time of each of the two tuned models")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", default="arena-demo")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -50,7 +50,7 @@ def main() -> None:
     db = out / "arena.sqlite"
     db.unlink(missing_ok=True)
     step(f"answer and judge {args.prompts} prompts x 3 pairs", "arena", "judge", "smollm2", "smollm2-dpo",
-         "student-4-layers", "--judge", "smollm2", "--n", args.prompts, "--max-tokens", args.max_tokens,
+         "student-4-layers", "--judge", "smollm2", "--n", args.prompts, "--max-new-tokens", args.max_new_tokens,
          "--temperature", "0", "--db", db)
     board = step("leaderboard (1,000 bootstrap rounds)", "arena", "leaderboard", "--db", db, "--out", "leaderboard")
     exported = step("export", "arena", "export", "--db", db, "--out", "prefs.jsonl")

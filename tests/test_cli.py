@@ -448,7 +448,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(taken, f"{trained['gpt']} already holds a run")
     assert not taken.stdout  # refused before the budget was measured and announced
     for command, old, new in (("finetune", "--alpha", "--lora-alpha"), ("distill", "--alpha", "--kd-weight"),
-                              ("distill", "--temperature", "--kd-temperature")):
+                              ("distill", "--temperature", "--kd-temperature"),
+                              ("arena", "--max-tokens", "--max-new-tokens")):  # (as generate, chat and bench name it)
         renamed = run(command, old, "1")
         assert renamed.returncode == 2 and f"{old} is now {new}" in renamed.stderr
 

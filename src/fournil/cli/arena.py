@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import DEVICE, WEIGHT_PRECISIONS, add_listen_args, is_loopback
+from fournil.cli.flags import DEVICE, WEIGHT_PRECISIONS, add_listen_args, is_loopback, renamed
 from fournil.errors import FournilError, typed
 
 ARENA_ACTIONS = ("serve", "leaderboard", "judge", "export")
@@ -38,7 +38,8 @@ def add_arena(sub) -> None:
 
     def answering(q) -> None:
         q.add_argument("--temperature", type=float, default=0.7, help="the same for both answers of a battle")
-        q.add_argument("--max-tokens", type=int, default=256, help="the longest answer, in tokens")
+        q.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
+        renamed(q, "--max-tokens", "--max-new-tokens")  # (as generate, chat and bench name it)
         q.add_argument("--device", **DEVICE)
         q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
                        help="weights of the local models (auto: on a CPU, a quantized GGUF file's own bits, else as "
@@ -109,7 +110,7 @@ def arena_contestants(args) -> dict:
     from fournil.generate import SamplingParams
     from fournil.generate.answerers import answerer, check_chats, name_of
 
-    SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature).check()
+    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature).check()
     names = [name_of(m) for m in args.models]
     if len(set(names)) < len(names):
         raise FournilError(f"two contestants would have the same name ({', '.join(names)}): give each its own folder")
@@ -132,7 +133,7 @@ def arena_serve(args) -> None:
         raise FournilError("the arena needs two models or more: fournil arena MODEL MODEL [MODEL ...]")
     check_capacity(args.max_batch, 64)
     extra = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
-    settings = ArenaSettings(args.temperature, args.max_tokens, args.max_batch,
+    settings = ArenaSettings(args.temperature, args.max_new_tokens, args.max_batch,
                              hosts=(*LOOPBACK_HOSTS, *extra) if is_loopback(args.host) else (extra or None))
     sock = listen(args.host, args.port)
     store = existing(args.db)
@@ -182,7 +183,7 @@ def arena_judge(args) -> None:
         raise FournilError(f"--n must be at least 1 (got {args.n})")
     if len(args.models) == 1:
         raise FournilError("give two models or more to judge new battles, or none to judge the battles people voted on")
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     params.check()
     prompts = read_prompts(args.prompts, args.n) if args.models else None
     if args.models:
