@@ -1,6 +1,7 @@
 """Byte-level BPE: trained on a corpus, loaded by transformers as it is, used to train and score a model."""
 import json
 import math
+import re
 
 import pytest
 
@@ -55,8 +56,14 @@ def test_tokenizer_with_no_action_trains_one_on_its_defaults(cli, tmp_path):
 
 
 def test_bad_vocabulary_sizes_are_explained(cli):
-    too_big = cli("tokenizer", "train", "--data", "names", "--vocab-size", "100000", check=False)
-    assert too_big.returncode == 2 and "supports at most" in too_big.stderr and "Traceback" not in too_big.stderr
+    # each command is told the size it can have in its own flag (prepare and train have no --vocab-size)
+    for command, asked in ((("tokenizer", "train", "--vocab-size", "100000"), "--vocab-size "),
+                           (("prepare", "--tokenizer", "bpe:100000"), "--tokenizer bpe:"),
+                           (("train", "--tokenizer", "bpe:100000"), "--tokenizer bpe:")):
+        too_big = cli(*command, "--data", "names", check=False)
+        assert too_big.returncode == 2 and "Traceback" not in too_big.stderr, too_big.stderr
+        most = re.search(r"this corpus supports at most (\d+) tokens", too_big.stderr)[1]
+        assert f"ask for {asked}{most} or less, or give more text" in too_big.stderr
     too_small = cli("tokenizer", "train", "--data", "names", "--vocab-size", "100", check=False)
     assert too_small.returncode == 2 and "at least 259" in too_small.stderr
 

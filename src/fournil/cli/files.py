@@ -158,7 +158,7 @@ def run_prepare(args) -> None:
     elif size := bpe_size(spec):
         texts = source_texts(source)  # (which refuses a source with no text before anything is said)
         print(f"learning a {size:,}-token byte-level BPE from {args.data}", file=sys.stderr)
-        tokenizer = train_bpe(texts, size, progress=True)
+        tokenizer = train_bpe(texts, size, progress=True, asked="--tokenizer bpe:{}")
     elif spec == "char":
         chars = set().union(*map(set, source_texts(source)))
         tokenizer = CharTokenizer(sorted(chars), [BOUNDARY])

@@ -34,9 +34,10 @@ def bpe_size(spec: str) -> int | None:
     return int(spec[4:])
 
 
-def train_bpe(texts, vocab_size: int, progress: bool = False) -> HFTokenizer:
+def train_bpe(texts, vocab_size: int, progress: bool = False, asked: str = "--vocab-size {}") -> HFTokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens learned from ``texts`` (an iterable of strings). Its
-    ``progress`` bars are drawn on a terminal only: elsewhere the trainer writes empty lines to stdout."""
+    ``progress`` bars are drawn on a terminal only: elsewhere the trainer writes empty lines to stdout. ``asked``: the
+    flag that asked for the size, as an error tells to give it again."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < SMALLEST:
@@ -52,9 +53,9 @@ def train_bpe(texts, vocab_size: int, progress: bool = False) -> HFTokenizer:
                                   show_progress=progress and sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    if tok.get_vocab_size() < vocab_size:
-        raise FournilError(f"this corpus supports at most {tok.get_vocab_size()} tokens (every pair of tokens that occurs "
-                           f"in it has been merged): ask for --vocab-size {tok.get_vocab_size()} or less, or give more text")
+    if (most := tok.get_vocab_size()) < vocab_size:
+        raise FournilError(f"this corpus supports at most {most} tokens (every pair of tokens that occurs in it has "
+                           f"been merged): ask for {asked.format(most)} or less, or give more text")
     # transformers encodes with the post-processor: start each text with <|endoftext|>, as fournil does
     tok.post_processor = processors.TemplateProcessing(single=f"{DOCUMENT} $A", special_tokens=[(DOCUMENT, tok.token_to_id(DOCUMENT))])
     return HFTokenizer(tok, bos=DOCUMENT, eos=DOCUMENT, add_bos=True, chat_template=CHATML)

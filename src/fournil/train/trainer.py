@@ -559,7 +559,7 @@ def build_tokenizer(splits, spec: str = "char", progress: bool = True):
         unseen = any(set(t) - seen for part in (splits.val, splits.test) for t in as_texts(part))
         return CharTokenizer.train(as_texts(splits.train), boundary=splits.mode != "text", unknown=unseen)
     if size := bpe_size(spec):
-        return train_bpe(as_texts(splits.train), size, progress)
+        return train_bpe(as_texts(splits.train), size, progress, asked="--tokenizer bpe:{}")
     if not Path(spec).exists():
         raise FournilError(f"--tokenizer {spec}: no such file; give char, bpe:N or a tokenizer.json (or its folder)")
     return load_tokenizer(spec)
