@@ -421,6 +421,10 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     # bytes that are not UTF-8, as a terminal in another encoding sends them (Python keeps them as half surrogates)
     one_line_error(run("explain", trained["gpt"], os.fsdecode(b"a\xe9b")), "the argument b'a\\xe9b' is not UTF-8 text")
     one_line_error(run("explain", trained["gpt"], "x", "--device", "cuda"), "no CUDA GPU")
+    (tmp_path / "long.txt").write_text("emma\n" + "a" * 15 + "\n" + "b" * 16 + "\n" + "c" * 17 + "\n", encoding="utf-8")
+    one_line_error(run("eval", trained["gpt"], "--data", str(tmp_path / "long.txt")), "long.txt: 2 of its 4 lines "
+                   "are longer than this model reads (15 tokens, its context but for the line's start), the first "
+                   "'bbbbbbbbbbbbbbbb': shorten or remove them")  # (it said to raise --block-size, which eval has not)
     one_line_error(elsewhere := train("--device", "cuda"), "no CUDA GPU")
     assert not elsewhere.stdout  # refused before the data is read and a budget announced
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")

@@ -107,6 +107,10 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, runn
     for args, message in failures.items():
         result = cli("distill", "--teacher", bpe_llama, *args, "--steps", "1", "--context", "32", check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    result = cli("distill", "--teacher", bpe_llama, "--data", "prenoms", "--context", "4", "--steps", "1", check=False)
+    told = re.search(r"the train split has a document of (\d+) tokens, longer than the model's context of 4 \(a "
+                     r"document reads its start too\); raise --context to at least (\d+)$", result.stderr.strip())
+    assert result.returncode == 2 and told and int(told[2]) == int(told[1]) + 1, result.stderr  # (--block-size before)
     result = cli("distill", "--teacher", running_text, "--steps", "1", check=False)  # (a teacher of one layer)
     assert result.returncode == 2 and "layers:1: the teacher has one layer, none to leave out: give --student a " \
         "model config .json" in result.stderr

@@ -283,6 +283,12 @@ class Run:
         else:
             text, what = read_text(data), Path(data).name
             text = documents(text) if mode == "lines" else text
+            block = self.model.config.block_size
+            if mode == "lines" and (long := [d for d in text if len(self.tokenizer.encode(d, strict=False)) >= block]):
+                are = "is" if len(long) == 1 else "are"
+                raise FournilError(f"{data}: {len(long):,} of its {len(text):,} lines {are} longer than this model "
+                                   f"reads ({block - 1} tokens, its context but for the line's start), the first "
+                                   f"{long[0][:40]!r}: shorten or remove them")
         try:
             scored = make_data(Splits(mode, None, None, text), self.tokenizer, self.model.config.block_size,
                                ("test",))["test"]

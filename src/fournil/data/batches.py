@@ -130,12 +130,11 @@ class LineData:
         """The longest input, in tokens: the context length a model needs for this split."""
         return max(len(s) for s in self.seqs) - 1
 
-    def check_fits(self, block_size: int) -> None:
+    def check_fits(self, block_size: int, flag: str) -> None:
         if self.longest > block_size:
-            raise FournilError(
-                f"the {self.split} split has a document of {self.longest - 1} characters, longer than the model's "
-                f"context of {block_size} tokens; raise --block-size to at least {self.longest}"
-            )
+            raise FournilError(f"the {self.split} split has a document of {self.longest - 1} tokens, longer than the "
+                               f"model's context of {block_size} (a document reads its start too); raise {flag} to at "
+                               f"least {self.longest}")
 
     def _collate(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs) - 1
@@ -167,14 +166,12 @@ class TextData:
         self.block_size = block_size
         self.num_targets = len(self.stream) - 1
         if len(self.stream) < 2:
-            raise FournilError(f"the {split} split is too short to score ({len(self.stream)} characters); add text")
+            raise FournilError(f"the {split} split is too short to score ({len(self.stream)} tokens); add text")
 
-    def check_fits(self, block_size: int) -> None:
+    def check_fits(self, block_size: int, flag: str) -> None:
         if self.split == "train" and len(self.stream) <= block_size:
-            raise FournilError(
-                f"the train split has {len(self.stream)} characters, not more than the context length {block_size}: "
-                f"use a smaller --block-size or more text"
-            )
+            raise FournilError(f"the train split has {len(self.stream):,} tokens, not more than the context length "
+                               f"{block_size}: use a smaller {flag} or more text")
 
     def sample(self, batch_size: int, generator: torch.Generator):
         t = self.block_size
@@ -228,8 +225,9 @@ class ShardData(TextData):
             yield x, y
 
 
-def make_data(splits, tokenizer, block_size: int, names=("train", "val", "test")) -> dict:
-    """Token data for each split ``names`` holds, checked against the model's context length."""
+def make_data(splits, tokenizer, block_size: int, names=("train", "val", "test"), flag: str = "--block-size") -> dict:
+    """Token data for each split ``names`` holds, checked against the model's context length (``flag``: the one that
+    sets it, which an error names)."""
     from fournil.data.pairs import PairData
     from fournil.data.shards import Shards
 
@@ -245,6 +243,6 @@ def make_data(splits, tokenizer, block_size: int, names=("train", "val", "test")
             d = LineData(part, tokenizer, name)
         else:
             d = TextData(part, tokenizer, name, block_size)
-        d.check_fits(block_size)
+        d.check_fits(block_size, flag)
         data[name] = d
     return data

@@ -94,10 +94,10 @@ class PairData:
     def longest(self) -> int:
         return max(max(len(s) for s in self.sources), max(len(t) - 1 for t in self.targets))
 
-    def check_fits(self, block_size: int) -> None:
+    def check_fits(self, block_size: int, flag: str) -> None:
         if self.longest > block_size:
             raise FournilError(f"the {self.split} split has a source or target of {self.longest} tokens, longer than "
-                               f"the model's {block_size}; raise --block-size to at least {self.longest}")
+                               f"the model's {block_size}; raise {flag} to at least {self.longest}")
 
     def _collate(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src = torch.full((len(rows), max(len(self.sources[i]) for i in rows)), self.pad, dtype=torch.long)

@@ -117,7 +117,7 @@ def distill_data(config: RunConfig, tokenizer, announce=print) -> dict:
         from fournil.train.finetune import chat_tokenizer
 
         return load_instructions(d.data, chat_tokenizer(tokenizer), taught.context, d.split, d.seed, announce)
-    return make_data(load_splits(d)[0], tokenizer, taught.context)
+    return make_data(load_splits(d)[0], tokenizer, taught.context, flag="--context")
 
 
 def teacher_answers(teacher, tokenizer, data: dict, n: int, run_dir: Path, announce=print) -> InstructionData:
