@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import CLI
 
+from fournil.config import DataConfig, DistillConfig, RunConfig
 from fournil.generate import SamplingParams, complete
 from fournil.runs import Run
-from fournil.train.distill import ANSWERS, teacher_layers
+from fournil.train.distill import ANSWERS, distill_data, teacher_layers
 from fournil.train.objectives import Distillation, distillation_loss
 
 
@@ -81,6 +82,11 @@ def test_sequence_level_distillation_learns_the_teachers_own_answers(bpe_llama, 
     done = complete(teacher.model, teacher.tokenizer, [teacher.tokenizer.encode(rows[0]["prompt"])],
                     SamplingParams(256, temperature=0), teacher.dtype)
     assert done[0].text == rows[0]["answer"]  # the teacher's greedy answer, through the engine
+    said = []  # examples longer than the context are skipped, and distill's flag named (it said finetune's)
+    distill_data(RunConfig({}, DataConfig("rasbt_instructions"), distill=DistillConfig(bpe_llama, context=40)),
+                 teacher.tokenizer, said.append)
+    assert re.fullmatch(r"skipped [\d,]+ of [\d,]+ examples longer than 40 tokens \(the longest: \d+\); to keep them, "
+                        r"raise --context, up to the model's context, or take a model with a longer context", said[0])
 
 
 def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, running_text, trained, tmp_path):

@@ -313,7 +313,7 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     assert result.returncode == 2 and "--max-length 2000 is longer than the model's context of 1024" in result.stderr
     result = CLI(root)("finetune", base, "--data", long, "--steps", "2", "--max-length", "100", "--quiet", "--out", "long")
     assert re.search(r"skipped 2 of 5 examples longer than 100 tokens \(the longest: \d{3,4}\); to keep them, raise "
-                     r"--max-length, up to the model's context, or tune a model with a longer context", result.stdout)
+                     r"--max-length, up to the model's context, or take a model with a longer context", result.stdout)
     for command in (["finetune"], ["align"], ["reward", "train"]):  # a character model: they all read conversations
         result = CLI(root)(*command, trained["gpt"], "--steps", "2", "--quiet", check=False)
         assert result.returncode == 2 and result.stderr.startswith("fournil: error: instructions and preferences are "

@@ -313,27 +313,27 @@ def split_examples(kept: list, split, seed: int, spec: str) -> dict[str, list]:
             "test": kept[len(kept) - n_test :]}
 
 
-def keep_short(rendered: list, length, max_length: int, announce) -> list:
-    """The examples of at most ``max_length`` tokens (``length`` measures one)."""
+def keep_short(rendered: list, length, max_length: int, announce, flag: str = "--max-length") -> list:
+    """The examples of at most ``max_length`` tokens (``length`` measures one; ``flag`` sets the most)."""
     kept = [r for r in rendered if length(r) <= max_length]
     if len(kept) < len(rendered):
         announce(f"skipped {len(rendered) - len(kept)} of {len(rendered)} examples longer than {max_length} tokens "
-                 f"(the longest: {max(map(length, rendered))}); to keep them, raise --max-length, up to the model's "
-                 f"context, or tune a model with a longer context")
+                 f"(the longest: {max(map(length, rendered))}); to keep them, raise {flag}, up to the model's "
+                 f"context, or take a model with a longer context")
     return kept
 
 
-def load_examples(spec: str, tokenizer, max_length: int, announce=print) -> list[tuple]:
+def load_examples(spec: str, tokenizer, max_length: int, announce=print, flag: str = "--max-length") -> list[tuple]:
     """Every example of ``spec`` rendered, but those longer than ``max_length`` tokens (skipped, and counted)."""
     rendered = [(*render_example(tokenizer, c), c) for c in read_conversations(spec)]
-    return keep_short(rendered, lambda r: len(r[0]), max_length, announce)
+    return keep_short(rendered, lambda r: len(r[0]), max_length, announce, flag)
 
 
 def load_instructions(spec: str, tokenizer, max_length: int, split=(0.9, 0.05, 0.05), seed: int = 1337,
-                      announce=print, packed: bool = False) -> dict[str, InstructionData]:
-    """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens are skipped (and counted).
-    With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
-    parts = split_examples(load_examples(spec, tokenizer, max_length, announce), split, seed, spec)
+                      announce=print, packed: bool = False, flag: str = "--max-length") -> dict[str, InstructionData]:
+    """Train/val/test sets of rendered examples; those longer than ``max_length`` tokens (set by ``flag``) are skipped
+    (and counted). With ``packed``, the training examples are packed into rows of ``max_length`` tokens."""
+    parts = split_examples(load_examples(spec, tokenizer, max_length, announce, flag), split, seed, spec)
     if packed:
         parts["train"] = pack(parts["train"], max_length)
     return {name: InstructionData(part, pad_id(tokenizer), name) for name, part in parts.items()}

@@ -116,7 +116,8 @@ def distill_data(config: RunConfig, tokenizer, announce=print) -> dict:
     if is_instructions(d.data):
         from fournil.train.finetune import chat_tokenizer
 
-        return load_instructions(d.data, chat_tokenizer(tokenizer), taught.context, d.split, d.seed, announce)
+        return load_instructions(d.data, chat_tokenizer(tokenizer), taught.context, d.split, d.seed, announce,
+                                 flag="--context")
     return make_data(load_splits(d)[0], tokenizer, taught.context, flag="--context")
 
 
