@@ -50,7 +50,7 @@ def main() -> None:
     db = out / "arena.sqlite"
     db.unlink(missing_ok=True)
     step(f"answer and judge {args.prompts} prompts x 3 pairs", "arena", "judge", "smollm2", "smollm2-dpo",
-         "student-4-layers", "--judge", "smollm2", "--n", args.prompts, "--max-new-tokens", args.max_new_tokens,
+         "student-4-layers", "--judge", "smollm2", "-n", args.prompts, "--max-new-tokens", args.max_new_tokens,
          "--temperature", "0", "--db", db)
     board = step("leaderboard (1,000 bootstrap rounds)", "arena", "leaderboard", "--db", db, "--out", "leaderboard")
     exported = step("export", "arena", "export", "--db", db, "--out", "prefs.jsonl")

@@ -256,7 +256,7 @@ def test_a_judge_that_follows_the_position_gives_ties_and_votes_become_preferenc
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     db = tmp_path / "arena.sqlite"
     result = cli("arena", "judge", bpe_llama, poet, "--judge", position_judge, "--prompts", tmp_path / "prompts.txt",
-                 "--n", "5", "--max-new-tokens", "8", "--db", db)
+                 "-n", "5", "--max-new-tokens", "8", "--db", db)
     assert "judge gave 5 verdicts" in result.stdout
     votes = Store(db).votes("judges")
     assert len(votes) == 5 and {v.verdict for v in votes} == {"tie"} and {v.voter for v in votes} == {"judge"}

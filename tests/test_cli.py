@@ -330,7 +330,7 @@ def test_every_flag_and_argument_of_every_command_says_what_it_does(cli):
            "scratch, the teacher's vocabulary), or a run with the teacher's tokenizer (default: layers:4, or half " \
            "the layers of a teacher of fewer than 8) " in shown
     shown = " ".join(cli("arena", "judge", "--help").stdout.split())  # (a command's action too)
-    assert "--n N how many prompts (the last ones of the set) (default: 40) " in shown
+    assert "-n NUM, --num NUM how many prompts (the last ones of the set) (default: 40) " in shown
 
 
 def test_fournil_alone_lists_its_commands_and_a_mistyped_one_gets_the_nearest(tmp_path, capsys, monkeypatch):
@@ -456,6 +456,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
                               ("arena", "--max-tokens", "--max-new-tokens")):  # (as generate, chat and bench name it)
         renamed = run(command, old, "1")
         assert renamed.returncode == 2 and f"{old} is now {new}" in renamed.stderr
+    renamed = run("arena", "judge", "--n", "1")  # (train's --n is an n-gram's order)
+    assert renamed.returncode == 2 and "--n is now -n" in renamed.stderr
 
 
 def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsys, monkeypatch):

@@ -106,7 +106,7 @@ def tournament(contestants: dict, judge: Judge, prompts: list[str], store: Store
         for a, b in pairs:
             battle = store.add_battle(prompt, (a, b), (said[a][n], said[b][n]), settings, params.seed or 0)
             recorded += judge_battle(judge, battle, store)
-        announce(f"judged {n + 1}/{len(prompts)} prompts ({recorded} votes)")
+        announce(f"judged {n + 1}/{len(prompts)} prompts ({recorded} vote{'s' * (recorded != 1)})")
     return recorded
 
 

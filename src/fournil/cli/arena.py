@@ -65,7 +65,8 @@ def add_arena(sub) -> None:
     q.add_argument("--prompts", default="rasbt_instructions",
                    help="an instruction, preference or prompt set (a bundled name, or a .jsonl, .json or .parquet "
                         "file in any form finetune and align read), or a .txt file of one prompt per line")
-    q.add_argument("--n", type=int, default=40, help="how many prompts (the last ones of the set)")
+    q.add_argument("-n", "--num", type=int, default=40, help="how many prompts (the last ones of the set)")
+    renamed(q, "--n", "-n")  # (train's --n is an n-gram's order; -n is how many, as in fournil sample)
     q.add_argument("--seed", type=int, default=0,
                    help="every battle's answers are sampled with it, and stored with it to be replayed")
     common(q)
@@ -179,13 +180,13 @@ def arena_judge(args) -> None:
     from fournil.generate import SamplingParams
     from fournil.generate.answerers import answerer, name_of
 
-    if args.n < 1:
-        raise FournilError(f"--n must be at least 1 (got {args.n})")
+    if args.num < 1:
+        raise FournilError(f"-n must be at least 1 (got {args.num})")
     if len(args.models) == 1:
         raise FournilError("give two models or more to judge new battles, or none to judge the battles people voted on")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     params.check()
-    prompts = read_prompts(args.prompts, args.n) if args.models else None
+    prompts = read_prompts(args.prompts, args.num) if args.models else None
     if args.models:
         store = existing(args.db)
         contestants = arena_contestants(args)
@@ -201,7 +202,8 @@ def arena_judge(args) -> None:
         judge = Judge(answerer(args.judge, args.device, "auto", args.api_key_env))
         votes = sum(judge_battle(judge, b, store) for b in battles.values())
         asked = len(battles)
-    print(f"{name_of(args.judge)} gave {votes} verdicts -> {args.db} (fournil arena leaderboard --db {typed(args.db)})")
+    print(f"{name_of(args.judge)} gave {votes} verdict{'s' * (votes != 1)} -> {args.db} (fournil arena leaderboard "
+          f"--db {typed(args.db)})")
     if votes < asked:
         print(f"fournil: {asked - votes} of {asked} battles got no verdict: the judge's answer named none ([[A]], "
               f"[[B]] or [[C]]) in one of the orders, or the battle did not fit its context", file=sys.stderr)
