@@ -82,6 +82,9 @@ def test_sequence_level_distillation_learns_the_teachers_own_answers(bpe_llama, 
     done = complete(teacher.model, teacher.tokenizer, [teacher.tokenizer.encode(rows[0]["prompt"])],
                     SamplingParams(256, temperature=0), teacher.dtype)
     assert done[0].text == rows[0]["answer"]  # the teacher's greedy answer, through the engine
+    resumed = CLI(tmp_path)("distill", "--resume", "seq", "--steps", "5", "--quiet").stdout
+    assert "5 steps (from step 4)" in resumed  # and --no-baseline kept (it trained a baseline on resuming before)
+    assert "without the teacher" not in resumed and not (tmp_path / "seq" / "baseline").exists()
     said = []  # examples longer than the context are skipped, and distill's flag named (it said finetune's)
     distill_data(RunConfig({}, DataConfig("rasbt_instructions"), distill=DistillConfig(bpe_llama, context=40)),
                  teacher.tokenizer, said.append)

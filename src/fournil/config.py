@@ -198,6 +198,7 @@ class DistillConfig:
     reverse: bool = False  # KL(student || teacher), mode-seeking, instead of KL(teacher || student)
     context: int | None = None  # tokens per training row of running text (None: the teacher's context, at most 256)
     sequences: int = 0  # sequence-level: the teacher answers this many prompts of an instruction set; the student learns those answers
+    baseline: bool = True  # also train the same student without the teacher (RUN/baseline), for the report to compare
 
     def check(self) -> None:
         for wrong, error in ((not self.temperature > 0, f"--kd-temperature must be above 0 (got {self.temperature:g})"),

@@ -240,7 +240,7 @@ def recipe_defaults(config: RunConfig, stage: str) -> dict:
     if config.distill:
         k = config.distill
         values |= {"teacher": k.teacher, "student": k.student, "kd_temperature": k.temperature, "kd_weight": k.alpha,
-                   "reverse": k.reverse, "context": k.context, "sequences": k.sequences}
+                   "reverse": k.reverse, "context": k.context, "sequences": k.sequences, "no_baseline": not k.baseline}
     return values
 
 

@@ -260,10 +260,11 @@ def run_distill(args) -> None:
     if args.config:
         read_recipe(args.config, "distill")  # what the parser could not read: a missing file
     settings = DistillConfig(teacher=args.teacher, student=args.student, temperature=args.kd_temperature,
-                             alpha=args.kd_weight, reverse=args.reverse, context=args.context, sequences=args.sequences)
+                             alpha=args.kd_weight, reverse=args.reverse, context=args.context, sequences=args.sequences,
+                             baseline=not args.no_baseline)
     data = DataConfig(args.data, **args.recipe_data) if args.data and args.recipe_data else args.data
     run = distill(data=data, settings=settings, train=loop_config(args), out=args.out, resume=args.resume,
-                  budget=budget, baseline=not args.no_baseline, progress=not args.quiet, api_key_env=args.api_key_env)
+                  budget=budget, progress=not args.quiet, api_key_env=args.api_key_env)
     path = typed(run.path)
     print(f"saved to {run.path}; next: fournil generate {path} TEXT  |  fournil eval {path}")
 

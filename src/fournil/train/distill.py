@@ -155,7 +155,8 @@ def distill(teacher: str = "smollm2", student: str | None = None, data: str | Da
             announce=print, api_key_env: str = "OPENAI_API_KEY") -> Run:
     """Distil ``teacher`` into ``student`` on ``data`` (running text, lines or an instruction set; by default what the
     teacher run was trained on, or Shakespeare); with ``baseline``, also train the same student without the teacher
-    (in ``RUN/baseline``). Returns the run; its report, printed, is ``RUN/report.md``. A remote teacher
+    (in ``RUN/baseline``). ``teacher``, ``student`` and ``baseline`` are ``settings``'s where it is given, and a
+    resumed run's own. Returns the run; its report, printed, is ``RUN/report.md``. A remote teacher
     (``openai:NAME@URL``, its key in ``api_key_env``) answers prompts for sequence-level distillation; its tokenizer is
     then the student's."""
     world = join()
@@ -163,7 +164,7 @@ def distill(teacher: str = "smollm2", student: str | None = None, data: str | Da
         if resume:
             run_dir, config = resumed(resume, budget, "distill")
         else:
-            settings = settings or DistillConfig(teacher=teacher, student=student)
+            settings = settings or DistillConfig(teacher=teacher, student=student, baseline=baseline)
             settings = dataclasses.replace(settings, teacher=anchored(settings.teacher),  # (a Path from Python too)
                                            student=settings.student and anchored(settings.student))
             settings.check()
@@ -195,12 +196,12 @@ def distill(teacher: str = "smollm2", student: str | None = None, data: str | Da
                 teacher_run = Run.load(taught.teacher, config.train.device)
             runs = {"teacher": teacher_run, "distilled student": run}
         measured = {"distilled student": best_val(run_dir)}
-        if baseline:
+        if taught.baseline:
             # the steps the distilled student took: under a time budget, one that needs no teacher would take more
             steps = read_state_info(run_dir / STATE)["step"]
             announce(f"the same student, the same {steps} steps, without the teacher:")
             alone = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps, time=None),
-                                        distill=dataclasses.replace(taught, alpha=0.0, sequences=0))
+                                        distill=dataclasses.replace(taught, alpha=0.0, sequences=0, baseline=False))
             base_dir = run_dir / BASELINE
             runs["student without teacher"] = train_student(alone, teacher_run, base_dir, resume and (base_dir / CONFIG).exists(),
                                                             world, progress, announce, teacher, splits)[0]
