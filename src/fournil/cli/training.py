@@ -271,21 +271,27 @@ def run_distill(args) -> None:
 
 def run_merge(args) -> None:
 
-    from fournil.formats import check_output
-    from fournil.formats.peft import load_adapter
+    from fournil.formats import check_output, source_kind
+    from fournil.formats.peft import ADAPTER_CONFIG, load_adapter, read_adapter_config
     from fournil.models.lora import merge_lora
     from fournil.runs import CONFIG, TOKENIZER, Run, read_config
     from fournil.tokenizers import load_tokenizer
 
     check_output(Path(args.out))  # before the model loads
     adapter = Path(args.adapter)
-    tuned = read_config(adapter) if (adapter / CONFIG).is_file() else None
+    kind = source_kind(adapter)[0]  # a Hugging Face folder has a config.json too, not a run's
+    tuned = read_config(adapter) if kind == "run" and (adapter / CONFIG).is_file() else None
     if tuned and tuned.scores_answers:
         raise FournilError(f"{adapter} is a reward model: merged without its score head, it would neither "
                            f"write nor score; use the run itself (fournil reward score {typed(adapter)}, fournil align "
                            f"--method grpo --reward {typed(adapter)})")
+    lora = tuned and tuned.finetune and tuned.finetune.lora
+    if not lora and not (adapter / ADAPTER_CONFIG).is_file() and (tuned or kind != "run"):
+        raise FournilError(f"{adapter} is a whole model, not a LoRA adapter: there is nothing to merge; use it as it is "
+                           f"(fournil generate {typed(adapter)} TEXT, fournil convert {typed(adapter)} OUT)")
     if args.base is None:
-        if not (tuned and tuned.finetune and tuned.finetune.lora):
+        if not lora:
+            read_adapter_config(adapter)  # (says so first if it is no adapter's folder at all)
             raise FournilError(f"{adapter} names no base model (it is not a LoRA run of fournil): give the base "
                                f"first, fournil merge BASE {typed(adapter)} {typed(args.out)}")
         args.base = tuned.finetune.base

@@ -33,7 +33,8 @@ def save_adapter(model, config: LoraConfig, folder: Path, base: str) -> None:
 def read_adapter_config(folder: Path) -> LoraConfig:
     file = Path(folder) / ADAPTER_CONFIG
     if not file.is_file():
-        what = "holds no " + ADAPTER_CONFIG if Path(folder).is_dir() else "is not a folder"
+        what = "holds no " + ADAPTER_CONFIG if Path(folder).is_dir() else "is not a folder" if Path(folder).exists() \
+            else "does not exist"
         raise FournilError(f"{folder} {what}: give a folder with a PEFT LoRA adapter (a run of "
                            f"fournil finetune --lora, or PEFT's save_pretrained)")
     try:
