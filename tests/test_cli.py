@@ -208,6 +208,24 @@ def test_sample_counts_what_it_memorised(cli, trained):
     assert "greedy" not in cli("sample", trained["ngram"], "-n", "1", "--temperature", "0").stderr
 
 
+def test_sample_needs_no_training_set_to_sample(trained, tmp_path, capsys, monkeypatch):
+    """Samples of a model with no training set at hand (imported, or trained on a file since changed or deleted) are
+    printed, and the command succeeds: it printed them, then failed on counting them in the training set."""
+    run = InProcess(capsys, monkeypatch, tmp_path)
+    run("convert", trained["gpt"], "gpt.gguf")
+    imported = run("sample", "gpt.gguf", "-n", "3")
+    assert imported.returncode == 0 and len(imported.stdout.splitlines()) == 3 and imported.stderr == ""
+    (tmp_path / "mine.txt").write_text("emma\nolivia\nava\nisabella\nsophia\nmia\n" * 20)
+    run("train", "--model", "ngram", "--data", "mine.txt", "--out", "mine", "--quiet")
+    assert re.fullmatch(r"\d of 3 samples are in the training set\n", run("sample", "mine", "-n", "3").stderr)
+    for change, why in ((lambda f: f.write_text("zoe\n" * 200), "the data of mine changed since training"),
+                        (Path.unlink, "no dataset or file named 'mine.txt'")):
+        change(tmp_path / "mine.txt")
+        result = run("sample", "mine", "-n", "3")
+        assert result.returncode == 0 and len(result.stdout.splitlines()) == 3
+        assert result.stderr.startswith(f"(not compared with the training set: {why}"), result.stderr
+
+
 def test_output_piped_to_a_reader_that_leaves_stops_quietly(cli, trained):
     """`fournil sample -n 20000 | head -1`: the samples fill the pipe, its reader leaves after one line, and fournil
     stops as a Unix tool does (status 128 + SIGPIPE) without a word (it said "error: [Errno 32] Broken pipe")."""
