@@ -94,6 +94,9 @@ def test_a_recipe_that_cannot_be_read_is_refused_in_one_line(tmp_path, capsys, m
         "yes.json": (json.dumps({"model": {"family": "gpt"}, "train": {"batch_size": True}}),
                      "train setting batch_size = True: expected a whole number"),
         "plural.toml": ('[model]\nfamily = "gpt"\nn_layers = 2\n', "model gpt has no setting(s) n_layers; it has "),
+        "config.json": (json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 9}),
+                        "config.json is a Hugging Face model's config (llama), not a recipe: give the model's folder "
+                        "itself where a command takes a model (fournil finetune "),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)

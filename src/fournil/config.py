@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 
 
 def check_split(fractions) -> tuple[float, float, float]:
@@ -383,6 +383,11 @@ def recipe_sections(path: str | Path, stage: str) -> dict:
     wanted = STAGES[stage]
     if not isinstance(raw, dict):
         raise FournilError(f"--config {path}: expected the sections {', '.join(('model', 'data', 'train') + wanted)}")
+    if "model_type" in raw:  # (a folder's config.json, given for the folder)
+        raise FournilError(f"--config {path} is a Hugging Face model's config ({raw['model_type']}), not a recipe: "
+                           f"give the model's folder itself where a command takes a model (fournil finetune "
+                           f"{typed(path.parent)}); a recipe (recipes/) or a run's config.json has the sections "
+                           f"{', '.join(('model', 'data', 'train') + wanted)}")
     unknown = sorted(set(raw) - {"model", "data", "train", "fingerprints", "budget", "finetune", "align", "distill"})
     if unknown:
         raise FournilError(f"--config {path}: unknown section(s) {', '.join(unknown)}; a recipe has "
