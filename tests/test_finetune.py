@@ -281,6 +281,10 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
     with pytest.raises(FournilError, match=r"holds text, not JSON records \(line 1: 'To be, or not to be'\): train "
                                            r"on text with `fournil train --data "):
         read_conversations(str(bad))
+    (tmp_path / "one.json").write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2))
+    with pytest.raises(FournilError, match=r"one.json holds one JSON object \(keys: data\), not records: give a JSON "
+                                           r"array of objects, or one object per line \(.jsonl\)$"):  # (it said
+        read_conversations(str(tmp_path / "one.json"))  # "line 1: not valid JSON", of a file that is valid JSON)
     bad.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-16")  # (Notepad's "Unicode")
     with pytest.raises(FournilError, match="is UTF-16 text"):
         read_conversations(str(bad))

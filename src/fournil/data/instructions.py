@@ -79,6 +79,10 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
                     raise FournilError(f"{path} holds text, not JSON records (line {n}: {line.strip()[:40]!r}): "
                                        f"train on text with `fournil train --data {typed(path)}`; this command reads "
                                        f"one JSON object per line") from None
+                if not rows and isinstance(whole := parsed(text), dict):  # (an object over several lines)
+                    raise FournilError(f"{path} holds one JSON object (keys: {', '.join(map(str, list(whole)[:8]))}), "
+                                       f"not records: give a JSON array of objects, or one object per line (.jsonl)"
+                                       ) from None
                 raise FournilError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON "
                                    f"object") from None
     if not rows:
@@ -87,6 +91,14 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
         if (field := unpaired(row)) is not None:
             raise FournilError(f"{where}: {field or 'the record'} {HALF_PAIR}: write the character itself")
     return rows
+
+
+def parsed(text: str):
+    """The JSON value ``text`` holds whole, or None."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 RECORDS = {  # the kinds of JSONL record fournil learns from: their fields, and the command that learns from them
