@@ -309,7 +309,8 @@ def run_explain(args) -> None:
         others = "  ".join(f"{token} {p:.3f}" for token, p in r["top"])
         rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
         print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
-    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions; average {result['avg_nll']:.4f}; {scored(run)}")
+    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transition{'s' * (len(rows) != 1)}; average "
+          f"{result['avg_nll']:.4f}; {scored(run)}")
     block = run.model.config.block_size
     if len(rows) > block:
         print(f"(the text is longer than the model's context of {block} tokens: past it, each token was predicted from "
