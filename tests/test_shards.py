@@ -129,6 +129,14 @@ def test_training_streams_shards_and_checks_their_tokenizer(cli, tmp_path):
 
     wrong = cli(*common, "--tokenizer", "other", "--out", "run2", check=False)
     assert wrong.returncode == 2 and "made with another tokenizer" in wrong.stderr
+    for asked, said in ((["--tokenizer", "char"], "the shards in shards were made with another tokenizer than char"),
+                        (["--mode", "lines"], "--mode lines: the shards in shards are running text"),
+                        (["--split", "0.8,0.1,0.1"], "--split: the shards in shards are split into train, val and test "
+                                                     "already, by fournil prepare; leave it out"),
+                        (["--split-seed", "7"], "--split-seed: the shards in shards are split")):  # (each was ignored)
+        refused = cli(*common, *asked, "--out", "run2", check=False)
+        assert refused.returncode == 2 and said in refused.stderr and not (tmp_path / "run2").exists(), refused.stderr
+    cli("train", "--config", "run/config.json", "--steps", "1", "--quiet", "--out", "again")  # (its data: char, unsaid)
     meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
     (tmp_path / "shards" / "meta.json").write_text(json.dumps({**meta, "done": False}))
     partial = cli(*common, "--out", "run3", check=False)

@@ -8,7 +8,7 @@ import re
 import typing
 from pathlib import Path
 
-from fournil.config import STAGES, RunConfig, TrainConfig, field_types, recipe_config, recipe_sections
+from fournil.config import STAGES, DataConfig, RunConfig, TrainConfig, field_types, recipe_config, recipe_sections
 from fournil.device import dtype_name
 from fournil.errors import FournilError
 from fournil.generate.quantize import PRECISIONS
@@ -220,7 +220,8 @@ def recipe_defaults(config: RunConfig, stage: str) -> dict:
     if stage == "train":
         settings = model_settings()
         values |= {"model": config.model["family"], "mode": d.mode, "split": tuple(d.split), "split_seed": d.seed,
-                   "train_file": d.train, "val_file": d.val, "test_file": d.test, "tokenizer": d.tokenizer}
+                   "train_file": d.train, "val_file": d.val, "test_file": d.test,
+                   "tokenizer": None if d.tokenizer == DataConfig.tokenizer else d.tokenizer}  # (as if left out)
         values |= {f"model_{k}": str(v) for k, v in config.model.items() if k in settings and v is not None}
         values["recipe_model"] = {k: v for k, v in config.model.items()
                                   if k not in settings and k not in AUTOMATIC and k != "family"}

@@ -27,9 +27,9 @@ def add_train(sub) -> None:
     p.add_argument("--model", default="gpt", help=f"model family: {', '.join(FAMILIES)}")
     p.add_argument("--mode", default="auto", choices=["auto", "lines", "text"],
                    help="lines: one document per line; text: running text (default: inferred)")
-    p.add_argument("--tokenizer", default="char",
-                   help="char (default), bpe:N (a byte-level BPE of N tokens trained on the train split), or a "
-                        "tokenizer.json")
+    p.add_argument("--tokenizer",
+                   help="char (default; for shards of fournil prepare, theirs), bpe:N (a byte-level BPE of N tokens "
+                        "trained on the train split), or a tokenizer.json")
     p.add_argument("--split", type=parse_split, default=(0.9, 0.05, 0.05), help="train,val,test fractions")
     p.add_argument("--split-seed", type=int, default=1337, help="seed of the split's document shuffle")
     p.add_argument("--train", dest="train_file", help="explicit training file (with --val and --test)")
@@ -157,7 +157,9 @@ def add_distill(sub) -> None:
 
 
 def run_train(args) -> None:
+    from fournil.data.shards import is_prepared
     from fournil.train import train
+    from fournil.train.trainer import check_shards
 
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
     if args.resume:
@@ -178,10 +180,13 @@ def run_train(args) -> None:
                                f"{settable}")
         model[name] = coerce(cfg_cls, name, value)
     data = args.data or ("nombres" if args.model == "seq2seq" else DataConfig.data)  # the data each model reads
+    data = DataConfig(data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
+                      tokenizer=args.tokenizer or DataConfig.tokenizer)
+    if args.tokenizer == "char" and is_prepared(data.data):
+        check_shards(data, Path(data.data), char_asked=True)
     config = RunConfig(
         model=model,
-        data=DataConfig(data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
-                        tokenizer=args.tokenizer),
+        data=data,
         train=TrainConfig(**args.recipe_train, **{name: getattr(args, name) for name in TRAIN_FLAGS},
                           low_memory=LOW_MEMORY[args.low_memory]),
     )

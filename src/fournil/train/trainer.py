@@ -542,6 +542,20 @@ def forget(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+def check_shards(data: DataConfig, folder: Path, char_asked: bool = False) -> None:
+    """Refuse what ``fournil prepare`` settled for its shards, asked otherwise: running text, split and tokenized
+    (``char_asked``: characters were asked for, not left as the default, which takes the shards' tokenizer)."""
+    if data.mode == "lines":
+        raise FournilError(f"--mode lines: the shards in {folder} are running text, as fournil prepare makes them; "
+                           f"leave out --mode")
+    if data.split != DataConfig.split or data.seed != DataConfig.seed:
+        raise FournilError(f"--{'split' if data.split != DataConfig.split else 'split-seed'}: the shards in {folder} "
+                           f"are split into train, val and test already, by fournil prepare; leave it out")
+    if (data.tokenizer != "char" or char_asked) and not made_with(folder, data.tokenizer):
+        raise FournilError(f"the shards in {folder} were made with another tokenizer than {data.tokenizer}: "
+                           f"leave out --tokenizer to use theirs, or prepare the corpus again with this one")
+
+
 def build_tokenizer(splits, spec: str = "char", progress: bool = True):
     """The run's tokenizer: characters of the training split (with an unknown token if val or test hold characters
     it lacks), a byte-level BPE trained on the training split (``bpe:N``), or a saved one (a path)."""
@@ -550,9 +564,6 @@ def build_tokenizer(splits, spec: str = "char", progress: bool = True):
             return [text for pair in part for text in pair]
         return [part] if splits.mode == "text" else part
     if isinstance(splits.train, Shards):  # prepared shards carry the tokenizer that made them
-        if spec != "char" and not made_with(splits.train.folder, spec):  # (char, the default: theirs)
-            raise FournilError(f"the shards in {splits.train.folder} were made with another tokenizer than {spec}: "
-                               f"leave out --tokenizer to use theirs, or prepare the corpus again with this one")
         return load_tokenizer(splits.train.folder / TOKENIZER)
     if spec == "char":
         seen = set().union(*map(set, as_texts(splits.train)))
@@ -617,6 +628,8 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
             announce("(--fsdp shards the model across processes, and this run has one: start it with torchrun "
                      "--nproc_per_node=N -m fournil train ... to shard it)")
         splits, fingerprints = load_splits(config.data)
+        if isinstance(splits.train, Shards):
+            check_shards(config.data, splits.train.folder)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         open_to_sizing = sizing.sizable(config, splits.mode, world.size)
         config = complete_config(config, splits, tokenizer, world)
