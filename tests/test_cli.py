@@ -478,6 +478,30 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     assert renamed.returncode == 2 and "--n is now -n" in renamed.stderr
 
 
+def test_data_settings_that_would_not_count_are_refused(tmp_path, capsys, monkeypatch):
+    """Data given as three files is named by the training file (the run was runs/prenoms-gpt, "lines data prenoms");
+    a setting the data's form leaves unused is refused, not ignored and recorded as if it had counted."""
+    run = InProcess(capsys, monkeypatch, tmp_path)
+    names = ["emma", "olivia", "ava", "mia", "zoe", "lea", "anna", "nora"]
+    for i, part in enumerate(("a.txt", "b.txt", "c.txt")):
+        (tmp_path / part).write_text("\n".join(names[i:] * 5) + "\n")
+    files = ("--train", "a.txt", "--val", "b.txt", "--test", "c.txt")
+    said = run("train", "--model", "ngram", *files).stdout
+    assert "ngram; lines data a.txt;" in said and "-> runs/a-ngram" in said
+    assert json.loads((tmp_path / "runs" / "a-ngram" / "config.json").read_text())["data"]["data"] == "a.txt"
+    for asked, message in (
+            (("--data", "names", *files), "--data names and --train/--val/--test name the data twice: give --data "
+                                          "(fournil splits it) or the three files"),
+            ((*files, "--split", "0.8,0.1,0.1"), "--split: the data is split already, into --train, --val and --test"),
+            ((*files, "--split-seed", "3"), "--split-seed: the data is split already"),
+            (("--data", "shakespeare", "--split-seed", "3"), "--split-seed: running text is cut in order (train, then "
+                                                             "val, then test), not shuffled; leave it out"),
+            (("--data", "nombres", "--model", "seq2seq", "--mode", "lines"), "--mode lines: nombres holds (source, "
+                                                                             "target) pairs, read as pairs")):
+        one_line_error(run("train", *asked, "--out", "refused"), message)
+        assert not (tmp_path / "refused").exists()
+
+
 def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsys, monkeypatch):
     run = InProcess(capsys, monkeypatch, tmp_path)
     one_line_error(run("train", "--steps", "-5"), "--steps must be at least 1 (got -5)")

@@ -179,7 +179,7 @@ def run_train(args) -> None:
             raise FournilError(f"--{name.replace('_', '-')} does not apply to the {args.model} model; it takes "
                                f"{settable}")
         model[name] = coerce(cfg_cls, name, value)
-    data = args.data or ("nombres" if args.model == "seq2seq" else DataConfig.data)  # the data each model reads
+    data = args.data or args.train_file or ("nombres" if args.model == "seq2seq" else DataConfig.data)  # (by default)
     data = DataConfig(data, args.mode, args.split, args.split_seed, args.train_file, args.val_file, args.test_file,
                       tokenizer=args.tokenizer or DataConfig.tokenizer)
     if args.tokenizer == "char" and is_prepared(data.data):

@@ -70,7 +70,7 @@ def new_run_dir(config: RunConfig, out: str | None) -> Path:
     if out:
         path = Path(out)
     else:
-        data = config.data.data if config.data.data in BUNDLED else Path(config.data.train or config.data.data).stem
+        data = config.data.data if config.data.data in BUNDLED else Path(config.data.data).stem
         path = RUNS / f"{data}-{config.model['family']}"
     if (path / CONFIG).exists():
         raise FournilError(f"{path} already holds a run: continue it with --resume {typed(path)}, or start another "
@@ -542,6 +542,32 @@ def forget(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+def named_data(data: DataConfig) -> DataConfig:
+    """Data given as three files (--train, --val, --test) is named by the training file, in the run's name and
+    config; a --data, --split or --split-seed beside them is refused, not ignored."""
+    if not data.train:
+        return data
+    if data.data not in (DataConfig.data, data.train):
+        raise FournilError(f"--data {data.data} and --train/--val/--test name the data twice: give --data (fournil "
+                           f"splits it) or the three files")
+    if data.split != DataConfig.split or data.seed != DataConfig.seed:
+        raise FournilError(f"--{'split' if data.split != DataConfig.split else 'split-seed'}: the data is split "
+                           f"already, into --train, --val and --test; leave it out")
+    return dataclasses.replace(data, data=data.train)
+
+
+def check_reading(data: DataConfig, splits) -> None:
+    """Refuse the data settings that the data's form leaves unused (they would be recorded as if they had counted)."""
+    if isinstance(splits.train, Shards):
+        check_shards(data, splits.train.folder)
+    elif splits.mode == "pairs" and data.mode in ("lines", "text"):
+        raise FournilError(f"--mode {data.mode}: {data.data} holds (source, target) pairs, read as pairs; leave out "
+                           f"--mode")
+    elif splits.mode == "text" and data.seed != DataConfig.seed and not data.train:
+        raise FournilError("--split-seed: running text is cut in order (train, then val, then test), not shuffled; "
+                           "leave it out")
+
+
 def check_shards(data: DataConfig, folder: Path, char_asked: bool = False) -> None:
     """Refuse what ``fournil prepare`` settled for its shards, asked otherwise: running text, split and tokenized
     (``char_asked``: characters were asked for, not left as the default, which takes the shards' tokenizer)."""
@@ -619,6 +645,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config = config or RunConfig(model={"family": "gpt"})
         config.train.check()
         check_settings(config.model)  # before the data is read, and the budget sized
+        config.data = named_data(config.data)
         run_dir = new_run_dir(config, out)  # (and a folder that holds a run refused: before measuring any speed)
         pick_device(config.train.device)  # (a device this machine lacks, too)
         if FAMILIES[config.model["family"]][0].counts_only and (unused := loop_settings(config.train)):
@@ -628,8 +655,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
             announce("(--fsdp shards the model across processes, and this run has one: start it with torchrun "
                      "--nproc_per_node=N -m fournil train ... to shard it)")
         splits, fingerprints = load_splits(config.data)
-        if isinstance(splits.train, Shards):
-            check_shards(config.data, splits.train.folder)
+        check_reading(config.data, splits)
         tokenizer = build_tokenizer(splits, config.data.tokenizer, progress)
         open_to_sizing = sizing.sizable(config, splits.mode, world.size)
         config = complete_config(config, splits, tokenizer, world)
