@@ -563,7 +563,7 @@ def check_reading(data: DataConfig, splits) -> None:
     elif splits.mode == "pairs" and data.mode in ("lines", "text"):
         raise FournilError(f"--mode {data.mode}: {data.data} holds (source, target) pairs, read as pairs; leave out "
                            f"--mode")
-    elif splits.mode == "text" and data.seed != DataConfig.seed and not data.train:
+    elif splits.mode == "text" and data.seed != DataConfig.seed:
         raise FournilError("--split-seed: running text is cut in order (train, then val, then test), not shuffled; "
                            "leave it out")
 
