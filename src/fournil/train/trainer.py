@@ -542,6 +542,11 @@ def forget(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+def split_asked(data: DataConfig) -> str | None:
+    """The flag that asked for another split than the default, if one did."""
+    return "--split" if data.split != DataConfig.split else "--split-seed" if data.seed != DataConfig.seed else None
+
+
 def named_data(data: DataConfig) -> DataConfig:
     """Data given as three files (--train, --val, --test) is named by the training file, in the run's name and
     config; a --data, --split or --split-seed beside them is refused, not ignored."""
@@ -550,9 +555,8 @@ def named_data(data: DataConfig) -> DataConfig:
     if data.data not in (DataConfig.data, data.train):
         raise FournilError(f"--data {data.data} and --train/--val/--test name the data twice: give --data (fournil "
                            f"splits it) or the three files")
-    if data.split != DataConfig.split or data.seed != DataConfig.seed:
-        raise FournilError(f"--{'split' if data.split != DataConfig.split else 'split-seed'}: the data is split "
-                           f"already, into --train, --val and --test; leave it out")
+    if flag := split_asked(data):
+        raise FournilError(f"{flag}: the data is split already, into --train, --val and --test; leave it out")
     return dataclasses.replace(data, data=data.train)
 
 
@@ -574,9 +578,9 @@ def check_shards(data: DataConfig, folder: Path, char_asked: bool = False) -> No
     if data.mode == "lines":
         raise FournilError(f"--mode lines: the shards in {folder} are running text, as fournil prepare makes them; "
                            f"leave out --mode")
-    if data.split != DataConfig.split or data.seed != DataConfig.seed:
-        raise FournilError(f"--{'split' if data.split != DataConfig.split else 'split-seed'}: the shards in {folder} "
-                           f"are split into train, val and test already, by fournil prepare; leave it out")
+    if flag := split_asked(data):
+        raise FournilError(f"{flag}: the shards in {folder} are split into train, val and test already, by fournil "
+                           f"prepare; leave it out")
     if (data.tokenizer != "char" or char_asked) and not made_with(folder, data.tokenizer):
         raise FournilError(f"the shards in {folder} were made with another tokenizer than {data.tokenizer}: "
                            f"leave out --tokenizer to use theirs, or prepare the corpus again with this one")
