@@ -3,12 +3,16 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 
+import pytest
 from safetensors import safe_open
 
 from conftest import InProcess
+from fournil.errors import FournilError
 from fournil.train.metrics import MetricsLog
+from fournil.train.trainer import LOCK, held
 
 # with dropout: a resumed run draws the masks the uninterrupted one drew (from PyTorch's generator, restored)
 ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--dropout", "0.1",
@@ -50,6 +54,45 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(cli, tmp_path):
     resumed = train_losses(run)
     assert sorted(resumed) == sorted(whole)
     assert resumed == whole  # bit for bit: model, optimizer, data position and random state were restored
+
+
+def test_a_run_is_trained_by_one_process_at_a_time(cli, tmp_path):
+    """A --resume of a run still training, or a second process starting the same new run, is refused: both trained
+    it, their metrics interleaved and each writing its checkpoints over the other's."""
+    proc = cli.popen(*ARGS, "--steps", "100000", "--out", "going")
+    run = tmp_path / "going"
+    deadline = time.time() + 120
+    while checkpoint_step(run) < 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    refused = cli("train", "--resume", run, check=False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert refused.returncode == 2 and refused.stderr == (f"fournil: error: {run} is being trained by another process "
+                                                          f"now: wait for it to end, or stop it first\n")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), steps  # one process's records
+    step = checkpoint_step(run)
+    cli("train", "--resume", run, "--steps", str(step + 20))  # the lock went with the killed process
+    assert checkpoint_step(run) == step + 20
+
+    new = tmp_path / "new"  # a process holds the folder of a new run that this one found free
+    new.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(120)", new / LOCK],
+                              stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    try:
+        with pytest.raises(FournilError, match=f"^{new} is being trained by another process now: wait for it to end, "
+                                               f"or stop it first; or start another run with --out {new}-2$"):
+            with held(new, new=True):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    (new / "config.json").write_text("{}")  # ... and it wrote its run before this one held the folder
+    with pytest.raises(FournilError, match=f"^{new} already holds a run: continue it with --resume {new}"):
+        with held(new, new=True):
+            pass
 
 
 def test_a_step_is_logged_before_the_checkpoint_that_covers_it(tmp_path, capsys, monkeypatch):

@@ -132,7 +132,8 @@ def run_tokenizer(args) -> None:
 def own_folder(out: Path, command: str, writes: str) -> None:
     """A folder ``command`` writes into (again on a second run): refused when it holds files it did not write (names
     not matching ``writes``), a run's say, whose tokenizer.json it would replace."""
-    others = sorted(p.name for p in out.iterdir() if not re.fullmatch(writes, p.name)) if out.is_dir() else []
+    others = sorted((p.name for p in out.iterdir() if not re.fullmatch(writes, p.name)),
+                    key=lambda name: (name.startswith("."), name)) if out.is_dir() else []  # (a run's .lock last)
     if others or out.is_file():
         held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "") if others else "it is a file"
         raise FournilError(f"{out} is not a folder of fournil {command}'s own ({held}): it would write over what is "

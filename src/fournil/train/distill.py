@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fournil.checkpoint import read_state_info, write_json
-from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, to_dict
+from fournil.checkpoint import read_state_info
+from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig
 from fournil.data import load_splits, make_data
 from fournil.data.instructions import InstructionData, is_instructions, load_instructions, pad_id, render_example
 from fournil.device import dtype_name, generation_weights
@@ -27,7 +27,7 @@ from fournil.formats import source_kind
 from fournil.generate import SamplingParams, complete
 from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
-from fournil.runs import CONFIG, STATE, TOKENIZER, Run, anchored, find_run, read_config
+from fournil.runs import CONFIG, STATE, Run, anchored, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
 from fournil.train.trainer import (Trainer, budget_left, check_fits, eval_every, eval_tokens, new_run_dir, resumed,
@@ -265,10 +265,6 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
         config.train = dataclasses.replace(config.train, eval_tokens=eval_tokens(config.train, examples))
     torch.manual_seed(config.train.seed)
     model, config.model = build_student(taught.student, teacher_run)
-    if not resume and world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG, to_dict(config))
-        tokenizer.save(run_dir / TOKENIZER)
     objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse,
                              **packing(splits["train"], model, teacher_run.model)) if taught.alpha else None
     trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, objective=objective)

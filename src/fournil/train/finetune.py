@@ -11,7 +11,6 @@ import dataclasses
 
 import torch
 
-from fournil.checkpoint import write_json
 from fournil.config import (
     AlignConfig,
     DataConfig,
@@ -19,13 +18,12 @@ from fournil.config import (
     LoraConfig,
     RunConfig,
     TrainConfig,
-    to_dict,
 )
 from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
 from fournil.models.lora import add_lora
-from fournil.runs import CONFIG, TOKENIZER, Run, anchored
+from fournil.runs import TOKENIZER, Run, anchored
 from fournil.tokenizers import load_tokenizer
 from fournil.train.align import DEFAULT_LR as ALIGN_LR
 from fournil.train.align import alignment, load_alignment_data, reference
@@ -106,10 +104,6 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
         else:  # the trainer's next-token objective: a batch's examples packed, their system prompt read once per row
             objective = None
             keep = (lambda _: save_adapter(model, ft.lora, run_dir, ft.base)) if ft.lora else None
-        if not resume and world.main:  # once every setting has been checked: a refused run leaves no folder behind
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / CONFIG, to_dict(config))
-            tokenizer.save(run_dir / TOKENIZER)
         trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, keep_best=keep,
                           objective=objective)
         t = config.train

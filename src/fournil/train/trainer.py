@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import tempfile
 import time
@@ -73,9 +74,51 @@ def new_run_dir(config: RunConfig, out: str | None) -> Path:
         data = config.data.data if config.data.data in BUNDLED else Path(config.data.data).stem
         path = RUNS / f"{data}-{config.model['family']}"
     if (path / CONFIG).exists():
-        raise FournilError(f"{path} already holds a run: continue it with --resume {typed(path)}, or start another "
-                           f"with --out {typed(path.parent / (path.name + '-2'))} (or delete {path})")
+        raise taken(path)
     return path
+
+
+def taken(path: Path) -> FournilError:
+    return FournilError(f"{path} already holds a run: continue it with --resume {typed(path)}, or start another "
+                        f"with --out {another(path)} (or delete {path})")
+
+
+def another(path: Path) -> str:
+    return typed(path.parent / (path.name + "-2"))
+
+
+LOCK = ".lock"  # held by the process that trains the run
+
+
+@contextlib.contextmanager
+def held(run_dir: Path, new: bool):
+    """The run's folder, held by this process while it trains the run: a second process that would train it too (the
+    same command in another terminal, a --resume of a run still going) is refused, where both wrote its checkpoints
+    and metrics. The lock goes with the process, however it ends."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a") as f:
+        if not locked(f):
+            raise FournilError(f"{run_dir} is being trained by another process now: wait for it to end, or stop it "
+                               f"first" + (f"; or start another run with --out {another(run_dir)}" if new else ""))
+        if new and (run_dir / CONFIG).exists():  # (made by another process since this one looked)
+            raise taken(run_dir)
+        yield
+
+
+def locked(f) -> bool:
+    """Whether this process got the lock of the open file ``f``, which no other holds."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunConfig:
@@ -335,24 +378,39 @@ class Trainer:
                                              t.eval_tokens)
         return {**scores, "loss": self.world.broadcast(scores["loss"])}
 
+    @contextlib.contextmanager
+    def holding(self, resume: bool):
+        """The run's folder :func:`held` by rank 0 while it trains; a new run's made then, with its config and
+        tokenizer (a run refused before leaves no folder behind)."""
+        if not self.world.main:
+            yield
+            return
+        with held(self.dir, new=not resume):
+            if not resume:
+                write_json(self.dir / CONFIG, to_dict(self.config))
+                self.tokenizer.save(self.dir / TOKENIZER)
+            yield
+
     def count(self) -> None:
         """Count-based models learn in one pass over the training split."""
-        self.model.fit(self.data["train"].batches(256))
-        val = self.validate()["loss"]
-        if self.world.main:
-            save_weights(self.model, self.dir / WEIGHTS)
-            self.metrics.log({"step": 0, "val_loss": val})
+        with self.holding(resume=False):
+            self.model.fit(self.data["train"].batches(256))
+            val = self.validate()["loss"]
+            if self.world.main:
+                save_weights(self.model, self.dir / WEIGHTS)
+                self.metrics.log({"step": 0, "val_loss": val})
 
     def fit(self, resume: bool) -> None:
         """Train to the end of the budget, validating and checkpointing on the way. A new run that fails before its
         first checkpoint (a reward function's error, a divergence, no memory) takes its folder away: there is nothing
         in it to resume, and the same command, mended, can run again."""
-        try:
-            self._fit(resume)
-        except Exception:
-            if not resume and self.world.main:
-                forget(self.dir)
-            raise
+        with self.holding(resume):
+            try:
+                self._fit(resume)
+            except Exception:
+                if not resume and self.world.main:
+                    forget(self.dir)
+                raise
 
     def _fit(self, resume: bool) -> None:
         t, world = self.config.train, self.world
@@ -535,7 +593,7 @@ class Trainer:
 
 def forget(run_dir: Path) -> None:
     """Remove a run that has no checkpoint: its folder, when it holds only what a run writes before its first one."""
-    before = {CONFIG, TOKENIZER, HF_TOKENIZER_CONFIG, METRICS}
+    before = {CONFIG, TOKENIZER, HF_TOKENIZER_CONFIG, METRICS, LOCK}
     if run_dir.is_dir() and all(p.is_file() and p.name in before for p in run_dir.iterdir()):
         for p in run_dir.iterdir():
             p.unlink()
@@ -670,10 +728,6 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
         config.fingerprints = fingerprints
         world.barrier()  # every process has its name for the run before rank 0 creates it
     trainer = Trainer(run_dir, config, splits, tokenizer, progress, world)
-    if not resume and world.main:  # once the model is built from it: a refused run leaves no folder behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG, to_dict(config))
-        tokenizer.save(run_dir / TOKENIZER)
     model, t = trainer.model, config.train
     what = f"{model.family}; {splits.mode} data {config.data.data}; vocabulary {tokenizer.vocab_size}, " \
            f"context {model.reads}; {trainer.precision}"
