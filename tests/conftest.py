@@ -260,6 +260,23 @@ class InProcess:
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
+@contextlib.contextmanager
+def held_elsewhere(folder: Path):
+    """``folder``'s lock, held by another process (as a fournil process that writes there holds it) meanwhile."""
+    from fournil.checkpoint import LOCK
+
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(300)", folder / LOCK],
+                              stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # (once it holds it)
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def losses(run: Path) -> list:
     """Each logged step's training loss and each validation's NLL, as the run's metrics.jsonl has them."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

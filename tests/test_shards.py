@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import write_jsonl
+from conftest import held_elsewhere, write_jsonl
 
 from fournil.data import read_text
 
@@ -88,6 +88,11 @@ def test_prepare_goes_on_only_with_the_corpus_and_tokenizer_of_its_folder(cli, t
     again = cli("prepare", "--data", "corpus", "--tokenizer", "shards", "--out", "shards")
     assert "next: fournil train --data shards" in again.stdout
     assert (tmp_path / "shards" / "meta.json").read_text() == before
+    with held_elsewhere(tmp_path / "other"):  # another prepare writes there meanwhile (both wrote the same shards)
+        busy = cli("prepare", "--data", "corpus", "--tokenizer", "char", "--out", "other", check=False)
+    assert busy.returncode == 2 and busy.stderr == (
+        "fournil: error: other is being prepared by another process now: wait for it to end, or stop it first; or "
+        "prepare into another --out\n")
 
 
 def test_a_killed_prepare_continues_to_the_same_shards(cli, tmp_path):

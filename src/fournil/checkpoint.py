@@ -1,4 +1,4 @@
-"""Checkpoints in safe formats only (safetensors and JSON), each written atomically.
+"""Checkpoints in safe formats only (safetensors and JSON), each written atomically, by one process at a time.
 
 A file is written beside its final name and renamed over it, so a run killed at any moment leaves either the
 old checkpoint or the new one, never half of one. The training state (model, optimizer, random generators,
@@ -6,6 +6,7 @@ step) is one safetensors file whose metadata holds the non-tensor parts as JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,38 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fournil.errors import FournilError
+
+
+LOCK = ".lock"  # held by the process that writes the folder: a run it trains, shards it prepares
+
+
+@contextlib.contextmanager
+def held(folder: Path, doing: str, instead: str = ""):
+    """``folder``, held by this process while it writes there: a second process that would write there too (the same
+    command in another terminal, a --resume of a run still training) is refused, where both wrote over each other's
+    files. The lock goes with the process, however it ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a") as f:
+        if not locked(f):
+            raise FournilError(f"{folder} is being {doing} by another process now: wait for it to end, or stop it "
+                               f"first{instead}")
+        yield
+
+
+def locked(f) -> bool:
+    """Whether this process got the lock of the open file ``f``, which no other holds."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def atomic_write(path: Path, write) -> None:

@@ -148,7 +148,7 @@ def run_prepare(args) -> None:
 
     spec, source = args.tokenizer, str(resolve(args.data)) if args.data in BUNDLED else args.data
     out = Path(args.out or f"shards/{Path(args.data).stem}-{Path(spec.replace(':', '')).stem}")
-    own_folder(out, "prepare", r"(train|val|test)_\d{5}\.bin|meta\.json|tokenizer(_config)?\.json")
+    own_folder(out, "prepare", r"(train|val|test)_\d{5}\.bin|meta\.json|tokenizer(_config)?\.json|\.lock")
     if (out / META).exists():  # prepared before, or interrupted: with the same tokenizer, carry on
         tokenizer = load_tokenizer(out / TOKENIZER)
         if not made_with(out, spec):

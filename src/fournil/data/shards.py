@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fournil.checkpoint import write_json
+from fournil.checkpoint import held, write_json
 from fournil.data.sources import BUNDLED, decoded, holds_documents, joined, jsonl_documents
 from fournil.errors import FournilError, typed
 
@@ -123,9 +123,13 @@ def source_texts(source: str):
 
 def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
     """Tokenize ``source`` (a file, or a folder of .txt files and .jsonl corpora) into shards under ``out``; continue
-    if interrupted."""
+    if interrupted. One process at a time: another ``prepare`` into ``out`` meanwhile is refused."""
     files = [p.resolve() for p in input_files(Path(source).expanduser())]
-    out.mkdir(parents=True, exist_ok=True)
+    with held(out, "prepared", "; or prepare into another --out"):
+        return tokenize_into(out, source, files, tokenizer, progress)
+
+
+def tokenize_into(out: Path, source: str, files: list[Path], tokenizer, progress: bool) -> dict:
     if (out / META).exists():  # prepared, or interrupted: of the same files, or it would mix two corpora
         meta = json.loads((out / META).read_text())
         if [Path(p).resolve() for p in meta["sources"]] != files:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import tempfile
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fournil.checkpoint import load_state, read_state_info, save_state, save_tensors, save_weights, write_json
+from fournil.checkpoint import (LOCK, held, load_state, read_state_info, save_state, save_tensors, save_weights,
+                                write_json)
 from fournil.config import DataConfig, RunConfig, TrainConfig, check_types, command_of, to_dict
 from fournil.cores import computing
 from fournil.data import load_splits, make_data
@@ -85,40 +85,6 @@ def taken(path: Path) -> FournilError:
 
 def another(path: Path) -> str:
     return typed(path.parent / (path.name + "-2"))
-
-
-LOCK = ".lock"  # held by the process that trains the run
-
-
-@contextlib.contextmanager
-def held(run_dir: Path, new: bool):
-    """The run's folder, held by this process while it trains the run: a second process that would train it too (the
-    same command in another terminal, a --resume of a run still going) is refused, where both wrote its checkpoints
-    and metrics. The lock goes with the process, however it ends."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a") as f:
-        if not locked(f):
-            raise FournilError(f"{run_dir} is being trained by another process now: wait for it to end, or stop it "
-                               f"first" + (f"; or start another run with --out {another(run_dir)}" if new else ""))
-        if new and (run_dir / CONFIG).exists():  # (made by another process since this one looked)
-            raise taken(run_dir)
-        yield
-
-
-def locked(f) -> bool:
-    """Whether this process got the lock of the open file ``f``, which no other holds."""
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
 
 
 def complete_config(config: RunConfig, splits, tokenizer, world: World) -> RunConfig:
@@ -385,8 +351,10 @@ class Trainer:
         if not self.world.main:
             yield
             return
-        with held(self.dir, new=not resume):
+        with held(self.dir, "trained", "" if resume else f"; or start another run with --out {another(self.dir)}"):
             if not resume:
+                if (self.dir / CONFIG).exists():  # (made by another process since this one looked)
+                    raise taken(self.dir)
                 write_json(self.dir / CONFIG, to_dict(self.config))
                 self.tokenizer.save(self.dir / TOKENIZER)
             yield
