@@ -546,16 +546,16 @@ def test_loose_numbers_are_refused_before_any_work(cli, trained, tmp_path, capsy
     for command in (("convert", trained["gpt"], trained["gpt"]), ("merge", trained["gpt"], "x", trained["gpt"])):
         one_line_error(run(*command), f"{trained['gpt']} already exists: fournil does not write over it")
     for command in (("merge", trained["gpt"], "no-adapter", "merged"), ("merge", "no-adapter", "merged")):
-        one_line_error(run(*command), "no-adapter does not exist: give a folder with a PEFT LoRA adapter (a run of fournil")
+        one_line_error(run(*command), "no-adapter does not exist: give a folder with a PEFT LoRA adapter (a run of ")
     one_line_error(run("merge", trained["gpt"], tmp_path, "merged"),
                    f"{tmp_path} holds no adapter_config.json: give a folder with a PEFT LoRA adapter")
     run("convert", trained["gpt"], tmp_path / "hf")  # (its config.json was read as a run's: "damaged ('model')")
     for model in (trained["gpt"], tmp_path / "hf"):  # a model of its own, given as the adapter, with a base or none
         for command in (("merge", trained["gpt"], model, "merged"), ("merge", model, "merged")):
-            one_line_error(run(*command), f"{model} is a whole model, not a LoRA adapter: there is nothing to merge; use "
-                           f"it as it is (fournil generate {model} TEXT, fournil convert {model} OUT)")
+            one_line_error(run(*command), f"{model} is a whole model, not a LoRA adapter: there is nothing to merge; "
+                           f"use it as it is (fournil generate {model} TEXT, fournil convert {model} OUT)")
     (tmp_path / "peft").mkdir()  # an adapter of PEFT's, which does not say which base it is on as fournil's runs do
-    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["c_attn"]}')
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["q"]}')
     one_line_error(run("merge", tmp_path / "peft", "merged"), f"{tmp_path / 'peft'} names no base model (it is not a "
                    f"LoRA run of fournil): give the base first, fournil merge BASE {tmp_path / 'peft'} merged")
     for command in ("tokenizer", "prepare"):  # (each wrote its tokenizer.json over the run's)

@@ -292,8 +292,8 @@ def run_merge(args) -> None:
                            f"--method grpo --reward {typed(adapter)})")
     lora = tuned and tuned.finetune and tuned.finetune.lora
     if not lora and not (adapter / ADAPTER_CONFIG).is_file() and (tuned or kind != "run"):
-        raise FournilError(f"{adapter} is a whole model, not a LoRA adapter: there is nothing to merge; use it as it is "
-                           f"(fournil generate {typed(adapter)} TEXT, fournil convert {typed(adapter)} OUT)")
+        raise FournilError(f"{adapter} is a whole model, not a LoRA adapter: there is nothing to merge; use it as it "
+                           f"is (fournil generate {typed(adapter)} TEXT, fournil convert {typed(adapter)} OUT)")
     if args.base is None:
         if not lora:
             read_adapter_config(adapter)  # (says so first if it is no adapter's folder at all)
