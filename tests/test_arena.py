@@ -1,6 +1,7 @@
 """The arena: votes in SQLite, the Bradley-Terry leaderboard, judges, export to preference pairs, the page."""
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,11 +312,26 @@ def test_a_remote_judge_writes_its_verdict_on_the_battles_people_voted_on(cli, b
     (("arena", "judge", "--judge", "smollm2", "--db", "missing.sqlite"), "--db missing.sqlite: no such database"),
     (("arena", "judge", "smollm2", "{running_text}", "--judge", "smollm2", "--db", "missing.sqlite"),
      "has no chat template (it is not a chat model)"),
+    (("arena", "judge", "{running_text}", "{running_text}/", "--judge", "smollm2"),
+     "{running_text} is given twice: the arena compares different models"),
+    (("arena", "judge", "{running_text}", "elsewhere/{name}", "--judge", "smollm2"),  # (once: "give each its own
+     "{running_text} and elsewhere/{name} would both be called {name} on the leaderboard"),  # folder", which they had)
 ])
 def test_arena_commands_refuse_in_one_line(cli, running_text, tmp_path, args, message):
-    result = cli(*(str(a).format(running_text=running_text) for a in args), check=False)
+    named = {"running_text": running_text, "name": Path(running_text).name}
+    result = cli(*(str(a).format(**named) for a in args), check=False)
+    message = message.format(**named)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "missing.sqlite").exists()  # a refused command leaves no empty database behind
+
+
+def test_a_contestant_is_named_by_its_folder_or_file_or_remote_name(tmp_path, monkeypatch):
+    from fournil.generate.answerers import name_of
+
+    (tmp_path / "chat-7").mkdir()
+    monkeypatch.chdir(tmp_path / "chat-7")
+    assert name_of(".") == "chat-7" and name_of("../chat-7/") == "chat-7"  # ("." was named "", on the leaderboard)
+    assert name_of("runs/b-q4_0.gguf") == "b-q4_0" and name_of("openai:gpt-4o@http://127.0.0.1:8000/v1") == "gpt-4o"
 
 
 def test_a_judge_s_prompts_come_from_any_set_fine_tuning_or_alignment_reads(tmp_path):

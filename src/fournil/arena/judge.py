@@ -97,7 +97,7 @@ def tournament(contestants: dict, judge: Judge, prompts: list[str], store: Store
     names = sorted(contestants)
     said = {}
     for name in names:
-        announce(f"{name} answers {len(prompts)} prompts")
+        announce(f"{name} answers {len(prompts)} prompt{'s' * (len(prompts) != 1)}")
         said[name] = answers(contestants[name], prompts, params)
     recorded = 0
     settings = {"temperature": params.temperature, "max_tokens": params.max_new_tokens}

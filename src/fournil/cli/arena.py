@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,8 +114,13 @@ def arena_contestants(args) -> dict:
 
     SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature).check()
     names = [name_of(m) for m in args.models]
-    if len(set(names)) < len(names):
-        raise FournilError(f"two contestants would have the same name ({', '.join(names)}): give each its own folder")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = args.models[names.index(name)]
+            if os.path.abspath(first) == os.path.abspath(args.models[i]):
+                raise FournilError(f"{first} is given twice: the arena compares different models")
+            raise FournilError(f"{first} and {args.models[i]} would both be called {name} on the leaderboard (a model "
+                               "is named by its folder or file): rename one, or copy it under another name")
     contestants = {}
     for name, spec in zip(names, args.models):
         print(f"loading {spec}", flush=True)

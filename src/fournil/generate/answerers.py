@@ -28,7 +28,7 @@ def is_remote(spec) -> bool:
 def name_of(spec) -> str:
     """What a model is called (in the arena, for one): a remote model's NAME, or its file or folder name."""
     spec = str(spec)
-    return spec[len(PREFIX):].partition("@")[0] if is_remote(spec) else Path(spec).stem
+    return spec[len(PREFIX):].partition("@")[0] if is_remote(spec) else Path(os.path.abspath(spec)).stem  # ".": cwd
 
 
 def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY",
