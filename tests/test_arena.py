@@ -325,15 +325,6 @@ def test_arena_commands_refuse_in_one_line(cli, running_text, tmp_path, args, me
     assert not (tmp_path / "missing.sqlite").exists()  # a refused command leaves no empty database behind
 
 
-def test_a_contestant_is_named_by_its_folder_or_file_or_remote_name(tmp_path, monkeypatch):
-    from fournil.generate.answerers import name_of
-
-    (tmp_path / "chat-7").mkdir()
-    monkeypatch.chdir(tmp_path / "chat-7")
-    assert name_of(".") == "chat-7" and name_of("../chat-7/") == "chat-7"  # ("." was named "", on the leaderboard)
-    assert name_of("runs/b-q4_0.gguf") == "b-q4_0" and name_of("openai:gpt-4o@http://127.0.0.1:8000/v1") == "gpt-4o"
-
-
 def test_a_judge_s_prompts_come_from_any_set_fine_tuning_or_alignment_reads(tmp_path):
     """The first user message of each conversation, whatever the form; a text file: one prompt a line."""
     from conftest import write_jsonl

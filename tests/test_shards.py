@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import held_elsewhere, write_jsonl
+from conftest import CLI, held_elsewhere, write_jsonl
 
 from fournil.data import read_text
 
@@ -21,15 +21,21 @@ def write_corpus(folder, copies: int) -> str:
 
 def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
     text = write_corpus(tmp_path / "corpus", 2)
-    out = cli("prepare", "--data", "corpus", "--tokenizer", "char", "--out", "shards").stdout
-    assert "next: fournil train --data shards" in out
-    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    out = CLI(tmp_path / "corpus")("prepare", "--data", ".", "--tokenizer", "char").stdout  # (named "shards/-char")
+    assert "next: fournil train --data shards/corpus-char" in out
+    shards = tmp_path / "corpus" / "shards" / "corpus-char"
+    meta = json.loads((shards / "meta.json").read_text())
     counts = {split: sum(s["tokens"] for s in shards) for split, shards in meta["shards"].items()}
     assert meta["done"] and meta["dtype"] == "uint16"
     assert sum(counts.values()) == 2 * len(text) + 2  # every character, and a boundary after each file
     assert 0.04 < counts["val"] / sum(counts.values()) < 0.06 and 0.04 < counts["test"] / sum(counts.values()) < 0.06
-    ids = np.fromfile(tmp_path / "shards" / meta["shards"]["train"][0]["file"], dtype=np.uint16)
+    ids = np.fromfile(shards / meta["shards"]["train"][0]["file"], dtype=np.uint16)
     assert len(ids) == meta["shards"]["train"][0]["tokens"]
+    (tmp_path / "small.txt").write_text(text[:20_000])
+    small = cli("prepare", "--data", "small.txt", "--tokenizer", "char", check=False)
+    assert small.returncode == 2 and "small.txt is too small to shard: val and test each take one chunk in 20; " \
+                                     "train on it directly with --data FILE" in small.stderr
+    assert not (tmp_path / "shards" / "small-char").exists()  # (it held a train shard: "only partly prepared")
     missing = cli("prepare", "--data", "corpuss", check=False)  # said at once, not after "learning a BPE from corpuss"
     assert missing.returncode == 2 and missing.stderr.startswith("fournil: error: no file or folder corpuss")
 

@@ -1,5 +1,7 @@
-"""The one exception users see: its message says what is wrong and how to fix it."""
+"""The one exception users see: its message says what is wrong and how to fix it; and paths as messages show them."""
+import os
 import shlex
+from pathlib import Path
 
 
 class FournilError(Exception):
@@ -21,3 +23,9 @@ def typed(path) -> str:
     """A path as a shell reads it, for the commands that messages suggest: quoted where it holds a space, a quote or a
     letter outside ASCII (``'runs/mon modèle'``), as it is otherwise."""
     return shlex.quote(str(path))
+
+
+def named(path) -> str:
+    """What a file or folder gives the names made from it (a run's, a served model's, an arena contestant's): its
+    stem, the current folder's for "." (whose own stem is "")."""
+    return Path(os.path.abspath(path)).stem

@@ -9,7 +9,7 @@ from pathlib import Path
 from fournil.cli.flags import MODEL_HELP, parse_picture
 from fournil.config import DataConfig
 from fournil.data.sources import BUNDLED, resolve
-from fournil.errors import FournilError, typed
+from fournil.errors import FournilError, named, typed
 
 # names that say "one file": a folder named so (a Hugging Face folder, a run) is a typo waiting to be loaded as one
 FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".ggml", ".gguf"}
@@ -116,7 +116,7 @@ def run_tokenizer(args) -> None:
     splits, _ = load_splits(DataConfig(args.data, args.mode))
     texts = lambda part: [part] if splits.mode == "text" else part  # noqa: E731
     tokenizer = train_bpe(texts(splits.train), args.vocab_size, progress=True)
-    name = args.data if args.data in BUNDLED else Path(args.data).stem
+    name = args.data if args.data in BUNDLED else named(args.data)
     out = Path(args.out or f"tokenizers/{name}-bpe{args.vocab_size}")
     own_folder(out, "tokenizer", r"tokenizer(_config)?\.json")
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def run_prepare(args) -> None:
     from fournil.tokenizers.char import BOUNDARY
 
     spec, source = args.tokenizer, str(resolve(args.data)) if args.data in BUNDLED else args.data
-    out = Path(args.out or f"shards/{Path(args.data).stem}-{Path(spec.replace(':', '')).stem}")
+    out = Path(args.out or f"shards/{named(args.data)}-{Path(spec.replace(':', '')).stem}")
     own_folder(out, "prepare", r"(train|val|test)_\d{5}\.bin|meta\.json|tokenizer(_config)?\.json|\.lock")
     if (out / META).exists():  # prepared before, or interrupted: with the same tokenizer, carry on
         tokenizer = load_tokenizer(out / TOKENIZER)

@@ -7,11 +7,10 @@ import re
 import stat
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
                                add_sampling_args, is_loopback)
-from fournil.errors import ContextFull, FournilError, typed
+from fournil.errors import ContextFull, FournilError, named, typed
 from fournil.text import is_text
 
 COMMANDS_OF_CHAT = '/reset, /system TEXT, /exit; """ begins and ends a message of several lines'
@@ -277,7 +276,7 @@ def run_serve(args) -> None:
     warning = None if local or args.api_key else (
         f"this server listens on {args.host} without an API key: anyone who can reach this machine can use it "
         f"(start it with --api-key KEY)")
-    settings = ServeSettings(args.name or Path(str(args.model)).stem, args.api_key, args.max_batch, args.max_waiting,
+    settings = ServeSettings(args.name or named(args.model), args.api_key, args.max_batch, args.max_waiting,
                              args.batch_invariant, args.max_request_bytes,
                              (*LOOPBACK_HOSTS, *extra) if local else (extra or None),
                              tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()), warning,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from fournil.cli.flags import DEVICE, LATEST, SCORE_DTYPE, add_sampling_args, parse_picture, scored
-from fournil.errors import FournilError
+from fournil.errors import FournilError, named
 
 ANIMAL = "The animal didn't cross the street because it was too tired"
 CAPITAL = "The capital of France is Paris, and the capital of Italy is Rome."
@@ -200,7 +200,7 @@ def run_bench(args) -> None:
     except ImportError:
         raise FournilError("fournil bench needs lm-evaluation-harness: pip install 'fournil[bench]'") from None
 
-    out = Path(args.out) if args.out else Path("bench") / Path(str(args.model)).stem
+    out = Path(args.out) if args.out else Path("bench") / named(args.model)
     results = bench(args.model, args.tasks, args.limit, args.shots, args.include_path, args.device, args.dtype,
                     args.batch_tokens, out)
     print(table(results))

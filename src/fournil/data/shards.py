@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fournil.checkpoint import held, write_json
+from fournil.checkpoint import LOCK, held, write_json
 from fournil.data.sources import BUNDLED, decoded, holds_documents, joined, jsonl_documents
 from fournil.errors import FournilError, typed
 
@@ -126,7 +126,22 @@ def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
     if interrupted. One process at a time: another ``prepare`` into ``out`` meanwhile is refused."""
     files = [p.resolve() for p in input_files(Path(source).expanduser())]
     with held(out, "prepared", "; or prepare into another --out"):
-        return tokenize_into(out, source, files, tokenizer, progress)
+        new = not (out / META).exists()
+        try:
+            return tokenize_into(out, source, files, tokenizer, progress)
+        except FournilError:  # (too small, a file that is not text): nothing worth resuming
+            if new:
+                discard(out)
+            raise
+
+
+def discard(out: Path) -> None:
+    """Take away what a new ``prepare`` wrote, and its folder if it then holds nothing else."""
+    for p in out.iterdir():
+        if p.name in (META, LOCK) or p.name.startswith("tokenizer") or p.suffix == ".bin":
+            p.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()
 
 
 def tokenize_into(out: Path, source: str, files: list[Path], tokenizer, progress: bool) -> dict:
@@ -149,7 +164,6 @@ def tokenize_into(out: Path, source: str, files: list[Path], tokenizer, progress
     dtype = np.dtype(meta["dtype"])
     boundary = tokenizer.eos_id  # ends each file: documents do not run into each other
     total = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=total, initial=meta["bytes_done"], unit="B", unit_scale=True, disable=not progress, desc="tokenizing")
     batch = []
 
     def flush():
@@ -163,13 +177,14 @@ def tokenize_into(out: Path, source: str, files: list[Path], tokenizer, progress
         write_json(out / META, meta)  # the shards hold everything up to here
         batch.clear()
 
-    for item in chunks(files, meta["chunks_done"], meta["chunk_bytes"]):
-        batch.append(item)
-        if len(batch) == BATCH_CHUNKS:
+    with tqdm(total=total, initial=meta["bytes_done"], unit="B", unit_scale=True, disable=not progress,
+              desc="tokenizing") as bar:  # (closed before an error is said, which would end its line)
+        for item in chunks(files, meta["chunks_done"], meta["chunk_bytes"]):
+            batch.append(item)
+            if len(batch) == BATCH_CHUNKS:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    bar.close()
     if not meta["shards"]["val"] or not meta["shards"]["test"]:
         raise FournilError(f"{source} is too small to shard: val and test each take one chunk in 20; "
                            f"train on it directly with --data FILE")

@@ -13,9 +13,8 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
-from fournil.errors import ContextFull, FournilError, NotAChatModel, typed
+from fournil.errors import ContextFull, FournilError, NotAChatModel, named, typed
 from fournil.generate.sampling import SamplingParams
 
 PREFIX = "openai:"
@@ -28,7 +27,7 @@ def is_remote(spec) -> bool:
 def name_of(spec) -> str:
     """What a model is called (in the arena, for one): a remote model's NAME, or its file or folder name."""
     spec = str(spec)
-    return spec[len(PREFIX):].partition("@")[0] if is_remote(spec) else Path(os.path.abspath(spec)).stem  # ".": cwd
+    return spec[len(PREFIX):].partition("@")[0] if is_remote(spec) else named(spec)
 
 
 def answerer(spec: str, device: str = "auto", dtype: str = "auto", api_key_env: str = "OPENAI_API_KEY",

@@ -27,7 +27,7 @@ from fournil.data.shards import Shards, made_with
 from fournil.data.sources import BUNDLED
 from fournil.device import (activation_budget, autocast, matmul_rate, memory_size, model_width, pick_device,
                             pick_dtype, precision_text, prepare_compile)
-from fournil.errors import FournilError, typed
+from fournil.errors import FournilError, named, typed
 from fournil.models import (DEFAULTS, FAMILIES, TEXT_BLOCK_SIZE, build_model, check_settings, config_class,
                             parameter_count)
 from fournil.plots import plot_loss
@@ -71,7 +71,7 @@ def new_run_dir(config: RunConfig, out: str | None) -> Path:
     if out:
         path = Path(out)
     else:
-        data = config.data.data if config.data.data in BUNDLED else Path(config.data.data).stem
+        data = config.data.data if config.data.data in BUNDLED else named(config.data.data)
         path = RUNS / f"{data}-{config.model['family']}"
     if (path / CONFIG).exists():
         raise taken(path)
