@@ -5,9 +5,10 @@
     python benchmarks/scaling_names.py --quick                  # 10 and 20 s on names, to check the script
 
 For each budget it trains `fournil train --data D --time T` (the default: sized by the budget) and the same with the
-default model's size given (4 layers, width 64, no dropout, batch 64: the model the defaults had before; the same
-run where the budget chose all of that), prints a table of parameters, steps, tokens, compute (tokens x parameters), val and
-test NLL, and draws test NLL against compute in docs/images/scaling_names.png (or --plot).
+default model's size given (4 layers, width 64, no dropout, batch 64: the model the defaults had before; the same run
+where the budget chose all of that), prints a table of parameters, steps, tokens, compute (tokens x parameters), val
+and test NLL, and draws test NLL against compute: into docs/images/scaling_names.png for the whole default run, into
+scaling_names.png here for a shorter one (--quick, other --data or --budgets), or into --plot.
 """
 from __future__ import annotations
 
@@ -74,10 +75,13 @@ def main() -> None:
     p.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the fixed-size model at each budget")
     p.add_argument("--quick", action="store_true", help="10 and 20 s on names")
-    p.add_argument("--plot", type=Path, default=PICTURE)
+    p.add_argument("--plot", type=Path, help="the picture (default: the docs' for the whole default run, else "
+                                              "scaling_names.png here)")
     args = p.parse_args()
     if args.quick:
         args.data, args.budgets = ["names"], [10, 20]
+    whole = (args.data, args.budgets, args.fixed) == (p.get_default("data"), p.get_default("budgets"), True)
+    args.plot = args.plot or (PICTURE if whole else Path("scaling_names.png"))  # (a check never redraws the docs')
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
