@@ -312,6 +312,9 @@ def test_a_remote_judge_writes_its_verdict_on_the_battles_people_voted_on(cli, b
     (("arena", "judge", "--judge", "smollm2", "--db", "missing.sqlite"), "--db missing.sqlite: no such database"),
     (("arena", "judge", "smollm2", "{running_text}", "--judge", "smollm2", "--db", "missing.sqlite"),
      "has no chat template (it is not a chat model)"),
+    (("arena", "judge", "smollm2", "{running_text}", "--judge", "smollm2", "--db", "nope/missing.sqlite"),  # (said
+     "--db nope/missing.sqlite: the folder nope does not exist; create it first"),  # after the models, as not a db)
+    (("arena", "export", "--db", "."), "--db . is a folder: give the database's file, such as arena.sqlite"),
     (("arena", "judge", "{running_text}", "{running_text}/", "--judge", "smollm2"),
      "{running_text} is given twice: the arena compares different models"),
     (("arena", "judge", "{running_text}", "elsewhere/{name}", "--judge", "smollm2"),  # (once: "give each its own

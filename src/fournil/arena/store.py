@@ -58,13 +58,25 @@ def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
+def placed(url: str) -> None:
+    """Refuse an SQLite path that cannot hold a database (before any model loads, where the database comes after)."""
+    path = Path(url)
+    if path.is_dir():
+        raise FournilError(f"--db {url} is a folder: give the database's file, such as {typed(path / 'arena.sqlite')}")
+    if not path.parent.is_dir():
+        raise FournilError(f"--db {url}: the folder {path.parent} does not exist; create it first or choose another "
+                           f"path")
+
+
 class Store:
     """The database at ``url``: a file path (SQLite) or ``postgresql://...``. Safe to share between threads."""
 
     def __init__(self, url: str | Path, create: bool = True):
         self.url = str(url)
         self.postgres = is_postgres(self.url)
-        if not create and not self.postgres and not Path(self.url).is_file():
+        if not self.postgres and (create or Path(self.url).is_dir()):
+            placed(self.url)
+        elif not self.postgres and not Path(self.url).is_file():
             raise FournilError(f"--db {self.url}: no such database (an arena writes one: fournil arena MODEL MODEL "
                                f"--db {typed(self.url)})")
         self._local = threading.local()

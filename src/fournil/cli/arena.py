@@ -103,9 +103,12 @@ def run_arena(args) -> None:
 def existing(db: str):
     """The votes' database if it exists, opened (a wrong one is said before the models load); None if it does not:
     it is created once they have loaded, so that a refused command leaves no empty database behind."""
-    from fournil.arena.store import Store, is_postgres
+    from fournil.arena.store import Store, is_postgres, placed
 
-    return Store(db) if is_postgres(db) or Path(db).exists() else None
+    if is_postgres(db) or Path(db).exists():
+        return Store(db)
+    placed(db)
+    return None
 
 
 def arena_contestants(args) -> dict:
