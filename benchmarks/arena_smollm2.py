@@ -11,18 +11,19 @@ types, timed.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def fournil(*args, cwd: Path) -> tuple[str, float]:
+def fournil(*args, cwd: Path, check: bool = True) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "fournil", *map(str, args)], cwd=cwd, capture_output=True, text=True)
-    if result.returncode:
+    if result.returncode and check:
         sys.exit(f"fournil {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
-    return result.stdout, time.perf_counter() - start
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -36,11 +37,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     steps = []
 
-    def step(what: str, *command):
-        text, seconds = fournil(*command, cwd=out)
+    def step(what: str, *command, check: bool = True) -> str:
+        """The command's output; unchecked, its error instead (a few prompts may give no pair to align on)."""
+        result, seconds = fournil(*command, cwd=out, check=check)
         steps.append((what, seconds))
         print(f"{what}: {seconds:.0f} s", file=sys.stderr, flush=True)
-        return text
+        return result.stdout if not result.returncode else result.stderr.strip().splitlines()[-1]
 
     if not (out / "smollm2-dpo").exists():
         step("align (DPO, LoRA)", "align", "smollm2", "--lora", "--time", args.time, "--quiet", "--out", "smollm2-dpo")
@@ -53,11 +55,16 @@ def main() -> None:
          "student-4-layers", "--judge", "smollm2", "-n", args.prompts, "--max-new-tokens", args.max_new_tokens,
          "--temperature", "0", "--db", db)
     board = step("leaderboard (1,000 bootstrap rounds)", "arena", "leaderboard", "--db", db, "--out", "leaderboard")
-    exported = step("export", "arena", "export", "--db", db, "--out", "prefs.jsonl")
-    step("align on the votes (DPO, LoRA, 20 steps)", "align", "smollm2", "--data", "prefs.jsonl", "--lora", "--steps",
-         "20", "--quiet", "--out", "smollm2-arena-dpo")
+    (out / "prefs.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out / "smollm2-arena-dpo", ignore_errors=True)
+    said = [step("export", "arena", "export", "--db", db, "--out", "prefs.jsonl", check=False)]
+    if (out / "prefs.jsonl").exists():  # (all ties: no pair)
+        said.append(step("align on the votes (DPO, LoRA, 20 steps)", "align", "smollm2", "--data", "prefs.jsonl",
+                         "--lora", "--steps", "20", "--quiet", "--out", "smollm2-arena-dpo", check=False))
     print(board)
-    print(exported.strip())
+    print(said[0].strip())
+    if len(said) > 1 and said[1].startswith("fournil: error"):  # (too few pairs to align on)
+        print(said[1])
     print(f"win-rate matrix: {out / 'leaderboard' / 'win_rates.png'}\n")
     print("| step | seconds |\n| --- | ---: |")
     for what, seconds in steps:

@@ -93,7 +93,8 @@ def run_arena(args) -> None:
 
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(
             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8"))
-        print(f"{len(pairs):,} preference pairs -> {args.out} (fournil align --data {typed(args.out)})")
+        print(f"{len(pairs):,} preference pair{'s' * (len(pairs) != 1)} -> {args.out} (fournil align --data "
+              f"{typed(args.out)})")
     elif args.action == "judge":
         arena_judge(args)
     else:
