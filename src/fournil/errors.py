@@ -1,4 +1,4 @@
-"""The one exception users see: its message says what is wrong and how to fix it; and paths as messages show them."""
+"""The one exception users see: its message says what is wrong and how to fix it; and paths as users read them."""
 import os
 import shlex
 from pathlib import Path
