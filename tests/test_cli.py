@@ -432,6 +432,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
                    "give a shorter text")
     one_line_error(run("generate", trained["gpt"], "a" * 60), "the model's context is 16: shorten it to 15 tokens at "
                    "most, to leave room for the answer")
+    one_line_error(run("generate", trained["gpt"], "ab", "--draft-tokens", "3"), "--draft-tokens is how many tokens a "
+                   "draft model proposes: give it with --draft MODEL")  # (it was ignored)
     one_line_error(run("info", Path(trained["gpt"]) / "model.safetensors"), "model.safetensors is a file but not a "
                    "model: fournil reads .gguf files, and run directories and Hugging Face folders (give the folder")
     one_line_error(run("eval", tmp_path), "has no config.json: fournil reads run directories, Hugging Face folders")

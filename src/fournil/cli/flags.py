@@ -296,12 +296,28 @@ def add_compile_arg(p) -> None:
                         "minutes on this machine (seconds on the next launch)")
 
 
+DRAFT_TOKENS = 4  # a draft's tokens per check, unless --draft-tokens says
+
+
 def add_draft_args(p) -> None:
     p.add_argument("--draft", metavar="MODEL",
                    help="speculative decoding: a smaller model of the same tokenizer proposes tokens that the model "
                         "checks several at a time (e.g. the layers:N student of fournil distill); the text is the "
                         "model's own (on a CPU the draft's weights are int8, unless --dtype says)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
+    p.add_argument("--draft-tokens", type=int, help=f"tokens the draft proposes per check (default: {DRAFT_TOKENS})")
+
+
+def drafted(args) -> int:
+    """--draft-tokens, checked before any model loads; alone, without a --draft to propose them, it is refused (it
+    was ignored)."""
+    from fournil.generate.speculative import check_draft_tokens
+
+    if args.draft_tokens is not None and not args.draft:
+        raise FournilError("--draft-tokens is how many tokens a draft model proposes: give it with --draft MODEL, or "
+                           "leave it out")
+    k = DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
+    check_draft_tokens(k)
+    return k
 
 
 def scored(run) -> str:

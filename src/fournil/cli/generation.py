@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
-                               add_sampling_args, is_loopback)
+                               add_sampling_args, drafted, is_loopback)
 from fournil.errors import ContextFull, FournilError, named, typed
 from fournil.text import is_text
 
@@ -120,7 +120,7 @@ def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float,
     if args.compile and args.draft:
         raise FournilError("--compile and --draft do not go together here: a draft's passes are not compiled; "
                            "choose one (fournil serve takes both: the draft while a request is alone)")
-    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, args.draft_tokens,
+    model = answerer(args.model, args.device, args.dtype, args.api_key_env, args.draft, drafted(args),
                      conversation=args.command == "chat")
     if chats is not None:
         check_chats(model, chats)
@@ -264,10 +264,7 @@ def run_serve(args) -> None:
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_capacity(args.max_batch, args.max_waiting)  # before the model loads
-    if args.draft:
-        from fournil.generate.speculative import check_draft_tokens
-
-        check_draft_tokens(args.draft_tokens)
+    draft_tokens = drafted(args)
     if args.max_request_bytes < 1:
         raise FournilError(f"--max-request-bytes must be at least 1 (got {args.max_request_bytes})")
     logging.basicConfig(format="fournil: %(levelname)s: %(message)s")  # a server fault's traceback, on stderr
@@ -285,7 +282,7 @@ def run_serve(args) -> None:
     run, draft = load_local(args.model, args.device, args.dtype, args.draft)
     if args.compile:
         compile_decoding_step(run, args.max_batch, say_compiled)
-    app, schedulers = create_app(run, settings, draft, args.draft_tokens)
+    app, schedulers = create_app(run, settings, draft, draft_tokens)
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
           f"http://{args.host}:{sock.getsockname()[1]}: chat page at /, OpenAI API at /v1", flush=True)
     if warning:
