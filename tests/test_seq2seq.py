@@ -4,10 +4,11 @@ import itertools
 import json
 import random
 import re
+import shutil
 
 import pytest
 import torch
-from conftest import CLI, InProcess
+from conftest import CLI, InProcess, Server
 
 from fournil.config import DataConfig
 from fournil.data import load_splits
@@ -135,6 +136,7 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert re.match(r"(\d+) of \1 token embeddings of width 64", drawn) and (tmp_path / "e.png").stat().st_size > 5000
     refused = cli("generate", "rev", "abc", check=False)
     assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
+    served_by(Server(tmp_path / "rev"))
     # which source letter each letter it writes reads: its mirror (the rows ran from 0.40 to 0.97, fp32 and bf16)
     from fournil.evaluate.attention import cross_attention_maps
     from fournil.runs import Run
@@ -168,6 +170,42 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     first = words[-100]  # with no source given, the first held-out one
     said = cli("attention", "rev", "--out", "a.png").stderr
     assert said == f"(the first held-out source of rev: {first!r}; give a TEXT for another)\n"
+
+
+def served_by(server: Server) -> None:
+    """``fournil serve`` of the word-reversing model (it used to refuse a seq2seq model): ``/predict`` and the page
+    write the target of a source; the OpenAI API, which continues texts and conversations, is refused."""
+    from playwright.sync_api import sync_playwright
+
+    try:
+        assert 'POST /predict {"text": SOURCE}' in server.printed
+        assert server.post("/predict", {"text": "abc"}) == (200, {"text": "cba", "finish_reason": "stop"})
+        assert server.post("/predict", {"text": "abc", "max_tokens": 2}) == (200, {"text": "cb", "finish_reason":
+                                                                                    "length"})
+        for path, body, message in (
+                ("/predict", {"text": "abc", "max_tokens": 6}, "max_tokens is 6; this model writes targets of at most "
+                                                               "5 tokens: lower it"),
+                ("/predict", {"text": "abcdeabcde"}, "the source has 10 tokens; the model's context is 6"),
+                ("/predict", {"text": "xyz"}, "'x', 'y', 'z' are not in the model's vocabulary"),
+                ("/v1/completions", {"model": "rev", "prompt": "abc"},
+                 'rev is a seq2seq model: it writes a target for a source, which POST /predict {"text": SOURCE}'),
+                ("/v1/chat/completions", {"model": "rev", "messages": [{"role": "user", "content": "abc"}]},
+                 "rev is a seq2seq model")):
+            status, said = server.post(path, body)
+            assert status == 400 and said["error"]["message"].startswith(message), said
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"))
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            assert "seq2seq: it writes a target for each source" in page.text_content("#model")
+            assert page.is_hidden("#temperature") and page.input_value("#max-tokens") == "5"
+            page.fill("#question", "abcd")
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelector('.msg.assistant, .msg.error').dataset.done === 'true'")
+            assert page.locator(".msg.assistant").text_content() == "dcba" and page.locator(".note").count() == 0
+            browser.close()
+    finally:
+        server.stop()
 
 
 def test_a_seq2seq_model_without_data_learns_the_bundled_pairs(tmp_path):

@@ -176,7 +176,9 @@ def test_chat_streaming_and_errors(server, chat_run):
     assert status == 405 and body["error"]["message"] == "this endpoint answers GET requests, not POST"
 
     status, body = server.post("/predict", {"text": "Speak, good sir."})
-    assert status == 200 and isinstance(body["text"], str)
+    assert status == 200 and isinstance(body["text"], str) and body["finish_reason"] in ("stop", "length")
+    status, cut = server.post("/predict", {"text": "Speak, good sir.", "max_tokens": 1})
+    assert (status, cut["finish_reason"]) == (200, "length") and body["text"].startswith(cut["text"])
     status, body = server.post("/predict", {"text": "Speak, good sir.", "max_tokens": 4, "temperature": 1.5})
     assert status == 400 and body["error"]["param"] == "temperature"  # (it answered greedily, as if not asked)
     assert body["error"]["message"].startswith("temperature is not a field here: this endpoint takes text, max_tokens")

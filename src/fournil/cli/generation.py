@@ -283,8 +283,10 @@ def run_serve(args) -> None:
     if args.compile:
         compile_decoding_step(run, args.max_batch, say_compiled)
     app, schedulers = create_app(run, settings, draft, draft_tokens)
+    where = ('a page at /, POST /predict {"text": SOURCE}' if run.model.family == "seq2seq" else
+             "chat page at /, OpenAI API at /v1")
     print(f"serving {settings.name} ({run.model.num_params():,} parameters; {run.precision}) on "
-          f"http://{args.host}:{sock.getsockname()[1]}: chat page at /, OpenAI API at /v1", flush=True)
+          f"http://{args.host}:{sock.getsockname()[1]}: {where}", flush=True)
     if warning:
         logging.getLogger("fournil.serve").warning(warning)
     run_server(app, schedulers, sock)  # on Ctrl-C, answers in progress get 5 seconds to end

@@ -85,7 +85,9 @@ class Local:
     def __init__(self, run, name: str | None = None, draft=None, draft_tokens: int = 4, conversation: bool = False):
         from fournil.generate.scheduler import Scheduler
         from fournil.generate.speculative import Speculation
+        from fournil.models.base import decoder_only
 
+        decoder_only(run.model, "answering a prompt")  # (before a conversation's first message)
         self.run, self.name, self.draft, self.draft_tokens = run, name or run.path.stem, draft, draft_tokens
         self.cut = None  # once an answer has ended: "length" if max_new_tokens cut it, "context" if the context did
         self.speculation = Speculation() if draft is not None else None  # passes of the model, over every answer

@@ -179,7 +179,6 @@ class Scheduler:
         chat``), the keys and values of the last sequence to finish are kept, even while idle, for the next prompt that
         goes on from it: a conversation's next turn reads only its new tokens. ``after_step()`` is called after each
         step that :func:`drive` runs (a server sends the step's pieces on from there, together)."""
-        decoder_only(model, "generating a continuation")
         check_capacity(max_batch, max_waiting)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.first_columns, self.batch_invariant = first_columns, batch_invariant
@@ -204,6 +203,7 @@ class Scheduler:
         """Queue a prompt; it joins the batch at the next step with a free row. Its pieces, then ``None``, go to
         ``sink.put`` (a queue of the request's own by default). Raises :class:`Busy` when the queue is full, and a
         :class:`FournilError` for a prompt or settings that cannot be generated."""
+        decoder_only(self.model, "continuing a text")  # (a seq2seq model's scheduler runs only calls: a server's)
         params.check()
         if not prompt:
             raise FournilError("every prompt needs at least one token")

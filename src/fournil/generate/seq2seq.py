@@ -99,7 +99,7 @@ def generate_targets(model, tokenizer, sources: list[str], params: SamplingParam
     params = params or SamplingParams(temperature=0)
     out = []
     for start in range(0, len(sources), batch_size):
-        ids = [tokenizer.encode(s, strict=False) for s in sources[start : start + batch_size]]
+        ids = [encoded_source(model, tokenizer, s) for s in sources[start : start + batch_size]]
         rows = beam_search(model, ids, beam, dtype) if beam > 1 else sample_targets(model, ids, params, dtype)
         out += [tokenizer.decode(r) for r in rows]
     return out

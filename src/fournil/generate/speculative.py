@@ -39,7 +39,7 @@ def check_draft(target_run, draft_run) -> None:
     """Refuse a draft that cannot propose the target's tokens."""
     from fournil.train.distill import same_tokenizer
 
-    if not hasattr(draft_run.model, "new_cache") or not hasattr(target_run.model, "new_cache"):
+    if any(r.model.family == "seq2seq" or not hasattr(r.model, "new_cache") for r in (target_run, draft_run)):
         raise FournilError("speculative decoding needs Transformer decoders (gpt, llama, a pretrained model) as target "
                            "and draft")
     if not same_tokenizer(target_run.tokenizer, draft_run.tokenizer):

@@ -255,7 +255,8 @@ def decoder_only(model, what: str) -> None:
     """Refuse, with the way out, what only a decoder-only language model can do."""
     if model.family == "seq2seq":
         raise FournilError(f"{what} needs a decoder-only language model; a seq2seq model writes a target for a source: "
-                           f"`fournil sample RUN --prompt SOURCE` (--beam N for a beam search)")
+                           f"`fournil sample RUN --prompt SOURCE` (--beam N for a beam search), or POST /predict to "
+                           f"`fournil serve RUN`")
 
 
 def windows(idx: torch.Tensor, width: int, pad: int) -> torch.Tensor:

@@ -167,4 +167,5 @@ class Seq2Seq(LanguageModel):
 
     def check_length(self, idx: torch.Tensor, start: int = 0) -> None:
         if start + idx.shape[1] > self.config.block_size:
-            raise FournilError(f"{start + idx.shape[1]} tokens do not fit the model's {self.config.block_size}")
+            raise FournilError(f"{start + idx.shape[1]} tokens do not fit the model's context of "
+                               f"{self.config.block_size}")

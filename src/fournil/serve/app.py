@@ -32,6 +32,7 @@ from fournil.errors import FournilError, NotAChatModel
 from fournil.generate import Busy, SamplingParams, Scheduler, score
 from fournil.generate.engine import row_params
 from fournil.generate.scheduler import drive
+from fournil.generate.seq2seq import encoded_source, sample_targets
 from fournil.serve.guard import Guard, http_message
 from fournil.serve.metrics import Metrics
 from fournil.serve.responses import Response, conversation
@@ -133,6 +134,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     tok, model, name = run.tokenizer, run.model, settings.name
     block = model.config.block_size
     chat_model = bool(getattr(tok, "chat_template", None))  # else /predict and the page continue text
+    seq2seq = model.family == "seq2seq"  # writes a target for a source: /predict and the page, not the OpenAI API
     post = Post()
     scheduler = Scheduler(model, tok, run.dtype, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                           batch_invariant=settings.batch_invariant, draft=draft and draft.model,
@@ -183,6 +185,13 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                               repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                               logprobs=logprobs, ignore_eos=body.ignore_eos)
+
+    def continues() -> None:
+        """Refuse what continues a text or a conversation (the OpenAI API) when the model is seq2seq."""
+        if seq2seq:
+            raise ApiError(400, f"{name} is a seq2seq model: it writes a target for a source, which POST /predict "
+                                f'{{"text": SOURCE}} answers; the OpenAI API continues texts and conversations, which '
+                                f"only decoder-only models do", param="model")
 
     def submit(prompts: list[list[int]], params: list[SamplingParams], stream: bool):
         """Submit every sequence (all or none); returns the requests and the queue their pieces arrive on (as they come
@@ -254,6 +263,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        continues()
         prompts, texts, leads = prompt_list(body.prompt)
         if body.max_tokens == 0 and body.stream:
             raise ApiError(400, "max_tokens 0 generates nothing to stream: ask without stream", param="max_tokens")
@@ -355,6 +365,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
+        continues()
         prompt = chat_prompt([m.model_dump() for m in body.messages], "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
@@ -398,6 +409,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest):
+        continues()
         prompt = chat_prompt(conversation(body), "input")
         requests, queue = submit([prompt], [sampling(body, len(prompt), body.max_output_tokens, None)], body.stream)
         answer = Response({"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": name}, body,
@@ -437,11 +449,26 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     # ---- the classic endpoint, health, metrics, the page
     @app.post("/predict")
     async def predict(body: PredictRequest):
+        if seq2seq:
+            return await asyncio.wrap_future(scheduler.call(target_of, body.text, body.max_tokens))
         prompt = tok.chat_ids([{"role": "user", "content": body.text}]) if chat_model else tok.prompt_ids(body.text)
         params = sampling(Sampling(temperature=0), len(prompt), body.max_tokens or min(256, block - len(prompt)), None)
         requests, queue = submit([prompt], [params], stream=False)
         got = (await gather(requests, queue))[0]
-        return {"text": "".join(p.text for p in got)}
+        return {"text": "".join(p.text for p in got), "finish_reason": requests[0].finish_reason}
+
+    def target_of(text: str, max_tokens: int | None) -> dict:
+        """A seq2seq model's greedy target for the source ``text`` (where the steps run), as ``fournil sample RUN
+        --prompt TEXT`` writes it: read as the training sources are written (nombres: 71080 as 71 080)."""
+        room = block - 1  # (the decoder reads its start token first)
+        limit = max_tokens or room
+        if limit > room:
+            raise ApiError(400, f"max_tokens is {limit}; this model writes targets of at most {room} tokens: lower it",
+                           param="max_tokens")
+        source = encoded_source(model, tok, run.as_sources([text])[0])
+        target = sample_targets(model, [source], SamplingParams(max_new_tokens=limit, temperature=0), run.dtype)[0]
+        metrics.tokens(len(source), len(target))
+        return {"text": tok.decode(target), "finish_reason": "length" if len(target) == limit else "stop"}
 
     @app.get("/health")
     async def health():
@@ -454,7 +481,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     @app.get("/")
     async def page():
         html = (resources.files("fournil.serve") / "page.html").read_text(encoding="utf-8")
-        values = {"MODEL": name, "WARNING": settings.warning, "CHAT": chat_model, "CONTEXT": block}
+        values = {"MODEL": name, "WARNING": settings.warning, "CHAT": chat_model, "SOURCE": seq2seq, "CONTEXT": block}
         for key, value in values.items():
             html = html.replace("{{" + key + "}}", json.dumps(value))
         return HTMLResponse(html)
