@@ -114,7 +114,7 @@ def test_exact_match_and_character_error_rate():
     assert scores["exact"] == pytest.approx(1 / 3) and scores["cer"] == pytest.approx(2 / 18)
 
 
-def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
+def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsys, monkeypatch):
     rng = random.Random(0)
     words = sorted({"".join(rng.choice("abcde") for _ in range(rng.randint(2, 5))) for _ in range(3000)})
     rng.shuffle(words)
@@ -132,6 +132,17 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path):
     assert len(shown.stdout.splitlines()) == 5 and re.search(r"^\d of 5 held-out sources right$", shown.stderr, re.M)
     refused = cli("sample", "rev", "--prompt", "abc", "--beam", "0", check=False)
     assert refused.returncode == 2 and "--beam 0: give a width of 1 (greedy) or more" in refused.stderr
+    in_process = InProcess(capsys, monkeypatch, tmp_path)  # (no start-up for each)
+    drawn = in_process("sample", "rev", "--prompt", "abcde", "-n", "3", "--temperature", "2", "--seed", "0")
+    assert len(drawn.stdout.splitlines()) == 3  # -n outputs for the source (it gave one)
+    assert in_process("sample", "rev", "--prompt", "abcde", "--beam", "3", "--max-new-tokens", "2").stdout == "ed\n"
+    for args, message in ((("--beam", "3", "--temperature", "0.7"), "--beam 3 searches for the most likely output, "
+                                                                     "and --temperature is for drawing one"),
+                          (("--beam", "3", "-n", "2"), "--beam 3 gives one output, the most likely: leave -n out"),
+                          (("-n", "0"), "-n must be a whole number, at least 1 (got 0)")):
+        refused = in_process("sample", "rev", "--prompt", "abc", *args)  # (they were ignored)
+        assert refused.returncode == 2 and refused.stderr.startswith(f"fournil: error: {message}"), refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
     drawn = cli("embeddings", "rev", "--out", "e.png").stdout  # (it said a seq2seq model has no token embeddings)
     assert re.match(r"(\d+) of \1 token embeddings of width 64", drawn) and (tmp_path / "e.png").stat().st_size > 5000
     refused = cli("generate", "rev", "abc", check=False)

@@ -45,8 +45,10 @@ def add_run_commands(sub) -> None:
 
     p = sub.add_parser("sample", help="sample text from a trained run")
     p.add_argument("run", nargs="?", help=LATEST)
-    p.add_argument("-n", "--num", type=int, default=20, help="how many samples")
-    p.add_argument("--prompt", default="", help="text every sample starts with")
+    p.add_argument("-n", "--num", type=int, help="how many samples (default 20; seq2seq: of the first held-out "
+                                                  "sources, or 1 for --prompt)")
+    p.add_argument("--prompt", default="", help="text every sample starts with (seq2seq: the source to write a "
+                                                "target for)")
     p.add_argument("--temperature", type=float, help="0 = always the most likely token (default 1; seq2seq: 0)")
     add_sampling_args(p)
     p.add_argument("--max-new-tokens", type=int,
@@ -210,19 +212,18 @@ def run_bench(args) -> None:
 def run_sample(args) -> None:
     from fournil.runs import Run, latest_run
 
+    if args.num is not None and args.num < 1:
+        raise FournilError(f"-n must be a whole number, at least 1 (got {args.num})")
     run = Run.load(args.run or latest_run(), args.device)
     check_beam(run, args.beam)
     if run.mode == "pairs":
         return sample_pairs(run, args)
     temperature = 1.0 if args.temperature is None else args.temperature
-    samples = run.sample(args.num, args.prompt, temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    samples = run.sample(args.num or 20, args.prompt, temperature, args.top_k, args.top_p, args.seed,
+                         args.max_new_tokens)
     for s in samples:
         print(s)
-    if args.num > 1 and (temperature == 0 or args.top_k == 1):  # (ten times the same name looked like a bug)
-        how, other = ("temperature 0", "a temperature above 0") if temperature == 0 else \
-            ("--top-k 1", "a higher --top-k")
-        print(f"({how} is greedy decoding: each sample is the most likely text, the same every time; {other} "
-              f"samples others)", file=sys.stderr)
+    say_if_greedy(len(samples), temperature, args.top_k)
     if run.mode == "lines" and run.config.data is not None:  # (an imported model has no training set)
         try:
             seen = set(run.splits().train)
@@ -233,17 +234,37 @@ def run_sample(args) -> None:
         print(f"{known} of {len(samples)} samples are in the training set", file=sys.stderr)
 
 
+def say_if_greedy(n: int, temperature: float, top_k: int | None) -> None:
+    """Several samples of greedy decoding are all the same text: say why (ten times the same name looked like a bug)."""
+    if n > 1 and (temperature == 0 or top_k == 1):
+        how, other = ("temperature 0", "a temperature above 0") if temperature == 0 else \
+            ("--top-k 1", "a higher --top-k")
+        print(f"({how} is greedy decoding: each sample is the most likely text, the same every time; {other} "
+              f"samples others)", file=sys.stderr)
+
+
 def sample_pairs(run, args) -> None:
-    """A seq2seq run's outputs: for ``--prompt``, or for the first held-out sources, each marked right or wrong."""
+    """A seq2seq run's outputs: ``-n`` of them (1 by default) for ``--prompt``, or for the first ``-n`` held-out
+    sources (20 by default), each marked right or wrong."""
     from fournil.generate import SamplingParams
 
+    drawn = [flag for flag, value in (("--temperature", args.temperature or None), ("--top-k", args.top_k),
+                                      ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
+    if args.beam > 1 and drawn:
+        raise FournilError(f"--beam {args.beam} searches for the most likely output, and {drawn[0]} is for drawing "
+                           f"one: give one or the other")
     limit = run.model.config.block_size if args.max_new_tokens is None else args.max_new_tokens
     params = SamplingParams(max_new_tokens=limit,
                             temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.prompt:
-        print(run.translate([read_as_source(run, args.prompt)], args.beam, params)[0])
+        if args.beam > 1 and (args.num or 1) > 1:
+            raise FournilError(f"--beam {args.beam} gives one output, the most likely: leave -n out, or draw several "
+                               f"with --temperature 1")
+        outputs = run.translate([read_as_source(run, args.prompt)] * (args.num or 1), args.beam, params)
+        print("\n".join(outputs))
+        say_if_greedy(len(outputs), params.temperature, args.top_k)
         return
-    pairs = run.splits().val[: args.num]
+    pairs = run.splits().val[: args.num or 20]
     outputs = run.translate([s for s, _ in pairs], args.beam, params)
     for (source, target), output in zip(pairs, outputs):
         print(f"{source} -> {output}" + ("" if output == target else f"   (expected: {target})"))

@@ -63,8 +63,10 @@ def written(model, source: list[int], dtype=torch.float32) -> list[int]:
 
 
 @torch.no_grad()
-def beam_search(model, sources: list[list[int]], width: int = 4, dtype=torch.float32) -> list[list[int]]:
-    """The target of highest log-probability per token among ``width`` hypotheses kept at each step."""
+def beam_search(model, sources: list[list[int]], width: int = 4, dtype=torch.float32,
+                longest: int | None = None) -> list[list[int]]:
+    """The target of highest log-probability per token among ``width`` hypotheses kept at each step, of at most
+    ``longest`` tokens (by default, as many as the context holds)."""
     cfg, device = model.config, model.device
     B = len(sources)
     with autocast(device, dtype):
@@ -74,7 +76,7 @@ def beam_search(model, sources: list[list[int]], width: int = 4, dtype=torch.flo
         scores = torch.full((B, width), float("-inf"), device=device)
         scores[:, 0] = 0.0  # every hypothesis starts the same: keep one until they differ
         finished = torch.zeros(B * width, dtype=torch.bool, device=device)
-        for _ in range(cfg.block_size - 1):
+        for _ in range(min(longest or cfg.block_size, cfg.block_size - 1)):
             logprobs = model.decode(tokens[:, -1:], memory, mask, cache)[:, -1].float().log_softmax(-1)
             logprobs[finished] = float("-inf")
             logprobs[finished, cfg.eos_id] = 0.0  # a finished hypothesis carries on unchanged
@@ -100,6 +102,7 @@ def generate_targets(model, tokenizer, sources: list[str], params: SamplingParam
     out = []
     for start in range(0, len(sources), batch_size):
         ids = [encoded_source(model, tokenizer, s) for s in sources[start : start + batch_size]]
-        rows = beam_search(model, ids, beam, dtype) if beam > 1 else sample_targets(model, ids, params, dtype)
+        rows = beam_search(model, ids, beam, dtype, params.max_new_tokens) if beam > 1 else \
+            sample_targets(model, ids, params, dtype)
         out += [tokenizer.decode(r) for r in rows]
     return out
