@@ -133,6 +133,13 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
     refused = cli("sample", "rev", "--prompt", "abc", "--beam", "0", check=False)
     assert refused.returncode == 2 and "--beam 0: give a width of 1 (greedy) or more" in refused.stderr
     in_process = InProcess(capsys, monkeypatch, tmp_path)  # (no start-up for each)
+    other = in_process("eval", "rev", "--data", "test.tsv").stdout  # pairs of one's own: as its test split scores
+    assert re.search(r"^test.tsv +(\d.*)$", other, re.M).group(1) == test.group(0).removeprefix("test").strip()
+    (tmp_path / "long.tsv").write_text("abcabcabc\tcba\n", encoding="utf-8")
+    for data, message in (("names", "names: a seq2seq model scores (source, target) pairs: give a .tsv file"),
+                          ("long.tsv", "long.tsv: a source or target of 9 tokens is longer than this model reads (6)")):
+        refused = in_process("eval", "rev", "--data", data)  # (it said "scoring a text needs a decoder-only model")
+        assert refused.returncode == 2 and refused.stderr.startswith(f"fournil: error: {message}"), refused.stderr
     drawn = in_process("sample", "rev", "--prompt", "abcde", "-n", "3", "--temperature", "2", "--seed", "0")
     assert len(drawn.stdout.splitlines()) == 3  # -n outputs for the source (it gave one)
     assert in_process("sample", "rev", "--prompt", "abcde", "--beam", "3", "--max-new-tokens", "2").stdout == "ed\n"

@@ -248,31 +248,52 @@ class Run:
 
             return evaluate_alignment(self, names)
         data = self.data(names)
-        scores = {n: evaluate_nll(self.model, data[n], self.tokenizer, self.measure_dtype, max_tokens=max_tokens)
-                  for n in names}
+        return {n: self._scores(data[n], max_tokens, beam) for n in names}
+
+    def _scores(self, data, max_tokens: int | None, beam: int = 1) -> dict:
+        """The NLL of ``data`` (of its targets, for pairs: then also the exact match and character error rate of the
+        outputs for the pairs whose targets were scored)."""
+        scores = evaluate_nll(self.model, data, self.tokenizer, self.measure_dtype, max_tokens=max_tokens)
         if self.mode == "pairs":
-            for n in names:  # the pairs whose targets were scored
-                sources, targets = zip(*(data[n].pairs[i] for i in data[n].scored(max_tokens)))
-                outputs = self.translate(list(sources), beam=beam, dtype=self.measure_dtype)
-                scores[n].update(output_scores(outputs, list(targets)))
+            sources, targets = zip(*(data.pairs[i] for i in data.scored(max_tokens)))
+            outputs = self.translate(list(sources), beam=beam, dtype=self.measure_dtype)
+            scores.update(output_scores(outputs, list(targets)))
         return scores
 
-    def score_text(self, data: str, max_tokens: int | None = None) -> tuple[str, dict]:
+    def score_text(self, data: str, max_tokens: int | None = None, beam: int = 1) -> tuple[str, dict]:
         """NLL per token, perplexity, bits per character and per byte of text other than the run's own, as llama.cpp's
         perplexity tool gives them for a file: a UTF-8 text file, whole, or a bundled dataset's test split (split as
         a run trained on it split it, else by default: what it never saw); at most its first ``max_tokens``. Read as
         the run reads its data: one document per line (a model of names), else running text in windows of the
-        context; instructions as fine-tuning reads them (:meth:`score_answers`). Returns what was scored, in words,
-        and the scores."""
+        context; instructions as fine-tuning reads them (:meth:`score_answers`); a seq2seq run's (source, target)
+        pairs as :meth:`evaluate` scores its own, outputs included. Returns what was scored, in words, and the
+        scores."""
         from fournil.data.corpus import Splits, documents
         from fournil.data.instructions import is_instructions
+        from fournil.data.pairs import GENERATED, PairData, is_pairs, read_pairs
         from fournil.data.sources import BUNDLED, read_text
         from fournil.models.base import decoder_only
 
         self.check_writes()
-        decoder_only(self.model, "scoring a text")
         if max_tokens is not None and max_tokens < 1:
             raise FournilError(f"--tokens {max_tokens}: score at least 1 token (leave it out for all of them)")
+        if self.mode == "pairs":
+            if not is_pairs(data):
+                raise FournilError(f"{data}: a seq2seq model scores (source, target) pairs: give a .tsv file of "
+                                   f"source<TAB>target lines, a .jsonl file of source and target records, or nombres")
+            own = self.config.data if self.config.data and self.config.data.data == data else None
+            pairs = load_splits(own or DataConfig(data, mode="pairs"))[0].test if data in GENERATED else \
+                read_pairs(data)
+            try:
+                scored = PairData(pairs, self.tokenizer, "test")
+            except FournilError as e:  # (a character the model never saw)
+                raise FournilError(f"{data}: {e}") from None
+            if scored.longest > (block := self.model.config.block_size):
+                raise FournilError(f"{data}: a source or target of {scored.longest} tokens is longer than this model "
+                                   f"reads ({block}): shorten or remove it")
+            what = f"{data} (test split)" if data in GENERATED else Path(data).name
+            return what, self._scores(scored, max_tokens, beam)
+        decoder_only(self.model, "scoring a text")
         if is_instructions(data):
             return self.score_answers(data, max_tokens)
         mode = "lines" if self.mode == "lines" else "text"  # (a tuned model, of instructions or pairs: text)

@@ -108,7 +108,7 @@ def run_eval(args) -> None:
     run = Run.load(args.run[0] if args.run else latest_run(), args.device, args.dtype, merge=False)
     check_beam(run, args.beam)
     if args.data is not None:
-        name, result = run.score_text(args.data, args.tokens)
+        name, result = run.score_text(args.data, args.tokens, args.beam)
         results = {name: result}
     else:
         results = run.evaluate(beam=args.beam)
@@ -119,7 +119,7 @@ def run_eval(args) -> None:
         for name, r in results.items():
             print(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()))
         return
-    pairs = run.mode == "pairs" and args.data is None
+    pairs = run.mode == "pairs"
     width = max(6, *map(len, results))
     print(f"{'split' if args.data is None else 'text':<{width}} {'tokens':>9} {'nll':>8} {'ppl':>8} {'bits/char':>10} "
           f"{'bits/byte':>10}" + (f" {'exact':>8} {'CER':>8}" if pairs else ""))
@@ -151,9 +151,9 @@ def compare_runs(args) -> None:
                                f"`fournil eval {run.path}` alone gives them, and --data scores a text or the "
                                f"answers of instructions")
         check_beam(run, args.beam)
-        rows.append((run, {"text": run.score_text(args.data, args.tokens)[1]} if args.data else
+        rows.append((run, {"text": run.score_text(args.data, args.tokens, args.beam)[1]} if args.data else
                      run.evaluate(beam=args.beam)))
-    pairs = not args.data and any("exact" in r["test"] for _, r in rows)
+    pairs = any("exact" in r["text" if args.data else "test"] for _, r in rows)
     width = max(3, *map(len, args.run))  # (each as given: smollm2, not the path of its file)
     figures = (f"{'tokens':>9} {'nll':>8}" if args.data else f"{'val nll':>8} {'test nll':>8}")
     print(f"{'run':<{width}} {'model':<8} {'parameters':>12} {figures} {'ppl':>8} {'bits/char':>10} {'bits/byte':>10}"
