@@ -217,8 +217,10 @@ def test_a_character_vocabulary_with_spaces_survives_gguf(tmp_path):
     ({"qk_norm": True, "sliding_window": 4}, r"norms on queries and keys \(Qwen3\) with a sliding window"),
     ({"qkv_bias": True, "sliding_window": 4}, "biases on q, k, v but not on the output projection exist only in Qwen2"),
     ({"qk_norm": True, "mlp_bias": True}, "qwen3 has no MLP biases"),
+    ({"family": "seq2seq", "shared_embeddings": False}, "Blenderbot has one embedding table for the encoder, the "
+                                                         "decoder and the output layer"),
 ])
-def test_a_llama_that_no_hugging_face_architecture_holds_is_refused(settings, message, tmp_path):
+def test_a_model_that_no_hugging_face_architecture_holds_is_refused(settings, message, tmp_path):
     from fournil.config import RunConfig
     from fournil.models import build_model
     from fournil.tokenizers import CharTokenizer
@@ -227,6 +229,7 @@ def test_a_llama_that_no_hugging_face_architecture_holds_is_refused(settings, me
     model = build_model({"family": "llama", "vocab_size": tok.vocab_size, "block_size": 8, "n_layer": 1, **settings})
     with pytest.raises(FournilError, match=message):
         export(Run(tmp_path, RunConfig(model={}), model, tok, {}, "float32"), tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists()  # (an empty folder was left)
 
 
 def test_chat_template_renders_as_transformers_does(hf_models):

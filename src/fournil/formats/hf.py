@@ -139,6 +139,8 @@ def hf_config(config, tokenizer: HFTokenizer) -> dict:
     """The Hugging Face config.json of a fournil model."""
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     c = config
+    if type(config).__name__ == "Seq2SeqConfig":
+        return seq2seq_config(c)
     if type(config).__name__ == "GPTConfig":
         if not c.bias:
             raise FournilError("GPT-2 has biases everywhere: a gpt model trained with --bias false cannot be exported")
@@ -168,6 +170,24 @@ def hf_config(config, tokenizer: HFTokenizer) -> dict:
     return out
 
 
+def seq2seq_config(c) -> dict:
+    """Blenderbot's config for a seq2seq model: its architecture is fournil's (pre-norm layers, a final norm on each
+    side, learned positions from 0, exact GELU, one embedding table; BART adds a norm after the embeddings, and
+    places positions 2 rows further on)."""
+    if not (c.shared_embeddings and c.tie_embeddings):
+        raise FournilError("Blenderbot has one embedding table for the encoder, the decoder and the output layer: a "
+                           "seq2seq model trained with --shared-embeddings false cannot be exported")
+    ids = {"bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "pad_token_id": c.eos_id,  # (sources are padded so)
+           "decoder_start_token_id": c.bos_id}
+    return {"architectures": ["BlenderbotForConditionalGeneration"], "model_type": "blenderbot",
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.block_size, "d_model": c.n_embd,
+            "encoder_layers": c.n_layer, "decoder_layers": c.n_layer, "encoder_attention_heads": c.n_head,
+            "decoder_attention_heads": c.n_head, "encoder_ffn_dim": 4 * c.n_embd, "decoder_ffn_dim": 4 * c.n_embd,
+            "activation_function": "gelu", "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0,
+            "activation_dropout": 0.0, "is_encoder_decoder": True, "tie_word_embeddings": True,
+            "encoder_no_repeat_ngram_size": 0, "forced_eos_token_id": None, "dtype": "float32", **ids}
+
+
 def char_to_hf(tok: CharTokenizer) -> HFTokenizer:
     """The same vocabulary and ids as a Hugging Face tokenizer: a BPE with no merges is one token per character."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -186,14 +206,23 @@ def hf_tokenizer(tokenizer) -> HFTokenizer:
 
 def write_folder(model, tokenizer, folder: Path) -> None:
     """A folder that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load."""
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = hf_tokenizer(tokenizer)
-    write_json(folder / "config.json", hf_config(model.config, tokenizer))
+    config = hf_config(model.config, tokenizer)  # (what cannot be exported is refused before the folder is made)
+    folder.mkdir(parents=True, exist_ok=True)
     state = unique_state(model)
     if model.family == "gpt":
         state = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in state.items()}
+    stops = sorted(tokenizer.stop_ids) or None  # transformers' generate stops on any of them
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}
+    if model.family == "seq2seq":  # a source is read as it is; the target starts with BOS, and fills the context
+        tokenizer = HFTokenizer(tokenizer.tok, tokenizer.bos, tokenizer.eos)
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+        generation["max_length"] = model.config.block_size
+    write_json(folder / "config.json", config)
     save_tensors(state, folder / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save(folder / "tokenizer.json")
-    stops = sorted(tokenizer.stop_ids) or None  # transformers' generate stops on any of them
-    write_json(folder / "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops})
+    if model.family == "seq2seq":  # sources batched together are padded with the end token, as fournil pads them
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        write_json(folder / "tokenizer_config.json", {**settings, "pad_token": tokenizer.eos})
+    write_json(folder / "generation_config.json", generation)
 
