@@ -232,6 +232,19 @@ def test_a_model_that_no_hugging_face_architecture_holds_is_refused(settings, me
     assert not (tmp_path / "out").exists()  # (an empty folder was left)
 
 
+def test_a_blenderbot_unlike_fournils_seq2seq_model_is_refused_with_what_differs():
+    from fournil.formats.hf import model_config
+
+    distilled = {"model_type": "blenderbot", "vocab_size": 8008, "d_model": 1280, "encoder_layers": 2,
+                 "decoder_layers": 12, "encoder_attention_heads": 32, "decoder_attention_heads": 32,
+                 "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120, "scale_embedding": True, "pad_token_id": 0,
+                 "eos_token_id": 2}  # facebook/blenderbot-400M-distill's
+    with pytest.raises(FournilError, match=r"^this Blenderbot is not one fournil's seq2seq model holds: it needs as "
+                                           r"many decoder_layers as encoder_layers; scale_embedding false; one "
+                                           r"eos_token_id, the pad_token_id too \(sources are padded with it\)$"):
+        model_config(distilled)
+
+
 def test_chat_template_renders_as_transformers_does(hf_models):
     folder, _ = hf_models[1]["llama"]
     template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"

@@ -193,7 +193,8 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
 
 def exported_to_transformers(tmp_path, in_process) -> None:
     """The word-reversing model as a Hugging Face folder (Blenderbot's architecture is fournil's): transformers
-    computes the same logits, and reverses a batch of words, padded, as fournil does (export refused it)."""
+    computes the same logits, and reverses a batch of words, padded, as fournil does (export refused it); fournil
+    reads the folder back."""
     import transformers
 
     from fournil.runs import Run
@@ -213,6 +214,13 @@ def exported_to_transformers(tmp_path, in_process) -> None:
         written = tokenizer.batch_decode(model.generate(**batch, do_sample=False), skip_special_tokens=True)
     assert written == run.translate(words)
     assert sum(w == s[::-1] for w, s in zip(written, words)) >= 3
+    back = Run.load(tmp_path / "hf", "cpu")  # and read back, fournil's own again: the same logits and targets
+    with torch.no_grad():
+        assert torch.equal(back.model(source, target), run.model(source, target))
+    assert back.mode == "pairs" and back.translate(words) == written
+    refused = in_process("sample", "hf")
+    assert refused.stderr.endswith("fournil: error: hf was imported, not trained here: it has no held-out sources of "
+                                   "its own; give one with --prompt SOURCE\n")  # (after transformers' loading bar)
 
 
 def served_by(server: Server) -> None:

@@ -190,6 +190,8 @@ class Run:
     def mode(self) -> str:
         if self.config.data is not None and self.config.data.mode != "auto":
             return self.config.data.mode
+        if self.model.family == "seq2seq":  # (imported)
+            return "pairs"
         return "lines" if self.tokenizer.boundary_id is not None else "text"
 
     def splits(self):

@@ -264,6 +264,9 @@ def sample_pairs(run, args) -> None:
         print("\n".join(outputs))
         say_if_greedy(len(outputs), params.temperature, args.top_k)
         return
+    if run.config.data is None:
+        raise FournilError(f"{run.path} was imported, not trained here: it has no held-out sources of its own; give "
+                           f"one with --prompt SOURCE")
     pairs = run.splits().val[: args.num or 20]
     outputs = run.translate([s for s, _ in pairs], args.beam, params)
     for (source, target), output in zip(pairs, outputs):

@@ -18,7 +18,7 @@ from fournil.tokenizers.char import UNKNOWN
 
 LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM"}
-SUPPORTED = ", ".join([*LLAMA_TYPES, "gpt2"])
+SUPPORTED = ", ".join([*LLAMA_TYPES, "gpt2", "blenderbot"])
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -58,6 +58,8 @@ def model_config(hf: dict) -> dict:
                 "n_layer": hf.get("n_layer", 12), "n_head": hf.get("n_head", 12), "n_embd": n_embd, "bias": True,
                 "tie_embeddings": hf.get("tie_word_embeddings", True),
                 "activation": hf.get("activation_function", "gelu_new")}
+    if kind == "blenderbot":
+        return seq2seq_settings(hf)
     if kind not in LLAMA_TYPES:
         raise FournilError(f"architecture {kind!r} is not supported; fournil reads {SUPPORTED}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -78,6 +80,28 @@ def model_config(hf: dict) -> dict:
         "qkv_bias": kind == "qwen2" or bias, "o_bias": bias, "mlp_bias": hf.get("mlp_bias", False),
         "sliding_window": hf.get("sliding_window") if kind == "mistral" else None, "qk_norm": kind == "qwen3",
     }
+
+
+def seq2seq_settings(hf: dict) -> dict:
+    """fournil's seq2seq settings from a Blenderbot config (such as :func:`seq2seq_config` writes), or what keeps
+    fournil's model from holding it. (The defaults are transformers'.)"""
+    d_model, layers, heads = hf.get("d_model", 2560), hf.get("encoder_layers", 2), hf.get("encoder_attention_heads", 32)
+    eos = hf.get("eos_token_id", 2)
+    needs = {"as many decoder_layers as encoder_layers": hf.get("decoder_layers", 24) == layers,
+             "as many decoder_attention_heads as encoder_attention_heads":
+                 hf.get("decoder_attention_heads", 32) == heads,
+             "encoder_ffn_dim and decoder_ffn_dim of 4 x d_model":
+                 hf.get("encoder_ffn_dim", 10240) == hf.get("decoder_ffn_dim", 10240) == 4 * d_model,
+             "activation_function gelu": hf.get("activation_function", "gelu") == "gelu",
+             "scale_embedding false": not hf.get("scale_embedding", False),
+             "tie_word_embeddings true": hf.get("tie_word_embeddings", True),
+             "one eos_token_id, the pad_token_id too (sources are padded with it)":
+                 isinstance(eos, int) and hf.get("pad_token_id", 0) == eos}
+    if missing := [need for need, met in needs.items() if not met]:
+        raise FournilError(f"this Blenderbot is not one fournil's seq2seq model holds: it needs {'; '.join(missing)}")
+    return {"family": "seq2seq", "vocab_size": hf.get("vocab_size", 8008),
+            "block_size": hf.get("max_position_embeddings", 128), "n_layer": layers, "n_head": heads,
+            "n_embd": d_model, "bos_id": hf.get("decoder_start_token_id", 1), "eos_id": eos}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -111,6 +135,11 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def to_fournil_names(family: str, tensors: dict) -> dict:
+    if family == "seq2seq" and "final_logits_bias" in tensors:  # (Blenderbot's, zero unless fine-tuned so)
+        if tensors["final_logits_bias"].any():
+            raise FournilError("this Blenderbot adds a bias to its logits (final_logits_bias), which fournil's "
+                               "seq2seq model has not")
+        tensors = {k: v for k, v in tensors.items() if k != "final_logits_bias"}
     if family != "gpt":
         return tensors
     out = {}
