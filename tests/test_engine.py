@@ -557,15 +557,17 @@ def test_a_failing_step_ends_its_sequences_and_the_engine_goes_on(trained, monke
 def test_quantized_weights_are_for_transformers_only(cli, trained, precision):
     result = cli("generate", trained["ngram"], "an", "--dtype", precision, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{precision} weights are for Transformers (gpt, llama); the ngram model is small enough" in result.stderr
+    assert f"{precision} weights are for Transformers (gpt, llama, seq2seq); the ngram model is small enough" in \
+        result.stderr
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_a_quantized_model_counts_the_parameters_it_had_and_says_its_weights_precision(bpe_llama, precision):
-    run = Run.load(bpe_llama, "cpu", "float32")
-    before = run.model.num_params()
-    assert run.quantize(precision).model.num_params() == before
-    assert run.precision == f"cpu bfloat16, {precision} weights"  # (what `fournil serve` says it serves)
+def test_a_quantized_model_counts_the_parameters_it_had_and_says_its_weights_precision(bpe_llama, trained, precision):
+    for model in (bpe_llama, trained["gpt"]):  # (the gpt's biases were left out of the count)
+        run = Run.load(model, "cpu", "float32")
+        before = run.model.num_params()
+        assert run.quantize(precision).model.num_params() == before, model
+        assert run.precision == f"cpu bfloat16, {precision} weights"  # (what `fournil serve` says it serves)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

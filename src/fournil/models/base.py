@@ -54,12 +54,14 @@ class LanguageModel(nn.Module):
 
     def num_params(self) -> int:
         """Parameters a learner would count: each weight once, tied weights once, counts of an n-gram table, and the
-        weights that quantization keeps as buffers (not their scales, nor the quantized copy of tied embeddings)."""
+        weights and biases that quantization keeps as buffers (not their scales, nor the quantized copy of tied
+        embeddings)."""
         from fournil.generate.quantize import QuantizedLinear
 
         seen = {p.data_ptr(): p.numel() for p in self.parameters()}
-        seen |= {m.weight.data_ptr(): m.in_features * m.out_features for m in self.modules()
-                 if isinstance(m, QuantizedLinear) and not m.tied}
+        for m in self.modules():
+            if isinstance(m, QuantizedLinear) and not m.tied:
+                seen[m.weight.data_ptr()] = m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
         return sum(seen.values())
 
     def flops_per_token(self, context: int) -> float:
