@@ -156,7 +156,8 @@ def quantize(model: nn.Module, precision: str) -> nn.Module:
     if precision == "bfloat16":
         return model.to(torch.bfloat16)
     if not hasattr(model, "new_cache"):
-        raise FournilError(f"{precision} weights are for Transformers (gpt, llama, seq2seq); the {model.family} model is small enough")
+        raise FournilError(f"{precision} weights are for Transformers (gpt, llama, seq2seq); the {model.family} model "
+                           f"is small enough")
     if precision == "int4" and model.device.type != "cpu":
         raise FournilError("int4 weights are for decoding on a CPU; on a GPU use --dtype bfloat16 or int8")
     quantize_layers(model, precision)
