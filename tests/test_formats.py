@@ -232,6 +232,28 @@ def test_a_model_that_no_hugging_face_architecture_holds_is_refused(settings, me
     assert not (tmp_path / "out").exists()  # (an empty folder was left)
 
 
+def test_a_seq2seq_model_with_a_bpe_goes_to_transformers_reading_sources_as_fournil_does(tmp_path):
+    """A BPE of fournil's adds BOS to a text, as a decoder-only model reads it; a seq2seq model's source has none:
+    exported, transformers reads sources as fournil does, and writes the same targets (an untrained model's). It
+    read them after a BOS."""
+    from fournil.config import RunConfig
+    from fournil.models import build_model
+    from fournil.tokenizers.bpe import train_bpe
+
+    tok = train_bpe(["un deux trois quatre cinq six sept huit neuf dix onze douze"] * 20, 280, progress=False)
+    torch.manual_seed(0)
+    model = build_model({"family": "seq2seq", "vocab_size": tok.vocab_size, "block_size": 16, "n_layer": 1,
+                         "n_head": 2, "n_embd": 32, "bos_id": tok.bos_id, "eos_id": tok.eos_id}).eval()
+    run = Run(tmp_path, RunConfig(model={}), model, tok, {}, "float32")
+    export(run, tmp_path / "hf", "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sources = ["un deux", "neuf dix sept onze"]
+    assert hf_tok(sources)["input_ids"] == [tok.encode(s) for s in sources]
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    written = hf.generate(**hf_tok(sources, return_tensors="pt", padding=True), do_sample=False)
+    assert hf_tok.batch_decode(written, skip_special_tokens=True) == run.translate(sources)
+
+
 def test_a_blenderbot_unlike_fournils_seq2seq_model_is_refused_with_what_differs():
     from fournil.formats.hf import model_config
 

@@ -244,7 +244,10 @@ def write_folder(model, tokenizer, folder: Path) -> None:
     stops = sorted(tokenizer.stop_ids) or None  # transformers' generate stops on any of them
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}
     if model.family == "seq2seq":  # a source is read as it is; the target starts with BOS, and fills the context
-        tokenizer = HFTokenizer(tokenizer.tok, tokenizer.bos, tokenizer.eos)
+        from tokenizers import Tokenizer
+
+        tokenizer = HFTokenizer(Tokenizer.from_str(tokenizer.tok.to_str()), tokenizer.bos, tokenizer.eos)
+        tokenizer.tok.post_processor = None  # (a BPE's adds BOS to a text, as a decoder-only model reads it)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
         generation["max_length"] = model.config.block_size
     write_json(folder / "config.json", config)
