@@ -27,6 +27,7 @@ from fournil.formats import source_kind
 from fournil.generate import SamplingParams, complete
 from fournil.generate.answerers import Remote, is_remote
 from fournil.models import build_model
+from fournil.models.base import decoder_only
 from fournil.runs import CONFIG, STATE, Run, anchored, find_run, read_config
 from fournil.train.distributed import join, leave
 from fournil.train.objectives import Distillation, packing
@@ -247,6 +248,7 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     the tokenizer and the context; the answers of sequence-level distillation come from ``teacher`` (``teacher_run``
     unless the teacher is remote). ``data``: the splits, when another student of the same run has read them (the
     baseline: reading Les Misérables again in a BPE's tokens took 3.5 s of a 17 s course step)."""
+    decoder_only(teacher_run.model, "distillation")  # (of next-token distributions over a text, or of answers)
     tokenizer, context = teacher_run.tokenizer, teacher_run.model.config.block_size
     if config.distill.context is None:  # written so, to be resumed and read the same
         config.distill = dataclasses.replace(config.distill, context=min(DEFAULT_CONTEXT, context))
@@ -265,6 +267,7 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
         config.train = dataclasses.replace(config.train, eval_tokens=eval_tokens(config.train, examples))
     torch.manual_seed(config.train.seed)
     model, config.model = build_student(taught.student, teacher_run)
+    decoder_only(model, "a distilled student")
     objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse,
                              **packing(splits["train"], model, teacher_run.model)) if taught.alpha else None
     trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, objective=objective)
