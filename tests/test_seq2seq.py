@@ -150,9 +150,13 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
         refused = in_process("sample", "rev", "--prompt", "abc", *args)  # (they were ignored)
         assert refused.returncode == 2 and refused.stderr.startswith(f"fournil: error: {message}"), refused.stderr
         assert len(refused.stderr.splitlines()) == 1
-    refused = in_process("distill", "--teacher", "rev", "--steps", "1")  # (a crash, given a student it could build)
-    assert refused.stderr.startswith("fournil: error: distillation needs a decoder-only language model; a seq2seq "), \
-        refused.stderr
+    for args, what in ((("distill", "--teacher", "rev"), "distillation"),  # (each a traceback, for a seq2seq model
+                       (("finetune", "rev"), "tuning on instructions"),      # of a BPE, or a distilled student it
+                       (("align", "rev"), "learning from preferences"),      # could build)
+                       (("reward", "train", "rev"), "learning from preferences")):
+        refused = in_process(*args, "--steps", "1")
+        assert refused.stderr.startswith(f"fournil: error: {what} needs a decoder-only language model; a seq2seq "), \
+            refused.stderr
     drawn = cli("embeddings", "rev", "--out", "e.png").stdout  # (it said a seq2seq model has no token embeddings)
     assert re.match(r"(\d+) of \1 token embeddings of width 64", drawn) and (tmp_path / "e.png").stat().st_size > 5000
     refused = cli("generate", "rev", "abc", check=False)

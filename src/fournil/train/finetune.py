@@ -22,6 +22,7 @@ from fournil.config import (
 from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
 from fournil.formats.peft import save_adapter
+from fournil.models.base import decoder_only
 from fournil.models.lora import add_lora
 from fournil.runs import TOKENIZER, Run, anchored
 from fournil.tokenizers import load_tokenizer
@@ -73,6 +74,7 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
                     align = dataclasses.replace(align, reward=recorded(align.reward))
             base_run = Run.load(ft.base, train.device)
             base_run.check_writes()  # a reward model's language head no longer fits its body
+            decoder_only(base_run.model, "learning from preferences" if align else "tuning on instructions")
             tokenizer = chat_tokenizer(base_run.tokenizer)
             given = data if isinstance(data, DataConfig) else DataConfig(data)
             config = RunConfig(model=base_run.config.model,
