@@ -400,6 +400,12 @@ def test_preference_data_and_alignment_settings_say_what_is_wrong(preferences, t
         assert not (tmp_path / "never").exists(), args
         said[args[-1]] = result.stdout
     assert "skipped 5 of 5 pairs whose chosen and rejected answers are the same" in said[same]
+    from fournil.models import build_model
+    from fournil.models.reward import RewardModel
+
+    with pytest.raises(FournilError, match=r"^a reward model is a Transformer's body \(gpt, llama\) with a score head; "
+                                           r"this model is mlp$"):  # (its layer named hidden read the token ids)
+        RewardModel(build_model({"family": "mlp", "vocab_size": 10, "block_size": 4}))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt"])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fournil.data.batches import IGNORE, pack
+from fournil.errors import FournilError
 from fournil.models.base import packed_width, shares_prompts
 
 HEAD = "reward_head.safetensors"
@@ -17,6 +18,9 @@ HEAD = "reward_head.safetensors"
 class RewardModel(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
+        if lm.family not in ("gpt", "llama"):  # (an mlp's "hidden" is a layer, not its states: a traceback)
+            raise FournilError(f"a reward model is a Transformer's body (gpt, llama) with a score head; this model is "
+                               f"{lm.family}")
         self.lm = lm
         self.score = nn.Linear(lm.config.n_embd, 1, bias=False, device=lm.device)
         nn.init.zeros_(self.score.weight)  # every answer starts equal
