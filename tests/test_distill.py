@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import CLI
+from conftest import CLI, InProcess
 
 from fournil.config import DataConfig, DistillConfig, RunConfig
 from fournil.generate import SamplingParams, complete
@@ -128,6 +128,22 @@ def test_students_that_cannot_learn_from_the_teacher_are_refused(bpe_llama, runn
     result = cli("distill", "--teacher", trained["rnn"], "--student", "layers:1", "--steps", "1", check=False)
     assert result.returncode == 2 and "layers:1 keeps some of a transformer's layers (gpt, llama), and the teacher " \
         "is rnn" in result.stderr
+
+
+def test_a_counted_model_teaches_and_is_not_taught(trained, tmp_path, capsys, monkeypatch):
+    """An ngram teacher's distributions teach a student (its report was a traceback: the teacher has no parameters to
+    read a precision from); an ngram student, which is counted, is refused (it said it had no counts yet)."""
+    cli = InProcess(capsys, monkeypatch, tmp_path)  # (no start-up for each)
+    (tmp_path / "gpt.json").write_text(json.dumps({"family": "gpt", "n_layer": 1, "n_embd": 16, "n_head": 2}))
+    (tmp_path / "ngram.json").write_text(json.dumps({"family": "ngram"}))
+    taught = cli("distill", "--teacher", trained["ngram"], "--student", "gpt.json", "--steps", "1", "--no-baseline",
+                 "--quiet", "--out", "student")
+    assert taught.returncode == 0, taught.stderr
+    rows = (tmp_path / "student" / "report.md").read_text(encoding="utf-8").splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["teacher", "distilled student"]
+    refused = cli("distill", "--teacher", trained["gpt"], "--student", "ngram.json", "--steps", "1")
+    assert refused.returncode == 2 and refused.stderr.startswith("fournil: error: an ngram student is counted, not "
+                                                                 "taught"), refused.stderr
 
 
 def test_a_names_model_is_distilled_on_its_own_names_by_default(trained, tmp_path):

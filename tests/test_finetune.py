@@ -323,6 +323,12 @@ def test_bad_instruction_data_and_adapters_say_what_is_wrong(bpe_base, tmp_path,
         assert result.returncode == 2 and result.stderr.startswith("fournil: error: instructions and preferences are "
                                                                    "read as conversations, and a character tokenizer")
 
+    result = CLI(root)("finetune", trained["ngram"], "--steps", "2", check=False)  # (a traceback with a BPE)
+    assert result.stderr.startswith("fournil: error: tuning on instructions follows gradients, and an ngram model is a "
+                                    "table of counts"), result.stderr
+    with pytest.raises(FournilError, match=r"^LoRA adapts linear layers, and this rnn model has none but its output "
+                                           r"layer: tune every weight \(leave --lora out\)$"):  # (nothing trained)
+        add_lora(Run.load(trained["rnn"], "cpu").model, LoraConfig())
     other = Run.load(base, "cpu")
     save_adapter(random_lora(other.model), LoraConfig(rank=4, alpha=8), tmp_path / "adapter", "base")
     gpt = Run.load(trained["gpt"], "cpu").model

@@ -80,6 +80,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> int:
     """Freeze ``model`` and put LoRA on its target layers (in place); returns the number of trainable parameters."""
     config.check()
     known = linear_names(model)
+    if not known:  # (nothing would train)
+        raise FournilError(f"LoRA adapts linear layers, and this {model.family} model has none but its output layer: "
+                           f"tune every weight (leave --lora out)")
     targets = set(config.targets or known)
     if unknown := sorted(targets - set(known)):
         raise FournilError(f"no linear layer named {', '.join(unknown)} in this {model.family} model; "

@@ -193,7 +193,7 @@ def distill(teacher: str = "smollm2", student: str | None = None, data: str | Da
         if remote:
             runs = {"student before": Run.load(taught.student, config.train.device), "distilled student": run}
         else:
-            if next(teacher_run.model.parameters()).dtype != torch.float32:  # rounded for training: reload its weights
+            if any(p.dtype != torch.float32 for p in teacher_run.model.parameters()):  # rounded for training: reload
                 teacher_run = Run.load(taught.teacher, config.train.device)
             runs = {"teacher": teacher_run, "distilled student": run}
         measured = {"distilled student": best_val(run_dir)}
@@ -268,6 +268,9 @@ def train_student(config: RunConfig, teacher_run: Run, run_dir: Path, resume: bo
     torch.manual_seed(config.train.seed)
     model, config.model = build_student(taught.student, teacher_run)
     decoder_only(model, "a distilled student")
+    if model.counts_only:  # (it said it had no counts yet)
+        raise FournilError("an ngram student is counted, not taught: a student learns a teacher's distributions by "
+                           "gradients; give it as a gpt, llama, mlp or rnn model config")
     objective = Distillation(teacher_run.model, taught.temperature, taught.alpha, taught.reverse,
                              **packing(splits["train"], model, teacher_run.model)) if taught.alpha else None
     trainer = Trainer(run_dir, config, None, tokenizer, progress, world, model=model, data=splits, objective=objective)

@@ -74,7 +74,11 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
                     align = dataclasses.replace(align, reward=recorded(align.reward))
             base_run = Run.load(ft.base, train.device)
             base_run.check_writes()  # a reward model's language head no longer fits its body
-            decoder_only(base_run.model, "learning from preferences" if align else "tuning on instructions")
+            what = "learning from preferences" if align else "tuning on instructions"
+            decoder_only(base_run.model, what)
+            if base_run.model.counts_only:  # (no gradient: a traceback)
+                raise FournilError(f"{what} follows gradients, and an ngram model is a table of counts: count one on "
+                                   f"the text you want (fournil train --model ngram --data FILE)")
             tokenizer = chat_tokenizer(base_run.tokenizer)
             given = data if isinstance(data, DataConfig) else DataConfig(data)
             config = RunConfig(model=base_run.config.model,
