@@ -96,6 +96,9 @@ def test_draft_settings_refused_in_one_line(cli, bpe_llama, args, message):
 def test_a_draft_of_another_tokenizer_is_refused(cli, bpe_llama, trained):
     result = cli("generate", bpe_llama, "Hi", "--draft", trained["llama"], check=False)
     assert result.returncode == 2 and "the draft's tokenizer" in result.stderr and "Traceback" not in result.stderr
+    result = cli("generate", trained["gpt"], "--draft", trained["rnn"], check=False)  # (its int8 weights were refused)
+    assert result.stderr == ("fournil: error: speculative decoding needs Transformer decoders (gpt, llama, a "
+                             "pretrained model) as target and draft\n")
 
 
 def test_generate_with_a_draft_writes_the_models_own_greedy_text(cli, bpe_llama):

@@ -93,8 +93,9 @@ def sampling_params(args, max_new_tokens: int):
 def compile_decoding_step(run, max_batch: int, ready: Callable[[float, bool], None] | None = None) -> None:
     """``--compile``: for ``generate``, before it answers; for ``chat`` and ``serve``, while they answer (``ready`` is
     called with its seconds, and whether it was compiled or only loaded, when the model decodes with it)."""
-    from fournil.generate.compiled import compile_decoding
+    from fournil.generate.compiled import check_compilable, compile_decoding
 
+    check_compilable(run.model)  # (before it says it compiles)
     print("compiling the decoding step (minutes the first time on this machine, seconds after)", file=sys.stderr,
           flush=True)
     found = compile_decoding(run.model, run.dtype, max_batch, background=ready)

@@ -71,9 +71,10 @@ def load_local(spec: str, device: str = "auto", dtype: str = "auto", draft: str 
         return run, None
     from fournil.generate.speculative import check_draft
 
-    helper = Run.load(draft, device, weights="int8" if dtype == "auto" and run.model.device.type == "cpu" else dtype)
-    check_draft(run, helper)
-    return run, helper
+    int8 = dtype == "auto" and run.model.device.type == "cpu"
+    helper = Run.load(draft, device, weights=None if int8 else dtype)
+    check_draft(run, helper)  # (before its weights are quantized: an rnn's int8 weights were refused first)
+    return run, helper.quantize("int8") if int8 else helper
 
 
 class Local:

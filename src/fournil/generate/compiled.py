@@ -108,6 +108,12 @@ def options(model, graphs: bool = False) -> dict:
         "triton.cudagraphs": graphs}
 
 
+def check_compilable(model) -> None:
+    decoder_only(model, "--compile")
+    if not hasattr(model, "new_cache"):
+        raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
+
+
 def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool = False,
                      background: Callable[[float, bool], None] | None = None) -> float | Background:
     """Compile ``model``'s decoding step and run it once for one row and, if schedulers of ``max_batch`` rows can
@@ -120,9 +126,7 @@ def compile_decoding(model, dtype: torch.dtype, max_batch: int = 1, graphs: bool
     it is ready (:func:`settle`), and ``background`` is then called with the seconds it took and whether it was
     compiled (or only loaded). A chat or a server answers from the start instead of after a minute of compilation,
     or after the seconds that loading a step takes."""
-    decoder_only(model, "--compile")
-    if not hasattr(model, "new_cache"):
-        raise FournilError(f"--compile compiles a Transformer's decoding step; the {model.family} model has none")
+    check_compilable(model)
     # (kept on disk only with Inductor's caches, which TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 turns off)
     keeping = model.device.type == "cpu" and not graphs and not torch.compiler.config.force_disable_caches
     start = time.perf_counter()
