@@ -234,27 +234,26 @@ def hf_tokenizer(tokenizer) -> HFTokenizer:
 
 
 def write_folder(model, tokenizer, folder: Path) -> None:
-    """A folder that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load."""
+    """A folder that ``AutoModelForCausalLM.from_pretrained`` (``AutoModelForSeq2SeqLM``: a seq2seq model) and
+    ``AutoTokenizer.from_pretrained`` load."""
     tokenizer = hf_tokenizer(tokenizer)
     config = hf_config(model.config, tokenizer)  # (what cannot be exported is refused before the folder is made)
     folder.mkdir(parents=True, exist_ok=True)
     state = unique_state(model)
     if model.family == "gpt":
         state = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in state.items()}
-    stops = sorted(tokenizer.stop_ids) or None  # transformers' generate stops on any of them
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}
-    if model.family == "seq2seq":  # a source is read as it is; the target starts with BOS, and fills the context
+    if model.family == "seq2seq":  # a source is read as it is, and padded with the end token, as fournil pads them
         from tokenizers import Tokenizer
 
-        tokenizer = HFTokenizer(Tokenizer.from_str(tokenizer.tok.to_str()), tokenizer.bos, tokenizer.eos)
+        tokenizer = HFTokenizer(Tokenizer.from_str(tokenizer.tok.to_str()), tokenizer.bos, tokenizer.eos,
+                                pad=tokenizer.eos)
         tokenizer.tok.post_processor = None  # (a BPE's adds BOS to a text, as a decoder-only model reads it)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
-        generation["max_length"] = model.config.block_size
+        generation["max_length"] = model.config.block_size  # (the start token, then the target)
+    else:  # transformers' generate stops on any of the stop tokens
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(tokenizer.stop_ids) or None}
     write_json(folder / "config.json", config)
     save_tensors(state, folder / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save(folder / "tokenizer.json")
-    if model.family == "seq2seq":  # sources batched together are padded with the end token, as fournil pads them
-        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        write_json(folder / "tokenizer_config.json", {**settings, "pad_token": tokenizer.eos})
     write_json(folder / "generation_config.json", generation)
 

@@ -34,9 +34,10 @@ def not_text(texts: list[str], error: TypeError) -> Exception:
 
 class HFTokenizer:
     def __init__(self, tokenizer, bos: str | None = None, eos: str | None = None, add_bos: bool = False,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, pad: str | None = None):
+        """``pad``: the token a batch of texts is padded with, for transformers (fournil pads by itself)."""
         self.tok = tokenizer
-        self.bos, self.eos, self.add_bos, self.chat_template = bos, eos, add_bos, chat_template
+        self.bos, self.eos, self.add_bos, self.chat_template, self.pad = bos, eos, add_bos, chat_template, pad
         for name in (bos, eos):
             if name is not None and tokenizer.token_to_id(name) is None:
                 raise FournilError(f"special token {name!r} is not in the tokenizer's vocabulary")
@@ -123,6 +124,8 @@ class HFTokenizer:
                   "add_bos_token": self.add_bos, "clean_up_tokenization_spaces": False}
         if self.chat_template:
             config["chat_template"] = self.chat_template
+        if self.pad:
+            config["pad_token"] = self.pad
         (path.parent / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
