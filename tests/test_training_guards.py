@@ -7,7 +7,7 @@ import pytest
 from conftest import losses
 
 import fournil
-from fournil import DataConfig, FournilError, RunConfig, TrainConfig
+from fournil import DataConfig, FournilError, LoraConfig, RunConfig, TrainConfig
 
 ARGS = ["train", "--data", "names", "--model", "gpt", "--n-embd", "32", "--n-layer", "2", "--quiet"]
 
@@ -62,8 +62,8 @@ def test_configs_given_to_the_python_api_are_checked_before_training(tmp_path):
     quiet = dict(progress=False, announce=lambda *_: None)
     with pytest.raises(FournilError, match=re.escape("model=5: give a family's name ('gpt') or its settings")):
         RunConfig(5)
-    refused = [(RunConfig("gpt", train=None), "a RunConfig to train needs train=TrainConfig(...), not None"),
-               (RunConfig("gpt", data=None), "a RunConfig to train needs data=DataConfig(...), not None"),
+    refused = [(RunConfig(train=None), "a RunConfig to train needs train=TrainConfig(...), not None"),
+               (RunConfig(data=None), "a RunConfig to train needs data=DataConfig(...), not None"),
                (RunConfig("gpt", train=TrainConfig(steps="5")), "train setting steps = '5': expected a whole number"),
                (RunConfig("gpt", data=DataConfig(["a.txt"])), "data setting data = ['a.txt']: expected a text"),
                (RunConfig("gpt", train=TrainConfig(grad_accum=0)), "grad_accum must be at least 1 (got 0)"),
@@ -71,6 +71,17 @@ def test_configs_given_to_the_python_api_are_checked_before_training(tmp_path):
     for config, message in refused:  # (AttributeError, TypeError, ValueError from deep inside, or a run, before)
         with pytest.raises(FournilError, match=re.escape(message)):
             fournil.train(config, out=str(tmp_path / "refused"), **quiet)
+    out = dict(out=str(tmp_path / "refused"), **quiet)
+    for stage, given, message in [
+            (fournil.finetune, dict(lora=True), "fournil.finetune needs lora=LoraConfig(...), not True (LoraConfig()"),
+            (fournil.finetune, dict(align="dpo"), "fournil.finetune needs align=AlignConfig(...), not 'dpo'"),
+            (fournil.finetune, dict(train={"steps": 5}), "fournil.finetune needs train=TrainConfig(...), not {'steps"),
+            (fournil.finetune, dict(lora=LoraConfig(rank="8")), "lora setting rank = '8': expected a whole number"),
+            (fournil.finetune, dict(lora=LoraConfig(rank=0)), "--lora-rank must be at least 1 (got 0)"),
+            (fournil.distill, dict(settings={"student": "layers:2"}), "fournil.distill needs settings=DistillConfig("),
+            (fournil.distill, dict(data=5), "data setting data = 5: expected a text")]:  # (AttributeError, TypeError)
+        with pytest.raises(FournilError, match=re.escape(message)):
+            stage(**given, **out)  # before SmolLM2 loads, its data read
     assert not (tmp_path / "refused").exists()
     names = tmp_path / "few.txt"
     names.write_text("\n".join(["emma", "olivia", "ava", "mia", "noah", "liam", "lucas"] * 20))
@@ -78,6 +89,9 @@ def test_configs_given_to_the_python_api_are_checked_before_training(tmp_path):
     run = fournil.train(config, out=str(tmp_path / "run"), **quiet)
     assert run.config.model["family"] == "rnn" and run.config.data.data == str(names)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["data"] == str(names)
+    run = fournil.train(RunConfig(data=DataConfig(names), train=TrainConfig(steps=2, samples=0)), **quiet,
+                        out=str(tmp_path / "gpt"))  # no model: as `fournil train`, the gpt
+    assert run.config.model["family"] == "gpt" and run.config.model["n_layer"] >= 1
 
 
 def test_fsdp_in_one_process_says_it_shards_nothing(tmp_path):

@@ -137,6 +137,8 @@ class FinetuneConfig:
     pack: bool = False  # join short training examples into rows of max_length tokens
 
     def check(self) -> None:
+        if self.lora:
+            self.lora.check()
         if self.max_length is not None and self.max_length < 1:
             raise FournilError(f"--max-length must be at least 1 token (got {self.max_length}): longer examples are "
                                f"skipped")
@@ -222,7 +224,7 @@ class DistillConfig:
 
 @dataclass
 class RunConfig:
-    model: dict  # {"family": "gpt", "n_layer": 4, ...}; a family's name alone takes its defaults
+    model: dict = field(default_factory=lambda: {"family": "gpt"})  # {"family": "gpt", "n_layer": 4}; or a name
     data: DataConfig | None = field(default_factory=DataConfig)  # None for a model imported from elsewhere
     train: TrainConfig | None = field(default_factory=TrainConfig)
     fingerprints: dict = field(default_factory=dict)  # hashes of the data files, to detect later changes
@@ -279,6 +281,17 @@ def check_types(cls, values: dict, what: str) -> None:
     for key, value in values.items():
         if key in hints and not fits(hints[key], value):
             raise FournilError(f"{what} setting {key} = {value!r}: expected {described(hints[key])}")
+
+
+def section(value, cls, name: str, what: str, example: str = "", required: bool = False):
+    """``value``, a ``cls`` whose settings have their types (or None, unless ``required``): from Python, a section of
+    another kind (``lora=True``, ``train={"steps": 5}``) failed deep inside, with an AttributeError."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, cls):
+        raise FournilError(f"{what} needs {name}={cls.__name__}(...), not {value!r}{example}")
+    check_types(cls, vars(value), name)
+    return value
 
 
 def options(kind) -> tuple:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fournil.checkpoint import read_state_info
-from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig
+from fournil.config import DataConfig, DistillConfig, RunConfig, TrainConfig, section
 from fournil.data import load_splits, make_data
 from fournil.data.instructions import InstructionData, is_instructions, load_instructions, pad_id, render_example
 from fournil.device import dtype_name, generation_weights
@@ -165,17 +165,18 @@ def distill(teacher: str = "smollm2", student: str | None = None, data: str | Da
         if resume:
             run_dir, config = resumed(resume, budget, "distill")
         else:
-            settings = settings or DistillConfig(teacher=teacher, student=student, baseline=baseline)
+            settings = section(settings, DistillConfig, "settings", "fournil.distill") or \
+                DistillConfig(teacher=teacher, student=student, baseline=baseline)
             settings = dataclasses.replace(settings, teacher=anchored(settings.teacher),  # (a Path from Python too)
                                            student=settings.student and anchored(settings.student))
             settings.check()
-            t = train or TrainConfig()
+            t = section(train, TrainConfig, "train", "fournil.distill") or TrainConfig()
             t.check()
             steps = t.steps if (t.steps or t.time) else DEFAULT_STEPS
             t = dataclasses.replace(t, steps=steps, batch_size=t.batch_size or DEFAULT_BATCH, lr=t.lr or DEFAULT_LR)
             t = dataclasses.replace(t, eval_every=eval_every(t, adapting=True))
-            config = RunConfig(model={"family": "student"}, data=student_data(data, settings.teacher), train=t,
-                               distill=settings)
+            data = section(student_data(data, settings.teacher), DataConfig, "data", "fournil.distill")
+            config = RunConfig(model={"family": "student"}, data=data, train=t, distill=settings)
             run_dir = new_run_dir(config, out)
         taught = config.distill
         remote = is_remote(taught.teacher)

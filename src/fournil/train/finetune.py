@@ -18,6 +18,7 @@ from fournil.config import (
     LoraConfig,
     RunConfig,
     TrainConfig,
+    section,
 )
 from fournil.data.instructions import DEFAULT_TEMPLATE, load_instructions
 from fournil.errors import FournilError
@@ -64,9 +65,13 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
             tokenizer = load_tokenizer(run_dir / TOKENIZER)
             base_run = Run.load(ft.base, config.train.device)
         else:
+            lora = section(lora, LoraConfig, "lora", "fournil.finetune", " (LoraConfig(): rank 8; None: every weight)")
+            train = section(train, TrainConfig, "train", "fournil.finetune") or TrainConfig()
+            align = section(align, AlignConfig, "align", "fournil.finetune", " (AlignConfig('dpo'), or 'grpo')")
+            given = section(data if isinstance(data, DataConfig) else DataConfig(data), DataConfig, "data",
+                            "fournil.finetune")
             ft = FinetuneConfig(base=anchored(base), lora=lora, max_length=max_length, pack=pack)
             ft.check()
-            train = train or TrainConfig()
             train.check()
             if align:
                 align.check()
@@ -80,7 +85,6 @@ def finetune(base: str = "smollm2", data: str | DataConfig = "rasbt_instructions
                 raise FournilError(f"{what} follows gradients, and an ngram model is a table of counts: count one on "
                                    f"the text you want (fournil train --model ngram --data FILE)")
             tokenizer = chat_tokenizer(base_run.tokenizer)
-            given = data if isinstance(data, DataConfig) else DataConfig(data)
             config = RunConfig(model=base_run.config.model,
                                data=DataConfig(data=given.data, mode="preferences" if align else "instructions",
                                                split=given.split, seed=given.seed, tokenizer="base"),

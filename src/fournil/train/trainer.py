@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fournil.checkpoint import (LOCK, held, load_state, read_state_info, save_state, save_tensors, save_weights,
                                 write_json)
-from fournil.config import DataConfig, RunConfig, TrainConfig, check_types, command_of, to_dict
+from fournil.config import DataConfig, RunConfig, TrainConfig, command_of, section, to_dict
 from fournil.cores import computing
 from fournil.data import load_splits, make_data
 from fournil.data.batches import frame_ids
@@ -643,10 +643,7 @@ def train(config: RunConfig | None = None, out: str | None = None, resume: str |
     if config is not None and not isinstance(config, RunConfig):
         raise FournilError(f"train takes a RunConfig, not a {type(config).__name__}: {example}")
     for name, cls in (("data", DataConfig), ("train", TrainConfig)) if config is not None else ():
-        section = getattr(config, name)
-        if not isinstance(section, cls):
-            raise FournilError(f"a RunConfig to train needs {name}={cls.__name__}(...), not {section!r}: {example}")
-        check_types(cls, vars(section), name)
+        section(getattr(config, name), cls, name, "a RunConfig to train", f": {example}", required=True)
     world = join()
     try:
         run = _train(world, config, out, resume, budget, progress, announce if world.main else lambda *_: None)
@@ -672,7 +669,7 @@ def _train(world: World, config, out, resume, budget, progress, announce) -> Run
             raise FournilError(f"the data of {run_dir} changed since it started; start a new run instead")
         tokenizer = load_tokenizer(run_dir / TOKENIZER)
     else:
-        config = config or RunConfig(model={"family": "gpt"})
+        config = config or RunConfig()
         config.train.check()
         check_settings(config.model)  # before the data is read, and the budget sized
         config.data = named_data(config.data)
