@@ -94,6 +94,9 @@ def test_explain_gives_each_token_the_probability_of_the_models_own_forward_pass
         assert [p for _, p in row["top"]] == pytest.approx(best.values.exp().tolist(), abs=1e-6)
         assert row["rank"] == min(1 + (logprobs[t - 1] > logprobs[t - 1, ids[t]]).sum().item(), 4)
     assert result["nll"] == pytest.approx(-sum(r["logprob"] for r in rows))
+    emoji = [row["label"] for row in run.explain("the king\U0001f642")["rows"]][-4:]
+    assert emoji == ["<F0>", "<9F>", "<99>", "<82>"]  # each part of the character as its byte (each was "\ufffd")
+    assert attention_maps(run.model, run.tokenizer, "king\U0001f642")[0][-4:] == emoji
 
     out = CLI(tmp_path)("explain", bpe_llama, text, "--top", "2", "--out", "p.png").stdout.splitlines()
     assert len(out) == len(rows) + 1 and out[-1].startswith(f"NLL {result['nll']:.4f} nats over {len(rows)} transitions")

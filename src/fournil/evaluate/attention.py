@@ -8,6 +8,7 @@ import torch
 from fournil.errors import FournilError
 from fournil.generate.seq2seq import encoded_source, written
 from fournil.models.base import decoder_only
+from fournil.tokenizers.compression import piece
 
 
 @contextlib.contextmanager
@@ -52,7 +53,7 @@ def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor
             weights = torch.stack([m.recorded[0][0].float().cpu() for m in layers])
     finally:
         model.train(was_training)
-    return [tokenizer.decode([i]) for i in ids], weights
+    return [piece(tokenizer, i) for i in ids], weights
 
 
 @torch.no_grad()
@@ -72,5 +73,5 @@ def cross_attention_maps(model, tokenizer, source: str) -> tuple[list[str], list
     finally:
         model.train(was_training)
     end = model.config.eos_id  # (each row as the token chosen from it; the written tokens never hold the end)
-    return ([tokenizer.decode([i]) for i in ids], ["<end>" if i == end else tokenizer.decode([i]) for i in target[1:]],
+    return ([piece(tokenizer, i) for i in ids], ["<end>" if i == end else piece(tokenizer, i) for i in target[1:]],
             weights)

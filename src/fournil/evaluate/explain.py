@@ -13,6 +13,7 @@ from fournil.generate.seq2seq import encoded_source, written
 from fournil.models.base import decoder_only
 from fournil.plots.attention import visible
 from fournil.tokenizers import CharTokenizer
+from fournil.tokenizers.compression import piece
 
 BOUNDARY_MARK = "."
 
@@ -30,7 +31,7 @@ def framed(tokenizer, text: str) -> list[int]:
 
 def shown(tokenizer, i: int) -> str:
     """A token as a table shows it: the boundary as ``.``, the rest as :func:`~fournil.plots.attention.visible`."""
-    return BOUNDARY_MARK if i == tokenizer.boundary_id else visible(tokenizer.token_text(i))
+    return BOUNDARY_MARK if i == tokenizer.boundary_id else visible(piece(tokenizer, i))
 
 
 def checked_top(top) -> None:

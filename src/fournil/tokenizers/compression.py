@@ -13,13 +13,18 @@ def compression(tokenizer, texts) -> dict:
 
 
 def pieces(tokenizer, text: str) -> list[tuple[int, str]]:
-    """Each token of ``text`` with what it stands for; a token holding part of a character shows its bytes."""
-    out = []
-    for i in tokenizer.encode(text):
-        raw = tokenizer.token_bytes(i)
-        try:
-            shown = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            shown = "".join(f"<{b:02X}>" for b in raw)
-        out.append((i, shown or tokenizer.token_text(i)))
-    return out
+    """Each token of ``text`` with what it stands for (:func:`piece`)."""
+    return [(i, piece(tokenizer, i)) for i in tokenizer.encode(text)]
+
+
+def piece(tokenizer, i: int) -> str:
+    """What token ``i`` stands for; a token holding part of a character (of a byte-level BPE) shows its bytes,
+    ``<C3>``, where decoding it alone gives the replacement character, as many tokens alike."""
+    text = tokenizer.token_text(i)
+    if "\ufffd" not in text:
+        return text
+    raw = tokenizer.token_bytes(i)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"<{b:02X}>" for b in raw)
