@@ -71,6 +71,17 @@ def test_completions_through_the_openai_client(server, chat_run):
     assert run.measure_dtype == torch.float32
     assert lp.token_logprobs[1 : len(ids)] == pytest.approx(score(run.model, ids, 1, run.measure_dtype), abs=1e-5)
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    # a character in tokens of its bytes (no merge of Shakespeare's covers it): each named by them, as OpenAI names
+    # them (not "\ufffd", which they shared), and placed where the character begins (each counted one character)
+    smile = client.completions.create(model="chat", prompt="king \U0001f642 queen", max_tokens=1, temperature=0,
+                                      echo=True, logprobs=1).choices[0].logprobs
+    at = smile.tokens.index("bytes:\\xf0")
+    assert smile.tokens[at : at + 4] == ["bytes:\\xf0", "bytes:\\x9f", "bytes:\\x99", "bytes:\\x82"]
+    assert smile.text_offset[at - 1 : at + 5] == [4, 5, 5, 5, 5, 6]  # the space, the four bytes, what follows
+    assert all(len(top) == 1 for top in smile.top_logprobs[1:])  # (alternatives named alike were one key of a dict)
+    ids = run.tokenizer.encode("\U0001f642")
+    echoed = client.completions.create(model="chat", prompt=ids, max_tokens=1, echo=True).choices[0].text
+    assert echoed[0] == "\U0001f642"  # (it was the four tokens' "\ufffd" each)
 
     # n > 1 and a list of prompts
     many = client.completions.create(model="chat", prompt=["KING", "QUEEN"], max_tokens=5, n=3, seed=4)

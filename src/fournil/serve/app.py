@@ -12,6 +12,7 @@ A request's mistake is answered 4xx with what to change; a 500 is the server's o
 from __future__ import annotations
 
 import asyncio
+import codecs
 import errno
 import json
 import signal
@@ -38,6 +39,7 @@ from fournil.serve.metrics import Metrics
 from fournil.serve.responses import Response, conversation
 from fournil.serve.schemas import (EXAMPLES, ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest,
                                    ResponsesRequest, Sampling, TokenizeRequest, explain)
+from fournil.tokenizers.compression import piece_bytes
 
 OPEN = ("/", "/health")  # what answers without the API key
 
@@ -246,7 +248,22 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 "prompt_tokens_details": {"cached_tokens": sum(r.shared for r in firsts)}}  # (copied, not read)
 
     def token_text(i: int) -> str:
-        return tok.token_text(i)
+        """A token as OpenAI's logprobs name it: its text, or, for a token holding part of a character, its bytes
+        (``bytes:\\xf0\\x9f``), not a replacement character that many tokens would share."""
+        raw = piece_bytes(tok, i)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def text_offsets(ids, start: int) -> list[int]:
+        """Where each token begins in the text, in characters; a token that completes a character begins where the
+        character does."""
+        decoder, at, offsets = codecs.getincrementaldecoder("utf-8")("replace"), start, []
+        for i in ids:
+            offsets.append(at)
+            at += len(decoder.decode(piece_bytes(tok, i)))
+        return offsets
 
     # ---- the OpenAI API
     served = {"id": name, "object": "model", "created": created, "owned_by": "fournil"}
@@ -280,13 +297,9 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
         def logprobs_of(pieces_, offset: int) -> dict:
             toks = [p for p in pieces_ if p.token >= 0]
-            text_offset, at = [], offset
-            for p in toks:
-                text_offset.append(at)
-                at += len(token_text(p.token))
             return {"tokens": [token_text(p.token) for p in toks], "token_logprobs": [p.logprob for p in toks],
                     "top_logprobs": [{token_text(i): v for i, v in (p.top or {}).items()} for p in toks],
-                    "text_offset": text_offset}
+                    "text_offset": text_offsets([p.token for p in toks], offset)}
 
         if body.stream:
             async def events():
@@ -335,7 +348,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             if not ids:
                 raise ApiError(400, "a prompt of token ids is empty", param="prompt")
             known(ids, "prompt")
-        return prompt, ["".join(token_text(i) for i in ids) for ids in prompt], [0] * len(prompt)
+        texts = [b"".join(piece_bytes(tok, i) for i in ids).decode("utf-8", "replace") for ids in prompt]
+        return prompt, texts, [0] * len(prompt)
 
     def known(ids: list[int], param: str) -> list[int]:
         if bad := [i for i in ids if not 0 <= i < tok.vocab_size]:
@@ -347,13 +361,9 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         """The prompt's own tokens with their log-probabilities (the first has none), for ``echo``; the ``lead``
         tokens read before the text stand at its start, taking none of it."""
         values = await asyncio.wrap_future(scheduler.call(score, model, ids, 1, run.measure_dtype, max(top, 1)))
-        text_offset, at = [0] * lead, 0
-        for i in ids[lead:]:
-            text_offset.append(at)
-            at += len(token_text(i))
         return {"tokens": [token_text(i) for i in ids], "token_logprobs": [None] + [v for v, _ in values],
                 "top_logprobs": [None] + [{token_text(i): lp for i, lp in list(alts.items())[:top]} for _, alts in values],
-                "text_offset": text_offset}
+                "text_offset": [0] * lead + text_offsets(ids[lead:], 0)}
 
     def chat_prompt(messages: list[dict], param: str) -> list[int]:
         try:
@@ -375,8 +385,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
         def logprobs_of(pieces_) -> dict:
             def entry(i, lp):
-                text = token_text(i)
-                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+                return {"token": token_text(i), "logprob": lp, "bytes": list(piece_bytes(tok, i))}
             return {"content": [{**entry(p.token, p.logprob),
                                  "top_logprobs": [entry(i, v) for i, v in (p.top or {}).items()]}
                                 for p in pieces_ if p.token >= 0]}

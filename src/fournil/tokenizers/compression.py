@@ -18,13 +18,16 @@ def pieces(tokenizer, text: str) -> list[tuple[int, str]]:
 
 
 def piece(tokenizer, i: int) -> str:
-    """What token ``i`` stands for; a token holding part of a character (of a byte-level BPE) shows its bytes,
-    ``<C3>``, where decoding it alone gives the replacement character, as many tokens alike."""
-    text = tokenizer.token_text(i)
-    if "\ufffd" not in text:
-        return text
-    raw = tokenizer.token_bytes(i)
+    """What token ``i`` stands for; a token holding part of a character shows its bytes, ``<C3>``."""
+    raw = piece_bytes(tokenizer, i)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(f"<{b:02X}>" for b in raw)
+
+
+def piece_bytes(tokenizer, i: int) -> bytes:
+    """The bytes token ``i`` stands for: its text's, or, for a token holding part of a character (of a byte-level
+    BPE), that part, where its text alone is the replacement character, as for many tokens alike."""
+    text = tokenizer.token_text(i)
+    return tokenizer.token_bytes(i) if "\ufffd" in text else text.encode("utf-8")
