@@ -16,6 +16,9 @@ def test_tokenizer_train_reports_compression_and_transformers_agrees(cli, tmp_pa
     assert "400 tokens -> tok/tokenizer.json" in out
     bytes_per_token = float(out.split("tokens: ")[1].split(" bytes per token")[0])
     assert 1.5 < bytes_per_token < 8  # merges made tokens longer than one byte
+    taken = cli("info", "tok", check=False)  # for a model: "tok has no config.json: fournil reads run directories..."
+    assert taken.returncode == 2 and "tok holds a tokenizer, not a model: see where it cuts a text with `fournil " \
+                                     "tokenize TEXT --tokenizer tok`" in taken.stderr
 
     from fournil.tokenizers import load_tokenizer
     ours = load_tokenizer(tmp_path / "tok" / "tokenizer.json")

@@ -31,11 +31,15 @@ def test_prepare_char_shards_hold_every_character_once(cli, tmp_path):
     assert 0.04 < counts["val"] / sum(counts.values()) < 0.06 and 0.04 < counts["test"] / sum(counts.values()) < 0.06
     ids = np.fromfile(shards / meta["shards"]["train"][0]["file"], dtype=np.uint16)
     assert len(ids) == meta["shards"]["train"][0]["tokens"]
+    taken = cli("sample", shards, check=False)  # for a model: "has no config.json: fournil reads run directories..."
+    assert taken.returncode == 2 and f"{shards} holds token shards (of fournil prepare), not a model: train one on " \
+                                     f"them with `fournil train --data {shards}`" in taken.stderr
     (tmp_path / "small.txt").write_text(text[:20_000])
     small = cli("prepare", "--data", "small.txt", "--tokenizer", "char", check=False)
     assert small.returncode == 2 and "small.txt is too small to shard: val and test each take one chunk in 20; " \
                                      "train on it directly with --data FILE" in small.stderr
-    assert not (tmp_path / "shards" / "small-char").exists()  # (it held a train shard: "only partly prepared")
+    assert not (tmp_path / "shards").exists()  # (shards/small-char held a train shard: "only partly prepared"; then
+    # shards/ was left, empty)
     missing = cli("prepare", "--data", "corpuss", check=False)  # said at once, not after "learning a BPE from corpuss"
     assert missing.returncode == 2 and missing.stderr.startswith("fournil: error: no file or folder corpuss")
 

@@ -14,6 +14,7 @@ from fournil.checkpoint import read_safetensors, save_weights, write_json
 from fournil.config import (AlignConfig, DataConfig, DistillConfig, FinetuneConfig, LoraConfig, RunConfig, TrainConfig,
                             command_of, from_dict, to_dict)
 from fournil.data import load_splits, make_data
+from fournil.data.shards import is_prepared
 from fournil.device import generation_dtype, generation_weights, pick_device, pick_dtype, precision_text
 from fournil.errors import FournilError, NotAChatModel, typed
 from fournil.evaluate import evaluate_nll, explain_output, explain_text, output_scores
@@ -75,6 +76,13 @@ def split_names(names) -> tuple[str, ...]:
 def read_config(path: Path) -> RunConfig:
     file = path / CONFIG
     if not file.exists():
+        if is_prepared(path):
+            raise FournilError(f"{path} holds token shards (of fournil prepare), not a model: train one on them with "
+                               f"`fournil train --data {path}`")
+        if (path / TOKENIZER).is_file():
+            raise FournilError(f"{path} holds a tokenizer, not a model: see where it cuts a text with `fournil "
+                               f"tokenize TEXT --tokenizer {path}`, or train a model with it: `fournil train "
+                               f"--tokenizer {path}`")
         raise FournilError(f"{path} has no {CONFIG}: fournil reads run directories, Hugging Face folders "
                            f"(config.json, *.safetensors, tokenizer.json) and .gguf files")
     try:

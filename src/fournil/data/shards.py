@@ -125,23 +125,25 @@ def prepare(source: str, tokenizer, out: Path, progress: bool = True) -> dict:
     """Tokenize ``source`` (a file, or a folder of .txt files and .jsonl corpora) into shards under ``out``; continue
     if interrupted. One process at a time: another ``prepare`` into ``out`` meanwhile is refused."""
     files = [p.resolve() for p in input_files(Path(source).expanduser())]
+    made = [p for p in (out, *out.parents) if not p.exists()]  # (shards/ too, the first time)
     with held(out, "prepared", "; or prepare into another --out"):
         new = not (out / META).exists()
         try:
             return tokenize_into(out, source, files, tokenizer, progress)
         except FournilError:  # (too small, a file that is not text): nothing worth resuming
             if new:
-                discard(out)
+                discard(out, made)
             raise
 
 
-def discard(out: Path) -> None:
-    """Take away what a new ``prepare`` wrote, and its folder if it then holds nothing else."""
+def discard(out: Path, made: list[Path]) -> None:
+    """Take away what a new ``prepare`` wrote, and the folders it ``made`` that then hold nothing else."""
     for p in out.iterdir():
         if p.name in (META, LOCK) or p.name.startswith("tokenizer") or p.suffix == ".bin":
             p.unlink()
-    if not any(out.iterdir()):
-        out.rmdir()
+    for folder in made:  # (the deepest first)
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def tokenize_into(out: Path, source: str, files: list[Path], tokenizer, progress: bool) -> dict:
