@@ -219,7 +219,8 @@ def exported_to_transformers(tmp_path, in_process) -> None:
                               atol=1e-5)
         batch = tokenizer(words, return_tensors="pt", padding=True)
         written = tokenizer.batch_decode(model.generate(**batch, do_sample=False), skip_special_tokens=True)
-    assert written == run.translate(words)
+    assert written == run.translate(words) and run.translate(words[0]) == written[0]  # (a text alone: each of its
+    # characters was a source)
     assert sum(w == s[::-1] for w, s in zip(written, words)) >= 3
     back = Run.load(tmp_path / "hf", "cpu")  # and read back, fournil's own again: the same logits and targets
     with torch.no_grad():

@@ -88,6 +88,8 @@ def test_configs_given_to_the_python_api_are_checked_before_training(tmp_path):
     config = RunConfig("rnn", data=DataConfig(names), train=TrainConfig(steps=2, samples=0))  # a family, a Path
     run = fournil.train(config, out=str(tmp_path / "run"), **quiet)
     assert run.config.model["family"] == "rnn" and run.config.data.data == str(names)
+    with pytest.raises(FournilError, match=re.escape("the prompt must be a text (got int 5)")):  # (a TypeError)
+        run.sample(1, prompt=5)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["data"] == str(names)
     run = fournil.train(RunConfig(data=DataConfig(names), train=TrainConfig(steps=2, samples=0)), **quiet,
                         out=str(tmp_path / "gpt"))  # no model: as `fournil train`, the gpt

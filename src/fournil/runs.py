@@ -363,11 +363,16 @@ class Run:
         written = AS_SOURCE.get(d.data) if d and d.train is None else None  # (--train FILE: the files' own sources)
         return [written(s) for s in sources] if written else sources
 
-    def translate(self, sources: list[str], beam: int = 1, params: SamplingParams | None = None,
-                  dtype: torch.dtype | None = None) -> list[str]:
-        """A seq2seq model's output for each source: greedy, sampled with ``params``, or by a ``beam`` search."""
+    def translate(self, sources: list[str] | str, beam: int = 1, params: SamplingParams | None = None,
+                  dtype: torch.dtype | None = None) -> list[str] | str:
+        """A seq2seq model's output for each source (for one source given alone, its output): greedy, sampled with
+        ``params``, or by a ``beam`` search."""
         from fournil.generate.seq2seq import generate_targets
 
+        if isinstance(sources, str):  # (not each of its characters as a source)
+            return self.translate([sources], beam, params, dtype)[0]
+        if not (isinstance(sources, (list, tuple)) and all(isinstance(s, str) for s in sources)):
+            raise FournilError(f"give the sources to translate as a list of texts (got {str(sources)[:60]})")
         if self.model.family != "seq2seq":
             raise FournilError(f"translating a source needs a seq2seq model, and the model of {self.path} is "
                                f"{self.model.family}")
@@ -389,6 +394,8 @@ class Run:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
         if not isinstance(n, int) or n < 1:
             raise FournilError(f"-n must be a whole number, at least 1 (got {n!r})")
+        if not isinstance(prompt, str):
+            raise FournilError(f"the prompt must be a text (got {type(prompt).__name__} {prompt!r})")
         if self.model.family == "seq2seq":  # (a TypeError from the decoder-only engine before)
             raise FournilError(f"{self.path} is a seq2seq model: it writes a target for a source, given with "
                                f"Run.translate(sources) (fournil sample RUN --prompt SOURCE)")
