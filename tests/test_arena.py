@@ -328,6 +328,16 @@ def test_arena_commands_refuse_in_one_line(cli, running_text, tmp_path, args, me
     assert not (tmp_path / "missing.sqlite").exists()  # a refused command leaves no empty database behind
 
 
+def test_a_contestant_whose_context_cannot_hold_a_prompt_is_refused_before_any_answer(cli, bpe_llama, tmp_path):
+    (tmp_path / "asked.txt").write_text("Name a fruit.\nSay it. " + "the king " * 600 + "\n", encoding="utf-8")
+    result = cli("arena", "judge", bpe_llama, "smollm2", "--judge", "smollm2", "--prompts", "asked.txt", "--db",
+                 "a.sqlite", check=False)  # (it failed without the model's name, once the other had answered)
+    assert result.returncode == 2 and "answers" not in result.stdout and not (tmp_path / "a.sqlite").exists()
+    assert f"fournil: error: {bpe_llama.name} cannot answer prompt 2 of 2 ('Say it. the king the king the king the " \
+           f"k'): the conversation, " in result.stderr and "tokens, fills the model's context of 1,024; leave it " \
+           "out, or give shorter prompts with --prompts FILE" in result.stderr
+
+
 def test_a_judge_s_prompts_come_from_any_set_fine_tuning_or_alignment_reads(tmp_path):
     """The first user message of each conversation, whatever the form; a text file: one prompt a line."""
     from conftest import write_jsonl

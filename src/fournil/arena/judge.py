@@ -14,7 +14,7 @@ from pathlib import Path
 from fournil.arena.store import Battle, Store
 from fournil.data.preferences import read_prompts as conversations
 from fournil.data.sources import read_text
-from fournil.errors import FournilError
+from fournil.errors import ContextFull, FournilError
 from fournil.generate import SamplingParams, complete
 from fournil.generate.engine import score_choices
 from fournil.generate.answerers import Local, check_chats
@@ -89,6 +89,17 @@ def answers(model, prompts: list[str], params: SamplingParams, max_batch: int = 
     run = model.run
     ids, each = zip(*(model.chat_prompt(m, params) for m in messages))
     return [c.text for c in complete(run.model, run.tokenizer, list(ids), list(each), run.dtype, max_batch=max_batch)]
+
+
+def check_fits(model, prompts: list[str], params: SamplingParams) -> None:
+    """Refuse a model loaded here whose context cannot hold each prompt in its chat template."""
+    if isinstance(model, Local):
+        for n, prompt in enumerate(prompts, start=1):
+            try:
+                model.chat_prompt([{"role": "user", "content": prompt}], params)
+            except ContextFull as e:
+                raise FournilError(f"{model} cannot answer prompt {n} of {len(prompts)} ({prompt[:40]!r}): {e}; leave "
+                                   f"it out, or give shorter prompts with --prompts FILE") from None
 
 
 def tournament(contestants: dict, judge: Judge, prompts: list[str], store: Store, params: SamplingParams,

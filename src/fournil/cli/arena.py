@@ -185,7 +185,7 @@ def arena_leaderboard(args, store) -> None:
 
 
 def arena_judge(args) -> None:
-    from fournil.arena.judge import Judge, judge_battle, read_prompts, tournament
+    from fournil.arena.judge import Judge, check_fits, judge_battle, read_prompts, tournament
     from fournil.arena.store import Store
     from fournil.generate import SamplingParams
     from fournil.generate.answerers import answerer, name_of
@@ -200,6 +200,8 @@ def arena_judge(args) -> None:
     if args.models:
         store = existing(args.db)
         contestants = arena_contestants(args)
+        for model in contestants.values():  # (before the judge loads, the database is made, and any answer)
+            check_fits(model, prompts, params)
         judge = Judge(answerer(args.judge, args.device, "auto", args.api_key_env))
         votes = tournament(contestants, judge, prompts, store or Store(args.db), params)
         asked = len(prompts) * len(contestants) * (len(contestants) - 1) // 2
