@@ -4,25 +4,30 @@
     python benchmarks/generation.py --draft runs/student    # and speculative decoding with that draft
     python benchmarks/generation.py --compile --draft runs/student --draft-weights float32 bfloat16 int8 int4
 
-For each weight precision fournil offers (fp32, bf16, int8, int4) it prints the weights' size in memory, prefill tokens/s
-(the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the aggregate
-decode tokens/s of 8 prompts generated as one batch, and of the same 8 with ``batch_invariant`` (each sequence as if
-alone, as ``fournil serve --batch-invariant`` computes them); the same with the decoding step compiled (``--compile``
-of generate, chat and serve; its compilation time is printed); then transformers' ``generate`` (fp32, bf16, and bf16
-with its static cache compiled; the same weights dequantized from the same GGUF file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the
-GGUF file itself when that package is installed. Greedy decoding, no early stop. With ``--draft MODEL`` (a model of
-SmolLM2's tokenizer, e.g. the ``layers:4`` student of ``fournil distill``), each precision also decodes with that
-draft proposing ``--draft-tokens`` tokens per pass (speculative decoding), its weights in int8 as ``--draft`` loads
-them on a CPU, or in each of ``--draft-weights``, with the tokens each pass yielded. With
-``--temperature T``, every row samples at that temperature (seeded; no top-k, top-p nor min-p, in transformers and
-llama.cpp too) instead of decoding greedily: ``fournil chat`` samples at 0.7. Last,
-the perplexity of each precision on held-out text (the last 10 % of the bundled Shakespeare, 1,024 tokens).
+For each weight precision fournil offers (fp32, bf16, int8, int4) it prints the weights' size in memory, prefill
+tokens/s (the prompt read in one pass), decode tokens/s (one token at a time with the key/value cache) and the
+aggregate decode tokens/s of 8 prompts generated as one batch, and of the same 8 with ``batch_invariant`` (each
+sequence as if alone, as ``fournil serve --batch-invariant`` computes them); the same with the decoding step
+compiled (``--compile`` of generate, chat and serve; its compilation time is printed); then transformers'
+``generate`` (fp32, bf16, and bf16 with its static cache compiled; the same weights dequantized from the same GGUF
+file) measured in the same run, and llama.cpp through ``llama-cpp-python`` on the GGUF file itself when that package
+is installed (in a process of its own: where its AMX kernels crash, the table goes on without its row, and says how
+to build it without them). Greedy decoding, no early stop. With ``--draft MODEL`` (a model of SmolLM2's tokenizer,
+e.g. the ``layers:4`` student of ``fournil distill``), each precision also decodes with that draft proposing
+``--draft-tokens`` tokens per pass (speculative decoding), its weights in int8 as ``--draft`` loads them on a CPU,
+or in each of ``--draft-weights``, with the tokens each pass yielded. With ``--temperature T``, every row samples at
+that temperature (seeded; no top-k, top-p nor min-p, in transformers and llama.cpp too) instead of decoding
+greedily: ``fournil chat`` samples at 0.7. Last, the perplexity of each precision on held-out text (the last 10 % of
+the bundled Shakespeare, 1,024 tokens).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -188,14 +193,30 @@ def reference_transformers(prompt, dtype: torch.dtype, compiled: bool = False):
     return (name, None, len(prompt) / (first - prompt_in), (NEW - 1) / (last - first), None, None)
 
 
-def reference_llama_cpp(prompt, runs: int = 3):
-    """llama.cpp's prefill and decode rates, each the fastest of ``runs``: the reference at its best (on a shared
-    2-core machine its decode rate ranged from 67 to 99 tokens/s within an hour)."""
+def reference_llama_cpp(prompt):
+    """llama.cpp's row, measured in a process of its own: built for an AMX CPU, its AMX kernels crash on some (a
+    segmentation fault in ggml_backend_amx_mul_mat, llama.cpp's issue 20824), which took the whole table with them."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp row")
         return None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(llama_cpp_row, prompt, TEMPERATURE).result()
+        except BrokenProcessPool:
+            print("llama.cpp crashed: no llama.cpp row. On a CPU with AMX, build it without its AMX kernels: "
+                  "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                  "-DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+                  "-DGGML_AVX_VNNI=ON' pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36")
+            return None
+
+
+def llama_cpp_row(prompt, temperature: float, runs: int = 3):
+    """llama.cpp's prefill and decode rates, each the fastest of ``runs``: the reference at its best (on a shared
+    2-core machine its decode rate ranged from 67 to 99 tokens/s within an hour)."""
+    from llama_cpp import Llama
+
     llm = Llama(str(known_path("smollm2")), n_threads=2, n_ctx=1024, verbose=False)
     llm.eval(prompt)
     prefill, decode = [], []
@@ -206,7 +227,7 @@ def reference_llama_cpp(prompt, runs: int = 3):
         prefill.append(time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(NEW - 1):
-            token = llm.sample(temp=TEMPERATURE, top_k=0, top_p=1.0, min_p=0.0)
+            token = llm.sample(temp=temperature, top_k=0, top_p=1.0, min_p=0.0)
             llm.eval([token])
         decode.append(time.perf_counter() - start)
     return ("llama.cpp Q4_1 (GGUF)", None, len(prompt) / min(prefill), (NEW - 1) / min(decode), None, None)
