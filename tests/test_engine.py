@@ -469,8 +469,13 @@ def test_the_python_api_chats_with_a_message_or_a_conversation_and_says_what_it_
     greedy = {"temperature": 0, "max_new_tokens": 8}
     said = run.chat("Who art thou?", **greedy)
     assert said == run.chat([{"role": "user", "content": "Who art thou?"}], **greedy)
+    parts = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [
+        {"type": "text", "text": "Who art"}, {"type": "text", "text": "thou?"}]}]  # as the server reads them
+    assert run.chat(parts, **greedy) == run.chat([{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "Who art\nthou?"}], **greedy)
     assert run.chat("Who art thou?", seed=5) == run.chat("Who art thou?", seed=5)
-    for wrong in ([], [{"role": "bot", "content": "Hi"}], [{"role": "user"}], 7):
+    for wrong in ([], [{"role": "bot", "content": "Hi"}], [{"role": "user"}], 7, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x.png"}}]}]):
         with pytest.raises(FournilError, match=r"give a message as text, or the conversation as a list of "):
             run.chat(wrong)
     with pytest.raises(FournilError, match=r"names-gpt: this model has no chat template .*sample\(prompt=...\)"):

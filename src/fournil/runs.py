@@ -411,16 +411,23 @@ class Run:
     def chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.7,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
         """The answer to a conversation, as `fournil chat` gives it (with its defaults): a user's message, or
-        OpenAI-style messages, ``[{"role": "system" | "user" | "assistant", "content": text}, ...]``."""
+        OpenAI-style messages, ``[{"role": "system" | "user" | "assistant", "content": text}, ...]``, read as the
+        server reads them (a content of parts of text, the developer's role as the system's)."""
+        from pydantic import ValidationError
+
         from fournil.generate.answerers import Local
+        from fournil.serve.schemas import Message
 
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        if not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str) for m in messages)):
+        try:
+            if not (isinstance(messages, list) and messages):
+                raise ValueError(messages)
+            messages = [Message.model_validate(m).model_dump() for m in messages]
+        except (ValueError, ValidationError):  # (a ValidationError is a ValueError: both said)
             raise FournilError(f"give a message as text, or the conversation as a list of {{'role': system|user|"
-                               f"assistant, 'content': text}} (got {str(messages)[:60]})")
+                               f"assistant, 'content': text (or parts of type 'text')}} (got {str(messages)[:60]})") \
+                from None
         self.check_writes()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=seed)
