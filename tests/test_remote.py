@@ -53,6 +53,14 @@ def test_a_remote_that_refuses_is_one_line(cli, remote, spec, env, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_the_flags_of_a_model_loaded_here_are_refused_for_a_remote_one(cli, remote):
+    for flags, said in ((("--dtype", "int8"), "--dtype chooses"), (("--device", "cpu", "--dtype", "float32"),
+                                                                     "--device and --dtype choose")):
+        result = cli("generate", remote, "Hi", *flags, "--api-key-env", "REMOTE_KEY", check=False, env=KEY)
+        assert result.returncode == 2 and f"{said} how a model loaded here computes; {remote} answers from " \
+                                          f"elsewhere: leave" in result.stderr  # (ignored, without a word)
+
+
 def test_a_remote_contestant_battles_one_held_here(bpe_llama, remote, tmp_path):
     """The same weights here and behind the remote, greedy: both sides of the battle write the same answer."""
     import json

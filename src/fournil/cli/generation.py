@@ -118,6 +118,9 @@ def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float,
 
     if args.compile and is_remote(args.model):
         raise FournilError(f"--compile speeds up a model loaded here; {args.model} answers from elsewhere")
+    if is_remote(args.model) and (local := [f"--{k}" for k in ("device", "dtype") if getattr(args, k) != "auto"]):
+        raise FournilError(f"{' and '.join(local)} choose{'s' * (len(local) == 1)} how a model loaded here computes; "
+                           f"{args.model} answers from elsewhere: leave {'it' if len(local) == 1 else 'them'} out")
     if args.compile and args.draft:
         raise FournilError("--compile and --draft do not go together here: a draft's passes are not compiled; "
                            "choose one (fournil serve takes both: the draft while a request is alone)")
