@@ -413,8 +413,6 @@ class Run:
         """The answer to a conversation, as `fournil chat` gives it (with its defaults): a user's message, or
         OpenAI-style messages, ``[{"role": "system" | "user" | "assistant", "content": text}, ...]``, read as the
         server reads them (a content of parts of text, the developer's role as the system's)."""
-        from pydantic import ValidationError
-
         from fournil.generate.answerers import Local
         from fournil.serve.schemas import Message
 
@@ -424,7 +422,7 @@ class Run:
             if not (isinstance(messages, list) and messages):
                 raise ValueError(messages)
             messages = [Message.model_validate(m).model_dump() for m in messages]
-        except (ValueError, ValidationError):  # (a ValidationError is a ValueError: both said)
+        except ValueError:  # (pydantic's ValidationError is one)
             raise FournilError(f"give a message as text, or the conversation as a list of {{'role': system|user|"
                                f"assistant, 'content': text (or parts of type 'text')}} (got {str(messages)[:60]})") \
                 from None
