@@ -52,6 +52,12 @@ def test_completions_through_the_openai_client(server, chat_run):
     echoed = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0, stream=True,
                                        echo=True)  # the prompt first, as without stream (it was left out)
     assert "".join(c.choices[0].text for c in echoed) == "KING" + ours.text
+    # streamed logprobs: each chunk's offsets are in the whole text, as without stream (each chunk's began at 0)
+    whole = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0, echo=True, logprobs=1)
+    chunks = client.completions.create(model="chat", prompt="KING", max_tokens=12, temperature=0, echo=True,
+                                       logprobs=1, stream=True)
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.choices[0].logprobs.text_offset and offsets[-1] > len("KING")
     with pytest.raises(openai.BadRequestError, match="^Error code: 400 - best_of is not supported"):
         client.completions.create(model="chat", prompt="KING", max_tokens=2, best_of=3)
 

@@ -256,14 +256,19 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def text_offsets(ids, start: int) -> list[int]:
-        """Where each token begins in the text, in characters; a token that completes a character begins where the
-        character does."""
-        decoder, at, offsets = codecs.getincrementaldecoder("utf-8")("replace"), start, []
-        for i in ids:
-            offsets.append(at)
-            at += len(decoder.decode(piece_bytes(tok, i)))
-        return offsets
+    class Offsets:
+        """Where each token begins in the text, in characters, given token after token (a stream's pieces one at a
+        time); a token that completes a character begins where the character does."""
+
+        def __init__(self, start: int):
+            self.decoder, self.at = codecs.getincrementaldecoder("utf-8")("replace"), start
+
+        def __call__(self, ids) -> list[int]:
+            offsets = []
+            for i in ids:
+                offsets.append(self.at)
+                self.at += len(self.decoder.decode(piece_bytes(tok, i)))
+            return offsets
 
     # ---- the OpenAI API
     served = {"id": name, "object": "model", "created": created, "owned_by": "fournil"}
@@ -295,11 +300,14 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         cid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name}
 
-        def logprobs_of(pieces_, offset: int) -> dict:
+        def logprobs_of(pieces_, offsets: Offsets) -> dict:
             toks = [p for p in pieces_ if p.token >= 0]
             return {"tokens": [token_text(p.token) for p in toks], "token_logprobs": [p.logprob for p in toks],
                     "top_logprobs": [{token_text(i): v for i, v in (p.top or {}).items()} for p in toks],
-                    "text_offset": text_offsets([p.token for p in toks], offset)}
+                    "text_offset": offsets([p.token for p in toks])}
+
+        def answer_offsets(i: int) -> Offsets:  # the answer's text follows the prompt's where it is echoed
+            return Offsets(len(texts[i]) if body.echo else 0)
 
         if body.stream:
             async def events():
@@ -307,10 +315,11 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                     lp = None if body.logprobs is None else await prompt_logprobs(prompts[i], leads[i], body.logprobs)
                     yield sse({**head, "choices": [{"text": texts[i], "index": index, "logprobs": lp,
                                                     "finish_reason": None}]})
+                offsets = [answer_offsets(i) for i, _ in rows]  # (in the whole text, as vLLM's: not from 0 each)
                 async for index, piece in pieces(requests, queue):
                     choice = {"text": piece.text, "index": index, "logprobs": None, "finish_reason": None}
                     if body.logprobs is not None and piece.token >= 0:
-                        choice["logprobs"] = logprobs_of([piece], 0)
+                        choice["logprobs"] = logprobs_of([piece], offsets[index])
                     yield sse({**head, "choices": [choice]})
                 for index, r in enumerate(requests):
                     yield sse({**head, "choices": [{"text": "", "index": index, "logprobs": None,
@@ -328,7 +337,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             if body.echo:
                 text = texts[i] + text
             if body.logprobs is not None:
-                lp = logprobs_of(got, len(texts[i]) if body.echo else 0)
+                lp = logprobs_of(got, answer_offsets(i))
                 if body.echo:
                     lp = merge(await prompt_logprobs(prompts[i], leads[i], body.logprobs), lp)
             choices.append({"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason})
@@ -363,7 +372,7 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
         values = await asyncio.wrap_future(scheduler.call(score, model, ids, 1, run.measure_dtype, max(top, 1)))
         return {"tokens": [token_text(i) for i in ids], "token_logprobs": [None] + [v for v, _ in values],
                 "top_logprobs": [None] + [{token_text(i): lp for i, lp in list(alts.items())[:top]} for _, alts in values],
-                "text_offset": [0] * lead + text_offsets(ids[lead:], 0)}
+                "text_offset": [0] * lead + Offsets(0)(ids[lead:])}
 
     def chat_prompt(messages: list[dict], param: str) -> list[int]:
         try:
