@@ -252,6 +252,30 @@ def test_the_responses_api_answers_as_chat_completions_do(server, chat_run):
             client.responses.create(**{"model": "chat", "input": "hi", **asked})
 
 
+def test_tokenize_lays_out_a_text_or_a_conversation_as_vllm_does(server, chat_run):
+    """vLLM's /tokenize, which learners and clients call to see what the model reads: a conversation laid out by the
+    chat template (with the assistant's turn begun, or not), each token's text when asked; what it cannot do, refused."""
+    tok = Run.load(chat_run, "cpu").tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak \U0001f642"}]
+    status, laid = server.post("/tokenize", {"messages": messages, "return_token_strs": True})
+    assert status == 200 and laid["tokens"] == tok.chat_ids(messages) and laid["count"] == len(laid["tokens"])
+    strs, text = laid["token_strs"], tok.chat_text(messages)
+    assert strs[0] == "<|im_start|>" and laid["max_model_len"] == 1024
+    assert "".join(s for s in strs if not s.startswith("bytes:")) == text.replace("\U0001f642", "")
+    assert "bytes:\\xf0" in strs  # (the emoji's bytes, named as in logprobs)
+    status, begun = server.post("/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert begun["tokens"] == tok.encode(tok.chat_text(messages, add_generation_prompt=False))
+    assert laid["tokens"][: len(begun["tokens"])] == begun["tokens"] and len(laid["tokens"]) > len(begun["tokens"])
+    status, plain = server.post("/tokenize", {"prompt": "To be"})
+    assert (status, plain["tokens"], plain["token_strs"]) == (200, tok.prompt_ids("To be"), None)
+    for body, said in (({}, "give prompt (a text) or messages"), ({"prompt": "a", "messages": messages}, "one of them"),
+                       ({"messages": messages, "add_special_tokens": True}, "leave add_special_tokens out"),
+                       ({"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt is for messages"),
+                       ({"messages": []}, "messages")):
+        status, refused = server.post("/tokenize", body)
+        assert status == 400 and said in refused["error"]["message"], refused
+
+
 def test_usage_counts_the_prompt_tokens_a_request_took_from_one_running_beside_it(server, chat_run):
     """OpenAI's ``usage.prompt_tokens_details.cached_tokens``: the system prompt a request shares with a running one is
     copied, not read again; a request to an idle server reads all of its prompt."""
@@ -555,6 +579,10 @@ def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
         text, lp = echoed["choices"][0]["text"], echoed["choices"][0]["logprobs"]
         assert status == 200 and text == "ma" + greedy["choices"][0]["text"][:3] and lp["tokens"][0] == "\n"
         assert lp["text_offset"] == [0, 0, 1, 2, 3, 4][: len(lp["tokens"])]
+        # /tokenize: a text as generation starts from it, after the boundary (vLLM's add_special_tokens), or alone
+        boundary = Run.load(trained["gpt"], "cpu").tokenizer.boundary_id
+        assert server.post("/tokenize", {"prompt": "ma"})[1]["tokens"][0] == boundary
+        assert boundary not in server.post("/tokenize", {"prompt": "ma", "add_special_tokens": False})[1]["tokens"]
         assert "".join(lp["tokens"][1:]) == text
     finally:
         server.stop()

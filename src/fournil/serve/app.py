@@ -374,9 +374,9 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 "top_logprobs": [None] + [{token_text(i): lp for i, lp in list(alts.items())[:top]} for _, alts in values],
                 "text_offset": [0] * lead + Offsets(0)(ids[lead:])}
 
-    def chat_prompt(messages: list[dict], param: str) -> list[int]:
+    def chat_prompt(messages: list[dict], param: str, add_generation_prompt: bool = True) -> list[int]:
         try:
-            return tok.chat_ids(messages)
+            return tok.chat_ids(messages, add_generation_prompt)
         except NotAChatModel as e:
             raise ApiError(400, f"{e}: send a prompt to /v1/completions", param=param) from None
         except FournilError as e:
@@ -457,8 +457,13 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        ids = tok.prompt_ids(body.prompt) if body.add_special_tokens else tok.encode(body.prompt)
-        return {"tokens": ids, "count": len(ids), "max_model_len": block}
+        if body.messages is not None:
+            messages = [m.model_dump() for m in body.messages]
+            ids = chat_prompt(messages, "messages", body.add_generation_prompt is not False)
+        else:
+            ids = tok.encode(body.prompt) if body.add_special_tokens is False else tok.prompt_ids(body.prompt)
+        return {"count": len(ids), "max_model_len": block, "tokens": ids,
+                "token_strs": [token_text(i) for i in ids] if body.return_token_strs else None}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

@@ -238,8 +238,25 @@ class PredictRequest(Body):
 
 
 class TokenizeRequest(Body):
-    prompt: str
-    add_special_tokens: bool = False
+    """vLLM's: a text, or a conversation as the chat template lays it out; each token's text too if asked."""
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # a text's BOS (or boundary), as vLLM's default; the template writes its own
+    add_generation_prompt: bool | None = None  # the assistant's turn begun after the messages (default: true)
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt (a text) or messages (a conversation, which the chat template lays out), "
+                             "one of them")
+        if self.messages is not None and self.add_special_tokens:
+            raise ValueError("the chat template writes the special tokens of messages itself: leave add_special_tokens "
+                             "out")
+        if self.prompt is not None and self.add_generation_prompt is not None:
+            raise ValueError("add_generation_prompt is for messages (it begins the assistant's turn after them): leave "
+                             "it out with a prompt")
+        return self
 
 
 class DetokenizeRequest(Body):

@@ -81,7 +81,7 @@ class CharTokenizer:
             return [self.boundary_id, *ids]
         return ids or self.encode("\n" if "\n" in self.stoi else self.chars[0])
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         raise NotAChatModel
 
     def decode(self, ids) -> str:

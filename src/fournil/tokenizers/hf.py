@@ -114,8 +114,8 @@ class HFTokenizer:
         return render_chat(self.chat_template, messages, add_generation_prompt, bos_token=self.bos or "",
                            eos_token=self.eos or "")
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.chat_text(messages))
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.chat_text(messages, add_generation_prompt))
 
     def save(self, path: Path) -> None:
         path = Path(path)
