@@ -115,7 +115,7 @@ def test_the_python_api_says_which_setting_has_the_wrong_type(trained):
     for given, said in (({"seed": "a"}, "sampling setting seed = 'a': expected a whole number"),
                         ({"temperature": "hot"}, "sampling setting temperature = 'hot': expected a number"),
                         ({"top_k": 2.5}, "sampling setting top_k = 2.5: expected a whole number"),
-                        ({"n": "3"}, "-n must be a whole number, at least 1 (got '3')")):
+                        ({"n": "3"}, "n must be a whole number, at least 1 (got '3')")):
         with pytest.raises(FournilError) as e:
             run.sample(**given)
         assert str(e.value) == said

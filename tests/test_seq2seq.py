@@ -146,7 +146,7 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
     for args, message in ((("--beam", "3", "--temperature", "0.7"), "--beam 3 searches for the most likely output, "
                                                                      "and --temperature is for drawing one"),
                           (("--beam", "3", "-n", "2"), "--beam 3 gives one output, the most likely: leave -n out"),
-                          (("-n", "0"), "-n must be a whole number, at least 1 (got 0)")):
+                          (("--num", "0"), "-n (--num) must be a whole number, at least 1 (got 0)")):
         refused = in_process("sample", "rev", "--prompt", "abc", *args)  # (they were ignored)
         assert refused.returncode == 2 and refused.stderr.startswith(f"fournil: error: {message}"), refused.stderr
         assert len(refused.stderr.splitlines()) == 1

@@ -393,7 +393,7 @@ class Run:
                top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
         """``n`` samples: whole documents (``lines`` data) or passages of running text, starting with ``prompt``."""
         if not isinstance(n, int) or n < 1:
-            raise FournilError(f"-n must be a whole number, at least 1 (got {n!r})")
+            raise FournilError(f"n must be a whole number, at least 1 (got {n!r})")
         if not isinstance(prompt, str):
             raise FournilError(f"the prompt must be a text (got {type(prompt).__name__} {prompt!r})")
         if self.model.family == "seq2seq":  # (a TypeError from the decoder-only engine before)

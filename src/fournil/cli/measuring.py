@@ -213,7 +213,7 @@ def run_sample(args) -> None:
     from fournil.runs import Run, latest_run
 
     if args.num is not None and args.num < 1:
-        raise FournilError(f"-n must be a whole number, at least 1 (got {args.num})")
+        raise FournilError(f"-n (--num) must be a whole number, at least 1 (got {args.num})")
     run = Run.load(args.run or latest_run(), args.device)
     check_beam(run, args.beam)
     if run.mode == "pairs":
