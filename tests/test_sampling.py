@@ -97,11 +97,14 @@ def test_penalties_by_hand():
     out = penalize(logits, seen, counts, SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25))
     # repetition: 2 / 2 = 1, -1 * 2 = -2 (seen ones only); then - 0.5 * count - 0.25 * (count > 0)
     assert out.tolist() == [[1.0, -2.0 - 1.0 - 0.25, 0.5, 1.0 - 0.5 - 0.25]]
+    biased = penalize(logits, seen, counts, SamplingParams(logit_bias={0: -100, 2: 1.5}))  # (OpenAI's logit_bias)
+    assert biased.tolist() == [[-98.0, -1.0, 2.0, 1.0]] and logits.tolist() == [[2.0, -1.0, 0.5, 1.0]]
 
 
 @pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": 2.0},
                                  {"repetition_penalty": 0.0}, {"repetition_penalty": 1e-308},
-                                 {"repetition_penalty": 1e3}, {"frequency_penalty": 3.0}, {"max_new_tokens": 0}])
+                                 {"repetition_penalty": 1e3}, {"frequency_penalty": 3.0}, {"max_new_tokens": 0},
+                                 {"logit_bias": {1: 101}}, {"logit_bias": {"1": 2}}, {"logit_bias": [1]}])
 def test_bad_controls(bad):
     with pytest.raises(FournilError):
         SamplingParams(**bad).check()

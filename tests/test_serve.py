@@ -100,7 +100,7 @@ def test_completions_through_the_openai_client(server, chat_run):
 
 def test_vllm_s_sampling_extensions_are_applied_not_ignored(server, chat_run):
     """top_k, min_p and repetition_penalty, which clients for local servers send (as vLLM takes them): each changes the
-    answer as the engine's own setting of that name does."""
+    answer as the engine's own setting of that name does; and OpenAI's logit_bias."""
     run = Run.load(chat_run, "cpu")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
 
@@ -123,6 +123,24 @@ def test_vllm_s_sampling_extensions_are_applied_not_ignored(server, chat_run):
     for bad, field in (({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 1e-308}, "rep")):
         with pytest.raises(openai.BadRequestError, match=field):
             served(**bad)
+
+    # OpenAI's logit_bias (refused before): -100 bans a token, so the greedy answer takes the model's second choice;
+    # 100 forces one; the logprobs stay the model's own
+    chat = [{"role": "user", "content": "Speak."}]
+    greedy = client.chat.completions.create(model="chat", messages=chat, max_tokens=4, temperature=0, logprobs=True,
+                                            top_logprobs=2).choices[0].logprobs.content
+    first, second = (tok.token for tok in greedy[0].top_logprobs)
+    ids = {run.tokenizer.decode([i]): i for i in range(run.tokenizer.vocab_size)}
+    banned = client.chat.completions.create(model="chat", messages=chat, max_tokens=4, temperature=0, logprobs=True,
+                                            logit_bias={str(ids[first]): -100}).choices[0].logprobs.content
+    assert banned[0].token == second and banned[0].logprob == pytest.approx(greedy[0].top_logprobs[1].logprob, abs=1e-5)
+    forced = client.completions.create(model="chat", prompt="KING", max_tokens=5, temperature=1, seed=3,
+                                       logit_bias={str(ids[" the"]): 100})
+    assert forced.choices[0].text == " the" * 5
+    with pytest.raises(openai.BadRequestError, match="logit_bias token 99999 is outside this model's vocabulary"):
+        served(logit_bias={"99999": 1})
+    with pytest.raises(openai.BadRequestError, match="logit_bias.5: Input should be less than or equal to 100"):
+        served(logit_bias={"5": 101})
 
 
 def test_chat_streaming_and_errors(server, chat_run):

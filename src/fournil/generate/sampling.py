@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fournil.config import check_types
+from fournil.config import check_types, fits
 from fournil.errors import FournilError
 
 GREEDY_BELOW = 1e-5  # a temperature this close to 0 is greedy (dividing by it would overflow to inf, then NaN)
@@ -27,11 +27,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the text ends before the first of these strings
     logprobs: int | None = None  # also report the log-probabilities of this many most likely alternatives
     ignore_eos: bool = False  # go on past the end-of-text token, to max_new_tokens (for benchmarks)
+    logit_bias: dict[int, float] | None = None  # added to these tokens' scores (OpenAI's: -100 bans one, 100 forces it)
 
     @property
-    def penalized(self) -> bool:
-        """Whether penalties change the model's scores, and so the distribution as the answer grows."""
-        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty)
+    def adjusted(self) -> bool:
+        """Whether penalties or biases change the model's scores before a token is chosen (penalties: as the answer
+        grows)."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
     def check(self) -> None:
         check_types(SamplingParams, vars(self), "sampling")  # (the Python API's seed="a" failed deep in torch)
@@ -54,6 +56,10 @@ class SamplingParams:
             raise FournilError(f"--seed must fit in 64 bits (got {self.seed})")
         if self.logprobs is not None and self.logprobs < 0:
             raise FournilError(f"logprobs must be 0 or more (got {self.logprobs})")
+        if self.logit_bias is not None and not (isinstance(self.logit_bias, dict) and all(
+                fits(int, i) and i >= 0 and fits(float, b) and -100 <= b <= 100 for i, b in self.logit_bias.items())):
+            raise FournilError(f"logit_bias maps token ids to a bias from -100 to 100, e.g. {{42: -100}} (got "
+                               f"{self.logit_bias!r})")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -87,8 +93,11 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Repetition penalty over tokens ``seen`` in prompt or answer; frequency and presence penalties over the
-    ``counts`` of tokens generated so far."""
+    ``counts`` of tokens generated so far; then the biases of tokens."""
     logits = logits.float()
+    if p.logit_bias:
+        ids, biases = (torch.tensor(list(v), device=logits.device) for v in (p.logit_bias, p.logit_bias.values()))
+        logits = logits.index_add(-1, ids, biases.float().expand(*logits.shape[:-1], -1))
     if p.repetition_penalty != 1.0:
         scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(seen, scaled, logits)

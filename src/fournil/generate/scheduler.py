@@ -207,6 +207,9 @@ class Scheduler:
         params.check()
         if not prompt:
             raise FournilError("every prompt needs at least one token")
+        if params.logit_bias and max(params.logit_bias) >= self.model.config.vocab_size:
+            raise FournilError(f"logit_bias names token {max(params.logit_bias)}, outside this model's vocabulary (ids "
+                               f"0 to {self.model.config.vocab_size - 1})")
         longest = max(1, self.block - 1)  # room for the answer (a context of 1 token: the token it answers)
         if len(prompt) > longest:
             if not self.truncate:
@@ -253,7 +256,7 @@ class Scheduler:
                 if r.cancelled:
                     r.pieces.put(None)
                 else:
-                    if r.params.penalized:
+                    if r.params.adjusted:
                         device, vocab = self.model.device, self.model.config.vocab_size
                         r.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
                         r.seen[torch.tensor(r.prompt, device=device)] = True
@@ -502,7 +505,7 @@ class Scheduler:
             return False
         r = self.active[0]
         room = min(self.block, self.draft.config.block_size)
-        return not r.params.penalized and len(r.context) + self.draft_tokens + 1 < room and \
+        return not r.params.adjusted and len(r.context) + self.draft_tokens + 1 < room and \
             self.cache.length + self.draft_tokens + 1 <= self.block
 
     def _speculate(self) -> None:
@@ -542,12 +545,12 @@ class Scheduler:
         scores (a log-probability is a score minus it), when the compiled step computed them beside the scores."""
         logits = logits.float()
         norms = log_normalizers(logits) if norms is None else norms.tolist()
-        plain = [r.params.temperature < GREEDY_BELOW and not r.params.penalized for r in requests]
+        plain = [r.params.temperature < GREEDY_BELOW and not r.params.adjusted for r in requests]
         most_likely = most_likely_tokens(logits) if any(plain) else plain  # (no argmax when every row samples)
         for r, row, norm, greedy, best in zip(requests, logits, norms, plain, most_likely):
             p = r.params
             if not greedy:
-                scores = penalize(row[None], r.seen[None], r.counts[None], p) if p.penalized else row[None]
+                scores = penalize(row[None], r.seen[None], r.counts[None], p) if p.adjusted else row[None]
                 best = int(choose(scores, p, r.generator)[0])
             self._accept(r, best, row, norm)
 

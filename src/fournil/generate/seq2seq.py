@@ -25,6 +25,9 @@ def _until_end(model, row: list[int]) -> list[int]:
 @torch.no_grad()
 def sample_targets(model, sources: list[list[int]], params: SamplingParams, dtype=torch.float32) -> list[list[int]]:
     """One target per source, each token chosen by :func:`choose` (the most likely one at temperature 0)."""
+    if params.adjusted:  # (ignored before)
+        raise FournilError("penalties and logit biases are for continuing a text: a seq2seq model's target is chosen "
+                           "by temperature, top-k, top-p and min-p")
     generator = torch.Generator(model.device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     cfg = model.config

@@ -87,10 +87,12 @@ def propose(draft_logits, feed, params: SamplingParams, generator: torch.Generat
 
 
 def check_drafting(params: SamplingParams, k: int) -> None:
-    """Refuse what a draft cannot propose for: penalties (a distribution that changes as the answer grows), or no
-    tokens at all."""
-    if params.penalized:
-        raise FournilError("penalties change the distribution as the answer grows: not with a draft model")
+    """Refuse what a draft cannot propose for: penalties (a distribution that changes as the answer grows) and biases
+    (which its own distribution does not have), or no tokens at all."""
+    if params.adjusted:
+        raise FournilError("logit biases are not applied to a draft's proposals: not with a draft model"
+                           if params.logit_bias else "penalties change the distribution as the answer grows: not with "
+                                                     "a draft model")
     check_draft_tokens(k)
 
 

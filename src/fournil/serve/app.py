@@ -182,11 +182,12 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
             stop = body.stops()
         except ValueError as e:
             raise ApiError(400, str(e), param="stop") from None
+        known(list(body.logit_bias or ()), "logit_bias")
         return SamplingParams(max_new_tokens=new, temperature=body.temperature, top_k=max(body.top_k, 0) or None,
                               top_p=body.top_p if body.top_p < 1 else None, min_p=body.min_p or None,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                              logprobs=logprobs, ignore_eos=body.ignore_eos)
+                              logprobs=logprobs, ignore_eos=body.ignore_eos, logit_bias=body.logit_bias or None)
 
     def continues() -> None:
         """Refuse what continues a text or a conversation (the OpenAI API) when the model is seq2seq."""

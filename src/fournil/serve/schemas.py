@@ -3,7 +3,7 @@ other servers of the API do), and of fournil's own endpoints."""
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,7 +16,7 @@ from fournil.text import HALF_PAIR, unpaired
 NO_GRAMMAR = ((None,), "it answers freely, never held to a schema or grammar")
 UNSUPPORTED = {"response_format": ((None, {"type": "text"}), "it answers in plain text"),
                "tools": ((None, []), "it calls no tools"), "functions": ((None, []), "it calls no tools"),
-               "logit_bias": ((None, {}), "it biases no token"), "best_of": ((None, 1), "one answer per choice"),
+               "best_of": ((None, 1), "one answer per choice"),
                "suffix": ((None, ""), "it inserts no text before a suffix"),
                "min_tokens": ((None, 0), "an answer ends where the model ends it, or with ignore_eos at max_tokens"),
                "use_beam_search": ((None, False), "it samples, without beam search"),
@@ -110,6 +110,7 @@ class Sampling(Body):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # (as SamplingParams takes it)
     ignore_eos: bool = False  # answers of exactly max_tokens, as serving benchmarks ask
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a JSON key) -> its bias
     model: str | None = None
 
     @model_validator(mode="before")
