@@ -33,7 +33,8 @@ class SamplingParams:
     def adjusted(self) -> bool:
         """Whether penalties or biases change the model's scores before a token is chosen (penalties: as the answer
         grows)."""
-        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
+        penalized = self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty)
+        return penalized or bool(self.logit_bias)
 
     def check(self) -> None:
         check_types(SamplingParams, vars(self), "sampling")  # (the Python API's seed="a" failed deep in torch)
