@@ -1,6 +1,7 @@
 """The HTTP server, tested as users meet it: a real server process on 127.0.0.1, the official openai client."""
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -190,7 +191,7 @@ def test_chat_streaming_and_errors(server, chat_run):
     plain = client.chat.completions.create(model="chat", messages=system, max_tokens=12, temperature=0, tools=[],
                                            response_format={"type": "text"})
     assert plain.choices[0].message.content == answers[0].choices[0].message.content
-    for asked in ({"response_format": {"type": "json_object"}}, {"logit_bias": {"5": 100}},
+    for asked in ({"response_format": {"type": "json_object"}},
                   {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]}):
         with pytest.raises(openai.BadRequestError, match=f"^Error code: 400 - {next(iter(asked))} is not supported"):
             client.chat.completions.create(model="chat", messages=system, **asked)
@@ -538,7 +539,8 @@ def test_the_chat_page_streams_an_answer_and_stops_it(server):
 
 def test_the_chat_page_sends_its_system_message_and_says_when_an_answer_was_cut(server):
     """The system's message typed in the page goes first in each request (the conversation kept holds the turns
-    only); an answer that max tokens cut is followed by a note saying so, as the terminal's chat says it."""
+    only); an answer that max tokens cut is followed by a note saying so, as the terminal's chat says it. With
+    "probabilities", each token is shown coloured by its probability, its alternatives in its tooltip."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -548,20 +550,38 @@ def test_the_chat_page_sends_its_system_message_and_says_when_an_answer_was_cut(
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "4")
         page.fill("#system", "You are a poet.")
+        page.check("#probabilities")
         with page.expect_request("**/v1/chat/completions") as asked:
             page.fill("#question", "Speak.")
             page.press("#question", "Enter")
         page.wait_for_function("document.querySelector('.msg.assistant').dataset.done === 'true'")
-        sent = asked.value.post_data_json["messages"]
+        body = asked.value.post_data_json
         shown, notes = page.locator(".msg.assistant").text_content(), page.locator(".note").all_text_contents()
+        tokens = page.eval_on_selector_all(".msg.assistant .token", "spans => spans.map(s => [s.textContent, "
+                                           "Number(s.dataset.logprob), s.title, s.style.background])")
         kept = page.evaluate("() => messages")
         browser.close()
+    sent = body["messages"]
     assert sent == [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Speak."}]
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 5)
     assert [m["role"] for m in kept] == ["user", "assistant"]
-    status, greedy = server.post("/v1/chat/completions", {"messages": sent, "max_tokens": 4, "temperature": 0})
+    status, greedy = server.post("/v1/chat/completions", {"messages": sent, "max_tokens": 4, "temperature": 0,
+                                                          "logprobs": True, "top_logprobs": 5})
     assert status == 200 and shown == greedy["choices"][0]["message"]["content"]
     cut = greedy["choices"][0]["finish_reason"] == "length"
     assert notes == ["(the answer was cut: max tokens 4 allows longer ones)"] * cut
+    # (this model writes whole characters here: a token each)
+    expected = greedy["choices"][0]["logprobs"]["content"][: len(tokens)]
+    assert [t[0] for t in tokens] == [t["token"] for t in expected] and "".join(t[0] for t in tokens) == shown
+    assert [t[1] for t in tokens] == pytest.approx([t["logprob"] for t in expected], abs=1e-5)
+    for (text, _, title, colour), t in zip(tokens, expected):
+        first, *alternatives = title.split("\n")
+        said, percent = first.rsplit(": ", 1)
+        assert said == json.dumps(text, ensure_ascii=False) and percent.endswith(" %")
+        assert float(percent[:-2]) == pytest.approx(100 * math.exp(t["logprob"]), rel=0.05)  # (two digits)
+        best = json.dumps(t["top_logprobs"][0]["token"], ensure_ascii=False)
+        assert len(alternatives) == 5 and alternatives[0].startswith(f"  {best} ")
+        assert colour.startswith("rgb(")
 
 
 def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
@@ -577,14 +597,21 @@ def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
             page.goto(server.url + "/")
             assert "no chat template: it continues the text you begin" in page.text_content("#model")
             page.fill("#temperature", "0")
+            page.check("#probabilities")  # (from /v1/completions' logprobs here)
             page.fill("#question", "ma")
             page.press("#question", "Enter")
             page.wait_for_function("document.querySelector('.msg.assistant, .msg.error').dataset.done === 'true'")
             assert page.locator(".msg.error").count() == 0
             shown, asked = page.locator(".msg.assistant").text_content(), int(page.input_value("#max-tokens"))
+            tokens = page.eval_on_selector_all(".msg.assistant .token", "spans => spans.map(s => [s.textContent, "
+                                               "Number(s.dataset.logprob), s.title.split('\\n').length])")
             browser.close()
-        status, greedy = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked})
+        status, greedy = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked,
+                                                        "logprobs": 5})
         assert status == 200 and shown == greedy["choices"][0]["text"]
+        lp = greedy["choices"][0]["logprobs"]
+        assert [t[0] for t in tokens] == lp["tokens"] and {t[2] for t in tokens} == {6}
+        assert [t[1] for t in tokens] == pytest.approx(lp["token_logprobs"], abs=1e-5)
         # vLLM's ignore_eos: the answer goes on past the name's end (its boundary) to max_tokens
         status, whole = server.post("/v1/completions", {"prompt": "ma", "temperature": 0, "max_tokens": asked,
                                                        "ignore_eos": True})
