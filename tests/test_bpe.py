@@ -46,6 +46,19 @@ def test_tokenize_shows_the_cuts_and_counts(cli, tmp_path):
     ids = out[1].removeprefix("ids: ").split()
     assert len(ids) == len(cuts)
     assert out[2] == f"9 characters, 12 bytes, {len(ids)} tokens: {12 / len(ids):.2f} bytes per token"
+    # --chat: the text as a user's message in the tokenizer's chat template, as a chat model reads it
+    from fournil.tokenizers import load_tokenizer
+    from fournil.tokenizers.compression import piece
+
+    ours, chat = load_tokenizer(tmp_path / "tok" / "tokenizer.json"), [{"role": "user", "content": "the king"}]
+    out = cli("tokenize", "the king", "--tokenizer", "tok", "--chat").stdout
+    laid, ids = out.rsplit("\nids: ", 1)
+    assert [int(i) for i in ids.splitlines()[0].split()] == ours.chat_ids(chat)
+    cut = [piece(ours, i) for i in ours.chat_ids(chat)]
+    assert laid == "|".join(cut) and "".join(cut) == ours.chat_text(chat) and laid.startswith("<|im_start|>|")
+    assert f"; the chat template's layout around them: {len(cut) - len(ours.encode('the king'))} more" in out
+    refused = cli("tokenize", "the king", "--tokenizer", "char", "--chat", check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("fournil: error: characters: it has no chat template")
 
 
 def test_tokenizer_with_no_action_trains_one_on_its_defaults(cli, tmp_path):

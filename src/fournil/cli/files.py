@@ -58,6 +58,8 @@ def add_tokenizer_commands(sub) -> None:
                    help="a tokenizer.json, a folder with one (a run, a Hugging Face model, `fournil tokenizer train` "
                         "output), a model (smollm2) or char (the text's own characters); repeat to compare; default: a "
                         "1,024-token BPE trained on shakespeare now")
+    p.add_argument("--chat", action="store_true", help="lay the text out as a user's message in the tokenizer's chat "
+                   "template, ready for the answer: what a chat model reads, its special tokens and all")
     p.add_argument("--out", default="tokens.png", type=parse_picture, help="the picture to write (.png, .svg...)")
 
 
@@ -190,7 +192,7 @@ def tokenizer_for(spec: str | None, text: str):
 def run_tokenize(args) -> None:
 
     from fournil.plots.tokens import plot_tokens
-    from fournil.tokenizers.compression import compression, pieces
+    from fournil.tokenizers.compression import compression, piece, pieces
 
     if not args.text:
         raise FournilError("the text is empty: give one to cut, e.g. fournil tokenize \"Hello, world\" (or none, "
@@ -200,6 +202,11 @@ def run_tokenize(args) -> None:
         name, tokenizer = tokenizer_for(spec, args.text)
         try:
             cut = pieces(tokenizer, args.text)
+            if args.chat:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise FournilError("it has no chat template, so no layout of a conversation to show: leave --chat "
+                                       "out, or give a chat model's tokenizer (--tokenizer smollm2)")
+                cut = [(i, piece(tokenizer, i)) for i in tokenizer.chat_ids([{"role": "user", "content": args.text}])]
         except FournilError as e:  # (which of several tokenizers)
             raise FournilError(f"{name}: {e}") from None
         c = compression(tokenizer, [args.text])
@@ -212,8 +219,10 @@ def run_tokenize(args) -> None:
             print("|".join(text for _, text in cut))
         print("ids:", " ".join(str(i) for i, _ in cut))
         print(f"{c['chars']} characters, {c['bytes']} bytes, {c['tokens']} tokens: {c['bytes_per_token']:.2f} bytes "
-              f"per token")
-        panels.append((name, [text for _, text in cut], c))
+              f"per token" + (f"; the chat template's layout around them: {len(cut) - c['tokens']} more" if args.chat
+                              else ""))
+        shown = f"{name} (in its chat template: {len(cut):,} tokens in all)" if args.chat else name
+        panels.append((shown, [text for _, text in cut], c))
     plot_tokens(panels, Path(args.out))
     print(f"-> {args.out}", file=sys.stderr)
 
