@@ -58,14 +58,16 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         assert len(re.findall(rf"^runs/{folder}/\S+ +ngram +[\d,]+ +\d\.\d{{4}} ", steps[1], re.M)) == 3  # one table
         assert "principal components explain" in steps[2] and "attends most to" in steps[3]
         assert "'71 080' -> '" in steps[3] and "the decoder's cross-attention" in steps[3]  # the encoder-decoder
-        assert "bytes per token" in steps[4] and "bits/byte" in steps[5]
+        assert "bytes per token" in steps[4] and "the chat template's layout around them" in steps[4]
+        assert "bits/byte" in steps[5]
         assert "val" in steps[6] and "reward accuracy" in steps[7].lower().replace("_", " ")
         assert "distilled student" in steps[8]
         assert re.search(r"^POST /v1/chat/completions: ", steps[9], re.M) and "POST /predict: " in steps[9]
         for png in {"en": ["emma.png", "embeddings.png", "ladder.png", "attention-names.png", "attention-it.png",
-                           "capital.png", "cross-attention.png", "tokens.png"],
+                           "capital.png", "cross-attention.png", "tokens.png", "chat.png"],
                     "fr": ["marie.png", "plongements.png", "echelle.png", "attention-prenoms.png", "attention-it.png",
-                           "capitale.png", "capitale-en.png", "attention-croisee.png", "tokens.png"]}[lang]:
+                           "capitale.png", "capitale-en.png", "attention-croisee.png", "tokens.png",
+                           "chat.png"]}[lang]:
             assert imread(tmp_path / lang / png).ndim == 3, png
 
 

@@ -13,3 +13,8 @@ fournil tokenize "To be, or not to be, that is the question. Ça coûte 3 € !"
 # Look at: tokens.png, where each tokenizer cuts the text. Shakespeare's BPE keeps " that", " not" and " the" whole
 # but cuts "question" into q|u|est|ion, and the French words (and the euro sign) into bytes it never merged;
 # SmolLM2's 49,152 tokens keep " question" whole: a large vocabulary cuts less.
+
+fournil tokenize "What is BPE?" --tokenizer $CHAT_MODEL --chat --out chat.png
+# Look at: what a chat model reads when you send it "What is BPE?". Its chat template lays the conversation out in
+# special tokens it learned in fine-tuning: SmolLM2's adds a default system message, then <|im_start|>user, your
+# message, <|im_end|> and <|im_start|>assistant, after which its answer begins: about 30 tokens around yours.

@@ -13,3 +13,9 @@ fournil tokenize "Ça coûte 3 € ! Jean Valjean entra dans la maison. To be, o
 # À regarder : tokens.png, où chaque tokeniseur coupe le texte. Le BPE des Misérables garde « dans » et « la » entiers
 # mais coupe l'anglais (« To be, or not ») en petits morceaux ; SmolLM2, appris surtout sur de l'anglais, garde
 # l'anglais entier mais coupe « maison » et « Valjean ».
+
+fournil tokenize "Qu'est-ce que le BPE ?" --tokenizer $CHAT_MODEL --chat --out chat.png
+# À regarder : ce que lit un modèle de chat quand on lui envoie « Qu'est-ce que le BPE ? ». Son modèle de
+# conversation (chat template) met l'échange en forme avec des jetons spéciaux appris à l'affinage : celui de SmolLM2
+# ajoute un message système par défaut, puis <|im_start|>user, votre message, <|im_end|> et <|im_start|>assistant,
+# après quoi sa réponse commence : une trentaine de jetons autour des vôtres.
