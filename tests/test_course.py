@@ -61,10 +61,11 @@ def test_every_step_of_the_course_runs_in_both_languages(tmp_path, bpe_llama):
         assert "bytes per token" in steps[4] and "the chat template's layout around them" in steps[4]
         assert "bits/byte" in steps[5]
         assert "val" in steps[6] and "reward accuracy" in steps[7].lower().replace("_", " ")
+        assert lang == "fr" or steps[6].count("tokens of the answer (the last ends its turn)") == 2  # before, after
         assert "distilled student" in steps[8]
         assert re.search(r"^POST /v1/chat/completions: ", steps[9], re.M) and "POST /predict: " in steps[9]
         for png in {"en": ["emma.png", "embeddings.png", "ladder.png", "attention-names.png", "attention-it.png",
-                           "capital.png", "cross-attention.png", "tokens.png", "chat.png"],
+                           "capital.png", "cross-attention.png", "tokens.png", "chat.png", "before.png", "after.png"],
                     "fr": ["marie.png", "plongements.png", "echelle.png", "attention-prenoms.png", "attention-it.png",
                            "capitale.png", "capitale-en.png", "attention-croisee.png", "tokens.png",
                            "chat.png"]}[lang]:

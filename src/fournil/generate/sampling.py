@@ -96,14 +96,14 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: 
     """Repetition penalty over tokens ``seen`` in prompt or answer; frequency and presence penalties over the
     ``counts`` of tokens generated so far; then the biases of tokens."""
     logits = logits.float()
-    if p.logit_bias:
-        ids, biases = (torch.tensor(list(v), device=logits.device) for v in (p.logit_bias, p.logit_bias.values()))
-        logits = logits.index_add(-1, ids, biases.float().expand(*logits.shape[:-1], -1))
     if p.repetition_penalty != 1.0:
         scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(seen, scaled, logits)
     if p.frequency_penalty or p.presence_penalty:
         logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    if p.logit_bias:  # (last: a token banned stays banned, whatever the penalties do)
+        ids, biases = (torch.tensor(list(v), device=logits.device) for v in (p.logit_bias, p.logit_bias.values()))
+        logits = logits.index_add(-1, ids, biases.float().expand(*logits.shape[:-1], -1))
     return logits
 
 
