@@ -628,6 +628,9 @@ def test_the_page_continues_a_text_with_a_model_that_cannot_chat(trained):
         boundary = Run.load(trained["gpt"], "cpu").tokenizer.boundary_id
         assert server.post("/tokenize", {"prompt": "ma"})[1]["tokens"][0] == boundary
         assert boundary not in server.post("/tokenize", {"prompt": "ma", "add_special_tokens": False})[1]["tokens"]
+        status, refused = server.post("/tokenize", {"messages": [{"role": "user", "content": "ma"}]})
+        assert (status, refused["error"]["message"]) == (400, "this model has no chat template (it is not a chat "
+                                                              "model): tokenize a prompt instead")
         assert "".join(lp["tokens"][1:]) == text
     finally:
         server.stop()

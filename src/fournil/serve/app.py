@@ -375,11 +375,12 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
                 "top_logprobs": [None] + [{token_text(i): lp for i, lp in list(alts.items())[:top]} for _, alts in values],
                 "text_offset": [0] * lead + Offsets(0)(ids[lead:])}
 
-    def chat_prompt(messages: list[dict], param: str, add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(messages: list[dict], param: str, add_generation_prompt: bool = True,
+                    instead: str = "send a prompt to /v1/completions") -> list[int]:
         try:
             return tok.chat_ids(messages, add_generation_prompt)
         except NotAChatModel as e:
-            raise ApiError(400, f"{e}: send a prompt to /v1/completions", param=param) from None
+            raise ApiError(400, f"{e}: {instead}", param=param) from None
         except FournilError as e:
             raise ApiError(400, str(e), param=param) from None
 
@@ -460,7 +461,8 @@ def create_app(run, settings: ServeSettings, draft=None, draft_tokens: int = 4):
     async def tokenize(body: TokenizeRequest):
         if body.messages is not None:
             messages = [m.model_dump() for m in body.messages]
-            ids = chat_prompt(messages, "messages", body.add_generation_prompt is not False)
+            begun = body.add_generation_prompt is not False
+            ids = chat_prompt(messages, "messages", begun, "tokenize a prompt instead")
         else:
             ids = tok.encode(body.prompt) if body.add_special_tokens is False else tok.prompt_ids(body.prompt)
         return {"count": len(ids), "max_model_len": block, "tokens": ids,
