@@ -450,6 +450,12 @@ def test_bad_input_gets_one_line_and_exit_2(cli, tmp_path, trained, capsys, monk
     one_line_error(run("explain", trained["gpt"], "emma", "--top", "0"), "--top 0: show at least 1 alternative")
     one_line_error(run("explain", trained["gpt"], "emma", "--question", "Who?"), "--question explains an answer in a "
                    "conversation, laid out by a chat template, and this model has none (it continues texts)")
+    # the key of a remote model, given with none (it was ignored)
+    one_line_error(run("generate", trained["gpt"], "ma", "--api-key-env", "MY_KEY"), f"--api-key-env MY_KEY names the "
+                   f"key of a remote model (openai:NAME@URL), and {trained['gpt']} is loaded here: leave it out")
+    one_line_error(run("distill", "--api-key-env", "MY_KEY"), "and smollm2 is loaded here: leave it out")
+    one_line_error(run("arena", "judge", trained["gpt"], trained["llama"], "--judge", trained["gpt"], "--api-key-env",
+                       "MY_KEY"), "are loaded here: leave it out")
     one_line_error(run("explain", trained["gpt"], "emma", "--out", "nodir/emma.png"),  # (not "[Errno 2] ...")
                    "nodir/emma.png: the folder nodir does not exist; create it, or choose another path")
     refused = run("explain", trained["gpt"], "emma", "--out", "emma")  # (matplotlib wrote emma.png, said "-> emma")

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import DEVICE, WEIGHT_PRECISIONS, add_listen_args, is_loopback, renamed
+from fournil.cli.flags import (DEVICE, WEIGHT_PRECISIONS, add_key_env_arg, add_listen_args, check_key_env, is_loopback,
+                               renamed)
 from fournil.errors import FournilError, typed
 
 ARENA_ACTIONS = ("serve", "leaderboard", "judge", "export")
@@ -45,8 +46,7 @@ def add_arena(sub) -> None:
         q.add_argument("--dtype", default="auto", choices=WEIGHT_PRECISIONS,
                        help="weights of the local models (auto: on a CPU, a quantized GGUF file's own bits, else as "
                             "loaded)")
-        q.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                       help="the environment variable holding the key of openai:NAME@URL models")
+        add_key_env_arg(q, "openai:NAME@URL models")
 
     q = actions.add_parser("serve", help="the battle page, /arena, and the leaderboard, /leaderboard (the default)")
     q.add_argument("models", nargs="*", help=models)
@@ -140,6 +140,8 @@ def arena_serve(args) -> None:
     from fournil.serve.app import listen, run_server
     from fournil.serve.guard import LOOPBACK_HOSTS
 
+    check_key_env(args.api_key_env, args.models)
+
     if len(args.models) < 2:
         raise FournilError("the arena needs two models or more: fournil arena MODEL MODEL [MODEL ...]")
     check_capacity(args.max_batch, 64)
@@ -190,6 +192,7 @@ def arena_judge(args) -> None:
     from fournil.generate import SamplingParams
     from fournil.generate.answerers import answerer, name_of
 
+    check_key_env(args.api_key_env, [*args.models, args.judge])
     if args.num < 1:
         raise FournilError(f"-n must be at least 1 (got {args.num})")
     if len(args.models) == 1:

@@ -22,6 +22,21 @@ LATEST = "a run directory, e.g. runs/prenoms-gpt (default: the run under runs/ s
 DEVICE = {"default": "auto", "help": "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps"}
 SCORE_DTYPE = {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
                "help": "precision of the scores (default: float32, the same figures on every machine)"}
+KEY_ENV = "OPENAI_API_KEY"  # --api-key-env's default, as the openai client's
+
+
+def add_key_env_arg(p, whose: str) -> None:
+    p.add_argument("--api-key-env", default=KEY_ENV, metavar="VAR",
+                   help=f"the environment variable holding the key of {whose} (default: {KEY_ENV})")
+
+
+def check_key_env(given: str, models: list) -> None:
+    """``--api-key-env`` names the key of a remote model (``openai:...``): given another variable than the default
+    with none among ``models``, it is refused (it was ignored)."""
+    if given != KEY_ENV and not any(str(m).startswith("openai:") for m in models):
+        here = " and ".join(map(str, models))
+        raise FournilError(f"--api-key-env {given} names the key of a remote model (openai:NAME@URL), and {here} "
+                           f"{'is' if len(models) == 1 else 'are'} loaded here: leave it out")
 
 
 def parse_duration(text: str) -> float:

@@ -8,8 +8,8 @@ import stat
 import sys
 from collections.abc import Callable
 
-from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_listen_args,
-                               add_sampling_args, drafted, is_loopback)
+from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_key_env_arg,
+                               add_listen_args, add_sampling_args, check_key_env, drafted, is_loopback)
 from fournil.errors import ContextFull, FournilError, named, typed
 from fournil.text import is_text
 
@@ -36,8 +36,7 @@ def add_generation(sub) -> None:
                        help="weights for generation: bfloat16 takes half of float32's memory, int8 about a third, "
                             "int4 a quarter (CPU only; the embeddings stay in bfloat16); auto: on a CPU, a quantized "
                             "GGUF file's own bits (int4 for SmolLM2's Q4_1), else the weights as loaded")
-        p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                       help="the environment variable holding the key of an openai:NAME@URL model")
+        add_key_env_arg(p, "an openai:NAME@URL model")
         add_draft_args(p)
         add_compile_arg(p)
 
@@ -116,6 +115,7 @@ def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float,
     ``ready``, the step compiles or loads in the background (:func:`compile_decoding_step`)."""
     from fournil.generate.answerers import answerer, check_chats, is_remote
 
+    check_key_env(args.api_key_env, [args.model])
     if args.compile and is_remote(args.model):
         raise FournilError(f"--compile speeds up a model loaded here; {args.model} answers from elsewhere")
     if is_remote(args.model) and (local := [f"--{k}" for k in ("device", "dtype") if getattr(args, k) != "auto"]):

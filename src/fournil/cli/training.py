@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from fournil.cli.flags import (AUTOMATIC, DEVICE, LOW_MEMORY, SCORE_DTYPE, TRAIN_FLAGS, add_loop_args,
-                               add_recipe_parser, add_tuning_args, loop_config, lora_config, model_settings,
-                               parse_split, renamed, scored, setting_help)
+from fournil.cli.flags import (AUTOMATIC, DEVICE, LOW_MEMORY, SCORE_DTYPE, TRAIN_FLAGS, add_key_env_arg, add_loop_args,
+                               add_recipe_parser, add_tuning_args, check_key_env, loop_config, lora_config,
+                               model_settings, parse_split, renamed, scored, setting_help)
 from fournil.config import DataConfig, RunConfig, TrainConfig, coerce, command_of, read_recipe
 from fournil.data.sources import BUNDLED
 from fournil.errors import FournilError, typed
@@ -131,8 +131,7 @@ def add_distill(sub) -> None:
     p.add_argument("--teacher", default="smollm2", help="a run, .gguf file, Hugging Face folder or smollm2; or "
                                                         "openai:NAME@BASE_URL, whose answers teach (--sequences N "
                                                         "--kd-weight 0; the student a model of its own)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="the environment variable holding the key of an openai:NAME@URL teacher")
+    add_key_env_arg(p, "an openai:NAME@URL teacher")
     p.add_argument("--student",
                    help="layers:N (N of the teacher's layers and its embeddings), a model config .json (from scratch, "
                         "the teacher's vocabulary), or a run with the teacher's tokenizer (default: layers:4, or half "
@@ -261,6 +260,7 @@ def run_distill(args) -> None:
     from fournil.config import DistillConfig
     from fournil.train.distill import distill
 
+    check_key_env(args.api_key_env, [args.teacher])
     budget = {k: getattr(args, k) for k in ("steps", "time") if getattr(args, k) is not None}
     if args.config:
         read_recipe(args.config, "distill")  # what the parser could not read: a missing file
