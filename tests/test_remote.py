@@ -59,6 +59,10 @@ def test_the_flags_of_a_model_loaded_here_are_refused_for_a_remote_one(cli, remo
         result = cli("generate", remote, "Hi", *flags, "--api-key-env", "REMOTE_KEY", check=False, env=KEY)
         assert result.returncode == 2 and f"{said} how a model loaded here computes; {remote} answers from " \
                                           f"elsewhere: leave" in result.stderr  # (ignored, without a word)
+    # in the arena, where every model (the judge's too) answers from elsewhere
+    result = cli("arena", "judge", remote, f"openai:other@{remote.partition('@')[2]}", "--judge", remote, "--device",
+                 "cpu", "--api-key-env", "REMOTE_KEY", check=False, env=KEY)
+    assert result.returncode == 2 and "--device chooses how a model loaded here computes" in result.stderr
 
 
 def test_a_remote_contestant_battles_one_held_here(bpe_llama, remote, tmp_path):

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from fournil.cli.flags import (DEVICE, WEIGHT_PRECISIONS, add_key_env_arg, add_listen_args, check_key_env, is_loopback,
-                               renamed)
+from fournil.cli.flags import (DEVICE, WEIGHT_PRECISIONS, add_key_env_arg, add_listen_args, check_key_env,
+                               check_loaded_here, is_loopback, renamed)
 from fournil.errors import FournilError, typed
 
 ARENA_ACTIONS = ("serve", "leaderboard", "judge", "export")
@@ -141,6 +141,7 @@ def arena_serve(args) -> None:
     from fournil.serve.guard import LOOPBACK_HOSTS
 
     check_key_env(args.api_key_env, args.models)
+    check_loaded_here(args, args.models)
 
     if len(args.models) < 2:
         raise FournilError("the arena needs two models or more: fournil arena MODEL MODEL [MODEL ...]")
@@ -193,6 +194,7 @@ def arena_judge(args) -> None:
     from fournil.generate.answerers import answerer, name_of
 
     check_key_env(args.api_key_env, [*args.models, args.judge])
+    check_loaded_here(args, [*args.models, args.judge])
     if args.num < 1:
         raise FournilError(f"-n must be at least 1 (got {args.num})")
     if len(args.models) == 1:

@@ -30,6 +30,16 @@ def add_key_env_arg(p, whose: str) -> None:
                    help=f"the environment variable holding the key of {whose} (default: {KEY_ENV})")
 
 
+def check_loaded_here(args, models: list) -> None:
+    """``--device`` and ``--dtype`` choose how a model loaded here computes: with every one of ``models`` remote
+    (``openai:...``), they are refused (they were ignored)."""
+    given = [f"--{k}" for k in ("device", "dtype") if getattr(args, k, "auto") != "auto"]
+    if given and all(str(m).startswith("openai:") for m in models):
+        raise FournilError(f"{' and '.join(given)} choose{'s' * (len(given) == 1)} how a model loaded here computes; "
+                           f"{' and '.join(map(str, models))} answer{'s' * (len(models) == 1)} from elsewhere: leave "
+                           f"{'it' if len(given) == 1 else 'them'} out")
+
+
 def check_key_env(given: str, models: list) -> None:
     """``--api-key-env`` names the key of a remote model (``openai:...``): given another variable than the default
     with none among ``models``, it is refused (it was ignored)."""

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 
 from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compile_arg, add_draft_args, add_key_env_arg,
-                               add_listen_args, add_sampling_args, check_key_env, drafted, is_loopback)
+                               add_listen_args, add_sampling_args, check_key_env, check_loaded_here, drafted,
+                               is_loopback)
 from fournil.errors import ContextFull, FournilError, named, typed
 from fournil.text import is_text
 
@@ -118,9 +119,7 @@ def load_answerer(args, chats: list[dict] | None = None, ready: Callable[[float,
     check_key_env(args.api_key_env, [args.model])
     if args.compile and is_remote(args.model):
         raise FournilError(f"--compile speeds up a model loaded here; {args.model} answers from elsewhere")
-    if is_remote(args.model) and (local := [f"--{k}" for k in ("device", "dtype") if getattr(args, k) != "auto"]):
-        raise FournilError(f"{' and '.join(local)} choose{'s' * (len(local) == 1)} how a model loaded here computes; "
-                           f"{args.model} answers from elsewhere: leave {'it' if len(local) == 1 else 'them'} out")
+    check_loaded_here(args, [args.model])
     if args.compile and args.draft:
         raise FournilError("--compile and --draft do not go together here: a draft's passes are not compiled; "
                            "choose one (fournil serve takes both: the draft while a request is alone)")
