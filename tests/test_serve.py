@@ -273,7 +273,7 @@ def test_the_responses_api_answers_as_chat_completions_do(server, chat_run):
 
 def test_tokenize_lays_out_a_text_or_a_conversation_as_vllm_does(server, chat_run):
     """vLLM's /tokenize, which learners and clients call to see what the model reads: a conversation laid out by the
-    chat template (with the assistant's turn begun, or not), each token's text when asked; what it cannot do, refused."""
+    chat template (the assistant's turn begun, or not), each token's text when asked; what it cannot do, refused."""
     tok = Run.load(chat_run, "cpu").tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak \U0001f642"}]
     status, laid = server.post("/tokenize", {"messages": messages, "return_token_strs": True})
