@@ -22,6 +22,7 @@ from fournil.generate import SamplingParams, complete, score
 from fournil.generate.scheduler import Piece
 from fournil.runs import Run
 from fournil.serve.app import Post, Sink
+from fournil.tokenizers.compression import piece_bytes
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +131,13 @@ def test_vllm_s_sampling_extensions_are_applied_not_ignored(server, chat_run):
     chat = [{"role": "user", "content": "Speak."}]
     greedy = client.chat.completions.create(model="chat", messages=chat, max_tokens=4, temperature=0, logprobs=True,
                                             top_logprobs=2).choices[0].logprobs.content
-    first, second = (tok.token for tok in greedy[0].top_logprobs)
-    ids = {run.tokenizer.decode([i]): i for i in range(run.tokenizer.vocab_size)}
+    first, second = greedy[0].top_logprobs
+    ids = {piece_bytes(run.tokenizer, i): i for i in range(run.tokenizer.vocab_size)}  # (as the API's "bytes" name them)
     banned = client.chat.completions.create(model="chat", messages=chat, max_tokens=4, temperature=0, logprobs=True,
-                                            logit_bias={str(ids[first]): -100}).choices[0].logprobs.content
-    assert banned[0].token == second and banned[0].logprob == pytest.approx(greedy[0].top_logprobs[1].logprob, abs=1e-5)
+                                            logit_bias={str(ids[bytes(first.bytes)]): -100}).choices[0].logprobs.content
+    assert banned[0].token == second.token and banned[0].logprob == pytest.approx(second.logprob, abs=1e-5)
     forced = client.completions.create(model="chat", prompt="KING", max_tokens=5, temperature=1, seed=3,
-                                       logit_bias={str(ids[" the"]): 100})
+                                       logit_bias={str(ids[b" the"]): 100})
     assert forced.choices[0].text == " the" * 5
     with pytest.raises(openai.BadRequestError, match="logit_bias token 99999 is outside this model's vocabulary"):
         served(logit_bias={"99999": 1})
