@@ -132,7 +132,7 @@ def test_vllm_s_sampling_extensions_are_applied_not_ignored(server, chat_run):
     greedy = client.chat.completions.create(model="chat", messages=chat, max_tokens=4, temperature=0, logprobs=True,
                                             top_logprobs=2).choices[0].logprobs.content
     first, second = greedy[0].top_logprobs
-    ids = {piece_bytes(run.tokenizer, i): i for i in range(run.tokenizer.vocab_size)}  # (as the API's "bytes" name them)
+    ids = {piece_bytes(run.tokenizer, i): i for i in range(run.tokenizer.vocab_size)}  # (as the API's "bytes" are)
     banned = client.chat.completions.create(model="chat", messages=chat, max_tokens=4, temperature=0, logprobs=True,
                                             logit_bias={str(ids[bytes(first.bytes)]): -100}).choices[0].logprobs.content
     assert banned[0].token == second.token and banned[0].logprob == pytest.approx(second.logprob, abs=1e-5)
