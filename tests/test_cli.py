@@ -600,3 +600,24 @@ def test_the_commands_a_run_suggests_run_as_written_where_its_path_has_spaces(cl
     again = cli("train", "--model", "ngram", "--data", "names", "--out", "mes runs/prénoms ngram", check=False)
     one_line_error(again, "continue it with --resume 'mes runs/prénoms ngram', or start another with --out "
                           "'mes runs/prénoms ngram-2'")
+
+
+def test_chat_colours_each_token_of_an_answer_by_its_probability(cli, bpe_llama):
+    """``/probs``: each piece of an answer on the colour of its token's probability (explain's scale, the model's own
+    log-probabilities), its text unchanged; ``/probs`` again: plain text."""
+    from fournil.generate import SamplingParams, complete
+    from fournil.plots.explain import SCALE, band
+    from fournil.runs import Run
+
+    run = Run.load(bpe_llama, "cpu")
+    greedy = complete(run.model, run.tokenizer, [run.tokenizer.chat_ids([{"role": "user", "content": "Speak."}])],
+                      SamplingParams(8, temperature=0), run.dtype)[0]
+    out = cli("chat", bpe_llama, "--temperature", "0", "--max-new-tokens", "8",
+              input="/probs\nSpeak.\n/reset\n/probs\nSpeak.\n").stdout
+    on, rest = out.split("\n", 1)
+    coloured, plain = rest.split("\n(new conversation)\n(answers in plain text)\n")
+    assert on.startswith("(answers coloured by each token's probability: ") and plain == greedy.text + "\n"
+    pieces = re.findall(r"\x1b\[30;48;5;(\d+)m(.*?)\x1b\[0m", coloured, re.S)
+    assert re.sub(r"\x1b\[[\d;]*m", "", coloured) == greedy.text  # the same answer, painted
+    assert [text for _, text in pieces] == [run.tokenizer.decode([t]) for t in greedy.tokens]  # (a token each here)
+    assert [int(code) for code, _ in pieces] == [SCALE[band(math.exp(lp))][1] for lp in greedy.logprobs]

@@ -160,8 +160,8 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
     stopped, rest = out.split(" (stopped)\n", 1)
     assert 0 < len(stopped.strip()) < 600  # its first pieces, not 300 tokens
     help_line, slashed, paris = rest.split("\n", 2)
-    assert help_line == '(no command /help: /reset, /system TEXT, /exit; """ begins and ends a message of several ' \
-                        'lines; to send a message that begins with /, begin it with //)'
+    assert help_line == '(no command /help: /reset, /system TEXT, /probs, /exit; """ begins and ends a message of ' \
+                        'several lines; to send a message that begins with /, begin it with //)'
     assert slashed and "Paris" in paris
 
 

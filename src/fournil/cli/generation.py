@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -14,7 +15,7 @@ from fournil.cli.flags import (DEVICE, MODEL_HELP, WEIGHT_PRECISIONS, add_compil
 from fournil.errors import ContextFull, FournilError, named, typed
 from fournil.text import is_text
 
-COMMANDS_OF_CHAT = '/reset, /system TEXT, /exit; """ begins and ends a message of several lines'
+COMMANDS_OF_CHAT = '/reset, /system TEXT, /probs, /exit; """ begins and ends a message of several lines'
 
 
 def add_generation(sub) -> None:
@@ -163,6 +164,7 @@ def run_generate(args) -> None:
 def run_chat(args) -> None:
     from fournil.config import command_of
     from fournil.generate.answerers import Local
+    from fournil.plots.explain import legend, terminal_colour
 
     params = sampling_params(args, args.max_new_tokens)
     params.check()
@@ -173,7 +175,7 @@ def run_chat(args) -> None:
         print(f"({model} was pretrained on {model.run.config.data.data}, not tuned to chat: it answers by continuing "
               f"text like its data; tune it on instructions first with `fournil finetune {typed(model.run.path)}`)",
               file=sys.stderr)
-    messages = list(start)
+    messages, probabilities = list(start), False
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a UnicodeDecodeError
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -206,6 +208,12 @@ def run_chat(args) -> None:
             messages = start + [m for m in messages if m["role"] != "system"]
             print("(system message set)" if start else "(system message removed)")
             continue
+        if command == "/probs":  # (a model loaded here gives each token's probability)
+            probabilities = isinstance(model, Local) and not probabilities
+            print(f"(answers coloured by each token's probability: {legend()})" if probabilities else
+                  "(answers in plain text)" if isinstance(model, Local) else
+                  f"(answers in plain text: {model} answers from elsewhere, without its tokens' probabilities)")
+            continue
         if re.fullmatch(r"/[A-Za-z?]+", command):
             print(f"(no command {command}: {COMMANDS_OF_CHAT}; to send a message that begins with /, begin it with //)")
             continue
@@ -223,7 +231,8 @@ def run_chat(args) -> None:
         try:
             for piece in pieces:
                 answer += piece
-                print(piece, end="", flush=True)
+                print(f"{terminal_colour(math.exp(model.logprob))}{piece}\x1b[0m" if probabilities and piece else piece,
+                      end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat; what was shown stays in the conversation
             pieces.close()
             print(" (stopped)", end="")

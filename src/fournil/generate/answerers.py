@@ -91,6 +91,7 @@ class Local:
         decoder_only(run.model, "answering a prompt")  # (before a conversation's first message)
         self.run, self.name, self.draft, self.draft_tokens = run, name or run.path.stem, draft, draft_tokens
         self.cut = None  # once an answer has ended: "length" if max_new_tokens cut it, "context" if the context did
+        self.logprob = 0.0  # of the tokens that wrote the last piece of text given (several for a character's bytes)
         self.speculation = Speculation() if draft is not None else None  # passes of the model, over every answer
         self.turns = None
         if conversation:
@@ -132,10 +133,13 @@ class Local:
             pieces = stream(run.model, run.tokenizer, ids, params, run.dtype, scheduler=self.turns)
 
         def texts():
-            self.cut, tokens = None, 0
+            self.cut, tokens, behind = None, 0, 0.0
             with contextlib.closing(pieces):
                 for piece in pieces:
                     tokens += piece.token >= 0  # (the end of turn gives no piece: an answer it ended is shorter)
+                    behind += piece.logprob if piece.token >= 0 else 0.0
+                    if piece.text:
+                        self.logprob, behind = behind, 0.0
                     yield piece.text
             self.cut = limit if tokens == params.max_new_tokens else None
         return texts()
