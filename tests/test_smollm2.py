@@ -90,6 +90,8 @@ def test_explain_scores_an_answer_as_the_model_reads_it_after_the_question(ours,
     question = "What is the capital of France?"
     greedy = Run.load("smollm2", "cpu", "float32").chat(question, temperature=0, max_new_tokens=30)
     rows = ours.explain(greedy, top=1, question=question)["rows"]
+    with pytest.raises(FournilError, match=r"^the question to explain must be a string \(got int 5\)$"):
+        ours.explain(greedy, question=5)
     assert [r["rank"] for r in rows] == [1] * len(rows) and rows[-1]["token"] == "<|im_end|>" and "Paris" in greedy
     asked = [{"role": "user", "content": question}]
     def laid_out(messages, **how) -> list[int]:

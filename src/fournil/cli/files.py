@@ -201,11 +201,12 @@ def run_tokenize(args) -> None:
     for spec in args.tokenizer or [None]:
         name, tokenizer = tokenizer_for(spec, args.text)
         try:
-            cut = pieces(tokenizer, args.text)
-            if args.chat:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise FournilError("it has no chat template, so no layout of a conversation to show: leave --chat "
-                                       "out, or give a chat model's tokenizer (--tokenizer smollm2)")
+            if not args.chat:
+                cut = pieces(tokenizer, args.text)
+            elif not getattr(tokenizer, "chat_template", None):
+                raise FournilError("it has no chat template, so no layout of a conversation to show: leave --chat "
+                                   "out, or give a chat model's tokenizer (--tokenizer smollm2)")
+            else:
                 cut = [(i, piece(tokenizer, i)) for i in tokenizer.chat_ids([{"role": "user", "content": args.text}])]
         except FournilError as e:  # (which of several tokenizers)
             raise FournilError(f"{name}: {e}") from None

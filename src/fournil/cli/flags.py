@@ -11,6 +11,7 @@ from pathlib import Path
 from fournil.config import STAGES, DataConfig, RunConfig, TrainConfig, field_types, recipe_config, recipe_sections
 from fournil.device import dtype_name
 from fournil.errors import FournilError
+from fournil.generate.answerers import is_remote
 from fournil.generate.quantize import PRECISIONS
 from fournil.models import DEFAULTS, FAMILIES
 
@@ -34,7 +35,7 @@ def check_loaded_here(args, models: list) -> None:
     """``--device`` and ``--dtype`` choose how a model loaded here computes: with every one of ``models`` remote
     (``openai:...``), they are refused (they were ignored)."""
     given = [f"--{k}" for k in ("device", "dtype") if getattr(args, k, "auto") != "auto"]
-    if given and all(str(m).startswith("openai:") for m in models):
+    if given and all(map(is_remote, models)):
         raise FournilError(f"{' and '.join(given)} choose{'s' * (len(given) == 1)} how a model loaded here computes; "
                            f"{' and '.join(map(str, models))} answer{'s' * (len(models) == 1)} from elsewhere: leave "
                            f"{'it' if len(given) == 1 else 'them'} out")
@@ -43,7 +44,7 @@ def check_loaded_here(args, models: list) -> None:
 def check_key_env(given: str, models: list) -> None:
     """``--api-key-env`` names the key of a remote model (``openai:...``): given another variable than the default
     with none among ``models``, it is refused (it was ignored)."""
-    if given != KEY_ENV and not any(str(m).startswith("openai:") for m in models):
+    if given != KEY_ENV and not any(map(is_remote, models)):
         here = " and ".join(map(str, models))
         raise FournilError(f"--api-key-env {given} names the key of a remote model (openai:NAME@URL), and {here} "
                            f"{'is' if len(models) == 1 else 'are'} loaded here: leave it out")

@@ -65,8 +65,8 @@ def explain_text(model, tokenizer, text: str, dtype: torch.dtype = torch.float32
     A row's ``label`` is the transition for a character model (``ma``: ``a`` after ``m``), else the token itself.
     """
     decoder_only(model, "scoring a text")  # (before the text: a seq2seq model's vocabulary would be blamed)
-    for name, value in (("text", text), ("question", question)):
-        if not isinstance(value, str) and (value is not None or name == "text"):
+    for name, value in (("text", text), ("question", question if question is not None else "")):
+        if not isinstance(value, str):
             raise FournilError(f"the {name} to explain must be a string (got {type(value).__name__} {value!r})")
     checked_top(top)
     if question is not None:
